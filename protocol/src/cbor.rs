@@ -26,8 +26,11 @@ impl DecodeLimits {
     /// Limits for signed manifests and rosters: a model of a billion f32
     /// parameters in 256 KiB chunks names about 16,000 chunks (≈ 560 KB), so
     /// 4 MiB leaves room without letting a peer make us parse gigabytes.
-    pub const MANIFEST: DecodeLimits =
-        DecodeLimits { max_bytes: 4 << 20, max_depth: 16, max_elements: 1 << 20 };
+    pub const MANIFEST: DecodeLimits = DecodeLimits {
+        max_bytes: 4 << 20,
+        max_depth: 16,
+        max_elements: 1 << 20,
+    };
 
     /// Limits for request-response messages that carry one chunk (chunks are
     /// at most [`crate::MAX_CHUNK_SIZE`]).
@@ -107,9 +110,13 @@ pub fn to_cbor<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, EncodeError>
 }
 
 /// Decodes one CBOR item into `T` after [`check_limits`] has accepted it.
-pub fn from_cbor<T: DeserializeOwned>(bytes: &[u8], limits: &DecodeLimits) -> Result<T, DecodeError> {
+pub fn from_cbor<T: DeserializeOwned>(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+) -> Result<T, DecodeError> {
     check_limits(bytes, limits)?;
-    ciborium::de::from_reader_with_recursion_limit(bytes, limits.max_depth + 1).map_err(|e| match e {
+    ciborium::de::from_reader_with_recursion_limit(bytes, limits.max_depth + 1).map_err(|e| match e
+    {
         ciborium::de::Error::Io(_) => DecodeError::Truncated,
         ciborium::de::Error::Syntax(_) => DecodeError::Malformed("syntax error"),
         ciborium::de::Error::Semantic(_, msg) => DecodeError::Schema(msg),
@@ -130,10 +137,17 @@ fn read_head(bytes: &[u8], pos: usize) -> Result<(u8, u64, usize), DecodeError> 
             let n = 1usize << (info - 24);
             let end = pos.checked_add(1 + n).ok_or(DecodeError::Truncated)?;
             let raw = bytes.get(pos + 1..end).ok_or(DecodeError::Truncated)?;
-            (raw.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)), n)
+            (
+                raw.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)),
+                n,
+            )
         }
         28..=30 => return Err(DecodeError::Malformed("reserved additional information")),
-        _ => return Err(DecodeError::Malformed("indefinite-length items are not accepted")),
+        _ => {
+            return Err(DecodeError::Malformed(
+                "indefinite-length items are not accepted",
+            ));
+        }
     };
     Ok((major, arg, 1 + extra))
 }
@@ -142,7 +156,10 @@ fn read_head(bytes: &[u8], pos: usize) -> Result<(u8, u64, usize), DecodeError> 
 /// checks it against `limits` (see the module docs).
 pub fn check_limits(bytes: &[u8], limits: &DecodeLimits) -> Result<(), DecodeError> {
     if bytes.len() > limits.max_bytes {
-        return Err(DecodeError::TooLarge { len: bytes.len(), max: limits.max_bytes });
+        return Err(DecodeError::TooLarge {
+            len: bytes.len(),
+            max: limits.max_bytes,
+        });
     }
     // Items still expected at each open nesting level; depth is its length.
     // Bounded by max_depth, so this small allocation is not peer-controlled.
@@ -172,7 +189,11 @@ pub fn check_limits(bytes: &[u8], limits: &DecodeLimits) -> Result<(), DecodeErr
                 pos += arg as usize;
             }
             4 | 5 => {
-                let items = if major == 5 { arg.checked_mul(2).ok_or(DecodeError::Truncated)? } else { arg };
+                let items = if major == 5 {
+                    arg.checked_mul(2).ok_or(DecodeError::Truncated)?
+                } else {
+                    arg
+                };
                 // Every item takes at least one byte.
                 if items > left {
                     return Err(DecodeError::Truncated);
@@ -208,7 +229,11 @@ pub fn check_limits(bytes: &[u8], limits: &DecodeLimits) -> Result<(), DecodeErr
 mod tests {
     use super::*;
 
-    const SMALL: DecodeLimits = DecodeLimits { max_bytes: 1024, max_depth: 4, max_elements: 16 };
+    const SMALL: DecodeLimits = DecodeLimits {
+        max_bytes: 1024,
+        max_depth: 4,
+        max_elements: 16,
+    };
 
     #[test]
     fn accepts_what_it_encodes() {
@@ -227,23 +252,41 @@ mod tests {
         let arr = [0x9a, 0xff, 0xff, 0xff, 0xff];
         assert_eq!(check_limits(&arr, &SMALL), Err(DecodeError::Truncated));
         // Too many elements in total.
-        let many = to_cbor(&vec![0u8; 17].iter().map(|_| 1u8).collect::<Vec<u8>>()).unwrap();
+        let many = to_cbor(&[1u8; 17].to_vec()).unwrap();
         // serde encodes Vec<u8> as an array of integers.
-        assert_eq!(check_limits(&many, &SMALL), Err(DecodeError::TooManyElements(16)));
+        assert_eq!(
+            check_limits(&many, &SMALL),
+            Err(DecodeError::TooManyElements(16))
+        );
         // Five nested arrays.
         let deep = [0x81, 0x81, 0x81, 0x81, 0x81, 0x00];
         assert_eq!(check_limits(&deep, &SMALL), Err(DecodeError::TooDeep(4)));
         // Indefinite-length array, tag, reserved info.
-        assert!(matches!(check_limits(&[0x9f, 0xff], &SMALL), Err(DecodeError::Malformed(_))));
-        assert!(matches!(check_limits(&[0xc1, 0x00], &SMALL), Err(DecodeError::Malformed(_))));
-        assert!(matches!(check_limits(&[0x1c], &SMALL), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            check_limits(&[0x9f, 0xff], &SMALL),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            check_limits(&[0xc1, 0x00], &SMALL),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            check_limits(&[0x1c], &SMALL),
+            Err(DecodeError::Malformed(_))
+        ));
         // Trailing bytes and empty input.
-        assert_eq!(check_limits(&[0x01, 0x02], &SMALL), Err(DecodeError::TrailingBytes(1)));
+        assert_eq!(
+            check_limits(&[0x01, 0x02], &SMALL),
+            Err(DecodeError::TrailingBytes(1))
+        );
         assert_eq!(check_limits(&[], &SMALL), Err(DecodeError::Truncated));
         // Oversized input.
         assert!(matches!(
             check_limits(&vec![0u8; 2000], &SMALL),
-            Err(DecodeError::TooLarge { len: 2000, max: 1024 })
+            Err(DecodeError::TooLarge {
+                len: 2000,
+                max: 1024
+            })
         ));
     }
 

@@ -5,7 +5,7 @@
 //! | `f32` | 4n | none |
 //! | `bf16` | 2n | relative ≤ 2⁻⁸ for normal values (round to nearest even) |
 //! | `int8:B` | 4⌈n/B⌉ + n | ≤ scale/2 per value, scale = max\|x\|/127 of its block |
-//! | `topk:F` | 4 + 8k, k = ⌈F·n⌉ | keeps the k largest \|x\|, drops the rest |
+//! | `topk:F` | 4 + 8k, k = max(1, round(F·n)) | keeps the k largest \|x\|, drops the rest |
 //!
 //! All multi-byte numbers are little-endian. `int8` stores all block scales
 //! (f32) first, then all quantised values (i8 in −127..=127). `topk` stores
@@ -85,8 +85,14 @@ const EXP_MASK: u32 = 0x7f80_0000;
 
 fn first_non_finite(values: &[f32]) -> Option<usize> {
     // A branch-free pass first (vectorises); the position only on failure.
-    let any_bad = values.iter().fold(false, |acc, v| acc | (v.to_bits() & EXP_MASK == EXP_MASK));
-    if any_bad { values.iter().position(|v| !v.is_finite()) } else { None }
+    let any_bad = values
+        .iter()
+        .fold(false, |acc, v| acc | (v.to_bits() & EXP_MASK == EXP_MASK));
+    if any_bad {
+        values.iter().position(|v| !v.is_finite())
+    } else {
+        None
+    }
 }
 
 fn check_finite(values: &[f32]) -> Result<(), CodecError> {
@@ -101,7 +107,11 @@ fn f32_to_bf16(v: f32) -> u16 {
     // Round to nearest, ties to even, on the 16 bits that are dropped.
     let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
     // A finite value just below f32::MAX can round up to infinity: saturate.
-    if rounded & 0x7f80 == 0x7f80 { (rounded & 0x8000) | 0x7f7f } else { rounded }
+    if rounded & 0x7f80 == 0x7f80 {
+        (rounded & 0x8000) | 0x7f7f
+    } else {
+        rounded
+    }
 }
 
 fn bf16_to_f32(v: u16) -> f32 {
@@ -110,7 +120,9 @@ fn bf16_to_f32(v: u16) -> f32 {
 
 fn read_f32s(bytes: &[u8], out: &mut Vec<f32>) {
     out.extend(
-        bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
     );
 }
 
@@ -133,22 +145,24 @@ impl Codec {
     /// Checks the codec's parameter.
     pub fn validate(&self) -> Result<(), CodecError> {
         match *self {
-            Codec::Int8 { block } if !(64..=4096).contains(&block) => {
-                Err(CodecError::BadParameter(format!("int8 block {block} outside 64..=4096")))
-            }
-            Codec::TopK { fraction } if !(fraction > 0.0 && fraction <= 1.0) => {
-                Err(CodecError::BadParameter(format!("top-k fraction {fraction} outside (0, 1]")))
-            }
+            Codec::Int8 { block } if !(64..=4096).contains(&block) => Err(
+                CodecError::BadParameter(format!("int8 block {block} outside 64..=4096")),
+            ),
+            Codec::TopK { fraction } if !(fraction > 0.0 && fraction <= 1.0) => Err(
+                CodecError::BadParameter(format!("top-k fraction {fraction} outside (0, 1]")),
+            ),
             _ => Ok(()),
         }
     }
 
-    /// How many values top-k keeps out of `n`: ⌈fraction·n⌉, at least 1.
+    /// How many values top-k keeps out of `n`: fraction·n (in f64) rounded to
+    /// the nearest integer, at least 1. Rounding, not ceiling, so that a
+    /// fraction like 0.1, which f32 stores as 0.100000001, keeps 10 of 100.
     fn topk_k(fraction: f32, n: usize) -> usize {
         if n == 0 {
             return 0;
         }
-        ((f64::from(fraction) * n as f64).ceil() as usize).clamp(1, n)
+        ((f64::from(fraction) * n as f64).round() as usize).clamp(1, n)
     }
 
     /// The exact payload length for `n` values, or `None` if `n` is too large
@@ -188,8 +202,10 @@ impl Codec {
                 let blocks = n.div_ceil(block);
                 out.resize(len, 0);
                 let (scales, quants) = out.split_at_mut(blocks * 4);
-                for ((chunk, q), s) in
-                    values.chunks(block).zip(quants.chunks_mut(block)).zip(scales.chunks_exact_mut(4))
+                for ((chunk, q), s) in values
+                    .chunks(block)
+                    .zip(quants.chunks_mut(block))
+                    .zip(scales.chunks_exact_mut(4))
                 {
                     let max_abs = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
                     let scale = max_abs / 127.0;
@@ -232,7 +248,10 @@ impl Codec {
         self.validate()?;
         let expected = self.encoded_len(n).ok_or(CodecError::TooLong(n))?;
         if bytes.len() != expected {
-            return Err(CodecError::WrongLength { expected, found: bytes.len() });
+            return Err(CodecError::WrongLength {
+                expected,
+                found: bytes.len(),
+            });
         }
         let mut out = Vec::with_capacity(n);
         match *self {
@@ -241,7 +260,11 @@ impl Codec {
                 check_finite(&out)?;
             }
             Codec::Bf16 => {
-                out.extend(bytes.chunks_exact(2).map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))));
+                out.extend(
+                    bytes
+                        .chunks_exact(2)
+                        .map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))),
+                );
                 check_finite(&out)?;
             }
             Codec::Int8 { block } => {
@@ -250,9 +273,11 @@ impl Codec {
                 let mut scales = Vec::with_capacity(scale_bytes.len() / 4);
                 read_f32s(scale_bytes, &mut scales);
                 if scales.iter().any(|s| !s.is_finite() || *s < 0.0) {
-                    return Err(CodecError::Corrupt("an int8 block scale is negative or not finite"));
+                    return Err(CodecError::Corrupt(
+                        "an int8 block scale is negative or not finite",
+                    ));
                 }
-                if quants.iter().any(|q| *q == 0x80) {
+                if quants.contains(&0x80) {
                     return Err(CodecError::Corrupt("int8 value -128 is never produced"));
                 }
                 for (q, s) in quants.chunks(block).zip(&scales) {
@@ -265,7 +290,9 @@ impl Codec {
                 let k = Self::topk_k(fraction, n);
                 let stored = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
                 if stored != k {
-                    return Err(CodecError::Corrupt("top-k count does not match the fraction"));
+                    return Err(CodecError::Corrupt(
+                        "top-k count does not match the fraction",
+                    ));
                 }
                 let (idx_bytes, val_bytes) = bytes[4..].split_at(4 * k);
                 let mut vals = Vec::with_capacity(k);
@@ -276,7 +303,9 @@ impl Codec {
                 for (c, v) in idx_bytes.chunks_exact(4).zip(vals) {
                     let i = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                     if prev.is_some_and(|p| i <= p) || i as usize >= n {
-                        return Err(CodecError::Corrupt("top-k indices not increasing or out of range"));
+                        return Err(CodecError::Corrupt(
+                            "top-k indices not increasing or out of range",
+                        ));
                     }
                     prev = Some(i);
                     out[i as usize] = v;
@@ -303,7 +332,11 @@ impl FromStr for Codec {
 
     /// Parses `f32`, `bf16`, `int8` (block 256), `int8:BLOCK`, `topk:FRACTION`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || CodecError::BadParameter(format!("unknown codec {s:?} (f32, bf16, int8[:BLOCK], topk:FRACTION)"));
+        let bad = || {
+            CodecError::BadParameter(format!(
+                "unknown codec {s:?} (f32, bf16, int8[:BLOCK], topk:FRACTION)"
+            ))
+        };
         let (name, arg) = match s.split_once(':') {
             Some((n, a)) => (n, Some(a)),
             None => (s, None),
@@ -312,8 +345,12 @@ impl FromStr for Codec {
             ("f32", None) => Codec::F32,
             ("bf16", None) => Codec::Bf16,
             ("int8", None) => Codec::Int8 { block: 256 },
-            ("int8", Some(a)) => Codec::Int8 { block: a.parse().map_err(|_| bad())? },
-            ("topk", Some(a)) => Codec::TopK { fraction: a.parse().map_err(|_| bad())? },
+            ("int8", Some(a)) => Codec::Int8 {
+                block: a.parse().map_err(|_| bad())?,
+            },
+            ("topk", Some(a)) => Codec::TopK {
+                fraction: a.parse().map_err(|_| bad())?,
+            },
             _ => return Err(bad()),
         };
         codec.validate()?;
@@ -331,7 +368,9 @@ pub struct ErrorFeedback {
 impl ErrorFeedback {
     /// Starts with a zero residual for vectors of `n` values.
     pub fn new(n: usize) -> Self {
-        Self { residual: vec![0.0; n] }
+        Self {
+            residual: vec![0.0; n],
+        }
     }
 
     /// What previous encodings dropped and the next one will carry.
@@ -343,9 +382,16 @@ impl ErrorFeedback {
     /// encoding lost). On error the residual is left unchanged.
     pub fn encode(&mut self, codec: &Codec, delta: &[f32]) -> Result<Vec<u8>, CodecError> {
         if delta.len() != self.residual.len() {
-            return Err(CodecError::LengthMismatch { expected: self.residual.len(), found: delta.len() });
+            return Err(CodecError::LengthMismatch {
+                expected: self.residual.len(),
+                found: delta.len(),
+            });
         }
-        let corrected: Vec<f32> = delta.iter().zip(&self.residual).map(|(d, r)| d + r).collect();
+        let corrected: Vec<f32> = delta
+            .iter()
+            .zip(&self.residual)
+            .map(|(d, r)| d + r)
+            .collect();
         let bytes = codec.encode(&corrected)?;
         let decoded = codec.decode(&bytes, corrected.len())?;
         for ((r, c), d) in self.residual.iter_mut().zip(&corrected).zip(&decoded) {
@@ -382,11 +428,25 @@ mod tests {
 
     #[test]
     fn non_finite_is_an_error() {
-        for c in [Codec::F32, Codec::Bf16, Codec::Int8 { block: 64 }, Codec::TopK { fraction: 0.5 }] {
-            assert_eq!(c.encode(&[1.0, f32::NAN]), Err(CodecError::NonFinite { index: 1 }));
-            assert_eq!(c.encode(&[f32::INFINITY]), Err(CodecError::NonFinite { index: 0 }));
+        for c in [
+            Codec::F32,
+            Codec::Bf16,
+            Codec::Int8 { block: 64 },
+            Codec::TopK { fraction: 0.5 },
+        ] {
+            assert_eq!(
+                c.encode(&[1.0, f32::NAN]),
+                Err(CodecError::NonFinite { index: 1 })
+            );
+            assert_eq!(
+                c.encode(&[f32::INFINITY]),
+                Err(CodecError::NonFinite { index: 0 })
+            );
         }
         let nan = f32::NAN.to_le_bytes();
-        assert_eq!(Codec::F32.decode(&nan, 1), Err(CodecError::NonFinite { index: 0 }));
+        assert_eq!(
+            Codec::F32.decode(&nan, 1),
+            Err(CodecError::NonFinite { index: 0 })
+        );
     }
 }

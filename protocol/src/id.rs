@@ -23,7 +23,10 @@ fn parse_hex32(s: &str) -> Result<[u8; 32], ParseIdError> {
     if s.len() != 64 {
         return Err(ParseIdError::Length(s.len()));
     }
-    if !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(ParseIdError::NotHex(s.to_owned()));
     }
     let mut out = [0u8; 32];
@@ -149,8 +152,14 @@ mod tests {
     fn parse_rejects_bad_hex() {
         assert_eq!("ab".parse::<ContentId>(), Err(ParseIdError::Length(2)));
         let upper = "AF1349B9F5F9A1A6A0404DEA36DCC9499BCB25C9ADC112B7CC9A93CAE41F3262";
-        assert!(matches!(upper.parse::<ContentId>(), Err(ParseIdError::NotHex(_))));
+        assert!(matches!(
+            upper.parse::<ContentId>(),
+            Err(ParseIdError::NotHex(_))
+        ));
         let bad = "zz1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262";
-        assert!(matches!(bad.parse::<NodeId>(), Err(ParseIdError::NotHex(_))));
+        assert!(matches!(
+            bad.parse::<NodeId>(),
+            Err(ParseIdError::NotHex(_))
+        ));
     }
 }

@@ -75,12 +75,16 @@ impl Keypair {
     /// Makes a fresh key pair from a cryptographic RNG the caller provides
     /// (the crate reads no entropy on its own, so tests can be deterministic).
     pub fn generate<R: CryptoRngCore + ?Sized>(rng: &mut R) -> Self {
-        Self { signing: SigningKey::generate(rng) }
+        Self {
+            signing: SigningKey::generate(rng),
+        }
     }
 
     /// Rebuilds a key pair from its 32-byte secret seed.
     pub fn from_secret_bytes(secret: &[u8; 32]) -> Self {
-        Self { signing: SigningKey::from_bytes(secret) }
+        Self {
+            signing: SigningKey::from_bytes(secret),
+        }
     }
 
     /// The 32-byte secret seed. Handle with care: anyone holding it can sign
@@ -103,7 +107,10 @@ impl Keypair {
     /// Writes the secret to a new key file with mode 0600. Fails if the file
     /// exists. The write is atomic: a crash leaves either no file or a whole one.
     pub fn write_key_file(&self, path: &Path) -> Result<(), KeyFileError> {
-        let io_err = |source| KeyFileError::Io { path: path.to_owned(), source };
+        let io_err = |source| KeyFileError::Io {
+            path: path.to_owned(),
+            source,
+        };
         if path.exists() {
             return Err(KeyFileError::Exists(path.to_owned()));
         }
@@ -152,15 +159,24 @@ impl Keypair {
 
     /// Reads a key file written by [`Keypair::write_key_file`].
     pub fn read_key_file(path: &Path) -> Result<Self, KeyFileError> {
-        let io_err = |source| KeyFileError::Io { path: path.to_owned(), source };
-        let malformed = |reason| KeyFileError::Malformed { path: path.to_owned(), reason };
+        let io_err = |source| KeyFileError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let malformed = |reason| KeyFileError::Malformed {
+            path: path.to_owned(),
+            reason,
+        };
         let meta = fs::metadata(path).map_err(io_err)?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             let mode = meta.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
-                return Err(KeyFileError::TooOpen { path: path.to_owned(), mode });
+                return Err(KeyFileError::TooOpen {
+                    path: path.to_owned(),
+                    mode,
+                });
             }
         }
         if meta.len() > 4096 {
@@ -219,8 +235,15 @@ mod tests {
         assert_eq!(mode, 0o600);
         let back = Keypair::read_key_file(&path).unwrap();
         assert_eq!(back.node_id(), k.node_id());
-        assert!(matches!(k.write_key_file(&path), Err(KeyFileError::Exists(_))));
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file left");
+        assert!(matches!(
+            k.write_key_file(&path),
+            Err(KeyFileError::Exists(_))
+        ));
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
     }
 
     #[test]
@@ -237,11 +260,17 @@ mod tests {
         let junk = dir.path().join("junk.key");
         fs::write(&junk, "hello\nworld\n").unwrap();
         fs::set_permissions(&junk, fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(matches!(Keypair::read_key_file(&junk), Err(KeyFileError::Malformed { .. })));
+        assert!(matches!(
+            Keypair::read_key_file(&junk),
+            Err(KeyFileError::Malformed { .. })
+        ));
         let short = dir.path().join("short.key");
         fs::write(&short, format!("{KEY_FILE_HEADER}\nabcd\n")).unwrap();
         fs::set_permissions(&short, fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(matches!(Keypair::read_key_file(&short), Err(KeyFileError::Malformed { .. })));
+        assert!(matches!(
+            Keypair::read_key_file(&short),
+            Err(KeyFileError::Malformed { .. })
+        ));
         assert!(matches!(
             Keypair::read_key_file(&dir.path().join("missing")),
             Err(KeyFileError::Io { .. })

@@ -59,20 +59,32 @@ pub fn layout_elements(layout: &[TensorSpec]) -> Result<u64, String> {
     let mut total = 0u64;
     for t in layout {
         if t.name.is_empty() || t.name.len() > 256 {
-            return Err(format!("tensor name of {} bytes (must be 1..=256)", t.name.len()));
+            return Err(format!(
+                "tensor name of {} bytes (must be 1..=256)",
+                t.name.len()
+            ));
         }
         if !names.insert(t.name.as_str()) {
             return Err(format!("tensor {:?} appears twice", t.name));
         }
         if t.shape.len() > 8 {
-            return Err(format!("tensor {:?} has {} dimensions (at most 8)", t.name, t.shape.len()));
+            return Err(format!(
+                "tensor {:?} has {} dimensions (at most 8)",
+                t.name,
+                t.shape.len()
+            ));
         }
         let n = t
             .shape
             .iter()
-            .try_fold(1u64, |acc, d| acc.checked_mul(*d).filter(|n| *n <= MAX_PARAMETERS))
+            .try_fold(1u64, |acc, d| {
+                acc.checked_mul(*d).filter(|n| *n <= MAX_PARAMETERS)
+            })
             .ok_or_else(|| format!("tensor {:?} is too large", t.name))?;
-        total = total.checked_add(n).filter(|n| *n <= MAX_PARAMETERS).ok_or("the model is too large")?;
+        total = total
+            .checked_add(n)
+            .filter(|n| *n <= MAX_PARAMETERS)
+            .ok_or("the model is too large")?;
     }
     Ok(total)
 }
@@ -80,11 +92,14 @@ pub fn layout_elements(layout: &[TensorSpec]) -> Result<u64, String> {
 fn check_name(what: &str, s: &str) -> Result<(), String> {
     let ok = !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
     if ok {
         Ok(())
     } else {
-        Err(format!("{what} {s:?} must be 1..=64 characters of a-z, 0-9, '-', '_', '.'"))
+        Err(format!(
+            "{what} {s:?} must be 1..=64 characters of a-z, 0-9, '-', '_', '.'"
+        ))
     }
 }
 
@@ -93,7 +108,9 @@ fn check_name(what: &str, s: &str) -> Result<(), String> {
 fn check_chunking(payload_bytes: u64, chunk_size: u32, chunks: usize) -> Result<(), String> {
     let cs = chunk_size as usize;
     if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
-        return Err(format!("chunk size {cs} outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}"));
+        return Err(format!(
+            "chunk size {cs} outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}"
+        ));
     }
     let expected = payload_bytes.div_ceil(u64::from(chunk_size));
     if expected != chunks as u64 {
@@ -170,7 +187,10 @@ impl SignedMessage for DeltaManifest {
             return Err("sample count is zero".into());
         }
         if !self.l2_norm.is_finite() || self.l2_norm < 0.0 {
-            return Err(format!("L2 norm {} is not a finite non-negative number", self.l2_norm));
+            return Err(format!(
+                "L2 norm {} is not a finite non-negative number",
+                self.l2_norm
+            ));
         }
         Ok(())
     }
@@ -226,7 +246,11 @@ impl SignedMessage for ModelManifest {
             return Err(format!("model tensor {:?} is not f32", t.name));
         }
         if n * 4 != self.payload_bytes {
-            return Err(format!("{n} f32 parameters take {} bytes, not {}", n * 4, self.payload_bytes));
+            return Err(format!(
+                "{n} f32 parameters take {} bytes, not {}",
+                n * 4,
+                self.payload_bytes
+            ));
         }
         check_chunking(self.payload_bytes, self.chunk_size, self.chunk_ids.len())?;
         if self.parents.len() > 256 {
@@ -272,7 +296,11 @@ mod tests {
 
     #[test]
     fn domain_tags_are_prefix_free() {
-        let tags = [DeltaManifest::DOMAIN_TAG, ModelManifest::DOMAIN_TAG, Roster::DOMAIN_TAG];
+        let tags = [
+            DeltaManifest::DOMAIN_TAG,
+            ModelManifest::DOMAIN_TAG,
+            Roster::DOMAIN_TAG,
+        ];
         for a in tags {
             assert!(a.is_ascii());
             for b in tags {
@@ -283,8 +311,15 @@ mod tests {
 
     #[test]
     fn layout_checks() {
-        let t = |name: &str, shape: Vec<u64>| TensorSpec { name: name.into(), shape, dtype: DType::F32 };
-        assert_eq!(layout_elements(&[t("w", vec![3, 4]), t("b", vec![4])]), Ok(16));
+        let t = |name: &str, shape: Vec<u64>| TensorSpec {
+            name: name.into(),
+            shape,
+            dtype: DType::F32,
+        };
+        assert_eq!(
+            layout_elements(&[t("w", vec![3, 4]), t("b", vec![4])]),
+            Ok(16)
+        );
         assert!(layout_elements(&[]).is_err());
         assert!(layout_elements(&[t("w", vec![3]), t("w", vec![3])]).is_err());
         assert!(layout_elements(&[t("w", vec![u64::MAX, 2])]).is_err());

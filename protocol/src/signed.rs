@@ -118,9 +118,18 @@ impl<T: SignedMessage> Signed<T> {
         message.validate(&signer).map_err(EncodeError)?;
         let body = to_cbor(&message)?;
         let signature = key.sign_digest(&signing_digest(T::DOMAIN_TAG, &body));
-        let bytes =
-            to_cbor(&Envelope(T::DOMAIN_TAG.to_owned(), body, signer, signature.to_vec()))?;
-        Ok(Verified { id: ContentId::of(&bytes), bytes, signer, message })
+        let bytes = to_cbor(&Envelope(
+            T::DOMAIN_TAG.to_owned(),
+            body,
+            signer,
+            signature.to_vec(),
+        ))?;
+        Ok(Verified {
+            id: ContentId::of(&bytes),
+            bytes,
+            signer,
+            message,
+        })
     }
 
     /// Decodes and fully verifies envelope bytes.
@@ -142,7 +151,13 @@ impl<T: SignedMessage> Signed<T> {
         let signature: [u8; 64] = signature
             .try_into()
             .map_err(|_| DecodeError::Schema("a signature must be 64 bytes".into()))?;
-        Ok(Self { bytes, body, signer, signature, kind: PhantomData })
+        Ok(Self {
+            bytes,
+            body,
+            signer,
+            signature,
+            kind: PhantomData,
+        })
     }
 
     /// Who claims to have signed it (not yet checked).
@@ -169,8 +184,15 @@ impl<T: SignedMessage> Signed<T> {
 
     fn decode_body(self) -> Result<Verified<T>, DecodeError> {
         let message: T = from_cbor(&self.body, &T::LIMITS)?;
-        message.validate(&self.signer).map_err(DecodeError::Invalid)?;
-        Ok(Verified { id: ContentId::of(&self.bytes), bytes: self.bytes, signer: self.signer, message })
+        message
+            .validate(&self.signer)
+            .map_err(DecodeError::Invalid)?;
+        Ok(Verified {
+            id: ContentId::of(&self.bytes),
+            bytes: self.bytes,
+            signer: self.signer,
+            message,
+        })
     }
 }
 
@@ -179,8 +201,7 @@ impl<T: SignedMessage> Signed<T> {
 fn r_is_strict(signature: &[u8; 64]) -> bool {
     let mut r = [0u8; 32];
     r.copy_from_slice(&signature[..32]);
-    let canonical =
-        r[31] & 0x7f != 0x7f || r[1..31].iter().any(|b| *b != 0xff) || r[0] < 0xed;
+    let canonical = r[31] & 0x7f != 0x7f || r[1..31].iter().any(|b| *b != 0xff) || r[0] < 0xed;
     canonical
         && CompressedEdwardsY(r)
             .decompress()
@@ -198,7 +219,9 @@ fn r_is_strict(signature: &[u8; 64]) -> bool {
 /// and before it each signature's `R` must be a canonical encoding of a point
 /// that is not of small order, and each key must not be weak — exactly the
 /// extra conditions `verify_strict` imposes.
-pub fn verify_batch<T: SignedMessage>(items: Vec<Signed<T>>) -> Vec<Result<Verified<T>, DecodeError>> {
+pub fn verify_batch<T: SignedMessage>(
+    items: Vec<Signed<T>>,
+) -> Vec<Result<Verified<T>, DecodeError>> {
     let mut digests = Vec::with_capacity(items.len());
     let mut sigs = Vec::with_capacity(items.len());
     let mut keys = Vec::with_capacity(items.len());

@@ -1,5 +1,7 @@
 //! Round trips of every message through its signed envelope or wire codec.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;
@@ -79,9 +81,19 @@ fn signing_refuses_an_invalid_message() {
 #[test]
 fn batch_verification_matches_single_verification() {
     let keys: Vec<Keypair> = (0..64).map(test_key).collect();
-    let envelopes: Vec<Vec<u8>> =
-        keys.iter().map(|k| Signed::sign(sample_delta(k), k).unwrap().envelope_bytes().to_vec()).collect();
-    let parsed = envelopes.iter().map(|b| Signed::<DeltaManifest>::parse(b.clone()).unwrap()).collect();
+    let envelopes: Vec<Vec<u8>> = keys
+        .iter()
+        .map(|k| {
+            Signed::sign(sample_delta(k), k)
+                .unwrap()
+                .envelope_bytes()
+                .to_vec()
+        })
+        .collect();
+    let parsed = envelopes
+        .iter()
+        .map(|b| Signed::<DeltaManifest>::parse(b.clone()).unwrap())
+        .collect();
     let results = verify_batch(parsed);
     assert!(results.iter().all(Result::is_ok));
 
@@ -89,7 +101,10 @@ fn batch_verification_matches_single_verification() {
     let mut tampered = envelopes.clone();
     let other = Signed::<DeltaManifest>::open(&envelopes[4]).unwrap();
     tampered[9] = swap_signature(&envelopes[9], &other);
-    let parsed = tampered.into_iter().map(|b| Signed::<DeltaManifest>::parse(b).unwrap()).collect();
+    let parsed = tampered
+        .into_iter()
+        .map(|b| Signed::<DeltaManifest>::parse(b).unwrap())
+        .collect();
     let results = verify_batch(parsed);
     for (i, r) in results.iter().enumerate() {
         if i == 9 {
@@ -102,10 +117,18 @@ fn batch_verification_matches_single_verification() {
 
 /// Re-encodes `envelope` with the signature of `other`.
 fn swap_signature(envelope: &[u8], other: &Verified<DeltaManifest>) -> Vec<u8> {
-    let (tag, body, signer, _sig): (String, serde_bytes::ByteBuf, serde_bytes::ByteBuf, serde_bytes::ByteBuf) =
-        ciborium::de::from_reader(envelope).unwrap();
-    let (_, _, _, sig): (String, serde_bytes::ByteBuf, serde_bytes::ByteBuf, serde_bytes::ByteBuf) =
-        ciborium::de::from_reader(other.envelope_bytes()).unwrap();
+    let (tag, body, signer, _sig): (
+        String,
+        serde_bytes::ByteBuf,
+        serde_bytes::ByteBuf,
+        serde_bytes::ByteBuf,
+    ) = ciborium::de::from_reader(envelope).unwrap();
+    let (_, _, _, sig): (
+        String,
+        serde_bytes::ByteBuf,
+        serde_bytes::ByteBuf,
+        serde_bytes::ByteBuf,
+    ) = ciborium::de::from_reader(other.envelope_bytes()).unwrap();
     let mut out = Vec::new();
     ciborium::ser::into_writer(&(tag, body, signer, sig), &mut out).unwrap();
     out

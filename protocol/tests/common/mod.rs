@@ -12,14 +12,24 @@ pub fn test_key(seed: u8) -> Keypair {
 /// A 10×64 + 10 logistic-regression layout.
 pub fn small_layout() -> Vec<TensorSpec> {
     vec![
-        TensorSpec { name: "linear.weight".into(), shape: vec![10, 64], dtype: DType::F32 },
-        TensorSpec { name: "linear.bias".into(), shape: vec![10], dtype: DType::F32 },
+        TensorSpec {
+            name: "linear.weight".into(),
+            shape: vec![10, 64],
+            dtype: DType::F32,
+        },
+        TensorSpec {
+            name: "linear.bias".into(),
+            shape: vec![10],
+            dtype: DType::F32,
+        },
     ]
 }
 
 /// Chunk ids for a payload of `bytes` in `chunk` sized pieces (made-up content).
 pub fn fake_chunks(bytes: u64, chunk: u32) -> Vec<ContentId> {
-    (0..bytes.div_ceil(u64::from(chunk))).map(|i| ContentId::of(&i.to_le_bytes())).collect()
+    (0..bytes.div_ceil(u64::from(chunk)))
+        .map(|i| ContentId::of(&i.to_le_bytes()))
+        .collect()
 }
 
 /// A valid delta manifest by `author`.
@@ -81,57 +91,109 @@ pub fn codec() -> impl Strategy<Value = Codec> {
 }
 
 pub fn layout() -> impl Strategy<Value = Vec<TensorSpec>> {
-    prop::collection::vec((prop::collection::vec(1u64..40, 0..3), any::<bool>()), 1..5).prop_map(|ts| {
-        ts.into_iter()
-            .enumerate()
-            .map(|(i, (shape, _))| TensorSpec { name: format!("t{i}.weight"), shape, dtype: DType::F32 })
-            .collect()
-    })
+    prop::collection::vec((prop::collection::vec(1u64..40, 0..3), any::<bool>()), 1..5).prop_map(
+        |ts| {
+            ts.into_iter()
+                .enumerate()
+                .map(|(i, (shape, _))| TensorSpec {
+                    name: format!("t{i}.weight"),
+                    shape,
+                    dtype: DType::F32,
+                })
+                .collect()
+        },
+    )
 }
 
 /// Any valid delta manifest signed by `author`.
 pub fn delta_manifest(author: NodeId) -> impl Strategy<Value = DeltaManifest> {
-    (name(), name(), any::<u64>(), content_id(), any::<u64>(), codec(), layout(), (4096u32..70000), 1u64..u64::MAX, 0f32..1e30, any::<u64>())
-        .prop_map(move |(model_id, region, round, base_version, seq, codec, layout, chunk_size, sample_count, l2_norm, created_unix_ms)| {
-            let n: u64 = layout.iter().map(|t| t.shape.iter().product::<u64>()).sum();
-            let payload_bytes = codec.encoded_len(n as usize).unwrap() as u64;
-            DeltaManifest {
+    (
+        name(),
+        name(),
+        any::<u64>(),
+        content_id(),
+        any::<u64>(),
+        codec(),
+        layout(),
+        (4096u32..70000),
+        1u64..u64::MAX,
+        0f32..1e30,
+        any::<u64>(),
+    )
+        .prop_map(
+            move |(
                 model_id,
                 region,
                 round,
                 base_version,
-                author,
                 seq,
                 codec,
                 layout,
-                payload_bytes,
                 chunk_size,
-                chunk_ids: fake_chunks(payload_bytes, chunk_size),
                 sample_count,
                 l2_norm,
                 created_unix_ms,
-            }
-        })
+            )| {
+                let n: u64 = layout.iter().map(|t| t.shape.iter().product::<u64>()).sum();
+                let payload_bytes = codec.encoded_len(n as usize).unwrap() as u64;
+                DeltaManifest {
+                    model_id,
+                    region,
+                    round,
+                    base_version,
+                    author,
+                    seq,
+                    codec,
+                    layout,
+                    payload_bytes,
+                    chunk_size,
+                    chunk_ids: fake_chunks(payload_bytes, chunk_size),
+                    sample_count,
+                    l2_norm,
+                    created_unix_ms,
+                }
+            },
+        )
 }
 
 /// Any valid model manifest signed by `author`.
 pub fn model_manifest(author: NodeId) -> impl Strategy<Value = ModelManifest> {
-    (name(), name(), any::<u64>(), layout(), 4096u32..70000, prop::collection::vec(content_id(), 0..4), prop::collection::vec(content_id(), 0..20), any::<u64>())
-        .prop_map(move |(model_id, region, round, layout, chunk_size, parents, deltas, created_unix_ms)| {
-            let n: u64 = layout.iter().map(|t| t.shape.iter().product::<u64>()).sum();
-            let payload_bytes = n * 4;
-            ModelManifest {
+    (
+        name(),
+        name(),
+        any::<u64>(),
+        layout(),
+        4096u32..70000,
+        prop::collection::vec(content_id(), 0..4),
+        prop::collection::vec(content_id(), 0..20),
+        any::<u64>(),
+    )
+        .prop_map(
+            move |(
                 model_id,
                 region,
                 round,
-                author,
                 layout,
-                payload_bytes,
                 chunk_size,
-                chunk_ids: fake_chunks(payload_bytes, chunk_size),
                 parents,
                 deltas,
                 created_unix_ms,
-            }
-        })
+            )| {
+                let n: u64 = layout.iter().map(|t| t.shape.iter().product::<u64>()).sum();
+                let payload_bytes = n * 4;
+                ModelManifest {
+                    model_id,
+                    region,
+                    round,
+                    author,
+                    layout,
+                    payload_bytes,
+                    chunk_size,
+                    chunk_ids: fake_chunks(payload_bytes, chunk_size),
+                    parents,
+                    deltas,
+                    created_unix_ms,
+                }
+            },
+        )
 }
