@@ -88,6 +88,34 @@ fn bench_signatures(c: &mut Criterion) {
             b.iter(|| Signed::<DeltaManifest>::open(black_box(&bytes)).unwrap())
         });
     }
+    // Where single verification spends its time.
+    let signed = Signed::sign(delta(&k, 10_000), &k).unwrap();
+    let (tag, body, signer, sig): (String, serde_bytes::ByteBuf, [u8; 32], serde_bytes::ByteBuf) =
+        ciborium::de::from_reader(signed.envelope_bytes()).unwrap();
+    let _ = tag;
+    let vk = ed25519_dalek::VerifyingKey::from_bytes(&signer).unwrap();
+    let sig = ed25519_dalek::Signature::from_slice(&sig).unwrap();
+    let digest = tapestry_protocol::signed::signing_digest(DeltaManifest::DOMAIN_TAG, &body);
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("parts/decompress_key", |b| {
+        b.iter(|| ed25519_dalek::VerifyingKey::from_bytes(black_box(&signer)).unwrap())
+    });
+    g.bench_function("parts/dalek_verify_strict", |b| {
+        b.iter(|| {
+            vk.verify_strict(black_box(&digest), black_box(&sig))
+                .unwrap()
+        })
+    });
+    g.bench_function("parts/decode_and_validate_body", |b| {
+        b.iter(|| {
+            let m: DeltaManifest =
+                tapestry_protocol::cbor::from_cbor(black_box(&body), &DecodeLimits::MANIFEST)
+                    .unwrap();
+            m.validate(&k.node_id()).unwrap();
+            m
+        })
+    });
+
     // 64 manifests by 64 authors: batch vs one at a time, same inputs.
     let envelopes: Vec<Vec<u8>> = (0..64)
         .map(|i| {

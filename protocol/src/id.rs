@@ -130,6 +130,68 @@ pub struct NodeId(pub(crate) [u8; 32]);
 
 id32!(NodeId, "a 32-byte ed25519 public key");
 
+/// Serde helper for lists of 32-byte ids (`#[serde(with = "id_list")]`): the
+/// list travels as one byte string of 32·k bytes rather than an array of k
+/// byte strings, so decoding a manifest that names thousands of chunks is a
+/// copy, not thousands of parser calls.
+pub mod id_list {
+    use serde::{Deserializer, Serializer};
+
+    /// A 32-byte id that can live in an [`id_list`](self).
+    pub trait Id32: Sized {
+        /// The raw bytes.
+        fn raw(&self) -> &[u8; 32];
+        /// From raw bytes.
+        fn from_raw(bytes: [u8; 32]) -> Self;
+    }
+
+    impl Id32 for super::ContentId {
+        fn raw(&self) -> &[u8; 32] {
+            &self.0
+        }
+        fn from_raw(bytes: [u8; 32]) -> Self {
+            Self(bytes)
+        }
+    }
+
+    impl Id32 for super::NodeId {
+        fn raw(&self) -> &[u8; 32] {
+            &self.0
+        }
+        fn from_raw(bytes: [u8; 32]) -> Self {
+            Self(bytes)
+        }
+    }
+
+    /// Serializes the ids as one concatenated byte string.
+    pub fn serialize<T: Id32, S: Serializer>(ids: &[T], s: S) -> Result<S::Ok, S::Error> {
+        let mut bytes = Vec::with_capacity(ids.len() * 32);
+        for id in ids {
+            bytes.extend_from_slice(id.raw());
+        }
+        s.serialize_bytes(&bytes)
+    }
+
+    /// Deserializes a byte string whose length is a multiple of 32.
+    pub fn deserialize<'de, T: Id32, D: Deserializer<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+        let bytes: serde_bytes::ByteBuf = serde::Deserialize::deserialize(d)?;
+        if bytes.len() % 32 != 0 {
+            return Err(serde::de::Error::invalid_length(
+                bytes.len(),
+                &"a list of 32-byte ids (a multiple of 32 bytes)",
+            ));
+        }
+        Ok(bytes
+            .chunks_exact(32)
+            .map(|c| {
+                let mut id = [0u8; 32];
+                id.copy_from_slice(c);
+                T::from_raw(id)
+            })
+            .collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

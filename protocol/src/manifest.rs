@@ -148,6 +148,7 @@ pub struct DeltaManifest {
     /// Size of every chunk but the last.
     pub chunk_size: u32,
     /// BLAKE3 ids of the payload's chunks, in order.
+    #[serde(with = "crate::id::id_list")]
     pub chunk_ids: Vec<ContentId>,
     /// Number of training samples behind the delta (its aggregation weight).
     pub sample_count: u64,
@@ -217,12 +218,15 @@ pub struct ModelManifest {
     /// Size of every chunk but the last.
     pub chunk_size: u32,
     /// BLAKE3 ids of the payload's chunks, in order.
+    #[serde(with = "crate::id::id_list")]
     pub chunk_ids: Vec<ContentId>,
     /// Ids of the model versions it was derived from (empty for an initial
     /// model; several when versions were mixed).
+    #[serde(with = "crate::id::id_list")]
     pub parents: Vec<ContentId>,
     /// Ids (hashes of the signed envelopes) of the delta manifests aggregated
     /// into this version.
+    #[serde(with = "crate::id::id_list")]
     pub deltas: Vec<ContentId>,
     /// Creation time, unix milliseconds (informative).
     pub created_unix_ms: u64,
@@ -272,6 +276,7 @@ pub struct Roster {
     /// Version number; strictly increasing per region.
     pub version: u64,
     /// Node ids allowed to publish, sorted and without duplicates.
+    #[serde(with = "crate::id::id_list")]
     pub members: Vec<NodeId>,
     /// Creation time, unix milliseconds (informative).
     pub created_unix_ms: u64,

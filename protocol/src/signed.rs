@@ -18,7 +18,6 @@
 
 use std::marker::PhantomData;
 
-use curve25519_dalek::edwards::CompressedEdwardsY;
 use ed25519_dalek::{Signature, VerifyingKey};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -196,16 +195,42 @@ impl<T: SignedMessage> Signed<T> {
     }
 }
 
+/// The y-coordinates (sign bit cleared) of the eight small-order points'
+/// canonical encodings: 0, 1, p − 1, and the two of order 8. The same list
+/// libsodium refuses.
+const SMALL_ORDER_Y: [[u8; 32]; 5] = [
+    [0; 32],
+    [
+        1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0,
+    ],
+    [
+        0xec, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0x7f,
+    ],
+    [
+        0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef, 0x98,
+        0xf0, 0xd5, 0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88, 0x6d, 0x53,
+        0xfc, 0x05,
+    ],
+    [
+        0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10, 0x67,
+        0x0f, 0x2a, 0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77, 0x92, 0xac,
+        0x03, 0x7a,
+    ],
+];
+
 /// Whether the `R` half of a signature passes `verify_strict`'s own checks:
-/// a canonical encoding (y < 2^255 − 19) of a point that is not of small order.
+/// a canonical encoding (y < 2^255 − 19) of a point that is not of small
+/// order. Table look-ups only: no point decompression, which batch
+/// verification does anyway.
 fn r_is_strict(signature: &[u8; 64]) -> bool {
-    let mut r = [0u8; 32];
-    r.copy_from_slice(&signature[..32]);
-    let canonical = r[31] & 0x7f != 0x7f || r[1..31].iter().any(|b| *b != 0xff) || r[0] < 0xed;
-    canonical
-        && CompressedEdwardsY(r)
-            .decompress()
-            .is_some_and(|p| !p.is_small_order())
+    let mut y = [0u8; 32];
+    y.copy_from_slice(&signature[..32]);
+    y[31] &= 0x7f;
+    let canonical = y[31] != 0x7f || y[1..31].iter().any(|b| *b != 0xff) || y[0] < 0xed;
+    canonical && !SMALL_ORDER_Y.contains(&y)
 }
 
 /// Verifies many envelopes of one kind together. Ed25519 batch verification
@@ -248,4 +273,43 @@ pub fn verify_batch<T: SignedMessage>(
         }
     }
     items.into_iter().map(Signed::verify).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use curve25519_dalek::edwards::CompressedEdwardsY;
+
+    #[test]
+    fn small_order_table_is_exactly_the_small_order_points() {
+        // Every table entry, with either sign bit, decodes to a small-order
+        // point (or, for x = 0 with the sign bit set, to nothing canonical).
+        for y in SMALL_ORDER_Y {
+            let p = CompressedEdwardsY(y).decompress().expect("a curve point");
+            assert!(p.is_small_order());
+        }
+        // And every small-order point's encoding is in the table: the eight
+        // torsion points are the multiples of one of order 8.
+        let t = CompressedEdwardsY(SMALL_ORDER_Y[3])
+            .decompress()
+            .expect("a curve point");
+        let mut q = curve25519_dalek::EdwardsPoint::default();
+        for _ in 0..8 {
+            let mut y = q.compress().to_bytes();
+            y[31] &= 0x7f;
+            assert!(SMALL_ORDER_Y.contains(&y), "{y:02x?}");
+            let mut sig = [0u8; 64];
+            sig[..32].copy_from_slice(&q.compress().to_bytes());
+            assert!(!r_is_strict(&sig));
+            q += t;
+        }
+        // A normal point passes.
+        let mut sig = [0u8; 64];
+        sig[..32].copy_from_slice(
+            &curve25519_dalek::constants::ED25519_BASEPOINT_POINT
+                .compress()
+                .to_bytes(),
+        );
+        assert!(r_is_strict(&sig));
+    }
 }
