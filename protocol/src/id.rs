@@ -175,7 +175,7 @@ pub mod id_list {
     /// Deserializes a byte string whose length is a multiple of 32.
     pub fn deserialize<'de, T: Id32, D: Deserializer<'de>>(d: D) -> Result<Vec<T>, D::Error> {
         let bytes: serde_bytes::ByteBuf = serde::Deserialize::deserialize(d)?;
-        if bytes.len() % 32 != 0 {
+        if !bytes.len().is_multiple_of(32) {
             return Err(serde::de::Error::invalid_length(
                 bytes.len(),
                 &"a list of 32-byte ids (a multiple of 32 bytes)",
