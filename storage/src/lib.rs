@@ -1,7 +1,37 @@
-//! Tapestry's chunk store: content-addressed chunks, manifests, refs, pins,
-//! garbage collection and scrub, behind one trait with a sled and an in-memory
-//! backend.
+//! Tapestry's chunk store: every tensor a node holds or serves — its model
+//! versions, its own deltas, the deltas it fetched — lives here as
+//! content-addressed chunks (BLAKE3), next to the signed manifests that name
+//! them, named refs (e.g. the head version of a model in a region), pins,
+//! garbage collection and scrub.
 //!
-//! **Status: not implemented yet.** This crate is a placeholder so the
-//! workspace has its final shape; nothing here stores anything. The work is
-//! tracked in the chunk-store issue.
+//! One trait, [`ChunkStore`], two backends: [`SledStore`] on disk (the
+//! default) and [`MemoryStore`] (for the simulator and tests). All behaviour
+//! is written once in the trait's provided methods over a few key-value
+//! primitives, and one test suite runs against both backends.
+//!
+//! Guarantees:
+//! - A chunk is stored only under the BLAKE3 hash of its bytes, and a
+//!   verified read ([`ChunkStore::get_verified`]) never returns bytes that do
+//!   not match; corrupt items are quarantined and reported by
+//!   [`ChunkStore::scrub`].
+//! - A ref only ever points at a model version whose manifest and chunks are
+//!   all present when it is moved.
+//! - Garbage collection never deletes anything reachable from a ref or pin,
+//!   nor anything written since the previous collection began, even while
+//!   writes go on.
+//! - After [`ChunkStore::flush`] returns, what was written survives a crash
+//!   (tested by killing a writer process with SIGKILL).
+
+mod bytes;
+mod error;
+mod memory;
+mod sled_store;
+mod store;
+
+pub use bytes::Bytes;
+pub use error::StoreError;
+pub use memory::MemoryStore;
+pub use sled_store::{SledConfig, SledStore};
+pub use store::{
+    ChunkStore, GcGate, GcReport, KvOp, KvVisitor, Lineage, ManifestKind, ScrubReport,
+};

@@ -1,0 +1,802 @@
+//! The [`ChunkStore`] trait: everything the store does, written once over a
+//! handful of key-value primitives that each backend provides.
+//!
+//! ## Keys
+//!
+//! One ordered keyspace, one byte of prefix per kind of record, so that a
+//! single atomic batch can touch several kinds at once:
+//!
+//! | prefix | key | value |
+//! |---|---|---|
+//! | `c` | chunk id | chunk bytes |
+//! | `i` | chunk id | chunk length (u32 LE): an index to list chunks without reading them |
+//! | `m` | envelope id | kind byte (1 delta, 2 model) + signed envelope bytes as received |
+//! | `r` | ref name | model version id |
+//! | `p` | id | empty: a pin |
+//! | `q` | id | kind byte (0 chunk, 1 delta, 2 model) + the bytes as found: quarantine |
+//!
+//! ## Garbage collection
+//!
+//! Mark and sweep. The roots are the refs, the pins, and everything written
+//! since the previous collection started; from a model manifest the mark
+//! follows its chunks, parents and deltas, from a delta manifest its chunks.
+//! So nothing written is collected before a whole collection cycle has passed
+//! over it: a writer has until the next `gc` to reference what it wrote.
+//!
+//! Writers hold a shared gate while they write and record what they wrote;
+//! the sweep holds the gate exclusively, re-reads the roots, marks what was
+//! written meanwhile, and only then deletes. A put that races a sweep either
+//! lands before it (and is marked) or after it (and writes the bytes again).
+
+use std::collections::HashSet;
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use tapestry_protocol::{
+    ContentId, DecodeError, DeltaManifest, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, ModelManifest, Signed,
+    Verified,
+};
+
+use crate::bytes::Bytes;
+use crate::error::StoreError;
+
+pub(crate) const CHUNK: u8 = b'c';
+pub(crate) const INDEX: u8 = b'i';
+pub(crate) const MANIFEST: u8 = b'm';
+pub(crate) const REF: u8 = b'r';
+pub(crate) const PIN: u8 = b'p';
+pub(crate) const QUARANTINE: u8 = b'q';
+
+/// Builds a key: prefix byte, then the rest.
+pub(crate) fn key(prefix: u8, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + rest.len());
+    k.push(prefix);
+    k.extend_from_slice(rest);
+    k
+}
+
+fn id_from_key(k: &[u8]) -> Option<ContentId> {
+    <[u8; 32]>::try_from(k.get(1..)?)
+        .ok()
+        .map(ContentId::from_bytes)
+}
+
+/// A visitor over the entries of one key prefix: `(key, value)`.
+pub type KvVisitor<'v> = dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError> + 'v;
+
+/// One write in an atomic batch.
+#[derive(Debug)]
+pub enum KvOp<'a> {
+    /// Insert or replace.
+    Put(Vec<u8>, &'a [u8]),
+    /// Remove if present.
+    Delete(Vec<u8>),
+}
+
+/// Which kind of signed manifest a record holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ManifestKind {
+    /// A [`DeltaManifest`].
+    Delta,
+    /// A [`ModelManifest`].
+    Model,
+}
+
+impl ManifestKind {
+    fn byte(self) -> u8 {
+        match self {
+            ManifestKind::Delta => 1,
+            ManifestKind::Model => 2,
+        }
+    }
+    fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(ManifestKind::Delta),
+            2 => Some(ManifestKind::Model),
+            _ => None,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            ManifestKind::Delta => "delta manifest",
+            ManifestKind::Model => "model manifest",
+        }
+    }
+}
+
+/// Coordinates writers with the garbage collector (see the module docs).
+/// Each backend owns one and hands it out through [`ChunkStore::gate`].
+#[derive(Debug, Default)]
+pub struct GcGate {
+    gate: RwLock<()>,
+    written: Mutex<HashSet<ContentId>>,
+    collecting: Mutex<()>,
+}
+
+fn unpoison<T>(r: Result<T, PoisonError<T>>) -> T {
+    // A panic elsewhere while holding these locks leaves no half-written state
+    // behind (they guard no data, or only a set of ids), so carry on.
+    r.unwrap_or_else(PoisonError::into_inner)
+}
+
+impl GcGate {
+    fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        unpoison(self.gate.read())
+    }
+    fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        unpoison(self.gate.write())
+    }
+    fn written(&self) -> MutexGuard<'_, HashSet<ContentId>> {
+        unpoison(self.written.lock())
+    }
+    fn record(&self, ids: impl IntoIterator<Item = ContentId>) {
+        self.written().extend(ids);
+    }
+}
+
+/// What a garbage collection did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Chunks kept.
+    pub chunks_kept: u64,
+    /// Chunks deleted.
+    pub chunks_deleted: u64,
+    /// Bytes of chunk data deleted.
+    pub bytes_deleted: u64,
+    /// Manifests kept.
+    pub manifests_kept: u64,
+    /// Manifests deleted.
+    pub manifests_deleted: u64,
+}
+
+/// What a scrub found. Corrupt items have been quarantined: they are no
+/// longer served, `has` says they are absent, and a node fetches them again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScrubReport {
+    /// Chunks re-hashed.
+    pub chunks_checked: u64,
+    /// Bytes re-hashed.
+    pub bytes_checked: u64,
+    /// Manifests re-verified.
+    pub manifests_checked: u64,
+    /// Chunks whose bytes did not match their id.
+    pub corrupt_chunks: Vec<ContentId>,
+    /// Manifests whose bytes did not match their id or did not verify.
+    pub corrupt_manifests: Vec<ContentId>,
+    /// Index entries without a chunk, or chunks without an index entry, repaired.
+    pub index_repairs: u64,
+    /// Refs that point at a version that is now incomplete or missing, with
+    /// the number of chunks missing (0 if the manifest itself is gone).
+    pub incomplete_refs: Vec<(String, ContentId, usize)>,
+}
+
+impl ScrubReport {
+    /// Whether the store is entirely sound.
+    pub fn is_clean(&self) -> bool {
+        self.corrupt_chunks.is_empty()
+            && self.corrupt_manifests.is_empty()
+            && self.incomplete_refs.is_empty()
+    }
+}
+
+/// The ancestry of a model version, as far as the store holds it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lineage {
+    /// Versions found, starting with the one asked about, breadth first.
+    pub versions: Vec<ContentId>,
+    /// Delta manifests aggregated into any of those versions (present or not).
+    pub deltas: Vec<ContentId>,
+    /// Ancestor versions named but not in the store.
+    pub missing_versions: Vec<ContentId>,
+}
+
+fn check_ref_name(name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidRefName(name.to_owned()))
+    }
+}
+
+fn check_chunk_size(chunk_size: usize) -> Result<(), StoreError> {
+    if (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+        Ok(())
+    } else {
+        Err(StoreError::BadChunkSize(chunk_size))
+    }
+}
+
+/// Content-addressed storage of chunks, signed manifests, refs and pins.
+///
+/// Backends implement the `kv_*` primitives, [`ChunkStore::flush`],
+/// [`ChunkStore::disk_bytes`] and [`ChunkStore::gate`]; everything else is
+/// provided here, once, so both backends behave identically and one test
+/// suite covers both. The trait is object safe (`Arc<dyn ChunkStore>`).
+pub trait ChunkStore: Send + Sync {
+    /// Reads one value.
+    fn kv_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError>;
+    /// Whether a key is present.
+    fn kv_contains(&self, key: &[u8]) -> Result<bool, StoreError>;
+    /// Applies a batch atomically: after a crash, all of it or none of it.
+    fn kv_apply(&self, batch: Vec<KvOp<'_>>) -> Result<(), StoreError>;
+    /// Calls `f` on every key with `prefix`, in key order, one value at a time.
+    fn kv_for_each(&self, prefix: u8, f: &mut KvVisitor<'_>) -> Result<(), StoreError>;
+    /// Atomically replaces `old` by `new` (`None` = absent); false if the
+    /// current value was not `old`.
+    fn kv_compare_and_swap(
+        &self,
+        key: &[u8],
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool, StoreError>;
+    /// Makes every completed write durable (fsync). Writes acknowledged
+    /// before a successful flush survive any crash.
+    fn flush(&self) -> Result<(), StoreError>;
+    /// Bytes the store occupies on disk (or in memory, for the memory backend).
+    fn disk_bytes(&self) -> Result<u64, StoreError>;
+    /// The garbage collector's gate.
+    fn gate(&self) -> &GcGate;
+
+    // ---- chunks ----
+
+    /// Stores a chunk under its BLAKE3 id. Storing the same bytes twice
+    /// stores them once.
+    fn put(&self, bytes: &[u8]) -> Result<ContentId, StoreError> {
+        Ok(self.put_many(&[bytes])?.remove(0))
+    }
+
+    /// Stores many chunks in one atomic batch; returns their ids in order.
+    fn put_many(&self, chunks: &[&[u8]]) -> Result<Vec<ContentId>, StoreError> {
+        let ids: Vec<ContentId> = chunks.iter().map(|c| ContentId::of(c)).collect();
+        let lens = chunks
+            .iter()
+            .map(|c| u32::try_from(c.len()).map(u32::to_le_bytes))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| StoreError::BadChunkSize(usize::MAX))?;
+        let _shared = self.gate().shared();
+        let mut batch = Vec::with_capacity(chunks.len() * 2);
+        let mut seen = HashSet::with_capacity(chunks.len());
+        for ((id, bytes), len) in ids.iter().zip(chunks).zip(&lens) {
+            if !seen.insert(*id) || self.kv_contains(&key(INDEX, id.as_bytes()))? {
+                continue;
+            }
+            batch.push(KvOp::Put(key(CHUNK, id.as_bytes()), bytes));
+            batch.push(KvOp::Put(key(INDEX, id.as_bytes()), len));
+        }
+        if !batch.is_empty() {
+            self.kv_apply(batch)?;
+        }
+        self.gate().record(ids.iter().copied());
+        Ok(ids)
+    }
+
+    /// Reads a chunk as stored, without re-hashing it. Use
+    /// [`ChunkStore::get_verified`] for anything served to peers or applied.
+    fn get(&self, id: &ContentId) -> Result<Option<Bytes>, StoreError> {
+        self.kv_get(&key(CHUNK, id.as_bytes()))
+    }
+
+    /// Reads a chunk and re-hashes it. Bytes that do not match their id are
+    /// never returned: they are quarantined and the call fails with
+    /// [`StoreError::Corrupt`].
+    fn get_verified(&self, id: &ContentId) -> Result<Option<Bytes>, StoreError> {
+        let Some(bytes) = self.get(id)? else {
+            return Ok(None);
+        };
+        if id.matches(&bytes) {
+            return Ok(Some(bytes));
+        }
+        quarantine(self, *id, 0, &bytes)?;
+        Err(StoreError::Corrupt {
+            what: "chunk",
+            id: *id,
+        })
+    }
+
+    /// Whether a chunk is present (and not quarantined).
+    fn has(&self, id: &ContentId) -> Result<bool, StoreError> {
+        self.kv_contains(&key(INDEX, id.as_bytes()))
+    }
+
+    /// Ids of every chunk, in id order (reads the index, not the data).
+    fn chunk_ids(&self) -> Result<Vec<ContentId>, StoreError> {
+        let mut ids = Vec::new();
+        self.kv_for_each(INDEX, &mut |k, _| {
+            ids.extend(id_from_key(k));
+            Ok(())
+        })?;
+        Ok(ids)
+    }
+
+    /// Ids of quarantined items.
+    fn quarantined(&self) -> Result<Vec<ContentId>, StoreError> {
+        let mut ids = Vec::new();
+        self.kv_for_each(QUARANTINE, &mut |k, _| {
+            ids.extend(id_from_key(k));
+            Ok(())
+        })?;
+        Ok(ids)
+    }
+
+    // ---- payloads: a tensor set cut into chunks ----
+
+    /// Cuts `payload` into `chunk_size` pieces (the last may be shorter),
+    /// stores them in one batch, and returns their ids in order.
+    fn put_payload(&self, payload: &[u8], chunk_size: usize) -> Result<Vec<ContentId>, StoreError> {
+        check_chunk_size(chunk_size)?;
+        let pieces: Vec<&[u8]> = payload.chunks(chunk_size).collect();
+        if pieces.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.put_many(&pieces)
+    }
+
+    /// Reassembles a payload from its chunk ids, verifying every chunk.
+    fn read_payload(&self, ids: &[ContentId], expected_len: u64) -> Result<Vec<u8>, StoreError> {
+        let cap = usize::try_from(expected_len).map_err(|_| StoreError::WrongLength {
+            expected: expected_len,
+            found: 0,
+        })?;
+        let mut out = Vec::with_capacity(cap.min(1 << 30));
+        for id in ids {
+            let chunk = self.get_verified(id)?.ok_or(StoreError::NotFound {
+                what: "chunk",
+                id: *id,
+            })?;
+            out.extend_from_slice(&chunk);
+        }
+        if out.len() as u64 != expected_len {
+            return Err(StoreError::WrongLength {
+                expected: expected_len,
+                found: out.len() as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    // ---- manifests ----
+
+    /// Stores a verified delta manifest's envelope as received; returns its id.
+    fn put_delta_manifest(&self, m: &Verified<DeltaManifest>) -> Result<ContentId, StoreError> {
+        put_manifest(self, ManifestKind::Delta, m.id(), m.envelope_bytes())
+    }
+
+    /// Stores a verified model manifest's envelope as received; returns its id.
+    fn put_model_manifest(&self, m: &Verified<ModelManifest>) -> Result<ContentId, StoreError> {
+        put_manifest(self, ManifestKind::Model, m.id(), m.envelope_bytes())
+    }
+
+    /// The stored envelope bytes of a manifest and its kind (to re-serve it).
+    fn manifest_bytes(&self, id: &ContentId) -> Result<Option<(ManifestKind, Bytes)>, StoreError> {
+        let Some(record) = self.kv_get(&key(MANIFEST, id.as_bytes()))? else {
+            return Ok(None);
+        };
+        match record.first().copied().and_then(ManifestKind::from_byte) {
+            Some(kind) => Ok(Some((kind, record.slice_from(1)))),
+            None => {
+                quarantine(self, *id, 0xff, &record)?;
+                Err(StoreError::Corrupt {
+                    what: "manifest",
+                    id: *id,
+                })
+            }
+        }
+    }
+
+    /// Loads a delta manifest, re-checking its id and signature.
+    fn get_delta_manifest(
+        &self,
+        id: &ContentId,
+    ) -> Result<Option<Verified<DeltaManifest>>, StoreError> {
+        load_manifest::<DeltaManifest, Self>(self, id, ManifestKind::Delta)
+    }
+
+    /// Loads a model manifest, re-checking its id and signature.
+    fn get_model_manifest(
+        &self,
+        id: &ContentId,
+    ) -> Result<Option<Verified<ModelManifest>>, StoreError> {
+        load_manifest::<ModelManifest, Self>(self, id, ManifestKind::Model)
+    }
+
+    // ---- refs and pins ----
+
+    /// Points `name` at model version `version`, after checking that the
+    /// version's manifest and every one of its chunks are present. Atomic.
+    fn set_ref(&self, name: &str, version: ContentId) -> Result<(), StoreError> {
+        self.swap_ref(name, None, version).map(|_| ())
+    }
+
+    /// Like [`ChunkStore::set_ref`], but only if the ref currently points at
+    /// `expected` (`None`: any value). Returns false if it did not.
+    fn swap_ref(
+        &self,
+        name: &str,
+        expected: Option<Option<ContentId>>,
+        version: ContentId,
+    ) -> Result<bool, StoreError> {
+        check_ref_name(name)?;
+        let _shared = self.gate().shared();
+        let m = self
+            .get_model_manifest(&version)?
+            .ok_or(StoreError::NotFound {
+                what: "model manifest",
+                id: version,
+            })?;
+        let mut missing = m
+            .message()
+            .chunk_ids
+            .iter()
+            .filter(|c| !matches!(self.has(c), Ok(true)));
+        if let Some(first) = missing.next() {
+            return Err(StoreError::Incomplete {
+                version,
+                missing: 1 + missing.count(),
+                first: *first,
+            });
+        }
+        let k = key(REF, name.as_bytes());
+        let swapped = match expected {
+            None => {
+                self.kv_apply(vec![KvOp::Put(k, version.as_bytes())])?;
+                true
+            }
+            Some(old) => self.kv_compare_and_swap(
+                &k,
+                old.as_ref().map(|o| o.as_bytes().as_slice()),
+                Some(version.as_bytes()),
+            )?,
+        };
+        if swapped {
+            self.gate().record([version]);
+        }
+        Ok(swapped)
+    }
+
+    /// Where a ref points, if it exists.
+    fn get_ref(&self, name: &str) -> Result<Option<ContentId>, StoreError> {
+        check_ref_name(name)?;
+        Ok(self
+            .kv_get(&key(REF, name.as_bytes()))?
+            .and_then(|v| id_from_value(&v)))
+    }
+
+    /// Removes a ref (what it pointed at becomes collectable).
+    fn delete_ref(&self, name: &str) -> Result<(), StoreError> {
+        check_ref_name(name)?;
+        self.kv_apply(vec![KvOp::Delete(key(REF, name.as_bytes()))])
+    }
+
+    /// Every ref, in name order.
+    fn refs(&self) -> Result<Vec<(String, ContentId)>, StoreError> {
+        let mut out = Vec::new();
+        self.kv_for_each(REF, &mut |k, v| {
+            if let (Ok(name), Some(id)) = (std::str::from_utf8(&k[1..]), id_from_value(v)) {
+                out.push((name.to_owned(), id));
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Keeps `id` (a chunk or a manifest and everything it names) from
+    /// garbage collection until unpinned.
+    fn pin(&self, id: ContentId) -> Result<(), StoreError> {
+        let _shared = self.gate().shared();
+        self.kv_apply(vec![KvOp::Put(key(PIN, id.as_bytes()), &[])])?;
+        self.gate().record([id]);
+        Ok(())
+    }
+
+    /// Removes a pin.
+    fn unpin(&self, id: ContentId) -> Result<(), StoreError> {
+        self.kv_apply(vec![KvOp::Delete(key(PIN, id.as_bytes()))])
+    }
+
+    /// Every pinned id.
+    fn pins(&self) -> Result<Vec<ContentId>, StoreError> {
+        let mut out = Vec::new();
+        self.kv_for_each(PIN, &mut |k, _| {
+            out.extend(id_from_key(k));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    // ---- lineage, garbage collection, scrub ----
+
+    /// Walks a model version's parents (breadth first, at most `limit`
+    /// versions) and collects the deltas aggregated along the way.
+    fn lineage(&self, version: ContentId, limit: usize) -> Result<Lineage, StoreError> {
+        let mut out = Lineage::default();
+        let mut seen = HashSet::new();
+        let mut seen_deltas = HashSet::new();
+        let mut queue = std::collections::VecDeque::from([version]);
+        while let Some(v) = queue.pop_front() {
+            if out.versions.len() >= limit || !seen.insert(v) {
+                continue;
+            }
+            match self.get_model_manifest(&v)? {
+                None => out.missing_versions.push(v),
+                Some(m) => {
+                    out.versions.push(v);
+                    for d in &m.message().deltas {
+                        if seen_deltas.insert(*d) {
+                            out.deltas.push(*d);
+                        }
+                    }
+                    queue.extend(m.message().parents.iter().copied());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes every chunk and manifest not reachable from a ref, a pin, or
+    /// what was written since the previous collection began (module docs).
+    fn gc(&self) -> Result<GcReport, StoreError> {
+        let gate = self.gate();
+        let _one_at_a_time = unpoison(gate.collecting.lock());
+        // Start a new generation: what was written since the last collection
+        // is a root of this one; what is written from now on is recorded anew.
+        let previous: HashSet<ContentId> = {
+            let _exclusive = gate.exclusive();
+            std::mem::take(&mut *gate.written())
+        };
+        let mut live = HashSet::new();
+        let roots = current_roots(self)?;
+        mark(self, roots.into_iter().chain(previous), &mut live)?;
+
+        let _exclusive = gate.exclusive();
+        let since: Vec<ContentId> = gate.written().iter().copied().collect();
+        let roots = current_roots(self)?;
+        mark(self, roots.into_iter().chain(since), &mut live)?;
+
+        let mut report = GcReport::default();
+        let mut dead_chunks = Vec::new();
+        self.kv_for_each(INDEX, &mut |k, v| {
+            if let Some(id) = id_from_key(k) {
+                if live.contains(&id) {
+                    report.chunks_kept += 1;
+                } else {
+                    report.bytes_deleted += v.get(..4).map_or(0, |b| {
+                        u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    });
+                    dead_chunks.push(id);
+                }
+            }
+            Ok(())
+        })?;
+        let mut dead_manifests = Vec::new();
+        self.kv_for_each(MANIFEST, &mut |k, _| {
+            if let Some(id) = id_from_key(k) {
+                if live.contains(&id) {
+                    report.manifests_kept += 1;
+                } else {
+                    dead_manifests.push(id);
+                }
+            }
+            Ok(())
+        })?;
+        report.chunks_deleted = dead_chunks.len() as u64;
+        report.manifests_deleted = dead_manifests.len() as u64;
+        for batch in dead_chunks.chunks(256) {
+            let ops = batch
+                .iter()
+                .flat_map(|id| {
+                    [
+                        KvOp::Delete(key(CHUNK, id.as_bytes())),
+                        KvOp::Delete(key(INDEX, id.as_bytes())),
+                    ]
+                })
+                .collect();
+            self.kv_apply(ops)?;
+        }
+        for batch in dead_manifests.chunks(256) {
+            self.kv_apply(
+                batch
+                    .iter()
+                    .map(|id| KvOp::Delete(key(MANIFEST, id.as_bytes())))
+                    .collect(),
+            )?;
+        }
+        Ok(report)
+    }
+
+    /// Re-hashes every chunk and re-verifies every manifest; quarantines what
+    /// is corrupt, repairs the chunk index, and reports refs left incomplete.
+    fn scrub(&self) -> Result<ScrubReport, StoreError> {
+        let mut report = ScrubReport::default();
+        let mut corrupt = Vec::new();
+        let mut indexed = HashSet::new();
+        self.kv_for_each(INDEX, &mut |k, _| {
+            indexed.extend(id_from_key(k));
+            Ok(())
+        })?;
+        let mut unindexed = Vec::new();
+        self.kv_for_each(CHUNK, &mut |k, v| {
+            let Some(id) = id_from_key(k) else {
+                return Ok(());
+            };
+            report.chunks_checked += 1;
+            report.bytes_checked += v.len() as u64;
+            if !id.matches(v) {
+                corrupt.push((id, v.to_vec()));
+            } else if !indexed.remove(&id) {
+                unindexed.push((id, v.len() as u32));
+            }
+            Ok(())
+        })?;
+        for (id, found) in corrupt {
+            indexed.remove(&id);
+            quarantine(self, id, 0, &found)?;
+            report.corrupt_chunks.push(id);
+        }
+        // Index entries whose chunk is gone, and chunks missing from the index.
+        report.index_repairs = (indexed.len() + unindexed.len()) as u64;
+        for id in indexed {
+            self.kv_apply(vec![KvOp::Delete(key(INDEX, id.as_bytes()))])?;
+        }
+        for (id, len) in unindexed {
+            self.kv_apply(vec![KvOp::Put(
+                key(INDEX, id.as_bytes()),
+                &len.to_le_bytes(),
+            )])?;
+        }
+        let mut manifests = Vec::new();
+        self.kv_for_each(MANIFEST, &mut |k, _| {
+            manifests.extend(id_from_key(k));
+            Ok(())
+        })?;
+        for id in manifests {
+            report.manifests_checked += 1;
+            let ok = match self.manifest_bytes(&id) {
+                Ok(Some((ManifestKind::Delta, _))) => self.get_delta_manifest(&id).map(|_| ()),
+                Ok(Some((ManifestKind::Model, _))) => self.get_model_manifest(&id).map(|_| ()),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            match ok {
+                Ok(()) => {}
+                Err(StoreError::Corrupt { .. } | StoreError::BadManifest { .. }) => {
+                    report.corrupt_manifests.push(id)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for (name, version) in self.refs()? {
+            match self.get_model_manifest(&version) {
+                Ok(Some(m)) => {
+                    let missing = m
+                        .message()
+                        .chunk_ids
+                        .iter()
+                        .filter(|c| !matches!(self.has(c), Ok(true)))
+                        .count();
+                    if missing > 0 {
+                        report.incomplete_refs.push((name, version, missing));
+                    }
+                }
+                Ok(None) | Err(StoreError::Corrupt { .. } | StoreError::BadManifest { .. }) => {
+                    report.incomplete_refs.push((name, version, 0))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(report)
+    }
+}
+
+fn id_from_value(v: &[u8]) -> Option<ContentId> {
+    <[u8; 32]>::try_from(v).ok().map(ContentId::from_bytes)
+}
+
+/// Moves a corrupt item out of service into quarantine. `kind`: 0 chunk,
+/// 1 delta manifest, 2 model manifest, 0xff unreadable manifest record.
+fn quarantine<S: ChunkStore + ?Sized>(
+    store: &S,
+    id: ContentId,
+    kind: u8,
+    found: &[u8],
+) -> Result<(), StoreError> {
+    let mut record = Vec::with_capacity(found.len() + 1);
+    record.push(kind);
+    record.extend_from_slice(found);
+    let mut batch = vec![KvOp::Put(key(QUARANTINE, id.as_bytes()), &record)];
+    if kind == 0 {
+        batch.push(KvOp::Delete(key(CHUNK, id.as_bytes())));
+        batch.push(KvOp::Delete(key(INDEX, id.as_bytes())));
+    } else {
+        batch.push(KvOp::Delete(key(MANIFEST, id.as_bytes())));
+    }
+    store.kv_apply(batch)
+}
+
+fn put_manifest<S: ChunkStore + ?Sized>(
+    store: &S,
+    kind: ManifestKind,
+    id: ContentId,
+    envelope: &[u8],
+) -> Result<ContentId, StoreError> {
+    let mut record = Vec::with_capacity(envelope.len() + 1);
+    record.push(kind.byte());
+    record.extend_from_slice(envelope);
+    let _shared = store.gate().shared();
+    store.kv_apply(vec![KvOp::Put(key(MANIFEST, id.as_bytes()), &record)])?;
+    store.gate().record([id]);
+    Ok(id)
+}
+
+fn load_manifest<T: tapestry_protocol::SignedMessage, S: ChunkStore + ?Sized>(
+    store: &S,
+    id: &ContentId,
+    want: ManifestKind,
+) -> Result<Option<Verified<T>>, StoreError> {
+    let Some((kind, bytes)) = store.manifest_bytes(id)? else {
+        return Ok(None);
+    };
+    if kind != want {
+        return Err(StoreError::BadManifest {
+            id: *id,
+            source: DecodeError::WrongKind {
+                expected: T::DOMAIN_TAG,
+                found: kind.name().into(),
+            },
+        });
+    }
+    if !id.matches(&bytes) {
+        quarantine(store, *id, kind.byte(), &bytes)?;
+        return Err(StoreError::Corrupt {
+            what: kind.name(),
+            id: *id,
+        });
+    }
+    match Signed::<T>::open(&bytes) {
+        Ok(v) => Ok(Some(v)),
+        Err(source) => {
+            quarantine(store, *id, kind.byte(), &bytes)?;
+            Err(StoreError::BadManifest { id: *id, source })
+        }
+    }
+}
+
+fn current_roots<S: ChunkStore + ?Sized>(store: &S) -> Result<Vec<ContentId>, StoreError> {
+    let mut roots: Vec<ContentId> = store.refs()?.into_iter().map(|(_, id)| id).collect();
+    roots.extend(store.pins()?);
+    Ok(roots)
+}
+
+/// Marks `roots` and everything they name as live.
+fn mark<S: ChunkStore + ?Sized>(
+    store: &S,
+    roots: impl IntoIterator<Item = ContentId>,
+    live: &mut HashSet<ContentId>,
+) -> Result<(), StoreError> {
+    let mut stack: Vec<ContentId> = roots.into_iter().collect();
+    while let Some(id) = stack.pop() {
+        if !live.insert(id) {
+            continue;
+        }
+        // A corrupt manifest stops the collection: its chunks might be live.
+        match store.manifest_bytes(&id)? {
+            None => {}
+            Some((ManifestKind::Delta, _)) => {
+                if let Some(m) = store.get_delta_manifest(&id)? {
+                    live.extend(m.message().chunk_ids.iter().copied());
+                }
+            }
+            Some((ManifestKind::Model, _)) => {
+                if let Some(m) = store.get_model_manifest(&id)? {
+                    live.extend(m.message().chunk_ids.iter().copied());
+                    stack.extend(m.message().parents.iter().copied());
+                    stack.extend(m.message().deltas.iter().copied());
+                }
+            }
+        }
+    }
+    Ok(())
+}
