@@ -4,12 +4,27 @@
 //!
 //! ```text
 //! DIR/TAPESTRY_STORE   marker: "tapestry chunk store\nformat 1\n"
-//! DIR/sled/            the sled database (log, snapshots, blobs/)
+//! DIR/chunks/          sled database of chunk bytes (id -> bytes)
+//! DIR/meta/            sled database of everything else: chunk index,
+//!                      manifests, refs, pins, quarantine
 //! ```
 //!
-//! sled keeps values above about 128 KiB (a quarter of its 512 KiB segment)
-//! in files of their own under `sled/blobs/`, so 256 KiB chunks cost about
-//! their own size on disk and deleting one frees its file.
+//! Why two databases: sled recovers its log only up to the first record that
+//! fails its checksum, because it cannot tell rot from a torn write, and a
+//! record can hold up to 16 entries (values above ~128 KiB live in files under
+//! `blobs/`). One flipped byte in an old chunk would then silently take every
+//! later write with it — refs and manifests included. With chunk bytes in a
+//! database of their own, rot can only lose chunks, which scrub reports (the
+//! index still names them) and peers can serve again; refs, manifests and
+//! pins are untouched.
+//!
+//! Order of writes across the two, so that a crash leaves only harmless
+//! states: chunk bytes before their index entry; index entry before deleting
+//! chunk bytes; and before a ref is moved, the chunk database is flushed, so a
+//! ref that survived a crash names a version whose chunks survived too (the
+//! meta log is recovered as a prefix, so the index entries written before the
+//! ref survived as well). The worst case is bytes without an index entry,
+//! which scrub re-indexes and GC then collects.
 
 use std::fs;
 use std::io;
@@ -17,7 +32,7 @@ use std::path::{Path, PathBuf};
 
 use crate::bytes::Bytes;
 use crate::error::StoreError;
-use crate::store::{ChunkStore, GcGate, KvOp, KvVisitor};
+use crate::store::{CHUNK, ChunkStore, GcGate, KvOp, KvVisitor};
 
 const MARKER_FILE: &str = "TAPESTRY_STORE";
 const MARKER: &str = "tapestry chunk store\nformat 1\n";
@@ -25,7 +40,8 @@ const MARKER: &str = "tapestry chunk store\nformat 1\n";
 /// Settings of the sled backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SledConfig {
-    /// Bytes of sled's page cache. Default 64 MiB (sled's own default is
+    /// Bytes of sled's page cache, shared equally by the chunk and meta
+    /// databases. Default 64 MiB (sled's own default is
     /// 1 GiB, too much to take from a machine that also trains). Chunks not
     /// in the cache are read from disk (and usually the OS page cache).
     pub cache_capacity: u64,
@@ -52,7 +68,8 @@ impl Default for SledConfig {
 /// second open of the same directory fails with [`StoreError::Locked`].
 #[derive(Debug)]
 pub struct SledStore {
-    db: sled::Db,
+    chunks: sled::Db,
+    meta: sled::Db,
     dir: PathBuf,
     gate: GcGate,
 }
@@ -98,22 +115,11 @@ impl SledStore {
             }
             Err(e) => return Err(StoreError::io(format!("reading {}", marker.display()), e)),
         }
-        let db = sled::Config::new()
-            .path(dir.join("sled"))
-            .cache_capacity(config.cache_capacity)
-            .flush_every_ms(config.flush_every_ms)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked(dir.to_owned())
-                }
-                sled::Error::Io(io) => {
-                    StoreError::io(format!("opening the database in {}", dir.display()), io)
-                }
-                other => StoreError::Backend(format!("opening {}: {other}", dir.display())),
-            })?;
+        let chunks = open_db(&dir.join("chunks"), config, dir)?;
+        let meta = open_db(&dir.join("meta"), config, dir)?;
         Ok(Self {
-            db,
+            chunks,
+            meta,
             dir: dir.to_owned(),
             gate: GcGate::default(),
         })
@@ -123,6 +129,23 @@ impl SledStore {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+fn open_db(path: &Path, config: &SledConfig, store: &Path) -> Result<sled::Db, StoreError> {
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(config.cache_capacity / 2)
+        .flush_every_ms(config.flush_every_ms)
+        .open()
+        .map_err(|e| match e {
+            sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+                StoreError::Locked(store.to_owned())
+            }
+            sled::Error::Io(io) => {
+                StoreError::io(format!("opening the database in {}", path.display()), io)
+            }
+            other => StoreError::Backend(format!("opening {}: {other}", path.display())),
+        })
 }
 
 fn write_marker(dir: &Path) -> Result<(), StoreError> {
@@ -149,28 +172,65 @@ fn du(path: &Path) -> io::Result<u64> {
     Ok(total)
 }
 
+impl SledStore {
+    fn tree(&self, key: &[u8]) -> &sled::Db {
+        if key.first() == Some(&CHUNK) {
+            &self.chunks
+        } else {
+            &self.meta
+        }
+    }
+}
+
 impl ChunkStore for SledStore {
     fn kv_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
-        Ok(self.db.get(key)?.map(Bytes::from_sled))
+        Ok(self.tree(key).get(key)?.map(Bytes::from_sled))
     }
 
     fn kv_contains(&self, key: &[u8]) -> Result<bool, StoreError> {
-        Ok(self.db.contains_key(key)?)
+        Ok(self.tree(key).contains_key(key)?)
     }
 
     fn kv_apply(&self, batch: Vec<KvOp<'_>>) -> Result<(), StoreError> {
-        let mut b = sled::Batch::default();
+        // Chunk puts, then the meta batch, then chunk deletes (module docs).
+        let mut chunk_puts = sled::Batch::default();
+        let mut meta = sled::Batch::default();
+        let mut chunk_deletes = sled::Batch::default();
+        let (mut puts, mut metas, mut deletes) = (0, 0, 0);
         for op in batch {
             match op {
-                KvOp::Put(k, v) => b.insert(k, v),
-                KvOp::Delete(k) => b.remove(k),
+                KvOp::Put(k, v) if k.first() == Some(&CHUNK) => {
+                    chunk_puts.insert(k, v);
+                    puts += 1;
+                }
+                KvOp::Delete(k) if k.first() == Some(&CHUNK) => {
+                    chunk_deletes.remove(k);
+                    deletes += 1;
+                }
+                KvOp::Put(k, v) => {
+                    meta.insert(k, v);
+                    metas += 1;
+                }
+                KvOp::Delete(k) => {
+                    meta.remove(k);
+                    metas += 1;
+                }
             }
         }
-        Ok(self.db.apply_batch(b)?)
+        if puts > 0 {
+            self.chunks.apply_batch(chunk_puts)?;
+        }
+        if metas > 0 {
+            self.meta.apply_batch(meta)?;
+        }
+        if deletes > 0 {
+            self.chunks.apply_batch(chunk_deletes)?;
+        }
+        Ok(())
     }
 
     fn kv_for_each(&self, prefix: u8, f: &mut KvVisitor<'_>) -> Result<(), StoreError> {
-        for item in self.db.scan_prefix([prefix]) {
+        for item in self.tree(&[prefix]).scan_prefix([prefix]) {
             let (k, v) = item?;
             f(&k, &v)?;
         }
@@ -183,11 +243,17 @@ impl ChunkStore for SledStore {
         old: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> Result<bool, StoreError> {
-        Ok(self.db.compare_and_swap(key, old, new)?.is_ok())
+        Ok(self.tree(key).compare_and_swap(key, old, new)?.is_ok())
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        self.chunks.flush()?;
+        self.meta.flush()?;
+        Ok(())
+    }
+
+    fn kv_chunk_barrier(&self) -> Result<(), StoreError> {
+        self.chunks.flush()?;
         Ok(())
     }
 

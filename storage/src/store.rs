@@ -162,7 +162,11 @@ pub struct ScrubReport {
     pub corrupt_chunks: Vec<ContentId>,
     /// Manifests whose bytes did not match their id or did not verify.
     pub corrupt_manifests: Vec<ContentId>,
-    /// Index entries without a chunk, or chunks without an index entry, repaired.
+    /// Chunks the index listed but whose bytes are gone (lost by the disk, or
+    /// dropped by the storage engine's own checks); their entries are removed.
+    pub lost_chunks: Vec<ContentId>,
+    /// Chunks whose bytes were present without an index entry (left by a
+    /// crash between the two writes), now indexed again.
     pub index_repairs: u64,
     /// Refs that point at a version that is now incomplete or missing, with
     /// the number of chunks missing (0 if the manifest itself is gone).
@@ -173,6 +177,7 @@ impl ScrubReport {
     /// Whether the store is entirely sound.
     pub fn is_clean(&self) -> bool {
         self.corrupt_chunks.is_empty()
+            && self.lost_chunks.is_empty()
             && self.corrupt_manifests.is_empty()
             && self.incomplete_refs.is_empty()
     }
@@ -221,7 +226,10 @@ pub trait ChunkStore: Send + Sync {
     fn kv_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError>;
     /// Whether a key is present.
     fn kv_contains(&self, key: &[u8]) -> Result<bool, StoreError>;
-    /// Applies a batch atomically: after a crash, all of it or none of it.
+    /// Applies a batch. After a crash, each of its writes is either done or
+    /// not, with one promise: chunk bytes (`c` keys) are never missing while
+    /// their index entry (`i` key) exists, unless the disk lost them. Backends
+    /// that can, apply the whole batch atomically.
     fn kv_apply(&self, batch: Vec<KvOp<'_>>) -> Result<(), StoreError>;
     /// Calls `f` on every key with `prefix`, in key order, one value at a time.
     fn kv_for_each(&self, prefix: u8, f: &mut KvVisitor<'_>) -> Result<(), StoreError>;
@@ -233,6 +241,12 @@ pub trait ChunkStore: Send + Sync {
         old: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> Result<bool, StoreError>;
+    /// Makes every chunk write completed so far durable before any later
+    /// write to the other keys (refs) can be: called before a ref is moved.
+    /// A backend that writes everything to one ordered log needs nothing here.
+    fn kv_chunk_barrier(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Makes every completed write durable (fsync). Writes acknowledged
     /// before a successful flush survive any crash.
     fn flush(&self) -> Result<(), StoreError>;
@@ -439,6 +453,7 @@ pub trait ChunkStore: Send + Sync {
                 first: *first,
             });
         }
+        self.kv_chunk_barrier()?;
         let k = key(REF, name.as_bytes());
         let swapped = match expected {
             None => {
@@ -612,36 +627,45 @@ pub trait ChunkStore: Send + Sync {
     fn scrub(&self) -> Result<ScrubReport, StoreError> {
         let mut report = ScrubReport::default();
         let mut corrupt = Vec::new();
-        let mut indexed = HashSet::new();
-        self.kv_for_each(INDEX, &mut |k, _| {
-            indexed.extend(id_from_key(k));
-            Ok(())
-        })?;
-        let mut unindexed = Vec::new();
+        let mut present = HashSet::new();
         self.kv_for_each(CHUNK, &mut |k, v| {
             let Some(id) = id_from_key(k) else {
                 return Ok(());
             };
             report.chunks_checked += 1;
             report.bytes_checked += v.len() as u64;
-            if !id.matches(v) {
+            if id.matches(v) {
+                present.insert((id, v.len() as u32));
+            } else {
                 corrupt.push((id, v.to_vec()));
-            } else if !indexed.remove(&id) {
-                unindexed.push((id, v.len() as u32));
             }
             Ok(())
         })?;
         for (id, found) in corrupt {
-            indexed.remove(&id);
             quarantine(self, id, 0, &found)?;
             report.corrupt_chunks.push(id);
         }
-        // Index entries whose chunk is gone, and chunks missing from the index.
-        report.index_repairs = (indexed.len() + unindexed.len()) as u64;
-        for id in indexed {
+        // Index entries whose bytes the disk lost, and bytes left without an
+        // index entry by a crash.
+        let mut lost = Vec::new();
+        self.kv_for_each(INDEX, &mut |k, v| {
+            let Some(id) = id_from_key(k) else {
+                return Ok(());
+            };
+            let len = v
+                .get(..4)
+                .map_or(u32::MAX, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            if !present.remove(&(id, len)) && !report.corrupt_chunks.contains(&id) {
+                lost.push(id);
+            }
+            Ok(())
+        })?;
+        for id in &lost {
             self.kv_apply(vec![KvOp::Delete(key(INDEX, id.as_bytes()))])?;
         }
-        for (id, len) in unindexed {
+        report.lost_chunks = lost;
+        report.index_repairs = present.len() as u64;
+        for (id, len) in present {
             self.kv_apply(vec![KvOp::Put(
                 key(INDEX, id.as_bytes()),
                 &len.to_le_bytes(),

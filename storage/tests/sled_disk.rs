@@ -1,0 +1,222 @@
+//! The sled backend on a real disk: persistence across reopen, locking,
+//! directories that are not stores, and bytes rotting on disk.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use tapestry_protocol::ContentId;
+use tapestry_storage::*;
+
+fn open(dir: &Path) -> Result<SledStore, StoreError> {
+    SledStore::open(dir, &SledConfig::default())
+}
+
+#[test]
+fn everything_survives_a_reopen_after_flush() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let (v, d, pinned) = {
+        let s = open(&dir).unwrap();
+        let d = put_delta(&s, 1, 1);
+        let v = put_version(&s, 2, 1, 600_000, 256 << 10, vec![], vec![d.id()]);
+        s.set_ref("m/r/head", v.id()).unwrap();
+        let pinned = s.put(b"pinned").unwrap();
+        s.pin(pinned).unwrap();
+        s.flush().unwrap();
+        (v.id(), d.id(), pinned)
+    };
+    let s = open(&dir).unwrap();
+    assert_eq!(s.get_ref("m/r/head").unwrap(), Some(v));
+    assert!(version_complete(&s, &v));
+    assert!(s.get_delta_manifest(&d).unwrap().is_some());
+    assert_eq!(s.pins().unwrap(), vec![pinned]);
+    assert!(s.scrub().unwrap().is_clean());
+}
+
+#[test]
+fn a_second_open_is_refused_while_the_first_holds_the_lock() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let first = open(&dir).unwrap();
+    let err = open(&dir).unwrap_err();
+    assert!(
+        matches!(err, StoreError::Locked(ref p) if p == &dir),
+        "{err}"
+    );
+    assert!(err.to_string().contains("locked by another process"));
+    drop(first);
+    open(&dir).unwrap();
+}
+
+#[test]
+fn directories_that_are_not_stores_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A directory with someone else's files in it.
+    let foreign = tmp.path().join("foreign");
+    fs::create_dir(&foreign).unwrap();
+    fs::write(foreign.join("thesis.tex"), "precious").unwrap();
+    let err = open(&foreign).unwrap_err();
+    assert!(matches!(err, StoreError::NotAStore { .. }), "{err}");
+    assert_eq!(
+        fs::read_to_string(foreign.join("thesis.tex")).unwrap(),
+        "precious"
+    );
+    assert_eq!(
+        fs::read_dir(&foreign).unwrap().count(),
+        1,
+        "nothing was written"
+    );
+    // A file where the directory should be.
+    let file = tmp.path().join("file");
+    fs::write(&file, "x").unwrap();
+    assert!(matches!(open(&file), Err(StoreError::NotAStore { .. })));
+    // A marker of another format.
+    let other = tmp.path().join("other");
+    fs::create_dir(&other).unwrap();
+    fs::write(
+        other.join("TAPESTRY_STORE"),
+        "tapestry chunk store\nformat 99\n",
+    )
+    .unwrap();
+    assert!(matches!(open(&other), Err(StoreError::NotAStore { .. })));
+    // A marker that cannot be read (a directory in its place).
+    let broken = tmp.path().join("broken");
+    fs::create_dir_all(broken.join("TAPESTRY_STORE")).unwrap();
+    assert!(matches!(open(&broken), Err(StoreError::Io { .. })));
+    // Not asked to create.
+    let absent = tmp.path().join("absent");
+    let cfg = SledConfig {
+        create: false,
+        ..SledConfig::default()
+    };
+    assert!(matches!(
+        SledStore::open(&absent, &cfg),
+        Err(StoreError::Io { .. })
+    ));
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_byte_rotting_on_disk_is_never_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let data = bytes(5, 256 << 10);
+    let id = {
+        let s = open(&dir).unwrap();
+        let id = s.put(&data).unwrap();
+        s.flush().unwrap();
+        id
+    };
+    // Flip one byte in the middle of every file that holds the chunk's bytes.
+    let needle = &data[100_000..100_064];
+    let mut flipped = 0;
+    for f in files_under(&dir) {
+        let mut content = fs::read(&f).unwrap();
+        if let Some(pos) = content.windows(needle.len()).position(|w| w == needle) {
+            content[pos + 7] ^= 0x40;
+            eprintln!(
+                "flipped a byte in {}",
+                f.strip_prefix(&dir).unwrap().display()
+            );
+            fs::write(&f, &content).unwrap();
+            flipped += 1;
+        }
+    }
+    assert!(flipped >= 1, "the chunk's bytes were not found on disk");
+    let s = open(&dir).unwrap();
+    // Scrub runs to the end and reports the chunk lost or corrupt.
+    let report = s.scrub().unwrap();
+    eprintln!("scrub after rot: {report:?}");
+    assert!(report.lost_chunks.contains(&id) || report.corrupt_chunks.contains(&id));
+    assert!(!s.has(&id).unwrap());
+    // Either sled notices (its own checksum) or our hash does; never good data.
+    if let Ok(Some(b)) = s.get_verified(&id) {
+        assert_eq!(&*b, &data[..], "corrupt bytes were served as good");
+    }
+    match s.get_verified(&id) {
+        Ok(Some(b)) => assert_eq!(&*b, &data[..]),
+        Ok(None) => {}
+        Err(e) => panic!("second read should find the chunk quarantined or absent: {e}"),
+    }
+}
+
+#[test]
+fn rot_in_one_chunk_leaves_the_rest_of_the_store_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let victim = bytes(77, 256 << 10);
+    let (v, victim_id) = {
+        let s = open(&dir).unwrap();
+        // The victim is written first, so anything a recovery that stops at
+        // the first bad record would drop comes after it.
+        let victim_id = s.put(&victim).unwrap();
+        s.flush().unwrap();
+        let v = put_version(&s, 3, 1, 1 << 20, 256 << 10, vec![], vec![]);
+        s.set_ref("head", v.id()).unwrap();
+        s.flush().unwrap();
+        (v.id(), victim_id)
+    };
+    let needle = &victim[200_000..200_064];
+    for f in files_under(&dir) {
+        let mut content = fs::read(&f).unwrap();
+        if let Some(pos) = content.windows(needle.len()).position(|w| w == needle) {
+            content[pos + 3] ^= 0x01;
+            fs::write(&f, &content).unwrap();
+            eprintln!(
+                "flipped a byte in {}",
+                f.strip_prefix(&dir).unwrap().display()
+            );
+        }
+    }
+    let s = open(&dir).unwrap();
+    let report = s.scrub().unwrap();
+    eprintln!("{report:?}");
+    // The refs and manifests are untouched.
+    assert_eq!(s.get_ref("head").unwrap(), Some(v));
+    let m = s.get_model_manifest(&v).unwrap().unwrap();
+    // The victim, and any chunk that shared its sled record, is reported lost
+    // and no longer claimed present; nothing is served wrong.
+    assert!(report.lost_chunks.contains(&victim_id) || report.corrupt_chunks.contains(&victim_id));
+    assert!(!s.has(&victim_id).unwrap());
+    let gone: Vec<_> = m
+        .message()
+        .chunk_ids
+        .iter()
+        .filter(|c| !s.has(c).unwrap())
+        .collect();
+    assert!(
+        report.lost_chunks.len() <= 16,
+        "one sled record holds at most 16 entries"
+    );
+    if gone.is_empty() {
+        assert!(report.incomplete_refs.is_empty());
+        assert!(version_complete(&s, &v));
+    } else {
+        assert_eq!(
+            report.incomplete_refs,
+            vec![("head".to_owned(), v, gone.len())]
+        );
+    }
+    for c in &m.message().chunk_ids {
+        if let Some(b) = s.get_verified(c).unwrap() {
+            assert_eq!(ContentId::of(&b), *c);
+        }
+    }
+}
