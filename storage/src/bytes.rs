@@ -8,11 +8,13 @@ use std::sync::Arc;
 enum Inner {
     Sled(sled::IVec),
     Shared(Arc<[u8]>),
+    Owned(Arc<Vec<u8>>),
 }
 
 /// An immutable, cheaply cloned view of a stored value. Reading a chunk hands
 /// out the backend's own buffer (sled's reference-counted `IVec`, or the
-/// memory backend's `Arc<[u8]>`), so a large chunk is never held twice.
+/// memory backend's `Arc<[u8]>`, or the buffer a chunk file was read into),
+/// so a large chunk is never held twice.
 #[derive(Clone)]
 pub struct Bytes {
     inner: Inner,
@@ -34,6 +36,13 @@ impl Bytes {
         }
     }
 
+    pub(crate) fn from_vec(v: Vec<u8>) -> Self {
+        Self {
+            inner: Inner::Owned(Arc::new(v)),
+            start: 0,
+        }
+    }
+
     /// The same buffer without its first `n` bytes (no copy).
     pub(crate) fn slice_from(&self, n: usize) -> Self {
         Self {
@@ -46,6 +55,7 @@ impl Bytes {
         match &self.inner {
             Inner::Sled(v) => v,
             Inner::Shared(v) => v,
+            Inner::Owned(v) => v,
         }
     }
 }

@@ -13,7 +13,7 @@
 //! | `m` | envelope id | kind byte (1 delta, 2 model) + signed envelope bytes as received |
 //! | `r` | ref name | model version id |
 //! | `p` | id | empty: a pin |
-//! | `q` | id | kind byte (0 chunk, 1 delta, 2 model) + the bytes as found: quarantine |
+//! | `q` | id | kind byte (0 chunk, 1 delta, 2 model), length (u64 LE) and BLAKE3 of the bytes found: quarantine |
 //!
 //! ## Garbage collection
 //!
@@ -727,13 +727,15 @@ fn quarantine<S: ChunkStore + ?Sized>(
     kind: u8,
     found: &[u8],
 ) -> Result<(), StoreError> {
-    let mut record = Vec::with_capacity(found.len() + 1);
+    // What was found, not the bytes themselves: kind, length, BLAKE3.
+    let mut record = Vec::with_capacity(41);
     record.push(kind);
-    record.extend_from_slice(found);
+    record.extend_from_slice(&(found.len() as u64).to_le_bytes());
+    record.extend_from_slice(ContentId::of(found).as_bytes());
     let mut batch = vec![KvOp::Put(key(QUARANTINE, id.as_bytes()), &record)];
     if kind == 0 {
-        batch.push(KvOp::Delete(key(CHUNK, id.as_bytes())));
         batch.push(KvOp::Delete(key(INDEX, id.as_bytes())));
+        batch.push(KvOp::Delete(key(CHUNK, id.as_bytes())));
     } else {
         batch.push(KvOp::Delete(key(MANIFEST, id.as_bytes())));
     }
