@@ -5,7 +5,7 @@
 //! garbage collection and scrub.
 //!
 //! One trait, [`ChunkStore`], two backends: [`SledStore`] on disk (the
-//! default) and [`MemoryStore`] (for the simulator and tests). All behaviour
+//! default: sled for metadata, one file per chunk) and [`MemoryStore`] (for the simulator and tests). All behaviour
 //! is written once in the trait's provided methods over a few key-value
 //! primitives, and one test suite runs against both backends.
 //!

@@ -252,12 +252,15 @@ fn write_marker(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Bytes allocated on disk under `path` (blocks, not apparent sizes).
 fn du(path: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
     let meta = fs::symlink_metadata(path)?;
+    let own = meta.blocks() * 512;
     if !meta.is_dir() {
-        return Ok(meta.len());
+        return Ok(own);
     }
-    let mut total = 0;
+    let mut total = own;
     for entry in fs::read_dir(path)? {
         total += du(&entry?.path())?;
     }
