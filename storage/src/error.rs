@@ -75,7 +75,7 @@ pub enum StoreError {
     /// A ref name outside the allowed alphabet or length.
     #[error("invalid ref name {0:?}: use 1..=200 characters of a-z A-Z 0-9 / _ . -")]
     InvalidRefName(String),
-    /// A chunk size outside the protocol's range.
+    /// A chunk size outside the protocol's range (or a chunk of 4 GiB or more).
     #[error("chunk size {0} outside 4 KiB..=4 MiB")]
     BadChunkSize(usize),
     /// Reassembled data does not have the length the caller expected.

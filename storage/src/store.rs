@@ -263,19 +263,25 @@ pub trait ChunkStore: Send + Sync {
         Ok(self.put_many(&[bytes])?.remove(0))
     }
 
-    /// Stores many chunks in one atomic batch; returns their ids in order.
+    /// Stores many chunks in one batch (see [`ChunkStore::kv_apply`] for
+    /// what a crash can leave); returns their ids in order.
     fn put_many(&self, chunks: &[&[u8]]) -> Result<Vec<ContentId>, StoreError> {
         let ids: Vec<ContentId> = chunks.iter().map(|c| ContentId::of(c)).collect();
-        let lens = chunks
-            .iter()
-            .map(|c| u32::try_from(c.len()).map(u32::to_le_bytes))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| StoreError::BadChunkSize(usize::MAX))?;
+        let mut lens = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            let len = u32::try_from(c.len()).map_err(|_| StoreError::BadChunkSize(c.len()))?;
+            lens.push(len.to_le_bytes());
+        }
         let _shared = self.gate().shared();
         let mut batch = Vec::with_capacity(chunks.len() * 2);
         let mut seen = HashSet::with_capacity(chunks.len());
         for ((id, bytes), len) in ids.iter().zip(chunks).zip(&lens) {
-            if !seen.insert(*id) || self.kv_contains(&key(INDEX, id.as_bytes()))? {
+            // Skip only what is really there: an indexed chunk whose bytes
+            // the disk lost is written again.
+            if !seen.insert(*id)
+                || (self.kv_contains(&key(INDEX, id.as_bytes()))?
+                    && self.kv_contains(&key(CHUNK, id.as_bytes()))?)
+            {
                 continue;
             }
             batch.push(KvOp::Put(key(CHUNK, id.as_bytes()), bytes));

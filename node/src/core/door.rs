@@ -1,0 +1,412 @@
+//! Door checks: what every incoming delta must pass before it is stored,
+//! forwarded or aggregated. Each rejection names its reason (and, through
+//! [`Rejected`], the sender) so the network layer can penalise the peer and
+//! count the reason in its metrics.
+
+use std::collections::VecDeque;
+use std::fmt;
+
+use tapestry_protocol::{CodecError, DeltaManifest, NodeId, TensorSpec};
+
+/// Limits applied at the door.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DoorConfig {
+    /// A delta's L2 norm may be at most this multiple of the median norm of
+    /// recently accepted deltas.
+    pub norm_multiple: f32,
+    /// How many recent norms the median is taken over.
+    pub norm_history: usize,
+    /// The norm check starts once this many norms have been seen.
+    pub norm_min_history: usize,
+    /// Deltas for rounds older than `current − staleness` are dropped.
+    pub staleness: u64,
+    /// Deltas for rounds newer than `current + lookahead` are refused.
+    pub lookahead: u64,
+}
+
+impl Default for DoorConfig {
+    fn default() -> Self {
+        Self {
+            norm_multiple: 10.0,
+            norm_history: 64,
+            norm_min_history: 4,
+            staleness: 2,
+            lookahead: 2,
+        }
+    }
+}
+
+/// Why a delta was turned away.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rejection {
+    /// Another model or region than this node's.
+    WrongScope {
+        /// What the manifest said, `model/region`.
+        found: String,
+    },
+    /// The tensor layout (names, shapes, dtypes) differs from the model's.
+    LayoutMismatch {
+        /// First difference.
+        detail: String,
+    },
+    /// The decoded vector has the wrong number of values.
+    WrongLength {
+        /// Expected.
+        expected: usize,
+        /// Found.
+        found: usize,
+    },
+    /// The payload did not decode.
+    Undecodable(CodecError),
+    /// A NaN or infinity.
+    NonFinite {
+        /// First offending position.
+        index: usize,
+    },
+    /// The norm the manifest declares is not the norm of its payload.
+    NormMismatch {
+        /// Declared.
+        declared: f32,
+        /// Computed.
+        actual: f32,
+    },
+    /// The norm is far above what peers usually send.
+    NormTooLarge {
+        /// The delta's norm.
+        norm: f32,
+        /// The limit (multiple × recent median).
+        limit: f32,
+    },
+    /// The round is older than the staleness window.
+    Stale {
+        /// The delta's round.
+        round: u64,
+        /// This node's round.
+        current: u64,
+    },
+    /// The round is further ahead than this node accepts.
+    FromTheFuture {
+        /// The delta's round.
+        round: u64,
+        /// This node's round.
+        current: u64,
+    },
+}
+
+impl Rejection {
+    /// A short, stable label for metrics (`deltas_rejected{reason=...}`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Rejection::WrongScope { .. } => "wrong_scope",
+            Rejection::LayoutMismatch { .. } => "layout_mismatch",
+            Rejection::WrongLength { .. } => "wrong_length",
+            Rejection::Undecodable(_) => "undecodable",
+            Rejection::NonFinite { .. } => "non_finite",
+            Rejection::NormMismatch { .. } => "norm_mismatch",
+            Rejection::NormTooLarge { .. } => "norm_too_large",
+            Rejection::Stale { .. } => "stale",
+            Rejection::FromTheFuture { .. } => "from_the_future",
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::WrongScope { found } => write!(f, "for another model or region ({found})"),
+            Rejection::LayoutMismatch { detail } => write!(f, "tensor layout differs: {detail}"),
+            Rejection::WrongLength { expected, found } => {
+                write!(f, "{found} values, expected {expected}")
+            }
+            Rejection::Undecodable(e) => write!(f, "payload does not decode: {e}"),
+            Rejection::NonFinite { index } => write!(f, "value {index} is not finite"),
+            Rejection::NormMismatch { declared, actual } => {
+                write!(f, "declares L2 norm {declared}, payload has {actual}")
+            }
+            Rejection::NormTooLarge { norm, limit } => {
+                write!(f, "L2 norm {norm} above the limit {limit}")
+            }
+            Rejection::Stale { round, current } => {
+                write!(f, "round {round} is too old (current {current})")
+            }
+            Rejection::FromTheFuture { round, current } => {
+                write!(f, "round {round} is too far ahead (current {current})")
+            }
+        }
+    }
+}
+
+/// A rejection and who sent the delta.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    /// The delta's author (its signer).
+    pub sender: NodeId,
+    /// Why.
+    pub reason: Rejection,
+}
+
+impl fmt::Display for Rejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "delta from {} rejected: {}",
+            self.sender.short(),
+            self.reason
+        )
+    }
+}
+
+/// The door: the model's scope and layout, plus recent accepted norms.
+#[derive(Debug, Clone)]
+pub struct Door {
+    config: DoorConfig,
+    model_id: String,
+    region: String,
+    layout: Vec<TensorSpec>,
+    recent_norms: VecDeque<f32>,
+}
+
+impl Door {
+    /// A door for one model in one region.
+    pub fn new(config: DoorConfig, model_id: &str, region: &str, layout: Vec<TensorSpec>) -> Self {
+        Self {
+            config,
+            model_id: model_id.to_owned(),
+            region: region.to_owned(),
+            layout,
+            recent_norms: VecDeque::new(),
+        }
+    }
+
+    /// Checks what can be checked from the manifest alone (before fetching
+    /// any chunk): scope, layout, round window.
+    pub fn check_manifest(&self, m: &DeltaManifest, current_round: u64) -> Result<(), Rejected> {
+        let reject = |reason| Rejected {
+            sender: m.author,
+            reason,
+        };
+        if m.model_id != self.model_id || m.region != self.region {
+            return Err(reject(Rejection::WrongScope {
+                found: format!("{}/{}", m.model_id, m.region),
+            }));
+        }
+        if m.layout != self.layout {
+            let detail = if m.layout.len() != self.layout.len() {
+                format!("{} tensors, expected {}", m.layout.len(), self.layout.len())
+            } else {
+                m.layout
+                    .iter()
+                    .zip(&self.layout)
+                    .find(|(a, b)| a != b)
+                    .map(|(a, b)| {
+                        format!(
+                            "{:?} {:?} where {:?} {:?} was expected",
+                            a.name, a.shape, b.name, b.shape
+                        )
+                    })
+                    .unwrap_or_default()
+            };
+            return Err(reject(Rejection::LayoutMismatch { detail }));
+        }
+        if m.round + self.config.staleness < current_round {
+            return Err(reject(Rejection::Stale {
+                round: m.round,
+                current: current_round,
+            }));
+        }
+        if m.round > current_round + self.config.lookahead {
+            return Err(reject(Rejection::FromTheFuture {
+                round: m.round,
+                current: current_round,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Decodes a delta's payload and checks its values: length, finiteness,
+    /// declared norm, and norm against recent deltas. On success the norm
+    /// joins the history.
+    pub fn check_payload(
+        &mut self,
+        m: &DeltaManifest,
+        payload: &[u8],
+    ) -> Result<Vec<f32>, Rejected> {
+        let reject = |reason| Rejected {
+            sender: m.author,
+            reason,
+        };
+        let n: usize = self
+            .layout
+            .iter()
+            .map(|t| t.shape.iter().product::<u64>() as usize)
+            .sum();
+        let values = m.codec.decode(payload, n).map_err(|e| match e {
+            CodecError::NonFinite { index } => reject(Rejection::NonFinite { index }),
+            CodecError::WrongLength { .. } => reject(Rejection::WrongLength {
+                expected: m.codec.encoded_len(n).unwrap_or(0),
+                found: payload.len(),
+            }),
+            other => reject(Rejection::Undecodable(other)),
+        })?;
+        self.check_values(m.author, m.l2_norm, &values)?;
+        Ok(values)
+    }
+
+    /// Checks decoded values (for callers that decode themselves).
+    pub fn check_values(
+        &mut self,
+        sender: NodeId,
+        declared_norm: f32,
+        values: &[f32],
+    ) -> Result<(), Rejected> {
+        let reject = |reason| Rejected { sender, reason };
+        let n: usize = self
+            .layout
+            .iter()
+            .map(|t| t.shape.iter().product::<u64>() as usize)
+            .sum();
+        if values.len() != n {
+            return Err(reject(Rejection::WrongLength {
+                expected: n,
+                found: values.len(),
+            }));
+        }
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            return Err(reject(Rejection::NonFinite { index }));
+        }
+        let norm = values
+            .iter()
+            .map(|v| f64::from(*v).powi(2))
+            .sum::<f64>()
+            .sqrt() as f32;
+        if (norm - declared_norm).abs() > 1e-3 * norm.max(declared_norm).max(1e-6) {
+            return Err(reject(Rejection::NormMismatch {
+                declared: declared_norm,
+                actual: norm,
+            }));
+        }
+        if self.recent_norms.len() >= self.config.norm_min_history {
+            let mut sorted: Vec<f32> = self.recent_norms.iter().copied().collect();
+            sorted.sort_unstable_by(f32::total_cmp);
+            let limit = self.config.norm_multiple * sorted[sorted.len() / 2];
+            if norm > limit {
+                return Err(reject(Rejection::NormTooLarge { norm, limit }));
+            }
+        }
+        self.recent_norms.push_back(norm);
+        while self.recent_norms.len() > self.config.norm_history {
+            self.recent_norms.pop_front();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tapestry_protocol::{Codec, ContentId, DType, Keypair};
+
+    fn layout() -> Vec<TensorSpec> {
+        vec![TensorSpec {
+            name: "w".into(),
+            shape: vec![4],
+            dtype: DType::F32,
+        }]
+    }
+
+    fn manifest(values: &[f32], round: u64) -> (DeltaManifest, Vec<u8>) {
+        let payload: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let norm = values
+            .iter()
+            .map(|v| f64::from(*v).powi(2))
+            .sum::<f64>()
+            .sqrt() as f32;
+        let m = DeltaManifest {
+            model_id: "m".into(),
+            region: "r".into(),
+            round,
+            base_version: ContentId::of(b"base"),
+            author: Keypair::from_secret_bytes(&[9; 32]).node_id(),
+            seq: 1,
+            codec: Codec::F32,
+            layout: vec![TensorSpec {
+                name: "w".into(),
+                shape: vec![values.len() as u64],
+                dtype: DType::F32,
+            }],
+            payload_bytes: payload.len() as u64,
+            chunk_size: 4096,
+            chunk_ids: vec![ContentId::of(&payload)],
+            sample_count: 1,
+            l2_norm: if norm.is_finite() { norm } else { 0.0 },
+            created_unix_ms: 0,
+        };
+        (m, payload)
+    }
+
+    #[test]
+    fn each_bad_delta_is_rejected_with_its_reason_and_sender() {
+        let mut door = Door::new(DoorConfig::default(), "m", "r", layout());
+        for i in 0..4 {
+            let (m, p) = manifest(&[1.0 + i as f32 * 0.1, 0.0, 0.0, 0.0], 5);
+            door.check_manifest(&m, 5).unwrap();
+            door.check_payload(&m, &p).unwrap();
+        }
+        fn reason<T: std::fmt::Debug>(r: Result<T, Rejected>) -> Rejection {
+            let e = r.unwrap_err();
+            assert_eq!(e.sender, Keypair::from_secret_bytes(&[9; 32]).node_id());
+            e.reason
+        }
+        let (m, p) = manifest(&[f32::NAN, 0.0, 0.0, 0.0], 5);
+        assert_eq!(
+            reason(door.check_payload(&m, &p)),
+            Rejection::NonFinite { index: 0 }
+        );
+        let (m, _) = manifest(&[1.0, 2.0, 3.0], 5);
+        assert!(matches!(
+            reason(door.check_manifest(&m, 5)),
+            Rejection::LayoutMismatch { .. }
+        ));
+        let (m, p) = manifest(&[100.0, 0.0, 0.0, 0.0], 5);
+        assert!(matches!(
+            reason(door.check_payload(&m, &p)),
+            Rejection::NormTooLarge { .. }
+        ));
+        let (mut m, p) = manifest(&[1.0, 0.0, 0.0, 0.0], 5);
+        m.l2_norm = 0.5;
+        assert!(matches!(
+            reason(door.check_payload(&m, &p)),
+            Rejection::NormMismatch { .. }
+        ));
+        let (m, _) = manifest(&[1.0, 0.0, 0.0, 0.0], 2);
+        assert_eq!(
+            reason(door.check_manifest(&m, 5)),
+            Rejection::Stale {
+                round: 2,
+                current: 5
+            }
+        );
+        let (m, _) = manifest(&[1.0, 0.0, 0.0, 0.0], 9);
+        assert_eq!(
+            reason(door.check_manifest(&m, 5)),
+            Rejection::FromTheFuture {
+                round: 9,
+                current: 5
+            }
+        );
+        let (mut m, _) = manifest(&[1.0, 0.0, 0.0, 0.0], 5);
+        m.region = "elsewhere".into();
+        assert!(matches!(
+            reason(door.check_manifest(&m, 5)),
+            Rejection::WrongScope { .. }
+        ));
+        let (m, p) = manifest(&[1.0, 0.0, 0.0, 0.0], 5);
+        assert!(matches!(
+            reason(door.check_payload(&m, &p[..8])),
+            Rejection::WrongLength { .. }
+        ));
+        // Within the staleness window is fine.
+        let (m, _) = manifest(&[1.0, 0.0, 0.0, 0.0], 3);
+        door.check_manifest(&m, 5).unwrap();
+    }
+}
