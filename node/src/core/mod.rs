@@ -7,6 +7,8 @@
 //! Local training (candle), data loading and the round engine are not yet.
 
 pub mod aggregate;
+pub mod data;
 pub mod door;
 pub mod mixing;
+pub mod model;
 pub mod outer;
