@@ -9,6 +9,7 @@
 pub mod aggregate;
 pub mod data;
 pub mod door;
+pub mod engine;
 pub mod mixing;
 pub mod model;
 pub mod outer;

@@ -1,0 +1,514 @@
+//! The round engine, sans-IO: inputs and the current time go in, actions come
+//! out. It owns no socket, spawns nothing, reads no clock, and draws its
+//! randomness from a seed, so the real node and the simulator run this very
+//! code and the same inputs give byte-identical model versions.
+//!
+//! One round, region-broadcast mode (DESIGN.md, steps 1–7):
+//! 1. [`Action::Train`] from the current model θ (the shell runs
+//!    [`super::model::train_local`] off its event loop and answers with
+//!    [`Input::TrainingDone`]).
+//! 2. Δ = θ − θ′, encoded with error feedback, cut into chunks, described by
+//!    a signed [`DeltaManifest`]: [`Action::Publish`].
+//! 3. Peers' manifests arrive ([`Input::DeltaAnnounced`]); the door checks
+//!    them and the engine asks for their chunks ([`Action::Fetch`]); the
+//!    payload arrives ([`Input::DeltaPayload`]) and is checked again.
+//! 4. The round closes on quorum (deltas from a fraction of the known peers,
+//!    own included) or at its deadline. Deltas of this round and, within the
+//!    staleness window, late ones of earlier rounds are aggregated with the
+//!    configured rule; the outer optimiser moves θ; the new version's signed
+//!    [`ModelManifest`] names its parent and every delta used:
+//!    [`Action::Adopt`].
+//! 5. A node that sees a version of a later round than its own (it fell
+//!    behind, or just joined) adopts it instead of replaying history.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tapestry_protocol::{
+    Codec, ContentId, DeltaManifest, ErrorFeedback, Keypair, ModelManifest, NodeId, Signed,
+    Verified,
+};
+
+use super::aggregate::AggregationRule;
+use super::door::{Door, DoorConfig, Rejected};
+use super::model::ModelSpec;
+use super::outer::OuterOptimizer;
+
+/// Settings of one engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The model.
+    pub model_id: String,
+    /// The region.
+    pub region: String,
+    /// The architecture.
+    pub spec: ModelSpec,
+    /// How deltas are encoded.
+    pub codec: Codec,
+    /// Chunk size of payloads.
+    pub chunk_size: usize,
+    /// How deltas are combined.
+    pub rule: AggregationRule,
+    /// How the combined delta moves the model.
+    pub outer: OuterOptimizer,
+    /// Fraction of known peers (plus this node) whose deltas close a round.
+    pub quorum: f64,
+    /// A round closes at the latest this long after it started.
+    pub round_timeout_ms: u64,
+    /// Door limits (staleness window included).
+    pub door: DoorConfig,
+    /// Seed of this engine's randomness (training order).
+    pub seed: u64,
+}
+
+/// What happens to an engine.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Start (or restart) from this model version.
+    Start {
+        /// Its signed manifest.
+        manifest: Verified<ModelManifest>,
+        /// Its parameters.
+        params: Vec<f32>,
+    },
+    /// Local training of `round` finished with these parameters.
+    TrainingDone {
+        /// The round trained for.
+        round: u64,
+        /// θ′ after the inner steps.
+        params: Vec<f32>,
+        /// Samples seen (the delta's weight).
+        samples: u64,
+    },
+    /// A verified delta manifest arrived from gossip.
+    DeltaAnnounced(Verified<DeltaManifest>),
+    /// The chunks of an announced delta arrived, verified and reassembled.
+    DeltaPayload {
+        /// The manifest's id.
+        id: ContentId,
+        /// The payload bytes.
+        payload: Vec<u8>,
+    },
+    /// A peer's model version arrived (manifest verified, chunks verified).
+    ModelOffered {
+        /// Its manifest.
+        manifest: Verified<ModelManifest>,
+        /// Its parameters.
+        params: Vec<f32>,
+    },
+    /// A peer joined the region.
+    PeerJoined(NodeId),
+    /// A peer left the region.
+    PeerLeft(NodeId),
+    /// Time passed (a timer fired).
+    Tick,
+}
+
+/// What an engine asks its shell to do.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Run local training for `round` from `params` with this seed.
+    Train {
+        /// The round.
+        round: u64,
+        /// θ at the start of the round.
+        params: Vec<f32>,
+        /// Seed of the batch order.
+        seed: u64,
+    },
+    /// Store these chunks and announce this delta.
+    Publish {
+        /// The signed manifest.
+        manifest: Verified<DeltaManifest>,
+        /// Its payload.
+        payload: Vec<u8>,
+    },
+    /// Fetch the chunks of an announced delta.
+    Fetch {
+        /// The manifest.
+        manifest: Verified<DeltaManifest>,
+    },
+    /// A new model version: store it, make it the head, offer it to peers.
+    Adopt {
+        /// Its signed manifest.
+        manifest: Verified<ModelManifest>,
+        /// Its parameters.
+        params: Vec<f32>,
+    },
+    /// Wake the engine with [`Input::Tick`] at this time (ms).
+    SetTimer {
+        /// When.
+        at_ms: u64,
+    },
+    /// A peer sent something invalid: count it against them.
+    Penalise(Rejected),
+}
+
+#[derive(Debug, Clone)]
+struct Received {
+    id: ContentId,
+    round: u64,
+    weight: f64,
+    values: Vec<f32>,
+}
+
+/// The state machine of one node.
+#[derive(Debug)]
+pub struct Engine {
+    config: EngineConfig,
+    key: Keypair,
+    door: Door,
+    rng: ChaCha8Rng,
+    round: u64,
+    round_started_ms: u64,
+    training: bool,
+    params: Vec<f32>,
+    version: Option<ContentId>,
+    own_delta: Option<Vec<f32>>,
+    seq: u64,
+    feedback: ErrorFeedback,
+    peers: BTreeSet<NodeId>,
+    pending: BTreeMap<ContentId, Verified<DeltaManifest>>,
+    received: BTreeMap<ContentId, Received>,
+    used: BTreeSet<ContentId>,
+    last_seq: BTreeMap<NodeId, u64>,
+}
+
+impl Engine {
+    /// A new engine; it does nothing until [`Input::Start`].
+    pub fn new(config: EngineConfig, key: Keypair) -> Self {
+        let n = config.spec.n_params();
+        let door = Door::new(
+            config.door.clone(),
+            &config.model_id,
+            &config.region,
+            config.spec.layout(),
+        );
+        let rng = ChaCha8Rng::seed_from_u64(config.seed);
+        Self {
+            config,
+            key,
+            door,
+            rng,
+            round: 0,
+            round_started_ms: 0,
+            training: false,
+            params: vec![0.0; n],
+            version: None,
+            own_delta: None,
+            seq: 0,
+            feedback: ErrorFeedback::new(n),
+            peers: BTreeSet::new(),
+            pending: BTreeMap::new(),
+            received: BTreeMap::new(),
+            used: BTreeSet::new(),
+            last_seq: BTreeMap::new(),
+        }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.key.node_id()
+    }
+
+    /// The current round.
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// The current parameters.
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    /// The current model version's id.
+    pub fn version(&self) -> Option<ContentId> {
+        self.version
+    }
+
+    /// Handles one input at time `now_ms`; returns what to do.
+    pub fn handle(&mut self, input: Input, now_ms: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        match input {
+            Input::Start { manifest, params } => {
+                self.adopt_version(manifest, params, now_ms, &mut out)
+            }
+            Input::PeerJoined(p) => {
+                if p != self.node_id() {
+                    self.peers.insert(p);
+                }
+            }
+            Input::PeerLeft(p) => {
+                self.peers.remove(&p);
+                self.maybe_close(now_ms, &mut out);
+            }
+            Input::TrainingDone {
+                round,
+                params,
+                samples,
+            } => {
+                if round == self.round && self.training {
+                    self.training = false;
+                    self.publish(params, samples, &mut out);
+                    self.maybe_close(now_ms, &mut out);
+                }
+            }
+            Input::DeltaAnnounced(m) => self.on_announced(m, &mut out),
+            Input::DeltaPayload { id, payload } => {
+                if let Some(m) = self.pending.remove(&id) {
+                    match self.door.check_payload(m.message(), &payload) {
+                        Ok(values) => {
+                            let msg = m.message();
+                            self.received.insert(
+                                id,
+                                Received {
+                                    id,
+                                    round: msg.round,
+                                    weight: msg.sample_count as f64,
+                                    values,
+                                },
+                            );
+                            self.maybe_close(now_ms, &mut out);
+                        }
+                        Err(r) => out.push(Action::Penalise(r)),
+                    }
+                }
+            }
+            Input::ModelOffered { manifest, params } => {
+                // Catch up by adopting a later version instead of replaying.
+                let m = manifest.message();
+                if m.model_id == self.config.model_id
+                    && m.region == self.config.region
+                    && m.round > self.round
+                    && params.len() == self.params.len()
+                    && params.iter().all(|v| v.is_finite())
+                {
+                    self.adopt_version(manifest, params, now_ms, &mut out);
+                }
+            }
+            Input::Tick => self.maybe_close(now_ms, &mut out),
+        }
+        out
+    }
+
+    fn adopt_version(
+        &mut self,
+        manifest: Verified<ModelManifest>,
+        params: Vec<f32>,
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        self.round = manifest.message().round;
+        self.version = Some(manifest.id());
+        self.params = params;
+        self.own_delta = None;
+        self.start_round(now_ms, out);
+    }
+
+    fn start_round(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        self.round_started_ms = now_ms;
+        self.training = true;
+        // Forget what is too old to be used any more.
+        let oldest = self.round.saturating_sub(self.config.door.staleness);
+        self.received.retain(|_, r| r.round >= oldest);
+        self.pending.retain(|_, m| m.message().round >= oldest);
+        out.push(Action::Train {
+            round: self.round,
+            params: self.params.clone(),
+            seed: self.rng.r#gen(),
+        });
+        out.push(Action::SetTimer {
+            at_ms: now_ms + self.config.round_timeout_ms,
+        });
+    }
+
+    fn publish(&mut self, trained: Vec<f32>, samples: u64, out: &mut Vec<Action>) {
+        let delta: Vec<f32> = self
+            .params
+            .iter()
+            .zip(&trained)
+            .map(|(a, b)| a - b)
+            .collect();
+        let Ok(payload) = self.feedback.encode(&self.config.codec, &delta) else {
+            // Training diverged (non-finite): skip this round's contribution.
+            return;
+        };
+        // What peers will decode is what this node aggregates too.
+        let Ok(sent) = self.config.codec.decode(&payload, delta.len()) else {
+            return;
+        };
+        let norm = sent
+            .iter()
+            .map(|v| f64::from(*v).powi(2))
+            .sum::<f64>()
+            .sqrt() as f32;
+        self.seq += 1;
+        let manifest = DeltaManifest {
+            model_id: self.config.model_id.clone(),
+            region: self.config.region.clone(),
+            round: self.round,
+            base_version: self.version.unwrap_or_else(|| ContentId::of(b"")),
+            author: self.node_id(),
+            seq: self.seq,
+            codec: self.config.codec,
+            layout: self.config.spec.layout(),
+            payload_bytes: payload.len() as u64,
+            chunk_size: self.config.chunk_size as u32,
+            chunk_ids: payload
+                .chunks(self.config.chunk_size)
+                .map(ContentId::of)
+                .collect(),
+            sample_count: samples.max(1),
+            l2_norm: norm,
+            created_unix_ms: 0,
+        };
+        let Ok(signed) = Signed::sign(manifest, &self.key) else {
+            return;
+        };
+        self.received.insert(
+            signed.id(),
+            Received {
+                id: signed.id(),
+                round: self.round,
+                weight: samples.max(1) as f64,
+                values: sent.clone(),
+            },
+        );
+        self.own_delta = Some(sent);
+        out.push(Action::Publish {
+            manifest: signed,
+            payload,
+        });
+    }
+
+    fn on_announced(&mut self, m: Verified<DeltaManifest>, out: &mut Vec<Action>) {
+        let msg = m.message();
+        if msg.author == self.node_id()
+            || self.received.contains_key(&m.id())
+            || self.used.contains(&m.id())
+        {
+            return;
+        }
+        // Replay: a sequence number not above the last one seen from this author.
+        if self
+            .last_seq
+            .get(&msg.author)
+            .is_some_and(|s| msg.seq <= *s)
+        {
+            return;
+        }
+        if let Err(r) = self.door.check_manifest(msg, self.round) {
+            out.push(Action::Penalise(r));
+            return;
+        }
+        self.last_seq.insert(msg.author, msg.seq);
+        self.peers.insert(msg.author);
+        self.pending.insert(m.id(), m.clone());
+        out.push(Action::Fetch { manifest: m });
+    }
+
+    fn maybe_close(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        if self.version.is_none() {
+            return;
+        }
+        let deadline = now_ms >= self.round_started_ms + self.config.round_timeout_ms;
+        // Wait for our own contribution unless the round is overdue.
+        if self.training && !deadline {
+            return;
+        }
+        let this_round = self
+            .received
+            .values()
+            .filter(|r| r.round == self.round && !self.used.contains(&r.id))
+            .count();
+        let needed = (((self.peers.len() + 1) as f64 * self.config.quorum).ceil() as usize).max(1);
+        if this_round >= needed || (deadline && this_round > 0) {
+            self.close_round(now_ms, out);
+        } else if deadline {
+            // Nothing arrived for this round yet: look again later.
+            out.push(Action::SetTimer {
+                at_ms: now_ms + self.config.round_timeout_ms,
+            });
+        }
+    }
+
+    fn close_round(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        let oldest = self.round.saturating_sub(self.config.door.staleness);
+        let inputs: Vec<&Received> = self
+            .received
+            .values()
+            .filter(|r| r.round >= oldest && r.round <= self.round && !self.used.contains(&r.id))
+            .collect();
+        let values: Vec<&[f32]> = inputs.iter().map(|r| r.values.as_slice()).collect();
+        let weights: Vec<f64> = inputs.iter().map(|r| r.weight).collect();
+        let Ok(aggregate) =
+            self.config
+                .rule
+                .aggregate(&values, &weights, self.own_delta.as_deref())
+        else {
+            return;
+        };
+        let delta_ids: Vec<ContentId> = inputs.iter().map(|r| r.id).collect();
+        self.config.outer.step(&mut self.params, &aggregate);
+        for id in &delta_ids {
+            self.used.insert(*id);
+        }
+        let payload_bytes = (self.params.len() * 4) as u64;
+        let params_bytes: Vec<u8> = self.params.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let manifest = ModelManifest {
+            model_id: self.config.model_id.clone(),
+            region: self.config.region.clone(),
+            round: self.round + 1,
+            author: self.node_id(),
+            layout: self.config.spec.layout(),
+            payload_bytes,
+            chunk_size: self.config.chunk_size as u32,
+            chunk_ids: params_bytes
+                .chunks(self.config.chunk_size)
+                .map(ContentId::of)
+                .collect(),
+            parents: self.version.into_iter().collect(),
+            deltas: delta_ids,
+            created_unix_ms: 0,
+        };
+        let Ok(signed) = Signed::sign(manifest, &self.key) else {
+            return;
+        };
+        self.round += 1;
+        self.version = Some(signed.id());
+        self.own_delta = None;
+        out.push(Action::Adopt {
+            manifest: signed,
+            params: self.params.clone(),
+        });
+        self.start_round(now_ms, out);
+    }
+}
+
+/// The signed initial version of a model (round 0, no parents, no deltas):
+/// what every node of a region starts from.
+pub fn genesis(
+    config: &EngineConfig,
+    params: &[f32],
+    key: &Keypair,
+) -> Option<Verified<ModelManifest>> {
+    let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+    Signed::sign(
+        ModelManifest {
+            model_id: config.model_id.clone(),
+            region: config.region.clone(),
+            round: 0,
+            author: key.node_id(),
+            layout: config.spec.layout(),
+            payload_bytes: bytes.len() as u64,
+            chunk_size: config.chunk_size as u32,
+            chunk_ids: bytes.chunks(config.chunk_size).map(ContentId::of).collect(),
+            parents: vec![],
+            deltas: vec![],
+            created_unix_ms: 0,
+        },
+        key,
+    )
+    .ok()
+}
