@@ -20,6 +20,11 @@
 //!    [`Action::Adopt`].
 //! 5. A node that sees a version of a later round than its own (it fell
 //!    behind, or just joined) adopts it instead of replaying history.
+//!
+//! In neighbour-mixing mode ([`Mode::Mixing`]) step 2–4 differ: the trained
+//! model goes to the node's neighbours ([`Action::SendToNeighbours`]), and
+//! the round closes when every neighbour's model for it arrived (or at the
+//! deadline) by mixing them with Metropolis–Hastings weights.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -58,8 +63,23 @@ pub struct EngineConfig {
     pub round_timeout_ms: u64,
     /// Door limits (staleness window included).
     pub door: DoorConfig,
+    /// Region broadcast or neighbour mixing.
+    pub mode: Mode,
     /// Seed of this engine's randomness (training order).
     pub seed: u64,
+}
+
+/// How a round's results are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Every delta reaches every node of the region; each node aggregates
+    /// them all (nearly the exact average). For tens of nodes.
+    Broadcast,
+    /// Each node sends its trained model to its neighbours (its current
+    /// peers) and mixes what it receives with Metropolis–Hastings weights
+    /// (D-PSGD, Lian et al. 2017). Scales to thousands; converges at the rate
+    /// of the graph's spectral gap.
+    Mixing,
 }
 
 /// What happens to an engine.
@@ -97,7 +117,18 @@ pub enum Input {
         /// Its parameters.
         params: Vec<f32>,
     },
-    /// A peer joined the region.
+    /// Mixing mode: a neighbour's trained model for a round.
+    NeighbourModel {
+        /// The neighbour.
+        from: NodeId,
+        /// The round it trained.
+        round: u64,
+        /// Its parameters after training.
+        params: Vec<f32>,
+        /// Its number of neighbours (for the Metropolis–Hastings weight).
+        degree: usize,
+    },
+    /// A peer joined the region (in mixing mode: a neighbour).
     PeerJoined(NodeId),
     /// A peer left the region.
     PeerLeft(NodeId),
@@ -123,6 +154,16 @@ pub enum Action {
         manifest: Verified<DeltaManifest>,
         /// Its payload.
         payload: Vec<u8>,
+    },
+    /// Mixing mode: send this trained model to every neighbour, as an
+    /// [`Input::NeighbourModel`] from this node.
+    SendToNeighbours {
+        /// The round.
+        round: u64,
+        /// The parameters after training.
+        params: Vec<f32>,
+        /// This node's number of neighbours.
+        degree: usize,
     },
     /// Fetch the chunks of an announced delta.
     Fetch {
@@ -173,6 +214,8 @@ pub struct Engine {
     received: BTreeMap<ContentId, Received>,
     used: BTreeSet<ContentId>,
     last_seq: BTreeMap<NodeId, u64>,
+    trained: Option<Vec<f32>>,
+    neighbour_models: BTreeMap<(u64, NodeId), (Vec<f32>, usize)>,
 }
 
 impl Engine {
@@ -204,6 +247,8 @@ impl Engine {
             received: BTreeMap::new(),
             used: BTreeSet::new(),
             last_seq: BTreeMap::new(),
+            trained: None,
+            neighbour_models: BTreeMap::new(),
         }
     }
 
@@ -250,7 +295,21 @@ impl Engine {
             } => {
                 if round == self.round && self.training {
                     self.training = false;
-                    self.publish(params, samples, &mut out);
+                    match self.config.mode {
+                        Mode::Broadcast => self.publish(params, samples, &mut out),
+                        Mode::Mixing => {
+                            if params.len() == self.params.len()
+                                && params.iter().all(|v| v.is_finite())
+                            {
+                                out.push(Action::SendToNeighbours {
+                                    round,
+                                    params: params.clone(),
+                                    degree: self.peers.len(),
+                                });
+                                self.trained = Some(params);
+                            }
+                        }
+                    }
                     self.maybe_close(now_ms, &mut out);
                 }
             }
@@ -287,6 +346,20 @@ impl Engine {
                     self.adopt_version(manifest, params, now_ms, &mut out);
                 }
             }
+            Input::NeighbourModel {
+                from,
+                round,
+                params,
+                degree,
+            } => {
+                let fits =
+                    params.len() == self.params.len() && params.iter().all(|v| v.is_finite());
+                if self.peers.contains(&from) && round >= self.round && fits {
+                    self.neighbour_models
+                        .insert((round, from), (params, degree));
+                    self.maybe_close(now_ms, &mut out);
+                }
+            }
             Input::Tick => self.maybe_close(now_ms, &mut out),
         }
         out
@@ -313,6 +386,9 @@ impl Engine {
         let oldest = self.round.saturating_sub(self.config.door.staleness);
         self.received.retain(|_, r| r.round >= oldest);
         self.pending.retain(|_, m| m.message().round >= oldest);
+        let round = self.round;
+        self.neighbour_models.retain(|(r, _), _| *r >= round);
+        self.trained = None;
         out.push(Action::Train {
             round: self.round,
             params: self.params.clone(),
@@ -417,6 +493,21 @@ impl Engine {
         if self.training && !deadline {
             return;
         }
+        if self.config.mode == Mode::Mixing {
+            let heard = self
+                .neighbour_models
+                .range((self.round, NodeId::from_bytes([0; 32]))..)
+                .take_while(|((r, _), _)| *r == self.round)
+                .count();
+            if self.trained.is_some() && (heard >= self.peers.len() || deadline) {
+                self.close_mixing_round(now_ms, out);
+            } else if deadline {
+                out.push(Action::SetTimer {
+                    at_ms: now_ms + self.config.round_timeout_ms,
+                });
+            }
+            return;
+        }
         let this_round = self
             .received
             .values()
@@ -431,6 +522,29 @@ impl Engine {
                 at_ms: now_ms + self.config.round_timeout_ms,
             });
         }
+    }
+
+    fn close_mixing_round(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        let Some(own) = self.trained.take() else {
+            return;
+        };
+        let round = self.round;
+        let degree = self.peers.len();
+        let heard: Vec<(&NodeId, &(Vec<f32>, usize))> = self
+            .neighbour_models
+            .iter()
+            .filter(|((r, from), _)| *r == round && self.peers.contains(from))
+            .map(|((_, from), v)| (from, v))
+            .collect();
+        let degrees: BTreeMap<NodeId, usize> =
+            heard.iter().map(|(from, (_, d))| (**from, *d)).collect();
+        let (self_weight, weights) = super::mixing::metropolis_weights(degree, &degrees);
+        let others: Vec<(&[f32], f64)> = heard
+            .iter()
+            .map(|(from, (p, _))| (p.as_slice(), weights[*from]))
+            .collect();
+        self.params = super::mixing::mix(&own, self_weight, &others);
+        self.new_version(Vec::new(), now_ms, out);
     }
 
     fn close_round(&mut self, now_ms: u64, out: &mut Vec<Action>) {
@@ -454,6 +568,12 @@ impl Engine {
         for id in &delta_ids {
             self.used.insert(*id);
         }
+        self.new_version(delta_ids, now_ms, out);
+    }
+
+    /// Signs the current parameters as the next round's version, adopts it
+    /// and starts that round.
+    fn new_version(&mut self, delta_ids: Vec<ContentId>, now_ms: u64, out: &mut Vec<Action>) {
         let payload_bytes = (self.params.len() * 4) as u64;
         let params_bytes: Vec<u8> = self.params.iter().flat_map(|v| v.to_le_bytes()).collect();
         let manifest = ModelManifest {
