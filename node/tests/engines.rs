@@ -79,6 +79,11 @@ struct Net {
     local_steps: usize,
     /// Parameters of each node after each round.
     snapshots: BTreeMap<u64, BTreeMap<usize, Vec<f32>>>,
+    /// Nodes whose announcements arrive only after the next timer round.
+    slow: BTreeSet<usize>,
+    /// Nodes whose deltas never arrive.
+    silent: BTreeSet<usize>,
+    held: Vec<(usize, Input)>,
 }
 
 impl Net {
@@ -115,6 +120,9 @@ impl Net {
                 .collect(),
             local_steps: H,
             snapshots: BTreeMap::new(),
+            slow: BTreeSet::new(),
+            silent: BTreeSet::new(),
+            held: Vec::new(),
         };
         let params = spec().init(42);
         let g = genesis(
@@ -217,10 +225,17 @@ impl Net {
                     };
                     self.published
                         .insert(manifest.id(), (manifest.clone(), payload));
+                    if self.silent.contains(&i) {
+                        continue;
+                    }
                     for j in 0..self.engines.len() {
                         if j != i {
-                            self.queue
-                                .push_back((j, Input::DeltaAnnounced(manifest.clone())));
+                            let input = Input::DeltaAnnounced(manifest.clone());
+                            if self.slow.contains(&i) {
+                                self.held.push((j, input));
+                            } else {
+                                self.queue.push_back((j, input));
+                            }
                         }
                     }
                 }
@@ -283,6 +298,8 @@ impl Net {
                     for i in 0..self.engines.len() {
                         self.queue.push_back((i, Input::Tick));
                     }
+                    // Slow nodes' announcements land after the timers fired.
+                    self.queue.extend(self.held.drain(..));
                 }
             }
         }
@@ -655,4 +672,62 @@ fn neighbour_mixing_with_training_learns_and_stays_close() {
     // ring keeps them close and every node learns.
     assert!(worst >= 0.9, "{acc:?}");
     assert!(last < first / 4.0 && last < 0.2, "{first} -> {last}");
+}
+
+#[test]
+fn rounds_close_at_the_deadline_and_late_deltas_are_still_used() {
+    let (train, _) = digits();
+    let mut net = Net::new(
+        shards(&train, 4, Partition::Iid),
+        AggregationRule::Mean,
+        DoorConfig::default(),
+        BTreeSet::new(),
+    );
+    net.slow.insert(3);
+    net.run(6);
+    assert!(net.now > 0, "rounds closed at their deadline");
+    // Node 0's versions include node 3's deltas one round late (within the
+    // staleness window of 2).
+    let slow_author = net.keys[3].node_id();
+    let late_uses = net.adopted[0]
+        .iter()
+        .flat_map(|v| {
+            v.message()
+                .deltas
+                .iter()
+                .map(move |d| (v.message().round, *d))
+        })
+        .filter(|(round, d)| {
+            let m = net.published[d].0.message();
+            m.author == slow_author && m.round + 1 < *round
+        })
+        .count();
+    assert!(late_uses >= 3, "{late_uses} late deltas used");
+    assert!(net.penalties.is_empty(), "{:?}", net.penalties);
+}
+
+#[test]
+fn a_quorum_below_one_closes_rounds_without_waiting_for_a_silent_peer() {
+    let (train, _) = digits();
+    let mut net = Net::new(
+        shards(&train, 4, Partition::Iid),
+        AggregationRule::Mean,
+        DoorConfig::default(),
+        BTreeSet::new(),
+    );
+    net.silent.insert(3);
+    // Quorum 0.75 of 4: three deltas close a round.
+    for i in 0..4 {
+        let mut cfg = engine_config(AggregationRule::Mean, DoorConfig::default(), 100 + i as u64);
+        cfg.quorum = 0.75;
+        net.engines[i] = Engine::new(cfg, net.keys[i].clone());
+    }
+    net.run(5);
+    assert_eq!(net.now, 0, "no round waited for its deadline");
+    assert!(
+        net.adopted[0]
+            .iter()
+            .skip(1)
+            .all(|v| v.message().deltas.len() == 3)
+    );
 }
