@@ -84,6 +84,11 @@ struct Net {
     /// Nodes whose deltas never arrive.
     silent: BTreeSet<usize>,
     held: Vec<(usize, Input)>,
+    /// Percentage of push-sum shares lost in transit.
+    loss_percent: u64,
+    rng: u64,
+    /// Push-sum shares sent and lost.
+    shares: (u64, u64),
 }
 
 impl Net {
@@ -123,6 +128,9 @@ impl Net {
             slow: BTreeSet::new(),
             silent: BTreeSet::new(),
             held: Vec::new(),
+            loss_percent: 0,
+            rng: 0x2545_f491_4f6c_dd1d,
+            shares: (0, 0),
         };
         let params = spec().init(42);
         let g = genesis(
@@ -255,6 +263,21 @@ impl Net {
                         .or_default()
                         .insert(i, params);
                     self.adopted[i].push(manifest);
+                }
+                Action::PushShare { to, x, w } => {
+                    for peer in to {
+                        let j = self.keys.iter().position(|k| k.node_id() == peer).unwrap();
+                        self.rng ^= self.rng << 13;
+                        self.rng ^= self.rng >> 7;
+                        self.rng ^= self.rng << 17;
+                        self.shares.0 += 1;
+                        if self.rng % 100 < self.loss_percent {
+                            self.shares.1 += 1;
+                            continue;
+                        }
+                        self.queue
+                            .push_back((j, Input::PushShare { x: x.clone(), w }));
+                    }
                 }
                 Action::SendToNeighbours {
                     round,
@@ -730,4 +753,63 @@ fn a_quorum_below_one_closes_rounds_without_waiting_for_a_silent_peer() {
             .skip(1)
             .all(|v| v.message().deltas.len() == 3)
     );
+}
+
+/// `n` nodes that all know each other, in push-sum mode, each starting from
+/// its own random model.
+fn push_sum_net(train: &Dataset, n: usize, local_steps: usize, loss_percent: u64) -> Net {
+    let mut net = Net::new(
+        shards(train, n, Partition::Iid),
+        AggregationRule::Mean,
+        DoorConfig::default(),
+        BTreeSet::new(),
+    );
+    net.queue.clear();
+    net.local_steps = local_steps;
+    net.loss_percent = loss_percent;
+    for i in 0..n {
+        let mut cfg = engine_config(AggregationRule::Mean, DoorConfig::default(), 100 + i as u64);
+        cfg.mode = Mode::PushSum { fanout: 2 };
+        net.engines[i] = Engine::new(cfg.clone(), net.keys[i].clone());
+        for j in 0..n {
+            net.queue
+                .push_back((i, Input::PeerJoined(net.keys[j].node_id())));
+        }
+        let params = spec().init(2000 + i as u64);
+        let g = genesis(&cfg, &params, &net.keys[i]).unwrap();
+        net.queue.push_back((
+            i,
+            Input::Start {
+                manifest: g,
+                params,
+            },
+        ));
+    }
+    net
+}
+
+#[test]
+fn push_sum_converges_with_a_fifth_of_messages_dropped() {
+    let (train, test) = digits();
+    let rounds = 100;
+    let mut net = push_sum_net(&train, 16, 0, 20);
+    net.run(rounds);
+    let distance =
+        |r: u64| consensus_distance(&net.snapshots[&r].values().cloned().collect::<Vec<_>>());
+    let (first, last) = (distance(1), distance(rounds));
+    let (sent, lost) = net.shares;
+    eprintln!(
+        "push-sum, 16 nodes, {lost} of {sent} shares lost: consensus distance {first:.3e} -> {last:.3e}"
+    );
+    assert!(lost * 100 >= sent * 15, "{lost} of {sent}");
+    assert!(last < 1e-3, "{last}");
+
+    // With training as well, every node learns (from 16 different random
+    // starting models).
+    let mut net = push_sum_net(&train, 16, H, 20);
+    net.run(60);
+    let acc = net.accuracies(&test);
+    let worst = acc.iter().copied().fold(f32::MAX, f32::min);
+    eprintln!("push-sum with training, 60 rounds, 20 % loss: worst accuracy {worst:.4}");
+    assert!(worst >= 0.9, "{acc:?}");
 }

@@ -37,6 +37,7 @@ use tapestry_protocol::{
 
 use super::aggregate::AggregationRule;
 use super::door::{Door, DoorConfig, Rejected};
+use super::mixing::PushSum;
 use super::model::ModelSpec;
 use super::outer::OuterOptimizer;
 
@@ -80,6 +81,16 @@ pub enum Mode {
     /// (D-PSGD, Lian et al. 2017). Scales to thousands; converges at the rate
     /// of the graph's spectral gap.
     Mixing,
+    /// Push-sum (Kempe et al. 2003; stochastic gradient push, Assran et al.
+    /// 2019): each node keeps a value `x` and a weight `w`, its model is
+    /// `x / w`; after training it keeps one share of both and pushes equal
+    /// shares to `fanout` peers chosen at random. Needs no symmetric links and
+    /// tolerates lost messages (value and weight are lost together), so the
+    /// models still agree.
+    PushSum {
+        /// Peers each share goes to per round.
+        fanout: usize,
+    },
 }
 
 /// What happens to an engine.
@@ -116,6 +127,13 @@ pub enum Input {
         manifest: Verified<ModelManifest>,
         /// Its parameters.
         params: Vec<f32>,
+    },
+    /// Push-sum mode: a share pushed by a peer.
+    PushShare {
+        /// Its share of the value.
+        x: Vec<f32>,
+        /// Its share of the weight.
+        w: f64,
     },
     /// Mixing mode: a neighbour's trained model for a round.
     NeighbourModel {
@@ -164,6 +182,15 @@ pub enum Action {
         params: Vec<f32>,
         /// This node's number of neighbours.
         degree: usize,
+    },
+    /// Push-sum mode: send this share to each of these peers.
+    PushShare {
+        /// The receivers.
+        to: Vec<NodeId>,
+        /// The value share.
+        x: Vec<f32>,
+        /// The weight share.
+        w: f64,
     },
     /// Fetch the chunks of an announced delta.
     Fetch {
@@ -216,6 +243,7 @@ pub struct Engine {
     last_seq: BTreeMap<NodeId, u64>,
     trained: Option<Vec<f32>>,
     neighbour_models: BTreeMap<(u64, NodeId), (Vec<f32>, usize)>,
+    push_sum: Option<PushSum>,
 }
 
 impl Engine {
@@ -249,6 +277,7 @@ impl Engine {
             last_seq: BTreeMap::new(),
             trained: None,
             neighbour_models: BTreeMap::new(),
+            push_sum: None,
         }
     }
 
@@ -297,6 +326,7 @@ impl Engine {
                     self.training = false;
                     match self.config.mode {
                         Mode::Broadcast => self.publish(params, samples, &mut out),
+                        Mode::PushSum { fanout } => self.push(params, fanout, now_ms, &mut out),
                         Mode::Mixing => {
                             if params.len() == self.params.len()
                                 && params.iter().all(|v| v.is_finite())
@@ -346,6 +376,14 @@ impl Engine {
                     self.adopt_version(manifest, params, now_ms, &mut out);
                 }
             }
+            Input::PushShare { x, w } => {
+                if let Some(ps) = self.push_sum.as_mut() {
+                    let fits = x.len() == ps.x.len() && x.iter().all(|v| v.is_finite());
+                    if fits && w.is_finite() && w > 0.0 {
+                        ps.absorb(&PushSum { x, w });
+                    }
+                }
+            }
             Input::NeighbourModel {
                 from,
                 round,
@@ -372,6 +410,9 @@ impl Engine {
         now_ms: u64,
         out: &mut Vec<Action>,
     ) {
+        if matches!(self.config.mode, Mode::PushSum { .. }) {
+            self.push_sum = Some(PushSum::new(params.clone()));
+        }
         self.round = manifest.message().round;
         self.version = Some(manifest.id());
         self.params = params;
@@ -493,6 +534,10 @@ impl Engine {
         if self.training && !deadline {
             return;
         }
+        if let Mode::PushSum { .. } = self.config.mode {
+            // Push-sum rounds close right after pushing; nothing to wait for.
+            return;
+        }
         if self.config.mode == Mode::Mixing {
             let heard = self
                 .neighbour_models
@@ -522,6 +567,42 @@ impl Engine {
                 at_ms: now_ms + self.config.round_timeout_ms,
             });
         }
+    }
+
+    /// Push-sum: apply the training step to the value (scaled by the
+    /// weight, so the model x/w moves by exactly the step), push shares to
+    /// random peers, and close the round with the model as it now stands.
+    fn push(&mut self, trained: Vec<f32>, fanout: usize, now_ms: u64, out: &mut Vec<Action>) {
+        let Some(mut ps) = self.push_sum.take() else {
+            return;
+        };
+        if trained.len() != self.params.len() || !trained.iter().all(|v| v.is_finite()) {
+            self.push_sum = Some(ps);
+            return;
+        }
+        let w = ps.w as f32;
+        for ((x, t), p) in ps.x.iter_mut().zip(&trained).zip(&self.params) {
+            *x += w * (t - p);
+        }
+        let peers: Vec<NodeId> = self.peers.iter().copied().collect();
+        let mut to = Vec::with_capacity(fanout);
+        while to.len() < fanout.min(peers.len()) {
+            let p = peers[self.rng.gen_range(0..peers.len())];
+            if !to.contains(&p) {
+                to.push(p);
+            }
+        }
+        if !to.is_empty() {
+            let share = ps.split(to.len());
+            out.push(Action::PushShare {
+                to,
+                x: share.x,
+                w: share.w,
+            });
+        }
+        self.params = ps.estimate();
+        self.push_sum = Some(ps);
+        self.new_version(Vec::new(), now_ms, out);
     }
 
     fn close_mixing_round(&mut self, now_ms: u64, out: &mut Vec<Action>) {
