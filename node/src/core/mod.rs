@@ -2,9 +2,15 @@
 //! move bytes, read clocks or spawn tasks, so the real node and the simulator
 //! run the very same code.
 //!
-//! **Status**: the aggregation rules, the outer optimisers, gossip mixing
-//! (Metropolis–Hastings, push-sum) and the door checks are here and tested.
-//! Local training (candle), data loading and the round engine are not yet.
+//! - [`data`]: CSV / gzipped CSV / IDX loading, a seeded synthetic set,
+//!   stratified splits, IID / Dirichlet / k-class partitions, feature scaling.
+//! - [`model`]: logistic regression and MLPs in candle, SGD with momentum and
+//!   AdamW, evaluation, safetensors export and import.
+//! - [`aggregate`]: weighted mean, trimmed mean, median, self-centred clipping.
+//! - [`outer`]: outer SGD and Nesterov momentum.
+//! - [`mixing`]: Metropolis–Hastings weights, push-sum, consensus distance.
+//! - [`door`]: the checks every incoming delta passes, with named reasons.
+//! - [`engine`]: the round engine (broadcast, neighbour mixing, push-sum).
 
 pub mod aggregate;
 pub mod data;
