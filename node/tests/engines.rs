@@ -337,9 +337,16 @@ impl Net {
     }
 }
 
-/// A ring of `n` nodes in neighbour-mixing mode, each starting from its own
-/// random model.
-fn ring_mixing(train: &Dataset, n: usize, local_steps: usize) -> Net {
+/// `n` nodes in `mode`, each starting from its own random model (seeded by
+/// `init_base + i`) and knowing the peers in `neighbours`.
+fn fresh_models_net(
+    train: &Dataset,
+    mode: Mode,
+    local_steps: usize,
+    neighbours: Vec<Vec<usize>>,
+    init_base: u64,
+) -> Net {
+    let n = neighbours.len();
     let mut net = Net::new(
         shards(train, n, Partition::Iid),
         AggregationRule::Mean,
@@ -348,26 +355,26 @@ fn ring_mixing(train: &Dataset, n: usize, local_steps: usize) -> Net {
     );
     net.queue.clear();
     net.local_steps = local_steps;
-    net.neighbours = (0..n).map(|i| vec![(i + n - 1) % n, (i + 1) % n]).collect();
+    net.neighbours = neighbours;
     for i in 0..n {
         let mut cfg = engine_config(AggregationRule::Mean, DoorConfig::default(), 100 + i as u64);
-        cfg.mode = Mode::Mixing;
+        cfg.mode = mode;
         net.engines[i] = Engine::new(cfg.clone(), net.keys[i].clone());
         for j in net.neighbours[i].clone() {
-            net.queue
-                .push_back((i, Input::PeerJoined(net.keys[j].node_id())));
+            let peer = net.keys[j].node_id();
+            net.queue.push_back((i, Input::PeerJoined(peer)));
         }
-        let params = spec().init(1000 + i as u64);
-        let g = genesis(&cfg, &params, &net.keys[i]).unwrap();
-        net.queue.push_back((
-            i,
-            Input::Start {
-                manifest: g,
-                params,
-            },
-        ));
+        let params = spec().init(init_base + i as u64);
+        let manifest = genesis(&cfg, &params, &net.keys[i]).unwrap();
+        net.queue.push_back((i, Input::Start { manifest, params }));
     }
     net
+}
+
+/// A ring of `n` nodes in neighbour-mixing mode.
+fn ring_mixing(train: &Dataset, n: usize, local_steps: usize) -> Net {
+    let ring = (0..n).map(|i| vec![(i + n - 1) % n, (i + 1) % n]).collect();
+    fresh_models_net(train, Mode::Mixing, local_steps, ring, 1000)
 }
 
 fn shards(train: &Dataset, nodes: usize, how: Partition) -> Vec<Dataset> {
@@ -755,36 +762,20 @@ fn a_quorum_below_one_closes_rounds_without_waiting_for_a_silent_peer() {
     );
 }
 
-/// `n` nodes that all know each other, in push-sum mode, each starting from
-/// its own random model.
+/// `n` nodes that all know each other, in push-sum mode (fanout 2), with
+/// `loss_percent` of shares lost.
 fn push_sum_net(train: &Dataset, n: usize, local_steps: usize, loss_percent: u64) -> Net {
-    let mut net = Net::new(
-        shards(train, n, Partition::Iid),
-        AggregationRule::Mean,
-        DoorConfig::default(),
-        BTreeSet::new(),
+    let everyone = (0..n)
+        .map(|i| (0..n).filter(|j| *j != i).collect())
+        .collect();
+    let mut net = fresh_models_net(
+        train,
+        Mode::PushSum { fanout: 2 },
+        local_steps,
+        everyone,
+        2000,
     );
-    net.queue.clear();
-    net.local_steps = local_steps;
     net.loss_percent = loss_percent;
-    for i in 0..n {
-        let mut cfg = engine_config(AggregationRule::Mean, DoorConfig::default(), 100 + i as u64);
-        cfg.mode = Mode::PushSum { fanout: 2 };
-        net.engines[i] = Engine::new(cfg.clone(), net.keys[i].clone());
-        for j in 0..n {
-            net.queue
-                .push_back((i, Input::PeerJoined(net.keys[j].node_id())));
-        }
-        let params = spec().init(2000 + i as u64);
-        let g = genesis(&cfg, &params, &net.keys[i]).unwrap();
-        net.queue.push_back((
-            i,
-            Input::Start {
-                manifest: g,
-                params,
-            },
-        ));
-    }
     net
 }
 

@@ -103,6 +103,25 @@ fn check_name(what: &str, s: &str) -> Result<(), String> {
     }
 }
 
+/// Checks what every authored manifest must satisfy: its author is its
+/// signer, and its model id and region are well-formed names.
+fn check_scope(
+    author: &NodeId,
+    signer: &NodeId,
+    model_id: &str,
+    region: &str,
+) -> Result<(), String> {
+    if author != signer {
+        return Err(format!(
+            "author {} is not the signer {}",
+            author.short(),
+            signer.short()
+        ));
+    }
+    check_name("model id", model_id)?;
+    check_name("region", region)
+}
+
 /// Checks that `payload_bytes` cut into `chunk_size` pieces gives exactly
 /// `chunks` chunks.
 fn check_chunking(payload_bytes: u64, chunk_size: u32, chunks: usize) -> Result<(), String> {
@@ -162,15 +181,7 @@ impl SignedMessage for DeltaManifest {
     const DOMAIN_TAG: &'static str = "tapestry/v1/delta-manifest";
 
     fn validate(&self, signer: &NodeId) -> Result<(), String> {
-        if self.author != *signer {
-            return Err(format!(
-                "author {} is not the signer {}",
-                self.author.short(),
-                signer.short()
-            ));
-        }
-        check_name("model id", &self.model_id)?;
-        check_name("region", &self.region)?;
+        check_scope(&self.author, signer, &self.model_id, &self.region)?;
         self.codec.validate().map_err(|e| e.to_string())?;
         let n = layout_elements(&self.layout)?;
         let expected = usize::try_from(n)
@@ -236,15 +247,7 @@ impl SignedMessage for ModelManifest {
     const DOMAIN_TAG: &'static str = "tapestry/v1/model-manifest";
 
     fn validate(&self, signer: &NodeId) -> Result<(), String> {
-        if self.author != *signer {
-            return Err(format!(
-                "author {} is not the signer {}",
-                self.author.short(),
-                signer.short()
-            ));
-        }
-        check_name("model id", &self.model_id)?;
-        check_name("region", &self.region)?;
+        check_scope(&self.author, signer, &self.model_id, &self.region)?;
         let n = layout_elements(&self.layout)?;
         if let Some(t) = self.layout.iter().find(|t| t.dtype != DType::F32) {
             return Err(format!("model tensor {:?} is not f32", t.name));
