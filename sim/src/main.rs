@@ -1,0 +1,192 @@
+//! The `tapestry-sim` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tapestry_sim::scenario::Scenario;
+
+/// Simulate a Tapestry swarm on one machine, deterministically: the node's
+/// own round engine with virtual time, lossy links and Byzantine peers.
+#[derive(Parser)]
+#[command(name = "tapestry-sim", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a scenario and write DIR/report.json and DIR/rounds.csv.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Scenario file (TOML); flags override its fields.
+    #[arg(long, value_name = "FILE")]
+    scenario: Option<PathBuf>,
+    /// Where to write the report.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Number of nodes.
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Rounds to run.
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// Seed of everything random.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// complete | ring | random-regular:D | small-world:K:P | regions:K
+    #[arg(long)]
+    topology: Option<String>,
+    /// broadcast | mixing | push-sum:FANOUT
+    #[arg(long)]
+    mode: Option<String>,
+    /// `synthetic` or a CSV file (.csv or .csv.gz, label in the last column).
+    #[arg(long)]
+    data: Option<String>,
+    /// iid | dirichlet:ALPHA | classes:K
+    #[arg(long)]
+    partition: Option<String>,
+    /// logistic | mlp:W1,W2,...
+    #[arg(long)]
+    model: Option<String>,
+    /// Inner steps per round.
+    #[arg(long)]
+    local_steps: Option<usize>,
+    /// Rows per inner step.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Inner learning rate.
+    #[arg(long)]
+    lr: Option<f32>,
+    /// f32 | bf16 | int8[:BLOCK] | topk:FRACTION
+    #[arg(long)]
+    codec: Option<String>,
+    /// mean | trimmed-mean:BETA | median | clip:RADIUS[:ITERATIONS]
+    #[arg(long)]
+    aggregator: Option<String>,
+    /// FRACTION:ATTACK, e.g. 0.25:sign-flip:10 (sign-flip[:K], scaled:K,
+    /// gaussian:SIGMA, alie[:Z], ipm[:EPS], nan, replay, free-ride).
+    #[arg(long)]
+    byzantine: Option<String>,
+    /// Probability that a message is lost.
+    #[arg(long)]
+    loss: Option<f64>,
+    /// One-way link latency in milliseconds.
+    #[arg(long)]
+    latency_ms: Option<u64>,
+    /// Skip the baselines (centralized, local-only, plain mean).
+    #[arg(long)]
+    no_baselines: bool,
+}
+
+fn scenario(args: &RunArgs) -> Result<Scenario, String> {
+    let mut s = match &args.scenario {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            Scenario::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => Scenario::default(),
+    };
+    macro_rules! set {
+        ($($f:ident),*) => { $(if let Some(v) = &args.$f { s.$f = v.clone(); })* };
+    }
+    set!(
+        nodes,
+        rounds,
+        seed,
+        topology,
+        mode,
+        data,
+        partition,
+        model,
+        local_steps,
+        batch_size,
+        lr,
+        codec,
+        aggregator,
+        byzantine,
+        loss,
+        latency_ms
+    );
+    if args.no_baselines {
+        s.baselines = false;
+    }
+    Ok(s)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line naming the problem; `--help` has the rest.
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("tapestry-sim: {first} (see tapestry-sim run --help)");
+            return ExitCode::from(2);
+        }
+    };
+    let Command::Run(args) = cli.command;
+    let settings = match scenario(&args).and_then(|s| s.settings()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tapestry-sim: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let bar = indicatif::ProgressBar::new(settings.scenario.rounds);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} round {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let result = tapestry_sim::report::run(&settings, &args.out, &mut |r, _| bar.set_position(r));
+    bar.finish_and_clear();
+    match result {
+        Ok(report) => {
+            let f = &report.json["final"];
+            println!(
+                "nodes {}  rounds {}  honest {}",
+                settings.scenario.nodes, report.json["rounds_completed"], f["honest_nodes"]
+            );
+            println!(
+                "accuracy mean {:.4}  min {:.4}  max {:.4}",
+                f["accuracy_mean"].as_f64().unwrap_or(0.0),
+                f["accuracy_min"].as_f64().unwrap_or(0.0),
+                f["accuracy_max"].as_f64().unwrap_or(0.0)
+            );
+            println!(
+                "consensus distance {:.3e}  bytes sent per node {}",
+                f["consensus_distance"].as_f64().unwrap_or(0.0),
+                f["bytes_sent_per_node"]
+            );
+            let b = &report.json["baselines"];
+            if !b.is_null() {
+                println!(
+                    "baselines: centralized {:.4}  local-only {:.4}  plain mean {:.4}",
+                    b["centralized"]["accuracy"].as_f64().unwrap_or(0.0),
+                    b["local_only"]["accuracy_mean"].as_f64().unwrap_or(0.0),
+                    b["plain_mean"]["accuracy_mean"].as_f64().unwrap_or(0.0)
+                );
+            }
+            println!("report: {}", args.out.join("report.json").display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tapestry-sim: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! Scenarios: everything a simulation run depends on, from a TOML file
+//! and/or command-line flags, parsed into typed settings up front so a bad
+//! value is a one-line error before anything runs.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tapestry_node::core::aggregate::AggregationRule;
+use tapestry_node::core::data::Partition;
+use tapestry_node::core::engine::Mode;
+use tapestry_node::core::model::ModelSpec;
+use tapestry_protocol::Codec;
+
+use crate::topology::Topology;
+
+/// A scenario as written (file keys = flag names with `_` for `-`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Scenario {
+    /// A name for reports.
+    pub name: String,
+    /// Seed of everything random.
+    pub seed: u64,
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Rounds to run.
+    pub rounds: u64,
+    /// `complete`, `ring`, `random-regular:D`, `small-world:K:P`, `regions:K`.
+    pub topology: String,
+    /// `broadcast`, `mixing` or `push-sum:FANOUT`.
+    pub mode: String,
+    /// `synthetic` or the path of a CSV (`.csv`, `.csv.gz`) file.
+    pub data: String,
+    /// `iid`, `dirichlet:ALPHA` or `classes:K`.
+    pub partition: String,
+    /// Fraction of the data held out for evaluation.
+    pub test_fraction: f64,
+    /// `logistic` or `mlp:W1,W2,...`.
+    pub model: String,
+    /// Inner steps per round.
+    pub local_steps: usize,
+    /// Rows per inner step.
+    pub batch_size: usize,
+    /// Inner learning rate (SGD with momentum 0.9).
+    pub lr: f32,
+    /// Delta codec: `f32`, `bf16`, `int8[:BLOCK]`, `topk:F`.
+    pub codec: String,
+    /// `mean`, `trimmed-mean:B`, `median`, `clip:R[:ITER]`.
+    pub aggregator: String,
+    /// `FRACTION:ATTACK`, e.g. `0.25:sign-flip:10` (see [`Attack`]), or `0`.
+    pub byzantine: String,
+    /// Probability that any one message is lost.
+    pub loss: f64,
+    /// One-way latency of every link, milliseconds.
+    pub latency_ms: u64,
+    /// Also run the baselines (centralized, local-only, plain mean).
+    pub baselines: bool,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Self {
+            name: "default".into(),
+            seed: 7,
+            nodes: 8,
+            rounds: 20,
+            topology: "complete".into(),
+            mode: "broadcast".into(),
+            data: "synthetic".into(),
+            partition: "iid".into(),
+            test_fraction: 0.25,
+            model: "logistic".into(),
+            local_steps: 10,
+            batch_size: 32,
+            lr: 0.05,
+            codec: "f32".into(),
+            aggregator: "mean".into(),
+            byzantine: "0".into(),
+            loss: 0.0,
+            latency_ms: 20,
+            baselines: true,
+        }
+    }
+}
+
+/// What Byzantine nodes do with their deltas.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Attack {
+    /// −k × the honest delta.
+    SignFlip(f32),
+    /// k × the honest delta.
+    Scaled(f32),
+    /// The honest delta plus Gaussian noise of this deviation.
+    Gaussian(f32),
+    /// "A little is enough" (Baruch et al. 2019): mean − z·std of the honest
+    /// deltas, coordinate-wise.
+    Alie(f32),
+    /// Inner-product manipulation (Xie et al. 2020): −ε × the honest mean.
+    Ipm(f32),
+    /// NaN in every value (the door must refuse it).
+    NotANumber,
+    /// Re-sends its first delta in every later round.
+    StaleReplay,
+    /// Never contributes.
+    FreeRide,
+}
+
+impl std::str::FromStr for Attack {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!(
+                "unknown attack {s:?} (sign-flip[:K], scaled:K, gaussian:SIGMA, alie[:Z], ipm[:EPS], nan, replay, free-ride)"
+            )
+        };
+        let (name, arg) = match s.split_once(':') {
+            Some((n, a)) => (n, Some(a.parse::<f32>().map_err(|_| bad())?)),
+            None => (s, None),
+        };
+        Ok(match (name, arg) {
+            ("sign-flip", k) => Attack::SignFlip(k.unwrap_or(1.0)),
+            ("scaled", Some(k)) => Attack::Scaled(k),
+            ("gaussian", Some(s)) => Attack::Gaussian(s),
+            ("alie", z) => Attack::Alie(z.unwrap_or(1.0)),
+            ("ipm", e) => Attack::Ipm(e.unwrap_or(0.5)),
+            ("nan", None) => Attack::NotANumber,
+            ("replay", None) => Attack::StaleReplay,
+            ("free-ride", None) => Attack::FreeRide,
+            _ => return Err(bad()),
+        })
+    }
+}
+
+/// Where the data comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DataSource {
+    /// The built-in seeded set.
+    Synthetic,
+    /// A CSV file.
+    Csv(PathBuf),
+}
+
+/// A scenario with every field parsed and checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The scenario as given (echoed in the report).
+    pub scenario: Scenario,
+    /// Peer graph.
+    pub topology: Topology,
+    /// Engine mode.
+    pub mode: Mode,
+    /// Data.
+    pub data: DataSource,
+    /// Partition.
+    pub partition: Partition,
+    /// Model architecture, given the data's shape (filled in by the world).
+    pub model: ModelKind,
+    /// Codec.
+    pub codec: Codec,
+    /// Aggregation rule.
+    pub aggregator: AggregationRule,
+    /// Byzantine nodes: how many and how they attack.
+    pub byzantine: Option<(usize, Attack)>,
+}
+
+/// The model family; sizes come from the data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelKind {
+    /// Logistic regression.
+    Logistic,
+    /// MLP with these hidden widths.
+    Mlp(Vec<usize>),
+}
+
+impl ModelKind {
+    /// The concrete model for `inputs` features and `classes` classes.
+    pub fn spec(&self, inputs: usize, classes: usize) -> ModelSpec {
+        match self {
+            ModelKind::Logistic => ModelSpec::Logistic { inputs, classes },
+            ModelKind::Mlp(hidden) => ModelSpec::Mlp {
+                inputs,
+                hidden: hidden.clone(),
+                classes,
+            },
+        }
+    }
+}
+
+impl Scenario {
+    /// Reads a scenario file; unknown keys are errors.
+    pub fn from_toml(text: &str) -> Result<Scenario, String> {
+        toml::from_str(text).map_err(|e| e.message().replace('\n', " "))
+    }
+
+    /// Parses and checks every field.
+    pub fn settings(&self) -> Result<Settings, String> {
+        if self.nodes == 0 {
+            return Err("nodes must be at least 1".into());
+        }
+        if self.rounds == 0 {
+            return Err("rounds must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.loss) {
+            return Err(format!("loss {} outside [0, 1)", self.loss));
+        }
+        if !(0.0..1.0).contains(&self.test_fraction) || self.test_fraction <= 0.0 {
+            return Err(format!(
+                "test_fraction {} outside (0, 1)",
+                self.test_fraction
+            ));
+        }
+        if self.local_steps == 0 || self.batch_size == 0 || !(self.lr > 0.0 && self.lr.is_finite())
+        {
+            return Err("local_steps and batch_size must be ≥ 1 and lr > 0".into());
+        }
+        let mode = match self.mode.split_once(':') {
+            None if self.mode == "broadcast" => Mode::Broadcast,
+            None if self.mode == "mixing" => Mode::Mixing,
+            Some(("push-sum", f)) => Mode::PushSum {
+                fanout: f
+                    .parse()
+                    .map_err(|_| format!("bad push-sum fanout in {:?}", self.mode))?,
+            },
+            _ => {
+                return Err(format!(
+                    "unknown mode {:?} (broadcast, mixing, push-sum:FANOUT)",
+                    self.mode
+                ));
+            }
+        };
+        let model = if self.model == "logistic" {
+            ModelKind::Logistic
+        } else if let Some(widths) = self.model.strip_prefix("mlp:") {
+            ModelKind::Mlp(
+                widths
+                    .split(',')
+                    .map(|w| w.parse::<usize>().ok().filter(|w| *w > 0))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| format!("bad MLP widths in {:?}", self.model))?,
+            )
+        } else {
+            return Err(format!(
+                "unknown model {:?} (logistic, mlp:W1,W2,...)",
+                self.model
+            ));
+        };
+        let data = if self.data == "synthetic" {
+            DataSource::Synthetic
+        } else {
+            let path = PathBuf::from(&self.data);
+            if !path.is_file() {
+                return Err(format!("data file {} does not exist", path.display()));
+            }
+            DataSource::Csv(path)
+        };
+        let byzantine = if self.byzantine == "0" || self.byzantine.is_empty() {
+            None
+        } else {
+            let (fraction, attack) = self.byzantine.split_once(':').ok_or_else(|| {
+                format!("byzantine {:?} should be FRACTION:ATTACK", self.byzantine)
+            })?;
+            let fraction: f64 = fraction
+                .parse()
+                .ok()
+                .filter(|f| (0.0..1.0).contains(f))
+                .ok_or_else(|| format!("byzantine fraction {fraction:?} outside [0, 1)"))?;
+            let count = (fraction * self.nodes as f64).round() as usize;
+            Some((count, attack.parse()?))
+        };
+        Ok(Settings {
+            scenario: self.clone(),
+            topology: self.topology.parse()?,
+            mode,
+            data,
+            partition: self
+                .partition
+                .parse()
+                .map_err(|e: tapestry_node::core::data::DataError| e.to_string())?,
+            model,
+            codec: self
+                .codec
+                .parse()
+                .map_err(|e: tapestry_protocol::CodecError| e.to_string())?,
+            aggregator: self
+                .aggregator
+                .parse()
+                .map_err(|e: tapestry_node::core::aggregate::AggregateError| e.to_string())?,
+            byzantine,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_bad_values_name_themselves() {
+        Scenario::default().settings().unwrap();
+        let err = Scenario::from_toml("nodes = 4\nwobble = 1\n").unwrap_err();
+        assert!(err.contains("wobble"), "{err}");
+        let s = Scenario {
+            byzantine: "0.25:sign-flip:10".into(),
+            nodes: 8,
+            ..Scenario::default()
+        };
+        assert_eq!(
+            s.settings().unwrap().byzantine,
+            Some((2, Attack::SignFlip(10.0)))
+        );
+        for (field, bad) in [
+            (
+                "topology",
+                Scenario {
+                    topology: "torus".into(),
+                    ..Scenario::default()
+                },
+            ),
+            (
+                "data",
+                Scenario {
+                    data: "/nonexistent/file.csv".into(),
+                    ..Scenario::default()
+                },
+            ),
+            (
+                "attack",
+                Scenario {
+                    byzantine: "0.1:tickle".into(),
+                    ..Scenario::default()
+                },
+            ),
+            (
+                "mode",
+                Scenario {
+                    mode: "shout".into(),
+                    ..Scenario::default()
+                },
+            ),
+            (
+                "codec",
+                Scenario {
+                    codec: "gzip".into(),
+                    ..Scenario::default()
+                },
+            ),
+        ] {
+            let err = bad.settings().unwrap_err();
+            assert!(!err.contains('\n'), "{field}: {err}");
+        }
+    }
+}
