@@ -67,7 +67,7 @@ impl Default for Scenario {
             topology: "complete".into(),
             mode: "broadcast".into(),
             data: "synthetic".into(),
-            partition: "iid".into(),
+            partition: "dirichlet:0.5".into(),
             test_fraction: 0.25,
             model: "logistic".into(),
             local_steps: 10,

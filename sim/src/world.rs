@@ -73,7 +73,8 @@ impl Data {
     pub fn load(settings: &Settings) -> Result<Data, String> {
         let s = &settings.scenario;
         let all = match &settings.data {
-            DataSource::Synthetic => data::synthetic(s.seed, 2000, 20, 5),
+            // Ten overlapping classes: hard enough that pooling matters.
+            DataSource::Synthetic => data::synthetic_with_separation(s.seed, 3000, 20, 10, 0.8),
             DataSource::Csv(path) => {
                 data::load_csv(path, CsvOptions::default()).map_err(|e| e.to_string())?
             }

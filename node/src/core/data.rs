@@ -313,11 +313,25 @@ pub fn load_idx(images: &Path, labels: &Path) -> Result<Dataset, DataError> {
 /// machine without files: `n_classes` Gaussian clusters in `n_features`
 /// dimensions, centres drawn at random, unit noise.
 pub fn synthetic(seed: u64, n_samples: usize, n_features: usize, n_classes: usize) -> Dataset {
+    synthetic_with_separation(seed, n_samples, n_features, n_classes, 2.0)
+}
+
+/// [`synthetic`] with the spread of the class centres chosen: centres are
+/// drawn with this standard deviation per feature around the origin and the
+/// noise has deviation 1, so small values make classes overlap (a harder
+/// task, where pooling data matters).
+pub fn synthetic_with_separation(
+    seed: u64,
+    n_samples: usize,
+    n_features: usize,
+    n_classes: usize,
+    separation: f32,
+) -> Dataset {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let centres: Vec<Vec<f32>> = (0..n_classes)
         .map(|_| {
             (0..n_features)
-                .map(|_| 2.0 * rng.sample::<f32, _>(StandardNormal))
+                .map(|_| separation * rng.sample::<f32, _>(StandardNormal))
                 .collect()
         })
         .collect();
