@@ -211,6 +211,7 @@ pub fn run_swarm(
     let mut published: BTreeMap<ContentId, Vec<u8>> = BTreeMap::new();
     let mut first_delta: BTreeMap<usize, (Verified<DeltaManifest>, Vec<u8>)> = BTreeMap::new();
     let mut honest_deltas: BTreeMap<u64, Vec<Vec<f32>>> = BTreeMap::new();
+    let mut published_in: BTreeMap<u64, Vec<ContentId>> = BTreeMap::new();
     let mut bytes_sent = vec![0u64; n];
     let mut states: Vec<InnerState> = vec![InnerState::default(); n];
     let mut at_round: BTreeMap<u64, BTreeMap<usize, NodeEval>> = BTreeMap::new();
@@ -287,9 +288,13 @@ pub fn run_swarm(
                             }
                         }
                         _ => {
-                            if let Ok(v) =
-                                manifest.message().codec.decode(&payload, spec.n_params())
-                            {
+                            // Colluding attacks (ALIE, IPM) read the honest deltas.
+                            let colluding =
+                                matches!(attack, Some(Attack::Alie(_) | Attack::Ipm(_)));
+                            if let (true, Ok(v)) = (
+                                colluding,
+                                manifest.message().codec.decode(&payload, spec.n_params()),
+                            ) {
                                 honest_deltas
                                     .entry(manifest.message().round)
                                     .or_default()
@@ -298,6 +303,10 @@ pub fn run_swarm(
                             (manifest, payload)
                         }
                     };
+                    published_in
+                        .entry(manifest.message().round)
+                        .or_default()
+                        .push(manifest.id());
                     published.insert(manifest.id(), payload);
                     for j in 0..n {
                         if j == i {
@@ -372,6 +381,20 @@ pub fn run_swarm(
                     *rejected.entry(r.reason.label().to_owned()).or_default() += 1
                 }
                 Action::Adopt { manifest, params } => {
+                    // Forget payloads no node can still use (older than the
+                    // staleness window of the slowest node), so memory stays
+                    // flat over long runs.
+                    let slowest = engines.iter().map(Engine::round).min().unwrap_or(0);
+                    let horizon = slowest.saturating_sub(DoorConfig::default().staleness + 1);
+                    while let Some(entry) = published_in.first_entry() {
+                        if *entry.key() >= horizon {
+                            break;
+                        }
+                        for id in entry.remove() {
+                            published.remove(&id);
+                        }
+                    }
+                    honest_deltas.retain(|r, _| *r >= horizon);
                     if byzantine.contains(&i) {
                         continue;
                     }
