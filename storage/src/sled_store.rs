@@ -4,7 +4,8 @@
 //! ```text
 //! DIR/TAPESTRY_STORE     marker: "tapestry chunk store\nformat 1\n"
 //! DIR/meta/              sled database: chunk index, manifests, refs, pins, quarantine
-//! DIR/chunks/ab/abcd…    one file per chunk, named by its id, in 256 shard directories
+//! DIR/chunks/abcd…       one file per chunk, named by its id (one directory, so a
+//!                        flush syncs one directory entry list, not one per shard)
 //! DIR/chunks/tmp/        writes in progress (emptied on open)
 //! ```
 //!
@@ -176,8 +177,7 @@ impl SledStore {
         let id = <[u8; 32]>::try_from(key.get(1..)?)
             .ok()
             .map(ContentId::from_bytes)?;
-        let hex = id.to_hex();
-        Some(self.chunks.join(&hex[..2]).join(hex))
+        Some(self.chunks.join(id.to_hex()))
     }
 
     fn unsynced(&self) -> std::sync::MutexGuard<'_, Unsynced> {
@@ -186,13 +186,6 @@ impl SledStore {
 
     fn write_chunk(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         let io = |e| StoreError::io(format!("writing chunk {}", path.display()), e);
-        let shard = path
-            .parent()
-            .ok_or_else(|| io(io::ErrorKind::InvalidInput.into()))?;
-        let new_shard = !shard.exists();
-        if new_shard {
-            fs::create_dir_all(shard).map_err(io)?;
-        }
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp = self
             .chunks
@@ -204,10 +197,7 @@ impl SledStore {
         fs::rename(&tmp, path).map_err(io)?;
         let mut unsynced = self.unsynced();
         unsynced.files.push(path.to_owned());
-        unsynced.dirs.insert(shard.to_owned());
-        if new_shard {
-            unsynced.dirs.insert(self.chunks.clone());
-        }
+        unsynced.dirs.insert(self.chunks.clone());
         Ok(())
     }
 
@@ -345,31 +335,26 @@ impl ChunkStore for SledStore {
             return Ok(());
         }
         let io = |e| StoreError::io(format!("listing {}", self.chunks.display()), e);
-        for shard in sorted_dir(&self.chunks).map_err(io)? {
-            let name = shard.file_name();
-            if name.len() != 2 || !shard.path().is_dir() {
-                continue; // tmp/ and anything foreign
-            }
-            for entry in sorted_dir(&shard.path()).map_err(io)? {
-                let Some(id) = entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|n| n.parse::<ContentId>().ok())
-                else {
-                    continue;
-                };
-                let mut key = vec![CHUNK];
-                key.extend_from_slice(id.as_bytes());
-                // One chunk in memory at a time.
-                match fs::read(entry.path()) {
-                    Ok(bytes) => f(&key, &bytes)?,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        return Err(StoreError::io(
-                            format!("reading {}", entry.path().display()),
-                            e,
-                        ));
-                    }
+        for entry in sorted_dir(&self.chunks).map_err(io)? {
+            // Chunk files are named by their id; tmp/ and anything foreign is skipped.
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<ContentId>().ok())
+            else {
+                continue;
+            };
+            let mut key = vec![CHUNK];
+            key.extend_from_slice(id.as_bytes());
+            // One chunk in memory at a time.
+            match fs::read(entry.path()) {
+                Ok(bytes) => f(&key, &bytes)?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(StoreError::io(
+                        format!("reading {}", entry.path().display()),
+                        e,
+                    ));
                 }
             }
         }
