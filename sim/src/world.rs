@@ -213,7 +213,6 @@ pub fn run_swarm(
     let mut honest_deltas: BTreeMap<u64, Vec<Vec<f32>>> = BTreeMap::new();
     let mut published_in: BTreeMap<u64, Vec<ContentId>> = BTreeMap::new();
     let mut bytes_sent = vec![0u64; n];
-    let mut states: Vec<InnerState> = vec![InnerState::default(); n];
     let mut at_round: BTreeMap<u64, BTreeMap<usize, NodeEval>> = BTreeMap::new();
     let mut stats = Vec::new();
     let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
@@ -249,11 +248,11 @@ pub fn run_swarm(
                         &params,
                         &data.shards[i],
                         &train_cfg,
-                        &mut states[i],
+                        // Fresh optimiser state each round (local SGD).
+                        &mut InnerState::default(),
                         seed,
                     )
                     .map_err(|e| e.to_string())?;
-                    states[i] = InnerState::default();
                     push(
                         &mut queue,
                         now + TRAIN_MS,
