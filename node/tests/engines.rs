@@ -641,7 +641,11 @@ fn a_late_joiner_catches_up_by_adopting_a_newer_version() {
     );
     assert_eq!(late.round(), peer.round());
     assert_eq!(late.version(), Some(version.id()));
-    assert!(matches!(actions.first(), Some(Action::Train { round, .. }) if *round == peer.round()));
+    // It is announced as the new head, then the next round starts.
+    assert!(
+        matches!(actions.first(), Some(Action::Adopt { manifest, .. }) if manifest.id() == version.id())
+    );
+    assert!(matches!(actions.get(1), Some(Action::Train { round, .. }) if *round == peer.round()));
     let (_, acc) = evaluate(&spec(), late.params(), &test).unwrap();
     assert!(acc > 0.85, "adopted model accuracy {acc}");
     // An older version is not adopted.

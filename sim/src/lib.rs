@@ -4,11 +4,16 @@
 //! Byzantine nodes, and compares the swarm with baselines trained in the
 //! same run.
 //!
-//! **Status**: `tapestry-sim run` works for the topologies, modes, codecs,
-//! aggregators, attacks, latency and loss in [`scenario::Scenario`], with
-//! `report.json` and `rounds.csv`. Not yet: churn, partitions, bandwidth
-//! caps, plots, and the local-cluster launcher.
+//! Layout: [`scenario`] parses and checks everything up front; [`world`]
+//! is the event loop over the engines; [`net`] decides whether and when a
+//! message arrives (latency, jitter, loss, bandwidth, partitions, offline
+//! nodes); [`par`] runs trainings and evaluations of one virtual instant on
+//! all cores without changing results; [`report`] and [`plot`] write the
+//! outputs.
 
+pub mod net;
+pub mod par;
+pub mod plot;
 pub mod report;
 pub mod scenario;
 pub mod topology;

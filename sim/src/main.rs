@@ -17,7 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a scenario and write DIR/report.json and DIR/rounds.csv.
+    /// Run a scenario and write DIR/report.json, DIR/rounds.csv,
+    /// DIR/baselines.csv, DIR/accuracy.png and DIR/consensus.png.
     Run(RunArgs),
 }
 
@@ -78,6 +79,31 @@ struct RunArgs {
     /// One-way link latency in milliseconds.
     #[arg(long)]
     latency_ms: Option<u64>,
+    /// Extra latency per message, uniform in 0..=JITTER milliseconds.
+    #[arg(long)]
+    jitter_ms: Option<u64>,
+    /// Upload bandwidth of every node in Mbit/s (0 = unlimited).
+    #[arg(long)]
+    bandwidth_mbps: Option<f64>,
+    /// FRACTION:PERIOD, e.g. 0.3:2s: each period a fresh random fraction of
+    /// the nodes is offline; returning nodes catch up from a peer.
+    #[arg(long)]
+    churn: Option<String>,
+    /// A network partition GROUPS@FROM-TO, e.g. halves@2s-6s, regions:3@1s-4s
+    /// or 0-3,8|4-7@500ms-2s (repeat for several).
+    #[arg(long = "cut", value_name = "GROUPS@FROM-TO")]
+    cuts: Vec<String>,
+    /// The last N rounds skip training and only average.
+    #[arg(long)]
+    consensus_rounds: Option<u64>,
+    /// Evaluate at most N honest nodes per round (0 = all; the last round
+    /// evaluates all).
+    #[arg(long)]
+    eval_sample: Option<usize>,
+    /// Worker threads for training and evaluation (0 = one per core); does
+    /// not change results.
+    #[arg(long)]
+    threads: Option<usize>,
     /// Skip the baselines (centralized, local-only, plain mean).
     #[arg(long)]
     no_baselines: bool,
@@ -111,8 +137,17 @@ fn scenario(args: &RunArgs) -> Result<Scenario, String> {
         aggregator,
         byzantine,
         loss,
-        latency_ms
+        latency_ms,
+        jitter_ms,
+        bandwidth_mbps,
+        churn,
+        consensus_rounds,
+        eval_sample,
+        threads
     );
+    if !args.cuts.is_empty() {
+        s.cuts = args.cuts.clone();
+    }
     if args.no_baselines {
         s.baselines = false;
     }

@@ -1,5 +1,5 @@
-//! One simulation run end to end: the swarm, the baselines, `report.json`
-//! and `rounds.csv`.
+//! One simulation run end to end: the swarm, the baselines, `report.json`,
+//! `rounds.csv`, `baselines.csv`, `accuracy.png` and `consensus.png`.
 
 use std::path::Path;
 use std::time::Instant;
@@ -7,8 +7,9 @@ use std::time::Instant;
 use serde_json::json;
 use tapestry_node::core::aggregate::AggregationRule;
 
+use crate::plot::{self, Series};
 use crate::scenario::Settings;
-use crate::world::{self, Data, Outcome};
+use crate::world::{self, Data, Outcome, RoundStats};
 
 /// The figures of a finished run (what `report.json` holds).
 #[derive(Debug, Clone)]
@@ -19,8 +20,16 @@ pub struct Report {
     pub outcome: Outcome,
 }
 
-/// Runs the scenario and writes `report.json` and `rounds.csv` into `out`.
-/// `progress` gets (round, total) after each round of the main swarm.
+/// Per-round curves of the baselines.
+#[derive(Debug, Clone)]
+struct Baselines {
+    centralized: Vec<f64>,
+    local_only: Vec<f64>,
+    plain_mean: Vec<RoundStats>,
+}
+
+/// Runs the scenario and writes its outputs into `out`. `progress` gets
+/// (round, total) after each round of the main swarm.
 pub fn run(
     settings: &Settings,
     out: &Path,
@@ -28,27 +37,41 @@ pub fn run(
 ) -> Result<Report, String> {
     let started = Instant::now();
     let s = &settings.scenario;
+    std::fs::create_dir_all(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
     let data = Data::load(settings)?;
     let outcome = world::run_swarm(settings, &data, &mut |r| progress(r, s.rounds))?;
     let last = outcome.rounds.last().cloned().ok_or("no round completed")?;
     let baselines = if s.baselines {
-        let plain = if settings.aggregator == AggregationRule::Mean {
-            last.accuracy_mean
+        let plain_mean = if settings.aggregator == AggregationRule::Mean {
+            outcome.rounds.clone()
         } else {
             let mut plain = settings.clone();
             plain.aggregator = AggregationRule::Mean;
-            world::run_swarm(&plain, &data, &mut |_| {})?
-                .rounds
-                .last()
-                .map_or(0.0, |r| r.accuracy_mean)
+            world::run_swarm(&plain, &data, &mut |_| {})?.rounds
         };
-        json!({
-            "centralized": {"accuracy": world::centralized(settings, &data)?},
-            "local_only": {"accuracy_mean": world::local_only(settings, &data)?},
-            "plain_mean": {"accuracy_mean": plain},
+        Some(Baselines {
+            centralized: world::centralized(settings, &data)?,
+            local_only: world::local_only(settings, &data)?,
+            plain_mean,
         })
     } else {
-        json!(null)
+        None
+    };
+    let final_of = |v: &[f64]| v.last().copied().unwrap_or(0.0);
+    let baselines_json = match &baselines {
+        Some(b) => {
+            let plain = b.plain_mean.last();
+            json!({
+                "centralized": {"accuracy": final_of(&b.centralized)},
+                "local_only": {"accuracy_mean": final_of(&b.local_only)},
+                "plain_mean": {
+                    "accuracy_mean": plain.map_or(0.0, |r| r.accuracy_mean),
+                    "accuracy_min": plain.map_or(0.0, |r| r.accuracy_min),
+                    "consensus_distance": plain.map_or(0.0, |r| r.consensus_distance),
+                },
+            })
+        }
+        None => json!(null),
     };
     let json = json!({
         "scenario": serde_json::to_value(s).map_err(|e| e.to_string())?,
@@ -64,17 +87,132 @@ pub fn run(
             "consensus_distance": last.consensus_distance,
             "bytes_sent_per_node": last.bytes_sent_per_node,
             "honest_nodes": outcome.honest_nodes,
+            "nodes_at_final_round": last.nodes,
+            "virtual_seconds": last.virtual_ms as f64 / 1e3,
         },
-        "baselines": baselines,
+        "baselines": baselines_json,
         "rejected": outcome.rejected,
-        "messages_lost": outcome.messages_lost,
+        "network": {
+            "messages_lost": outcome.messages_lost,
+            "messages_cut": outcome.messages_cut,
+            "messages_to_offline": outcome.messages_to_offline,
+        },
+        "churn": outcome.churn,
         "wall_seconds": started.elapsed().as_secs_f64(),
     });
-    std::fs::create_dir_all(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
     let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())? + "\n";
     std::fs::write(out.join("report.json"), text)
         .map_err(|e| format!("writing report.json: {e}"))?;
     world::write_rounds_csv(&out.join("rounds.csv"), &outcome.rounds)
         .map_err(|e| format!("writing rounds.csv: {e}"))?;
+    if let Some(b) = &baselines {
+        write_baselines_csv(&out.join("baselines.csv"), b)
+            .map_err(|e| format!("writing baselines.csv: {e}"))?;
+    }
+    plots(out, &outcome.rounds, baselines.as_ref())?;
     Ok(Report { json, outcome })
+}
+
+fn write_baselines_csv(path: &Path, b: &Baselines) -> std::io::Result<()> {
+    let mut out = String::from(
+        "round,centralized,local_only_mean,plain_mean_accuracy,plain_mean_consensus\n",
+    );
+    for (r, (c, l)) in b.centralized.iter().zip(&b.local_only).enumerate() {
+        let round = r as u64 + 1;
+        let plain = b.plain_mean.iter().find(|p| p.round == round);
+        out.push_str(&format!(
+            "{round},{c:.6},{l:.6},{},{}\n",
+            plain.map_or(String::new(), |p| format!("{:.6}", p.accuracy_mean)),
+            plain.map_or(String::new(), |p| format!("{:.6e}", p.consensus_distance)),
+        ));
+    }
+    std::fs::write(path, out)
+}
+
+const BLUE: (u8, u8, u8) = (31, 119, 180);
+const LIGHT_BLUE: (u8, u8, u8) = (158, 202, 225);
+const GREEN: (u8, u8, u8) = (44, 160, 44);
+const ORANGE: (u8, u8, u8) = (255, 127, 14);
+const RED: (u8, u8, u8) = (214, 39, 40);
+
+fn plots(out: &Path, rounds: &[RoundStats], b: Option<&Baselines>) -> Result<(), String> {
+    let xy = |f: &dyn Fn(&RoundStats) -> f64, rows: &[RoundStats]| -> Vec<(f64, f64)> {
+        rows.iter().map(|r| (r.round as f64, f(r))).collect()
+    };
+    let curve = |v: &[f64]| -> Vec<(f64, f64)> {
+        v.iter()
+            .enumerate()
+            .map(|(r, a)| (r as f64 + 1.0, *a))
+            .collect()
+    };
+    let line = |label: &str, points, color, thin| Series {
+        label: label.into(),
+        points,
+        color,
+        thin,
+    };
+    let mut acc = vec![
+        line(
+            "swarm: mean over honest nodes",
+            xy(&|r| r.accuracy_mean, rounds),
+            BLUE,
+            false,
+        ),
+        line(
+            "swarm: worst node",
+            xy(&|r| r.accuracy_min, rounds),
+            LIGHT_BLUE,
+            true,
+        ),
+    ];
+    // log10 of the consensus distance; exact agreement (0) drawn at -12.
+    let log = |v: f64| v.max(1e-12).log10();
+    let mut cons = vec![line(
+        "swarm",
+        xy(&|r| log(r.consensus_distance), rounds),
+        BLUE,
+        false,
+    )];
+    if let Some(b) = b {
+        acc.push(line(
+            "centralized (pooled data)",
+            curve(&b.centralized),
+            GREEN,
+            false,
+        ));
+        acc.push(line(
+            "local only (each node alone)",
+            curve(&b.local_only),
+            ORANGE,
+            false,
+        ));
+        acc.push(line(
+            "same swarm, plain mean",
+            xy(&|r| r.accuracy_mean, &b.plain_mean),
+            RED,
+            true,
+        ));
+        cons.push(line(
+            "same swarm, plain mean",
+            xy(&|r| log(r.consensus_distance), &b.plain_mean),
+            RED,
+            true,
+        ));
+    }
+    plot::line_chart(
+        &out.join("accuracy.png"),
+        "Test accuracy by round",
+        "round",
+        "accuracy (held-out split)",
+        &acc,
+        Some((0.0, 1.0)),
+    )?;
+    plot::line_chart(
+        &out.join("consensus.png"),
+        "Consensus distance by round (honest nodes)",
+        "round",
+        "log10 (mean distance to average / its norm)",
+        &cons,
+        None,
+    )
 }

@@ -53,6 +53,32 @@ pub struct Scenario {
     pub loss: f64,
     /// One-way latency of every link, milliseconds.
     pub latency_ms: u64,
+    /// Extra latency per message, drawn uniformly from `0..=jitter_ms`.
+    pub jitter_ms: u64,
+    /// Upload bandwidth of every node in megabits per second (`0` =
+    /// unlimited): a node's messages leave one after another, so large
+    /// deltas and many receivers take time.
+    pub bandwidth_mbps: f64,
+    /// `0`, or `FRACTION:PERIOD` (e.g. `0.3:2s`): at the start of every
+    /// period a fresh random FRACTION of the nodes goes offline until the
+    /// next one; a node that comes back catches up from a peer's model
+    /// version.
+    pub churn: String,
+    /// Network cuts, each `GROUPS@FROM-TO`: GROUPS is `halves`,
+    /// `regions:K` or explicit node lists like `0-3,8|4-7` (unlisted nodes
+    /// form one more group); FROM and TO are virtual times (`1500`, `1.5s`,
+    /// `200ms`). Messages between groups are dropped while the cut lasts.
+    pub cuts: Vec<String>,
+    /// The last this many rounds skip local training: the nodes only
+    /// average (a consensus phase at the end).
+    pub consensus_rounds: u64,
+    /// Evaluate at most this many honest nodes per round (`0` = all); the
+    /// last round always evaluates every honest node. Consensus distance
+    /// always uses every honest node.
+    pub eval_sample: usize,
+    /// Worker threads for training and evaluation (`0` = one per core).
+    /// Results do not depend on it.
+    pub threads: usize,
     /// Also run the baselines (centralized, local-only, plain mean).
     pub baselines: bool,
 }
@@ -78,6 +104,13 @@ impl Default for Scenario {
             byzantine: "0".into(),
             loss: 0.0,
             latency_ms: 20,
+            jitter_ms: 0,
+            bandwidth_mbps: 0.0,
+            churn: "0".into(),
+            cuts: Vec::new(),
+            consensus_rounds: 0,
+            eval_sample: 0,
+            threads: 0,
             baselines: true,
         }
     }
@@ -161,6 +194,105 @@ pub struct Settings {
     pub aggregator: AggregationRule,
     /// Byzantine nodes: how many and how they attack.
     pub byzantine: Option<(usize, Attack)>,
+    /// Churn, if any.
+    pub churn: Option<Churn>,
+    /// Network cuts: for each, the group of every node and the interval.
+    pub cuts: Vec<Cut>,
+}
+
+/// Nodes going offline and coming back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Churn {
+    /// Fraction of the nodes offline during each period.
+    pub fraction: f64,
+    /// Length of a period, virtual milliseconds.
+    pub period_ms: u64,
+}
+
+/// A network partition: messages between nodes of different groups are
+/// dropped from `from_ms` (inclusive) to `to_ms` (exclusive).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cut {
+    /// The group of each node.
+    pub group: Vec<u32>,
+    /// Start, virtual milliseconds.
+    pub from_ms: u64,
+    /// End, virtual milliseconds.
+    pub to_ms: u64,
+}
+
+impl Cut {
+    /// Whether the cut separates `a` and `b` at time `now_ms`.
+    pub fn separates(&self, a: usize, b: usize, now_ms: u64) -> bool {
+        (self.from_ms..self.to_ms).contains(&now_ms) && self.group[a] != self.group[b]
+    }
+
+    /// Parses `GROUPS@FROM-TO` for `n` nodes.
+    pub fn parse(s: &str, n: usize) -> Result<Cut, String> {
+        let bad = |why: &str| format!("bad cut {s:?}: {why} (GROUPS@FROM-TO, e.g. halves@1s-3s)");
+        let (groups, span) = s.split_once('@').ok_or_else(|| bad("no @"))?;
+        let (from, to) = span.split_once('-').ok_or_else(|| bad("no FROM-TO"))?;
+        let from_ms = parse_duration_ms(from).map_err(|e| bad(&e))?;
+        let to_ms = parse_duration_ms(to).map_err(|e| bad(&e))?;
+        if to_ms <= from_ms {
+            return Err(bad("TO must be after FROM"));
+        }
+        let group: Vec<u32> = if groups == "halves" {
+            (0..n).map(|v| u32::from(v >= n / 2)).collect()
+        } else if let Some(k) = groups.strip_prefix("regions:") {
+            let k: usize = k
+                .parse()
+                .ok()
+                .filter(|k| *k > 0)
+                .ok_or_else(|| bad("regions:K needs K ≥ 1"))?;
+            (0..n)
+                .map(|v| Topology::region_of(v, n, k) as u32)
+                .collect()
+        } else {
+            let lists: Vec<&str> = groups.split('|').collect();
+            let mut group = vec![lists.len() as u32; n];
+            for (g, list) in lists.iter().enumerate() {
+                for item in list.split(',') {
+                    let (a, b) = match item.split_once('-') {
+                        Some((a, b)) => (a, b),
+                        None => (item, item),
+                    };
+                    let (a, b): (usize, usize) = match (a.trim().parse(), b.trim().parse()) {
+                        (Ok(a), Ok(b)) if a <= b => (a, b),
+                        _ => return Err(bad(&format!("{item:?} is not a node or a range"))),
+                    };
+                    if b >= n {
+                        return Err(bad(&format!("node {b} does not exist ({n} nodes)")));
+                    }
+                    group[a..=b].fill(g as u32);
+                }
+            }
+            group
+        };
+        Ok(Cut {
+            group,
+            from_ms,
+            to_ms,
+        })
+    }
+}
+
+/// A virtual duration: `1500` or `1500ms` (milliseconds), `1.5s`, `2m`.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (number, scale) = if let Some(v) = s.strip_suffix("ms") {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1e3)
+    } else if let Some(v) = s.strip_suffix('m') {
+        (v, 60e3)
+    } else {
+        (s, 1.0)
+    };
+    match number.parse::<f64>() {
+        Ok(v) if v >= 0.0 && v.is_finite() => Ok((v * scale).round() as u64),
+        _ => Err(format!("{s:?} is not a duration (1500, 1500ms, 1.5s, 2m)")),
+    }
 }
 
 /// The model family; sizes come from the data.
@@ -267,6 +399,47 @@ impl Scenario {
             let count = (fraction * self.nodes as f64).round() as usize;
             Some((count, attack.parse()?))
         };
+        if !(self.bandwidth_mbps >= 0.0 && self.bandwidth_mbps.is_finite()) {
+            return Err(format!(
+                "bandwidth_mbps {} must be ≥ 0 (0 = unlimited)",
+                self.bandwidth_mbps
+            ));
+        }
+        if self.consensus_rounds >= self.rounds {
+            return Err(format!(
+                "consensus_rounds {} must be below rounds {}",
+                self.consensus_rounds, self.rounds
+            ));
+        }
+        let churn = if self.churn == "0" || self.churn.is_empty() {
+            None
+        } else {
+            let bad = || {
+                format!(
+                    "bad churn {:?} (FRACTION:PERIOD, e.g. 0.3:2s, or 0)",
+                    self.churn
+                )
+            };
+            let (f, p) = self.churn.split_once(':').ok_or_else(bad)?;
+            let fraction: f64 = f
+                .parse()
+                .ok()
+                .filter(|f| (0.0..1.0).contains(f))
+                .ok_or_else(bad)?;
+            let period_ms = parse_duration_ms(p)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(bad)?;
+            Some(Churn {
+                fraction,
+                period_ms,
+            })
+        };
+        let cuts = self
+            .cuts
+            .iter()
+            .map(|c| Cut::parse(c, self.nodes))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Settings {
             scenario: self.clone(),
             topology: self.topology.parse()?,
@@ -286,6 +459,8 @@ impl Scenario {
                 .parse()
                 .map_err(|e: tapestry_node::core::aggregate::AggregateError| e.to_string())?,
             byzantine,
+            churn,
+            cuts,
         })
     }
 }

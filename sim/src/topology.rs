@@ -64,6 +64,13 @@ impl FromStr for Topology {
 }
 
 impl Topology {
+    /// The region of node `v` of `n` when they are split into `k` regions
+    /// (contiguous blocks, as `regions:K` builds them).
+    pub fn region_of(v: usize, n: usize, k: usize) -> usize {
+        let k = k.clamp(1, n.max(1));
+        v * k / n.max(1)
+    }
+
     /// Builds the graph over `n` nodes: sorted neighbour lists, symmetric,
     /// no self-loops. Deterministic in `seed`.
     pub fn build(&self, n: usize, seed: u64) -> Result<Vec<Vec<usize>>, String> {
@@ -145,7 +152,7 @@ impl Topology {
             }
             Topology::Regions(k) => {
                 let k = k.min(n.max(1));
-                let region = |v: usize| v * k / n.max(1);
+                let region = |v: usize| Topology::region_of(v, n, k);
                 for a in 0..n {
                     for b in a + 1..n {
                         if region(a) == region(b) {

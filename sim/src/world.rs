@@ -18,8 +18,12 @@ use tapestry_node::core::model::{
     InnerOptimizer, InnerState, ModelSpec, TrainConfig, evaluate, train_local,
 };
 use tapestry_node::core::outer::OuterOptimizer;
-use tapestry_protocol::{ContentId, DeltaManifest, Keypair, NodeId, Signed, Verified};
+use tapestry_protocol::{
+    ContentId, DeltaManifest, Keypair, ModelManifest, NodeId, Signed, Verified,
+};
 
+use crate::net::Net;
+use crate::par;
 use crate::scenario::{Attack, DataSource, Settings};
 
 /// Virtual time one local training takes.
@@ -42,6 +46,22 @@ pub struct RoundStats {
     pub consensus_distance: f64,
     /// Bytes sent per node so far (mean over all nodes).
     pub bytes_sent_per_node: u64,
+    /// Honest nodes that reached this round (nodes that caught up past it
+    /// or were offline are not counted).
+    pub nodes: usize,
+    /// Virtual time (ms) the last of them reached it.
+    pub virtual_ms: u64,
+}
+
+/// Churn figures of a run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ChurnCounts {
+    /// Times a node went offline.
+    pub left: u64,
+    /// Times a node came back.
+    pub rejoined: u64,
+    /// Times a returning node caught up from a peer's later version.
+    pub caught_up: u64,
 }
 
 /// The outcome of one simulated swarm.
@@ -53,8 +73,14 @@ pub struct Outcome {
     pub honest_nodes: usize,
     /// Deltas refused at the door, by reason.
     pub rejected: BTreeMap<String, u64>,
-    /// Messages lost in transit.
+    /// Messages lost in transit at random.
     pub messages_lost: u64,
+    /// Messages dropped by partitions.
+    pub messages_cut: u64,
+    /// Messages sent to offline nodes.
+    pub messages_to_offline: u64,
+    /// Churn figures.
+    pub churn: ChurnCounts,
 }
 
 /// The data of a run, loaded and scaled once.
@@ -116,12 +142,73 @@ pub fn model_spec(settings: &Settings, data: &Data) -> ModelSpec {
         .spec(data.train.n_features, data.train.n_classes)
 }
 
-/// A node's (accuracy, loss, parameters) at the end of a round.
-type NodeEval = (f32, f32, Vec<f32>);
+/// What happens next in the simulated world.
+enum Event {
+    /// An input reaches a node's engine.
+    Deliver { node: usize, input: Input },
+    /// A node's local training for `round` (job `job`) finishes.
+    Trained { node: usize, round: u64, job: u64 },
+    /// A Byzantine node sends its forged delta (after hearing the honest
+    /// ones of the round, as a colluding attacker would wait to).
+    Forge {
+        node: usize,
+        manifest: Verified<DeltaManifest>,
+        payload: Vec<u8>,
+    },
+    /// A churn period begins.
+    Churn,
+}
 
-struct Event {
+/// A local training asked for and not yet run.
+struct Job {
     node: usize,
-    input: Input,
+    round: u64,
+    params: Vec<f32>,
+    seed: u64,
+}
+
+/// The models of one round as nodes reach it.
+#[derive(Default)]
+struct Row {
+    params: BTreeMap<usize, Vec<f32>>,
+    last_ms: u64,
+}
+
+struct World<'a> {
+    settings: &'a Settings,
+    data: &'a Data,
+    spec: ModelSpec,
+    graph: Vec<Vec<usize>>,
+    keys: Vec<Keypair>,
+    index: BTreeMap<NodeId, usize>,
+    engines: Vec<Engine>,
+    net: Net,
+    rng: ChaCha8Rng,
+    queue: BTreeMap<(u64, u64), Event>,
+    seq: u64,
+    byzantine: BTreeSet<usize>,
+    attack: Option<Attack>,
+    honest: Vec<usize>,
+    /// Honest nodes evaluated in rounds before the last (all if no sample).
+    sampled: BTreeSet<usize>,
+    threads: usize,
+    train_cfg: TrainConfig,
+    jobs: BTreeMap<u64, Job>,
+    trained: BTreeMap<u64, (Vec<f32>, u64)>,
+    next_job: u64,
+    /// Each node's head: its current version and parameters.
+    heads: Vec<(Verified<ModelManifest>, Vec<f32>)>,
+    /// Each node's latest adopted round.
+    reached: Vec<u64>,
+    rows: BTreeMap<u64, Row>,
+    next_row: u64,
+    stats: Vec<RoundStats>,
+    published: BTreeMap<ContentId, Vec<u8>>,
+    published_in: BTreeMap<u64, Vec<ContentId>>,
+    first_delta: BTreeMap<usize, (Verified<DeltaManifest>, Vec<u8>)>,
+    honest_deltas: BTreeMap<u64, Vec<Vec<f32>>>,
+    rejected: BTreeMap<String, u64>,
+    churn: ChurnCounts,
 }
 
 /// Runs the swarm of `settings` on `data`; `progress` is called once per
@@ -165,12 +252,12 @@ pub fn run_swarm(
         rule: settings.aggregator,
         outer: OuterOptimizer::averaging(),
         quorum: 1.0,
-        round_timeout_ms: 20 * s.latency_ms.max(1) + 4 * TRAIN_MS,
+        round_timeout_ms: 20 * (s.latency_ms + s.jitter_ms).max(1) + 4 * TRAIN_MS,
         door: DoorConfig::default(),
         mode: settings.mode,
         seed: s.seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
     };
-    let mut engines: Vec<Engine> = (0..n)
+    let engines: Vec<Engine> = (0..n)
         .map(|i| Engine::new(config(i), keys[i].clone()))
         .collect();
     let params0 = spec.init(s.seed);
@@ -180,255 +267,562 @@ pub fn run_swarm(
         &Keypair::from_secret_bytes(&[0xee; 32]),
     )
     .ok_or("could not sign the initial model")?;
-
-    let mut queue: BTreeMap<(u64, u64), Event> = BTreeMap::new();
-    let mut seq = 0u64;
-    let mut push = |queue: &mut BTreeMap<(u64, u64), Event>, at: u64, node: usize, input: Input| {
-        seq += 1;
-        queue.insert((at, seq), Event { node, input });
+    let honest: Vec<usize> = (0..n).filter(|i| !byzantine.contains(i)).collect();
+    let mut sample = honest.clone();
+    sample.shuffle(&mut rng);
+    if s.eval_sample > 0 {
+        sample.truncate(s.eval_sample);
+    }
+    let net = Net::new(
+        n,
+        s.latency_ms,
+        s.jitter_ms,
+        s.loss,
+        s.bandwidth_mbps,
+        settings.cuts.clone(),
+        s.seed ^ 0x4e45_5421,
+    );
+    let mut world = World {
+        settings,
+        data,
+        spec,
+        graph,
+        keys,
+        index,
+        engines,
+        net,
+        rng,
+        queue: BTreeMap::new(),
+        seq: 0,
+        byzantine,
+        attack,
+        honest,
+        sampled: sample.into_iter().collect(),
+        threads: par::workers(s.threads),
+        train_cfg: train_config(settings),
+        jobs: BTreeMap::new(),
+        trained: BTreeMap::new(),
+        next_job: 0,
+        heads: vec![(genesis.clone(), params0.clone()); n],
+        reached: vec![0; n],
+        rows: BTreeMap::new(),
+        next_row: 1,
+        stats: Vec::new(),
+        published: BTreeMap::new(),
+        published_in: BTreeMap::new(),
+        first_delta: BTreeMap::new(),
+        honest_deltas: BTreeMap::new(),
+        rejected: BTreeMap::new(),
+        churn: ChurnCounts::default(),
     };
-    for (i, peers) in graph.iter().enumerate() {
-        // Broadcast mode hears the whole region; the graph shapes mixing.
-        let known: Vec<usize> = match settings.mode {
-            Mode::Broadcast => (0..n).filter(|j| *j != i).collect(),
-            _ => peers.clone(),
-        };
-        for j in known {
-            push(&mut queue, 0, i, Input::PeerJoined(keys[j].node_id()));
+    for i in 0..n {
+        for j in world.peers_of(i) {
+            let input = Input::PeerJoined(world.keys[j].node_id());
+            world.push(0, Event::Deliver { node: i, input });
         }
-        push(
-            &mut queue,
-            0,
-            i,
-            Input::Start {
-                manifest: genesis.clone(),
-                params: params0.clone(),
-            },
-        );
+        let input = Input::Start {
+            manifest: genesis.clone(),
+            params: params0.clone(),
+        };
+        world.push(0, Event::Deliver { node: i, input });
+    }
+    if let Some(c) = settings.churn {
+        world.push(c.period_ms, Event::Churn);
+    }
+    world.run(progress)?;
+    Ok(Outcome {
+        rounds: world.stats,
+        honest_nodes: world.honest.len(),
+        rejected: world.rejected,
+        messages_lost: world.net.lost,
+        messages_cut: world.net.cut,
+        messages_to_offline: world.net.offline,
+        churn: world.churn,
+    })
+}
+
+impl World<'_> {
+    fn push(&mut self, at: u64, event: Event) {
+        self.seq += 1;
+        self.queue.insert((at, self.seq), event);
     }
 
-    let honest: Vec<usize> = (0..n).filter(|i| !byzantine.contains(i)).collect();
-    let mut published: BTreeMap<ContentId, Vec<u8>> = BTreeMap::new();
-    let mut first_delta: BTreeMap<usize, (Verified<DeltaManifest>, Vec<u8>)> = BTreeMap::new();
-    let mut honest_deltas: BTreeMap<u64, Vec<Vec<f32>>> = BTreeMap::new();
-    let mut published_in: BTreeMap<u64, Vec<ContentId>> = BTreeMap::new();
-    let mut bytes_sent = vec![0u64; n];
-    let mut at_round: BTreeMap<u64, BTreeMap<usize, NodeEval>> = BTreeMap::new();
-    let mut stats = Vec::new();
-    let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
-    let mut lost = 0u64;
-    let latency = s.latency_ms;
-    let train_cfg = train_config(settings);
-    let max_events = 50_000_000u64;
-    let mut handled = 0u64;
+    /// Who a node talks to: the whole region in broadcast mode (the graph
+    /// only shapes mixing), its graph neighbours otherwise.
+    fn peers_of(&self, i: usize) -> Vec<usize> {
+        match self.settings.mode {
+            Mode::Broadcast => (0..self.keys.len()).filter(|j| *j != i).collect(),
+            _ => self.graph[i].clone(),
+        }
+    }
 
-    while let Some(((now, _), event)) = queue.pop_first() {
-        handled += 1;
-        if handled > max_events {
-            return Err("the simulation did not finish (event limit reached)".into());
-        }
-        if engines[event.node].round() >= s.rounds
-            && !matches!(
-                event.input,
-                Input::DeltaAnnounced(_) | Input::DeltaPayload { .. }
-            )
-        {
-            continue;
-        }
-        let i = event.node;
-        for action in engines[i].handle(event.input, now) {
-            match action {
-                Action::Train {
-                    round,
-                    params,
-                    seed,
+    fn run(&mut self, progress: &mut dyn FnMut(u64)) -> Result<(), String> {
+        let rounds = self.settings.scenario.rounds;
+        let max_events = 200_000_000u64;
+        let mut handled = 0u64;
+        while let Some(((now, _), event)) = self.queue.pop_first() {
+            handled += 1;
+            if handled > max_events {
+                return Err("the simulation did not finish (event limit reached)".into());
+            }
+            let (i, input) = match event {
+                Event::Churn => {
+                    self.churn_period(now);
+                    self.finish_rows(progress)?;
+                    continue;
+                }
+                Event::Forge {
+                    node,
+                    manifest,
+                    payload,
                 } => {
-                    let (trained, report) = train_local(
-                        &spec,
-                        &params,
-                        &data.shards[i],
-                        &train_cfg,
-                        // Fresh optimiser state each round (local SGD).
-                        &mut InnerState::default(),
-                        seed,
-                    )
-                    .map_err(|e| e.to_string())?;
-                    push(
-                        &mut queue,
-                        now + TRAIN_MS,
-                        i,
+                    if self.net.online[node] {
+                        self.forge_and_send(node, now, &manifest, &payload);
+                    }
+                    continue;
+                }
+                Event::Trained { node, round, job } => {
+                    if !self.trained.contains_key(&job) {
+                        self.run_jobs()?;
+                    }
+                    let Some((params, samples)) = self.trained.remove(&job) else {
+                        continue;
+                    };
+                    (
+                        node,
                         Input::TrainingDone {
                             round,
-                            params: trained,
-                            samples: report.samples,
+                            params,
+                            samples,
                         },
-                    );
+                    )
                 }
-                Action::Publish { manifest, payload } => {
-                    let (manifest, payload) = match (byzantine.contains(&i), attack) {
-                        (true, Some(Attack::FreeRide)) => continue,
-                        (true, Some(a)) => {
-                            let forged = forge(
-                                a,
-                                &manifest,
-                                &payload,
-                                &honest_deltas,
-                                &first_delta,
-                                i,
-                                &keys[i],
-                                &mut rng,
-                            );
-                            first_delta
-                                .entry(i)
-                                .or_insert_with(|| (manifest.clone(), payload.clone()));
-                            match forged {
-                                Some(f) => f,
-                                None => continue,
-                            }
-                        }
-                        _ => {
-                            // Colluding attacks (ALIE, IPM) read the honest deltas.
-                            let colluding =
-                                matches!(attack, Some(Attack::Alie(_) | Attack::Ipm(_)));
-                            if let (true, Ok(v)) = (
-                                colluding,
-                                manifest.message().codec.decode(&payload, spec.n_params()),
-                            ) {
-                                honest_deltas
-                                    .entry(manifest.message().round)
-                                    .or_default()
-                                    .push(v);
-                            }
-                            (manifest, payload)
-                        }
+                Event::Deliver { node, input } => (node, input),
+            };
+            if !self.net.online[i] {
+                continue;
+            }
+            if self.engines[i].round() >= rounds
+                && !matches!(input, Input::DeltaAnnounced(_) | Input::DeltaPayload { .. })
+            {
+                continue;
+            }
+            let actions = self.engines[i].handle(input, now);
+            for action in actions {
+                self.act(i, now, action)?;
+            }
+            self.finish_rows(progress)?;
+        }
+        // Whatever is left: rounds some honest node never reached.
+        self.finish_rows_at_end(progress)
+    }
+
+    /// Runs every pending training on the worker threads.
+    fn run_jobs(&mut self) -> Result<(), String> {
+        let jobs: Vec<(u64, Job)> = std::mem::take(&mut self.jobs).into_iter().collect();
+        let (spec, data, cfg) = (&self.spec, self.data, &self.train_cfg);
+        let results = par::map(&jobs, self.threads, |(_, job)| {
+            train_local(
+                spec,
+                &job.params,
+                &data.shards[job.node],
+                cfg,
+                // Fresh optimiser state each round (local SGD).
+                &mut InnerState::default(),
+                job.seed,
+            )
+            .map_err(|e| format!("node {} round {}: {e}", job.node, job.round))
+        });
+        for ((id, _), r) in jobs.iter().zip(results) {
+            let (params, report) = r?;
+            self.trained.insert(*id, (params, report.samples));
+        }
+        Ok(())
+    }
+
+    fn act(&mut self, i: usize, now: u64, action: Action) -> Result<(), String> {
+        let s = &self.settings.scenario;
+        match action {
+            Action::Train {
+                round,
+                params,
+                seed,
+            } => {
+                let job = self.next_job;
+                self.next_job += 1;
+                if round >= s.rounds - s.consensus_rounds {
+                    // Consensus phase: no training, only averaging.
+                    self.trained.insert(job, (params, 1));
+                } else {
+                    let job_data = Job {
+                        node: i,
+                        round,
+                        params,
+                        seed,
                     };
-                    published_in
-                        .entry(manifest.message().round)
-                        .or_default()
-                        .push(manifest.id());
-                    published.insert(manifest.id(), payload);
-                    for j in 0..n {
-                        if j == i {
-                            continue;
-                        }
-                        bytes_sent[i] += manifest.envelope_bytes().len() as u64;
-                        if rng.gen_bool(s.loss) {
-                            lost += 1;
-                            continue;
-                        }
-                        push(
-                            &mut queue,
-                            now + latency,
-                            j,
-                            Input::DeltaAnnounced(manifest.clone()),
-                        );
-                    }
+                    self.jobs.insert(job, job_data);
                 }
-                Action::Fetch { manifest } => {
-                    let author = index.get(&manifest.message().author).copied();
-                    if let (Some(payload), Some(a)) = (published.get(&manifest.id()), author) {
-                        bytes_sent[a] += payload.len() as u64;
-                        push(
-                            &mut queue,
-                            now + 2 * latency,
-                            i,
-                            Input::DeltaPayload {
-                                id: manifest.id(),
-                                payload: payload.clone(),
+                self.push(
+                    now + TRAIN_MS,
+                    Event::Trained {
+                        node: i,
+                        round,
+                        job,
+                    },
+                );
+            }
+            Action::Publish { manifest, payload } => {
+                match (self.byzantine.contains(&i), self.attack) {
+                    (true, Some(Attack::FreeRide)) => {}
+                    (true, Some(attack)) => {
+                        // Colluding attacks wait to hear the honest deltas.
+                        let wait = match attack {
+                            Attack::Alie(_) | Attack::Ipm(_) => {
+                                self.net.latency_ms() + s.jitter_ms + 1
+                            }
+                            _ => 0,
+                        };
+                        self.push(
+                            now + wait,
+                            Event::Forge {
+                                node: i,
+                                manifest,
+                                payload,
                             },
                         );
                     }
-                }
-                Action::SendToNeighbours {
-                    round,
-                    params,
-                    degree,
-                } => {
-                    for &j in &graph[i] {
-                        bytes_sent[i] += params.len() as u64 * 4;
-                        if rng.gen_bool(s.loss) {
-                            lost += 1;
-                            continue;
+                    _ => {
+                        let colluding =
+                            matches!(self.attack, Some(Attack::Alie(_) | Attack::Ipm(_)));
+                        let n_params = self.spec.n_params();
+                        let decoded = colluding
+                            .then(|| manifest.message().codec.decode(&payload, n_params).ok())
+                            .flatten();
+                        if let Some(v) = decoded {
+                            self.honest_deltas
+                                .entry(manifest.message().round)
+                                .or_default()
+                                .push(v);
                         }
+                        self.announce(i, now, manifest, payload);
+                    }
+                }
+            }
+            Action::Fetch { manifest } => {
+                let author = self.index.get(&manifest.message().author).copied();
+                if let (Some(payload), Some(a)) = (self.published.get(&manifest.id()), author) {
+                    let (id, payload) = (manifest.id(), payload.clone());
+                    // The request travels, then the author's uplink sends.
+                    let asked = self.net.send_reliable(i, a, now, 128);
+                    if let Ok(at) =
+                        asked.and_then(|t| self.net.send_reliable(a, i, t, payload.len() as u64))
+                    {
+                        let input = Input::DeltaPayload { id, payload };
+                        self.push(at, Event::Deliver { node: i, input });
+                    }
+                }
+            }
+            Action::SendToNeighbours {
+                round,
+                params,
+                degree,
+            } => {
+                let from = self.keys[i].node_id();
+                for j in self.graph[i].clone() {
+                    if let Ok(at) = self.net.send(i, j, now, params.len() as u64 * 4) {
                         let input = Input::NeighbourModel {
-                            from: keys[i].node_id(),
+                            from,
                             round,
                             params: params.clone(),
                             degree,
                         };
-                        push(&mut queue, now + latency, j, input);
-                    }
-                }
-                Action::PushShare { to, x, w } => {
-                    for peer in to {
-                        let Some(&j) = index.get(&peer) else { continue };
-                        bytes_sent[i] += x.len() as u64 * 4 + 8;
-                        if rng.gen_bool(s.loss) {
-                            lost += 1;
-                            continue;
-                        }
-                        push(
-                            &mut queue,
-                            now + latency,
-                            j,
-                            Input::PushShare { x: x.clone(), w },
-                        );
-                    }
-                }
-                Action::SetTimer { at_ms } => push(&mut queue, at_ms, i, Input::Tick),
-                Action::Penalise(r) => {
-                    *rejected.entry(r.reason.label().to_owned()).or_default() += 1
-                }
-                Action::Adopt { manifest, params } => {
-                    // Forget payloads no node can still use (older than the
-                    // staleness window of the slowest node), so memory stays
-                    // flat over long runs.
-                    let slowest = engines.iter().map(Engine::round).min().unwrap_or(0);
-                    let horizon = slowest.saturating_sub(DoorConfig::default().staleness + 1);
-                    while let Some(entry) = published_in.first_entry() {
-                        if *entry.key() >= horizon {
-                            break;
-                        }
-                        for id in entry.remove() {
-                            published.remove(&id);
-                        }
-                    }
-                    honest_deltas.retain(|r, _| *r >= horizon);
-                    if byzantine.contains(&i) {
-                        continue;
-                    }
-                    let round = manifest.message().round;
-                    let (loss, acc) =
-                        evaluate(&spec, &params, &data.test).map_err(|e| e.to_string())?;
-                    let entry = at_round.entry(round).or_default();
-                    entry.insert(i, (acc, loss, params));
-                    if entry.len() == honest.len() {
-                        let rows = at_round.remove(&round).unwrap_or_default();
-                        let accs: Vec<f64> = rows.values().map(|(a, _, _)| f64::from(*a)).collect();
-                        let losses: Vec<f64> =
-                            rows.values().map(|(_, l, _)| f64::from(*l)).collect();
-                        let models: Vec<Vec<f32>> = rows.into_values().map(|(_, _, p)| p).collect();
-                        stats.push(RoundStats {
-                            round,
-                            accuracy_mean: accs.iter().sum::<f64>() / accs.len() as f64,
-                            accuracy_min: accs.iter().copied().fold(f64::MAX, f64::min),
-                            accuracy_max: accs.iter().copied().fold(f64::MIN, f64::max),
-                            loss_mean: losses.iter().sum::<f64>() / losses.len() as f64,
-                            consensus_distance: consensus_distance(&models),
-                            bytes_sent_per_node: bytes_sent.iter().sum::<u64>() / n as u64,
-                        });
-                        progress(round);
+                        self.push(at, Event::Deliver { node: j, input });
                     }
                 }
             }
+            Action::PushShare { to, x, w } => {
+                for peer in to {
+                    let Some(&j) = self.index.get(&peer) else {
+                        continue;
+                    };
+                    if let Ok(at) = self.net.send(i, j, now, x.len() as u64 * 4 + 8) {
+                        let input = Input::PushShare { x: x.clone(), w };
+                        self.push(at, Event::Deliver { node: j, input });
+                    }
+                }
+            }
+            Action::SetTimer { at_ms } => self.push(
+                at_ms,
+                Event::Deliver {
+                    node: i,
+                    input: Input::Tick,
+                },
+            ),
+            Action::Penalise(r) => {
+                *self
+                    .rejected
+                    .entry(r.reason.label().to_owned())
+                    .or_default() += 1
+            }
+            Action::Adopt { manifest, params } => self.adopted(i, now, manifest, params),
+        }
+        Ok(())
+    }
+
+    /// Stores a payload for fetching and announces its manifest to the region.
+    fn announce(
+        &mut self,
+        i: usize,
+        now: u64,
+        manifest: Verified<DeltaManifest>,
+        payload: Vec<u8>,
+    ) {
+        self.published_in
+            .entry(manifest.message().round)
+            .or_default()
+            .push(manifest.id());
+        self.published.insert(manifest.id(), payload);
+        let size = manifest.envelope_bytes().len() as u64;
+        for j in 0..self.keys.len() {
+            if j == i {
+                continue;
+            }
+            if let Ok(at) = self.net.send(i, j, now, size) {
+                let input = Input::DeltaAnnounced(manifest.clone());
+                self.push(at, Event::Deliver { node: j, input });
+            }
         }
     }
-    Ok(Outcome {
-        rounds: stats,
-        honest_nodes: honest.len(),
-        rejected,
-        messages_lost: lost,
-    })
+
+    fn forge_and_send(
+        &mut self,
+        i: usize,
+        now: u64,
+        manifest: &Verified<DeltaManifest>,
+        payload: &[u8],
+    ) {
+        let Some(attack) = self.attack else { return };
+        let forged = forge(
+            attack,
+            manifest,
+            payload,
+            &self.honest_deltas,
+            &self.first_delta,
+            i,
+            &self.keys[i],
+            &mut self.rng,
+        );
+        self.first_delta
+            .entry(i)
+            .or_insert_with(|| (manifest.clone(), payload.to_vec()));
+        if let Some((m, p)) = forged {
+            self.announce(i, now, m, p);
+        }
+    }
+
+    fn adopted(&mut self, i: usize, now: u64, manifest: Verified<ModelManifest>, params: Vec<f32>) {
+        let round = manifest.message().round;
+        self.reached[i] = self.reached[i].max(round);
+        // Forget payloads no online node can still use (older than the
+        // staleness window of the slowest one), so memory stays flat over
+        // long runs; nodes coming back catch up from a model instead.
+        let slowest = (0..self.engines.len())
+            .filter(|v| self.net.online[*v])
+            .map(|v| self.engines[v].round())
+            .min()
+            .unwrap_or(0);
+        let horizon = slowest.saturating_sub(DoorConfig::default().staleness + 1);
+        while let Some(entry) = self.published_in.first_entry() {
+            if *entry.key() >= horizon {
+                break;
+            }
+            for id in entry.remove() {
+                self.published.remove(&id);
+            }
+        }
+        self.honest_deltas.retain(|r, _| *r >= horizon);
+        if !self.byzantine.contains(&i) && round >= self.next_row {
+            let row = self.rows.entry(round).or_default();
+            row.params.insert(i, params.clone());
+            row.last_ms = now;
+        }
+        self.heads[i] = (manifest, params);
+    }
+
+    /// Closes every round row that can no longer change, in order: all
+    /// honest nodes reached it, or (before the last round) are offline.
+    fn finish_rows(&mut self, progress: &mut dyn FnMut(u64)) -> Result<(), String> {
+        let rounds = self.settings.scenario.rounds;
+        while self.next_row <= rounds {
+            let r = self.next_row;
+            let done = self
+                .honest
+                .iter()
+                .all(|&v| self.reached[v] >= r || (r < rounds && !self.net.online[v]));
+            if !done {
+                break;
+            }
+            self.finish_row(r, progress)?;
+        }
+        Ok(())
+    }
+
+    fn finish_rows_at_end(&mut self, progress: &mut dyn FnMut(u64)) -> Result<(), String> {
+        while self.next_row <= self.settings.scenario.rounds {
+            if !self.rows.contains_key(&self.next_row) {
+                break;
+            }
+            self.finish_row(self.next_row, progress)?;
+        }
+        Ok(())
+    }
+
+    fn finish_row(&mut self, r: u64, progress: &mut dyn FnMut(u64)) -> Result<(), String> {
+        self.next_row = r + 1;
+        let Some(row) = self.rows.remove(&r) else {
+            return Ok(());
+        };
+        let last = r == self.settings.scenario.rounds;
+        let evaluated: Vec<&Vec<f32>> = row
+            .params
+            .iter()
+            .filter(|(v, _)| last || self.sampled.contains(v))
+            .map(|(_, p)| p)
+            .collect();
+        let (spec, test) = (&self.spec, &self.data.test);
+        let scores = par::map(&evaluated, self.threads, |p| evaluate(spec, p, test))
+            .into_iter()
+            .collect::<Result<Vec<(f32, f32)>, _>>()
+            .map_err(|e| e.to_string())?;
+        if scores.is_empty() {
+            return Ok(());
+        }
+        let accs: Vec<f64> = scores.iter().map(|(_, a)| f64::from(*a)).collect();
+        let losses: Vec<f64> = scores.iter().map(|(l, _)| f64::from(*l)).collect();
+        let models: Vec<Vec<f32>> = row.params.into_values().collect();
+        let n = self.keys.len() as u64;
+        self.stats.push(RoundStats {
+            round: r,
+            nodes: models.len(),
+            accuracy_mean: accs.iter().sum::<f64>() / accs.len() as f64,
+            accuracy_min: accs.iter().copied().fold(f64::MAX, f64::min),
+            accuracy_max: accs.iter().copied().fold(f64::MIN, f64::max),
+            loss_mean: losses.iter().sum::<f64>() / losses.len() as f64,
+            consensus_distance: consensus_distance(&models),
+            bytes_sent_per_node: self.net.bytes_sent.iter().sum::<u64>() / n,
+            virtual_ms: row.last_ms,
+        });
+        progress(r);
+        Ok(())
+    }
+
+    /// A churn period begins: a fresh random set of nodes is offline until
+    /// the next one. Once every online honest node has finished, everyone
+    /// comes back (and catches up) and churn stops.
+    fn churn_period(&mut self, now: u64) {
+        let Some(churn) = self.settings.churn else {
+            return;
+        };
+        let rounds = self.settings.scenario.rounds;
+        let n = self.keys.len();
+        let finished = self
+            .honest
+            .iter()
+            .filter(|v| self.net.online[**v])
+            .all(|&v| self.engines[v].round() >= rounds);
+        let mut away = BTreeSet::new();
+        if !finished {
+            let mut all: Vec<usize> = (0..n).collect();
+            all.shuffle(&mut self.rng);
+            away.extend(
+                all.into_iter()
+                    .take((churn.fraction * n as f64).round() as usize),
+            );
+            self.push(now + churn.period_ms, Event::Churn);
+        }
+        for v in 0..n {
+            match (self.net.online[v], away.contains(&v)) {
+                (true, true) => self.leave(v, now),
+                (false, false) => self.rejoin(v, now),
+                _ => {}
+            }
+        }
+    }
+
+    fn leave(&mut self, v: usize, now: u64) {
+        self.net.online[v] = false;
+        self.churn.left += 1;
+        let lat = self.net.latency_ms();
+        let id = self.keys[v].node_id();
+        for p in self.peers_of(v) {
+            if self.net.online[p] {
+                let input = Input::PeerLeft(id);
+                self.push(now + lat, Event::Deliver { node: p, input });
+            }
+        }
+    }
+
+    /// A node comes back: it reconnects, learns who is there, and catches up
+    /// from the most advanced reachable peer's head (or restarts its own
+    /// round if nobody is ahead).
+    fn rejoin(&mut self, v: usize, now: u64) {
+        self.net.online[v] = true;
+        self.churn.rejoined += 1;
+        let lat = self.net.latency_ms();
+        let id = self.keys[v].node_id();
+        let mut best: Option<usize> = None;
+        for p in self.peers_of(v) {
+            let pid = self.keys[p].node_id();
+            if self.net.online[p] {
+                self.push(
+                    now + lat,
+                    Event::Deliver {
+                        node: p,
+                        input: Input::PeerJoined(id),
+                    },
+                );
+                self.push(
+                    now,
+                    Event::Deliver {
+                        node: v,
+                        input: Input::PeerJoined(pid),
+                    },
+                );
+                let ahead = |q: usize| self.heads[q].0.message().round;
+                if !self.net.separated(v, p, now) && best.is_none_or(|b| ahead(p) > ahead(b)) {
+                    best = Some(p);
+                }
+            } else {
+                self.push(
+                    now,
+                    Event::Deliver {
+                        node: v,
+                        input: Input::PeerLeft(pid),
+                    },
+                );
+            }
+        }
+        let own = self.heads[v].0.message().round;
+        let offer = best.filter(|b| self.heads[*b].0.message().round > own);
+        if let Some(b) = offer {
+            let (manifest, params) = self.heads[b].clone();
+            let bytes = params.len() as u64 * 4 + manifest.envelope_bytes().len() as u64;
+            // Ask for the head, then fetch it.
+            if let Ok(at) = self
+                .net
+                .send_reliable(v, b, now, 128)
+                .and_then(|t| self.net.send_reliable(b, v, t, bytes))
+            {
+                self.churn.caught_up += 1;
+                let input = Input::ModelOffered { manifest, params };
+                self.push(at, Event::Deliver { node: v, input });
+                return;
+            }
+        }
+        let (manifest, params) = self.heads[v].clone();
+        let input = Input::Start { manifest, params };
+        self.push(now, Event::Deliver { node: v, input });
+    }
 }
 
 /// Builds a Byzantine node's replacement for its honest delta (or `None`
@@ -509,73 +903,107 @@ fn forge(
     Some((Signed::sign(forged, key).ok()?, bytes))
 }
 
+/// Rounds in which nodes train (the rest is the consensus phase).
+fn training_rounds(settings: &Settings) -> u64 {
+    settings.scenario.rounds - settings.scenario.consensus_rounds
+}
+
 /// Centralized baseline: the same model trained on the pooled data for the
-/// same number of sequential steps.
-pub fn centralized(settings: &Settings, data: &Data) -> Result<f64, String> {
+/// same number of sequential steps (one node doing every round's steps);
+/// test accuracy after each round's worth.
+pub fn centralized(settings: &Settings, data: &Data) -> Result<Vec<f64>, String> {
     let spec = model_spec(settings, data);
-    let cfg = TrainConfig {
-        local_steps: settings.scenario.local_steps * settings.scenario.rounds as usize,
-        ..train_config(settings)
-    };
-    let (p, _) = train_local(
-        &spec,
-        &spec.init(settings.scenario.seed),
-        &data.train,
-        &cfg,
-        &mut InnerState::default(),
-        settings.scenario.seed,
-    )
-    .map_err(|e| e.to_string())?;
-    Ok(f64::from(
-        evaluate(&spec, &p, &data.test)
-            .map_err(|e| e.to_string())?
-            .1,
-    ))
+    let cfg = train_config(settings);
+    let seed = settings.scenario.seed;
+    let mut params = spec.init(seed);
+    let mut state = InnerState::default();
+    let mut curve = Vec::new();
+    for r in 0..settings.scenario.rounds {
+        if r < training_rounds(settings) {
+            params = train_local(&spec, &params, &data.train, &cfg, &mut state, seed ^ r)
+                .map_err(|e| e.to_string())?
+                .0;
+        }
+        curve.push(f64::from(
+            evaluate(&spec, &params, &data.test)
+                .map_err(|e| e.to_string())?
+                .1,
+        ));
+    }
+    Ok(curve)
 }
 
 /// Local-only baseline: every node trains alone on its shard for the same
-/// number of steps; the mean of their accuracies.
-pub fn local_only(settings: &Settings, data: &Data) -> Result<f64, String> {
+/// number of steps; the mean test accuracy after each round's worth (over a
+/// sample of nodes if the scenario asks for one, over all at the end).
+pub fn local_only(settings: &Settings, data: &Data) -> Result<Vec<f64>, String> {
+    let s = &settings.scenario;
     let spec = model_spec(settings, data);
-    let cfg = TrainConfig {
-        local_steps: settings.scenario.local_steps * settings.scenario.rounds as usize,
-        ..train_config(settings)
-    };
-    let mut sum = 0.0;
-    for (i, shard) in data.shards.iter().enumerate() {
-        let (p, _) = train_local(
-            &spec,
-            &spec.init(settings.scenario.seed),
-            shard,
-            &cfg,
-            &mut InnerState::default(),
-            i as u64,
-        )
-        .map_err(|e| e.to_string())?;
-        sum += f64::from(
-            evaluate(&spec, &p, &data.test)
-                .map_err(|e| e.to_string())?
-                .1,
-        );
+    let cfg = train_config(settings);
+    let mut order: Vec<usize> = (0..data.shards.len()).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(s.seed ^ 0x10ca_1000));
+    if s.eval_sample > 0 {
+        order.truncate(s.eval_sample);
     }
-    Ok(sum / data.shards.len() as f64)
+    let sampled: BTreeSet<usize> = order.into_iter().collect();
+    let nodes: Vec<usize> = (0..data.shards.len()).collect();
+    let curves = par::map(&nodes, par::workers(s.threads), |&i| {
+        let mut params = spec.init(s.seed);
+        let mut state = InnerState::default();
+        let mut curve = Vec::new();
+        for r in 0..s.rounds {
+            if r < training_rounds(settings) {
+                params = train_local(
+                    &spec,
+                    &params,
+                    &data.shards[i],
+                    &cfg,
+                    &mut state,
+                    (i as u64) << 32 | r,
+                )
+                .map_err(|e| e.to_string())?
+                .0;
+            }
+            let last = r + 1 == s.rounds;
+            curve.push(if last || sampled.contains(&i) {
+                Some(f64::from(
+                    evaluate(&spec, &params, &data.test)
+                        .map_err(|e| e.to_string())?
+                        .1,
+                ))
+            } else {
+                None
+            });
+        }
+        Ok::<_, String>(curve)
+    })
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()?;
+    Ok((0..s.rounds as usize)
+        .map(|r| {
+            let seen: Vec<f64> = curves.iter().filter_map(|c| c[r]).collect();
+            seen.iter().sum::<f64>() / seen.len().max(1) as f64
+        })
+        .collect())
 }
 
 /// Writes `rounds.csv`.
 pub fn write_rounds_csv(path: &Path, rounds: &[RoundStats]) -> std::io::Result<()> {
     let mut out = String::from(
-        "round,accuracy_mean,accuracy_min,accuracy_max,loss_mean,consensus_distance,bytes_sent_per_node\n",
+        "round,accuracy_mean,accuracy_min,accuracy_max,loss_mean,consensus_distance,bytes_sent_per_node,nodes,virtual_ms\n",
     );
     for r in rounds {
         out.push_str(&format!(
-            "{},{:.6},{:.6},{:.6},{:.6},{:.6e},{}\n",
+            "{},{:.6},{:.6},{:.6},{:.6},{:.6e},{},{},{}\n",
             r.round,
             r.accuracy_mean,
             r.accuracy_min,
             r.accuracy_max,
             r.loss_mean,
             r.consensus_distance,
-            r.bytes_sent_per_node
+            r.bytes_sent_per_node,
+            r.nodes,
+            r.virtual_ms
         ));
     }
     std::fs::write(path, out)

@@ -373,6 +373,12 @@ impl Engine {
                     && params.len() == self.params.len()
                     && params.iter().all(|v| v.is_finite())
                 {
+                    // The shell stores it and makes it the head like any
+                    // version this node made.
+                    out.push(Action::Adopt {
+                        manifest: manifest.clone(),
+                        params: params.clone(),
+                    });
                     self.adopt_version(manifest, params, now_ms, &mut out);
                 }
             }

@@ -1,0 +1,182 @@
+//! The simulated network: per-message latency (fixed plus uniform jitter),
+//! random loss, an upload bandwidth cap per node, partitions and offline
+//! nodes. It only decides *whether* and *when* a message arrives; the world
+//! queues the delivery.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::scenario::Cut;
+
+/// Why a message did not arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// Random loss.
+    Lost,
+    /// A partition separated the two nodes.
+    Cut,
+    /// The receiver was offline.
+    Offline,
+}
+
+/// Links, their faults, and byte counters.
+#[derive(Debug)]
+pub struct Net {
+    latency_ms: u64,
+    jitter_ms: u64,
+    loss: f64,
+    /// Upload bytes per microsecond, if capped.
+    bytes_per_us: Option<f64>,
+    /// When each node's uplink is next free (µs of virtual time).
+    uplink_free_us: Vec<u64>,
+    cuts: Vec<Cut>,
+    /// Whether each node is online.
+    pub online: Vec<bool>,
+    rng: ChaCha8Rng,
+    /// Bytes each node has sent (delivered or not).
+    pub bytes_sent: Vec<u64>,
+    /// Messages lost at random.
+    pub lost: u64,
+    /// Messages dropped by a partition.
+    pub cut: u64,
+    /// Messages to offline nodes.
+    pub offline: u64,
+}
+
+impl Net {
+    /// A network of `n` nodes, all online.
+    pub fn new(
+        n: usize,
+        latency_ms: u64,
+        jitter_ms: u64,
+        loss: f64,
+        bandwidth_mbps: f64,
+        cuts: Vec<Cut>,
+        seed: u64,
+    ) -> Net {
+        Net {
+            latency_ms,
+            jitter_ms,
+            loss,
+            // 1 Mbit/s = 0.125 bytes per µs.
+            bytes_per_us: (bandwidth_mbps > 0.0).then_some(bandwidth_mbps / 8.0),
+            uplink_free_us: vec![0; n],
+            cuts,
+            online: vec![true; n],
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            bytes_sent: vec![0; n],
+            lost: 0,
+            cut: 0,
+            offline: 0,
+        }
+    }
+
+    /// The base one-way latency.
+    pub fn latency_ms(&self) -> u64 {
+        self.latency_ms
+    }
+
+    /// Whether a partition separates `a` and `b` at `now_ms`.
+    pub fn separated(&self, a: usize, b: usize, now_ms: u64) -> bool {
+        self.cuts.iter().any(|c| c.separates(a, b, now_ms))
+    }
+
+    /// Sends `bytes` from `from` to `to` at `now_ms` over a lossy link:
+    /// the time it arrives, or why it does not.
+    pub fn send(
+        &mut self,
+        from: usize,
+        to: usize,
+        now_ms: u64,
+        bytes: u64,
+    ) -> Result<u64, Dropped> {
+        self.transmit(from, to, now_ms, bytes, true)
+    }
+
+    /// Like [`Net::send`] for request-response traffic, which the real node
+    /// retries until it gets through: never lost at random, but still
+    /// stopped by partitions and offline receivers.
+    pub fn send_reliable(
+        &mut self,
+        from: usize,
+        to: usize,
+        now_ms: u64,
+        bytes: u64,
+    ) -> Result<u64, Dropped> {
+        self.transmit(from, to, now_ms, bytes, false)
+    }
+
+    fn transmit(
+        &mut self,
+        from: usize,
+        to: usize,
+        now_ms: u64,
+        bytes: u64,
+        lossy: bool,
+    ) -> Result<u64, Dropped> {
+        self.bytes_sent[from] += bytes;
+        // The uplink sends one message after another.
+        let departs_us = match self.bytes_per_us {
+            Some(rate) => {
+                let start = self.uplink_free_us[from].max(now_ms * 1000);
+                let end = start + (bytes as f64 / rate).ceil() as u64;
+                self.uplink_free_us[from] = end;
+                end
+            }
+            None => now_ms * 1000,
+        };
+        if !self.online[to] {
+            self.offline += 1;
+            return Err(Dropped::Offline);
+        }
+        if self.separated(from, to, now_ms) {
+            self.cut += 1;
+            return Err(Dropped::Cut);
+        }
+        if lossy && self.loss > 0.0 && self.rng.gen_bool(self.loss) {
+            self.lost += 1;
+            return Err(Dropped::Lost);
+        }
+        let jitter = if self.jitter_ms > 0 {
+            self.rng.gen_range(0..=self.jitter_ms)
+        } else {
+            0
+        };
+        Ok(departs_us.div_ceil(1000) + self.latency_ms + jitter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bandwidth_queues_messages_and_cuts_and_offline_nodes_drop_them() {
+        // 8 Mbit/s = 1 byte/µs: 10 kB takes 10 ms on the wire.
+        let cut = Cut::parse("0|1-2@100-200", 3).unwrap();
+        let mut net = Net::new(3, 5, 0, 0.0, 8.0, vec![cut], 1);
+        assert_eq!(net.send(0, 1, 0, 10_000), Ok(15));
+        assert_eq!(net.send(0, 2, 0, 10_000), Ok(25), "waits for the first");
+        assert_eq!(net.send(1, 2, 0, 10_000), Ok(15), "its own uplink");
+        assert_eq!(net.send(0, 1, 150, 10), Err(Dropped::Cut));
+        assert_eq!(net.send(1, 2, 150, 10), Ok(156), "same side");
+        assert_eq!(net.send(0, 1, 200, 10), Ok(206), "healed");
+        net.online[2] = false;
+        assert_eq!(net.send_reliable(0, 2, 300, 10), Err(Dropped::Offline));
+        assert_eq!(net.bytes_sent, vec![20_030, 10_010, 0]);
+        assert_eq!((net.cut, net.offline, net.lost), (1, 1, 0));
+    }
+
+    #[test]
+    fn loss_drops_about_its_rate_and_reliable_sends_are_not_lost() {
+        let mut net = Net::new(2, 1, 3, 0.25, 0.0, vec![], 9);
+        let lost = (0..10_000)
+            .filter(|_| net.send(0, 1, 0, 1).is_err())
+            .count();
+        assert!((2200..2800).contains(&lost), "{lost}");
+        assert!((0..1000).all(|_| {
+            net.send_reliable(0, 1, 0, 1)
+                .is_ok_and(|t| (1..=4).contains(&t))
+        }));
+    }
+}
