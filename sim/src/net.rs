@@ -8,6 +8,9 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::scenario::Cut;
 
+/// Messages up to this size do not queue behind large ones.
+const ONE_PACKET: u64 = 1500;
+
 /// Why a message did not arrive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dropped {
@@ -115,8 +118,13 @@ impl Net {
         lossy: bool,
     ) -> Result<u64, Dropped> {
         self.bytes_sent[from] += bytes;
-        // The uplink sends one message after another.
+        // The uplink sends large messages one after another; a message of
+        // one packet (announcements, requests) slips in between, as it
+        // would between the packets of concurrent streams.
         let departs_us = match self.bytes_per_us {
+            Some(rate) if bytes <= ONE_PACKET => {
+                now_ms * 1000 + (bytes as f64 / rate).ceil() as u64
+            }
             Some(rate) => {
                 let start = self.uplink_free_us[from].max(now_ms * 1000);
                 let end = start + (bytes as f64 / rate).ceil() as u64;

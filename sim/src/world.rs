@@ -157,6 +157,9 @@ enum Event {
     },
     /// A churn period begins.
     Churn,
+    /// Nodes notice that a partition began (their connections across it
+    /// time out) or ended (they reconnect).
+    CutNoticed { cut: usize, healed: bool },
 }
 
 /// A local training asked for and not yet run.
@@ -329,6 +332,26 @@ pub fn run_swarm(
     if let Some(c) = settings.churn {
         world.push(c.period_ms, Event::Churn);
     }
+    for (k, cut) in settings.cuts.iter().enumerate() {
+        // A dead connection is noticed after a few round trips of silence.
+        let noticed = cut.from_ms + 10 * s.latency_ms.max(1);
+        if noticed < cut.to_ms {
+            world.push(
+                noticed,
+                Event::CutNoticed {
+                    cut: k,
+                    healed: false,
+                },
+            );
+        }
+        world.push(
+            cut.to_ms + s.latency_ms,
+            Event::CutNoticed {
+                cut: k,
+                healed: true,
+            },
+        );
+    }
     world.run(progress)?;
     Ok(Outcome {
         rounds: world.stats,
@@ -369,6 +392,10 @@ impl World<'_> {
                 Event::Churn => {
                     self.churn_period(now);
                     self.finish_rows(progress)?;
+                    continue;
+                }
+                Event::CutNoticed { cut, healed } => {
+                    self.cut_noticed(cut, healed, now);
                     continue;
                 }
                 Event::Forge {
@@ -749,6 +776,29 @@ impl World<'_> {
         }
     }
 
+    /// Every online node hears that its peers across cut `k` left (or,
+    /// once it heals, came back).
+    fn cut_noticed(&mut self, k: usize, healed: bool, now: u64) {
+        let group = &self.settings.cuts[k].group;
+        for v in 0..self.keys.len() {
+            if !self.net.online[v] {
+                continue;
+            }
+            for p in self.peers_of(v) {
+                if group[p] == group[v] || !self.net.online[p] {
+                    continue;
+                }
+                let id = self.keys[p].node_id();
+                let input = if healed {
+                    Input::PeerJoined(id)
+                } else {
+                    Input::PeerLeft(id)
+                };
+                self.push(now, Event::Deliver { node: v, input });
+            }
+        }
+    }
+
     fn leave(&mut self, v: usize, now: u64) {
         self.net.online[v] = false;
         self.churn.left += 1;
@@ -773,7 +823,7 @@ impl World<'_> {
         let mut best: Option<usize> = None;
         for p in self.peers_of(v) {
             let pid = self.keys[p].node_id();
-            if self.net.online[p] {
+            if self.net.online[p] && !self.net.separated(v, p, now) {
                 self.push(
                     now + lat,
                     Event::Deliver {
@@ -789,7 +839,7 @@ impl World<'_> {
                     },
                 );
                 let ahead = |q: usize| self.heads[q].0.message().round;
-                if !self.net.separated(v, p, now) && best.is_none_or(|b| ahead(p) > ahead(b)) {
+                if best.is_none_or(|b| ahead(p) > ahead(b)) {
                     best = Some(p);
                 }
             } else {

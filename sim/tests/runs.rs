@@ -19,10 +19,53 @@ fn digits() -> String {
 }
 
 fn run(s: Scenario) -> serde_json::Value {
+    run_with_rounds(s).0
+}
+
+/// One row of `rounds.csv`.
+#[derive(Debug)]
+struct Row {
+    round: u64,
+    accuracy_mean: f64,
+    consensus: f64,
+    nodes: usize,
+    virtual_ms: u64,
+}
+
+/// Runs and also returns `rounds.csv`, parsed.
+fn run_with_rounds(s: Scenario) -> (serde_json::Value, Vec<Row>) {
     let dir = tempfile::tempdir().unwrap();
-    report::run(&s.settings().unwrap(), dir.path(), &mut |_, _| {})
+    let json = report::run(&s.settings().unwrap(), dir.path(), &mut |_, _| {})
         .unwrap()
-        .json
+        .json;
+    let csv = std::fs::read_to_string(dir.path().join("rounds.csv")).unwrap();
+    let rows = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let c: Vec<&str> = l.split(',').collect();
+            Row {
+                round: c[0].parse().unwrap(),
+                accuracy_mean: c[1].parse().unwrap(),
+                consensus: c[5].parse().unwrap(),
+                nodes: c[7].parse().unwrap(),
+                virtual_ms: c[8].parse().unwrap(),
+            }
+        })
+        .collect();
+    (json, rows)
+}
+
+/// 16 nodes on label-skewed digits, without baselines.
+fn digits16() -> Scenario {
+    Scenario {
+        nodes: 16,
+        rounds: 30,
+        data: digits(),
+        partition: "dirichlet:0.3".into(),
+        baselines: false,
+        ..Scenario::default()
+    }
 }
 
 fn f(v: &serde_json::Value) -> f64 {
@@ -89,19 +132,26 @@ fn the_same_scenario_gives_the_same_bytes() {
         rounds: 5,
         byzantine: "0.2:gaussian:0.5".into(),
         loss: 0.1,
+        jitter_ms: 15,
+        bandwidth_mbps: 5.0,
+        churn: "0.2:300ms".into(),
+        cuts: vec!["0-2@200ms-400ms".into()],
         mode: "broadcast".into(),
+        threads: 1,
         ..Scenario::default()
     };
     let settings = s.settings().unwrap();
+    // A different thread count must not change a byte.
+    let mut other = settings.clone();
+    other.scenario.threads = 2;
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut ra = report::run(&settings, a.path(), &mut |_, _| {})
         .unwrap()
         .json;
-    let mut rb = report::run(&settings, b.path(), &mut |_, _| {})
-        .unwrap()
-        .json;
+    let mut rb = report::run(&other, b.path(), &mut |_, _| {}).unwrap().json;
     ra["wall_seconds"] = serde_json::json!(0);
     rb["wall_seconds"] = serde_json::json!(0);
+    rb["scenario"]["threads"] = serde_json::json!(1);
     assert_eq!(ra, rb);
     let csv = |d: &tempfile::TempDir| std::fs::read(d.path().join("rounds.csv")).unwrap();
     assert_eq!(csv(&a), csv(&b));
@@ -143,6 +193,12 @@ fn bad_input_is_a_one_line_error_and_exit_code_2() {
         ),
         (vec!["run", "--out", out, "--topology", "torus"], "torus"),
         (vec!["run", "--out", out, "--nodes", "many"], "many"),
+        (
+            vec!["run", "--out", out, "--cut", "halves@3s-1s"],
+            "halves@3s-1s",
+        ),
+        (vec!["run", "--out", out, "--cut", "0-99@1s-2s"], "node 99"),
+        (vec!["run", "--out", out, "--churn", "2:1s"], "churn"),
     ] {
         let (code, err) = sim(&args);
         assert_eq!(code, 2, "{args:?}: {err}");
@@ -165,4 +221,166 @@ fn bad_input_is_a_one_line_error_and_exit_code_2() {
         serde_json::from_slice(&std::fs::read(dir.path().join("out/report.json")).unwrap())
             .unwrap();
     assert_eq!(report["rounds_completed"], 3);
+    for plot in ["accuracy.png", "consensus.png"] {
+        let png = std::fs::read(dir.path().join("out").join(plot)).unwrap();
+        assert_eq!(&png[..4], b"\x89PNG", "{plot}");
+    }
+}
+
+#[test]
+fn alie_from_a_quarter_is_held_off_by_the_trimmed_mean() {
+    let clean = f(&run(digits16())["final"]["accuracy_mean"]);
+    let r = run(Scenario {
+        byzantine: "0.25:alie".into(),
+        aggregator: "trimmed-mean:0.25".into(),
+        baselines: true,
+        ..digits16()
+    });
+    let robust = f(&r["final"]["accuracy_mean"]);
+    let plain = f(&r["baselines"]["plain_mean"]["accuracy_mean"]);
+    eprintln!(
+        "attack-free {clean:.4}; 4 of 16 ALIE (z = 1): trimmed mean {robust:.4}, plain mean {plain:.4}"
+    );
+    assert!(robust >= 0.95 * clean, "{robust} vs {clean}");
+    assert_eq!(r["final"]["honest_nodes"], 12);
+}
+
+#[test]
+fn sixty_four_nodes_on_a_random_6_regular_graph_agree_within_20_rounds_of_mixing() {
+    let (_, rows) = run_with_rounds(Scenario {
+        nodes: 64,
+        rounds: 40,
+        consensus_rounds: 20,
+        topology: "random-regular:6".into(),
+        mode: "mixing".into(),
+        ..digits16()
+    });
+    // Rounds 1–20 train (and so pull the label-skewed nodes apart); from
+    // round 21 on the nodes only mix.
+    let trained = &rows[19];
+    assert_eq!(trained.round, 20);
+    assert!(
+        trained.consensus > 1e-2,
+        "training keeps models apart ({:e}), so agreement is earned by mixing",
+        trained.consensus
+    );
+    let agreed = rows
+        .iter()
+        .find(|r| r.round > 20 && r.consensus <= 1e-3)
+        .expect("consensus distance never reached 1e-3");
+    eprintln!(
+        "consensus {:.2e} after training, ≤ 1e-3 after {} rounds of mixing ({:.2e})",
+        trained.consensus,
+        agreed.round - 20,
+        agreed.consensus
+    );
+    assert!(agreed.round <= 40);
+    assert!(rows.iter().all(|r| r.nodes == 64));
+}
+
+#[test]
+fn nodes_that_leave_come_back_and_catch_up() {
+    let mixing = Scenario {
+        topology: "random-regular:4".into(),
+        mode: "mixing".into(),
+        rounds: 40,
+        consensus_rounds: 10,
+        ..digits16()
+    };
+    let clean = f(&run(mixing.clone())["final"]["accuracy_mean"]);
+    // Every 500 ms a fresh quarter of the nodes is away.
+    let (r, rows) = run_with_rounds(Scenario {
+        churn: "0.25:500ms".into(),
+        ..mixing
+    });
+    let churn = &r["churn"];
+    eprintln!(
+        "{churn}; accuracy {} vs {clean} without churn",
+        r["final"]["accuracy_mean"]
+    );
+    assert!(churn["left"].as_u64().unwrap() >= 16, "{churn}");
+    assert_eq!(churn["left"], churn["rejoined"], "everyone comes back");
+    assert!(churn["caught_up"].as_u64().unwrap() > 0, "{churn}");
+    assert!(r["network"]["messages_to_offline"].as_u64().unwrap() > 0);
+    // Rounds went on without the absent nodes ...
+    assert!(rows.iter().any(|row| row.nodes < 16));
+    // ... and at the end every node is back, caught up, and agrees.
+    assert_eq!(r["final"]["nodes_at_final_round"], 16);
+    assert!(f(&r["final"]["accuracy_mean"]) >= 0.95 * clean);
+    assert!(
+        f(&r["final"]["consensus_distance"]) < 1e-2,
+        "{}",
+        r["final"]
+    );
+}
+
+#[test]
+fn a_partition_splits_the_swarm_and_mixing_heals_it() {
+    let (r, rows) = run_with_rounds(Scenario {
+        topology: "random-regular:4".into(),
+        mode: "mixing".into(),
+        rounds: 40,
+        consensus_rounds: 10,
+        cuts: vec!["halves@1s-2s".into()],
+        ..digits16()
+    });
+    assert!(r["network"]["messages_cut"].as_u64().unwrap() > 0);
+    let at = |ms: u64| rows.iter().rev().find(|row| row.virtual_ms <= ms).unwrap();
+    let (before, during) = (at(1000), at(2000));
+    eprintln!(
+        "consensus {:.2e} before the cut, {:.2e} at its end (round {} → {}), {:.2e} at the end",
+        before.consensus,
+        during.consensus,
+        before.round,
+        during.round,
+        rows.last().unwrap().consensus
+    );
+    // Both halves kept training through the cut, and drifted apart ...
+    assert!(during.round >= before.round + 5, "{before:?} {during:?}");
+    assert!(during.consensus > 2.0 * before.consensus);
+    assert!(during.accuracy_mean > 0.9);
+    // ... and mixing brought them back together after it.
+    assert!(rows.last().unwrap().consensus < 0.05 * during.consensus);
+    assert_eq!(rows.last().unwrap().nodes, 16);
+}
+
+#[test]
+fn a_bandwidth_cap_makes_rounds_take_longer() {
+    let base = Scenario {
+        rounds: 5,
+        ..digits16()
+    };
+    let (free, free_rows) = run_with_rounds(base.clone());
+    let (capped, capped_rows) = run_with_rounds(Scenario {
+        bandwidth_mbps: 1.0,
+        ..base.clone()
+    });
+    let (starved, starved_rows) = run_with_rounds(Scenario {
+        bandwidth_mbps: 0.5,
+        ..base
+    });
+    // Each node serves its 2.6 kB delta to 15 peers per round: about 0.3 s
+    // at 1 Mbit/s, twice that at 0.5 Mbit/s, which overruns the round
+    // deadline (0.6 s), so rounds close without every delta.
+    let ms = |rows: &[Row]| rows[4].virtual_ms;
+    let acc = |r: &serde_json::Value| f(&r["final"]["accuracy_mean"]);
+    eprintln!(
+        "5 rounds: {} ms and accuracy {:.4} unlimited, {} ms and {:.4} at 1 Mbit/s, {} ms and {:.4} at 0.5 Mbit/s",
+        ms(&free_rows),
+        acc(&free),
+        ms(&capped_rows),
+        acc(&capped),
+        ms(&starved_rows),
+        acc(&starved)
+    );
+    assert!(ms(&capped_rows) >= ms(&free_rows) + 5 * 250);
+    // Same deltas, only later: the very same model.
+    assert_eq!(acc(&capped), acc(&free));
+    assert_eq!(f(&capped["final"]["consensus_distance"]), 0.0);
+    assert_eq!(
+        ms(&starved_rows),
+        5 * 600,
+        "every round ran to its deadline"
+    );
+    assert!(f(&starved["final"]["consensus_distance"]) > 0.01);
 }

@@ -545,11 +545,9 @@ impl Engine {
             return;
         }
         if self.config.mode == Mode::Mixing {
-            let heard = self
-                .neighbour_models
-                .range((self.round, NodeId::from_bytes([0; 32]))..)
-                .take_while(|((r, _), _)| *r == self.round)
-                .count();
+            // A neighbour ahead of us (after a partition or a restart) has
+            // already sent a later round's model: use it rather than wait.
+            let heard = self.latest_neighbour_models().len();
             if self.trained.is_some() && (heard >= self.peers.len() || deadline) {
                 self.close_mixing_round(now_ms, out);
             } else if deadline {
@@ -615,14 +613,9 @@ impl Engine {
         let Some(own) = self.trained.take() else {
             return;
         };
-        let round = self.round;
         let degree = self.peers.len();
-        let heard: Vec<(&NodeId, &(Vec<f32>, usize))> = self
-            .neighbour_models
-            .iter()
-            .filter(|((r, from), _)| *r == round && self.peers.contains(from))
-            .map(|((_, from), v)| (from, v))
-            .collect();
+        let heard: Vec<(&NodeId, &(Vec<f32>, usize))> =
+            self.latest_neighbour_models().into_iter().collect();
         let degrees: BTreeMap<NodeId, usize> =
             heard.iter().map(|(from, (_, d))| (**from, *d)).collect();
         let (self_weight, weights) = super::mixing::metropolis_weights(degree, &degrees);
@@ -632,6 +625,21 @@ impl Engine {
             .collect();
         self.params = super::mixing::mix(&own, self_weight, &others);
         self.new_version(Vec::new(), now_ms, out);
+    }
+
+    /// Mixing mode: for each current neighbour, its model for this round,
+    /// or failing that the earliest later one it sent.
+    fn latest_neighbour_models(&self) -> BTreeMap<&NodeId, &(Vec<f32>, usize)> {
+        let mut heard = BTreeMap::new();
+        for ((_, from), v) in self
+            .neighbour_models
+            .range((self.round, NodeId::from_bytes([0; 32]))..)
+        {
+            if self.peers.contains(from) {
+                heard.entry(from).or_insert(v);
+            }
+        }
+        heard
     }
 
     fn close_round(&mut self, now_ms: u64, out: &mut Vec<Action>) {
