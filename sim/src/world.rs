@@ -26,6 +26,9 @@ use crate::net::Net;
 use crate::par;
 use crate::scenario::{Attack, DataSource, Settings};
 
+/// Held-out rows used for evaluation at most.
+const MAX_TEST_ROWS: usize = 2000;
+
 /// Virtual time one local training takes.
 const TRAIN_MS: u64 = 50;
 
@@ -99,8 +102,11 @@ impl Data {
     pub fn load(settings: &Settings) -> Result<Data, String> {
         let s = &settings.scenario;
         let all = match &settings.data {
-            // Ten overlapping classes: hard enough that pooling matters.
-            DataSource::Synthetic => data::synthetic_with_separation(s.seed, 3000, 20, 10, 0.8),
+            // Ten overlapping classes: hard enough that pooling matters;
+            // 3,000 rows, or 30 per node for large swarms.
+            DataSource::Synthetic => {
+                data::synthetic_with_separation(s.seed, (30 * s.nodes).max(3000), 20, 10, 0.8)
+            }
             DataSource::Csv(path) => {
                 data::load_csv(path, CsvOptions::default()).map_err(|e| e.to_string())?
             }
@@ -108,6 +114,12 @@ impl Data {
         let (mut train, mut test) = all
             .split(s.test_fraction, s.seed)
             .map_err(|e| e.to_string())?;
+        if test.len() > MAX_TEST_ROWS {
+            // Enough to read accuracy to about a percent; evaluation cost
+            // stays bounded in large swarms.
+            let rows: Vec<usize> = (0..MAX_TEST_ROWS).collect();
+            test = test.subset(&rows);
+        }
         // One scaler for everyone, from the pooled training rows: in a real
         // swarm it ships with the model definition (see core::data).
         let scaler = Scaler::fit(&train);
@@ -209,6 +221,7 @@ struct World<'a> {
     published: BTreeMap<ContentId, Vec<u8>>,
     published_in: BTreeMap<u64, Vec<ContentId>>,
     first_delta: BTreeMap<usize, (Verified<DeltaManifest>, Vec<u8>)>,
+    first_mix_delta: BTreeMap<usize, Vec<f32>>,
     honest_deltas: BTreeMap<u64, Vec<Vec<f32>>>,
     rejected: BTreeMap<String, u64>,
     churn: ChurnCounts,
@@ -314,6 +327,7 @@ pub fn run_swarm(
         published: BTreeMap::new(),
         published_in: BTreeMap::new(),
         first_delta: BTreeMap::new(),
+        first_mix_delta: BTreeMap::new(),
         honest_deltas: BTreeMap::new(),
         rejected: BTreeMap::new(),
         churn: ChurnCounts::default(),
@@ -554,6 +568,9 @@ impl World<'_> {
                 params,
                 degree,
             } => {
+                let Some(params) = self.mixing_model(i, round, params) else {
+                    return Ok(());
+                };
                 let from = self.keys[i].node_id();
                 for j in self.graph[i].clone() {
                     if let Ok(at) = self.net.send(i, j, now, params.len() as u64 * 4) {
@@ -594,6 +611,37 @@ impl World<'_> {
             Action::Adopt { manifest, params } => self.adopted(i, now, manifest, params),
         }
         Ok(())
+    }
+
+    /// Mixing mode: the model node `i` sends its neighbours after training
+    /// for `round`: its own, or a Byzantine node's forgery — the attack
+    /// applied to its delta (round-start model minus trained model) — or
+    /// nothing (free-riding). Colluding attacks see the honest deltas of the
+    /// round so far, or of the previous round.
+    fn mixing_model(&mut self, i: usize, round: u64, params: Vec<f32>) -> Option<Vec<f32>> {
+        let Some(attack) = self.attack else {
+            return Some(params);
+        };
+        let start = self.engines[i].params();
+        let delta: Vec<f32> = start.iter().zip(&params).map(|(a, b)| a - b).collect();
+        if !self.byzantine.contains(&i) {
+            if matches!(attack, Attack::Alie(_) | Attack::Ipm(_)) {
+                self.honest_deltas.entry(round).or_default().push(delta);
+            }
+            return Some(params);
+        }
+        let first = self
+            .first_mix_delta
+            .entry(i)
+            .or_insert_with(|| delta.clone())
+            .clone();
+        let honest = self
+            .honest_deltas
+            .get(&round)
+            .filter(|v| !v.is_empty())
+            .or_else(|| self.honest_deltas.get(&round.saturating_sub(1)));
+        let forged = attacked(attack, delta, honest, Some(first), &mut self.rng)?;
+        Some(start.iter().zip(&forged).map(|(a, d)| a - d).collect())
     }
 
     /// Stores a payload for fetching and announces its manifest to the region.
@@ -895,40 +943,10 @@ fn forge(
         .map(|t| t.shape.iter().product::<u64>() as usize)
         .sum();
     let own = m.codec.decode(payload, n).ok()?;
-    let peers = honest.get(&m.round).filter(|v| !v.is_empty());
-    let mean_std = |vs: &Vec<Vec<f32>>| {
-        let k = vs.len() as f32;
-        let mean: Vec<f32> = (0..n)
-            .map(|j| vs.iter().map(|v| v[j]).sum::<f32>() / k)
-            .collect();
-        let std: Vec<f32> = (0..n)
-            .map(|j| (vs.iter().map(|v| (v[j] - mean[j]).powi(2)).sum::<f32>() / k).sqrt())
-            .collect();
-        (mean, std)
-    };
-    let values: Vec<f32> = match attack {
-        Attack::SignFlip(k) => own.iter().map(|v| -k * v).collect(),
-        Attack::Scaled(k) => own.iter().map(|v| k * v).collect(),
-        Attack::Gaussian(sigma) => own
-            .iter()
-            .map(|v| v + sigma * rng.sample::<f32, _>(StandardNormal))
-            .collect(),
-        Attack::Alie(z) => {
-            let (mean, std) = mean_std(peers.unwrap_or(&vec![own.clone()]));
-            mean.iter().zip(&std).map(|(m, s)| m - z * s).collect()
-        }
-        Attack::Ipm(eps) => {
-            let (mean, _) = mean_std(peers.unwrap_or(&vec![own.clone()]));
-            mean.iter().map(|m| -eps * m).collect()
-        }
-        Attack::NotANumber => vec![f32::NAN; n],
-        Attack::StaleReplay => match first.get(&node) {
-            // Re-sign the first delta's payload as this round's.
-            Some((first_m, first_p)) => first_m.message().codec.decode(first_p, n).ok()?,
-            None => own,
-        },
-        Attack::FreeRide => return None,
-    };
+    let first = first
+        .get(&node)
+        .and_then(|(fm, fp)| fm.message().codec.decode(fp, n).ok());
+    let values = attacked(attack, own, honest.get(&m.round), first, rng)?;
     // NaN cannot go through a codec; send raw f32 bytes under the f32 codec.
     let (codec, bytes) = match m.codec.encode(&values) {
         Ok(b) => (m.codec, b),
@@ -951,6 +969,50 @@ fn forge(
         .sqrt() as f32;
     forged.l2_norm = if norm.is_finite() { norm } else { 0.0 };
     Some((Signed::sign(forged, key).ok()?, bytes))
+}
+
+/// A Byzantine node's replacement for its honest delta `own` (or `None` to
+/// send nothing): `honest` holds the honest deltas of the round so far (for
+/// colluding attacks), `first` the node's first delta (for replay).
+fn attacked(
+    attack: Attack,
+    own: Vec<f32>,
+    honest: Option<&Vec<Vec<f32>>>,
+    first: Option<Vec<f32>>,
+    rng: &mut ChaCha8Rng,
+) -> Option<Vec<f32>> {
+    let n = own.len();
+    let peers = honest.filter(|v| !v.is_empty());
+    let mean_std = |vs: &Vec<Vec<f32>>| {
+        let k = vs.len() as f32;
+        let mean: Vec<f32> = (0..n)
+            .map(|j| vs.iter().map(|v| v[j]).sum::<f32>() / k)
+            .collect();
+        let std: Vec<f32> = (0..n)
+            .map(|j| (vs.iter().map(|v| (v[j] - mean[j]).powi(2)).sum::<f32>() / k).sqrt())
+            .collect();
+        (mean, std)
+    };
+    Some(match attack {
+        Attack::SignFlip(k) => own.iter().map(|v| -k * v).collect(),
+        Attack::Scaled(k) => own.iter().map(|v| k * v).collect(),
+        Attack::Gaussian(sigma) => own
+            .iter()
+            .map(|v| v + sigma * rng.sample::<f32, _>(StandardNormal))
+            .collect(),
+        Attack::Alie(z) => {
+            let (mean, std) = mean_std(peers.unwrap_or(&vec![own.clone()]));
+            mean.iter().zip(&std).map(|(m, s)| m - z * s).collect()
+        }
+        Attack::Ipm(eps) => {
+            let (mean, _) = mean_std(peers.unwrap_or(&vec![own.clone()]));
+            mean.iter().map(|m| -eps * m).collect()
+        }
+        Attack::NotANumber => vec![f32::NAN; n],
+        // Re-send the first delta as this round's.
+        Attack::StaleReplay => first.unwrap_or(own),
+        Attack::FreeRide => return None,
+    })
 }
 
 /// Rounds in which nodes train (the rest is the consensus phase).

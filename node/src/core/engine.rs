@@ -623,7 +623,10 @@ impl Engine {
             .iter()
             .map(|(from, (p, _))| (p.as_slice(), weights[*from]))
             .collect();
-        self.params = super::mixing::mix(&own, self_weight, &others);
+        self.params = match self.config.rule {
+            AggregationRule::Mean => super::mixing::mix(&own, self_weight, &others),
+            rule => robust_mix(rule, &own, self_weight, &others).unwrap_or(own),
+        };
         self.new_version(Vec::new(), now_ms, out);
     }
 
@@ -699,6 +702,31 @@ impl Engine {
         });
         self.start_round(now_ms, out);
     }
+}
+
+/// Mixing with a robust rule: the rule combines the neighbours' offsets
+/// from this node's own model (its own offset is zero) with the
+/// Metropolis–Hastings weights, and the node moves by the result. With the
+/// plain mean this is exactly Metropolis–Hastings mixing; with self-centred
+/// clipping it is ClippedGossip (He, Karimireddy and Jaggi, 2022): no
+/// neighbour can pull a node further than the clipping radius per round.
+fn robust_mix(
+    rule: AggregationRule,
+    own: &[f32],
+    self_weight: f64,
+    others: &[(&[f32], f64)],
+) -> Option<Vec<f32>> {
+    let zero = vec![0.0f32; own.len()];
+    let offsets: Vec<Vec<f32>> = others
+        .iter()
+        .map(|(p, _)| p.iter().zip(own).map(|(x, o)| x - o).collect())
+        .collect();
+    let mut inputs: Vec<&[f32]> = vec![&zero];
+    inputs.extend(offsets.iter().map(Vec::as_slice));
+    let mut weights = vec![self_weight];
+    weights.extend(others.iter().map(|(_, w)| *w));
+    let step = rule.aggregate(&inputs, &weights, Some(&zero)).ok()?;
+    Some(own.iter().zip(&step).map(|(o, s)| o + s).collect())
 }
 
 /// The signed initial version of a model (round 0, no parents, no deltas):
