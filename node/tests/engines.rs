@@ -808,3 +808,57 @@ fn push_sum_converges_with_a_fifth_of_messages_dropped() {
     eprintln!("push-sum with training, 60 rounds, 20 % loss: worst accuracy {worst:.4}");
     assert!(worst >= 0.9, "{acc:?}");
 }
+
+#[test]
+fn diverged_training_contributes_no_step_and_waiting_does_not_pile_up_timers() {
+    for mode in [Mode::Broadcast, Mode::Mixing, Mode::PushSum { fanout: 1 }] {
+        let mut cfg = engine_config(AggregationRule::Mean, DoorConfig::default(), 1);
+        cfg.mode = mode;
+        cfg.round_timeout_ms = 100;
+        let params = spec().init(1);
+        let g = genesis(&cfg, &params, &Keypair::from_secret_bytes(&[99; 32])).unwrap();
+        let mut e = Engine::new(cfg, Keypair::from_secret_bytes(&[1; 32]));
+        e.handle(
+            Input::PeerJoined(Keypair::from_secret_bytes(&[2; 32]).node_id()),
+            0,
+        );
+        e.handle(
+            Input::Start {
+                manifest: g,
+                params: params.clone(),
+            },
+            0,
+        );
+        let out = e.handle(
+            Input::TrainingDone {
+                round: 0,
+                params: vec![f32::NAN; params.len()],
+                samples: 10,
+            },
+            10,
+        );
+        // No NaN leaves the node; the round is not stuck on it.
+        for a in &out {
+            match a {
+                Action::SendToNeighbours { params: p, .. } => assert_eq!(p, &params, "{mode:?}"),
+                Action::PushShare { x, .. } => assert!(x.iter().all(|v| v.is_finite())),
+                Action::Publish { manifest, .. } => {
+                    assert_eq!(manifest.message().l2_norm, 0.0, "{mode:?}: a zero step")
+                }
+                _ => {}
+            }
+        }
+        assert!(e.params().iter().all(|v| v.is_finite()), "{mode:?}");
+        // Past the deadline with the peer silent: many wake-ups and inputs
+        // arm one timer per timeout, not one per input.
+        let mut timers = 0;
+        for t in 100..400 {
+            let out = e.handle(Input::Tick, t);
+            timers += out
+                .iter()
+                .filter(|a| matches!(a, Action::SetTimer { .. }))
+                .count();
+        }
+        assert!(timers <= 4, "{mode:?}: {timers} timers armed");
+    }
+}

@@ -230,6 +230,8 @@ pub struct Engine {
     rng: ChaCha8Rng,
     round: u64,
     round_started_ms: u64,
+    /// When the pending wake-up fires.
+    timer_ms: u64,
     training: bool,
     params: Vec<f32>,
     version: Option<ContentId>,
@@ -264,6 +266,7 @@ impl Engine {
             rng,
             round: 0,
             round_started_ms: 0,
+            timer_ms: 0,
             training: false,
             params: vec![0.0; n],
             version: None,
@@ -324,20 +327,25 @@ impl Engine {
             } => {
                 if round == self.round && self.training {
                     self.training = false;
+                    // Training that diverged (or a malformed result)
+                    // contributes no step, rather than stalling the round.
+                    let params = if params.len() == self.params.len()
+                        && params.iter().all(|v| v.is_finite())
+                    {
+                        params
+                    } else {
+                        self.params.clone()
+                    };
                     match self.config.mode {
                         Mode::Broadcast => self.publish(params, samples, &mut out),
                         Mode::PushSum { fanout } => self.push(params, fanout, now_ms, &mut out),
                         Mode::Mixing => {
-                            if params.len() == self.params.len()
-                                && params.iter().all(|v| v.is_finite())
-                            {
-                                out.push(Action::SendToNeighbours {
-                                    round,
-                                    params: params.clone(),
-                                    degree: self.peers.len(),
-                                });
-                                self.trained = Some(params);
-                            }
+                            out.push(Action::SendToNeighbours {
+                                round,
+                                params: params.clone(),
+                                degree: self.peers.len(),
+                            });
+                            self.trained = Some(params);
                         }
                     }
                     self.maybe_close(now_ms, &mut out);
@@ -441,9 +449,22 @@ impl Engine {
             params: self.params.clone(),
             seed: self.rng.r#gen(),
         });
+        self.timer_ms = now_ms + self.config.round_timeout_ms;
         out.push(Action::SetTimer {
-            at_ms: now_ms + self.config.round_timeout_ms,
+            at_ms: self.timer_ms,
         });
+    }
+
+    /// Past the deadline with nothing to close on: wake again one timeout
+    /// later, unless a wake-up is already pending (so inputs arriving while
+    /// a node waits do not pile up timers).
+    fn rearm(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        if self.timer_ms <= now_ms {
+            self.timer_ms = now_ms + self.config.round_timeout_ms;
+            out.push(Action::SetTimer {
+                at_ms: self.timer_ms,
+            });
+        }
     }
 
     fn publish(&mut self, trained: Vec<f32>, samples: u64, out: &mut Vec<Action>) {
@@ -551,9 +572,7 @@ impl Engine {
             if self.trained.is_some() && (heard >= self.peers.len() || deadline) {
                 self.close_mixing_round(now_ms, out);
             } else if deadline {
-                out.push(Action::SetTimer {
-                    at_ms: now_ms + self.config.round_timeout_ms,
-                });
+                self.rearm(now_ms, out);
             }
             return;
         }
@@ -567,9 +586,7 @@ impl Engine {
             self.close_round(now_ms, out);
         } else if deadline {
             // Nothing arrived for this round yet: look again later.
-            out.push(Action::SetTimer {
-                at_ms: now_ms + self.config.round_timeout_ms,
-            });
+            self.rearm(now_ms, out);
         }
     }
 
