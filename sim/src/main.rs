@@ -104,6 +104,10 @@ struct RunArgs {
     /// not change results.
     #[arg(long)]
     threads: Option<usize>,
+    /// Give every node the real chunk store (in memory) and report what it
+    /// holds.
+    #[arg(long)]
+    chunk_store: bool,
     /// Skip the baselines (centralized, local-only, plain mean).
     #[arg(long)]
     no_baselines: bool,
@@ -147,6 +151,9 @@ fn scenario(args: &RunArgs) -> Result<Scenario, String> {
     );
     if !args.cuts.is_empty() {
         s.cuts = args.cuts.clone();
+    }
+    if args.chunk_store {
+        s.chunk_store = true;
     }
     if args.no_baselines {
         s.baselines = false;

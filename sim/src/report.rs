@@ -98,6 +98,7 @@ pub fn run(
             "messages_to_offline": outcome.messages_to_offline,
         },
         "churn": outcome.churn,
+        "store": outcome.store,
         "wall_seconds": started.elapsed().as_secs_f64(),
     });
     let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())? + "\n";

@@ -79,6 +79,11 @@ pub struct Scenario {
     /// Worker threads for training and evaluation (`0` = one per core).
     /// Results do not depend on it.
     pub threads: usize,
+    /// Give every node the real chunk store (in-memory backend): published
+    /// and fetched payloads, model versions and their manifests go into it,
+    /// fetches are served from it, and it is garbage-collected every ten
+    /// rounds keeping the head; the report gives what nodes store.
+    pub chunk_store: bool,
     /// Also run the baselines (centralized, local-only, plain mean).
     pub baselines: bool,
 }
@@ -111,6 +116,7 @@ impl Default for Scenario {
             consensus_rounds: 0,
             eval_sample: 0,
             threads: 0,
+            chunk_store: false,
             baselines: true,
         }
     }

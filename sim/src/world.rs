@@ -22,6 +22,8 @@ use tapestry_protocol::{
     ContentId, DeltaManifest, Keypair, ModelManifest, NodeId, Signed, Verified,
 };
 
+use tapestry_storage::{ChunkStore, MemoryStore};
+
 use crate::net::Net;
 use crate::par;
 use crate::scenario::{Attack, DataSource, Settings};
@@ -84,6 +86,17 @@ pub struct Outcome {
     pub messages_to_offline: u64,
     /// Churn figures.
     pub churn: ChurnCounts,
+    /// What the nodes' chunk stores hold at the end, if they had them.
+    pub store: Option<StoreFigures>,
+}
+
+/// Chunk-store figures at the end of a run (means over all nodes).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StoreFigures {
+    /// Bytes held (keys and values).
+    pub bytes_per_node: u64,
+    /// Chunks held.
+    pub chunks_per_node: u64,
 }
 
 /// The data of a run, loaded and scaled once.
@@ -225,6 +238,8 @@ struct World<'a> {
     honest_deltas: BTreeMap<u64, Vec<Vec<f32>>>,
     rejected: BTreeMap<String, u64>,
     churn: ChurnCounts,
+    /// Each node's chunk store, if the scenario asks for them.
+    stores: Vec<MemoryStore>,
 }
 
 /// Runs the swarm of `settings` on `data`; `progress` is called once per
@@ -331,6 +346,11 @@ pub fn run_swarm(
         honest_deltas: BTreeMap::new(),
         rejected: BTreeMap::new(),
         churn: ChurnCounts::default(),
+        stores: if s.chunk_store {
+            (0..n).map(|_| MemoryStore::new()).collect()
+        } else {
+            Vec::new()
+        },
     };
     for i in 0..n {
         for j in world.peers_of(i) {
@@ -367,7 +387,9 @@ pub fn run_swarm(
         );
     }
     world.run(progress)?;
+    let store = world.store_figures()?;
     Ok(Outcome {
+        store,
         rounds: world.stats,
         honest_nodes: world.honest.len(),
         rejected: world.rejected,
@@ -551,8 +573,24 @@ impl World<'_> {
             }
             Action::Fetch { manifest } => {
                 let author = self.index.get(&manifest.message().author).copied();
-                if let (Some(payload), Some(a)) = (self.published.get(&manifest.id()), author) {
-                    let (id, payload) = (manifest.id(), payload.clone());
+                let payload = match (author, self.stores.is_empty()) {
+                    (Some(a), false) => {
+                        let m = manifest.message();
+                        self.stores[a]
+                            .read_payload(&m.chunk_ids, m.payload_bytes)
+                            .ok()
+                    }
+                    _ => self.published.get(&manifest.id()).cloned(),
+                };
+                if let (Some(payload), Some(a)) = (payload, author) {
+                    if let Some(store) = self.stores.get(i) {
+                        let m = manifest.message();
+                        store
+                            .put_payload(&payload, m.chunk_size as usize)
+                            .and_then(|_| store.put_delta_manifest(&manifest))
+                            .map_err(|e| e.to_string())?;
+                    }
+                    let id = manifest.id();
                     // The request travels, then the author's uplink sends.
                     let asked = self.net.send_reliable(i, a, now, 128);
                     if let Ok(at) =
@@ -656,6 +694,15 @@ impl World<'_> {
             .entry(manifest.message().round)
             .or_default()
             .push(manifest.id());
+        if let Some(store) = self.stores.get(i) {
+            // The author keeps what it announces; fetches are served from here.
+            let stored = store
+                .put_payload(&payload, manifest.message().chunk_size as usize)
+                .and_then(|_| store.put_delta_manifest(&manifest));
+            if stored.is_err() {
+                return;
+            }
+        }
         self.published.insert(manifest.id(), payload);
         let size = manifest.envelope_bytes().len() as u64;
         for j in 0..self.keys.len() {
@@ -721,7 +768,33 @@ impl World<'_> {
             row.params.insert(i, params.clone());
             row.last_ms = now;
         }
+        if let Some(store) = self.stores.get(i) {
+            let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let kept = store
+                .put_payload(&bytes, manifest.message().chunk_size as usize)
+                .and_then(|_| store.put_model_manifest(&manifest))
+                .and_then(|id| store.set_ref("head", id));
+            if kept.is_ok() && round % 10 == 0 {
+                // Steady state: what a node keeps is its head's history.
+                let _ = store.gc();
+            }
+        }
         self.heads[i] = (manifest, params);
+    }
+
+    fn store_figures(&self) -> Result<Option<StoreFigures>, String> {
+        if self.stores.is_empty() {
+            return Ok(None);
+        }
+        let n = self.stores.len() as u64;
+        let mut f = StoreFigures::default();
+        for store in &self.stores {
+            f.bytes_per_node += store.disk_bytes().map_err(|e| e.to_string())?;
+            f.chunks_per_node += store.chunk_ids().map_err(|e| e.to_string())?.len() as u64;
+        }
+        f.bytes_per_node /= n;
+        f.chunks_per_node /= n;
+        Ok(Some(f))
     }
 
     /// Closes every round row that can no longer change, in order: all

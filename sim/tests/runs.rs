@@ -411,3 +411,24 @@ fn in_mixing_mode_clipping_holds_off_attackers_that_wreck_the_plain_mean() {
     assert!(clipped >= 0.9 * clean, "{clipped} vs {clean}");
     assert!(plain < 0.5 * clean, "{plain}");
 }
+
+#[test]
+fn with_real_chunk_stores_fetches_are_served_from_them_and_nothing_changes() {
+    let s = Scenario {
+        nodes: 6,
+        rounds: 12,
+        baselines: false,
+        ..Scenario::default()
+    };
+    let plain = run(s.clone());
+    let stored = run(Scenario {
+        chunk_store: true,
+        ..s
+    });
+    assert_eq!(plain["final"], stored["final"]);
+    assert!(plain["store"].is_null());
+    // Every node keeps its head's whole lineage: 12 versions and the 6
+    // deltas that built each one, one chunk apiece at this size.
+    assert_eq!(stored["store"]["chunks_per_node"], 12 * 7);
+    assert!(stored["store"]["bytes_per_node"].as_u64().unwrap() > 12 * 7 * 840);
+}
