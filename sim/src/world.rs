@@ -774,7 +774,7 @@ impl World<'_> {
                 .put_payload(&bytes, manifest.message().chunk_size as usize)
                 .and_then(|_| store.put_model_manifest(&manifest))
                 .and_then(|id| store.set_ref("head", id));
-            if kept.is_ok() && round % 10 == 0 {
+            if kept.is_ok() && round.is_multiple_of(10) {
                 // Steady state: what a node keeps is its head's history.
                 let _ = store.gc();
             }
