@@ -1,9 +1,12 @@
-//! The Tapestry node: the sans-IO learning and averaging core and, later, the
-//! IO shell around it (libp2p swarm, HTTP API, metrics, the `tapestry` binary).
-//!
-//! **Status**: [`core`] — training, aggregation, mixing, door checks and the
-//! round engine — is implemented and tested on the digits data set. The
-//! networked node (libp2p, HTTP API, metrics, the `tapestry` binary) is not
-//! implemented yet.
+//! The Tapestry node: the sans-IO learning and averaging core ([`core`]) and
+//! the IO shell around it: the libp2p swarm task ([`net`]), the running node
+//! that drives the core with real time, peers and a chunk store
+//! ([`runtime`]), its metrics ([`metrics`]) and HTTP API ([`api`]), its
+//! configuration ([`config`]), and the `tapestry` command (`src/main.rs`).
 
+pub mod api;
+pub mod config;
 pub mod core;
+pub mod metrics;
+pub mod net;
+pub mod runtime;

@@ -91,6 +91,14 @@ pub enum Rejection {
         /// This node's round.
         current: u64,
     },
+    /// A sequence number not above the author's last one seen: a replay
+    /// of an old announcement (or a forked author).
+    Replay {
+        /// The announcement's sequence number.
+        seq: u64,
+        /// The last one seen from this author.
+        last: u64,
+    },
 }
 
 impl Rejection {
@@ -106,6 +114,7 @@ impl Rejection {
             Rejection::NormTooLarge { .. } => "norm_too_large",
             Rejection::Stale { .. } => "stale",
             Rejection::FromTheFuture { .. } => "from_the_future",
+            Rejection::Replay { .. } => "replay",
         }
     }
 }
@@ -131,6 +140,9 @@ impl fmt::Display for Rejection {
             }
             Rejection::FromTheFuture { round, current } => {
                 write!(f, "round {round} is too far ahead (current {current})")
+            }
+            Rejection::Replay { seq, last } => {
+                write!(f, "sequence number {seq} not above the last seen ({last})")
             }
         }
     }

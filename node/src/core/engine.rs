@@ -535,11 +535,11 @@ impl Engine {
             return;
         }
         // Replay: a sequence number not above the last one seen from this author.
-        if self
-            .last_seq
-            .get(&msg.author)
-            .is_some_and(|s| msg.seq <= *s)
-        {
+        if let Some(&last) = self.last_seq.get(&msg.author).filter(|s| msg.seq <= **s) {
+            out.push(Action::Penalise(Rejected {
+                sender: msg.author,
+                reason: super::door::Rejection::Replay { seq: msg.seq, last },
+            }));
             return;
         }
         if let Err(r) = self.door.check_manifest(msg, self.round) {

@@ -1,0 +1,398 @@
+//! `config.toml`: what a node trains, where it listens, whom it joins.
+//! Precedence: command-line flags, then `TAPESTRY_*` environment variables
+//! (both handled by the command), then this file, then the defaults below.
+//! Unknown keys are errors, so a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tapestry_protocol::Codec;
+
+use crate::core::aggregate::AggregationRule;
+use crate::core::door::DoorConfig;
+use crate::core::engine::{EngineConfig, Mode};
+use crate::core::model::{InnerOptimizer, ModelSpec, TrainConfig};
+use crate::core::outer::OuterOptimizer;
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The model this node trains.
+    pub model_id: String,
+    /// The region (swarm) it joins.
+    pub region: String,
+    /// Listen addresses (multiaddrs).
+    pub listen: Vec<String>,
+    /// Peers to join at start (multiaddrs ending in `/p2p/<peer id>`).
+    pub bootstrap: Vec<String>,
+    /// The HTTP API address.
+    pub api: String,
+    /// Discover peers on the local network.
+    pub mdns: bool,
+    /// The model.
+    pub model: ModelSection,
+    /// The node's private data.
+    pub data: DataSection,
+    /// Local training.
+    pub training: TrainingSection,
+    /// Rounds.
+    pub round: RoundSection,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// `logistic` or `mlp:W1,W2,...`.
+    pub architecture: String,
+    /// Input features.
+    pub inputs: usize,
+    /// Classes.
+    pub classes: usize,
+    /// Seed of the initial parameters (the same on every node of a region).
+    pub seed: u64,
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// A CSV file (`.csv` or `.csv.gz`, label in the last column).
+    pub path: String,
+    /// Fraction held out for evaluation.
+    pub test_fraction: f64,
+    /// Features are scaled from `[feature_min, feature_max]` to `[0, 1]`.
+    pub feature_min: f32,
+    /// See `feature_min`.
+    pub feature_max: f32,
+}
+
+/// `[training]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingSection {
+    /// Inner steps per round.
+    pub local_steps: usize,
+    /// Rows per step.
+    pub batch_size: usize,
+    /// Learning rate (SGD with momentum 0.9).
+    pub lr: f32,
+}
+
+/// `[round]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoundSection {
+    /// `f32`, `bf16`, `int8[:BLOCK]`, `topk:F`.
+    pub codec: String,
+    /// `mean`, `trimmed-mean:B`, `median`, `clip:R[:ITER]`.
+    pub aggregator: String,
+    /// Fraction of known peers whose deltas close a round.
+    pub quorum: f64,
+    /// A round closes at the latest this long after it started.
+    pub timeout_ms: u64,
+    /// Stop after this many rounds (`0`: never).
+    pub rounds: u64,
+    /// Wait for this many peers before the first round (at most
+    /// `start_wait_ms`).
+    pub start_peers: usize,
+    /// Longest wait for `start_peers`.
+    pub start_wait_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            model_id: "digits".into(),
+            region: "default".into(),
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/4001".into(),
+                "/ip4/0.0.0.0/udp/4001/quic-v1".into(),
+            ],
+            bootstrap: Vec::new(),
+            api: "127.0.0.1:7400".into(),
+            mdns: false,
+            model: ModelSection::default(),
+            data: DataSection::default(),
+            training: TrainingSection::default(),
+            round: RoundSection::default(),
+        }
+    }
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            architecture: "logistic".into(),
+            inputs: 64,
+            classes: 10,
+            seed: 1,
+        }
+    }
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            test_fraction: 0.2,
+            feature_min: 0.0,
+            feature_max: 16.0,
+        }
+    }
+}
+
+impl Default for TrainingSection {
+    fn default() -> Self {
+        Self {
+            local_steps: 20,
+            batch_size: 32,
+            lr: 0.05,
+        }
+    }
+}
+
+impl Default for RoundSection {
+    fn default() -> Self {
+        Self {
+            codec: "f32".into(),
+            aggregator: "mean".into(),
+            quorum: 1.0,
+            timeout_ms: 10_000,
+            rounds: 0,
+            start_peers: 1,
+            start_wait_ms: 10_000,
+        }
+    }
+}
+
+/// The commented file `tapestry init` writes.
+pub fn commented(model_id: &str, region: &str) -> String {
+    let d = Config::default();
+    format!(
+        r#"# Tapestry node configuration. Flags and TAPESTRY_* environment variables
+# override what is here; unknown keys are errors.
+
+# The model this node trains and the region (swarm) it joins. Every node of a
+# region must use the same model section.
+model_id = "{model_id}"
+region = "{region}"
+
+# Where to listen for peers: TCP (noise + yamux) and QUIC. Open these ports
+# (or run behind a relay) to be reachable from other organisations.
+listen = ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]
+
+# Peers to join at start, as multiaddrs ending in /p2p/<peer id>, e.g.
+# "/dns4/bootstrap.example.org/tcp/4001/p2p/12D3KooW...".
+bootstrap = []
+
+# The HTTP API (GET /status, /metrics, /model/head). Keep it on loopback
+# unless it sits behind something that controls access.
+api = "{api}"
+
+# Find peers on the local network with mDNS (for local and demo setups).
+mdns = false
+
+[model]
+# logistic, or mlp:W1,W2,... (hidden widths)
+architecture = "{arch}"
+inputs = {inputs}
+classes = {classes}
+# Seed of the initial parameters: the same on every node of the region.
+seed = {seed}
+
+[data]
+# Your private data: a CSV (.csv or .csv.gz) with the label in the last
+# column. It never leaves this machine; only parameter deltas do.
+path = ""
+# Fraction of it held out to evaluate the shared model locally.
+test_fraction = {tf}
+# Features are scaled from [feature_min, feature_max] to [0, 1]; part of the
+# model definition, so the same on every node.
+feature_min = {fmin:?}
+feature_max = {fmax:?}
+
+[training]
+local_steps = {steps}
+batch_size = {batch}
+lr = {lr:?}
+
+[round]
+# Delta encoding: f32, bf16, int8[:BLOCK], topk:FRACTION
+codec = "{codec}"
+# How deltas are combined: mean, trimmed-mean:BETA, median, clip:RADIUS
+aggregator = "{agg}"
+# Fraction of known peers whose deltas close a round early.
+quorum = {quorum:?}
+# A round closes at the latest this long after it started (ms).
+timeout_ms = {timeout}
+# Stop after this many rounds (0 = never).
+rounds = {rounds}
+# Wait for this many peers before the first round, at most start_wait_ms.
+start_peers = {start_peers}
+start_wait_ms = {start_wait}
+"#,
+        api = d.api,
+        arch = d.model.architecture,
+        inputs = d.model.inputs,
+        classes = d.model.classes,
+        seed = d.model.seed,
+        tf = d.data.test_fraction,
+        fmin = d.data.feature_min,
+        fmax = d.data.feature_max,
+        steps = d.training.local_steps,
+        batch = d.training.batch_size,
+        lr = d.training.lr,
+        codec = d.round.codec,
+        agg = d.round.aggregator,
+        quorum = d.round.quorum,
+        timeout = d.round.timeout_ms,
+        rounds = d.round.rounds,
+        start_peers = d.round.start_peers,
+        start_wait = d.round.start_wait_ms,
+    )
+}
+
+impl Config {
+    /// Reads `path`; a missing file is an error naming it.
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| format!("{}: {}", path.display(), e.message().replace('\n', " ")))
+    }
+
+    /// The model.
+    pub fn spec(&self) -> Result<ModelSpec, String> {
+        let (inputs, classes) = (self.model.inputs, self.model.classes);
+        if inputs == 0 || classes < 2 {
+            return Err("model needs inputs ≥ 1 and classes ≥ 2".into());
+        }
+        let arch = &self.model.architecture;
+        if arch == "logistic" {
+            Ok(ModelSpec::Logistic { inputs, classes })
+        } else if let Some(w) = arch.strip_prefix("mlp:") {
+            let hidden = w
+                .split(',')
+                .map(|x| x.trim().parse::<usize>().ok().filter(|v| *v > 0))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| format!("bad MLP widths in {arch:?}"))?;
+            Ok(ModelSpec::Mlp {
+                inputs,
+                hidden,
+                classes,
+            })
+        } else {
+            Err(format!(
+                "unknown architecture {arch:?} (logistic, mlp:W1,W2,...)"
+            ))
+        }
+    }
+
+    /// The round engine's settings for a node with this `seed`.
+    pub fn engine(&self, seed: u64) -> Result<EngineConfig, String> {
+        let r = &self.round;
+        if !(r.quorum > 0.0 && r.quorum <= 1.0) {
+            return Err(format!("quorum {} outside (0, 1]", r.quorum));
+        }
+        if r.timeout_ms == 0 {
+            return Err("timeout_ms must be positive".into());
+        }
+        Ok(EngineConfig {
+            model_id: self.model_id.clone(),
+            region: self.region.clone(),
+            spec: self.spec()?,
+            codec: r
+                .codec
+                .parse::<Codec>()
+                .map_err(|e| format!("codec: {e}"))?,
+            chunk_size: tapestry_protocol::DEFAULT_CHUNK_SIZE,
+            rule: r
+                .aggregator
+                .parse::<AggregationRule>()
+                .map_err(|e| format!("aggregator: {e}"))?,
+            outer: OuterOptimizer::averaging(),
+            quorum: r.quorum,
+            round_timeout_ms: r.timeout_ms,
+            door: DoorConfig::default(),
+            mode: Mode::Broadcast,
+            seed,
+        })
+    }
+
+    /// Local training settings.
+    pub fn train(&self) -> Result<TrainConfig, String> {
+        let t = &self.training;
+        if t.local_steps == 0 || t.batch_size == 0 || !(t.lr > 0.0 && t.lr.is_finite()) {
+            return Err("training needs local_steps ≥ 1, batch_size ≥ 1 and lr > 0".into());
+        }
+        Ok(TrainConfig {
+            local_steps: t.local_steps,
+            batch_size: t.batch_size,
+            optimizer: InnerOptimizer::SgdMomentum {
+                lr: t.lr,
+                momentum: 0.9,
+            },
+        })
+    }
+
+    /// The API address.
+    pub fn api_addr(&self) -> Result<SocketAddr, String> {
+        self.api
+            .parse()
+            .map_err(|_| format!("api address {:?} is not HOST:PORT", self.api))
+    }
+
+    /// How long to wait for the first peers.
+    pub fn start_wait(&self) -> Duration {
+        Duration::from_millis(self.round.start_wait_ms)
+    }
+}
+
+/// Files of a node's data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    /// The directory.
+    pub root: PathBuf,
+}
+
+impl DataDir {
+    /// The identity key file (0600).
+    pub fn key(&self) -> PathBuf {
+        self.root.join("node.key")
+    }
+    /// The configuration.
+    pub fn config(&self) -> PathBuf {
+        self.root.join("config.toml")
+    }
+    /// The chunk store.
+    pub fn store(&self) -> PathBuf {
+        self.root.join("store")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_commented_file_is_the_defaults_and_typos_are_errors() {
+        let text = commented("digits", "default");
+        let parsed: Config = toml::from_str(&text).unwrap();
+        assert_eq!(parsed, Config::default());
+        parsed.engine(1).unwrap();
+        parsed.train().unwrap();
+        let bad = format!("{text}\n[extra]\nwobble = 1\n");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, bad).unwrap();
+        let err = Config::load(&path).unwrap_err();
+        assert!(err.contains("extra") || err.contains("unknown"), "{err}");
+        let mut c = Config::default();
+        c.round.aggregator = "loudest".into();
+        assert!(c.engine(1).unwrap_err().contains("aggregator"));
+    }
+}

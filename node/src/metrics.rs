@@ -1,0 +1,122 @@
+//! The node's Prometheus metrics, in one registry with libp2p's own.
+
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// The `reason` label of rejections.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// Why (a stable label such as `bad_signature`, `replay`, `non_finite`).
+    pub reason: String,
+}
+
+/// Every metric the node exports.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Rounds completed (versions adopted).
+    pub rounds: Counter,
+    /// The current round.
+    pub round: Gauge,
+    /// Deltas accepted from gossip.
+    pub deltas_accepted: Counter,
+    /// Messages and deltas rejected, by reason.
+    pub deltas_rejected: Family<Reason, Counter>,
+    /// Chunks served to peers.
+    pub chunks_served: Counter,
+    /// Chunks fetched from peers (verified).
+    pub chunks_fetched: Counter,
+    /// Application bytes received.
+    pub bytes_in: Counter,
+    /// Application bytes sent.
+    pub bytes_out: Counter,
+    /// Test accuracy of the head on the local split.
+    pub accuracy: Gauge<f64, AtomicU64>,
+    /// Connected peers.
+    pub peers: Gauge,
+    /// The registry (ours and libp2p's), for encoding.
+    pub registry: Mutex<Registry>,
+}
+
+impl Metrics {
+    /// Registers our metrics in `registry` (which may already hold
+    /// libp2p's).
+    pub fn new(mut registry: Registry) -> Metrics {
+        let m = Metrics {
+            rounds: Counter::default(),
+            round: Gauge::default(),
+            deltas_accepted: Counter::default(),
+            deltas_rejected: Family::default(),
+            chunks_served: Counter::default(),
+            chunks_fetched: Counter::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            accuracy: Gauge::default(),
+            peers: Gauge::default(),
+            registry: Mutex::new(Registry::default()),
+        };
+        let r = registry.sub_registry_with_prefix("tapestry");
+        r.register("rounds", "Rounds completed", m.rounds.clone());
+        r.register("round", "Current round", m.round.clone());
+        r.register(
+            "deltas_accepted",
+            "Deltas accepted from gossip",
+            m.deltas_accepted.clone(),
+        );
+        r.register(
+            "deltas_rejected",
+            "Deltas and messages rejected, by reason",
+            m.deltas_rejected.clone(),
+        );
+        r.register(
+            "chunks_served",
+            "Chunks served to peers",
+            m.chunks_served.clone(),
+        );
+        r.register(
+            "chunks_fetched",
+            "Chunks fetched and verified",
+            m.chunks_fetched.clone(),
+        );
+        r.register("bytes_in", "Application bytes received", m.bytes_in.clone());
+        r.register("bytes_out", "Application bytes sent", m.bytes_out.clone());
+        r.register(
+            "accuracy",
+            "Test accuracy of the head on the local evaluation split",
+            m.accuracy.clone(),
+        );
+        r.register("peers", "Connected peers", m.peers.clone());
+        if let Ok(mut slot) = m.registry.lock() {
+            *slot = registry;
+        }
+        m
+    }
+
+    /// Counts one rejection.
+    pub fn reject(&self, reason: &str) {
+        self.deltas_rejected
+            .get_or_create(&Reason {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Sets the accuracy gauge.
+    pub fn set_accuracy(&self, accuracy: f32) {
+        self.accuracy.set(f64::from(accuracy));
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Ok(registry) = self.registry.lock() {
+            let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        }
+        out
+    }
+}

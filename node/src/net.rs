@@ -1,0 +1,713 @@
+//! The libp2p shell. One task owns the [`Swarm`]; everything else talks to
+//! it through a cloneable [`NetHandle`] (a bounded channel of [`Command`]s,
+//! with oneshot replies) and hears from it through a bounded channel of
+//! [`NetEvent`]s. The task never verifies signatures, decodes tensors or
+//! trains: it moves bytes and reports validation results back to gossipsub.
+//!
+//! Behaviours: identify, ping, Kademlia (peer discovery), mDNS (optional),
+//! gossipsub (signed messages, `validate_messages`, message id = BLAKE3 of the
+//! data, peer scoring with a heavy penalty for invalid messages),
+//! request-response for chunk, manifest and head fetches (CBOR through the
+//! protocol crate's decoder with limits), AutoNAT, relay client and DCUtR,
+//! and connection limits. Transports: TCP with noise and yamux, QUIC, DNS.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::time::Duration;
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::gossipsub::{
+    self, IdentTopic, MessageAcceptance, MessageAuthenticity, MessageId, PeerScoreParams,
+    PeerScoreThresholds, TopicHash, TopicScoreParams, ValidationMode,
+};
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, autonat, connection_limits, dcutr,
+    identify, identity, kad, mdns, noise, ping, relay, tcp, yamux,
+};
+use tapestry_protocol::{FetchRequest, FetchResponse, Keypair, NodeId};
+use tokio::sync::{mpsc, oneshot};
+
+/// The identify protocol version of Tapestry nodes.
+pub const PROTOCOL_VERSION: &str = "/tapestry/1";
+/// The request-response protocol for chunks, manifests and heads.
+pub const FETCH_PROTOCOL: StreamProtocol = StreamProtocol::new("/tapestry/fetch/1");
+/// Tapestry's own Kademlia DHT (not the IPFS one).
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tapestry/kad/1");
+/// Largest fetch request accepted (a request names one id or one head).
+const MAX_REQUEST_BYTES: u64 = 4 << 10;
+/// Largest fetch response accepted: one chunk or manifest and its framing.
+const MAX_RESPONSE_BYTES: u64 = tapestry_protocol::DecodeLimits::FETCH.max_bytes as u64;
+/// Largest gossip message: a signed manifest.
+pub const MAX_GOSSIP_BYTES: usize = tapestry_protocol::DecodeLimits::MANIFEST.max_bytes;
+
+/// Why the network could not start or a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// A transport or behaviour could not be built.
+    #[error("could not build the network: {0}")]
+    Build(String),
+    /// An address could not be listened on.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// The network task has stopped.
+    #[error("the network task has stopped")]
+    Stopped,
+    /// A fetch failed (timeout, dial failure, closed connection...).
+    #[error("fetch from {peer} failed: {reason}")]
+    Fetch {
+        /// The peer asked.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Network settings.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start (each must end in `/p2p/<peer id>` to be
+    /// added to the DHT; any address is dialled).
+    pub bootstrap: Vec<Multiaddr>,
+    /// Discover peers on the local network with mDNS.
+    pub mdns: bool,
+    /// Gossip topics to join.
+    pub topics: Vec<String>,
+    /// Most established connections in total.
+    pub max_connections: u32,
+    /// Most established connections per peer.
+    pub max_connections_per_peer: u32,
+    /// Gossipsub heartbeat.
+    pub heartbeat: Duration,
+    /// Per-request timeout of fetches.
+    pub request_timeout: Duration,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            bootstrap: Vec::new(),
+            mdns: false,
+            topics: Vec::new(),
+            max_connections: 256,
+            max_connections_per_peer: 4,
+            heartbeat: Duration::from_millis(500),
+            request_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// What the rest of the node asks the network task to do.
+#[derive(Debug)]
+pub enum Command {
+    /// Publish on a gossip topic.
+    Publish {
+        /// The topic.
+        topic: String,
+        /// The message.
+        data: Vec<u8>,
+    },
+    /// Tell gossipsub what validation found about a message.
+    Report {
+        /// Its id.
+        id: MessageId,
+        /// The peer that forwarded it.
+        source: PeerId,
+        /// Accept (forward), reject (penalise the forwarder) or ignore.
+        acceptance: MessageAcceptance,
+    },
+    /// Ask a peer for something.
+    Fetch {
+        /// The peer.
+        peer: PeerId,
+        /// The request.
+        request: FetchRequest,
+        /// The answer.
+        reply: oneshot::Sender<Result<FetchResponse, NetError>>,
+    },
+    /// Answer a peer's request.
+    Respond {
+        /// The channel of its request.
+        channel: ResponseChannel<FetchResponse>,
+        /// The answer.
+        response: FetchResponse,
+    },
+    /// Dial an address.
+    Dial(Multiaddr),
+    /// What the network looks like now.
+    Snapshot(oneshot::Sender<NetSnapshot>),
+}
+
+/// What the network task tells the node.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// Listening on an address.
+    Listening(Multiaddr),
+    /// A connection to a new peer.
+    PeerConnected(PeerId),
+    /// The last connection to a peer closed.
+    PeerDisconnected(PeerId),
+    /// A gossip message to validate (and then [`Command::Report`]).
+    Gossip {
+        /// Its id (BLAKE3 of the data).
+        id: MessageId,
+        /// The peer that forwarded it.
+        source: PeerId,
+        /// Its topic.
+        topic: TopicHash,
+        /// The message.
+        data: Vec<u8>,
+    },
+    /// A peer asks for something; answer with [`Command::Respond`].
+    Request {
+        /// The peer.
+        peer: PeerId,
+        /// What it asks for.
+        request: FetchRequest,
+        /// Where the answer goes.
+        channel: ResponseChannel<FetchResponse>,
+    },
+}
+
+/// A view of the network for status pages.
+#[derive(Debug, Clone, Default)]
+pub struct NetSnapshot {
+    /// This node's peer id.
+    pub peer_id: String,
+    /// Connected peers.
+    pub peers: Vec<String>,
+    /// Listen addresses.
+    pub listen: Vec<String>,
+    /// Gossip mesh peers per topic.
+    pub mesh_peers: usize,
+}
+
+/// A cloneable handle on the network task.
+#[derive(Debug, Clone)]
+pub struct NetHandle {
+    tx: mpsc::Sender<Command>,
+    peer_id: PeerId,
+}
+
+impl NetHandle {
+    /// This node's libp2p peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Sends a command (waits if the task is busy).
+    pub async fn send(&self, command: Command) -> Result<(), NetError> {
+        self.tx.send(command).await.map_err(|_| NetError::Stopped)
+    }
+
+    /// Publishes on a topic.
+    pub async fn publish(&self, topic: &str, data: Vec<u8>) -> Result<(), NetError> {
+        self.send(Command::Publish {
+            topic: topic.to_owned(),
+            data,
+        })
+        .await
+    }
+
+    /// Asks `peer` and waits for the answer.
+    pub async fn fetch(
+        &self,
+        peer: PeerId,
+        request: FetchRequest,
+    ) -> Result<FetchResponse, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Fetch {
+            peer,
+            request,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| NetError::Stopped)?
+    }
+
+    /// The current view of the network.
+    pub async fn snapshot(&self) -> Result<NetSnapshot, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Snapshot(reply)).await?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+}
+
+/// The libp2p identity of a Tapestry key: the same ed25519 key, so a node's
+/// peer id and its node id name one key.
+pub fn libp2p_keypair(key: &Keypair) -> Result<identity::Keypair, NetError> {
+    let secret = key.secret_bytes();
+    identity::Keypair::ed25519_from_bytes(*secret).map_err(|e| NetError::Build(e.to_string()))
+}
+
+/// The peer id of a node id (both are the node's ed25519 public key).
+pub fn peer_id_of(node: &NodeId) -> Option<PeerId> {
+    let public = identity::ed25519::PublicKey::try_from_bytes(node.as_bytes()).ok()?;
+    Some(identity::PublicKey::from(public).to_peer_id())
+}
+
+/// The fetch protocol's codec: one CBOR message per stream, read to the end
+/// within a size limit, decoded by the protocol crate (which checks its
+/// limits before allocating).
+#[derive(Debug, Clone, Default)]
+pub struct FetchCodec;
+
+async fn read_limited<T: futures::AsyncRead + Unpin + Send>(
+    io: &mut T,
+    limit: u64,
+) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    io.take(limit + 1).read_to_end(&mut bytes).await?;
+    if bytes.len() as u64 > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("message larger than {limit} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+fn invalid(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+impl request_response::Codec for FetchCodec {
+    type Protocol = StreamProtocol;
+    type Request = FetchRequest;
+    type Response = FetchResponse;
+
+    async fn read_request<T>(&mut self, _: &Self::Protocol, io: &mut T) -> io::Result<FetchRequest>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        let bytes = read_limited(io, MAX_REQUEST_BYTES).await?;
+        FetchRequest::from_bytes(&bytes).map_err(invalid)
+    }
+
+    async fn read_response<T>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+    ) -> io::Result<FetchResponse>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        let bytes = read_limited(io, MAX_RESPONSE_BYTES).await?;
+        FetchResponse::from_bytes(&bytes).map_err(invalid)
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+        request: FetchRequest,
+    ) -> io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        let bytes = request.to_bytes().map_err(invalid)?;
+        io.write_all(&bytes).await?;
+        io.close().await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+        response: FetchResponse,
+    ) -> io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        let bytes = response.to_bytes().map_err(invalid)?;
+        io.write_all(&bytes).await?;
+        io.close().await
+    }
+}
+
+/// Every behaviour of a Tapestry node.
+#[derive(NetworkBehaviour)]
+#[allow(missing_docs)] // the derive generates the undocumented event enum
+pub struct Behaviour {
+    limits: connection_limits::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    gossipsub: gossipsub::Behaviour,
+    fetch: request_response::Behaviour<FetchCodec>,
+    relay_client: relay::client::Behaviour,
+    dcutr: dcutr::Behaviour,
+    autonat: autonat::Behaviour,
+}
+
+fn build_err(e: impl std::fmt::Display) -> NetError {
+    NetError::Build(e.to_string())
+}
+
+fn gossipsub_behaviour(
+    key: &identity::Keypair,
+    config: &NetConfig,
+) -> Result<gossipsub::Behaviour, NetError> {
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(config.heartbeat)
+        .validation_mode(ValidationMode::Strict)
+        .validate_messages()
+        .message_id_fn(|m: &gossipsub::Message| {
+            MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())
+        })
+        .max_transmit_size(MAX_GOSSIP_BYTES)
+        .build()
+        .map_err(build_err)?;
+    let mut gossip =
+        gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_config)
+            .map_err(build_err)?;
+    let mut params = PeerScoreParams::default();
+    for topic in &config.topics {
+        let topic_params = TopicScoreParams {
+            topic_weight: 1.0,
+            // An invalid message costs its forwarder dearly (P4).
+            invalid_message_deliveries_weight: -100.0,
+            invalid_message_deliveries_decay: 0.5,
+            // Small regions: do not punish peers for a thin mesh (P3).
+            mesh_message_deliveries_weight: 0.0,
+            mesh_failure_penalty_weight: 0.0,
+            ..TopicScoreParams::default()
+        };
+        params
+            .topics
+            .insert(IdentTopic::new(topic).hash(), topic_params);
+    }
+    gossip
+        .with_peer_score(params, PeerScoreThresholds::default())
+        .map_err(build_err)?;
+    for topic in &config.topics {
+        gossip
+            .subscribe(&IdentTopic::new(topic))
+            .map_err(build_err)?;
+    }
+    Ok(gossip)
+}
+
+/// Builds the swarm, starts listening and dialling, and spawns the task that
+/// owns it. Returns the handle, the event stream and the task.
+pub fn spawn(
+    key: &Keypair,
+    config: NetConfig,
+    registry: &mut prometheus_client::registry::Registry,
+) -> Result<
+    (
+        NetHandle,
+        mpsc::Receiver<NetEvent>,
+        tokio::task::JoinHandle<()>,
+    ),
+    NetError,
+> {
+    let keypair = libp2p_keypair(key)?;
+    let peer_id = keypair.public().to_peer_id();
+    let mut swarm = SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(build_err)?
+        .with_quic()
+        .with_dns()
+        .map_err(build_err)?
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(build_err)?
+        .with_bandwidth_metrics(registry)
+        .with_behaviour(|key, relay_client| {
+            let peer_id = key.public().to_peer_id();
+            let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+            kad_config.set_query_timeout(Duration::from_secs(30));
+            let mut kad = kad::Behaviour::with_config(
+                peer_id,
+                kad::store::MemoryStore::new(peer_id),
+                kad_config,
+            );
+            kad.set_mode(Some(kad::Mode::Server));
+            let mdns = if config.mdns {
+                Some(mdns::tokio::Behaviour::new(
+                    mdns::Config::default(),
+                    peer_id,
+                )?)
+            } else {
+                None
+            };
+            let limits = connection_limits::ConnectionLimits::default()
+                .with_max_established(Some(config.max_connections))
+                .with_max_established_per_peer(Some(config.max_connections_per_peer));
+            let fetch = request_response::Behaviour::with_codec(
+                FetchCodec,
+                [(FETCH_PROTOCOL, ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(config.request_timeout),
+            );
+            Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(limits),
+                identify: identify::Behaviour::new(
+                    identify::Config::new(PROTOCOL_VERSION.into(), key.public())
+                        .with_agent_version(format!("tapestry/{}", env!("CARGO_PKG_VERSION"))),
+                ),
+                ping: ping::Behaviour::default(),
+                kad,
+                mdns: Toggle::from(mdns),
+                gossipsub: gossipsub_behaviour(key, &config).map_err(Box::new)?,
+                fetch,
+                relay_client,
+                dcutr: dcutr::Behaviour::new(peer_id),
+                autonat: autonat::Behaviour::new(
+                    peer_id,
+                    autonat::Config {
+                        only_global_ips: false,
+                        ..Default::default()
+                    },
+                ),
+            })
+        })
+        .map_err(build_err)?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    for addr in &config.bootstrap {
+        if let Some(peer) = peer_of_addr(addr) {
+            swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+        }
+        if let Err(e) = swarm.dial(addr.clone()) {
+            tracing::warn!(%addr, error = %e, "cannot dial bootstrap address");
+        }
+    }
+    let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+    let (ev_tx, ev_rx) = mpsc::channel(1024);
+    let task = tokio::spawn(run(swarm, cmd_rx, ev_tx));
+    Ok((
+        NetHandle {
+            tx: cmd_tx,
+            peer_id,
+        },
+        ev_rx,
+        task,
+    ))
+}
+
+/// The peer id at the end of an address (`.../p2p/<id>`), if any.
+pub fn peer_of_addr(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
+type Pending = HashMap<OutboundRequestId, oneshot::Sender<Result<FetchResponse, NetError>>>;
+
+/// The event loop: the only code that touches the swarm.
+async fn run(
+    mut swarm: Swarm<Behaviour>,
+    mut commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<NetEvent>,
+) {
+    let mut pending: Pending = HashMap::new();
+    let mut listening: HashSet<Multiaddr> = HashSet::new();
+    loop {
+        tokio::select! {
+            command = commands.recv() => {
+                let Some(command) = command else { break };
+                handle_command(&mut swarm, &mut pending, &listening, command);
+            }
+            event = swarm.select_next_some() => {
+                if !handle_event(&mut swarm, &mut pending, &mut listening, &events, event).await {
+                    break;
+                }
+            }
+        }
+    }
+    tracing::debug!("network task stopped");
+}
+
+fn handle_command(
+    swarm: &mut Swarm<Behaviour>,
+    pending: &mut Pending,
+    listening: &HashSet<Multiaddr>,
+    command: Command,
+) {
+    match command {
+        Command::Publish { topic, data } => {
+            if let Err(e) = swarm
+                .behaviour_mut()
+                .gossipsub
+                .publish(IdentTopic::new(topic.as_str()), data)
+            {
+                tracing::debug!(%topic, error = %e, "publish not sent");
+            }
+        }
+        Command::Report {
+            id,
+            source,
+            acceptance,
+        } => {
+            swarm
+                .behaviour_mut()
+                .gossipsub
+                .report_message_validation_result(&id, &source, acceptance);
+        }
+        Command::Fetch {
+            peer,
+            request,
+            reply,
+        } => {
+            let id = swarm.behaviour_mut().fetch.send_request(&peer, request);
+            pending.insert(id, reply);
+        }
+        Command::Respond { channel, response } => {
+            let _ = swarm.behaviour_mut().fetch.send_response(channel, response);
+        }
+        Command::Dial(addr) => {
+            if let Err(e) = swarm.dial(addr.clone()) {
+                tracing::debug!(%addr, error = %e, "dial failed");
+            }
+        }
+        Command::Snapshot(reply) => {
+            let gossip = &swarm.behaviour().gossipsub;
+            let _ = reply.send(NetSnapshot {
+                peer_id: swarm.local_peer_id().to_string(),
+                peers: swarm.connected_peers().map(|p| p.to_string()).collect(),
+                listen: listening.iter().map(|a| a.to_string()).collect(),
+                mesh_peers: gossip.all_mesh_peers().count(),
+            });
+        }
+    }
+}
+
+/// Handles one swarm event; `false` once the node has stopped listening to
+/// events (the node is shutting down).
+async fn handle_event(
+    swarm: &mut Swarm<Behaviour>,
+    pending: &mut Pending,
+    listening: &mut HashSet<Multiaddr>,
+    events: &mpsc::Sender<NetEvent>,
+    event: SwarmEvent<BehaviourEvent>,
+) -> bool {
+    let out = match event {
+        SwarmEvent::NewListenAddr { address, .. } => {
+            listening.insert(address.clone());
+            Some(NetEvent::Listening(address))
+        }
+        SwarmEvent::ConnectionEstablished {
+            peer_id,
+            endpoint,
+            num_established,
+            ..
+        } => {
+            if endpoint.is_dialer() {
+                swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer_id, endpoint.get_remote_address().clone());
+            }
+            (num_established.get() == 1).then_some(NetEvent::PeerConnected(peer_id))
+        }
+        SwarmEvent::ConnectionClosed {
+            peer_id,
+            num_established,
+            ..
+        } => (num_established == 0).then_some(NetEvent::PeerDisconnected(peer_id)),
+        SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+            propagation_source,
+            message_id,
+            message,
+        })) => Some(NetEvent::Gossip {
+            id: message_id,
+            source: propagation_source,
+            topic: message.topic,
+            data: message.data,
+        }),
+        SwarmEvent::Behaviour(BehaviourEvent::Fetch(event)) => match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => Some(NetEvent::Request {
+                    peer,
+                    request,
+                    channel,
+                }),
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = pending.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                    None
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = pending.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Fetch {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+                None
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound fetch failed");
+                None
+            }
+            request_response::Event::ResponseSent { .. } => None,
+        },
+        SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+            peer_id,
+            info,
+            ..
+        })) => {
+            if info.protocol_version == PROTOCOL_VERSION {
+                for addr in info.listen_addrs {
+                    swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            None
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+            for (peer, addr) in found {
+                swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                if !swarm.is_connected(&peer) {
+                    let _ = swarm.dial(addr);
+                }
+            }
+            None
+        }
+        SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+            tracing::debug!(?peer_id, %error, "outgoing connection failed");
+            None
+        }
+        _ => None,
+    };
+    match out {
+        Some(event) => events.send(event).await.is_ok(),
+        None => true,
+    }
+}
