@@ -21,11 +21,11 @@ use libp2p::gossipsub::{
     PeerScoreThresholds, TopicHash, TopicScoreParams, ValidationMode,
 };
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, autonat, connection_limits, dcutr,
-    identify, identity, kad, mdns, noise, ping, relay, tcp, yamux,
+    identify, identity, kad, mdns, noise, ping, tcp, yamux,
 };
 use tapestry_protocol::{FetchRequest, FetchResponse, Keypair, NodeId};
 use tokio::sync::{mpsc, oneshot};
@@ -335,21 +335,38 @@ impl request_response::Codec for FetchCodec {
     }
 }
 
-/// Every behaviour of a Tapestry node.
-#[derive(NetworkBehaviour)]
-#[allow(missing_docs)] // the derive generates the undocumented event enum
-pub struct Behaviour {
-    limits: connection_limits::Behaviour,
-    identify: identify::Behaviour,
-    ping: ping::Behaviour,
-    kad: kad::Behaviour<kad::store::MemoryStore>,
-    mdns: Toggle<mdns::tokio::Behaviour>,
-    gossipsub: gossipsub::Behaviour,
-    fetch: request_response::Behaviour<FetchCodec>,
-    relay_client: relay::client::Behaviour,
-    dcutr: dcutr::Behaviour,
-    autonat: autonat::Behaviour,
+mod behaviour {
+    //! The behaviour set, in its own module because the derive generates an
+    //! event enum (`BehaviourEvent`, one variant per field) that cannot carry
+    //! doc comments.
+    #![allow(missing_docs)]
+
+    use libp2p::swarm::NetworkBehaviour;
+    use libp2p::swarm::behaviour::toggle::Toggle;
+    use libp2p::{
+        autonat, connection_limits, dcutr, gossipsub, identify, kad, mdns, ping, relay,
+        request_response,
+    };
+
+    use super::FetchCodec;
+
+    /// Every behaviour of a Tapestry node.
+    #[derive(NetworkBehaviour)]
+    pub struct Behaviour {
+        pub(super) limits: connection_limits::Behaviour,
+        pub(super) identify: identify::Behaviour,
+        pub(super) ping: ping::Behaviour,
+        pub(super) kad: kad::Behaviour<kad::store::MemoryStore>,
+        pub(super) mdns: Toggle<mdns::tokio::Behaviour>,
+        pub(super) gossipsub: gossipsub::Behaviour,
+        pub(super) fetch: request_response::Behaviour<FetchCodec>,
+        pub(super) relay_client: relay::client::Behaviour,
+        pub(super) dcutr: dcutr::Behaviour,
+        pub(super) autonat: autonat::Behaviour,
+    }
 }
+
+pub use behaviour::{Behaviour, BehaviourEvent};
 
 fn build_err(e: impl std::fmt::Display) -> NetError {
     NetError::Build(e.to_string())

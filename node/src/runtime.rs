@@ -201,8 +201,8 @@ pub struct Node {
     deltas_hash: TopicHash,
     models_hash: TopicHash,
     running: bool,
-    /// The latest round a catch-up was started for.
-    catch_up_target: u64,
+    /// Versions already being fetched to be offered to the engine.
+    offered: std::collections::HashSet<ContentId>,
 }
 
 impl Node {
@@ -248,7 +248,7 @@ impl Node {
             peers: BTreeSet::new(),
             providers: HashMap::new(),
             running: false,
-            catch_up_target: 0,
+            offered: std::collections::HashSet::new(),
         })
     }
 
@@ -369,6 +369,7 @@ impl Node {
         match action {
             Action::Train {
                 round,
+                version,
                 params,
                 seed,
             } => {
@@ -399,6 +400,7 @@ impl Node {
                             let _ = tx
                                 .send(Input::TrainingDone {
                                     round,
+                                    version,
                                     params,
                                     samples: report.samples,
                                 })
@@ -668,7 +670,19 @@ impl Node {
             self.count_rejected("wrong_scope");
             return MessageAcceptance::Reject;
         }
-        if self.running && m.round > self.engine.round() + 1 && m.round > self.catch_up_target {
+        // Well ahead: catch up. Same round but preferred: two nodes closed
+        // the round on different sets of deltas; settle on the preferred
+        // version, as every node of the region does.
+        let own = self.engine.round();
+        let wanted = m.round > own + 1 || m.round == own;
+        if self.running
+            && wanted
+            && self.engine.would_adopt(m)
+            && self.offered.insert(manifest.id())
+        {
+            if self.offered.len() > 4096 {
+                self.offered.clear();
+            }
             self.catch_up(manifest, vec![source]);
         }
         MessageAcceptance::Accept
@@ -713,7 +727,6 @@ impl Node {
     }
 
     fn catch_up(&mut self, manifest: Verified<ModelManifest>, providers: Vec<PeerId>) {
-        self.catch_up_target = manifest.message().round;
         let (net, store, tx, shared) = (
             self.net.clone(),
             self.store.clone(),
@@ -721,7 +734,7 @@ impl Node {
             self.shared.clone(),
         );
         let n = self.settings.engine.spec.n_params();
-        tracing::info!(round = manifest.message().round, "behind: catching up");
+        tracing::info!(round = manifest.message().round, version = %manifest.id().short(), "fetching a preferred version");
         tokio::spawn(async move {
             if let Some(params) = fetch_model(&net, &store, &manifest, &providers, n, &shared).await
             {

@@ -190,6 +190,7 @@ impl Net {
             match a {
                 Action::Train {
                     round,
+                    version,
                     params,
                     seed,
                 } => {
@@ -220,6 +221,7 @@ impl Net {
                         i,
                         Input::TrainingDone {
                             round,
+                            version,
                             params: p,
                             samples: report.samples,
                         },
@@ -822,6 +824,7 @@ fn diverged_training_contributes_no_step_and_waiting_does_not_pile_up_timers() {
             Input::PeerJoined(Keypair::from_secret_bytes(&[2; 32]).node_id()),
             0,
         );
+        let version = g.id();
         e.handle(
             Input::Start {
                 manifest: g,
@@ -832,6 +835,7 @@ fn diverged_training_contributes_no_step_and_waiting_does_not_pile_up_timers() {
         let out = e.handle(
             Input::TrainingDone {
                 round: 0,
+                version,
                 params: vec![f32::NAN; params.len()],
                 samples: 10,
             },

@@ -171,8 +171,14 @@ pub fn model_spec(settings: &Settings, data: &Data) -> ModelSpec {
 enum Event {
     /// An input reaches a node's engine.
     Deliver { node: usize, input: Input },
-    /// A node's local training for `round` (job `job`) finishes.
-    Trained { node: usize, round: u64, job: u64 },
+    /// A node's local training for `round` from `version` (job `job`)
+    /// finishes.
+    Trained {
+        node: usize,
+        round: u64,
+        version: ContentId,
+        job: u64,
+    },
     /// A Byzantine node sends its forged delta (after hearing the honest
     /// ones of the round, as a colluding attacker would wait to).
     Forge {
@@ -444,7 +450,12 @@ impl World<'_> {
                     }
                     continue;
                 }
-                Event::Trained { node, round, job } => {
+                Event::Trained {
+                    node,
+                    round,
+                    version,
+                    job,
+                } => {
                     if !self.trained.contains_key(&job) {
                         self.run_jobs()?;
                     }
@@ -455,6 +466,7 @@ impl World<'_> {
                         node,
                         Input::TrainingDone {
                             round,
+                            version,
                             params,
                             samples,
                         },
@@ -508,6 +520,7 @@ impl World<'_> {
         match action {
             Action::Train {
                 round,
+                version,
                 params,
                 seed,
             } => {
@@ -530,6 +543,7 @@ impl World<'_> {
                     Event::Trained {
                         node: i,
                         round,
+                        version,
                         job,
                     },
                 );

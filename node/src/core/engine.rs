@@ -107,6 +107,9 @@ pub enum Input {
     TrainingDone {
         /// The round trained for.
         round: u64,
+        /// The version trained from (as in [`Action::Train`]); a result for
+        /// a version this node has since replaced is dropped.
+        version: ContentId,
         /// θ′ after the inner steps.
         params: Vec<f32>,
         /// Samples seen (the delta's weight).
@@ -157,10 +160,13 @@ pub enum Input {
 /// What an engine asks its shell to do.
 #[derive(Debug, Clone)]
 pub enum Action {
-    /// Run local training for `round` from `params` with this seed.
+    /// Run local training for `round` from `params` with this seed, and
+    /// answer with [`Input::TrainingDone`] naming the same version.
     Train {
         /// The round.
         round: u64,
+        /// The version trained from.
+        version: ContentId,
         /// θ at the start of the round.
         params: Vec<f32>,
         /// Seed of the batch order.
@@ -235,6 +241,7 @@ pub struct Engine {
     training: bool,
     params: Vec<f32>,
     version: Option<ContentId>,
+    rank: VersionRank,
     own_delta: Option<Vec<f32>>,
     seq: u64,
     feedback: ErrorFeedback,
@@ -270,6 +277,7 @@ impl Engine {
             training: false,
             params: vec![0.0; n],
             version: None,
+            rank: VersionRank::default(),
             own_delta: None,
             seq: 0,
             feedback: ErrorFeedback::new(n),
@@ -322,10 +330,11 @@ impl Engine {
             }
             Input::TrainingDone {
                 round,
+                version,
                 params,
                 samples,
             } => {
-                if round == self.round && self.training {
+                if round == self.round && self.training && self.version == Some(version) {
                     self.training = false;
                     // Training that diverged (or a malformed result)
                     // contributes no step, rather than stalling the round.
@@ -373,11 +382,9 @@ impl Engine {
                 }
             }
             Input::ModelOffered { manifest, params } => {
-                // Catch up by adopting a later version instead of replaying.
-                let m = manifest.message();
-                if m.model_id == self.config.model_id
-                    && m.region == self.config.region
-                    && m.round > self.round
+                // Catch up by adopting a later version instead of replaying,
+                // or settle on the preferred version of this round.
+                if self.would_adopt(manifest.message())
                     && params.len() == self.params.len()
                     && params.iter().all(|v| v.is_finite())
                 {
@@ -429,9 +436,22 @@ impl Engine {
         }
         self.round = manifest.message().round;
         self.version = Some(manifest.id());
+        self.rank = version_rank(manifest.message());
         self.params = params;
         self.own_delta = None;
         self.start_round(now_ms, out);
+    }
+
+    /// Whether an offered version would replace this node's: it is of a
+    /// later round (the node fell behind), or of the same round and
+    /// preferred by [`version_rank`] (two nodes that closed a round on
+    /// different sets of deltas settle on one version; every node picks the
+    /// same one).
+    pub fn would_adopt(&self, m: &ModelManifest) -> bool {
+        if m.model_id != self.config.model_id || m.region != self.config.region {
+            return false;
+        }
+        m.round > self.round || (m.round == self.round && version_rank(m) > self.rank)
     }
 
     fn start_round(&mut self, now_ms: u64, out: &mut Vec<Action>) {
@@ -446,6 +466,7 @@ impl Engine {
         self.trained = None;
         out.push(Action::Train {
             round: self.round,
+            version: self.version.unwrap_or_else(|| ContentId::of(b"")),
             params: self.params.clone(),
             seed: self.rng.r#gen(),
         });
@@ -712,6 +733,7 @@ impl Engine {
         };
         self.round += 1;
         self.version = Some(signed.id());
+        self.rank = version_rank(signed.message());
         self.own_delta = None;
         out.push(Action::Adopt {
             manifest: signed,
@@ -744,6 +766,55 @@ fn robust_mix(
     weights.extend(others.iter().map(|(_, w)| *w));
     let step = rule.aggregate(&inputs, &weights, Some(&zero)).ok()?;
     Some(own.iter().zip(&step).map(|(o, s)| o + s).collect())
+}
+
+/// How versions of one round are ordered: more deltas aggregated first,
+/// then the smaller digest of the parameters' chunk ids. A total order that
+/// every node computes alike from the manifest alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionRank {
+    deltas: usize,
+    params: ContentId,
+}
+
+impl Default for VersionRank {
+    /// Below every real version.
+    fn default() -> Self {
+        Self {
+            deltas: 0,
+            params: ContentId::from_bytes([0xff; 32]),
+        }
+    }
+}
+
+impl PartialOrd for VersionRank {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for VersionRank {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.deltas
+            .cmp(&other.deltas)
+            .then_with(|| other.params.cmp(&self.params))
+    }
+}
+
+/// The digest naming a version's parameters: BLAKE3 over its chunk ids.
+/// Versions with equal parameters (and chunking) have equal digests,
+/// whoever signed them.
+pub fn params_digest(m: &ModelManifest) -> ContentId {
+    let ids: Vec<u8> = m.chunk_ids.iter().flat_map(|c| *c.as_bytes()).collect();
+    ContentId::of(&ids)
+}
+
+/// The rank of a version among versions of its round.
+pub fn version_rank(m: &ModelManifest) -> VersionRank {
+    VersionRank {
+        deltas: m.deltas.len(),
+        params: params_digest(m),
+    }
 }
 
 /// The signed initial version of a model (round 0, no parents, no deltas):
