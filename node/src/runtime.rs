@@ -259,15 +259,15 @@ impl Node {
     /// The version to start from: the stored head if there is one (a
     /// restart resumes where it was), else the region's genesis.
     fn starting_version(&self) -> Result<(Verified<ModelManifest>, Vec<f32>), NodeError> {
-        if let Some(id) = self.store.get_ref(HEAD_REF)? {
-            if let Some(m) = self.store.get_model_manifest(&id)? {
-                let bytes = self
-                    .store
-                    .read_payload(&m.message().chunk_ids, m.message().payload_bytes)?;
-                let params = floats(&bytes);
-                if params.len() == self.settings.engine.spec.n_params() {
-                    return Ok((m, params));
-                }
+        if let Some(id) = self.store.get_ref(HEAD_REF)?
+            && let Some(m) = self.store.get_model_manifest(&id)?
+        {
+            let bytes = self
+                .store
+                .read_payload(&m.message().chunk_ids, m.message().payload_bytes)?;
+            let params = floats(&bytes);
+            if params.len() == self.settings.engine.spec.n_params() {
+                return Ok((m, params));
             }
         }
         let cfg = &self.settings.engine;
@@ -303,18 +303,17 @@ impl Node {
         loop {
             if start.is_some()
                 && (self.peers.len() >= self.settings.start_peers || Instant::now() >= start_at)
+                && let Some((manifest, params)) = start.take()
             {
-                if let Some((manifest, params)) = start.take() {
-                    self.running = true;
-                    tracing::info!(
-                        round = manifest.message().round,
-                        peers = self.peers.len(),
-                        "starting rounds"
-                    );
-                    self.feed(Input::Start { manifest, params }).await;
-                    // A fresh or restarted node asks its peers where they are.
-                    self.ask_heads();
-                }
+                self.running = true;
+                tracing::info!(
+                    round = manifest.message().round,
+                    peers = self.peers.len(),
+                    "starting rounds"
+                );
+                self.feed(Input::Start { manifest, params }).await;
+                // A fresh or restarted node asks its peers where they are.
+                self.ask_heads();
             }
             let next = self.timers.first().copied();
             let sleep = match next {
@@ -379,7 +378,7 @@ impl Node {
                 }
                 let (spec, cfg, data) = (
                     self.settings.engine.spec.clone(),
-                    self.settings.train.clone(),
+                    self.settings.train,
                     self.data.clone(),
                 );
                 let tx = self.inputs_tx.clone();
@@ -434,10 +433,10 @@ impl Node {
                     .get(&manifest.id())
                     .cloned()
                     .unwrap_or_default();
-                if let Some(author) = net::peer_id_of(&manifest.message().author) {
-                    if !providers.contains(&author) {
-                        providers.push(author);
-                    }
+                if let Some(author) = net::peer_id_of(&manifest.message().author)
+                    && !providers.contains(&author)
+                {
+                    providers.push(author);
                 }
                 let (net, store, tx, shared) = (
                     self.net.clone(),
@@ -894,10 +893,10 @@ impl Running {
     /// The addresses it listens on, once it does (waits up to 10 s).
     pub async fn listen_addrs(&self) -> Vec<libp2p::Multiaddr> {
         for _ in 0..100 {
-            if let Ok(snap) = self.net.snapshot().await {
-                if !snap.listen.is_empty() {
-                    return snap.listen.iter().filter_map(|a| a.parse().ok()).collect();
-                }
+            if let Ok(snap) = self.net.snapshot().await
+                && !snap.listen.is_empty()
+            {
+                return snap.listen.iter().filter_map(|a| a.parse().ok()).collect();
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
