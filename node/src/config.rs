@@ -371,6 +371,10 @@ impl DataDir {
     pub fn store(&self) -> PathBuf {
         self.root.join("store")
     }
+    /// Where a running node writes its peer id, API and listen addresses.
+    pub fn endpoints(&self) -> PathBuf {
+        self.root.join("endpoints.json")
+    }
 }
 
 #[cfg(test)]

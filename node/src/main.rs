@@ -374,6 +374,23 @@ async fn run(a: RunArgs) -> Result<ExitCode, String> {
         region = %cfg.region,
         "node running"
     );
+    // Where to reach this node, for scripts and tests (rewritten each start).
+    let listen: Vec<String> = running
+        .listen_addrs()
+        .await
+        .iter()
+        .map(|a| format!("{a}/p2p/{}", running.net.peer_id()))
+        .collect();
+    let endpoints = serde_json::json!({
+        "node_id": key.node_id().to_string(),
+        "peer_id": running.net.peer_id().to_string(),
+        "api": running.api.map(|a| a.to_string()),
+        "listen": listen,
+    });
+    let tmp = dir.root.join("endpoints.json.tmp");
+    std::fs::write(&tmp, endpoints.to_string())
+        .and_then(|_| std::fs::rename(&tmp, dir.endpoints()))
+        .map_err(|e| format!("{}: {e}", dir.endpoints().display()))?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
     tokio::select! {

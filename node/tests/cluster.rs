@@ -1,0 +1,278 @@
+//! Black-box runs of the `tapestry` binary: real processes, real libp2p
+//! swarms on loopback sockets, real sled stores on disk, real signals.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn digits() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/digits.csv.gz");
+    assert!(
+        p.is_file(),
+        "tests need the shared digits data set beside the checkout"
+    );
+    p
+}
+
+fn tapestry() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tapestry"));
+    c.env("RUST_LOG", "info,libp2p=warn");
+    c
+}
+
+/// A `tapestry run` process; killed when dropped (so a failing test leaves
+/// nothing running).
+struct Node {
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn init(dir: &Path) {
+    let out = tapestry()
+        .args(["init", "--region", "test", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Node {
+    fn start(dir: &Path, args: &[String]) -> Node {
+        let _ = std::fs::remove_file(dir.join("endpoints.json"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("node.log"))
+            .unwrap();
+        let child = tapestry()
+            .args(["run", "--data-dir"])
+            .arg(dir)
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"])
+            .arg("--data")
+            .arg(digits())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Node {
+            dir: dir.to_path_buf(),
+            child: Some(child),
+        }
+    }
+
+    /// `endpoints.json`, once the node has written it.
+    fn endpoints(&self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(self.dir.join("endpoints.json")) {
+                return serde_json::from_str(&text).unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no endpoints.json: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn api(&self) -> String {
+        self.endpoints()["api"].as_str().unwrap().to_owned()
+    }
+
+    fn address(&self) -> String {
+        self.endpoints()["listen"][0].as_str().unwrap().to_owned()
+    }
+
+    fn status(&self) -> Value {
+        serde_json::from_str(&get(&self.api(), "/status")).unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM, then the exit status (within 20 s).
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let pid = child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit after SIGTERM: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: no chance to clean up.
+    fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        Command::new("kill")
+            .args(["-KILL", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let _ = child.wait();
+    }
+}
+
+/// A plain HTTP GET of the node's API.
+fn get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+    body.to_owned()
+}
+
+/// Polls until `done` holds for every node's status (or panics with the
+/// last statuses and logs).
+fn wait_for(nodes: &[&Node], secs: u64, what: &str, done: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let st: Vec<Value> = nodes.iter().map(|n| n.status()).collect();
+        if st.iter().all(&done) {
+            return st;
+        }
+        if Instant::now() > deadline {
+            for n in nodes {
+                eprintln!("--- {}\n{}", n.dir.display(), n.log());
+            }
+            panic!("timed out waiting for {what}: {st:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn scrub(dir: &Path) -> (bool, String) {
+    let out = tapestry()
+        .args(["scrub", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn shard(i: usize, of: usize) -> String {
+    format!("{i}/{of}")
+}
+
+#[test]
+fn three_nodes_learn_digits_agree_on_the_head_and_survive_sigkill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("n{i}"))).collect();
+    for d in &dirs {
+        init(d);
+    }
+    let rounds = 12;
+    let args = |i: usize, bootstrap: Option<&str>| {
+        let mut a = vec![
+            "--rounds".to_string(),
+            rounds.to_string(),
+            "--start-peers".into(),
+            "2".into(),
+            "--shard".into(),
+            shard(i, 3),
+        ];
+        if let Some(b) = bootstrap {
+            a.extend(["--bootstrap".to_string(), b.to_string()]);
+        }
+        a
+    };
+    let n0 = Node::start(&dirs[0], &args(0, None));
+    let boot = n0.address();
+    let n1 = Node::start(&dirs[1], &args(1, Some(&boot)));
+    let n2 = Node::start(&dirs[2], &args(2, Some(&boot)));
+
+    // Mid-run, node 2 is killed with SIGKILL and restarted.
+    let mut n2 = n2;
+    wait_for(&[&n2], 60, "node 2 to reach round 3", |s| {
+        s["round"].as_u64().unwrap() >= 3
+    });
+    let before = n2.status()["round"].as_u64().unwrap();
+    n2.kill9();
+    let n2 = Node::start(&dirs[2], &args(2, Some(&boot)));
+    let resumed = n2.status()["round"].as_u64().unwrap();
+    assert!(
+        resumed >= before.saturating_sub(1),
+        "resumed at {resumed}, was at {before}"
+    );
+
+    wait_for(&[&n0, &n1, &n2], 120, "all nodes to finish", |s| {
+        s["finished"].as_bool().unwrap()
+    });
+    // The last round's versions settle on the preferred one.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (st, heads) = loop {
+        let st: Vec<Value> = [&n0, &n1, &n2].iter().map(|n| n.status()).collect();
+        let heads: std::collections::BTreeSet<String> =
+            st.iter().map(|s| s["head_params"].to_string()).collect();
+        if heads.len() == 1 || Instant::now() > deadline {
+            break (st, heads);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    for s in &st {
+        eprintln!(
+            "round {} accuracy {} head {} rejected {}",
+            s["round"], s["accuracy"], s["head_params"], s["rejected"]
+        );
+        assert!(s["accuracy"].as_f64().unwrap() >= 0.9, "{s}");
+        assert_eq!(s["round"].as_u64().unwrap(), rounds);
+    }
+    assert_eq!(heads.len(), 1, "heads differ: {heads:?}");
+    // Metrics are served and count what happened.
+    let metrics = get(&n0.api(), "/metrics");
+    assert!(metrics.contains("tapestry_rounds_total"), "{metrics}");
+    assert!(
+        metrics.contains("tapestry_deltas_accepted_total"),
+        "{metrics}"
+    );
+    let head: Value = serde_json::from_str(&get(&n1.api(), "/model/head")).unwrap();
+    assert_eq!(head["round"].as_u64().unwrap(), rounds);
+
+    // SIGTERM stops each node cleanly; every store scrubs clean.
+    for n in [n0, n1, n2].iter_mut() {
+        assert!(n.terminate().success(), "{}", n.log());
+    }
+    for d in &dirs {
+        let (clean, report) = scrub(d);
+        assert!(clean, "{}: {report}", d.display());
+    }
+}
