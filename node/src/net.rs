@@ -40,8 +40,13 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tapestry/kad/1");
 const MAX_REQUEST_BYTES: u64 = 4 << 10;
 /// Largest fetch response accepted: one chunk or manifest and its framing.
 const MAX_RESPONSE_BYTES: u64 = tapestry_protocol::DecodeLimits::FETCH.max_bytes as u64;
-/// Largest gossip message: a signed manifest.
-pub const MAX_GOSSIP_BYTES: usize = tapestry_protocol::DecodeLimits::MANIFEST.max_bytes;
+/// Largest gossip message carried at all (gossipsub drops larger ones
+/// silently); the node rejects, and counts, announcements above
+/// [`MAX_ANNOUNCEMENT_BYTES`].
+pub const MAX_GOSSIP_BYTES: usize = 1 << 20;
+/// Largest announcement the node accepts: a signed manifest of a delta of a
+/// few billion parameters is about 300 KiB.
+pub const MAX_ANNOUNCEMENT_BYTES: usize = 512 << 10;
 
 /// Why the network could not start or a request failed.
 #[derive(Debug, thiserror::Error)]

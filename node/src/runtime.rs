@@ -608,6 +608,11 @@ impl Node {
 
     /// Validates an announced delta and hands it to the engine.
     async fn on_delta(&mut self, source: PeerId, data: &[u8]) -> MessageAcceptance {
+        if data.len() > net::MAX_ANNOUNCEMENT_BYTES {
+            tracing::info!(%source, bytes = data.len(), "announcement rejected: oversized");
+            self.count_rejected("oversized");
+            return MessageAcceptance::Reject;
+        }
         let manifest = match Signed::<DeltaManifest>::open(data) {
             Ok(m) => m,
             Err(e) => {

@@ -276,3 +276,199 @@ fn three_nodes_learn_digits_agree_on_the_head_and_survive_sigkill() {
         assert!(clean, "{}: {report}", d.display());
     }
 }
+
+/// A rogue peer, built from the library's own network task, that sends
+/// hand-made announcements and serves their chunks.
+mod rogue {
+    use std::collections::HashMap;
+
+    use tapestry_node::core::model::ModelSpec;
+    use tapestry_node::net::{self, Command, NetConfig, NetEvent, NetHandle};
+    use tapestry_node::runtime::deltas_topic;
+    use tapestry_protocol::{
+        Codec, ContentId, DeltaManifest, FetchRequest, FetchResponse, Keypair, Signed,
+    };
+    use tokio::sync::mpsc;
+
+    pub struct Rogue {
+        pub key: Keypair,
+        pub net: NetHandle,
+        pub chunks: std::sync::Arc<std::sync::Mutex<HashMap<ContentId, Vec<u8>>>>,
+        pub topic: String,
+    }
+
+    pub fn spec() -> ModelSpec {
+        ModelSpec::Logistic {
+            inputs: 64,
+            classes: 10,
+        }
+    }
+
+    impl Rogue {
+        /// Connects to `peer` only (one connection at most, so it cannot
+        /// reach anyone else directly).
+        pub async fn connect(peer: &str) -> Rogue {
+            let key = Keypair::generate(&mut rand::rngs::OsRng);
+            let topic = deltas_topic("digits", "test");
+            let (net, mut events, _task) = net::spawn(
+                &key,
+                NetConfig {
+                    listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+                    bootstrap: vec![peer.parse().unwrap()],
+                    topics: vec![topic.clone()],
+                    max_connections: 1,
+                    ..NetConfig::default()
+                },
+                &mut prometheus_client::registry::Registry::default(),
+            )
+            .unwrap();
+            let chunks = std::sync::Arc::new(std::sync::Mutex::new(HashMap::new()));
+            let (connected_tx, mut connected) = mpsc::channel(1);
+            let served = chunks.clone();
+            let handle = net.clone();
+            tokio::spawn(async move {
+                while let Some(event) = events.recv().await {
+                    match event {
+                        NetEvent::PeerConnected(_) => {
+                            let _ = connected_tx.try_send(());
+                        }
+                        NetEvent::Request {
+                            request: FetchRequest::Chunk(id),
+                            channel,
+                            ..
+                        } => {
+                            let bytes = served.lock().unwrap().get(&id).cloned();
+                            let response =
+                                bytes.map_or(FetchResponse::NotFound, FetchResponse::Chunk);
+                            let _ = handle.send(Command::Respond { channel, response }).await;
+                        }
+                        NetEvent::Request { channel, .. } => {
+                            let _ = handle
+                                .send(Command::Respond {
+                                    channel,
+                                    response: FetchResponse::NotFound,
+                                })
+                                .await;
+                        }
+                        _ => {}
+                    }
+                }
+            });
+            connected.recv().await;
+            // Let the subscriptions be exchanged.
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            Rogue {
+                key,
+                net,
+                chunks,
+                topic,
+            }
+        }
+
+        /// A signed delta of `round` with this sequence number whose payload
+        /// is `values` (raw f32, NaN allowed), chunks kept for serving.
+        pub fn delta(&self, round: u64, seq: u64, values: &[f32]) -> Vec<u8> {
+            let payload: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let id = ContentId::of(&payload);
+            self.chunks.lock().unwrap().insert(id, payload.clone());
+            let m = DeltaManifest {
+                model_id: "digits".into(),
+                region: "test".into(),
+                round,
+                base_version: ContentId::of(b""),
+                author: self.key.node_id(),
+                seq,
+                codec: Codec::F32,
+                layout: spec().layout(),
+                payload_bytes: payload.len() as u64,
+                chunk_size: tapestry_protocol::DEFAULT_CHUNK_SIZE as u32,
+                chunk_ids: vec![id],
+                sample_count: 100,
+                l2_norm: 1.0,
+                created_unix_ms: 0,
+            };
+            Signed::sign(m, &self.key)
+                .unwrap()
+                .envelope_bytes()
+                .to_vec()
+        }
+
+        pub async fn publish(&self, data: Vec<u8>) {
+            self.net.publish(&self.topic, data).await.unwrap();
+        }
+    }
+}
+
+#[test]
+fn forged_replayed_oversized_and_nan_deltas_are_rejected_counted_and_not_forwarded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
+    init(&da);
+    init(&db);
+    // Two honest nodes (A and B); rounds wait for the rogue's deltas, so
+    // they stay in round 0 or 1 while it talks.
+    let args = |i: usize, boot: Option<&str>| {
+        let mut a = vec![
+            "--start-peers".to_string(),
+            "1".into(),
+            "--shard".into(),
+            shard(i, 2),
+        ];
+        if let Some(b) = boot {
+            a.extend(["--bootstrap".to_string(), b.to_string()]);
+        }
+        a
+    };
+    let a = Node::start(&da, &args(0, None));
+    let b = Node::start(&db, &args(1, Some(&a.address())));
+    wait_for(&[&a, &b], 60, "A and B to connect", |s| {
+        s["peers"].as_u64().unwrap() >= 1
+    });
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let target = a.address();
+    rt.block_on(async {
+        let rogue = rogue::Rogue::connect(&target).await;
+        let round = a.status()["round"].as_u64().unwrap();
+        let n = rogue::spec().n_params();
+        // A forged signature: a valid envelope with one signature bit flipped.
+        let mut forged = rogue.delta(round, 1, &vec![0.01; n]);
+        let last = forged.len() - 1;
+        forged[last] ^= 0x01;
+        rogue.publish(forged).await;
+        // Oversized: 600 KiB in an announcement.
+        rogue.publish(vec![0xa5; 600 << 10]).await;
+        // A NaN payload under a valid, signed manifest (seq 10).
+        let mut nan = vec![0.01f32; n];
+        nan[3] = f32::NAN;
+        rogue.publish(rogue.delta(round, 10, &nan)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        // A replay: an older sequence number than the last one seen.
+        rogue.publish(rogue.delta(round, 5, &vec![0.02; n])).await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    });
+
+    let want = ["bad_signature", "oversized", "non_finite", "replay"];
+    let st = wait_for(&[&a], 30, "A to count every rejection", |s| {
+        want.iter()
+            .all(|r| s["rejected"][r].as_u64().unwrap_or(0) >= 1)
+    });
+    eprintln!("A rejected: {}", st[0]["rejected"]);
+    let metrics = get(&a.api(), "/metrics");
+    for r in want {
+        assert!(
+            metrics.contains(&format!(
+                "tapestry_deltas_rejected_total{{reason=\"{r}\"}} 1"
+            )),
+            "{r}: {metrics}"
+        );
+    }
+    // B heard none of what A refused at the door (A did not forward it);
+    // the NaN delta's manifest was valid, so only its payload was refused,
+    // by whoever fetched it.
+    let sb = b.status();
+    eprintln!("B rejected: {}", sb["rejected"]);
+    for r in ["bad_signature", "oversized", "replay"] {
+        assert!(sb["rejected"][r].is_null(), "B saw {r}: {sb}");
+    }
+}
