@@ -511,7 +511,29 @@ fn lineage(a: &LineageArgs) -> Result<ExitCode, String> {
             .ok_or("this node has no model version yet")?,
     };
     let l = store.lineage(version, a.limit).map_err(|e| e.to_string())?;
-    println!("{l:#?}");
+    // The signed deltas, by author, whose manifests this node holds.
+    let mut by_author: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut absent = Vec::new();
+    for id in &l.deltas {
+        match store.get_delta_manifest(id).map_err(|e| e.to_string())? {
+            Some(m) => by_author
+                .entry(m.message().author.to_string())
+                .or_default()
+                .push(id.to_string()),
+            None => absent.push(id.to_string()),
+        }
+    }
+    let out = serde_json::json!({
+        "version": version.to_string(),
+        "versions": l.versions.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "deltas_by_author": by_author,
+        "deltas_not_held": absent,
+        "versions_not_held": l.missing_versions.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -27,7 +27,9 @@ use tapestry_storage::ChunkStore;
 use tokio::sync::{mpsc, watch};
 
 use crate::core::data::Dataset;
-use crate::core::engine::{Action, Engine, EngineConfig, Input, genesis};
+use crate::core::engine::{
+    Action, Engine, EngineConfig, Input, VersionRank, genesis, version_rank,
+};
 use crate::core::model::{InnerState, TrainConfig, evaluate, train_local};
 use crate::metrics::Metrics;
 use crate::net::{self, Command, NetEvent, NetHandle};
@@ -201,6 +203,9 @@ pub struct Node {
     deltas_hash: TopicHash,
     models_hash: TopicHash,
     running: bool,
+    /// The preferred version announced for each coming round, and who
+    /// announced it.
+    best_seen: BTreeMap<u64, (VersionRank, Verified<ModelManifest>, PeerId)>,
     /// Versions already being fetched to be offered to the engine.
     offered: std::collections::HashSet<ContentId>,
 }
@@ -248,6 +253,7 @@ impl Node {
             peers: BTreeSet::new(),
             providers: HashMap::new(),
             running: false,
+            best_seen: BTreeMap::new(),
             offered: std::collections::HashSet::new(),
         })
     }
@@ -460,6 +466,13 @@ impl Node {
             Action::Adopt { manifest, params } => {
                 if let Err(e) = self.keep_version(&manifest, &params) {
                     tracing::error!(error = %e, "cannot store the new version");
+                }
+                // A peer may already have announced a preferred version of
+                // this round while this node was still closing it.
+                let round = manifest.message().round;
+                self.best_seen.retain(|r, _| *r >= round);
+                if let Some((_, best, source)) = self.best_seen.remove(&round) {
+                    self.offer_if_preferred(best, source);
                 }
                 self.shared.metrics.rounds.inc();
                 self.show_head(&manifest, &params);
@@ -676,18 +689,23 @@ impl Node {
         }
         // Well ahead: catch up. Same round but preferred: two nodes closed
         // the round on different sets of deltas; settle on the preferred
-        // version, as every node of the region does.
+        // version, as every node of the region does. The next round's
+        // versions are remembered, for when this node gets there.
         let own = self.engine.round();
-        let wanted = m.round > own + 1 || m.round == own;
-        if self.running
-            && wanted
-            && self.engine.would_adopt(m)
-            && self.offered.insert(manifest.id())
-        {
-            if self.offered.len() > 4096 {
-                self.offered.clear();
+        if m.round == own + 1 {
+            let rank = version_rank(m);
+            let better = self
+                .best_seen
+                .get(&m.round)
+                .is_none_or(|(r, _, _)| rank > *r);
+            if better {
+                self.best_seen
+                    .insert(m.round, (rank, manifest.clone(), source));
             }
-            self.catch_up(manifest, vec![source]);
+        }
+        let wanted = m.round > own + 1 || m.round == own;
+        if self.running && wanted {
+            self.offer_if_preferred(manifest, source);
         }
         MessageAcceptance::Accept
     }
@@ -730,6 +748,17 @@ impl Node {
         }
     }
 
+    /// Fetches a version and offers it to the engine if the engine would
+    /// take it (and it is not already on its way).
+    fn offer_if_preferred(&mut self, manifest: Verified<ModelManifest>, source: PeerId) {
+        if self.engine.would_adopt(manifest.message()) && self.offered.insert(manifest.id()) {
+            if self.offered.len() > 4096 {
+                self.offered.clear();
+            }
+            self.catch_up(manifest, vec![source]);
+        }
+    }
+
     fn catch_up(&mut self, manifest: Verified<ModelManifest>, providers: Vec<PeerId>) {
         let (net, store, tx, shared) = (
             self.net.clone(),
@@ -769,6 +798,9 @@ impl Node {
         }
     }
 }
+
+/// Most ancestor manifests fetched along with one adopted version.
+const MAX_LINEAGE_FETCH: usize = 4096;
 
 /// f32 little-endian bytes to values.
 pub fn floats(bytes: &[u8]) -> Vec<f32> {
@@ -860,6 +892,36 @@ async fn fetch_model(
         return None;
     }
     store.put_model_manifest(manifest).ok()?;
+    // Keep the lineage traceable: the signed manifests (small) of the
+    // ancestors and their deltas come along, back to what this node already
+    // holds (at most MAX_LINEAGE_FETCH of them); older parameters do not.
+    let mut queue: std::collections::VecDeque<ContentId> =
+        m.parents.iter().chain(&m.deltas).copied().collect();
+    let mut fetched = 0;
+    while let Some(id) = queue.pop_front() {
+        if fetched >= MAX_LINEAGE_FETCH || store.manifest_bytes(&id).ok().flatten().is_some() {
+            continue;
+        }
+        fetched += 1;
+        for peer in providers {
+            let Ok(FetchResponse::SignedManifest(bytes)) =
+                net.fetch(*peer, FetchRequest::SignedManifest(id)).await
+            else {
+                continue;
+            };
+            if let Ok(v) = Signed::<ModelManifest>::open(&bytes) {
+                if v.id() == id && store.put_model_manifest(&v).is_ok() {
+                    queue.extend(v.message().parents.iter().chain(&v.message().deltas));
+                    break;
+                }
+            } else if let Ok(d) = Signed::<DeltaManifest>::open(&bytes)
+                && d.id() == id
+                && store.put_delta_manifest(&d).is_ok()
+            {
+                break;
+            }
+        }
+    }
     let bytes = store.read_payload(&m.chunk_ids, m.payload_bytes).ok()?;
     Some(floats(&bytes))
 }

@@ -275,6 +275,13 @@ fn three_nodes_learn_digits_agree_on_the_head_and_survive_sigkill() {
         let (clean, report) = scrub(d);
         assert!(clean, "{}: {report}", d.display());
     }
+    // Node 0 was there from the start: its head's lineage holds every
+    // round's deltas, signed by all three nodes.
+    let l = lineage(&dirs[0]);
+    let count = |k: &str| l[k].as_array().map_or(0, Vec::len);
+    assert_eq!(l["deltas_by_author"].as_object().unwrap().len(), 3);
+    assert_eq!(count("versions_not_held"), 0);
+    assert_eq!(count("versions") as u64, rounds + 1);
 }
 
 /// A rogue peer, built from the library's own network task, that sends
@@ -471,4 +478,87 @@ fn forged_replayed_oversized_and_nan_deltas_are_rejected_counted_and_not_forward
     for r in ["bad_signature", "oversized", "replay"] {
         assert!(sb["rejected"][r].is_null(), "B saw {r}: {sb}");
     }
+}
+
+#[test]
+fn a_late_joiner_catches_up_to_the_head_and_follows_the_rounds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("n{i}"))).collect();
+    for d in &dirs {
+        init(d);
+    }
+    let rounds = 60;
+    let args = |i: usize, boot: Option<&str>| {
+        let mut a = vec![
+            "--rounds".to_string(),
+            rounds.to_string(),
+            "--start-peers".into(),
+            "1".into(),
+            "--shard".into(),
+            shard(i, 3),
+        ];
+        if let Some(b) = boot {
+            a.extend(["--bootstrap".to_string(), b.to_string()]);
+        }
+        a
+    };
+    let n0 = Node::start(&dirs[0], &args(0, None));
+    let boot = n0.address();
+    let n1 = Node::start(&dirs[1], &args(1, Some(&boot)));
+    let st = wait_for(&[&n0], 60, "the first two to reach round 10", |s| {
+        s["round"].as_u64().unwrap() >= 10
+    });
+    let late = Node::start(&dirs[2], &args(2, Some(&boot)));
+    // It starts from genesis, asks its peers for their head, fetches and
+    // verifies it, and adopts it instead of replaying the rounds it missed.
+    let joined = wait_for(&[&late], 30, "the late node to catch up", |s| {
+        s["round"].as_u64().unwrap() >= st[0]["round"].as_u64().unwrap()
+    });
+    eprintln!(
+        "late joiner at round {} (the others were at {} when it started)",
+        joined[0]["round"], st[0]["round"]
+    );
+    let done = wait_for(&[&n0, &n1, &late], 120, "all to finish", |s| {
+        s["finished"].as_bool().unwrap()
+    });
+    let heads: std::collections::BTreeSet<String> =
+        done.iter().map(|s| s["head_params"].to_string()).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut heads = heads;
+    while heads.len() > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        heads = [&n0, &n1, &late]
+            .iter()
+            .map(|n| n.status()["head_params"].to_string())
+            .collect();
+    }
+    assert_eq!(heads.len(), 1, "heads differ: {heads:?}");
+    let mut nodes = [n0, n1, late];
+    for n in nodes.iter_mut() {
+        assert!(n.terminate().success(), "{}", n.log());
+    }
+    // Catching up brought the signed manifests of the whole history along:
+    // the late node can trace its head back to genesis, through rounds it
+    // never took part in, to the deltas of all three nodes.
+    let l = lineage(&dirs[2]);
+    let count = |k: &str| l[k].as_array().map_or(0, Vec::len);
+    assert_eq!(count("versions_not_held"), 0);
+    assert_eq!(count("deltas_not_held"), 0);
+    assert_eq!(count("versions") as u64, rounds + 1);
+    assert_eq!(l["deltas_by_author"].as_object().unwrap().len(), 3);
+}
+
+/// `tapestry model lineage` of a stopped node's head.
+fn lineage(dir: &Path) -> Value {
+    let out = tapestry()
+        .args(["model", "lineage", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
