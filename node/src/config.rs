@@ -32,6 +32,11 @@ pub struct Config {
     pub api: String,
     /// Discover peers on the local network.
     pub mdns: bool,
+    /// A permissioned region's roster file (`tapestry region new/add`);
+    /// empty for an open region.
+    pub roster: String,
+    /// The region key (node id hex) that must have signed the roster.
+    pub region_key: String,
     /// The model.
     pub model: ModelSection,
     /// The node's private data.
@@ -115,6 +120,8 @@ impl Default for Config {
             bootstrap: Vec::new(),
             api: "127.0.0.1:7400".into(),
             mdns: false,
+            roster: String::new(),
+            region_key: String::new(),
             model: ModelSection::default(),
             data: DataSection::default(),
             training: TrainingSection::default(),
@@ -195,6 +202,13 @@ api = "{api}"
 
 # Find peers on the local network with mDNS (for local and demo setups).
 mdns = false
+
+# A permissioned region: the roster file its operator gave you (made with
+# tapestry region new / region add) and the region key that signs it.
+# Messages from nodes not on the roster are rejected and not forwarded.
+# Leave both empty for an open region.
+roster = ""
+region_key = ""
 
 [model]
 # logistic, or mlp:W1,W2,... (hidden widths)

@@ -15,7 +15,7 @@ use tapestry_node::core::data::{self, CsvOptions, Dataset, Partition, Scaler};
 use tapestry_node::core::model::{InnerState, evaluate, export_safetensors, train_local};
 use tapestry_node::net::NetConfig;
 use tapestry_node::runtime::{self, HEAD_REF, Launch, LocalData, NodeSettings};
-use tapestry_protocol::{ContentId, Keypair};
+use tapestry_protocol::{ContentId, Keypair, NodeId, Roster, Signed, Verified};
 use tapestry_storage::{ChunkStore, MemoryStore, SledConfig, SledStore};
 
 /// A Tapestry node: train one shared model with other organisations over a
@@ -57,6 +57,42 @@ enum Command {
     Scrub(DirArgs),
     /// Start a few real nodes on loopback in this process and watch them train.
     Demo(DemoArgs),
+    /// Make and extend a permissioned region's roster.
+    #[command(subcommand)]
+    Region(RegionCommand),
+}
+
+#[derive(Subcommand)]
+enum RegionCommand {
+    /// Create a region key (DIR/region.key, 0600) and an empty signed
+    /// roster (DIR/roster.cbor); prints the region key to put in nodes'
+    /// config as region_key.
+    New(RegionNewArgs),
+    /// Sign a new roster version with these node ids added.
+    Add(RegionAddArgs),
+}
+
+#[derive(Args)]
+struct RegionNewArgs {
+    /// Where the region key and roster go (created if missing).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// The model.
+    #[arg(long, default_value = "digits")]
+    model: String,
+    /// The region.
+    #[arg(long)]
+    region: String,
+}
+
+#[derive(Args)]
+struct RegionAddArgs {
+    /// The region directory (see `region new`).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Node ids to admit (as printed by `tapestry init`).
+    #[arg(required = true, value_name = "NODE_ID")]
+    members: Vec<String>,
 }
 
 #[derive(Args)]
@@ -186,6 +222,8 @@ fn main() -> ExitCode {
         Command::Model(ModelCommand::Lineage(a)) => lineage(&a),
         Command::Scrub(a) => scrub(&a),
         Command::Demo(a) => tokio_main(demo(a)),
+        Command::Region(RegionCommand::New(a)) => region_new(&a),
+        Command::Region(RegionCommand::Add(a)) => region_add(&a),
     };
     match result {
         Ok(code) => code,
@@ -265,6 +303,88 @@ fn init(a: &InitArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn write_roster(path: &Path, roster: Roster, key: &Keypair) -> Result<(), String> {
+    let signed = Signed::sign(roster, key).map_err(|e| e.to_string())?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, signed.envelope_bytes())
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn read_roster(path: &Path) -> Result<Verified<Roster>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Signed::<Roster>::open(&bytes)
+        .map_err(|e| format!("{}: not a valid signed roster: {e}", path.display()))
+}
+
+fn region_new(a: &RegionNewArgs) -> Result<ExitCode, String> {
+    std::fs::create_dir_all(&a.dir).map_err(|e| format!("{}: {e}", a.dir.display()))?;
+    let (key_path, roster_path) = (a.dir.join("region.key"), a.dir.join("roster.cbor"));
+    if key_path.exists() || roster_path.exists() {
+        return Err(format!(
+            "{} already holds a region; refusing to overwrite it",
+            a.dir.display()
+        ));
+    }
+    let key = Keypair::generate(&mut rand::rngs::OsRng);
+    key.write_key_file(&key_path)
+        .map_err(|e| format!("{}: {e}", key_path.display()))?;
+    let roster = Roster {
+        model_id: a.model.clone(),
+        region: a.region.clone(),
+        version: 1,
+        members: Vec::new(),
+        created_unix_ms: unix_ms(),
+    };
+    write_roster(&roster_path, roster, &key)?;
+    println!("region key  {}", key.node_id());
+    println!(
+        "roster      {} (version 1, no members yet)",
+        roster_path.display()
+    );
+    println!(
+        "next: tapestry region add --dir {} <node id>...",
+        a.dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn region_add(a: &RegionAddArgs) -> Result<ExitCode, String> {
+    let (key_path, roster_path) = (a.dir.join("region.key"), a.dir.join("roster.cbor"));
+    let key =
+        Keypair::read_key_file(&key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
+    let current = read_roster(&roster_path)?;
+    if current.signer() != key.node_id() {
+        return Err(format!(
+            "{} is not signed by this region's key",
+            roster_path.display()
+        ));
+    }
+    let mut members: BTreeSet<NodeId> = current.message().members.iter().copied().collect();
+    for m in &a.members {
+        members.insert(
+            m.parse::<NodeId>()
+                .map_err(|e| format!("node id {m:?}: {e}"))?,
+        );
+    }
+    let next = Roster {
+        version: current.message().version + 1,
+        members: members.into_iter().collect(),
+        created_unix_ms: unix_ms(),
+        ..current.message().clone()
+    };
+    let (version, count) = (next.version, next.members.len());
+    write_roster(&roster_path, next, &key)?;
+    println!("roster version {version}: {count} members");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 fn parse_addrs(list: &[String]) -> Result<Vec<Multiaddr>, String> {
     list.iter()
         .map(|a| {
@@ -341,8 +461,20 @@ async fn run(a: RunArgs) -> Result<ExitCode, String> {
         rounds: (cfg.round.rounds > 0).then_some(cfg.round.rounds),
         start_peers: cfg.round.start_peers,
         start_wait: cfg.start_wait(),
-        roster: None,
-        region_key: None,
+        roster: if cfg.roster.is_empty() {
+            None
+        } else {
+            Some(read_roster(&dir.root.join(&cfg.roster))?)
+        },
+        region_key: if cfg.region_key.is_empty() {
+            None
+        } else {
+            Some(
+                cfg.region_key
+                    .parse::<NodeId>()
+                    .map_err(|e| format!("region_key {:?}: {e}", cfg.region_key))?,
+            )
+        },
     };
     let store = SledStore::open(&dir.store(), &SledConfig::default())
         .map_err(|e| format!("{}: {e}", dir.store().display()))?;

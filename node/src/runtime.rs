@@ -220,10 +220,8 @@ impl Node {
         data: LocalData,
         shared: Shared,
     ) -> Result<Node, NodeError> {
-        if settings.roster.is_some() && settings.region_key.is_none() {
-            return Err(NodeError::Config(
-                "a roster needs the region key that signs it".into(),
-            ));
+        if let Some(roster) = &settings.roster {
+            check_roster(roster, &settings)?;
         }
         let cfg = &settings.engine;
         let deltas_topic = deltas_topic(&cfg.model_id, &cfg.region);
@@ -570,7 +568,9 @@ impl Node {
             }
             NetEvent::PeerConnected(peer) => {
                 self.peers.insert(peer);
-                if let Some(id) = node_id_of(&peer) {
+                // In a permissioned region only members count towards a
+                // round's quorum.
+                if let Some(id) = node_id_of(&peer).filter(|id| self.admitted(id)) {
                     if self.running {
                         self.feed(Input::PeerJoined(id)).await;
                     } else {
@@ -797,6 +797,32 @@ impl Node {
             }
         }
     }
+}
+
+/// Checks that a roster governs this node's model and region and is signed
+/// by the region key.
+fn check_roster(roster: &Verified<Roster>, settings: &NodeSettings) -> Result<(), NodeError> {
+    let r = roster.message();
+    let cfg = &settings.engine;
+    let Some(region_key) = settings.region_key else {
+        return Err(NodeError::Config(
+            "a roster needs the region key that signs it (region_key)".into(),
+        ));
+    };
+    if roster.signer() != region_key {
+        return Err(NodeError::Config(format!(
+            "the roster is signed by {}, not by the region key {}",
+            roster.signer(),
+            region_key
+        )));
+    }
+    if r.model_id != cfg.model_id || r.region != cfg.region {
+        return Err(NodeError::Config(format!(
+            "the roster governs {}/{}, not {}/{}",
+            r.model_id, r.region, cfg.model_id, cfg.region
+        )));
+    }
+    Ok(())
 }
 
 /// Most ancestor manifests fetched along with one adopted version.

@@ -562,3 +562,117 @@ fn lineage(dir: &Path) -> Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// The distinct head parameters of `nodes`, once they agree or 30 s have
+/// passed (the last round's versions settle on the preferred one).
+fn settled_heads(nodes: &[&Node]) -> std::collections::BTreeSet<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let heads: std::collections::BTreeSet<String> = nodes
+            .iter()
+            .map(|n| n.status()["head_params"].to_string())
+            .collect();
+        if heads.len() == 1 || Instant::now() > deadline {
+            return heads;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The value after `label` on a line of a command's output.
+fn field(out: &str, label: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(label))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|| panic!("no {label:?} in {out}"))
+}
+
+#[test]
+fn in_a_permissioned_region_a_non_member_is_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let region = tmp.path().join("region");
+    let out = tapestry()
+        .args(["region", "new", "--region", "test", "--dir"])
+        .arg(&region)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let region_key = field(&String::from_utf8_lossy(&out.stdout), "region key");
+    let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("n{i}"))).collect();
+    let mut ids = Vec::new();
+    for d in &dirs {
+        let out = tapestry()
+            .args(["init", "--region", "test", "--data-dir"])
+            .arg(d)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        ids.push(field(&String::from_utf8_lossy(&out.stdout), "node id"));
+        // Every node uses the roster; only the first two are on it.
+        let cfg = d.join("config.toml");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let text = text
+            .replace(
+                "roster = \"\"",
+                &format!(
+                    "roster = {:?}",
+                    region.join("roster.cbor").display().to_string()
+                ),
+            )
+            .replace(
+                "region_key = \"\"",
+                &format!("region_key = \"{region_key}\""),
+            );
+        std::fs::write(&cfg, text).unwrap();
+    }
+    let out = tapestry()
+        .args(["region", "add", "--dir"])
+        .arg(&region)
+        .args([&ids[0], &ids[1]])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("version 2: 2 members"));
+
+    let args = |i: usize, boot: Option<&str>| {
+        let mut a = vec![
+            "--rounds".to_string(),
+            "8".into(),
+            "--start-peers".into(),
+            "1".into(),
+            "--shard".into(),
+            shard(i, 3),
+        ];
+        if let Some(b) = boot {
+            a.extend(["--bootstrap".to_string(), b.to_string()]);
+        }
+        a
+    };
+    let a = Node::start(&dirs[0], &args(0, None));
+    let boot = a.address();
+    let b = Node::start(&dirs[1], &args(1, Some(&boot)));
+    let outsider = Node::start(&dirs[2], &args(2, Some(&boot)));
+    let st = wait_for(&[&a, &b], 120, "the members to finish", |s| {
+        s["finished"].as_bool().unwrap()
+    });
+    let st_a = wait_for(&[&a], 30, "A to have refused the outsider", |s| {
+        s["rejected"]["not_in_roster"].as_u64().unwrap_or(0) >= 1
+    });
+    eprintln!(
+        "A rejected {}; B rejected {}; outsider at round {}",
+        st_a[0]["rejected"],
+        b.status()["rejected"],
+        outsider.status()["round"]
+    );
+    assert_eq!(settled_heads(&[&a, &b]).len(), 1);
+    assert!(st[0]["accuracy"].as_f64().unwrap() >= 0.9);
+    drop(outsider);
+}
