@@ -233,8 +233,14 @@ impl Node {
             s.model_id = cfg.model_id.clone();
             s.region = cfg.region.clone();
         });
+        let mut engine = Engine::new(settings.engine.clone(), key.clone());
+        engine.continue_sequence_after(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        );
         Ok(Node {
-            engine: Engine::new(settings.engine.clone(), key.clone()),
+            engine,
             deltas_hash: libp2p::gossipsub::IdentTopic::new(&deltas_topic).hash(),
             models_hash: libp2p::gossipsub::IdentTopic::new(&models_topic).hash(),
             deltas_topic,

@@ -255,6 +255,9 @@ fn three_nodes_learn_digits_agree_on_the_head_and_survive_sigkill() {
         );
         assert!(s["accuracy"].as_f64().unwrap() >= 0.9, "{s}");
         assert_eq!(s["round"].as_u64().unwrap(), rounds);
+        // The restarted node went on numbering its announcements where it
+        // left off: nobody took its new deltas for replays.
+        assert!(s["rejected"]["replay"].is_null(), "{s}");
     }
     assert_eq!(heads.len(), 1, "heads differ: {heads:?}");
     // Metrics are served and count what happened.

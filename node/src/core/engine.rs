@@ -297,6 +297,16 @@ impl Engine {
         self.key.node_id()
     }
 
+    /// Numbers this node's next announcements after `seq`. Peers refuse a
+    /// sequence number not above the last one they saw from this node, so
+    /// a restarted node must not start again from zero: the shell passes a
+    /// clock reading (milliseconds since the epoch), which exceeds every
+    /// number used before the restart unless the node announced more than
+    /// one delta per millisecond.
+    pub fn continue_sequence_after(&mut self, seq: u64) {
+        self.seq = self.seq.max(seq);
+    }
+
     /// The current round.
     pub fn round(&self) -> u64 {
         self.round
