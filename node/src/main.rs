@@ -12,7 +12,9 @@ use clap::{Args, Parser, Subcommand};
 use libp2p::Multiaddr;
 use tapestry_node::config::{self, Config, DataDir};
 use tapestry_node::core::data::{self, CsvOptions, Dataset, Partition, Scaler};
-use tapestry_node::core::model::{InnerState, evaluate, export_safetensors, train_local};
+use tapestry_node::core::model::{
+    InnerState, evaluate, export_safetensors, import_safetensors, train_local,
+};
 use tapestry_node::net::NetConfig;
 use tapestry_node::runtime::{self, HEAD_REF, Launch, LocalData, NodeSettings};
 use tapestry_protocol::{ContentId, Keypair, NodeId, Roster, Signed, Verified};
@@ -158,6 +160,10 @@ struct StatusArgs {
 enum ModelCommand {
     /// Write the head model as safetensors.
     Export(ExportArgs),
+    /// Make a safetensors file (names and shapes must match the model) the
+    /// node's head: a new version, signed by this node, whose parent is
+    /// the previous head. Run it while the node is stopped.
+    Import(ImportArgs),
     /// List the signed deltas, by author, that built a version (default: head).
     Lineage(LineageArgs),
 }
@@ -170,6 +176,16 @@ struct ExportArgs {
     /// Output file.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// The node's data directory.
+    #[arg(long, value_name = "DIR", env = "TAPESTRY_DATA_DIR")]
+    data_dir: PathBuf,
+    /// The safetensors file.
+    #[arg(long, value_name = "FILE")]
+    file: PathBuf,
 }
 
 #[derive(Args)]
@@ -219,6 +235,7 @@ fn main() -> ExitCode {
         Command::Run(a) => tokio_main(run(a)),
         Command::Status(a) => status(&a),
         Command::Model(ModelCommand::Export(a)) => export(&a),
+        Command::Model(ModelCommand::Import(a)) => import(&a),
         Command::Model(ModelCommand::Lineage(a)) => lineage(&a),
         Command::Scrub(a) => scrub(&a),
         Command::Demo(a) => tokio_main(demo(a)),
@@ -629,6 +646,59 @@ fn export(a: &ExportArgs) -> Result<ExitCode, String> {
         m.message().round,
         head,
         a.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn import(a: &ImportArgs) -> Result<ExitCode, String> {
+    let dir = DataDir {
+        root: a.data_dir.clone(),
+    };
+    let cfg = Config::load(&dir.config())?;
+    let key =
+        Keypair::read_key_file(&dir.key()).map_err(|e| format!("{}: {e}", dir.key().display()))?;
+    let spec = cfg.spec()?;
+    let params =
+        import_safetensors(&spec, &a.file).map_err(|e| format!("{}: {e}", a.file.display()))?;
+    if !params.iter().all(|v| v.is_finite()) {
+        return Err(format!("{}: non-finite parameters", a.file.display()));
+    }
+    let store = open_store(&a.data_dir).or_else(|_| {
+        SledStore::open(&dir.store(), &SledConfig::default())
+            .map_err(|e| format!("{}: {e}", dir.store().display()))
+    })?;
+    let parent = store
+        .get_ref(HEAD_REF)
+        .map_err(|e| e.to_string())?
+        .and_then(|id| store.get_model_manifest(&id).ok().flatten());
+    let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let chunk_size = tapestry_protocol::DEFAULT_CHUNK_SIZE;
+    let chunk_ids = store
+        .put_payload(&bytes, chunk_size)
+        .map_err(|e| e.to_string())?;
+    let manifest = tapestry_protocol::ModelManifest {
+        model_id: cfg.model_id.clone(),
+        region: cfg.region.clone(),
+        round: parent.as_ref().map_or(0, |p| p.message().round + 1),
+        author: key.node_id(),
+        layout: spec.layout(),
+        payload_bytes: bytes.len() as u64,
+        chunk_size: chunk_size as u32,
+        chunk_ids,
+        parents: parent.iter().map(|p| p.id()).collect(),
+        deltas: Vec::new(),
+        created_unix_ms: unix_ms(),
+    };
+    let signed = Signed::sign(manifest, &key).map_err(|e| e.to_string())?;
+    let id = store
+        .put_model_manifest(&signed)
+        .map_err(|e| e.to_string())?;
+    store.set_ref(HEAD_REF, id).map_err(|e| e.to_string())?;
+    store.flush().map_err(|e| e.to_string())?;
+    println!(
+        "imported {} as round {} ({id})",
+        a.file.display(),
+        signed.message().round
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -549,6 +549,39 @@ fn a_late_joiner_catches_up_to_the_head_and_follows_the_rounds() {
     assert_eq!(count("deltas_not_held"), 0);
     assert_eq!(count("versions") as u64, rounds + 1);
     assert_eq!(l["deltas_by_author"].as_object().unwrap().len(), 3);
+
+    // The model leaves as safetensors and comes back in as a new version.
+    let model = |cmd: &[&str], dir: &Path| {
+        let out = tapestry()
+            .args(cmd)
+            .arg("--data-dir")
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (f0, f2) = (
+        tmp.path().join("n0.safetensors"),
+        tmp.path().join("n2.safetensors"),
+    );
+    let f0s = f0.display().to_string();
+    model(&["model", "export", "--out", &f0s], &dirs[0]);
+    let imported = model(&["model", "import", "--file", &f0s], &dirs[1]);
+    assert!(
+        imported.contains(&format!("as round {}", rounds + 1)),
+        "{imported}"
+    );
+    model(
+        &["model", "export", "--out", &f2.display().to_string()],
+        &dirs[1],
+    );
+    assert_eq!(std::fs::read(&f0).unwrap(), std::fs::read(&f2).unwrap());
+    assert!(scrub(&dirs[1]).0);
 }
 
 /// `tapestry model lineage` of a stopped node's head.
