@@ -27,7 +27,7 @@ use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, autonat, connection_limits, dcutr,
     identify, identity, kad, mdns, noise, ping, tcp, yamux,
 };
-use tapestry_protocol::{FetchRequest, FetchResponse, Keypair, NodeId};
+use tapestry_protocol::{ContentId, FetchRequest, FetchResponse, Keypair, NodeId};
 use tokio::sync::{mpsc, oneshot};
 
 /// The identify protocol version of Tapestry nodes.
@@ -149,6 +149,17 @@ pub enum Command {
     },
     /// Dial an address.
     Dial(Multiaddr),
+    /// Announce in the DHT that this node holds (the chunks of) `id`.
+    Provide(ContentId),
+    /// Stop announcing `id` in the DHT.
+    Unprovide(ContentId),
+    /// Ask the DHT who holds (the chunks of) `id`.
+    Providers {
+        /// The content.
+        id: ContentId,
+        /// The peers found (possibly none).
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
     /// What the network looks like now.
     Snapshot(oneshot::Sender<NetSnapshot>),
 }
@@ -238,6 +249,13 @@ impl NetHandle {
         })
         .await?;
         rx.await.map_err(|_| NetError::Stopped)?
+    }
+
+    /// Peers the DHT knows to hold `id` (waits for the look-up).
+    pub async fn providers(&self, id: ContentId) -> Result<Vec<PeerId>, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Providers { id, reply }).await?;
+        rx.await.map_err(|_| NetError::Stopped)
     }
 
     /// The current view of the network.
@@ -539,7 +557,17 @@ pub fn peer_of_addr(addr: &Multiaddr) -> Option<PeerId> {
     })
 }
 
-type Pending = HashMap<OutboundRequestId, oneshot::Sender<Result<FetchResponse, NetError>>>;
+/// Replies owed to the node: fetches in flight and provider look-ups.
+#[derive(Default)]
+struct Pending {
+    fetches: HashMap<OutboundRequestId, oneshot::Sender<Result<FetchResponse, NetError>>>,
+    providers: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
+}
+
+/// The DHT key under which a content id is provided.
+fn provider_key(id: &ContentId) -> kad::RecordKey {
+    kad::RecordKey::new(id.as_bytes())
+}
 
 /// The event loop: the only code that touches the swarm.
 async fn run(
@@ -547,7 +575,7 @@ async fn run(
     mut commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
 ) {
-    let mut pending: Pending = HashMap::new();
+    let mut pending = Pending::default();
     let mut listening: HashSet<Multiaddr> = HashSet::new();
     loop {
         tokio::select! {
@@ -597,7 +625,7 @@ fn handle_command(
             reply,
         } => {
             let id = swarm.behaviour_mut().fetch.send_request(&peer, request);
-            pending.insert(id, reply);
+            pending.fetches.insert(id, reply);
         }
         Command::Respond { channel, response } => {
             let _ = swarm.behaviour_mut().fetch.send_response(channel, response);
@@ -606,6 +634,18 @@ fn handle_command(
             if let Err(e) = swarm.dial(addr.clone()) {
                 tracing::debug!(%addr, error = %e, "dial failed");
             }
+        }
+        Command::Provide(id) => {
+            if let Err(e) = swarm.behaviour_mut().kad.start_providing(provider_key(&id)) {
+                tracing::debug!(error = %e, "cannot record a provider");
+            }
+        }
+        Command::Unprovide(id) => {
+            swarm.behaviour_mut().kad.stop_providing(&provider_key(&id));
+        }
+        Command::Providers { id, reply } => {
+            let query = swarm.behaviour_mut().kad.get_providers(provider_key(&id));
+            pending.providers.insert(query, (HashSet::new(), reply));
         }
         Command::Snapshot(reply) => {
             let gossip = &swarm.behaviour().gossipsub;
@@ -675,7 +715,7 @@ async fn handle_event(
                     request_id,
                     response,
                 } => {
-                    if let Some(reply) = pending.remove(&request_id) {
+                    if let Some(reply) = pending.fetches.remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }
                     None
@@ -687,7 +727,7 @@ async fn handle_event(
                 error,
                 ..
             } => {
-                if let Some(reply) = pending.remove(&request_id) {
+                if let Some(reply) = pending.fetches.remove(&request_id) {
                     let _ = reply.send(Err(NetError::Fetch {
                         peer,
                         reason: error.to_string(),
@@ -701,6 +741,26 @@ async fn handle_event(
             }
             request_response::Event::ResponseSent { .. } => None,
         },
+        SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+            id,
+            result: kad::QueryResult::GetProviders(result),
+            step,
+            ..
+        })) => {
+            let done = match result {
+                Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                    if let Some((found, _)) = pending.providers.get_mut(&id) {
+                        found.extend(providers);
+                    }
+                    step.last
+                }
+                _ => true,
+            };
+            if done && let Some((found, reply)) = pending.providers.remove(&id) {
+                let _ = reply.send(found.into_iter().collect());
+            }
+            None
+        }
         SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
             peer_id,
             info,

@@ -206,6 +206,8 @@ pub struct Node {
     /// The preferred version announced for each coming round, and who
     /// announced it.
     best_seen: BTreeMap<u64, (VersionRank, Verified<ModelManifest>, PeerId)>,
+    /// What this node announces in the DHT, oldest first.
+    provided: std::collections::VecDeque<ContentId>,
     /// Versions already being fetched to be offered to the engine.
     offered: std::collections::HashSet<ContentId>,
 }
@@ -258,6 +260,7 @@ impl Node {
             providers: HashMap::new(),
             running: false,
             best_seen: BTreeMap::new(),
+            provided: std::collections::VecDeque::new(),
             offered: std::collections::HashSet::new(),
         })
     }
@@ -432,6 +435,7 @@ impl Node {
                 }
                 let data = manifest.envelope_bytes().to_vec();
                 self.count_out(data.len());
+                self.provide(manifest.id()).await;
                 if let Err(e) = self.net.publish(&self.deltas_topic, data).await {
                     tracing::warn!(error = %e, "cannot announce delta");
                 }
@@ -482,6 +486,7 @@ impl Node {
                 self.show_head(&manifest, &params);
                 let data = manifest.envelope_bytes().to_vec();
                 self.count_out(data.len());
+                self.provide(manifest.id()).await;
                 let _ = self.net.publish(&self.models_topic, data).await;
                 self.providers.retain(|_, v| !v.is_empty());
                 if self.providers.len() > 4096 {
@@ -529,6 +534,18 @@ impl Node {
             *h = Some(manifest.clone());
         }
         tracing::info!(round = m.round, accuracy = ?accuracy, head = %manifest.id().short(), "head");
+    }
+
+    /// Announces in the DHT that this node serves `id`, and withdraws the
+    /// oldest such record beyond [`MAX_PROVIDED`].
+    async fn provide(&mut self, id: ContentId) {
+        let _ = self.net.send(Command::Provide(id)).await;
+        self.provided.push_back(id);
+        while self.provided.len() > MAX_PROVIDED {
+            if let Some(old) = self.provided.pop_front() {
+                let _ = self.net.send(Command::Unprovide(old)).await;
+            }
+        }
     }
 
     fn count_out(&self, n: usize) {
@@ -842,55 +859,90 @@ pub fn floats(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-/// Fetches the chunks of `ids` not yet in the store from `providers` (in
-/// turn, several attempts with backoff), checking each against its id
-/// before storing it. A peer that serves a wrong chunk is not asked again.
+/// Provider records this node keeps in the DHT: its own recent deltas and
+/// versions. (It serves what it fetched too, to whoever asks, but does not
+/// advertise it.)
+const MAX_PROVIDED: usize = 256;
+
+/// Chunk fetches in flight at once for one payload.
+const PARALLEL_FETCHES: usize = 8;
+
+/// Fetches the chunks of `ids` not yet in the store, several at once, each
+/// from `providers` in turn (starting at a different one per chunk, so the
+/// load spreads), checking each against its id before storing it. A peer
+/// that serves a wrong chunk is not asked again. Between attempts (with
+/// backoff) the DHT is asked who else provides `content`.
 async fn fetch_chunks(
     net: &NetHandle,
     store: &Store,
+    content: ContentId,
     ids: &[ContentId],
     providers: &[PeerId],
     shared: &Shared,
 ) -> bool {
-    let mut bad: BTreeSet<PeerId> = BTreeSet::new();
-    for id in ids {
-        if store.has(id).unwrap_or(false) {
-            continue;
+    use futures::StreamExt;
+    let bad = Mutex::new(BTreeSet::<PeerId>::new());
+    let mut providers: Vec<PeerId> = providers.to_vec();
+    let mut missing: Vec<ContentId> = ids
+        .iter()
+        .filter(|id| !store.has(id).unwrap_or(false))
+        .copied()
+        .collect();
+    for attempt in 0..4u32 {
+        if missing.is_empty() {
+            return true;
         }
-        let mut got = false;
-        'attempts: for attempt in 0..4u32 {
-            let candidates: Vec<PeerId> = providers
-                .iter()
-                .filter(|p| !bad.contains(p))
-                .copied()
-                .collect();
-            for peer in &candidates {
-                match net.fetch(*peer, FetchRequest::Chunk(*id)).await {
-                    Ok(FetchResponse::Chunk(bytes)) if ContentId::of(&bytes) == *id => {
-                        shared.metrics.chunks_fetched.inc();
-                        shared.metrics.bytes_in.inc_by(bytes.len() as u64);
-                        shared.update(|s| s.bytes_in += bytes.len() as u64);
-                        if store.put(&bytes).is_ok() {
-                            got = true;
-                            break 'attempts;
+        let order = &providers;
+        let bad = &bad;
+        let failed: Vec<ContentId> = futures::stream::iter(missing.clone().into_iter().enumerate())
+            .map(|(k, id)| async move {
+                let n = order.len().max(1);
+                for step in 0..order.len() {
+                    let peer = order[(k + step) % n];
+                    if bad.lock().map(|b| b.contains(&peer)).unwrap_or(false) {
+                        continue;
+                    }
+                    match net.fetch(peer, FetchRequest::Chunk(id)).await {
+                        Ok(FetchResponse::Chunk(bytes)) if ContentId::of(&bytes) == id => {
+                            shared.metrics.chunks_fetched.inc();
+                            shared.metrics.bytes_in.inc_by(bytes.len() as u64);
+                            shared.update(|s| s.bytes_in += bytes.len() as u64);
+                            if store.put(&bytes).is_ok() {
+                                return None;
+                            }
                         }
+                        Ok(FetchResponse::Chunk(_)) => {
+                            tracing::warn!(%peer, chunk = %id.short(), "peer served a corrupt chunk");
+                            shared.metrics.reject("corrupt_chunk");
+                            if let Ok(mut b) = bad.lock() {
+                                b.insert(peer);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::debug!(%peer, error = %e, "chunk fetch failed"),
                     }
-                    Ok(FetchResponse::Chunk(_)) => {
-                        tracing::warn!(%peer, chunk = %id.short(), "peer served a corrupt chunk");
-                        shared.metrics.reject("corrupt_chunk");
-                        bad.insert(*peer);
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!(%peer, error = %e, "chunk fetch failed"),
+                }
+                Some(id)
+            })
+            .buffer_unordered(PARALLEL_FETCHES)
+            .filter_map(|r| async move { r })
+            .collect()
+            .await;
+        missing = failed;
+        if missing.is_empty() {
+            return true;
+        }
+        // Who else has it?
+        if let Ok(more) = net.providers(content).await {
+            for p in more {
+                if p != net.peer_id() && !providers.contains(&p) {
+                    providers.push(p);
                 }
             }
-            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
         }
-        if !got {
-            return false;
-        }
+        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
     }
-    true
+    missing.is_empty()
 }
 
 async fn fetch_payload(
@@ -901,7 +953,7 @@ async fn fetch_payload(
     shared: &Shared,
 ) -> Option<Vec<u8>> {
     let m = manifest.message();
-    if !fetch_chunks(net, store, &m.chunk_ids, providers, shared).await {
+    if !fetch_chunks(net, store, manifest.id(), &m.chunk_ids, providers, shared).await {
         return None;
     }
     store.put_delta_manifest(manifest).ok()?;
@@ -920,7 +972,7 @@ async fn fetch_model(
     if m.payload_bytes != (n_params * 4) as u64 {
         return None;
     }
-    if !fetch_chunks(net, store, &m.chunk_ids, providers, shared).await {
+    if !fetch_chunks(net, store, manifest.id(), &m.chunk_ids, providers, shared).await {
         return None;
     }
     store.put_model_manifest(manifest).ok()?;

@@ -712,3 +712,55 @@ fn in_a_permissioned_region_a_non_member_is_rejected() {
     assert!(st[0]["accuracy"].as_f64().unwrap() >= 0.9);
     drop(outsider);
 }
+
+#[test]
+fn the_dht_tells_who_provides_a_delta() {
+    use tapestry_node::net::{self, Command, NetConfig};
+    use tapestry_protocol::{ContentId, Keypair};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let start = |bootstrap: Vec<libp2p::Multiaddr>| {
+            let key = Keypair::generate(&mut rand::rngs::OsRng);
+            net::spawn(
+                &key,
+                NetConfig {
+                    listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+                    bootstrap,
+                    ..NetConfig::default()
+                },
+                &mut prometheus_client::registry::Registry::default(),
+            )
+            .unwrap()
+        };
+        let (a, mut a_events, _ta) = start(vec![]);
+        let addr = loop {
+            if let Some(net::NetEvent::Listening(addr)) = a_events.recv().await {
+                break addr.with(libp2p::multiaddr::Protocol::P2p(a.peer_id()));
+            }
+        };
+        tokio::spawn(async move { while a_events.recv().await.is_some() {} });
+        let (b, mut b_events, _tb) = start(vec![addr]);
+        while !matches!(b_events.recv().await, Some(net::NetEvent::PeerConnected(_))) {}
+        tokio::spawn(async move { while b_events.recv().await.is_some() {} });
+        let id = ContentId::of(b"a delta manifest");
+        a.send(Command::Provide(id)).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let found = b.providers(id).await.unwrap();
+            if found.contains(&a.peer_id()) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "B never learned that A provides it"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            b.providers(ContentId::of(b"nobody has this"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    });
+}
