@@ -538,7 +538,10 @@ pub fn spawn(
     }
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
     let (ev_tx, ev_rx) = mpsc::channel(1024);
-    let task = tokio::spawn(run(swarm, cmd_rx, ev_tx));
+    // libp2p's own metrics (connections, identify, Kademlia, ping, gossipsub,
+    // DCUtR) in the node's registry, beside the bandwidth counters.
+    let metrics = libp2p::metrics::Metrics::new(registry);
+    let task = tokio::spawn(run(swarm, cmd_rx, ev_tx, metrics));
     Ok((
         NetHandle {
             tx: cmd_tx,
@@ -574,6 +577,7 @@ async fn run(
     mut swarm: Swarm<Behaviour>,
     mut commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
+    metrics: libp2p::metrics::Metrics,
 ) {
     let mut pending = Pending::default();
     let mut listening: HashSet<Multiaddr> = HashSet::new();
@@ -584,6 +588,7 @@ async fn run(
                 handle_command(&mut swarm, &mut pending, &listening, command);
             }
             event = swarm.select_next_some() => {
+                record(&metrics, &event);
                 if !handle_event(&mut swarm, &mut pending, &mut listening, &events, event).await {
                     break;
                 }
@@ -655,6 +660,22 @@ fn handle_command(
                 listen: listening.iter().map(|a| a.to_string()).collect(),
                 mesh_peers: gossip.all_mesh_peers().count(),
             });
+        }
+    }
+}
+
+/// Feeds libp2p's metrics.
+fn record(metrics: &libp2p::metrics::Metrics, event: &SwarmEvent<BehaviourEvent>) {
+    use libp2p::metrics::Recorder;
+    metrics.record(event);
+    if let SwarmEvent::Behaviour(b) = event {
+        match b {
+            BehaviourEvent::Gossipsub(e) => metrics.record(e),
+            BehaviourEvent::Identify(e) => metrics.record(e),
+            BehaviourEvent::Kad(e) => metrics.record(e),
+            BehaviourEvent::Ping(e) => metrics.record(e),
+            BehaviourEvent::Dcutr(e) => metrics.record(e),
+            _ => {}
         }
     }
 }

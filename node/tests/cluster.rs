@@ -264,7 +264,8 @@ fn three_nodes_learn_digits_agree_on_the_head_and_survive_sigkill() {
     let metrics = get(&n0.api(), "/metrics");
     assert!(metrics.contains("tapestry_rounds_total"), "{metrics}");
     assert!(
-        metrics.contains("tapestry_deltas_accepted_total"),
+        metrics.contains("tapestry_deltas_accepted_total")
+            && metrics.contains("libp2p_identify_received_total"),
         "{metrics}"
     );
     let head: Value = serde_json::from_str(&get(&n1.api(), "/model/head")).unwrap();
@@ -714,7 +715,7 @@ fn in_a_permissioned_region_a_non_member_is_rejected() {
 }
 
 #[test]
-fn the_dht_tells_who_provides_a_delta() {
+fn over_quic_the_dht_tells_who_provides_a_delta() {
     use tapestry_node::net::{self, Command, NetConfig};
     use tapestry_protocol::{ContentId, Keypair};
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -724,7 +725,8 @@ fn the_dht_tells_who_provides_a_delta() {
             net::spawn(
                 &key,
                 NetConfig {
-                    listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+                    // QUIC only: the connection below can only be QUIC.
+                    listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
                     bootstrap,
                     ..NetConfig::default()
                 },
@@ -738,6 +740,7 @@ fn the_dht_tells_who_provides_a_delta() {
                 break addr.with(libp2p::multiaddr::Protocol::P2p(a.peer_id()));
             }
         };
+        assert!(addr.to_string().contains("/quic-v1/"), "{addr}");
         tokio::spawn(async move { while a_events.recv().await.is_some() {} });
         let (b, mut b_events, _tb) = start(vec![addr]);
         while !matches!(b_events.recv().await, Some(net::NetEvent::PeerConnected(_))) {}
