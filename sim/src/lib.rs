@@ -9,8 +9,9 @@
 //! message arrives (latency, jitter, loss, bandwidth, partitions, offline
 //! nodes); [`par`] runs trainings and evaluations of one virtual instant on
 //! all cores without changing results; [`report`] and [`plot`] write the
-//! outputs.
+//! outputs. [`cluster`] runs real `tapestry` processes instead.
 
+pub mod cluster;
 pub mod net;
 pub mod par;
 pub mod plot;

@@ -20,6 +20,53 @@ enum Command {
     /// Run a scenario and write DIR/report.json, DIR/rounds.csv,
     /// DIR/baselines.csv, DIR/accuracy.png and DIR/consensus.png.
     Run(RunArgs),
+    /// Start N real `tapestry` node processes on this machine, watch them
+    /// train together, and write DIR/report.json, DIR/samples.csv and plots.
+    Cluster(ClusterArgs),
+}
+
+#[derive(Args)]
+struct ClusterArgs {
+    /// Nodes to start.
+    #[arg(long, default_value_t = 5)]
+    nodes: usize,
+    /// `synthetic` or a CSV file (.csv or .csv.gz, label in the last column).
+    #[arg(long, default_value = "synthetic")]
+    data: String,
+    /// iid | dirichlet:ALPHA | classes:K
+    #[arg(long, default_value = "dirichlet:0.5")]
+    partition: String,
+    /// Rounds each node trains.
+    #[arg(long, default_value_t = 20)]
+    rounds: u64,
+    /// Seed of the data and partition.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Where node directories, the report and plots go.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// The tapestry binary (default: next to this one).
+    #[arg(long, value_name = "PATH", env = "TAPESTRY_BIN")]
+    tapestry: Option<PathBuf>,
+    /// kill:N@T[-T2] (SIGKILL node N at T, restart at T2) or join:N@T
+    /// (start node N late); repeat for several.
+    #[arg(long = "event", value_name = "EVENT")]
+    events: Vec<String>,
+    /// Regions (only 1 so far).
+    #[arg(long, default_value_t = 1)]
+    regions: usize,
+    /// Put each node in its own network namespace (not implemented yet).
+    #[arg(long)]
+    netns: bool,
+    /// Latency between nodes (needs --netns).
+    #[arg(long)]
+    latency: Option<String>,
+    /// Loss between nodes, e.g. 1% (needs --netns).
+    #[arg(long)]
+    loss: Option<String>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
 }
 
 #[derive(Args)]
@@ -175,6 +222,94 @@ fn one_kernel_thread() {
     }
 }
 
+fn cluster(a: ClusterArgs) -> ExitCode {
+    let fail = |e: String| {
+        eprintln!("tapestry-sim: {e}");
+        ExitCode::from(2)
+    };
+    if a.nodes < 2 || a.nodes > 64 {
+        return fail("--nodes must be between 2 and 64".into());
+    }
+    if a.regions != 1 {
+        return fail("only one region is supported so far (--regions 1)".into());
+    }
+    let partition = match a.partition.parse() {
+        Ok(p) => p,
+        Err(e) => return fail(format!("{e}")),
+    };
+    if a.data != "synthetic" && !std::path::Path::new(&a.data).is_file() {
+        return fail(format!("data file {} does not exist", a.data));
+    }
+    let events = match a
+        .events
+        .iter()
+        .map(|e| tapestry_sim::cluster::ClusterEvent::parse(e, a.nodes))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(e) => e,
+        Err(e) => return fail(e),
+    };
+    if a.netns || a.latency.is_some() || a.loss.is_some() {
+        eprintln!(
+            "tapestry-sim: network namespaces are not implemented yet: nodes run on 127.0.0.1 \
+             and network faults are limited to killing and restarting (--latency/--loss ignored)"
+        );
+    }
+    let tapestry = a.tapestry.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("tapestry")))
+            .unwrap_or_else(|| PathBuf::from("tapestry"))
+    });
+    let options = tapestry_sim::cluster::ClusterOptions {
+        nodes: a.nodes,
+        data: a.data.clone(),
+        partition,
+        rounds: a.rounds,
+        seed: a.seed,
+        out: a.out.clone(),
+        tapestry,
+        events,
+        timeout: std::time::Duration::from_secs(a.timeout_secs),
+    };
+    let mut shown = 0.0;
+    let result = tapestry_sim::cluster::run(&options, &mut |secs, nodes| {
+        if secs - shown >= 2.0 || secs < 0.6 {
+            shown = secs;
+            let line: Vec<String> = nodes
+                .iter()
+                .map(|n| {
+                    if n.up {
+                        format!("r{} {:.3} p{}", n.round, n.accuracy, n.peers)
+                    } else {
+                        "down".into()
+                    }
+                })
+                .collect();
+            eprintln!("{secs:>6.1}s  {}", line.join(" | "));
+        }
+    });
+    match result {
+        Ok(r) => {
+            let f = &r["final"];
+            println!(
+                "{} nodes: accuracy mean {:.4} min {:.4}; heads agree: {}; consensus distance {:.2e}",
+                a.nodes,
+                f["accuracy_mean"].as_f64().unwrap_or(0.0),
+                f["accuracy_min"].as_f64().unwrap_or(0.0),
+                f["heads_agree"],
+                f["consensus_distance"].as_f64().unwrap_or(0.0)
+            );
+            println!("report: {}", a.out.join("report.json").display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tapestry-sim: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     one_kernel_thread();
     let cli = match Cli::try_parse() {
@@ -196,7 +331,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => args,
+        Command::Cluster(args) => return cluster(args),
+    };
     let settings = match scenario(&args).and_then(|s| s.settings()) {
         Ok(s) => s,
         Err(e) => {

@@ -1,5 +1,6 @@
-//! Black-box tests that start real `tapestry` processes on loopback or in
-//! network namespaces and check what they do together.
-//!
-//! **Status: empty.** There is no node binary to test yet; the tests arrive
-//! with the node and local-cluster issues.
+//! Black-box tests that start real Tapestry processes and check what they do
+//! together: `tests/cluster.rs` drives `tapestry-sim cluster`, which starts,
+//! kills, restarts and stops `tapestry` node processes on 127.0.0.1. They
+//! find both binaries beside the test executable, where `cargo test
+//! --workspace` builds them. (The node's own process tests are in
+//! `node/tests/cluster.rs`.)

@@ -1,0 +1,556 @@
+//! `tapestry-sim cluster`: real `tapestry` processes on this machine, each
+//! with its own data directory, keys, data shard and listen address, wired
+//! into one region, watched while they train, with scripted kills, restarts
+//! and late joiners, and a report in the same shape as `run`'s.
+//!
+//! Nodes listen on 127.0.0.1 ports; network faults are limited to killing and
+//! restarting processes. (Network namespaces with latency, loss and
+//! partitions between nodes are not implemented yet; `--netns` says so.)
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tapestry_node::config::{Config, DataSection, ModelSection, RoundSection};
+use tapestry_node::core::data::{self, CsvOptions, Dataset, Partition};
+use tapestry_node::core::mixing::consensus_distance;
+use tapestry_node::core::model::import_safetensors;
+
+use crate::plot::{self, Series};
+use crate::scenario::parse_duration_ms;
+
+/// Something that happens to a node during the run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ClusterEvent {
+    /// SIGKILL node `node` at `at_ms`; start it again at `restart_ms`.
+    Kill {
+        /// The node.
+        node: usize,
+        /// When it is killed.
+        at_ms: u64,
+        /// When it is started again (never if `None`).
+        restart_ms: Option<u64>,
+    },
+    /// Node `node` is started only at `at_ms`.
+    Join {
+        /// The node.
+        node: usize,
+        /// When it starts.
+        at_ms: u64,
+    },
+}
+
+impl ClusterEvent {
+    /// `kill:N@T[-T2]` or `join:N@T` (times like `3s`, `1500ms`).
+    pub fn parse(s: &str, nodes: usize) -> Result<ClusterEvent, String> {
+        let bad = |why: &str| format!("bad event {s:?}: {why} (kill:N@T[-T2], join:N@T)");
+        let (kind, rest) = s.split_once(':').ok_or_else(|| bad("no kind"))?;
+        let (node, when) = rest.split_once('@').ok_or_else(|| bad("no @"))?;
+        let node: usize = node.parse().map_err(|_| bad("node is not a number"))?;
+        if node >= nodes {
+            return Err(bad(&format!("node {node} does not exist ({nodes} nodes)")));
+        }
+        match kind {
+            "kill" => {
+                let (at, restart) = match when.split_once('-') {
+                    Some((a, b)) => (a, Some(b)),
+                    None => (when, None),
+                };
+                let at_ms = parse_duration_ms(at).map_err(|e| bad(&e))?;
+                let restart_ms = restart
+                    .map(|r| parse_duration_ms(r).map_err(|e| bad(&e)))
+                    .transpose()?;
+                if restart_ms.is_some_and(|r| r <= at_ms) {
+                    return Err(bad("the restart must come after the kill"));
+                }
+                if node == 0 {
+                    return Err(bad("node 0 is the bootstrap node; kill another one"));
+                }
+                Ok(ClusterEvent::Kill {
+                    node,
+                    at_ms,
+                    restart_ms,
+                })
+            }
+            "join" => {
+                if node == 0 {
+                    return Err(bad("node 0 is the bootstrap node and starts first"));
+                }
+                Ok(ClusterEvent::Join {
+                    node,
+                    at_ms: parse_duration_ms(when).map_err(|e| bad(&e))?,
+                })
+            }
+            _ => Err(bad("unknown kind")),
+        }
+    }
+}
+
+/// What a cluster run needs.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Nodes.
+    pub nodes: usize,
+    /// `synthetic` or a CSV file.
+    pub data: String,
+    /// How rows are dealt to nodes.
+    pub partition: Partition,
+    /// Rounds each node trains.
+    pub rounds: u64,
+    /// Seed of the data and the partition.
+    pub seed: u64,
+    /// Where node directories, the report and the plots go.
+    pub out: PathBuf,
+    /// The `tapestry` binary.
+    pub tapestry: PathBuf,
+    /// Scripted events.
+    pub events: Vec<ClusterEvent>,
+    /// Give up after this long.
+    pub timeout: Duration,
+}
+
+/// One node's view at one moment.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    /// Running now.
+    pub up: bool,
+    /// Round.
+    pub round: u64,
+    /// Accuracy on its evaluation split.
+    pub accuracy: f64,
+    /// Connected peers.
+    pub peers: u64,
+    /// Finished its rounds.
+    pub finished: bool,
+    /// Head parameter digest.
+    pub head: String,
+    /// Full status.
+    pub status: Value,
+}
+
+/// A node process; killed when dropped, so nothing outlives the command.
+struct Proc {
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+fn write_csv(path: &Path, d: &Dataset) -> std::io::Result<()> {
+    let mut out = String::new();
+    for i in 0..d.len() {
+        let row = &d.features[i * d.n_features..(i + 1) * d.n_features];
+        for v in row {
+            out.push_str(&format!("{v},"));
+        }
+        out.push_str(&format!("{}\n", d.labels[i]));
+    }
+    std::fs::write(path, out)
+}
+
+impl Proc {
+    fn start(tapestry: &Path, dir: &Path, bootstrap: Option<&str>) -> Result<Proc, String> {
+        let _ = std::fs::remove_file(dir.join("endpoints.json"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("node.log"))
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut cmd = Command::new(tapestry);
+        cmd.args(["run", "--data-dir"]).arg(dir);
+        if let Some(b) = bootstrap {
+            cmd.args(["--bootstrap", b]);
+        }
+        let child = cmd
+            .env("RUST_LOG", "info,libp2p=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", tapestry.display()))?;
+        Ok(Proc {
+            dir: dir.to_path_buf(),
+            child: Some(child),
+        })
+    }
+
+    fn endpoints(&self, wait: Duration) -> Option<Value> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(self.dir.join("endpoints.json")) {
+                return serde_json::from_str(&text).ok();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn up(&self) -> bool {
+        self.child.is_some()
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn terminate(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Runs the cluster; `view` gets every node's state about twice a second.
+/// Writes `DIR/report.json`, `DIR/samples.csv`, `DIR/accuracy.png` and
+/// `DIR/rounds.png`, and leaves each node's directory (log, store) in
+/// `DIR/nodes/`.
+pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result<Value, String> {
+    let started = Instant::now();
+    if !o.tapestry.is_file() {
+        return Err(format!(
+            "no tapestry binary at {} (build it: cargo build -p tapestry-node, or pass --tapestry)",
+            o.tapestry.display()
+        ));
+    }
+    let nodes_dir = o.out.join("nodes");
+    if nodes_dir.exists() {
+        std::fs::remove_dir_all(&nodes_dir)
+            .map_err(|e| format!("cannot clear {}: {e}", nodes_dir.display()))?;
+    }
+    std::fs::create_dir_all(&nodes_dir).map_err(|e| format!("{}: {e}", nodes_dir.display()))?;
+    // Data: one pool, dealt to the nodes; each node holds out its own split.
+    let all = if o.data == "synthetic" {
+        data::synthetic_with_separation(o.seed, (400 * o.nodes).max(3000), 20, 10, 0.8)
+    } else {
+        data::load_csv(Path::new(&o.data), CsvOptions::default())
+            .map_err(|e| format!("{}: {e}", o.data))?
+    };
+    let parts = data::partition(&all, o.nodes, o.partition, o.seed).map_err(|e| e.to_string())?;
+    let (lo, hi) = all
+        .features
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+    let dirs: Vec<PathBuf> = (0..o.nodes)
+        .map(|i| nodes_dir.join(format!("node{i}")))
+        .collect();
+    for (i, d) in dirs.iter().enumerate() {
+        let out = Command::new(&o.tapestry)
+            .args([
+                "init",
+                "--region",
+                "cluster",
+                "--model",
+                "cluster",
+                "--data-dir",
+            ])
+            .arg(d)
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", o.tapestry.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "tapestry init failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        write_csv(&d.join("data.csv"), &all.subset(&parts[i])).map_err(|e| e.to_string())?;
+        let cfg = Config {
+            model_id: "cluster".into(),
+            region: "cluster".into(),
+            listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+            api: "127.0.0.1:0".into(),
+            model: ModelSection {
+                inputs: all.n_features,
+                classes: all.n_classes,
+                ..ModelSection::default()
+            },
+            data: DataSection {
+                path: d.join("data.csv").display().to_string(),
+                feature_min: lo,
+                feature_max: hi,
+                ..DataSection::default()
+            },
+            round: RoundSection {
+                rounds: o.rounds,
+                start_peers: (o.nodes - 1).min(2),
+                timeout_ms: 5_000,
+                ..RoundSection::default()
+            },
+            ..Config::default()
+        };
+        let text = toml::to_string(&cfg).map_err(|e| e.to_string())?;
+        std::fs::write(d.join("config.toml"), text).map_err(|e| e.to_string())?;
+    }
+    let joins_late = |i: usize| {
+        o.events.iter().find_map(|e| match e {
+            ClusterEvent::Join { node, at_ms } if *node == i => Some(*at_ms),
+            _ => None,
+        })
+    };
+    let mut procs: Vec<Proc> = Vec::new();
+    procs.push(Proc::start(&o.tapestry, &dirs[0], None)?);
+    let boot = procs[0]
+        .endpoints(Duration::from_secs(60))
+        .and_then(|e| e["listen"][0].as_str().map(str::to_owned))
+        .ok_or_else(|| {
+            format!(
+                "node 0 did not start; see {}",
+                dirs[0].join("node.log").display()
+            )
+        })?;
+    for (i, d) in dirs.iter().enumerate().skip(1) {
+        if joins_late(i).is_some() {
+            procs.push(Proc {
+                dir: d.clone(),
+                child: None,
+            });
+        } else {
+            procs.push(Proc::start(&o.tapestry, d, Some(&boot))?);
+        }
+    }
+    let t0 = Instant::now();
+    let mut done_events: BTreeSet<usize> = BTreeSet::new();
+    let mut restarts: Vec<(usize, u64)> = Vec::new();
+    let mut samples = String::from("seconds,node,up,round,accuracy,peers\n");
+    let mut series: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); o.nodes];
+    let mut apis: Vec<Option<String>> = vec![None; o.nodes];
+    let last = loop {
+        let now_ms = t0.elapsed().as_millis() as u64;
+        for (k, e) in o.events.iter().enumerate() {
+            match *e {
+                ClusterEvent::Kill {
+                    node,
+                    at_ms,
+                    restart_ms,
+                } if now_ms >= at_ms && done_events.insert(k) => {
+                    procs[node].kill9();
+                    apis[node] = None;
+                    if let Some(r) = restart_ms {
+                        restarts.push((node, r));
+                    }
+                }
+                ClusterEvent::Join { node, at_ms } if now_ms >= at_ms && done_events.insert(k) => {
+                    procs[node] = Proc::start(&o.tapestry, &dirs[node], Some(&boot))?;
+                }
+                _ => {}
+            }
+        }
+        let due: Vec<usize> = restarts
+            .iter()
+            .filter(|(_, r)| now_ms >= *r)
+            .map(|(n, _)| *n)
+            .collect();
+        restarts.retain(|(_, r)| now_ms < *r);
+        for n in due {
+            procs[n] = Proc::start(&o.tapestry, &dirs[n], Some(&boot))?;
+        }
+        let last: Vec<NodeView> = procs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                if p.up() && apis[i].is_none() {
+                    apis[i] = p
+                        .endpoints(Duration::from_millis(10))
+                        .and_then(|e| e["api"].as_str().map(str::to_owned));
+                }
+                let status: Value = apis[i]
+                    .as_deref()
+                    .filter(|_| p.up())
+                    .and_then(|a| http_get(a, "/status"))
+                    .and_then(|b| serde_json::from_str(&b).ok())
+                    .unwrap_or(Value::Null);
+                NodeView {
+                    up: p.up() && !status.is_null(),
+                    round: status["round"].as_u64().unwrap_or(0),
+                    accuracy: status["accuracy"].as_f64().unwrap_or(0.0),
+                    peers: status["peers"].as_u64().unwrap_or(0),
+                    finished: status["finished"].as_bool().unwrap_or(false),
+                    head: status["head_params"].as_str().unwrap_or("").to_owned(),
+                    status,
+                }
+            })
+            .collect();
+        let secs = t0.elapsed().as_secs_f64();
+        for (i, v) in last.iter().enumerate() {
+            samples.push_str(&format!(
+                "{secs:.2},{i},{},{},{:.6},{}\n",
+                u8::from(v.up),
+                v.round,
+                v.accuracy,
+                v.peers
+            ));
+            if v.up {
+                series[i].push((secs, v.accuracy, v.round as f64));
+            }
+        }
+        view(secs, &last);
+        let pending = o.events.len() > done_events.len() || !restarts.is_empty();
+        let heads: BTreeSet<&str> = last.iter().map(|v| v.head.as_str()).collect();
+        if !pending && last.iter().all(|v| v.up && v.finished) && heads.len() == 1 {
+            break last;
+        }
+        if t0.elapsed() > o.timeout {
+            return Err(format!(
+                "the cluster did not finish within {} s; node logs are in {}",
+                o.timeout.as_secs(),
+                nodes_dir.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let per_node: Vec<Value> = last.iter().map(|v| v.status.clone()).collect();
+    // Stop cleanly, check every store, read every model.
+    let mut clean_exit = Vec::new();
+    for p in procs.iter_mut() {
+        clean_exit.push(p.terminate());
+    }
+    let mut models = Vec::new();
+    let mut scrub_clean = Vec::new();
+    let spec = tapestry_node::core::model::ModelSpec::Logistic {
+        inputs: all.n_features,
+        classes: all.n_classes,
+    };
+    for d in &dirs {
+        let scrub = Command::new(&o.tapestry)
+            .args(["scrub", "--data-dir"])
+            .arg(d)
+            .output();
+        scrub_clean.push(scrub.is_ok_and(|s| s.status.success()));
+        let file = d.join("model.safetensors");
+        let export = Command::new(&o.tapestry)
+            .args(["model", "export", "--data-dir"])
+            .arg(d)
+            .arg("--out")
+            .arg(&file)
+            .output();
+        if export.is_ok_and(|e| e.status.success())
+            && let Ok(p) = import_safetensors(&spec, &file)
+        {
+            models.push(p);
+        }
+    }
+    let accs: Vec<f64> = last.iter().map(|v| v.accuracy).collect();
+    let losses: Vec<f64> = last
+        .iter()
+        .map(|v| v.status["loss"].as_f64().unwrap_or(0.0))
+        .collect();
+    let bytes: u64 = last
+        .iter()
+        .map(|v| v.status["bytes_out"].as_u64().unwrap_or(0))
+        .sum();
+    let heads: BTreeSet<&str> = last.iter().map(|v| v.head.as_str()).collect();
+    let n = o.nodes as f64;
+    let report = json!({
+        "nodes": o.nodes,
+        "rounds": o.rounds,
+        "seed": o.seed,
+        "data": o.data,
+        "events": o.events.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>(),
+        "final": {
+            "accuracy_mean": accs.iter().sum::<f64>() / n,
+            "accuracy_min": accs.iter().copied().fold(f64::MAX, f64::min),
+            "accuracy_max": accs.iter().copied().fold(f64::MIN, f64::max),
+            "loss_mean": losses.iter().sum::<f64>() / n,
+            "consensus_distance": consensus_distance(&models),
+            "bytes_sent_per_node": bytes / o.nodes as u64,
+            "honest_nodes": o.nodes,
+            "heads_agree": heads.len() == 1,
+        },
+        "per_node": per_node,
+        "clean_exit": clean_exit,
+        "scrub_clean": scrub_clean,
+        "network": {
+            "netns": false,
+            "note": "nodes on 127.0.0.1; faults limited to killing and restarting processes",
+        },
+        "wall_seconds": started.elapsed().as_secs_f64(),
+    });
+    std::fs::write(
+        o.out.join("report.json"),
+        serde_json::to_string_pretty(&report).map_err(|e| e.to_string())? + "\n",
+    )
+    .map_err(|e| format!("writing report.json: {e}"))?;
+    std::fs::write(o.out.join("samples.csv"), samples).map_err(|e| e.to_string())?;
+    let palette = [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+    ];
+    let lines = |pick: fn(&(f64, f64, f64)) -> f64| -> Vec<Series> {
+        series
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Series {
+                label: format!("node {i}"),
+                points: s.iter().map(|p| (p.0, pick(p))).collect(),
+                color: palette[i % palette.len()],
+                thin: false,
+            })
+            .collect()
+    };
+    plot::line_chart(
+        &o.out.join("accuracy.png"),
+        "Accuracy of each node's head (its own evaluation split)",
+        "seconds",
+        "accuracy",
+        &lines(|p| p.1),
+        Some((0.0, 1.0)),
+    )?;
+    plot::line_chart(
+        &o.out.join("rounds.png"),
+        "Round of each node",
+        "seconds",
+        "round",
+        &lines(|p| p.2),
+        None,
+    )?;
+    Ok(report)
+}
