@@ -19,7 +19,7 @@ struct Cli {
 enum Command {
     /// Run a scenario and write DIR/report.json, DIR/rounds.csv,
     /// DIR/baselines.csv, DIR/accuracy.png and DIR/consensus.png.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Start N real `tapestry` node processes on this machine, watch them
     /// train together, and write DIR/report.json, DIR/samples.csv and plots.
     Cluster(ClusterArgs),
