@@ -22,7 +22,7 @@ enum Command {
     Run(Box<RunArgs>),
     /// Start N real `tapestry` node processes on this machine, watch them
     /// train together, and write DIR/report.json, DIR/samples.csv and plots.
-    Cluster(ClusterArgs),
+    Cluster(Box<ClusterArgs>),
 }
 
 #[derive(Args)]
@@ -333,7 +333,7 @@ fn main() -> ExitCode {
     };
     let args = match cli.command {
         Command::Run(args) => args,
-        Command::Cluster(args) => return cluster(args),
+        Command::Cluster(args) => return cluster(*args),
     };
     let settings = match scenario(&args).and_then(|s| s.settings()) {
         Ok(s) => s,
