@@ -193,6 +193,29 @@ fn shard(i: usize, of: usize) -> String {
     format!("{i}/{of}")
 }
 
+/// `tapestry run` flags: rounds (if any), peers to wait for, which shard of
+/// the digits file, and the bootstrap address (if any).
+fn run_args(
+    rounds: Option<u64>,
+    start_peers: usize,
+    (i, of): (usize, usize),
+    boot: Option<&str>,
+) -> Vec<String> {
+    let mut a = vec![
+        "--start-peers".to_string(),
+        start_peers.to_string(),
+        "--shard".into(),
+        shard(i, of),
+    ];
+    if let Some(r) = rounds {
+        a.extend(["--rounds".to_string(), r.to_string()]);
+    }
+    if let Some(b) = boot {
+        a.extend(["--bootstrap".to_string(), b.to_string()]);
+    }
+    a
+}
+
 #[test]
 fn three_nodes_learn_digits_agree_on_the_head_and_survive_sigkill() {
     let tmp = tempfile::tempdir().unwrap();
@@ -201,20 +224,7 @@ fn three_nodes_learn_digits_agree_on_the_head_and_survive_sigkill() {
         init(d);
     }
     let rounds = 12;
-    let args = |i: usize, bootstrap: Option<&str>| {
-        let mut a = vec![
-            "--rounds".to_string(),
-            rounds.to_string(),
-            "--start-peers".into(),
-            "2".into(),
-            "--shard".into(),
-            shard(i, 3),
-        ];
-        if let Some(b) = bootstrap {
-            a.extend(["--bootstrap".to_string(), b.to_string()]);
-        }
-        a
-    };
+    let args = |i: usize, boot: Option<&str>| run_args(Some(rounds), 2, (i, 3), boot);
     let n0 = Node::start(&dirs[0], &args(0, None));
     let boot = n0.address();
     let n1 = Node::start(&dirs[1], &args(1, Some(&boot)));
@@ -418,18 +428,7 @@ fn forged_replayed_oversized_and_nan_deltas_are_rejected_counted_and_not_forward
     init(&db);
     // Two honest nodes (A and B); rounds wait for the rogue's deltas, so
     // they stay in round 0 or 1 while it talks.
-    let args = |i: usize, boot: Option<&str>| {
-        let mut a = vec![
-            "--start-peers".to_string(),
-            "1".into(),
-            "--shard".into(),
-            shard(i, 2),
-        ];
-        if let Some(b) = boot {
-            a.extend(["--bootstrap".to_string(), b.to_string()]);
-        }
-        a
-    };
+    let args = |i: usize, boot: Option<&str>| run_args(None, 1, (i, 2), boot);
     let a = Node::start(&da, &args(0, None));
     let b = Node::start(&db, &args(1, Some(&a.address())));
     wait_for(&[&a, &b], 60, "A and B to connect", |s| {
@@ -492,20 +491,7 @@ fn a_late_joiner_catches_up_to_the_head_and_follows_the_rounds() {
         init(d);
     }
     let rounds = 60;
-    let args = |i: usize, boot: Option<&str>| {
-        let mut a = vec![
-            "--rounds".to_string(),
-            rounds.to_string(),
-            "--start-peers".into(),
-            "1".into(),
-            "--shard".into(),
-            shard(i, 3),
-        ];
-        if let Some(b) = boot {
-            a.extend(["--bootstrap".to_string(), b.to_string()]);
-        }
-        a
-    };
+    let args = |i: usize, boot: Option<&str>| run_args(Some(rounds), 1, (i, 3), boot);
     let n0 = Node::start(&dirs[0], &args(0, None));
     let boot = n0.address();
     let n1 = Node::start(&dirs[1], &args(1, Some(&boot)));
@@ -679,20 +665,7 @@ fn in_a_permissioned_region_a_non_member_is_rejected() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("version 2: 2 members"));
 
-    let args = |i: usize, boot: Option<&str>| {
-        let mut a = vec![
-            "--rounds".to_string(),
-            "8".into(),
-            "--start-peers".into(),
-            "1".into(),
-            "--shard".into(),
-            shard(i, 3),
-        ];
-        if let Some(b) = boot {
-            a.extend(["--bootstrap".to_string(), b.to_string()]);
-        }
-        a
-    };
+    let args = |i: usize, boot: Option<&str>| run_args(Some(8), 1, (i, 3), boot);
     let a = Node::start(&dirs[0], &args(0, None));
     let boot = a.address();
     let b = Node::start(&dirs[1], &args(1, Some(&boot)));
