@@ -268,21 +268,33 @@ fn gc_during_writes_never_loses_a_ref_target(s: &dyn ChunkStore) {
     // One thread builds versions and moves the head to each; another
     // collects garbage the whole time. Every set_ref must succeed (GC never
     // took a chunk that was just written) and the head is always readable.
+    //
+    // What the collector guarantees: it keeps what was written since the
+    // previous collection began, so a write must reach its ref within one
+    // collection cycle (real nodes collect every few minutes). The pause
+    // below keeps the cycle well above a version's write time even on a
+    // loaded machine.
     let stop = AtomicBool::new(false);
     let rounds = 60u64;
+    /// Stops the collector however the writer ends (a failed assertion in
+    /// the writer must fail the test, not leave the collector spinning).
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     let gcs = std::thread::scope(|scope| {
         let collector = scope.spawn(|| {
             let mut n = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 s.gc().unwrap();
                 n += 1;
-                // A collector in a tight loop would starve writers of the
-                // gate (std's RwLock prefers writers); real nodes collect
-                // every few minutes.
-                std::thread::sleep(std::time::Duration::from_millis(1));
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
             n
         });
+        let _stop = StopOnDrop(&stop);
         for round in 0..rounds {
             // No parents: every older version becomes garbage.
             let v = put_version(s, 1000 + round, round, 30_000, 4096, vec![], vec![]);
