@@ -208,8 +208,14 @@ pub struct Node {
     best_seen: BTreeMap<u64, (VersionRank, Verified<ModelManifest>, PeerId)>,
     /// What this node announces in the DHT, oldest first.
     provided: std::collections::VecDeque<ContentId>,
-    /// Versions already being fetched to be offered to the engine.
-    offered: std::collections::HashSet<ContentId>,
+    /// Versions being fetched to be offered to the engine (a fetch that
+    /// fails takes its version out again, so it can be tried again).
+    offered: Arc<Mutex<std::collections::HashSet<ContentId>>>,
+    /// Heads peers answered with, as signed bytes, and who answered.
+    heads_tx: mpsc::Sender<(PeerId, Vec<u8>)>,
+    heads_rx: mpsc::Receiver<(PeerId, Vec<u8>)>,
+    /// Which peers to ask for their heads next (they take turns).
+    head_probe: usize,
 }
 
 impl Node {
@@ -229,6 +235,7 @@ impl Node {
         let deltas_topic = deltas_topic(&cfg.model_id, &cfg.region);
         let models_topic = models_topic(&cfg.model_id, &cfg.region);
         let (inputs_tx, inputs_rx) = mpsc::channel(256);
+        let (heads_tx, heads_rx) = mpsc::channel(64);
         shared.update(|s| {
             s.node_id = key.node_id().to_string();
             s.peer_id = net.peer_id().to_string();
@@ -261,7 +268,10 @@ impl Node {
             running: false,
             best_seen: BTreeMap::new(),
             provided: std::collections::VecDeque::new(),
-            offered: std::collections::HashSet::new(),
+            offered: Arc::default(),
+            heads_tx,
+            heads_rx,
+            head_probe: 0,
         })
     }
 
@@ -326,7 +336,7 @@ impl Node {
                 );
                 self.feed(Input::Start { manifest, params }).await;
                 // A fresh or restarted node asks its peers where they are.
-                self.ask_heads();
+                self.ask_heads(self.peers.iter().copied().collect());
             }
             let next = self.timers.first().copied();
             let sleep = match next {
@@ -350,7 +360,24 @@ impl Node {
                     }
                     self.feed(Input::Tick).await;
                 }
-                _ = ticker.tick() => self.refresh_network().await,
+                Some((peer, bytes)) = self.heads_rx.recv() => {
+                    self.on_model(peer, &bytes).await;
+                }
+                _ = ticker.tick() => {
+                    self.refresh_network().await;
+                    // Announcements can be missed (a peer that was away, a
+                    // message lost); every tick two peers take turns to say
+                    // where they are, so a node that missed a preferred
+                    // version still settles on it.
+                    if self.running && !self.peers.is_empty() {
+                        let peers: Vec<PeerId> = self.peers.iter().copied().collect();
+                        let ask = (0..2.min(peers.len()))
+                            .map(|k| peers[(self.head_probe + k) % peers.len()])
+                            .collect();
+                        self.head_probe = self.head_probe.wrapping_add(2);
+                        self.ask_heads(ask);
+                    }
+                }
             }
         }
         self.store.flush()?;
@@ -595,6 +622,8 @@ impl Node {
                 // round's quorum.
                 if let Some(id) = node_id_of(&peer).filter(|id| self.admitted(id)) {
                     if self.running {
+                        // Someone new (or back, after a cut): where is it?
+                        self.ask_heads(vec![peer]);
                         self.feed(Input::PeerJoined(id)).await;
                     } else {
                         self.engine.handle(Input::PeerJoined(id), self.now_ms());
@@ -733,39 +762,33 @@ impl Node {
         MessageAcceptance::Accept
     }
 
-    /// Asks connected peers for their heads (at start and while behind).
-    fn ask_heads(&mut self) {
+    /// Asks `peers` for their heads; a head this node does not have comes
+    /// back through `heads_rx` and is treated as an announcement.
+    fn ask_heads(&mut self, peers: Vec<PeerId>) {
         let cfg = &self.settings.engine;
         let request = FetchRequest::Head {
             model_id: cfg.model_id.clone(),
             region: cfg.region.clone(),
         };
-        for peer in self.peers.clone() {
-            let (net, store, tx) = (self.net.clone(), self.store.clone(), self.inputs_tx.clone());
+        let own = self.engine.version();
+        for peer in peers {
+            let (net, tx, offered) = (
+                self.net.clone(),
+                self.heads_tx.clone(),
+                self.offered.clone(),
+            );
             let request = request.clone();
-            let own = self.engine.round();
-            let spec_len = cfg.spec.n_params();
-            let shared = self.shared.clone();
             tokio::spawn(async move {
                 let Ok(FetchResponse::Head(Some(id))) = net.fetch(peer, request).await else {
                     return;
                 };
-                let Ok(FetchResponse::SignedManifest(bytes)) =
-                    net.fetch(peer, FetchRequest::SignedManifest(id)).await
-                else {
-                    return;
-                };
-                let Ok(manifest) = Signed::<ModelManifest>::open(&bytes) else {
-                    shared.metrics.reject("bad_model_announcement");
-                    return;
-                };
-                if manifest.id() != id || manifest.message().round <= own + 1 {
+                if Some(id) == own || offered.lock().is_ok_and(|o| o.contains(&id)) {
                     return;
                 }
-                if let Some(params) =
-                    fetch_model(&net, &store, &manifest, &[peer], spec_len, &shared).await
+                if let Ok(FetchResponse::SignedManifest(bytes)) =
+                    net.fetch(peer, FetchRequest::SignedManifest(id)).await
                 {
-                    let _ = tx.send(Input::ModelOffered { manifest, params }).await;
+                    let _ = tx.send((peer, bytes)).await;
                 }
             });
         }
@@ -774,10 +797,14 @@ impl Node {
     /// Fetches a version and offers it to the engine if the engine would
     /// take it (and it is not already on its way).
     fn offer_if_preferred(&mut self, manifest: Verified<ModelManifest>, source: PeerId) {
-        if self.engine.would_adopt(manifest.message()) && self.offered.insert(manifest.id()) {
-            if self.offered.len() > 4096 {
-                self.offered.clear();
-            }
+        if !self.engine.would_adopt(manifest.message()) {
+            return;
+        }
+        let Ok(mut offered) = self.offered.lock() else {
+            return;
+        };
+        if offered.insert(manifest.id()) {
+            drop(offered);
             self.catch_up(manifest, vec![source]);
         }
     }
@@ -791,10 +818,15 @@ impl Node {
         );
         let n = self.settings.engine.spec.n_params();
         tracing::info!(round = manifest.message().round, version = %manifest.id().short(), "fetching a preferred version");
+        let offered = self.offered.clone();
         tokio::spawn(async move {
+            let id = manifest.id();
             if let Some(params) = fetch_model(&net, &store, &manifest, &providers, n, &shared).await
             {
                 let _ = tx.send(Input::ModelOffered { manifest, params }).await;
+            }
+            if let Ok(mut o) = offered.lock() {
+                o.remove(&id);
             }
         });
     }
@@ -976,38 +1008,61 @@ async fn fetch_model(
         return None;
     }
     store.put_model_manifest(manifest).ok()?;
-    // Keep the lineage traceable: the signed manifests (small) of the
-    // ancestors and their deltas come along, back to what this node already
-    // holds (at most MAX_LINEAGE_FETCH of them); older parameters do not.
+    complete_lineage(net, store, m, providers).await;
+    let bytes = store.read_payload(&m.chunk_ids, m.payload_bytes).ok()?;
+    Some(floats(&bytes))
+}
+
+/// Keeps the lineage of a version traceable: fetches the signed manifests
+/// (small) of its ancestors and their deltas that this node does not hold,
+/// from `providers`, each tried a few times; older parameters are not
+/// fetched. Walks through what is held too, since a version may have been
+/// stored (by a concurrent fetch) before its ancestors were. At most
+/// MAX_LINEAGE_FETCH manifests are visited.
+async fn complete_lineage(net: &NetHandle, store: &Store, m: &ModelManifest, providers: &[PeerId]) {
     let mut queue: std::collections::VecDeque<ContentId> =
         m.parents.iter().chain(&m.deltas).copied().collect();
-    let mut fetched = 0;
+    let mut seen = std::collections::HashSet::new();
     while let Some(id) = queue.pop_front() {
-        if fetched >= MAX_LINEAGE_FETCH || store.manifest_bytes(&id).ok().flatten().is_some() {
+        if seen.len() >= MAX_LINEAGE_FETCH || !seen.insert(id) {
             continue;
         }
-        fetched += 1;
-        for peer in providers {
-            let Ok(FetchResponse::SignedManifest(bytes)) =
-                net.fetch(*peer, FetchRequest::SignedManifest(id)).await
-            else {
-                continue;
-            };
-            if let Ok(v) = Signed::<ModelManifest>::open(&bytes) {
-                if v.id() == id && store.put_model_manifest(&v).is_ok() {
-                    queue.extend(v.message().parents.iter().chain(&v.message().deltas));
-                    break;
-                }
-            } else if let Ok(d) = Signed::<DeltaManifest>::open(&bytes)
-                && d.id() == id
-                && store.put_delta_manifest(&d).is_ok()
-            {
+        let mut bytes = store
+            .manifest_bytes(&id)
+            .ok()
+            .flatten()
+            .map(|(_, b)| b.to_vec());
+        'fetch: for attempt in 0..3u32 {
+            if bytes.is_some() {
                 break;
+            }
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            }
+            for peer in providers {
+                if let Ok(FetchResponse::SignedManifest(b)) =
+                    net.fetch(*peer, FetchRequest::SignedManifest(id)).await
+                {
+                    let stored = match Signed::<ModelManifest>::open(&b) {
+                        Ok(v) => v.id() == id && store.put_model_manifest(&v).is_ok(),
+                        Err(_) => Signed::<DeltaManifest>::open(&b)
+                            .is_ok_and(|d| d.id() == id && store.put_delta_manifest(&d).is_ok()),
+                    };
+                    if stored {
+                        bytes = Some(b);
+                        break 'fetch;
+                    }
+                }
+            }
+        }
+        match bytes.map(|b| Signed::<ModelManifest>::open(&b)) {
+            Some(Ok(v)) => queue.extend(v.message().parents.iter().chain(&v.message().deltas)),
+            Some(Err(_)) => {} // a delta: no ancestors of its own
+            None => {
+                tracing::debug!(manifest = %id.short(), "an ancestor manifest could not be had")
             }
         }
     }
-    let bytes = store.read_payload(&m.chunk_ids, m.payload_bytes).ok()?;
-    Some(floats(&bytes))
 }
 
 /// Everything needed to start a node.
