@@ -541,7 +541,7 @@ pub fn spawn(
     // libp2p's own metrics (connections, identify, Kademlia, ping, gossipsub,
     // DCUtR) in the node's registry, beside the bandwidth counters.
     let metrics = libp2p::metrics::Metrics::new(registry);
-    let task = tokio::spawn(run(swarm, cmd_rx, ev_tx, metrics));
+    let task = tokio::spawn(run(swarm, cmd_rx, ev_tx, metrics, config.bootstrap.clone()));
     Ok((
         NetHandle {
             tx: cmd_tx,
@@ -551,6 +551,9 @@ pub fn spawn(
         task,
     ))
 }
+
+/// How often bootstrap peers that are not connected are dialled again.
+const REDIAL_EVERY: Duration = Duration::from_secs(5);
 
 /// The peer id at the end of an address (`.../p2p/<id>`), if any.
 pub fn peer_of_addr(addr: &Multiaddr) -> Option<PeerId> {
@@ -578,11 +581,32 @@ async fn run(
     mut commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
     metrics: libp2p::metrics::Metrics,
+    bootstrap: Vec<Multiaddr>,
 ) {
     let mut pending = Pending::default();
     let mut listening: HashSet<Multiaddr> = HashSet::new();
+    // A node that lost its bootstrap peers (a cut network, a restarted
+    // peer) dials them again, and refreshes the DHT to find the others.
+    let mut redial = tokio::time::interval(REDIAL_EVERY);
+    redial.tick().await;
     loop {
         tokio::select! {
+            _ = redial.tick() => {
+                let mut dialled = false;
+                // (Addresses without a peer id were dialled at start only:
+                // there is no telling whether they are connected.)
+                for addr in &bootstrap {
+                    let Some(peer) = peer_of_addr(addr) else { continue };
+                    if swarm.is_connected(&peer) {
+                        continue;
+                    }
+                    swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    dialled |= swarm.dial(addr.clone()).is_ok();
+                }
+                if dialled {
+                    let _ = swarm.behaviour_mut().kad.bootstrap();
+                }
+            }
             command = commands.recv() => {
                 let Some(command) = command else { break };
                 handle_command(&mut swarm, &mut pending, &listening, command);

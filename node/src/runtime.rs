@@ -823,7 +823,23 @@ impl Node {
             let id = manifest.id();
             if let Some(params) = fetch_model(&net, &store, &manifest, &providers, n, &shared).await
             {
-                let _ = tx.send(Input::ModelOffered { manifest, params }).await;
+                // Adopt it, unless this node's branch holds recent work the
+                // offered one lacks (the two grew apart in a partition):
+                // then merge the two.
+                let head = store.get_ref(HEAD_REF).ok().flatten();
+                let input = match head.and_then(|h| branch_weights(&store, h, &manifest)) {
+                    Some(weights) => {
+                        tracing::info!(round = manifest.message().round, version = %id.short(), ?weights, "merging a branch that grew apart");
+                        Input::BranchOffered {
+                            manifest,
+                            params,
+                            against: head.unwrap_or(id),
+                            weights,
+                        }
+                    }
+                    None => Input::ModelOffered { manifest, params },
+                };
+                let _ = tx.send(input).await;
             }
             if let Ok(mut o) = offered.lock() {
                 o.remove(&id);
@@ -1011,6 +1027,85 @@ async fn fetch_model(
     complete_lineage(net, store, m, providers).await;
     let bytes = store.read_payload(&m.chunk_ids, m.payload_bytes).ok()?;
     Some(floats(&bytes))
+}
+
+/// Rounds back from the earlier of two versions over which their lineages
+/// are compared to tell a partition from a same-round disagreement.
+const BRANCH_WINDOW: u64 = 8;
+
+/// The deltas aggregated into the lineage of `version` in versions of
+/// rounds `lo..hi`, as far as the store holds the manifests.
+fn window_deltas(store: &Store, version: ContentId, lo: u64, hi: u64) -> BTreeSet<ContentId> {
+    let mut out = BTreeSet::new();
+    let mut seen = BTreeSet::new();
+    let mut queue = vec![version];
+    while let Some(v) = queue.pop() {
+        if seen.len() > 4 * MAX_LINEAGE_FETCH || !seen.insert(v) {
+            continue;
+        }
+        let Ok(Some(m)) = store.get_model_manifest(&v) else {
+            continue;
+        };
+        let m = m.message();
+        if m.round < lo {
+            continue;
+        }
+        if m.round < hi {
+            out.extend(m.deltas.iter().copied());
+        }
+        queue.extend(m.parents.iter().copied());
+    }
+    out
+}
+
+/// Whether `head` and `other` are branches that grew apart (a partition),
+/// and if so the weights to merge them with.
+///
+/// In broadcast mode nodes that closed a round on different sets of
+/// deltas go on in parallel lines for a while, each aggregating the same
+/// deltas a round sooner or later, so lineages differ a little all the
+/// time. A partition is different: for rounds on end, one side's deltas
+/// are missing from the other's lineage altogether. So: over the
+/// BRANCH_WINDOW rounds before the last two (which may still be settling),
+/// the deltas of `head`'s lineage not found in `other`'s (looked for a
+/// couple of rounds either side). If at least two, and at least a quarter
+/// of them, the branches grew apart; each side's weight is one plus the
+/// number of its deltas the other lacks.
+fn branch_weights(
+    store: &Store,
+    head: ContentId,
+    other: &Verified<ModelManifest>,
+) -> Option<(f64, f64)> {
+    if head == other.id() {
+        return None;
+    }
+    let head_round = store
+        .get_model_manifest(&head)
+        .ok()
+        .flatten()?
+        .message()
+        .round;
+    let hi = head_round.min(other.message().round).saturating_sub(1);
+    let lo = hi.saturating_sub(BRANCH_WINDOW);
+    let (wide_lo, wide_hi) = (lo.saturating_sub(2), hi + 3);
+    let ours = window_deltas(store, head, lo, hi);
+    let theirs_wide = window_deltas(store, other.id(), wide_lo, wide_hi);
+    let only_ours = ours.difference(&theirs_wide).count();
+    if only_ours < 2 || only_ours * 4 < ours.len() {
+        return None;
+    }
+    let theirs = window_deltas(store, other.id(), lo, hi);
+    let ours_wide = window_deltas(store, head, wide_lo, wide_hi);
+    let only_theirs = theirs.difference(&ours_wide).count();
+    tracing::info!(
+        rounds = ?(lo..hi),
+        ours = ours.len(),
+        theirs = theirs.len(),
+        only_ours,
+        only_theirs,
+        "this node's branch and the offered one grew apart"
+    );
+    Some((1.0 + only_ours as f64, 1.0 + only_theirs as f64))
 }
 
 /// Keeps the lineage of a version traceable: fetches the signed manifests

@@ -295,7 +295,9 @@ fn three_nodes_learn_digits_agree_on_the_head_and_survive_sigkill() {
     let count = |k: &str| l[k].as_array().map_or(0, Vec::len);
     assert_eq!(l["deltas_by_author"].as_object().unwrap().len(), 3);
     assert_eq!(count("versions_not_held"), 0);
-    assert_eq!(count("versions") as u64, rounds + 1);
+    // Every round back to genesis (more versions if two lines were merged
+    // on the way: each parent is a round earlier, or a merged branch).
+    assert!(count("versions") as u64 > rounds, "{l}");
 }
 
 /// A rogue peer, built from the library's own network task, that sends
@@ -534,7 +536,9 @@ fn a_late_joiner_catches_up_to_the_head_and_follows_the_rounds() {
     let count = |k: &str| l[k].as_array().map_or(0, Vec::len);
     assert_eq!(count("versions_not_held"), 0);
     assert_eq!(count("deltas_not_held"), 0);
-    assert_eq!(count("versions") as u64, rounds + 1);
+    // Every round back to genesis (more versions if two lines were merged
+    // on the way: each parent is a round earlier, or a merged branch).
+    assert!(count("versions") as u64 > rounds, "{l}");
     assert_eq!(l["deltas_by_author"].as_object().unwrap().len(), 3);
 
     // The model leaves as safetensors and comes back in as a new version.

@@ -866,3 +866,144 @@ fn diverged_training_contributes_no_step_and_waiting_does_not_pile_up_timers() {
         assert!(timers <= 4, "{mode:?}: {timers} timers armed");
     }
 }
+
+/// A signed version of `params` at `round` by `key`, with these parents.
+fn version_of(
+    params: &[f32],
+    round: u64,
+    parents: Vec<ContentId>,
+    key: &Keypair,
+) -> Verified<ModelManifest> {
+    let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+    Signed::sign(
+        ModelManifest {
+            model_id: "digits".into(),
+            region: "test".into(),
+            round,
+            author: key.node_id(),
+            layout: spec().layout(),
+            payload_bytes: bytes.len() as u64,
+            chunk_size: 16 << 10,
+            chunk_ids: bytes.chunks(16 << 10).map(ContentId::of).collect(),
+            parents,
+            deltas: vec![],
+            created_unix_ms: 0,
+        },
+        key,
+    )
+    .unwrap()
+}
+
+#[test]
+fn two_branches_merge_into_one_version_whoever_merges_them() {
+    // Two engines went apart (a partition): each has its own head. Each is
+    // offered the other's head as a branch to merge; both end on the same
+    // parameters, with both heads as parents, in the later round, and the
+    // merge outranks plain versions of its round.
+    let cfg = engine_config(AggregationRule::Mean, DoorConfig::default(), 7);
+    let n = spec().n_params();
+    let (ka, kb) = (
+        Keypair::from_secret_bytes(&[1; 32]),
+        Keypair::from_secret_bytes(&[2; 32]),
+    );
+    let (pa, pb): (Vec<f32>, Vec<f32>) = (
+        (0..n).map(|i| (i % 7) as f32 * 0.1).collect(),
+        (0..n).map(|i| (i % 5) as f32 * -0.3).collect(),
+    );
+    let (va, vb) = (
+        version_of(&pa, 12, vec![], &ka),
+        version_of(&pb, 11, vec![], &kb),
+    );
+    let start = |key: &Keypair, v: &Verified<ModelManifest>, p: &[f32]| {
+        let mut e = Engine::new(cfg.clone(), key.clone());
+        e.handle(
+            Input::Start {
+                manifest: v.clone(),
+                params: p.to_vec(),
+            },
+            0,
+        );
+        e
+    };
+    let (mut a, mut b) = (start(&ka, &va, &pa), start(&kb, &vb, &pb));
+    // B (round 11) merges A's later head, weighted 3 : 2 (its own first).
+    let out_b = b.handle(
+        Input::BranchOffered {
+            manifest: va.clone(),
+            params: pa.clone(),
+            against: vb.id(),
+            weights: (2.0, 3.0),
+        },
+        1,
+    );
+    // A is offered B's head as a branch; it would not adopt an older round,
+    // so it does not merge.
+    let before = a.params().to_vec();
+    a.handle(
+        Input::BranchOffered {
+            manifest: vb.clone(),
+            params: pb.clone(),
+            against: va.id(),
+            weights: (3.0, 2.0),
+        },
+        1,
+    );
+    assert_eq!(a.params(), before.as_slice());
+    let Some(Action::Adopt {
+        manifest: merged,
+        params,
+    }) = out_b.first()
+    else {
+        panic!("no merge: {out_b:?}");
+    };
+    let m = merged.message();
+    assert_eq!(m.round, 12);
+    let mut parents = vec![va.id(), vb.id()];
+    parents.sort();
+    assert_eq!(m.parents, parents);
+    for i in [0, 1, n / 2, n - 1] {
+        let want = 0.6 * pa[i] + 0.4 * pb[i];
+        assert!(
+            (params[i] - want).abs() < 1e-6,
+            "{i}: {} vs {want}",
+            params[i]
+        );
+    }
+    // A moves on to the merge (it outranks A's own version of round 12),
+    // and a stale offer (the head moved on) is ignored.
+    assert!(a.would_adopt(m));
+    a.handle(
+        Input::ModelOffered {
+            manifest: merged.clone(),
+            params: params.clone(),
+        },
+        2,
+    );
+    assert_eq!(a.params(), b.params());
+    assert_eq!(a.version(), Some(merged.id()));
+    let stale = a.handle(
+        Input::BranchOffered {
+            manifest: version_of(&pb, 13, vec![], &kb),
+            params: pb.clone(),
+            against: va.id(),
+            weights: (1.0, 1.0),
+        },
+        3,
+    );
+    assert!(stale.is_empty(), "{stale:?}");
+    // The same two heads merged by A instead give the same parameters.
+    let mut a2 = start(&ka, &vb, &pb);
+    let out = a2.handle(
+        Input::BranchOffered {
+            manifest: va.clone(),
+            params: pa.clone(),
+            against: vb.id(),
+            weights: (2.0, 3.0),
+        },
+        1,
+    );
+    let Some(Action::Adopt { params: p2, .. }) = out.first() else {
+        panic!("no merge");
+    };
+    assert_eq!(p2, params);
+}

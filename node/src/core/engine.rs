@@ -131,6 +131,22 @@ pub enum Input {
         /// Its parameters.
         params: Vec<f32>,
     },
+    /// A version from a branch that grew apart from this node's (a
+    /// partition: each side went on training without the other's deltas),
+    /// to be merged with the head `against` rather than replace it. The
+    /// merge averages both, weighted `weights` = (this node's branch, the
+    /// offered one), and becomes a version with both as parents, so the
+    /// work of both sides stays in the lineage.
+    BranchOffered {
+        /// The other branch's version.
+        manifest: Verified<ModelManifest>,
+        /// Its parameters.
+        params: Vec<f32>,
+        /// The head it is to be merged with; ignored if the head moved on.
+        against: ContentId,
+        /// Weights of this node's branch and of the offered one.
+        weights: (f64, f64),
+    },
     /// Push-sum mode: a share pushed by a peer.
     PushShare {
         /// Its share of the value.
@@ -405,6 +421,25 @@ impl Engine {
                         params: params.clone(),
                     });
                     self.adopt_version(manifest, params, now_ms, &mut out);
+                }
+            }
+            Input::BranchOffered {
+                manifest,
+                params,
+                against,
+                weights: (w_own, w_other),
+            } => {
+                let fits =
+                    params.len() == self.params.len() && params.iter().all(|v| v.is_finite());
+                let weights_ok =
+                    w_own.is_finite() && w_other.is_finite() && w_own > 0.0 && w_other > 0.0;
+                if self.version == Some(against)
+                    && against != manifest.id()
+                    && self.would_adopt(manifest.message())
+                    && fits
+                    && weights_ok
+                {
+                    self.merge_with(manifest, params, (w_own, w_other), now_ms, &mut out);
                 }
             }
             Input::PushShare { x, w } => {
@@ -717,15 +752,61 @@ impl Engine {
         self.new_version(delta_ids, now_ms, out);
     }
 
+    /// Merges the head with another branch's version: the weighted mean of
+    /// both, in the later of their rounds, with both as parents. Every node
+    /// that merges the same two versions computes the same parameters
+    /// (the sum is taken in the order of the versions' ids).
+    fn merge_with(
+        &mut self,
+        other: Verified<ModelManifest>,
+        other_params: Vec<f32>,
+        (w_own, w_other): (f64, f64),
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(own_id) = self.version else {
+            return;
+        };
+        let mut sides = [
+            (own_id, w_own, std::mem::take(&mut self.params)),
+            (other.id(), w_other, other_params),
+        ];
+        sides.sort_by_key(|s| s.0);
+        let total = (sides[0].1 + sides[1].1) as f32;
+        let (a, b) = (sides[0].1 as f32 / total, sides[1].1 as f32 / total);
+        self.params = sides[0]
+            .2
+            .iter()
+            .zip(&sides[1].2)
+            .map(|(x, y)| a * x + b * y)
+            .collect();
+        let round = self.round.max(other.message().round);
+        self.sign_version(round, vec![sides[0].0, sides[1].0], Vec::new(), now_ms, out);
+    }
+
     /// Signs the current parameters as the next round's version, adopts it
     /// and starts that round.
     fn new_version(&mut self, delta_ids: Vec<ContentId>, now_ms: u64, out: &mut Vec<Action>) {
+        let parents = self.version.into_iter().collect();
+        self.sign_version(self.round + 1, parents, delta_ids, now_ms, out);
+    }
+
+    /// Signs the current parameters as the version of `round`, adopts it
+    /// and starts the round after it.
+    fn sign_version(
+        &mut self,
+        round: u64,
+        parents: Vec<ContentId>,
+        delta_ids: Vec<ContentId>,
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
         let payload_bytes = (self.params.len() * 4) as u64;
         let params_bytes: Vec<u8> = self.params.iter().flat_map(|v| v.to_le_bytes()).collect();
         let manifest = ModelManifest {
             model_id: self.config.model_id.clone(),
             region: self.config.region.clone(),
-            round: self.round + 1,
+            round,
             author: self.node_id(),
             layout: self.config.spec.layout(),
             payload_bytes,
@@ -734,14 +815,14 @@ impl Engine {
                 .chunks(self.config.chunk_size)
                 .map(ContentId::of)
                 .collect(),
-            parents: self.version.into_iter().collect(),
+            parents,
             deltas: delta_ids,
             created_unix_ms: 0,
         };
         let Ok(signed) = Signed::sign(manifest, &self.key) else {
             return;
         };
-        self.round += 1;
+        self.round = round;
         self.version = Some(signed.id());
         self.rank = version_rank(signed.message());
         self.own_delta = None;
@@ -778,11 +859,14 @@ fn robust_mix(
     Some(own.iter().zip(&step).map(|(o, s)| o + s).collect())
 }
 
-/// How versions of one round are ordered: more deltas aggregated first,
-/// then the smaller digest of the parameters' chunk ids. A total order that
-/// every node computes alike from the manifest alone.
+/// How versions of one round are ordered: merges of branches (several
+/// parents) first, then more deltas aggregated, then the smaller digest of
+/// the parameters' chunk ids. A total order that every node computes alike
+/// from the manifest alone. (A merge outranks the versions it merged, so
+/// the nodes that did not merge move on to it.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VersionRank {
+    merge: bool,
     deltas: usize,
     params: ContentId,
 }
@@ -791,6 +875,7 @@ impl Default for VersionRank {
     /// Below every real version.
     fn default() -> Self {
         Self {
+            merge: false,
             deltas: 0,
             params: ContentId::from_bytes([0xff; 32]),
         }
@@ -805,8 +890,9 @@ impl PartialOrd for VersionRank {
 
 impl Ord for VersionRank {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.deltas
-            .cmp(&other.deltas)
+        self.merge
+            .cmp(&other.merge)
+            .then_with(|| self.deltas.cmp(&other.deltas))
             .then_with(|| other.params.cmp(&self.params))
     }
 }
@@ -822,6 +908,7 @@ pub fn params_digest(m: &ModelManifest) -> ContentId {
 /// The rank of a version among versions of its round.
 pub fn version_rank(m: &ModelManifest) -> VersionRank {
     VersionRank {
+        merge: m.parents.len() > 1,
         deltas: m.deltas.len(),
         params: params_digest(m),
     }
