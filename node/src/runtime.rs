@@ -758,6 +758,10 @@ impl Node {
         let wanted = m.round > own + 1 || m.round == own;
         if self.running && wanted {
             self.offer_if_preferred(manifest, source);
+        } else if self.running && m.round < own && m.round + BRANCH_WINDOW >= own && m.parents.len() > 1 {
+            // A recent merge of branches that grew apart: this node has
+            // moved on, but may lack one side's work; if so, merge it too.
+            self.offer_branch(manifest, source);
         }
         MessageAcceptance::Accept
     }
@@ -805,11 +809,31 @@ impl Node {
         };
         if offered.insert(manifest.id()) {
             drop(offered);
-            self.catch_up(manifest, vec![source]);
+            self.catch_up(manifest, vec![source], true);
         }
     }
 
-    fn catch_up(&mut self, manifest: Verified<ModelManifest>, providers: Vec<PeerId>) {
+    /// Fetches a version this node would not adopt, to merge it if it holds
+    /// work this node's branch lacks.
+    fn offer_branch(&mut self, manifest: Verified<ModelManifest>, source: PeerId) {
+        let Ok(mut offered) = self.offered.lock() else {
+            return;
+        };
+        if offered.insert(manifest.id()) {
+            drop(offered);
+            self.catch_up(manifest, vec![source], false);
+        }
+    }
+
+    /// Fetches a version (and its lineage's manifests), then offers it to
+    /// the engine: to adopt (`adopting`), or to merge if the two branches
+    /// grew apart.
+    fn catch_up(
+        &mut self,
+        manifest: Verified<ModelManifest>,
+        providers: Vec<PeerId>,
+        adopting: bool,
+    ) {
         let (net, store, tx, shared) = (
             self.net.clone(),
             self.store.clone(),
@@ -827,7 +851,7 @@ impl Node {
                 // offered one lacks (the two grew apart in a partition):
                 // then merge the two.
                 let head = store.get_ref(HEAD_REF).ok().flatten();
-                let input = match head.and_then(|h| branch_weights(&store, h, &manifest)) {
+                let input = match head.and_then(|h| branch_weights(&store, h, &manifest, adopting)) {
                     Some(weights) => {
                         tracing::info!(round = manifest.message().round, version = %id.short(), ?weights, "merging a branch that grew apart");
                         Input::BranchOffered {
@@ -837,13 +861,12 @@ impl Node {
                             weights,
                         }
                     }
-                    None => Input::ModelOffered { manifest, params },
+                    None if adopting => Input::ModelOffered { manifest, params },
+                    None => return forget(&offered, id),
                 };
                 let _ = tx.send(input).await;
             }
-            if let Ok(mut o) = offered.lock() {
-                o.remove(&id);
-            }
+            forget(&offered, id);
         });
     }
 
@@ -1029,9 +1052,16 @@ async fn fetch_model(
     Some(floats(&bytes))
 }
 
+/// Takes a version out of the set of versions being fetched.
+fn forget(offered: &Mutex<std::collections::HashSet<ContentId>>, id: ContentId) {
+    if let Ok(mut o) = offered.lock() {
+        o.remove(&id);
+    }
+}
+
 /// Rounds back from the earlier of two versions over which their lineages
 /// are compared to tell a partition from a same-round disagreement.
-const BRANCH_WINDOW: u64 = 8;
+const BRANCH_WINDOW: u64 = 16;
 
 /// The deltas aggregated into the lineage of `version` in versions of
 /// rounds `lo..hi`, as far as the store holds the manifests.
@@ -1063,40 +1093,38 @@ fn window_deltas(store: &Store, version: ContentId, lo: u64, hi: u64) -> BTreeSe
 ///
 /// In broadcast mode nodes that closed a round on different sets of
 /// deltas go on in parallel lines for a while, each aggregating the same
-/// deltas a round sooner or later, so lineages differ a little all the
-/// time. A partition is different: for rounds on end, one side's deltas
-/// are missing from the other's lineage altogether. So: over the
+/// deltas a round sooner or later, so lineages differ by a delta or so
+/// all the time. A partition is different: for rounds on end, one side's
+/// deltas are missing from the other's lineage altogether. So: over the
 /// BRANCH_WINDOW rounds before the last two (which may still be settling),
-/// the deltas of `head`'s lineage not found in `other`'s (looked for a
-/// couple of rounds either side). If at least two, and at least a quarter
-/// of them, the branches grew apart; each side's weight is one plus the
-/// number of its deltas the other lacks.
+/// count the deltas of each lineage not found in the other (looked for a
+/// couple of rounds either side). Adopting `other` (`adopting`) would lose
+/// this node's own; ignoring it would lose the other's. If that loss is at
+/// least three deltas, the branches grew apart; each side's weight is one
+/// plus the number of its deltas the other lacks.
 fn branch_weights(
     store: &Store,
     head: ContentId,
     other: &Verified<ModelManifest>,
+    adopting: bool,
 ) -> Option<(f64, f64)> {
     if head == other.id() {
         return None;
     }
-    let head_round = store
-        .get_model_manifest(&head)
-        .ok()
-        .flatten()?
-        .message()
-        .round;
+    let head_round = store.get_model_manifest(&head).ok().flatten()?.message().round;
     let hi = head_round.min(other.message().round).saturating_sub(1);
     let lo = hi.saturating_sub(BRANCH_WINDOW);
     let (wide_lo, wide_hi) = (lo.saturating_sub(2), hi + 3);
     let ours = window_deltas(store, head, lo, hi);
-    let theirs_wide = window_deltas(store, other.id(), wide_lo, wide_hi);
-    let only_ours = ours.difference(&theirs_wide).count();
-    if only_ours < 2 || only_ours * 4 < ours.len() {
-        return None;
-    }
     let theirs = window_deltas(store, other.id(), lo, hi);
     let ours_wide = window_deltas(store, head, wide_lo, wide_hi);
+    let theirs_wide = window_deltas(store, other.id(), wide_lo, wide_hi);
+    let only_ours = ours.difference(&theirs_wide).count();
     let only_theirs = theirs.difference(&ours_wide).count();
+    let lost = if adopting { only_ours } else { only_theirs };
+    if lost < 3 {
+        return None;
+    }
     tracing::info!(
         rounds = ?(lo..hi),
         ours = ours.len(),

@@ -3,15 +3,19 @@
 //! into one region, watched while they train, with scripted kills, restarts
 //! and late joiners, and a report in the same shape as `run`'s.
 //!
-//! Nodes listen on 127.0.0.1 ports; network faults are limited to killing and
-//! restarting processes. (Network namespaces with latency, loss and
-//! partitions between nodes are not implemented yet; `--netns` says so.)
+//! Without namespaces nodes listen on 127.0.0.1 ports and network faults
+//! are limited to killing and restarting processes. With them (`--netns`,
+//! as root on Linux; see [`crate::netns`]) each node has its own network
+//! stack and address, and latency, loss and partitions between nodes are
+//! real.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -20,11 +24,12 @@ use tapestry_node::core::data::{self, CsvOptions, Dataset, Partition};
 use tapestry_node::core::mixing::consensus_distance;
 use tapestry_node::core::model::import_safetensors;
 
+use crate::netns::{Lab, LinkFaults};
 use crate::plot::{self, Series};
 use crate::scenario::parse_duration_ms;
 
-/// Something that happens to a node during the run.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Something that happens to a node, or the network, during the run.
+#[derive(Debug, Clone, PartialEq)]
 pub enum ClusterEvent {
     /// SIGKILL node `node` at `at_ms`; start it again at `restart_ms`.
     Kill {
@@ -42,14 +47,66 @@ pub enum ClusterEvent {
         /// When it starts.
         at_ms: u64,
     },
+    /// The network is cut between sides from `at_ms` to `heal_ms`
+    /// (`sides[i]` is node i's side). Needs namespaces.
+    Cut {
+        /// Each node's side.
+        sides: Vec<u8>,
+        /// When the cut starts.
+        at_ms: u64,
+        /// When it heals.
+        heal_ms: u64,
+    },
 }
 
 impl ClusterEvent {
-    /// `kill:N@T[-T2]` or `join:N@T` (times like `3s`, `1500ms`).
+    /// `kill:N@T[-T2]`, `join:N@T` or `cut:A|B@T-T2` (times like `3s`,
+    /// `1500ms`; `A` and `B` node lists like `0,1,2`; `cut:3,4@T-T2` cuts
+    /// nodes 3 and 4 off from the rest).
     pub fn parse(s: &str, nodes: usize) -> Result<ClusterEvent, String> {
-        let bad = |why: &str| format!("bad event {s:?}: {why} (kill:N@T[-T2], join:N@T)");
+        let bad = |why: &str| {
+            format!("bad event {s:?}: {why} (kill:N@T[-T2], join:N@T, cut:A|B@T-T2)")
+        };
         let (kind, rest) = s.split_once(':').ok_or_else(|| bad("no kind"))?;
         let (node, when) = rest.split_once('@').ok_or_else(|| bad("no @"))?;
+        if kind == "cut" {
+            let mut sides = vec![0u8; nodes];
+            let groups: Vec<&str> = node.split('|').collect();
+            if groups.len() > 2 {
+                return Err(bad("at most two sides"));
+            }
+            for (k, g) in groups.iter().enumerate() {
+                for n in g.split(',') {
+                    let n: usize = n.trim().parse().map_err(|_| bad("a node is not a number"))?;
+                    if n >= nodes {
+                        return Err(bad(&format!("node {n} does not exist ({nodes} nodes)")));
+                    }
+                    sides[n] = if groups.len() == 1 { 1 } else { k as u8 };
+                }
+            }
+            if groups.len() == 2 {
+                let listed = groups.iter().flat_map(|g| g.split(',')).count();
+                if listed != nodes {
+                    return Err(bad("with two sides, every node must be on one"));
+                }
+            }
+            if sides.iter().all(|s| *s == sides[0]) {
+                return Err(bad("both sides must have nodes"));
+            }
+            let (a, b) = when
+                .split_once('-')
+                .ok_or_else(|| bad("a cut needs an end: T-T2"))?;
+            let at_ms = parse_duration_ms(a).map_err(|e| bad(&e))?;
+            let heal_ms = parse_duration_ms(b).map_err(|e| bad(&e))?;
+            if heal_ms <= at_ms {
+                return Err(bad("the cut must heal after it starts"));
+            }
+            return Ok(ClusterEvent::Cut {
+                sides,
+                at_ms,
+                heal_ms,
+            });
+        }
         let node: usize = node.parse().map_err(|_| bad("node is not a number"))?;
         if node >= nodes {
             return Err(bad(&format!("node {node} does not exist ({nodes} nodes)")));
@@ -111,6 +168,13 @@ pub struct ClusterOptions {
     pub events: Vec<ClusterEvent>,
     /// Give up after this long.
     pub timeout: Duration,
+    /// Each node in its own network namespace (needs root; see
+    /// [`crate::netns`]).
+    pub netns: bool,
+    /// Latency and loss between nodes (namespaces only).
+    pub faults: LinkFaults,
+    /// Set from outside (Ctrl-C) to stop the run; everything is torn down.
+    pub interrupted: Arc<AtomicBool>,
 }
 
 /// One node's view at one moment.
@@ -174,14 +238,26 @@ fn write_csv(path: &Path, d: &Dataset) -> std::io::Result<()> {
 }
 
 impl Proc {
-    fn start(tapestry: &Path, dir: &Path, bootstrap: Option<&str>) -> Result<Proc, String> {
+    fn start(
+        tapestry: &Path,
+        dir: &Path,
+        bootstrap: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Result<Proc, String> {
         let _ = std::fs::remove_file(dir.join("endpoints.json"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("node.log"))
             .map_err(|e| format!("{}: {e}", dir.display()))?;
-        let mut cmd = Command::new(tapestry);
+        let mut cmd = match namespace {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(tapestry);
+                c
+            }
+            None => Command::new(tapestry),
+        };
         cmd.args(["run", "--data-dir"]).arg(dir);
         if let Some(b) = bootstrap {
             cmd.args(["--bootstrap", b]);
@@ -277,6 +353,14 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
     let dirs: Vec<PathBuf> = (0..o.nodes)
         .map(|i| nodes_dir.join(format!("node{i}")))
         .collect();
+    let lab = if o.netns {
+        Some(Lab::create(o.nodes, o.faults, o.seed)?)
+    } else {
+        None
+    };
+    let namespaces: Vec<Option<String>> = (0..o.nodes)
+        .map(|i| lab.as_ref().map(|l| l.namespace(i)))
+        .collect();
     for (i, d) in dirs.iter().enumerate() {
         let out = Command::new(&o.tapestry)
             .args([
@@ -300,8 +384,14 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
         let cfg = Config {
             model_id: "cluster".into(),
             region: "cluster".into(),
-            listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
-            api: "127.0.0.1:0".into(),
+            listen: vec![match &lab {
+                Some(l) => format!("/ip4/{}/tcp/4001", l.address(i)),
+                None => "/ip4/127.0.0.1/tcp/0".into(),
+            }],
+            api: match &lab {
+                Some(l) => format!("{}:8080", l.address(i)),
+                None => "127.0.0.1:0".into(),
+            },
             model: ModelSection {
                 inputs: all.n_features,
                 classes: all.n_classes,
@@ -331,7 +421,8 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
         })
     };
     let mut procs: Vec<Proc> = Vec::new();
-    procs.push(Proc::start(&o.tapestry, &dirs[0], None)?);
+    let ns = |i: usize| namespaces[i].as_deref();
+    procs.push(Proc::start(&o.tapestry, &dirs[0], None, ns(0))?);
     let boot = procs[0]
         .endpoints(Duration::from_secs(60))
         .and_then(|e| e["listen"][0].as_str().map(str::to_owned))
@@ -348,20 +439,28 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
                 child: None,
             });
         } else {
-            procs.push(Proc::start(&o.tapestry, d, Some(&boot))?);
+            procs.push(Proc::start(&o.tapestry, d, Some(&boot), ns(i))?);
         }
     }
     let t0 = Instant::now();
     let mut done_events: BTreeSet<usize> = BTreeSet::new();
+    let mut cut_started: BTreeSet<usize> = BTreeSet::new();
+    let mut cut_heads: Vec<Value> = Vec::new();
+    let mut agreed_after_heal: Vec<Value> = Vec::new();
+    let mut healed_at: Vec<(usize, f64)> = Vec::new();
+    let mut last_views: Vec<NodeView> = Vec::new();
     let mut restarts: Vec<(usize, u64)> = Vec::new();
     let mut samples = String::from("seconds,node,up,round,accuracy,peers\n");
     let mut series: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); o.nodes];
     let mut apis: Vec<Option<String>> = vec![None; o.nodes];
     let last = loop {
         let now_ms = t0.elapsed().as_millis() as u64;
+        if o.interrupted.load(Ordering::Relaxed) {
+            return Err("interrupted; nodes stopped and namespaces removed".into());
+        }
         for (k, e) in o.events.iter().enumerate() {
-            match *e {
-                ClusterEvent::Kill {
+            match e {
+                &ClusterEvent::Kill {
                     node,
                     at_ms,
                     restart_ms,
@@ -372,8 +471,33 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
                         restarts.push((node, r));
                     }
                 }
-                ClusterEvent::Join { node, at_ms } if now_ms >= at_ms && done_events.insert(k) => {
-                    procs[node] = Proc::start(&o.tapestry, &dirs[node], Some(&boot))?;
+                &ClusterEvent::Join { node, at_ms } if now_ms >= at_ms && done_events.insert(k) => {
+                    procs[node] = Proc::start(&o.tapestry, &dirs[node], Some(&boot), ns(node))?;
+                }
+                ClusterEvent::Cut {
+                    sides,
+                    at_ms,
+                    heal_ms,
+                } => {
+                    if now_ms >= *at_ms && cut_started.insert(k) {
+                        if let Some(l) = &lab {
+                            l.cut(sides.clone());
+                        }
+                    }
+                    if now_ms >= *heal_ms && done_events.insert(k) {
+                        // What each node held as the cut ended: the test of
+                        // a merge is that the final head descends from both
+                        // sides' heads.
+                        cut_heads.push(json!({
+                            "event": k,
+                            "heads": last_views.iter().map(|v: &NodeView| v.status["head"].clone()).collect::<Vec<_>>(),
+                            "rounds": last_views.iter().map(|v| v.round).collect::<Vec<_>>(),
+                        }));
+                        if let Some(l) = &lab {
+                            l.heal();
+                        }
+                        healed_at.push((k, t0.elapsed().as_secs_f64()));
+                    }
                 }
                 _ => {}
             }
@@ -385,7 +509,7 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
             .collect();
         restarts.retain(|(_, r)| now_ms < *r);
         for n in due {
-            procs[n] = Proc::start(&o.tapestry, &dirs[n], Some(&boot))?;
+            procs[n] = Proc::start(&o.tapestry, &dirs[n], Some(&boot), ns(n))?;
         }
         let last: Vec<NodeView> = procs
             .iter()
@@ -427,6 +551,18 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
             }
         }
         view(secs, &last);
+        // How long after each heal all nodes agreed on one head again.
+        let heads_now: BTreeSet<&str> = last.iter().map(|v| v.head.as_str()).collect();
+        if heads_now.len() == 1 && last.iter().all(|v| v.up) {
+            for (k, at) in healed_at.drain(..) {
+                agreed_after_heal.push(json!({
+                    "event": k,
+                    "seconds": secs - at,
+                    "round": last[0].round,
+                }));
+            }
+        }
+        last_views = last.clone();
         let pending = o.events.len() > done_events.len() || !restarts.is_empty();
         let heads: BTreeSet<&str> = last.iter().map(|v| v.head.as_str()).collect();
         if !pending && last.iter().all(|v| v.up && v.finished) && heads.len() == 1 {
@@ -502,10 +638,25 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
         "per_node": per_node,
         "clean_exit": clean_exit,
         "scrub_clean": scrub_clean,
-        "network": {
-            "netns": false,
-            "note": "nodes on 127.0.0.1; faults limited to killing and restarting processes",
+        "network": match &lab {
+            Some(l) => {
+                let (forwarded, lost, cut) = l.stats();
+                json!({
+                    "netns": true,
+                    "latency_ms": o.faults.latency_ms,
+                    "loss": o.faults.loss,
+                    "packets_forwarded": forwarded,
+                    "packets_dropped_loss": lost,
+                    "packets_dropped_cut": cut,
+                })
+            }
+            None => json!({
+                "netns": false,
+                "note": "nodes on 127.0.0.1; faults limited to killing and restarting processes",
+            }),
         },
+        "cuts": cut_heads,
+        "agreed_after_heal": agreed_after_heal,
         "wall_seconds": started.elapsed().as_secs_f64(),
     });
     std::fs::write(

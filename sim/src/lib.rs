@@ -13,6 +13,7 @@
 
 pub mod cluster;
 pub mod net;
+pub mod netns;
 pub mod par;
 pub mod plot;
 pub mod report;

@@ -43,25 +43,33 @@ struct ClusterArgs {
     #[arg(long, default_value_t = 7)]
     seed: u64,
     /// Where node directories, the report and plots go.
-    #[arg(long, value_name = "DIR")]
-    out: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "check_netns")]
+    out: Option<PathBuf>,
+    /// Only say whether network namespaces can be used here (exit 0) or
+    /// why not (exit 1), and stop.
+    #[arg(long)]
+    check_netns: bool,
     /// The tapestry binary (default: next to this one).
     #[arg(long, value_name = "PATH", env = "TAPESTRY_BIN")]
     tapestry: Option<PathBuf>,
-    /// kill:N@T[-T2] (SIGKILL node N at T, restart at T2) or join:N@T
-    /// (start node N late); repeat for several.
+    /// kill:N@T[-T2] (SIGKILL node N at T, restart at T2), join:N@T
+    /// (start node N late) or cut:A|B@T-T2 (partition: node lists A and
+    /// B cannot reach each other from T to T2; needs --netns); repeat for
+    /// several.
     #[arg(long = "event", value_name = "EVENT")]
     events: Vec<String>,
     /// Regions (only 1 so far).
     #[arg(long, default_value_t = 1)]
     regions: usize,
-    /// Put each node in its own network namespace (not implemented yet).
+    /// Put each node in its own network namespace, so that latency, loss
+    /// and cuts between nodes are real (root on Linux; otherwise nodes run
+    /// on 127.0.0.1 and only kills and restarts are possible).
     #[arg(long)]
     netns: bool,
-    /// Latency between nodes (needs --netns).
+    /// One-way latency between nodes, e.g. 25ms (needs --netns).
     #[arg(long)]
     latency: Option<String>,
-    /// Loss between nodes, e.g. 1% (needs --netns).
+    /// Packet loss between nodes, e.g. 5% or 0.05 (needs --netns).
     #[arg(long)]
     loss: Option<String>,
     /// Give up after this many seconds.
@@ -227,6 +235,21 @@ fn cluster(a: ClusterArgs) -> ExitCode {
         eprintln!("tapestry-sim: {e}");
         ExitCode::from(2)
     };
+    if a.check_netns {
+        return match tapestry_sim::netns::available() {
+            Ok(()) => {
+                println!("network namespaces: available");
+                ExitCode::SUCCESS
+            }
+            Err(why) => {
+                eprintln!("network namespaces: not available: {why}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let Some(out) = a.out.clone() else {
+        return fail("--out is required".into());
+    };
     if a.nodes < 2 || a.nodes > 64 {
         return fail("--nodes must be between 2 and 64".into());
     }
@@ -249,11 +272,64 @@ fn cluster(a: ClusterArgs) -> ExitCode {
         Ok(e) => e,
         Err(e) => return fail(e),
     };
-    if a.netns || a.latency.is_some() || a.loss.is_some() {
-        eprintln!(
-            "tapestry-sim: network namespaces are not implemented yet: nodes run on 127.0.0.1 \
-             and network faults are limited to killing and restarting (--latency/--loss ignored)"
-        );
+    let latency_ms = match a.latency.as_deref().map(tapestry_sim::scenario::parse_duration_ms) {
+        None => 0,
+        Some(Ok(ms)) => ms,
+        Some(Err(e)) => return fail(format!("--latency: {e}")),
+    };
+    let loss = match a.loss.as_deref().map(parse_fraction) {
+        None => 0.0,
+        Some(Ok(l)) => l,
+        Some(Err(e)) => return fail(format!("--loss: {e}")),
+    };
+    let wants_faults = latency_ms > 0
+        || loss > 0.0
+        || events
+            .iter()
+            .any(|e| matches!(e, tapestry_sim::cluster::ClusterEvent::Cut { .. }));
+    let netns = if a.netns {
+        match tapestry_sim::netns::available() {
+            Ok(()) => true,
+            Err(why) => {
+                eprintln!(
+                    "tapestry-sim: no network namespaces ({why}): nodes run on 127.0.0.1 and \
+                     network faults are limited to killing and restarting{}",
+                    if wants_faults { "; --latency, --loss and cuts are ignored" } else { "" }
+                );
+                false
+            }
+        }
+    } else {
+        if wants_faults {
+            eprintln!(
+                "tapestry-sim: --latency, --loss and cuts need --netns; without it nodes run on \
+                 127.0.0.1 and they are ignored"
+            );
+        }
+        false
+    };
+    // Ctrl-C or SIGTERM: the run stops, kills its nodes and removes its
+    // namespaces on the way out.
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            rt.block_on(async {
+                let Ok(mut term) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+        });
     }
     let tapestry = a.tapestry.clone().unwrap_or_else(|| {
         std::env::current_exe()
@@ -267,10 +343,13 @@ fn cluster(a: ClusterArgs) -> ExitCode {
         partition,
         rounds: a.rounds,
         seed: a.seed,
-        out: a.out.clone(),
+        out,
         tapestry,
         events,
         timeout: std::time::Duration::from_secs(a.timeout_secs),
+        netns,
+        faults: tapestry_sim::netns::LinkFaults { latency_ms, loss },
+        interrupted,
     };
     let mut shown = 0.0;
     let result = tapestry_sim::cluster::run(&options, &mut |secs, nodes| {
@@ -300,7 +379,7 @@ fn cluster(a: ClusterArgs) -> ExitCode {
                 f["heads_agree"],
                 f["consensus_distance"].as_f64().unwrap_or(0.0)
             );
-            println!("report: {}", a.out.join("report.json").display());
+            println!("report: {}", options.out.join("report.json").display());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -383,5 +462,19 @@ fn main() -> ExitCode {
             eprintln!("tapestry-sim: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// `5%` or `0.05`, within 0..1.
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v = match s.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|v| v / 100.0),
+        None => s.trim().parse::<f64>(),
+    }
+    .map_err(|_| format!("{s:?} is not a fraction (like 5% or 0.05)"))?;
+    if (0.0..1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s:?} is not between 0% and 100%"))
     }
 }

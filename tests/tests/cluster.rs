@@ -1,5 +1,7 @@
 //! `tapestry-sim cluster` end to end: real `tapestry` processes started,
-//! killed, restarted and stopped by the launcher, on 127.0.0.1.
+//! killed, restarted and stopped by the launcher, on 127.0.0.1, and (as
+//! root) each in its own network namespace with real latency, loss and
+//! partitions between them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -87,6 +89,10 @@ fn bad_cluster_flags_are_one_line_errors_with_exit_code_2() {
         (vec!["--event", "kill:0@1s"], "bootstrap"),
         (vec!["--partition", "lumpy"], "lumpy"),
         (vec!["--data", "/nonexistent.csv"], "/nonexistent.csv"),
+        (vec!["--event", "cut:0,1@2s"], "heal"),
+        (vec!["--event", "cut:0,1|2@1s-2s"], "every node"),
+        (vec!["--loss", "150%"], "--loss"),
+        (vec!["--latency", "soon"], "--latency"),
     ] {
         let r = Command::new(binary("tapestry-sim"))
             .arg("cluster")
@@ -100,4 +106,191 @@ fn bad_cluster_flags_are_one_line_errors_with_exit_code_2() {
         assert!(err.contains(needle), "{args:?}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
     }
+}
+
+/// Whether the namespace tests can run here (root, iproute2, TUN). In CI
+/// they must: there a missing capability is a failure, not a skip.
+fn namespaces_or_skip(test: &str) -> bool {
+    let r = Command::new(binary("tapestry-sim"))
+        .args(["cluster", "--check-netns"])
+        .output()
+        .unwrap();
+    if r.status.success() {
+        return true;
+    }
+    let why = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        std::env::var("CI").is_err(),
+        "{test}: CI runs as root and must run the namespace tests: {why}"
+    );
+    eprintln!("{test}: skipped here: {why}");
+    false
+}
+
+/// Runs `tapestry-sim cluster` with `args`; the report.
+fn cluster(out: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let result = Command::new(binary("tapestry-sim"))
+        .arg("cluster")
+        .args(args)
+        .args(["--data", &digits()])
+        .arg("--tapestry")
+        .arg(binary("tapestry"))
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
+}
+
+/// No namespace or device of a run outlives it.
+fn nothing_left_behind() {
+    let pid = std::process::id();
+    let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let ns = String::from_utf8_lossy(&ns.stdout);
+    let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    // (Other test runs may be going on; this checks for none at all from
+    // runs that ended, i.e. whose process is gone.)
+    for name in ns.lines().filter_map(|l| l.split_whitespace().next()) {
+        if let Some(rest) = name.strip_prefix("tapestry-") {
+            let owner: u32 = rest.split('-').next().unwrap().parse().unwrap();
+            assert!(
+                std::path::Path::new(&format!("/proc/{owner}")).exists(),
+                "leftover namespace {name} (test {pid})"
+            );
+        }
+    }
+    for l in links.lines() {
+        if let Some(i) = l.find(" tpb") {
+            let digits: String = l[i + 4..].chars().take_while(char::is_ascii_digit).collect();
+            let owner: u32 = digits.parse().unwrap();
+            assert!(
+                std::path::Path::new(&format!("/proc/{owner}")).exists(),
+                "leftover device: {l}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_partition_heals_into_one_head_that_holds_both_sides_work() {
+    if !namespaces_or_skip("partition") {
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    // Nodes 0-2 and 3-4 cannot reach each other from 5 s to 30 s.
+    let rounds = 30;
+    let report = cluster(
+        out.path(),
+        &[
+            "--netns",
+            "--nodes",
+            "5",
+            "--rounds",
+            &rounds.to_string(),
+            "--event",
+            "cut:0,1,2|3,4@5s-30s",
+        ],
+    );
+    let f = &report["final"];
+    eprintln!("{f}\n{}", report["network"]);
+    assert_eq!(report["network"]["netns"], true);
+    // The cut was real: packets between the sides were dropped.
+    assert!(report["network"]["packets_dropped_cut"].as_u64().unwrap() > 0);
+    // During the cut each side kept training (rounds went on on both).
+    let cut = &report["cuts"][0];
+    let at_heal: Vec<u64> = cut["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_u64().unwrap())
+        .collect();
+    eprintln!("rounds when the cut healed: {at_heal:?}");
+    assert!(at_heal.iter().all(|r| *r >= 3), "{at_heal:?}");
+    // After healing, one head again, within the run's remaining rounds and
+    // a bounded time.
+    assert_eq!(f["heads_agree"], true);
+    let agreed = &report["agreed_after_heal"][0];
+    eprintln!("agreed after heal: {agreed}");
+    assert_eq!(agreed["round"].as_u64().unwrap(), rounds);
+    assert!(agreed["seconds"].as_f64().unwrap() < 90.0, "{agreed}");
+    assert!(f["accuracy_min"].as_f64().unwrap() >= 0.9, "{f}");
+    // The final head descends from the heads both sides had when the cut
+    // healed: the partition's work of each side is in its lineage, and the
+    // deltas of all five nodes are.
+    let lineage = Command::new(binary("tapestry"))
+        .args(["model", "lineage", "--data-dir"])
+        .arg(out.path().join("nodes/node0"))
+        .output()
+        .unwrap();
+    assert!(lineage.status.success());
+    let l: serde_json::Value = serde_json::from_slice(&lineage.stdout).unwrap();
+    let versions: std::collections::BTreeSet<&str> = l["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let heads = cut["heads"].as_array().unwrap();
+    let held = |side: &[usize]| {
+        side.iter()
+            .filter(|i| versions.contains(heads[**i].as_str().unwrap()))
+            .count()
+    };
+    eprintln!(
+        "cut-time heads in the final lineage: side A {} of 3, side B {} of 2",
+        held(&[0, 1, 2]),
+        held(&[3, 4])
+    );
+    assert!(held(&[0, 1, 2]) >= 1 && held(&[3, 4]) >= 1, "{l}");
+    assert_eq!(l["deltas_by_author"].as_object().unwrap().len(), 5);
+    assert_eq!(l["versions_not_held"].as_array().unwrap().len(), 0);
+    assert!(
+        report["scrub_clean"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v == true)
+    );
+    nothing_left_behind();
+}
+
+#[test]
+fn with_25ms_latency_and_5_percent_loss_the_swarm_still_converges() {
+    if !namespaces_or_skip("latency and loss") {
+        return;
+    }
+    // The same cluster twice, side by side in one test: a clean network,
+    // then 25 ms each way and 5 % of packets lost between nodes.
+    let mut walls = Vec::new();
+    for faults in [&[][..], &["--latency", "25ms", "--loss", "5%"][..]] {
+        let out = tempfile::tempdir().unwrap();
+        let mut args = vec!["--netns", "--nodes", "5", "--rounds", "15"];
+        args.extend_from_slice(faults);
+        let report = cluster(out.path(), &args);
+        let (f, n) = (&report["final"], &report["network"]);
+        eprintln!("{faults:?}: {f}\n{n}\nwall {} s", report["wall_seconds"]);
+        assert_eq!(f["heads_agree"], true);
+        assert!(f["accuracy_min"].as_f64().unwrap() >= 0.9, "{f}");
+        if !faults.is_empty() {
+            assert_eq!(n["latency_ms"], 25);
+            // Packets really were lost, about as often as asked.
+            let (lost, sent) = (
+                n["packets_dropped_loss"].as_f64().unwrap(),
+                n["packets_forwarded"].as_f64().unwrap(),
+            );
+            let rate = lost / (lost + sent);
+            assert!((0.03..0.07).contains(&rate), "loss rate {rate}");
+        }
+        walls.push(report["wall_seconds"].as_f64().unwrap());
+    }
+    eprintln!(
+        "clean {:.1} s, 25 ms + 5 % loss {:.1} s: {:.2}x",
+        walls[0],
+        walls[1],
+        walls[1] / walls[0]
+    );
+    nothing_left_behind();
 }

@@ -433,9 +433,11 @@ impl Engine {
                     params.len() == self.params.len() && params.iter().all(|v| v.is_finite());
                 let weights_ok =
                     w_own.is_finite() && w_other.is_finite() && w_own > 0.0 && w_other > 0.0;
+                let scope_ok = manifest.message().model_id == self.config.model_id
+                    && manifest.message().region == self.config.region;
                 if self.version == Some(against)
                     && against != manifest.id()
-                    && self.would_adopt(manifest.message())
+                    && scope_ok
                     && fits
                     && weights_ok
                 {

@@ -1,0 +1,468 @@
+//! Real network faults between the nodes of `tapestry-sim cluster --netns`.
+//!
+//! Each node runs in its own network namespace (`ip netns`), with its own
+//! kernel network stack, on a private address `10.A.B.(i+1)`. Its only
+//! interface (`eth0`) is a TUN device whose other end this process holds:
+//! a small userspace router carries every IPv4 packet between the
+//! namespaces, and that is where latency (each packet held for the one-way
+//! delay), loss (each packet dropped with the given probability) and
+//! partitions (packets between cut-off groups dropped) happen. The nodes'
+//! TCP and QUIC stacks see a real lossy, slow or cut network, and recover
+//! from it with their own retransmissions and timeouts. (The kernel's
+//! `netem` would do the same inside the kernel, but is not available on
+//! every kernel; this needs only TUN and namespaces.)
+//!
+//! This process reaches the nodes' HTTP APIs through one more TUN device in
+//! its own namespace, `10.A.B.254`; that traffic is not delayed, dropped
+//! or cut: it is the observer, not part of the experiment.
+//!
+//! Everything is named after this process's id (`tapestry-<pid>-<i>`
+//! namespaces, `tpt<pid>.<i>` and `tpb<pid>` devices), torn down when the
+//! [`Lab`] is dropped, and recognised as a leftover by a later run once
+//! that process is gone ([`clean_leftovers`]).
+
+use std::collections::BinaryHeap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+/// Prefix of every namespace this module creates.
+const NS_PREFIX: &str = "tapestry-";
+
+/// Faults on the links between nodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LinkFaults {
+    /// One-way delay of every packet between two nodes.
+    pub latency_ms: u64,
+    /// Probability that a packet between two nodes is dropped.
+    pub loss: f64,
+}
+
+/// What the router did, for the report.
+#[derive(Debug, Default)]
+pub struct RouterStats {
+    /// Packets delivered between nodes.
+    pub forwarded: AtomicU64,
+    /// Packets dropped by the loss rate.
+    pub dropped_loss: AtomicU64,
+    /// Packets dropped by a partition.
+    pub dropped_cut: AtomicU64,
+}
+
+/// Whether namespaces can be made here: Linux, root, `ip` and `/dev/net/tun`.
+/// `Err` says what is missing.
+pub fn available() -> Result<(), String> {
+    if !cfg!(target_os = "linux") {
+        return Err("network namespaces need Linux".into());
+    }
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
+        })
+        .unwrap_or_default();
+    if uid != "0" {
+        return Err("network namespaces need root".into());
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        return Err("no /dev/net/tun".into());
+    }
+    match Command::new("ip").arg("-V").output() {
+        Ok(o) if o.status.success() => Ok(()),
+        _ => Err("no `ip` command (install iproute2)".into()),
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes namespaces (and the processes in them) left by earlier runs
+/// whose process is gone; namespaces of live runs and anything not named
+/// by this module are left alone. Returns the namespaces removed.
+pub fn clean_leftovers() -> Vec<String> {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix(NS_PREFIX) else {
+            continue;
+        };
+        let mut parts = rest.split('-');
+        let (Some(pid), Some(idx), None) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let (Ok(pid), true) = (pid.parse::<u32>(), idx.parse::<u32>().is_ok()) else {
+            continue;
+        };
+        if pid == std::process::id() || pid_alive(pid) {
+            continue;
+        }
+        kill_inside(name);
+        if ip(&["netns", "del", name]).is_ok() {
+            removed.push(name.to_owned());
+        }
+    }
+    removed
+}
+
+/// SIGKILLs every process in namespace `name`.
+fn kill_inside(name: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+    }
+}
+
+/// Opens a TUN device named `name` (IPv4 packets, no extra header).
+#[allow(unsafe_code)]
+fn open_tun(name: &str) -> Result<File, String> {
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    const IFF_TUN: libc::c_short = 0x0001;
+    const IFF_NO_PI: libc::c_short = 0x1000;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    if name.len() > 15 {
+        return Err(format!("interface name {name:?} is too long"));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|e| format!("/dev/net/tun: {e}"))?;
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: IFF_TUN | IFF_NO_PI,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    use std::os::fd::AsRawFd;
+    // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `IfReq`
+    // lays out (16-byte name, then the flags, 40 bytes in all); `req`
+    // lives across the call and `file` is an open descriptor.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReq) };
+    if rc < 0 {
+        return Err(format!(
+            "TUNSETIFF {name}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(file)
+}
+
+/// A packet waiting for its delivery time.
+struct Held {
+    at: Instant,
+    seq: u64,
+    to: usize,
+    packet: Vec<u8>,
+}
+
+impl PartialEq for Held {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Held {}
+impl PartialOrd for Held {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Held {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        // Earliest first out of the (max-)heap.
+        (o.at, o.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+/// State shared by the router's threads.
+struct RouterState {
+    faults: LinkFaults,
+    /// Side of each node while a partition is on (packets between
+    /// different sides are dropped).
+    sides: Mutex<Option<Vec<u8>>>,
+    queue: Mutex<(BinaryHeap<Held>, u64)>,
+    wake: Condvar,
+    stop: AtomicBool,
+    stats: RouterStats,
+}
+
+/// Names and addresses of one run.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    pid: u32,
+    nodes: usize,
+    net: [u8; 2],
+}
+
+impl Plan {
+    fn namespace(&self, i: usize) -> String {
+        format!("{NS_PREFIX}{}-{i}", self.pid)
+    }
+
+    fn address(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.net[0], self.net[1], i as u8 + 1)
+    }
+
+    /// Device index of a destination address (nodes 0..n, the host n), if
+    /// it is on this network.
+    fn index_of(&self, dst: [u8; 4]) -> Option<usize> {
+        if dst[0] != 10 || dst[1..3] != self.net {
+            return None;
+        }
+        match dst[3] {
+            254 => Some(self.nodes),
+            k if (1..=self.nodes).contains(&(k as usize)) => Some(k as usize - 1),
+            _ => None,
+        }
+    }
+}
+
+/// The namespaces, devices and router of one cluster run; dropping it
+/// tears them down (and kills whatever still runs in the namespaces).
+pub struct Lab {
+    plan: Plan,
+    state: Arc<RouterState>,
+}
+
+impl Lab {
+    /// Creates `nodes` namespaces linked by the router, with `faults` on
+    /// every link between two nodes. Cleans up leftovers of dead runs first.
+    pub fn create(nodes: usize, faults: LinkFaults, seed: u64) -> Result<Lab, String> {
+        available()?;
+        if nodes > 250 {
+            return Err("at most 250 nodes in namespaces".into());
+        }
+        let removed = clean_leftovers();
+        if !removed.is_empty() {
+            eprintln!(
+                "removed {} namespaces left by an earlier run",
+                removed.len()
+            );
+        }
+        let pid = std::process::id();
+        let net = [64 + ((pid >> 8) % 64) as u8, (pid & 0xff) as u8];
+        let state = Arc::new(RouterState {
+            faults,
+            sides: Mutex::new(None),
+            queue: Mutex::new((BinaryHeap::new(), 0)),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+            stats: RouterStats::default(),
+        });
+        let lab = Lab {
+            plan: Plan { pid, nodes, net },
+            state,
+        };
+        // From here on, dropping `lab` tears down whatever was made.
+        let mut devices = Vec::new();
+        for i in 0..nodes {
+            let ns = lab.namespace(i);
+            ip(&["netns", "add", &ns])?;
+            let dev = format!("tpt{pid}.{i}");
+            let file = open_tun(&dev)?;
+            ip(&["link", "set", "dev", &dev, "netns", &ns])?;
+            ip(&["-n", &ns, "link", "set", "dev", &dev, "name", "eth0"])?;
+            let addr = format!("{}/24", lab.address(i));
+            ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            devices.push(file);
+        }
+        let host = format!("tpb{pid}");
+        devices.push(open_tun(&host)?);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", lab.host_address()),
+            "dev",
+            &host,
+        ])?;
+        ip(&["link", "set", &host, "up"])?;
+        lab.start_router(devices, seed)?;
+        Ok(lab)
+    }
+
+    /// Namespace of node `i`.
+    pub fn namespace(&self, i: usize) -> String {
+        self.plan.namespace(i)
+    }
+
+    /// Address of node `i`.
+    pub fn address(&self, i: usize) -> Ipv4Addr {
+        self.plan.address(i)
+    }
+
+    /// This process's address on the nodes' network.
+    pub fn host_address(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.plan.net[0], self.plan.net[1], 254)
+    }
+
+    /// Cuts the nodes into sides (`sides[i]` is node i's); packets between
+    /// different sides are dropped until [`Lab::heal`].
+    pub fn cut(&self, sides: Vec<u8>) {
+        if let Ok(mut s) = self.state.sides.lock() {
+            *s = Some(sides);
+        }
+    }
+
+    /// Ends a partition.
+    pub fn heal(&self) {
+        if let Ok(mut s) = self.state.sides.lock() {
+            *s = None;
+        }
+    }
+
+    /// What the router did so far: (forwarded, dropped by loss, dropped by
+    /// a partition).
+    pub fn stats(&self) -> (u64, u64, u64) {
+        let s = &self.state.stats;
+        (
+            s.forwarded.load(Ordering::Relaxed),
+            s.dropped_loss.load(Ordering::Relaxed),
+            s.dropped_cut.load(Ordering::Relaxed),
+        )
+    }
+
+    fn start_router(&self, devices: Vec<File>, seed: u64) -> Result<(), String> {
+        let writers: Vec<File> = devices
+            .iter()
+            .map(|f| f.try_clone().map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        let host = self.plan.nodes;
+        for (from, mut dev) in devices.into_iter().enumerate() {
+            let state = self.state.clone();
+            let lookup = self.plan;
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (from as u64) << 32);
+            std::thread::Builder::new()
+                .name(format!("router-in-{from}"))
+                .spawn(move || {
+                    let mut buf = vec![0u8; 65536];
+                    while !state.stop.load(Ordering::Relaxed) {
+                        let Ok(n) = dev.read(&mut buf) else { break };
+                        let p = &buf[..n];
+                        if n < 20 || p[0] >> 4 != 4 {
+                            continue; // IPv4 only
+                        }
+                        let Some(to) = lookup.index_of([p[16], p[17], p[18], p[19]]) else {
+                            continue;
+                        };
+                        if to == from {
+                            continue;
+                        }
+                        let mut at = Instant::now();
+                        if from != host && to != host {
+                            let cut = state
+                                .sides
+                                .lock()
+                                .ok()
+                                .and_then(|s| s.as_ref().map(|s| s[from] != s[to]))
+                                .unwrap_or(false);
+                            if cut {
+                                state.stats.dropped_cut.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            if state.faults.loss > 0.0 && rng.gen_bool(state.faults.loss.min(1.0)) {
+                                state.stats.dropped_loss.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            at += Duration::from_millis(state.faults.latency_ms);
+                            state.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if let Ok(mut q) = state.queue.lock() {
+                            q.1 += 1;
+                            let seq = q.1;
+                            q.0.push(Held {
+                                at,
+                                seq,
+                                to,
+                                packet: p.to_vec(),
+                            });
+                            state.wake.notify_one();
+                        }
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+        }
+        let state = self.state.clone();
+        std::thread::Builder::new()
+            .name("router-out".into())
+            .spawn(move || {
+                let mut writers = writers;
+                let Ok(mut q) = state.queue.lock() else {
+                    return;
+                };
+                while !state.stop.load(Ordering::Relaxed) {
+                    let now = Instant::now();
+                    match q.0.peek().map(|h| h.at) {
+                        Some(at) if at <= now => {
+                            if let Some(h) = q.0.pop() {
+                                // A full device queue drops, as a link would.
+                                let _ = writers[h.to].write(&h.packet);
+                            }
+                        }
+                        Some(at) => {
+                            let Ok((g, _)) = state.wake.wait_timeout(q, at - now) else {
+                                return;
+                            };
+                            q = g;
+                        }
+                        None => {
+                            let Ok((g, _)) = state.wake.wait_timeout(q, Duration::from_millis(200))
+                            else {
+                                return;
+                            };
+                            q = g;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::Relaxed);
+        self.state.wake.notify_all();
+        for i in 0..self.plan.nodes {
+            let ns = self.plan.namespace(i);
+            kill_inside(&ns);
+            let _ = ip(&["netns", "del", &ns]);
+        }
+        let _ = ip(&["link", "del", &format!("tpb{}", self.plan.pid)]);
+    }
+}
