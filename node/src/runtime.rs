@@ -758,7 +758,11 @@ impl Node {
         let wanted = m.round > own + 1 || m.round == own;
         if self.running && wanted {
             self.offer_if_preferred(manifest, source);
-        } else if self.running && m.round < own && m.round + BRANCH_WINDOW >= own && m.parents.len() > 1 {
+        } else if self.running
+            && m.round < own
+            && m.round + BRANCH_WINDOW >= own
+            && m.parents.len() > 1
+        {
             // A recent merge of branches that grew apart: this node has
             // moved on, but may lack one side's work; if so, merge it too.
             self.offer_branch(manifest, source);
@@ -851,7 +855,8 @@ impl Node {
                 // offered one lacks (the two grew apart in a partition):
                 // then merge the two.
                 let head = store.get_ref(HEAD_REF).ok().flatten();
-                let input = match head.and_then(|h| branch_weights(&store, h, &manifest, adopting)) {
+                let input = match head.and_then(|h| branch_weights(&store, h, &manifest, adopting))
+                {
                     Some(weights) => {
                         tracing::info!(round = manifest.message().round, version = %id.short(), ?weights, "merging a branch that grew apart");
                         Input::BranchOffered {
@@ -1111,7 +1116,12 @@ fn branch_weights(
     if head == other.id() {
         return None;
     }
-    let head_round = store.get_model_manifest(&head).ok().flatten()?.message().round;
+    let head_round = store
+        .get_model_manifest(&head)
+        .ok()
+        .flatten()?
+        .message()
+        .round;
     let hi = head_round.min(other.message().round).saturating_sub(1);
     let lo = hi.saturating_sub(BRANCH_WINDOW);
     let (wide_lo, wide_hi) = (lo.saturating_sub(2), hi + 3);

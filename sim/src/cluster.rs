@@ -64,9 +64,8 @@ impl ClusterEvent {
     /// `1500ms`; `A` and `B` node lists like `0,1,2`; `cut:3,4@T-T2` cuts
     /// nodes 3 and 4 off from the rest).
     pub fn parse(s: &str, nodes: usize) -> Result<ClusterEvent, String> {
-        let bad = |why: &str| {
-            format!("bad event {s:?}: {why} (kill:N@T[-T2], join:N@T, cut:A|B@T-T2)")
-        };
+        let bad =
+            |why: &str| format!("bad event {s:?}: {why} (kill:N@T[-T2], join:N@T, cut:A|B@T-T2)");
         let (kind, rest) = s.split_once(':').ok_or_else(|| bad("no kind"))?;
         let (node, when) = rest.split_once('@').ok_or_else(|| bad("no @"))?;
         if kind == "cut" {
@@ -77,7 +76,10 @@ impl ClusterEvent {
             }
             for (k, g) in groups.iter().enumerate() {
                 for n in g.split(',') {
-                    let n: usize = n.trim().parse().map_err(|_| bad("a node is not a number"))?;
+                    let n: usize = n
+                        .trim()
+                        .parse()
+                        .map_err(|_| bad("a node is not a number"))?;
                     if n >= nodes {
                         return Err(bad(&format!("node {n} does not exist ({nodes} nodes)")));
                     }
@@ -95,7 +97,7 @@ impl ClusterEvent {
             }
             let (a, b) = when
                 .split_once('-')
-                .ok_or_else(|| bad("a cut needs an end: T-T2"))?;
+                .ok_or_else(|| bad("a cut needs a heal time: T-T2"))?;
             let at_ms = parse_duration_ms(a).map_err(|e| bad(&e))?;
             let heal_ms = parse_duration_ms(b).map_err(|e| bad(&e))?;
             if heal_ms <= at_ms {
@@ -479,10 +481,11 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
                     at_ms,
                     heal_ms,
                 } => {
-                    if now_ms >= *at_ms && cut_started.insert(k) {
-                        if let Some(l) = &lab {
-                            l.cut(sides.clone());
-                        }
+                    if now_ms >= *at_ms
+                        && cut_started.insert(k)
+                        && let Some(l) = &lab
+                    {
+                        l.cut(sides.clone());
                     }
                     if now_ms >= *heal_ms && done_events.insert(k) {
                         // What each node held as the cut ended: the test of

@@ -272,7 +272,11 @@ fn cluster(a: ClusterArgs) -> ExitCode {
         Ok(e) => e,
         Err(e) => return fail(e),
     };
-    let latency_ms = match a.latency.as_deref().map(tapestry_sim::scenario::parse_duration_ms) {
+    let latency_ms = match a
+        .latency
+        .as_deref()
+        .map(tapestry_sim::scenario::parse_duration_ms)
+    {
         None => 0,
         Some(Ok(ms)) => ms,
         Some(Err(e)) => return fail(format!("--latency: {e}")),
@@ -294,7 +298,11 @@ fn cluster(a: ClusterArgs) -> ExitCode {
                 eprintln!(
                     "tapestry-sim: no network namespaces ({why}): nodes run on 127.0.0.1 and \
                      network faults are limited to killing and restarting{}",
-                    if wants_faults { "; --latency, --loss and cuts are ignored" } else { "" }
+                    if wants_faults {
+                        "; --latency, --loss and cuts are ignored"
+                    } else {
+                        ""
+                    }
                 );
                 false
             }
@@ -314,7 +322,10 @@ fn cluster(a: ClusterArgs) -> ExitCode {
     {
         let flag = interrupted.clone();
         std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             rt.block_on(async {

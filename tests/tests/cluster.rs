@@ -164,7 +164,10 @@ fn nothing_left_behind() {
     }
     for l in links.lines() {
         if let Some(i) = l.find(" tpb") {
-            let digits: String = l[i + 4..].chars().take_while(char::is_ascii_digit).collect();
+            let digits: String = l[i + 4..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
             let owner: u32 = digits.parse().unwrap();
             assert!(
                 std::path::Path::new(&format!("/proc/{owner}")).exists(),
@@ -209,13 +212,19 @@ fn a_partition_heals_into_one_head_that_holds_both_sides_work() {
         .collect();
     eprintln!("rounds when the cut healed: {at_heal:?}");
     assert!(at_heal.iter().all(|r| *r >= 3), "{at_heal:?}");
-    // After healing, one head again, within the run's remaining rounds and
-    // a bounded time.
+    // After healing, one head again: every node on the same version,
+    // within the 24 rounds left and 60 s after the heal (measured: 8 to 24
+    // rounds, 5 to 13 s; while rounds run back to back, nodes can go on in
+    // parallel lines of equal deltas until the last round settles them).
     assert_eq!(f["heads_agree"], true);
     let agreed = &report["agreed_after_heal"][0];
     eprintln!("agreed after heal: {agreed}");
-    assert_eq!(agreed["round"].as_u64().unwrap(), rounds);
-    assert!(agreed["seconds"].as_f64().unwrap() < 90.0, "{agreed}");
+    let healed_round = *at_heal.iter().max().unwrap();
+    assert!(
+        agreed["round"].as_u64().unwrap() <= healed_round + 24,
+        "{agreed}"
+    );
+    assert!(agreed["seconds"].as_f64().unwrap() < 60.0, "{agreed}");
     assert!(f["accuracy_min"].as_f64().unwrap() >= 0.9, "{f}");
     // The final head descends from the heads both sides had when the cut
     // healed: the partition's work of each side is in its lineage, and the
