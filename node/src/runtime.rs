@@ -1068,10 +1068,15 @@ fn forget(offered: &Mutex<std::collections::HashSet<ContentId>>, id: ContentId) 
 /// are compared to tell a partition from a same-round disagreement.
 const BRANCH_WINDOW: u64 = 16;
 
+/// Rounds in which one author's deltas must be missing from a lineage for
+/// two branches to count as grown apart (see `branch_weights`).
+const BRANCH_ROUNDS: usize = 3;
+
 /// The deltas aggregated into the lineage of `version` in versions of
-/// rounds `lo..hi`, as far as the store holds the manifests.
-fn window_deltas(store: &Store, version: ContentId, lo: u64, hi: u64) -> BTreeSet<ContentId> {
-    let mut out = BTreeSet::new();
+/// rounds `lo..hi`, as far as the store holds the manifests, with the
+/// round of the version that aggregated each.
+fn window_deltas(store: &Store, version: ContentId, lo: u64, hi: u64) -> BTreeMap<ContentId, u64> {
+    let mut out = BTreeMap::new();
     let mut seen = BTreeSet::new();
     let mut queue = vec![version];
     while let Some(v) = queue.pop() {
@@ -1086,9 +1091,30 @@ fn window_deltas(store: &Store, version: ContentId, lo: u64, hi: u64) -> BTreeSe
             continue;
         }
         if m.round < hi {
-            out.extend(m.deltas.iter().copied());
+            for d in &m.deltas {
+                out.entry(*d).or_insert(m.round);
+            }
         }
         queue.extend(m.parents.iter().copied());
+    }
+    out
+}
+
+/// Rounds in which an author's deltas are in `a` and not in `b`: for each
+/// author, the set of rounds.
+fn missing_by_author(
+    store: &Store,
+    a: &BTreeMap<ContentId, u64>,
+    b: &BTreeMap<ContentId, u64>,
+) -> BTreeMap<NodeId, BTreeSet<u64>> {
+    let mut out: BTreeMap<NodeId, BTreeSet<u64>> = BTreeMap::new();
+    for (d, round) in a {
+        if b.contains_key(d) {
+            continue;
+        }
+        if let Ok(Some(m)) = store.get_delta_manifest(d) {
+            out.entry(m.message().author).or_default().insert(*round);
+        }
     }
     out
 }
@@ -1097,16 +1123,18 @@ fn window_deltas(store: &Store, version: ContentId, lo: u64, hi: u64) -> BTreeSe
 /// and if so the weights to merge them with.
 ///
 /// In broadcast mode nodes that closed a round on different sets of
-/// deltas go on in parallel lines for a while, each aggregating the same
-/// deltas a round sooner or later, so lineages differ by a delta or so
-/// all the time. A partition is different: for rounds on end, one side's
-/// deltas are missing from the other's lineage altogether. So: over the
-/// BRANCH_WINDOW rounds before the last two (which may still be settling),
-/// count the deltas of each lineage not found in the other (looked for a
-/// couple of rounds either side). Adopting `other` (`adopting`) would lose
-/// this node's own; ignoring it would lose the other's. If that loss is at
-/// least three deltas, the branches grew apart; each side's weight is one
-/// plus the number of its deltas the other lacks.
+/// deltas go on in parallel lines for a while, and a line that gave way
+/// to a preferred version loses the deltas only it had aggregated, so
+/// lineages always differ by a few deltas, scattered over authors and
+/// rounds. A partition is different: for rounds on end, the other side's
+/// authors are missing from a lineage altogether. So: over the
+/// BRANCH_WINDOW rounds before the last (which may still be settling),
+/// the rounds in which an author's deltas are in one lineage and not in the
+/// other (looked for a couple of rounds either side). Adopting `other`
+/// (`adopting`) would lose this node's; ignoring it would lose the
+/// other's. If some author would lose deltas of BRANCH_ROUNDS rounds or
+/// more, the branches grew apart; each side's weight is one plus the
+/// number of its deltas the other lacks.
 fn branch_weights(
     store: &Store,
     head: ContentId,
@@ -1122,25 +1150,37 @@ fn branch_weights(
         .flatten()?
         .message()
         .round;
-    let hi = head_round.min(other.message().round).saturating_sub(1);
+    let hi = head_round.min(other.message().round);
     let lo = hi.saturating_sub(BRANCH_WINDOW);
     let (wide_lo, wide_hi) = (lo.saturating_sub(2), hi + 3);
     let ours = window_deltas(store, head, lo, hi);
     let theirs = window_deltas(store, other.id(), lo, hi);
     let ours_wide = window_deltas(store, head, wide_lo, wide_hi);
     let theirs_wide = window_deltas(store, other.id(), wide_lo, wide_hi);
-    let only_ours = ours.difference(&theirs_wide).count();
-    let only_theirs = theirs.difference(&ours_wide).count();
-    let lost = if adopting { only_ours } else { only_theirs };
-    if lost < 3 {
+    if ours.is_empty() || theirs.is_empty() {
+        // One lineage is not held here (it could not be fetched): no
+        // telling, so no merge.
         return None;
     }
+    let lost = if adopting {
+        missing_by_author(store, &ours, &theirs_wide)
+    } else {
+        missing_by_author(store, &theirs, &ours_wide)
+    };
+    let worst = lost.values().map(BTreeSet::len).max().unwrap_or(0);
+    tracing::debug!(rounds = ?(lo..hi), worst, authors = lost.len(), "lineages compared");
+    if worst < BRANCH_ROUNDS {
+        return None;
+    }
+    let only_ours = ours.keys().filter(|d| !theirs_wide.contains_key(d)).count();
+    let only_theirs = theirs.keys().filter(|d| !ours_wide.contains_key(d)).count();
     tracing::info!(
         rounds = ?(lo..hi),
         ours = ours.len(),
         theirs = theirs.len(),
         only_ours,
         only_theirs,
+        worst,
         "this node's branch and the offered one grew apart"
     );
     Some((1.0 + only_ours as f64, 1.0 + only_theirs as f64))
