@@ -173,6 +173,20 @@ pub enum NetEvent {
     PeerConnected(PeerId),
     /// The last connection to a peer closed.
     PeerDisconnected(PeerId),
+    /// A peer subscribed to a gossip topic.
+    Subscribed {
+        /// The peer.
+        peer: PeerId,
+        /// The topic's hash.
+        topic: TopicHash,
+    },
+    /// A peer unsubscribed from a gossip topic.
+    Unsubscribed {
+        /// The peer.
+        peer: PeerId,
+        /// The topic's hash.
+        topic: TopicHash,
+    },
     /// A gossip message to validate (and then [`Command::Report`]).
     Gossip {
         /// Its id (BLAKE3 of the data).
@@ -737,6 +751,20 @@ async fn handle_event(
             num_established,
             ..
         } => (num_established == 0).then_some(NetEvent::PeerDisconnected(peer_id)),
+        SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed {
+            peer_id,
+            topic,
+        })) => Some(NetEvent::Subscribed {
+            peer: peer_id,
+            topic,
+        }),
+        SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Unsubscribed {
+            peer_id,
+            topic,
+        })) => Some(NetEvent::Unsubscribed {
+            peer: peer_id,
+            topic,
+        }),
         SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
             propagation_source,
             message_id,

@@ -195,7 +195,12 @@ pub struct Node {
     timers: BTreeSet<u64>,
     inputs_tx: mpsc::Sender<Input>,
     inputs_rx: mpsc::Receiver<Input>,
+    /// Connected peers.
     peers: BTreeSet<PeerId>,
+    /// Connected peers subscribed to this region's deltas: the region's
+    /// members as far as this node can see (peers of other regions share
+    /// the network, not the rounds).
+    members: BTreeSet<PeerId>,
     /// Who forwarded each announced delta (where to fetch its chunks).
     providers: HashMap<ContentId, Vec<PeerId>>,
     deltas_topic: String,
@@ -264,6 +269,7 @@ impl Node {
             inputs_tx,
             inputs_rx,
             peers: BTreeSet::new(),
+            members: BTreeSet::new(),
             providers: HashMap::new(),
             running: false,
             best_seen: BTreeMap::new(),
@@ -325,18 +331,18 @@ impl Node {
         let mut start = Some((start_manifest, start_params));
         loop {
             if start.is_some()
-                && (self.peers.len() >= self.settings.start_peers || Instant::now() >= start_at)
+                && (self.members.len() >= self.settings.start_peers || Instant::now() >= start_at)
                 && let Some((manifest, params)) = start.take()
             {
                 self.running = true;
                 tracing::info!(
                     round = manifest.message().round,
-                    peers = self.peers.len(),
+                    peers = self.members.len(),
                     "starting rounds"
                 );
                 self.feed(Input::Start { manifest, params }).await;
                 // A fresh or restarted node asks its peers where they are.
-                self.ask_heads(self.peers.iter().copied().collect());
+                self.ask_heads(self.members.iter().copied().collect());
             }
             let next = self.timers.first().copied();
             let sleep = match next {
@@ -369,8 +375,8 @@ impl Node {
                     // message lost); every tick two peers take turns to say
                     // where they are, so a node that missed a preferred
                     // version still settles on it.
-                    if self.running && !self.peers.is_empty() {
-                        let peers: Vec<PeerId> = self.peers.iter().copied().collect();
+                    if self.running && !self.members.is_empty() {
+                        let peers: Vec<PeerId> = self.members.iter().copied().collect();
                         let ask = (0..2.min(peers.len()))
                             .map(|k| peers[(self.head_probe + k) % peers.len()])
                             .collect();
@@ -618,9 +624,14 @@ impl Node {
             }
             NetEvent::PeerConnected(peer) => {
                 self.peers.insert(peer);
-                // In a permissioned region only members count towards a
-                // round's quorum.
-                if let Some(id) = node_id_of(&peer).filter(|id| self.admitted(id)) {
+                self.refresh_network().await;
+            }
+            NetEvent::Subscribed { peer, topic } if topic == self.deltas_hash => {
+                // A member of this region. In a permissioned region only
+                // those on the roster count towards a round's quorum.
+                if let Some(id) = node_id_of(&peer).filter(|id| self.admitted(id))
+                    && self.members.insert(peer)
+                {
                     if self.running {
                         // Someone new (or back, after a cut): where is it?
                         self.ask_heads(vec![peer]);
@@ -629,11 +640,21 @@ impl Node {
                         self.engine.handle(Input::PeerJoined(id), self.now_ms());
                     }
                 }
-                self.refresh_network().await;
+            }
+            NetEvent::Subscribed { .. } => {}
+            NetEvent::Unsubscribed { peer, topic } => {
+                if topic == self.deltas_hash
+                    && self.members.remove(&peer)
+                    && let Some(id) = node_id_of(&peer)
+                {
+                    self.feed(Input::PeerLeft(id)).await;
+                }
             }
             NetEvent::PeerDisconnected(peer) => {
                 self.peers.remove(&peer);
-                if let Some(id) = node_id_of(&peer) {
+                if self.members.remove(&peer)
+                    && let Some(id) = node_id_of(&peer)
+                {
                     self.feed(Input::PeerLeft(id)).await;
                 }
                 self.refresh_network().await;
