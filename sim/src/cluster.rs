@@ -177,6 +177,31 @@ pub struct ClusterOptions {
     pub faults: LinkFaults,
     /// Set from outside (Ctrl-C) to stop the run; everything is torn down.
     pub interrupted: Arc<AtomicBool>,
+    /// Regions the nodes are dealt to (node i joins region i mod K); all
+    /// share one network and bootstrap node, each trains its own model.
+    pub regions: usize,
+}
+
+/// The region node `i` joins.
+fn region_of(i: usize, regions: usize) -> String {
+    if regions <= 1 {
+        "cluster".into()
+    } else {
+        format!("region{}", i % regions)
+    }
+}
+
+/// Whether the nodes of every region hold one head (each region its own).
+fn heads_agree(views: &[NodeView], regions: usize) -> bool {
+    (0..regions.max(1)).all(|r| {
+        let heads: BTreeSet<&str> = views
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % regions.max(1) == r)
+            .map(|(_, v)| v.head.as_str())
+            .collect();
+        heads.len() == 1
+    })
 }
 
 /// One node's view at one moment.
@@ -365,14 +390,8 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
         .collect();
     for (i, d) in dirs.iter().enumerate() {
         let out = Command::new(&o.tapestry)
-            .args([
-                "init",
-                "--region",
-                "cluster",
-                "--model",
-                "cluster",
-                "--data-dir",
-            ])
+            .args(["init", "--region", &region_of(i, o.regions)])
+            .args(["--model", "cluster", "--data-dir"])
             .arg(d)
             .output()
             .map_err(|e| format!("cannot run {}: {e}", o.tapestry.display()))?;
@@ -385,7 +404,7 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
         write_csv(&d.join("data.csv"), &all.subset(&parts[i])).map_err(|e| e.to_string())?;
         let cfg = Config {
             model_id: "cluster".into(),
-            region: "cluster".into(),
+            region: region_of(i, o.regions),
             listen: vec![match &lab {
                 Some(l) => format!("/ip4/{}/tcp/4001", l.address(i)),
                 None => "/ip4/127.0.0.1/tcp/0".into(),
@@ -407,7 +426,11 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
             },
             round: RoundSection {
                 rounds: o.rounds,
-                start_peers: (o.nodes - 1).min(2),
+                start_peers: ((0..o.nodes)
+                    .filter(|j| j % o.regions.max(1) == i % o.regions.max(1))
+                    .count()
+                    - 1)
+                .min(2),
                 timeout_ms: 5_000,
                 ..RoundSection::default()
             },
@@ -555,8 +578,7 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
         }
         view(secs, &last);
         // How long after each heal all nodes agreed on one head again.
-        let heads_now: BTreeSet<&str> = last.iter().map(|v| v.head.as_str()).collect();
-        if heads_now.len() == 1 && last.iter().all(|v| v.up) {
+        if heads_agree(&last, o.regions) && last.iter().all(|v| v.up) {
             for (k, at) in healed_at.drain(..) {
                 agreed_after_heal.push(json!({
                     "event": k,
@@ -567,8 +589,7 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
         }
         last_views = last.clone();
         let pending = o.events.len() > done_events.len() || !restarts.is_empty();
-        let heads: BTreeSet<&str> = last.iter().map(|v| v.head.as_str()).collect();
-        if !pending && last.iter().all(|v| v.up && v.finished) && heads.len() == 1 {
+        if !pending && last.iter().all(|v| v.up && v.finished) && heads_agree(&last, o.regions) {
             break last;
         }
         if t0.elapsed() > o.timeout {
@@ -605,11 +626,12 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
             .arg("--out")
             .arg(&file)
             .output();
-        if export.is_ok_and(|e| e.status.success())
-            && let Ok(p) = import_safetensors(&spec, &file)
-        {
-            models.push(p);
-        }
+        models.push(
+            export
+                .ok()
+                .filter(|e| e.status.success())
+                .and_then(|_| import_safetensors(&spec, &file).ok()),
+        );
     }
     let accs: Vec<f64> = last.iter().map(|v| v.accuracy).collect();
     let losses: Vec<f64> = last
@@ -620,8 +642,29 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
         .iter()
         .map(|v| v.status["bytes_out"].as_u64().unwrap_or(0))
         .sum();
-    let heads: BTreeSet<&str> = last.iter().map(|v| v.head.as_str()).collect();
     let n = o.nodes as f64;
+    let k = o.regions.max(1);
+    let regions: Vec<Value> = (0..k)
+        .map(|r| {
+            let members: Vec<usize> = (0..o.nodes).filter(|i| i % k == r).collect();
+            let views: Vec<NodeView> = members.iter().map(|i| last[*i].clone()).collect();
+            let region_models: Vec<Vec<f32>> = members
+                .iter()
+                .filter_map(|i| models.get(*i).cloned().flatten())
+                .collect();
+            json!({
+                "region": region_of(r, o.regions),
+                "nodes": members,
+                "heads_agree": heads_agree(&views, 1),
+                "accuracy_mean": views.iter().map(|v| v.accuracy).sum::<f64>() / views.len() as f64,
+                "consensus_distance": consensus_distance(&region_models),
+            })
+        })
+        .collect();
+    let consensus = regions
+        .iter()
+        .filter_map(|r| r["consensus_distance"].as_f64())
+        .fold(0.0, f64::max);
     let report = json!({
         "nodes": o.nodes,
         "rounds": o.rounds,
@@ -633,11 +676,12 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
             "accuracy_min": accs.iter().copied().fold(f64::MAX, f64::min),
             "accuracy_max": accs.iter().copied().fold(f64::MIN, f64::max),
             "loss_mean": losses.iter().sum::<f64>() / n,
-            "consensus_distance": consensus_distance(&models),
+            "consensus_distance": consensus,
             "bytes_sent_per_node": bytes / o.nodes as u64,
             "honest_nodes": o.nodes,
-            "heads_agree": heads.len() == 1,
+            "heads_agree": heads_agree(&last, o.regions),
         },
+        "regions": regions,
         "per_node": per_node,
         "clean_exit": clean_exit,
         "scrub_clean": scrub_clean,

@@ -58,7 +58,8 @@ struct ClusterArgs {
     /// several.
     #[arg(long = "event", value_name = "EVENT")]
     events: Vec<String>,
-    /// Regions (only 1 so far).
+    /// Regions: node i joins region i mod K; they share the network and
+    /// the bootstrap node, and each trains its own model.
     #[arg(long, default_value_t = 1)]
     regions: usize,
     /// Put each node in its own network namespace, so that latency, loss
@@ -253,8 +254,11 @@ fn cluster(a: ClusterArgs) -> ExitCode {
     if a.nodes < 2 || a.nodes > 64 {
         return fail("--nodes must be between 2 and 64".into());
     }
-    if a.regions != 1 {
-        return fail("only one region is supported so far (--regions 1)".into());
+    if a.regions == 0 || a.regions * 2 > a.nodes {
+        return fail(format!(
+            "--regions must be between 1 and {} (at least two nodes in each)",
+            a.nodes / 2
+        ));
     }
     let partition = match a.partition.parse() {
         Ok(p) => p,
@@ -361,6 +365,7 @@ fn cluster(a: ClusterArgs) -> ExitCode {
         netns,
         faults: tapestry_sim::netns::LinkFaults { latency_ms, loss },
         interrupted,
+        regions: a.regions,
     };
     let mut shown = 0.0;
     let result = tapestry_sim::cluster::run(&options, &mut |secs, nodes| {

@@ -93,6 +93,7 @@ fn bad_cluster_flags_are_one_line_errors_with_exit_code_2() {
         (vec!["--event", "cut:0,1|2@1s-2s"], "every node"),
         (vec!["--loss", "150%"], "--loss"),
         (vec!["--latency", "soon"], "--latency"),
+        (vec!["--nodes", "5", "--regions", "3"], "--regions"),
     ] {
         let r = Command::new(binary("tapestry-sim"))
             .arg("cluster")
@@ -302,4 +303,27 @@ fn with_25ms_latency_and_5_percent_loss_the_swarm_still_converges() {
         walls[1] / walls[0]
     );
     nothing_left_behind();
+}
+
+#[test]
+fn two_regions_share_the_network_and_each_settles_on_its_own_head() {
+    let out = tempfile::tempdir().unwrap();
+    let report = cluster(
+        out.path(),
+        &["--nodes", "6", "--regions", "2", "--rounds", "12"],
+    );
+    let regions = report["regions"].as_array().unwrap();
+    eprintln!("{}", report["regions"]);
+    assert_eq!(regions.len(), 2);
+    for r in regions {
+        assert_eq!(r["heads_agree"], true, "{r}");
+        assert_eq!(r["nodes"].as_array().unwrap().len(), 3);
+        assert!(r["accuracy_mean"].as_f64().unwrap() >= 0.8, "{r}");
+    }
+    // Two models: a region's rounds use only its own members' deltas.
+    let head = |i: usize| report["per_node"][i]["head_params"].clone();
+    assert_eq!(head(0), head(2));
+    assert_ne!(head(0), head(1));
+    let region = |i: usize| report["per_node"][i]["region"].clone();
+    assert_eq!(region(1), "region1");
 }
