@@ -715,13 +715,19 @@ fn lineage(a: &LineageArgs) -> Result<ExitCode, String> {
     let l = store.lineage(version, a.limit).map_err(|e| e.to_string())?;
     // The signed deltas, by author, whose manifests this node holds.
     let mut by_author: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut rounds: std::collections::BTreeMap<String, std::collections::BTreeSet<u64>> =
+        Default::default();
     let mut absent = Vec::new();
     for id in &l.deltas {
         match store.get_delta_manifest(id).map_err(|e| e.to_string())? {
-            Some(m) => by_author
-                .entry(m.message().author.to_string())
-                .or_default()
-                .push(id.to_string()),
+            Some(m) => {
+                let author = m.message().author.to_string();
+                rounds
+                    .entry(author.clone())
+                    .or_default()
+                    .insert(m.message().round);
+                by_author.entry(author).or_default().push(id.to_string());
+            }
             None => absent.push(id.to_string()),
         }
     }
@@ -729,6 +735,7 @@ fn lineage(a: &LineageArgs) -> Result<ExitCode, String> {
         "version": version.to_string(),
         "versions": l.versions.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "deltas_by_author": by_author,
+        "rounds_by_author": rounds,
         "deltas_not_held": absent,
         "versions_not_held": l.missing_versions.iter().map(ToString::to_string).collect::<Vec<_>>(),
     });

@@ -515,7 +515,11 @@ pub fn spawn(
                     identify::Config::new(PROTOCOL_VERSION.into(), key.public())
                         .with_agent_version(format!("tapestry/{}", env!("CARGO_PKG_VERSION"))),
                 ),
-                ping: ping::Behaviour::default(),
+                ping: ping::Behaviour::new(
+                    ping::Config::new()
+                        .with_interval(PING_EVERY)
+                        .with_timeout(PING_TIMEOUT),
+                ),
                 kad,
                 mdns: Toggle::from(mdns),
                 gossipsub: gossipsub_behaviour(key, &config).map_err(Box::new)?,
@@ -565,6 +569,13 @@ pub fn spawn(
         task,
     ))
 }
+
+/// How often connected peers are pinged, and how long a ping may take;
+/// a peer that fails a ping is disconnected (a cut network leaves TCP
+/// connections open for many minutes otherwise, and rounds would wait for
+/// a peer that cannot be heard).
+const PING_EVERY: Duration = Duration::from_secs(3);
+const PING_TIMEOUT: Duration = Duration::from_secs(6);
 
 /// How often bootstrap peers that are not connected are dialled again.
 const REDIAL_EVERY: Duration = Duration::from_secs(5);
@@ -751,6 +762,15 @@ async fn handle_event(
             num_established,
             ..
         } => (num_established == 0).then_some(NetEvent::PeerDisconnected(peer_id)),
+        SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+            peer,
+            connection,
+            result: Err(error),
+        })) => {
+            tracing::info!(%peer, %error, "ping failed; closing the connection");
+            swarm.close_connection(connection);
+            None
+        }
         SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed {
             peer_id,
             topic,

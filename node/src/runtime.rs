@@ -1189,7 +1189,7 @@ fn branch_weights(
         missing_by_author(store, &theirs, &ours_wide)
     };
     let worst = lost.values().map(BTreeSet::len).max().unwrap_or(0);
-    tracing::debug!(rounds = ?(lo..hi), worst, authors = lost.len(), "lineages compared");
+    tracing::debug!(rounds = ?(lo..hi), worst, authors = lost.len(), adopting, "lineages compared");
     if worst < BRANCH_ROUNDS {
         return None;
     }

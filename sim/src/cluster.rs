@@ -470,6 +470,7 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
     let t0 = Instant::now();
     let mut done_events: BTreeSet<usize> = BTreeSet::new();
     let mut cut_started: BTreeSet<usize> = BTreeSet::new();
+    let mut cut_rounds: std::collections::BTreeMap<usize, Vec<u64>> = Default::default();
     let mut cut_heads: Vec<Value> = Vec::new();
     let mut agreed_after_heal: Vec<Value> = Vec::new();
     let mut healed_at: Vec<(usize, f64)> = Vec::new();
@@ -504,11 +505,11 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
                     at_ms,
                     heal_ms,
                 } => {
-                    if now_ms >= *at_ms
-                        && cut_started.insert(k)
-                        && let Some(l) = &lab
-                    {
-                        l.cut(sides.clone());
+                    if now_ms >= *at_ms && cut_started.insert(k) {
+                        cut_rounds.insert(k, last_views.iter().map(|v| v.round).collect());
+                        if let Some(l) = &lab {
+                            l.cut(sides.clone());
+                        }
                     }
                     if now_ms >= *heal_ms && done_events.insert(k) {
                         // What each node held as the cut ended: the test of
@@ -517,6 +518,7 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
                         cut_heads.push(json!({
                             "event": k,
                             "heads": last_views.iter().map(|v: &NodeView| v.status["head"].clone()).collect::<Vec<_>>(),
+                            "rounds_at_cut": cut_rounds.get(&k),
                             "rounds": last_views.iter().map(|v| v.round).collect::<Vec<_>>(),
                         }));
                         if let Some(l) = &lab {

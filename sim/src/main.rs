@@ -25,47 +25,61 @@ enum Command {
     Cluster(Box<ClusterArgs>),
 }
 
-#[derive(Args)]
+/// `tapestry-sim cluster`'s settings: a scenario file's fields, each also
+/// a flag (flags win; events of both are run).
+#[derive(Args, serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct ClusterArgs {
-    /// Nodes to start.
-    #[arg(long, default_value_t = 5)]
-    nodes: usize,
-    /// `synthetic` or a CSV file (.csv or .csv.gz, label in the last column).
-    #[arg(long, default_value = "synthetic")]
-    data: String,
-    /// iid | dirichlet:ALPHA | classes:K
-    #[arg(long, default_value = "dirichlet:0.5")]
-    partition: String,
-    /// Rounds each node trains.
-    #[arg(long, default_value_t = 20)]
-    rounds: u64,
-    /// Seed of the data and partition.
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
+    /// Scenario file (TOML) with any of the fields below (events as a list
+    /// of strings); flags override its fields.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    scenario: Option<PathBuf>,
+    /// Nodes to start [default: 5].
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// `synthetic` or a CSV file (.csv or .csv.gz, label in the last
+    /// column) [default: synthetic].
+    #[arg(long)]
+    data: Option<String>,
+    /// iid | dirichlet:ALPHA | classes:K [default: dirichlet:0.5]
+    #[arg(long)]
+    partition: Option<String>,
+    /// Rounds each node trains [default: 20].
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// Seed of the data and partition [default: 7].
+    #[arg(long)]
+    seed: Option<u64>,
     /// Where node directories, the report and plots go.
     #[arg(long, value_name = "DIR", required_unless_present = "check_netns")]
+    #[serde(skip)]
     out: Option<PathBuf>,
     /// Only say whether network namespaces can be used here (exit 0) or
     /// why not (exit 1), and stop.
     #[arg(long)]
+    #[serde(skip)]
     check_netns: bool,
     /// The tapestry binary (default: next to this one).
     #[arg(long, value_name = "PATH", env = "TAPESTRY_BIN")]
+    #[serde(skip)]
     tapestry: Option<PathBuf>,
     /// kill:N@T[-T2] (SIGKILL node N at T, restart at T2), join:N@T
     /// (start node N late) or cut:A|B@T-T2 (partition: node lists A and
     /// B cannot reach each other from T to T2; needs --netns); repeat for
     /// several.
     #[arg(long = "event", value_name = "EVENT")]
+    #[serde(default)]
     events: Vec<String>,
     /// Regions: node i joins region i mod K; they share the network and
-    /// the bootstrap node, and each trains its own model.
-    #[arg(long, default_value_t = 1)]
-    regions: usize,
+    /// the bootstrap node, and each trains its own model [default: 1].
+    #[arg(long)]
+    regions: Option<usize>,
     /// Put each node in its own network namespace, so that latency, loss
     /// and cuts between nodes are real (root on Linux; otherwise nodes run
     /// on 127.0.0.1 and only kills and restarts are possible).
     #[arg(long)]
+    #[serde(default)]
     netns: bool,
     /// One-way latency between nodes, e.g. 25ms (needs --netns).
     #[arg(long)]
@@ -73,9 +87,65 @@ struct ClusterArgs {
     /// Packet loss between nodes, e.g. 5% or 0.05 (needs --netns).
     #[arg(long)]
     loss: Option<String>,
-    /// Give up after this many seconds.
-    #[arg(long, default_value_t = 600)]
+    /// Give up after this many seconds [default: 600].
+    #[arg(long)]
+    timeout_secs: Option<u64>,
+}
+
+/// [`ClusterArgs`] with the scenario file merged in and defaults filled.
+struct Cluster {
+    nodes: usize,
+    data: String,
+    partition: String,
+    rounds: u64,
+    seed: u64,
+    tapestry: Option<PathBuf>,
+    events: Vec<String>,
+    regions: usize,
+    netns: bool,
+    latency: Option<String>,
+    loss: Option<String>,
     timeout_secs: u64,
+}
+
+impl ClusterArgs {
+    /// Merges the scenario file (if any) under the flags.
+    fn resolve(self) -> Result<Cluster, String> {
+        let file = match &self.scenario {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("scenario {}: {e}", path.display()))?;
+                toml::from_str::<ClusterArgs>(&text).map_err(|e| {
+                    format!(
+                        "scenario {}: {}",
+                        path.display(),
+                        e.to_string().replace('\n', " ").trim()
+                    )
+                })?
+            }
+            None => ClusterArgs::default(),
+        };
+        Ok(Cluster {
+            nodes: self.nodes.or(file.nodes).unwrap_or(5),
+            data: self
+                .data
+                .or(file.data)
+                .unwrap_or_else(|| "synthetic".into()),
+            partition: self
+                .partition
+                .or(file.partition)
+                .unwrap_or_else(|| "dirichlet:0.5".into()),
+            rounds: self.rounds.or(file.rounds).unwrap_or(20),
+            seed: self.seed.or(file.seed).unwrap_or(7),
+            tapestry: self.tapestry,
+            events: file.events.into_iter().chain(self.events).collect(),
+            regions: self.regions.or(file.regions).unwrap_or(1),
+            netns: self.netns || file.netns,
+            latency: self.latency.or(file.latency),
+            loss: self.loss.or(file.loss),
+            timeout_secs: self.timeout_secs.or(file.timeout_secs).unwrap_or(600),
+        })
+    }
 }
 
 #[derive(Args)]
@@ -250,6 +320,10 @@ fn cluster(a: ClusterArgs) -> ExitCode {
     }
     let Some(out) = a.out.clone() else {
         return fail("--out is required".into());
+    };
+    let a = match a.resolve() {
+        Ok(a) => a,
+        Err(e) => return fail(e),
     };
     if a.nodes < 2 || a.nodes > 64 {
         return fail("--nodes must be between 2 and 64".into());
