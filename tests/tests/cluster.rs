@@ -279,7 +279,15 @@ fn with_25ms_latency_and_5_percent_loss_the_swarm_still_converges() {
     let mut walls = Vec::new();
     for faults in [&[][..], &["--latency", "25ms", "--loss", "5%"][..]] {
         let out = tempfile::tempdir().unwrap();
-        let mut args = vec!["--netns", "--nodes", "5", "--rounds", "15", "--partition", "iid"];
+        let mut args = vec![
+            "--netns",
+            "--nodes",
+            "5",
+            "--rounds",
+            "15",
+            "--partition",
+            "iid",
+        ];
         args.extend_from_slice(faults);
         let report = cluster(out.path(), &args);
         let (f, n) = (&report["final"], &report["network"]);
