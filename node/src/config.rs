@@ -106,6 +106,9 @@ pub struct RoundSection {
     pub start_peers: usize,
     /// Longest wait for `start_peers`.
     pub start_wait_ms: u64,
+    /// Shortest time from one round's start to the next's (`0`: back to
+    /// back). Keep it below `timeout_ms`.
+    pub min_round_ms: u64,
 }
 
 impl Default for Config {
@@ -172,6 +175,7 @@ impl Default for RoundSection {
             rounds: 0,
             start_peers: 1,
             start_wait_ms: 10_000,
+            min_round_ms: 0,
         }
     }
 }
@@ -248,6 +252,9 @@ rounds = {rounds}
 # Wait for this many peers before the first round, at most start_wait_ms.
 start_peers = {start_peers}
 start_wait_ms = {start_wait}
+# Start a round at most every min_round_ms (0 = back to back, as soon as the
+# previous one closes). Keep it below timeout_ms.
+min_round_ms = {min_round}
 "#,
         api = d.api,
         arch = d.model.architecture,
@@ -267,6 +274,7 @@ start_wait_ms = {start_wait}
         rounds = d.round.rounds,
         start_peers = d.round.start_peers,
         start_wait = d.round.start_wait_ms,
+        min_round = d.round.min_round_ms,
     )
 }
 

@@ -110,10 +110,10 @@ struct InitArgs {
     #[arg(long, value_name = "DIR", env = "TAPESTRY_DATA_DIR")]
     data_dir: PathBuf,
     /// The region to join.
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", env = "TAPESTRY_REGION")]
     region: String,
     /// The model to train.
-    #[arg(long, default_value = "digits")]
+    #[arg(long, default_value = "digits", env = "TAPESTRY_MODEL")]
     model: String,
 }
 
@@ -140,10 +140,21 @@ struct RunArgs {
     /// Wait for this many peers before the first round.
     #[arg(long, env = "TAPESTRY_START_PEERS")]
     start_peers: Option<usize>,
+    /// Start a round at most every this many milliseconds.
+    #[arg(long, value_name = "MS", env = "TAPESTRY_MIN_ROUND_MS")]
+    min_round_ms: Option<u64>,
     /// Use only the rows i ≡ SHARD (mod OF) of the data file: a quick way
-    /// to give test nodes different data from one file (SHARD/OF).
-    #[arg(long, value_name = "SHARD/OF")]
+    /// to give test nodes different data from one file (SHARD/OF). With
+    /// `auto/OF` each node keeps its own pseudo-random 1/OF of the rows,
+    /// chosen by its node id (for replicas that share one file and one
+    /// command line).
+    #[arg(long, value_name = "SHARD/OF", env = "TAPESTRY_SHARD")]
     shard: Option<String>,
+    /// Create the node first (as `tapestry init` would, with
+    /// TAPESTRY_REGION and TAPESTRY_MODEL) if the data directory holds
+    /// none; for containers and services whose first start makes the node.
+    #[arg(long, env = "TAPESTRY_INIT", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    init: bool,
 }
 
 #[derive(Args)]
@@ -413,16 +424,34 @@ fn parse_addrs(list: &[String]) -> Result<Vec<Multiaddr>, String> {
 
 /// Loads the data file, keeps a shard of it if asked, scales it with the
 /// model's fixed range, and splits off the evaluation rows.
-fn local_data(cfg: &Config, path: &Path, shard: Option<&str>) -> Result<LocalData, String> {
+fn local_data(
+    cfg: &Config,
+    path: &Path,
+    shard: Option<&str>,
+    node: &NodeId,
+) -> Result<LocalData, String> {
     let mut all = data::load_csv(path, CsvOptions::default())
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    if let Some(s) = shard {
-        let (i, n) = s
-            .split_once('/')
-            .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n.parse::<usize>().ok()?)))
-            .filter(|(i, n)| i < n)
-            .ok_or_else(|| format!("bad --shard {s:?} (SHARD/OF, e.g. 0/3)"))?;
-        let rows: Vec<usize> = (0..all.len()).filter(|r| r % n == i).collect();
+    if let Some(s) = shard.filter(|s| !s.is_empty()) {
+        let bad = || format!("bad --shard {s:?} (SHARD/OF or auto/OF, e.g. 0/3)");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let n: usize = n.parse().ok().filter(|n| *n > 0).ok_or_else(bad)?;
+        let rows: Vec<usize> = if i == "auto" {
+            // Row r is this node's if BLAKE3(node id, r) falls in its 1/n.
+            (0..all.len())
+                .filter(|r| {
+                    let mut h = blake3::Hasher::new();
+                    h.update(node.as_bytes());
+                    h.update(&(*r as u64).to_le_bytes());
+                    let b = h.finalize();
+                    u64::from_le_bytes(b.as_bytes()[..8].try_into().unwrap_or([0; 8])) % n as u64
+                        == 0
+                })
+                .collect()
+        } else {
+            let i: usize = i.parse().ok().filter(|i| *i < n).ok_or_else(bad)?;
+            (0..all.len()).filter(|r| r % n == i).collect()
+        };
         all = all.subset(&rows);
     }
     if all.n_features != cfg.model.inputs {
@@ -446,6 +475,13 @@ async fn run(a: RunArgs) -> Result<ExitCode, String> {
     let dir = DataDir {
         root: a.data_dir.clone(),
     };
+    if a.init && !dir.key().exists() && !dir.config().exists() {
+        init(&InitArgs {
+            data_dir: a.data_dir.clone(),
+            region: std::env::var("TAPESTRY_REGION").unwrap_or_else(|_| "default".into()),
+            model: std::env::var("TAPESTRY_MODEL").unwrap_or_else(|_| "digits".into()),
+        })?;
+    }
     let mut cfg = Config::load(&dir.config())
         .map_err(|e| format!("{e} (create the node with tapestry init)"))?;
     if !a.listen.is_empty() {
@@ -464,12 +500,20 @@ async fn run(a: RunArgs) -> Result<ExitCode, String> {
     if let Some(p) = a.start_peers {
         cfg.round.start_peers = p;
     }
+    if let Some(ms) = a.min_round_ms {
+        cfg.round.min_round_ms = ms;
+    }
     if cfg.data.path.is_empty() {
         return Err("no data: set [data] path in config.toml or pass --data FILE".into());
     }
     let key =
         Keypair::read_key_file(&dir.key()).map_err(|e| format!("{}: {e}", dir.key().display()))?;
-    let data = local_data(&cfg, Path::new(&cfg.data.path), a.shard.as_deref())?;
+    let data = local_data(
+        &cfg,
+        Path::new(&cfg.data.path),
+        a.shard.as_deref(),
+        &key.node_id(),
+    )?;
     let seed = u64::from_le_bytes(key.node_id().as_bytes()[..8].try_into().unwrap_or([0; 8]));
     let settings = NodeSettings {
         engine: cfg.engine(seed)?,
@@ -478,6 +522,7 @@ async fn run(a: RunArgs) -> Result<ExitCode, String> {
         rounds: (cfg.round.rounds > 0).then_some(cfg.round.rounds),
         start_peers: cfg.round.start_peers,
         start_wait: cfg.start_wait(),
+        min_round: Duration::from_millis(cfg.round.min_round_ms),
         roster: if cfg.roster.is_empty() {
             None
         } else {
@@ -804,6 +849,7 @@ async fn demo(a: DemoArgs) -> Result<ExitCode, String> {
             rounds: Some(a.rounds),
             start_peers: a.nodes - 1,
             start_wait: Duration::from_secs(20),
+            min_round: Duration::ZERO,
             roster: None,
             region_key: None,
         };

@@ -16,6 +16,14 @@ pub struct Reason {
     pub reason: String,
 }
 
+/// The `params` label of the head metric.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Head {
+    /// The head's parameter digest (first 16 hex digits): equal on nodes
+    /// that hold the same model, whoever signed their versions.
+    pub params: String,
+}
+
 /// Every metric the node exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -39,6 +47,9 @@ pub struct Metrics {
     pub accuracy: Gauge<f64, AtomicU64>,
     /// Connected peers.
     pub peers: Gauge,
+    /// 1 for the head's parameter digest (one series per node): counting
+    /// the distinct digests across nodes tells whether they agree.
+    pub head: Family<Head, Gauge>,
     /// The registry (ours and libp2p's), for encoding.
     pub registry: Mutex<Registry>,
 }
@@ -58,6 +69,7 @@ impl Metrics {
             bytes_out: Counter::default(),
             accuracy: Gauge::default(),
             peers: Gauge::default(),
+            head: Family::default(),
             registry: Mutex::new(Registry::default()),
         };
         let r = registry.sub_registry_with_prefix("tapestry");
@@ -91,10 +103,22 @@ impl Metrics {
             m.accuracy.clone(),
         );
         r.register("peers", "Connected peers", m.peers.clone());
+        r.register(
+            "head",
+            "1 for the parameter digest of the head (nodes that agree show the same)",
+            m.head.clone(),
+        );
         if let Ok(mut slot) = m.registry.lock() {
             *slot = registry;
         }
         m
+    }
+
+    /// Makes `params` the head's digest (the previous one's series goes).
+    pub fn set_head(&self, params: &str) {
+        let params: String = params.chars().take(16).collect();
+        self.head.clear();
+        self.head.get_or_create(&Head { params }).set(1);
     }
 
     /// Counts one rejection.

@@ -618,15 +618,19 @@ async fn run(
         tokio::select! {
             _ = redial.tick() => {
                 let mut dialled = false;
-                // (Addresses without a peer id were dialled at start only:
-                // there is no telling whether they are connected.)
+                // (An address without a peer id, like /dns4/bootstrap/tcp/4001,
+                // cannot tell whether it is connected: it is dialled again
+                // only while this node has no peer at all.)
+                let alone = swarm.connected_peers().next().is_none();
                 for addr in &bootstrap {
-                    let Some(peer) = peer_of_addr(addr) else { continue };
-                    if swarm.is_connected(&peer) {
-                        continue;
+                    match peer_of_addr(addr) {
+                        Some(peer) if !swarm.is_connected(&peer) => {
+                            swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                            dialled |= swarm.dial(addr.clone()).is_ok();
+                        }
+                        None if alone => dialled |= swarm.dial(addr.clone()).is_ok(),
+                        _ => {}
                     }
-                    swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
-                    dialled |= swarm.dial(addr.clone()).is_ok();
                 }
                 if dialled {
                     let _ = swarm.behaviour_mut().kad.bootstrap();

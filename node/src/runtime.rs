@@ -93,6 +93,9 @@ pub struct NodeSettings {
     pub start_peers: usize,
     /// Longest wait for `start_peers`.
     pub start_wait: Duration,
+    /// Shortest time from one round's start to the next's: training waits
+    /// out the rest (zero: rounds run back to back).
+    pub min_round: Duration,
     /// A permissioned region's roster; `None` for an open region.
     pub roster: Option<Verified<Roster>>,
     /// Who may sign the roster (the region key); required with a roster.
@@ -221,6 +224,8 @@ pub struct Node {
     heads_rx: mpsc::Receiver<(PeerId, Vec<u8>)>,
     /// Which peers to ask for their heads next (they take turns).
     head_probe: usize,
+    /// When the last training started (or will, when paced).
+    last_train: Option<Instant>,
 }
 
 impl Node {
@@ -278,6 +283,7 @@ impl Node {
             heads_tx,
             heads_rx,
             head_probe: 0,
+            last_train: None,
         })
     }
 
@@ -428,7 +434,16 @@ impl Node {
                     self.data.clone(),
                 );
                 let tx = self.inputs_tx.clone();
+                // Pacing: a round starts at most every `min_round`.
+                let now = Instant::now();
+                let wait = self.last_train.map_or(Duration::ZERO, |t| {
+                    (t + self.settings.min_round).saturating_duration_since(now)
+                });
+                self.last_train = Some(now + wait);
                 tokio::spawn(async move {
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
                     let trained = tokio::task::spawn_blocking(move || {
                         train_local(
                             &spec,
@@ -563,6 +578,7 @@ impl Node {
             self.shared.metrics.set_accuracy(a);
         }
         self.shared.metrics.round.set(m.round as i64);
+        self.shared.metrics.set_head(&params_id.to_string());
         if let Ok(mut h) = self.shared.head.lock() {
             *h = Some(manifest.clone());
         }

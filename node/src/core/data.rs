@@ -158,7 +158,16 @@ fn open_maybe_gz(path: &Path) -> Result<Box<dyn Read>, DataError> {
         path: path.display().to_string(),
         source,
     })?;
-    if path.extension().is_some_and(|e| e == "gz") {
+    // Gzip by its magic bytes, whatever the name (a mounted file may have
+    // none).
+    let mut f = std::io::BufReader::new(f);
+    let gz = std::io::BufRead::fill_buf(&mut f)
+        .map_err(|source| DataError::Io {
+            path: path.display().to_string(),
+            source,
+        })?
+        .starts_with(&[0x1f, 0x8b]);
+    if gz {
         Ok(Box::new(flate2::read::GzDecoder::new(f)))
     } else {
         Ok(Box::new(f))

@@ -1,0 +1,368 @@
+//! The deploy folder on real containers: the runtime image built here
+//! without pulling anything, the Compose swarm (a bootstrap node and three
+//! scaled peers, each with its own volume and share of the data) trained to
+//! the accuracy bar, one container stopped mid-round and started again, one
+//! cut off the network and put back, and everything the test made removed
+//! at the end, also when it fails. Plus the monitoring configuration:
+//! Prometheus's checked by `promtool`, Grafana's dashboard against the
+//! metrics a real node exports.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn digits() -> PathBuf {
+    let p = root().join("../shared/data/digits.csv.gz");
+    assert!(p.is_file(), "tests need the shared digits data set");
+    p.canonicalize().unwrap()
+}
+
+/// Runs a command; its stdout, or a panic with its stderr.
+fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether Docker and Compose are here. In CI they must be: there a
+/// missing engine is a failure, not a skip.
+fn docker_or_skip(test: &str) -> bool {
+    let ok = |c: &mut Command| c.output().is_ok_and(|o| o.status.success());
+    if ok(Command::new("docker").arg("info")) && ok(Command::new("docker-compose").arg("version")) {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").is_err(),
+        "{test}: CI must run the container tests (docker and docker-compose)"
+    );
+    eprintln!("{test}: skipped here: no docker engine or docker-compose");
+    false
+}
+
+/// A Compose project of this test: torn down (containers, networks,
+/// volumes, the image) when dropped, whether the test passed or not.
+struct Swarm {
+    project: String,
+    image: String,
+    env: Vec<(String, String)>,
+}
+
+impl Swarm {
+    fn compose(&self) -> Command {
+        let mut c = Command::new("docker-compose");
+        c.args(["-p", &self.project, "-f"])
+            .arg(root().join("deploy/compose.yaml"));
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Container ids of a service.
+    fn ids(&self, service: &str) -> Vec<String> {
+        sh(self.compose().args(["ps", "-q", service]))
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn network(&self) -> String {
+        format!("{}_swarm", self.project)
+    }
+}
+
+impl Drop for Swarm {
+    fn drop(&mut self) {
+        let _ = self
+            .compose()
+            .args(["down", "-v", "--remove-orphans", "-t", "5"])
+            .output();
+        let _ = Command::new("docker")
+            .args(["rmi", "-f", &self.image])
+            .output();
+    }
+}
+
+/// The address of a container on the swarm's network.
+fn ip_of(id: &str, network: &str) -> Option<String> {
+    let out = Command::new("docker")
+        .args([
+            "inspect",
+            "-f",
+            &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"),
+            id,
+        ])
+        .output()
+        .ok()?;
+    let ip = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (!ip.is_empty() && ip != "<no value>").then_some(ip)
+}
+
+/// GET http://ADDR:8080PATH, if it answers.
+fn get(ip: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr = format!("{ip}:8080");
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+fn status(ip: &str) -> Option<serde_json::Value> {
+    serde_json::from_str(&get(ip, "/status")?).ok()
+}
+
+/// Waits (at most `secs`) until `ok` holds for the statuses of all `ids`.
+fn wait_all(
+    swarm: &Swarm,
+    ids: &[String],
+    secs: u64,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut last = Vec::new();
+    while Instant::now() < deadline {
+        last = ids
+            .iter()
+            .map(|id| {
+                ip_of(id, &swarm.network())
+                    .and_then(|ip| status(&ip))
+                    .unwrap_or(serde_json::Value::Null)
+            })
+            .collect();
+        if last.iter().all(|s| !s.is_null() && ok(s)) {
+            return last;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let logs = ids
+        .iter()
+        .map(|id| {
+            let out = Command::new("docker")
+                .args(["logs", "--tail", "15", id])
+                .output();
+            out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    panic!("timed out waiting for {what}: {last:?}\n{logs}");
+}
+
+fn round(s: &serde_json::Value) -> u64 {
+    s["round"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_compose_swarm_trains_survives_a_stop_and_a_cut_and_is_torn_down() {
+    if !docker_or_skip("compose swarm") {
+        return;
+    }
+    let pid = std::process::id();
+    let rounds = 70;
+    let swarm = Swarm {
+        project: format!("tapestrytest{pid}"),
+        image: format!("tapestry-test:{pid}"),
+        env: vec![
+            ("TAPESTRY_IMAGE".into(), format!("tapestry-test:{pid}")),
+            ("TAPESTRY_DATA_FILE".into(), digits().display().to_string()),
+            ("TAPESTRY_ROUNDS".into(), rounds.to_string()),
+            ("TAPESTRY_SHARDS".into(), "4".into()),
+            ("TAPESTRY_START_PEERS".into(), "3".into()),
+            ("TAPESTRY_MIN_ROUND_MS".into(), "400".into()),
+        ],
+    };
+    // The runtime image, from the binary `cargo test --workspace` built,
+    // FROM scratch: nothing is pulled.
+    let built = sh(Command::new(root().join("deploy/build-image.sh"))
+        .arg(&swarm.image)
+        .arg("--debug"));
+    eprintln!("{}", built.trim());
+    sh(swarm.compose().args(["up", "-d", "--scale", "peer=3"]));
+    let mut ids = swarm.ids("bootstrap");
+    ids.extend(swarm.ids("peer"));
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    let started = Instant::now();
+
+    // They find each other (by the bootstrap's DNS name) and train.
+    wait_all(
+        &swarm,
+        &ids,
+        120,
+        "every node at round 8 with 3 peers",
+        |s| round(s) >= 8 && s["peers"].as_u64().unwrap_or(0) >= 3,
+    );
+    eprintln!("round 8 after {:.1} s", started.elapsed().as_secs_f64());
+
+    // Stop one peer mid-round (SIGTERM), start it again: it resumes from
+    // its volume and catches up.
+    let stopped = &ids[1];
+    sh(Command::new("docker").args(["stop", "-t", "10", stopped]));
+    std::thread::sleep(Duration::from_secs(4));
+    sh(Command::new("docker").args(["start", stopped]));
+    let others = |s: &[serde_json::Value]| s.iter().map(round).max().unwrap_or(0);
+    let now = wait_all(&swarm, &ids, 10, "statuses", |_| true);
+    let target = others(&now);
+    wait_all(&swarm, &ids, 60, "the restarted node to catch up", |s| {
+        round(s) >= target
+    });
+    eprintln!(
+        "restart caught up after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Cut another one off the network for a while, then put it back: it
+    // rejoins (dials the bootstrap again) and agrees again.
+    let cut = &ids[2];
+    let net = swarm.network();
+    sh(Command::new("docker").args(["network", "disconnect", &net, cut]));
+    std::thread::sleep(Duration::from_secs(8));
+    sh(Command::new("docker").args(["network", "connect", &net, cut]));
+    wait_all(&swarm, &ids, 60, "the cut node back with 3 peers", |s| {
+        s["peers"].as_u64().unwrap_or(0) >= 3
+    });
+    eprintln!("reconnected after {:.1} s", started.elapsed().as_secs_f64());
+
+    // Every node finishes its rounds on one head, above the accuracy bar.
+    let done = wait_all(&swarm, &ids, 180, "all to finish", |s| {
+        s["finished"].as_bool().unwrap_or(false)
+    });
+    let mut heads: BTreeSet<String> = done.iter().map(|s| s["head_params"].to_string()).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while heads.len() > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        heads = wait_all(&swarm, &ids, 10, "statuses", |_| true)
+            .iter()
+            .map(|s| s["head_params"].to_string())
+            .collect();
+    }
+    assert_eq!(heads.len(), 1, "heads differ: {heads:?}");
+    for s in &done {
+        assert_eq!(round(s), rounds, "{s}");
+        assert!(s["accuracy"].as_f64().unwrap() >= 0.9, "{s}");
+    }
+    eprintln!(
+        "all finished on one head after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // The dashboard asks only for metrics a node exports.
+    let ip = ip_of(&ids[0], &net).unwrap();
+    let metrics = get(&ip, "/metrics").unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("deploy/grafana/dashboards/tapestry.json")).unwrap(),
+    )
+    .unwrap();
+    let mut names = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("tapestry_") {
+                    names.insert(word.to_owned());
+                }
+            }
+        }
+    }
+    assert!(names.len() >= 8, "{names:?}");
+    for name in &names {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(name.as_str())),
+            "the dashboard uses {name}, which /metrics does not have"
+        );
+    }
+    drop(swarm);
+    // Nothing of the project is left.
+    let left = sh(Command::new("docker").args([
+        "ps",
+        "-a",
+        "--filter",
+        &format!("label=com.docker.compose.project=tapestrytest{pid}"),
+        "-q",
+    ]));
+    assert!(left.trim().is_empty(), "containers left: {left}");
+    let volumes = sh(Command::new("docker").args([
+        "volume",
+        "ls",
+        "-q",
+        "--filter",
+        &format!("label=com.docker.compose.project=tapestrytest{pid}"),
+    ]));
+    assert!(volumes.trim().is_empty(), "volumes left: {volumes}");
+}
+
+#[test]
+fn the_compose_file_and_the_prometheus_config_pass_their_own_tools() {
+    if !docker_or_skip("config checks") {
+        return;
+    }
+    let out = Command::new("docker-compose")
+        .args(["-f"])
+        .arg(root().join("deploy/compose.yaml"))
+        .args(["--profile", "monitoring", "config", "--services"])
+        .env("TAPESTRY_DATA_FILE", digits())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let services: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    for s in ["bootstrap", "peer", "prometheus", "grafana"] {
+        assert!(services.contains(s), "{services:?}");
+    }
+    // Without the data file Compose refuses, naming the variable.
+    let out = Command::new("docker-compose")
+        .args(["-f"])
+        .arg(root().join("deploy/compose.yaml"))
+        .arg("config")
+        .env_remove("TAPESTRY_DATA_FILE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TAPESTRY_DATA_FILE"));
+    let promtool = Command::new("promtool")
+        .args(["check", "config"])
+        .arg(root().join("deploy/prometheus/prometheus.yml"))
+        .output();
+    match promtool {
+        Ok(out) => assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI installs promtool (Debian's prometheus): {e}"
+            );
+            eprintln!("promtool not here ({e}); its check is skipped");
+        }
+    }
+}
