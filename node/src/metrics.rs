@@ -108,6 +108,22 @@ impl Metrics {
             "1 for the parameter digest of the head (nodes that agree show the same)",
             m.head.clone(),
         );
+        // The usual reasons start at zero, so the series exist (and rates
+        // work) before the first rejection.
+        for reason in [
+            "bad_signature",
+            "malformed",
+            "oversized",
+            "not_in_roster",
+            "replay",
+            "stale",
+            "non_finite",
+            "corrupt_chunk",
+        ] {
+            let _zero = m.deltas_rejected.get_or_create(&Reason {
+                reason: reason.into(),
+            });
+        }
         if let Ok(mut slot) = m.registry.lock() {
             *slot = registry;
         }
