@@ -842,27 +842,25 @@ impl Node {
     /// Fetches a version and offers it to the engine if the engine would
     /// take it (and it is not already on its way).
     fn offer_if_preferred(&mut self, manifest: Verified<ModelManifest>, source: PeerId) {
-        if !self.engine.would_adopt(manifest.message()) {
-            return;
-        }
-        let Ok(mut offered) = self.offered.lock() else {
-            return;
-        };
-        if offered.insert(manifest.id()) {
-            drop(offered);
-            self.catch_up(manifest, vec![source], true);
+        if self.engine.would_adopt(manifest.message()) {
+            self.fetch_once(manifest, source, true);
         }
     }
 
     /// Fetches a version this node would not adopt, to merge it if it holds
     /// work this node's branch lacks.
     fn offer_branch(&mut self, manifest: Verified<ModelManifest>, source: PeerId) {
-        let Ok(mut offered) = self.offered.lock() else {
-            return;
-        };
-        if offered.insert(manifest.id()) {
-            drop(offered);
-            self.catch_up(manifest, vec![source], false);
+        self.fetch_once(manifest, source, false);
+    }
+
+    /// [`Node::catch_up`], unless that version is already being fetched.
+    fn fetch_once(&mut self, manifest: Verified<ModelManifest>, source: PeerId, adopting: bool) {
+        let fresh = self
+            .offered
+            .lock()
+            .is_ok_and(|mut o| o.insert(manifest.id()));
+        if fresh {
+            self.catch_up(manifest, vec![source], adopting);
         }
     }
 
@@ -1189,11 +1187,17 @@ fn branch_weights(
         .round;
     let hi = head_round.min(other.message().round);
     let lo = hi.saturating_sub(BRANCH_WINDOW);
-    let (wide_lo, wide_hi) = (lo.saturating_sub(2), hi + 3);
-    let ours = window_deltas(store, head, lo, hi);
-    let theirs = window_deltas(store, other.id(), lo, hi);
-    let ours_wide = window_deltas(store, head, wide_lo, wide_hi);
-    let theirs_wide = window_deltas(store, other.id(), wide_lo, wide_hi);
+    // One walk per lineage over the wide window; the window proper is the
+    // part of it in lo..hi.
+    let ours_wide = window_deltas(store, head, lo.saturating_sub(2), hi + 3);
+    let theirs_wide = window_deltas(store, other.id(), lo.saturating_sub(2), hi + 3);
+    let within = |m: &BTreeMap<ContentId, u64>| -> BTreeMap<ContentId, u64> {
+        m.iter()
+            .filter(|(_, r)| (lo..hi).contains(*r))
+            .map(|(d, r)| (*d, *r))
+            .collect()
+    };
+    let (ours, theirs) = (within(&ours_wide), within(&theirs_wide));
     if ours.is_empty() || theirs.is_empty() {
         // One lineage is not held here (it could not be fetched): no
         // telling, so no merge.

@@ -323,8 +323,24 @@ fn a_compose_swarm_trains_survives_a_stop_and_a_cut_and_is_torn_down() {
     assert!(volumes.trim().is_empty(), "volumes left: {volumes}");
 }
 
+/// The YAML documents of a file, as JSON (parsed by PyYAML, which
+/// docker-compose brings along).
+fn yaml_docs(path: &std::path::Path) -> Vec<serde_json::Value> {
+    // Debian's python3, which docker-compose (and so PyYAML) runs on.
+    let python = ["/usr/bin/python3", "python3"]
+        .into_iter()
+        .find(|p| !p.starts_with('/') || std::path::Path::new(p).exists())
+        .unwrap();
+    let out = sh(Command::new(python).args([
+        "-c",
+        "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
+    ])
+    .arg(path));
+    serde_json::from_str(&out).unwrap()
+}
+
 #[test]
-fn the_compose_file_and_the_prometheus_config_pass_their_own_tools() {
+fn the_deploy_configs_pass_their_own_tools() {
     if !docker_or_skip("config checks") {
         return;
     }
@@ -376,4 +392,79 @@ fn the_compose_file_and_the_prometheus_config_pass_their_own_tools() {
             eprintln!("promtool not here ({e}); its check is skipped");
         }
     }
+    // The systemd unit: systemd's own checker, and its exposure score
+    // (0 = locked down, 10 = exposed; 30 is 3.0 on its 0-100 scale) at most
+    // 3. It wants the binary to
+    // exist, so a copy names the one built here.
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let unit = dir.path().join("tapestry.service");
+        let tapestry = root().join("target/debug/tapestry").canonicalize().unwrap();
+        std::fs::write(
+            &unit,
+            std::fs::read_to_string(root().join("deploy/systemd/tapestry.service"))
+                .unwrap()
+                .replace("/usr/local/bin/tapestry", &tapestry.display().to_string()),
+        )
+        .unwrap();
+        sh(Command::new("systemd-analyze").arg("verify").arg(&unit));
+        let security = sh(Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--threshold=30"])
+            .arg(&unit));
+        eprintln!("{}", security.lines().last().unwrap_or(""));
+    } else {
+        eprintln!("systemd-analyze not here; the unit's check is skipped");
+    }
+    // Kubernetes: the objects the deploy issue asks for, wired together.
+    let docs = yaml_docs(&root().join("deploy/k8s/tapestry.yaml"));
+    let kind = |k: &str| {
+        docs.iter()
+            .filter(|d| d["kind"] == k)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let sts = &kind("StatefulSet")[0];
+    let services = kind("Service");
+    let headless = services
+        .iter()
+        .find(|s| s["spec"]["clusterIP"] == "None")
+        .expect("a headless Service");
+    assert_eq!(sts["spec"]["serviceName"], headless["metadata"]["name"]);
+    assert!(
+        services
+            .iter()
+            .any(|s| s["metadata"]["name"] == "tapestry-bootstrap")
+    );
+    assert_eq!(kind("ConfigMap").len(), 1);
+    let pod = &sts["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/status");
+    assert!(pod["securityContext"]["runAsNonRoot"].as_bool().unwrap());
+    assert_eq!(
+        sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"],
+        container["volumeMounts"][0]["name"]
+    );
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    // The bootstrap address names the bootstrap Service.
+    assert!(
+        args.iter().any(|a| a.contains("tapestry-bootstrap")),
+        "{args:?}"
+    );
+    // Grafana's provisioning files parse and point at the dashboard folder.
+    let ds = &yaml_docs(&root().join("deploy/grafana/provisioning/datasources/prometheus.yaml"))[0];
+    assert_eq!(ds["datasources"][0]["uid"], "prometheus");
+    let dp = &yaml_docs(&root().join("deploy/grafana/provisioning/dashboards/tapestry.yaml"))[0];
+    assert_eq!(
+        dp["providers"][0]["options"]["path"],
+        "/var/lib/grafana/dashboards"
+    );
 }
