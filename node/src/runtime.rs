@@ -536,7 +536,6 @@ impl Node {
                 self.count_out(data.len());
                 self.provide(manifest.id()).await;
                 let _ = self.net.publish(&self.models_topic, data).await;
-                self.providers.retain(|_, v| !v.is_empty());
                 if self.providers.len() > 4096 {
                     self.providers.clear();
                 }
@@ -1336,12 +1335,6 @@ impl Running {
             let _ = api.await;
         }
         result
-    }
-
-    /// Waits until the node task ends by itself (the network stopped) or
-    /// fails.
-    pub fn is_finished(&self) -> bool {
-        self.node.is_finished()
     }
 }
 
