@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tapestry_protocol::Codec;
 
 use crate::core::aggregate::AggregationRule;
-use crate::core::door::DoorConfig;
+use crate::core::door::{DoorConfig, Weighting};
 use crate::core::engine::{EngineConfig, Mode};
 use crate::core::model::{InnerOptimizer, ModelSpec, TrainConfig};
 use crate::core::outer::OuterOptimizer;
@@ -95,6 +95,12 @@ pub struct RoundSection {
     pub codec: String,
     /// `mean`, `trimmed-mean:B`, `median`, `clip:R[:ITER]`.
     pub aggregator: String,
+    /// How much each delta weighs: `equal` (one author, one vote) or
+    /// `samples:MAX` (its declared sample count, at most MAX).
+    pub weighting: String,
+    /// A peer's version more than this many rounds ahead of this node is
+    /// refused; catching up means recomputing up to this many rounds.
+    pub max_rounds_ahead: u64,
     /// Fraction of known peers whose deltas close a round.
     pub quorum: f64,
     /// A round closes at the latest this long after it started.
@@ -170,6 +176,8 @@ impl Default for RoundSection {
         Self {
             codec: "f32".into(),
             aggregator: "mean".into(),
+            weighting: "equal".into(),
+            max_rounds_ahead: 1024,
             quorum: 1.0,
             timeout_ms: 10_000,
             rounds: 0,
@@ -243,6 +251,14 @@ lr = {lr:?}
 codec = "{codec}"
 # How deltas are combined: mean, trimmed-mean:BETA, median, clip:RADIUS
 aggregator = "{agg}"
+# How much each delta weighs: equal (every author the same; a sample count
+# is the sender's word) or samples:MAX (its sample count, capped at MAX).
+# Every node of a region must use the same aggregator and weighting: peers'
+# versions are checked by recomputing them.
+weighting = "{weighting}"
+# Peers' versions further ahead than this many rounds are refused; a node
+# catches up by recomputing every missed round from the deltas.
+max_rounds_ahead = {ahead}
 # Fraction of known peers whose deltas close a round early.
 quorum = {quorum:?}
 # A round closes at the latest this long after it started (ms).
@@ -269,6 +285,8 @@ min_round_ms = {min_round}
         lr = d.training.lr,
         codec = d.round.codec,
         agg = d.round.aggregator,
+        weighting = d.round.weighting,
+        ahead = d.round.max_rounds_ahead,
         quorum = d.round.quorum,
         timeout = d.round.timeout_ms,
         rounds = d.round.rounds,
@@ -338,7 +356,14 @@ impl Config {
             outer: OuterOptimizer::averaging(),
             quorum: r.quorum,
             round_timeout_ms: r.timeout_ms,
-            door: DoorConfig::default(),
+            door: DoorConfig {
+                weighting: r
+                    .weighting
+                    .parse::<Weighting>()
+                    .map_err(|e| format!("weighting: {e}"))?,
+                max_rounds_ahead: r.max_rounds_ahead,
+                ..DoorConfig::default()
+            },
             mode: Mode::Broadcast,
             seed,
         })

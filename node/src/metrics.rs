@@ -119,6 +119,10 @@ impl Metrics {
             "stale",
             "non_finite",
             "corrupt_chunk",
+            "duplicate_author_round",
+            "version_mismatch",
+            "unknown_delta",
+            "round_jump",
         ] {
             let _zero = m.deltas_rejected.get_or_create(&Reason {
                 reason: reason.into(),

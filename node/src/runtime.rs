@@ -27,10 +27,14 @@ use tapestry_storage::ChunkStore;
 use tokio::sync::{mpsc, watch};
 
 use crate::core::data::Dataset;
+use crate::core::door::Door;
 use crate::core::engine::{
     Action, Engine, EngineConfig, Input, VersionRank, genesis, version_rank,
 };
 use crate::core::model::{InnerState, TrainConfig, evaluate, train_local};
+use crate::core::verify::{
+    self, BRANCH_WINDOW, Lineage, Plan, Split, VersionRejection, check_shape,
+};
 use crate::metrics::Metrics;
 use crate::net::{self, Command, NetEvent, NetHandle};
 
@@ -39,6 +43,13 @@ pub type Store = Arc<dyn ChunkStore + Send + Sync>;
 
 /// The ref naming a node's head model version.
 pub const HEAD_REF: &str = "head";
+
+/// The ref marking a model version this node verified (made, recomputed,
+/// or derived: the genesis). Only verified versions are parents to build
+/// on, served as lineage, or compared as branches.
+pub fn verified_ref(id: &ContentId) -> String {
+    format!("verified/{id}")
+}
 
 /// Gossip topic of a region's delta announcements.
 pub fn deltas_topic(model_id: &str, region: &str) -> String {
@@ -211,9 +222,12 @@ pub struct Node {
     deltas_hash: TopicHash,
     models_hash: TopicHash,
     running: bool,
-    /// The preferred version announced for each coming round, and who
-    /// announced it.
+    /// The preferred verified version announced for each coming round, and
+    /// who announced it.
     best_seen: BTreeMap<u64, (VersionRank, Verified<ModelManifest>, PeerId)>,
+    /// Verdicts of version verifications, back from their tasks.
+    verdicts_tx: mpsc::Sender<Verdict>,
+    verdicts_rx: mpsc::Receiver<Verdict>,
     /// What this node announces in the DHT, oldest first.
     provided: std::collections::VecDeque<ContentId>,
     /// Versions being fetched to be offered to the engine (a fetch that
@@ -238,14 +252,22 @@ impl Node {
         data: LocalData,
         shared: Shared,
     ) -> Result<Node, NodeError> {
+        let mut settings = settings;
         if let Some(roster) = &settings.roster {
             check_roster(roster, &settings)?;
+            // In a permissioned region a branch must be more than a third
+            // of the roster to be merged (a partition's smaller side still
+            // is, one member or a small clique on its own is not).
+            let third = roster.message().members.len() / 3 + 1;
+            let door = &mut settings.engine.door;
+            door.min_branch_authors = door.min_branch_authors.max(third);
         }
         let cfg = &settings.engine;
         let deltas_topic = deltas_topic(&cfg.model_id, &cfg.region);
         let models_topic = models_topic(&cfg.model_id, &cfg.region);
         let (inputs_tx, inputs_rx) = mpsc::channel(256);
         let (heads_tx, heads_rx) = mpsc::channel(64);
+        let (verdicts_tx, verdicts_rx) = mpsc::channel(64);
         shared.update(|s| {
             s.node_id = key.node_id().to_string();
             s.peer_id = net.peer_id().to_string();
@@ -278,6 +300,8 @@ impl Node {
             providers: HashMap::new(),
             running: false,
             best_seen: BTreeMap::new(),
+            verdicts_tx,
+            verdicts_rx,
             provided: std::collections::VecDeque::new(),
             offered: Arc::default(),
             heads_tx,
@@ -302,6 +326,8 @@ impl Node {
                 .read_payload(&m.message().chunk_ids, m.message().payload_bytes)?;
             let params = floats(&bytes);
             if params.len() == self.settings.engine.spec.n_params() {
+                // This node's own head (made, verified or imported here).
+                self.store.set_ref(&verified_ref(&id), id)?;
                 return Ok((m, params));
             }
         }
@@ -318,6 +344,7 @@ impl Node {
         self.store
             .put_payload(&bytes, m.message().chunk_size as usize)?;
         let id = self.store.put_model_manifest(m)?;
+        self.store.set_ref(&verified_ref(&id), id)?;
         self.store.set_ref(HEAD_REF, id)?;
         self.store.flush()?;
         Ok(())
@@ -373,8 +400,9 @@ impl Node {
                     self.feed(Input::Tick).await;
                 }
                 Some((peer, bytes)) = self.heads_rx.recv() => {
-                    self.on_model(peer, &bytes).await;
+                    self.on_model(peer, &bytes, None).await;
                 }
+                Some(verdict) = self.verdicts_rx.recv() => self.on_verdict(verdict).await,
                 _ = ticker.tick() => {
                     self.refresh_network().await;
                     // Announcements can be missed (a peer that was away, a
@@ -528,7 +556,7 @@ impl Node {
                 let round = manifest.message().round;
                 self.best_seen.retain(|r, _| *r >= round);
                 if let Some((_, best, source)) = self.best_seen.remove(&round) {
-                    self.offer_if_preferred(best, source);
+                    self.offer_if_preferred(best, source, None);
                 }
                 self.shared.metrics.rounds.inc();
                 self.show_head(&manifest, &params);
@@ -696,13 +724,17 @@ impl Node {
                 self.shared.metrics.bytes_in.inc_by(data.len() as u64);
                 self.shared.update(|s| s.bytes_in += data.len() as u64);
                 let acceptance = if topic == self.deltas_hash {
-                    self.on_delta(source, &data).await
+                    Some(self.on_delta(source, &data).await)
                 } else if topic == self.models_hash {
-                    self.on_model(source, &data).await
+                    // A version being verified is reported when the
+                    // verdict comes: forwarded only if it passed.
+                    self.on_model(source, &data, Some(id.clone())).await
                 } else {
-                    MessageAcceptance::Ignore
+                    Some(MessageAcceptance::Ignore)
                 };
-                self.report(id, source, acceptance).await;
+                if let Some(acceptance) = acceptance {
+                    self.report(id, source, acceptance).await;
+                }
             }
         }
     }
@@ -756,54 +788,121 @@ impl Node {
         }
     }
 
-    /// A model version was announced: note it, and catch up if it is well
-    /// ahead of this node.
-    async fn on_model(&mut self, source: PeerId, data: &[u8]) -> MessageAcceptance {
+    /// A model version was announced (or a peer answered a head probe):
+    /// check what its manifest alone can tell, then verify it by
+    /// recomputation if it could matter to this node (a later round, a
+    /// same-round version that could be preferred, a recent merge). Returns
+    /// the gossip verdict now, or `None` when it comes with the
+    /// verification's ([`Node::on_verdict`]).
+    async fn on_model(
+        &mut self,
+        source: PeerId,
+        data: &[u8],
+        gossip: Option<libp2p::gossipsub::MessageId>,
+    ) -> Option<MessageAcceptance> {
         let manifest = match Signed::<ModelManifest>::open(data) {
             Ok(m) => m,
             Err(_) => {
                 self.count_rejected("bad_model_announcement");
-                return MessageAcceptance::Reject;
+                return Some(MessageAcceptance::Reject);
             }
         };
         let m = manifest.message();
         if !self.admitted(&m.author) {
             self.count_rejected("not_in_roster");
-            return MessageAcceptance::Reject;
+            return Some(MessageAcceptance::Reject);
         }
-        if m.model_id != self.settings.engine.model_id || m.region != self.settings.engine.region {
-            self.count_rejected("wrong_scope");
-            return MessageAcceptance::Reject;
+        if let Err(r) = check_shape(&self.settings.engine, m, self.engine.round()) {
+            tracing::info!(%source, version = %manifest.id().short(), reason = %r, "model version rejected");
+            self.count_rejected(r.label());
+            return Some(MessageAcceptance::Reject);
         }
-        // Well ahead: catch up. Same round but preferred: two nodes closed
-        // the round on different sets of deltas; settle on the preferred
-        // version, as every node of the region does. The next round's
-        // versions are remembered, for when this node gets there.
+        if self.is_verified(&manifest.id()) {
+            return Some(MessageAcceptance::Accept);
+        }
         let own = self.engine.round();
-        if m.round == own + 1 {
-            let rank = version_rank(m);
-            let better = self
-                .best_seen
-                .get(&m.round)
-                .is_none_or(|(r, _, _)| rank > *r);
-            if better {
-                self.best_seen
-                    .insert(m.round, (rank, manifest.clone(), source));
+        let next = m.round == own.saturating_add(1);
+        let recent_merge = m.parents.len() > 1 && m.round.saturating_add(BRANCH_WINDOW) >= own;
+        let wanted = next || self.engine.would_adopt(m) || recent_merge;
+        if !self.running || !wanted {
+            return Some(MessageAcceptance::Ignore);
+        }
+        if self.verify_once(manifest, source, gossip) {
+            None
+        } else {
+            Some(MessageAcceptance::Ignore)
+        }
+    }
+
+    /// Whether this node verified a version.
+    fn is_verified(&self, id: &ContentId) -> bool {
+        matches!(self.store.get_ref(&verified_ref(id)), Ok(Some(v)) if v == *id)
+    }
+
+    /// What a verification found: adopt, merge, remember or reject.
+    async fn on_verdict(&mut self, v: Verdict) {
+        forget(&self.offered, v.manifest.id());
+        let checked = match v.result {
+            Err(r) => {
+                tracing::warn!(source = %v.source, version = %v.manifest.id().short(), round = v.manifest.message().round, reason = %r, "model version rejected");
+                self.count_rejected(r.label());
+                if let Some(id) = v.gossip {
+                    self.report(id, v.source, MessageAcceptance::Reject).await;
+                }
+                return;
+            }
+            Ok(c) => c,
+        };
+        if let Some(id) = v.gossip {
+            self.report(id, v.source, MessageAcceptance::Accept).await;
+        }
+        let m = v.manifest.message();
+        let own = self.engine.round();
+        let head = self.engine.version();
+        let preferred = self.engine.prefers(m, checked.authors);
+        // Grown apart from this node's head (a partition)? Then merge rather
+        // than adopt (which would lose this node's side's work) or ignore
+        // (which would lose the other side's).
+        if let Some((against, split)) = checked.split.filter(|(h, _)| Some(*h) == head) {
+            let merge = if m.round >= own {
+                preferred && split.b_lacks
+            } else {
+                split.a_lacks
+            };
+            if merge {
+                tracing::info!(round = m.round, version = %v.manifest.id().short(), weights = ?split.weights, "merging a branch that grew apart");
+                self.feed(Input::BranchOffered {
+                    manifest: v.manifest,
+                    params: checked.params,
+                    against,
+                    weights: split.weights,
+                    used: checked.used,
+                })
+                .await;
+                return;
             }
         }
-        let wanted = m.round > own + 1 || m.round == own;
-        if self.running && wanted {
-            self.offer_if_preferred(manifest, source);
-        } else if self.running
-            && m.round < own
-            && m.round + BRANCH_WINDOW >= own
-            && m.parents.len() > 1
-        {
-            // A recent merge of branches that grew apart: this node has
-            // moved on, but may lack one side's work; if so, merge it too.
-            self.offer_branch(manifest, source);
+        if m.round == own.saturating_add(1) {
+            // Remembered for when this node closes its own round.
+            let rank = version_rank(m, checked.authors);
+            if self
+                .best_seen
+                .get(&m.round)
+                .is_none_or(|(r, _, _)| rank > *r)
+            {
+                self.best_seen.insert(m.round, (rank, v.manifest, v.source));
+            }
+            return;
         }
-        MessageAcceptance::Accept
+        if preferred {
+            self.feed(Input::ModelOffered {
+                manifest: v.manifest,
+                params: checked.params,
+                authors: checked.authors,
+                used: checked.used,
+            })
+            .await;
+        }
     }
 
     /// Asks `peers` for their heads; a head this node does not have comes
@@ -838,75 +937,62 @@ impl Node {
         }
     }
 
-    /// Fetches a version and offers it to the engine if the engine would
-    /// take it (and it is not already on its way).
-    fn offer_if_preferred(&mut self, manifest: Verified<ModelManifest>, source: PeerId) {
+    /// Verifies a version this node would adopt (a remembered one, when
+    /// this node closed its round).
+    fn offer_if_preferred(
+        &mut self,
+        manifest: Verified<ModelManifest>,
+        source: PeerId,
+        gossip: Option<libp2p::gossipsub::MessageId>,
+    ) {
         if self.engine.would_adopt(manifest.message()) {
-            self.fetch_once(manifest, source, true);
+            self.verify_once(manifest, source, gossip);
         }
     }
 
-    /// Fetches a version this node would not adopt, to merge it if it holds
-    /// work this node's branch lacks.
-    fn offer_branch(&mut self, manifest: Verified<ModelManifest>, source: PeerId) {
-        self.fetch_once(manifest, source, false);
-    }
-
-    /// [`Node::catch_up`], unless that version is already being fetched.
-    fn fetch_once(&mut self, manifest: Verified<ModelManifest>, source: PeerId, adopting: bool) {
+    /// Verifies a version by recomputation on its own task, unless it is
+    /// already being verified or too many are; the verdict comes back
+    /// through `verdicts_rx`. Returns whether a verification started.
+    fn verify_once(
+        &mut self,
+        manifest: Verified<ModelManifest>,
+        source: PeerId,
+        gossip: Option<libp2p::gossipsub::MessageId>,
+    ) -> bool {
         let fresh = self
             .offered
             .lock()
-            .is_ok_and(|mut o| o.insert(manifest.id()));
-        if fresh {
-            self.catch_up(manifest, vec![source], adopting);
+            .is_ok_and(|mut o| o.len() < MAX_VERIFYING && o.insert(manifest.id()));
+        if !fresh {
+            return false;
         }
-    }
-
-    /// Fetches a version (and its lineage's manifests), then offers it to
-    /// the engine: to adopt (`adopting`), or to merge if the two branches
-    /// grew apart.
-    fn catch_up(
-        &mut self,
-        manifest: Verified<ModelManifest>,
-        providers: Vec<PeerId>,
-        adopting: bool,
-    ) {
-        let (net, store, tx, shared) = (
-            self.net.clone(),
-            self.store.clone(),
-            self.inputs_tx.clone(),
-            self.shared.clone(),
-        );
-        let n = self.settings.engine.spec.n_params();
-        tracing::info!(round = manifest.message().round, version = %manifest.id().short(), "fetching a preferred version");
-        let offered = self.offered.clone();
+        let ctx = VerifyCtx {
+            net: self.net.clone(),
+            store: self.store.clone(),
+            shared: self.shared.clone(),
+            cfg: self.settings.engine.clone(),
+            door: self.engine.door().clone(),
+        };
+        let mut providers = vec![source];
+        if let Some(author) = net::peer_id_of(&manifest.message().author)
+            && author != source
+        {
+            providers.push(author);
+        }
+        let tx = self.verdicts_tx.clone();
+        tracing::debug!(round = manifest.message().round, version = %manifest.id().short(), "verifying a version");
         tokio::spawn(async move {
-            let id = manifest.id();
-            if let Some(params) = fetch_model(&net, &store, &manifest, &providers, n, &shared).await
-            {
-                // Adopt it, unless this node's branch holds recent work the
-                // offered one lacks (the two grew apart in a partition):
-                // then merge the two.
-                let head = store.get_ref(HEAD_REF).ok().flatten();
-                let input = match head.and_then(|h| branch_weights(&store, h, &manifest, adopting))
-                {
-                    Some(weights) => {
-                        tracing::info!(round = manifest.message().round, version = %id.short(), ?weights, "merging a branch that grew apart");
-                        Input::BranchOffered {
-                            manifest,
-                            params,
-                            against: head.unwrap_or(id),
-                            weights,
-                        }
-                    }
-                    None if adopting => Input::ModelOffered { manifest, params },
-                    None => return forget(&offered, id),
-                };
-                let _ = tx.send(input).await;
-            }
-            forget(&offered, id);
+            let result = verify_offered(&ctx, &manifest, &providers).await;
+            let _ = tx
+                .send(Verdict {
+                    manifest,
+                    source,
+                    gossip,
+                    result,
+                })
+                .await;
         });
+        true
     }
 
     /// Answers a peer's request from the store.
@@ -958,8 +1044,264 @@ fn check_roster(roster: &Verified<Roster>, settings: &NodeSettings) -> Result<()
     Ok(())
 }
 
-/// Most ancestor manifests fetched along with one adopted version.
-const MAX_LINEAGE_FETCH: usize = 4096;
+/// Versions verified at once (each on its own task); announcements beyond
+/// that are ignored until one finishes (head probes bring them back).
+const MAX_VERIFYING: usize = 16;
+
+/// Takes a version out of the set of versions being verified.
+fn forget(offered: &Mutex<std::collections::HashSet<ContentId>>, id: ContentId) {
+    if let Ok(mut o) = offered.lock() {
+        o.remove(&id);
+    }
+}
+
+/// What a verification task needs.
+struct VerifyCtx {
+    net: NetHandle,
+    store: Store,
+    shared: Shared,
+    cfg: EngineConfig,
+    door: Door,
+}
+
+/// The verdict on one offered version.
+struct Verdict {
+    manifest: Verified<ModelManifest>,
+    source: PeerId,
+    gossip: Option<libp2p::gossipsub::MessageId>,
+    result: Result<Accepted, VersionRejection>,
+}
+
+/// A version that passed verification, with what the engine needs.
+struct Accepted {
+    params: Vec<f32>,
+    authors: usize,
+    /// Deltas in its recent lineage (not to be aggregated again).
+    used: Vec<ContentId>,
+    /// How it relates to this node's head (which one), if the two are
+    /// branches that grew apart.
+    split: Option<(ContentId, Split)>,
+}
+
+/// The chunk store as [`Lineage`], with the manifests fetched for one
+/// verification held aside until they pass (so nothing unverified is
+/// stored as valid or served to peers).
+struct StoreLineage<'a> {
+    store: &'a Store,
+    models: HashMap<ContentId, Verified<ModelManifest>>,
+    deltas: HashMap<ContentId, Verified<DeltaManifest>>,
+}
+
+impl Lineage for StoreLineage<'_> {
+    fn model(&self, id: &ContentId) -> Option<Verified<ModelManifest>> {
+        self.models
+            .get(id)
+            .cloned()
+            .or_else(|| self.store.get_model_manifest(id).ok().flatten())
+    }
+
+    fn delta(&self, id: &ContentId) -> Option<Verified<DeltaManifest>> {
+        self.deltas
+            .get(id)
+            .cloned()
+            .or_else(|| self.store.get_delta_manifest(id).ok().flatten())
+    }
+
+    fn has_payload(&self, m: &DeltaManifest) -> bool {
+        m.chunk_ids
+            .iter()
+            .all(|c| self.store.has(c).unwrap_or(false))
+    }
+
+    fn payload(&self, m: &DeltaManifest) -> Option<Vec<u8>> {
+        self.store.read_payload(&m.chunk_ids, m.payload_bytes).ok()
+    }
+
+    fn is_verified(&self, id: &ContentId) -> bool {
+        matches!(self.store.get_ref(&verified_ref(id)), Ok(Some(v)) if v == *id)
+    }
+
+    fn params(&self, id: &ContentId) -> Option<Vec<f32>> {
+        let m = self.store.get_model_manifest(id).ok().flatten()?;
+        let m = m.message();
+        let bytes = self
+            .store
+            .read_payload(&m.chunk_ids, m.payload_bytes)
+            .ok()?;
+        Some(floats(&bytes))
+    }
+}
+
+/// Fetches one signed manifest by id from the first provider that has it.
+async fn fetch_manifest(net: &NetHandle, providers: &[PeerId], id: ContentId) -> Option<Vec<u8>> {
+    for peer in providers {
+        if let Ok(FetchResponse::SignedManifest(b)) =
+            net.fetch(*peer, FetchRequest::SignedManifest(id)).await
+        {
+            return Some(b);
+        }
+    }
+    None
+}
+
+/// Verifies `target` by recomputation: fetches what [`verify::plan`] says
+/// is missing (ancestor and delta manifests, delta chunks) from
+/// `providers`, then recomputes every unverified version from its verified
+/// parent, oldest first, storing each that passes (parameters as this node
+/// computed them, never as a peer sent them) and marking it verified.
+async fn verify_offered(
+    ctx: &VerifyCtx,
+    target: &Verified<ModelManifest>,
+    providers: &[PeerId],
+) -> Result<Accepted, VersionRejection> {
+    let mut l = StoreLineage {
+        store: &ctx.store,
+        models: HashMap::new(),
+        deltas: HashMap::new(),
+    };
+    let max_chain = (ctx.cfg.door.max_rounds_ahead as usize)
+        .saturating_mul(2)
+        .saturating_add(16);
+    let mut order = None;
+    // Each pass discovers one more generation of ancestors.
+    for _ in 0..=max_chain {
+        match verify::plan(&l, &ctx.cfg, target, max_chain)? {
+            Plan::Ready(o) => {
+                order = Some(o);
+                break;
+            }
+            Plan::Need {
+                models,
+                deltas,
+                payloads,
+            } => {
+                let mut progress = false;
+                for id in &models {
+                    let got = fetch_manifest(&ctx.net, providers, *id)
+                        .await
+                        .and_then(|b| Signed::<ModelManifest>::open(&b).ok())
+                        .filter(|v| v.id() == *id);
+                    match got {
+                        Some(v) => {
+                            l.models.insert(*id, v);
+                            progress = true;
+                        }
+                        None => return Err(VersionRejection::UnknownParent(*id)),
+                    }
+                }
+                for id in &deltas {
+                    let got = fetch_manifest(&ctx.net, providers, *id)
+                        .await
+                        .and_then(|b| Signed::<DeltaManifest>::open(&b).ok())
+                        .filter(|v| v.id() == *id);
+                    match got {
+                        Some(v) => {
+                            l.deltas.insert(*id, v);
+                            progress = true;
+                        }
+                        None => return Err(VersionRejection::UnknownDelta(*id)),
+                    }
+                }
+                for dm in &payloads {
+                    let mut from = providers.to_vec();
+                    if let Some(author) = net::peer_id_of(&dm.message().author)
+                        && !from.contains(&author)
+                    {
+                        from.push(author);
+                    }
+                    let m = dm.message();
+                    if !fetch_chunks(
+                        &ctx.net,
+                        &ctx.store,
+                        dm.id(),
+                        &m.chunk_ids,
+                        &from,
+                        &ctx.shared,
+                    )
+                    .await
+                    {
+                        return Err(VersionRejection::UnknownDelta(dm.id()));
+                    }
+                    progress = true;
+                }
+                if !progress {
+                    return Err(VersionRejection::TooFarBehind { limit: max_chain });
+                }
+            }
+        }
+    }
+    let order = order.ok_or(VersionRejection::TooFarBehind { limit: max_chain })?;
+    let mut target_checked = None;
+    for id in order {
+        let v = if id == target.id() {
+            target.clone()
+        } else {
+            l.model(&id).ok_or(VersionRejection::UnknownParent(id))?
+        };
+        let checked = verify::verify_version(&l, &ctx.cfg, &ctx.door, &v)?;
+        // Keep it: the deltas it names, its parameters, its manifest, and
+        // the mark that it is verified.
+        let kept = (|| -> Result<(), tapestry_storage::StoreError> {
+            for d in &v.message().deltas {
+                if let Some(dm) = l.deltas.get(d) {
+                    ctx.store.put_delta_manifest(dm)?;
+                }
+            }
+            let bytes: Vec<u8> = checked
+                .params
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            ctx.store
+                .put_payload(&bytes, v.message().chunk_size as usize)?;
+            ctx.store.put_model_manifest(&v)?;
+            ctx.store.set_ref(&verified_ref(&id), id)?;
+            Ok(())
+        })();
+        if let Err(e) = kept {
+            tracing::error!(error = %e, "cannot store a verified version");
+            return Err(VersionRejection::UnknownParent(id));
+        }
+        if id == target.id() {
+            target_checked = Some(checked);
+        }
+    }
+    let checked = match target_checked {
+        Some(c) => c,
+        // Verified before: what the engine needs, from the store.
+        None => verify::Checked {
+            params: l
+                .params(&target.id())
+                .ok_or(VersionRejection::UnknownParent(target.id()))?,
+            authors: target
+                .message()
+                .deltas
+                .iter()
+                .filter_map(|d| l.delta(d).map(|m| m.message().author))
+                .collect::<BTreeSet<_>>()
+                .len(),
+        },
+    };
+    let m = target.message();
+    let used = verify::recent_deltas(
+        &l,
+        target.id(),
+        m.round.saturating_sub(ctx.cfg.door.staleness),
+    )
+    .into_iter()
+    .collect();
+    let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
+    let split = head
+        .filter(|h| *h != target.id() && l.is_verified(h))
+        .and_then(|h| l.model(&h).map(|hm| (h, hm)))
+        .and_then(|(h, hm)| verify::branch_split(&l, &ctx.cfg, &hm, target).map(|s| (h, s)));
+    Ok(Accepted {
+        params: checked.params,
+        authors: checked.authors,
+        used,
+        split,
+    })
+}
 
 /// f32 little-endian bytes to values.
 pub fn floats(bytes: &[u8]) -> Vec<f32> {
@@ -1068,214 +1410,6 @@ async fn fetch_payload(
     }
     store.put_delta_manifest(manifest).ok()?;
     store.read_payload(&m.chunk_ids, m.payload_bytes).ok()
-}
-
-async fn fetch_model(
-    net: &NetHandle,
-    store: &Store,
-    manifest: &Verified<ModelManifest>,
-    providers: &[PeerId],
-    n_params: usize,
-    shared: &Shared,
-) -> Option<Vec<f32>> {
-    let m = manifest.message();
-    if m.payload_bytes != (n_params * 4) as u64 {
-        return None;
-    }
-    if !fetch_chunks(net, store, manifest.id(), &m.chunk_ids, providers, shared).await {
-        return None;
-    }
-    store.put_model_manifest(manifest).ok()?;
-    complete_lineage(net, store, m, providers).await;
-    let bytes = store.read_payload(&m.chunk_ids, m.payload_bytes).ok()?;
-    Some(floats(&bytes))
-}
-
-/// Takes a version out of the set of versions being fetched.
-fn forget(offered: &Mutex<std::collections::HashSet<ContentId>>, id: ContentId) {
-    if let Ok(mut o) = offered.lock() {
-        o.remove(&id);
-    }
-}
-
-/// Rounds back from the earlier of two versions over which their lineages
-/// are compared to tell a partition from a same-round disagreement.
-const BRANCH_WINDOW: u64 = 16;
-
-/// Rounds in which one author's deltas must be missing from a lineage for
-/// two branches to count as grown apart (see `branch_weights`).
-const BRANCH_ROUNDS: usize = 3;
-
-/// The deltas aggregated into the lineage of `version` in versions of
-/// rounds `lo..hi`, as far as the store holds the manifests, with the
-/// round of the version that aggregated each.
-fn window_deltas(store: &Store, version: ContentId, lo: u64, hi: u64) -> BTreeMap<ContentId, u64> {
-    let mut out = BTreeMap::new();
-    let mut seen = BTreeSet::new();
-    let mut queue = vec![version];
-    while let Some(v) = queue.pop() {
-        if seen.len() > 4 * MAX_LINEAGE_FETCH || !seen.insert(v) {
-            continue;
-        }
-        let Ok(Some(m)) = store.get_model_manifest(&v) else {
-            continue;
-        };
-        let m = m.message();
-        if m.round < lo {
-            continue;
-        }
-        if m.round < hi {
-            for d in &m.deltas {
-                out.entry(*d).or_insert(m.round);
-            }
-        }
-        queue.extend(m.parents.iter().copied());
-    }
-    out
-}
-
-/// Rounds in which an author's deltas are in `a` and not in `b`: for each
-/// author, the set of rounds.
-fn missing_by_author(
-    store: &Store,
-    a: &BTreeMap<ContentId, u64>,
-    b: &BTreeMap<ContentId, u64>,
-) -> BTreeMap<NodeId, BTreeSet<u64>> {
-    let mut out: BTreeMap<NodeId, BTreeSet<u64>> = BTreeMap::new();
-    for (d, round) in a {
-        if b.contains_key(d) {
-            continue;
-        }
-        if let Ok(Some(m)) = store.get_delta_manifest(d) {
-            out.entry(m.message().author).or_default().insert(*round);
-        }
-    }
-    out
-}
-
-/// Whether `head` and `other` are branches that grew apart (a partition),
-/// and if so the weights to merge them with.
-///
-/// In broadcast mode nodes that closed a round on different sets of
-/// deltas go on in parallel lines for a while, and a line that gave way
-/// to a preferred version loses the deltas only it had aggregated, so
-/// lineages always differ by a few deltas, scattered over authors and
-/// rounds. A partition is different: for rounds on end, the other side's
-/// authors are missing from a lineage altogether. So: over the
-/// BRANCH_WINDOW rounds before the last (which may still be settling),
-/// the rounds in which an author's deltas are in one lineage and not in the
-/// other (looked for a couple of rounds either side). Adopting `other`
-/// (`adopting`) would lose this node's; ignoring it would lose the
-/// other's. If some author would lose deltas of BRANCH_ROUNDS rounds or
-/// more, the branches grew apart; each side's weight is one plus the
-/// number of its deltas the other lacks.
-fn branch_weights(
-    store: &Store,
-    head: ContentId,
-    other: &Verified<ModelManifest>,
-    adopting: bool,
-) -> Option<(f64, f64)> {
-    if head == other.id() {
-        return None;
-    }
-    let head_round = store
-        .get_model_manifest(&head)
-        .ok()
-        .flatten()?
-        .message()
-        .round;
-    let hi = head_round.min(other.message().round);
-    let lo = hi.saturating_sub(BRANCH_WINDOW);
-    // One walk per lineage over the wide window; the window proper is the
-    // part of it in lo..hi.
-    let ours_wide = window_deltas(store, head, lo.saturating_sub(2), hi + 3);
-    let theirs_wide = window_deltas(store, other.id(), lo.saturating_sub(2), hi + 3);
-    let within = |m: &BTreeMap<ContentId, u64>| -> BTreeMap<ContentId, u64> {
-        m.iter()
-            .filter(|(_, r)| (lo..hi).contains(*r))
-            .map(|(d, r)| (*d, *r))
-            .collect()
-    };
-    let (ours, theirs) = (within(&ours_wide), within(&theirs_wide));
-    if ours.is_empty() || theirs.is_empty() {
-        // One lineage is not held here (it could not be fetched): no
-        // telling, so no merge.
-        return None;
-    }
-    let lost = if adopting {
-        missing_by_author(store, &ours, &theirs_wide)
-    } else {
-        missing_by_author(store, &theirs, &ours_wide)
-    };
-    let worst = lost.values().map(BTreeSet::len).max().unwrap_or(0);
-    tracing::debug!(rounds = ?(lo..hi), worst, authors = lost.len(), adopting, "lineages compared");
-    if worst < BRANCH_ROUNDS {
-        return None;
-    }
-    let only_ours = ours.keys().filter(|d| !theirs_wide.contains_key(d)).count();
-    let only_theirs = theirs.keys().filter(|d| !ours_wide.contains_key(d)).count();
-    tracing::info!(
-        rounds = ?(lo..hi),
-        ours = ours.len(),
-        theirs = theirs.len(),
-        only_ours,
-        only_theirs,
-        worst,
-        "this node's branch and the offered one grew apart"
-    );
-    Some((1.0 + only_ours as f64, 1.0 + only_theirs as f64))
-}
-
-/// Keeps the lineage of a version traceable: fetches the signed manifests
-/// (small) of its ancestors and their deltas that this node does not hold,
-/// from `providers`, each tried a few times; older parameters are not
-/// fetched. Walks through what is held too, since a version may have been
-/// stored (by a concurrent fetch) before its ancestors were. At most
-/// MAX_LINEAGE_FETCH manifests are visited.
-async fn complete_lineage(net: &NetHandle, store: &Store, m: &ModelManifest, providers: &[PeerId]) {
-    let mut queue: std::collections::VecDeque<ContentId> =
-        m.parents.iter().chain(&m.deltas).copied().collect();
-    let mut seen = std::collections::HashSet::new();
-    while let Some(id) = queue.pop_front() {
-        if seen.len() >= MAX_LINEAGE_FETCH || !seen.insert(id) {
-            continue;
-        }
-        let mut bytes = store
-            .manifest_bytes(&id)
-            .ok()
-            .flatten()
-            .map(|(_, b)| b.to_vec());
-        'fetch: for attempt in 0..3u32 {
-            if bytes.is_some() {
-                break;
-            }
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-            }
-            for peer in providers {
-                if let Ok(FetchResponse::SignedManifest(b)) =
-                    net.fetch(*peer, FetchRequest::SignedManifest(id)).await
-                {
-                    let stored = match Signed::<ModelManifest>::open(&b) {
-                        Ok(v) => v.id() == id && store.put_model_manifest(&v).is_ok(),
-                        Err(_) => Signed::<DeltaManifest>::open(&b)
-                            .is_ok_and(|d| d.id() == id && store.put_delta_manifest(&d).is_ok()),
-                    };
-                    if stored {
-                        bytes = Some(b);
-                        break 'fetch;
-                    }
-                }
-            }
-        }
-        match bytes.map(|b| Signed::<ModelManifest>::open(&b)) {
-            Some(Ok(v)) => queue.extend(v.message().parents.iter().chain(&v.message().deltas)),
-            Some(Err(_)) => {} // a delta: no ancestors of its own
-            None => {
-                tracing::debug!(manifest = %id.short(), "an ancestor manifest could not be had")
-            }
-        }
-    }
 }
 
 /// Everything needed to start a node.

@@ -305,18 +305,27 @@ fn three_nodes_learn_digits_agree_on_the_head_and_survive_sigkill() {
 mod rogue {
     use std::collections::HashMap;
 
+    use std::sync::{Arc, Mutex};
+
     use tapestry_node::core::model::ModelSpec;
     use tapestry_node::net::{self, Command, NetConfig, NetEvent, NetHandle};
-    use tapestry_node::runtime::deltas_topic;
+    use tapestry_node::runtime::{deltas_topic, models_topic};
     use tapestry_protocol::{
-        Codec, ContentId, DeltaManifest, FetchRequest, FetchResponse, Keypair, Signed,
+        Codec, ContentId, DeltaManifest, FetchRequest, FetchResponse, Keypair, ModelManifest,
+        Signed, Verified,
     };
     use tokio::sync::mpsc;
 
     pub struct Rogue {
         pub key: Keypair,
         pub net: NetHandle,
-        pub chunks: std::sync::Arc<std::sync::Mutex<HashMap<ContentId, Vec<u8>>>>,
+        pub chunks: Arc<Mutex<HashMap<ContentId, Vec<u8>>>>,
+        /// Signed manifests it serves, by id.
+        pub manifests: Arc<Mutex<HashMap<ContentId, Vec<u8>>>>,
+        /// The head it answers probes with.
+        pub head: Arc<Mutex<Option<ContentId>>>,
+        /// Who it is connected to.
+        pub peer: libp2p::PeerId,
         pub topic: String,
     }
 
@@ -331,29 +340,54 @@ mod rogue {
         /// Connects to `peer` only (one connection at most, so it cannot
         /// reach anyone else directly).
         pub async fn connect(peer: &str) -> Rogue {
-            let key = Keypair::generate(&mut rand::rngs::OsRng);
+            Self::connect_as(peer, Keypair::generate(&mut rand::rngs::OsRng)).await
+        }
+
+        /// Connects with this key (e.g. a roster member's).
+        pub async fn connect_as(peer: &str, key: Keypair) -> Rogue {
             let topic = deltas_topic("digits", "test");
             let (net, mut events, _task) = net::spawn(
                 &key,
                 NetConfig {
                     listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
                     bootstrap: vec![peer.parse().unwrap()],
-                    topics: vec![topic.clone()],
+                    topics: vec![topic.clone(), models_topic("digits", "test")],
                     max_connections: 1,
                     ..NetConfig::default()
                 },
                 &mut prometheus_client::registry::Registry::default(),
             )
             .unwrap();
-            let chunks = std::sync::Arc::new(std::sync::Mutex::new(HashMap::new()));
+            let chunks = Arc::new(Mutex::new(HashMap::new()));
+            let manifests: Arc<Mutex<HashMap<ContentId, Vec<u8>>>> = Arc::default();
+            let head: Arc<Mutex<Option<ContentId>>> = Arc::default();
             let (connected_tx, mut connected) = mpsc::channel(1);
             let served = chunks.clone();
+            let (served_manifests, served_head) = (manifests.clone(), head.clone());
             let handle = net.clone();
             tokio::spawn(async move {
                 while let Some(event) = events.recv().await {
                     match event {
-                        NetEvent::PeerConnected(_) => {
-                            let _ = connected_tx.try_send(());
+                        NetEvent::PeerConnected(p) => {
+                            let _ = connected_tx.try_send(p);
+                        }
+                        NetEvent::Request {
+                            request: FetchRequest::SignedManifest(id),
+                            channel,
+                            ..
+                        } => {
+                            let bytes = served_manifests.lock().unwrap().get(&id).cloned();
+                            let response = bytes
+                                .map_or(FetchResponse::NotFound, FetchResponse::SignedManifest);
+                            let _ = handle.send(Command::Respond { channel, response }).await;
+                        }
+                        NetEvent::Request {
+                            request: FetchRequest::Head { .. },
+                            channel,
+                            ..
+                        } => {
+                            let response = FetchResponse::Head(*served_head.lock().unwrap());
+                            let _ = handle.send(Command::Respond { channel, response }).await;
                         }
                         NetEvent::Request {
                             request: FetchRequest::Chunk(id),
@@ -365,27 +399,72 @@ mod rogue {
                                 bytes.map_or(FetchResponse::NotFound, FetchResponse::Chunk);
                             let _ = handle.send(Command::Respond { channel, response }).await;
                         }
-                        NetEvent::Request { channel, .. } => {
-                            let _ = handle
-                                .send(Command::Respond {
-                                    channel,
-                                    response: FetchResponse::NotFound,
-                                })
-                                .await;
-                        }
                         _ => {}
                     }
                 }
             });
-            connected.recv().await;
+            let peer = connected.recv().await.unwrap();
             // Let the subscriptions be exchanged.
             tokio::time::sleep(std::time::Duration::from_secs(2)).await;
             Rogue {
                 key,
                 net,
                 chunks,
+                manifests,
+                head,
+                peer,
                 topic,
             }
+        }
+
+        /// Serves a signed model version (and answers head probes with it),
+        /// and announces it on the models topic.
+        pub async fn announce_version(&self, v: &Verified<ModelManifest>) {
+            let bytes = v.envelope_bytes().to_vec();
+            self.manifests.lock().unwrap().insert(v.id(), bytes.clone());
+            *self.head.lock().unwrap() = Some(v.id());
+            let _ = self
+                .net
+                .publish(&models_topic("digits", "test"), bytes)
+                .await;
+        }
+
+        /// Serves a signed delta (manifest and chunks) without announcing it.
+        pub fn serve_delta(&self, d: &Verified<DeltaManifest>, payload: &[u8]) {
+            self.manifests
+                .lock()
+                .unwrap()
+                .insert(d.id(), d.envelope_bytes().to_vec());
+            let mut chunks = self.chunks.lock().unwrap();
+            for c in payload.chunks(d.message().chunk_size as usize) {
+                chunks.insert(ContentId::of(c), c.to_vec());
+            }
+        }
+
+        /// A version's manifest and parameters, fetched from the peer.
+        pub async fn fetch_version(&self, id: ContentId) -> (Verified<ModelManifest>, Vec<f32>) {
+            let Ok(FetchResponse::SignedManifest(b)) = self
+                .net
+                .fetch(self.peer, FetchRequest::SignedManifest(id))
+                .await
+            else {
+                panic!("the peer did not serve version {id}");
+            };
+            let v = Signed::<ModelManifest>::open(&b).unwrap();
+            let mut bytes = Vec::new();
+            for c in &v.message().chunk_ids {
+                let Ok(FetchResponse::Chunk(chunk)) =
+                    self.net.fetch(self.peer, FetchRequest::Chunk(*c)).await
+                else {
+                    panic!("the peer did not serve a chunk of {id}");
+                };
+                bytes.extend_from_slice(&chunk);
+            }
+            let params = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (v, params)
         }
 
         /// A signed delta of `round` with this sequence number whose payload

@@ -638,6 +638,8 @@ fn a_late_joiner_catches_up_by_adopting_a_newer_version() {
         Input::ModelOffered {
             manifest: version.clone(),
             params: peer.params().to_vec(),
+            authors: 0,
+            used: vec![],
         },
         1,
     );
@@ -655,6 +657,8 @@ fn a_late_joiner_catches_up_by_adopting_a_newer_version() {
         Input::ModelOffered {
             manifest: version,
             params: vec![0.0; spec().n_params()],
+            authors: 0,
+            used: vec![],
         },
         2,
     );
@@ -933,6 +937,7 @@ fn two_branches_merge_into_one_version_whoever_merges_them() {
             params: pa.clone(),
             against: vb.id(),
             weights: (2.0, 3.0),
+            used: vec![],
         },
         1,
     );
@@ -963,6 +968,8 @@ fn two_branches_merge_into_one_version_whoever_merges_them() {
         Input::ModelOffered {
             manifest: merged.clone(),
             params: params.clone(),
+            authors: 0,
+            used: vec![],
         },
         2,
     );
@@ -974,6 +981,7 @@ fn two_branches_merge_into_one_version_whoever_merges_them() {
             params: pb.clone(),
             against: va.id(),
             weights: (1.0, 1.0),
+            used: vec![],
         },
         3,
     );
@@ -987,6 +995,7 @@ fn two_branches_merge_into_one_version_whoever_merges_them() {
             params: pb.clone(),
             against: va.id(),
             weights: (3.0, 2.0),
+            used: vec![],
         },
         1,
     );

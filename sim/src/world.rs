@@ -999,7 +999,16 @@ impl World<'_> {
                 .and_then(|t| self.net.send_reliable(b, v, t, bytes))
             {
                 self.churn.caught_up += 1;
-                let input = Input::ModelOffered { manifest, params };
+                // The simulator's catch-up hands over another node's head
+                // as the network would after verification.
+                let authors = manifest.message().deltas.len();
+                let used = manifest.message().deltas.clone();
+                let input = Input::ModelOffered {
+                    manifest,
+                    params,
+                    authors,
+                    used,
+                };
                 self.push(at, Event::Deliver { node: v, input });
                 return;
             }

@@ -22,6 +22,68 @@ pub struct DoorConfig {
     pub staleness: u64,
     /// Deltas for rounds newer than `current + lookahead` are refused.
     pub lookahead: u64,
+    /// How much each delta weighs in the aggregate.
+    pub weighting: Weighting,
+    /// A peer's model version more than this many rounds ahead of this
+    /// node's head is refused before anything is fetched (catching up
+    /// further means recomputing that many rounds).
+    pub max_rounds_ahead: u64,
+    /// A branch that grew apart (a partition) is merged only if each side
+    /// holds deltas of at least this many distinct authors in the compared
+    /// window, so one member alone cannot pass its own line off as a branch.
+    pub min_branch_authors: usize,
+}
+
+/// How much each admitted delta weighs in a weighted aggregate (the plain
+/// mean, and clipping's step; trimmed mean and median are unweighted).
+///
+/// A delta's `sample_count` is its author's word: weighing by it lets one
+/// member claim `u64::MAX` samples and outvote everyone. So by default every
+/// author weighs the same; `Samples` trusts sample counts up to a cap.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Weighting {
+    /// Every admitted delta weighs 1 (one author, one vote per round).
+    Equal,
+    /// A delta weighs its `sample_count`, clamped to `[1, max]`.
+    Samples {
+        /// The most any one delta may weigh.
+        max: u64,
+    },
+}
+
+impl Weighting {
+    /// The weight of a delta declaring `sample_count` samples.
+    pub fn weight(&self, sample_count: u64) -> f64 {
+        match *self {
+            Weighting::Equal => 1.0,
+            Weighting::Samples { max } => sample_count.clamp(1, max.max(1)) as f64,
+        }
+    }
+}
+
+impl std::str::FromStr for Weighting {
+    type Err = String;
+
+    /// `equal` or `samples:MAX`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            None if s == "equal" => Ok(Weighting::Equal),
+            Some(("samples", max)) => match max.parse::<u64>() {
+                Ok(max) if max >= 1 => Ok(Weighting::Samples { max }),
+                _ => Err(format!("bad weighting {s:?}: samples:MAX needs MAX ≥ 1")),
+            },
+            _ => Err(format!("unknown weighting {s:?} (equal, samples:MAX)")),
+        }
+    }
+}
+
+impl fmt::Display for Weighting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Weighting::Equal => f.write_str("equal"),
+            Weighting::Samples { max } => write!(f, "samples:{max}"),
+        }
+    }
 }
 
 impl Default for DoorConfig {
@@ -32,6 +94,9 @@ impl Default for DoorConfig {
             norm_min_history: 4,
             staleness: 2,
             lookahead: 2,
+            weighting: Weighting::Equal,
+            max_rounds_ahead: 1024,
+            min_branch_authors: 2,
         }
     }
 }
@@ -99,6 +164,12 @@ pub enum Rejection {
         /// The last one seen from this author.
         last: u64,
     },
+    /// A second delta from one author for one round: one author has one
+    /// vote per round.
+    DuplicateAuthorRound {
+        /// The round.
+        round: u64,
+    },
 }
 
 impl Rejection {
@@ -115,6 +186,7 @@ impl Rejection {
             Rejection::Stale { .. } => "stale",
             Rejection::FromTheFuture { .. } => "from_the_future",
             Rejection::Replay { .. } => "replay",
+            Rejection::DuplicateAuthorRound { .. } => "duplicate_author_round",
         }
     }
 }
@@ -143,6 +215,9 @@ impl fmt::Display for Rejection {
             }
             Rejection::Replay { seq, last } => {
                 write!(f, "sequence number {seq} not above the last seen ({last})")
+            }
+            Rejection::DuplicateAuthorRound { round } => {
+                write!(f, "a second delta from its author for round {round}")
             }
         }
     }
@@ -220,13 +295,15 @@ impl Door {
             };
             return Err(reject(Rejection::LayoutMismatch { detail }));
         }
-        if m.round + self.config.staleness < current_round {
+        // Rounds are a peer's numbers: saturating arithmetic, so a round
+        // near u64::MAX is refused, never wrapped.
+        if m.round.saturating_add(self.config.staleness) < current_round {
             return Err(reject(Rejection::Stale {
                 round: m.round,
                 current: current_round,
             }));
         }
-        if m.round > current_round + self.config.lookahead {
+        if m.round > current_round.saturating_add(self.config.lookahead) {
             return Err(reject(Rejection::FromTheFuture {
                 round: m.round,
                 current: current_round,
@@ -243,6 +320,12 @@ impl Door {
         m: &DeltaManifest,
         payload: &[u8],
     ) -> Result<Vec<f32>, Rejected> {
+        let values = self.decode(m, payload)?;
+        self.check_values(m.author, m.l2_norm, &values)?;
+        Ok(values)
+    }
+
+    fn decode(&self, m: &DeltaManifest, payload: &[u8]) -> Result<Vec<f32>, Rejected> {
         let reject = |reason| Rejected {
             sender: m.author,
             reason,
@@ -252,25 +335,92 @@ impl Door {
             .iter()
             .map(|t| t.shape.iter().product::<u64>() as usize)
             .sum();
-        let values = m.codec.decode(payload, n).map_err(|e| match e {
+        m.codec.decode(payload, n).map_err(|e| match e {
             CodecError::NonFinite { index } => reject(Rejection::NonFinite { index }),
             CodecError::WrongLength { .. } => reject(Rejection::WrongLength {
                 expected: m.codec.encoded_len(n).unwrap_or(0),
                 found: payload.len(),
             }),
             other => reject(Rejection::Undecodable(other)),
-        })?;
-        self.check_values(m.author, m.l2_norm, &values)?;
-        Ok(values)
+        })
     }
 
-    /// Checks decoded values (for callers that decode themselves).
+    /// Checks decoded values (for callers that decode themselves); on
+    /// success the norm joins the history.
     pub fn check_values(
         &mut self,
         sender: NodeId,
         declared_norm: f32,
         values: &[f32],
     ) -> Result<(), Rejected> {
+        let norm = self.judge_values(sender, declared_norm, values)?;
+        self.recent_norms.push_back(norm);
+        while self.recent_norms.len() > self.config.norm_history {
+            self.recent_norms.pop_front();
+        }
+        Ok(())
+    }
+
+    /// The door's scope, layout and round-window checks for a delta named by
+    /// a peer's model version of round `version_round`: the delta must be of
+    /// one of the rounds that version could aggregate (the one before it,
+    /// or up to `staleness` earlier).
+    pub fn check_named_manifest(
+        &self,
+        m: &DeltaManifest,
+        version_round: u64,
+    ) -> Result<(), Rejected> {
+        let closes = version_round.checked_sub(1).ok_or(Rejected {
+            sender: m.author,
+            reason: Rejection::FromTheFuture {
+                round: m.round,
+                current: version_round,
+            },
+        })?;
+        self.check_manifest(m, closes)?;
+        if m.round > closes {
+            return Err(Rejected {
+                sender: m.author,
+                reason: Rejection::FromTheFuture {
+                    round: m.round,
+                    current: closes,
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// Decodes and checks the payload of a delta named by a peer's model
+    /// version, exactly as [`Door::check_payload`] does, without adding its
+    /// norm to the history (a version's deltas were judged when announced).
+    pub fn check_named_payload(
+        &self,
+        m: &DeltaManifest,
+        payload: &[u8],
+    ) -> Result<Vec<f32>, Rejected> {
+        let values = self.decode(m, payload)?;
+        self.judge_values(m.author, m.l2_norm, &values)?;
+        Ok(values)
+    }
+
+    /// The current norm limit (multiple × median of recent norms), once
+    /// enough norms were seen.
+    pub fn norm_limit(&self) -> Option<f32> {
+        if self.recent_norms.len() < self.config.norm_min_history {
+            return None;
+        }
+        let mut sorted: Vec<f32> = self.recent_norms.iter().copied().collect();
+        sorted.sort_unstable_by(f32::total_cmp);
+        Some(self.config.norm_multiple * sorted[sorted.len() / 2])
+    }
+
+    /// Checks values without recording anything; returns their norm.
+    fn judge_values(
+        &self,
+        sender: NodeId,
+        declared_norm: f32,
+        values: &[f32],
+    ) -> Result<f32, Rejected> {
         let reject = |reason| Rejected { sender, reason };
         let n: usize = self
             .layout
@@ -297,19 +447,12 @@ impl Door {
                 actual: norm,
             }));
         }
-        if self.recent_norms.len() >= self.config.norm_min_history {
-            let mut sorted: Vec<f32> = self.recent_norms.iter().copied().collect();
-            sorted.sort_unstable_by(f32::total_cmp);
-            let limit = self.config.norm_multiple * sorted[sorted.len() / 2];
-            if norm > limit {
-                return Err(reject(Rejection::NormTooLarge { norm, limit }));
-            }
+        if let Some(limit) = self.norm_limit()
+            && norm > limit
+        {
+            return Err(reject(Rejection::NormTooLarge { norm, limit }));
         }
-        self.recent_norms.push_back(norm);
-        while self.recent_norms.len() > self.config.norm_history {
-            self.recent_norms.pop_front();
-        }
-        Ok(())
+        Ok(norm)
     }
 }
 

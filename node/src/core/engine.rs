@@ -40,6 +40,7 @@ use super::door::{Door, DoorConfig, Rejected};
 use super::mixing::PushSum;
 use super::model::ModelSpec;
 use super::outer::OuterOptimizer;
+use super::verify::{DeltaInput, aggregate_onto, merge_params, params_chunk_ids};
 
 /// Settings of one engine.
 #[derive(Debug, Clone)]
@@ -124,12 +125,18 @@ pub enum Input {
         /// The payload bytes.
         payload: Vec<u8>,
     },
-    /// A peer's model version arrived (manifest verified, chunks verified).
+    /// A peer's model version, verified by recomputation
+    /// ([`super::verify`]): the shell offers nothing else.
     ModelOffered {
         /// Its manifest.
         manifest: Verified<ModelManifest>,
         /// Its parameters.
         params: Vec<f32>,
+        /// Distinct authors of the deltas it aggregates (verified).
+        authors: usize,
+        /// Deltas already aggregated into it and its recent ancestors
+        /// ([`super::verify::recent_deltas`]): not to be used again.
+        used: Vec<ContentId>,
     },
     /// A version from a branch that grew apart from this node's (a
     /// partition: each side went on training without the other's deltas),
@@ -144,8 +151,12 @@ pub enum Input {
         params: Vec<f32>,
         /// The head it is to be merged with; ignored if the head moved on.
         against: ContentId,
-        /// Weights of this node's branch and of the offered one.
+        /// Weights of this node's branch and of the offered one
+        /// ([`super::verify::branch_split`]).
         weights: (f64, f64),
+        /// Deltas already aggregated into the offered version's recent
+        /// lineage (added to those of this node's own).
+        used: Vec<ContentId>,
     },
     /// Push-sum mode: a share pushed by a peer.
     PushShare {
@@ -239,7 +250,8 @@ pub enum Action {
 struct Received {
     id: ContentId,
     round: u64,
-    weight: f64,
+    author: NodeId,
+    sample_count: u64,
     values: Vec<f32>,
 }
 
@@ -258,13 +270,16 @@ pub struct Engine {
     params: Vec<f32>,
     version: Option<ContentId>,
     rank: VersionRank,
-    own_delta: Option<Vec<f32>>,
     seq: u64,
     feedback: ErrorFeedback,
     peers: BTreeSet<NodeId>,
     pending: BTreeMap<ContentId, Verified<DeltaManifest>>,
     received: BTreeMap<ContentId, Received>,
-    used: BTreeSet<ContentId>,
+    /// Deltas aggregated into this node's recent lineage, with the round of
+    /// the version that used them: never aggregated again.
+    used: BTreeMap<ContentId, u64>,
+    /// One vote per author per round: the delta admitted for each.
+    votes: BTreeMap<(u64, NodeId), ContentId>,
     last_seq: BTreeMap<NodeId, u64>,
     trained: Option<Vec<f32>>,
     neighbour_models: BTreeMap<(u64, NodeId), (Vec<f32>, usize)>,
@@ -294,13 +309,13 @@ impl Engine {
             params: vec![0.0; n],
             version: None,
             rank: VersionRank::default(),
-            own_delta: None,
             seq: 0,
             feedback: ErrorFeedback::new(n),
             peers: BTreeSet::new(),
             pending: BTreeMap::new(),
             received: BTreeMap::new(),
-            used: BTreeSet::new(),
+            used: BTreeMap::new(),
+            votes: BTreeMap::new(),
             last_seq: BTreeMap::new(),
             trained: None,
             neighbour_models: BTreeMap::new(),
@@ -397,7 +412,8 @@ impl Engine {
                                 Received {
                                     id,
                                     round: msg.round,
-                                    weight: msg.sample_count as f64,
+                                    author: msg.author,
+                                    sample_count: msg.sample_count,
                                     values,
                                 },
                             );
@@ -407,10 +423,15 @@ impl Engine {
                     }
                 }
             }
-            Input::ModelOffered { manifest, params } => {
+            Input::ModelOffered {
+                manifest,
+                params,
+                authors,
+                used,
+            } => {
                 // Catch up by adopting a later version instead of replaying,
                 // or settle on the preferred version of this round.
-                if self.would_adopt(manifest.message())
+                if self.prefers(manifest.message(), authors)
                     && params.len() == self.params.len()
                     && params.iter().all(|v| v.is_finite())
                 {
@@ -420,7 +441,13 @@ impl Engine {
                         manifest: manifest.clone(),
                         params: params.clone(),
                     });
+                    let round = manifest.message().round;
+                    self.used = used.into_iter().map(|d| (d, round)).collect();
                     self.adopt_version(manifest, params, now_ms, &mut out);
+                    self.rank = VersionRank {
+                        authors,
+                        ..self.rank
+                    };
                 }
             }
             Input::BranchOffered {
@@ -428,6 +455,7 @@ impl Engine {
                 params,
                 against,
                 weights: (w_own, w_other),
+                used,
             } => {
                 let fits =
                     params.len() == self.params.len() && params.iter().all(|v| v.is_finite());
@@ -441,6 +469,8 @@ impl Engine {
                     && fits
                     && weights_ok
                 {
+                    let round = manifest.message().round;
+                    self.used.extend(used.into_iter().map(|d| (d, round)));
                     self.merge_with(manifest, params, (w_own, w_other), now_ms, &mut out);
                 }
             }
@@ -483,22 +513,34 @@ impl Engine {
         }
         self.round = manifest.message().round;
         self.version = Some(manifest.id());
-        self.rank = version_rank(manifest.message());
+        self.rank = version_rank(manifest.message(), manifest.message().deltas.len());
         self.params = params;
-        self.own_delta = None;
         self.start_round(now_ms, out);
     }
 
-    /// Whether an offered version would replace this node's: it is of a
-    /// later round (the node fell behind), or of the same round and
-    /// preferred by [`version_rank`] (two nodes that closed a round on
-    /// different sets of deltas settle on one version; every node picks the
-    /// same one).
+    /// Whether an offered version could replace this node's once verified:
+    /// it is of a later round (the node fell behind), or of the same round
+    /// and, if every delta it names turns out to be a distinct author's,
+    /// preferred by [`version_rank`]. The shell verifies only what passes.
     pub fn would_adopt(&self, m: &ModelManifest) -> bool {
+        self.prefers(m, m.deltas.len())
+    }
+
+    /// Whether a verified version with `authors` distinct authors replaces
+    /// this node's: a later round, or the same round and preferred by
+    /// [`version_rank`] (two nodes that closed a round on different sets of
+    /// deltas settle on one version; every node picks the same one).
+    pub fn prefers(&self, m: &ModelManifest, authors: usize) -> bool {
         if m.model_id != self.config.model_id || m.region != self.config.region {
             return false;
         }
-        m.round > self.round || (m.round == self.round && version_rank(m) > self.rank)
+        m.round > self.round || (m.round == self.round && version_rank(m, authors) > self.rank)
+    }
+
+    /// The door's current norm limit (for checking the deltas a peer's
+    /// version names).
+    pub fn door(&self) -> &Door {
+        &self.door
     }
 
     fn start_round(&mut self, now_ms: u64, out: &mut Vec<Action>) {
@@ -508,6 +550,11 @@ impl Engine {
         let oldest = self.round.saturating_sub(self.config.door.staleness);
         self.received.retain(|_, r| r.round >= oldest);
         self.pending.retain(|_, m| m.message().round >= oldest);
+        self.votes.retain(|(r, _), _| *r >= oldest);
+        // A delta used by a version of round s was of round s − 1 or
+        // earlier: once s is this far back, the door refuses it anyway.
+        let forget = oldest.saturating_sub(2);
+        self.used.retain(|_, s| *s >= forget);
         let round = self.round;
         self.neighbour_models.retain(|(r, _), _| *r >= round);
         self.trained = None;
@@ -578,16 +625,17 @@ impl Engine {
         let Ok(signed) = Signed::sign(manifest, &self.key) else {
             return;
         };
+        self.votes.insert((self.round, self.node_id()), signed.id());
         self.received.insert(
             signed.id(),
             Received {
                 id: signed.id(),
                 round: self.round,
-                weight: samples.max(1) as f64,
-                values: sent.clone(),
+                author: self.node_id(),
+                sample_count: samples.max(1),
+                values: sent,
             },
         );
-        self.own_delta = Some(sent);
         out.push(Action::Publish {
             manifest: signed,
             payload,
@@ -598,7 +646,7 @@ impl Engine {
         let msg = m.message();
         if msg.author == self.node_id()
             || self.received.contains_key(&m.id())
-            || self.used.contains(&m.id())
+            || self.used.contains_key(&m.id())
         {
             return;
         }
@@ -614,6 +662,20 @@ impl Engine {
             out.push(Action::Penalise(r));
             return;
         }
+        // One author, one vote per round: a second delta for a round is
+        // refused, whatever its sequence number.
+        if self
+            .votes
+            .get(&(msg.round, msg.author))
+            .is_some_and(|d| *d != m.id())
+        {
+            out.push(Action::Penalise(Rejected {
+                sender: msg.author,
+                reason: super::door::Rejection::DuplicateAuthorRound { round: msg.round },
+            }));
+            return;
+        }
+        self.votes.insert((msg.round, msg.author), m.id());
         self.last_seq.insert(msg.author, msg.seq);
         self.peers.insert(msg.author);
         self.pending.insert(m.id(), m.clone());
@@ -644,11 +706,14 @@ impl Engine {
             }
             return;
         }
+        // Distinct authors (one delta per author and round is admitted).
         let this_round = self
             .received
             .values()
-            .filter(|r| r.round == self.round && !self.used.contains(&r.id))
-            .count();
+            .filter(|r| r.round == self.round && !self.used.contains_key(&r.id))
+            .map(|r| r.author)
+            .collect::<BTreeSet<_>>()
+            .len();
         let needed = (((self.peers.len() + 1) as f64 * self.config.quorum).ceil() as usize).max(1);
         if this_round >= needed || (deadline && this_round > 0) {
             self.close_round(now_ms, out);
@@ -735,23 +800,38 @@ impl Engine {
         let inputs: Vec<&Received> = self
             .received
             .values()
-            .filter(|r| r.round >= oldest && r.round <= self.round && !self.used.contains(&r.id))
+            .filter(|r| {
+                r.round >= oldest && r.round <= self.round && !self.used.contains_key(&r.id)
+            })
             .collect();
-        let values: Vec<&[f32]> = inputs.iter().map(|r| r.values.as_slice()).collect();
-        let weights: Vec<f64> = inputs.iter().map(|r| r.weight).collect();
-        let Ok(aggregate) =
-            self.config
-                .rule
-                .aggregate(&values, &weights, self.own_delta.as_deref())
-        else {
+        // The one computation every verifier repeats (verify::aggregate_onto).
+        let deltas: Vec<DeltaInput<'_>> = inputs
+            .iter()
+            .map(|r| DeltaInput {
+                id: r.id,
+                sample_count: r.sample_count,
+                values: &r.values,
+            })
+            .collect();
+        let Ok(params) = aggregate_onto(&self.config, &self.params, &deltas) else {
             return;
         };
+        let authors = inputs
+            .iter()
+            .map(|r| r.author)
+            .collect::<BTreeSet<_>>()
+            .len();
         let delta_ids: Vec<ContentId> = inputs.iter().map(|r| r.id).collect();
-        self.config.outer.step(&mut self.params, &aggregate);
+        self.params = params;
+        let next = self.round.saturating_add(1);
         for id in &delta_ids {
-            self.used.insert(*id);
+            self.used.insert(*id, next);
         }
         self.new_version(delta_ids, now_ms, out);
+        self.rank = VersionRank {
+            authors,
+            ..self.rank
+        };
     }
 
     /// Merges the head with another branch's version: the weighted mean of
@@ -769,28 +849,27 @@ impl Engine {
         let Some(own_id) = self.version else {
             return;
         };
-        let mut sides = [
-            (own_id, w_own, std::mem::take(&mut self.params)),
-            (other.id(), w_other, other_params),
-        ];
-        sides.sort_by_key(|s| s.0);
-        let total = (sides[0].1 + sides[1].1) as f32;
-        let (a, b) = (sides[0].1 as f32 / total, sides[1].1 as f32 / total);
-        self.params = sides[0]
-            .2
-            .iter()
-            .zip(&sides[1].2)
-            .map(|(x, y)| a * x + b * y)
-            .collect();
+        self.params = merge_params(
+            (own_id, &self.params, w_own),
+            (other.id(), &other_params, w_other),
+        );
         let round = self.round.max(other.message().round);
-        self.sign_version(round, vec![sides[0].0, sides[1].0], Vec::new(), now_ms, out);
+        let mut parents = vec![own_id, other.id()];
+        parents.sort();
+        self.sign_version(round, parents, Vec::new(), now_ms, out);
     }
 
     /// Signs the current parameters as the next round's version, adopts it
     /// and starts that round.
     fn new_version(&mut self, delta_ids: Vec<ContentId>, now_ms: u64, out: &mut Vec<Action>) {
         let parents = self.version.into_iter().collect();
-        self.sign_version(self.round + 1, parents, delta_ids, now_ms, out);
+        self.sign_version(
+            self.round.saturating_add(1),
+            parents,
+            delta_ids,
+            now_ms,
+            out,
+        );
     }
 
     /// Signs the current parameters as the version of `round`, adopts it
@@ -804,7 +883,6 @@ impl Engine {
         out: &mut Vec<Action>,
     ) {
         let payload_bytes = (self.params.len() * 4) as u64;
-        let params_bytes: Vec<u8> = self.params.iter().flat_map(|v| v.to_le_bytes()).collect();
         let manifest = ModelManifest {
             model_id: self.config.model_id.clone(),
             region: self.config.region.clone(),
@@ -813,10 +891,7 @@ impl Engine {
             layout: self.config.spec.layout(),
             payload_bytes,
             chunk_size: self.config.chunk_size as u32,
-            chunk_ids: params_bytes
-                .chunks(self.config.chunk_size)
-                .map(ContentId::of)
-                .collect(),
+            chunk_ids: params_chunk_ids(&self.params, self.config.chunk_size),
             parents,
             deltas: delta_ids,
             created_unix_ms: 0,
@@ -826,8 +901,7 @@ impl Engine {
         };
         self.round = round;
         self.version = Some(signed.id());
-        self.rank = version_rank(signed.message());
-        self.own_delta = None;
+        self.rank = version_rank(signed.message(), signed.message().deltas.len());
         out.push(Action::Adopt {
             manifest: signed,
             params: self.params.clone(),
@@ -861,15 +935,17 @@ fn robust_mix(
     Some(own.iter().zip(&step).map(|(o, s)| o + s).collect())
 }
 
-/// How versions of one round are ordered: merges of branches (several
-/// parents) first, then more deltas aggregated, then the smaller digest of
-/// the parameters' chunk ids. A total order that every node computes alike
-/// from the manifest alone. (A merge outranks the versions it merged, so
-/// the nodes that did not merge move on to it.)
+/// How verified versions of one round are ordered: merges of branches
+/// (several parents) first, then more distinct authors aggregated, then the
+/// smaller digest of the parameters' chunk ids. A total order that every
+/// node computes alike from a verified version (a merge outranks the
+/// versions it merged, so the nodes that did not merge move on to it).
+/// Only verified versions are ranked: a count of authors is a count of
+/// admitted deltas of distinct authors, not of ids a manifest lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VersionRank {
     merge: bool,
-    deltas: usize,
+    authors: usize,
     params: ContentId,
 }
 
@@ -878,7 +954,7 @@ impl Default for VersionRank {
     fn default() -> Self {
         Self {
             merge: false,
-            deltas: 0,
+            authors: 0,
             params: ContentId::from_bytes([0xff; 32]),
         }
     }
@@ -894,7 +970,7 @@ impl Ord for VersionRank {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.merge
             .cmp(&other.merge)
-            .then_with(|| self.deltas.cmp(&other.deltas))
+            .then_with(|| self.authors.cmp(&other.authors))
             .then_with(|| other.params.cmp(&self.params))
     }
 }
@@ -907,11 +983,13 @@ pub fn params_digest(m: &ModelManifest) -> ContentId {
     ContentId::of(&ids)
 }
 
-/// The rank of a version among versions of its round.
-pub fn version_rank(m: &ModelManifest) -> VersionRank {
+/// The rank of a version among versions of its round, given the number of
+/// distinct authors of the deltas it aggregates (known once it is verified;
+/// the number of deltas it names is an upper bound).
+pub fn version_rank(m: &ModelManifest, authors: usize) -> VersionRank {
     VersionRank {
         merge: m.parents.len() > 1,
-        deltas: m.deltas.len(),
+        authors,
         params: params_digest(m),
     }
 }

@@ -11,6 +11,7 @@
 //! - [`mixing`]: Metropolis–Hastings weights, push-sum, consensus distance.
 //! - [`door`]: the checks every incoming delta passes, with named reasons.
 //! - [`engine`]: the round engine (broadcast, neighbour mixing, push-sum).
+//! - [`verify`]: checking a peer's model version by recomputation.
 
 pub mod aggregate;
 pub mod data;
@@ -19,3 +20,4 @@ pub mod engine;
 pub mod mixing;
 pub mod model;
 pub mod outer;
+pub mod verify;

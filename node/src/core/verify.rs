@@ -1,0 +1,635 @@
+//! Checking a peer's model version by recomputation: nothing is adopted,
+//! ranked or merged on one peer's word.
+//!
+//! A version of round R with parent P naming deltas D is what every node
+//! would compute from P and D: the aggregation is deterministic (inputs in
+//! the order of their ids, one thread, no node-local state), so a node that
+//! holds P's parameters and D's payloads rebuilds the version and compares
+//! the parameters' chunk ids bit for bit. Every delta in D passes the same
+//! door as a gossiped one (scope, layout, round window, finite values,
+//! declared norm, norm limit) and one author has one delta per round. A
+//! merge of two branches is the weighted mean of two verified parents, with
+//! weights every node derives alike from their verified lineages, and only
+//! when the two really grew apart.
+//!
+//! The checks read history through [`Lineage`], which the node's chunk
+//! store (and the simulator's memory) implements; what is missing comes back
+//! as a [`Plan::Need`] for the shell to fetch, so this module does no IO.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use tapestry_protocol::{ContentId, DeltaManifest, ModelManifest, NodeId, Verified};
+
+use super::aggregate::AggregateError;
+use super::door::{Door, Rejected};
+use super::engine::EngineConfig;
+
+/// Most deltas one version may name (a version names one per author of its
+/// round, and a few late ones).
+pub const MAX_VERSION_DELTAS: usize = 1024;
+
+/// Rounds back from the earlier of two versions over which their lineages
+/// are compared to tell a partition from a same-round disagreement.
+pub const BRANCH_WINDOW: u64 = 16;
+
+/// Rounds in which one author's deltas must be missing from a lineage for
+/// two branches to count as grown apart.
+pub const BRANCH_ROUNDS: usize = 3;
+
+/// Most manifests one walk over a lineage visits.
+pub const MAX_WALK: usize = 16_384;
+
+/// What a node holds of the region's history.
+pub trait Lineage {
+    /// A model manifest, verified or not.
+    fn model(&self, id: &ContentId) -> Option<Verified<ModelManifest>>;
+    /// A delta manifest.
+    fn delta(&self, id: &ContentId) -> Option<Verified<DeltaManifest>>;
+    /// Whether every chunk of a delta's payload is held.
+    fn has_payload(&self, m: &DeltaManifest) -> bool;
+    /// A delta's payload, if every chunk is held.
+    fn payload(&self, m: &DeltaManifest) -> Option<Vec<u8>>;
+    /// Whether this node verified the version (made it, recomputed it, or
+    /// derived it: the genesis).
+    fn is_verified(&self, id: &ContentId) -> bool;
+    /// The parameters of a verified version.
+    fn params(&self, id: &ContentId) -> Option<Vec<f32>>;
+}
+
+/// Why a peer's model version was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VersionRejection {
+    /// Another model or region.
+    WrongScope,
+    /// Malformed on its own terms (layout, sizes, parents, counts).
+    Malformed(String),
+    /// Its round does not follow its parent's, or is too far ahead.
+    RoundJump {
+        /// The version's round.
+        round: u64,
+        /// What it should have been (the parent's round + 1), or the
+        /// furthest round accepted.
+        expected: u64,
+    },
+    /// A parent that is not held and could not be had.
+    UnknownParent(ContentId),
+    /// A parentless version that is not the region's genesis.
+    ForgedGenesis,
+    /// A delta it names that could not be had.
+    UnknownDelta(ContentId),
+    /// A delta it names fails the door.
+    DeltaRejected(Rejected),
+    /// Two deltas of one author for one round.
+    DuplicateAuthorRound {
+        /// The author.
+        author: NodeId,
+        /// The round.
+        round: u64,
+    },
+    /// A delta already aggregated into one of its recent ancestors.
+    ReusedDelta(ContentId),
+    /// A plain version that aggregates nothing.
+    NoDeltas,
+    /// A merge of two versions that did not grow apart (or one side too
+    /// thin to be a branch).
+    NotABranch,
+    /// Recomputed parameters differ from the ones it claims.
+    Mismatch,
+    /// More unverified versions behind it than this node recomputes.
+    TooFarBehind {
+        /// The limit.
+        limit: usize,
+    },
+}
+
+impl VersionRejection {
+    /// A short, stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            VersionRejection::WrongScope => "wrong_scope",
+            VersionRejection::Malformed(_) => "bad_version",
+            VersionRejection::RoundJump { .. } => "round_jump",
+            VersionRejection::UnknownParent(_) => "unknown_parent",
+            VersionRejection::ForgedGenesis => "forged_genesis",
+            VersionRejection::UnknownDelta(_) => "unknown_delta",
+            VersionRejection::DeltaRejected(_) => "bad_delta_in_version",
+            VersionRejection::DuplicateAuthorRound { .. } => "duplicate_author_round",
+            VersionRejection::ReusedDelta(_) => "reused_delta",
+            VersionRejection::NoDeltas => "no_deltas",
+            VersionRejection::NotABranch => "not_a_branch",
+            VersionRejection::Mismatch => "version_mismatch",
+            VersionRejection::TooFarBehind { .. } => "too_far_behind",
+        }
+    }
+
+    /// Every label, for metrics that start at zero.
+    pub const LABELS: [&'static str; 13] = [
+        "wrong_scope",
+        "bad_version",
+        "round_jump",
+        "unknown_parent",
+        "forged_genesis",
+        "unknown_delta",
+        "bad_delta_in_version",
+        "duplicate_author_round",
+        "reused_delta",
+        "no_deltas",
+        "not_a_branch",
+        "version_mismatch",
+        "too_far_behind",
+    ];
+}
+
+impl fmt::Display for VersionRejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VersionRejection::WrongScope => f.write_str("for another model or region"),
+            VersionRejection::Malformed(m) => write!(f, "malformed: {m}"),
+            VersionRejection::RoundJump { round, expected } => {
+                write!(f, "round {round} where {expected} was expected")
+            }
+            VersionRejection::UnknownParent(id) => write!(f, "parent {} not to be had", id.short()),
+            VersionRejection::ForgedGenesis => f.write_str("no parent, and not the genesis"),
+            VersionRejection::UnknownDelta(id) => write!(f, "delta {} not to be had", id.short()),
+            VersionRejection::DeltaRejected(r) => write!(f, "names a bad delta: {r}"),
+            VersionRejection::DuplicateAuthorRound { author, round } => {
+                write!(f, "two deltas of {} for round {round}", author.short())
+            }
+            VersionRejection::ReusedDelta(id) => {
+                write!(f, "delta {} already in its lineage", id.short())
+            }
+            VersionRejection::NoDeltas => f.write_str("aggregates no delta"),
+            VersionRejection::NotABranch => f.write_str("merges versions that did not grow apart"),
+            VersionRejection::Mismatch => {
+                f.write_str("its parameters are not its parent plus its deltas")
+            }
+            VersionRejection::TooFarBehind { limit } => {
+                write!(f, "more than {limit} unverified versions behind it")
+            }
+        }
+    }
+}
+
+/// One admitted delta, as aggregation sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct DeltaInput<'a> {
+    /// Its manifest id (the order of aggregation).
+    pub id: ContentId,
+    /// Its declared sample count (weighed per the region's weighting).
+    pub sample_count: u64,
+    /// Its decoded values.
+    pub values: &'a [f32],
+}
+
+/// The parameters of the version that aggregates `inputs` onto `parent`:
+/// the region's rule over the inputs in the order of their ids, weighed by
+/// the region's weighting, then the outer step. Deterministic and bit-exact
+/// on every node and thread count: a fixed order, one thread, and no state
+/// besides the parent (an outer optimiser with momentum is applied from an
+/// empty buffer; momentum would have to be version state to be checked).
+pub fn aggregate_onto(
+    cfg: &EngineConfig,
+    parent: &[f32],
+    inputs: &[DeltaInput<'_>],
+) -> Result<Vec<f32>, AggregateError> {
+    let mut sorted: Vec<&DeltaInput<'_>> = inputs.iter().collect();
+    sorted.sort_by_key(|d| d.id);
+    let values: Vec<&[f32]> = sorted.iter().map(|d| d.values).collect();
+    let weights: Vec<f64> = sorted
+        .iter()
+        .map(|d| cfg.door.weighting.weight(d.sample_count))
+        .collect();
+    // No node-local centre: clipping centres on the coordinate-wise median,
+    // which every node computes alike.
+    let aggregate = cfg.rule.aggregate(&values, &weights, None)?;
+    let mut params = parent.to_vec();
+    cfg.outer.clone().step(&mut params, &aggregate);
+    Ok(params)
+}
+
+/// The parameters of the merge of two versions: their weighted mean, summed
+/// in the order of the versions' ids.
+pub fn merge_params(a: (ContentId, &[f32], f64), b: (ContentId, &[f32], f64)) -> Vec<f32> {
+    let mut sides = [a, b];
+    sides.sort_by_key(|s| s.0);
+    let total = (sides[0].2 + sides[1].2) as f32;
+    let (wa, wb) = (sides[0].2 as f32 / total, sides[1].2 as f32 / total);
+    sides[0]
+        .1
+        .iter()
+        .zip(sides[1].1)
+        .map(|(x, y)| wa * x + wb * y)
+        .collect()
+}
+
+/// The chunk ids of parameters cut at `chunk_size`: what a version's
+/// manifest must name.
+pub fn params_chunk_ids(params: &[f32], chunk_size: usize) -> Vec<ContentId> {
+    let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+    bytes.chunks(chunk_size.max(1)).map(ContentId::of).collect()
+}
+
+/// Checks what a version's manifest alone can tell: scope, layout, sizes,
+/// counts, and (against this node's head round) how far ahead it is.
+pub fn check_shape(
+    cfg: &EngineConfig,
+    m: &ModelManifest,
+    head_round: u64,
+) -> Result<(), VersionRejection> {
+    let bad = |s: &str| Err(VersionRejection::Malformed(s.to_owned()));
+    if m.model_id != cfg.model_id || m.region != cfg.region {
+        return Err(VersionRejection::WrongScope);
+    }
+    if m.layout != cfg.spec.layout() {
+        return bad("tensor layout differs from the model's");
+    }
+    let n = cfg.spec.n_params() as u64;
+    if m.payload_bytes != n * 4 {
+        return bad("parameter bytes differ from the model's size");
+    }
+    if m.chunk_size as usize != cfg.chunk_size {
+        return bad("chunk size differs from the region's");
+    }
+    if m.chunk_ids.len() as u64 != m.payload_bytes.div_ceil(u64::from(m.chunk_size)) {
+        return bad("chunk count does not match the size");
+    }
+    if m.deltas.len() > MAX_VERSION_DELTAS {
+        return bad("names too many deltas");
+    }
+    match (m.parents.len(), m.deltas.is_empty()) {
+        (1, false) | (2, true) => {}
+        (0, _) => return Err(VersionRejection::ForgedGenesis),
+        (1, true) => return Err(VersionRejection::NoDeltas),
+        _ => return bad("a version has one parent and deltas, or two parents and none"),
+    }
+    if m.parents.len() == 2 && m.parents[0] == m.parents[1] {
+        return bad("a merge of a version with itself");
+    }
+    let furthest = head_round.saturating_add(cfg.door.max_rounds_ahead);
+    if m.round > furthest {
+        return Err(VersionRejection::RoundJump {
+            round: m.round,
+            expected: furthest,
+        });
+    }
+    Ok(())
+}
+
+/// What verifying a version needs next.
+#[derive(Debug, Clone)]
+pub enum Plan {
+    /// Fetch these, then plan again.
+    Need {
+        /// Model manifests (unverified ancestors).
+        models: Vec<ContentId>,
+        /// Delta manifests.
+        deltas: Vec<ContentId>,
+        /// Deltas whose manifest is held but not every chunk.
+        payloads: Vec<Verified<DeltaManifest>>,
+    },
+    /// Everything is held: verify these versions in this order (parents
+    /// before children; the offered version last).
+    Ready(Vec<ContentId>),
+}
+
+/// Works out what verifying `target` takes: walks its unverified ancestry
+/// back to versions this node verified, and lists what is missing. At most
+/// `max_chain` unverified versions are walked.
+pub fn plan(
+    l: &impl Lineage,
+    cfg: &EngineConfig,
+    target: &Verified<ModelManifest>,
+    max_chain: usize,
+) -> Result<Plan, VersionRejection> {
+    let (mut models, mut deltas, mut payloads) = (Vec::new(), Vec::new(), Vec::new());
+    let mut order = Vec::new();
+    let mut visited = BTreeSet::new();
+    // Iterative post-order: (id, children pushed?).
+    let mut stack: Vec<(ContentId, bool)> = vec![(target.id(), false)];
+    while let Some((id, expanded)) = stack.pop() {
+        if expanded {
+            order.push(id);
+            continue;
+        }
+        if l.is_verified(&id) || !visited.insert(id) {
+            continue;
+        }
+        if visited.len() > max_chain {
+            return Err(VersionRejection::TooFarBehind { limit: max_chain });
+        }
+        let manifest = if id == target.id() {
+            Some(target.clone())
+        } else {
+            l.model(&id)
+        };
+        let Some(v) = manifest else {
+            models.push(id);
+            continue;
+        };
+        let m = v.message();
+        check_shape(cfg, m, u64::MAX - cfg.door.max_rounds_ahead)?;
+        for d in &m.deltas {
+            match l.delta(d) {
+                None => deltas.push(*d),
+                Some(dm) if !l.has_payload(dm.message()) => payloads.push(dm),
+                Some(_) => {}
+            }
+        }
+        stack.push((id, true));
+        for p in &m.parents {
+            stack.push((*p, false));
+        }
+    }
+    if models.is_empty() && deltas.is_empty() && payloads.is_empty() {
+        Ok(Plan::Ready(order))
+    } else {
+        Ok(Plan::Need {
+            models,
+            deltas,
+            payloads,
+        })
+    }
+}
+
+/// A version that passed.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// Its parameters (recomputed).
+    pub params: Vec<f32>,
+    /// Distinct authors of the deltas it aggregates (what ranks it).
+    pub authors: usize,
+}
+
+/// Verifies one version whose parents are verified and whose deltas are
+/// held: the deltas pass the door, one per author and round, none already
+/// in a recent ancestor, and recomputing gives its parameters exactly.
+pub fn verify_version(
+    l: &impl Lineage,
+    cfg: &EngineConfig,
+    door: &Door,
+    v: &Verified<ModelManifest>,
+) -> Result<Checked, VersionRejection> {
+    let m = v.message();
+    check_shape(cfg, m, u64::MAX - cfg.door.max_rounds_ahead)?;
+    let parent = |id: &ContentId| -> Result<(Verified<ModelManifest>, Vec<f32>), VersionRejection> {
+        if !l.is_verified(id) {
+            return Err(VersionRejection::UnknownParent(*id));
+        }
+        let pm = l.model(id).ok_or(VersionRejection::UnknownParent(*id))?;
+        let params = l.params(id).ok_or(VersionRejection::UnknownParent(*id))?;
+        if params.len() != cfg.spec.n_params() {
+            return Err(VersionRejection::UnknownParent(*id));
+        }
+        Ok((pm, params))
+    };
+    let (params, authors) = if m.parents.len() == 2 {
+        let (a, pa) = parent(&m.parents[0])?;
+        let (b, pb) = parent(&m.parents[1])?;
+        let round = a.message().round.max(b.message().round);
+        if m.round != round {
+            return Err(VersionRejection::RoundJump {
+                round: m.round,
+                expected: round,
+            });
+        }
+        if is_ancestor(l, a.id(), &b) || is_ancestor(l, b.id(), &a) {
+            return Err(VersionRejection::NotABranch);
+        }
+        let split = branch_split(l, cfg, &a, &b).ok_or(VersionRejection::NotABranch)?;
+        if !(split.a_lacks || split.b_lacks) {
+            return Err(VersionRejection::NotABranch);
+        }
+        let params = merge_params(
+            (a.id(), &pa, split.weights.0),
+            (b.id(), &pb, split.weights.1),
+        );
+        (params, 0)
+    } else {
+        let (p, pp) = parent(&m.parents[0])?;
+        let expected = p
+            .message()
+            .round
+            .checked_add(1)
+            .ok_or(VersionRejection::RoundJump {
+                round: m.round,
+                expected: u64::MAX,
+            })?;
+        if m.round != expected {
+            return Err(VersionRejection::RoundJump {
+                round: m.round,
+                expected,
+            });
+        }
+        let recent = recent_deltas(l, p.id(), m.round.saturating_sub(cfg.door.staleness));
+        let mut votes = BTreeSet::new();
+        let mut ids = BTreeSet::new();
+        let mut held: Vec<(ContentId, u64, Vec<f32>)> = Vec::with_capacity(m.deltas.len());
+        for d in &m.deltas {
+            if !ids.insert(*d) {
+                return Err(VersionRejection::Malformed("names a delta twice".into()));
+            }
+            if recent.contains(d) {
+                return Err(VersionRejection::ReusedDelta(*d));
+            }
+            let dm = l.delta(d).ok_or(VersionRejection::UnknownDelta(*d))?;
+            let dmm = dm.message();
+            door.check_named_manifest(dmm, m.round)
+                .map_err(VersionRejection::DeltaRejected)?;
+            if !votes.insert((dmm.author, dmm.round)) {
+                return Err(VersionRejection::DuplicateAuthorRound {
+                    author: dmm.author,
+                    round: dmm.round,
+                });
+            }
+            let payload = l.payload(dmm).ok_or(VersionRejection::UnknownDelta(*d))?;
+            let values = door
+                .check_named_payload(dmm, &payload)
+                .map_err(VersionRejection::DeltaRejected)?;
+            held.push((*d, dmm.sample_count, values));
+        }
+        let inputs: Vec<DeltaInput<'_>> = held
+            .iter()
+            .map(|(id, samples, values)| DeltaInput {
+                id: *id,
+                sample_count: *samples,
+                values,
+            })
+            .collect();
+        let params = aggregate_onto(cfg, &pp, &inputs)
+            .map_err(|e| VersionRejection::Malformed(e.to_string()))?;
+        let authors: BTreeSet<NodeId> = votes.iter().map(|(a, _)| *a).collect();
+        (params, authors.len())
+    };
+    if params_chunk_ids(&params, m.chunk_size as usize) != m.chunk_ids {
+        return Err(VersionRejection::Mismatch);
+    }
+    Ok(Checked { params, authors })
+}
+
+/// The deltas aggregated into `version` and its ancestors of round
+/// `min_round` or later (the ones a next version must not use again).
+pub fn recent_deltas(l: &impl Lineage, version: ContentId, min_round: u64) -> BTreeSet<ContentId> {
+    let mut out = BTreeSet::new();
+    let mut seen = BTreeSet::new();
+    let mut queue = vec![version];
+    while let Some(v) = queue.pop() {
+        if seen.len() >= MAX_WALK || !seen.insert(v) {
+            continue;
+        }
+        let Some(m) = l.model(&v) else { continue };
+        let m = m.message();
+        if m.round < min_round {
+            continue;
+        }
+        out.extend(m.deltas.iter().copied());
+        queue.extend(m.parents.iter().copied());
+    }
+    out
+}
+
+/// Whether `ancestor` is in `of`'s lineage within [`BRANCH_WINDOW`] rounds.
+fn is_ancestor(l: &impl Lineage, ancestor: ContentId, of: &Verified<ModelManifest>) -> bool {
+    let lo = of.message().round.saturating_sub(BRANCH_WINDOW);
+    let mut seen = BTreeSet::new();
+    let mut queue: Vec<ContentId> = of.message().parents.clone();
+    while let Some(v) = queue.pop() {
+        if v == ancestor {
+            return true;
+        }
+        if seen.len() >= MAX_WALK || !seen.insert(v) {
+            continue;
+        }
+        if let Some(m) = l.model(&v)
+            && m.message().round >= lo
+        {
+            queue.extend(m.message().parents.iter().copied());
+        }
+    }
+    false
+}
+
+/// The deltas aggregated into the verified lineage of `version` in
+/// versions of rounds `lo..hi`, with the round of the version that
+/// aggregated each.
+fn window_deltas(
+    l: &impl Lineage,
+    version: ContentId,
+    lo: u64,
+    hi: u64,
+) -> BTreeMap<ContentId, u64> {
+    let mut out = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    let mut queue = vec![version];
+    while let Some(v) = queue.pop() {
+        if seen.len() >= MAX_WALK || !seen.insert(v) || !l.is_verified(&v) {
+            continue;
+        }
+        let Some(m) = l.model(&v) else { continue };
+        let m = m.message();
+        if m.round < lo {
+            continue;
+        }
+        if m.round < hi {
+            for d in &m.deltas {
+                out.entry(*d).or_insert(m.round);
+            }
+        }
+        queue.extend(m.parents.iter().copied());
+    }
+    out
+}
+
+/// For each author, the rounds in which its deltas are in `a` and not in `b`.
+fn missing_by_author(
+    l: &impl Lineage,
+    a: &BTreeMap<ContentId, u64>,
+    b: &BTreeMap<ContentId, u64>,
+) -> BTreeMap<NodeId, BTreeSet<u64>> {
+    let mut out: BTreeMap<NodeId, BTreeSet<u64>> = BTreeMap::new();
+    for (d, round) in a {
+        if b.contains_key(d) {
+            continue;
+        }
+        if let Some(m) = l.delta(d) {
+            out.entry(m.message().author).or_default().insert(*round);
+        }
+    }
+    out
+}
+
+fn authors_of(l: &impl Lineage, deltas: &BTreeMap<ContentId, u64>) -> BTreeSet<NodeId> {
+    deltas
+        .keys()
+        .filter_map(|d| l.delta(d).map(|m| m.message().author))
+        .collect()
+}
+
+/// How two verified versions' lineages relate, when they are branches that
+/// grew apart.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Split {
+    /// Merge weights of `a` and `b`: the distinct authors of each side's
+    /// deltas in the compared window (verified deltas only, one vote per
+    /// author, so a side weighs what its members did, whatever it claims).
+    pub weights: (f64, f64),
+    /// Some author's deltas of [`BRANCH_ROUNDS`] rounds or more are in `b`
+    /// and missing from `a`: adopting `b` instead of merging loses nothing
+    /// of `a`'s, keeping `a` loses `b`'s work.
+    pub a_lacks: bool,
+    /// The same the other way round.
+    pub b_lacks: bool,
+}
+
+/// Whether `a` and `b` are branches that grew apart (a partition), and
+/// how. In broadcast mode lineages of one region always differ by a few
+/// deltas scattered over authors and rounds (nodes that closed a round on
+/// different sets gave way to one of them); a partition is different: for
+/// rounds on end, the other side's authors are missing altogether. So, over
+/// the [`BRANCH_WINDOW`] rounds before the earlier of the two (looked for
+/// two rounds either side), the rounds in which an author's deltas are in
+/// one lineage and not in the other. `None` when neither side lacks
+/// [`BRANCH_ROUNDS`] rounds of one author, when a lineage is not held, or
+/// when a side has fewer than `min_branch_authors` distinct authors (one
+/// member alone cannot pass its own line off as a branch). Symmetric, and
+/// computed alike by every node that verified both.
+pub fn branch_split(
+    l: &impl Lineage,
+    cfg: &EngineConfig,
+    a: &Verified<ModelManifest>,
+    b: &Verified<ModelManifest>,
+) -> Option<Split> {
+    if a.id() == b.id() {
+        return None;
+    }
+    let hi = a.message().round.min(b.message().round);
+    let lo = hi.saturating_sub(BRANCH_WINDOW);
+    let wide_hi = hi.saturating_add(3);
+    let a_wide = window_deltas(l, a.id(), lo.saturating_sub(2), wide_hi);
+    let b_wide = window_deltas(l, b.id(), lo.saturating_sub(2), wide_hi);
+    let within = |m: &BTreeMap<ContentId, u64>| -> BTreeMap<ContentId, u64> {
+        m.iter()
+            .filter(|(_, r)| (lo..hi).contains(*r))
+            .map(|(d, r)| (*d, *r))
+            .collect()
+    };
+    let (a_in, b_in) = (within(&a_wide), within(&b_wide));
+    if a_in.is_empty() || b_in.is_empty() {
+        return None;
+    }
+    let worst = |lost: BTreeMap<NodeId, BTreeSet<u64>>| lost.values().map(BTreeSet::len).max();
+    let a_lacks = worst(missing_by_author(l, &b_in, &a_wide)).unwrap_or(0) >= BRANCH_ROUNDS;
+    let b_lacks = worst(missing_by_author(l, &a_in, &b_wide)).unwrap_or(0) >= BRANCH_ROUNDS;
+    if !(a_lacks || b_lacks) {
+        return None;
+    }
+    let (na, nb) = (authors_of(l, &a_in).len(), authors_of(l, &b_in).len());
+    if na < cfg.door.min_branch_authors || nb < cfg.door.min_branch_authors {
+        return None;
+    }
+    Some(Split {
+        weights: (na as f64, nb as f64),
+        a_lacks,
+        b_lacks,
+    })
+}

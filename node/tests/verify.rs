@@ -1,0 +1,724 @@
+//! Versions checked by recomputation: every version honest engines make
+//! verifies bit for bit on another node, and each way of forging one fails
+//! with its reason.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+
+use tapestry_node::core::aggregate::AggregationRule;
+use tapestry_node::core::data::{self, CsvOptions, Dataset, Partition, Scaler};
+use tapestry_node::core::door::{Door, DoorConfig, Rejection, Weighting};
+use tapestry_node::core::engine::{Action, Engine, EngineConfig, Input, Mode, genesis};
+use tapestry_node::core::model::*;
+use tapestry_node::core::outer::OuterOptimizer;
+use tapestry_node::core::verify::{
+    self, DeltaInput, Lineage, Plan, VersionRejection, aggregate_onto, params_chunk_ids,
+};
+use tapestry_protocol::*;
+
+fn digits() -> Dataset {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/digits.csv.gz");
+    let mut all = data::load_csv(&path, CsvOptions::default())
+        .unwrap_or_else(|e| panic!("tests need the shared digits data set: {e}"));
+    Scaler::from_range(64, 0.0, 16.0).apply(&mut all);
+    all
+}
+
+fn spec() -> ModelSpec {
+    ModelSpec::Logistic {
+        inputs: 64,
+        classes: 10,
+    }
+}
+
+fn config(rule: AggregationRule) -> EngineConfig {
+    EngineConfig {
+        model_id: "digits".into(),
+        region: "test".into(),
+        spec: spec(),
+        codec: Codec::F32,
+        chunk_size: 16 << 10,
+        rule,
+        outer: OuterOptimizer::averaging(),
+        quorum: 1.0,
+        round_timeout_ms: 10_000,
+        door: DoorConfig::default(),
+        mode: Mode::Broadcast,
+        seed: 0,
+    }
+}
+
+/// What one node holds: manifests, delta payloads, verified versions.
+#[derive(Default, Clone)]
+struct Mem {
+    models: HashMap<ContentId, Verified<ModelManifest>>,
+    deltas: HashMap<ContentId, Verified<DeltaManifest>>,
+    payloads: HashMap<Vec<ContentId>, Vec<u8>>,
+    verified: HashMap<ContentId, Vec<f32>>,
+}
+
+impl Lineage for Mem {
+    fn model(&self, id: &ContentId) -> Option<Verified<ModelManifest>> {
+        self.models.get(id).cloned()
+    }
+    fn delta(&self, id: &ContentId) -> Option<Verified<DeltaManifest>> {
+        self.deltas.get(id).cloned()
+    }
+    fn has_payload(&self, m: &DeltaManifest) -> bool {
+        self.payloads.contains_key(&m.chunk_ids)
+    }
+    fn payload(&self, m: &DeltaManifest) -> Option<Vec<u8>> {
+        self.payloads.get(&m.chunk_ids).cloned()
+    }
+    fn is_verified(&self, id: &ContentId) -> bool {
+        self.verified.contains_key(id)
+    }
+    fn params(&self, id: &ContentId) -> Option<Vec<f32>> {
+        self.verified.get(id).cloned()
+    }
+}
+
+impl Mem {
+    fn add_delta(&mut self, m: &Verified<DeltaManifest>, payload: &[u8]) {
+        self.deltas.insert(m.id(), m.clone());
+        self.payloads
+            .insert(m.message().chunk_ids.clone(), payload.to_vec());
+    }
+}
+
+/// Honest engines in one region, every message delivered; all they
+/// publish and adopt is recorded.
+struct Swarm {
+    cfg: EngineConfig,
+    engines: Vec<Engine>,
+    keys: Vec<Keypair>,
+    shards: Vec<Dataset>,
+    queue: VecDeque<(usize, Input)>,
+    all: Mem,
+    made: Vec<Verified<ModelManifest>>,
+    genesis: (Verified<ModelManifest>, Vec<f32>),
+    now: u64,
+}
+
+impl Swarm {
+    fn new(n: usize, rule: AggregationRule) -> Swarm {
+        let cfg = config(rule);
+        let keys: Vec<Keypair> = (0..n)
+            .map(|i| Keypair::from_secret_bytes(&[i as u8 + 1; 32]))
+            .collect();
+        let engines = (0..n)
+            .map(|i| {
+                Engine::new(
+                    EngineConfig {
+                        seed: 100 + i as u64,
+                        ..cfg.clone()
+                    },
+                    keys[i].clone(),
+                )
+            })
+            .collect();
+        let all = digits();
+        let shards = data::partition(&all, n, Partition::Iid, 5)
+            .unwrap()
+            .iter()
+            .map(|ix| all.subset(ix))
+            .collect();
+        let params = spec().init(42);
+        let g = genesis(&cfg, &params, &Keypair::from_secret_bytes(&[99; 32])).unwrap();
+        let mut s = Swarm {
+            cfg,
+            engines,
+            keys,
+            shards,
+            queue: VecDeque::new(),
+            all: Mem::default(),
+            made: Vec::new(),
+            genesis: (g.clone(), params.clone()),
+            now: 0,
+        };
+        s.all.models.insert(g.id(), g.clone());
+        for i in 0..n {
+            for j in 0..n {
+                s.queue
+                    .push_back((i, Input::PeerJoined(s.keys[j].node_id())));
+            }
+            s.queue.push_back((
+                i,
+                Input::Start {
+                    manifest: g.clone(),
+                    params: params.clone(),
+                },
+            ));
+        }
+        s
+    }
+
+    fn run(&mut self, rounds: u64) {
+        for _ in 0..1_000_000 {
+            if self.engines.iter().all(|e| e.round() >= rounds) {
+                return;
+            }
+            let Some((i, input)) = self.queue.pop_front() else {
+                self.now += 10_000;
+                for i in 0..self.engines.len() {
+                    self.queue.push_back((i, Input::Tick));
+                }
+                continue;
+            };
+            if self.engines[i].round() >= rounds && matches!(input, Input::Tick) {
+                continue;
+            }
+            for a in self.engines[i].handle(input, self.now) {
+                match a {
+                    Action::Train {
+                        round,
+                        version,
+                        params,
+                        seed,
+                    } => {
+                        let cfg = TrainConfig {
+                            local_steps: 5,
+                            batch_size: 32,
+                            optimizer: InnerOptimizer::SgdMomentum {
+                                lr: 0.05,
+                                momentum: 0.9,
+                            },
+                        };
+                        let (p, r) = train_local(
+                            &spec(),
+                            &params,
+                            &self.shards[i],
+                            &cfg,
+                            &mut InnerState::default(),
+                            seed,
+                        )
+                        .unwrap();
+                        self.queue.push_back((
+                            i,
+                            Input::TrainingDone {
+                                round,
+                                version,
+                                params: p,
+                                samples: r.samples,
+                            },
+                        ));
+                    }
+                    Action::Publish { manifest, payload } => {
+                        self.all.add_delta(&manifest, &payload);
+                        for j in 0..self.engines.len() {
+                            if j != i {
+                                self.queue
+                                    .push_back((j, Input::DeltaAnnounced(manifest.clone())));
+                            }
+                        }
+                    }
+                    Action::Fetch { manifest } => {
+                        let payload = self.all.payload(manifest.message()).unwrap();
+                        self.queue.push_back((
+                            i,
+                            Input::DeltaPayload {
+                                id: manifest.id(),
+                                payload,
+                            },
+                        ));
+                    }
+                    Action::Adopt { manifest, .. } => {
+                        self.all.models.insert(manifest.id(), manifest.clone());
+                        self.made.push(manifest);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        panic!("did not reach round {rounds}");
+    }
+
+    /// A verifier's view: everything published, only the genesis verified.
+    fn verifier(&self) -> Mem {
+        let mut m = self.all.clone();
+        m.verified
+            .insert(self.genesis.0.id(), self.genesis.1.clone());
+        m
+    }
+
+    fn door(&self) -> Door {
+        Door::new(
+            self.cfg.door.clone(),
+            &self.cfg.model_id,
+            &self.cfg.region,
+            spec().layout(),
+        )
+    }
+}
+
+/// Verifies `v` and everything unverified behind it, the way a node does.
+fn verify_all(
+    l: &mut Mem,
+    cfg: &EngineConfig,
+    door: &Door,
+    v: &Verified<ModelManifest>,
+) -> Result<verify::Checked, VersionRejection> {
+    let Plan::Ready(order) = verify::plan(l, cfg, v, 4096)? else {
+        panic!("everything is held");
+    };
+    let mut last = None;
+    for id in order {
+        let m = if id == v.id() {
+            v.clone()
+        } else {
+            l.model(&id).unwrap()
+        };
+        let c = verify::verify_version(l, cfg, door, &m)?;
+        l.verified.insert(id, c.params.clone());
+        last = Some(c);
+    }
+    Ok(last.unwrap_or_else(|| verify::Checked {
+        params: l.params(&v.id()).unwrap(),
+        authors: 0,
+    }))
+}
+
+fn sign_version(
+    key: &Keypair,
+    round: u64,
+    params: &[f32],
+    parents: Vec<ContentId>,
+    deltas: Vec<ContentId>,
+) -> Verified<ModelManifest> {
+    Signed::sign(
+        ModelManifest {
+            model_id: "digits".into(),
+            region: "test".into(),
+            round,
+            author: key.node_id(),
+            layout: spec().layout(),
+            payload_bytes: params.len() as u64 * 4,
+            chunk_size: 16 << 10,
+            chunk_ids: params_chunk_ids(params, 16 << 10),
+            parents,
+            deltas,
+            created_unix_ms: 0,
+        },
+        key,
+    )
+    .unwrap()
+}
+
+fn sign_delta(
+    key: &Keypair,
+    round: u64,
+    seq: u64,
+    values: &[f32],
+) -> (Verified<DeltaManifest>, Vec<u8>) {
+    let payload = Codec::F32.encode(values).unwrap();
+    let norm = values
+        .iter()
+        .map(|v| f64::from(*v).powi(2))
+        .sum::<f64>()
+        .sqrt() as f32;
+    let m = DeltaManifest {
+        model_id: "digits".into(),
+        region: "test".into(),
+        round,
+        base_version: ContentId::of(b""),
+        author: key.node_id(),
+        seq,
+        codec: Codec::F32,
+        layout: spec().layout(),
+        payload_bytes: payload.len() as u64,
+        chunk_size: 16 << 10,
+        chunk_ids: payload.chunks(16 << 10).map(ContentId::of).collect(),
+        sample_count: u64::MAX,
+        l2_norm: norm,
+        created_unix_ms: 0,
+    };
+    (Signed::sign(m, key).unwrap(), payload)
+}
+
+#[test]
+fn every_version_honest_engines_make_verifies_bit_for_bit() {
+    for rule in [
+        AggregationRule::Mean,
+        AggregationRule::TrimmedMean { beta: 0.2 },
+        AggregationRule::Median,
+        AggregationRule::CenteredClip {
+            radius: 0.5,
+            iterations: 2,
+        },
+    ] {
+        let mut swarm = Swarm::new(4, rule);
+        swarm.run(6);
+        let mut l = swarm.verifier();
+        let door = swarm.door();
+        assert!(swarm.made.len() >= 4 * 6, "{}", swarm.made.len());
+        let mut by_round = swarm.made.clone();
+        by_round.sort_by_key(|m| m.message().round);
+        for v in &by_round {
+            let c = verify_all(&mut l, &swarm.cfg, &door, v)
+                .unwrap_or_else(|e| panic!("{rule}: round {}: {e}", v.message().round));
+            assert!(c.authors >= 1);
+        }
+        // And each engine's head is among them, with its parameters.
+        for e in &swarm.engines {
+            let id = e.version().unwrap();
+            assert_eq!(l.params(&id).unwrap(), e.params(), "{rule}");
+        }
+    }
+}
+
+#[test]
+fn aggregation_does_not_depend_on_input_order() {
+    let cfg = config(AggregationRule::TrimmedMean { beta: 0.2 });
+    let n = spec().n_params();
+    let vecs: Vec<Vec<f32>> = (0..7)
+        .map(|k| {
+            (0..n)
+                .map(|i| ((i * 31 + k * 17) % 101) as f32 * 1e-3 - 0.05)
+                .collect()
+        })
+        .collect();
+    let ids: Vec<ContentId> = (0..7u8).map(|k| ContentId::of(&[k])).collect();
+    let inputs: Vec<DeltaInput<'_>> = (0..7)
+        .map(|k| DeltaInput {
+            id: ids[k],
+            sample_count: 10 + k as u64,
+            values: &vecs[k],
+        })
+        .collect();
+    let parent = spec().init(1);
+    let a = aggregate_onto(&cfg, &parent, &inputs).unwrap();
+    let mut reversed = inputs.clone();
+    reversed.reverse();
+    let b = aggregate_onto(&cfg, &parent, &reversed).unwrap();
+    assert_eq!(
+        a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_claimed_sample_count_buys_no_weight() {
+    let n = spec().n_params();
+    let honest: Vec<f32> = vec![0.01; n];
+    let evil: Vec<f32> = vec![-0.01; n];
+    let parent = vec![0.0f32; n];
+    let inputs = [
+        DeltaInput {
+            id: ContentId::of(b"a"),
+            sample_count: 100,
+            values: &honest,
+        },
+        DeltaInput {
+            id: ContentId::of(b"b"),
+            sample_count: u64::MAX,
+            values: &evil,
+        },
+    ];
+    // Equal weights (the default): the two cancel out.
+    let cfg = config(AggregationRule::Mean);
+    let out = aggregate_onto(&cfg, &parent, &inputs).unwrap();
+    assert!(out.iter().all(|v| v.abs() < 1e-9), "{:?}", &out[..3]);
+    // Sample counts capped at 200: 100 against 200, not against 2^64.
+    let mut capped = config(AggregationRule::Mean);
+    capped.door.weighting = Weighting::Samples { max: 200 };
+    let out = aggregate_onto(&capped, &parent, &inputs).unwrap();
+    // θ − mean(Δ): mean = (100·0.01 − 200·0.01) / 300 = −1/300.
+    assert!((out[0] - 0.01 / 3.0).abs() < 1e-6, "{}", out[0]);
+}
+
+#[test]
+fn forged_versions_fail_each_with_its_reason() {
+    let mut swarm = Swarm::new(3, AggregationRule::Mean);
+    swarm.run(4);
+    let cfg = swarm.cfg.clone();
+    let door = swarm.door();
+    let rogue = Keypair::from_secret_bytes(&[66; 32]);
+    let mut l = swarm.verifier();
+    // Verify the honest history first.
+    let mut made = swarm.made.clone();
+    made.sort_by_key(|m| m.message().round);
+    for v in &made {
+        verify_all(&mut l, &cfg, &door, v).unwrap();
+    }
+    let head = made.last().unwrap().clone();
+    let hm = head.message();
+    let head_params = l.params(&head.id()).unwrap();
+    let parent = l.model(&hm.parents[0]).unwrap();
+    let parent_params = l.params(&parent.id()).unwrap();
+
+    // 1. The head's round, parent and deltas, other parameters.
+    let mut tampered = head_params.clone();
+    tampered[0] += 0.5;
+    let v = sign_version(
+        &rogue,
+        hm.round,
+        &tampered,
+        hm.parents.clone(),
+        hm.deltas.clone(),
+    );
+    assert_eq!(
+        verify::verify_version(&l, &cfg, &door, &v).unwrap_err(),
+        VersionRejection::Mismatch
+    );
+
+    // 2. 64 made-up delta ids: the plan asks for them, and without them the
+    //    version fails.
+    let made_up: Vec<ContentId> = (0..64u8).map(|k| ContentId::of(&[k, 1, 2])).collect();
+    let v = sign_version(
+        &rogue,
+        hm.round,
+        &tampered,
+        hm.parents.clone(),
+        made_up.clone(),
+    );
+    match verify::plan(&l, &cfg, &v, 4096).unwrap() {
+        Plan::Need { deltas, .. } => assert_eq!(deltas.len(), 64),
+        p => panic!("{p:?}"),
+    }
+    assert!(matches!(
+        verify::verify_version(&l, &cfg, &door, &v),
+        Err(VersionRejection::UnknownDelta(_))
+    ));
+
+    // 3. Round R+5 on an honest parent: a round jump.
+    let v = sign_version(
+        &rogue,
+        hm.round + 5,
+        &head_params,
+        vec![head.id()],
+        hm.deltas.clone(),
+    );
+    assert!(matches!(
+        verify::verify_version(&l, &cfg, &door, &v),
+        Err(VersionRejection::RoundJump { .. })
+    ));
+    // 4. Round u64::MAX − 1: refused from the manifest alone, no overflow.
+    let v = sign_version(
+        &rogue,
+        u64::MAX - 1,
+        &head_params,
+        vec![head.id()],
+        hm.deltas.clone(),
+    );
+    assert!(matches!(
+        verify::check_shape(&cfg, v.message(), hm.round),
+        Err(VersionRejection::RoundJump { .. })
+    ));
+    assert!(verify::verify_version(&l, &cfg, &door, &v).is_err());
+
+    // 5. The parent's deltas again on top of the head: reused.
+    let v = sign_version(
+        &rogue,
+        hm.round + 1,
+        &head_params,
+        vec![head.id()],
+        hm.deltas.clone(),
+    );
+    assert!(matches!(
+        verify::verify_version(&l, &cfg, &door, &v),
+        Err(VersionRejection::ReusedDelta(_))
+    ));
+
+    // 6. Two deltas of one author for one round, both well-formed.
+    let small = vec![0.001f32; spec().n_params()];
+    let (d1, p1) = sign_delta(&rogue, hm.round, 1, &small);
+    let (d2, p2) = sign_delta(
+        &rogue,
+        hm.round,
+        2,
+        &small.iter().map(|v| v * 2.0).collect::<Vec<_>>(),
+    );
+    l.add_delta(&d1, &p1);
+    l.add_delta(&d2, &p2);
+    let v = sign_version(
+        &rogue,
+        hm.round + 1,
+        &head_params,
+        vec![head.id()],
+        vec![d1.id(), d2.id()],
+    );
+    assert!(matches!(
+        verify::verify_version(&l, &cfg, &door, &v),
+        Err(VersionRejection::DuplicateAuthorRound { .. })
+    ));
+    // One of them alone, computed honestly, passes: the rogue's vote counts
+    // once, like anyone's, and weighs no more for its u64::MAX samples.
+    let expected = aggregate_onto(
+        &cfg,
+        &head_params,
+        &[DeltaInput {
+            id: d1.id(),
+            sample_count: u64::MAX,
+            values: &small,
+        }],
+    )
+    .unwrap();
+    let v = sign_version(
+        &rogue,
+        hm.round + 1,
+        &expected,
+        vec![head.id()],
+        vec![d1.id()],
+    );
+    let c = verify::verify_version(&l, &cfg, &door, &v).unwrap();
+    assert_eq!(c.authors, 1);
+
+    // 7. A delta far above the norm limit, named by a version.
+    let mut judged = door.clone();
+    for k in 0..8 {
+        judged
+            .check_values(rogue.node_id(), 0.1 + k as f32 * 1e-3, &{
+                let mut x = vec![0.0f32; spec().n_params()];
+                x[0] = 0.1 + k as f32 * 1e-3;
+                x
+            })
+            .unwrap();
+    }
+    let huge = vec![1.0f32; spec().n_params()];
+    let (d3, p3) = sign_delta(&rogue, hm.round, 3, &huge);
+    l.add_delta(&d3, &p3);
+    let v = sign_version(
+        &rogue,
+        hm.round + 1,
+        &head_params,
+        vec![head.id()],
+        vec![d3.id()],
+    );
+    assert!(matches!(
+        verify::verify_version(&l, &cfg, &judged, &v),
+        Err(VersionRejection::DeltaRejected(r)) if matches!(r.reason, Rejection::NormTooLarge { .. })
+    ));
+
+    // 8. A "merge" of the head with its own parent, and of two honest
+    //    same-lineage versions: not branches.
+    let mean: Vec<f32> = head_params
+        .iter()
+        .zip(&parent_params)
+        .map(|(a, b)| 0.5 * a + 0.5 * b)
+        .collect();
+    let v = sign_version(
+        &rogue,
+        hm.round,
+        &mean,
+        vec![head.id(), parent.id()],
+        vec![],
+    );
+    assert_eq!(
+        verify::verify_version(&l, &cfg, &door, &v).unwrap_err(),
+        VersionRejection::NotABranch
+    );
+
+    // 9. A line of the rogue's own: three rounds, only its deltas, each
+    //    version honestly computed (so each verifies) — then a merge of it
+    //    with the honest head. One author is not a branch.
+    let mut line = (parent.clone(), parent_params.clone());
+    let mut seq = 10;
+    for _ in 0..4 {
+        let r = line.0.message().round;
+        seq += 1;
+        let (d, p) = sign_delta(&rogue, r, seq, &small);
+        l.add_delta(&d, &p);
+        let params = aggregate_onto(
+            &cfg,
+            &line.1,
+            &[DeltaInput {
+                id: d.id(),
+                sample_count: 1,
+                values: &small,
+            }],
+        )
+        .unwrap();
+        let v = sign_version(&rogue, r + 1, &params, vec![line.0.id()], vec![d.id()]);
+        l.models.insert(v.id(), v.clone());
+        let c = verify_all(&mut l, &cfg, &door, &v).unwrap();
+        assert_eq!(c.authors, 1);
+        line = (v, params);
+    }
+    let merged = verify::merge_params((head.id(), &head_params, 1.0), (line.0.id(), &line.1, 1.0));
+    let v = sign_version(
+        &rogue,
+        line.0.message().round.max(hm.round),
+        &merged,
+        {
+            let mut p = vec![head.id(), line.0.id()];
+            p.sort();
+            p
+        },
+        vec![],
+    );
+    assert_eq!(
+        verify::verify_version(&l, &cfg, &door, &v).unwrap_err(),
+        VersionRejection::NotABranch
+    );
+
+    // 10. No parent at all, or one parent and nothing aggregated.
+    let v = sign_version(&rogue, 1, &head_params, vec![], vec![]);
+    assert_eq!(
+        verify::check_shape(&cfg, v.message(), hm.round).unwrap_err(),
+        VersionRejection::ForgedGenesis
+    );
+    let v = sign_version(&rogue, hm.round + 1, &head_params, vec![head.id()], vec![]);
+    assert_eq!(
+        verify::check_shape(&cfg, v.message(), hm.round).unwrap_err(),
+        VersionRejection::NoDeltas
+    );
+    // 11. A version naming 10,000 ids is refused before anything is fetched.
+    let many: Vec<ContentId> = (0..10_000u32)
+        .map(|k| ContentId::of(&k.to_le_bytes()))
+        .collect();
+    let v = sign_version(&rogue, hm.round + 1, &head_params, vec![head.id()], many);
+    assert!(matches!(
+        verify::check_shape(&cfg, v.message(), hm.round),
+        Err(VersionRejection::Malformed(_))
+    ));
+}
+
+#[test]
+fn one_author_has_one_vote_per_round_at_the_door() {
+    let cfg = config(AggregationRule::Mean);
+    let mut e = Engine::new(cfg.clone(), Keypair::from_secret_bytes(&[1; 32]));
+    let params = spec().init(42);
+    let g = genesis(&cfg, &params, &Keypair::from_secret_bytes(&[99; 32])).unwrap();
+    let rogue = Keypair::from_secret_bytes(&[66; 32]);
+    e.handle(Input::PeerJoined(rogue.node_id()), 0);
+    e.handle(
+        Input::Start {
+            manifest: g,
+            params,
+        },
+        0,
+    );
+    let small = vec![0.001f32; spec().n_params()];
+    let mut fetched = 0;
+    let mut refused = 0;
+    for seq in 1..=20 {
+        let (d, _) = sign_delta(
+            &rogue,
+            0,
+            seq,
+            &small.iter().map(|v| v * seq as f32).collect::<Vec<_>>(),
+        );
+        for a in e.handle(Input::DeltaAnnounced(d), 1) {
+            match a {
+                Action::Fetch { .. } => fetched += 1,
+                Action::Penalise(r) => {
+                    assert_eq!(r.reason, Rejection::DuplicateAuthorRound { round: 0 });
+                    refused += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!((fetched, refused), (1, 19));
+    // A round number near u64::MAX is refused, not wrapped.
+    let (d, _) = sign_delta(&rogue, u64::MAX - 1, 100, &small);
+    let out = e.handle(Input::DeltaAnnounced(d), 2);
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Penalise(r) if matches!(r.reason, Rejection::FromTheFuture { .. }))),
+        "{out:?}"
+    );
+    let _ = BTreeMap::<u8, u8>::new();
+}
