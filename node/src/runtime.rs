@@ -823,7 +823,10 @@ impl Node {
         let own = self.engine.round();
         let next = m.round == own.saturating_add(1);
         let recent_merge = m.parents.len() > 1 && m.round.saturating_add(BRANCH_WINDOW) >= own;
-        let wanted = next || self.engine.would_adopt(m) || recent_merge;
+        // An older version may still be preferred by the fork choice (this
+        // node's line is backed by fewer members).
+        let older = m.round < own && m.round.saturating_add(BRANCH_WINDOW) >= own;
+        let wanted = next || self.engine.would_adopt(m) || recent_merge || older;
         if !self.running || !wanted {
             return Some(MessageAcceptance::Ignore);
         }
@@ -859,7 +862,15 @@ impl Node {
         let m = v.manifest.message();
         let own = self.engine.round();
         let head = self.engine.version();
-        let preferred = self.engine.prefers(m, checked.authors);
+        // The fork choice, against the head it was compared with (if the
+        // head moved on meanwhile, a later probe brings the version back).
+        let fork = match checked.fork {
+            Some((h, w)) if Some(h) == head => Some(w),
+            Some(_) => return,
+            None => None,
+        };
+        let preferred = self.engine.prefers(m, checked.authors, fork)
+            && (m.round <= own.saturating_add(1) || checked.backed);
         // Grown apart from this node's head (a partition)? Then merge rather
         // than adopt (which would lose this node's side's work) or ignore
         // (which would lose the other side's).
@@ -900,6 +911,7 @@ impl Node {
                 params: checked.params,
                 authors: checked.authors,
                 used: checked.used,
+                fork,
             })
             .await;
         }
@@ -1081,6 +1093,12 @@ struct Accepted {
     /// How it relates to this node's head (which one), if the two are
     /// branches that grew apart.
     split: Option<(ContentId, Split)>,
+    /// The head it was compared with, and the authors backing that head
+    /// and it since their lineages parted.
+    fork: Option<(ContentId, (usize, usize))>,
+    /// Whether enough of the members this node saw recently back it to
+    /// jump more than one round ahead ([`verify::catch_up_backed`]).
+    backed: bool,
 }
 
 /// The chunk store as [`Lineage`], with the manifests fetched for one
@@ -1291,15 +1309,28 @@ async fn verify_offered(
     .into_iter()
     .collect();
     let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
+    let head = head.filter(|h| *h != target.id() && l.is_verified(h));
     let split = head
-        .filter(|h| *h != target.id() && l.is_verified(h))
         .and_then(|h| l.model(&h).map(|hm| (h, hm)))
         .and_then(|(h, hm)| verify::branch_split(&l, &ctx.cfg, &hm, target).map(|s| (h, s)));
+    let (fork, backed) = match head {
+        Some(h) => {
+            let (ours, theirs) = verify::fork_authors(&l, h, target.id());
+            let recent = verify::recent_authors(&l, h);
+            (
+                Some((h, (ours.len(), theirs.len()))),
+                verify::catch_up_backed(theirs.len(), recent),
+            )
+        }
+        None => (None, true),
+    };
     Ok(Accepted {
         params: checked.params,
         authors: checked.authors,
         used,
         split,
+        fork,
+        backed,
     })
 }
 

@@ -823,3 +823,344 @@ fn over_quic_the_dht_tells_who_provides_a_delta() {
         );
     });
 }
+
+/// A permissioned region in `root`: `n` nodes initialised (region "test",
+/// quorum `quorum`), the roster holding them and `extra` node ids. Returns
+/// the nodes' directories.
+fn permissioned_region(root: &Path, n: usize, extra: &[String], quorum: &str) -> Vec<PathBuf> {
+    let region = root.join("region");
+    let out = tapestry()
+        .args(["region", "new", "--region", "test", "--dir"])
+        .arg(&region)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let region_key = field(&String::from_utf8_lossy(&out.stdout), "region key");
+    let dirs: Vec<PathBuf> = (0..n).map(|i| root.join(format!("n{i}"))).collect();
+    let mut ids = extra.to_vec();
+    for d in &dirs {
+        let out = tapestry()
+            .args(["init", "--region", "test", "--data-dir"])
+            .arg(d)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        ids.push(field(&String::from_utf8_lossy(&out.stdout), "node id"));
+        let cfg = d.join("config.toml");
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace(
+                "roster = \"\"",
+                &format!(
+                    "roster = {:?}",
+                    region.join("roster.cbor").display().to_string()
+                ),
+            )
+            .replace(
+                "region_key = \"\"",
+                &format!("region_key = \"{region_key}\""),
+            )
+            .replace("quorum = 1.0", &format!("quorum = {quorum}"));
+        std::fs::write(&cfg, text).unwrap();
+    }
+    let out = tapestry()
+        .args(["region", "add", "--dir"])
+        .arg(&region)
+        .args(&ids)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dirs
+}
+
+/// Runs three honest nodes of a region to the end: A first, B and C
+/// bootstrapping from A; `during` runs once A reached round 4, with A's
+/// address. Returns the nodes, still running, and their final statuses.
+fn three_honest(
+    dirs: &[PathBuf],
+    rounds: u64,
+    during: impl FnOnce(&Node),
+) -> (Vec<Node>, Vec<Value>) {
+    let args = |i: usize, boot: Option<&str>| run_args(Some(rounds), 2, (i, 3), boot);
+    let a = Node::start(&dirs[0], &args(0, None));
+    let boot = a.address();
+    let b = Node::start(&dirs[1], &args(1, Some(&boot)));
+    let c = Node::start(&dirs[2], &args(2, Some(&boot)));
+    wait_for(&[&a], 90, "A to reach round 4", |s| {
+        s["round"].as_u64().unwrap() >= 4
+    });
+    during(&a);
+    wait_for(&[&a, &b, &c], 240, "all to finish", |s| {
+        s["finished"].as_bool().unwrap()
+    });
+    settled_heads(&[&a, &b, &c]);
+    let st = [&a, &b, &c].iter().map(|n| n.status()).collect();
+    (vec![a, b, c], st)
+}
+
+fn mean_accuracy(st: &[Value]) -> f64 {
+    st.iter()
+        .map(|s| s["accuracy"].as_f64().unwrap())
+        .sum::<f64>()
+        / st.len() as f64
+}
+
+#[test]
+fn forged_versions_fail_against_every_honest_node_and_are_never_forwarded() {
+    use tapestry_node::core::verify::{DeltaInput, aggregate_onto, merge_params, params_chunk_ids};
+    use tapestry_protocol::{
+        Codec, ContentId, DeltaManifest, Keypair, ModelManifest, Signed, Verified,
+    };
+    let rogue_key = Keypair::from_secret_bytes(&[66; 32]);
+    let rogue_id = rogue_key.node_id().to_string();
+    let rounds = 20;
+    let tmp = tempfile::tempdir().unwrap();
+
+    // The control: the same region, the rogue on the roster but absent.
+    let control_dirs =
+        permissioned_region(&tmp.path().join("control"), 3, &[rogue_id.clone()], "0.75");
+    let (mut control, control_st) = three_honest(&control_dirs, rounds, |_| {});
+    for n in control.iter_mut() {
+        assert!(n.terminate().success(), "{}", n.log());
+    }
+    let control_acc = mean_accuracy(&control_st);
+
+    let dirs = permissioned_region(&tmp.path().join("attack"), 3, &[rogue_id], "0.75");
+    let cfg = tapestry_node::config::Config {
+        region: "test".into(),
+        ..Default::default()
+    }
+    .engine(0)
+    .unwrap();
+    let n = cfg.spec.n_params();
+    let chunk = cfg.chunk_size;
+    let forged: std::sync::Mutex<Vec<Verified<ModelManifest>>> = Default::default();
+    let (mut nodes, st) = three_honest(&dirs, rounds, |a| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let head: ContentId = a.status()["head"].as_str().unwrap().parse().unwrap();
+        rt.block_on(async {
+            let rogue = rogue::Rogue::connect_as(&a.address(), rogue_key.clone()).await;
+            let (h, hp) = rogue.fetch_version(head).await;
+            let hm = h.message().clone();
+            let (p, pp) = rogue.fetch_version(hm.parents[0]).await;
+            let sign =
+                |round: u64, params: &[f32], parents: Vec<ContentId>, deltas: Vec<ContentId>| {
+                    Signed::sign(
+                        ModelManifest {
+                            model_id: "digits".into(),
+                            region: "test".into(),
+                            round,
+                            author: rogue_key.node_id(),
+                            layout: cfg.spec.layout(),
+                            payload_bytes: n as u64 * 4,
+                            chunk_size: chunk as u32,
+                            chunk_ids: params_chunk_ids(params, chunk),
+                            parents,
+                            deltas,
+                            created_unix_ms: 0,
+                        },
+                        &rogue_key,
+                    )
+                    .unwrap()
+                };
+            let mut seq = 1_000_000;
+            let mut delta = |round: u64, values: &[f32]| -> (Verified<DeltaManifest>, Vec<u8>) {
+                seq += 1;
+                let payload = Codec::F32.encode(values).unwrap();
+                let norm = values
+                    .iter()
+                    .map(|v| f64::from(*v).powi(2))
+                    .sum::<f64>()
+                    .sqrt() as f32;
+                let d = Signed::sign(
+                    DeltaManifest {
+                        model_id: "digits".into(),
+                        region: "test".into(),
+                        round,
+                        base_version: ContentId::of(b""),
+                        author: rogue_key.node_id(),
+                        seq,
+                        codec: Codec::F32,
+                        layout: cfg.spec.layout(),
+                        payload_bytes: payload.len() as u64,
+                        chunk_size: chunk as u32,
+                        chunk_ids: payload.chunks(chunk).map(ContentId::of).collect(),
+                        sample_count: u64::MAX,
+                        l2_norm: norm,
+                        created_unix_ms: 0,
+                    },
+                    &rogue_key,
+                )
+                .unwrap();
+                rogue.serve_delta(&d, &payload);
+                (d, payload)
+            };
+            let mut out = Vec::new();
+            let evil: Vec<f32> = hp.iter().map(|v| -v).collect();
+            // 1. The head's round and parent, 64 made-up delta ids.
+            let made_up: Vec<ContentId> = (0..64u8).map(|k| ContentId::of(&[k, 7])).collect();
+            out.push(sign(hm.round, &evil, hm.parents.clone(), made_up));
+            // 2. A "merge" of the head and its parent.
+            let mut two = vec![h.id(), p.id()];
+            two.sort();
+            out.push(sign(hm.round, &evil, two, vec![]));
+            // 3. Round R+5 on the head, naming a real, well-formed delta.
+            let small = vec![1e-4f32; n];
+            let (d0, _) = delta(hm.round, &small);
+            out.push(sign(hm.round + 5, &evil, vec![h.id()], vec![d0.id()]));
+            // 4. Round u64::MAX − 1.
+            out.push(sign(u64::MAX - 1, &evil, vec![h.id()], vec![d0.id()]));
+            // 5. A line of its own from the head's parent (three rounds of
+            //    its deltas only, each version honestly computed), merged
+            //    with the head.
+            let mut line = (p.clone(), pp.clone());
+            for _ in 0..3 {
+                let r = line.0.message().round;
+                let (d, _) = delta(r, &small);
+                let params = aggregate_onto(
+                    &cfg,
+                    &line.1,
+                    &[DeltaInput {
+                        id: d.id(),
+                        sample_count: 1,
+                        values: &small,
+                    }],
+                )
+                .unwrap();
+                let v = sign(r + 1, &params, vec![line.0.id()], vec![d.id()]);
+                rogue.announce_version(&v).await;
+                out.push(v.clone());
+                line = (v, params);
+            }
+            let mut two = vec![h.id(), line.0.id()];
+            two.sort();
+            let merged = merge_params((h.id(), &hp, 1.0), (line.0.id(), &line.1, 10_000.0));
+            out.push(sign(
+                line.0.message().round.max(hm.round),
+                &merged,
+                two,
+                vec![],
+            ));
+            // 6. A merge with a version naming 10,000 unknown deltas.
+            let many: Vec<ContentId> = (0..10_000u32)
+                .map(|k| ContentId::of(&k.to_le_bytes()))
+                .collect();
+            let y = sign(hm.round, &evil, vec![p.id()], many);
+            rogue.announce_version(&y).await;
+            let mut two = vec![h.id(), y.id()];
+            two.sort();
+            out.push(y);
+            out.push(sign(hm.round, &evil, two, vec![]));
+            // 7. A line of its own extending the head, two rounds ahead.
+            let (d1, _) = delta(hm.round, &small);
+            let z1p = aggregate_onto(
+                &cfg,
+                &hp,
+                &[DeltaInput {
+                    id: d1.id(),
+                    sample_count: 1,
+                    values: &small,
+                }],
+            )
+            .unwrap();
+            let z1 = sign(hm.round + 1, &z1p, vec![h.id()], vec![d1.id()]);
+            rogue.announce_version(&z1).await;
+            let (d2, _) = delta(hm.round + 1, &small);
+            let z2p = aggregate_onto(
+                &cfg,
+                &z1p,
+                &[DeltaInput {
+                    id: d2.id(),
+                    sample_count: 1,
+                    values: &small,
+                }],
+            )
+            .unwrap();
+            let z2 = sign(hm.round + 2, &z2p, vec![z1.id()], vec![d2.id()]);
+            out.push(z1);
+            out.push(z2);
+            // Announce each, and answer head probes with each in turn.
+            for v in &out {
+                rogue.announce_version(v).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            *forged.lock().unwrap() = out;
+            // Stay a while, answering probes with the last one.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+    });
+    let forged = forged.into_inner().unwrap();
+    let digest = |m: &ModelManifest| {
+        ContentId::of(
+            &m.chunk_ids
+                .iter()
+                .flat_map(|c| *c.as_bytes())
+                .collect::<Vec<u8>>(),
+        )
+        .to_string()
+    };
+    let forged_digests: std::collections::BTreeSet<String> =
+        forged.iter().map(|v| digest(v.message())).collect();
+    for (s, name) in st.iter().zip(["A", "B", "C"]) {
+        eprintln!(
+            "{name}: round {} accuracy {} rejected {}",
+            s["round"], s["accuracy"], s["rejected"]
+        );
+        assert!(
+            !forged_digests.contains(s["head_params"].as_str().unwrap()),
+            "{name} holds a forged version: {s}"
+        );
+        assert!(s["accuracy"].as_f64().unwrap() >= 0.85, "{s}");
+        assert_eq!(s["round"].as_u64().unwrap(), rounds, "{s}");
+    }
+    // A refused each kind, counted by reason.
+    let ra = &st[0]["rejected"];
+    for reason in ["unknown_delta", "not_a_branch", "round_jump", "bad_version"] {
+        assert!(
+            ra[reason].as_u64().unwrap_or(0) >= 1,
+            "A did not count {reason}: {ra}"
+        );
+    }
+    // B and C heard the rogue only through A, which forwarded none of it.
+    for s in &st[1..] {
+        for reason in [
+            "unknown_delta",
+            "not_a_branch",
+            "round_jump",
+            "bad_version",
+            "version_mismatch",
+        ] {
+            assert!(
+                s["rejected"][reason].is_null(),
+                "{reason} reached a node only A could forward to: {s}"
+            );
+        }
+    }
+    let acc = mean_accuracy(&st);
+    eprintln!("mean accuracy {acc:.4} with the rogue, {control_acc:.4} without");
+    assert!(acc >= control_acc - 0.01, "{acc} against {control_acc}");
+    for n in nodes.iter_mut() {
+        assert!(n.terminate().success(), "{}", n.log());
+        assert!(!n.log().contains("panicked"), "{}", n.log());
+    }
+    // No honest lineage holds a rogue version (no merge naming one).
+    for d in &dirs {
+        let l = lineage(d).to_string();
+        for v in &forged {
+            assert!(
+                !l.contains(&v.id().to_string()),
+                "{} holds {}",
+                d.display(),
+                v.id()
+            );
+        }
+    }
+}

@@ -640,6 +640,7 @@ fn a_late_joiner_catches_up_by_adopting_a_newer_version() {
             params: peer.params().to_vec(),
             authors: 0,
             used: vec![],
+            fork: None,
         },
         1,
     );
@@ -659,6 +660,7 @@ fn a_late_joiner_catches_up_by_adopting_a_newer_version() {
             params: vec![0.0; spec().n_params()],
             authors: 0,
             used: vec![],
+            fork: None,
         },
         2,
     );
@@ -970,6 +972,7 @@ fn two_branches_merge_into_one_version_whoever_merges_them() {
             params: params.clone(),
             authors: 0,
             used: vec![],
+            fork: None,
         },
         2,
     );

@@ -636,6 +636,14 @@ fn forged_versions_fail_each_with_its_reason() {
         assert_eq!(c.authors, 1);
         line = (v, params);
     }
+    // Its line weighs one author against the region's; extending the head
+    // with it is not backed by enough of the members seen recently.
+    let (ours, theirs) = verify::fork_authors(&l, head.id(), line.0.id());
+    assert_eq!((ours.len(), theirs.len()), (3, 1));
+    assert!(!verify::catch_up_backed(
+        theirs.len(),
+        verify::recent_authors(&l, head.id())
+    ));
     let merged = verify::merge_params((head.id(), &head_params, 1.0), (line.0.id(), &line.1, 1.0));
     let v = sign_version(
         &rogue,

@@ -1008,6 +1008,7 @@ impl World<'_> {
                     params,
                     authors,
                     used,
+                    fork: None,
                 };
                 self.push(at, Event::Deliver { node: v, input });
                 return;

@@ -137,6 +137,10 @@ pub enum Input {
         /// Deltas already aggregated into it and its recent ancestors
         /// ([`super::verify::recent_deltas`]): not to be used again.
         used: Vec<ContentId>,
+        /// Distinct authors backing this node's head and the offered
+        /// version since their lineages parted
+        /// ([`super::verify::fork_authors`]), if the shell compared them.
+        fork: Option<(usize, usize)>,
     },
     /// A version from a branch that grew apart from this node's (a
     /// partition: each side went on training without the other's deltas),
@@ -428,10 +432,11 @@ impl Engine {
                 params,
                 authors,
                 used,
+                fork,
             } => {
                 // Catch up by adopting a later version instead of replaying,
                 // or settle on the preferred version of this round.
-                if self.prefers(manifest.message(), authors)
+                if self.prefers(manifest.message(), authors, fork)
                     && params.len() == self.params.len()
                     && params.iter().all(|v| v.is_finite())
                 {
@@ -523,18 +528,27 @@ impl Engine {
     /// and, if every delta it names turns out to be a distinct author's,
     /// preferred by [`version_rank`]. The shell verifies only what passes.
     pub fn would_adopt(&self, m: &ModelManifest) -> bool {
-        self.prefers(m, m.deltas.len())
+        self.prefers(m, m.deltas.len(), None)
     }
 
     /// Whether a verified version with `authors` distinct authors replaces
-    /// this node's: a later round, or the same round and preferred by
-    /// [`version_rank`] (two nodes that closed a round on different sets of
-    /// deltas settle on one version; every node picks the same one).
-    pub fn prefers(&self, m: &ModelManifest, authors: usize) -> bool {
+    /// this node's. With `fork` = (authors backing this node's head,
+    /// authors backing the offered version) since their lineages parted:
+    /// more backing wins, then the later round, then [`version_rank`] (the
+    /// fork choice: a line one member makes alone never outweighs the
+    /// region's). Without it: a later round, or the same round and
+    /// preferred by [`version_rank`] (two nodes that closed a round on
+    /// different sets of deltas settle on one version; every node picks the
+    /// same one).
+    pub fn prefers(&self, m: &ModelManifest, authors: usize, fork: Option<(usize, usize)>) -> bool {
         if m.model_id != self.config.model_id || m.region != self.config.region {
             return false;
         }
-        m.round > self.round || (m.round == self.round && version_rank(m, authors) > self.rank)
+        let rank = version_rank(m, authors);
+        match fork {
+            Some((ours, theirs)) => (theirs, m.round, rank) > (ours, self.round, self.rank),
+            None => m.round > self.round || (m.round == self.round && rank > self.rank),
+        }
     }
 
     /// The door's current norm limit (for checking the deltas a peer's
@@ -558,6 +572,17 @@ impl Engine {
         let round = self.round;
         self.neighbour_models.retain(|(r, _), _| *r >= round);
         self.trained = None;
+        if self.votes.contains_key(&(self.round, self.node_id())) {
+            // This node already voted in this round (it moved to a
+            // preferred version of the round after publishing): its delta
+            // stands, one vote per author per round, so no second one.
+            self.training = false;
+            self.timer_ms = now_ms + self.config.round_timeout_ms;
+            out.push(Action::SetTimer {
+                at_ms: self.timer_ms,
+            });
+            return;
+        }
         out.push(Action::Train {
             round: self.round,
             version: self.version.unwrap_or_else(|| ContentId::of(b"")),

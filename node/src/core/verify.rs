@@ -633,3 +633,75 @@ pub fn branch_split(
         b_lacks,
     })
 }
+
+/// The versions in the verified lineage of `v` down to round `lo`.
+fn ancestry(
+    l: &impl Lineage,
+    v: ContentId,
+    lo: u64,
+) -> BTreeMap<ContentId, Verified<ModelManifest>> {
+    let mut out = BTreeMap::new();
+    let mut queue = vec![v];
+    while let Some(id) = queue.pop() {
+        if out.len() >= MAX_WALK || out.contains_key(&id) || !l.is_verified(&id) {
+            continue;
+        }
+        let Some(m) = l.model(&id) else { continue };
+        if m.message().round < lo {
+            continue;
+        }
+        queue.extend(m.message().parents.iter().copied());
+        out.insert(id, m);
+    }
+    out
+}
+
+/// Who backs each of two verified versions since their lineages parted:
+/// the distinct authors of the deltas aggregated into the versions of one
+/// lineage and not the other (walked back to [`BRANCH_WINDOW`] rounds
+/// before the earlier of the two). This is the fork choice's weight: a line
+/// one member makes alone weighs one author however many rounds it claims,
+/// while the region's line weighs everyone who contributed to it.
+pub fn fork_authors(
+    l: &impl Lineage,
+    a: ContentId,
+    b: ContentId,
+) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
+    let round = |id: &ContentId| l.model(id).map_or(0, |m| m.message().round);
+    let lo = round(&a).min(round(&b)).saturating_sub(BRANCH_WINDOW);
+    let (aa, bb) = (ancestry(l, a, lo), ancestry(l, b, lo));
+    let side = |mine: &BTreeMap<ContentId, Verified<ModelManifest>>,
+                other: &BTreeMap<ContentId, Verified<ModelManifest>>| {
+        mine.iter()
+            .filter(|(id, _)| !other.contains_key(id))
+            .flat_map(|(_, m)| m.message().deltas.clone())
+            .filter_map(|d| l.delta(&d).map(|dm| dm.message().author))
+            .collect::<BTreeSet<NodeId>>()
+    };
+    (side(&aa, &bb), side(&bb, &aa))
+}
+
+/// Distinct authors of the deltas in `head`'s verified lineage over the
+/// last [`BRANCH_WINDOW`] rounds: the members this node saw contribute.
+pub fn recent_authors(l: &impl Lineage, head: ContentId) -> usize {
+    let round = l.model(&head).map_or(0, |m| m.message().round);
+    let window = window_deltas(
+        l,
+        head,
+        round.saturating_sub(BRANCH_WINDOW),
+        round.saturating_add(1),
+    );
+    authors_of(l, &window).len()
+}
+
+/// The fork choice between this node's head and a verified version: the
+/// version is preferred if more distinct authors back it since the two
+/// parted ([`fork_authors`]), then if it is of a later round, then by
+/// [`super::engine::version_rank`] (the engine applies this). A version
+/// that jumps more than one round ahead must besides be backed by at
+/// least half of the members this node saw contribute recently
+/// ([`recent_authors`]), so one member cannot pull a node onto a line of
+/// its own that extends the node's head.
+pub fn catch_up_backed(theirs: usize, recent: usize) -> bool {
+    theirs >= recent.div_ceil(2).max(1)
+}
