@@ -925,8 +925,12 @@ fn forged_versions_fail_against_every_honest_node_and_are_never_forwarded() {
     let tmp = tempfile::tempdir().unwrap();
 
     // The control: the same region, the rogue on the roster but absent.
-    let control_dirs =
-        permissioned_region(&tmp.path().join("control"), 3, &[rogue_id.clone()], "0.75");
+    let control_dirs = permissioned_region(
+        &tmp.path().join("control"),
+        3,
+        std::slice::from_ref(&rogue_id),
+        "0.75",
+    );
     let (mut control, control_st) = three_honest(&control_dirs, rounds, |_| {});
     for n in control.iter_mut() {
         assert!(n.terminate().success(), "{}", n.log());
