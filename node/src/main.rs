@@ -776,8 +776,32 @@ fn lineage(a: &LineageArgs) -> Result<ExitCode, String> {
             None => absent.push(id.to_string()),
         }
     }
+    // Per version: its round, and how many deltas of how many distinct
+    // authors it aggregated (as far as their manifests are held).
+    let mut per_version = serde_json::Map::new();
+    for v in &l.versions {
+        if let Some(m) = store.get_model_manifest(v).map_err(|e| e.to_string())? {
+            let m = m.message();
+            let authors: std::collections::BTreeSet<String> = m
+                .deltas
+                .iter()
+                .filter_map(|d| store.get_delta_manifest(d).ok().flatten())
+                .map(|d| d.message().author.to_string())
+                .collect();
+            per_version.insert(
+                v.to_string(),
+                serde_json::json!({
+                    "round": m.round,
+                    "parents": m.parents.len(),
+                    "deltas": m.deltas.len(),
+                    "authors": authors.len(),
+                }),
+            );
+        }
+    }
     let out = serde_json::json!({
         "version": version.to_string(),
+        "by_version": per_version,
         "versions": l.versions.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "deltas_by_author": by_author,
         "rounds_by_author": rounds,

@@ -146,6 +146,9 @@ pub struct Status {
     pub deltas_accepted: u64,
     /// Deltas and messages rejected, by reason.
     pub rejected: BTreeMap<String, u64>,
+    /// The largest L2 norm a delta may have now (a multiple of the median
+    /// of recent deltas' norms), once enough were seen.
+    pub norm_limit: Option<f32>,
     /// Whether the node has finished its configured rounds.
     pub finished: bool,
 }
@@ -594,7 +597,9 @@ impl Node {
                 .flat_map(|c| *c.as_bytes())
                 .collect::<Vec<u8>>(),
         );
+        let norm_limit = self.engine.door().norm_limit();
         self.shared.update(|s| {
+            s.norm_limit = norm_limit;
             s.round = m.round;
             s.head = Some(manifest.id().to_string());
             s.head_params = Some(params_id.to_string());

@@ -327,6 +327,21 @@ mod rogue {
         /// Who it is connected to.
         pub peer: libp2p::PeerId,
         pub topic: String,
+        /// Announcements heard on the deltas topic.
+        pub heard: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
+    }
+
+    /// How a ballot-stuffing member crafts its deltas from the honest
+    /// deltas of the round before.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Attack {
+        /// The honest mean's direction reversed, at 9× the honest median norm.
+        SignFlip,
+        /// "A little is enough" (Baruch et al. 2019): mean − z·σ per
+        /// coordinate, z = 1.
+        Alie,
+        /// Inner-product manipulation (Xie et al. 2020): −ε·mean, ε = 0.5.
+        Ipm,
     }
 
     pub fn spec() -> ModelSpec {
@@ -365,11 +380,16 @@ mod rogue {
             let served = chunks.clone();
             let (served_manifests, served_head) = (manifests.clone(), head.clone());
             let handle = net.clone();
+            let (heard_tx, heard) = mpsc::channel(4096);
+            let deltas_hash = libp2p::gossipsub::IdentTopic::new(&topic).hash();
             tokio::spawn(async move {
                 while let Some(event) = events.recv().await {
                     match event {
                         NetEvent::PeerConnected(p) => {
                             let _ = connected_tx.try_send(p);
+                        }
+                        NetEvent::Gossip { topic, data, .. } if topic == deltas_hash => {
+                            let _ = heard_tx.try_send(data);
                         }
                         NetEvent::Request {
                             request: FetchRequest::SignedManifest(id),
@@ -414,7 +434,118 @@ mod rogue {
                 head,
                 peer,
                 topic,
+                heard: tokio::sync::Mutex::new(heard),
             }
+        }
+
+        /// For each round the honest nodes announce deltas in (up to
+        /// `until`), publishes `per_round` different deltas of its own made
+        /// by `attack` from the previous round's honest deltas, each
+        /// claiming `u64::MAX` samples. Returns how many it published.
+        pub async fn stuff_ballots(&self, attack: Attack, per_round: usize, until: u64) -> usize {
+            let n = spec().n_params();
+            let mut honest: std::collections::BTreeMap<u64, Vec<Vec<f32>>> = Default::default();
+            let mut attacked = std::collections::BTreeSet::new();
+            let mut seq = 1u64;
+            let mut published = 0;
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(90);
+            let mut heard = self.heard.lock().await;
+            while tokio::time::Instant::now() < deadline {
+                let Ok(Some(data)) =
+                    tokio::time::timeout(std::time::Duration::from_secs(1), heard.recv()).await
+                else {
+                    continue;
+                };
+                let Ok(m) = Signed::<DeltaManifest>::open(&data) else {
+                    continue;
+                };
+                let m = m.message().clone();
+                if m.author == self.key.node_id() {
+                    continue;
+                }
+                let mut bytes = Vec::new();
+                for c in &m.chunk_ids {
+                    if let Ok(FetchResponse::Chunk(b)) =
+                        self.net.fetch(self.peer, FetchRequest::Chunk(*c)).await
+                    {
+                        bytes.extend_from_slice(&b);
+                    }
+                }
+                if let Ok(values) = m.codec.decode(&bytes, n) {
+                    honest.entry(m.round).or_default().push(values);
+                }
+                let r = m.round;
+                if r >= until {
+                    break;
+                }
+                let Some(prev) = r.checked_sub(1).and_then(|p| honest.get(&p)) else {
+                    continue;
+                };
+                if prev.is_empty() || !attacked.insert(r) {
+                    continue;
+                }
+                let k = prev.len() as f32;
+                let mean: Vec<f32> = (0..n)
+                    .map(|i| prev.iter().map(|v| v[i]).sum::<f32>() / k)
+                    .collect();
+                let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                let evil: Vec<f32> = match attack {
+                    Attack::SignFlip => {
+                        let mut norms: Vec<f32> = prev.iter().map(|v| norm(v)).collect();
+                        norms.sort_by(f32::total_cmp);
+                        let scale = 9.0 * norms[norms.len() / 2] / norm(&mean).max(1e-12);
+                        mean.iter().map(|x| -scale * x).collect()
+                    }
+                    Attack::Alie => (0..n)
+                        .map(|i| {
+                            let var =
+                                prev.iter().map(|v| (v[i] - mean[i]).powi(2)).sum::<f32>() / k;
+                            mean[i] - var.sqrt()
+                        })
+                        .collect(),
+                    Attack::Ipm => mean.iter().map(|x| -0.5 * x).collect(),
+                };
+                for j in 0..per_round {
+                    let values: Vec<f32> =
+                        evil.iter().map(|x| x * (1.0 + j as f32 * 1e-4)).collect();
+                    let payload = Codec::F32.encode(&values).unwrap();
+                    let d = DeltaManifest {
+                        model_id: "digits".into(),
+                        region: "test".into(),
+                        round: r,
+                        base_version: ContentId::of(b""),
+                        author: self.key.node_id(),
+                        seq,
+                        codec: Codec::F32,
+                        layout: spec().layout(),
+                        payload_bytes: payload.len() as u64,
+                        chunk_size: tapestry_protocol::DEFAULT_CHUNK_SIZE as u32,
+                        chunk_ids: payload
+                            .chunks(tapestry_protocol::DEFAULT_CHUNK_SIZE)
+                            .map(ContentId::of)
+                            .collect(),
+                        sample_count: u64::MAX,
+                        l2_norm: values
+                            .iter()
+                            .map(|v| f64::from(*v).powi(2))
+                            .sum::<f64>()
+                            .sqrt() as f32,
+                        created_unix_ms: 0,
+                    };
+                    seq += 1;
+                    let d = Signed::sign(d, &self.key).unwrap();
+                    self.serve_delta(&d, &payload);
+                    if self
+                        .net
+                        .publish(&self.topic, d.envelope_bytes().to_vec())
+                        .await
+                        .is_ok()
+                    {
+                        published += 1;
+                    }
+                }
+            }
+            published
         }
 
         /// Serves a signed model version (and answers head probes with it),
@@ -1167,4 +1298,158 @@ fn forged_versions_fail_against_every_honest_node_and_are_never_forwarded() {
             );
         }
     }
+}
+
+/// What one run of five honest nodes (and perhaps a ballot-stuffing
+/// member) ended with.
+struct VoteRun {
+    accuracy: f64,
+    /// Node A's rejections by reason (the rogue talks to A only).
+    rejected: Value,
+    /// A's norm limit when it reached round 2, and at the end.
+    norm_limits: (f64, f64),
+    /// A's head lineage.
+    lineage: Value,
+    /// Deltas the rogue published.
+    published: usize,
+}
+
+fn five_and_a_rogue(
+    root: &Path,
+    rule: &str,
+    attack: Option<rogue::Attack>,
+    rogue_key: &tapestry_protocol::Keypair,
+) -> VoteRun {
+    let rounds = 10;
+    let dirs: Vec<PathBuf> = (0..5).map(|i| root.join(format!("n{i}"))).collect();
+    for d in &dirs {
+        init(d);
+        let cfg = d.join("config.toml");
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("aggregator = \"mean\"", &format!("aggregator = \"{rule}\""))
+            .replace("quorum = 1.0", "quorum = 0.8");
+        std::fs::write(&cfg, text).unwrap();
+    }
+    let args = |i: usize, boot: Option<&str>| run_args(Some(rounds), 4, (i, 5), boot);
+    let a = Node::start(&dirs[0], &args(0, None));
+    let boot = a.address();
+    let rogue = attack.map(|attack| {
+        let (key, target) = (rogue_key.clone(), boot.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                let rogue = rogue::Rogue::connect_as(&target, key).await;
+                rogue.stuff_ballots(attack, 20, rounds).await
+            })
+        })
+    });
+    let others: Vec<Node> = (1..5)
+        .map(|i| Node::start(&dirs[i], &args(i, Some(&boot))))
+        .collect();
+    let early = wait_for(&[&a], 90, "A to reach round 2", |s| {
+        s["round"].as_u64().unwrap() >= 2
+    });
+    let mut all: Vec<&Node> = vec![&a];
+    all.extend(others.iter());
+    let st = wait_for(&all, 240, "all to finish", |s| {
+        s["finished"].as_bool().unwrap()
+    });
+    let published = rogue.map_or(0, |t| t.join().unwrap());
+    let rejected = a.status()["rejected"].clone();
+    let norm = |s: &Value| s["norm_limit"].as_f64().unwrap_or(f64::NAN);
+    let norm_limits = (norm(&early[0]), norm(&a.status()));
+    let accuracy = mean_accuracy(&st);
+    let mut nodes = vec![a];
+    nodes.extend(others);
+    for n in nodes.iter_mut() {
+        assert!(n.terminate().success(), "{}", n.log());
+    }
+    VoteRun {
+        accuracy,
+        rejected,
+        norm_limits,
+        lineage: lineage(&dirs[0]),
+        published,
+    }
+}
+
+#[test]
+fn one_member_gets_one_vote_per_round_whatever_it_sends() {
+    use rogue::Attack;
+    let rogue_key = tapestry_protocol::Keypair::from_secret_bytes(&[77; 32]);
+    let rogue_id = rogue_key.node_id().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut table = Vec::new();
+    for rule in ["trimmed-mean:0.2", "mean"] {
+        let control = five_and_a_rogue(
+            &tmp.path().join(format!("{rule}-control")),
+            rule,
+            None,
+            &rogue_key,
+        );
+        table.push(format!(
+            "{rule:<16} {:<9} accuracy {:.4}",
+            "none", control.accuracy
+        ));
+        for attack in [Attack::SignFlip, Attack::Alie, Attack::Ipm] {
+            let run = five_and_a_rogue(
+                &tmp.path().join(format!("{rule}-{attack:?}")),
+                rule,
+                Some(attack),
+                &rogue_key,
+            );
+            table.push(format!(
+                "{rule:<16} {:<9} accuracy {:.4} ({:.3}× control)  published {}  duplicates refused {}  norm limit {:.4} -> {:.4}",
+                format!("{attack:?}"),
+                run.accuracy,
+                run.accuracy / control.accuracy,
+                run.published,
+                run.rejected["duplicate_author_round"],
+                run.norm_limits.0,
+                run.norm_limits.1,
+            ));
+            eprintln!("{}", table.last().unwrap());
+            // It sent 20 a round; A admitted one per round and refused the rest.
+            assert!(run.published >= 20, "the rogue published {}", run.published);
+            assert!(
+                run.rejected["duplicate_author_round"].as_u64().unwrap_or(0) >= 19,
+                "{}",
+                run.rejected
+            );
+            // In the head's lineage: at most one delta of the rogue per round,
+            // and every version aggregates at least quorum-many distinct
+            // authors (0.8 of the five honest nodes A's peers see besides the
+            // rogue: four).
+            let l = &run.lineage;
+            let rogue_deltas = l["deltas_by_author"][&rogue_id]
+                .as_array()
+                .map_or(0, Vec::len);
+            let rogue_rounds = l["rounds_by_author"][&rogue_id]
+                .as_array()
+                .map_or(0, Vec::len);
+            assert_eq!(rogue_deltas, rogue_rounds, "{l}");
+            for (id, v) in l["by_version"].as_object().unwrap() {
+                if v["parents"].as_u64().unwrap() == 1 {
+                    assert!(v["authors"].as_u64().unwrap() >= 4, "{id}: {v}");
+                }
+            }
+            // The norm limit does not ratchet up under large-but-admissible
+            // deltas.
+            assert!(
+                run.norm_limits.1 < 2.0 * run.norm_limits.0,
+                "norm limit {:?}",
+                run.norm_limits
+            );
+            if rule != "mean" {
+                assert!(
+                    run.accuracy >= 0.95 * control.accuracy,
+                    "{rule} under {attack:?}: {} against {}",
+                    run.accuracy,
+                    control.accuracy
+                );
+            }
+        }
+    }
+    eprintln!("{}", table.join("\n"));
 }
