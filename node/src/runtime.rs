@@ -28,13 +28,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::core::data::Dataset;
 use crate::core::door::Door;
-use crate::core::engine::{
-    Action, Engine, EngineConfig, Input, VersionRank, genesis, version_rank,
-};
+use crate::core::engine::{Action, Engine, EngineConfig, Input, VersionRank, genesis};
+use crate::core::heads;
 use crate::core::model::{InnerState, TrainConfig, evaluate, train_local};
-use crate::core::verify::{
-    self, BRANCH_WINDOW, Lineage, Plan, Split, VersionRejection, check_shape,
-};
+use crate::core::verify::{self, Lineage, Plan, VersionRejection, check_shape};
 use crate::metrics::Metrics;
 use crate::net::{self, Command, NetEvent, NetHandle};
 
@@ -825,14 +822,7 @@ impl Node {
         if self.is_verified(&manifest.id()) {
             return Some(MessageAcceptance::Accept);
         }
-        let own = self.engine.round();
-        let next = m.round == own.saturating_add(1);
-        let recent_merge = m.parents.len() > 1 && m.round.saturating_add(BRANCH_WINDOW) >= own;
-        // An older version may still be preferred by the fork choice (this
-        // node's line is backed by fewer members).
-        let older = m.round < own && m.round.saturating_add(BRANCH_WINDOW) >= own;
-        let wanted = next || self.engine.would_adopt(m) || recent_merge || older;
-        if !self.running || !wanted {
+        if !self.running || !heads::worth_verifying(&self.engine, m) {
             return Some(MessageAcceptance::Ignore);
         }
         if self.verify_once(manifest, source, gossip) {
@@ -864,61 +854,24 @@ impl Node {
         if let Some(id) = v.gossip {
             self.report(id, v.source, MessageAcceptance::Accept).await;
         }
-        let m = v.manifest.message();
-        let own = self.engine.round();
-        let head = self.engine.version();
-        // The fork choice, against the head it was compared with (if the
-        // head moved on meanwhile, a later probe brings the version back).
-        let fork = match checked.fork {
-            Some((h, w)) if Some(h) == head => Some(w),
-            Some(_) => return,
-            None => None,
-        };
-        let preferred = self.engine.prefers(m, checked.authors, fork)
-            && (m.round <= own.saturating_add(1) || checked.backed);
-        // Grown apart from this node's head (a partition)? Then merge rather
-        // than adopt (which would lose this node's side's work) or ignore
-        // (which would lose the other side's).
-        if let Some((against, split)) = checked.split.filter(|(h, _)| Some(*h) == head) {
-            let merge = if m.round >= own {
-                preferred && split.b_lacks
-            } else {
-                split.a_lacks
-            };
-            if merge {
-                tracing::info!(round = m.round, version = %v.manifest.id().short(), weights = ?split.weights, "merging a branch that grew apart");
-                self.feed(Input::BranchOffered {
-                    manifest: v.manifest,
-                    params: checked.params,
-                    against,
-                    weights: split.weights,
-                    used: checked.used,
-                })
-                .await;
-                return;
+        let source = v.source;
+        let (manifest, (params, assessment)) = (v.manifest, checked);
+        let round = manifest.message().round;
+        let id = manifest.id();
+        match heads::decide(&self.engine, manifest.clone(), params, assessment) {
+            heads::Decision::Feed(input) => {
+                if let Input::BranchOffered { weights, .. } = input.as_ref() {
+                    tracing::info!(round, version = %id.short(), ?weights, "merging a branch that grew apart");
+                }
+                self.feed(*input).await;
             }
-        }
-        if m.round == own.saturating_add(1) {
-            // Remembered for when this node closes its own round.
-            let rank = version_rank(m, checked.authors);
-            if self
-                .best_seen
-                .get(&m.round)
-                .is_none_or(|(r, _, _)| rank > *r)
-            {
-                self.best_seen.insert(m.round, (rank, v.manifest, v.source));
+            heads::Decision::Remember(rank) => {
+                // Kept for when this node closes its own round.
+                if self.best_seen.get(&round).is_none_or(|(r, _, _)| rank > *r) {
+                    self.best_seen.insert(round, (rank, manifest, source));
+                }
             }
-            return;
-        }
-        if preferred {
-            self.feed(Input::ModelOffered {
-                manifest: v.manifest,
-                params: checked.params,
-                authors: checked.authors,
-                used: checked.used,
-                fork,
-            })
-            .await;
+            heads::Decision::Leave => {}
         }
     }
 
@@ -1086,24 +1039,7 @@ struct Verdict {
     manifest: Verified<ModelManifest>,
     source: PeerId,
     gossip: Option<libp2p::gossipsub::MessageId>,
-    result: Result<Accepted, VersionRejection>,
-}
-
-/// A version that passed verification, with what the engine needs.
-struct Accepted {
-    params: Vec<f32>,
-    authors: usize,
-    /// Deltas in its recent lineage (not to be aggregated again).
-    used: Vec<ContentId>,
-    /// How it relates to this node's head (which one), if the two are
-    /// branches that grew apart.
-    split: Option<(ContentId, Split)>,
-    /// The head it was compared with, and the authors backing that head
-    /// and it since their lineages parted.
-    fork: Option<(ContentId, (usize, usize))>,
-    /// Whether enough of the members this node saw recently back it to
-    /// jump more than one round ahead ([`verify::catch_up_backed`]).
-    backed: bool,
+    result: Result<(Vec<f32>, heads::Assessment), VersionRejection>,
 }
 
 /// The chunk store as [`Lineage`], with the manifests fetched for one
@@ -1176,7 +1112,7 @@ async fn verify_offered(
     ctx: &VerifyCtx,
     target: &Verified<ModelManifest>,
     providers: &[PeerId],
-) -> Result<Accepted, VersionRejection> {
+) -> Result<(Vec<f32>, heads::Assessment), VersionRejection> {
     let mut l = StoreLineage {
         store: &ctx.store,
         models: HashMap::new(),
@@ -1254,89 +1190,41 @@ async fn verify_offered(
         }
     }
     let order = order.ok_or(VersionRejection::TooFarBehind { limit: max_chain })?;
-    let mut target_checked = None;
-    for id in order {
-        let v = if id == target.id() {
-            target.clone()
-        } else {
-            l.model(&id).ok_or(VersionRejection::UnknownParent(id))?
-        };
-        let checked = verify::verify_version(&l, &ctx.cfg, &ctx.door, &v)?;
-        // Keep it: the deltas it names, its parameters, its manifest, and
-        // the mark that it is verified.
-        let kept = (|| -> Result<(), tapestry_storage::StoreError> {
-            for d in &v.message().deltas {
-                if let Some(dm) = l.deltas.get(d) {
-                    ctx.store.put_delta_manifest(dm)?;
+    let store = ctx.store.clone();
+    let checked = verify::verify_in_order(
+        &mut l,
+        &ctx.cfg,
+        &ctx.door,
+        target,
+        &order,
+        |l, v, checked| {
+            // Keep it: the deltas it names, its parameters as computed here,
+            // its manifest, and the mark that it is verified.
+            let kept = (|| -> Result<(), tapestry_storage::StoreError> {
+                for d in &v.message().deltas {
+                    if let Some(dm) = l.deltas.get(d) {
+                        store.put_delta_manifest(dm)?;
+                    }
                 }
-            }
-            let bytes: Vec<u8> = checked
-                .params
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect();
-            ctx.store
-                .put_payload(&bytes, v.message().chunk_size as usize)?;
-            ctx.store.put_model_manifest(&v)?;
-            ctx.store.set_ref(&verified_ref(&id), id)?;
-            Ok(())
-        })();
-        if let Err(e) = kept {
-            tracing::error!(error = %e, "cannot store a verified version");
-            return Err(VersionRejection::UnknownParent(id));
-        }
-        if id == target.id() {
-            target_checked = Some(checked);
-        }
-    }
-    let checked = match target_checked {
-        Some(c) => c,
-        // Verified before: what the engine needs, from the store.
-        None => verify::Checked {
-            params: l
-                .params(&target.id())
-                .ok_or(VersionRejection::UnknownParent(target.id()))?,
-            authors: target
-                .message()
-                .deltas
-                .iter()
-                .filter_map(|d| l.delta(d).map(|m| m.message().author))
-                .collect::<BTreeSet<_>>()
-                .len(),
+                let bytes: Vec<u8> = checked
+                    .params
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect();
+                store.put_payload(&bytes, v.message().chunk_size as usize)?;
+                store.put_model_manifest(v)?;
+                store.set_ref(&verified_ref(&v.id()), v.id())?;
+                Ok(())
+            })();
+            kept.map_err(|e| {
+                tracing::error!(error = %e, "cannot store a verified version");
+                VersionRejection::UnknownParent(v.id())
+            })
         },
-    };
-    let m = target.message();
-    let used = verify::recent_deltas(
-        &l,
-        target.id(),
-        m.round.saturating_sub(ctx.cfg.door.staleness),
-    )
-    .into_iter()
-    .collect();
+    )?;
     let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
-    let head = head.filter(|h| *h != target.id() && l.is_verified(h));
-    let split = head
-        .and_then(|h| l.model(&h).map(|hm| (h, hm)))
-        .and_then(|(h, hm)| verify::branch_split(&l, &ctx.cfg, &hm, target).map(|s| (h, s)));
-    let (fork, backed) = match head {
-        Some(h) => {
-            let (ours, theirs) = verify::fork_authors(&l, h, target.id());
-            let recent = verify::recent_authors(&l, h);
-            (
-                Some((h, (ours.len(), theirs.len()))),
-                verify::catch_up_backed(theirs.len(), recent),
-            )
-        }
-        None => (None, true),
-    };
-    Ok(Accepted {
-        params: checked.params,
-        authors: checked.authors,
-        used,
-        split,
-        fork,
-        backed,
-    })
+    let assessment = heads::assess(&l, &ctx.cfg, head, target, &checked);
+    Ok((checked.params, assessment))
 }
 
 /// f32 little-endian bytes to values.

@@ -638,10 +638,10 @@ fn forged_versions_fail_each_with_its_reason() {
     }
     // Its line weighs one author against the region's; extending the head
     // with it is not backed by enough of the members seen recently.
-    let (ours, theirs) = verify::fork_authors(&l, head.id(), line.0.id());
-    assert_eq!((ours.len(), theirs.len()), (3, 1));
+    let w = verify::fork_weights(&l, head.id(), line.0.id());
+    assert_eq!((w.a, w.b, w.b_authors.len()), (3, 4, 1));
     assert!(!verify::catch_up_backed(
-        theirs.len(),
+        w.b_authors.len(),
         verify::recent_authors(&l, head.id())
     ));
     let merged = verify::merge_params((head.id(), &head_params, 1.0), (line.0.id(), &line.1, 1.0));

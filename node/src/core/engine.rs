@@ -137,9 +137,9 @@ pub enum Input {
         /// Deltas already aggregated into it and its recent ancestors
         /// ([`super::verify::recent_deltas`]): not to be used again.
         used: Vec<ContentId>,
-        /// Distinct authors backing this node's head and the offered
-        /// version since their lineages parted
-        /// ([`super::verify::fork_authors`]), if the shell compared them.
+        /// Weights of this node's head and of the offered version since
+        /// their lineages parted ([`super::verify::fork_weights`]), if the
+        /// shell compared them.
         fork: Option<(usize, usize)>,
     },
     /// A version from a branch that grew apart from this node's (a
@@ -532,11 +532,11 @@ impl Engine {
     }
 
     /// Whether a verified version with `authors` distinct authors replaces
-    /// this node's. With `fork` = (authors backing this node's head,
-    /// authors backing the offered version) since their lineages parted:
-    /// more backing wins, then the later round, then [`version_rank`] (the
-    /// fork choice: a line one member makes alone never outweighs the
-    /// region's). Without it: a later round, or the same round and
+    /// this node's. With `fork` = (weight of this node's head, weight of
+    /// the offered version) since their lineages parted
+    /// ([`super::verify::fork_weights`]): the heavier wins, then the later
+    /// round, then [`version_rank`] (the fork choice: votes cast, not
+    /// rounds claimed). Without it: a later round, or the same round and
     /// preferred by [`version_rank`] (two nodes that closed a round on
     /// different sets of deltas settle on one version; every node picks the
     /// same one).

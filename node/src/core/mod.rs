@@ -12,11 +12,14 @@
 //! - [`door`]: the checks every incoming delta passes, with named reasons.
 //! - [`engine`]: the round engine (broadcast, neighbour mixing, push-sum).
 //! - [`verify`]: checking a peer's model version by recomputation.
+//! - [`heads`]: the agreement policy: which versions to verify, and what to
+//!   do with one that passed (adopt, merge, remember, leave).
 
 pub mod aggregate;
 pub mod data;
 pub mod door;
 pub mod engine;
+pub mod heads;
 pub mod mixing;
 pub mod model;
 pub mod outer;

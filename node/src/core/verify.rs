@@ -656,29 +656,48 @@ fn ancestry(
     out
 }
 
-/// Who backs each of two verified versions since their lineages parted:
-/// the distinct authors of the deltas aggregated into the versions of one
-/// lineage and not the other (walked back to [`BRANCH_WINDOW`] rounds
-/// before the earlier of the two). This is the fork choice's weight: a line
-/// one member makes alone weighs one author however many rounds it claims,
-/// while the region's line weighs everyone who contributed to it.
-pub fn fork_authors(
-    l: &impl Lineage,
-    a: ContentId,
-    b: ContentId,
-) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
+/// How much each of two verified versions is backed since their lineages
+/// parted: over the versions of one lineage and not the other (walked back
+/// to [`BRANCH_WINDOW`] rounds before the earlier of the two), the sum of
+/// each version's distinct authors — one vote per author per version, so
+/// a line weighs the votes cast for it, whatever ids its manifests list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForkWeights {
+    /// The weight of `a`'s side.
+    pub a: usize,
+    /// The weight of `b`'s side.
+    pub b: usize,
+    /// The distinct authors on `b`'s side.
+    pub b_authors: BTreeSet<NodeId>,
+}
+
+/// The fork choice's weights of `a` and `b` ([`ForkWeights`]).
+pub fn fork_weights(l: &impl Lineage, a: ContentId, b: ContentId) -> ForkWeights {
     let round = |id: &ContentId| l.model(id).map_or(0, |m| m.message().round);
     let lo = round(&a).min(round(&b)).saturating_sub(BRANCH_WINDOW);
     let (aa, bb) = (ancestry(l, a, lo), ancestry(l, b, lo));
     let side = |mine: &BTreeMap<ContentId, Verified<ModelManifest>>,
                 other: &BTreeMap<ContentId, Verified<ModelManifest>>| {
-        mine.iter()
-            .filter(|(id, _)| !other.contains_key(id))
-            .flat_map(|(_, m)| m.message().deltas.clone())
-            .filter_map(|d| l.delta(&d).map(|dm| dm.message().author))
-            .collect::<BTreeSet<NodeId>>()
+        let mut weight = 0;
+        let mut all = BTreeSet::new();
+        for (_, m) in mine.iter().filter(|(id, _)| !other.contains_key(id)) {
+            let authors: BTreeSet<NodeId> = m
+                .message()
+                .deltas
+                .iter()
+                .filter_map(|d| l.delta(d).map(|dm| dm.message().author))
+                .collect();
+            weight += authors.len();
+            all.extend(authors);
+        }
+        (weight, all)
     };
-    (side(&aa, &bb), side(&bb, &aa))
+    let ((wa, _), (wb, b_authors)) = (side(&aa, &bb), side(&bb, &aa));
+    ForkWeights {
+        a: wa,
+        b: wb,
+        b_authors,
+    }
 }
 
 /// Distinct authors of the deltas in `head`'s verified lineage over the
@@ -695,13 +714,55 @@ pub fn recent_authors(l: &impl Lineage, head: ContentId) -> usize {
 }
 
 /// The fork choice between this node's head and a verified version: the
-/// version is preferred if more distinct authors back it since the two
-/// parted ([`fork_authors`]), then if it is of a later round, then by
+/// version is preferred if it weighs more since the two parted
+/// ([`fork_weights`]), then if it is of a later round, then by
 /// [`super::engine::version_rank`] (the engine applies this). A version
 /// that jumps more than one round ahead must besides be backed by at
 /// least half of the members this node saw contribute recently
 /// ([`recent_authors`]), so one member cannot pull a node onto a line of
-/// its own that extends the node's head.
+/// its own that extends the node's head, however many rounds it claims.
 pub fn catch_up_backed(theirs: usize, recent: usize) -> bool {
     theirs >= recent.div_ceil(2).max(1)
+}
+
+/// Verifies the versions of a [`Plan::Ready`] order, parents first, handing
+/// each that passes to `keep` (which stores it and marks it verified, so
+/// its children find it), and returns what the target's check found — or,
+/// if the target was verified before, its parameters and authors as held.
+pub fn verify_in_order<L: Lineage>(
+    l: &mut L,
+    cfg: &EngineConfig,
+    door: &Door,
+    target: &Verified<ModelManifest>,
+    order: &[ContentId],
+    mut keep: impl FnMut(&mut L, &Verified<ModelManifest>, &Checked) -> Result<(), VersionRejection>,
+) -> Result<Checked, VersionRejection> {
+    let mut found = None;
+    for id in order {
+        let v = if *id == target.id() {
+            target.clone()
+        } else {
+            l.model(id).ok_or(VersionRejection::UnknownParent(*id))?
+        };
+        let checked = verify_version(&*l, cfg, door, &v)?;
+        keep(l, &v, &checked)?;
+        if *id == target.id() {
+            found = Some(checked);
+        }
+    }
+    match found {
+        Some(c) => Ok(c),
+        None => Ok(Checked {
+            params: l
+                .params(&target.id())
+                .ok_or(VersionRejection::UnknownParent(target.id()))?,
+            authors: target
+                .message()
+                .deltas
+                .iter()
+                .filter_map(|d| l.delta(d).map(|m| m.message().author))
+                .collect::<BTreeSet<_>>()
+                .len(),
+        }),
+    }
 }

@@ -1,0 +1,142 @@
+//! The agreement policy: what a node does with a peer's model version —
+//! whether to look at it at all, and once it is verified
+//! ([`super::verify`]), whether to adopt it, merge it, remember it for the
+//! round this node is closing, or leave it. The real node and the simulator
+//! both decide here; only fetching differs.
+
+use tapestry_protocol::{ContentId, ModelManifest, Verified};
+
+use super::engine::{Engine, EngineConfig, Input, version_rank};
+use super::verify::{self, BRANCH_WINDOW, Checked, Lineage, Split};
+
+/// Whether a peer's version (its manifest alone known, not yet verified)
+/// could matter to this node, so that verifying it is worth the work: the
+/// next round's (remembered for when this node closes its own), one the
+/// engine would adopt if it checks out, a recent merge (it may hold work
+/// this node lacks), or a recent older one (the fork choice may prefer it).
+pub fn worth_verifying(engine: &Engine, m: &ModelManifest) -> bool {
+    let own = engine.round();
+    let recent = m.round.saturating_add(BRANCH_WINDOW) >= own;
+    m.round == own.saturating_add(1)
+        || engine.would_adopt(m)
+        || (recent && m.parents.len() > 1)
+        || (recent && m.round < own)
+}
+
+/// How a verified version relates to this node's head.
+#[derive(Debug, Clone)]
+pub struct Assessment {
+    /// Distinct authors of the deltas it aggregates.
+    pub authors: usize,
+    /// Deltas in its recent lineage (never to be aggregated again on it).
+    pub used: Vec<ContentId>,
+    /// The head it was compared with.
+    pub head: Option<ContentId>,
+    /// If it and the head are branches that grew apart: how.
+    pub split: Option<Split>,
+    /// Weights of the head and of it since their lineages parted
+    /// ([`verify::fork_weights`]).
+    pub fork: Option<(usize, usize)>,
+    /// Whether enough of the members seen recently back it to jump more
+    /// than one round ahead ([`verify::catch_up_backed`]).
+    pub backed: bool,
+}
+
+/// Compares a verified version with this node's verified head.
+pub fn assess(
+    l: &impl Lineage,
+    cfg: &EngineConfig,
+    head: Option<ContentId>,
+    target: &Verified<ModelManifest>,
+    checked: &Checked,
+) -> Assessment {
+    let m = target.message();
+    let used = verify::recent_deltas(l, target.id(), m.round.saturating_sub(cfg.door.staleness))
+        .into_iter()
+        .collect();
+    let head = head.filter(|h| *h != target.id() && l.is_verified(h));
+    let split = head
+        .and_then(|h| l.model(&h))
+        .and_then(|hm| verify::branch_split(l, cfg, &hm, target));
+    let (fork, backed) = match head {
+        Some(h) => {
+            let w = verify::fork_weights(l, h, target.id());
+            let recent = verify::recent_authors(l, h);
+            (
+                Some((w.a, w.b)),
+                verify::catch_up_backed(w.b_authors.len(), recent),
+            )
+        }
+        None => (None, true),
+    };
+    Assessment {
+        authors: checked.authors,
+        used,
+        head,
+        split,
+        fork,
+        backed,
+    }
+}
+
+/// What to do with a verified version.
+#[derive(Debug, Clone)]
+pub enum Decision {
+    /// Feed the engine this input (adopt, or merge with the head).
+    Feed(Box<Input>),
+    /// The next round's version: keep it, with its rank, for when this node
+    /// closes its own round.
+    Remember(super::engine::VersionRank),
+    /// Nothing (not preferred, or the head moved on since it was assessed).
+    Leave,
+}
+
+/// The decision about a verified version `v` with parameters `params`.
+pub fn decide(
+    engine: &Engine,
+    v: Verified<ModelManifest>,
+    params: Vec<f32>,
+    a: Assessment,
+) -> Decision {
+    let m = v.message();
+    let own = engine.round();
+    let head = engine.version();
+    if a.head.is_some() && a.head != head {
+        return Decision::Leave;
+    }
+    let preferred =
+        engine.prefers(m, a.authors, a.fork) && (m.round <= own.saturating_add(1) || a.backed);
+    // Grown apart from this node's head (a partition)? Then merge rather
+    // than adopt (which would lose this side's work) or leave it (which
+    // would lose the other side's).
+    if let (Some(split), Some(against)) = (a.split, head) {
+        let merge = if m.round >= own {
+            preferred && split.b_lacks
+        } else {
+            split.a_lacks
+        };
+        if merge {
+            return Decision::Feed(Box::new(Input::BranchOffered {
+                manifest: v,
+                params,
+                against,
+                weights: split.weights,
+                used: a.used,
+            }));
+        }
+    }
+    if m.round == own.saturating_add(1) {
+        return Decision::Remember(version_rank(m, a.authors));
+    }
+    if preferred {
+        Decision::Feed(Box::new(Input::ModelOffered {
+            manifest: v,
+            params,
+            authors: a.authors,
+            used: a.used,
+            fork: a.fork,
+        }))
+    } else {
+        Decision::Leave
+    }
+}
