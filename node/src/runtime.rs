@@ -1066,13 +1066,15 @@ impl Lineage for StoreLineage<'_> {
             .or_else(|| self.store.get_delta_manifest(id).ok().flatten())
     }
 
-    fn has_payload(&self, m: &DeltaManifest) -> bool {
-        m.chunk_ids
+    fn has_payload(&self, d: &Verified<DeltaManifest>) -> bool {
+        d.message()
+            .chunk_ids
             .iter()
             .all(|c| self.store.has(c).unwrap_or(false))
     }
 
-    fn payload(&self, m: &DeltaManifest) -> Option<Vec<u8>> {
+    fn payload(&self, d: &Verified<DeltaManifest>) -> Option<Vec<u8>> {
+        let m = d.message();
         self.store.read_payload(&m.chunk_ids, m.payload_bytes).ok()
     }
 

@@ -66,11 +66,11 @@ impl Lineage for Mem {
     fn delta(&self, id: &ContentId) -> Option<Verified<DeltaManifest>> {
         self.deltas.get(id).cloned()
     }
-    fn has_payload(&self, m: &DeltaManifest) -> bool {
-        self.payloads.contains_key(&m.chunk_ids)
+    fn has_payload(&self, d: &Verified<DeltaManifest>) -> bool {
+        self.payloads.contains_key(&d.message().chunk_ids)
     }
-    fn payload(&self, m: &DeltaManifest) -> Option<Vec<u8>> {
-        self.payloads.get(&m.chunk_ids).cloned()
+    fn payload(&self, d: &Verified<DeltaManifest>) -> Option<Vec<u8>> {
+        self.payloads.get(&d.message().chunk_ids).cloned()
     }
     fn is_verified(&self, id: &ContentId) -> bool {
         self.verified.contains_key(id)
@@ -215,7 +215,7 @@ impl Swarm {
                         }
                     }
                     Action::Fetch { manifest } => {
-                        let payload = self.all.payload(manifest.message()).unwrap();
+                        let payload = self.all.payload(&manifest).unwrap();
                         self.queue.push_back((
                             i,
                             Input::DeltaPayload {

@@ -142,6 +142,52 @@ pub enum Attack {
     StaleReplay,
     /// Never contributes.
     FreeRide,
+    /// Trains and sends honest deltas, but announces forged model versions
+    /// every round: its head's parent and deltas with other parameters,
+    /// and a same-round version naming 64 made-up deltas.
+    ForgeVersion,
+    /// Announces two-parent "merges" of its head and its head's parent.
+    ForgeMerge,
+    /// Announces versions five rounds ahead, and of round 2^64 − 2.
+    RoundJump,
+    /// Sends 20 deltas a round, each −9 × its honest one, claiming 2^64
+    /// samples.
+    BallotStuffing,
+    /// Sends −3 × its honest delta claiming 2^64 samples.
+    WeightInflation,
+    /// All of forge-version, forge-merge, round-jump, ballot-stuffing and
+    /// weight-inflation at once.
+    Takeover,
+}
+
+impl Attack {
+    /// Whether it announces forged versions: (made-up versions, merges,
+    /// round jumps).
+    pub fn forges(&self) -> (bool, bool, bool) {
+        match self {
+            Attack::ForgeVersion => (true, false, false),
+            Attack::ForgeMerge => (false, true, false),
+            Attack::RoundJump => (false, false, true),
+            Attack::Takeover => (true, true, true),
+            _ => (false, false, false),
+        }
+    }
+
+    /// Deltas it sends per round.
+    pub fn copies(&self) -> usize {
+        match self {
+            Attack::BallotStuffing | Attack::Takeover => 20,
+            _ => 1,
+        }
+    }
+
+    /// Whether its deltas claim 2^64 samples.
+    pub fn inflates(&self) -> bool {
+        matches!(
+            self,
+            Attack::BallotStuffing | Attack::WeightInflation | Attack::Takeover
+        )
+    }
 }
 
 impl std::str::FromStr for Attack {
@@ -149,7 +195,7 @@ impl std::str::FromStr for Attack {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || {
             format!(
-                "unknown attack {s:?} (sign-flip[:K], scaled:K, gaussian:SIGMA, alie[:Z], ipm[:EPS], nan, replay, free-ride)"
+                "unknown attack {s:?} (sign-flip[:K], scaled:K, gaussian:SIGMA, alie[:Z], ipm[:EPS], nan, replay, free-ride, forge-version, forge-merge, round-jump, ballot-stuffing, weight-inflation, takeover)"
             )
         };
         let (name, arg) = match s.split_once(':') {
@@ -165,6 +211,12 @@ impl std::str::FromStr for Attack {
             ("nan", None) => Attack::NotANumber,
             ("replay", None) => Attack::StaleReplay,
             ("free-ride", None) => Attack::FreeRide,
+            ("forge-version", None) => Attack::ForgeVersion,
+            ("forge-merge", None) => Attack::ForgeMerge,
+            ("round-jump", None) => Attack::RoundJump,
+            ("ballot-stuffing", None) => Attack::BallotStuffing,
+            ("weight-inflation", None) => Attack::WeightInflation,
+            ("takeover", None) => Attack::Takeover,
             _ => return Err(bad()),
         })
     }

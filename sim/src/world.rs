@@ -12,12 +12,16 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use tapestry_node::core::data::{self, CsvOptions, Dataset, Scaler};
 use tapestry_node::core::door::DoorConfig;
-use tapestry_node::core::engine::{Action, Engine, EngineConfig, Input, Mode, genesis};
+use tapestry_node::core::engine::{
+    Action, Engine, EngineConfig, Input, Mode, VersionRank, genesis,
+};
+use tapestry_node::core::heads::{self, Decision};
 use tapestry_node::core::mixing::consensus_distance;
 use tapestry_node::core::model::{
     InnerOptimizer, InnerState, ModelSpec, TrainConfig, evaluate, train_local,
 };
 use tapestry_node::core::outer::OuterOptimizer;
+use tapestry_node::core::verify::{self, Lineage, Plan, VersionRejection};
 use tapestry_protocol::{
     ContentId, DeltaManifest, Keypair, ModelManifest, NodeId, Signed, Verified,
 };
@@ -186,6 +190,13 @@ enum Event {
         manifest: Verified<DeltaManifest>,
         payload: Vec<u8>,
     },
+    /// A model version reaches `node`: announced by a peer, or (`again`)
+    /// one it verified before and kept for when it closed its round.
+    Version {
+        node: usize,
+        manifest: Verified<ModelManifest>,
+        again: bool,
+    },
     /// A churn period begins.
     Churn,
     /// Nodes notice that a partition began (their connections across it
@@ -246,6 +257,87 @@ struct World<'a> {
     churn: ChurnCounts,
     /// Each node's chunk store, if the scenario asks for them.
     stores: Vec<MemoryStore>,
+    /// Every model version anyone announced (what a node could fetch).
+    versions: BTreeMap<ContentId, Verified<ModelManifest>>,
+    /// Every delta manifest anyone announced or serves.
+    delta_manifests: BTreeMap<ContentId, Verified<DeltaManifest>>,
+    /// Parameters of versions some node verified (recomputation is
+    /// deterministic, so one copy serves every node that verified it).
+    version_params: BTreeMap<ContentId, Vec<f32>>,
+    /// The versions each node verified (made, derived or recomputed).
+    verified: Vec<BTreeSet<ContentId>>,
+    /// Each node's preferred next-round version heard, for when it closes
+    /// its own round.
+    best_seen: Vec<BTreeMap<u64, (VersionRank, Verified<ModelManifest>)>>,
+    /// Aggregations computed while verifying (see [`Memo`]).
+    memo: std::cell::RefCell<Memo>,
+}
+
+/// What one simulated node holds of the region's history, as the core's
+/// [`Lineage`]: every announced manifest and payload can be fetched, and
+/// what this node verified (plus what it verifies now) has parameters.
+struct View<'w> {
+    versions: &'w BTreeMap<ContentId, Verified<ModelManifest>>,
+    deltas: &'w BTreeMap<ContentId, Verified<DeltaManifest>>,
+    payloads: &'w BTreeMap<ContentId, Vec<u8>>,
+    params: &'w BTreeMap<ContentId, Vec<f32>>,
+    verified: &'w BTreeSet<ContentId>,
+    new: BTreeMap<ContentId, Vec<f32>>,
+    memo: &'w std::cell::RefCell<Memo>,
+}
+
+/// Aggregations already computed, by parent and delta ids: a pure function
+/// of them, so every node that checks the same version reuses the result.
+type Memo = BTreeMap<(ContentId, Vec<ContentId>), Vec<f32>>;
+
+impl Lineage for View<'_> {
+    fn model(&self, id: &ContentId) -> Option<Verified<ModelManifest>> {
+        self.versions.get(id).cloned()
+    }
+    fn delta(&self, id: &ContentId) -> Option<Verified<DeltaManifest>> {
+        self.deltas.get(id).cloned()
+    }
+    fn delta_held(&self, id: &ContentId) -> Option<bool> {
+        self.deltas
+            .contains_key(id)
+            .then(|| self.payloads.contains_key(id))
+    }
+    fn delta_author(&self, id: &ContentId) -> Option<NodeId> {
+        self.deltas.get(id).map(|d| d.message().author)
+    }
+    fn has_payload(&self, d: &Verified<DeltaManifest>) -> bool {
+        self.payloads.contains_key(&d.id())
+    }
+    fn payload(&self, d: &Verified<DeltaManifest>) -> Option<Vec<u8>> {
+        self.payloads.get(&d.id()).cloned()
+    }
+    fn is_verified(&self, id: &ContentId) -> bool {
+        self.new.contains_key(id) || self.verified.contains(id)
+    }
+    fn params(&self, id: &ContentId) -> Option<Vec<f32>> {
+        match self.new.get(id) {
+            Some(p) => Some(p.clone()),
+            None if self.verified.contains(id) => self.params.get(id).cloned(),
+            None => None,
+        }
+    }
+    fn aggregate(
+        &self,
+        cfg: &EngineConfig,
+        parent: ContentId,
+        parent_params: &[f32],
+        inputs: &[verify::DeltaInput<'_>],
+    ) -> Result<Vec<f32>, tapestry_node::core::aggregate::AggregateError> {
+        let mut ids: Vec<ContentId> = inputs.iter().map(|d| d.id).collect();
+        ids.sort();
+        let key = (parent, ids);
+        if let Some(p) = self.memo.borrow().get(&key) {
+            return Ok(p.clone());
+        }
+        let p = verify::aggregate_onto(cfg, parent_params, inputs)?;
+        self.memo.borrow_mut().insert(key, p.clone());
+        Ok(p)
+    }
 }
 
 /// Runs the swarm of `settings` on `data`; `progress` is called once per
@@ -357,6 +449,12 @@ pub fn run_swarm(
         } else {
             Vec::new()
         },
+        versions: BTreeMap::from([(genesis.id(), genesis.clone())]),
+        delta_manifests: BTreeMap::new(),
+        version_params: BTreeMap::from([(genesis.id(), params0.clone())]),
+        verified: vec![BTreeSet::from([genesis.id()]); n],
+        best_seen: vec![BTreeMap::new(); n],
+        memo: std::cell::RefCell::new(BTreeMap::new()),
     };
     for i in 0..n {
         for j in world.peers_of(i) {
@@ -438,6 +536,16 @@ impl World<'_> {
                 }
                 Event::CutNoticed { cut, healed } => {
                     self.cut_noticed(cut, healed, now);
+                    continue;
+                }
+                Event::Version {
+                    node,
+                    manifest,
+                    again,
+                } => {
+                    if self.net.online[node] && self.engines[node].round() < rounds {
+                        self.on_version(node, now, manifest, again);
+                    }
                     continue;
                 }
                 Event::Forge {
@@ -718,6 +826,7 @@ impl World<'_> {
             }
         }
         self.published.insert(manifest.id(), payload);
+        self.delta_manifests.insert(manifest.id(), manifest.clone());
         let size = manifest.envelope_bytes().len() as u64;
         for j in 0..self.keys.len() {
             if j == i {
@@ -751,7 +860,7 @@ impl World<'_> {
         self.first_delta
             .entry(i)
             .or_insert_with(|| (manifest.clone(), payload.to_vec()));
-        if let Some((m, p)) = forged {
+        for (m, p) in forged {
             self.announce(i, now, m, p);
         }
     }
@@ -767,7 +876,13 @@ impl World<'_> {
             .map(|v| self.engines[v].round())
             .min()
             .unwrap_or(0);
-        let horizon = slowest.saturating_sub(DoorConfig::default().staleness + 1);
+        // (Broadcast mode keeps the comparison window too: a version of
+        // that age may still be verified, and recomputing it needs them.)
+        let keep = match self.settings.mode {
+            Mode::Broadcast => DoorConfig::default().staleness + 1 + verify::BRANCH_WINDOW,
+            _ => DoorConfig::default().staleness + 1,
+        };
+        let horizon = slowest.saturating_sub(keep);
         while let Some(entry) = self.published_in.first_entry() {
             if *entry.key() >= horizon {
                 break;
@@ -777,6 +892,16 @@ impl World<'_> {
             }
         }
         self.honest_deltas.retain(|r, _| *r >= horizon);
+        // Aggregations and parameters of versions far behind every online
+        // node are not asked for again.
+        let old = horizon;
+        let versions = &self.versions;
+        let round_of = |id: &ContentId| versions.get(id).map_or(0, |v| v.message().round);
+        self.memo
+            .borrow_mut()
+            .retain(|(p, _), _| round_of(p) >= old);
+        self.version_params
+            .retain(|id, _| round_of(id) >= old || round_of(id) == 0);
         if !self.byzantine.contains(&i) && round >= self.next_row {
             let row = self.rows.entry(round).or_default();
             row.params.insert(i, params.clone());
@@ -793,7 +918,187 @@ impl World<'_> {
                 let _ = store.gc();
             }
         }
+        if self.settings.mode == Mode::Broadcast {
+            self.versions.insert(manifest.id(), manifest.clone());
+            self.version_params
+                .entry(manifest.id())
+                .or_insert_with(|| params.clone());
+            self.verified[i].insert(manifest.id());
+            self.announce_version(i, now, &manifest);
+            let forges = self.attack.map(|a| a.forges());
+            if let (true, Some(forges)) = (self.byzantine.contains(&i), forges) {
+                for v in self.forgeries(i, &manifest, &params, forges) {
+                    self.versions.insert(v.id(), v.clone());
+                    self.announce_version(i, now, &v);
+                }
+            }
+            // A preferred version of this round heard while closing it.
+            if let Some((_, best)) = self.best_seen[i].remove(&round) {
+                let again = Event::Version {
+                    node: i,
+                    manifest: best,
+                    again: true,
+                };
+                self.push(now, again);
+            }
+            self.best_seen[i].retain(|r, _| *r > round);
+        }
         self.heads[i] = (manifest, params);
+    }
+
+    /// Sends a model version's announcement to every other node.
+    fn announce_version(&mut self, i: usize, now: u64, v: &Verified<ModelManifest>) {
+        let size = v.envelope_bytes().len() as u64;
+        for j in 0..self.keys.len() {
+            if j != i
+                && let Ok(at) = self.net.send(i, j, now, size)
+            {
+                self.push(
+                    at,
+                    Event::Version {
+                        node: j,
+                        manifest: v.clone(),
+                        again: false,
+                    },
+                );
+            }
+        }
+    }
+
+    /// A Byzantine node's forged versions, made from the version it just
+    /// adopted: (made-up versions, merges, round jumps) as `forges` says.
+    fn forgeries(
+        &self,
+        i: usize,
+        head: &Verified<ModelManifest>,
+        params: &[f32],
+        (made_up, merges, jumps): (bool, bool, bool),
+    ) -> Vec<Verified<ModelManifest>> {
+        let key = &self.keys[i];
+        let h = head.message();
+        let evil: Vec<f32> = params.iter().map(|v| -v).collect();
+        let sign = |round: u64, parents: Vec<ContentId>, deltas: Vec<ContentId>| {
+            let mut m = h.clone();
+            m.round = round;
+            m.author = key.node_id();
+            m.chunk_ids = verify::params_chunk_ids(&evil, m.chunk_size as usize);
+            m.parents = parents;
+            m.deltas = deltas;
+            Signed::sign(m, key).ok()
+        };
+        let mut out = Vec::new();
+        let Some(parent) = h.parents.first().copied() else {
+            return out;
+        };
+        if made_up {
+            // Its head's parent and deltas, other parameters.
+            out.extend(sign(h.round, h.parents.clone(), h.deltas.clone()));
+            // 64 delta ids nobody ever announced.
+            let ids = (0..64u64)
+                .map(|k| ContentId::of(&[&k.to_le_bytes()[..], head.id().as_bytes()].concat()))
+                .collect();
+            out.extend(sign(h.round, h.parents.clone(), ids));
+        }
+        if merges {
+            let mut two = vec![head.id(), parent];
+            two.sort();
+            out.extend(sign(h.round, two, Vec::new()));
+        }
+        if jumps {
+            out.extend(sign(
+                h.round.saturating_add(5),
+                vec![head.id()],
+                h.deltas.clone(),
+            ));
+            out.extend(sign(u64::MAX - 1, vec![head.id()], h.deltas.clone()));
+        }
+        out
+    }
+
+    /// Node `j` hears of a model version: it checks the manifest, verifies
+    /// the version by recomputation if it could matter, and does what the
+    /// core's agreement policy says — the same code the real node runs.
+    fn on_version(&mut self, j: usize, now: u64, v: Verified<ModelManifest>, again: bool) {
+        let engine = &self.engines[j];
+        if let Err(r) = verify::check_shape(engine.config(), v.message(), engine.round()) {
+            self.count_rejected(&r);
+            return;
+        }
+        // Heard again (others adopted it and announce it too): decided
+        // already, as the node does.
+        if self.verified[j].contains(&v.id()) && !again {
+            return;
+        }
+        if !heads::worth_verifying(engine, v.message()) {
+            return;
+        }
+        let mut view = View {
+            versions: &self.versions,
+            deltas: &self.delta_manifests,
+            payloads: &self.published,
+            params: &self.version_params,
+            verified: &self.verified[j],
+            new: BTreeMap::new(),
+            memo: &self.memo,
+        };
+        let cfg = engine.config();
+        // Nodes far behind catch up when they rejoin (see `rejoin`); a
+        // version needing more than the comparison window recomputed is
+        // refused here.
+        let max_chain = (cfg.door.staleness + verify::BRANCH_WINDOW) as usize;
+        let checked = match verify::plan(&view, cfg, &v, max_chain) {
+            Err(r) => Err(r),
+            Ok(Plan::Need {
+                models,
+                deltas,
+                payloads,
+            }) => Err(match (models.first(), deltas.first(), payloads.first()) {
+                (Some(m), _, _) => VersionRejection::UnknownParent(*m),
+                (None, Some(d), _) => VersionRejection::UnknownDelta(*d),
+                (None, None, Some(d)) => VersionRejection::UnknownDelta(d.id()),
+                (None, None, None) => VersionRejection::TooFarBehind { limit: max_chain },
+            }),
+            Ok(Plan::Ready(order)) => {
+                verify::verify_in_order(&mut view, cfg, engine.door(), &v, &order, |view, v, c| {
+                    view.new.insert(v.id(), c.params.clone());
+                    Ok(())
+                })
+            }
+        };
+        let checked = match checked {
+            Ok(c) => c,
+            Err(r) => {
+                self.count_rejected(&r);
+                return;
+            }
+        };
+        let assessment = heads::assess(&view, cfg, engine.version(), &v, &checked);
+        let new = std::mem::take(&mut view.new);
+        let decision = heads::decide(engine, v.clone(), checked.params, assessment);
+        for (id, p) in new {
+            self.verified[j].insert(id);
+            self.version_params.entry(id).or_insert(p);
+        }
+        match decision {
+            Decision::Feed(input) => self.push(
+                now,
+                Event::Deliver {
+                    node: j,
+                    input: *input,
+                },
+            ),
+            Decision::Remember(rank) => {
+                let round = v.message().round;
+                if self.best_seen[j].get(&round).is_none_or(|(r, _)| rank > *r) {
+                    self.best_seen[j].insert(round, (rank, v));
+                }
+            }
+            Decision::Leave => {}
+        }
+    }
+
+    fn count_rejected(&mut self, r: &VersionRejection) {
+        *self.rejected.entry(r.label().to_owned()).or_default() += 1;
     }
 
     fn store_figures(&self) -> Result<Option<StoreFigures>, String> {
@@ -1032,40 +1337,58 @@ fn forge(
     node: usize,
     key: &Keypair,
     rng: &mut ChaCha8Rng,
-) -> Option<(Verified<DeltaManifest>, Vec<u8>)> {
+) -> Vec<(Verified<DeltaManifest>, Vec<u8>)> {
     let m = manifest.message();
     let n: usize = m
         .layout
         .iter()
         .map(|t| t.shape.iter().product::<u64>() as usize)
         .sum();
-    let own = m.codec.decode(payload, n).ok()?;
+    let Ok(own) = m.codec.decode(payload, n) else {
+        return Vec::new();
+    };
     let first = first
         .get(&node)
         .and_then(|(fm, fp)| fm.message().codec.decode(fp, n).ok());
-    let values = attacked(attack, own, honest.get(&m.round), first, rng)?;
-    // NaN cannot go through a codec; send raw f32 bytes under the f32 codec.
-    let (codec, bytes) = match m.codec.encode(&values) {
-        Ok(b) => (m.codec, b),
-        Err(_) => (
-            tapestry_protocol::Codec::F32,
-            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ),
+    let Some(values) = attacked(attack, own, honest.get(&m.round), first, rng) else {
+        return Vec::new();
     };
-    let mut forged = m.clone();
-    forged.codec = codec;
-    forged.payload_bytes = bytes.len() as u64;
-    forged.chunk_ids = bytes
-        .chunks(m.chunk_size as usize)
-        .map(ContentId::of)
-        .collect();
-    let norm = values
-        .iter()
-        .map(|v| f64::from(*v).powi(2))
-        .sum::<f64>()
-        .sqrt() as f32;
-    forged.l2_norm = if norm.is_finite() { norm } else { 0.0 };
-    Some((Signed::sign(forged, key).ok()?, bytes))
+    let copies = attack.copies();
+    (0..copies)
+        .filter_map(|k| {
+            // Ballot stuffing: slightly different copies (different ids),
+            // numbered after the honest sequence.
+            let values: Vec<f32> = values.iter().map(|v| v * (1.0 + k as f32 * 1e-4)).collect();
+            // NaN cannot go through a codec; send raw f32 bytes under the f32 codec.
+            let (codec, bytes) = match m.codec.encode(&values) {
+                Ok(b) => (m.codec, b),
+                Err(_) => (
+                    tapestry_protocol::Codec::F32,
+                    values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ),
+            };
+            let mut forged = m.clone();
+            forged.codec = codec;
+            forged.payload_bytes = bytes.len() as u64;
+            forged.chunk_ids = bytes
+                .chunks(m.chunk_size as usize)
+                .map(ContentId::of)
+                .collect();
+            let norm = values
+                .iter()
+                .map(|v| f64::from(*v).powi(2))
+                .sum::<f64>()
+                .sqrt() as f32;
+            forged.l2_norm = if norm.is_finite() { norm } else { 0.0 };
+            if copies > 1 {
+                forged.seq = m.seq.saturating_mul(64).saturating_add(k as u64);
+            }
+            if attack.inflates() {
+                forged.sample_count = u64::MAX;
+            }
+            Some((Signed::sign(forged, key).ok()?, bytes))
+        })
+        .collect()
 }
 
 /// A Byzantine node's replacement for its honest delta `own` (or `None` to
@@ -1109,6 +1432,10 @@ fn attacked(
         // Re-send the first delta as this round's.
         Attack::StaleReplay => first.unwrap_or(own),
         Attack::FreeRide => return None,
+        // Honest deltas; these attack the versions.
+        Attack::ForgeVersion | Attack::ForgeMerge | Attack::RoundJump => own,
+        Attack::BallotStuffing | Attack::Takeover => own.iter().map(|v| -9.0 * v).collect(),
+        Attack::WeightInflation => own.iter().map(|v| -3.0 * v).collect(),
     })
 }
 

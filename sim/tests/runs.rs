@@ -377,10 +377,12 @@ fn a_bandwidth_cap_makes_rounds_take_longer() {
     // Same deltas, only later: the very same model.
     assert_eq!(acc(&capped), acc(&free));
     assert_eq!(f(&capped["final"]["consensus_distance"]), 0.0);
-    assert_eq!(
-        ms(&starved_rows),
-        5 * 600,
-        "every round ran to its deadline"
+    // Every round ran to its deadline (and a little past it where a node
+    // moved to a preferred version of the round when its announcement came).
+    assert!(
+        (5 * 600..5 * 600 + 5 * 100).contains(&ms(&starved_rows)),
+        "{}",
+        ms(&starved_rows)
     );
     assert!(f(&starved["final"]["consensus_distance"]) > 0.01);
 }

@@ -342,6 +342,11 @@ impl Engine {
         self.seq = self.seq.max(seq);
     }
 
+    /// Its settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
     /// The current round.
     pub fn round(&self) -> u64 {
         self.round

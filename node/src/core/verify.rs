@@ -46,15 +46,38 @@ pub trait Lineage {
     fn model(&self, id: &ContentId) -> Option<Verified<ModelManifest>>;
     /// A delta manifest.
     fn delta(&self, id: &ContentId) -> Option<Verified<DeltaManifest>>;
+    /// Whether a delta's manifest is held (`None`: no) and, if so, every
+    /// chunk of its payload too.
+    fn delta_held(&self, id: &ContentId) -> Option<bool> {
+        self.delta(id).map(|d| self.has_payload(&d))
+    }
+    /// A delta's author (lineage walks ask for nothing else).
+    fn delta_author(&self, id: &ContentId) -> Option<NodeId> {
+        self.delta(id).map(|d| d.message().author)
+    }
     /// Whether every chunk of a delta's payload is held.
-    fn has_payload(&self, m: &DeltaManifest) -> bool;
+    fn has_payload(&self, d: &Verified<DeltaManifest>) -> bool;
     /// A delta's payload, if every chunk is held.
-    fn payload(&self, m: &DeltaManifest) -> Option<Vec<u8>>;
+    fn payload(&self, d: &Verified<DeltaManifest>) -> Option<Vec<u8>>;
     /// Whether this node verified the version (made it, recomputed it, or
     /// derived it: the genesis).
     fn is_verified(&self, id: &ContentId) -> bool;
     /// The parameters of a verified version.
     fn params(&self, id: &ContentId) -> Option<Vec<f32>>;
+    /// [`aggregate_onto`] for a version with parent `parent` naming the
+    /// deltas of `inputs`. A pure function of them, so a lineage that sees
+    /// the same aggregation asked for many times (the simulator: every node
+    /// checks every version) may remember results; the default computes.
+    fn aggregate(
+        &self,
+        cfg: &EngineConfig,
+        parent: ContentId,
+        parent_params: &[f32],
+        inputs: &[DeltaInput<'_>],
+    ) -> Result<Vec<f32>, AggregateError> {
+        let _ = parent;
+        aggregate_onto(cfg, parent_params, inputs)
+    }
 }
 
 /// Why a peer's model version was refused.
@@ -330,10 +353,10 @@ pub fn plan(
         let m = v.message();
         check_shape(cfg, m, u64::MAX - cfg.door.max_rounds_ahead)?;
         for d in &m.deltas {
-            match l.delta(d) {
+            match l.delta_held(d) {
                 None => deltas.push(*d),
-                Some(dm) if !l.has_payload(dm.message()) => payloads.push(dm),
-                Some(_) => {}
+                Some(false) => payloads.extend(l.delta(d)),
+                Some(true) => {}
             }
         }
         stack.push((id, true));
@@ -442,7 +465,7 @@ pub fn verify_version(
                     round: dmm.round,
                 });
             }
-            let payload = l.payload(dmm).ok_or(VersionRejection::UnknownDelta(*d))?;
+            let payload = l.payload(&dm).ok_or(VersionRejection::UnknownDelta(*d))?;
             let values = door
                 .check_named_payload(dmm, &payload)
                 .map_err(VersionRejection::DeltaRejected)?;
@@ -456,7 +479,8 @@ pub fn verify_version(
                 values,
             })
             .collect();
-        let params = aggregate_onto(cfg, &pp, &inputs)
+        let params = l
+            .aggregate(cfg, p.id(), &pp, &inputs)
             .map_err(|e| VersionRejection::Malformed(e.to_string()))?;
         let authors: BTreeSet<NodeId> = votes.iter().map(|(a, _)| *a).collect();
         (params, authors.len())
@@ -551,18 +575,15 @@ fn missing_by_author(
         if b.contains_key(d) {
             continue;
         }
-        if let Some(m) = l.delta(d) {
-            out.entry(m.message().author).or_default().insert(*round);
+        if let Some(author) = l.delta_author(d) {
+            out.entry(author).or_default().insert(*round);
         }
     }
     out
 }
 
 fn authors_of(l: &impl Lineage, deltas: &BTreeMap<ContentId, u64>) -> BTreeSet<NodeId> {
-    deltas
-        .keys()
-        .filter_map(|d| l.delta(d).map(|m| m.message().author))
-        .collect()
+    deltas.keys().filter_map(|d| l.delta_author(d)).collect()
 }
 
 /// How two verified versions' lineages relate, when they are branches that
@@ -685,7 +706,7 @@ pub fn fork_weights(l: &impl Lineage, a: ContentId, b: ContentId) -> ForkWeights
                 .message()
                 .deltas
                 .iter()
-                .filter_map(|d| l.delta(d).map(|dm| dm.message().author))
+                .filter_map(|d| l.delta_author(d))
                 .collect();
             weight += authors.len();
             all.extend(authors);
