@@ -26,6 +26,9 @@ struct Baselines {
     centralized: Vec<f64>,
     local_only: Vec<f64>,
     plain_mean: Vec<RoundStats>,
+    /// The same swarm without its Byzantine nodes' attack (they behave
+    /// honestly), if it has any.
+    attack_free: Option<Vec<RoundStats>>,
 }
 
 /// Runs the scenario and writes its outputs into `out`. `progress` gets
@@ -49,10 +52,19 @@ pub fn run(
             plain.aggregator = AggregationRule::Mean;
             world::run_swarm(&plain, &data, &mut |_| {})?.rounds
         };
+        let attack_free = match settings.byzantine {
+            Some(_) => {
+                let mut calm = settings.clone();
+                calm.byzantine = None;
+                Some(world::run_swarm(&calm, &data, &mut |_| {})?.rounds)
+            }
+            None => None,
+        };
         Some(Baselines {
             centralized: world::centralized(settings, &data)?,
             local_only: world::local_only(settings, &data)?,
             plain_mean,
+            attack_free,
         })
     } else {
         None
@@ -69,6 +81,10 @@ pub fn run(
                     "accuracy_min": plain.map_or(0.0, |r| r.accuracy_min),
                     "consensus_distance": plain.map_or(0.0, |r| r.consensus_distance),
                 },
+                "attack_free": b.attack_free.as_ref().and_then(|r| r.last()).map(|r| json!({
+                    "accuracy_mean": r.accuracy_mean,
+                    "accuracy_min": r.accuracy_min,
+                })),
             })
         }
         None => json!(null),

@@ -434,3 +434,89 @@ fn with_real_chunk_stores_fetches_are_served_from_them_and_nothing_changes() {
     assert_eq!(stored["store"]["chunks_per_node"], 12 * 7);
     assert!(stored["store"]["bytes_per_node"].as_u64().unwrap() > 12 * 7 * 840);
 }
+
+/// 16 nodes, digits, Dirichlet 0.5, seed 3: the setting the robust rules
+/// are measured on.
+fn robust_setting(rounds: u64) -> Scenario {
+    Scenario {
+        nodes: 16,
+        rounds,
+        seed: 3,
+        data: digits(),
+        partition: "dirichlet:0.5".into(),
+        baselines: false,
+        ..Scenario::default()
+    }
+}
+
+#[test]
+fn every_forged_version_is_refused_in_the_simulator_and_takes_nothing_over() {
+    let calm = run(Scenario {
+        aggregator: "clip:0.5:3".into(),
+        ..robust_setting(20)
+    });
+    let calm_acc = f(&calm["final"]["accuracy_mean"]);
+    // Forged versions, merges and round jumps only (the Byzantine nodes'
+    // deltas are honest): refused by every honest node, so nothing changes.
+    for (attack, reasons) in [
+        ("forge-version", &["version_mismatch", "unknown_delta"][..]),
+        ("forge-merge", &["not_a_branch"][..]),
+        ("round-jump", &["round_jump"][..]),
+    ] {
+        let r = run(Scenario {
+            aggregator: "clip:0.5:3".into(),
+            byzantine: format!("0.25:{attack}"),
+            ..robust_setting(20)
+        });
+        eprintln!(
+            "{attack}: accuracy {} rejected {}",
+            r["final"]["accuracy_mean"], r["rejected"]
+        );
+        for reason in reasons {
+            assert!(
+                r["rejected"][reason].as_u64().unwrap_or(0) > 0,
+                "{attack}: {}",
+                r["rejected"]
+            );
+        }
+        assert_eq!(f(&r["final"]["accuracy_mean"]), calm_acc, "{attack}");
+        assert!(f(&r["final"]["consensus_distance"]) < 1e-6, "{attack}");
+    }
+    // All of it at once, with 20 deltas a round at −9 × claiming 2^64
+    // samples: one vote each, bounded by the rule.
+    let r = run(Scenario {
+        aggregator: "clip:0.5:3".into(),
+        byzantine: "0.25:takeover".into(),
+        ..robust_setting(20)
+    });
+    eprintln!(
+        "takeover: accuracy {} (calm {calm_acc}) rejected {}",
+        r["final"]["accuracy_mean"], r["rejected"]
+    );
+    for reason in ["duplicate_author_round", "not_a_branch", "round_jump"] {
+        assert!(
+            r["rejected"][reason].as_u64().unwrap_or(0) > 0,
+            "{}",
+            r["rejected"]
+        );
+    }
+    assert!(f(&r["final"]["accuracy_mean"]) >= 0.95 * calm_acc, "{r}");
+}
+
+#[test]
+fn clipping_around_the_median_keeps_95_percent_under_a_quarter_of_attackers() {
+    let calm = f(&run(robust_setting(40))["final"]["accuracy_mean"]);
+    for attack in ["sign-flip:10", "alie"] {
+        let r = run(Scenario {
+            aggregator: "clip:0.5:3".into(),
+            byzantine: format!("0.25:{attack}"),
+            ..robust_setting(40)
+        });
+        let acc = f(&r["final"]["accuracy_mean"]);
+        eprintln!(
+            "{attack}: {acc:.4} against {calm:.4} without attackers ({:.3}×)",
+            acc / calm
+        );
+        assert!(acc >= 0.95 * calm, "{attack}: {acc} against {calm}");
+    }
+}

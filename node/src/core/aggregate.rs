@@ -65,6 +65,18 @@ pub enum AggregationRule {
         /// Clipping iterations (1 is ClippedGossip's single step).
         iterations: u32,
     },
+    /// Centred clipping around the coordinate-wise median with a radius
+    /// that scales itself: `factor` × the median of the inputs' distances
+    /// from the centre, recomputed each iteration. Needs no tuning to the
+    /// model's scale: honest inputs (the majority) lie within the median
+    /// distance, and no input moves the result by more than its weight
+    /// times that radius.
+    MedianClip {
+        /// τ = factor × median distance from the centre.
+        factor: f32,
+        /// Clipping iterations.
+        iterations: u32,
+    },
 }
 
 impl fmt::Display for AggregationRule {
@@ -75,6 +87,9 @@ impl fmt::Display for AggregationRule {
             AggregationRule::Median => f.write_str("median"),
             AggregationRule::CenteredClip { radius, iterations } => {
                 write!(f, "clip:{radius}:{iterations}")
+            }
+            AggregationRule::MedianClip { factor, iterations } => {
+                write!(f, "median-clip:{factor}:{iterations}")
             }
         }
     }
@@ -87,7 +102,7 @@ impl FromStr for AggregationRule {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || {
             AggregateError::BadParameter(format!(
-                "unknown rule {s:?} (mean, trimmed-mean:BETA, median, clip:RADIUS[:ITERATIONS])"
+                "unknown rule {s:?} (mean, trimmed-mean:BETA, median, clip:RADIUS[:ITERATIONS], median-clip[:FACTOR[:ITERATIONS]])"
             ))
         };
         let parts: Vec<&str> = s.split(':').collect();
@@ -105,6 +120,18 @@ impl FromStr for AggregationRule {
                 radius: r.parse().map_err(|_| bad())?,
                 iterations: i.parse().map_err(|_| bad())?,
             },
+            ["median-clip"] => AggregationRule::MedianClip {
+                factor: 1.0,
+                iterations: 3,
+            },
+            ["median-clip", f] => AggregationRule::MedianClip {
+                factor: f.parse().map_err(|_| bad())?,
+                iterations: 3,
+            },
+            ["median-clip", f, i] => AggregationRule::MedianClip {
+                factor: f.parse().map_err(|_| bad())?,
+                iterations: i.parse().map_err(|_| bad())?,
+            },
             _ => return Err(bad()),
         };
         rule.validate()?;
@@ -120,8 +147,10 @@ impl AggregationRule {
                 AggregateError::BadParameter(format!("trimmed-mean β = {beta} outside [0, 0.5)")),
             ),
             AggregationRule::CenteredClip { radius, iterations }
-                if !(radius.is_finite() && radius > 0.0) || iterations == 0 =>
-            {
+            | AggregationRule::MedianClip {
+                factor: radius,
+                iterations,
+            } if !(radius.is_finite() && radius > 0.0) || iterations == 0 => {
                 Err(AggregateError::BadParameter(format!(
                     "clipping radius {radius} must be finite and > 0, iterations {iterations} ≥ 1"
                 )))
@@ -158,6 +187,19 @@ impl AggregationRule {
                     None => aggregate_median(inputs),
                 };
                 aggregate_centered_clip(inputs, weights, start, radius, iterations)
+            }
+            AggregationRule::MedianClip { factor, iterations } => {
+                let mut center = aggregate_median(inputs);
+                for _ in 0..iterations {
+                    let mut d: Vec<f64> = inputs.iter().map(|v| l2_distance(v, &center)).collect();
+                    d.sort_unstable_by(f64::total_cmp);
+                    let radius = (f64::from(factor) * d[d.len() / 2]) as f32;
+                    if !(radius > 0.0 && radius.is_finite()) {
+                        break;
+                    }
+                    center = aggregate_centered_clip(inputs, weights, center, radius, 1);
+                }
+                center
             }
         })
     }
