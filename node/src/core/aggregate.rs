@@ -9,11 +9,19 @@
 //!   "Byzantine-Robust Distributed Learning"). Robust to a fraction β of
 //!   attackers per coordinate.
 //! - **Coordinate-wise median** — the β → ½ limit of the trimmed mean.
-//! - **Self-centred clipping** — ClippedGossip (He, Karimireddy & Jaggi 2022,
-//!   "Byzantine-Robust Decentralized Learning via ClippedGossip"): start from
-//!   the node's own vector and add each peer's difference clipped to a radius
-//!   τ, so no peer can move the result by more than its weight times τ.
-//!   Iterated, this is centred clipping (Karimireddy et al. 2021).
+//! - **Centred clipping** — start from a centre and add each input's
+//!   difference clipped to a radius τ, so no input can move the result by
+//!   more than its weight times τ; iterated, this is centred clipping
+//!   (Karimireddy, He & Jaggi 2021, "Learning from history"). In mixing mode
+//!   the centre is the node's own model: ClippedGossip (He, Karimireddy &
+//!   Jaggi 2022). In broadcast mode it is the coordinate-wise median of the
+//!   inputs, which every node computes alike (so versions can be checked by
+//!   recomputation) and which no minority can drag: on label-skewed digits
+//!   with a quarter of the nodes sign-flipping ×10 it keeps 0.954× the
+//!   attack-free accuracy, where the self-centred single step kept ~0.68×.
+//! - **Median clipping** — centred clipping around the median with τ set to
+//!   a multiple of the median distance from it, so no radius needs tuning
+//!   to the model's scale.
 //!
 //! The robust rules are unweighted per coordinate (a weight claimed by a
 //! peer is itself an attack surface); the mean uses the weights.
