@@ -195,6 +195,9 @@ struct RunArgs {
     /// mean | trimmed-mean:BETA | median | clip:RADIUS[:ITERATIONS]
     #[arg(long)]
     aggregator: Option<String>,
+    /// equal | samples:MAX (how much a delta weighs)
+    #[arg(long)]
+    weighting: Option<String>,
     /// FRACTION:ATTACK, e.g. 0.25:sign-flip:10 (sign-flip[:K], scaled:K,
     /// gaussian:SIGMA, alie[:Z], ipm[:EPS], nan, replay, free-ride).
     #[arg(long)]
@@ -265,6 +268,7 @@ fn scenario(args: &RunArgs) -> Result<Scenario, String> {
         lr,
         codec,
         aggregator,
+        weighting,
         byzantine,
         loss,
         latency_ms,

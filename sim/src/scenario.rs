@@ -47,6 +47,8 @@ pub struct Scenario {
     pub codec: String,
     /// `mean`, `trimmed-mean:B`, `median`, `clip:R[:ITER]`.
     pub aggregator: String,
+    /// How much a delta weighs: `equal` or `samples:MAX`.
+    pub weighting: String,
     /// `FRACTION:ATTACK`, e.g. `0.25:sign-flip:10` (see [`Attack`]), or `0`.
     pub byzantine: String,
     /// Probability that any one message is lost.
@@ -106,6 +108,7 @@ impl Default for Scenario {
             lr: 0.05,
             codec: "f32".into(),
             aggregator: "mean".into(),
+            weighting: "equal".into(),
             byzantine: "0".into(),
             loss: 0.0,
             latency_ms: 20,
@@ -250,6 +253,8 @@ pub struct Settings {
     pub codec: Codec,
     /// Aggregation rule.
     pub aggregator: AggregationRule,
+    /// Delta weights.
+    pub weighting: tapestry_node::core::door::Weighting,
     /// Byzantine nodes: how many and how they attack.
     pub byzantine: Option<(usize, Attack)>,
     /// Churn, if any.
@@ -516,6 +521,7 @@ impl Scenario {
                 .aggregator
                 .parse()
                 .map_err(|e: tapestry_node::core::aggregate::AggregateError| e.to_string())?,
+            weighting: self.weighting.parse()?,
             byzantine,
             churn,
             cuts,

@@ -382,7 +382,10 @@ pub fn run_swarm(
         outer: OuterOptimizer::averaging(),
         quorum: 1.0,
         round_timeout_ms: 20 * (s.latency_ms + s.jitter_ms).max(1) + 4 * TRAIN_MS,
-        door: DoorConfig::default(),
+        door: DoorConfig {
+            weighting: settings.weighting,
+            ..DoorConfig::default()
+        },
         mode: settings.mode,
         seed: s.seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
     };
