@@ -48,6 +48,11 @@ pub fn verified_ref(id: &ContentId) -> String {
     format!("verified/{id}")
 }
 
+/// Whether `store` marks version `id` verified.
+fn is_verified(store: &Store, id: &ContentId) -> bool {
+    matches!(store.get_ref(&verified_ref(id)), Ok(Some(v)) if v == *id)
+}
+
 /// Gossip topic of a region's delta announcements.
 pub fn deltas_topic(model_id: &str, region: &str) -> String {
     format!("/tapestry/1/{model_id}/{region}/deltas")
@@ -834,7 +839,7 @@ impl Node {
 
     /// Whether this node verified a version.
     fn is_verified(&self, id: &ContentId) -> bool {
-        matches!(self.store.get_ref(&verified_ref(id)), Ok(Some(v)) if v == *id)
+        is_verified(&self.store, id)
     }
 
     /// What a verification found: adopt, merge, remember or reject.
@@ -1079,7 +1084,7 @@ impl Lineage for StoreLineage<'_> {
     }
 
     fn is_verified(&self, id: &ContentId) -> bool {
-        matches!(self.store.get_ref(&verified_ref(id)), Ok(Some(v)) if v == *id)
+        is_verified(self.store, id)
     }
 
     fn params(&self, id: &ContentId) -> Option<Vec<f32>> {

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 
 use tapestry_node::core::aggregate::AggregationRule;
@@ -728,5 +728,4 @@ fn one_author_has_one_vote_per_round_at_the_door() {
             .any(|a| matches!(a, Action::Penalise(r) if matches!(r.reason, Rejection::FromTheFuture { .. }))),
         "{out:?}"
     );
-    let _ = BTreeMap::<u8, u8>::new();
 }
