@@ -414,6 +414,10 @@ impl DataDir {
     pub fn config(&self) -> PathBuf {
         self.root.join("config.toml")
     }
+    /// The node's last announced delta (so a restart does not vote twice).
+    pub fn last_vote(&self) -> PathBuf {
+        self.root.join("last-vote")
+    }
     /// The chunk store.
     pub fn store(&self) -> PathBuf {
         self.root.join("store")

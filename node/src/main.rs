@@ -537,6 +537,7 @@ async fn run(a: RunArgs) -> Result<ExitCode, String> {
                     .map_err(|e| format!("region_key {:?}: {e}", cfg.region_key))?,
             )
         },
+        vote_file: Some(dir.last_vote()),
     };
     let store = SledStore::open(&dir.store(), &SledConfig::default())
         .map_err(|e| format!("{}: {e}", dir.store().display()))?;
@@ -876,6 +877,7 @@ async fn demo(a: DemoArgs) -> Result<ExitCode, String> {
             min_round: Duration::ZERO,
             roster: None,
             region_key: None,
+            vote_file: None,
         };
         let net = NetConfig {
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().map_err(|e| format!("{e}"))?],

@@ -113,6 +113,11 @@ pub struct NodeSettings {
     pub roster: Option<Verified<Roster>>,
     /// Who may sign the roster (the region key); required with a roster.
     pub region_key: Option<NodeId>,
+    /// Where the node keeps its last announced delta (signed manifest), so
+    /// that after a crash it does not vote twice in one round; `None`:
+    /// nowhere (a restarted node may then announce a second delta for a
+    /// round, which its peers refuse).
+    pub vote_file: Option<std::path::PathBuf>,
 }
 
 /// What `/status` and `tapestry status` show.
@@ -344,6 +349,34 @@ impl Node {
         Ok((manifest, params))
     }
 
+    /// This node's own delta of round `round`, if it announced one before a
+    /// restart (read from [`NodeSettings::vote_file`]; a file that does not
+    /// open as this node's signed delta is ignored, with a warning).
+    fn last_vote(&self, round: u64) -> Option<Verified<DeltaManifest>> {
+        let path = self.settings.vote_file.as_ref()?;
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "cannot read last vote");
+                return None;
+            }
+        };
+        match Signed::<DeltaManifest>::open(&bytes) {
+            Ok(m) if m.message().author == self.engine.node_id() => {
+                (m.message().round == round).then_some(m)
+            }
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "last vote is not this node's; ignored");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "last vote unreadable; ignored");
+                None
+            }
+        }
+    }
+
     fn keep_version(&self, m: &Verified<ModelManifest>, params: &[f32]) -> Result<(), NodeError> {
         let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.store
@@ -378,6 +411,13 @@ impl Node {
                     peers = self.members.len(),
                     "starting rounds"
                 );
+                if let Some(vote) = self.last_vote(manifest.message().round) {
+                    // Restarted mid-round after voting: that delta stands.
+                    let members: Vec<PeerId> = self.members.iter().copied().collect();
+                    self.providers.insert(vote.id(), members);
+                    tracing::info!(round = vote.message().round, id = %vote.id().short(), "resuming with own delta of this round");
+                    self.feed(Input::OwnVote(vote)).await;
+                }
                 self.feed(Input::Start { manifest, params }).await;
                 // A fresh or restarted node asks its peers where they are.
                 self.ask_heads(self.members.iter().copied().collect());
@@ -515,6 +555,12 @@ impl Node {
                     return;
                 }
                 let data = manifest.envelope_bytes().to_vec();
+                if let Some(path) = &self.settings.vote_file
+                    && let Err(e) = write_atomically(path, &data)
+                {
+                    tracing::error!(error = %e, path = %path.display(), "cannot record own vote; not announcing it");
+                    return;
+                }
                 self.count_out(data.len());
                 self.provide(manifest.id()).await;
                 if let Err(e) = self.net.publish(&self.deltas_topic, data).await {
@@ -1326,6 +1372,22 @@ async fn fetch_chunks(
         tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
     }
     missing.is_empty()
+}
+
+/// Writes `data` to `path` so that a crash leaves the old or the new
+/// contents, never a mix: a temporary file beside it, synced, renamed over.
+fn write_atomically(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 async fn fetch_payload(

@@ -268,6 +268,9 @@ fn three_nodes_learn_digits_agree_on_the_head_and_survive_sigkill() {
         // The restarted node went on numbering its announcements where it
         // left off: nobody took its new deltas for replays.
         assert!(s["rejected"]["replay"].is_null(), "{s}");
+        // Nor did it vote twice in the round it was killed in: it kept
+        // the delta it had announced before the kill.
+        assert!(s["rejected"]["duplicate_author_round"].is_null(), "{s}");
     }
     assert_eq!(heads.len(), 1, "heads differ: {heads:?}");
     // Metrics are served and count what happened.

@@ -1013,3 +1013,81 @@ fn two_branches_merge_into_one_version_whoever_merges_them() {
     assert_eq!(m2.message().round, 12);
     assert_eq!(m2.message().parents, m.parents);
 }
+
+#[test]
+fn a_restarted_node_keeps_the_vote_it_cast_before_the_crash() {
+    let cfg = engine_config(AggregationRule::Mean, DoorConfig::default(), 1);
+    let params = spec().init(1);
+    let g = genesis(&cfg, &params, &Keypair::from_secret_bytes(&[99; 32])).unwrap();
+    let key = Keypair::from_secret_bytes(&[1; 32]);
+    // Before the crash: the node trained round 0 and announced its delta.
+    let mut before = Engine::new(cfg.clone(), key.clone());
+    before.handle(
+        Input::Start {
+            manifest: g.clone(),
+            params: params.clone(),
+        },
+        0,
+    );
+    let trained: Vec<f32> = params.iter().map(|v| v + 0.01).collect();
+    let out = before.handle(
+        Input::TrainingDone {
+            round: 0,
+            version: g.id(),
+            params: trained,
+            samples: 10,
+        },
+        5,
+    );
+    let (vote, payload) = out
+        .into_iter()
+        .find_map(|a| match a {
+            Action::Publish { manifest, payload } => Some((manifest, payload)),
+            _ => None,
+        })
+        .expect("a delta announced");
+
+    // After the restart: given its vote before the start, it trains no
+    // second delta for round 0, fetches its own and counts it.
+    let mut after = Engine::new(cfg, key);
+    let out = after.handle(Input::OwnVote(vote.clone()), 0);
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Fetch { manifest } if manifest.id() == vote.id())),
+        "{out:?}"
+    );
+    let out = after.handle(
+        Input::Start {
+            manifest: g,
+            params: params.clone(),
+        },
+        0,
+    );
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::Train { .. } | Action::Publish { .. })),
+        "{out:?}"
+    );
+    // Alone (quorum 1 of 1), its own delta closes the round.
+    let out = after.handle(
+        Input::DeltaPayload {
+            id: vote.id(),
+            payload,
+        },
+        10,
+    );
+    let adopted = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Adopt { manifest, .. } => Some(manifest.message().clone()),
+            _ => None,
+        })
+        .expect("the round closed");
+    assert_eq!(adopted.deltas, vec![vote.id()]);
+    // A vote that is not this node's is ignored.
+    let mut other = Engine::new(
+        engine_config(AggregationRule::Mean, DoorConfig::default(), 1),
+        Keypair::from_secret_bytes(&[2; 32]),
+    );
+    assert!(other.handle(Input::OwnVote(vote), 0).is_empty());
+}

@@ -118,6 +118,13 @@ pub enum Input {
     },
     /// A verified delta manifest arrived from gossip.
     DeltaAnnounced(Verified<DeltaManifest>),
+    /// This node's own delta, announced before a restart (the shell keeps
+    /// the last one on disk). Given before [`Input::Start`], it stands as
+    /// the node's one vote in its round: the node does not train that
+    /// round again (a second delta would be a `duplicate_author_round` to
+    /// peers that heard the first), and the payload is fetched (from the
+    /// local store first) to be aggregated like a peer's.
+    OwnVote(Verified<DeltaManifest>),
     /// The chunks of an announced delta arrived, verified and reassembled.
     DeltaPayload {
         /// The manifest's id.
@@ -411,6 +418,18 @@ impl Engine {
                 }
             }
             Input::DeltaAnnounced(m) => self.on_announced(m, &mut out),
+            Input::OwnVote(m) => {
+                let msg = m.message();
+                if msg.author == self.node_id()
+                    && msg.model_id == self.config.model_id
+                    && msg.region == self.config.region
+                {
+                    self.seq = self.seq.max(msg.seq);
+                    self.votes.insert((msg.round, msg.author), m.id());
+                    self.pending.insert(m.id(), m.clone());
+                    out.push(Action::Fetch { manifest: m });
+                }
+            }
             Input::DeltaPayload { id, payload } => {
                 if let Some(m) = self.pending.remove(&id) {
                     match self.door.check_payload(m.message(), &payload) {
