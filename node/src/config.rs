@@ -37,6 +37,9 @@ pub struct Config {
     pub roster: String,
     /// The region key (node id hex) that must have signed the roster.
     pub region_key: String,
+    /// Distinct roster members that must vouch for a version this node
+    /// cannot recompute (0: more than a third of the roster; at least 2).
+    pub attestations: usize,
     /// The model.
     pub model: ModelSection,
     /// The node's private data.
@@ -131,6 +134,7 @@ impl Default for Config {
             mdns: false,
             roster: String::new(),
             region_key: String::new(),
+            attestations: 0,
             model: ModelSection::default(),
             data: DataSection::default(),
             training: TrainingSection::default(),
@@ -221,6 +225,12 @@ mdns = false
 # Leave both empty for an open region.
 roster = ""
 region_key = ""
+# A version this node cannot recompute (it is more than
+# round.max_rounds_ahead ahead, or its deltas are gone) is adopted only if
+# this many distinct roster members vouch for it, each signing the same
+# round, parents, deltas and parameters. 0: more than a third of the
+# roster. Never fewer than 2: no version is taken on one member's word.
+attestations = 0
 
 [model]
 # logistic, or mlp:W1,W2,... (hidden widths)

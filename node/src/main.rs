@@ -538,6 +538,7 @@ async fn run(a: RunArgs) -> Result<ExitCode, String> {
             )
         },
         vote_file: Some(dir.last_vote()),
+        attestations: cfg.attestations,
     };
     let store = SledStore::open(&dir.store(), &SledConfig::default())
         .map_err(|e| format!("{}: {e}", dir.store().display()))?;
@@ -878,6 +879,7 @@ async fn demo(a: DemoArgs) -> Result<ExitCode, String> {
             roster: None,
             region_key: None,
             vote_file: None,
+            attestations: 0,
         };
         let net = NetConfig {
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().map_err(|e| format!("{e}"))?],

@@ -29,9 +29,9 @@ use tokio::sync::{mpsc, watch};
 use crate::core::data::Dataset;
 use crate::core::door::Door;
 use crate::core::engine::{Action, Engine, EngineConfig, Input, VersionRank, genesis};
-use crate::core::heads;
 use crate::core::model::{InnerState, TrainConfig, evaluate, train_local};
 use crate::core::verify::{self, Lineage, Plan, VersionRejection, check_shape};
+use crate::core::{attest, heads};
 use crate::metrics::Metrics;
 use crate::net::{self, Command, NetEvent, NetHandle};
 
@@ -46,6 +46,13 @@ pub const HEAD_REF: &str = "head";
 /// on, served as lineage, or compared as branches.
 pub fn verified_ref(id: &ContentId) -> String {
     format!("verified/{id}")
+}
+
+/// The ref marking a version this node took on roster members'
+/// attestations ([`crate::core::attest`]) rather than recomputed: it builds
+/// on it, but does not attest it to others.
+pub fn attested_ref(id: &ContentId) -> String {
+    format!("attested/{id}")
 }
 
 /// Whether `store` marks version `id` verified.
@@ -118,6 +125,10 @@ pub struct NodeSettings {
     /// nowhere (a restarted node may then announce a second delta for a
     /// round, which its peers refuse).
     pub vote_file: Option<std::path::PathBuf>,
+    /// In a permissioned region, how many distinct roster members must
+    /// vouch for a version this node cannot recompute before it adopts it
+    /// (0: more than a third of the roster; never fewer than two).
+    pub attestations: usize,
 }
 
 /// What `/status` and `tapestry status` show.
@@ -250,6 +261,8 @@ pub struct Node {
     head_probe: usize,
     /// When the last training started (or will, when paced).
     last_train: Option<Instant>,
+    /// This node's identity (signs its attestations).
+    key: Keypair,
 }
 
 impl Node {
@@ -318,6 +331,7 @@ impl Node {
             heads_rx,
             head_probe: 0,
             last_train: None,
+            key,
         })
     }
 
@@ -865,7 +879,12 @@ impl Node {
             self.count_rejected("not_in_roster");
             return Some(MessageAcceptance::Reject);
         }
-        if let Err(r) = check_shape(&self.settings.engine, m, self.engine.round()) {
+        let shape = check_shape(&self.settings.engine, m, self.engine.round());
+        // Too far ahead to recompute: in a permissioned region, roster
+        // members' attestations may still carry it (the verification asks).
+        let far = matches!(shape, Err(VersionRejection::RoundJump { .. }))
+            && self.settings.roster.is_some();
+        if let Some(r) = shape.as_ref().err().filter(|_| !far) {
             tracing::info!(%source, version = %manifest.id().short(), reason = %r, "model version rejected");
             self.count_rejected(r.label());
             return Some(MessageAcceptance::Reject);
@@ -873,7 +892,7 @@ impl Node {
         if self.is_verified(&manifest.id()) {
             return Some(MessageAcceptance::Accept);
         }
-        if !self.running || !heads::worth_verifying(&self.engine, m) {
+        if !self.running || !(far || heads::worth_verifying(&self.engine, m)) {
             return Some(MessageAcceptance::Ignore);
         }
         if self.verify_once(manifest, source, gossip) {
@@ -987,12 +1006,27 @@ impl Node {
         if !fresh {
             return false;
         }
+        let cfg = &self.settings.engine;
+        let furthest = self
+            .engine
+            .round()
+            .saturating_add(cfg.door.max_rounds_ahead);
+        let attest = self.settings.roster.as_ref().map(|r| {
+            let members: BTreeSet<NodeId> = r.message().members.iter().copied().collect();
+            AttestCtx {
+                threshold: attest::threshold(members.len(), self.settings.attestations),
+                members,
+                ask: self.members.iter().copied().collect(),
+            }
+        });
         let ctx = VerifyCtx {
             net: self.net.clone(),
             store: self.store.clone(),
             shared: self.shared.clone(),
-            cfg: self.settings.engine.clone(),
+            cfg: cfg.clone(),
             door: self.engine.door().clone(),
+            furthest,
+            attest,
         };
         let mut providers = vec![source];
         if let Some(author) = net::peer_id_of(&manifest.message().author)
@@ -1016,6 +1050,20 @@ impl Node {
         true
     }
 
+    /// This node's attestation of version `id`: only of a version it
+    /// verified by recomputation (or made) and holds, not one it took on
+    /// attestations, and not of its own (its manifest says it already).
+    fn attestation(&self, id: &ContentId) -> Option<Verified<ModelManifest>> {
+        if !self.is_verified(id) || matches!(self.store.get_ref(&attested_ref(id)), Ok(Some(_))) {
+            return None;
+        }
+        let m = self.store.get_model_manifest(id).ok()??;
+        if m.message().author == self.key.node_id() {
+            return None;
+        }
+        attest::attest(m.message(), &self.key)
+    }
+
     /// Answers a peer's request from the store.
     fn answer(&self, request: &FetchRequest) -> FetchResponse {
         match request {
@@ -1026,6 +1074,10 @@ impl Node {
             FetchRequest::SignedManifest(id) => match self.store.manifest_bytes(id) {
                 Ok(Some((_, bytes))) => FetchResponse::SignedManifest(bytes.to_vec()),
                 _ => FetchResponse::NotFound,
+            },
+            FetchRequest::Attest(id) => match self.attestation(id) {
+                Some(a) => FetchResponse::SignedManifest(a.envelope_bytes().to_vec()),
+                None => FetchResponse::NotFound,
             },
             FetchRequest::Head { model_id, region } => {
                 let cfg = &self.settings.engine;
@@ -1083,6 +1135,19 @@ struct VerifyCtx {
     shared: Shared,
     cfg: EngineConfig,
     door: Door,
+    /// The furthest round this node recomputes up to (its round plus
+    /// `max_rounds_ahead`).
+    furthest: u64,
+    /// A permissioned region's attestation settings (`None`: open region,
+    /// recomputation only).
+    attest: Option<AttestCtx>,
+}
+
+/// Who may vouch for a version, whom to ask, and how many must.
+struct AttestCtx {
+    members: BTreeSet<NodeId>,
+    ask: Vec<PeerId>,
+    threshold: usize,
 }
 
 /// The verdict on one offered version.
@@ -1156,12 +1221,129 @@ async fn fetch_manifest(net: &NetHandle, providers: &[PeerId], id: ContentId) ->
     None
 }
 
+/// Verifies `target`: by recomputation, or — where that is impossible (the
+/// version is too far ahead, or ancestors or deltas cannot be had) and the
+/// region is permissioned — on the attestations of enough roster members.
+async fn verify_offered(
+    ctx: &VerifyCtx,
+    target: &Verified<ModelManifest>,
+    providers: &[PeerId],
+) -> Result<(Vec<f32>, heads::Assessment), VersionRejection> {
+    let m = target.message();
+    let far = m.round > ctx.furthest;
+    let recomputed = if far {
+        Err(VersionRejection::RoundJump {
+            round: m.round,
+            expected: ctx.furthest,
+        })
+    } else {
+        recompute_offered(ctx, target, providers).await
+    };
+    let impossible = far
+        || matches!(
+            recomputed,
+            Err(VersionRejection::UnknownParent(_)
+                | VersionRejection::UnknownDelta(_)
+                | VersionRejection::TooFarBehind { .. })
+        );
+    match (recomputed, &ctx.attest) {
+        (Err(e), Some(a)) if impossible => match take_attested(ctx, a, target).await {
+            Ok(taken) => Ok(taken),
+            Err(why) => {
+                tracing::debug!(version = %target.id().short(), %why, "not attested");
+                Err(e)
+            }
+        },
+        (r, _) => r,
+    }
+}
+
+/// Takes `target` on attestations: asks the connected roster members for
+/// theirs, and if at least the threshold of distinct members vouch for it
+/// (its author included), fetches its parameters by their chunk ids and
+/// keeps it, marked verified and attested, with the attestations.
+async fn take_attested(
+    ctx: &VerifyCtx,
+    a: &AttestCtx,
+    target: &Verified<ModelManifest>,
+) -> Result<(Vec<f32>, heads::Assessment), String> {
+    let m = target.message();
+    let asks = a.ask.iter().map(|peer| {
+        let net = ctx.net.clone();
+        async move {
+            (
+                *peer,
+                net.fetch(*peer, FetchRequest::Attest(target.id())).await,
+            )
+        }
+    });
+    let mut attestations = Vec::new();
+    let mut from = Vec::new();
+    for (peer, answer) in futures::future::join_all(asks).await {
+        if let Ok(FetchResponse::SignedManifest(bytes)) = answer
+            && let Ok(v) = Signed::<ModelManifest>::open(&bytes)
+            && attest::attests(v.message(), m)
+        {
+            attestations.push(v);
+            from.push(peer);
+        }
+    }
+    let vouchers = attest::vouchers(target, &attestations, &a.members);
+    if vouchers.len() < a.threshold {
+        return Err(format!(
+            "{} of {} roster members vouch for it",
+            vouchers.len(),
+            a.threshold
+        ));
+    }
+    if let Some(author) = net::peer_id_of(&m.author)
+        && !from.contains(&author)
+    {
+        from.push(author);
+    }
+    if !fetch_chunks(
+        &ctx.net,
+        &ctx.store,
+        target.id(),
+        &m.chunk_ids,
+        &from,
+        &ctx.shared,
+    )
+    .await
+    {
+        return Err("its parameters could not be had".into());
+    }
+    let params = ctx
+        .store
+        .read_payload(&m.chunk_ids, m.payload_bytes)
+        .map(|b| floats(&b))
+        .map_err(|e| e.to_string())?;
+    if params.len() != ctx.cfg.spec.n_params() || params.iter().any(|v| !v.is_finite()) {
+        return Err("its parameters are malformed".into());
+    }
+    let kept = (|| -> Result<(), tapestry_storage::StoreError> {
+        for v in &attestations {
+            ctx.store.put_model_manifest(v)?;
+        }
+        ctx.store.put_model_manifest(target)?;
+        ctx.store
+            .set_ref(&attested_ref(&target.id()), target.id())?;
+        ctx.store
+            .set_ref(&verified_ref(&target.id()), target.id())?;
+        Ok(())
+    })();
+    kept.map_err(|e| e.to_string())?;
+    tracing::info!(round = m.round, version = %target.id().short(), vouchers = vouchers.len(), "version taken on roster members' attestations");
+    let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
+    Ok((params, heads::Assessment::attested(head, vouchers.len())))
+}
+
 /// Verifies `target` by recomputation: fetches what [`verify::plan`] says
 /// is missing (ancestor and delta manifests, delta chunks) from
 /// `providers`, then recomputes every unverified version from its verified
 /// parent, oldest first, storing each that passes (parameters as this node
 /// computed them, never as a peer sent them) and marking it verified.
-async fn verify_offered(
+async fn recompute_offered(
     ctx: &VerifyCtx,
     target: &Verified<ModelManifest>,
     providers: &[PeerId],

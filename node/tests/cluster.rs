@@ -1467,3 +1467,78 @@ fn one_member_gets_one_vote_per_round_whatever_it_sends() {
     }
     eprintln!("{}", table.join("\n"));
 }
+
+/// Sets `key = value` in a node's config.toml (the key's first line).
+fn set_config(dir: &Path, key: &str, value: &str) {
+    let cfg = dir.join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let mut done = false;
+    let out: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if !done && l.starts_with(&format!("{key} =")) {
+                done = true;
+                format!("{key} = {value}")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    assert!(done, "no {key} in {}", cfg.display());
+    std::fs::write(&cfg, out.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn a_member_too_far_behind_to_recompute_catches_up_on_attestations_of_enough_members() {
+    let rounds = 12;
+    let tmp = tempfile::tempdir().unwrap();
+    // Four members; D recomputes at most 3 rounds ahead, so a head of
+    // round 12 is too far for it to rebuild.
+    let dirs = permissioned_region(tmp.path(), 4, &[], "0.75");
+    set_config(&dirs[3], "max_rounds_ahead", "3");
+    let (mut honest, st) = three_honest(&dirs[..3], rounds, |_| {});
+    let head = st[0]["head_params"].clone();
+    assert!(st.iter().all(|s| s["head_params"] == head));
+    let boot = honest[0].address();
+    let d_args = run_args(Some(rounds), 1, (0, 3), Some(&boot));
+
+    // Asking for all four members' word (D's own included, which it cannot
+    // give): the head stays out of reach; D keeps to its own rounds.
+    set_config(&dirs[3], "attestations", "4");
+    let mut d = Node::start(&dirs[3], &d_args);
+    std::thread::sleep(Duration::from_secs(12));
+    let s = d.status();
+    assert!(s["round"].as_u64().unwrap() < rounds, "{s}");
+    assert_ne!(s["head_params"], head, "{s}");
+    assert!(
+        s["rejected"]["round_jump"].as_u64().unwrap_or(0) >= 1,
+        "{s}"
+    );
+    assert!(
+        !d.log().contains("attestations"),
+        "taken on too few attestations: {}",
+        d.log()
+    );
+    assert!(d.terminate().success(), "{}", d.log());
+
+    // The default (more than a third of the roster: 2 of 4): the head's
+    // author and the two members who verified it vouch; D takes it.
+    set_config(&dirs[3], "attestations", "0");
+    let mut d = Node::start(&dirs[3], &d_args);
+    wait_for(&[&d], 60, "D to take the head", |s| {
+        s["head_params"] == head
+    });
+    let s = d.status();
+    assert_eq!(s["round"].as_u64().unwrap(), rounds, "{s}");
+    assert!(
+        d.log()
+            .contains("version taken on roster members' attestations"),
+        "{}",
+        d.log()
+    );
+    for n in honest.iter_mut().chain(std::iter::once(&mut d)) {
+        assert!(n.terminate().success(), "{}", n.log());
+    }
+    let (clean, report) = scrub(&dirs[3]);
+    assert!(clean, "{report}");
+}

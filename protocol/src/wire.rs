@@ -1,7 +1,8 @@
 //! Request-response messages for fetching chunks, signed manifests and a
 //! peer's head model version. They are not signed: a chunk is checked against
 //! the BLAKE3 id it was asked for, a manifest against its signature and id,
-//! and a head claim is only a hint to fetch and verify a manifest.
+//! a head claim is only a hint to fetch and verify a manifest, and an
+//! attestation is a signed manifest of its own.
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +24,11 @@ pub enum FetchRequest {
         /// The region.
         region: String,
     },
+    /// The peer's attestation of a model version (by its manifest's id):
+    /// the version's manifest re-signed by the peer, if the peer verified
+    /// it; answered with [`FetchResponse::SignedManifest`] or
+    /// [`FetchResponse::NotFound`].
+    Attest(ContentId),
 }
 
 /// The answer to a [`FetchRequest`].

@@ -42,6 +42,22 @@ pub struct Assessment {
     pub backed: bool,
 }
 
+impl Assessment {
+    /// A version taken on the attestations of `vouchers` distinct roster
+    /// members ([`super::attest`]): its lineage is not held, so there is
+    /// nothing to weigh or split; it ranks by its vouchers and is backed.
+    pub fn attested(head: Option<ContentId>, vouchers: usize) -> Assessment {
+        Assessment {
+            authors: vouchers,
+            used: Vec::new(),
+            head,
+            split: None,
+            fork: None,
+            backed: true,
+        }
+    }
+}
+
 /// Compares a verified version with this node's verified head.
 pub fn assess(
     l: &impl Lineage,

@@ -12,10 +12,13 @@
 //! - [`door`]: the checks every incoming delta passes, with named reasons.
 //! - [`engine`]: the round engine (broadcast, neighbour mixing, push-sum).
 //! - [`verify`]: checking a peer's model version by recomputation.
+//! - [`attest`]: versions vouched for by several roster members (catch-up
+//!   where recomputation is impossible).
 //! - [`heads`]: the agreement policy: which versions to verify, and what to
 //!   do with one that passed (adopt, merge, remember, leave).
 
 pub mod aggregate;
+pub mod attest;
 pub mod data;
 pub mod door;
 pub mod engine;
