@@ -718,7 +718,7 @@ fn import(a: &ImportArgs) -> Result<ExitCode, String> {
         .get_ref(HEAD_REF)
         .map_err(|e| e.to_string())?
         .and_then(|id| store.get_model_manifest(&id).ok().flatten());
-    let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let bytes: Vec<u8> = tapestry_protocol::f32_le_bytes(&params);
     let chunk_size = tapestry_protocol::DEFAULT_CHUNK_SIZE;
     let chunk_ids = store
         .put_payload(&bytes, chunk_size)

@@ -50,6 +50,16 @@ pub struct Metrics {
     /// 1 for the head's parameter digest (one series per node): counting
     /// the distinct digests across nodes tells whether they agree.
     pub head: Family<Head, Gauge>,
+    /// Peers' versions verified by recomputation.
+    pub versions_verified: Counter,
+    /// Peers' versions taken on roster members' attestations.
+    pub versions_attested: Counter,
+    /// Time spent recomputing peers' versions (aggregation, outer step and
+    /// hashing the result; fetching excluded), in seconds.
+    pub recompute_seconds: Counter<f64, AtomicU64>,
+    /// Delta payload bytes fetched only to verify a version (deltas this
+    /// node had not received by gossip).
+    pub verify_fetched_bytes: Counter,
     /// The registry (ours and libp2p's), for encoding.
     pub registry: Mutex<Registry>,
 }
@@ -70,6 +80,10 @@ impl Metrics {
             accuracy: Gauge::default(),
             peers: Gauge::default(),
             head: Family::default(),
+            versions_verified: Counter::default(),
+            versions_attested: Counter::default(),
+            recompute_seconds: Counter::default(),
+            verify_fetched_bytes: Counter::default(),
             registry: Mutex::new(Registry::default()),
         };
         let r = registry.sub_registry_with_prefix("tapestry");
@@ -107,6 +121,26 @@ impl Metrics {
             "head",
             "1 for the parameter digest of the head (nodes that agree show the same)",
             m.head.clone(),
+        );
+        r.register(
+            "versions_verified",
+            "Peers' versions verified by recomputation",
+            m.versions_verified.clone(),
+        );
+        r.register(
+            "versions_attested",
+            "Peers' versions taken on roster members' attestations",
+            m.versions_attested.clone(),
+        );
+        r.register(
+            "recompute_seconds",
+            "Time spent recomputing peers' versions (fetching excluded)",
+            m.recompute_seconds.clone(),
+        );
+        r.register(
+            "verify_fetched_bytes",
+            "Delta bytes fetched only to verify a version",
+            m.verify_fetched_bytes.clone(),
         );
         // The usual reasons start at zero, so the series exist (and rates
         // work) before the first rejection.

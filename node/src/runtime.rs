@@ -167,6 +167,15 @@ pub struct Status {
     /// The largest L2 norm a delta may have now (a multiple of the median
     /// of recent deltas' norms), once enough were seen.
     pub norm_limit: Option<f32>,
+    /// Peers' versions verified by recomputation.
+    pub versions_verified: u64,
+    /// Peers' versions taken on roster members' attestations.
+    pub versions_attested: u64,
+    /// Time spent recomputing peers' versions, milliseconds (fetching
+    /// excluded).
+    pub recompute_ms: f64,
+    /// Delta bytes fetched only to verify a version.
+    pub verify_fetched_bytes: u64,
     /// Whether the node has finished its configured rounds.
     pub finished: bool,
 }
@@ -392,7 +401,7 @@ impl Node {
     }
 
     fn keep_version(&self, m: &Verified<ModelManifest>, params: &[f32]) -> Result<(), NodeError> {
-        let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes: Vec<u8> = tapestry_protocol::f32_le_bytes(params);
         self.store
             .put_payload(&bytes, m.message().chunk_size as usize)?;
         let id = self.store.put_model_manifest(m)?;
@@ -1334,6 +1343,8 @@ async fn take_attested(
     })();
     kept.map_err(|e| e.to_string())?;
     tracing::info!(round = m.round, version = %target.id().short(), vouchers = vouchers.len(), "version taken on roster members' attestations");
+    ctx.shared.metrics.versions_attested.inc();
+    ctx.shared.update(|s| s.versions_attested += 1);
     let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
     Ok((params, heads::Assessment::attested(head, vouchers.len())))
 }
@@ -1416,6 +1427,9 @@ async fn recompute_offered(
                     {
                         return Err(VersionRejection::UnknownDelta(dm.id()));
                     }
+                    ctx.shared.metrics.verify_fetched_bytes.inc_by(m.payload_bytes);
+                    ctx.shared
+                        .update(|s| s.verify_fetched_bytes += m.payload_bytes);
                     progress = true;
                 }
                 if !progress {
@@ -1426,6 +1440,8 @@ async fn recompute_offered(
     }
     let order = order.ok_or(VersionRejection::TooFarBehind { limit: max_chain })?;
     let store = ctx.store.clone();
+    let started = Instant::now();
+    let mut recomputed = 0;
     let checked = verify::verify_in_order(
         &mut l,
         &ctx.cfg,
@@ -1441,22 +1457,27 @@ async fn recompute_offered(
                         store.put_delta_manifest(dm)?;
                     }
                 }
-                let bytes: Vec<u8> = checked
-                    .params
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect();
+                let bytes = tapestry_protocol::f32_le_bytes(&checked.params);
                 store.put_payload(&bytes, v.message().chunk_size as usize)?;
                 store.put_model_manifest(v)?;
                 store.set_ref(&verified_ref(&v.id()), v.id())?;
                 Ok(())
             })();
+            recomputed += 1;
             kept.map_err(|e| {
                 tracing::error!(error = %e, "cannot store a verified version");
                 VersionRejection::UnknownParent(v.id())
             })
         },
-    )?;
+    );
+    let took = started.elapsed().as_secs_f64();
+    ctx.shared.metrics.recompute_seconds.inc_by(took);
+    ctx.shared.metrics.versions_verified.inc_by(recomputed);
+    ctx.shared.update(|s| {
+        s.recompute_ms += took * 1e3;
+        s.versions_verified += recomputed;
+    });
+    let checked = checked?;
     let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
     let assessment = heads::assess(&l, &ctx.cfg, head, target, &checked);
     Ok((checked.params, assessment))
@@ -1464,10 +1485,7 @@ async fn recompute_offered(
 
 /// f32 little-endian bytes to values.
 pub fn floats(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    tapestry_protocol::f32_from_le_bytes(bytes)
 }
 
 /// Provider records this node keeps in the DHT: its own recent deltas and

@@ -118,6 +118,27 @@ fn bf16_to_f32(v: u16) -> f32 {
     f32::from_bits(u32::from(v) << 16)
 }
 
+/// Raw little-endian bytes of `values` (how parameters are stored and
+/// hashed), in one pass that vectorises.
+pub fn f32_le_bytes(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_f32s(values, &mut out);
+    out
+}
+
+/// The values of raw little-endian f32 bytes (a trailing partial value is
+/// ignored).
+pub fn f32_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(bytes.len() / 4);
+    read_f32s(bytes, &mut out);
+    out
+}
+
+/// Appends the raw little-endian bytes of `values` to `out`.
+pub fn write_f32_le(values: &[f32], out: &mut Vec<u8>) {
+    write_f32s(values, out);
+}
+
 fn read_f32s(bytes: &[u8], out: &mut Vec<f32>) {
     out.extend(
         bytes

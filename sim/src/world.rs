@@ -911,7 +911,7 @@ impl World<'_> {
             row.last_ms = now;
         }
         if let Some(store) = self.stores.get(i) {
-            let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let bytes: Vec<u8> = tapestry_protocol::f32_le_bytes(&params);
             let kept = store
                 .put_payload(&bytes, manifest.message().chunk_size as usize)
                 .and_then(|_| store.put_model_manifest(&manifest))
@@ -1367,7 +1367,7 @@ fn forge(
                 Ok(b) => (m.codec, b),
                 Err(_) => (
                     tapestry_protocol::Codec::F32,
-                    values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    tapestry_protocol::f32_le_bytes(&values),
                 ),
             };
             let mut forged = m.clone();

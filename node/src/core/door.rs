@@ -470,7 +470,7 @@ mod tests {
     }
 
     fn manifest(values: &[f32], round: u64) -> (DeltaManifest, Vec<u8>) {
-        let payload: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let payload: Vec<u8> = tapestry_protocol::f32_le_bytes(values);
         let norm = values
             .iter()
             .map(|v| f64::from(*v).powi(2))

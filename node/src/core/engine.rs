@@ -1050,7 +1050,7 @@ pub fn genesis(
     params: &[f32],
     key: &Keypair,
 ) -> Option<Verified<ModelManifest>> {
-    let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let bytes: Vec<u8> = tapestry_protocol::f32_le_bytes(params);
     Signed::sign(
         ModelManifest {
             model_id: config.model_id.clone(),

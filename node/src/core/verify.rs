@@ -249,8 +249,21 @@ pub fn merge_params(a: (ContentId, &[f32], f64), b: (ContentId, &[f32], f64)) ->
 /// The chunk ids of parameters cut at `chunk_size`: what a version's
 /// manifest must name.
 pub fn params_chunk_ids(params: &[f32], chunk_size: usize) -> Vec<ContentId> {
-    let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
-    bytes.chunks(chunk_size.max(1)).map(ContentId::of).collect()
+    let chunk_size = chunk_size.max(1);
+    if !chunk_size.is_multiple_of(4) {
+        let bytes = tapestry_protocol::f32_le_bytes(params);
+        return bytes.chunks(chunk_size).map(ContentId::of).collect();
+    }
+    // One chunk's bytes at a time: no copy of the whole parameter vector.
+    let mut buf = Vec::with_capacity(chunk_size);
+    params
+        .chunks(chunk_size / 4)
+        .map(|c| {
+            buf.clear();
+            tapestry_protocol::write_f32_le(c, &mut buf);
+            ContentId::of(&buf)
+        })
+        .collect()
 }
 
 /// Checks what a version's manifest alone can tell: scope, layout, sizes,

@@ -1,0 +1,276 @@
+//! Round time of three real nodes on loopback, and what verifying peers'
+//! versions costs inside it: three `tapestry run` processes (release
+//! build) on 127.0.0.1 train a model on shards of the digits data set; the
+//! bench polls their `/status` to time every round, and reads at the end
+//! how many peers' versions each node verified by recomputation, how long
+//! that took (`recompute_ms`: rebuilding, checking and storing, fetching
+//! excluded) and how many delta bytes it fetched only to verify.
+//!
+//! `cargo bench -p tapestry-node --bench rounds [-- small|large]`
+//! (needs the digits data set at `../shared/data/digits.csv.gz`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// One model to run.
+struct Case {
+    name: &'static str,
+    architecture: &'static str,
+    local_steps: u32,
+    rounds: u64,
+    timeout_ms: u64,
+}
+
+const CASES: [Case; 2] = [
+    Case {
+        name: "small",
+        architecture: "mlp:64",
+        local_steps: 20,
+        rounds: 40,
+        timeout_ms: 10_000,
+    },
+    Case {
+        name: "large",
+        architecture: "mlp:4096,4096",
+        local_steps: 5,
+        rounds: 8,
+        timeout_ms: 120_000,
+    },
+];
+
+fn digits() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/digits.csv.gz");
+    assert!(p.is_file(), "the bench needs {}", p.display());
+    p
+}
+
+fn tapestry() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tapestry"));
+    c.env("RUST_LOG", "info,libp2p=warn");
+    c
+}
+
+/// A node process, killed if still running when dropped.
+struct Node {
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Node {
+    fn start(dir: &Path, shard: usize, boot: Option<&str>) -> Node {
+        let log = std::fs::File::create(dir.join("node.log")).unwrap();
+        let mut cmd = tapestry();
+        cmd.args(["run", "--data-dir"])
+            .arg(dir)
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"])
+            .arg("--data")
+            .arg(digits())
+            .args(["--shard", &format!("{shard}/3"), "--start-peers", "2"]);
+        if let Some(b) = boot {
+            cmd.args(["--bootstrap", b]);
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        Node {
+            dir: dir.to_path_buf(),
+            child: Some(child),
+        }
+    }
+
+    fn endpoints(&self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(self.dir.join("endpoints.json"))
+                && let Ok(v) = serde_json::from_str(&text)
+            {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "no endpoints.json");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn status(&self, api: &str) -> Option<Value> {
+        let mut s = TcpStream::connect(api).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+        write!(s, "GET /status HTTP/1.0\r\nHost: {api}\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
+    }
+
+    fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn set(cfg: &Path, key: &str, value: &str) {
+    let text = std::fs::read_to_string(cfg).unwrap();
+    let mut done = false;
+    let out: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if !done && l.starts_with(&format!("{key} =")) {
+                done = true;
+                format!("{key} = {value}")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    assert!(done, "no {key} in config.toml");
+    std::fs::write(cfg, out.join("\n") + "\n").unwrap();
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn run(case: &Case) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("n{i}"))).collect();
+    for d in &dirs {
+        let out = tapestry()
+            .args(["init", "--region", "bench", "--data-dir"])
+            .arg(d)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let cfg = d.join("config.toml");
+        set(&cfg, "architecture", &format!("{:?}", case.architecture));
+        set(&cfg, "local_steps", &case.local_steps.to_string());
+        set(&cfg, "timeout_ms", &case.timeout_ms.to_string());
+        set(&cfg, "rounds", &case.rounds.to_string());
+    }
+    let mut nodes = vec![Node::start(&dirs[0], 0, None)];
+    let boot = nodes[0].endpoints()["listen"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (i, d) in dirs.iter().enumerate().skip(1) {
+        nodes.push(Node::start(d, i, Some(&boot)));
+    }
+    let apis: Vec<String> = nodes
+        .iter()
+        .map(|n| n.endpoints()["api"].as_str().unwrap().to_owned())
+        .collect();
+
+    // When each node was first seen in each round.
+    let mut seen: Vec<Vec<(u64, Instant)>> = vec![Vec::new(); 3];
+    let deadline = Instant::now() + Duration::from_secs(60 + case.rounds * 120);
+    let finals = loop {
+        let st: Vec<Option<Value>> = nodes.iter().zip(&apis).map(|(n, a)| n.status(a)).collect();
+        let now = Instant::now();
+        for (i, s) in st.iter().enumerate() {
+            if let Some(r) = s.as_ref().and_then(|s| s["round"].as_u64())
+                && seen[i].last().is_none_or(|(last, _)| r > *last)
+            {
+                seen[i].push((r, now));
+            }
+        }
+        if st
+            .iter()
+            .all(|s| s.as_ref().is_some_and(|s| s["finished"] == true))
+        {
+            break st.into_iter().map(Option::unwrap).collect::<Vec<_>>();
+        }
+        assert!(now < deadline, "the nodes did not finish: {st:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for n in &mut nodes {
+        n.terminate();
+    }
+
+    // Round times: from a node's entering round r to its entering r + 1,
+    // for every r after the first two (start-up), on every node.
+    let mut round_ms = Vec::new();
+    for s in &seen {
+        for w in s.windows(2).skip(2) {
+            if w[1].0 == w[0].0 + 1 {
+                round_ms.push((w[1].1 - w[0].1).as_secs_f64() * 1e3);
+            }
+        }
+    }
+    let rounds: f64 = finals
+        .iter()
+        .map(|s| s["round"].as_u64().unwrap() as f64)
+        .sum();
+    let sum = |k: &str| -> f64 { finals.iter().map(|s| s[k].as_f64().unwrap_or(0.0)).sum() };
+    let (recompute_ms, verified, fetched) = (
+        sum("recompute_ms"),
+        sum("versions_verified"),
+        sum("verify_fetched_bytes"),
+    );
+    let med = median(round_ms.clone());
+    let per_round = recompute_ms / rounds;
+    let accuracy = sum("accuracy") / 3.0;
+    println!(
+        "{}: {} ({} rounds, {} inner steps), 3 nodes on loopback",
+        case.name, case.architecture, case.rounds, case.local_steps
+    );
+    println!(
+        "  round time: median {med:.1} ms over {} rounds (min {:.1}, max {:.1})",
+        round_ms.len(),
+        round_ms.iter().copied().fold(f64::INFINITY, f64::min),
+        round_ms.iter().copied().fold(0.0, f64::max),
+    );
+    println!(
+        "  versions verified by recomputation: {verified} ({:.2} per node-round)",
+        verified / rounds
+    );
+    println!(
+        "  recompute: {recompute_ms:.1} ms in all, {:.2} ms per verified version, {per_round:.2} ms per node-round = {:.2} % of the median round",
+        if verified > 0.0 {
+            recompute_ms / verified
+        } else {
+            0.0
+        },
+        100.0 * per_round / med
+    );
+    println!(
+        "  delta bytes fetched only to verify: {fetched} ({:.0} per node-round)",
+        fetched / rounds
+    );
+    println!("  mean accuracy at the end: {accuracy:.4}");
+}
+
+fn main() {
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    for case in &CASES {
+        if only.is_empty() || only.iter().any(|o| o == case.name) {
+            run(case);
+        }
+    }
+}
