@@ -3,8 +3,10 @@
 //! build) on 127.0.0.1 train a model on shards of the digits data set; the
 //! bench polls their `/status` to time every round, and reads at the end
 //! how many peers' versions each node verified by recomputation, how long
-//! that took (`recompute_ms`: rebuilding, checking and storing, fetching
-//! excluded) and how many delta bytes it fetched only to verify.
+//! that took (`recompute_ms`: rebuilding and checking; `keep_verified_ms`:
+//! storing the result), how many it matched to a version it made or
+//! verified itself (same parent and deltas: compared, not recomputed), and
+//! how many delta bytes it fetched only to verify.
 //!
 //! `cargo bench -p tapestry-node --bench rounds [-- small|large]`
 //! (needs the digits data set at `../shared/data/digits.csv.gz`).
@@ -40,7 +42,7 @@ const CASES: [Case; 2] = [
         name: "large",
         architecture: "mlp:4096,4096",
         local_steps: 5,
-        rounds: 8,
+        rounds: 16,
         timeout_ms: 120_000,
     },
 ];
@@ -225,10 +227,12 @@ fn run(case: &Case) {
         .map(|s| s["round"].as_u64().unwrap() as f64)
         .sum();
     let sum = |k: &str| -> f64 { finals.iter().map(|s| s[k].as_f64().unwrap_or(0.0)).sum() };
-    let (recompute_ms, verified, fetched) = (
+    let (recompute_ms, verified, fetched, matched, keep_ms) = (
         sum("recompute_ms"),
         sum("versions_verified"),
         sum("verify_fetched_bytes"),
+        sum("versions_matched"),
+        sum("keep_verified_ms"),
     );
     let med = median(round_ms.clone());
     let per_round = recompute_ms / rounds;
@@ -255,6 +259,15 @@ fn run(case: &Case) {
             0.0
         },
         100.0 * per_round / med
+    );
+    println!(
+        "  versions matched to one made or verified here (compared, not recomputed): {matched} ({:.2} per node-round)",
+        matched / rounds
+    );
+    println!(
+        "  storing recomputed versions: {keep_ms:.1} ms in all, {:.2} ms per node-round = {:.2} % of the median round",
+        keep_ms / rounds,
+        100.0 * keep_ms / rounds / med
     );
     println!(
         "  delta bytes fetched only to verify: {fetched} ({:.0} per node-round)",

@@ -54,8 +54,12 @@ pub struct Metrics {
     pub versions_verified: Counter,
     /// Peers' versions taken on roster members' attestations.
     pub versions_attested: Counter,
-    /// Time spent recomputing peers' versions (aggregation, outer step and
-    /// hashing the result; fetching excluded), in seconds.
+    /// Peers' versions with the same inputs as one this node made or
+    /// verified (compared, not recomputed).
+    pub versions_matched: Counter,
+    /// Time spent recomputing peers' versions (door checks, aggregation,
+    /// outer step, hashing and comparing the result; fetching and storing
+    /// excluded), in seconds.
     pub recompute_seconds: Counter<f64, AtomicU64>,
     /// Delta payload bytes fetched only to verify a version (deltas this
     /// node had not received by gossip).
@@ -82,6 +86,7 @@ impl Metrics {
             head: Family::default(),
             versions_verified: Counter::default(),
             versions_attested: Counter::default(),
+            versions_matched: Counter::default(),
             recompute_seconds: Counter::default(),
             verify_fetched_bytes: Counter::default(),
             registry: Mutex::new(Registry::default()),
@@ -133,8 +138,13 @@ impl Metrics {
             m.versions_attested.clone(),
         );
         r.register(
+            "versions_matched",
+            "Peers' versions with the same inputs as one made or verified here (compared, not recomputed)",
+            m.versions_matched.clone(),
+        );
+        r.register(
             "recompute_seconds",
-            "Time spent recomputing peers' versions (fetching excluded)",
+            "Time spent recomputing peers' versions (fetching and storing excluded)",
             m.recompute_seconds.clone(),
         );
         r.register(

@@ -171,11 +171,17 @@ pub struct Status {
     pub versions_verified: u64,
     /// Peers' versions taken on roster members' attestations.
     pub versions_attested: u64,
-    /// Time spent recomputing peers' versions, milliseconds (fetching
-    /// excluded).
+    /// Time spent recomputing peers' versions, milliseconds (rebuilding
+    /// and checking; fetching and storing excluded).
     pub recompute_ms: f64,
     /// Delta bytes fetched only to verify a version.
     pub verify_fetched_bytes: u64,
+    /// Time spent storing the versions verified by recomputation (their
+    /// parameters, manifest and verified mark), milliseconds.
+    pub keep_verified_ms: f64,
+    /// Peers' versions found to be the same computation as one this node
+    /// made or verified (checked by comparison, not recomputed).
+    pub versions_matched: u64,
     /// Whether the node has finished its configured rounds.
     pub finished: bool,
 }
@@ -263,6 +269,20 @@ pub struct Node {
     /// Versions being fetched to be offered to the engine (a fetch that
     /// fails takes its version out again, so it can be tried again).
     offered: Arc<Mutex<std::collections::HashSet<ContentId>>>,
+    /// Peers' versions of the round after this node's, held unverified
+    /// until this node closes its own round (then most are the same
+    /// computation as its own and are checked by comparison, not
+    /// recomputed), or until a round's timeout has passed.
+    early: Vec<(
+        Verified<ModelManifest>,
+        PeerId,
+        Option<libp2p::gossipsub::MessageId>,
+        Instant,
+    )>,
+    /// Versions this node made or verified lately: a peer's version with
+    /// the same inputs ([`verify::same_computation`]) is checked against them
+    /// instead of being recomputed.
+    recent: Recent,
     /// Heads peers answered with, as signed bytes, and who answered.
     heads_tx: mpsc::Sender<(PeerId, Vec<u8>)>,
     heads_rx: mpsc::Receiver<(PeerId, Vec<u8>)>,
@@ -336,6 +356,8 @@ impl Node {
             verdicts_rx,
             provided: std::collections::VecDeque::new(),
             offered: Arc::default(),
+            recent: Recent::default(),
+            early: Vec::new(),
             heads_tx,
             heads_rx,
             head_probe: 0,
@@ -401,6 +423,7 @@ impl Node {
     }
 
     fn keep_version(&self, m: &Verified<ModelManifest>, params: &[f32]) -> Result<(), NodeError> {
+        self.recent.add(m.message(), m.id());
         let bytes: Vec<u8> = tapestry_protocol::f32_le_bytes(params);
         self.store
             .put_payload(&bytes, m.message().chunk_size as usize)?;
@@ -473,6 +496,7 @@ impl Node {
                 Some(verdict) = self.verdicts_rx.recv() => self.on_verdict(verdict).await,
                 _ = ticker.tick() => {
                     self.refresh_network().await;
+                    self.verify_early(false).await;
                     // Announcements can be missed (a peer that was away, a
                     // message lost); every tick two peers take turns to say
                     // where they are, so a node that missed a preferred
@@ -633,6 +657,7 @@ impl Node {
                     self.offer_if_preferred(best, source, None);
                 }
                 self.shared.metrics.rounds.inc();
+                self.verify_early(true).await;
                 self.show_head(&manifest, &params);
                 let data = manifest.envelope_bytes().to_vec();
                 self.count_out(data.len());
@@ -904,6 +929,13 @@ impl Node {
         if !self.running || !(far || heads::worth_verifying(&self.engine, m)) {
             return Some(MessageAcceptance::Ignore);
         }
+        if m.round == self.engine.round().saturating_add(1)
+            && self.early.len() < MAX_EARLY
+            && !self.early.iter().any(|(e, ..)| e.id() == manifest.id())
+        {
+            self.early.push((manifest, source, gossip, Instant::now()));
+            return None;
+        }
         if self.verify_once(manifest, source, gossip) {
             None
         } else {
@@ -986,6 +1018,24 @@ impl Node {
         }
     }
 
+    /// Verifies the versions held back by [`Node::on_model`]: all of them
+    /// (`all`, when this node has just made a version), or those held
+    /// longer than a round's timeout.
+    async fn verify_early(&mut self, all: bool) {
+        let patience = Duration::from_millis(self.settings.engine.round_timeout_ms);
+        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.early)
+            .into_iter()
+            .partition(|(.., at)| all || at.elapsed() >= patience);
+        self.early = keep;
+        for (manifest, source, gossip, _) in due {
+            if !self.verify_once(manifest, source, gossip.clone())
+                && let Some(id) = gossip
+            {
+                self.report(id, source, MessageAcceptance::Ignore).await;
+            }
+        }
+    }
+
     /// Verifies a version this node would adopt (a remembered one, when
     /// this node closed its round).
     fn offer_if_preferred(
@@ -1029,6 +1079,7 @@ impl Node {
             }
         });
         let ctx = VerifyCtx {
+            recent: self.recent.clone(),
             net: self.net.clone(),
             store: self.store.clone(),
             shared: self.shared.clone(),
@@ -1130,6 +1181,10 @@ fn check_roster(roster: &Verified<Roster>, settings: &NodeSettings) -> Result<()
 /// that are ignored until one finishes (head probes bring them back).
 const MAX_VERIFYING: usize = 16;
 
+/// Next-round versions held back at once until this node closes its round
+/// (more are verified at once, as before).
+const MAX_EARLY: usize = 16;
+
 /// Takes a version out of the set of versions being verified.
 fn forget(offered: &Mutex<std::collections::HashSet<ContentId>>, id: ContentId) {
     if let Ok(mut o) = offered.lock() {
@@ -1137,8 +1192,38 @@ fn forget(offered: &Mutex<std::collections::HashSet<ContentId>>, id: ContentId) 
     }
 }
 
+/// Versions made or verified lately, by their inputs (bounded).
+#[derive(Clone, Default)]
+struct Recent(Arc<Mutex<std::collections::VecDeque<(ModelManifest, ContentId)>>>);
+
+impl Recent {
+    const KEEP: usize = 64;
+
+    fn add(&self, m: &ModelManifest, id: ContentId) {
+        if let Ok(mut r) = self.0.lock() {
+            if r.len() >= Self::KEEP {
+                r.pop_front();
+            }
+            r.push_back((m.clone(), id));
+        }
+    }
+
+    /// A recent version that is the same computation as `m`.
+    fn same_computation(
+        &self,
+        l: &impl Lineage,
+        m: &ModelManifest,
+    ) -> Option<(ModelManifest, ContentId)> {
+        let r = self.0.lock().ok()?.clone();
+        r.into_iter()
+            .rev()
+            .find(|(held, _)| verify::same_computation(l, held, m))
+    }
+}
+
 /// What a verification task needs.
 struct VerifyCtx {
+    recent: Recent,
     net: NetHandle,
     store: Store,
     shared: Shared,
@@ -1364,6 +1449,31 @@ async fn recompute_offered(
         models: HashMap::new(),
         deltas: HashMap::new(),
     };
+    // The same computation as a version this node made or verified: its
+    // parameters are known, so compare instead of recomputing.
+    if let Some((held, held_id)) = ctx.recent.same_computation(&l, target.message())
+        && is_verified(&ctx.store, &held_id)
+    {
+        if held.chunk_ids != target.message().chunk_ids {
+            return Err(VersionRejection::Mismatch);
+        }
+        let params = l.params(&held_id);
+        let kept = ctx
+            .store
+            .put_model_manifest(target)
+            .and_then(|_| ctx.store.set_ref(&verified_ref(&target.id()), target.id()));
+        if let (Some(params), Ok(())) = (params, kept) {
+            ctx.shared.metrics.versions_matched.inc();
+            ctx.shared.update(|s| s.versions_matched += 1);
+            let checked = verify::Checked {
+                authors: verify::distinct_authors(&l, target.message()),
+                params,
+            };
+            let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
+            let assessment = heads::assess(&l, &ctx.cfg, head, target, &checked);
+            return Ok((checked.params, assessment));
+        }
+    }
     let max_chain = (ctx.cfg.door.max_rounds_ahead as usize)
         .saturating_mul(2)
         .saturating_add(16);
@@ -1427,7 +1537,10 @@ async fn recompute_offered(
                     {
                         return Err(VersionRejection::UnknownDelta(dm.id()));
                     }
-                    ctx.shared.metrics.verify_fetched_bytes.inc_by(m.payload_bytes);
+                    ctx.shared
+                        .metrics
+                        .verify_fetched_bytes
+                        .inc_by(m.payload_bytes);
                     ctx.shared
                         .update(|s| s.verify_fetched_bytes += m.payload_bytes);
                     progress = true;
@@ -1442,6 +1555,7 @@ async fn recompute_offered(
     let store = ctx.store.clone();
     let started = Instant::now();
     let mut recomputed = 0;
+    let mut keep_s = 0.0;
     let checked = verify::verify_in_order(
         &mut l,
         &ctx.cfg,
@@ -1451,6 +1565,7 @@ async fn recompute_offered(
         |l, v, checked| {
             // Keep it: the deltas it names, its parameters as computed here,
             // its manifest, and the mark that it is verified.
+            let keeping = Instant::now();
             let kept = (|| -> Result<(), tapestry_storage::StoreError> {
                 for d in &v.message().deltas {
                     if let Some(dm) = l.deltas.get(d) {
@@ -1464,17 +1579,22 @@ async fn recompute_offered(
                 Ok(())
             })();
             recomputed += 1;
+            keep_s += keeping.elapsed().as_secs_f64();
+            if kept.is_ok() {
+                ctx.recent.add(v.message(), v.id());
+            }
             kept.map_err(|e| {
                 tracing::error!(error = %e, "cannot store a verified version");
                 VersionRejection::UnknownParent(v.id())
             })
         },
     );
-    let took = started.elapsed().as_secs_f64();
+    let took = (started.elapsed().as_secs_f64() - keep_s).max(0.0);
     ctx.shared.metrics.recompute_seconds.inc_by(took);
     ctx.shared.metrics.versions_verified.inc_by(recomputed);
     ctx.shared.update(|s| {
         s.recompute_ms += took * 1e3;
+        s.keep_verified_ms += keep_s * 1e3;
         s.versions_verified += recomputed;
     });
     let checked = checked?;

@@ -278,6 +278,9 @@ pub struct Engine {
     /// When the pending wake-up fires.
     timer_ms: u64,
     training: bool,
+    /// The version the training under way started from (its result is
+    /// taken if the node still holds these parameters, under whichever id).
+    training_from: Option<ContentId>,
     params: Vec<f32>,
     version: Option<ContentId>,
     rank: VersionRank,
@@ -317,6 +320,7 @@ impl Engine {
             round_started_ms: 0,
             timer_ms: 0,
             training: false,
+            training_from: None,
             params: vec![0.0; n],
             version: None,
             rank: VersionRank::default(),
@@ -391,7 +395,7 @@ impl Engine {
                 params,
                 samples,
             } => {
-                if round == self.round && self.training && self.version == Some(version) {
+                if round == self.round && self.training && self.training_from == Some(version) {
                     self.training = false;
                     // Training that diverged (or a malformed result)
                     // contributes no step, rather than stalling the round.
@@ -460,7 +464,23 @@ impl Engine {
             } => {
                 // Catch up by adopting a later version instead of replaying,
                 // or settle on the preferred version of this round.
-                if self.prefers(manifest.message(), authors, fork)
+                let same_params = manifest.message().round == self.round
+                    && params_digest(manifest.message()) == self.rank.params
+                    && self.version.is_some();
+                if same_params && self.prefers(manifest.message(), authors, fork) {
+                    // The same model under another signer's id (preferred by
+                    // the tie-break): take the id, keep the round going —
+                    // training under way started from these very
+                    // parameters.
+                    out.push(Action::Adopt {
+                        manifest: manifest.clone(),
+                        params,
+                    });
+                    let round = manifest.message().round;
+                    self.used.extend(used.into_iter().map(|d| (d, round)));
+                    self.rank = version_rank(manifest.message(), authors);
+                    self.version = Some(manifest.id());
+                } else if self.prefers(manifest.message(), authors, fork)
                     && params.len() == self.params.len()
                     && params.iter().all(|v| v.is_finite())
                 {
@@ -607,6 +627,7 @@ impl Engine {
             });
             return;
         }
+        self.training_from = Some(self.version.unwrap_or_else(|| ContentId::of(b"")));
         out.push(Action::Train {
             round: self.round,
             version: self.version.unwrap_or_else(|| ContentId::of(b"")),
@@ -996,6 +1017,7 @@ pub struct VersionRank {
     merge: bool,
     authors: usize,
     params: ContentId,
+    author: NodeId,
 }
 
 impl Default for VersionRank {
@@ -1005,6 +1027,7 @@ impl Default for VersionRank {
             merge: false,
             authors: 0,
             params: ContentId::from_bytes([0xff; 32]),
+            author: NodeId::from_bytes([0xff; 32]),
         }
     }
 }
@@ -1021,6 +1044,10 @@ impl Ord for VersionRank {
             .cmp(&other.merge)
             .then_with(|| self.authors.cmp(&other.authors))
             .then_with(|| other.params.cmp(&self.params))
+            // Equal parameters signed by several nodes (every node that
+            // closed the round alike): the smallest signer's, so the
+            // region settles on one id without anyone retraining.
+            .then_with(|| other.author.cmp(&self.author))
     }
 }
 
@@ -1040,6 +1067,7 @@ pub fn version_rank(m: &ModelManifest, authors: usize) -> VersionRank {
         merge: m.parents.len() > 1,
         authors,
         params: params_digest(m),
+        author: m.author,
     }
 }
 

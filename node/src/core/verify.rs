@@ -246,6 +246,44 @@ pub fn merge_params(a: (ContentId, &[f32], f64), b: (ContentId, &[f32], f64)) ->
         .collect()
 }
 
+/// Whether two versions are the same computation: the same model, region,
+/// round, layout and chunking, the same deltas, over one parent each with
+/// the same parameters (the same version, or two verified versions with
+/// equal parameter chunk ids — nodes that close a round alike sign equal
+/// parameters under different ids). Aggregation is deterministic, so two
+/// such versions have equal parameters, whoever signed them: one
+/// recomputation serves both, and if their chunk ids differ, one is wrong.
+pub fn same_computation(l: &impl Lineage, a: &ModelManifest, b: &ModelManifest) -> bool {
+    let parents = || match (a.parents.as_slice(), b.parents.as_slice()) {
+        ([pa], [pb]) if pa == pb => true,
+        ([pa], [pb]) => {
+            l.is_verified(pa)
+                && l.is_verified(pb)
+                && matches!((l.model(pa), l.model(pb)),
+                    (Some(x), Some(y)) if x.message().chunk_ids == y.message().chunk_ids)
+        }
+        _ => false,
+    };
+    a.model_id == b.model_id
+        && a.region == b.region
+        && a.round == b.round
+        && a.layout == b.layout
+        && a.payload_bytes == b.payload_bytes
+        && a.chunk_size == b.chunk_size
+        && a.deltas == b.deltas
+        && parents()
+}
+
+/// Distinct authors of the deltas a version names, as far as their
+/// manifests are held.
+pub fn distinct_authors(l: &impl Lineage, m: &ModelManifest) -> usize {
+    m.deltas
+        .iter()
+        .filter_map(|d| l.delta_author(d))
+        .collect::<BTreeSet<_>>()
+        .len()
+}
+
 /// The chunk ids of parameters cut at `chunk_size`: what a version's
 /// manifest must name.
 pub fn params_chunk_ids(params: &[f32], chunk_size: usize) -> Vec<ContentId> {
