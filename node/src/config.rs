@@ -96,7 +96,8 @@ pub struct TrainingSection {
 pub struct RoundSection {
     /// `f32`, `bf16`, `int8[:BLOCK]`, `topk:F`.
     pub codec: String,
-    /// `mean`, `trimmed-mean:B`, `median`, `clip:R[:ITER]`.
+    /// `mean`, `trimmed-mean:B`, `median`, `clip:R[:ITER]`, `median-clip[:F[:ITER]]`,
+    /// `aligned[:F[:ITER]]`.
     pub aggregator: String,
     /// How much each delta weighs: `equal` (one author, one vote) or
     /// `samples:MAX` (its declared sample count, at most MAX).
@@ -259,7 +260,10 @@ lr = {lr:?}
 [round]
 # Delta encoding: f32, bf16, int8[:BLOCK], topk:FRACTION
 codec = "{codec}"
-# How deltas are combined: mean, trimmed-mean:BETA, median, clip:RADIUS
+# How deltas are combined: mean, trimmed-mean:BETA, median,
+# clip:RADIUS[:ITERATIONS] (centred on the median), median-clip[:F[:I]]
+# (radius F x the median distance), aligned[:F[:I]] (median-clip after
+# weighing each delta by its alignment with the median; see the README)
 aggregator = "{agg}"
 # How much each delta weighs: equal (every author the same; a sample count
 # is the sender's word) or samples:MAX (its sample count, capped at MAX).
@@ -267,7 +271,8 @@ aggregator = "{agg}"
 # versions are checked by recomputing them.
 weighting = "{weighting}"
 # Peers' versions further ahead than this many rounds are refused; a node
-# catches up by recomputing every missed round from the deltas.
+# catches up by recomputing every missed round from the deltas (or, in a
+# permissioned region, on the attestations of enough members).
 max_rounds_ahead = {ahead}
 # Fraction of known peers whose deltas close a round early.
 quorum = {quorum:?}

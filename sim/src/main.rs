@@ -192,7 +192,7 @@ struct RunArgs {
     /// f32 | bf16 | int8[:BLOCK] | topk:FRACTION
     #[arg(long)]
     codec: Option<String>,
-    /// mean | trimmed-mean:BETA | median | clip:RADIUS[:ITERATIONS]
+    /// mean | trimmed-mean:BETA | median | clip:RADIUS[:ITERATIONS] | median-clip[:FACTOR[:ITERATIONS]] | aligned[:FACTOR[:ITERATIONS]]
     #[arg(long)]
     aggregator: Option<String>,
     /// equal | samples:MAX (how much a delta weighs)

@@ -505,18 +505,26 @@ fn every_forged_version_is_refused_in_the_simulator_and_takes_nothing_over() {
 
 #[test]
 fn clipping_around_the_median_keeps_95_percent_under_a_quarter_of_attackers() {
-    let calm = f(&run(robust_setting(40))["final"]["accuracy_mean"]);
-    for attack in ["sign-flip:10", "alie"] {
-        let r = run(Scenario {
-            aggregator: "clip:0.5:3".into(),
-            byzantine: format!("0.25:{attack}"),
+    // Median-centred clipping, and the same after weighing inputs by their
+    // alignment with the median (aligned): each against its own run
+    // without attackers.
+    for rule in ["clip:0.5:3", "aligned:1:10"] {
+        let calm = f(&run(Scenario {
+            aggregator: rule.into(),
             ..robust_setting(40)
-        });
-        let acc = f(&r["final"]["accuracy_mean"]);
-        eprintln!(
-            "{attack}: {acc:.4} against {calm:.4} without attackers ({:.3}×)",
-            acc / calm
-        );
-        assert!(acc >= 0.95 * calm, "{attack}: {acc} against {calm}");
+        })["final"]["accuracy_mean"]);
+        for attack in ["sign-flip:10", "alie"] {
+            let r = run(Scenario {
+                aggregator: rule.into(),
+                byzantine: format!("0.25:{attack}"),
+                ..robust_setting(40)
+            });
+            let acc = f(&r["final"]["accuracy_mean"]);
+            eprintln!(
+                "{rule} {attack}: {acc:.4} against {calm:.4} without attackers ({:.3}×)",
+                acc / calm
+            );
+            assert!(acc >= 0.95 * calm, "{rule} {attack}: {acc} against {calm}");
+        }
     }
 }
