@@ -440,6 +440,31 @@ mod tests {
     }
 
     #[test]
+    fn aligned_gives_inputs_pointing_against_the_median_no_weight() {
+        // Five honest inputs around (1, 1, 0); two flipped ones, one of
+        // them small enough to pass any clipping radius.
+        let mut all: Vec<Vec<f32>> = (0..5)
+            .map(|i| vec![1.0 + i as f32 * 0.02, 1.0 - i as f32 * 0.02, 0.1])
+            .collect();
+        all.push(vec![-1.0, -1.0, -0.1]);
+        all.push(vec![-10.0, -10.0, -1.0]);
+        let rule: AggregationRule = "aligned:1:10".parse().unwrap();
+        let out = agg(rule, &all);
+        let honest_mean = agg(AggregationRule::Mean, &all[..5]);
+        for (o, h) in out.iter().zip(&honest_mean) {
+            assert!((o - h).abs() < 0.02, "{out:?} vs {honest_mean:?}");
+        }
+        // Median-clip alone still gives the flipped inputs their clipped
+        // pull; aligned ends nearer the honest mean.
+        let clipped = agg("median-clip:1:10".parse().unwrap(), &all);
+        assert!(
+            l2_distance(&out, &honest_mean) < l2_distance(&clipped, &honest_mean),
+            "{out:?} {clipped:?} {honest_mean:?}"
+        );
+        assert_eq!(rule.to_string(), "aligned:1:10");
+    }
+
+    #[test]
     fn trimmed_mean_and_median_ignore_outliers() {
         let honest: Vec<Vec<f32>> = (0..8).map(|i| vec![1.0 + i as f32 * 0.01, -1.0]).collect();
         let mut all = honest.clone();
