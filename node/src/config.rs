@@ -263,7 +263,8 @@ codec = "{codec}"
 # How deltas are combined: mean, trimmed-mean:BETA, median,
 # clip:RADIUS[:ITERATIONS] (centred on the median), median-clip[:F[:I]]
 # (radius F x the median distance), aligned[:F[:I]] (median-clip after
-# weighing each delta by its alignment with the median; see the README)
+# weighing each delta by its alignment with the median; measured in the
+# simulator README)
 aggregator = "{agg}"
 # How much each delta weighs: equal (every author the same; a sample count
 # is the sender's word) or samples:MAX (its sample count, capped at MAX).

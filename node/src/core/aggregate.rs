@@ -89,7 +89,8 @@ pub enum AggregationRule {
     /// well it points the way of the coordinate-wise median: its weight
     /// times max(0, cos(input, median)) — the trust score of FLTrust (Cao
     /// et al., NDSS 2021) with the median in place of a server's own
-    /// update. An input pointing against the region's direction (a sign
+    /// update; three passes, each taking the previous result as the
+    /// reference. An input pointing against the region's direction (a sign
     /// flip of an honest update, at any scale) weighs nothing; one inside
     /// the clipping radius but pointing elsewhere weighs little. Stateless
     /// and deterministic, like every rule here.
@@ -237,31 +238,7 @@ impl AggregationRule {
                 iterations,
             ),
             AggregationRule::Aligned { factor, iterations } => {
-                let median = aggregate_median(inputs);
-                let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-                let m_norm = norm(&median);
-                let trusted: Vec<f64> = inputs
-                    .iter()
-                    .zip(weights)
-                    .map(|(v, w)| {
-                        let dot: f64 = v
-                            .iter()
-                            .zip(&median)
-                            .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                            .sum();
-                        let cos = dot / (norm(v) * m_norm);
-                        if cos.is_finite() {
-                            w * cos.max(0.0)
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                if trusted.iter().sum::<f64>() > 0.0 {
-                    median_clip(inputs, &trusted, median, factor, iterations)
-                } else {
-                    median
-                }
+                aggregate_aligned(inputs, weights, factor, iterations)
             }
         })
     }
@@ -338,6 +315,45 @@ pub fn aggregate_trimmed_mean(inputs: &[&[f32]], beta: f32) -> Vec<f32> {
         col[k..n - k].iter().sum::<f32>() / kept
     })
 }
+
+/// [`AggregationRule::Aligned`]: weights times max(0, cos) with a
+/// reference — the coordinate-wise median first, then each pass's result
+/// (which the Byzantine inputs pull less than they pull the median) —
+/// each pass median-clipped from the reference.
+fn aggregate_aligned(inputs: &[&[f32]], weights: &[f64], factor: f32, iterations: u32) -> Vec<f32> {
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let mut reference = aggregate_median(inputs);
+    for _ in 0..ALIGNED_PASSES {
+        let r_norm = norm(&reference);
+        let trusted: Vec<f64> = inputs
+            .iter()
+            .zip(weights)
+            .map(|(v, w)| {
+                let dot: f64 = v
+                    .iter()
+                    .zip(&reference)
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .sum();
+                let cos = dot / (norm(v) * r_norm);
+                if cos.is_finite() {
+                    w * cos.max(0.0)
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        if trusted.iter().sum::<f64>() <= 0.0 {
+            return reference;
+        }
+        reference = median_clip(inputs, &trusted, reference, factor, iterations);
+    }
+    reference
+}
+
+/// Passes of [`aggregate_aligned`] (measured in the simulator, 16 and 64
+/// nodes on label-skewed digits: 2 and 5 passes did worse against
+/// sign-flip ×10 or the takeover mix than 3).
+const ALIGNED_PASSES: usize = 3;
 
 /// Centred clipping from `center`, the radius `factor` × the median of the
 /// inputs' distances from the centre, recomputed each iteration.
