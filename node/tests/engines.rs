@@ -873,6 +873,97 @@ fn diverged_training_contributes_no_step_and_waiting_does_not_pile_up_timers() {
     }
 }
 
+#[test]
+fn a_mixing_node_resumes_from_a_combined_model_and_ignores_a_far_future_neighbour() {
+    let params = spec().init(1);
+    let later: Vec<f32> = params.iter().map(|v| v + 0.5).collect();
+    let neighbour = Keypair::from_secret_bytes(&[2; 32]).node_id();
+    let started = |mode: Mode| {
+        let mut cfg = engine_config(AggregationRule::Mean, DoorConfig::default(), 1);
+        cfg.mode = mode;
+        let g = genesis(&cfg, &params, &Keypair::from_secret_bytes(&[99; 32])).unwrap();
+        let mut e = Engine::new(cfg, Keypair::from_secret_bytes(&[1; 32]));
+        e.handle(Input::PeerJoined(neighbour), 0);
+        e.handle(
+            Input::Start {
+                manifest: g.clone(),
+                params: params.clone(),
+            },
+            0,
+        );
+        (e, g.id())
+    };
+    // Mixing: the combined model becomes this node's own version of the
+    // round reached, child of its old one, and training starts from it.
+    let (mut e, genesis_id) = started(Mode::Mixing);
+    let out = e.handle(
+        Input::CaughtUp {
+            round: 30,
+            params: later.clone(),
+        },
+        5,
+    );
+    let adopted = out.iter().find_map(|a| match a {
+        Action::Adopt { manifest, params } => Some((manifest.clone(), params.clone())),
+        _ => None,
+    });
+    let (m, p) = adopted.expect("the caught-up model is adopted");
+    assert_eq!(
+        (m.message().round, &m.message().parents),
+        (30, &vec![genesis_id])
+    );
+    assert_eq!(
+        m.message().author,
+        Keypair::from_secret_bytes(&[1; 32]).node_id()
+    );
+    assert_eq!(p, later);
+    assert_eq!(e.round(), 30);
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Train { round: 30, .. }))
+    );
+    // Not ahead, or misshapen: ignored.
+    for (round, p) in [
+        (30, later.clone()),
+        (31, vec![0.0; 3]),
+        (31, vec![f32::NAN; later.len()]),
+    ] {
+        assert!(e.handle(Input::CaughtUp { round, params: p }, 6).is_empty());
+    }
+    assert_eq!(e.round(), 30);
+    // A neighbour claiming a round far beyond the look-ahead is penalised
+    // and its model never stands in for this round.
+    let out = e.handle(
+        Input::NeighbourModel {
+            from: neighbour,
+            round: u64::MAX - 1,
+            params: later.clone(),
+            degree: 1,
+        },
+        7,
+    );
+    assert!(
+        out.iter().any(|a| matches!(
+            a,
+            Action::Penalise(r) if r.reason.label() == "from_the_future"
+        )),
+        "{out:?}"
+    );
+    // Broadcast mode takes only verified versions, never a bare model.
+    let (mut b, _) = started(Mode::Broadcast);
+    assert!(
+        b.handle(
+            Input::CaughtUp {
+                round: 30,
+                params: later
+            },
+            5
+        )
+        .is_empty()
+    );
+    assert_eq!(b.round(), 0);
+}
+
 /// A signed version of `params` at `round` by `key`, with these parents.
 fn version_of(
     params: &[f32],

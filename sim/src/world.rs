@@ -10,13 +10,14 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
+use tapestry_node::core::attest;
 use tapestry_node::core::data::{self, CsvOptions, Dataset, Scaler};
 use tapestry_node::core::door::DoorConfig;
 use tapestry_node::core::engine::{
     Action, Engine, EngineConfig, Input, Mode, VersionRank, genesis,
 };
 use tapestry_node::core::heads::{self, Decision};
-use tapestry_node::core::mixing::consensus_distance;
+use tapestry_node::core::mixing::{self, consensus_distance};
 use tapestry_node::core::model::{
     InnerOptimizer, InnerState, ModelSpec, TrainConfig, evaluate, train_local,
 };
@@ -69,7 +70,9 @@ pub struct ChurnCounts {
     pub left: u64,
     /// Times a node came back.
     pub rejoined: u64,
-    /// Times a returning node caught up from a peer's later version.
+    /// Times a returning node caught up: on a version enough members
+    /// vouched for (broadcast), or on the median of several neighbours'
+    /// models (mixing, push-sum).
     pub caught_up: u64,
 }
 
@@ -1256,14 +1259,18 @@ impl World<'_> {
     }
 
     /// A node comes back: it reconnects, learns who is there, and catches up
-    /// from the most advanced reachable peer's head (or restarts its own
-    /// round if nobody is ahead).
+    /// — never on one peer's word. In broadcast mode it takes the furthest
+    /// version that enough members vouch for ([`attest::best_vouched`]); in
+    /// mixing and push-sum modes the median of several neighbours' models
+    /// ([`mixing::catch_up`]). Byzantine peers offer forgeries (a round
+    /// jump to 2^64 − 2 with its parameters negated) and vouch for each
+    /// other's. With nothing to take it resumes its own model.
     fn rejoin(&mut self, v: usize, now: u64) {
         self.net.online[v] = true;
         self.churn.rejoined += 1;
         let lat = self.net.latency_ms();
         let id = self.keys[v].node_id();
-        let mut best: Option<usize> = None;
+        let mut reachable = Vec::new();
         for p in self.peers_of(v) {
             let pid = self.keys[p].node_id();
             if self.net.online[p] && !self.net.separated(v, p, now) {
@@ -1281,10 +1288,7 @@ impl World<'_> {
                         input: Input::PeerJoined(pid),
                     },
                 );
-                let ahead = |q: usize| self.heads[q].0.message().round;
-                if best.is_none_or(|b| ahead(p) > ahead(b)) {
-                    best = Some(p);
-                }
+                reachable.push(p);
             } else {
                 self.push(
                     now,
@@ -1295,38 +1299,155 @@ impl World<'_> {
                 );
             }
         }
-        let own = self.heads[v].0.message().round;
-        let offer = best.filter(|b| self.heads[*b].0.message().round > own);
-        if let Some(b) = offer {
-            let (manifest, params) = self.heads[b].clone();
-            let bytes = params.len() as u64 * 4 + manifest.envelope_bytes().len() as u64;
-            // Ask for the head, then fetch it.
-            if let Ok(at) = self
-                .net
-                .send_reliable(v, b, now, 128)
-                .and_then(|t| self.net.send_reliable(b, v, t, bytes))
-            {
-                self.churn.caught_up += 1;
-                // The simulator's catch-up hands over another node's head
-                // as the network would after verification.
-                let authors = manifest.message().deltas.len();
-                let used = manifest.message().deltas.clone();
-                let input = Input::ModelOffered {
-                    manifest,
-                    params,
-                    authors,
-                    used,
-                    fork: None,
-                };
-                self.push(at, Event::Deliver { node: v, input });
-                return;
+        let caught = match self.settings.mode {
+            Mode::Broadcast => self.catch_up_attested(v, now, &reachable),
+            _ => self.catch_up_mixing(v, now, &reachable),
+        };
+        if caught {
+            self.churn.caught_up += 1;
+        } else {
+            let (manifest, params) = self.heads[v].clone();
+            let input = Input::Start { manifest, params };
+            self.push(now, Event::Deliver { node: v, input });
+        }
+    }
+
+    /// What node `p` offers a node catching up: its head, or, if it is
+    /// Byzantine, a forged one — the round it claims jumped to 2^64 − 2 and
+    /// its parameters negated (signed by it, naming its head as parent).
+    fn catch_up_offer(&self, p: usize) -> (Verified<ModelManifest>, Vec<f32>) {
+        let (head, params) = &self.heads[p];
+        if self.attack.is_some() && self.byzantine.contains(&p) {
+            let evil: Vec<f32> = params.iter().map(|x| -x).collect();
+            let mut m = head.message().clone();
+            m.round = u64::MAX - 1;
+            m.author = self.keys[p].node_id();
+            m.chunk_ids = verify::params_chunk_ids(&evil, m.chunk_size as usize);
+            m.parents = vec![head.id()];
+            if let Ok(forged) = Signed::sign(m, &self.keys[p]) {
+                return (forged, evil);
             }
         }
-        let (manifest, params) = self.heads[v].clone();
-        let input = Input::Start { manifest, params };
-        self.push(now, Event::Deliver { node: v, input });
+        (head.clone(), params.clone())
+    }
+
+    /// Fetches one offer from each reachable peer (a request, then the
+    /// model): the offers that arrived and when the last one did.
+    fn gather_offers(&mut self, v: usize, now: u64, reachable: &[usize]) -> (Vec<Offer>, u64) {
+        let mut offers = Vec::new();
+        let mut last = now;
+        for &p in reachable {
+            let (manifest, params) = self.catch_up_offer(p);
+            let bytes = params.len() as u64 * 4 + manifest.envelope_bytes().len() as u64;
+            if let Ok(at) = self
+                .net
+                .send_reliable(v, p, now, 128)
+                .and_then(|t| self.net.send_reliable(p, v, t, bytes))
+            {
+                last = last.max(at);
+                offers.push((p, manifest, params));
+            }
+        }
+        (offers, last)
+    }
+
+    /// Broadcast-mode catch-up on attestations: every reachable peer offers
+    /// its head and attests it (honest peers vouch only for the version
+    /// they hold; Byzantine ones vouch for every forgery); the node takes
+    /// the furthest version that more than a third of the region vouches
+    /// for, through the core's agreement policy. Forged offers passed over
+    /// are counted as `round_jump`.
+    fn catch_up_attested(&mut self, v: usize, now: u64, reachable: &[usize]) -> bool {
+        let (offers, at) = self.gather_offers(v, now, reachable);
+        let mut distinct: BTreeMap<ContentId, &Verified<ModelManifest>> = BTreeMap::new();
+        for (_, m, _) in &offers {
+            distinct.entry(m.id()).or_insert(m);
+        }
+        let mut attestations = Vec::new();
+        for (p, _, _) in &offers {
+            for (id, version) in &distinct {
+                let holds = self.heads[*p].0.id() == *id;
+                let colludes = self.byzantine.contains(p)
+                    && self
+                        .index
+                        .get(&version.message().author)
+                        .is_some_and(|a| self.byzantine.contains(a));
+                if (holds || colludes)
+                    && let Some(a) = attest::attest(version.message(), &self.keys[*p])
+                {
+                    attestations.push(a);
+                }
+            }
+        }
+        let members: BTreeSet<NodeId> = self.keys.iter().map(|k| k.node_id()).collect();
+        let threshold = attest::threshold(members.len(), 0);
+        let versions: Vec<Verified<ModelManifest>> =
+            offers.iter().map(|(_, m, _)| m.clone()).collect();
+        let own = self.engines[v].round();
+        let furthest = own.saturating_add(self.engines[v].config().door.max_rounds_ahead);
+        let jumps = versions
+            .iter()
+            .filter(|m| m.message().round > furthest)
+            .count();
+        for _ in 0..jumps {
+            self.count_rejected(&VersionRejection::RoundJump {
+                round: u64::MAX - 1,
+                expected: furthest,
+            });
+        }
+        let Some((best, vouchers)) =
+            attest::best_vouched(&versions, &attestations, &members, threshold)
+        else {
+            return false;
+        };
+        if best.message().round <= own || best.message().round > furthest {
+            return false;
+        }
+        let Some((_, _, params)) = offers.iter().find(|(_, m, _)| m.id() == best.id()) else {
+            return false;
+        };
+        let engine = &self.engines[v];
+        let assessment = heads::Assessment::attested(engine.version(), vouchers);
+        match heads::decide(engine, best.clone(), params.clone(), assessment) {
+            Decision::Feed(input) => {
+                self.push(
+                    at,
+                    Event::Deliver {
+                        node: v,
+                        input: *input,
+                    },
+                );
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Mixing-mode catch-up: the median round and coordinate-wise median
+    /// model of the reachable neighbours' offers, if at least three offer.
+    fn catch_up_mixing(&mut self, v: usize, now: u64, reachable: &[usize]) -> bool {
+        let (offers, at) = self.gather_offers(v, now, reachable);
+        let views: Vec<(u64, &[f32])> = offers
+            .iter()
+            .map(|(_, m, p)| (m.message().round, p.as_slice()))
+            .collect();
+        let own = self.engines[v].round();
+        let Some((round, params)) = mixing::catch_up(&views, own, self.heads[v].1.len()) else {
+            return false;
+        };
+        self.push(
+            at,
+            Event::Deliver {
+                node: v,
+                input: Input::CaughtUp { round, params },
+            },
+        );
+        true
     }
 }
+
+/// A peer's answer to a node catching up: (peer, version, parameters).
+type Offer = (usize, Verified<ModelManifest>, Vec<f32>);
 
 /// Builds a Byzantine node's replacement for its honest delta (or `None`
 /// to send nothing this round).

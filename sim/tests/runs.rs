@@ -315,6 +315,61 @@ fn nodes_that_leave_come_back_and_catch_up() {
 }
 
 #[test]
+fn nodes_coming_back_never_catch_up_on_one_liars_word_in_either_mode() {
+    // A quarter of the nodes lie to every node catching up from them: a
+    // model of round 2^64 − 2 with its parameters negated, and (in
+    // broadcast mode) attestations of each other's lies. Their deltas and
+    // neighbour models are honest (round-jump), so the run with them must
+    // end where the run without them does.
+    for (mode, topology) in [("broadcast", "complete"), ("mixing", "random-regular:6")] {
+        let churned = Scenario {
+            topology: topology.into(),
+            mode: mode.into(),
+            rounds: 30,
+            consensus_rounds: if mode == "mixing" { 10 } else { 0 },
+            churn: "0.25:500ms".into(),
+            ..digits16()
+        };
+        let calm = run(churned.clone());
+        let r = run(Scenario {
+            byzantine: "0.25:round-jump".into(),
+            ..churned
+        });
+        let churn = &r["churn"];
+        eprintln!(
+            "{mode}: {churn}; accuracy {} vs {} without liars; rejected {}",
+            r["final"]["accuracy_mean"], calm["final"]["accuracy_mean"], r["rejected"]
+        );
+        assert!(churn["rejoined"].as_u64().unwrap() >= 8, "{mode}: {churn}");
+        assert!(churn["caught_up"].as_u64().unwrap() > 0, "{mode}: {churn}");
+        // Every honest node ends at the final round: none jumped to the
+        // liars' round or took their negated model.
+        assert_eq!(
+            r["final"]["nodes_at_final_round"], 12,
+            "{mode}: {}",
+            r["final"]
+        );
+        let (acc, clean) = (
+            f(&r["final"]["accuracy_mean"]),
+            f(&calm["final"]["accuracy_mean"]),
+        );
+        assert!(acc >= clean - 0.02, "{mode}: {acc} vs {clean}");
+        assert!(
+            f(&r["final"]["accuracy_min"]) > 0.5,
+            "{mode}: {}",
+            r["final"]
+        );
+        if mode == "broadcast" {
+            assert!(
+                r["rejected"]["round_jump"].as_u64().unwrap_or(0) > 0,
+                "{}",
+                r["rejected"]
+            );
+        }
+    }
+}
+
+#[test]
 fn a_partition_splits_the_swarm_and_mixing_heals_it() {
     let (r, rows) = run_with_rounds(Scenario {
         topology: "random-regular:4".into(),

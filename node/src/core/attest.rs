@@ -64,6 +64,27 @@ pub fn threshold(roster: usize, configured: usize) -> usize {
     t.max(MIN_VOUCHERS)
 }
 
+/// Catch-up on attestations: of the versions peers offer, the one of the
+/// latest round (then the smallest id, so every node picks alike) that at
+/// least `threshold` distinct members of `members` vouch for, with its
+/// number of vouchers. Versions short of the threshold are passed over
+/// however far ahead they claim to be.
+pub fn best_vouched<'a>(
+    offers: &'a [Verified<ModelManifest>],
+    attestations: &[Verified<ModelManifest>],
+    members: &BTreeSet<NodeId>,
+    threshold: usize,
+) -> Option<(&'a Verified<ModelManifest>, usize)> {
+    offers
+        .iter()
+        .map(|v| (v, vouchers(v, attestations, members).len()))
+        .filter(|(_, n)| *n >= threshold.max(MIN_VOUCHERS))
+        .max_by(|(a, _), (b, _)| {
+            (a.message().round, std::cmp::Reverse(a.id()))
+                .cmp(&(b.message().round, std::cmp::Reverse(b.id())))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +144,35 @@ mod tests {
         m.chunk_ids = vec![ContentId::of(&[1; 8])];
         let forged = attest(&m, &b).unwrap();
         assert!(!attests(forged.message(), v.message()));
+    }
+
+    #[test]
+    fn catch_up_takes_the_furthest_version_enough_members_vouch_for() {
+        let keys: Vec<Keypair> = (1..=6).map(key).collect();
+        let members: BTreeSet<NodeId> = keys.iter().map(|k| k.node_id()).collect();
+        let honest = version(&keys[0], 7);
+        let newer = version(&keys[1], 8);
+        let jump = version(&keys[5], u64::MAX - 1);
+        // Three members hold round 7, one has just made round 8, and the
+        // liar's round jump is attested by itself alone.
+        let attestations = vec![
+            attest(honest.message(), &keys[2]).unwrap(),
+            attest(honest.message(), &keys[3]).unwrap(),
+        ];
+        let offers = vec![honest.clone(), newer.clone(), jump.clone()];
+        let (v, n) = best_vouched(&offers, &attestations, &members, 3).unwrap();
+        assert_eq!((v.id(), n), (honest.id(), 3));
+        // Once round 8 has enough vouchers, it is the one.
+        let mut more = attestations.clone();
+        more.push(attest(newer.message(), &keys[4]).unwrap());
+        let (v, _) = best_vouched(&offers, &more, &members, 2).unwrap();
+        assert_eq!(v.id(), newer.id());
+        // Nobody vouched enough: nothing is taken.
+        assert!(best_vouched(&offers, &[], &members, 2).is_none());
+        assert!(
+            best_vouched(&[jump], &[], &members, 1).is_none(),
+            "never one word"
+        );
     }
 
     #[test]

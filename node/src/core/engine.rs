@@ -187,6 +187,17 @@ pub enum Input {
         /// Its number of neighbours (for the Metropolis–Hastings weight).
         degree: usize,
     },
+    /// Mixing and push-sum modes: a model to resume from after an absence,
+    /// as [`super::mixing::catch_up`] combined it from several neighbours'
+    /// offers (never one neighbour's). Taken only if `round` is ahead of
+    /// this node's and the parameters fit; the node signs it as its own
+    /// version of `round` (its old version as parent) and trains on.
+    CaughtUp {
+        /// The round reached.
+        round: u64,
+        /// The combined parameters.
+        params: Vec<f32>,
+    },
     /// A peer joined the region (in mixing mode: a neighbour).
     PeerJoined(NodeId),
     /// A peer left the region.
@@ -539,10 +550,33 @@ impl Engine {
             } => {
                 let fits =
                     params.len() == self.params.len() && params.iter().all(|v| v.is_finite());
-                if self.peers.contains(&from) && round >= self.round && fits {
+                let furthest = self.round.saturating_add(self.config.door.max_rounds_ahead);
+                if round > furthest {
+                    // A neighbour claiming a round this far ahead is lying
+                    // or broken: its model would stand in for this round.
+                    out.push(Action::Penalise(Rejected {
+                        sender: from,
+                        reason: super::door::Rejection::FromTheFuture {
+                            round,
+                            current: self.round,
+                        },
+                    }));
+                } else if self.peers.contains(&from) && round >= self.round && fits {
                     self.neighbour_models
                         .insert((round, from), (params, degree));
                     self.maybe_close(now_ms, &mut out);
+                }
+            }
+            Input::CaughtUp { round, params } => {
+                let fits =
+                    params.len() == self.params.len() && params.iter().all(|v| v.is_finite());
+                if self.config.mode != Mode::Broadcast && round > self.round && fits {
+                    if matches!(self.config.mode, Mode::PushSum { .. }) {
+                        self.push_sum = Some(PushSum::new(params.clone()));
+                    }
+                    self.params = params;
+                    let parents = self.version.into_iter().collect();
+                    self.sign_version(round, parents, Vec::new(), now_ms, &mut out);
                 }
             }
             Input::Tick => self.maybe_close(now_ms, &mut out),

@@ -84,6 +84,40 @@ impl PushSum {
     }
 }
 
+/// Fewest distinct neighbours a node catching up in mixing mode must hear
+/// from: with the coordinate-wise median, one liar among three cannot move
+/// any value outside what the honest two sent.
+pub const MIN_CATCH_UP_OFFERS: usize = 3;
+
+/// Mixing-mode catch-up, never on one neighbour's word: a node back from
+/// an absence takes, from the models its neighbours offer (each with the
+/// round it claims), the lower median of the claimed rounds and the
+/// coordinate-wise median of the models. While fewer than half of the
+/// offers lie, the round lies between two honest ones and every value
+/// between two honest values — a lone neighbour claiming round 2^64 − 2 or
+/// sending its own parameters negated moves neither. Offers of the wrong
+/// length or with non-finite values are dropped first. `None` with fewer
+/// than [`MIN_CATCH_UP_OFFERS`] usable offers, or when the median round
+/// is not ahead of `own_round` (the node then resumes its own model and
+/// mixing pulls it back in).
+pub fn catch_up(offers: &[(u64, &[f32])], own_round: u64, len: usize) -> Option<(u64, Vec<f32>)> {
+    let usable: Vec<&(u64, &[f32])> = offers
+        .iter()
+        .filter(|(_, p)| p.len() == len && p.iter().all(|v| v.is_finite()))
+        .collect();
+    if usable.len() < MIN_CATCH_UP_OFFERS {
+        return None;
+    }
+    let mut rounds: Vec<u64> = usable.iter().map(|(r, _)| *r).collect();
+    rounds.sort_unstable();
+    let round = rounds[(rounds.len() - 1) / 2];
+    if round <= own_round {
+        return None;
+    }
+    let models: Vec<&[f32]> = usable.iter().map(|(_, p)| *p).collect();
+    Some((round, super::aggregate::aggregate_median(&models)))
+}
+
 /// Mean L2 distance of each vector to their average, relative to the
 /// average's norm: how far a swarm is from agreeing.
 pub fn consensus_distance(models: &[Vec<f32>]) -> f64 {
@@ -168,6 +202,55 @@ mod tests {
             let avg = models.iter().map(|m| f64::from(m[j])).sum::<f64>() / n as f64;
             assert!((avg - t).abs() < 1e-4, "{avg} vs {t}");
         }
+    }
+
+    #[test]
+    fn catch_up_takes_the_median_of_several_neighbours_never_one_word() {
+        let honest = [
+            vec![1.0f32, 2.0, 3.0],
+            vec![1.2, 2.2, 2.8],
+            vec![0.9, 1.9, 3.1],
+        ];
+        let liar = vec![-1e30f32, 1e30, -3.0];
+        fn offers<'a>(
+            honest: &'a [Vec<f32>; 3],
+            extra: &[(u64, &'a [f32])],
+        ) -> Vec<(u64, &'a [f32])> {
+            let mut o: Vec<(u64, &[f32])> = vec![
+                (40, honest[0].as_slice()),
+                (41, honest[1].as_slice()),
+                (40, honest[2].as_slice()),
+            ];
+            o.extend_from_slice(extra);
+            o
+        }
+        // One liar among four: a round of 2^64 − 2 and absurd values move
+        // nothing outside the honest range.
+        let (round, params) =
+            catch_up(&offers(&honest, &[(u64::MAX - 1, liar.as_slice())]), 10, 3).unwrap();
+        assert!((40..=41).contains(&round), "{round}");
+        for (j, v) in params.iter().enumerate() {
+            let lo = honest.iter().map(|h| h[j]).fold(f32::INFINITY, f32::min);
+            let hi = honest
+                .iter()
+                .map(|h| h[j])
+                .fold(f32::NEG_INFINITY, f32::max);
+            assert!((lo..=hi).contains(v), "value {j}: {v} outside [{lo}, {hi}]");
+        }
+        // Without the liar: the median of three.
+        assert_eq!(
+            catch_up(&offers(&honest, &[]), 10, 3),
+            Some((40, honest[0].clone()))
+        );
+        // Two offers (or two usable ones) are not enough.
+        let two: Vec<(u64, &[f32])> = vec![(40, &honest[0]), (41, &honest[1])];
+        assert_eq!(catch_up(&two, 10, 3), None);
+        let nan = [f32::NAN, 0.0, 0.0];
+        let short = [1.0f32];
+        let bad: Vec<(u64, &[f32])> = vec![(40, &honest[0]), (41, &nan), (42, &short)];
+        assert_eq!(catch_up(&bad, 10, 3), None);
+        // Not ahead of the node: nothing to catch up on.
+        assert_eq!(catch_up(&offers(&honest, &[]), 40, 3), None);
     }
 
     #[test]
