@@ -10,11 +10,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tapestry_protocol::Codec;
 
-use crate::core::aggregate::AggregationRule;
-use crate::core::door::{DoorConfig, Weighting};
-use crate::core::engine::{EngineConfig, Mode};
-use crate::core::model::{InnerOptimizer, ModelSpec, TrainConfig};
-use crate::core::outer::OuterOptimizer;
+use tapestry_core::aggregate::AggregationRule;
+use tapestry_core::door::{DoorConfig, Weighting};
+use tapestry_core::engine::{EngineConfig, Mode};
+use tapestry_core::model::{InnerOptimizer, ModelSpec, TrainConfig};
+use tapestry_core::outer::OuterOptimizer;
 
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use libp2p::Multiaddr;
-use tapestry_node::config::{self, Config, DataDir};
-use tapestry_node::core::data::{self, CsvOptions, Dataset, Partition, Scaler};
-use tapestry_node::core::model::{
+use tapestry_core::data::{self, CsvOptions, Dataset, Partition, Scaler};
+use tapestry_core::model::{
     InnerState, evaluate, export_safetensors, import_safetensors, train_local,
 };
+use tapestry_node::config::{self, Config, DataDir};
 use tapestry_node::net::NetConfig;
 use tapestry_node::runtime::{self, HEAD_REF, Launch, LocalData, NodeSettings};
 use tapestry_protocol::{ContentId, Keypair, NodeId, Roster, Signed, Verified};

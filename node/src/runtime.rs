@@ -26,14 +26,14 @@ use tapestry_protocol::{
 use tapestry_storage::ChunkStore;
 use tokio::sync::{mpsc, watch};
 
-use crate::core::data::Dataset;
-use crate::core::door::Door;
-use crate::core::engine::{Action, Engine, EngineConfig, Input, VersionRank, genesis};
-use crate::core::model::{InnerState, TrainConfig, evaluate, train_local};
-use crate::core::verify::{self, Lineage, Plan, VersionRejection, check_shape};
-use crate::core::{attest, heads};
 use crate::metrics::Metrics;
 use crate::net::{self, Command, NetEvent, NetHandle};
+use tapestry_core::data::Dataset;
+use tapestry_core::door::Door;
+use tapestry_core::engine::{Action, Engine, EngineConfig, Input, VersionRank, genesis};
+use tapestry_core::model::{InnerState, TrainConfig, evaluate, train_local};
+use tapestry_core::verify::{self, Lineage, Plan, VersionRejection, check_shape};
+use tapestry_core::{attest, heads};
 
 /// The store a node keeps everything in.
 pub type Store = Arc<dyn ChunkStore + Send + Sync>;
@@ -49,7 +49,7 @@ pub fn verified_ref(id: &ContentId) -> String {
 }
 
 /// The ref marking a version this node took on roster members'
-/// attestations ([`crate::core::attest`]) rather than recomputed: it builds
+/// attestations ([`tapestry_core::attest`]) rather than recomputed: it builds
 /// on it, but does not attest it to others.
 pub fn attested_ref(id: &ContentId) -> String {
     format!("attested/{id}")

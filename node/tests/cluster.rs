@@ -310,7 +310,7 @@ mod rogue {
 
     use std::sync::{Arc, Mutex};
 
-    use tapestry_node::core::model::ModelSpec;
+    use tapestry_core::model::ModelSpec;
     use tapestry_node::net::{self, Command, NetConfig, NetEvent, NetHandle};
     use tapestry_node::runtime::{deltas_topic, models_topic};
     use tapestry_protocol::{
@@ -1050,7 +1050,7 @@ fn mean_accuracy(st: &[Value]) -> f64 {
 
 #[test]
 fn forged_versions_fail_against_every_honest_node_and_are_never_forwarded() {
-    use tapestry_node::core::verify::{DeltaInput, aggregate_onto, merge_params, params_chunk_ids};
+    use tapestry_core::verify::{DeltaInput, aggregate_onto, merge_params, params_chunk_ids};
     use tapestry_protocol::{
         Codec, ContentId, DeltaManifest, Keypair, ModelManifest, Signed, Verified,
     };

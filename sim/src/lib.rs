@@ -9,11 +9,11 @@
 //! message arrives (latency, jitter, loss, bandwidth, partitions, offline
 //! nodes); [`par`] runs trainings and evaluations of one virtual instant on
 //! all cores without changing results; [`report`] and [`plot`] write the
-//! outputs. [`cluster`] runs real `tapestry` processes instead.
+//! outputs. Real `tapestry` processes are `tapestry-lab`'s (the `lab/`
+//! crate); this crate never touches the network and does not build the
+//! networked node.
 
-pub mod cluster;
 pub mod net;
-pub mod netns;
 pub mod par;
 pub mod plot;
 pub mod report;

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde_json::json;
-use tapestry_node::core::aggregate::AggregationRule;
+use tapestry_core::aggregate::AggregationRule;
 
 use crate::plot::{self, Series};
 use crate::scenario::Settings;

@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use tapestry_node::core::aggregate::AggregationRule;
-use tapestry_node::core::data::Partition;
-use tapestry_node::core::engine::Mode;
-use tapestry_node::core::model::ModelSpec;
+use tapestry_core::aggregate::AggregationRule;
+use tapestry_core::data::Partition;
+use tapestry_core::engine::Mode;
+use tapestry_core::model::ModelSpec;
 use tapestry_protocol::Codec;
 
 use crate::topology::Topology;
@@ -254,7 +254,7 @@ pub struct Settings {
     /// Aggregation rule.
     pub aggregator: AggregationRule,
     /// Delta weights.
-    pub weighting: tapestry_node::core::door::Weighting,
+    pub weighting: tapestry_core::door::Weighting,
     /// Byzantine nodes: how many and how they attack.
     pub byzantine: Option<(usize, Attack)>,
     /// Churn, if any.
@@ -511,7 +511,7 @@ impl Scenario {
             partition: self
                 .partition
                 .parse()
-                .map_err(|e: tapestry_node::core::data::DataError| e.to_string())?,
+                .map_err(|e: tapestry_core::data::DataError| e.to_string())?,
             model,
             codec: self
                 .codec
@@ -520,7 +520,7 @@ impl Scenario {
             aggregator: self
                 .aggregator
                 .parse()
-                .map_err(|e: tapestry_node::core::aggregate::AggregateError| e.to_string())?,
+                .map_err(|e: tapestry_core::aggregate::AggregateError| e.to_string())?,
             weighting: self.weighting.parse()?,
             byzantine,
             churn,

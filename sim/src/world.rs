@@ -10,19 +10,17 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
-use tapestry_node::core::attest;
-use tapestry_node::core::data::{self, CsvOptions, Dataset, Scaler};
-use tapestry_node::core::door::DoorConfig;
-use tapestry_node::core::engine::{
-    Action, Engine, EngineConfig, Input, Mode, VersionRank, genesis,
-};
-use tapestry_node::core::heads::{self, Decision};
-use tapestry_node::core::mixing::{self, consensus_distance};
-use tapestry_node::core::model::{
+use tapestry_core::attest;
+use tapestry_core::data::{self, CsvOptions, Dataset, Scaler};
+use tapestry_core::door::DoorConfig;
+use tapestry_core::engine::{Action, Engine, EngineConfig, Input, Mode, VersionRank, genesis};
+use tapestry_core::heads::{self, Decision};
+use tapestry_core::mixing::{self, consensus_distance};
+use tapestry_core::model::{
     InnerOptimizer, InnerState, ModelSpec, TrainConfig, evaluate, train_local,
 };
-use tapestry_node::core::outer::OuterOptimizer;
-use tapestry_node::core::verify::{self, Lineage, Plan, VersionRejection};
+use tapestry_core::outer::OuterOptimizer;
+use tapestry_core::verify::{self, Lineage, Plan, VersionRejection};
 use tapestry_protocol::{
     ContentId, DeltaManifest, Keypair, ModelManifest, NodeId, Signed, Verified,
 };
@@ -330,7 +328,7 @@ impl Lineage for View<'_> {
         parent: ContentId,
         parent_params: &[f32],
         inputs: &[verify::DeltaInput<'_>],
-    ) -> Result<Vec<f32>, tapestry_node::core::aggregate::AggregateError> {
+    ) -> Result<Vec<f32>, tapestry_core::aggregate::AggregateError> {
         let mut ids: Vec<ContentId> = inputs.iter().map(|d| d.id).collect();
         ids.sort();
         let key = (parent, ids);

@@ -1,4 +1,4 @@
-//! `tapestry-sim cluster` end to end: real `tapestry` processes started,
+//! `tapestry-lab cluster` end to end: real `tapestry` processes started,
 //! killed, restarted and stopped by the launcher, on 127.0.0.1, and (as
 //! root) each in its own network namespace with real latency, loss and
 //! partitions between them.
@@ -34,7 +34,7 @@ fn digits() -> String {
 #[test]
 fn five_processes_learn_digits_agree_and_survive_a_kill_and_a_late_join() {
     let out = tempfile::tempdir().unwrap();
-    let result = Command::new(binary("tapestry-sim"))
+    let result = Command::new(binary("tapestry-lab"))
         .args([
             "cluster",
             "--nodes",
@@ -100,7 +100,7 @@ fn bad_cluster_flags_are_one_line_errors_with_exit_code_2() {
         (vec!["--scenario", "/nonexistent.toml"], "/nonexistent.toml"),
         (vec!["--scenario", bad_scenario.as_str()], "colour"),
     ] {
-        let r = Command::new(binary("tapestry-sim"))
+        let r = Command::new(binary("tapestry-lab"))
             .arg("cluster")
             .args(&args)
             .arg("--out")
@@ -117,7 +117,7 @@ fn bad_cluster_flags_are_one_line_errors_with_exit_code_2() {
 /// Whether the namespace tests can run here (root, iproute2, TUN). In CI
 /// they must: there a missing capability is a failure, not a skip.
 fn namespaces_or_skip(test: &str) -> bool {
-    let r = Command::new(binary("tapestry-sim"))
+    let r = Command::new(binary("tapestry-lab"))
         .args(["cluster", "--check-netns"])
         .output()
         .unwrap();
@@ -133,9 +133,9 @@ fn namespaces_or_skip(test: &str) -> bool {
     false
 }
 
-/// Runs `tapestry-sim cluster` with `args`; the report.
+/// Runs `tapestry-lab cluster` with `args`; the report.
 fn cluster(out: &std::path::Path, args: &[&str]) -> serde_json::Value {
-    let result = Command::new(binary("tapestry-sim"))
+    let result = Command::new(binary("tapestry-lab"))
         .arg("cluster")
         .args(args)
         .args(["--data", &digits()])
@@ -192,7 +192,7 @@ fn a_partition_heals_into_one_head_that_holds_both_sides_work() {
     // The scenario shipped with the simulator: 5 nodes, 40 rounds, nodes
     // 0-2 and 3-4 cannot reach each other from 2 s to 15 s.
     let scenario = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../sim/scenarios/cluster-partition.toml")
+        .join("../lab/scenarios/cluster-partition.toml")
         .display()
         .to_string();
     let report = cluster(out.path(), &["--scenario", &scenario]);

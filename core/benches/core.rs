@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use tapestry_node::core::aggregate::AggregationRule;
-use tapestry_node::core::data::{self, CsvOptions, Scaler};
-use tapestry_node::core::model::{InnerOptimizer, InnerState, ModelSpec, TrainConfig, train_local};
+use tapestry_core::aggregate::AggregationRule;
+use tapestry_core::data::{self, CsvOptions, Scaler};
+use tapestry_core::model::{InnerOptimizer, InnerState, ModelSpec, TrainConfig, train_local};
 
 fn aggregation(c: &mut Criterion) {
     const N: usize = 10_000_000;

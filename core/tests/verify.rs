@@ -7,13 +7,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 
-use tapestry_node::core::aggregate::AggregationRule;
-use tapestry_node::core::data::{self, CsvOptions, Dataset, Partition, Scaler};
-use tapestry_node::core::door::{Door, DoorConfig, Rejection, Weighting};
-use tapestry_node::core::engine::{Action, Engine, EngineConfig, Input, Mode, genesis};
-use tapestry_node::core::model::*;
-use tapestry_node::core::outer::OuterOptimizer;
-use tapestry_node::core::verify::{
+use tapestry_core::aggregate::AggregationRule;
+use tapestry_core::data::{self, CsvOptions, Dataset, Partition, Scaler};
+use tapestry_core::door::{Door, DoorConfig, Rejection, Weighting};
+use tapestry_core::engine::{Action, Engine, EngineConfig, Input, Mode, genesis};
+use tapestry_core::model::*;
+use tapestry_core::outer::OuterOptimizer;
+use tapestry_core::verify::{
     self, DeltaInput, Lineage, Plan, VersionRejection, aggregate_onto, params_chunk_ids,
 };
 use tapestry_protocol::*;

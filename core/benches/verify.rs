@@ -11,13 +11,13 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use tapestry_node::core::aggregate::AggregationRule;
-use tapestry_node::core::data;
-use tapestry_node::core::door::{Door, DoorConfig};
-use tapestry_node::core::engine::{EngineConfig, Mode};
-use tapestry_node::core::model::{InnerOptimizer, InnerState, ModelSpec, TrainConfig, train_local};
-use tapestry_node::core::outer::OuterOptimizer;
-use tapestry_node::core::verify::{self, DeltaInput, Lineage};
+use tapestry_core::aggregate::AggregationRule;
+use tapestry_core::data;
+use tapestry_core::door::{Door, DoorConfig};
+use tapestry_core::engine::{EngineConfig, Mode};
+use tapestry_core::model::{InnerOptimizer, InnerState, ModelSpec, TrainConfig, train_local};
+use tapestry_core::outer::OuterOptimizer;
+use tapestry_core::verify::{self, DeltaInput, Lineage};
 use tapestry_protocol::*;
 
 #[derive(Default)]

@@ -7,13 +7,13 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 
-use tapestry_node::core::aggregate::AggregationRule;
-use tapestry_node::core::data::{self, CsvOptions, Dataset, Partition, Scaler};
-use tapestry_node::core::door::{DoorConfig, Rejection};
-use tapestry_node::core::engine::{Action, Engine, EngineConfig, Input, Mode, genesis};
-use tapestry_node::core::mixing::consensus_distance;
-use tapestry_node::core::model::*;
-use tapestry_node::core::outer::OuterOptimizer;
+use tapestry_core::aggregate::AggregationRule;
+use tapestry_core::data::{self, CsvOptions, Dataset, Partition, Scaler};
+use tapestry_core::door::{DoorConfig, Rejection};
+use tapestry_core::engine::{Action, Engine, EngineConfig, Input, Mode, genesis};
+use tapestry_core::mixing::consensus_distance;
+use tapestry_core::model::*;
+use tapestry_core::outer::OuterOptimizer;
 use tapestry_protocol::*;
 
 fn digits() -> (Dataset, Dataset) {

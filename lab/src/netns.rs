@@ -1,4 +1,4 @@
-//! Real network faults between the nodes of `tapestry-sim cluster --netns`.
+//! Real network faults between the nodes of `tapestry-lab cluster --netns`.
 //!
 //! Each node runs in its own network namespace (`ip netns`), with its own
 //! kernel network stack, on a private address `10.A.B.(i+1)`. Its only

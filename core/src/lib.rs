@@ -1,4 +1,4 @@
-//! The learning and averaging core, written sans-IO: it computes, it does not
+//! `tapestry-core`: the learning and averaging core, written sans-IO: it computes, it does not
 //! move bytes, read clocks or spawn tasks, so the real node and the simulator
 //! run the very same code.
 //!

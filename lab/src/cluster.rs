@@ -1,4 +1,4 @@
-//! `tapestry-sim cluster`: real `tapestry` processes on this machine, each
+//! `tapestry-lab cluster`: real `tapestry` processes on this machine, each
 //! with its own data directory, keys, data shard and listen address, wired
 //! into one region, watched while they train, with scripted kills, restarts
 //! and late joiners, and a report in the same shape as `run`'s.
@@ -19,14 +19,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tapestry_core::data::{self, CsvOptions, Dataset, Partition};
+use tapestry_core::mixing::consensus_distance;
+use tapestry_core::model::import_safetensors;
 use tapestry_node::config::{Config, DataSection, ModelSection, RoundSection};
-use tapestry_node::core::data::{self, CsvOptions, Dataset, Partition};
-use tapestry_node::core::mixing::consensus_distance;
-use tapestry_node::core::model::import_safetensors;
 
 use crate::netns::{Lab, LinkFaults};
-use crate::plot::{self, Series};
-use crate::scenario::parse_duration_ms;
+use tapestry_sim::plot::{self, Series};
+use tapestry_sim::scenario::parse_duration_ms;
 
 /// Something that happens to a node, or the network, during the run.
 #[derive(Debug, Clone, PartialEq)]
@@ -607,7 +607,7 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
     }
     let mut models = Vec::new();
     let mut scrub_clean = Vec::new();
-    let spec = tapestry_node::core::model::ModelSpec::Logistic {
+    let spec = tapestry_core::model::ModelSpec::Logistic {
         inputs: all.n_features,
         classes: all.n_classes,
     };

@@ -5,8 +5,8 @@
 
 use std::path::PathBuf;
 
-use tapestry_node::core::data::{self, CsvOptions, Scaler};
-use tapestry_node::core::model::*;
+use tapestry_core::data::{self, CsvOptions, Scaler};
+use tapestry_core::model::*;
 
 fn digits() -> (data::Dataset, data::Dataset) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/digits.csv.gz");

@@ -1,0 +1,378 @@
+//! The `tapestry-lab` command: real `tapestry` processes on this machine.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Run real Tapestry nodes on this machine: several `tapestry` processes
+/// (on 127.0.0.1, or as root each in its own network namespace with real
+/// latency, loss and cuts), with kills, restarts and late joiners, and a
+/// report of how they trained together.
+#[derive(Parser)]
+#[command(name = "tapestry-lab", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start N real `tapestry` node processes on this machine, watch them
+    /// train together, and write DIR/report.json, DIR/samples.csv and plots.
+    Cluster(Box<ClusterArgs>),
+}
+
+/// `tapestry-lab cluster`'s settings: a scenario file's fields, each also
+/// a flag (flags win; events of both are run).
+#[derive(Args, serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ClusterArgs {
+    /// Scenario file (TOML) with any of the fields below (events as a list
+    /// of strings); flags override its fields.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    scenario: Option<PathBuf>,
+    /// Nodes to start [default: 5].
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// `synthetic` or a CSV file (.csv or .csv.gz, label in the last
+    /// column) [default: synthetic].
+    #[arg(long)]
+    data: Option<String>,
+    /// iid | dirichlet:ALPHA | classes:K [default: dirichlet:0.5]
+    #[arg(long)]
+    partition: Option<String>,
+    /// Rounds each node trains [default: 20].
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// Seed of the data and partition [default: 7].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Where node directories, the report and plots go.
+    #[arg(long, value_name = "DIR", required_unless_present = "check_netns")]
+    #[serde(skip)]
+    out: Option<PathBuf>,
+    /// Only say whether network namespaces can be used here (exit 0) or
+    /// why not (exit 1), and stop.
+    #[arg(long)]
+    #[serde(skip)]
+    check_netns: bool,
+    /// The tapestry binary (default: next to this one).
+    #[arg(long, value_name = "PATH", env = "TAPESTRY_BIN")]
+    #[serde(skip)]
+    tapestry: Option<PathBuf>,
+    /// kill:N@T[-T2] (SIGKILL node N at T, restart at T2), join:N@T
+    /// (start node N late) or cut:A|B@T-T2 (partition: node lists A and
+    /// B cannot reach each other from T to T2; needs --netns); repeat for
+    /// several.
+    #[arg(long = "event", value_name = "EVENT")]
+    #[serde(default)]
+    events: Vec<String>,
+    /// Regions: node i joins region i mod K; they share the network and
+    /// the bootstrap node, and each trains its own model [default: 1].
+    #[arg(long)]
+    regions: Option<usize>,
+    /// Put each node in its own network namespace, so that latency, loss
+    /// and cuts between nodes are real (root on Linux; otherwise nodes run
+    /// on 127.0.0.1 and only kills and restarts are possible).
+    #[arg(long)]
+    #[serde(default)]
+    netns: bool,
+    /// One-way latency between nodes, e.g. 25ms (needs --netns).
+    #[arg(long)]
+    latency: Option<String>,
+    /// Packet loss between nodes, e.g. 5% or 0.05 (needs --netns).
+    #[arg(long)]
+    loss: Option<String>,
+    /// Give up after this many seconds [default: 600].
+    #[arg(long)]
+    timeout_secs: Option<u64>,
+}
+
+/// [`ClusterArgs`] with the scenario file merged in and defaults filled.
+struct Cluster {
+    nodes: usize,
+    data: String,
+    partition: String,
+    rounds: u64,
+    seed: u64,
+    tapestry: Option<PathBuf>,
+    events: Vec<String>,
+    regions: usize,
+    netns: bool,
+    latency: Option<String>,
+    loss: Option<String>,
+    timeout_secs: u64,
+}
+
+impl ClusterArgs {
+    /// Merges the scenario file (if any) under the flags.
+    fn resolve(self) -> Result<Cluster, String> {
+        let file = match &self.scenario {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("scenario {}: {e}", path.display()))?;
+                toml::from_str::<ClusterArgs>(&text).map_err(|e| {
+                    format!(
+                        "scenario {}: {}",
+                        path.display(),
+                        e.to_string().replace('\n', " ").trim()
+                    )
+                })?
+            }
+            None => ClusterArgs::default(),
+        };
+        Ok(Cluster {
+            nodes: self.nodes.or(file.nodes).unwrap_or(5),
+            data: self
+                .data
+                .or(file.data)
+                .unwrap_or_else(|| "synthetic".into()),
+            partition: self
+                .partition
+                .or(file.partition)
+                .unwrap_or_else(|| "dirichlet:0.5".into()),
+            rounds: self.rounds.or(file.rounds).unwrap_or(20),
+            seed: self.seed.or(file.seed).unwrap_or(7),
+            tapestry: self.tapestry,
+            events: file.events.into_iter().chain(self.events).collect(),
+            regions: self.regions.or(file.regions).unwrap_or(1),
+            netns: self.netns || file.netns,
+            latency: self.latency.or(file.latency),
+            loss: self.loss.or(file.loss),
+            timeout_secs: self.timeout_secs.or(file.timeout_secs).unwrap_or(600),
+        })
+    }
+}
+
+/// One candle kernel thread per node process (inherited through the
+/// environment), so that several nodes share the cores without each
+/// spreading its kernels over all of them.
+#[allow(unsafe_code)]
+fn one_kernel_thread() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // SAFETY: the first statement of `main`, before any thread exists,
+        // so nothing reads the environment concurrently.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
+    }
+}
+
+fn cluster(a: ClusterArgs) -> ExitCode {
+    let fail = |e: String| {
+        eprintln!("tapestry-lab: {e}");
+        ExitCode::from(2)
+    };
+    if a.check_netns {
+        return match tapestry_lab::netns::available() {
+            Ok(()) => {
+                println!("network namespaces: available");
+                ExitCode::SUCCESS
+            }
+            Err(why) => {
+                eprintln!("network namespaces: not available: {why}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let Some(out) = a.out.clone() else {
+        return fail("--out is required".into());
+    };
+    let a = match a.resolve() {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
+    if a.nodes < 2 || a.nodes > 64 {
+        return fail("--nodes must be between 2 and 64".into());
+    }
+    if a.regions == 0 || a.regions * 2 > a.nodes {
+        return fail(format!(
+            "--regions must be between 1 and {} (at least two nodes in each)",
+            a.nodes / 2
+        ));
+    }
+    let partition = match a.partition.parse() {
+        Ok(p) => p,
+        Err(e) => return fail(format!("{e}")),
+    };
+    if a.data != "synthetic" && !std::path::Path::new(&a.data).is_file() {
+        return fail(format!("data file {} does not exist", a.data));
+    }
+    let events = match a
+        .events
+        .iter()
+        .map(|e| tapestry_lab::cluster::ClusterEvent::parse(e, a.nodes))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(e) => e,
+        Err(e) => return fail(e),
+    };
+    let latency_ms = match a
+        .latency
+        .as_deref()
+        .map(tapestry_sim::scenario::parse_duration_ms)
+    {
+        None => 0,
+        Some(Ok(ms)) => ms,
+        Some(Err(e)) => return fail(format!("--latency: {e}")),
+    };
+    let loss = match a.loss.as_deref().map(parse_fraction) {
+        None => 0.0,
+        Some(Ok(l)) => l,
+        Some(Err(e)) => return fail(format!("--loss: {e}")),
+    };
+    let wants_faults = latency_ms > 0
+        || loss > 0.0
+        || events
+            .iter()
+            .any(|e| matches!(e, tapestry_lab::cluster::ClusterEvent::Cut { .. }));
+    let netns = if a.netns {
+        match tapestry_lab::netns::available() {
+            Ok(()) => true,
+            Err(why) => {
+                eprintln!(
+                    "tapestry-lab: no network namespaces ({why}): nodes run on 127.0.0.1 and \
+                     network faults are limited to killing and restarting{}",
+                    if wants_faults {
+                        "; --latency, --loss and cuts are ignored"
+                    } else {
+                        ""
+                    }
+                );
+                false
+            }
+        }
+    } else {
+        if wants_faults {
+            eprintln!(
+                "tapestry-lab: --latency, --loss and cuts need --netns; without it nodes run on \
+                 127.0.0.1 and they are ignored"
+            );
+        }
+        false
+    };
+    // Ctrl-C or SIGTERM: the run stops, kills its nodes and removes its
+    // namespaces on the way out.
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let Ok(mut term) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+        });
+    }
+    let tapestry = a.tapestry.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("tapestry")))
+            .unwrap_or_else(|| PathBuf::from("tapestry"))
+    });
+    let options = tapestry_lab::cluster::ClusterOptions {
+        nodes: a.nodes,
+        data: a.data.clone(),
+        partition,
+        rounds: a.rounds,
+        seed: a.seed,
+        out,
+        tapestry,
+        events,
+        timeout: std::time::Duration::from_secs(a.timeout_secs),
+        netns,
+        faults: tapestry_lab::netns::LinkFaults { latency_ms, loss },
+        interrupted,
+        regions: a.regions,
+    };
+    let mut shown = 0.0;
+    let result = tapestry_lab::cluster::run(&options, &mut |secs, nodes| {
+        if secs - shown >= 2.0 || secs < 0.6 {
+            shown = secs;
+            let line: Vec<String> = nodes
+                .iter()
+                .map(|n| {
+                    if n.up {
+                        format!("r{} {:.3} p{}", n.round, n.accuracy, n.peers)
+                    } else {
+                        "down".into()
+                    }
+                })
+                .collect();
+            eprintln!("{secs:>6.1}s  {}", line.join(" | "));
+        }
+    });
+    match result {
+        Ok(r) => {
+            let f = &r["final"];
+            println!(
+                "{} nodes: accuracy mean {:.4} min {:.4}; heads agree: {}; consensus distance {:.2e}",
+                a.nodes,
+                f["accuracy_mean"].as_f64().unwrap_or(0.0),
+                f["accuracy_min"].as_f64().unwrap_or(0.0),
+                f["heads_agree"],
+                f["consensus_distance"].as_f64().unwrap_or(0.0)
+            );
+            println!("report: {}", options.out.join("report.json").display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tapestry-lab: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    // Inherited by the node processes: one kernel thread each, so that
+    // several nodes share this machine's cores without oversubscribing.
+    one_kernel_thread();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line naming the problem; `--help` has the rest.
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("tapestry-lab: {first} (see tapestry-lab cluster --help)");
+            return ExitCode::from(2);
+        }
+    };
+    let Command::Cluster(args) = cli.command;
+    cluster(*args)
+}
+
+/// `5%` or `0.05`, within 0..1.
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v = match s.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|v| v / 100.0),
+        None => s.trim().parse::<f64>(),
+    }
+    .map_err(|_| format!("{s:?} is not a fraction (like 5% or 0.05)"))?;
+    if (0.0..1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s:?} is not between 0% and 100%"))
+    }
+}
