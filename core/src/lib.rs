@@ -1,14 +1,18 @@
-//! `tapestry-core`: the learning and averaging core, written sans-IO: it computes, it does not
-//! move bytes, read clocks or spawn tasks, so the real node and the simulator
-//! run the very same code.
+//! `tapestry-core`: the learning, averaging and agreement core, written
+//! sans-IO: it computes, it does not move bytes, read clocks or spawn
+//! tasks, so the real node (`tapestry-node`) and the simulator
+//! (`tapestry-sim`) run the very same code. It depends on the protocol
+//! crate and on candle, nothing networked.
 //!
 //! - [`data`]: CSV / gzipped CSV / IDX loading, a seeded synthetic set,
 //!   stratified splits, IID / Dirichlet / k-class partitions, feature scaling.
 //! - [`model`]: logistic regression and MLPs in candle, SGD with momentum and
 //!   AdamW, evaluation, safetensors export and import.
-//! - [`aggregate`]: weighted mean, trimmed mean, median, self-centred clipping.
+//! - [`aggregate`]: weighted mean, trimmed mean, median, clipping (centred on
+//!   the median, self-centred, aligned).
 //! - [`outer`]: outer SGD and Nesterov momentum.
-//! - [`mixing`]: Metropolis–Hastings weights, push-sum, consensus distance.
+//! - [`mixing`]: Metropolis–Hastings weights, push-sum, consensus distance,
+//!   catch-up from several neighbours.
 //! - [`door`]: the checks every incoming delta passes, with named reasons.
 //! - [`engine`]: the round engine (broadcast, neighbour mixing, push-sum).
 //! - [`verify`]: checking a peer's model version by recomputation.

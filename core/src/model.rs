@@ -43,6 +43,59 @@ pub enum ModelError {
     Invalid(String),
 }
 
+/// A model architecture as written in a config or scenario, before the
+/// data's shape is known: `logistic` or `mlp:W1,W2,...` (hidden widths).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Architecture {
+    /// Logistic regression.
+    Logistic,
+    /// An MLP with these hidden widths.
+    Mlp(Vec<usize>),
+}
+
+/// Why an architecture string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArchitectureError {
+    /// Neither `logistic` nor `mlp:...`.
+    #[error("unknown architecture {0:?} (logistic, mlp:W1,W2,...)")]
+    Unknown(String),
+    /// `mlp:` with a width that is not a positive integer.
+    #[error("bad MLP widths in {0:?}")]
+    Widths(String),
+}
+
+impl std::str::FromStr for Architecture {
+    type Err = ArchitectureError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "logistic" {
+            Ok(Architecture::Logistic)
+        } else if let Some(widths) = s.strip_prefix("mlp:") {
+            widths
+                .split(',')
+                .map(|w| w.trim().parse::<usize>().ok().filter(|w| *w > 0))
+                .collect::<Option<Vec<_>>>()
+                .map(Architecture::Mlp)
+                .ok_or_else(|| ArchitectureError::Widths(s.to_owned()))
+        } else {
+            Err(ArchitectureError::Unknown(s.to_owned()))
+        }
+    }
+}
+
+impl Architecture {
+    /// The concrete model for `inputs` features and `classes` classes.
+    pub fn spec(&self, inputs: usize, classes: usize) -> ModelSpec {
+        match self {
+            Architecture::Logistic => ModelSpec::Logistic { inputs, classes },
+            Architecture::Mlp(hidden) => ModelSpec::Mlp {
+                inputs,
+                hidden: hidden.clone(),
+                classes,
+            },
+        }
+    }
+}
+
 /// The architecture of a model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSpec {

@@ -13,7 +13,9 @@ use tapestry_protocol::Codec;
 use tapestry_core::aggregate::AggregationRule;
 use tapestry_core::door::{DoorConfig, Weighting};
 use tapestry_core::engine::{EngineConfig, Mode};
-use tapestry_core::model::{InnerOptimizer, ModelSpec, TrainConfig};
+use tapestry_core::model::{
+    Architecture, ArchitectureError, InnerOptimizer, ModelSpec, TrainConfig,
+};
 use tapestry_core::outer::OuterOptimizer;
 
 /// The whole file.
@@ -326,25 +328,12 @@ impl Config {
         if inputs == 0 || classes < 2 {
             return Err("model needs inputs ≥ 1 and classes ≥ 2".into());
         }
-        let arch = &self.model.architecture;
-        if arch == "logistic" {
-            Ok(ModelSpec::Logistic { inputs, classes })
-        } else if let Some(w) = arch.strip_prefix("mlp:") {
-            let hidden = w
-                .split(',')
-                .map(|x| x.trim().parse::<usize>().ok().filter(|v| *v > 0))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| format!("bad MLP widths in {arch:?}"))?;
-            Ok(ModelSpec::Mlp {
-                inputs,
-                hidden,
-                classes,
-            })
-        } else {
-            Err(format!(
-                "unknown architecture {arch:?} (logistic, mlp:W1,W2,...)"
-            ))
-        }
+        let arch: Architecture = self
+            .model
+            .architecture
+            .parse()
+            .map_err(|e: ArchitectureError| e.to_string())?;
+        Ok(arch.spec(inputs, classes))
     }
 
     /// The round engine's settings for a node with this `seed`.

@@ -2,10 +2,12 @@
 //! ([`tapestry_core`]): the libp2p swarm task ([`net`]), the running node
 //! that drives the core with real time, peers and a chunk store
 //! ([`runtime`]), its metrics ([`metrics`]) and HTTP API ([`api`]), its
-//! configuration ([`config`]), and the `tapestry` command (`src/main.rs`).
+//! configuration ([`config`]), the operations on a node's files ([`ops`]),
+//! and the `tapestry` command (`src/main.rs`).
 
 pub mod api;
 pub mod config;
 pub mod metrics;
 pub mod net;
+pub mod ops;
 pub mod runtime;

@@ -10,15 +10,14 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use libp2p::Multiaddr;
-use tapestry_core::data::{self, CsvOptions, Dataset, Partition, Scaler};
-use tapestry_core::model::{
-    InnerState, evaluate, export_safetensors, import_safetensors, train_local,
-};
+use tapestry_core::data::{self, Dataset, Partition, Scaler};
+use tapestry_core::model::{InnerState, evaluate, train_local};
 use tapestry_node::config::{self, Config, DataDir};
 use tapestry_node::net::NetConfig;
-use tapestry_node::runtime::{self, HEAD_REF, Launch, LocalData, NodeSettings};
-use tapestry_protocol::{ContentId, Keypair, NodeId, Roster, Signed, Verified};
-use tapestry_storage::{ChunkStore, MemoryStore, SledConfig, SledStore};
+use tapestry_node::ops;
+use tapestry_node::runtime::{self, Launch, LocalData, NodeSettings};
+use tapestry_protocol::{ContentId, Keypair, NodeId};
+use tapestry_storage::MemoryStore;
 
 /// A Tapestry node: train one shared model with other organisations over a
 /// peer-to-peer network, without sending your data anywhere.
@@ -301,19 +300,7 @@ fn init(a: &InitArgs) -> Result<ExitCode, String> {
     let dir = DataDir {
         root: a.data_dir.clone(),
     };
-    std::fs::create_dir_all(&dir.root)
-        .map_err(|e| format!("cannot create {}: {e}", dir.root.display()))?;
-    if dir.key().exists() || dir.config().exists() {
-        return Err(format!(
-            "{} already holds a node (node.key or config.toml); refusing to overwrite it",
-            dir.root.display()
-        ));
-    }
-    let key = Keypair::generate(&mut rand::rngs::OsRng);
-    key.write_key_file(&dir.key())
-        .map_err(|e| format!("{}: {e}", dir.key().display()))?;
-    std::fs::write(dir.config(), config::commented(&a.model, &a.region))
-        .map_err(|e| format!("{}: {e}", dir.config().display()))?;
+    let key = ops::init(&dir, &a.model, &a.region).map_err(|e| e.to_string())?;
     let peer = tapestry_node::net::peer_id_of(&key.node_id())
         .map(|p| p.to_string())
         .unwrap_or_default();
@@ -331,44 +318,12 @@ fn init(a: &InitArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn write_roster(path: &Path, roster: Roster, key: &Keypair) -> Result<(), String> {
-    let signed = Signed::sign(roster, key).map_err(|e| e.to_string())?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, signed.envelope_bytes())
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|e| format!("{}: {e}", path.display()))
-}
-
-fn read_roster(path: &Path) -> Result<Verified<Roster>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Signed::<Roster>::open(&bytes)
-        .map_err(|e| format!("{}: not a valid signed roster: {e}", path.display()))
-}
-
 fn region_new(a: &RegionNewArgs) -> Result<ExitCode, String> {
-    std::fs::create_dir_all(&a.dir).map_err(|e| format!("{}: {e}", a.dir.display()))?;
-    let (key_path, roster_path) = (a.dir.join("region.key"), a.dir.join("roster.cbor"));
-    if key_path.exists() || roster_path.exists() {
-        return Err(format!(
-            "{} already holds a region; refusing to overwrite it",
-            a.dir.display()
-        ));
-    }
-    let key = Keypair::generate(&mut rand::rngs::OsRng);
-    key.write_key_file(&key_path)
-        .map_err(|e| format!("{}: {e}", key_path.display()))?;
-    let roster = Roster {
-        model_id: a.model.clone(),
-        region: a.region.clone(),
-        version: 1,
-        members: Vec::new(),
-        created_unix_ms: unix_ms(),
-    };
-    write_roster(&roster_path, roster, &key)?;
-    println!("region key  {}", key.node_id());
+    let key = ops::region_new(&a.dir, &a.model, &a.region).map_err(|e| e.to_string())?;
+    println!("region key  {key}");
     println!(
         "roster      {} (version 1, no members yet)",
-        roster_path.display()
+        a.dir.join("roster.cbor").display()
     );
     println!(
         "next: tapestry region add --dir {} <node id>...",
@@ -378,39 +333,17 @@ fn region_new(a: &RegionNewArgs) -> Result<ExitCode, String> {
 }
 
 fn region_add(a: &RegionAddArgs) -> Result<ExitCode, String> {
-    let (key_path, roster_path) = (a.dir.join("region.key"), a.dir.join("roster.cbor"));
-    let key =
-        Keypair::read_key_file(&key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
-    let current = read_roster(&roster_path)?;
-    if current.signer() != key.node_id() {
-        return Err(format!(
-            "{} is not signed by this region's key",
-            roster_path.display()
-        ));
-    }
-    let mut members: BTreeSet<NodeId> = current.message().members.iter().copied().collect();
-    for m in &a.members {
-        members.insert(
+    let members = a
+        .members
+        .iter()
+        .map(|m| {
             m.parse::<NodeId>()
-                .map_err(|e| format!("node id {m:?}: {e}"))?,
-        );
-    }
-    let next = Roster {
-        version: current.message().version + 1,
-        members: members.into_iter().collect(),
-        created_unix_ms: unix_ms(),
-        ..current.message().clone()
-    };
-    let (version, count) = (next.version, next.members.len());
-    write_roster(&roster_path, next, &key)?;
+                .map_err(|e| format!("node id {m:?}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let (version, count) = ops::region_add(&a.dir, &members).map_err(|e| e.to_string())?;
     println!("roster version {version}: {count} members");
     Ok(ExitCode::SUCCESS)
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn parse_addrs(list: &[String]) -> Result<Vec<Multiaddr>, String> {
@@ -420,55 +353,6 @@ fn parse_addrs(list: &[String]) -> Result<Vec<Multiaddr>, String> {
                 .map_err(|e| format!("bad multiaddr {a:?}: {e}"))
         })
         .collect()
-}
-
-/// Loads the data file, keeps a shard of it if asked, scales it with the
-/// model's fixed range, and splits off the evaluation rows.
-fn local_data(
-    cfg: &Config,
-    path: &Path,
-    shard: Option<&str>,
-    node: &NodeId,
-) -> Result<LocalData, String> {
-    let mut all = data::load_csv(path, CsvOptions::default())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if let Some(s) = shard.filter(|s| !s.is_empty()) {
-        let bad = || format!("bad --shard {s:?} (SHARD/OF or auto/OF, e.g. 0/3)");
-        let (i, n) = s.split_once('/').ok_or_else(bad)?;
-        let n: usize = n.parse().ok().filter(|n| *n > 0).ok_or_else(bad)?;
-        let rows: Vec<usize> = if i == "auto" {
-            // Row r is this node's if BLAKE3(node id, r) falls in its 1/n.
-            (0..all.len())
-                .filter(|r| {
-                    let mut h = blake3::Hasher::new();
-                    h.update(node.as_bytes());
-                    h.update(&(*r as u64).to_le_bytes());
-                    let b = h.finalize();
-                    u64::from_le_bytes(b.as_bytes()[..8].try_into().unwrap_or([0; 8])) % n as u64
-                        == 0
-                })
-                .collect()
-        } else {
-            let i: usize = i.parse().ok().filter(|i| *i < n).ok_or_else(bad)?;
-            (0..all.len()).filter(|r| r % n == i).collect()
-        };
-        all = all.subset(&rows);
-    }
-    if all.n_features != cfg.model.inputs {
-        return Err(format!(
-            "{} has {} features; the model takes {}",
-            path.display(),
-            all.n_features,
-            cfg.model.inputs
-        ));
-    }
-    let (mut train, mut test) = all
-        .split(cfg.data.test_fraction, cfg.model.seed)
-        .map_err(|e| e.to_string())?;
-    let scaler = Scaler::from_range(cfg.model.inputs, cfg.data.feature_min, cfg.data.feature_max);
-    scaler.apply(&mut train);
-    scaler.apply(&mut test);
-    Ok(LocalData { train, test })
 }
 
 async fn run(a: RunArgs) -> Result<ExitCode, String> {
@@ -506,42 +390,16 @@ async fn run(a: RunArgs) -> Result<ExitCode, String> {
     if cfg.data.path.is_empty() {
         return Err("no data: set [data] path in config.toml or pass --data FILE".into());
     }
-    let key =
-        Keypair::read_key_file(&dir.key()).map_err(|e| format!("{}: {e}", dir.key().display()))?;
-    let data = local_data(
+    let key = ops::read_key(&dir).map_err(|e| e.to_string())?;
+    let data = ops::local_data(
         &cfg,
         Path::new(&cfg.data.path),
         a.shard.as_deref(),
         &key.node_id(),
-    )?;
-    let seed = u64::from_le_bytes(key.node_id().as_bytes()[..8].try_into().unwrap_or([0; 8]));
-    let settings = NodeSettings {
-        engine: cfg.engine(seed)?,
-        train: cfg.train()?,
-        model_seed: cfg.model.seed,
-        rounds: (cfg.round.rounds > 0).then_some(cfg.round.rounds),
-        start_peers: cfg.round.start_peers,
-        start_wait: cfg.start_wait(),
-        min_round: Duration::from_millis(cfg.round.min_round_ms),
-        roster: if cfg.roster.is_empty() {
-            None
-        } else {
-            Some(read_roster(&dir.root.join(&cfg.roster))?)
-        },
-        region_key: if cfg.region_key.is_empty() {
-            None
-        } else {
-            Some(
-                cfg.region_key
-                    .parse::<NodeId>()
-                    .map_err(|e| format!("region_key {:?}: {e}", cfg.region_key))?,
-            )
-        },
-        vote_file: Some(dir.last_vote()),
-        attestations: cfg.attestations,
-    };
-    let store = SledStore::open(&dir.store(), &SledConfig::default())
-        .map_err(|e| format!("{}: {e}", dir.store().display()))?;
+    )
+    .map_err(|e| e.to_string())?;
+    let settings = ops::node_settings(&cfg, &dir, &key).map_err(|e| e.to_string())?;
+    let store = ops::open_store(&dir, true).map_err(|e| e.to_string())?;
     let model = &settings.engine;
     let net = NetConfig {
         listen: parse_addrs(&cfg.listen)?,
@@ -583,10 +441,7 @@ async fn run(a: RunArgs) -> Result<ExitCode, String> {
         "api": running.api.map(|a| a.to_string()),
         "listen": listen,
     });
-    let tmp = dir.root.join("endpoints.json.tmp");
-    std::fs::write(&tmp, endpoints.to_string())
-        .and_then(|_| std::fs::rename(&tmp, dir.endpoints()))
-        .map_err(|e| format!("{}: {e}", dir.endpoints().display()))?;
+    ops::write_endpoints(&dir, &endpoints).map_err(|e| e.to_string())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
     tokio::select! {
@@ -653,47 +508,12 @@ fn status(a: &StatusArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn open_store(dir: &Path) -> Result<SledStore, String> {
-    let d = DataDir {
-        root: dir.to_path_buf(),
-    };
-    SledStore::open(
-        &d.store(),
-        &SledConfig {
-            create: false,
-            ..SledConfig::default()
-        },
-    )
-    .map_err(|e| format!("{}: {e}", d.store().display()))
-}
-
 fn export(a: &ExportArgs) -> Result<ExitCode, String> {
-    let cfg = Config::load(
-        &DataDir {
-            root: a.data_dir.clone(),
-        }
-        .config(),
-    )?;
-    let store = open_store(&a.data_dir)?;
-    let head = store
-        .get_ref(HEAD_REF)
-        .map_err(|e| e.to_string())?
-        .ok_or("this node has no model version yet")?;
-    let m = store
-        .get_model_manifest(&head)
-        .map_err(|e| e.to_string())?
-        .ok_or("the head's manifest is missing (run tapestry scrub)")?;
-    let bytes = store
-        .read_payload(&m.message().chunk_ids, m.message().payload_bytes)
-        .map_err(|e| e.to_string())?;
-    let spec = cfg.spec()?;
-    export_safetensors(&spec, &runtime::floats(&bytes), &a.out).map_err(|e| e.to_string())?;
-    println!(
-        "exported round {} ({}) to {}",
-        m.message().round,
-        head,
-        a.out.display()
-    );
+    let dir = DataDir {
+        root: a.data_dir.clone(),
+    };
+    let (round, id) = ops::export(&dir, &a.out).map_err(|e| e.to_string())?;
+    println!("exported round {round} ({id}) to {}", a.out.display());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -701,115 +521,20 @@ fn import(a: &ImportArgs) -> Result<ExitCode, String> {
     let dir = DataDir {
         root: a.data_dir.clone(),
     };
-    let cfg = Config::load(&dir.config())?;
-    let key =
-        Keypair::read_key_file(&dir.key()).map_err(|e| format!("{}: {e}", dir.key().display()))?;
-    let spec = cfg.spec()?;
-    let params =
-        import_safetensors(&spec, &a.file).map_err(|e| format!("{}: {e}", a.file.display()))?;
-    if !params.iter().all(|v| v.is_finite()) {
-        return Err(format!("{}: non-finite parameters", a.file.display()));
-    }
-    let store = open_store(&a.data_dir).or_else(|_| {
-        SledStore::open(&dir.store(), &SledConfig::default())
-            .map_err(|e| format!("{}: {e}", dir.store().display()))
-    })?;
-    let parent = store
-        .get_ref(HEAD_REF)
-        .map_err(|e| e.to_string())?
-        .and_then(|id| store.get_model_manifest(&id).ok().flatten());
-    let bytes: Vec<u8> = tapestry_protocol::f32_le_bytes(&params);
-    let chunk_size = tapestry_protocol::DEFAULT_CHUNK_SIZE;
-    let chunk_ids = store
-        .put_payload(&bytes, chunk_size)
-        .map_err(|e| e.to_string())?;
-    let manifest = tapestry_protocol::ModelManifest {
-        model_id: cfg.model_id.clone(),
-        region: cfg.region.clone(),
-        round: parent.as_ref().map_or(0, |p| p.message().round + 1),
-        author: key.node_id(),
-        layout: spec.layout(),
-        payload_bytes: bytes.len() as u64,
-        chunk_size: chunk_size as u32,
-        chunk_ids,
-        parents: parent.iter().map(|p| p.id()).collect(),
-        deltas: Vec::new(),
-        created_unix_ms: unix_ms(),
-    };
-    let signed = Signed::sign(manifest, &key).map_err(|e| e.to_string())?;
-    let id = store
-        .put_model_manifest(&signed)
-        .map_err(|e| e.to_string())?;
-    store.set_ref(HEAD_REF, id).map_err(|e| e.to_string())?;
-    store.flush().map_err(|e| e.to_string())?;
-    println!(
-        "imported {} as round {} ({id})",
-        a.file.display(),
-        signed.message().round
-    );
+    let (round, id) = ops::import(&dir, &a.file).map_err(|e| e.to_string())?;
+    println!("imported {} as round {round} ({id})", a.file.display());
     Ok(ExitCode::SUCCESS)
 }
 
 fn lineage(a: &LineageArgs) -> Result<ExitCode, String> {
-    let store = open_store(&a.data_dir)?;
-    let version = match &a.version {
-        Some(v) => v.parse::<ContentId>().map_err(|e| format!("{v:?}: {e}"))?,
-        None => store
-            .get_ref(HEAD_REF)
-            .map_err(|e| e.to_string())?
-            .ok_or("this node has no model version yet")?,
+    let dir = DataDir {
+        root: a.data_dir.clone(),
     };
-    let l = store.lineage(version, a.limit).map_err(|e| e.to_string())?;
-    // The signed deltas, by author, whose manifests this node holds.
-    let mut by_author: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-    let mut rounds: std::collections::BTreeMap<String, std::collections::BTreeSet<u64>> =
-        Default::default();
-    let mut absent = Vec::new();
-    for id in &l.deltas {
-        match store.get_delta_manifest(id).map_err(|e| e.to_string())? {
-            Some(m) => {
-                let author = m.message().author.to_string();
-                rounds
-                    .entry(author.clone())
-                    .or_default()
-                    .insert(m.message().round);
-                by_author.entry(author).or_default().push(id.to_string());
-            }
-            None => absent.push(id.to_string()),
-        }
-    }
-    // Per version: its round, and how many deltas of how many distinct
-    // authors it aggregated (as far as their manifests are held).
-    let mut per_version = serde_json::Map::new();
-    for v in &l.versions {
-        if let Some(m) = store.get_model_manifest(v).map_err(|e| e.to_string())? {
-            let m = m.message();
-            let authors: std::collections::BTreeSet<String> = m
-                .deltas
-                .iter()
-                .filter_map(|d| store.get_delta_manifest(d).ok().flatten())
-                .map(|d| d.message().author.to_string())
-                .collect();
-            per_version.insert(
-                v.to_string(),
-                serde_json::json!({
-                    "round": m.round,
-                    "parents": m.parents.len(),
-                    "deltas": m.deltas.len(),
-                    "authors": authors.len(),
-                }),
-            );
-        }
-    }
-    let out = serde_json::json!({
-        "version": version.to_string(),
-        "by_version": per_version,
-        "versions": l.versions.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "deltas_by_author": by_author,
-        "rounds_by_author": rounds,
-        "deltas_not_held": absent,
-        "versions_not_held": l.missing_versions.iter().map(ToString::to_string).collect::<Vec<_>>(),
-    });
+    let version = match &a.version {
+        Some(v) => Some(v.parse::<ContentId>().map_err(|e| format!("{v:?}: {e}"))?),
+        None => None,
+    };
+    let out = ops::lineage(&dir, version, a.limit).map_err(|e| e.to_string())?;
     println!(
         "{}",
         serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
@@ -818,8 +543,10 @@ fn lineage(a: &LineageArgs) -> Result<ExitCode, String> {
 }
 
 fn scrub(a: &DirArgs) -> Result<ExitCode, String> {
-    let store = open_store(&a.data_dir)?;
-    let report = store.scrub().map_err(|e| e.to_string())?;
+    let dir = DataDir {
+        root: a.data_dir.clone(),
+    };
+    let report = ops::scrub(&dir).map_err(|e| e.to_string())?;
     println!("{report:#?}");
     Ok(if report.is_clean() {
         ExitCode::SUCCESS

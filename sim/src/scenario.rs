@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use tapestry_core::aggregate::AggregationRule;
 use tapestry_core::data::Partition;
 use tapestry_core::engine::Mode;
-use tapestry_core::model::ModelSpec;
+use tapestry_core::model::Architecture;
 use tapestry_protocol::Codec;
 
 use crate::topology::Topology;
@@ -248,7 +248,7 @@ pub struct Settings {
     /// Partition.
     pub partition: Partition,
     /// Model architecture, given the data's shape (filled in by the world).
-    pub model: ModelKind,
+    pub model: Architecture,
     /// Codec.
     pub codec: Codec,
     /// Aggregation rule.
@@ -358,29 +358,6 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
     }
 }
 
-/// The model family; sizes come from the data.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ModelKind {
-    /// Logistic regression.
-    Logistic,
-    /// MLP with these hidden widths.
-    Mlp(Vec<usize>),
-}
-
-impl ModelKind {
-    /// The concrete model for `inputs` features and `classes` classes.
-    pub fn spec(&self, inputs: usize, classes: usize) -> ModelSpec {
-        match self {
-            ModelKind::Logistic => ModelSpec::Logistic { inputs, classes },
-            ModelKind::Mlp(hidden) => ModelSpec::Mlp {
-                inputs,
-                hidden: hidden.clone(),
-                classes,
-            },
-        }
-    }
-}
-
 impl Scenario {
     /// Reads a scenario file; unknown keys are errors.
     pub fn from_toml(text: &str) -> Result<Scenario, String> {
@@ -423,22 +400,10 @@ impl Scenario {
                 ));
             }
         };
-        let model = if self.model == "logistic" {
-            ModelKind::Logistic
-        } else if let Some(widths) = self.model.strip_prefix("mlp:") {
-            ModelKind::Mlp(
-                widths
-                    .split(',')
-                    .map(|w| w.parse::<usize>().ok().filter(|w| *w > 0))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| format!("bad MLP widths in {:?}", self.model))?,
-            )
-        } else {
-            return Err(format!(
-                "unknown model {:?} (logistic, mlp:W1,W2,...)",
-                self.model
-            ));
-        };
+        let model: Architecture = self
+            .model
+            .parse()
+            .map_err(|e: tapestry_core::model::ArchitectureError| format!("model: {e}"))?;
         let data = if self.data == "synthetic" {
             DataSource::Synthetic
         } else {

@@ -5,7 +5,7 @@
 //!
 //! One round, region-broadcast mode (DESIGN.md, steps 1–7):
 //! 1. [`Action::Train`] from the current model θ (the shell runs
-//!    [`super::model::train_local`] off its event loop and answers with
+//!    [`crate::model::train_local`] off its event loop and answers with
 //!    [`Input::TrainingDone`]).
 //! 2. Δ = θ − θ′, encoded with error feedback, cut into chunks, described by
 //!    a signed [`DeltaManifest`]: [`Action::Publish`].
@@ -35,12 +35,19 @@ use tapestry_protocol::{
     Verified,
 };
 
-use super::aggregate::AggregationRule;
-use super::door::{Door, DoorConfig, Rejected};
-use super::mixing::PushSum;
-use super::model::ModelSpec;
-use super::outer::OuterOptimizer;
-use super::verify::{DeltaInput, aggregate_onto, merge_params, params_chunk_ids};
+use crate::aggregate::AggregationRule;
+use crate::door::{Door, DoorConfig, Rejected};
+use crate::mixing::PushSum;
+use crate::model::ModelSpec;
+use crate::outer::OuterOptimizer;
+use crate::verify::{DeltaInput, aggregate_onto, merge_params, params_chunk_ids};
+
+mod io;
+mod modes;
+mod rank;
+
+pub use io::{Action, Input};
+pub use rank::{VersionRank, params_digest, version_rank};
 
 /// Settings of one engine.
 #[derive(Debug, Clone)]
@@ -92,180 +99,6 @@ pub enum Mode {
         /// Peers each share goes to per round.
         fanout: usize,
     },
-}
-
-/// What happens to an engine.
-#[derive(Debug, Clone)]
-pub enum Input {
-    /// Start (or restart) from this model version.
-    Start {
-        /// Its signed manifest.
-        manifest: Verified<ModelManifest>,
-        /// Its parameters.
-        params: Vec<f32>,
-    },
-    /// Local training of `round` finished with these parameters.
-    TrainingDone {
-        /// The round trained for.
-        round: u64,
-        /// The version trained from (as in [`Action::Train`]); a result for
-        /// a version this node has since replaced is dropped.
-        version: ContentId,
-        /// θ′ after the inner steps.
-        params: Vec<f32>,
-        /// Samples seen (the delta's weight).
-        samples: u64,
-    },
-    /// A verified delta manifest arrived from gossip.
-    DeltaAnnounced(Verified<DeltaManifest>),
-    /// This node's own delta, announced before a restart (the shell keeps
-    /// the last one on disk). Given before [`Input::Start`], it stands as
-    /// the node's one vote in its round: the node does not train that
-    /// round again (a second delta would be a `duplicate_author_round` to
-    /// peers that heard the first), and the payload is fetched (from the
-    /// local store first) to be aggregated like a peer's.
-    OwnVote(Verified<DeltaManifest>),
-    /// The chunks of an announced delta arrived, verified and reassembled.
-    DeltaPayload {
-        /// The manifest's id.
-        id: ContentId,
-        /// The payload bytes.
-        payload: Vec<u8>,
-    },
-    /// A peer's model version, verified by recomputation
-    /// ([`super::verify`]): the shell offers nothing else.
-    ModelOffered {
-        /// Its manifest.
-        manifest: Verified<ModelManifest>,
-        /// Its parameters.
-        params: Vec<f32>,
-        /// Distinct authors of the deltas it aggregates (verified).
-        authors: usize,
-        /// Deltas already aggregated into it and its recent ancestors
-        /// ([`super::verify::recent_deltas`]): not to be used again.
-        used: Vec<ContentId>,
-        /// Weights of this node's head and of the offered version since
-        /// their lineages parted ([`super::verify::fork_weights`]), if the
-        /// shell compared them.
-        fork: Option<(usize, usize)>,
-    },
-    /// A version from a branch that grew apart from this node's (a
-    /// partition: each side went on training without the other's deltas),
-    /// to be merged with the head `against` rather than replace it. The
-    /// merge averages both, weighted `weights` = (this node's branch, the
-    /// offered one), and becomes a version with both as parents, so the
-    /// work of both sides stays in the lineage.
-    BranchOffered {
-        /// The other branch's version.
-        manifest: Verified<ModelManifest>,
-        /// Its parameters.
-        params: Vec<f32>,
-        /// The head it is to be merged with; ignored if the head moved on.
-        against: ContentId,
-        /// Weights of this node's branch and of the offered one
-        /// ([`super::verify::branch_split`]).
-        weights: (f64, f64),
-        /// Deltas already aggregated into the offered version's recent
-        /// lineage (added to those of this node's own).
-        used: Vec<ContentId>,
-    },
-    /// Push-sum mode: a share pushed by a peer.
-    PushShare {
-        /// Its share of the value.
-        x: Vec<f32>,
-        /// Its share of the weight.
-        w: f64,
-    },
-    /// Mixing mode: a neighbour's trained model for a round.
-    NeighbourModel {
-        /// The neighbour.
-        from: NodeId,
-        /// The round it trained.
-        round: u64,
-        /// Its parameters after training.
-        params: Vec<f32>,
-        /// Its number of neighbours (for the Metropolis–Hastings weight).
-        degree: usize,
-    },
-    /// Mixing and push-sum modes: a model to resume from after an absence,
-    /// as [`super::mixing::catch_up`] combined it from several neighbours'
-    /// offers (never one neighbour's). Taken only if `round` is ahead of
-    /// this node's and the parameters fit; the node signs it as its own
-    /// version of `round` (its old version as parent) and trains on.
-    CaughtUp {
-        /// The round reached.
-        round: u64,
-        /// The combined parameters.
-        params: Vec<f32>,
-    },
-    /// A peer joined the region (in mixing mode: a neighbour).
-    PeerJoined(NodeId),
-    /// A peer left the region.
-    PeerLeft(NodeId),
-    /// Time passed (a timer fired).
-    Tick,
-}
-
-/// What an engine asks its shell to do.
-#[derive(Debug, Clone)]
-pub enum Action {
-    /// Run local training for `round` from `params` with this seed, and
-    /// answer with [`Input::TrainingDone`] naming the same version.
-    Train {
-        /// The round.
-        round: u64,
-        /// The version trained from.
-        version: ContentId,
-        /// θ at the start of the round.
-        params: Vec<f32>,
-        /// Seed of the batch order.
-        seed: u64,
-    },
-    /// Store these chunks and announce this delta.
-    Publish {
-        /// The signed manifest.
-        manifest: Verified<DeltaManifest>,
-        /// Its payload.
-        payload: Vec<u8>,
-    },
-    /// Mixing mode: send this trained model to every neighbour, as an
-    /// [`Input::NeighbourModel`] from this node.
-    SendToNeighbours {
-        /// The round.
-        round: u64,
-        /// The parameters after training.
-        params: Vec<f32>,
-        /// This node's number of neighbours.
-        degree: usize,
-    },
-    /// Push-sum mode: send this share to each of these peers.
-    PushShare {
-        /// The receivers.
-        to: Vec<NodeId>,
-        /// The value share.
-        x: Vec<f32>,
-        /// The weight share.
-        w: f64,
-    },
-    /// Fetch the chunks of an announced delta.
-    Fetch {
-        /// The manifest.
-        manifest: Verified<DeltaManifest>,
-    },
-    /// A new model version: store it, make it the head, offer it to peers.
-    Adopt {
-        /// Its signed manifest.
-        manifest: Verified<ModelManifest>,
-        /// Its parameters.
-        params: Vec<f32>,
-    },
-    /// Wake the engine with [`Input::Tick`] at this time (ms).
-    SetTimer {
-        /// When.
-        at_ms: u64,
-    },
-    /// A peer sent something invalid: count it against them.
-    Penalise(Rejected),
 }
 
 #[derive(Debug, Clone)]
@@ -387,10 +220,9 @@ impl Engine {
     /// Handles one input at time `now_ms`; returns what to do.
     pub fn handle(&mut self, input: Input, now_ms: u64) -> Vec<Action> {
         let mut out = Vec::new();
+        let o = &mut out;
         match input {
-            Input::Start { manifest, params } => {
-                self.adopt_version(manifest, params, now_ms, &mut out)
-            }
+            Input::Start { manifest, params } => self.adopt_version(manifest, params, now_ms, o),
             Input::PeerJoined(p) => {
                 if p != self.node_id() {
                     self.peers.insert(p);
@@ -398,142 +230,31 @@ impl Engine {
             }
             Input::PeerLeft(p) => {
                 self.peers.remove(&p);
-                self.maybe_close(now_ms, &mut out);
+                self.maybe_close(now_ms, o);
             }
             Input::TrainingDone {
                 round,
                 version,
                 params,
                 samples,
-            } => {
-                if round == self.round && self.training && self.training_from == Some(version) {
-                    self.training = false;
-                    // Training that diverged (or a malformed result)
-                    // contributes no step, rather than stalling the round.
-                    let params = if params.len() == self.params.len()
-                        && params.iter().all(|v| v.is_finite())
-                    {
-                        params
-                    } else {
-                        self.params.clone()
-                    };
-                    match self.config.mode {
-                        Mode::Broadcast => self.publish(params, samples, &mut out),
-                        Mode::PushSum { fanout } => self.push(params, fanout, now_ms, &mut out),
-                        Mode::Mixing => {
-                            out.push(Action::SendToNeighbours {
-                                round,
-                                params: params.clone(),
-                                degree: self.peers.len(),
-                            });
-                            self.trained = Some(params);
-                        }
-                    }
-                    self.maybe_close(now_ms, &mut out);
-                }
-            }
-            Input::DeltaAnnounced(m) => self.on_announced(m, &mut out),
-            Input::OwnVote(m) => {
-                let msg = m.message();
-                if msg.author == self.node_id()
-                    && msg.model_id == self.config.model_id
-                    && msg.region == self.config.region
-                {
-                    self.seq = self.seq.max(msg.seq);
-                    self.votes.insert((msg.round, msg.author), m.id());
-                    self.pending.insert(m.id(), m.clone());
-                    out.push(Action::Fetch { manifest: m });
-                }
-            }
-            Input::DeltaPayload { id, payload } => {
-                if let Some(m) = self.pending.remove(&id) {
-                    match self.door.check_payload(m.message(), &payload) {
-                        Ok(values) => {
-                            let msg = m.message();
-                            self.received.insert(
-                                id,
-                                Received {
-                                    id,
-                                    round: msg.round,
-                                    author: msg.author,
-                                    sample_count: msg.sample_count,
-                                    values,
-                                },
-                            );
-                            self.maybe_close(now_ms, &mut out);
-                        }
-                        Err(r) => out.push(Action::Penalise(r)),
-                    }
-                }
-            }
+            } => self.on_trained(round, version, params, samples, now_ms, o),
+            Input::DeltaAnnounced(m) => self.on_announced(m, o),
+            Input::OwnVote(m) => self.on_own_vote(m, o),
+            Input::DeltaPayload { id, payload } => self.on_payload(id, payload, now_ms, o),
             Input::ModelOffered {
                 manifest,
                 params,
                 authors,
                 used,
                 fork,
-            } => {
-                // Catch up by adopting a later version instead of replaying,
-                // or settle on the preferred version of this round.
-                let same_params = manifest.message().round == self.round
-                    && params_digest(manifest.message()) == self.rank.params
-                    && self.version.is_some();
-                if same_params && self.prefers(manifest.message(), authors, fork) {
-                    // The same model under another signer's id (preferred by
-                    // the tie-break): take the id, keep the round going —
-                    // training under way started from these very
-                    // parameters.
-                    out.push(Action::Adopt {
-                        manifest: manifest.clone(),
-                        params,
-                    });
-                    let round = manifest.message().round;
-                    self.used.extend(used.into_iter().map(|d| (d, round)));
-                    self.rank = version_rank(manifest.message(), authors);
-                    self.version = Some(manifest.id());
-                } else if self.prefers(manifest.message(), authors, fork)
-                    && params.len() == self.params.len()
-                    && params.iter().all(|v| v.is_finite())
-                {
-                    // The shell stores it and makes it the head like any
-                    // version this node made.
-                    out.push(Action::Adopt {
-                        manifest: manifest.clone(),
-                        params: params.clone(),
-                    });
-                    let round = manifest.message().round;
-                    self.used = used.into_iter().map(|d| (d, round)).collect();
-                    self.adopt_version(manifest, params, now_ms, &mut out);
-                    self.rank = VersionRank {
-                        authors,
-                        ..self.rank
-                    };
-                }
-            }
+            } => self.on_model_offered(manifest, params, (authors, used, fork), now_ms, o),
             Input::BranchOffered {
                 manifest,
                 params,
                 against,
-                weights: (w_own, w_other),
+                weights,
                 used,
-            } => {
-                let fits =
-                    params.len() == self.params.len() && params.iter().all(|v| v.is_finite());
-                let weights_ok =
-                    w_own.is_finite() && w_other.is_finite() && w_own > 0.0 && w_other > 0.0;
-                let scope_ok = manifest.message().model_id == self.config.model_id
-                    && manifest.message().region == self.config.region;
-                if self.version == Some(against)
-                    && against != manifest.id()
-                    && scope_ok
-                    && fits
-                    && weights_ok
-                {
-                    let round = manifest.message().round;
-                    self.used.extend(used.into_iter().map(|d| (d, round)));
-                    self.merge_with(manifest, params, (w_own, w_other), now_ms, &mut out);
-                }
-            }
+            } => self.on_branch_offered(manifest, params, against, weights, used, now_ms, o),
             Input::PushShare { x, w } => {
                 if let Some(ps) = self.push_sum.as_mut() {
                     let fits = x.len() == ps.x.len() && x.iter().all(|v| v.is_finite());
@@ -547,41 +268,171 @@ impl Engine {
                 round,
                 params,
                 degree,
-            } => {
-                let fits =
-                    params.len() == self.params.len() && params.iter().all(|v| v.is_finite());
-                let furthest = self.round.saturating_add(self.config.door.max_rounds_ahead);
-                if round > furthest {
-                    // A neighbour claiming a round this far ahead is lying
-                    // or broken: its model would stand in for this round.
-                    out.push(Action::Penalise(Rejected {
-                        sender: from,
-                        reason: super::door::Rejection::FromTheFuture {
-                            round,
-                            current: self.round,
-                        },
-                    }));
-                } else if self.peers.contains(&from) && round >= self.round && fits {
-                    self.neighbour_models
-                        .insert((round, from), (params, degree));
-                    self.maybe_close(now_ms, &mut out);
-                }
-            }
+            } => self.on_neighbour_model(from, round, params, degree, now_ms, o),
             Input::CaughtUp { round, params } => {
-                let fits =
-                    params.len() == self.params.len() && params.iter().all(|v| v.is_finite());
-                if self.config.mode != Mode::Broadcast && round > self.round && fits {
+                if self.config.mode != Mode::Broadcast && round > self.round && self.fits(&params) {
                     if matches!(self.config.mode, Mode::PushSum { .. }) {
                         self.push_sum = Some(PushSum::new(params.clone()));
                     }
                     self.params = params;
                     let parents = self.version.into_iter().collect();
-                    self.sign_version(round, parents, Vec::new(), now_ms, &mut out);
+                    self.sign_version(round, parents, Vec::new(), now_ms, o);
                 }
             }
-            Input::Tick => self.maybe_close(now_ms, &mut out),
+            Input::Tick => self.maybe_close(now_ms, o),
         }
         out
+    }
+
+    /// Whether `params` could be this model's: the right length, all finite.
+    fn fits(&self, params: &[f32]) -> bool {
+        params.len() == self.params.len() && params.iter().all(|v| v.is_finite())
+    }
+
+    /// This node's training for `round` (from `version`) finished.
+    fn on_trained(
+        &mut self,
+        round: u64,
+        version: ContentId,
+        params: Vec<f32>,
+        samples: u64,
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        if round != self.round || !self.training || self.training_from != Some(version) {
+            return;
+        }
+        self.training = false;
+        // Training that diverged (or a malformed result) contributes no
+        // step, rather than stalling the round.
+        let params = if self.fits(&params) {
+            params
+        } else {
+            self.params.clone()
+        };
+        match self.config.mode {
+            Mode::Broadcast => self.publish(params, samples, out),
+            Mode::PushSum { fanout } => self.push(params, fanout, now_ms, out),
+            Mode::Mixing => {
+                out.push(Action::SendToNeighbours {
+                    round,
+                    params: params.clone(),
+                    degree: self.peers.len(),
+                });
+                self.trained = Some(params);
+            }
+        }
+        self.maybe_close(now_ms, out);
+    }
+
+    /// The vote this node cast before a restart: its one delta of that
+    /// round, counted like a peer's (its payload fetched from the store).
+    fn on_own_vote(&mut self, m: Verified<DeltaManifest>, out: &mut Vec<Action>) {
+        let msg = m.message();
+        if msg.author == self.node_id()
+            && msg.model_id == self.config.model_id
+            && msg.region == self.config.region
+        {
+            self.seq = self.seq.max(msg.seq);
+            self.votes.insert((msg.round, msg.author), m.id());
+            self.pending.insert(m.id(), m.clone());
+            out.push(Action::Fetch { manifest: m });
+        }
+    }
+
+    /// A fetched delta's payload: through the door, then counted.
+    fn on_payload(&mut self, id: ContentId, payload: Vec<u8>, now_ms: u64, out: &mut Vec<Action>) {
+        let Some(m) = self.pending.remove(&id) else {
+            return;
+        };
+        match self.door.check_payload(m.message(), &payload) {
+            Ok(values) => {
+                let msg = m.message();
+                self.received.insert(
+                    id,
+                    Received {
+                        id,
+                        round: msg.round,
+                        author: msg.author,
+                        sample_count: msg.sample_count,
+                        values,
+                    },
+                );
+                self.maybe_close(now_ms, out);
+            }
+            Err(r) => out.push(Action::Penalise(r)),
+        }
+    }
+
+    /// A verified version offered by the shell, with (distinct authors,
+    /// deltas used by it and its recent ancestors, fork weights).
+    fn on_model_offered(
+        &mut self,
+        manifest: Verified<ModelManifest>,
+        params: Vec<f32>,
+        (authors, used, fork): (usize, Vec<ContentId>, Option<(usize, usize)>),
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        // Catch up by adopting a later version instead of replaying, or
+        // settle on the preferred version of this round.
+        let same_params = manifest.message().round == self.round
+            && params_digest(manifest.message()) == self.rank.params
+            && self.version.is_some();
+        if same_params && self.prefers(manifest.message(), authors, fork) {
+            // The same model under another signer's id (preferred by the
+            // tie-break): take the id, keep the round going — training
+            // under way started from these very parameters.
+            out.push(Action::Adopt {
+                manifest: manifest.clone(),
+                params,
+            });
+            let round = manifest.message().round;
+            self.used.extend(used.into_iter().map(|d| (d, round)));
+            self.rank = version_rank(manifest.message(), authors);
+            self.version = Some(manifest.id());
+        } else if self.prefers(manifest.message(), authors, fork) && self.fits(&params) {
+            // The shell stores it and makes it the head like any version
+            // this node made.
+            out.push(Action::Adopt {
+                manifest: manifest.clone(),
+                params: params.clone(),
+            });
+            let round = manifest.message().round;
+            self.used = used.into_iter().map(|d| (d, round)).collect();
+            self.adopt_version(manifest, params, now_ms, out);
+            self.rank = VersionRank {
+                authors,
+                ..self.rank
+            };
+        }
+    }
+
+    /// A verified branch to merge with the head `against`.
+    #[allow(clippy::too_many_arguments)]
+    fn on_branch_offered(
+        &mut self,
+        manifest: Verified<ModelManifest>,
+        params: Vec<f32>,
+        against: ContentId,
+        (w_own, w_other): (f64, f64),
+        used: Vec<ContentId>,
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let weights_ok = w_own.is_finite() && w_other.is_finite() && w_own > 0.0 && w_other > 0.0;
+        let scope_ok = manifest.message().model_id == self.config.model_id
+            && manifest.message().region == self.config.region;
+        if self.version == Some(against)
+            && against != manifest.id()
+            && scope_ok
+            && self.fits(&params)
+            && weights_ok
+        {
+            let round = manifest.message().round;
+            self.used.extend(used.into_iter().map(|d| (d, round)));
+            self.merge_with(manifest, params, (w_own, w_other), now_ms, out);
+        }
     }
 
     fn adopt_version(
@@ -612,7 +463,7 @@ impl Engine {
     /// Whether a verified version with `authors` distinct authors replaces
     /// this node's. With `fork` = (weight of this node's head, weight of
     /// the offered version) since their lineages parted
-    /// ([`super::verify::fork_weights`]): the heavier wins, then the later
+    /// ([`crate::verify::fork_weights`]): the heavier wins, then the later
     /// round, then [`version_rank`] (the fork choice: votes cast, not
     /// rounds claimed). Without it: a later round, or the same round and
     /// preferred by [`version_rank`] (two nodes that closed a round on
@@ -758,7 +609,7 @@ impl Engine {
         if let Some(&last) = self.last_seq.get(&msg.author).filter(|s| msg.seq <= **s) {
             out.push(Action::Penalise(Rejected {
                 sender: msg.author,
-                reason: super::door::Rejection::Replay { seq: msg.seq, last },
+                reason: crate::door::Rejection::Replay { seq: msg.seq, last },
             }));
             return;
         }
@@ -775,7 +626,7 @@ impl Engine {
         {
             out.push(Action::Penalise(Rejected {
                 sender: msg.author,
-                reason: super::door::Rejection::DuplicateAuthorRound { round: msg.round },
+                reason: crate::door::Rejection::DuplicateAuthorRound { round: msg.round },
             }));
             return;
         }
@@ -825,78 +676,6 @@ impl Engine {
             // Nothing arrived for this round yet: look again later.
             self.rearm(now_ms, out);
         }
-    }
-
-    /// Push-sum: apply the training step to the value (scaled by the
-    /// weight, so the model x/w moves by exactly the step), push shares to
-    /// random peers, and close the round with the model as it now stands.
-    fn push(&mut self, trained: Vec<f32>, fanout: usize, now_ms: u64, out: &mut Vec<Action>) {
-        let Some(mut ps) = self.push_sum.take() else {
-            return;
-        };
-        if trained.len() != self.params.len() || !trained.iter().all(|v| v.is_finite()) {
-            self.push_sum = Some(ps);
-            return;
-        }
-        let w = ps.w as f32;
-        for ((x, t), p) in ps.x.iter_mut().zip(&trained).zip(&self.params) {
-            *x += w * (t - p);
-        }
-        let peers: Vec<NodeId> = self.peers.iter().copied().collect();
-        let mut to = Vec::with_capacity(fanout);
-        while to.len() < fanout.min(peers.len()) {
-            let p = peers[self.rng.gen_range(0..peers.len())];
-            if !to.contains(&p) {
-                to.push(p);
-            }
-        }
-        if !to.is_empty() {
-            let share = ps.split(to.len());
-            out.push(Action::PushShare {
-                to,
-                x: share.x,
-                w: share.w,
-            });
-        }
-        self.params = ps.estimate();
-        self.push_sum = Some(ps);
-        self.new_version(Vec::new(), now_ms, out);
-    }
-
-    fn close_mixing_round(&mut self, now_ms: u64, out: &mut Vec<Action>) {
-        let Some(own) = self.trained.take() else {
-            return;
-        };
-        let degree = self.peers.len();
-        let heard: Vec<(&NodeId, &(Vec<f32>, usize))> =
-            self.latest_neighbour_models().into_iter().collect();
-        let degrees: BTreeMap<NodeId, usize> =
-            heard.iter().map(|(from, (_, d))| (**from, *d)).collect();
-        let (self_weight, weights) = super::mixing::metropolis_weights(degree, &degrees);
-        let others: Vec<(&[f32], f64)> = heard
-            .iter()
-            .map(|(from, (p, _))| (p.as_slice(), weights[*from]))
-            .collect();
-        self.params = match self.config.rule {
-            AggregationRule::Mean => super::mixing::mix(&own, self_weight, &others),
-            rule => robust_mix(rule, &own, self_weight, &others).unwrap_or(own),
-        };
-        self.new_version(Vec::new(), now_ms, out);
-    }
-
-    /// Mixing mode: for each current neighbour, its model for this round,
-    /// or failing that the earliest later one it sent.
-    fn latest_neighbour_models(&self) -> BTreeMap<&NodeId, &(Vec<f32>, usize)> {
-        let mut heard = BTreeMap::new();
-        for ((_, from), v) in self
-            .neighbour_models
-            .range((self.round, NodeId::from_bytes([0; 32]))..)
-        {
-            if self.peers.contains(from) {
-                heard.entry(from).or_insert(v);
-            }
-        }
-        heard
     }
 
     fn close_round(&mut self, now_ms: u64, out: &mut Vec<Action>) {
@@ -1011,97 +790,6 @@ impl Engine {
             params: self.params.clone(),
         });
         self.start_round(now_ms, out);
-    }
-}
-
-/// Mixing with a robust rule: the rule combines the neighbours' offsets
-/// from this node's own model (its own offset is zero) with the
-/// Metropolis–Hastings weights, and the node moves by the result. With the
-/// plain mean this is exactly Metropolis–Hastings mixing; with self-centred
-/// clipping it is ClippedGossip (He, Karimireddy and Jaggi, 2022): no
-/// neighbour can pull a node further than the clipping radius per round.
-fn robust_mix(
-    rule: AggregationRule,
-    own: &[f32],
-    self_weight: f64,
-    others: &[(&[f32], f64)],
-) -> Option<Vec<f32>> {
-    let zero = vec![0.0f32; own.len()];
-    let offsets: Vec<Vec<f32>> = others
-        .iter()
-        .map(|(p, _)| p.iter().zip(own).map(|(x, o)| x - o).collect())
-        .collect();
-    let mut inputs: Vec<&[f32]> = vec![&zero];
-    inputs.extend(offsets.iter().map(Vec::as_slice));
-    let mut weights = vec![self_weight];
-    weights.extend(others.iter().map(|(_, w)| *w));
-    let step = rule.aggregate(&inputs, &weights, Some(&zero)).ok()?;
-    Some(own.iter().zip(&step).map(|(o, s)| o + s).collect())
-}
-
-/// How verified versions of one round are ordered: merges of branches
-/// (several parents) first, then more distinct authors aggregated, then the
-/// smaller digest of the parameters' chunk ids. A total order that every
-/// node computes alike from a verified version (a merge outranks the
-/// versions it merged, so the nodes that did not merge move on to it).
-/// Only verified versions are ranked: a count of authors is a count of
-/// admitted deltas of distinct authors, not of ids a manifest lists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VersionRank {
-    merge: bool,
-    authors: usize,
-    params: ContentId,
-    author: NodeId,
-}
-
-impl Default for VersionRank {
-    /// Below every real version.
-    fn default() -> Self {
-        Self {
-            merge: false,
-            authors: 0,
-            params: ContentId::from_bytes([0xff; 32]),
-            author: NodeId::from_bytes([0xff; 32]),
-        }
-    }
-}
-
-impl PartialOrd for VersionRank {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for VersionRank {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.merge
-            .cmp(&other.merge)
-            .then_with(|| self.authors.cmp(&other.authors))
-            .then_with(|| other.params.cmp(&self.params))
-            // Equal parameters signed by several nodes (every node that
-            // closed the round alike): the smallest signer's, so the
-            // region settles on one id without anyone retraining.
-            .then_with(|| other.author.cmp(&self.author))
-    }
-}
-
-/// The digest naming a version's parameters: BLAKE3 over its chunk ids.
-/// Versions with equal parameters (and chunking) have equal digests,
-/// whoever signed them.
-pub fn params_digest(m: &ModelManifest) -> ContentId {
-    let ids: Vec<u8> = m.chunk_ids.iter().flat_map(|c| *c.as_bytes()).collect();
-    ContentId::of(&ids)
-}
-
-/// The rank of a version among versions of its round, given the number of
-/// distinct authors of the deltas it aggregates (known once it is verified;
-/// the number of deltas it names is an upper bound).
-pub fn version_rank(m: &ModelManifest, authors: usize) -> VersionRank {
-    VersionRank {
-        merge: m.parents.len() > 1,
-        authors,
-        params: params_digest(m),
-        author: m.author,
     }
 }
 

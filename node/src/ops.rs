@@ -1,0 +1,449 @@
+//! What the `tapestry` command does to a node's files, as library calls
+//! with typed errors: create a node or a region, read a node's settings and
+//! data, and export, import, trace and scrub its model versions. The
+//! command (`src/main.rs`) parses arguments, calls these and prints.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tapestry_core::data::{self, CsvOptions, Scaler};
+use tapestry_core::model::{export_safetensors, import_safetensors};
+use tapestry_protocol::{
+    ContentId, KeyFileError, Keypair, ModelManifest, NodeId, Roster, Signed, Verified,
+};
+use tapestry_storage::{ChunkStore, ScrubReport, SledConfig, SledStore, StoreError};
+
+use crate::config::{self, Config, DataDir};
+use crate::runtime::{HEAD_REF, LocalData, NodeSettings};
+
+/// Why an operation on a node's files failed. Each message names the file
+/// or setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// A file or directory could not be read or written.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// A key file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// Why.
+        source: KeyFileError,
+    },
+    /// The chunk store failed (at `path`, if it was being opened).
+    #[error("{}{source}", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default())]
+    Store {
+        /// The store's directory, when opening it failed.
+        path: Option<PathBuf>,
+        /// Why.
+        source: StoreError,
+    },
+    /// The directory already holds a node or a region.
+    #[error("{} already holds {what}; refusing to overwrite it", path.display())]
+    Exists {
+        /// The directory.
+        path: PathBuf,
+        /// What it holds.
+        what: &'static str,
+    },
+    /// The node has no model version to work on.
+    #[error("this node has no model version yet: run it first (tapestry run --data-dir {})", dir.display())]
+    NoModel {
+        /// Its data directory.
+        dir: PathBuf,
+    },
+    /// The configuration, a file's contents or an argument is wrong.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<StoreError> for OpsError {
+    fn from(source: StoreError) -> Self {
+        OpsError::Store { path: None, source }
+    }
+}
+
+fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> OpsError + '_ {
+    move |source| OpsError::File {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn key_error(path: &Path) -> impl FnOnce(KeyFileError) -> OpsError + '_ {
+    move |source| OpsError::Key {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Creates a node in `dir`: a new identity key (0600) and a commented
+/// `config.toml` for `model` in `region`. Refuses a directory that holds
+/// either already. Returns the key.
+pub fn init(dir: &DataDir, model: &str, region: &str) -> Result<Keypair, OpsError> {
+    std::fs::create_dir_all(&dir.root).map_err(|source| {
+        OpsError::Invalid(format!("cannot create {}: {source}", dir.root.display()))
+    })?;
+    if dir.key().exists() || dir.config().exists() {
+        return Err(OpsError::Exists {
+            path: dir.root.clone(),
+            what: "a node (node.key or config.toml)",
+        });
+    }
+    let key = Keypair::generate(&mut rand::rngs::OsRng);
+    key.write_key_file(&dir.key())
+        .map_err(key_error(&dir.key()))?;
+    std::fs::write(dir.config(), config::commented(model, region))
+        .map_err(file_error(&dir.config()))?;
+    Ok(key)
+}
+
+/// Reads a node's identity key.
+pub fn read_key(dir: &DataDir) -> Result<Keypair, OpsError> {
+    Keypair::read_key_file(&dir.key()).map_err(key_error(&dir.key()))
+}
+
+/// Reads a node's configuration.
+pub fn read_config(dir: &DataDir) -> Result<Config, OpsError> {
+    Config::load(&dir.config()).map_err(OpsError::Invalid)
+}
+
+/// Signs `roster` with the region key and writes it (tmp file, rename).
+fn write_roster(path: &Path, roster: Roster, key: &Keypair) -> Result<(), OpsError> {
+    let signed = Signed::sign(roster, key).map_err(|e| OpsError::Invalid(e.to_string()))?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, signed.envelope_bytes())
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(file_error(path))
+}
+
+/// Reads a signed roster (its signature checked; whose key signed it is
+/// the caller's to check).
+pub fn read_roster(path: &Path) -> Result<Verified<Roster>, OpsError> {
+    let bytes = std::fs::read(path).map_err(file_error(path))?;
+    Signed::<Roster>::open(&bytes).map_err(|e| {
+        OpsError::Invalid(format!(
+            "{}: not a valid signed roster: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// Creates a permissioned region in `dir`: a region key and a signed
+/// roster (version 1, no members). Returns the region key's id.
+pub fn region_new(dir: &Path, model: &str, region: &str) -> Result<NodeId, OpsError> {
+    std::fs::create_dir_all(dir).map_err(file_error(dir))?;
+    let (key_path, roster_path) = (dir.join("region.key"), dir.join("roster.cbor"));
+    if key_path.exists() || roster_path.exists() {
+        return Err(OpsError::Exists {
+            path: dir.to_owned(),
+            what: "a region",
+        });
+    }
+    let key = Keypair::generate(&mut rand::rngs::OsRng);
+    key.write_key_file(&key_path)
+        .map_err(key_error(&key_path))?;
+    let roster = Roster {
+        model_id: model.to_owned(),
+        region: region.to_owned(),
+        version: 1,
+        members: Vec::new(),
+        created_unix_ms: unix_ms(),
+    };
+    write_roster(&roster_path, roster, &key)?;
+    Ok(key.node_id())
+}
+
+/// Adds `members` to the region in `dir` (signed by its region key) as the
+/// roster's next version. Returns (version, members now).
+pub fn region_add(dir: &Path, members: &[NodeId]) -> Result<(u64, usize), OpsError> {
+    let (key_path, roster_path) = (dir.join("region.key"), dir.join("roster.cbor"));
+    let key = Keypair::read_key_file(&key_path).map_err(key_error(&key_path))?;
+    let current = read_roster(&roster_path)?;
+    if current.signer() != key.node_id() {
+        return Err(OpsError::Invalid(format!(
+            "{} is not signed by this region's key",
+            roster_path.display()
+        )));
+    }
+    let mut all: BTreeSet<NodeId> = current.message().members.iter().copied().collect();
+    all.extend(members.iter().copied());
+    let next = Roster {
+        version: current.message().version + 1,
+        members: all.into_iter().collect(),
+        created_unix_ms: unix_ms(),
+        ..current.message().clone()
+    };
+    let (version, count) = (next.version, next.members.len());
+    write_roster(&roster_path, next, &key)?;
+    Ok((version, count))
+}
+
+/// The rows of `len` that shard `spec` (`I/N`: every N-th row from I;
+/// `auto/N`: the rows whose BLAKE3 with `node` falls in its 1/N) keeps.
+pub fn shard_rows(spec: &str, len: usize, node: &NodeId) -> Result<Vec<usize>, OpsError> {
+    let bad = || {
+        OpsError::Invalid(format!(
+            "bad --shard {spec:?} (SHARD/OF or auto/OF, e.g. 0/3)"
+        ))
+    };
+    let (i, n) = spec.split_once('/').ok_or_else(bad)?;
+    let n: usize = n.parse().ok().filter(|n| *n > 0).ok_or_else(bad)?;
+    if i == "auto" {
+        // Row r is this node's if BLAKE3(node id, r) falls in its 1/n.
+        return Ok((0..len)
+            .filter(|r| {
+                let mut h = blake3::Hasher::new();
+                h.update(node.as_bytes());
+                h.update(&(*r as u64).to_le_bytes());
+                let b = h.finalize();
+                u64::from_le_bytes(b.as_bytes()[..8].try_into().unwrap_or([0; 8])) % n as u64 == 0
+            })
+            .collect());
+    }
+    let i: usize = i.parse().ok().filter(|i| *i < n).ok_or_else(bad)?;
+    Ok((0..len).filter(|r| r % n == i).collect())
+}
+
+/// Loads the data file, keeps a shard of it if asked, scales it with the
+/// model's fixed range, and splits off the evaluation rows.
+pub fn local_data(
+    cfg: &Config,
+    path: &Path,
+    shard: Option<&str>,
+    node: &NodeId,
+) -> Result<LocalData, OpsError> {
+    let mut all = data::load_csv(path, CsvOptions::default())
+        .map_err(|e| OpsError::Invalid(format!("{}: {e}", path.display())))?;
+    if let Some(s) = shard.filter(|s| !s.is_empty()) {
+        let rows = shard_rows(s, all.len(), node)?;
+        all = all.subset(&rows);
+    }
+    if all.n_features != cfg.model.inputs {
+        return Err(OpsError::Invalid(format!(
+            "{} has {} features; the model takes {}",
+            path.display(),
+            all.n_features,
+            cfg.model.inputs
+        )));
+    }
+    let (mut train, mut test) = all
+        .split(cfg.data.test_fraction, cfg.model.seed)
+        .map_err(|e| OpsError::Invalid(e.to_string()))?;
+    let scaler = Scaler::from_range(cfg.model.inputs, cfg.data.feature_min, cfg.data.feature_max);
+    scaler.apply(&mut train);
+    scaler.apply(&mut test);
+    Ok(LocalData { train, test })
+}
+
+/// The running node's settings from its configuration, data directory
+/// and key (the engine's seed comes from the node id).
+pub fn node_settings(cfg: &Config, dir: &DataDir, key: &Keypair) -> Result<NodeSettings, OpsError> {
+    let seed = u64::from_le_bytes(key.node_id().as_bytes()[..8].try_into().unwrap_or([0; 8]));
+    Ok(NodeSettings {
+        engine: cfg.engine(seed).map_err(OpsError::Invalid)?,
+        train: cfg.train().map_err(OpsError::Invalid)?,
+        model_seed: cfg.model.seed,
+        rounds: (cfg.round.rounds > 0).then_some(cfg.round.rounds),
+        start_peers: cfg.round.start_peers,
+        start_wait: cfg.start_wait(),
+        min_round: Duration::from_millis(cfg.round.min_round_ms),
+        roster: if cfg.roster.is_empty() {
+            None
+        } else {
+            Some(read_roster(&dir.root.join(&cfg.roster))?)
+        },
+        region_key: if cfg.region_key.is_empty() {
+            None
+        } else {
+            Some(
+                cfg.region_key.parse::<NodeId>().map_err(|e| {
+                    OpsError::Invalid(format!("region_key {:?}: {e}", cfg.region_key))
+                })?,
+            )
+        },
+        vote_file: Some(dir.last_vote()),
+        attestations: cfg.attestations,
+    })
+}
+
+/// Opens a node's store, creating it if `create`.
+pub fn open_store(dir: &DataDir, create: bool) -> Result<SledStore, OpsError> {
+    if !create && !dir.store().exists() {
+        return Err(OpsError::NoModel {
+            dir: dir.root.clone(),
+        });
+    }
+    SledStore::open(
+        &dir.store(),
+        &SledConfig {
+            create,
+            ..SledConfig::default()
+        },
+    )
+    .map_err(|source| OpsError::Store {
+        path: Some(dir.store()),
+        source,
+    })
+}
+
+/// The node's head version, if it has one.
+fn head(store: &SledStore, dir: &DataDir) -> Result<Verified<ModelManifest>, OpsError> {
+    let id = store.get_ref(HEAD_REF)?.ok_or_else(|| OpsError::NoModel {
+        dir: dir.root.clone(),
+    })?;
+    store.get_model_manifest(&id)?.ok_or_else(|| {
+        OpsError::Invalid("the head's manifest is missing (run tapestry scrub)".into())
+    })
+}
+
+/// Writes the node's head model to `out` (safetensors). Returns the
+/// version's round and id.
+pub fn export(dir: &DataDir, out: &Path) -> Result<(u64, ContentId), OpsError> {
+    let cfg = read_config(dir)?;
+    let store = open_store(dir, false)?;
+    let m = head(&store, dir)?;
+    let bytes = store.read_payload(&m.message().chunk_ids, m.message().payload_bytes)?;
+    let spec = cfg.spec().map_err(OpsError::Invalid)?;
+    export_safetensors(&spec, &tapestry_protocol::f32_from_le_bytes(&bytes), out)
+        .map_err(|e| OpsError::Invalid(e.to_string()))?;
+    Ok((m.message().round, m.id()))
+}
+
+/// Makes the model in `file` (safetensors) the node's head: a version of
+/// the round after its head's, signed by the node, with the head as
+/// parent. Returns the new version's round and id.
+pub fn import(dir: &DataDir, file: &Path) -> Result<(u64, ContentId), OpsError> {
+    let cfg = read_config(dir)?;
+    let key = read_key(dir)?;
+    let spec = cfg.spec().map_err(OpsError::Invalid)?;
+    let params = import_safetensors(&spec, file)
+        .map_err(|e| OpsError::Invalid(format!("{}: {e}", file.display())))?;
+    if !params.iter().all(|v| v.is_finite()) {
+        return Err(OpsError::Invalid(format!(
+            "{}: non-finite parameters",
+            file.display()
+        )));
+    }
+    let store = open_store(dir, true)?;
+    let parent = store
+        .get_ref(HEAD_REF)?
+        .and_then(|id| store.get_model_manifest(&id).ok().flatten());
+    let bytes: Vec<u8> = tapestry_protocol::f32_le_bytes(&params);
+    let chunk_size = tapestry_protocol::DEFAULT_CHUNK_SIZE;
+    let chunk_ids = store.put_payload(&bytes, chunk_size)?;
+    let manifest = ModelManifest {
+        model_id: cfg.model_id.clone(),
+        region: cfg.region.clone(),
+        round: parent
+            .as_ref()
+            .map_or(0, |p| p.message().round.saturating_add(1)),
+        author: key.node_id(),
+        layout: spec.layout(),
+        payload_bytes: bytes.len() as u64,
+        chunk_size: chunk_size as u32,
+        chunk_ids,
+        parents: parent.iter().map(|p| p.id()).collect(),
+        deltas: Vec::new(),
+        created_unix_ms: unix_ms(),
+    };
+    let signed = Signed::sign(manifest, &key).map_err(|e| OpsError::Invalid(e.to_string()))?;
+    let id = store.put_model_manifest(&signed)?;
+    store.set_ref(HEAD_REF, id)?;
+    store.flush()?;
+    Ok((signed.message().round, id))
+}
+
+/// The signed contributions behind `version` (default: the head), as far
+/// back as `limit` versions: per version its round, parents, deltas and
+/// distinct authors; the deltas by author and their rounds; what is not
+/// held.
+pub fn lineage(
+    dir: &DataDir,
+    version: Option<ContentId>,
+    limit: usize,
+) -> Result<serde_json::Value, OpsError> {
+    let store = open_store(dir, false)?;
+    let version = match version {
+        Some(v) => v,
+        None => head(&store, dir)?.id(),
+    };
+    let l = store.lineage(version, limit)?;
+    // The signed deltas, by author, whose manifests this node holds.
+    let mut by_author: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut rounds: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+    let mut absent = Vec::new();
+    for id in &l.deltas {
+        match store.get_delta_manifest(id)? {
+            Some(m) => {
+                let author = m.message().author.to_string();
+                rounds
+                    .entry(author.clone())
+                    .or_default()
+                    .insert(m.message().round);
+                by_author.entry(author).or_default().push(id.to_string());
+            }
+            None => absent.push(id.to_string()),
+        }
+    }
+    // Per version: its round, and how many deltas of how many distinct
+    // authors it aggregated (as far as their manifests are held).
+    let mut per_version = serde_json::Map::new();
+    for v in &l.versions {
+        if let Some(m) = store.get_model_manifest(v)? {
+            let m = m.message();
+            let authors: BTreeSet<String> = m
+                .deltas
+                .iter()
+                .filter_map(|d| store.get_delta_manifest(d).ok().flatten())
+                .map(|d| d.message().author.to_string())
+                .collect();
+            per_version.insert(
+                v.to_string(),
+                serde_json::json!({
+                    "round": m.round,
+                    "parents": m.parents.len(),
+                    "deltas": m.deltas.len(),
+                    "authors": authors.len(),
+                }),
+            );
+        }
+    }
+    Ok(serde_json::json!({
+        "version": version.to_string(),
+        "by_version": per_version,
+        "versions": l.versions.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "deltas_by_author": by_author,
+        "rounds_by_author": rounds,
+        "deltas_not_held": absent,
+        "versions_not_held": l.missing_versions.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    }))
+}
+
+/// Rehashes every chunk of the node's store.
+pub fn scrub(dir: &DataDir) -> Result<ScrubReport, OpsError> {
+    Ok(open_store(dir, false)?.scrub()?)
+}
+
+/// Writes where a running node can be reached (`endpoints.json`: node and
+/// peer ids, API and listen addresses), replacing the file atomically.
+pub fn write_endpoints(dir: &DataDir, endpoints: &serde_json::Value) -> Result<(), OpsError> {
+    let tmp = dir.root.join("endpoints.json.tmp");
+    std::fs::write(&tmp, endpoints.to_string())
+        .and_then(|_| std::fs::rename(&tmp, dir.endpoints()))
+        .map_err(file_error(&dir.endpoints()))
+}

@@ -1,0 +1,744 @@
+//! The running node: the round engine driven by real time, real peers and a
+//! real chunk store. One task owns the [`Engine`]; training and evaluation
+//! run on blocking threads, chunk fetches on their own tasks, and their
+//! results come back as engine inputs. The network task ([`crate::net`])
+//! owns the swarm.
+//!
+//! What a message must pass before the engine sees it: the signed envelope
+//! verifies and names the right kind, the message validates on its own terms
+//! (author = signer, sizes), the roster admits the author (permissioned
+//! regions), and then the engine's door (scope, layout, round window,
+//! replay). Gossipsub forwards only what passed; everything else is
+//! reported as `Reject`, which costs the forwarder score, and is counted in
+//! the metrics by reason.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use libp2p::gossipsub::{MessageAcceptance, TopicHash};
+use serde::Serialize;
+use tapestry_protocol::{
+    ContentId, DeltaManifest, FetchRequest, FetchResponse, Keypair, ModelManifest, NodeId, Roster,
+    Signed, Verified,
+};
+use tapestry_storage::ChunkStore;
+use tokio::sync::{mpsc, watch};
+
+use crate::metrics::Metrics;
+use crate::net::{self, Command, NetEvent, NetHandle};
+use tapestry_core::data::Dataset;
+use tapestry_core::door::Door;
+use tapestry_core::engine::{Action, Engine, EngineConfig, Input, VersionRank, genesis};
+use tapestry_core::model::{InnerState, TrainConfig, evaluate, train_local};
+use tapestry_core::verify::{self, Lineage, Plan, VersionRejection, check_shape};
+use tapestry_core::{attest, heads};
+
+mod fetch;
+mod gossip;
+mod names;
+mod status;
+mod verifying;
+
+use fetch::*;
+use gossip::*;
+use names::*;
+use verifying::*;
+
+pub use names::{
+    HEAD_REF, attested_ref, deltas_topic, genesis_key, models_topic, node_id_of, verified_ref,
+};
+pub use status::{Shared, Status};
+
+/// The store a node keeps everything in.
+pub type Store = Arc<dyn ChunkStore + Send + Sync>;
+
+/// What a node trains on and is judged by.
+#[derive(Debug, Clone)]
+pub struct LocalData {
+    /// Its private training rows (already scaled).
+    pub train: Dataset,
+    /// Its held-out rows for evaluation.
+    pub test: Dataset,
+}
+
+/// Everything a running node needs besides its key, store and network.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// The round engine's settings (model, region, rule, timing...).
+    pub engine: EngineConfig,
+    /// Local training.
+    pub train: TrainConfig,
+    /// Seed of the initial parameters (the same on every node of a region).
+    pub model_seed: u64,
+    /// Stop starting new rounds after this one (`None`: run forever).
+    pub rounds: Option<u64>,
+    /// Wait for this many peers before the first round (at most
+    /// `start_wait`), so the first rounds are not trained alone.
+    pub start_peers: usize,
+    /// Longest wait for `start_peers`.
+    pub start_wait: Duration,
+    /// Shortest time from one round's start to the next's: training waits
+    /// out the rest (zero: rounds run back to back).
+    pub min_round: Duration,
+    /// A permissioned region's roster; `None` for an open region.
+    pub roster: Option<Verified<Roster>>,
+    /// Who may sign the roster (the region key); required with a roster.
+    pub region_key: Option<NodeId>,
+    /// Where the node keeps its last announced delta (signed manifest), so
+    /// that after a crash it does not vote twice in one round; `None`:
+    /// nowhere (a restarted node may then announce a second delta for a
+    /// round, which its peers refuse).
+    pub vote_file: Option<std::path::PathBuf>,
+    /// In a permissioned region, how many distinct roster members must
+    /// vouch for a version this node cannot recompute before it adopts it
+    /// (0: more than a third of the roster; never fewer than two).
+    pub attestations: usize,
+}
+
+/// Why a node stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] tapestry_storage::StoreError),
+    /// The network failed.
+    #[error("network: {0}")]
+    Net(#[from] net::NetError),
+    /// The configuration cannot work.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The node's own task.
+pub struct Node {
+    settings: NodeSettings,
+    engine: Engine,
+    store: Store,
+    net: NetHandle,
+    data: Arc<LocalData>,
+    shared: Shared,
+    started: Instant,
+    timers: BTreeSet<u64>,
+    inputs_tx: mpsc::Sender<Input>,
+    inputs_rx: mpsc::Receiver<Input>,
+    /// Connected peers.
+    peers: BTreeSet<PeerId>,
+    /// Connected peers subscribed to this region's deltas: the region's
+    /// members as far as this node can see (peers of other regions share
+    /// the network, not the rounds).
+    members: BTreeSet<PeerId>,
+    /// Who forwarded each announced delta (where to fetch its chunks).
+    providers: HashMap<ContentId, Vec<PeerId>>,
+    deltas_topic: String,
+    models_topic: String,
+    deltas_hash: TopicHash,
+    models_hash: TopicHash,
+    running: bool,
+    /// The preferred verified version announced for each coming round, and
+    /// who announced it.
+    best_seen: BTreeMap<u64, (VersionRank, Verified<ModelManifest>, PeerId)>,
+    /// Verdicts of version verifications, back from their tasks.
+    verdicts_tx: mpsc::Sender<Verdict>,
+    verdicts_rx: mpsc::Receiver<Verdict>,
+    /// What this node announces in the DHT, oldest first.
+    provided: std::collections::VecDeque<ContentId>,
+    /// Versions being fetched to be offered to the engine (a fetch that
+    /// fails takes its version out again, so it can be tried again).
+    offered: Arc<Mutex<std::collections::HashSet<ContentId>>>,
+    /// Peers' versions of the round after this node's, held unverified
+    /// until this node closes its own round (then most are the same
+    /// computation as its own and are checked by comparison, not
+    /// recomputed), or until a round's timeout has passed.
+    early: Vec<(
+        Verified<ModelManifest>,
+        PeerId,
+        Option<libp2p::gossipsub::MessageId>,
+        Instant,
+    )>,
+    /// Versions this node made or verified lately: a peer's version with
+    /// the same inputs ([`verify::same_computation`]) is checked against them
+    /// instead of being recomputed.
+    recent: Recent,
+    /// Heads peers answered with, as signed bytes, and who answered.
+    heads_tx: mpsc::Sender<(PeerId, Vec<u8>)>,
+    heads_rx: mpsc::Receiver<(PeerId, Vec<u8>)>,
+    /// Which peers to ask for their heads next (they take turns).
+    head_probe: usize,
+    /// When the last training started (or will, when paced).
+    last_train: Option<Instant>,
+    /// This node's identity (signs its attestations).
+    key: Keypair,
+}
+
+impl Node {
+    /// A node over a started network.
+    pub fn new(
+        settings: NodeSettings,
+        key: Keypair,
+        store: Store,
+        net: NetHandle,
+        data: LocalData,
+        shared: Shared,
+    ) -> Result<Node, NodeError> {
+        let mut settings = settings;
+        if let Some(roster) = &settings.roster {
+            check_roster(roster, &settings)?;
+            // In a permissioned region a branch must be more than a third
+            // of the roster to be merged (a partition's smaller side still
+            // is, one member or a small clique on its own is not).
+            let third = roster.message().members.len() / 3 + 1;
+            let door = &mut settings.engine.door;
+            door.min_branch_authors = door.min_branch_authors.max(third);
+        }
+        let cfg = &settings.engine;
+        let deltas_topic = deltas_topic(&cfg.model_id, &cfg.region);
+        let models_topic = models_topic(&cfg.model_id, &cfg.region);
+        let (inputs_tx, inputs_rx) = mpsc::channel(256);
+        let (heads_tx, heads_rx) = mpsc::channel(64);
+        let (verdicts_tx, verdicts_rx) = mpsc::channel(64);
+        shared.update(|s| {
+            s.node_id = key.node_id().to_string();
+            s.peer_id = net.peer_id().to_string();
+            s.model_id = cfg.model_id.clone();
+            s.region = cfg.region.clone();
+        });
+        let mut engine = Engine::new(settings.engine.clone(), key.clone());
+        engine.continue_sequence_after(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        );
+        Ok(Node {
+            engine,
+            deltas_hash: libp2p::gossipsub::IdentTopic::new(&deltas_topic).hash(),
+            models_hash: libp2p::gossipsub::IdentTopic::new(&models_topic).hash(),
+            deltas_topic,
+            models_topic,
+            settings,
+            store,
+            net,
+            data: Arc::new(data),
+            shared,
+            started: Instant::now(),
+            timers: BTreeSet::new(),
+            inputs_tx,
+            inputs_rx,
+            peers: BTreeSet::new(),
+            members: BTreeSet::new(),
+            providers: HashMap::new(),
+            running: false,
+            best_seen: BTreeMap::new(),
+            verdicts_tx,
+            verdicts_rx,
+            provided: std::collections::VecDeque::new(),
+            offered: Arc::default(),
+            recent: Recent::default(),
+            early: Vec::new(),
+            heads_tx,
+            heads_rx,
+            head_probe: 0,
+            last_train: None,
+            key,
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The version to start from: the stored head if there is one (a
+    /// restart resumes where it was), else the region's genesis.
+    fn starting_version(&self) -> Result<(Verified<ModelManifest>, Vec<f32>), NodeError> {
+        if let Some(id) = self.store.get_ref(HEAD_REF)?
+            && let Some(m) = self.store.get_model_manifest(&id)?
+        {
+            let bytes = self
+                .store
+                .read_payload(&m.message().chunk_ids, m.message().payload_bytes)?;
+            let params = tapestry_protocol::f32_from_le_bytes(&bytes);
+            if params.len() == self.settings.engine.spec.n_params() {
+                // This node's own head (made, verified or imported here).
+                self.store.set_ref(&verified_ref(&id), id)?;
+                return Ok((m, params));
+            }
+        }
+        let cfg = &self.settings.engine;
+        let params = cfg.spec.init(self.settings.model_seed);
+        let manifest = genesis(cfg, &params, &genesis_key(&cfg.model_id, &cfg.region))
+            .ok_or_else(|| NodeError::Config("cannot sign the genesis version".into()))?;
+        self.keep_version(&manifest, &params)?;
+        Ok((manifest, params))
+    }
+
+    /// This node's own delta of round `round`, if it announced one before a
+    /// restart (read from [`NodeSettings::vote_file`]; a file that does not
+    /// open as this node's signed delta is ignored, with a warning).
+    fn last_vote(&self, round: u64) -> Option<Verified<DeltaManifest>> {
+        let path = self.settings.vote_file.as_ref()?;
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "cannot read last vote");
+                return None;
+            }
+        };
+        match Signed::<DeltaManifest>::open(&bytes) {
+            Ok(m) if m.message().author == self.engine.node_id() => {
+                (m.message().round == round).then_some(m)
+            }
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "last vote is not this node's; ignored");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "last vote unreadable; ignored");
+                None
+            }
+        }
+    }
+
+    fn keep_version(&self, m: &Verified<ModelManifest>, params: &[f32]) -> Result<(), NodeError> {
+        self.recent.add(m.message(), m.id());
+        let bytes: Vec<u8> = tapestry_protocol::f32_le_bytes(params);
+        self.store
+            .put_payload(&bytes, m.message().chunk_size as usize)?;
+        let id = self.store.put_model_manifest(m)?;
+        self.store.set_ref(&verified_ref(&id), id)?;
+        self.store.set_ref(HEAD_REF, id)?;
+        self.store.flush()?;
+        Ok(())
+    }
+
+    /// Runs until `shutdown` turns true or the network stops; flushes the
+    /// store on the way out.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<NetEvent>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), NodeError> {
+        let (start_manifest, start_params) = self.starting_version()?;
+        self.show_head(&start_manifest, &start_params);
+        let start_at = Instant::now() + self.settings.start_wait;
+        let mut ticker = tokio::time::interval(Duration::from_secs(2));
+        let mut start = Some((start_manifest, start_params));
+        loop {
+            if start.is_some()
+                && (self.members.len() >= self.settings.start_peers || Instant::now() >= start_at)
+                && let Some((manifest, params)) = start.take()
+            {
+                self.running = true;
+                tracing::info!(
+                    round = manifest.message().round,
+                    peers = self.members.len(),
+                    "starting rounds"
+                );
+                if let Some(vote) = self.last_vote(manifest.message().round) {
+                    // Restarted mid-round after voting: that delta stands.
+                    let members: Vec<PeerId> = self.members.iter().copied().collect();
+                    self.providers.insert(vote.id(), members);
+                    tracing::info!(round = vote.message().round, id = %vote.id().short(), "resuming with own delta of this round");
+                    self.feed(Input::OwnVote(vote)).await;
+                }
+                self.feed(Input::Start { manifest, params }).await;
+                // A fresh or restarted node asks its peers where they are.
+                self.ask_heads(self.members.iter().copied().collect());
+            }
+            let next = self.timers.first().copied();
+            let sleep = match next {
+                Some(at) => {
+                    let now = self.now_ms();
+                    Duration::from_millis(at.saturating_sub(now))
+                }
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                event = events.recv() => match event {
+                    Some(event) => self.on_net(event).await,
+                    None => break,
+                },
+                Some(input) = self.inputs_rx.recv() => self.feed(input).await,
+                _ = tokio::time::sleep(sleep), if next.is_some() => {
+                    let now = self.now_ms();
+                    while self.timers.first().is_some_and(|t| *t <= now) {
+                        self.timers.pop_first();
+                    }
+                    self.feed(Input::Tick).await;
+                }
+                Some((peer, bytes)) = self.heads_rx.recv() => {
+                    self.on_model(peer, &bytes, None).await;
+                }
+                Some(verdict) = self.verdicts_rx.recv() => self.on_verdict(verdict).await,
+                _ = ticker.tick() => {
+                    self.refresh_network().await;
+                    self.verify_early(false).await;
+                    // Announcements can be missed (a peer that was away, a
+                    // message lost); every tick two peers take turns to say
+                    // where they are, so a node that missed a preferred
+                    // version still settles on it.
+                    if self.running && !self.members.is_empty() {
+                        let peers: Vec<PeerId> = self.members.iter().copied().collect();
+                        let ask = (0..2.min(peers.len()))
+                            .map(|k| peers[(self.head_probe + k) % peers.len()])
+                            .collect();
+                        self.head_probe = self.head_probe.wrapping_add(2);
+                        self.ask_heads(ask);
+                    }
+                }
+            }
+        }
+        self.store.flush()?;
+        tracing::info!("node stopped; store flushed");
+        Ok(())
+    }
+
+    async fn refresh_network(&self) {
+        if let Ok(snap) = self.net.snapshot().await {
+            self.shared.update(|s| {
+                s.peers = snap.peers.len();
+                s.listen = snap.listen.clone();
+            });
+            self.shared.metrics.peers.set(snap.peers.len() as i64);
+        }
+    }
+
+    /// Feeds one input to the engine and carries out what it asks.
+    async fn feed(&mut self, input: Input) {
+        let now = self.now_ms();
+        let actions = self.engine.handle(input, now);
+        for action in actions {
+            self.act(action).await;
+        }
+    }
+
+    async fn act(&mut self, action: Action) {
+        match action {
+            Action::Train {
+                round,
+                version,
+                params,
+                seed,
+            } => self.train(round, version, params, seed),
+            Action::Publish { manifest, payload } => self.publish(manifest, payload).await,
+            Action::Fetch { manifest } => self.fetch(manifest),
+            Action::Adopt { manifest, params } => self.adopted(manifest, params).await,
+            Action::SendToNeighbours { .. } | Action::PushShare { .. } => {
+                // The networked node runs region broadcast (see the config).
+            }
+            Action::SetTimer { at_ms } => {
+                self.timers.insert(at_ms);
+            }
+            Action::Penalise(r) => {
+                let label = r.reason.label();
+                tracing::info!(sender = %r.sender.short(), reason = %r.reason, "delta rejected");
+                self.count_rejected(label);
+            }
+        }
+    }
+
+    /// Trains for `round` from `version` on a blocking thread (paced: a
+    /// round starts at most every `min_round`); the result comes back as
+    /// [`Input::TrainingDone`].
+    fn train(&mut self, round: u64, version: ContentId, params: Vec<f32>, seed: u64) {
+        if self.settings.rounds.is_some_and(|r| round >= r) {
+            self.shared.update(|s| s.finished = true);
+            return;
+        }
+        let (spec, cfg, data) = (
+            self.settings.engine.spec.clone(),
+            self.settings.train,
+            self.data.clone(),
+        );
+        let tx = self.inputs_tx.clone();
+        let now = Instant::now();
+        let wait = self.last_train.map_or(Duration::ZERO, |t| {
+            (t + self.settings.min_round).saturating_duration_since(now)
+        });
+        self.last_train = Some(now + wait);
+        tokio::spawn(async move {
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            let trained = tokio::task::spawn_blocking(move || {
+                train_local(
+                    &spec,
+                    &params,
+                    &data.train,
+                    &cfg,
+                    &mut InnerState::default(),
+                    seed,
+                )
+            })
+            .await;
+            match trained {
+                Ok(Ok((params, report))) => {
+                    let _ = tx
+                        .send(Input::TrainingDone {
+                            round,
+                            version,
+                            params,
+                            samples: report.samples,
+                        })
+                        .await;
+                }
+                Ok(Err(e)) => tracing::error!(error = %e, "local training failed"),
+                Err(e) => tracing::error!(error = %e, "training task failed"),
+            }
+        });
+    }
+
+    /// Stores this node's delta, records it as its vote of the round (so a
+    /// restart does not vote twice), and announces it.
+    async fn publish(&mut self, manifest: Verified<DeltaManifest>, payload: Vec<u8>) {
+        let m = manifest.message();
+        let stored = self
+            .store
+            .put_payload(&payload, m.chunk_size as usize)
+            .and_then(|_| self.store.put_delta_manifest(&manifest));
+        if let Err(e) = stored {
+            tracing::error!(error = %e, "cannot store own delta; not announcing it");
+            return;
+        }
+        let data = manifest.envelope_bytes().to_vec();
+        if let Some(path) = &self.settings.vote_file
+            && let Err(e) = write_atomically(path, &data)
+        {
+            tracing::error!(error = %e, path = %path.display(), "cannot record own vote; not announcing it");
+            return;
+        }
+        self.count_out(data.len());
+        self.provide(manifest.id()).await;
+        if let Err(e) = self.net.publish(&self.deltas_topic, data).await {
+            tracing::warn!(error = %e, "cannot announce delta");
+        }
+        tracing::debug!(round = m.round, id = %manifest.id().short(), "delta announced");
+    }
+
+    /// Fetches an admitted delta's payload on its own task (from the peers
+    /// known to provide it and its author); it comes back as
+    /// [`Input::DeltaPayload`].
+    fn fetch(&mut self, manifest: Verified<DeltaManifest>) {
+        let mut providers = self
+            .providers
+            .get(&manifest.id())
+            .cloned()
+            .unwrap_or_default();
+        if let Some(author) = net::peer_id_of(&manifest.message().author)
+            && !providers.contains(&author)
+        {
+            providers.push(author);
+        }
+        let (net, store, tx, shared) = (
+            self.net.clone(),
+            self.store.clone(),
+            self.inputs_tx.clone(),
+            self.shared.clone(),
+        );
+        tokio::spawn(async move {
+            if let Some(payload) = fetch_payload(&net, &store, &manifest, &providers, &shared).await
+            {
+                let _ = tx
+                    .send(Input::DeltaPayload {
+                        id: manifest.id(),
+                        payload,
+                    })
+                    .await;
+            }
+        });
+    }
+
+    /// The engine adopted a version: keep it as the head, offer a preferred
+    /// version of the same round heard meanwhile, verify the next round's
+    /// versions held back, show it, and announce it.
+    async fn adopted(&mut self, manifest: Verified<ModelManifest>, params: Vec<f32>) {
+        if let Err(e) = self.keep_version(&manifest, &params) {
+            tracing::error!(error = %e, "cannot store the new version");
+        }
+        // A peer may already have announced a preferred version of this
+        // round while this node was still closing it.
+        let round = manifest.message().round;
+        self.best_seen.retain(|r, _| *r >= round);
+        if let Some((_, best, source)) = self.best_seen.remove(&round) {
+            self.offer_if_preferred(best, source, None);
+        }
+        self.shared.metrics.rounds.inc();
+        self.verify_early(true).await;
+        self.show_head(&manifest, &params);
+        let data = manifest.envelope_bytes().to_vec();
+        self.count_out(data.len());
+        self.provide(manifest.id()).await;
+        let _ = self.net.publish(&self.models_topic, data).await;
+        if self.providers.len() > 4096 {
+            self.providers.clear();
+        }
+    }
+
+    /// Evaluates a head on the local split and publishes it in the status.
+    fn show_head(&self, manifest: &Verified<ModelManifest>, params: &[f32]) {
+        let (loss, accuracy) = evaluate(&self.settings.engine.spec, params, &self.data.test)
+            .map(|(l, a)| (Some(l), Some(a)))
+            .unwrap_or((None, None));
+        let m = manifest.message();
+        let params_id = ContentId::of(
+            &m.chunk_ids
+                .iter()
+                .flat_map(|c| *c.as_bytes())
+                .collect::<Vec<u8>>(),
+        );
+        let norm_limit = self.engine.door().norm_limit();
+        self.shared.update(|s| {
+            s.norm_limit = norm_limit;
+            s.round = m.round;
+            s.head = Some(manifest.id().to_string());
+            s.head_params = Some(params_id.to_string());
+            s.accuracy = accuracy;
+            s.loss = loss;
+        });
+        if let Some(a) = accuracy {
+            self.shared.metrics.set_accuracy(a);
+        }
+        self.shared.metrics.round.set(m.round as i64);
+        self.shared.metrics.set_head(&params_id.to_string());
+        if let Ok(mut h) = self.shared.head.lock() {
+            *h = Some(manifest.clone());
+        }
+        tracing::info!(round = m.round, accuracy = ?accuracy, head = %manifest.id().short(), "head");
+    }
+
+    /// Announces in the DHT that this node serves `id`, and withdraws the
+    /// oldest such record beyond [`MAX_PROVIDED`].
+    async fn provide(&mut self, id: ContentId) {
+        let _ = self.net.send(Command::Provide(id)).await;
+        self.provided.push_back(id);
+        while self.provided.len() > MAX_PROVIDED {
+            if let Some(old) = self.provided.pop_front() {
+                let _ = self.net.send(Command::Unprovide(old)).await;
+            }
+        }
+    }
+
+    fn count_out(&self, n: usize) {
+        self.shared.metrics.bytes_out.inc_by(n as u64);
+        self.shared.update(|s| s.bytes_out += n as u64);
+    }
+
+    fn count_rejected(&self, reason: &str) {
+        self.shared.metrics.reject(reason);
+        self.shared
+            .update(|s| *s.rejected.entry(reason.to_owned()).or_default() += 1);
+    }
+
+    async fn report(
+        &self,
+        id: libp2p::gossipsub::MessageId,
+        source: PeerId,
+        acceptance: MessageAcceptance,
+    ) {
+        let _ = self
+            .net
+            .send(Command::Report {
+                id,
+                source,
+                acceptance,
+            })
+            .await;
+    }
+}
+
+/// Everything needed to start a node.
+pub struct Launch {
+    /// Its identity.
+    pub key: Keypair,
+    /// Its settings.
+    pub settings: NodeSettings,
+    /// Its store.
+    pub store: Store,
+    /// Its private data.
+    pub data: LocalData,
+    /// Its network settings.
+    pub net: net::NetConfig,
+    /// Where to serve the HTTP API, if anywhere.
+    pub api: Option<std::net::SocketAddr>,
+}
+
+/// A started node.
+pub struct Running {
+    /// Its status, head and metrics.
+    pub shared: Shared,
+    /// The bound API address.
+    pub api: Option<std::net::SocketAddr>,
+    /// Its network handle.
+    pub net: NetHandle,
+    shutdown: watch::Sender<bool>,
+    node: tokio::task::JoinHandle<Result<(), NodeError>>,
+    net_task: tokio::task::JoinHandle<()>,
+    api_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// The addresses it listens on, once it does (waits up to 10 s).
+    pub async fn listen_addrs(&self) -> Vec<libp2p::Multiaddr> {
+        for _ in 0..100 {
+            if let Ok(snap) = self.net.snapshot().await
+                && !snap.listen.is_empty()
+            {
+                return snap.listen.iter().filter_map(|a| a.parse().ok()).collect();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Vec::new()
+    }
+
+    /// Stops the node cleanly: the node task finishes and flushes the
+    /// store, then the network and the API stop.
+    pub async fn stop(self) -> Result<(), NodeError> {
+        let _ = self.shutdown.send(true);
+        let result = match self.node.await {
+            Ok(r) => r,
+            Err(e) => Err(NodeError::Config(format!("node task failed: {e}"))),
+        };
+        self.net_task.abort();
+        if let Some(api) = self.api_task {
+            let _ = api.await;
+        }
+        result
+    }
+}
+
+/// Starts the network, the node and (if asked) the API.
+pub async fn launch(l: Launch) -> Result<Running, NodeError> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let (handle, events, net_task) = net::spawn(&l.key, l.net, &mut registry)?;
+    let shared = Shared::new(Arc::new(crate::metrics::Metrics::new(registry)));
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (api, api_task) = match l.api {
+        Some(addr) => {
+            let (bound, task) = crate::api::serve(addr, shared.clone(), shutdown_rx.clone())
+                .await
+                .map_err(|e| NodeError::Config(format!("cannot serve the API on {addr}: {e}")))?;
+            (Some(bound), Some(task))
+        }
+        None => (None, None),
+    };
+    let node = Node::new(
+        l.settings,
+        l.key,
+        l.store,
+        handle.clone(),
+        l.data,
+        shared.clone(),
+    )?;
+    let node = tokio::spawn(node.run(events, shutdown_rx));
+    Ok(Running {
+        shared,
+        api,
+        net: handle,
+        shutdown,
+        node,
+        net_task,
+        api_task,
+    })
+}

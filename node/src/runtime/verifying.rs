@@ -1,0 +1,673 @@
+//! Peers' model versions: which to verify, verifying them (recomputation
+//! from the store and from peers, or attestations in a permissioned
+//! region) on their own tasks, and what the agreement policy
+//! ([`tapestry_core::heads`]) decides with the verdict.
+
+use super::*;
+
+impl Node {
+    /// A model version was announced (or a peer answered a head probe):
+    /// check what its manifest alone can tell, then verify it by
+    /// recomputation if it could matter to this node (a later round, a
+    /// same-round version that could be preferred, a recent merge). Returns
+    /// the gossip verdict now, or `None` when it comes with the
+    /// verification's ([`Node::on_verdict`]).
+    pub(super) async fn on_model(
+        &mut self,
+        source: PeerId,
+        data: &[u8],
+        gossip: Option<libp2p::gossipsub::MessageId>,
+    ) -> Option<MessageAcceptance> {
+        let manifest = match Signed::<ModelManifest>::open(data) {
+            Ok(m) => m,
+            Err(_) => {
+                self.count_rejected("bad_model_announcement");
+                return Some(MessageAcceptance::Reject);
+            }
+        };
+        let m = manifest.message();
+        if !self.admitted(&m.author) {
+            self.count_rejected("not_in_roster");
+            return Some(MessageAcceptance::Reject);
+        }
+        let shape = check_shape(&self.settings.engine, m, self.engine.round());
+        // Too far ahead to recompute: in a permissioned region, roster
+        // members' attestations may still carry it (the verification asks).
+        let far = matches!(shape, Err(VersionRejection::RoundJump { .. }))
+            && self.settings.roster.is_some();
+        if let Some(r) = shape.as_ref().err().filter(|_| !far) {
+            tracing::info!(%source, version = %manifest.id().short(), reason = %r, "model version rejected");
+            self.count_rejected(r.label());
+            return Some(MessageAcceptance::Reject);
+        }
+        if self.is_verified(&manifest.id()) {
+            return Some(MessageAcceptance::Accept);
+        }
+        if !self.running || !(far || heads::worth_verifying(&self.engine, m)) {
+            return Some(MessageAcceptance::Ignore);
+        }
+        if m.round == self.engine.round().saturating_add(1)
+            && self.early.len() < MAX_EARLY
+            && !self.early.iter().any(|(e, ..)| e.id() == manifest.id())
+        {
+            self.early.push((manifest, source, gossip, Instant::now()));
+            return None;
+        }
+        if self.verify_once(manifest, source, gossip) {
+            None
+        } else {
+            Some(MessageAcceptance::Ignore)
+        }
+    }
+
+    /// Whether this node verified a version.
+    pub(super) fn is_verified(&self, id: &ContentId) -> bool {
+        is_verified(&self.store, id)
+    }
+
+    /// What a verification found: adopt, merge, remember or reject.
+    pub(super) async fn on_verdict(&mut self, v: Verdict) {
+        forget(&self.offered, v.manifest.id());
+        let checked = match v.result {
+            Err(r) => {
+                tracing::warn!(source = %v.source, version = %v.manifest.id().short(), round = v.manifest.message().round, reason = %r, "model version rejected");
+                self.count_rejected(r.label());
+                if let Some(id) = v.gossip {
+                    self.report(id, v.source, MessageAcceptance::Reject).await;
+                }
+                return;
+            }
+            Ok(c) => c,
+        };
+        if let Some(id) = v.gossip {
+            self.report(id, v.source, MessageAcceptance::Accept).await;
+        }
+        let source = v.source;
+        let (manifest, (params, assessment)) = (v.manifest, checked);
+        let round = manifest.message().round;
+        let id = manifest.id();
+        match heads::decide(&self.engine, manifest.clone(), params, assessment) {
+            heads::Decision::Feed(input) => {
+                if let Input::BranchOffered { weights, .. } = input.as_ref() {
+                    tracing::info!(round, version = %id.short(), ?weights, "merging a branch that grew apart");
+                }
+                self.feed(*input).await;
+            }
+            heads::Decision::Remember(rank) => {
+                // Kept for when this node closes its own round.
+                if self.best_seen.get(&round).is_none_or(|(r, _, _)| rank > *r) {
+                    self.best_seen.insert(round, (rank, manifest, source));
+                }
+            }
+            heads::Decision::Leave => {}
+        }
+    }
+
+    /// Asks `peers` for their heads; a head this node does not have comes
+    /// back through `heads_rx` and is treated as an announcement.
+    pub(super) fn ask_heads(&mut self, peers: Vec<PeerId>) {
+        let cfg = &self.settings.engine;
+        let request = FetchRequest::Head {
+            model_id: cfg.model_id.clone(),
+            region: cfg.region.clone(),
+        };
+        let own = self.engine.version();
+        for peer in peers {
+            let (net, tx, offered) = (
+                self.net.clone(),
+                self.heads_tx.clone(),
+                self.offered.clone(),
+            );
+            let request = request.clone();
+            tokio::spawn(async move {
+                let Ok(FetchResponse::Head(Some(id))) = net.fetch(peer, request).await else {
+                    return;
+                };
+                if Some(id) == own || offered.lock().is_ok_and(|o| o.contains(&id)) {
+                    return;
+                }
+                if let Ok(FetchResponse::SignedManifest(bytes)) =
+                    net.fetch(peer, FetchRequest::SignedManifest(id)).await
+                {
+                    let _ = tx.send((peer, bytes)).await;
+                }
+            });
+        }
+    }
+
+    /// Verifies the versions held back by [`Node::on_model`]: all of them
+    /// (`all`, when this node has just made a version), or those held
+    /// longer than a round's timeout.
+    pub(super) async fn verify_early(&mut self, all: bool) {
+        let patience = Duration::from_millis(self.settings.engine.round_timeout_ms);
+        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.early)
+            .into_iter()
+            .partition(|(.., at)| all || at.elapsed() >= patience);
+        self.early = keep;
+        for (manifest, source, gossip, _) in due {
+            if !self.verify_once(manifest, source, gossip.clone())
+                && let Some(id) = gossip
+            {
+                self.report(id, source, MessageAcceptance::Ignore).await;
+            }
+        }
+    }
+
+    /// Verifies a version this node would adopt (a remembered one, when
+    /// this node closed its round).
+    pub(super) fn offer_if_preferred(
+        &mut self,
+        manifest: Verified<ModelManifest>,
+        source: PeerId,
+        gossip: Option<libp2p::gossipsub::MessageId>,
+    ) {
+        if self.engine.would_adopt(manifest.message()) {
+            self.verify_once(manifest, source, gossip);
+        }
+    }
+
+    /// Verifies a version by recomputation on its own task, unless it is
+    /// already being verified or too many are; the verdict comes back
+    /// through `verdicts_rx`. Returns whether a verification started.
+    pub(super) fn verify_once(
+        &mut self,
+        manifest: Verified<ModelManifest>,
+        source: PeerId,
+        gossip: Option<libp2p::gossipsub::MessageId>,
+    ) -> bool {
+        let fresh = self
+            .offered
+            .lock()
+            .is_ok_and(|mut o| o.len() < MAX_VERIFYING && o.insert(manifest.id()));
+        if !fresh {
+            return false;
+        }
+        let cfg = &self.settings.engine;
+        let furthest = self
+            .engine
+            .round()
+            .saturating_add(cfg.door.max_rounds_ahead);
+        let attest = self.settings.roster.as_ref().map(|r| {
+            let members: BTreeSet<NodeId> = r.message().members.iter().copied().collect();
+            AttestCtx {
+                threshold: attest::threshold(members.len(), self.settings.attestations),
+                members,
+                ask: self.members.iter().copied().collect(),
+            }
+        });
+        let ctx = VerifyCtx {
+            recent: self.recent.clone(),
+            net: self.net.clone(),
+            store: self.store.clone(),
+            shared: self.shared.clone(),
+            cfg: cfg.clone(),
+            door: self.engine.door().clone(),
+            furthest,
+            attest,
+        };
+        let mut providers = vec![source];
+        if let Some(author) = net::peer_id_of(&manifest.message().author)
+            && author != source
+        {
+            providers.push(author);
+        }
+        let tx = self.verdicts_tx.clone();
+        tracing::debug!(round = manifest.message().round, version = %manifest.id().short(), "verifying a version");
+        tokio::spawn(async move {
+            let result = verify_offered(&ctx, &manifest, &providers).await;
+            let _ = tx
+                .send(Verdict {
+                    manifest,
+                    source,
+                    gossip,
+                    result,
+                })
+                .await;
+        });
+        true
+    }
+
+    /// This node's attestation of version `id`: only of a version it
+    /// verified by recomputation (or made) and holds, not one it took on
+    /// attestations, and not of its own (its manifest says it already).
+    pub(super) fn attestation(&self, id: &ContentId) -> Option<Verified<ModelManifest>> {
+        if !self.is_verified(id) || matches!(self.store.get_ref(&attested_ref(id)), Ok(Some(_))) {
+            return None;
+        }
+        let m = self.store.get_model_manifest(id).ok()??;
+        if m.message().author == self.key.node_id() {
+            return None;
+        }
+        attest::attest(m.message(), &self.key)
+    }
+}
+
+/// Versions verified at once (each on its own task); announcements beyond
+/// that are ignored until one finishes (head probes bring them back).
+pub(super) const MAX_VERIFYING: usize = 16;
+
+/// Next-round versions held back at once until this node closes its round
+/// (more are verified at once, as before).
+pub(super) const MAX_EARLY: usize = 16;
+
+/// Takes a version out of the set of versions being verified.
+pub(super) fn forget(offered: &Mutex<std::collections::HashSet<ContentId>>, id: ContentId) {
+    if let Ok(mut o) = offered.lock() {
+        o.remove(&id);
+    }
+}
+
+/// Versions made or verified lately, by their inputs (bounded).
+#[derive(Clone, Default)]
+pub(super) struct Recent(Arc<Mutex<std::collections::VecDeque<(ModelManifest, ContentId)>>>);
+
+impl Recent {
+    const KEEP: usize = 64;
+
+    pub(super) fn add(&self, m: &ModelManifest, id: ContentId) {
+        if let Ok(mut r) = self.0.lock() {
+            if r.len() >= Self::KEEP {
+                r.pop_front();
+            }
+            r.push_back((m.clone(), id));
+        }
+    }
+
+    /// A recent version that is the same computation as `m`.
+    fn same_computation(
+        &self,
+        l: &impl Lineage,
+        m: &ModelManifest,
+    ) -> Option<(ModelManifest, ContentId)> {
+        let r = self.0.lock().ok()?.clone();
+        r.into_iter()
+            .rev()
+            .find(|(held, _)| verify::same_computation(l, held, m))
+    }
+}
+
+/// What a verification task needs.
+pub(super) struct VerifyCtx {
+    recent: Recent,
+    net: NetHandle,
+    store: Store,
+    shared: Shared,
+    cfg: EngineConfig,
+    door: Door,
+    /// The furthest round this node recomputes up to (its round plus
+    /// `max_rounds_ahead`).
+    furthest: u64,
+    /// A permissioned region's attestation settings (`None`: open region,
+    /// recomputation only).
+    attest: Option<AttestCtx>,
+}
+
+/// Who may vouch for a version, whom to ask, and how many must.
+pub(super) struct AttestCtx {
+    members: BTreeSet<NodeId>,
+    ask: Vec<PeerId>,
+    threshold: usize,
+}
+
+/// The verdict on one offered version.
+pub(super) struct Verdict {
+    manifest: Verified<ModelManifest>,
+    source: PeerId,
+    gossip: Option<libp2p::gossipsub::MessageId>,
+    result: Result<(Vec<f32>, heads::Assessment), VersionRejection>,
+}
+
+/// The chunk store as [`Lineage`], with the manifests fetched for one
+/// verification held aside until they pass (so nothing unverified is
+/// stored as valid or served to peers).
+pub(super) struct StoreLineage<'a> {
+    store: &'a Store,
+    models: HashMap<ContentId, Verified<ModelManifest>>,
+    deltas: HashMap<ContentId, Verified<DeltaManifest>>,
+}
+
+impl Lineage for StoreLineage<'_> {
+    fn model(&self, id: &ContentId) -> Option<Verified<ModelManifest>> {
+        self.models
+            .get(id)
+            .cloned()
+            .or_else(|| self.store.get_model_manifest(id).ok().flatten())
+    }
+
+    fn delta(&self, id: &ContentId) -> Option<Verified<DeltaManifest>> {
+        self.deltas
+            .get(id)
+            .cloned()
+            .or_else(|| self.store.get_delta_manifest(id).ok().flatten())
+    }
+
+    fn has_payload(&self, d: &Verified<DeltaManifest>) -> bool {
+        d.message()
+            .chunk_ids
+            .iter()
+            .all(|c| self.store.has(c).unwrap_or(false))
+    }
+
+    fn payload(&self, d: &Verified<DeltaManifest>) -> Option<Vec<u8>> {
+        let m = d.message();
+        self.store.read_payload(&m.chunk_ids, m.payload_bytes).ok()
+    }
+
+    fn is_verified(&self, id: &ContentId) -> bool {
+        is_verified(self.store, id)
+    }
+
+    fn params(&self, id: &ContentId) -> Option<Vec<f32>> {
+        let m = self.store.get_model_manifest(id).ok().flatten()?;
+        let m = m.message();
+        let bytes = self
+            .store
+            .read_payload(&m.chunk_ids, m.payload_bytes)
+            .ok()?;
+        Some(tapestry_protocol::f32_from_le_bytes(&bytes))
+    }
+}
+
+/// Fetches one signed manifest by id from the first provider that has it.
+pub(super) async fn fetch_manifest(
+    net: &NetHandle,
+    providers: &[PeerId],
+    id: ContentId,
+) -> Option<Vec<u8>> {
+    for peer in providers {
+        if let Ok(FetchResponse::SignedManifest(b)) =
+            net.fetch(*peer, FetchRequest::SignedManifest(id)).await
+        {
+            return Some(b);
+        }
+    }
+    None
+}
+
+/// Verifies `target`: by recomputation, or — where that is impossible (the
+/// version is too far ahead, or ancestors or deltas cannot be had) and the
+/// region is permissioned — on the attestations of enough roster members.
+pub(super) async fn verify_offered(
+    ctx: &VerifyCtx,
+    target: &Verified<ModelManifest>,
+    providers: &[PeerId],
+) -> Result<(Vec<f32>, heads::Assessment), VersionRejection> {
+    let m = target.message();
+    let far = m.round > ctx.furthest;
+    let recomputed = if far {
+        Err(VersionRejection::RoundJump {
+            round: m.round,
+            expected: ctx.furthest,
+        })
+    } else {
+        recompute_offered(ctx, target, providers).await
+    };
+    let impossible = far
+        || matches!(
+            recomputed,
+            Err(VersionRejection::UnknownParent(_)
+                | VersionRejection::UnknownDelta(_)
+                | VersionRejection::TooFarBehind { .. })
+        );
+    match (recomputed, &ctx.attest) {
+        (Err(e), Some(a)) if impossible => match take_attested(ctx, a, target).await {
+            Ok(taken) => Ok(taken),
+            Err(why) => {
+                tracing::debug!(version = %target.id().short(), %why, "not attested");
+                Err(e)
+            }
+        },
+        (r, _) => r,
+    }
+}
+
+/// Takes `target` on attestations: asks the connected roster members for
+/// theirs, and if at least the threshold of distinct members vouch for it
+/// (its author included), fetches its parameters by their chunk ids and
+/// keeps it, marked verified and attested, with the attestations.
+pub(super) async fn take_attested(
+    ctx: &VerifyCtx,
+    a: &AttestCtx,
+    target: &Verified<ModelManifest>,
+) -> Result<(Vec<f32>, heads::Assessment), String> {
+    let m = target.message();
+    let asks = a.ask.iter().map(|peer| {
+        let net = ctx.net.clone();
+        async move {
+            (
+                *peer,
+                net.fetch(*peer, FetchRequest::Attest(target.id())).await,
+            )
+        }
+    });
+    let mut attestations = Vec::new();
+    let mut from = Vec::new();
+    for (peer, answer) in futures::future::join_all(asks).await {
+        if let Ok(FetchResponse::SignedManifest(bytes)) = answer
+            && let Ok(v) = Signed::<ModelManifest>::open(&bytes)
+            && attest::attests(v.message(), m)
+        {
+            attestations.push(v);
+            from.push(peer);
+        }
+    }
+    let vouchers = attest::vouchers(target, &attestations, &a.members);
+    if vouchers.len() < a.threshold {
+        return Err(format!(
+            "{} of {} roster members vouch for it",
+            vouchers.len(),
+            a.threshold
+        ));
+    }
+    if let Some(author) = net::peer_id_of(&m.author)
+        && !from.contains(&author)
+    {
+        from.push(author);
+    }
+    if !fetch_chunks(
+        &ctx.net,
+        &ctx.store,
+        target.id(),
+        &m.chunk_ids,
+        &from,
+        &ctx.shared,
+    )
+    .await
+    {
+        return Err("its parameters could not be had".into());
+    }
+    let params = ctx
+        .store
+        .read_payload(&m.chunk_ids, m.payload_bytes)
+        .map(|b| tapestry_protocol::f32_from_le_bytes(&b))
+        .map_err(|e| e.to_string())?;
+    if params.len() != ctx.cfg.spec.n_params() || params.iter().any(|v| !v.is_finite()) {
+        return Err("its parameters are malformed".into());
+    }
+    let kept = (|| -> Result<(), tapestry_storage::StoreError> {
+        for v in &attestations {
+            ctx.store.put_model_manifest(v)?;
+        }
+        ctx.store.put_model_manifest(target)?;
+        ctx.store
+            .set_ref(&attested_ref(&target.id()), target.id())?;
+        ctx.store
+            .set_ref(&verified_ref(&target.id()), target.id())?;
+        Ok(())
+    })();
+    kept.map_err(|e| e.to_string())?;
+    tracing::info!(round = m.round, version = %target.id().short(), vouchers = vouchers.len(), "version taken on roster members' attestations");
+    ctx.shared.metrics.versions_attested.inc();
+    ctx.shared.update(|s| s.versions_attested += 1);
+    let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
+    Ok((params, heads::Assessment::attested(head, vouchers.len())))
+}
+
+/// Verifies `target` by recomputation: fetches what [`verify::plan`] says
+/// is missing (ancestor and delta manifests, delta chunks) from
+/// `providers`, then recomputes every unverified version from its verified
+/// parent, oldest first, storing each that passes (parameters as this node
+/// computed them, never as a peer sent them) and marking it verified.
+pub(super) async fn recompute_offered(
+    ctx: &VerifyCtx,
+    target: &Verified<ModelManifest>,
+    providers: &[PeerId],
+) -> Result<(Vec<f32>, heads::Assessment), VersionRejection> {
+    let mut l = StoreLineage {
+        store: &ctx.store,
+        models: HashMap::new(),
+        deltas: HashMap::new(),
+    };
+    // The same computation as a version this node made or verified: its
+    // parameters are known, so compare instead of recomputing.
+    if let Some((held, held_id)) = ctx.recent.same_computation(&l, target.message())
+        && is_verified(&ctx.store, &held_id)
+    {
+        if held.chunk_ids != target.message().chunk_ids {
+            return Err(VersionRejection::Mismatch);
+        }
+        let params = l.params(&held_id);
+        let kept = ctx
+            .store
+            .put_model_manifest(target)
+            .and_then(|_| ctx.store.set_ref(&verified_ref(&target.id()), target.id()));
+        if let (Some(params), Ok(())) = (params, kept) {
+            ctx.shared.metrics.versions_matched.inc();
+            ctx.shared.update(|s| s.versions_matched += 1);
+            let checked = verify::Checked {
+                authors: verify::distinct_authors(&l, target.message()),
+                params,
+            };
+            let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
+            let assessment = heads::assess(&l, &ctx.cfg, head, target, &checked);
+            return Ok((checked.params, assessment));
+        }
+    }
+    let max_chain = (ctx.cfg.door.max_rounds_ahead as usize)
+        .saturating_mul(2)
+        .saturating_add(16);
+    let mut order = None;
+    // Each pass discovers one more generation of ancestors.
+    for _ in 0..=max_chain {
+        match verify::plan(&l, &ctx.cfg, target, max_chain)? {
+            Plan::Ready(o) => {
+                order = Some(o);
+                break;
+            }
+            Plan::Need {
+                models,
+                deltas,
+                payloads,
+            } => {
+                let mut progress = false;
+                for id in &models {
+                    let got = fetch_manifest(&ctx.net, providers, *id)
+                        .await
+                        .and_then(|b| Signed::<ModelManifest>::open(&b).ok())
+                        .filter(|v| v.id() == *id);
+                    match got {
+                        Some(v) => {
+                            l.models.insert(*id, v);
+                            progress = true;
+                        }
+                        None => return Err(VersionRejection::UnknownParent(*id)),
+                    }
+                }
+                for id in &deltas {
+                    let got = fetch_manifest(&ctx.net, providers, *id)
+                        .await
+                        .and_then(|b| Signed::<DeltaManifest>::open(&b).ok())
+                        .filter(|v| v.id() == *id);
+                    match got {
+                        Some(v) => {
+                            l.deltas.insert(*id, v);
+                            progress = true;
+                        }
+                        None => return Err(VersionRejection::UnknownDelta(*id)),
+                    }
+                }
+                for dm in &payloads {
+                    let mut from = providers.to_vec();
+                    if let Some(author) = net::peer_id_of(&dm.message().author)
+                        && !from.contains(&author)
+                    {
+                        from.push(author);
+                    }
+                    let m = dm.message();
+                    if !fetch_chunks(
+                        &ctx.net,
+                        &ctx.store,
+                        dm.id(),
+                        &m.chunk_ids,
+                        &from,
+                        &ctx.shared,
+                    )
+                    .await
+                    {
+                        return Err(VersionRejection::UnknownDelta(dm.id()));
+                    }
+                    ctx.shared
+                        .metrics
+                        .verify_fetched_bytes
+                        .inc_by(m.payload_bytes);
+                    ctx.shared
+                        .update(|s| s.verify_fetched_bytes += m.payload_bytes);
+                    progress = true;
+                }
+                if !progress {
+                    return Err(VersionRejection::TooFarBehind { limit: max_chain });
+                }
+            }
+        }
+    }
+    let order = order.ok_or(VersionRejection::TooFarBehind { limit: max_chain })?;
+    let store = ctx.store.clone();
+    let started = Instant::now();
+    let mut recomputed = 0;
+    let mut keep_s = 0.0;
+    let checked = verify::verify_in_order(
+        &mut l,
+        &ctx.cfg,
+        &ctx.door,
+        target,
+        &order,
+        |l, v, checked| {
+            // Keep it: the deltas it names, its parameters as computed here,
+            // its manifest, and the mark that it is verified.
+            let keeping = Instant::now();
+            let kept = (|| -> Result<(), tapestry_storage::StoreError> {
+                for d in &v.message().deltas {
+                    if let Some(dm) = l.deltas.get(d) {
+                        store.put_delta_manifest(dm)?;
+                    }
+                }
+                let bytes = tapestry_protocol::f32_le_bytes(&checked.params);
+                store.put_payload(&bytes, v.message().chunk_size as usize)?;
+                store.put_model_manifest(v)?;
+                store.set_ref(&verified_ref(&v.id()), v.id())?;
+                Ok(())
+            })();
+            recomputed += 1;
+            keep_s += keeping.elapsed().as_secs_f64();
+            if kept.is_ok() {
+                ctx.recent.add(v.message(), v.id());
+            }
+            kept.map_err(|e| {
+                tracing::error!(error = %e, "cannot store a verified version");
+                VersionRejection::UnknownParent(v.id())
+            })
+        },
+    );
+    let took = (started.elapsed().as_secs_f64() - keep_s).max(0.0);
+    ctx.shared.metrics.recompute_seconds.inc_by(took);
+    ctx.shared.metrics.versions_verified.inc_by(recomputed);
+    ctx.shared.update(|s| {
+        s.recompute_ms += took * 1e3;
+        s.keep_verified_ms += keep_s * 1e3;
+        s.versions_verified += recomputed;
+    });
+    let checked = checked?;
+    let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
+    let assessment = heads::assess(&l, &ctx.cfg, head, target, &checked);
+    Ok((checked.params, assessment))
+}
