@@ -447,3 +447,106 @@ pub fn write_endpoints(dir: &DataDir, endpoints: &serde_json::Value) -> Result<(
         .and_then(|_| std::fs::rename(&tmp, dir.endpoints()))
         .map_err(file_error(&dir.endpoints()))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn node_dir() -> (tempfile::TempDir, DataDir) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir {
+            root: tmp.path().join("node"),
+        };
+        (tmp, dir)
+    }
+
+    #[test]
+    fn a_new_node_refuses_a_second_init_and_says_it_has_no_model_yet() {
+        let (_tmp, dir) = node_dir();
+        let key = init(&dir, "digits", "europe").unwrap();
+        assert_eq!(read_key(&dir).unwrap().node_id(), key.node_id());
+        assert_eq!(read_config(&dir).unwrap().region, "europe");
+        let again = init(&dir, "digits", "europe").unwrap_err();
+        assert!(matches!(again, OpsError::Exists { .. }), "{again}");
+        assert!(
+            again.to_string().contains("refusing to overwrite"),
+            "{again}"
+        );
+        // Never run: no store yet. Export, lineage and scrub say so plainly
+        // (and create nothing).
+        let out = dir.root.join("model.safetensors");
+        for e in [
+            export(&dir, &out).unwrap_err(),
+            lineage(&dir, None, 10).unwrap_err(),
+            scrub(&dir).unwrap_err(),
+        ] {
+            assert!(matches!(e, OpsError::NoModel { .. }), "{e}");
+            assert!(e.to_string().contains("run it first"), "{e}");
+        }
+        assert!(!dir.store().exists());
+        assert!(!out.exists());
+    }
+
+    #[test]
+    fn an_imported_model_becomes_the_head_and_exports_unchanged() {
+        let (_tmp, dir) = node_dir();
+        init(&dir, "digits", "europe").unwrap();
+        let spec = read_config(&dir).unwrap().spec().unwrap();
+        let params = spec.init(3);
+        let file = dir.root.join("in.safetensors");
+        export_safetensors(&spec, &params, &file).unwrap();
+        let (round, id) = import(&dir, &file).unwrap();
+        assert_eq!(round, 0);
+        // A second import builds on the first.
+        let (round2, id2) = import(&dir, &file).unwrap();
+        assert_eq!(round2, 1);
+        assert_ne!(id, id2);
+        let out = dir.root.join("out.safetensors");
+        assert_eq!(export(&dir, &out).unwrap(), (1, id2));
+        assert_eq!(import_safetensors(&spec, &out).unwrap(), params);
+        let l = lineage(&dir, None, 10).unwrap();
+        assert_eq!(l["versions"].as_array().unwrap().len(), 2, "{l}");
+        assert!(scrub(&dir).unwrap().is_clean());
+        // A file that is not this model's is refused, naming the file.
+        std::fs::write(&file, b"not safetensors").unwrap();
+        let e = import(&dir, &file).unwrap_err();
+        assert!(e.to_string().contains("in.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn a_region_roster_grows_by_signed_versions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let region = tmp.path().join("region");
+        region_new(&region, "digits", "europe").unwrap();
+        let e = region_new(&region, "digits", "europe").unwrap_err();
+        assert!(matches!(e, OpsError::Exists { .. }), "{e}");
+        let a = Keypair::from_secret_bytes(&[1; 32]).node_id();
+        let b = Keypair::from_secret_bytes(&[2; 32]).node_id();
+        assert_eq!(region_add(&region, &[a]).unwrap(), (2, 1));
+        assert_eq!(region_add(&region, &[a, b]).unwrap(), (3, 2));
+        let roster = read_roster(&region.join("roster.cbor")).unwrap();
+        assert_eq!(roster.message().members.len(), 2);
+        // A roster file that is not one is an error naming it.
+        std::fs::write(region.join("roster.cbor"), b"junk").unwrap();
+        let e = region_add(&region, &[a]).unwrap_err();
+        assert!(e.to_string().contains("roster.cbor"), "{e}");
+    }
+
+    #[test]
+    fn shards_split_the_rows_without_overlap() {
+        let node = Keypair::from_secret_bytes(&[7; 32]).node_id();
+        let all: Vec<usize> = (0..3)
+            .flat_map(|i| shard_rows(&format!("{i}/3"), 100, &node).unwrap())
+            .collect();
+        let mut sorted = all.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+        let auto = shard_rows("auto/4", 1000, &node).unwrap();
+        assert!((150..350).contains(&auto.len()), "{}", auto.len());
+        for bad in ["3/3", "x/2", "1/0", "1"] {
+            let e = shard_rows(bad, 10, &node).unwrap_err();
+            assert!(e.to_string().contains("bad --shard"), "{bad}: {e}");
+        }
+    }
+}
