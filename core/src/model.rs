@@ -43,6 +43,26 @@ pub enum ModelError {
     Invalid(String),
 }
 
+/// Gives candle's kernels one thread unless `RAYON_NUM_THREADS` says
+/// otherwise. candle asks for its thread count on every matrix product and,
+/// without that variable, works it out again each time by reading
+/// `/proc/cpuinfo` (on machines without CPU capacity files, like most x86
+/// VMs, half of a simulation's time went there); the node trains small
+/// models and the simulator runs nodes in parallel itself, so one thread
+/// each is also the faster choice. A child process inherits the setting.
+///
+/// # Safety
+///
+/// Sets an environment variable: call it first thing in `main`, before any
+/// thread exists, so that nothing reads the environment concurrently.
+#[allow(unsafe_code)]
+pub unsafe fn one_kernel_thread() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // SAFETY: the caller guarantees no other thread exists yet.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
+    }
+}
+
 /// A model architecture as written in a config or scenario, before the
 /// data's shape is known: `logistic` or `mlp:W1,W2,...` (hidden widths).
 #[derive(Debug, Clone, PartialEq, Eq)]

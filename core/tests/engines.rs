@@ -5,10 +5,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::path::PathBuf;
 
 use tapestry_core::aggregate::AggregationRule;
-use tapestry_core::data::{self, CsvOptions, Dataset, Partition, Scaler};
+use tapestry_core::data::{self, Dataset, Partition};
 use tapestry_core::door::{DoorConfig, Rejection};
 use tapestry_core::engine::{Action, Engine, EngineConfig, Input, Mode, genesis};
 use tapestry_core::mixing::consensus_distance;
@@ -17,32 +16,18 @@ use tapestry_core::outer::OuterOptimizer;
 use tapestry_protocol::*;
 
 fn digits() -> (Dataset, Dataset) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/digits.csv.gz");
-    let mut all = data::load_csv(&path, CsvOptions::default())
-        .unwrap_or_else(|e| panic!("tests need the shared digits data set: {e}"));
-    Scaler::from_range(64, 0.0, 16.0).apply(&mut all);
-    all.split(0.25, 0).unwrap()
+    tapestry_testkit::digits_split()
 }
 
 const H: usize = 10;
 const BATCH: usize = 32;
 
 fn train_config() -> TrainConfig {
-    TrainConfig {
-        local_steps: H,
-        batch_size: BATCH,
-        optimizer: InnerOptimizer::SgdMomentum {
-            lr: 0.05,
-            momentum: 0.9,
-        },
-    }
+    tapestry_testkit::sgd(H, BATCH, 0.05)
 }
 
 fn spec() -> ModelSpec {
-    ModelSpec::Logistic {
-        inputs: 64,
-        classes: 10,
-    }
+    tapestry_testkit::logistic()
 }
 
 fn engine_config(rule: AggregationRule, door: DoorConfig, seed: u64) -> EngineConfig {

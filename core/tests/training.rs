@@ -3,19 +3,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-
-use tapestry_core::data::{self, CsvOptions, Scaler};
+use tapestry_core::data::{self, Scaler};
 use tapestry_core::model::*;
 
 fn digits() -> (data::Dataset, data::Dataset) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/digits.csv.gz");
-    let mut all = data::load_csv(&path, CsvOptions::default())
-        .unwrap_or_else(|e| panic!("tests need the shared digits data set: {e}"));
-    assert_eq!((all.len(), all.n_features, all.n_classes), (1797, 64, 10));
-    // Pixel counts are 0..=16 by definition: scale from the declared range.
-    Scaler::from_range(64, 0.0, 16.0).apply(&mut all);
-    all.split(0.25, 0).unwrap()
+    tapestry_testkit::digits_split()
 }
 
 fn sgd(lr: f32) -> TrainConfig {

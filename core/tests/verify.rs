@@ -5,10 +5,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
 
 use tapestry_core::aggregate::AggregationRule;
-use tapestry_core::data::{self, CsvOptions, Dataset, Partition, Scaler};
+use tapestry_core::data::{self, Dataset, Partition};
 use tapestry_core::door::{Door, DoorConfig, Rejection, Weighting};
 use tapestry_core::engine::{Action, Engine, EngineConfig, Input, Mode, genesis};
 use tapestry_core::model::*;
@@ -19,18 +18,11 @@ use tapestry_core::verify::{
 use tapestry_protocol::*;
 
 fn digits() -> Dataset {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/digits.csv.gz");
-    let mut all = data::load_csv(&path, CsvOptions::default())
-        .unwrap_or_else(|e| panic!("tests need the shared digits data set: {e}"));
-    Scaler::from_range(64, 0.0, 16.0).apply(&mut all);
-    all
+    tapestry_testkit::digits()
 }
 
 fn spec() -> ModelSpec {
-    ModelSpec::Logistic {
-        inputs: 64,
-        classes: 10,
-    }
+    tapestry_testkit::logistic()
 }
 
 fn config(rule: AggregationRule) -> EngineConfig {

@@ -10,10 +10,8 @@
 //! real.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -25,7 +23,9 @@ use tapestry_core::model::import_safetensors;
 use tapestry_node::config::{Config, DataSection, ModelSection, RoundSection};
 
 use crate::netns::{Lab, LinkFaults};
+use crate::process::NodeProcess;
 use tapestry_sim::plot::{self, Series};
+use tapestry_sim::report::Final;
 use tapestry_sim::scenario::parse_duration_ms;
 
 /// Something that happens to a node, or the network, during the run.
@@ -223,31 +223,6 @@ pub struct NodeView {
     pub status: Value,
 }
 
-/// A node process; killed when dropped, so nothing outlives the command.
-struct Proc {
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn http_get(addr: &str, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    (head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200")).then(|| body.to_owned())
-}
-
 fn write_csv(path: &Path, d: &Dataset) -> std::io::Result<()> {
     let mut out = String::new();
     for i in 0..d.len() {
@@ -260,87 +235,27 @@ fn write_csv(path: &Path, d: &Dataset) -> std::io::Result<()> {
     std::fs::write(path, out)
 }
 
-impl Proc {
-    fn start(
-        tapestry: &Path,
-        dir: &Path,
-        bootstrap: Option<&str>,
-        namespace: Option<&str>,
-    ) -> Result<Proc, String> {
-        let _ = std::fs::remove_file(dir.join("endpoints.json"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("node.log"))
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
-        let mut cmd = match namespace {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(tapestry);
-                c
-            }
-            None => Command::new(tapestry),
-        };
-        cmd.args(["run", "--data-dir"]).arg(dir);
-        if let Some(b) = bootstrap {
-            cmd.args(["--bootstrap", b]);
+/// Starts node `dir` (in network namespace `namespace`, if any), joining
+/// through `bootstrap` (if any).
+fn start(
+    tapestry: &Path,
+    dir: &Path,
+    bootstrap: Option<&str>,
+    namespace: Option<&str>,
+) -> Result<NodeProcess, String> {
+    let mut cmd = match namespace {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(tapestry);
+            c
         }
-        let child = cmd
-            .env("RUST_LOG", "info,libp2p=warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", tapestry.display()))?;
-        Ok(Proc {
-            dir: dir.to_path_buf(),
-            child: Some(child),
-        })
+        None => Command::new(tapestry),
+    };
+    cmd.args(["run", "--data-dir"]).arg(dir);
+    if let Some(b) = bootstrap {
+        cmd.args(["--bootstrap", b]);
     }
-
-    fn endpoints(&self, wait: Duration) -> Option<Value> {
-        let deadline = Instant::now() + wait;
-        loop {
-            if let Ok(text) = std::fs::read_to_string(self.dir.join("endpoints.json")) {
-                return serde_json::from_str(&text).ok();
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn up(&self) -> bool {
-        self.child.is_some()
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn terminate(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else {
-            return true;
-        };
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = c.try_wait() {
-                return status.success();
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
+    NodeProcess::spawn(cmd, dir)
 }
 
 /// Runs the cluster; `view` gets every node's state about twice a second.
@@ -441,9 +356,9 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
             _ => None,
         })
     };
-    let mut procs: Vec<Proc> = Vec::new();
+    let mut procs: Vec<NodeProcess> = Vec::new();
     let ns = |i: usize| namespaces[i].as_deref();
-    procs.push(Proc::start(&o.tapestry, &dirs[0], None, ns(0))?);
+    procs.push(start(&o.tapestry, &dirs[0], None, ns(0))?);
     let boot = procs[0]
         .endpoints(Duration::from_secs(60))
         .and_then(|e| e["listen"][0].as_str().map(str::to_owned))
@@ -455,12 +370,9 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
         })?;
     for (i, d) in dirs.iter().enumerate().skip(1) {
         if joins_late(i).is_some() {
-            procs.push(Proc {
-                dir: d.clone(),
-                child: None,
-            });
+            procs.push(NodeProcess::idle(d));
         } else {
-            procs.push(Proc::start(&o.tapestry, d, Some(&boot), ns(i))?);
+            procs.push(start(&o.tapestry, d, Some(&boot), ns(i))?);
         }
     }
     let t0 = Instant::now();
@@ -494,7 +406,7 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
                     }
                 }
                 &ClusterEvent::Join { node, at_ms } if now_ms >= at_ms && done_events.insert(k) => {
-                    procs[node] = Proc::start(&o.tapestry, &dirs[node], Some(&boot), ns(node))?;
+                    procs[node] = start(&o.tapestry, &dirs[node], Some(&boot), ns(node))?;
                 }
                 ClusterEvent::Cut {
                     sides,
@@ -533,7 +445,7 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
             .collect();
         restarts.retain(|(_, r)| now_ms < *r);
         for n in due {
-            procs[n] = Proc::start(&o.tapestry, &dirs[n], Some(&boot), ns(n))?;
+            procs[n] = start(&o.tapestry, &dirs[n], Some(&boot), ns(n))?;
         }
         let last: Vec<NodeView> = procs
             .iter()
@@ -547,8 +459,7 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
                 let status: Value = apis[i]
                     .as_deref()
                     .filter(|_| p.up())
-                    .and_then(|a| http_get(a, "/status"))
-                    .and_then(|b| serde_json::from_str(&b).ok())
+                    .and_then(|a| crate::process::status(a).ok())
                     .unwrap_or(Value::Null);
                 NodeView {
                     up: p.up() && !status.is_null(),
@@ -603,7 +514,10 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
     // Stop cleanly, check every store, read every model.
     let mut clean_exit = Vec::new();
     for p in procs.iter_mut() {
-        clean_exit.push(p.terminate());
+        clean_exit.push(
+            p.terminate(Duration::from_secs(20))
+                .is_some_and(|s| s.success()),
+        );
     }
     let mut models = Vec::new();
     let mut scrub_clean = Vec::new();
@@ -640,7 +554,6 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
         .iter()
         .map(|v| v.status["bytes_out"].as_u64().unwrap_or(0))
         .sum();
-    let n = o.nodes as f64;
     let k = o.regions.max(1);
     let regions: Vec<Value> = (0..k)
         .map(|r| {
@@ -669,15 +582,10 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
         "seed": o.seed,
         "data": o.data,
         "events": o.events.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>(),
-        "final": {
-            "accuracy_mean": accs.iter().sum::<f64>() / n,
-            "accuracy_min": accs.iter().copied().fold(f64::MAX, f64::min),
-            "accuracy_max": accs.iter().copied().fold(f64::MIN, f64::max),
-            "loss_mean": losses.iter().sum::<f64>() / n,
-            "consensus_distance": consensus,
-            "bytes_sent_per_node": bytes / o.nodes as u64,
-            "honest_nodes": o.nodes,
-            "heads_agree": heads_agree(&last, o.regions),
+        "final": Final {
+            heads_agree: Some(heads_agree(&last, o.regions)),
+            honest_nodes: o.nodes,
+            ..Final::over(&accs, &losses, consensus, bytes / o.nodes as u64)
         },
         "regions": regions,
         "per_node": per_node,

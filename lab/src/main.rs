@@ -146,18 +146,6 @@ impl ClusterArgs {
     }
 }
 
-/// One candle kernel thread per node process (inherited through the
-/// environment), so that several nodes share the cores without each
-/// spreading its kernels over all of them.
-#[allow(unsafe_code)]
-fn one_kernel_thread() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        // SAFETY: the first statement of `main`, before any thread exists,
-        // so nothing reads the environment concurrently.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
-    }
-}
-
 fn cluster(a: ClusterArgs) -> ExitCode {
     let fail = |e: String| {
         eprintln!("tapestry-lab: {e}");
@@ -339,7 +327,11 @@ fn cluster(a: ClusterArgs) -> ExitCode {
 fn main() -> ExitCode {
     // Inherited by the node processes: one kernel thread each, so that
     // several nodes share this machine's cores without oversubscribing.
-    one_kernel_thread();
+    // SAFETY: the first statement of `main`, before any thread exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        tapestry_core::model::one_kernel_thread()
+    };
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {

@@ -13,13 +13,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tapestry_lab::process::{NodeProcess, set_config};
 
 /// One model to run.
 struct Case {
@@ -47,101 +46,33 @@ const CASES: [Case; 2] = [
     },
 ];
 
-fn digits() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/digits.csv.gz");
-    assert!(p.is_file(), "the bench needs {}", p.display());
-    p
-}
-
 fn tapestry() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tapestry"));
-    c.env("RUST_LOG", "info,libp2p=warn");
-    c
+    Command::new(env!("CARGO_BIN_EXE_tapestry"))
 }
 
-/// A node process, killed if still running when dropped.
-struct Node {
-    dir: PathBuf,
-    child: Option<Child>,
+fn start(dir: &Path, shard: usize, boot: Option<&str>) -> NodeProcess {
+    let _ = std::fs::remove_file(dir.join("node.log"));
+    let mut cmd = tapestry();
+    cmd.args(["run", "--data-dir"])
+        .arg(dir)
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"])
+        .arg("--data")
+        .arg(tapestry_testkit::digits_path())
+        .args(["--shard", &format!("{shard}/3"), "--start-peers", "2"]);
+    if let Some(b) = boot {
+        cmd.args(["--bootstrap", b]);
+    }
+    NodeProcess::spawn(cmd, dir).unwrap()
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+fn endpoints(n: &NodeProcess) -> Value {
+    n.endpoints(Duration::from_secs(120))
+        .expect("no endpoints.json")
 }
 
-impl Node {
-    fn start(dir: &Path, shard: usize, boot: Option<&str>) -> Node {
-        let log = std::fs::File::create(dir.join("node.log")).unwrap();
-        let mut cmd = tapestry();
-        cmd.args(["run", "--data-dir"])
-            .arg(dir)
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"])
-            .arg("--data")
-            .arg(digits())
-            .args(["--shard", &format!("{shard}/3"), "--start-peers", "2"]);
-        if let Some(b) = boot {
-            cmd.args(["--bootstrap", b]);
-        }
-        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
-        Node {
-            dir: dir.to_path_buf(),
-            child: Some(child),
-        }
-    }
-
-    fn endpoints(&self) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Ok(text) = std::fs::read_to_string(self.dir.join("endpoints.json"))
-                && let Ok(v) = serde_json::from_str(&text)
-            {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "no endpoints.json");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn status(&self, api: &str) -> Option<Value> {
-        let mut s = TcpStream::connect(api).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-        write!(s, "GET /status HTTP/1.0\r\nHost: {api}\r\n\r\n").ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
-    }
-
-    fn terminate(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn set(cfg: &Path, key: &str, value: &str) {
-    let text = std::fs::read_to_string(cfg).unwrap();
-    let mut done = false;
-    let out: Vec<String> = text
-        .lines()
-        .map(|l| {
-            if !done && l.starts_with(&format!("{key} =")) {
-                done = true;
-                format!("{key} = {value}")
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect();
-    assert!(done, "no {key} in config.toml");
-    std::fs::write(cfg, out.join("\n") + "\n").unwrap();
+fn status(api: &str) -> Option<Value> {
+    let body = tapestry_node::api::get(api, "/status", Duration::from_secs(30)).ok()?;
+    serde_json::from_str(&body).ok()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -167,30 +98,33 @@ fn run(case: &Case) {
             .output()
             .unwrap();
         assert!(out.status.success());
-        let cfg = d.join("config.toml");
-        set(&cfg, "architecture", &format!("{:?}", case.architecture));
-        set(&cfg, "local_steps", &case.local_steps.to_string());
-        set(&cfg, "timeout_ms", &case.timeout_ms.to_string());
-        set(&cfg, "rounds", &case.rounds.to_string());
+        for (key, value) in [
+            ("architecture", format!("{:?}", case.architecture)),
+            ("local_steps", case.local_steps.to_string()),
+            ("timeout_ms", case.timeout_ms.to_string()),
+            ("rounds", case.rounds.to_string()),
+        ] {
+            set_config(d, key, &value).unwrap();
+        }
     }
-    let mut nodes = vec![Node::start(&dirs[0], 0, None)];
-    let boot = nodes[0].endpoints()["listen"][0]
+    let mut nodes = vec![start(&dirs[0], 0, None)];
+    let boot = endpoints(&nodes[0])["listen"][0]
         .as_str()
         .unwrap()
         .to_owned();
     for (i, d) in dirs.iter().enumerate().skip(1) {
-        nodes.push(Node::start(d, i, Some(&boot)));
+        nodes.push(start(d, i, Some(&boot)));
     }
     let apis: Vec<String> = nodes
         .iter()
-        .map(|n| n.endpoints()["api"].as_str().unwrap().to_owned())
+        .map(|n| endpoints(n)["api"].as_str().unwrap().to_owned())
         .collect();
 
     // When each node was first seen in each round.
     let mut seen: Vec<Vec<(u64, Instant)>> = vec![Vec::new(); 3];
     let deadline = Instant::now() + Duration::from_secs(60 + case.rounds * 120);
     let finals = loop {
-        let st: Vec<Option<Value>> = nodes.iter().zip(&apis).map(|(n, a)| n.status(a)).collect();
+        let st: Vec<Option<Value>> = apis.iter().map(|a| status(a)).collect();
         let now = Instant::now();
         for (i, s) in st.iter().enumerate() {
             if let Some(r) = s.as_ref().and_then(|s| s["round"].as_u64())
@@ -209,7 +143,7 @@ fn run(case: &Case) {
         std::thread::sleep(Duration::from_millis(20));
     };
     for n in &mut nodes {
-        n.terminate();
+        n.terminate(Duration::from_secs(60));
     }
 
     // Round times: from a node's entering round r to its entering r + 1,

@@ -8,7 +8,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::get;
+use axum::routing;
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -56,9 +56,9 @@ async fn head(State(shared): State<Shared>) -> Response {
 /// The API's routes.
 pub fn router(shared: Shared) -> Router {
     Router::new()
-        .route("/status", get(status))
-        .route("/metrics", get(metrics))
-        .route("/model/head", get(head))
+        .route("/status", routing::get(status))
+        .route("/metrics", routing::get(metrics))
+        .route("/model/head", routing::get(head))
         .with_state(shared)
 }
 
@@ -80,4 +80,73 @@ pub async fn serve(
         }
     });
     Ok((bound, task))
+}
+
+/// Why a GET of a node's API failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The address is not `HOST:PORT`.
+    #[error("api address {0:?} is not HOST:PORT")]
+    BadAddress(String),
+    /// Nothing answered there.
+    #[error("no node API at {addr}: {source}")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The connection failed while talking.
+    #[error("reading from {addr}: {source}")]
+    Io {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not an HTTP response.
+    #[error("malformed HTTP response")]
+    Malformed,
+    /// An answer other than 200.
+    #[error("{path}: {status}")]
+    Status {
+        /// The path asked for.
+        path: String,
+        /// The status line.
+        status: String,
+    },
+}
+
+/// A plain HTTP GET of a node's API at `addr` (`HOST:PORT`): the body of a
+/// 200 answer. The API is local and tiny, so no client library: HTTP/1.0,
+/// the body comes whole, never in chunks; connecting and each read give up
+/// after `timeout`. What `tapestry status` and the lab use.
+pub fn get(addr: &str, path: &str, timeout: std::time::Duration) -> Result<String, ClientError> {
+    use std::io::{Read, Write};
+    let sock: SocketAddr = addr
+        .parse()
+        .map_err(|_| ClientError::BadAddress(addr.to_owned()))?;
+    let io = |source| ClientError::Io {
+        addr: addr.to_owned(),
+        source,
+    };
+    let mut stream = std::net::TcpStream::connect_timeout(&sock, timeout).map_err(|source| {
+        ClientError::Connect {
+            addr: addr.to_owned(),
+            source,
+        }
+    })?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(io)?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).map_err(io)?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or(ClientError::Malformed)?;
+    let status = head.lines().next().unwrap_or_default();
+    if !(status.starts_with("HTTP/1.1 200") || status.starts_with("HTTP/1.0 200")) {
+        return Err(ClientError::Status {
+            path: path.to_owned(),
+            status: status.to_owned(),
+        });
+    }
+    Ok(body.to_owned())
 }

@@ -1,8 +1,6 @@
 //! The `tapestry` command: run a node, look at it, and try a swarm locally.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -221,7 +219,11 @@ struct DemoArgs {
 }
 
 fn main() -> ExitCode {
-    one_kernel_thread();
+    // SAFETY: the first statement of `main`, before any thread exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        tapestry_core::model::one_kernel_thread()
+    };
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -258,18 +260,6 @@ fn main() -> ExitCode {
             eprintln!("tapestry: {e}");
             ExitCode::from(1)
         }
-    }
-}
-
-/// candle sizes its thread pool on every matrix product by re-reading
-/// `/proc/cpuinfo` unless `RAYON_NUM_THREADS` is set (see the README); a
-/// node trains small models, so one kernel thread.
-#[allow(unsafe_code)]
-fn one_kernel_thread() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        // SAFETY: the first statement of `main`, before any thread exists,
-        // so nothing reads the environment concurrently.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
     }
 }
 
@@ -452,39 +442,9 @@ async fn run(a: RunArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A plain HTTP/1.1 GET (the API is local and tiny; no client library).
-fn http_get(addr: &str, path: &str) -> Result<String, String> {
-    let sock: SocketAddr = addr
-        .parse()
-        .map_err(|_| format!("api address {addr:?} is not HOST:PORT"))?;
-    let mut stream = TcpStream::connect_timeout(&sock, Duration::from_secs(3))
-        .map_err(|e| format!("no node API at {addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    stream
-        .read_to_string(&mut text)
-        .map_err(|e| format!("reading from {addr}: {e}"))?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or("malformed HTTP response")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!(
-            "{path}: {}",
-            head.lines().next().unwrap_or("no status")
-        ));
-    }
-    Ok(body.to_owned())
-}
-
 fn status(a: &StatusArgs) -> Result<ExitCode, String> {
-    let body = http_get(&a.api, "/status")?;
+    let body = tapestry_node::api::get(&a.api, "/status", Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
     if a.json {
         println!("{body}");
         return Ok(ExitCode::SUCCESS);

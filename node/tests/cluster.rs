@@ -3,21 +3,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tapestry_lab::process::NodeProcess;
 
 fn digits() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/digits.csv.gz");
-    assert!(
-        p.is_file(),
-        "tests need the shared digits data set beside the checkout"
-    );
-    p
+    tapestry_testkit::digits_path()
 }
 
 fn tapestry() -> Command {
@@ -26,20 +20,11 @@ fn tapestry() -> Command {
     c
 }
 
-/// A `tapestry run` process; killed when dropped (so a failing test leaves
-/// nothing running).
+/// A `tapestry run` process ([`NodeProcess`]: killed when dropped, so a
+/// failing test leaves nothing running), with panicking conveniences.
 struct Node {
     dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    process: NodeProcess,
 }
 
 fn init(dir: &Path) {
@@ -57,43 +42,24 @@ fn init(dir: &Path) {
 
 impl Node {
     fn start(dir: &Path, args: &[String]) -> Node {
-        let _ = std::fs::remove_file(dir.join("endpoints.json"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("node.log"))
-            .unwrap();
-        let child = tapestry()
-            .args(["run", "--data-dir"])
+        let mut cmd = tapestry();
+        cmd.args(["run", "--data-dir"])
             .arg(dir)
             .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"])
             .arg("--data")
             .arg(digits())
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .args(args);
         Node {
             dir: dir.to_path_buf(),
-            child: Some(child),
+            process: NodeProcess::spawn(cmd, dir).unwrap(),
         }
     }
 
     /// `endpoints.json`, once the node has written it.
     fn endpoints(&self) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(text) = std::fs::read_to_string(self.dir.join("endpoints.json")) {
-                return serde_json::from_str(&text).unwrap();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no endpoints.json: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.process
+            .endpoints(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("no endpoints.json: {}", self.log()))
     }
 
     fn api(&self) -> String {
@@ -105,57 +71,29 @@ impl Node {
     }
 
     fn status(&self) -> Value {
-        serde_json::from_str(&get(&self.api(), "/status")).unwrap()
+        tapestry_lab::process::status(&self.api()).unwrap()
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+        self.process.log()
     }
 
     /// SIGTERM, then the exit status (within 20 s).
     fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        let pid = child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no exit after SIGTERM: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.process
+            .terminate(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("no exit after SIGTERM: {}", self.log()))
     }
 
     /// SIGKILL: no chance to clean up.
     fn kill9(&mut self) {
-        let mut child = self.child.take().unwrap();
-        Command::new("kill")
-            .args(["-KILL", &child.id().to_string()])
-            .status()
-            .unwrap();
-        let _ = child.wait();
+        self.process.kill9();
     }
 }
 
-/// A plain HTTP GET of the node's API (HTTP/1.0: the body comes whole,
-/// never in chunks).
+/// A GET of the node's API (the body of a 200 answer).
 fn get(addr: &str, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(
-        (head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200")),
-        "{path}: {head}"
-    );
-    body.to_owned()
+    tapestry_node::api::get(addr, path, Duration::from_secs(10)).unwrap()
 }
 
 /// Polls until `done` holds for every node's status (or panics with the
@@ -1470,22 +1408,7 @@ fn one_member_gets_one_vote_per_round_whatever_it_sends() {
 
 /// Sets `key = value` in a node's config.toml (the key's first line).
 fn set_config(dir: &Path, key: &str, value: &str) {
-    let cfg = dir.join("config.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    let mut done = false;
-    let out: Vec<String> = text
-        .lines()
-        .map(|l| {
-            if !done && l.starts_with(&format!("{key} =")) {
-                done = true;
-                format!("{key} = {value}")
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect();
-    assert!(done, "no {key} in {}", cfg.display());
-    std::fs::write(&cfg, out.join("\n") + "\n").unwrap();
+    tapestry_lab::process::set_config(dir, key, value).unwrap();
 }
 
 #[test]

@@ -165,22 +165,12 @@ fn scenario(args: &RunArgs) -> Result<Scenario, String> {
     Ok(s)
 }
 
-/// candle asks for its thread count on every matrix product and, unless
-/// `RAYON_NUM_THREADS` says, works it out again each time by reading
-/// `/proc/cpuinfo` (on machines without CPU capacity files, like most
-/// x86 VMs): half the simulator's time went there. The simulator runs nodes
-/// in parallel itself, so candle's kernels get one thread each.
-#[allow(unsafe_code)]
-fn one_kernel_thread() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        // SAFETY: the first statement of `main`, before any thread exists,
-        // so nothing reads the environment concurrently.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
-    }
-}
-
 fn main() -> ExitCode {
-    one_kernel_thread();
+    // SAFETY: the first statement of `main`, before any thread exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        tapestry_core::model::one_kernel_thread()
+    };
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {

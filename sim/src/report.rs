@@ -20,6 +20,78 @@ pub struct Report {
     pub outcome: Outcome,
 }
 
+/// The `final` object of a `report.json`, the same in simulated runs and in
+/// runs of real processes (`tapestry-lab`): figures over the honest nodes'
+/// models at the end.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Final {
+    /// Mean held-out accuracy.
+    pub accuracy_mean: f64,
+    /// Lowest.
+    pub accuracy_min: f64,
+    /// Highest.
+    pub accuracy_max: f64,
+    /// Mean held-out loss.
+    pub loss_mean: f64,
+    /// Mean distance to the average model over its norm.
+    pub consensus_distance: f64,
+    /// Bytes sent per node (mean over all nodes).
+    pub bytes_sent_per_node: u64,
+    /// Honest nodes.
+    pub honest_nodes: usize,
+    /// Simulated runs: honest nodes that reached the final round.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes_at_final_round: Option<usize>,
+    /// Simulated runs: virtual time at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub virtual_seconds: Option<f64>,
+    /// Real runs: whether every region's nodes ended on one head.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heads_agree: Option<bool>,
+}
+
+impl Final {
+    /// From each node's final accuracy and loss (the means, lowest and
+    /// highest), with the other figures as given and the optional ones
+    /// unset.
+    pub fn over(
+        accuracies: &[f64],
+        losses: &[f64],
+        consensus_distance: f64,
+        bytes_sent_per_node: u64,
+    ) -> Final {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        Final {
+            accuracy_mean: mean(accuracies),
+            accuracy_min: accuracies.iter().copied().fold(f64::INFINITY, f64::min),
+            accuracy_max: accuracies.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            loss_mean: mean(losses),
+            consensus_distance,
+            bytes_sent_per_node,
+            honest_nodes: accuracies.len(),
+            nodes_at_final_round: None,
+            virtual_seconds: None,
+            heads_agree: None,
+        }
+    }
+
+    /// A simulated run's, from its last round's figures.
+    pub fn of_round(last: &RoundStats, honest_nodes: usize) -> Final {
+        Final {
+            accuracy_mean: last.accuracy_mean,
+            accuracy_min: last.accuracy_min,
+            accuracy_max: last.accuracy_max,
+            loss_mean: last.loss_mean,
+            consensus_distance: last.consensus_distance,
+            bytes_sent_per_node: last.bytes_sent_per_node,
+            honest_nodes,
+            nodes_at_final_round: Some(last.nodes),
+            virtual_seconds: Some(last.virtual_ms as f64 / 1e3),
+            heads_agree: None,
+        }
+    }
+}
+
 /// Per-round curves of the baselines.
 #[derive(Debug, Clone)]
 struct Baselines {
@@ -95,17 +167,7 @@ pub fn run(
         "nodes": s.nodes,
         "rounds": s.rounds,
         "rounds_completed": last.round,
-        "final": {
-            "accuracy_mean": last.accuracy_mean,
-            "accuracy_min": last.accuracy_min,
-            "accuracy_max": last.accuracy_max,
-            "loss_mean": last.loss_mean,
-            "consensus_distance": last.consensus_distance,
-            "bytes_sent_per_node": last.bytes_sent_per_node,
-            "honest_nodes": outcome.honest_nodes,
-            "nodes_at_final_round": last.nodes,
-            "virtual_seconds": last.virtual_ms as f64 / 1e3,
-        },
+        "final": Final::of_round(&last, outcome.honest_nodes),
         "baselines": baselines_json,
         "rejected": outcome.rejected,
         "network": {

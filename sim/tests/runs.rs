@@ -3,19 +3,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use tapestry_sim::report;
 use tapestry_sim::scenario::Scenario;
 
 fn digits() -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/digits.csv.gz");
-    assert!(
-        p.is_file(),
-        "tests need the shared digits data set beside the checkout"
-    );
-    p.display().to_string()
+    tapestry_testkit::digits_arg()
 }
 
 fn run(s: Scenario) -> serde_json::Value {

@@ -23,12 +23,7 @@ fn binary(name: &str) -> PathBuf {
 }
 
 fn digits() -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/digits.csv.gz");
-    assert!(
-        p.is_file(),
-        "tests need the shared digits data set beside the checkout"
-    );
-    p.display().to_string()
+    tapestry_testkit::digits_arg()
 }
 
 #[test]

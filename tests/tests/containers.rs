@@ -19,9 +19,7 @@ fn root() -> PathBuf {
 }
 
 fn digits() -> PathBuf {
-    let p = root().join("../shared/data/digits.csv.gz");
-    assert!(p.is_file(), "tests need the shared digits data set");
-    p.canonicalize().unwrap()
+    tapestry_testkit::digits_path()
 }
 
 /// Runs a command; its stdout, or a panic with its stderr.

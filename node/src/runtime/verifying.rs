@@ -503,6 +503,107 @@ pub(super) async fn take_attested(
     Ok((params, heads::Assessment::attested(head, vouchers.len())))
 }
 
+/// The same computation (parent and deltas) as a version this node made or
+/// verified: its parameters are known, so compare instead of recomputing.
+/// `None` if there is no such version (or it cannot be read).
+fn match_offered(
+    ctx: &VerifyCtx,
+    l: &StoreLineage<'_>,
+    target: &Verified<ModelManifest>,
+) -> Option<Result<(Vec<f32>, heads::Assessment), VersionRejection>> {
+    let (held, held_id) = ctx.recent.same_computation(l, target.message())?;
+    if !is_verified(&ctx.store, &held_id) {
+        return None;
+    }
+    if held.chunk_ids != target.message().chunk_ids {
+        return Some(Err(VersionRejection::Mismatch));
+    }
+    let params = l.params(&held_id)?;
+    ctx.store
+        .put_model_manifest(target)
+        .and_then(|_| ctx.store.set_ref(&verified_ref(&target.id()), target.id()))
+        .ok()?;
+    ctx.shared.metrics.versions_matched.inc();
+    ctx.shared.update(|s| s.versions_matched += 1);
+    let checked = verify::Checked {
+        authors: verify::distinct_authors(l, target.message()),
+        params,
+    };
+    let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
+    let assessment = heads::assess(l, &ctx.cfg, head, target, &checked);
+    Some(Ok((checked.params, assessment)))
+}
+
+/// Fetches what recomputing `target` needs — ancestors' and deltas'
+/// manifests, then delta payloads, one generation of ancestors per pass —
+/// into `l` and the store; the versions to recompute, oldest first.
+async fn gather(
+    ctx: &VerifyCtx,
+    l: &mut StoreLineage<'_>,
+    target: &Verified<ModelManifest>,
+    providers: &[PeerId],
+    max_chain: usize,
+) -> Result<Vec<ContentId>, VersionRejection> {
+    for _ in 0..=max_chain {
+        let (models, deltas, payloads) = match verify::plan(&*l, &ctx.cfg, target, max_chain)? {
+            Plan::Ready(order) => return Ok(order),
+            Plan::Need {
+                models,
+                deltas,
+                payloads,
+            } => (models, deltas, payloads),
+        };
+        let progress = !models.is_empty() || !deltas.is_empty() || !payloads.is_empty();
+        for id in &models {
+            let got = fetch_manifest(&ctx.net, providers, *id)
+                .await
+                .and_then(|b| Signed::<ModelManifest>::open(&b).ok())
+                .filter(|v| v.id() == *id)
+                .ok_or(VersionRejection::UnknownParent(*id))?;
+            l.models.insert(*id, got);
+        }
+        for id in &deltas {
+            let got = fetch_manifest(&ctx.net, providers, *id)
+                .await
+                .and_then(|b| Signed::<DeltaManifest>::open(&b).ok())
+                .filter(|v| v.id() == *id)
+                .ok_or(VersionRejection::UnknownDelta(*id))?;
+            l.deltas.insert(*id, got);
+        }
+        for dm in &payloads {
+            let mut from = providers.to_vec();
+            if let Some(author) = net::peer_id_of(&dm.message().author)
+                && !from.contains(&author)
+            {
+                from.push(author);
+            }
+            let m = dm.message();
+            let fetched = fetch_chunks(
+                &ctx.net,
+                &ctx.store,
+                dm.id(),
+                &m.chunk_ids,
+                &from,
+                &ctx.shared,
+            )
+            .await;
+            if !fetched {
+                return Err(VersionRejection::UnknownDelta(dm.id()));
+            }
+            ctx.shared
+                .metrics
+                .verify_fetched_bytes
+                .inc_by(m.payload_bytes);
+            ctx.shared
+                .update(|s| s.verify_fetched_bytes += m.payload_bytes);
+        }
+        if !progress {
+            return Err(VersionRejection::TooFarBehind { limit: max_chain });
+        }
+    }
+    Err(VersionRejection::TooFarBehind { limit: max_chain })
+}
+
 /// Verifies `target` by recomputation: fetches what [`verify::plan`] says
 /// is missing (ancestor and delta manifests, delta chunks) from
 /// `providers`, then recomputes every unverified version from its verified
@@ -518,109 +619,13 @@ pub(super) async fn recompute_offered(
         models: HashMap::new(),
         deltas: HashMap::new(),
     };
-    // The same computation as a version this node made or verified: its
-    // parameters are known, so compare instead of recomputing.
-    if let Some((held, held_id)) = ctx.recent.same_computation(&l, target.message())
-        && is_verified(&ctx.store, &held_id)
-    {
-        if held.chunk_ids != target.message().chunk_ids {
-            return Err(VersionRejection::Mismatch);
-        }
-        let params = l.params(&held_id);
-        let kept = ctx
-            .store
-            .put_model_manifest(target)
-            .and_then(|_| ctx.store.set_ref(&verified_ref(&target.id()), target.id()));
-        if let (Some(params), Ok(())) = (params, kept) {
-            ctx.shared.metrics.versions_matched.inc();
-            ctx.shared.update(|s| s.versions_matched += 1);
-            let checked = verify::Checked {
-                authors: verify::distinct_authors(&l, target.message()),
-                params,
-            };
-            let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
-            let assessment = heads::assess(&l, &ctx.cfg, head, target, &checked);
-            return Ok((checked.params, assessment));
-        }
+    if let Some(matched) = match_offered(ctx, &l, target) {
+        return matched;
     }
     let max_chain = (ctx.cfg.door.max_rounds_ahead as usize)
         .saturating_mul(2)
         .saturating_add(16);
-    let mut order = None;
-    // Each pass discovers one more generation of ancestors.
-    for _ in 0..=max_chain {
-        match verify::plan(&l, &ctx.cfg, target, max_chain)? {
-            Plan::Ready(o) => {
-                order = Some(o);
-                break;
-            }
-            Plan::Need {
-                models,
-                deltas,
-                payloads,
-            } => {
-                let mut progress = false;
-                for id in &models {
-                    let got = fetch_manifest(&ctx.net, providers, *id)
-                        .await
-                        .and_then(|b| Signed::<ModelManifest>::open(&b).ok())
-                        .filter(|v| v.id() == *id);
-                    match got {
-                        Some(v) => {
-                            l.models.insert(*id, v);
-                            progress = true;
-                        }
-                        None => return Err(VersionRejection::UnknownParent(*id)),
-                    }
-                }
-                for id in &deltas {
-                    let got = fetch_manifest(&ctx.net, providers, *id)
-                        .await
-                        .and_then(|b| Signed::<DeltaManifest>::open(&b).ok())
-                        .filter(|v| v.id() == *id);
-                    match got {
-                        Some(v) => {
-                            l.deltas.insert(*id, v);
-                            progress = true;
-                        }
-                        None => return Err(VersionRejection::UnknownDelta(*id)),
-                    }
-                }
-                for dm in &payloads {
-                    let mut from = providers.to_vec();
-                    if let Some(author) = net::peer_id_of(&dm.message().author)
-                        && !from.contains(&author)
-                    {
-                        from.push(author);
-                    }
-                    let m = dm.message();
-                    if !fetch_chunks(
-                        &ctx.net,
-                        &ctx.store,
-                        dm.id(),
-                        &m.chunk_ids,
-                        &from,
-                        &ctx.shared,
-                    )
-                    .await
-                    {
-                        return Err(VersionRejection::UnknownDelta(dm.id()));
-                    }
-                    ctx.shared
-                        .metrics
-                        .verify_fetched_bytes
-                        .inc_by(m.payload_bytes);
-                    ctx.shared
-                        .update(|s| s.verify_fetched_bytes += m.payload_bytes);
-                    progress = true;
-                }
-                if !progress {
-                    return Err(VersionRejection::TooFarBehind { limit: max_chain });
-                }
-            }
-        }
-    }
-    let order = order.ok_or(VersionRejection::TooFarBehind { limit: max_chain })?;
+    let order = gather(ctx, &mut l, target, providers, max_chain).await?;
     let store = ctx.store.clone();
     let started = Instant::now();
     let mut recomputed = 0;

@@ -220,6 +220,43 @@ struct World<'a> {
     memo: std::cell::RefCell<Memo>,
 }
 
+/// Node `i`'s identity in a run seeded `seed` (the same in every run of
+/// that seed).
+fn node_keys(seed: u64, n: usize) -> Vec<Keypair> {
+    (0..n)
+        .map(|i| {
+            let mut bytes = [0u8; 32];
+            bytes[..8].copy_from_slice(&seed.to_le_bytes());
+            bytes[8..16].copy_from_slice(&(i as u64).to_le_bytes());
+            Keypair::from_secret_bytes(&bytes)
+        })
+        .collect()
+}
+
+/// Node `i`'s engine settings: the scenario's rule, codec, weighting and
+/// mode; rounds close on every peer's delta or at a deadline of twenty
+/// latencies (plus training time).
+fn engine_config(settings: &Settings, spec: &ModelSpec, i: usize) -> EngineConfig {
+    let s = &settings.scenario;
+    EngineConfig {
+        model_id: "sim".into(),
+        region: "sim".into(),
+        spec: spec.clone(),
+        codec: settings.codec,
+        chunk_size: 256 << 10,
+        rule: settings.aggregator,
+        outer: OuterOptimizer::averaging(),
+        quorum: 1.0,
+        round_timeout_ms: 20 * (s.latency_ms + s.jitter_ms).max(1) + 4 * TRAIN_MS,
+        door: DoorConfig {
+            weighting: settings.weighting,
+            ..DoorConfig::default()
+        },
+        mode: settings.mode,
+        seed: s.seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
+    }
+}
+
 /// Runs the swarm of `settings` on `data`; `progress` is called once per
 /// completed round.
 pub fn run_swarm(
@@ -239,36 +276,13 @@ pub fn run_swarm(
         byzantine.extend(order.iter().take(count));
         attack
     });
-    let keys: Vec<Keypair> = (0..n)
-        .map(|i| {
-            let mut seed = [0u8; 32];
-            seed[..8].copy_from_slice(&s.seed.to_le_bytes());
-            seed[8..16].copy_from_slice(&(i as u64).to_le_bytes());
-            Keypair::from_secret_bytes(&seed)
-        })
-        .collect();
+    let keys = node_keys(s.seed, n);
     let index: BTreeMap<NodeId, usize> = keys
         .iter()
         .enumerate()
         .map(|(i, k)| (k.node_id(), i))
         .collect();
-    let config = |i: usize| EngineConfig {
-        model_id: "sim".into(),
-        region: "sim".into(),
-        spec: spec.clone(),
-        codec: settings.codec,
-        chunk_size: 256 << 10,
-        rule: settings.aggregator,
-        outer: OuterOptimizer::averaging(),
-        quorum: 1.0,
-        round_timeout_ms: 20 * (s.latency_ms + s.jitter_ms).max(1) + 4 * TRAIN_MS,
-        door: DoorConfig {
-            weighting: settings.weighting,
-            ..DoorConfig::default()
-        },
-        mode: settings.mode,
-        seed: s.seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
-    };
+    let config = |i: usize| engine_config(settings, &spec, i);
     let engines: Vec<Engine> = (0..n)
         .map(|i| Engine::new(config(i), keys[i].clone()))
         .collect();
@@ -339,40 +353,7 @@ pub fn run_swarm(
         best_seen: vec![BTreeMap::new(); n],
         memo: std::cell::RefCell::new(BTreeMap::new()),
     };
-    for i in 0..n {
-        for j in world.peers_of(i) {
-            let input = Input::PeerJoined(world.keys[j].node_id());
-            world.push(0, Event::Deliver { node: i, input });
-        }
-        let input = Input::Start {
-            manifest: genesis.clone(),
-            params: params0.clone(),
-        };
-        world.push(0, Event::Deliver { node: i, input });
-    }
-    if let Some(c) = settings.churn {
-        world.push(c.period_ms, Event::Churn);
-    }
-    for (k, cut) in settings.cuts.iter().enumerate() {
-        // A dead connection is noticed after a few round trips of silence.
-        let noticed = cut.from_ms + 10 * s.latency_ms.max(1);
-        if noticed < cut.to_ms {
-            world.push(
-                noticed,
-                Event::CutNoticed {
-                    cut: k,
-                    healed: false,
-                },
-            );
-        }
-        world.push(
-            cut.to_ms + s.latency_ms,
-            Event::CutNoticed {
-                cut: k,
-                healed: true,
-            },
-        );
-    }
+    world.schedule_start(&genesis, &params0);
     world.run(progress)?;
     let store = world.store_figures()?;
     Ok(Outcome {
@@ -388,6 +369,43 @@ pub fn run_swarm(
 }
 
 impl World<'_> {
+    /// The first events: every node meets its peers and starts from the
+    /// genesis model at time 0; churn periods and cuts (noticed after a
+    /// few round trips of silence, healed a latency after they end).
+    fn schedule_start(&mut self, genesis: &Verified<ModelManifest>, params0: &[f32]) {
+        let s = &self.settings.scenario;
+        let (latency, churn) = (s.latency_ms, self.settings.churn);
+        for i in 0..self.engines.len() {
+            for j in self.peers_of(i) {
+                let input = Input::PeerJoined(self.keys[j].node_id());
+                self.push(0, Event::Deliver { node: i, input });
+            }
+            let input = Input::Start {
+                manifest: genesis.clone(),
+                params: params0.to_vec(),
+            };
+            self.push(0, Event::Deliver { node: i, input });
+        }
+        if let Some(c) = churn {
+            self.push(c.period_ms, Event::Churn);
+        }
+        let cuts: Vec<(u64, u64)> = self
+            .settings
+            .cuts
+            .iter()
+            .map(|c| (c.from_ms, c.to_ms))
+            .collect();
+        for (k, (from, to)) in cuts.into_iter().enumerate() {
+            let noticed = from + 10 * latency.max(1);
+            if noticed < to {
+                let healed = false;
+                self.push(noticed, Event::CutNoticed { cut: k, healed });
+            }
+            let healed = true;
+            self.push(to + latency, Event::CutNoticed { cut: k, healed });
+        }
+    }
+
     fn push(&mut self, at: u64, event: Event) {
         self.seq += 1;
         self.queue.insert((at, self.seq), event);
@@ -507,105 +525,15 @@ impl World<'_> {
     }
 
     fn act(&mut self, i: usize, now: u64, action: Action) -> Result<(), String> {
-        let s = &self.settings.scenario;
         match action {
             Action::Train {
                 round,
                 version,
                 params,
                 seed,
-            } => {
-                let job = self.next_job;
-                self.next_job += 1;
-                if round >= s.rounds - s.consensus_rounds {
-                    // Consensus phase: no training, only averaging.
-                    self.trained.insert(job, (params, 1));
-                } else {
-                    let job_data = Job {
-                        node: i,
-                        round,
-                        params,
-                        seed,
-                    };
-                    self.jobs.insert(job, job_data);
-                }
-                self.push(
-                    now + TRAIN_MS,
-                    Event::Trained {
-                        node: i,
-                        round,
-                        version,
-                        job,
-                    },
-                );
-            }
-            Action::Publish { manifest, payload } => {
-                match (self.byzantine.contains(&i), self.attack) {
-                    (true, Some(Attack::FreeRide)) => {}
-                    (true, Some(attack)) => {
-                        // Colluding attacks wait to hear the honest deltas.
-                        let wait = match attack {
-                            Attack::Alie(_) | Attack::Ipm(_) => {
-                                self.net.latency_ms() + s.jitter_ms + 1
-                            }
-                            _ => 0,
-                        };
-                        self.push(
-                            now + wait,
-                            Event::Forge {
-                                node: i,
-                                manifest,
-                                payload,
-                            },
-                        );
-                    }
-                    _ => {
-                        let colluding =
-                            matches!(self.attack, Some(Attack::Alie(_) | Attack::Ipm(_)));
-                        let n_params = self.spec.n_params();
-                        let decoded = colluding
-                            .then(|| manifest.message().codec.decode(&payload, n_params).ok())
-                            .flatten();
-                        if let Some(v) = decoded {
-                            self.honest_deltas
-                                .entry(manifest.message().round)
-                                .or_default()
-                                .push(v);
-                        }
-                        self.announce(i, now, manifest, payload);
-                    }
-                }
-            }
-            Action::Fetch { manifest } => {
-                let author = self.index.get(&manifest.message().author).copied();
-                let payload = match (author, self.stores.is_empty()) {
-                    (Some(a), false) => {
-                        let m = manifest.message();
-                        self.stores[a]
-                            .read_payload(&m.chunk_ids, m.payload_bytes)
-                            .ok()
-                    }
-                    _ => self.published.get(&manifest.id()).cloned(),
-                };
-                if let (Some(payload), Some(a)) = (payload, author) {
-                    if let Some(store) = self.stores.get(i) {
-                        let m = manifest.message();
-                        store
-                            .put_payload(&payload, m.chunk_size as usize)
-                            .and_then(|_| store.put_delta_manifest(&manifest))
-                            .map_err(|e| e.to_string())?;
-                    }
-                    let id = manifest.id();
-                    // The request travels, then the author's uplink sends.
-                    let asked = self.net.send_reliable(i, a, now, 128);
-                    if let Ok(at) =
-                        asked.and_then(|t| self.net.send_reliable(a, i, t, payload.len() as u64))
-                    {
-                        let input = Input::DeltaPayload { id, payload };
-                        self.push(at, Event::Deliver { node: i, input });
-                    }
-                }
-            }
+            } => self.train(i, now, round, version, params, seed),
+            Action::Publish { manifest, payload } => self.publish(i, now, manifest, payload),
+            Action::Fetch { manifest } => self.fetch(i, now, manifest)?,
             Action::SendToNeighbours {
                 round,
                 params,
@@ -652,6 +580,120 @@ impl World<'_> {
                     .or_default() += 1
             }
             Action::Adopt { manifest, params } => self.adopted(i, now, manifest, params),
+        }
+        Ok(())
+    }
+
+    /// Node `i` trains for `round`: a job run with the others due at the
+    /// same instant, done [`TRAIN_MS`] later (in the consensus phase, no
+    /// training: the model comes back as it went).
+    fn train(
+        &mut self,
+        i: usize,
+        now: u64,
+        round: u64,
+        version: ContentId,
+        params: Vec<f32>,
+        seed: u64,
+    ) {
+        let s = &self.settings.scenario;
+        let job = self.next_job;
+        self.next_job += 1;
+        if round >= s.rounds - s.consensus_rounds {
+            self.trained.insert(job, (params, 1));
+        } else {
+            let job_data = Job {
+                node: i,
+                round,
+                params,
+                seed,
+            };
+            self.jobs.insert(job, job_data);
+        }
+        self.push(
+            now + TRAIN_MS,
+            Event::Trained {
+                node: i,
+                round,
+                version,
+                job,
+            },
+        );
+    }
+
+    /// Node `i` publishes a delta: announced as it is, or, from a Byzantine
+    /// node, replaced by its forgery (colluding attacks first wait to hear
+    /// the honest deltas), or withheld (free-riding).
+    fn publish(&mut self, i: usize, now: u64, manifest: Verified<DeltaManifest>, payload: Vec<u8>) {
+        match (self.byzantine.contains(&i), self.attack) {
+            (true, Some(Attack::FreeRide)) => {}
+            (true, Some(attack)) => {
+                let wait = match attack {
+                    Attack::Alie(_) | Attack::Ipm(_) => {
+                        self.net.latency_ms() + self.settings.scenario.jitter_ms + 1
+                    }
+                    _ => 0,
+                };
+                self.push(
+                    now + wait,
+                    Event::Forge {
+                        node: i,
+                        manifest,
+                        payload,
+                    },
+                );
+            }
+            _ => {
+                let colluding = matches!(self.attack, Some(Attack::Alie(_) | Attack::Ipm(_)));
+                let n_params = self.spec.n_params();
+                let decoded = colluding
+                    .then(|| manifest.message().codec.decode(&payload, n_params).ok())
+                    .flatten();
+                if let Some(v) = decoded {
+                    self.honest_deltas
+                        .entry(manifest.message().round)
+                        .or_default()
+                        .push(v);
+                }
+                self.announce(i, now, manifest, payload);
+            }
+        }
+    }
+
+    /// Node `i` fetches a delta's payload from its author (from the
+    /// author's chunk store when there are stores) into its own store.
+    fn fetch(
+        &mut self,
+        i: usize,
+        now: u64,
+        manifest: Verified<DeltaManifest>,
+    ) -> Result<(), String> {
+        let author = self.index.get(&manifest.message().author).copied();
+        let payload = match (author, self.stores.is_empty()) {
+            (Some(a), false) => {
+                let m = manifest.message();
+                self.stores[a]
+                    .read_payload(&m.chunk_ids, m.payload_bytes)
+                    .ok()
+            }
+            _ => self.published.get(&manifest.id()).cloned(),
+        };
+        let (Some(payload), Some(a)) = (payload, author) else {
+            return Ok(());
+        };
+        if let Some(store) = self.stores.get(i) {
+            let m = manifest.message();
+            store
+                .put_payload(&payload, m.chunk_size as usize)
+                .and_then(|_| store.put_delta_manifest(&manifest))
+                .map_err(|e| e.to_string())?;
+        }
+        let id = manifest.id();
+        // The request travels, then the author's uplink sends.
+        let asked = self.net.send_reliable(i, a, now, 128);
+        if let Ok(at) = asked.and_then(|t| self.net.send_reliable(a, i, t, payload.len() as u64)) {
+            let input = Input::DeltaPayload { id, payload };
+            self.push(at, Event::Deliver { node: i, input });
         }
         Ok(())
     }

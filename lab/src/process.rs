@@ -1,0 +1,152 @@
+//! One `tapestry run` process with its data directory: started with its
+//! log in `DIR/node.log`, found through the `endpoints.json` it writes,
+//! stopped with SIGTERM or SIGKILL, and killed when dropped so that
+//! nothing outlives a failing test or an interrupted command.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A running (or stopped) node process.
+pub struct NodeProcess {
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+impl NodeProcess {
+    /// Starts `cmd` (a `tapestry run --data-dir DIR ...` command line, the
+    /// caller's) for the node in `dir`: its standard error appended to
+    /// `DIR/node.log`, its standard output discarded, `RUST_LOG` at info
+    /// (libp2p at warn) unless the command sets it. A stale
+    /// `endpoints.json` is removed first, so [`NodeProcess::endpoints`]
+    /// sees this run's.
+    pub fn spawn(mut cmd: Command, dir: &Path) -> Result<NodeProcess, String> {
+        let _ = std::fs::remove_file(dir.join("endpoints.json"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("node.log"))
+            .map_err(|e| format!("{}: {e}", dir.join("node.log").display()))?;
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "info,libp2p=warn");
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+        Ok(NodeProcess {
+            dir: dir.to_path_buf(),
+            child: Some(child),
+        })
+    }
+
+    /// A node in `dir` that is not started yet (a late joiner).
+    pub fn idle(dir: &Path) -> NodeProcess {
+        NodeProcess {
+            dir: dir.to_path_buf(),
+            child: None,
+        }
+    }
+
+    /// The node's data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the process was started and not yet stopped here.
+    pub fn up(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The node's `endpoints.json` (node and peer ids, API and listen
+    /// addresses), once it has written it; `None` after `wait`.
+    pub fn endpoints(&self, wait: Duration) -> Option<Value> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(self.dir.join("endpoints.json"))
+                && let Ok(v) = serde_json::from_str(&text)
+            {
+                return Some(v);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Everything the node has logged (all its runs in this directory).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, no chance to clean up; waits for the process to be gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then its exit status within `wait`; `None` if it had to be
+    /// killed (or was not running).
+    pub fn terminate(&mut self, wait: Duration) -> Option<ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The `/status` document of the node whose API is at `addr` (5-s
+/// timeout).
+pub fn status(addr: &str) -> Result<Value, String> {
+    let body = tapestry_node::api::get(addr, "/status", Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
+    serde_json::from_str(&body).map_err(|e| format!("{addr}/status: {e}"))
+}
+
+/// Sets the first `key = ...` line of the node's `config.toml` in `dir`
+/// to `key = value` (`value` written as TOML: quote strings). An error if
+/// the file has no such key.
+pub fn set_config(dir: &Path, key: &str, value: &str) -> Result<(), String> {
+    let cfg = dir.join("config.toml");
+    let text = std::fs::read_to_string(&cfg).map_err(|e| format!("{}: {e}", cfg.display()))?;
+    let mut done = false;
+    let out: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if !done && l.starts_with(&format!("{key} =")) {
+                done = true;
+                format!("{key} = {value}")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    if !done {
+        return Err(format!("no {key} in {}", cfg.display()));
+    }
+    std::fs::write(&cfg, out.join("\n") + "\n").map_err(|e| format!("{}: {e}", cfg.display()))
+}

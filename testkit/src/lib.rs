@@ -1,0 +1,70 @@
+//! `tapestry-testkit`: what the tests and benchmarks of every crate share.
+//! Only for development: the data files it points at live beside the
+//! checkout (`../shared/data`), never in a build.
+//!
+//! - [`digits_path`], [`digits`], [`digits_split`]: the scikit-learn
+//!   digits (1,797 rows, 64 pixel counts 0..=16, ten classes), scaled from
+//!   their declared range like a node's config does.
+//! - [`logistic`], [`sgd`]: the small model and optimiser most tests use.
+
+use std::path::PathBuf;
+
+use tapestry_core::data::{self, CsvOptions, Dataset, Scaler};
+use tapestry_core::model::{InnerOptimizer, ModelSpec, TrainConfig};
+
+/// The digits data set's file (`shared/data/digits.csv.gz` beside the
+/// checkout). Panics, saying where it looked, if it is not there: tests
+/// that need it cannot run without it.
+pub fn digits_path() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/digits.csv.gz");
+    assert!(
+        p.is_file(),
+        "tests need the shared digits data set beside the checkout ({})",
+        p.display()
+    );
+    // Absolute and without `..` (container mounts want that).
+    p.canonicalize().unwrap_or(p)
+}
+
+/// [`digits_path`] as a string (for command lines and scenarios).
+pub fn digits_arg() -> String {
+    digits_path().display().to_string()
+}
+
+/// All 1,797 digits, scaled from the pixel range 0..=16 to 0..=1.
+pub fn digits() -> Dataset {
+    let mut all = data::load_csv(&digits_path(), CsvOptions::default())
+        .unwrap_or_else(|e| panic!("the digits data set does not load: {e}"));
+    assert_eq!(
+        (all.len(), all.n_features, all.n_classes),
+        (1797, 64, 10),
+        "not the digits"
+    );
+    Scaler::from_range(64, 0.0, 16.0).apply(&mut all);
+    all
+}
+
+/// [`digits`] split into training and held-out rows (a quarter held out,
+/// stratified, seed 0).
+pub fn digits_split() -> (Dataset, Dataset) {
+    digits()
+        .split(0.25, 0)
+        .unwrap_or_else(|e| panic!("splitting the digits: {e}"))
+}
+
+/// Logistic regression on the digits: 64 inputs, ten classes.
+pub fn logistic() -> ModelSpec {
+    ModelSpec::Logistic {
+        inputs: 64,
+        classes: 10,
+    }
+}
+
+/// SGD with momentum 0.9: `local_steps` steps of `batch_size` rows at `lr`.
+pub fn sgd(local_steps: usize, batch_size: usize, lr: f32) -> TrainConfig {
+    TrainConfig {
+        local_steps,
+        batch_size,
+        optimizer: InnerOptimizer::SgdMomentum { lr, momentum: 0.9 },
+    }
+}
