@@ -336,6 +336,29 @@ pub struct TrainReport {
     pub samples: u64,
 }
 
+/// One round of the local-only baseline: node `node` training alone for
+/// round `round` (the same steps a swarm member takes in a round, seeded
+/// `(node << 32) | round`). What the simulator's and the demo's local-only
+/// figures are made of.
+pub fn local_round(
+    spec: &ModelSpec,
+    params: &[f32],
+    data: &Dataset,
+    config: &TrainConfig,
+    state: &mut InnerState,
+    (node, round): (usize, u64),
+) -> Result<Vec<f32>, ModelError> {
+    train_local(
+        spec,
+        params,
+        data,
+        config,
+        state,
+        (node as u64) << 32 | round,
+    )
+    .map(|(p, _)| p)
+}
+
 /// Runs `config.local_steps` steps from `params` on `data` and returns the
 /// new parameters. Batches are drawn without replacement from a seeded
 /// shuffle, reshuffled when exhausted.

@@ -9,7 +9,7 @@
 //! stack and address, and latency, loss and partitions between nodes are
 //! real.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -276,6 +276,55 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
             .map_err(|e| format!("cannot clear {}: {e}", nodes_dir.display()))?;
     }
     std::fs::create_dir_all(&nodes_dir).map_err(|e| format!("{}: {e}", nodes_dir.display()))?;
+    let lab = if o.netns {
+        Some(Lab::create(o.nodes, o.faults, o.seed)?)
+    } else {
+        None
+    };
+    let (dirs, all) = prepare_nodes(o, &nodes_dir, lab.as_ref())?;
+    let mut run = Run::start(o, dirs, lab)?;
+    let last = loop {
+        let now_ms = run.t0.elapsed().as_millis() as u64;
+        if o.interrupted.load(Ordering::Relaxed) {
+            return Err("interrupted; nodes stopped and namespaces removed".into());
+        }
+        run.carry_out_events(now_ms)?;
+        let last = run.observe();
+        view(run.t0.elapsed().as_secs_f64(), &last);
+        let pending = o.events.len() > run.done_events.len() || !run.restarts.is_empty();
+        if !pending && last.iter().all(|v| v.up && v.finished) && heads_agree(&last, o.regions) {
+            break last;
+        }
+        if run.t0.elapsed() > o.timeout {
+            return Err(format!(
+                "the cluster did not finish within {} s; node logs are in {}",
+                o.timeout.as_secs(),
+                nodes_dir.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let ended = run.stop_and_check(&all);
+    let mut report = run.report(&last, &ended);
+    report["wall_seconds"] = json!(started.elapsed().as_secs_f64());
+    std::fs::write(
+        o.out.join("report.json"),
+        serde_json::to_string_pretty(&report).map_err(|e| e.to_string())? + "\n",
+    )
+    .map_err(|e| format!("writing report.json: {e}"))?;
+    std::fs::write(o.out.join("samples.csv"), &run.samples).map_err(|e| e.to_string())?;
+    plot_series(&o.out, &run.series)?;
+    Ok(report)
+}
+
+/// Deals the data to the nodes and creates each one (`tapestry init`, its
+/// shard as `data.csv`, its `config.toml`). Returns the node directories
+/// and the pooled data.
+fn prepare_nodes(
+    o: &ClusterOptions,
+    nodes_dir: &Path,
+    lab: Option<&Lab>,
+) -> Result<(Vec<PathBuf>, Dataset), String> {
     // Data: one pool, dealt to the nodes; each node holds out its own split.
     let all = if o.data == "synthetic" {
         data::synthetic_with_separation(o.seed, (400 * o.nodes).max(3000), 20, 10, 0.8)
@@ -284,20 +333,8 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
             .map_err(|e| format!("{}: {e}", o.data))?
     };
     let parts = data::partition(&all, o.nodes, o.partition, o.seed).map_err(|e| e.to_string())?;
-    let (lo, hi) = all
-        .features
-        .iter()
-        .fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
     let dirs: Vec<PathBuf> = (0..o.nodes)
         .map(|i| nodes_dir.join(format!("node{i}")))
-        .collect();
-    let lab = if o.netns {
-        Some(Lab::create(o.nodes, o.faults, o.seed)?)
-    } else {
-        None
-    };
-    let namespaces: Vec<Option<String>> = (0..o.nodes)
-        .map(|i| lab.as_ref().map(|l| l.namespace(i)))
         .collect();
     for (i, d) in dirs.iter().enumerate() {
         let out = Command::new(&o.tapestry)
@@ -313,168 +350,247 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
             ));
         }
         write_csv(&d.join("data.csv"), &all.subset(&parts[i])).map_err(|e| e.to_string())?;
-        let cfg = Config {
-            model_id: "cluster".into(),
-            region: region_of(i, o.regions),
-            listen: vec![match &lab {
-                Some(l) => format!("/ip4/{}/tcp/4001", l.address(i)),
-                None => "/ip4/127.0.0.1/tcp/0".into(),
-            }],
-            api: match &lab {
-                Some(l) => format!("{}:8080", l.address(i)),
-                None => "127.0.0.1:0".into(),
-            },
-            model: ModelSection {
-                inputs: all.n_features,
-                classes: all.n_classes,
-                ..ModelSection::default()
-            },
-            data: DataSection {
-                path: d.join("data.csv").display().to_string(),
-                feature_min: lo,
-                feature_max: hi,
-                ..DataSection::default()
-            },
-            round: RoundSection {
-                rounds: o.rounds,
-                start_peers: ((0..o.nodes)
-                    .filter(|j| j % o.regions.max(1) == i % o.regions.max(1))
-                    .count()
-                    - 1)
-                .min(2),
-                timeout_ms: 5_000,
-                ..RoundSection::default()
-            },
-            ..Config::default()
-        };
-        let text = toml::to_string(&cfg).map_err(|e| e.to_string())?;
+        let text = toml::to_string(&node_config(o, i, d, lab, &all)).map_err(|e| e.to_string())?;
         std::fs::write(d.join("config.toml"), text).map_err(|e| e.to_string())?;
     }
-    let joins_late = |i: usize| {
-        o.events.iter().find_map(|e| match e {
-            ClusterEvent::Join { node, at_ms } if *node == i => Some(*at_ms),
-            _ => None,
-        })
-    };
-    let mut procs: Vec<NodeProcess> = Vec::new();
-    let ns = |i: usize| namespaces[i].as_deref();
-    procs.push(start(&o.tapestry, &dirs[0], None, ns(0))?);
-    let boot = procs[0]
-        .endpoints(Duration::from_secs(60))
-        .and_then(|e| e["listen"][0].as_str().map(str::to_owned))
-        .ok_or_else(|| {
-            format!(
-                "node 0 did not start; see {}",
-                dirs[0].join("node.log").display()
-            )
-        })?;
-    for (i, d) in dirs.iter().enumerate().skip(1) {
-        if joins_late(i).is_some() {
-            procs.push(NodeProcess::idle(d));
-        } else {
-            procs.push(start(&o.tapestry, d, Some(&boot), ns(i))?);
-        }
+    Ok((dirs, all))
+}
+
+/// Node `i`'s configuration: its region, addresses (in its namespace, or
+/// any port on 127.0.0.1), the model for the data's shape, the feature
+/// range of the pooled data, and rounds that wait for up to two peers of
+/// its region.
+fn node_config(
+    o: &ClusterOptions,
+    i: usize,
+    dir: &Path,
+    lab: Option<&Lab>,
+    all: &Dataset,
+) -> Config {
+    let (lo, hi) = all
+        .features
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+    let k = o.regions.max(1);
+    Config {
+        model_id: "cluster".into(),
+        region: region_of(i, o.regions),
+        listen: vec![match lab {
+            Some(l) => format!("/ip4/{}/tcp/4001", l.address(i)),
+            None => "/ip4/127.0.0.1/tcp/0".into(),
+        }],
+        api: match lab {
+            Some(l) => format!("{}:8080", l.address(i)),
+            None => "127.0.0.1:0".into(),
+        },
+        model: ModelSection {
+            inputs: all.n_features,
+            classes: all.n_classes,
+            ..ModelSection::default()
+        },
+        data: DataSection {
+            path: dir.join("data.csv").display().to_string(),
+            feature_min: lo,
+            feature_max: hi,
+            ..DataSection::default()
+        },
+        round: RoundSection {
+            rounds: o.rounds,
+            start_peers: ((0..o.nodes).filter(|j| j % k == i % k).count() - 1).min(2),
+            timeout_ms: 5_000,
+            ..RoundSection::default()
+        },
+        ..Config::default()
     }
-    let t0 = Instant::now();
-    let mut done_events: BTreeSet<usize> = BTreeSet::new();
-    let mut cut_started: BTreeSet<usize> = BTreeSet::new();
-    let mut cut_rounds: std::collections::BTreeMap<usize, Vec<u64>> = Default::default();
-    let mut cut_heads: Vec<Value> = Vec::new();
-    let mut agreed_after_heal: Vec<Value> = Vec::new();
-    let mut healed_at: Vec<(usize, f64)> = Vec::new();
-    let mut last_views: Vec<NodeView> = Vec::new();
-    let mut restarts: Vec<(usize, u64)> = Vec::new();
-    let mut samples = String::from("seconds,node,up,round,accuracy,peers\n");
-    let mut series: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); o.nodes];
-    let mut apis: Vec<Option<String>> = vec![None; o.nodes];
-    let last = loop {
-        let now_ms = t0.elapsed().as_millis() as u64;
-        if o.interrupted.load(Ordering::Relaxed) {
-            return Err("interrupted; nodes stopped and namespaces removed".into());
+}
+
+/// A running cluster and what has been seen of it. (Processes are stopped
+/// before the namespaces go: fields drop in this order.)
+struct Run<'a> {
+    o: &'a ClusterOptions,
+    dirs: Vec<PathBuf>,
+    procs: Vec<NodeProcess>,
+    lab: Option<Lab>,
+    boot: String,
+    apis: Vec<Option<String>>,
+    t0: Instant,
+    done_events: BTreeSet<usize>,
+    cut_started: BTreeSet<usize>,
+    cut_rounds: BTreeMap<usize, Vec<u64>>,
+    cut_heads: Vec<Value>,
+    agreed_after_heal: Vec<Value>,
+    healed_at: Vec<(usize, f64)>,
+    last_views: Vec<NodeView>,
+    restarts: Vec<(usize, u64)>,
+    samples: String,
+    series: Vec<Vec<(f64, f64, f64)>>,
+}
+
+/// How the nodes ended: clean exits, clean stores, their exported models.
+struct Ended {
+    clean_exit: Vec<bool>,
+    scrub_clean: Vec<bool>,
+    models: Vec<Option<Vec<f32>>>,
+}
+
+impl<'a> Run<'a> {
+    /// Starts node 0 (the bootstrap node), then every node not scheduled to
+    /// join late, through it.
+    fn start(
+        o: &'a ClusterOptions,
+        dirs: Vec<PathBuf>,
+        lab: Option<Lab>,
+    ) -> Result<Run<'a>, String> {
+        let mut run = Run {
+            o,
+            procs: Vec::new(),
+            lab,
+            boot: String::new(),
+            apis: vec![None; o.nodes],
+            t0: Instant::now(),
+            done_events: BTreeSet::new(),
+            cut_started: BTreeSet::new(),
+            cut_rounds: BTreeMap::new(),
+            cut_heads: Vec::new(),
+            agreed_after_heal: Vec::new(),
+            healed_at: Vec::new(),
+            last_views: Vec::new(),
+            restarts: Vec::new(),
+            samples: String::from("seconds,node,up,round,accuracy,peers\n"),
+            series: vec![Vec::new(); o.nodes],
+            dirs,
+        };
+        let first = run.spawn(0, None)?;
+        run.procs.push(first);
+        run.boot = run.procs[0]
+            .endpoints(Duration::from_secs(60))
+            .and_then(|e| e["listen"][0].as_str().map(str::to_owned))
+            .ok_or_else(|| {
+                format!(
+                    "node 0 did not start; see {}",
+                    run.dirs[0].join("node.log").display()
+                )
+            })?;
+        let joins_late = |i: usize| {
+            o.events
+                .iter()
+                .any(|e| matches!(e, ClusterEvent::Join { node, .. } if *node == i))
+        };
+        for i in 1..o.nodes {
+            let p = if joins_late(i) {
+                NodeProcess::idle(&run.dirs[i])
+            } else {
+                let boot = run.boot.clone();
+                run.spawn(i, Some(&boot))?
+            };
+            run.procs.push(p);
         }
-        for (k, e) in o.events.iter().enumerate() {
+        run.t0 = Instant::now();
+        Ok(run)
+    }
+
+    /// Starts node `i` (in its namespace, if any).
+    fn spawn(&self, i: usize, bootstrap: Option<&str>) -> Result<NodeProcess, String> {
+        let ns = self.lab.as_ref().map(|l| l.namespace(i));
+        start(&self.o.tapestry, &self.dirs[i], bootstrap, ns.as_deref())
+    }
+
+    /// Kills, restarts, late joins, cuts and heals that fall due by `now_ms`.
+    fn carry_out_events(&mut self, now_ms: u64) -> Result<(), String> {
+        let boot = self.boot.clone();
+        for (k, e) in self.o.events.iter().enumerate() {
             match e {
                 &ClusterEvent::Kill {
                     node,
                     at_ms,
                     restart_ms,
-                } if now_ms >= at_ms && done_events.insert(k) => {
-                    procs[node].kill9();
-                    apis[node] = None;
+                } if now_ms >= at_ms && self.done_events.insert(k) => {
+                    self.procs[node].kill9();
+                    self.apis[node] = None;
                     if let Some(r) = restart_ms {
-                        restarts.push((node, r));
+                        self.restarts.push((node, r));
                     }
                 }
-                &ClusterEvent::Join { node, at_ms } if now_ms >= at_ms && done_events.insert(k) => {
-                    procs[node] = start(&o.tapestry, &dirs[node], Some(&boot), ns(node))?;
+                &ClusterEvent::Join { node, at_ms }
+                    if now_ms >= at_ms && self.done_events.insert(k) =>
+                {
+                    self.procs[node] = self.spawn(node, Some(&boot))?;
                 }
                 ClusterEvent::Cut {
                     sides,
                     at_ms,
                     heal_ms,
-                } => {
-                    if now_ms >= *at_ms && cut_started.insert(k) {
-                        cut_rounds.insert(k, last_views.iter().map(|v| v.round).collect());
-                        if let Some(l) = &lab {
-                            l.cut(sides.clone());
-                        }
-                    }
-                    if now_ms >= *heal_ms && done_events.insert(k) {
-                        // What each node held as the cut ended: the test of
-                        // a merge is that the final head descends from both
-                        // sides' heads.
-                        cut_heads.push(json!({
-                            "event": k,
-                            "heads": last_views.iter().map(|v: &NodeView| v.status["head"].clone()).collect::<Vec<_>>(),
-                            "rounds_at_cut": cut_rounds.get(&k),
-                            "rounds": last_views.iter().map(|v| v.round).collect::<Vec<_>>(),
-                        }));
-                        if let Some(l) = &lab {
-                            l.heal();
-                        }
-                        healed_at.push((k, t0.elapsed().as_secs_f64()));
-                    }
-                }
+                } => self.cut(k, sides, *at_ms, *heal_ms, now_ms),
                 _ => {}
             }
         }
-        let due: Vec<usize> = restarts
+        let due: Vec<usize> = self
+            .restarts
             .iter()
             .filter(|(_, r)| now_ms >= *r)
             .map(|(n, _)| *n)
             .collect();
-        restarts.retain(|(_, r)| now_ms < *r);
+        self.restarts.retain(|(_, r)| now_ms < *r);
         for n in due {
-            procs[n] = start(&o.tapestry, &dirs[n], Some(&boot), ns(n))?;
+            self.procs[n] = self.spawn(n, Some(&boot))?;
         }
-        let last: Vec<NodeView> = procs
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                if p.up() && apis[i].is_none() {
-                    apis[i] = p
-                        .endpoints(Duration::from_millis(10))
-                        .and_then(|e| e["api"].as_str().map(str::to_owned));
-                }
-                let status: Value = apis[i]
-                    .as_deref()
-                    .filter(|_| p.up())
-                    .and_then(|a| crate::process::status(a).ok())
-                    .unwrap_or(Value::Null);
-                NodeView {
-                    up: p.up() && !status.is_null(),
-                    round: status["round"].as_u64().unwrap_or(0),
-                    accuracy: status["accuracy"].as_f64().unwrap_or(0.0),
-                    peers: status["peers"].as_u64().unwrap_or(0),
-                    finished: status["finished"].as_bool().unwrap_or(false),
-                    head: status["head_params"].as_str().unwrap_or("").to_owned(),
-                    status,
-                }
-            })
-            .collect();
-        let secs = t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Cut `k` between `sides` from `at_ms` to `heal_ms`: started and
+    /// healed when due, with what each node held as it ended.
+    fn cut(&mut self, k: usize, sides: &[u8], at_ms: u64, heal_ms: u64, now_ms: u64) {
+        if now_ms >= at_ms && self.cut_started.insert(k) {
+            self.cut_rounds
+                .insert(k, self.last_views.iter().map(|v| v.round).collect());
+            if let Some(l) = &self.lab {
+                l.cut(sides.to_vec());
+            }
+        }
+        if now_ms >= heal_ms && self.done_events.insert(k) {
+            // What each node held as the cut ended: the test of a merge is
+            // that the final head descends from both sides' heads.
+            self.cut_heads.push(json!({
+                "event": k,
+                "heads": self.last_views.iter().map(|v| v.status["head"].clone()).collect::<Vec<_>>(),
+                "rounds_at_cut": self.cut_rounds.get(&k),
+                "rounds": self.last_views.iter().map(|v| v.round).collect::<Vec<_>>(),
+            }));
+            if let Some(l) = &self.lab {
+                l.heal();
+            }
+            self.healed_at.push((k, self.t0.elapsed().as_secs_f64()));
+        }
+    }
+
+    /// Every node's status now, recorded in the samples and series; notes
+    /// how long after each heal the heads agreed again.
+    fn observe(&mut self) -> Vec<NodeView> {
+        let mut last = Vec::with_capacity(self.procs.len());
+        for (i, p) in self.procs.iter().enumerate() {
+            if p.up() && self.apis[i].is_none() {
+                self.apis[i] = p
+                    .endpoints(Duration::from_millis(10))
+                    .and_then(|e| e["api"].as_str().map(str::to_owned));
+            }
+            let status: Value = self.apis[i]
+                .as_deref()
+                .filter(|_| p.up())
+                .and_then(|a| crate::process::status(a).ok())
+                .unwrap_or(Value::Null);
+            last.push(NodeView {
+                up: p.up() && !status.is_null(),
+                round: status["round"].as_u64().unwrap_or(0),
+                accuracy: status["accuracy"].as_f64().unwrap_or(0.0),
+                peers: status["peers"].as_u64().unwrap_or(0),
+                finished: status["finished"].as_bool().unwrap_or(false),
+                head: status["head_params"].as_str().unwrap_or("").to_owned(),
+                status,
+            });
+        }
+        let secs = self.t0.elapsed().as_secs_f64();
         for (i, v) in last.iter().enumerate() {
-            samples.push_str(&format!(
+            self.samples.push_str(&format!(
                 "{secs:.2},{i},{},{},{:.6},{}\n",
                 u8::from(v.up),
                 v.round,
@@ -482,142 +598,144 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
                 v.peers
             ));
             if v.up {
-                series[i].push((secs, v.accuracy, v.round as f64));
+                self.series[i].push((secs, v.accuracy, v.round as f64));
             }
         }
-        view(secs, &last);
         // How long after each heal all nodes agreed on one head again.
-        if heads_agree(&last, o.regions) && last.iter().all(|v| v.up) {
-            for (k, at) in healed_at.drain(..) {
-                agreed_after_heal.push(json!({
+        if heads_agree(&last, self.o.regions) && last.iter().all(|v| v.up) {
+            for (k, at) in self.healed_at.drain(..) {
+                self.agreed_after_heal.push(json!({
                     "event": k,
                     "seconds": secs - at,
                     "round": last[0].round,
                 }));
             }
         }
-        last_views = last.clone();
-        let pending = o.events.len() > done_events.len() || !restarts.is_empty();
-        if !pending && last.iter().all(|v| v.up && v.finished) && heads_agree(&last, o.regions) {
-            break last;
-        }
-        if t0.elapsed() > o.timeout {
-            return Err(format!(
-                "the cluster did not finish within {} s; node logs are in {}",
-                o.timeout.as_secs(),
-                nodes_dir.display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    let per_node: Vec<Value> = last.iter().map(|v| v.status.clone()).collect();
-    // Stop cleanly, check every store, read every model.
-    let mut clean_exit = Vec::new();
-    for p in procs.iter_mut() {
-        clean_exit.push(
-            p.terminate(Duration::from_secs(20))
-                .is_some_and(|s| s.success()),
-        );
+        self.last_views = last.clone();
+        last
     }
-    let mut models = Vec::new();
-    let mut scrub_clean = Vec::new();
-    let spec = tapestry_core::model::ModelSpec::Logistic {
-        inputs: all.n_features,
-        classes: all.n_classes,
-    };
-    for d in &dirs {
-        let scrub = Command::new(&o.tapestry)
-            .args(["scrub", "--data-dir"])
-            .arg(d)
-            .output();
-        scrub_clean.push(scrub.is_ok_and(|s| s.status.success()));
-        let file = d.join("model.safetensors");
-        let export = Command::new(&o.tapestry)
-            .args(["model", "export", "--data-dir"])
-            .arg(d)
-            .arg("--out")
-            .arg(&file)
-            .output();
-        models.push(
-            export
-                .ok()
-                .filter(|e| e.status.success())
-                .and_then(|_| import_safetensors(&spec, &file).ok()),
-        );
-    }
-    let accs: Vec<f64> = last.iter().map(|v| v.accuracy).collect();
-    let losses: Vec<f64> = last
-        .iter()
-        .map(|v| v.status["loss"].as_f64().unwrap_or(0.0))
-        .collect();
-    let bytes: u64 = last
-        .iter()
-        .map(|v| v.status["bytes_out"].as_u64().unwrap_or(0))
-        .sum();
-    let k = o.regions.max(1);
-    let regions: Vec<Value> = (0..k)
-        .map(|r| {
-            let members: Vec<usize> = (0..o.nodes).filter(|i| i % k == r).collect();
-            let views: Vec<NodeView> = members.iter().map(|i| last[*i].clone()).collect();
-            let region_models: Vec<Vec<f32>> = members
-                .iter()
-                .filter_map(|i| models.get(*i).cloned().flatten())
-                .collect();
-            json!({
-                "region": region_of(r, o.regions),
-                "nodes": members,
-                "heads_agree": heads_agree(&views, 1),
-                "accuracy_mean": views.iter().map(|v| v.accuracy).sum::<f64>() / views.len() as f64,
-                "consensus_distance": consensus_distance(&region_models),
+
+    /// Stops every node with SIGTERM, scrubs every store and exports every
+    /// model.
+    fn stop_and_check(&mut self, all: &Dataset) -> Ended {
+        let clean_exit = self
+            .procs
+            .iter_mut()
+            .map(|p| {
+                p.terminate(Duration::from_secs(20))
+                    .is_some_and(|s| s.success())
             })
-        })
-        .collect();
-    let consensus = regions
-        .iter()
-        .filter_map(|r| r["consensus_distance"].as_f64())
-        .fold(0.0, f64::max);
-    let report = json!({
-        "nodes": o.nodes,
-        "rounds": o.rounds,
-        "seed": o.seed,
-        "data": o.data,
-        "events": o.events.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>(),
-        "final": Final {
-            heads_agree: Some(heads_agree(&last, o.regions)),
-            honest_nodes: o.nodes,
-            ..Final::over(&accs, &losses, consensus, bytes / o.nodes as u64)
-        },
-        "regions": regions,
-        "per_node": per_node,
-        "clean_exit": clean_exit,
-        "scrub_clean": scrub_clean,
-        "network": match &lab {
-            Some(l) => {
-                let (forwarded, lost, cut) = l.stats();
+            .collect();
+        let spec = tapestry_core::model::ModelSpec::Logistic {
+            inputs: all.n_features,
+            classes: all.n_classes,
+        };
+        let tapestry = &self.o.tapestry;
+        let mut ended = Ended {
+            clean_exit,
+            scrub_clean: Vec::new(),
+            models: Vec::new(),
+        };
+        for d in &self.dirs {
+            let scrub = Command::new(tapestry)
+                .args(["scrub", "--data-dir"])
+                .arg(d)
+                .output();
+            ended
+                .scrub_clean
+                .push(scrub.is_ok_and(|s| s.status.success()));
+            let file = d.join("model.safetensors");
+            let export = Command::new(tapestry)
+                .args(["model", "export", "--data-dir"])
+                .arg(d)
+                .arg("--out")
+                .arg(&file)
+                .output();
+            ended.models.push(
+                export
+                    .ok()
+                    .filter(|e| e.status.success())
+                    .and_then(|_| import_safetensors(&spec, &file).ok()),
+            );
+        }
+        ended
+    }
+
+    /// `report.json` (all but `wall_seconds`).
+    fn report(&self, last: &[NodeView], ended: &Ended) -> Value {
+        let o = self.o;
+        let accs: Vec<f64> = last.iter().map(|v| v.accuracy).collect();
+        let losses: Vec<f64> = last
+            .iter()
+            .map(|v| v.status["loss"].as_f64().unwrap_or(0.0))
+            .collect();
+        let bytes: u64 = last
+            .iter()
+            .map(|v| v.status["bytes_out"].as_u64().unwrap_or(0))
+            .sum();
+        let k = o.regions.max(1);
+        let regions: Vec<Value> = (0..k)
+            .map(|r| {
+                let members: Vec<usize> = (0..o.nodes).filter(|i| i % k == r).collect();
+                let views: Vec<NodeView> = members.iter().map(|i| last[*i].clone()).collect();
+                let region_models: Vec<Vec<f32>> = members
+                    .iter()
+                    .filter_map(|i| ended.models.get(*i).cloned().flatten())
+                    .collect();
                 json!({
-                    "netns": true,
-                    "latency_ms": o.faults.latency_ms,
-                    "loss": o.faults.loss,
-                    "packets_forwarded": forwarded,
-                    "packets_dropped_loss": lost,
-                    "packets_dropped_cut": cut,
+                    "region": region_of(r, o.regions),
+                    "nodes": members,
+                    "heads_agree": heads_agree(&views, 1),
+                    "accuracy_mean": views.iter().map(|v| v.accuracy).sum::<f64>() / views.len() as f64,
+                    "consensus_distance": consensus_distance(&region_models),
                 })
-            }
-            None => json!({
-                "netns": false,
-                "note": "nodes on 127.0.0.1; faults limited to killing and restarting processes",
-            }),
-        },
-        "cuts": cut_heads,
-        "agreed_after_heal": agreed_after_heal,
-        "wall_seconds": started.elapsed().as_secs_f64(),
-    });
-    std::fs::write(
-        o.out.join("report.json"),
-        serde_json::to_string_pretty(&report).map_err(|e| e.to_string())? + "\n",
-    )
-    .map_err(|e| format!("writing report.json: {e}"))?;
-    std::fs::write(o.out.join("samples.csv"), samples).map_err(|e| e.to_string())?;
+            })
+            .collect();
+        let consensus = regions
+            .iter()
+            .filter_map(|r| r["consensus_distance"].as_f64())
+            .fold(0.0, f64::max);
+        json!({
+            "nodes": o.nodes,
+            "rounds": o.rounds,
+            "seed": o.seed,
+            "data": o.data,
+            "events": o.events.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>(),
+            "final": Final {
+                heads_agree: Some(heads_agree(last, o.regions)),
+                honest_nodes: o.nodes,
+                ..Final::over(&accs, &losses, consensus, bytes / o.nodes as u64)
+            },
+            "regions": regions,
+            "per_node": last.iter().map(|v| v.status.clone()).collect::<Vec<_>>(),
+            "clean_exit": ended.clean_exit,
+            "scrub_clean": ended.scrub_clean,
+            "network": match &self.lab {
+                Some(l) => {
+                    let (forwarded, lost, cut) = l.stats();
+                    json!({
+                        "netns": true,
+                        "latency_ms": o.faults.latency_ms,
+                        "loss": o.faults.loss,
+                        "packets_forwarded": forwarded,
+                        "packets_dropped_loss": lost,
+                        "packets_dropped_cut": cut,
+                    })
+                }
+                None => json!({
+                    "netns": false,
+                    "note": "nodes on 127.0.0.1; faults limited to killing and restarting processes",
+                }),
+            },
+            "cuts": self.cut_heads,
+            "agreed_after_heal": self.agreed_after_heal,
+        })
+    }
+}
+
+/// `accuracy.png` and `rounds.png`: each node's accuracy and round over
+/// time.
+fn plot_series(out: &Path, series: &[Vec<(f64, f64, f64)>]) -> Result<(), String> {
     let palette = [
         (31, 119, 180),
         (255, 127, 14),
@@ -641,7 +759,7 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
             .collect()
     };
     plot::line_chart(
-        &o.out.join("accuracy.png"),
+        &out.join("accuracy.png"),
         "Accuracy of each node's head (its own evaluation split)",
         "seconds",
         "accuracy",
@@ -649,12 +767,11 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
         Some((0.0, 1.0)),
     )?;
     plot::line_chart(
-        &o.out.join("rounds.png"),
+        &out.join("rounds.png"),
         "Round of each node",
         "seconds",
         "round",
         &lines(|p| p.2),
         None,
-    )?;
-    Ok(report)
+    )
 }

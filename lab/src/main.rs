@@ -147,10 +147,6 @@ impl ClusterArgs {
 }
 
 fn cluster(a: ClusterArgs) -> ExitCode {
-    let fail = |e: String| {
-        eprintln!("tapestry-lab: {e}");
-        ExitCode::from(2)
-    };
     if a.check_netns {
         return match tapestry_lab::netns::available() {
             Ok(()) => {
@@ -163,128 +159,12 @@ fn cluster(a: ClusterArgs) -> ExitCode {
             }
         };
     }
-    let Some(out) = a.out.clone() else {
-        return fail("--out is required".into());
-    };
-    let a = match a.resolve() {
-        Ok(a) => a,
-        Err(e) => return fail(e),
-    };
-    if a.nodes < 2 || a.nodes > 64 {
-        return fail("--nodes must be between 2 and 64".into());
-    }
-    if a.regions == 0 || a.regions * 2 > a.nodes {
-        return fail(format!(
-            "--regions must be between 1 and {} (at least two nodes in each)",
-            a.nodes / 2
-        ));
-    }
-    let partition = match a.partition.parse() {
-        Ok(p) => p,
-        Err(e) => return fail(format!("{e}")),
-    };
-    if a.data != "synthetic" && !std::path::Path::new(&a.data).is_file() {
-        return fail(format!("data file {} does not exist", a.data));
-    }
-    let events = match a
-        .events
-        .iter()
-        .map(|e| tapestry_lab::cluster::ClusterEvent::parse(e, a.nodes))
-        .collect::<Result<Vec<_>, _>>()
-    {
-        Ok(e) => e,
-        Err(e) => return fail(e),
-    };
-    let latency_ms = match a
-        .latency
-        .as_deref()
-        .map(tapestry_sim::scenario::parse_duration_ms)
-    {
-        None => 0,
-        Some(Ok(ms)) => ms,
-        Some(Err(e)) => return fail(format!("--latency: {e}")),
-    };
-    let loss = match a.loss.as_deref().map(parse_fraction) {
-        None => 0.0,
-        Some(Ok(l)) => l,
-        Some(Err(e)) => return fail(format!("--loss: {e}")),
-    };
-    let wants_faults = latency_ms > 0
-        || loss > 0.0
-        || events
-            .iter()
-            .any(|e| matches!(e, tapestry_lab::cluster::ClusterEvent::Cut { .. }));
-    let netns = if a.netns {
-        match tapestry_lab::netns::available() {
-            Ok(()) => true,
-            Err(why) => {
-                eprintln!(
-                    "tapestry-lab: no network namespaces ({why}): nodes run on 127.0.0.1 and \
-                     network faults are limited to killing and restarting{}",
-                    if wants_faults {
-                        "; --latency, --loss and cuts are ignored"
-                    } else {
-                        ""
-                    }
-                );
-                false
-            }
+    let options = match options(a) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("tapestry-lab: {e}");
+            return ExitCode::from(2);
         }
-    } else {
-        if wants_faults {
-            eprintln!(
-                "tapestry-lab: --latency, --loss and cuts need --netns; without it nodes run on \
-                 127.0.0.1 and they are ignored"
-            );
-        }
-        false
-    };
-    // Ctrl-C or SIGTERM: the run stops, kills its nodes and removes its
-    // namespaces on the way out.
-    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    {
-        let flag = interrupted.clone();
-        std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                let Ok(mut term) =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                else {
-                    return;
-                };
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-                flag.store(true, std::sync::atomic::Ordering::Relaxed);
-            });
-        });
-    }
-    let tapestry = a.tapestry.clone().unwrap_or_else(|| {
-        std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(|d| d.join("tapestry")))
-            .unwrap_or_else(|| PathBuf::from("tapestry"))
-    });
-    let options = tapestry_lab::cluster::ClusterOptions {
-        nodes: a.nodes,
-        data: a.data.clone(),
-        partition,
-        rounds: a.rounds,
-        seed: a.seed,
-        out,
-        tapestry,
-        events,
-        timeout: std::time::Duration::from_secs(a.timeout_secs),
-        netns,
-        faults: tapestry_lab::netns::LinkFaults { latency_ms, loss },
-        interrupted,
-        regions: a.regions,
     };
     let mut shown = 0.0;
     let result = tapestry_lab::cluster::run(&options, &mut |secs, nodes| {
@@ -308,7 +188,7 @@ fn cluster(a: ClusterArgs) -> ExitCode {
             let f = &r["final"];
             println!(
                 "{} nodes: accuracy mean {:.4} min {:.4}; heads agree: {}; consensus distance {:.2e}",
-                a.nodes,
+                options.nodes,
                 f["accuracy_mean"].as_f64().unwrap_or(0.0),
                 f["accuracy_min"].as_f64().unwrap_or(0.0),
                 f["heads_agree"],
@@ -322,6 +202,123 @@ fn cluster(a: ClusterArgs) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The run's options from the flags and scenario file, every value checked.
+fn options(a: ClusterArgs) -> Result<tapestry_lab::cluster::ClusterOptions, String> {
+    let out = a.out.clone().ok_or("--out is required")?;
+    let a = a.resolve()?;
+    if a.nodes < 2 || a.nodes > 64 {
+        return Err("--nodes must be between 2 and 64".into());
+    }
+    if a.regions == 0 || a.regions * 2 > a.nodes {
+        return Err(format!(
+            "--regions must be between 1 and {} (at least two nodes in each)",
+            a.nodes / 2
+        ));
+    }
+    let partition = a.partition.parse().map_err(|e| format!("{e}"))?;
+    if a.data != "synthetic" && !std::path::Path::new(&a.data).is_file() {
+        return Err(format!("data file {} does not exist", a.data));
+    }
+    let events = a
+        .events
+        .iter()
+        .map(|e| tapestry_lab::cluster::ClusterEvent::parse(e, a.nodes))
+        .collect::<Result<Vec<_>, _>>()?;
+    let latency_ms = match a.latency.as_deref() {
+        None => 0,
+        Some(l) => {
+            tapestry_sim::scenario::parse_duration_ms(l).map_err(|e| format!("--latency: {e}"))?
+        }
+    };
+    let loss = match a.loss.as_deref() {
+        None => 0.0,
+        Some(l) => parse_fraction(l).map_err(|e| format!("--loss: {e}"))?,
+    };
+    let wants_faults = latency_ms > 0
+        || loss > 0.0
+        || events
+            .iter()
+            .any(|e| matches!(e, tapestry_lab::cluster::ClusterEvent::Cut { .. }));
+    let tapestry = a.tapestry.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("tapestry")))
+            .unwrap_or_else(|| PathBuf::from("tapestry"))
+    });
+    Ok(tapestry_lab::cluster::ClusterOptions {
+        nodes: a.nodes,
+        data: a.data.clone(),
+        partition,
+        rounds: a.rounds,
+        seed: a.seed,
+        out,
+        tapestry,
+        events,
+        timeout: std::time::Duration::from_secs(a.timeout_secs),
+        netns: use_netns(a.netns, wants_faults),
+        faults: tapestry_lab::netns::LinkFaults { latency_ms, loss },
+        interrupted: interrupted_on_signal(),
+        regions: a.regions,
+    })
+}
+
+/// Whether nodes get network namespaces: asked for and available here.
+/// Says on standard error what is lost without them.
+fn use_netns(asked: bool, wants_faults: bool) -> bool {
+    if !asked {
+        if wants_faults {
+            eprintln!(
+                "tapestry-lab: --latency, --loss and cuts need --netns; without it nodes run on \
+                 127.0.0.1 and they are ignored"
+            );
+        }
+        return false;
+    }
+    match tapestry_lab::netns::available() {
+        Ok(()) => true,
+        Err(why) => {
+            eprintln!(
+                "tapestry-lab: no network namespaces ({why}): nodes run on 127.0.0.1 and \
+                 network faults are limited to killing and restarting{}",
+                if wants_faults {
+                    "; --latency, --loss and cuts are ignored"
+                } else {
+                    ""
+                }
+            );
+            false
+        }
+    }
+}
+
+/// A flag set on Ctrl-C or SIGTERM: the run then stops, kills its nodes
+/// and removes its namespaces on the way out.
+fn interrupted_on_signal() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = interrupted.clone();
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    });
+    interrupted
 }
 
 fn main() -> ExitCode {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use libp2p::Multiaddr;
 use tapestry_core::data::{self, Dataset, Partition, Scaler};
-use tapestry_core::model::{InnerState, evaluate, train_local};
+use tapestry_core::model::{InnerState, evaluate, local_round};
 use tapestry_node::config::{self, Config, DataDir};
 use tapestry_node::net::NetConfig;
 use tapestry_node::ops;
@@ -550,6 +550,64 @@ async fn demo(a: DemoArgs) -> Result<ExitCode, String> {
         "starting {} nodes on 127.0.0.1, {} rounds, label-skewed shards of a built-in data set",
         a.nodes, a.rounds
     );
+    let nodes = launch_demo(&cfg, &shards, &test, &a).await?;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60 + 20 * a.rounds);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let st: Vec<runtime::Status> = nodes.iter().map(|n| n.shared.status()).collect();
+        let line: Vec<String> = st
+            .iter()
+            .map(|s| format!("r{} {:.3}", s.round, s.accuracy.unwrap_or(0.0)))
+            .collect();
+        println!("{:>4}s  {}", started.elapsed().as_secs(), line.join("  "));
+        if st.iter().all(|s| s.finished) || Instant::now() > deadline {
+            break;
+        }
+    }
+    let st: Vec<runtime::Status> = nodes.iter().map(|n| n.shared.status()).collect();
+    for n in nodes {
+        n.stop().await.map_err(|e| e.to_string())?;
+    }
+    let local = local_only(&cfg, &shards, &test, a.rounds)?;
+    println!();
+    println!("node  round  accuracy  local-only  head parameters");
+    for (i, s) in st.iter().enumerate() {
+        println!(
+            "{i:>4}  {:>5}  {:>8.4}  {:>10.4}  {}",
+            s.round,
+            s.accuracy.unwrap_or(0.0),
+            local[i],
+            s.head_params
+                .as_deref()
+                .map_or("-", |h| &h[..12.min(h.len())])
+        );
+    }
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len().max(1) as f32;
+    let accs: Vec<f32> = st.iter().map(|s| s.accuracy.unwrap_or(0.0)).collect();
+    let heads: BTreeSet<&str> = st.iter().filter_map(|s| s.head_params.as_deref()).collect();
+    println!(
+        "swarm mean {:.4}; local-only mean {:.4}; {} distinct head{}",
+        mean(&accs),
+        mean(&local),
+        heads.len(),
+        if heads.len() == 1 {
+            " (all agree)"
+        } else {
+            "s"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the demo's nodes in this process, each on its shard, node 0
+/// first and the others bootstrapping from it.
+async fn launch_demo(
+    cfg: &Config,
+    shards: &[Dataset],
+    test: &Dataset,
+    a: &DemoArgs,
+) -> Result<Vec<runtime::Running>, String> {
     let mut nodes = Vec::new();
     let mut first: Option<Multiaddr> = None;
     for (i, shard) in shards.iter().enumerate() {
@@ -601,71 +659,28 @@ async fn demo(a: DemoArgs) -> Result<ExitCode, String> {
         }
         nodes.push(running);
     }
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(60 + 20 * a.rounds);
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let st: Vec<runtime::Status> = nodes.iter().map(|n| n.shared.status()).collect();
-        let line: Vec<String> = st
-            .iter()
-            .map(|s| format!("r{} {:.3}", s.round, s.accuracy.unwrap_or(0.0)))
-            .collect();
-        println!("{:>4}s  {}", started.elapsed().as_secs(), line.join("  "));
-        if st.iter().all(|s| s.finished) || Instant::now() > deadline {
-            break;
-        }
-    }
-    let st: Vec<runtime::Status> = nodes.iter().map(|n| n.shared.status()).collect();
-    for n in nodes {
-        n.stop().await.map_err(|e| e.to_string())?;
-    }
-    // Local-only: each node alone on its shard for the same number of steps.
+    Ok(nodes)
+}
+
+/// The local-only baseline of the demo: each node alone on its shard for
+/// the same number of rounds; each one's held-out accuracy.
+fn local_only(
+    cfg: &Config,
+    shards: &[Dataset],
+    test: &Dataset,
+    rounds: u64,
+) -> Result<Vec<f32>, String> {
     let spec = cfg.spec()?;
     let train_cfg = cfg.train()?;
     let mut local = Vec::new();
     for (i, shard) in shards.iter().enumerate() {
         let mut p = spec.init(cfg.model.seed);
         let mut state = InnerState::default();
-        for r in 0..a.rounds {
-            p = train_local(
-                &spec,
-                &p,
-                shard,
-                &train_cfg,
-                &mut state,
-                (i as u64) << 32 | r,
-            )
-            .map_err(|e| e.to_string())?
-            .0;
+        for r in 0..rounds {
+            p = local_round(&spec, &p, shard, &train_cfg, &mut state, (i, r))
+                .map_err(|e| e.to_string())?;
         }
-        local.push(evaluate(&spec, &p, &test).map_err(|e| e.to_string())?.1);
+        local.push(evaluate(&spec, &p, test).map_err(|e| e.to_string())?.1);
     }
-    println!();
-    println!("node  round  accuracy  local-only  head parameters");
-    for (i, s) in st.iter().enumerate() {
-        println!(
-            "{i:>4}  {:>5}  {:>8.4}  {:>10.4}  {}",
-            s.round,
-            s.accuracy.unwrap_or(0.0),
-            local[i],
-            s.head_params
-                .as_deref()
-                .map_or("-", |h| &h[..12.min(h.len())])
-        );
-    }
-    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len().max(1) as f32;
-    let accs: Vec<f32> = st.iter().map(|s| s.accuracy.unwrap_or(0.0)).collect();
-    let heads: BTreeSet<&str> = st.iter().filter_map(|s| s.head_params.as_deref()).collect();
-    println!(
-        "swarm mean {:.4}; local-only mean {:.4}; {} distinct head{}",
-        mean(&accs),
-        mean(&local),
-        heads.len(),
-        if heads.len() == 1 {
-            " (all agree)"
-        } else {
-            "s"
-        }
-    );
-    Ok(ExitCode::SUCCESS)
+    Ok(local)
 }

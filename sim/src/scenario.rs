@@ -385,21 +385,7 @@ impl Scenario {
         {
             return Err("local_steps and batch_size must be ≥ 1 and lr > 0".into());
         }
-        let mode = match self.mode.split_once(':') {
-            None if self.mode == "broadcast" => Mode::Broadcast,
-            None if self.mode == "mixing" => Mode::Mixing,
-            Some(("push-sum", f)) => Mode::PushSum {
-                fanout: f
-                    .parse()
-                    .map_err(|_| format!("bad push-sum fanout in {:?}", self.mode))?,
-            },
-            _ => {
-                return Err(format!(
-                    "unknown mode {:?} (broadcast, mixing, push-sum:FANOUT)",
-                    self.mode
-                ));
-            }
-        };
+        let mode = parse_mode(&self.mode)?;
         let model: Architecture = self
             .model
             .parse()
@@ -413,20 +399,7 @@ impl Scenario {
             }
             DataSource::Csv(path)
         };
-        let byzantine = if self.byzantine == "0" || self.byzantine.is_empty() {
-            None
-        } else {
-            let (fraction, attack) = self.byzantine.split_once(':').ok_or_else(|| {
-                format!("byzantine {:?} should be FRACTION:ATTACK", self.byzantine)
-            })?;
-            let fraction: f64 = fraction
-                .parse()
-                .ok()
-                .filter(|f| (0.0..1.0).contains(f))
-                .ok_or_else(|| format!("byzantine fraction {fraction:?} outside [0, 1)"))?;
-            let count = (fraction * self.nodes as f64).round() as usize;
-            Some((count, attack.parse()?))
-        };
+        let byzantine = parse_byzantine(&self.byzantine, self.nodes)?;
         if !(self.bandwidth_mbps >= 0.0 && self.bandwidth_mbps.is_finite()) {
             return Err(format!(
                 "bandwidth_mbps {} must be ≥ 0 (0 = unlimited)",
@@ -439,30 +412,7 @@ impl Scenario {
                 self.consensus_rounds, self.rounds
             ));
         }
-        let churn = if self.churn == "0" || self.churn.is_empty() {
-            None
-        } else {
-            let bad = || {
-                format!(
-                    "bad churn {:?} (FRACTION:PERIOD, e.g. 0.3:2s, or 0)",
-                    self.churn
-                )
-            };
-            let (f, p) = self.churn.split_once(':').ok_or_else(bad)?;
-            let fraction: f64 = f
-                .parse()
-                .ok()
-                .filter(|f| (0.0..1.0).contains(f))
-                .ok_or_else(bad)?;
-            let period_ms = parse_duration_ms(p)
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(bad)?;
-            Some(Churn {
-                fraction,
-                period_ms,
-            })
-        };
+        let churn = parse_churn(&self.churn)?;
         let cuts = self
             .cuts
             .iter()
@@ -492,6 +442,61 @@ impl Scenario {
             cuts,
         })
     }
+}
+
+/// `broadcast`, `mixing` or `push-sum:FANOUT`.
+fn parse_mode(mode: &str) -> Result<Mode, String> {
+    match mode.split_once(':') {
+        None if mode == "broadcast" => Ok(Mode::Broadcast),
+        None if mode == "mixing" => Ok(Mode::Mixing),
+        Some(("push-sum", f)) => Ok(Mode::PushSum {
+            fanout: f
+                .parse()
+                .map_err(|_| format!("bad push-sum fanout in {mode:?}"))?,
+        }),
+        _ => Err(format!(
+            "unknown mode {mode:?} (broadcast, mixing, push-sum:FANOUT)"
+        )),
+    }
+}
+
+/// `0` (none) or `FRACTION:ATTACK`: how many of `nodes` attack, and how.
+fn parse_byzantine(byzantine: &str, nodes: usize) -> Result<Option<(usize, Attack)>, String> {
+    if byzantine == "0" || byzantine.is_empty() {
+        return Ok(None);
+    }
+    let (fraction, attack) = byzantine
+        .split_once(':')
+        .ok_or_else(|| format!("byzantine {byzantine:?} should be FRACTION:ATTACK"))?;
+    let fraction: f64 = fraction
+        .parse()
+        .ok()
+        .filter(|f| (0.0..1.0).contains(f))
+        .ok_or_else(|| format!("byzantine fraction {fraction:?} outside [0, 1)"))?;
+    let count = (fraction * nodes as f64).round() as usize;
+    Ok(Some((count, attack.parse()?)))
+}
+
+/// `0` (none) or `FRACTION:PERIOD`.
+fn parse_churn(churn: &str) -> Result<Option<Churn>, String> {
+    if churn == "0" || churn.is_empty() {
+        return Ok(None);
+    }
+    let bad = || format!("bad churn {churn:?} (FRACTION:PERIOD, e.g. 0.3:2s, or 0)");
+    let (f, p) = churn.split_once(':').ok_or_else(bad)?;
+    let fraction: f64 = f
+        .parse()
+        .ok()
+        .filter(|f| (0.0..1.0).contains(f))
+        .ok_or_else(bad)?;
+    let period_ms = parse_duration_ms(p)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(bad)?;
+    Ok(Some(Churn {
+        fraction,
+        period_ms,
+    }))
 }
 
 #[cfg(test)]

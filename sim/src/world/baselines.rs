@@ -48,16 +48,8 @@ pub fn local_only(settings: &Settings, data: &Data) -> Result<Vec<f64>, String> 
         let mut curve = Vec::new();
         for r in 0..s.rounds {
             if r < training_rounds(settings) {
-                params = train_local(
-                    &spec,
-                    &params,
-                    &data.shards[i],
-                    &cfg,
-                    &mut state,
-                    (i as u64) << 32 | r,
-                )
-                .map_err(|e| e.to_string())?
-                .0;
+                params = local_round(&spec, &params, &data.shards[i], &cfg, &mut state, (i, r))
+                    .map_err(|e| e.to_string())?;
             }
             let last = r + 1 == s.rounds;
             curve.push(if last || sampled.contains(&i) {

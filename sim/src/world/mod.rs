@@ -17,7 +17,7 @@ use tapestry_core::engine::{Action, Engine, EngineConfig, Input, Mode, VersionRa
 use tapestry_core::heads::{self, Decision};
 use tapestry_core::mixing::{self, consensus_distance};
 use tapestry_core::model::{
-    InnerOptimizer, InnerState, ModelSpec, TrainConfig, evaluate, train_local,
+    InnerOptimizer, InnerState, ModelSpec, TrainConfig, evaluate, local_round, train_local,
 };
 use tapestry_core::outer::OuterOptimizer;
 use tapestry_core::verify::{self, Lineage, Plan, VersionRejection};
