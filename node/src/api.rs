@@ -12,9 +12,9 @@ use axum::routing;
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::runtime::Shared;
+use crate::status::{Shared, Status};
 
-async fn status(State(shared): State<Shared>) -> Json<crate::runtime::Status> {
+async fn status(State(shared): State<Shared>) -> Json<Status> {
     Json(shared.status())
 }
 

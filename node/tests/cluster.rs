@@ -249,7 +249,7 @@ mod rogue {
     use std::sync::{Arc, Mutex};
 
     use tapestry_core::model::ModelSpec;
-    use tapestry_node::net::{self, Command, NetConfig, NetEvent, NetHandle};
+    use tapestry_node::net::{self, NetConfig, NetEvent, NetHandle};
     use tapestry_node::runtime::{deltas_topic, models_topic};
     use tapestry_protocol::{
         Codec, ContentId, DeltaManifest, FetchRequest, FetchResponse, Keypair, ModelManifest,
@@ -340,7 +340,7 @@ mod rogue {
                             let bytes = served_manifests.lock().unwrap().get(&id).cloned();
                             let response = bytes
                                 .map_or(FetchResponse::NotFound, FetchResponse::SignedManifest);
-                            let _ = handle.send(Command::Respond { channel, response }).await;
+                            let _ = handle.respond(channel, response).await;
                         }
                         NetEvent::Request {
                             request: FetchRequest::Head { .. },
@@ -348,7 +348,7 @@ mod rogue {
                             ..
                         } => {
                             let response = FetchResponse::Head(*served_head.lock().unwrap());
-                            let _ = handle.send(Command::Respond { channel, response }).await;
+                            let _ = handle.respond(channel, response).await;
                         }
                         NetEvent::Request {
                             request: FetchRequest::Chunk(id),
@@ -358,7 +358,7 @@ mod rogue {
                             let bytes = served.lock().unwrap().get(&id).cloned();
                             let response =
                                 bytes.map_or(FetchResponse::NotFound, FetchResponse::Chunk);
-                            let _ = handle.send(Command::Respond { channel, response }).await;
+                            let _ = handle.respond(channel, response).await;
                         }
                         _ => {}
                     }
@@ -845,7 +845,7 @@ fn in_a_permissioned_region_a_non_member_is_rejected() {
 
 #[test]
 fn over_quic_the_dht_tells_who_provides_a_delta() {
-    use tapestry_node::net::{self, Command, NetConfig};
+    use tapestry_node::net::{self, NetConfig};
     use tapestry_protocol::{ContentId, Keypair};
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -875,7 +875,7 @@ fn over_quic_the_dht_tells_who_provides_a_delta() {
         while !matches!(b_events.recv().await, Some(net::NetEvent::PeerConnected(_))) {}
         tokio::spawn(async move { while b_events.recv().await.is_some() {} });
         let id = ContentId::of(b"a delta manifest");
-        a.send(Command::Provide(id)).await.unwrap();
+        a.provide(id).await.unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             let found = b.providers(id).await.unwrap();

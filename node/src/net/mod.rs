@@ -118,9 +118,10 @@ impl Default for NetConfig {
     }
 }
 
-/// What the rest of the node asks the network task to do.
+/// What the rest of the node asks the network task to do (through
+/// [`NetHandle`]'s methods; the task alone sees these).
 #[derive(Debug)]
-pub enum Command {
+enum Command {
     /// Publish on a gossip topic.
     Publish {
         /// The topic.
@@ -242,8 +243,49 @@ impl NetHandle {
     }
 
     /// Sends a command (waits if the task is busy).
-    pub async fn send(&self, command: Command) -> Result<(), NetError> {
+    async fn send(&self, command: Command) -> Result<(), NetError> {
         self.tx.send(command).await.map_err(|_| NetError::Stopped)
+    }
+
+    /// Tells gossipsub what validation found about message `id`, forwarded
+    /// by `source`: accept (forward it), reject (penalise the forwarder) or
+    /// ignore.
+    pub async fn report(
+        &self,
+        id: MessageId,
+        source: PeerId,
+        acceptance: MessageAcceptance,
+    ) -> Result<(), NetError> {
+        self.send(Command::Report {
+            id,
+            source,
+            acceptance,
+        })
+        .await
+    }
+
+    /// Answers a peer's request on the channel it came with.
+    pub async fn respond(
+        &self,
+        channel: ResponseChannel<FetchResponse>,
+        response: FetchResponse,
+    ) -> Result<(), NetError> {
+        self.send(Command::Respond { channel, response }).await
+    }
+
+    /// Dials an address.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
+        self.send(Command::Dial(addr)).await
+    }
+
+    /// Announces in the DHT that this node holds (the chunks of) `id`.
+    pub async fn provide(&self, id: ContentId) -> Result<(), NetError> {
+        self.send(Command::Provide(id)).await
+    }
+
+    /// Stops announcing `id` in the DHT.
+    pub async fn unprovide(&self, id: ContentId) -> Result<(), NetError> {
+        self.send(Command::Unprovide(id)).await
     }
 
     /// Publishes on a topic.

@@ -66,7 +66,7 @@ impl Node {
                     self.count_out(bytes.len());
                 }
                 tracing::trace!(%peer, ?request, "request");
-                let _ = self.net.send(Command::Respond { channel, response }).await;
+                let _ = self.net.respond(channel, response).await;
             }
             NetEvent::Gossip {
                 id,

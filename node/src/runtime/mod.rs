@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use libp2p::gossipsub::{MessageAcceptance, TopicHash};
-use serde::Serialize;
 use tapestry_protocol::{
     ContentId, DeltaManifest, FetchRequest, FetchResponse, Keypair, ModelManifest, NodeId, Roster,
     Signed, Verified,
@@ -26,8 +25,7 @@ use tapestry_protocol::{
 use tapestry_storage::ChunkStore;
 use tokio::sync::{mpsc, watch};
 
-use crate::metrics::Metrics;
-use crate::net::{self, Command, NetEvent, NetHandle};
+use crate::net::{self, NetEvent, NetHandle};
 use tapestry_core::data::Dataset;
 use tapestry_core::door::Door;
 use tapestry_core::engine::{Action, Engine, EngineConfig, Input, VersionRank, genesis};
@@ -38,7 +36,6 @@ use tapestry_core::{attest, heads};
 mod fetch;
 mod gossip;
 mod names;
-mod status;
 mod verifying;
 
 use fetch::*;
@@ -46,10 +43,10 @@ use gossip::*;
 use names::*;
 use verifying::*;
 
+pub use crate::status::{Shared, Status};
 pub use names::{
     HEAD_REF, attested_ref, deltas_topic, genesis_key, models_topic, node_id_of, verified_ref,
 };
-pub use status::{Shared, Status};
 
 /// The store a node keeps everything in.
 pub type Store = Arc<dyn ChunkStore + Send + Sync>;
@@ -611,11 +608,11 @@ impl Node {
     /// Announces in the DHT that this node serves `id`, and withdraws the
     /// oldest such record beyond [`MAX_PROVIDED`].
     async fn provide(&mut self, id: ContentId) {
-        let _ = self.net.send(Command::Provide(id)).await;
+        let _ = self.net.provide(id).await;
         self.provided.push_back(id);
         while self.provided.len() > MAX_PROVIDED {
             if let Some(old) = self.provided.pop_front() {
-                let _ = self.net.send(Command::Unprovide(old)).await;
+                let _ = self.net.unprovide(old).await;
             }
         }
     }
@@ -637,14 +634,7 @@ impl Node {
         source: PeerId,
         acceptance: MessageAcceptance,
     ) {
-        let _ = self
-            .net
-            .send(Command::Report {
-                id,
-                source,
-                acceptance,
-            })
-            .await;
+        let _ = self.net.report(id, source, acceptance).await;
     }
 }
 

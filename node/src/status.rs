@@ -1,7 +1,14 @@
 //! What the node shows of itself: the `/status` document and the state
-//! shared with the HTTP API.
+//! shared between the running node and the HTTP API (which depends on
+//! this module, not on the runtime).
 
-use super::*;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tapestry_protocol::{ModelManifest, Verified};
+
+use crate::metrics::Metrics;
 
 /// What `/status` and `tapestry status` show.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -84,7 +91,8 @@ impl Shared {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    pub(super) fn update(&self, f: impl FnOnce(&mut Status)) {
+    /// Changes the status in place.
+    pub(crate) fn update(&self, f: impl FnOnce(&mut Status)) {
         if let Ok(mut s) = self.status.lock() {
             f(&mut s);
         }
