@@ -314,36 +314,72 @@ min_round_ms = {min_round}
     )
 }
 
+/// Why a configuration cannot be used. The message names the file or the
+/// setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this configuration (unknown keys
+    /// included).
+    #[error("{}: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong, on one line.
+        message: String,
+    },
+    /// A setting is out of range or does not parse.
+    #[error("{0}")]
+    Invalid(String),
+}
+
 impl Config {
     /// Reads `path`; a missing file is an error naming it.
-    pub fn load(path: &Path) -> Result<Config, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        toml::from_str(&text)
-            .map_err(|e| format!("{}: {}", path.display(), e.message().replace('\n', " ")))
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.message().replace('\n', " "),
+        })
     }
 
     /// The model.
-    pub fn spec(&self) -> Result<ModelSpec, String> {
+    pub fn spec(&self) -> Result<ModelSpec, ConfigError> {
         let (inputs, classes) = (self.model.inputs, self.model.classes);
         if inputs == 0 || classes < 2 {
-            return Err("model needs inputs ≥ 1 and classes ≥ 2".into());
+            return Err(ConfigError::Invalid(
+                "model needs inputs ≥ 1 and classes ≥ 2".into(),
+            ));
         }
         let arch: Architecture = self
             .model
             .architecture
             .parse()
-            .map_err(|e: ArchitectureError| e.to_string())?;
+            .map_err(|e: ArchitectureError| ConfigError::Invalid(e.to_string()))?;
         Ok(arch.spec(inputs, classes))
     }
 
     /// The round engine's settings for a node with this `seed`.
-    pub fn engine(&self, seed: u64) -> Result<EngineConfig, String> {
+    pub fn engine(&self, seed: u64) -> Result<EngineConfig, ConfigError> {
         let r = &self.round;
         if !(r.quorum > 0.0 && r.quorum <= 1.0) {
-            return Err(format!("quorum {} outside (0, 1]", r.quorum));
+            return Err(ConfigError::Invalid(format!(
+                "quorum {} outside (0, 1]",
+                r.quorum
+            )));
         }
         if r.timeout_ms == 0 {
-            return Err("timeout_ms must be positive".into());
+            return Err(ConfigError::Invalid("timeout_ms must be positive".into()));
         }
         Ok(EngineConfig {
             model_id: self.model_id.clone(),
@@ -352,12 +388,12 @@ impl Config {
             codec: r
                 .codec
                 .parse::<Codec>()
-                .map_err(|e| format!("codec: {e}"))?,
+                .map_err(|e| ConfigError::Invalid(format!("codec: {e}")))?,
             chunk_size: tapestry_protocol::DEFAULT_CHUNK_SIZE,
             rule: r
                 .aggregator
                 .parse::<AggregationRule>()
-                .map_err(|e| format!("aggregator: {e}"))?,
+                .map_err(|e| ConfigError::Invalid(format!("aggregator: {e}")))?,
             outer: OuterOptimizer::averaging(),
             quorum: r.quorum,
             round_timeout_ms: r.timeout_ms,
@@ -365,7 +401,7 @@ impl Config {
                 weighting: r
                     .weighting
                     .parse::<Weighting>()
-                    .map_err(|e| format!("weighting: {e}"))?,
+                    .map_err(|e| ConfigError::Invalid(format!("weighting: {e}")))?,
                 max_rounds_ahead: r.max_rounds_ahead,
                 ..DoorConfig::default()
             },
@@ -375,10 +411,12 @@ impl Config {
     }
 
     /// Local training settings.
-    pub fn train(&self) -> Result<TrainConfig, String> {
+    pub fn train(&self) -> Result<TrainConfig, ConfigError> {
         let t = &self.training;
         if t.local_steps == 0 || t.batch_size == 0 || !(t.lr > 0.0 && t.lr.is_finite()) {
-            return Err("training needs local_steps ≥ 1, batch_size ≥ 1 and lr > 0".into());
+            return Err(ConfigError::Invalid(
+                "training needs local_steps ≥ 1, batch_size ≥ 1 and lr > 0".into(),
+            ));
         }
         Ok(TrainConfig {
             local_steps: t.local_steps,
@@ -391,10 +429,10 @@ impl Config {
     }
 
     /// The API address.
-    pub fn api_addr(&self) -> Result<SocketAddr, String> {
-        self.api
-            .parse()
-            .map_err(|_| format!("api address {:?} is not HOST:PORT", self.api))
+    pub fn api_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.api.parse().map_err(|_| {
+            ConfigError::Invalid(format!("api address {:?} is not HOST:PORT", self.api))
+        })
     }
 
     /// How long to wait for the first peers.
@@ -450,9 +488,11 @@ mod tests {
         let path = dir.path().join("config.toml");
         std::fs::write(&path, bad).unwrap();
         let err = Config::load(&path).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
+        let err = err.to_string();
         assert!(err.contains("extra") || err.contains("unknown"), "{err}");
         let mut c = Config::default();
         c.round.aggregator = "loudest".into();
-        assert!(c.engine(1).unwrap_err().contains("aggregator"));
+        assert!(c.engine(1).unwrap_err().to_string().contains("aggregator"));
     }
 }

@@ -407,7 +407,7 @@ async fn run(a: RunArgs) -> Result<ExitCode, String> {
         store: Arc::new(store),
         data,
         net,
-        api: Some(cfg.api_addr()?),
+        api: Some(cfg.api_addr().map_err(|e| e.to_string())?),
     })
     .await
     .map_err(|e| e.to_string())?;
@@ -612,10 +612,10 @@ async fn launch_demo(
     let mut first: Option<Multiaddr> = None;
     for (i, shard) in shards.iter().enumerate() {
         let key = Keypair::generate(&mut rand::rngs::OsRng);
-        let model = cfg.engine(i as u64)?;
+        let model = cfg.engine(i as u64).map_err(|e| e.to_string())?;
         let settings = NodeSettings {
             engine: model.clone(),
-            train: cfg.train()?,
+            train: cfg.train().map_err(|e| e.to_string())?,
             model_seed: cfg.model.seed,
             rounds: Some(a.rounds),
             start_peers: a.nodes - 1,
@@ -670,8 +670,8 @@ fn local_only(
     test: &Dataset,
     rounds: u64,
 ) -> Result<Vec<f32>, String> {
-    let spec = cfg.spec()?;
-    let train_cfg = cfg.train()?;
+    let spec = cfg.spec().map_err(|e| e.to_string())?;
+    let train_cfg = cfg.train().map_err(|e| e.to_string())?;
     let mut local = Vec::new();
     for (i, shard) in shards.iter().enumerate() {
         let mut p = spec.init(cfg.model.seed);

@@ -59,7 +59,10 @@ pub enum OpsError {
         /// Its data directory.
         dir: PathBuf,
     },
-    /// The configuration, a file's contents or an argument is wrong.
+    /// The node's configuration cannot be used.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A file's contents or an argument is wrong.
     #[error("{0}")]
     Invalid(String),
 }
@@ -119,7 +122,7 @@ pub fn read_key(dir: &DataDir) -> Result<Keypair, OpsError> {
 
 /// Reads a node's configuration.
 pub fn read_config(dir: &DataDir) -> Result<Config, OpsError> {
-    Config::load(&dir.config()).map_err(OpsError::Invalid)
+    Ok(Config::load(&dir.config())?)
 }
 
 /// Signs `roster` with the region key and writes it (tmp file, rename).
@@ -255,8 +258,8 @@ pub fn local_data(
 pub fn node_settings(cfg: &Config, dir: &DataDir, key: &Keypair) -> Result<NodeSettings, OpsError> {
     let seed = u64::from_le_bytes(key.node_id().as_bytes()[..8].try_into().unwrap_or([0; 8]));
     Ok(NodeSettings {
-        engine: cfg.engine(seed).map_err(OpsError::Invalid)?,
-        train: cfg.train().map_err(OpsError::Invalid)?,
+        engine: cfg.engine(seed)?,
+        train: cfg.train()?,
         model_seed: cfg.model.seed,
         rounds: (cfg.round.rounds > 0).then_some(cfg.round.rounds),
         start_peers: cfg.round.start_peers,
@@ -318,7 +321,7 @@ pub fn export(dir: &DataDir, out: &Path) -> Result<(u64, ContentId), OpsError> {
     let store = open_store(dir, false)?;
     let m = head(&store, dir)?;
     let bytes = store.read_payload(&m.message().chunk_ids, m.message().payload_bytes)?;
-    let spec = cfg.spec().map_err(OpsError::Invalid)?;
+    let spec = cfg.spec()?;
     export_safetensors(&spec, &tapestry_protocol::f32_from_le_bytes(&bytes), out)
         .map_err(|e| OpsError::Invalid(e.to_string()))?;
     Ok((m.message().round, m.id()))
@@ -330,7 +333,7 @@ pub fn export(dir: &DataDir, out: &Path) -> Result<(u64, ContentId), OpsError> {
 pub fn import(dir: &DataDir, file: &Path) -> Result<(u64, ContentId), OpsError> {
     let cfg = read_config(dir)?;
     let key = read_key(dir)?;
-    let spec = cfg.spec().map_err(OpsError::Invalid)?;
+    let spec = cfg.spec()?;
     let params = import_safetensors(&spec, file)
         .map_err(|e| OpsError::Invalid(format!("{}: {e}", file.display())))?;
     if !params.iter().all(|v| v.is_finite()) {
