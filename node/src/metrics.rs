@@ -61,6 +61,8 @@ pub struct Metrics {
     /// outer step, hashing and comparing the result; fetching and storing
     /// excluded), in seconds.
     pub recompute_seconds: Counter<f64, AtomicU64>,
+    /// Time spent storing the versions this node recomputed, in seconds.
+    pub keep_verified_seconds: Counter<f64, AtomicU64>,
     /// Delta payload bytes fetched only to verify a version (deltas this
     /// node had not received by gossip).
     pub verify_fetched_bytes: Counter,
@@ -88,6 +90,7 @@ impl Metrics {
             versions_attested: Counter::default(),
             versions_matched: Counter::default(),
             recompute_seconds: Counter::default(),
+            keep_verified_seconds: Counter::default(),
             verify_fetched_bytes: Counter::default(),
             registry: Mutex::new(Registry::default()),
         };
@@ -146,6 +149,11 @@ impl Metrics {
             "recompute_seconds",
             "Time spent recomputing peers' versions (fetching and storing excluded)",
             m.recompute_seconds.clone(),
+        );
+        r.register(
+            "keep_verified_seconds",
+            "Time spent storing recomputed versions",
+            m.keep_verified_seconds.clone(),
         );
         r.register(
             "verify_fetched_bytes",

@@ -86,9 +86,21 @@ impl Shared {
         }
     }
 
-    /// A copy of the status.
+    /// A copy of the status. Its counters are read from the metrics, so
+    /// `/status` and `/metrics` always say the same.
     pub fn status(&self) -> Status {
-        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+        let mut s = self.status.lock().map(|s| s.clone()).unwrap_or_default();
+        let m = &self.metrics;
+        s.bytes_in = m.bytes_in.get();
+        s.bytes_out = m.bytes_out.get();
+        s.deltas_accepted = m.deltas_accepted.get();
+        s.versions_verified = m.versions_verified.get();
+        s.versions_attested = m.versions_attested.get();
+        s.versions_matched = m.versions_matched.get();
+        s.verify_fetched_bytes = m.verify_fetched_bytes.get();
+        s.recompute_ms = m.recompute_seconds.get() * 1e3;
+        s.keep_verified_ms = m.keep_verified_seconds.get() * 1e3;
+        s
     }
 
     /// Changes the status in place.
@@ -96,5 +108,44 @@ impl Shared {
         if let Ok(mut s) = self.status.lock() {
             f(&mut s);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_counts_what_the_metrics_count() {
+        let metrics = Metrics::new(prometheus_client::registry::Registry::default());
+        let shared = Shared::new(Arc::new(metrics));
+        let m = &shared.metrics;
+        m.bytes_in.inc_by(10);
+        m.bytes_out.inc_by(7);
+        m.deltas_accepted.inc();
+        m.versions_verified.inc_by(3);
+        m.versions_matched.inc();
+        m.versions_attested.inc_by(2);
+        m.verify_fetched_bytes.inc_by(64);
+        m.recompute_seconds.inc_by(0.5);
+        m.keep_verified_seconds.inc_by(0.25);
+        shared.update(|s| s.round = 4);
+        let s = shared.status();
+        assert_eq!(
+            (s.bytes_in, s.bytes_out, s.deltas_accepted, s.round),
+            (10, 7, 1, 4)
+        );
+        assert_eq!(
+            (s.versions_verified, s.versions_matched, s.versions_attested),
+            (3, 1, 2)
+        );
+        assert_eq!(s.verify_fetched_bytes, 64);
+        assert_eq!((s.recompute_ms, s.keep_verified_ms), (500.0, 250.0));
+        let text = m.encode();
+        assert!(
+            text.contains("tapestry_versions_verified_total 3"),
+            "{text}"
+        );
+        assert!(text.contains("tapestry_bytes_in_total 10"), "{text}");
     }
 }

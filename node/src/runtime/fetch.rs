@@ -50,7 +50,6 @@ pub(super) async fn fetch_chunks(
                         Ok(FetchResponse::Chunk(bytes)) if ContentId::of(&bytes) == id => {
                             shared.metrics.chunks_fetched.inc();
                             shared.metrics.bytes_in.inc_by(bytes.len() as u64);
-                            shared.update(|s| s.bytes_in += bytes.len() as u64);
                             if store.put(&bytes).is_ok() {
                                 return None;
                             }

@@ -75,7 +75,6 @@ impl Node {
                 data,
             } => {
                 self.shared.metrics.bytes_in.inc_by(data.len() as u64);
-                self.shared.update(|s| s.bytes_in += data.len() as u64);
                 let acceptance = if topic == self.deltas_hash {
                     Some(self.on_delta(source, &data).await)
                 } else if topic == self.models_hash {
@@ -133,7 +132,6 @@ impl Node {
             MessageAcceptance::Reject
         } else if fetching {
             self.shared.metrics.deltas_accepted.inc();
-            self.shared.update(|s| s.deltas_accepted += 1);
             MessageAcceptance::Accept
         } else {
             // A duplicate, or one this node no longer needs.

@@ -619,7 +619,6 @@ impl Node {
 
     fn count_out(&self, n: usize) {
         self.shared.metrics.bytes_out.inc_by(n as u64);
-        self.shared.update(|s| s.bytes_out += n as u64);
     }
 
     fn count_rejected(&self, reason: &str) {

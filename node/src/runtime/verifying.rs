@@ -498,7 +498,6 @@ pub(super) async fn take_attested(
     kept.map_err(|e| e.to_string())?;
     tracing::info!(round = m.round, version = %target.id().short(), vouchers = vouchers.len(), "version taken on roster members' attestations");
     ctx.shared.metrics.versions_attested.inc();
-    ctx.shared.update(|s| s.versions_attested += 1);
     let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
     Ok((params, heads::Assessment::attested(head, vouchers.len())))
 }
@@ -524,7 +523,6 @@ fn match_offered(
         .and_then(|_| ctx.store.set_ref(&verified_ref(&target.id()), target.id()))
         .ok()?;
     ctx.shared.metrics.versions_matched.inc();
-    ctx.shared.update(|s| s.versions_matched += 1);
     let checked = verify::Checked {
         authors: verify::distinct_authors(l, target.message()),
         params,
@@ -594,8 +592,6 @@ async fn gather(
                 .metrics
                 .verify_fetched_bytes
                 .inc_by(m.payload_bytes);
-            ctx.shared
-                .update(|s| s.verify_fetched_bytes += m.payload_bytes);
         }
         if !progress {
             return Err(VersionRejection::TooFarBehind { limit: max_chain });
@@ -666,11 +662,7 @@ pub(super) async fn recompute_offered(
     let took = (started.elapsed().as_secs_f64() - keep_s).max(0.0);
     ctx.shared.metrics.recompute_seconds.inc_by(took);
     ctx.shared.metrics.versions_verified.inc_by(recomputed);
-    ctx.shared.update(|s| {
-        s.recompute_ms += took * 1e3;
-        s.keep_verified_ms += keep_s * 1e3;
-        s.versions_verified += recomputed;
-    });
+    ctx.shared.metrics.keep_verified_seconds.inc_by(keep_s);
     let checked = checked?;
     let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
     let assessment = heads::assess(&l, &ctx.cfg, head, target, &checked);
