@@ -12,7 +12,6 @@ use tapestry_core::door::{DoorConfig, Rejection};
 use tapestry_core::engine::{Action, Engine, EngineConfig, Input, Mode, genesis};
 use tapestry_core::mixing::consensus_distance;
 use tapestry_core::model::*;
-use tapestry_core::outer::OuterOptimizer;
 use tapestry_protocol::*;
 
 fn digits() -> (Dataset, Dataset) {
@@ -31,20 +30,7 @@ fn spec() -> ModelSpec {
 }
 
 fn engine_config(rule: AggregationRule, door: DoorConfig, seed: u64) -> EngineConfig {
-    EngineConfig {
-        model_id: "digits".into(),
-        region: "test".into(),
-        spec: spec(),
-        codec: Codec::F32,
-        chunk_size: 16 << 10,
-        rule,
-        outer: OuterOptimizer::averaging(),
-        quorum: 1.0,
-        round_timeout_ms: 10_000,
-        door,
-        mode: Mode::Broadcast,
-        seed,
-    }
+    tapestry_testkit::engine_config(rule, door, seed)
 }
 
 /// Attackers replace every delta they publish by −10× itself.

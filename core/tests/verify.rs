@@ -9,9 +9,8 @@ use std::collections::{HashMap, VecDeque};
 use tapestry_core::aggregate::AggregationRule;
 use tapestry_core::data::{self, Dataset, Partition};
 use tapestry_core::door::{Door, DoorConfig, Rejection, Weighting};
-use tapestry_core::engine::{Action, Engine, EngineConfig, Input, Mode, genesis};
+use tapestry_core::engine::{Action, Engine, EngineConfig, Input, genesis};
 use tapestry_core::model::*;
-use tapestry_core::outer::OuterOptimizer;
 use tapestry_core::verify::{
     self, DeltaInput, Lineage, Plan, VersionRejection, aggregate_onto, params_chunk_ids,
 };
@@ -26,20 +25,7 @@ fn spec() -> ModelSpec {
 }
 
 fn config(rule: AggregationRule) -> EngineConfig {
-    EngineConfig {
-        model_id: "digits".into(),
-        region: "test".into(),
-        spec: spec(),
-        codec: Codec::F32,
-        chunk_size: 16 << 10,
-        rule,
-        outer: OuterOptimizer::averaging(),
-        quorum: 1.0,
-        round_timeout_ms: 10_000,
-        door: DoorConfig::default(),
-        mode: Mode::Broadcast,
-        seed: 0,
-    }
+    tapestry_testkit::engine_config(rule, DoorConfig::default(), 0)
 }
 
 /// What one node holds: manifests, delta payloads, verified versions.

@@ -5,12 +5,18 @@
 //! - [`digits_path`], [`digits`], [`digits_split`]: the scikit-learn
 //!   digits (1,797 rows, 64 pixel counts 0..=16, ten classes), scaled from
 //!   their declared range like a node's config does.
-//! - [`logistic`], [`sgd`]: the small model and optimiser most tests use.
+//! - [`logistic`], [`sgd`]: the small model and optimiser most tests use;
+//!   [`engine_config`]: a broadcast region of that model.
 
 use std::path::PathBuf;
 
+use tapestry_core::aggregate::AggregationRule;
 use tapestry_core::data::{self, CsvOptions, Dataset, Scaler};
+use tapestry_core::door::DoorConfig;
+use tapestry_core::engine::{EngineConfig, Mode};
 use tapestry_core::model::{InnerOptimizer, ModelSpec, TrainConfig};
+use tapestry_core::outer::OuterOptimizer;
+use tapestry_protocol::Codec;
 
 /// The digits data set's file (`shared/data/digits.csv.gz` beside the
 /// checkout). Panics, saying where it looked, if it is not there: tests
@@ -66,5 +72,25 @@ pub fn sgd(local_steps: usize, batch_size: usize, lr: f32) -> TrainConfig {
         local_steps,
         batch_size,
         optimizer: InnerOptimizer::SgdMomentum { lr, momentum: 0.9 },
+    }
+}
+
+/// A broadcast region `digits`/`test` of [`logistic`]: f32 deltas, 16-KiB
+/// chunks, plain averaging as the outer step, quorum 1, 10-s round
+/// timeout, with this rule, door and seed.
+pub fn engine_config(rule: AggregationRule, door: DoorConfig, seed: u64) -> EngineConfig {
+    EngineConfig {
+        model_id: "digits".into(),
+        region: "test".into(),
+        spec: logistic(),
+        codec: Codec::F32,
+        chunk_size: 16 << 10,
+        rule,
+        outer: OuterOptimizer::averaging(),
+        quorum: 1.0,
+        round_timeout_ms: 10_000,
+        door,
+        mode: Mode::Broadcast,
+        seed,
     }
 }
