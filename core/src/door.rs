@@ -61,18 +61,29 @@ impl Weighting {
     }
 }
 
+/// Why a weighting was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WeightingError {
+    /// `samples:` without a positive integer.
+    #[error("bad weighting {0:?}: samples:MAX needs MAX ≥ 1")]
+    BadMax(String),
+    /// Neither `equal` nor `samples:MAX`.
+    #[error("unknown weighting {0:?} (equal, samples:MAX)")]
+    Unknown(String),
+}
+
 impl std::str::FromStr for Weighting {
-    type Err = String;
+    type Err = WeightingError;
 
     /// `equal` or `samples:MAX`.
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, WeightingError> {
         match s.split_once(':') {
             None if s == "equal" => Ok(Weighting::Equal),
             Some(("samples", max)) => match max.parse::<u64>() {
                 Ok(max) if max >= 1 => Ok(Weighting::Samples { max }),
-                _ => Err(format!("bad weighting {s:?}: samples:MAX needs MAX ≥ 1")),
+                _ => Err(WeightingError::BadMax(s.to_owned())),
             },
-            _ => Err(format!("unknown weighting {s:?} (equal, samples:MAX)")),
+            _ => Err(WeightingError::Unknown(s.to_owned())),
         }
     }
 }

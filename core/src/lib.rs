@@ -13,6 +13,8 @@
 //! - [`outer`]: outer SGD and Nesterov momentum.
 //! - [`mixing`]: Metropolis–Hastings weights, push-sum, consensus distance,
 //!   catch-up from several neighbours.
+//! - [`admission`]: size, envelope and roster checks of an announcement, and
+//!   every refusal's gossip verdict and metric label in one place.
 //! - [`door`]: the checks every incoming delta passes, with named reasons.
 //! - [`engine`]: the round engine (broadcast, neighbour mixing, push-sum).
 //! - [`verify`]: checking a peer's model version by recomputation.
@@ -21,6 +23,7 @@
 //! - [`heads`]: the agreement policy: which versions to verify, and what to
 //!   do with one that passed (adopt, merge, remember, leave).
 
+pub mod admission;
 pub mod aggregate;
 pub mod attest;
 pub mod data;

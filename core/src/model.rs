@@ -102,6 +102,24 @@ impl std::str::FromStr for Architecture {
     }
 }
 
+impl std::fmt::Display for Architecture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Architecture::Logistic => f.write_str("logistic"),
+            Architecture::Mlp(widths) => {
+                f.write_str("mlp:")?;
+                for (i, w) in widths.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    write!(f, "{w}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 impl Architecture {
     /// The concrete model for `inputs` features and `classes` classes.
     pub fn spec(&self, inputs: usize, classes: usize) -> ModelSpec {

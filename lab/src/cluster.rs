@@ -22,11 +22,13 @@ use tapestry_core::mixing::consensus_distance;
 use tapestry_core::model::import_safetensors;
 use tapestry_node::config::{Config, DataSection, ModelSection, RoundSection};
 
+use crate::error::{EventProblem, LabError};
 use crate::netns::{Lab, LinkFaults};
 use crate::process::NodeProcess;
 use tapestry_sim::plot::{self, Series};
 use tapestry_sim::report::Final;
 use tapestry_sim::scenario::parse_duration_ms;
+use tapestry_sim::world::SwarmFigures;
 
 /// Something that happens to a node, or the network, during the run.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,25 +65,30 @@ impl ClusterEvent {
     /// `kill:N@T[-T2]`, `join:N@T` or `cut:A|B@T-T2` (times like `3s`,
     /// `1500ms`; `A` and `B` node lists like `0,1,2`; `cut:3,4@T-T2` cuts
     /// nodes 3 and 4 off from the rest).
-    pub fn parse(s: &str, nodes: usize) -> Result<ClusterEvent, String> {
-        let bad =
-            |why: &str| format!("bad event {s:?}: {why} (kill:N@T[-T2], join:N@T, cut:A|B@T-T2)");
-        let (kind, rest) = s.split_once(':').ok_or_else(|| bad("no kind"))?;
-        let (node, when) = rest.split_once('@').ok_or_else(|| bad("no @"))?;
+    pub fn parse(s: &str, nodes: usize) -> Result<ClusterEvent, LabError> {
+        let bad = |problem| LabError::Event {
+            event: s.to_owned(),
+            problem,
+        };
+        let duration = |t| parse_duration_ms(t).map_err(|e| bad(EventProblem::Duration(e)));
+        let (kind, rest) = s.split_once(':').ok_or_else(|| bad(EventProblem::NoKind))?;
+        let (node, when) = rest
+            .split_once('@')
+            .ok_or_else(|| bad(EventProblem::NoAt))?;
         if kind == "cut" {
             let mut sides = vec![0u8; nodes];
             let groups: Vec<&str> = node.split('|').collect();
             if groups.len() > 2 {
-                return Err(bad("at most two sides"));
+                return Err(bad(EventProblem::TooManySides));
             }
             for (k, g) in groups.iter().enumerate() {
                 for n in g.split(',') {
                     let n: usize = n
                         .trim()
                         .parse()
-                        .map_err(|_| bad("a node is not a number"))?;
+                        .map_err(|_| bad(EventProblem::SideNodeNotANumber))?;
                     if n >= nodes {
-                        return Err(bad(&format!("node {n} does not exist ({nodes} nodes)")));
+                        return Err(bad(EventProblem::NoSuchNode { node: n, nodes }));
                     }
                     sides[n] = if groups.len() == 1 { 1 } else { k as u8 };
                 }
@@ -89,19 +96,19 @@ impl ClusterEvent {
             if groups.len() == 2 {
                 let listed = groups.iter().flat_map(|g| g.split(',')).count();
                 if listed != nodes {
-                    return Err(bad("with two sides, every node must be on one"));
+                    return Err(bad(EventProblem::NodesLeftOut));
                 }
             }
             if sides.iter().all(|s| *s == sides[0]) {
-                return Err(bad("both sides must have nodes"));
+                return Err(bad(EventProblem::EmptySide));
             }
             let (a, b) = when
                 .split_once('-')
-                .ok_or_else(|| bad("a cut needs a heal time: T-T2"))?;
-            let at_ms = parse_duration_ms(a).map_err(|e| bad(&e))?;
-            let heal_ms = parse_duration_ms(b).map_err(|e| bad(&e))?;
+                .ok_or_else(|| bad(EventProblem::NoHeal))?;
+            let at_ms = duration(a)?;
+            let heal_ms = duration(b)?;
             if heal_ms <= at_ms {
-                return Err(bad("the cut must heal after it starts"));
+                return Err(bad(EventProblem::HealsBeforeCut));
             }
             return Ok(ClusterEvent::Cut {
                 sides,
@@ -109,9 +116,11 @@ impl ClusterEvent {
                 heal_ms,
             });
         }
-        let node: usize = node.parse().map_err(|_| bad("node is not a number"))?;
+        let node: usize = node
+            .parse()
+            .map_err(|_| bad(EventProblem::NodeNotANumber))?;
         if node >= nodes {
-            return Err(bad(&format!("node {node} does not exist ({nodes} nodes)")));
+            return Err(bad(EventProblem::NoSuchNode { node, nodes }));
         }
         match kind {
             "kill" => {
@@ -119,15 +128,13 @@ impl ClusterEvent {
                     Some((a, b)) => (a, Some(b)),
                     None => (when, None),
                 };
-                let at_ms = parse_duration_ms(at).map_err(|e| bad(&e))?;
-                let restart_ms = restart
-                    .map(|r| parse_duration_ms(r).map_err(|e| bad(&e)))
-                    .transpose()?;
+                let at_ms = duration(at)?;
+                let restart_ms = restart.map(duration).transpose()?;
                 if restart_ms.is_some_and(|r| r <= at_ms) {
-                    return Err(bad("the restart must come after the kill"));
+                    return Err(bad(EventProblem::RestartBeforeKill));
                 }
                 if node == 0 {
-                    return Err(bad("node 0 is the bootstrap node; kill another one"));
+                    return Err(bad(EventProblem::KillBootstrap));
                 }
                 Ok(ClusterEvent::Kill {
                     node,
@@ -137,14 +144,14 @@ impl ClusterEvent {
             }
             "join" => {
                 if node == 0 {
-                    return Err(bad("node 0 is the bootstrap node and starts first"));
+                    return Err(bad(EventProblem::JoinBootstrap));
                 }
                 Ok(ClusterEvent::Join {
                     node,
-                    at_ms: parse_duration_ms(when).map_err(|e| bad(&e))?,
+                    at_ms: duration(when)?,
                 })
             }
-            _ => Err(bad("unknown kind")),
+            _ => Err(bad(EventProblem::UnknownKind)),
         }
     }
 }
@@ -242,7 +249,7 @@ fn start(
     dir: &Path,
     bootstrap: Option<&str>,
     namespace: Option<&str>,
-) -> Result<NodeProcess, String> {
+) -> Result<NodeProcess, LabError> {
     let mut cmd = match namespace {
         Some(ns) => {
             let mut c = Command::new("ip");
@@ -262,20 +269,19 @@ fn start(
 /// Writes `DIR/report.json`, `DIR/samples.csv`, `DIR/accuracy.png` and
 /// `DIR/rounds.png`, and leaves each node's directory (log, store) in
 /// `DIR/nodes/`.
-pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result<Value, String> {
+pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result<Value, LabError> {
     let started = Instant::now();
     if !o.tapestry.is_file() {
-        return Err(format!(
-            "no tapestry binary at {} (build it: cargo build -p tapestry-node, or pass --tapestry)",
-            o.tapestry.display()
-        ));
+        return Err(LabError::NoBinary(o.tapestry.clone()));
     }
     let nodes_dir = o.out.join("nodes");
     if nodes_dir.exists() {
-        std::fs::remove_dir_all(&nodes_dir)
-            .map_err(|e| format!("cannot clear {}: {e}", nodes_dir.display()))?;
+        std::fs::remove_dir_all(&nodes_dir).map_err(|source| LabError::Clear {
+            path: nodes_dir.clone(),
+            source,
+        })?;
     }
-    std::fs::create_dir_all(&nodes_dir).map_err(|e| format!("{}: {e}", nodes_dir.display()))?;
+    std::fs::create_dir_all(&nodes_dir).map_err(LabError::io(&nodes_dir))?;
     let lab = if o.netns {
         Some(Lab::create(o.nodes, o.faults, o.seed)?)
     } else {
@@ -286,7 +292,7 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
     let last = loop {
         let now_ms = run.t0.elapsed().as_millis() as u64;
         if o.interrupted.load(Ordering::Relaxed) {
-            return Err("interrupted; nodes stopped and namespaces removed".into());
+            return Err(LabError::Interrupted);
         }
         run.carry_out_events(now_ms)?;
         let last = run.observe();
@@ -296,11 +302,10 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
             break last;
         }
         if run.t0.elapsed() > o.timeout {
-            return Err(format!(
-                "the cluster did not finish within {} s; node logs are in {}",
-                o.timeout.as_secs(),
-                nodes_dir.display()
-            ));
+            return Err(LabError::Timeout {
+                secs: o.timeout.as_secs(),
+                logs: nodes_dir,
+            });
         }
         std::thread::sleep(Duration::from_millis(500));
     };
@@ -309,10 +314,11 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
     report["wall_seconds"] = json!(started.elapsed().as_secs_f64());
     std::fs::write(
         o.out.join("report.json"),
-        serde_json::to_string_pretty(&report).map_err(|e| e.to_string())? + "\n",
+        serde_json::to_string_pretty(&report)? + "\n",
     )
-    .map_err(|e| format!("writing report.json: {e}"))?;
-    std::fs::write(o.out.join("samples.csv"), &run.samples).map_err(|e| e.to_string())?;
+    .map_err(LabError::WriteReport)?;
+    let samples = o.out.join("samples.csv");
+    std::fs::write(&samples, &run.samples).map_err(LabError::io(&samples))?;
     plot_series(&o.out, &run.series)?;
     Ok(report)
 }
@@ -324,15 +330,19 @@ fn prepare_nodes(
     o: &ClusterOptions,
     nodes_dir: &Path,
     lab: Option<&Lab>,
-) -> Result<(Vec<PathBuf>, Dataset), String> {
+) -> Result<(Vec<PathBuf>, Dataset), LabError> {
     // Data: one pool, dealt to the nodes; each node holds out its own split.
     let all = if o.data == "synthetic" {
         data::synthetic_with_separation(o.seed, (400 * o.nodes).max(3000), 20, 10, 0.8)
     } else {
-        data::load_csv(Path::new(&o.data), CsvOptions::default())
-            .map_err(|e| format!("{}: {e}", o.data))?
+        data::load_csv(Path::new(&o.data), CsvOptions::default()).map_err(|source| {
+            LabError::LoadData {
+                path: o.data.clone(),
+                source,
+            }
+        })?
     };
-    let parts = data::partition(&all, o.nodes, o.partition, o.seed).map_err(|e| e.to_string())?;
+    let parts = data::partition(&all, o.nodes, o.partition, o.seed)?;
     let dirs: Vec<PathBuf> = (0..o.nodes)
         .map(|i| nodes_dir.join(format!("node{i}")))
         .collect();
@@ -342,16 +352,20 @@ fn prepare_nodes(
             .args(["--model", "cluster", "--data-dir"])
             .arg(d)
             .output()
-            .map_err(|e| format!("cannot run {}: {e}", o.tapestry.display()))?;
+            .map_err(|source| LabError::Run {
+                program: o.tapestry.clone(),
+                source,
+            })?;
         if !out.status.success() {
-            return Err(format!(
-                "tapestry init failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
+            return Err(LabError::Init(
+                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             ));
         }
-        write_csv(&d.join("data.csv"), &all.subset(&parts[i])).map_err(|e| e.to_string())?;
-        let text = toml::to_string(&node_config(o, i, d, lab, &all)).map_err(|e| e.to_string())?;
-        std::fs::write(d.join("config.toml"), text).map_err(|e| e.to_string())?;
+        let csv = d.join("data.csv");
+        write_csv(&csv, &all.subset(&parts[i])).map_err(LabError::io(&csv))?;
+        let text = toml::to_string(&node_config(o, i, d, lab, &all))?;
+        let config = d.join("config.toml");
+        std::fs::write(&config, text).map_err(LabError::io(&config))?;
     }
     Ok((dirs, all))
 }
@@ -440,7 +454,7 @@ impl<'a> Run<'a> {
         o: &'a ClusterOptions,
         dirs: Vec<PathBuf>,
         lab: Option<Lab>,
-    ) -> Result<Run<'a>, String> {
+    ) -> Result<Run<'a>, LabError> {
         let mut run = Run {
             o,
             procs: Vec::new(),
@@ -465,12 +479,7 @@ impl<'a> Run<'a> {
         run.boot = run.procs[0]
             .endpoints(Duration::from_secs(60))
             .and_then(|e| e["listen"][0].as_str().map(str::to_owned))
-            .ok_or_else(|| {
-                format!(
-                    "node 0 did not start; see {}",
-                    run.dirs[0].join("node.log").display()
-                )
-            })?;
+            .ok_or_else(|| LabError::BootstrapDidNotStart(run.dirs[0].join("node.log")))?;
         let joins_late = |i: usize| {
             o.events
                 .iter()
@@ -490,13 +499,13 @@ impl<'a> Run<'a> {
     }
 
     /// Starts node `i` (in its namespace, if any).
-    fn spawn(&self, i: usize, bootstrap: Option<&str>) -> Result<NodeProcess, String> {
+    fn spawn(&self, i: usize, bootstrap: Option<&str>) -> Result<NodeProcess, LabError> {
         let ns = self.lab.as_ref().map(|l| l.namespace(i));
         start(&self.o.tapestry, &self.dirs[i], bootstrap, ns.as_deref())
     }
 
     /// Kills, restarts, late joins, cuts and heals that fall due by `now_ms`.
-    fn carry_out_events(&mut self, now_ms: u64) -> Result<(), String> {
+    fn carry_out_events(&mut self, now_ms: u64) -> Result<(), LabError> {
         let boot = self.boot.clone();
         for (k, e) in self.o.events.iter().enumerate() {
             match e {
@@ -703,8 +712,10 @@ impl<'a> Run<'a> {
             "events": o.events.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>(),
             "final": Final {
                 heads_agree: Some(heads_agree(last, o.regions)),
-                honest_nodes: o.nodes,
-                ..Final::over(&accs, &losses, consensus, bytes / o.nodes as u64)
+                ..Final::new(
+                    SwarmFigures::over(&accs, &losses, consensus, bytes / o.nodes as u64),
+                    o.nodes,
+                )
             },
             "regions": regions,
             "per_node": last.iter().map(|v| v.status.clone()).collect::<Vec<_>>(),
@@ -735,7 +746,7 @@ impl<'a> Run<'a> {
 
 /// `accuracy.png` and `rounds.png`: each node's accuracy and round over
 /// time.
-fn plot_series(out: &Path, series: &[Vec<(f64, f64, f64)>]) -> Result<(), String> {
+fn plot_series(out: &Path, series: &[Vec<(f64, f64, f64)>]) -> Result<(), LabError> {
     let palette = [
         (31, 119, 180),
         (255, 127, 14),
@@ -773,5 +784,6 @@ fn plot_series(out: &Path, series: &[Vec<(f64, f64, f64)>]) -> Result<(), String
         "round",
         &lines(|p| p.2),
         None,
-    )
+    )?;
+    Ok(())
 }

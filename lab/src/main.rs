@@ -225,7 +225,8 @@ fn options(a: ClusterArgs) -> Result<tapestry_lab::cluster::ClusterOptions, Stri
         .events
         .iter()
         .map(|e| tapestry_lab::cluster::ClusterEvent::parse(e, a.nodes))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
     let latency_ms = match a.latency.as_deref() {
         None => 0,
         Some(l) => {
@@ -329,25 +330,11 @@ fn main() -> ExitCode {
     unsafe {
         tapestry_core::model::one_kernel_thread()
     };
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            // --help and --version.
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            // One line naming the problem; `--help` has the rest.
-            let text = e.to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("tapestry-lab: {first} (see tapestry-lab cluster --help)");
-            return ExitCode::from(2);
-        }
-    };
+    let cli: Cli =
+        match tapestry_sim::cli::parse_args("tapestry-lab", "tapestry-lab cluster --help") {
+            Ok(cli) => cli,
+            Err(code) => return code,
+        };
     let Command::Cluster(args) = cli.command;
     cluster(*args)
 }

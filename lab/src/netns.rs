@@ -32,8 +32,14 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
+use crate::error::{LabError, NetnsUnavailable};
+
 /// Prefix of every namespace this module creates.
 const NS_PREFIX: &str = "tapestry-";
+
+/// Nodes one run can have in namespaces: addresses `10.A.B.1` up to this,
+/// below the host's `.254`.
+const MAX_NODES: usize = 250;
 
 /// Faults on the links between nodes.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -57,9 +63,9 @@ pub struct RouterStats {
 
 /// Whether namespaces can be made here: Linux, root, `ip` and `/dev/net/tun`.
 /// `Err` says what is missing.
-pub fn available() -> Result<(), String> {
+pub fn available() -> Result<(), NetnsUnavailable> {
     if !cfg!(target_os = "linux") {
-        return Err("network namespaces need Linux".into());
+        return Err(NetnsUnavailable::NotLinux);
     }
     let uid = std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -70,30 +76,32 @@ pub fn available() -> Result<(), String> {
         })
         .unwrap_or_default();
     if uid != "0" {
-        return Err("network namespaces need root".into());
+        return Err(NetnsUnavailable::NotRoot);
     }
     if !std::path::Path::new("/dev/net/tun").exists() {
-        return Err("no /dev/net/tun".into());
+        return Err(NetnsUnavailable::NoTun);
     }
     match Command::new("ip").arg("-V").output() {
         Ok(o) if o.status.success() => Ok(()),
-        _ => Err("no `ip` command (install iproute2)".into()),
+        _ => Err(NetnsUnavailable::NoIp),
     }
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
+fn ip(args: &[&str]) -> Result<(), LabError> {
     let out = Command::new("ip")
         .args(args)
         .output()
-        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+        .map_err(|source| LabError::IpCommand {
+            command: args.join(" "),
+            source,
+        })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(LabError::Ip {
+            command: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
     }
 }
 
@@ -143,7 +151,7 @@ fn kill_inside(name: &str) {
 
 /// Opens a TUN device named `name` (IPv4 packets, no extra header).
 #[allow(unsafe_code)]
-fn open_tun(name: &str) -> Result<File, String> {
+fn open_tun(name: &str) -> Result<File, LabError> {
     const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
     const IFF_TUN: libc::c_short = 0x0001;
     const IFF_NO_PI: libc::c_short = 0x1000;
@@ -154,13 +162,13 @@ fn open_tun(name: &str) -> Result<File, String> {
         _pad: [u8; 22],
     }
     if name.len() > 15 {
-        return Err(format!("interface name {name:?} is too long"));
+        return Err(LabError::TunName(name.to_owned()));
     }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/net/tun")
-        .map_err(|e| format!("/dev/net/tun: {e}"))?;
+        .map_err(LabError::io("/dev/net/tun"))?;
     let mut req = IfReq {
         name: [0; 16],
         flags: IFF_TUN | IFF_NO_PI,
@@ -173,10 +181,10 @@ fn open_tun(name: &str) -> Result<File, String> {
     // lives across the call and `file` is an open descriptor.
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReq) };
     if rc < 0 {
-        return Err(format!(
-            "TUNSETIFF {name}: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(LabError::Tun {
+            name: name.to_owned(),
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(file)
 }
@@ -260,10 +268,10 @@ pub struct Lab {
 impl Lab {
     /// Creates `nodes` namespaces linked by the router, with `faults` on
     /// every link between two nodes. Cleans up leftovers of dead runs first.
-    pub fn create(nodes: usize, faults: LinkFaults, seed: u64) -> Result<Lab, String> {
+    pub fn create(nodes: usize, faults: LinkFaults, seed: u64) -> Result<Lab, LabError> {
         available()?;
-        if nodes > 250 {
-            return Err("at most 250 nodes in namespaces".into());
+        if nodes > MAX_NODES {
+            return Err(LabError::TooManyNodes(MAX_NODES));
         }
         let removed = clean_leftovers();
         if !removed.is_empty() {
@@ -356,11 +364,12 @@ impl Lab {
         )
     }
 
-    fn start_router(&self, devices: Vec<File>, seed: u64) -> Result<(), String> {
+    fn start_router(&self, devices: Vec<File>, seed: u64) -> Result<(), LabError> {
         let writers: Vec<File> = devices
             .iter()
-            .map(|f| f.try_clone().map_err(|e| e.to_string()))
-            .collect::<Result<_, _>>()?;
+            .map(File::try_clone)
+            .collect::<Result<_, _>>()
+            .map_err(LabError::Router)?;
         let host = self.plan.nodes;
         for (from, mut dev) in devices.into_iter().enumerate() {
             let state = self.state.clone();
@@ -414,7 +423,7 @@ impl Lab {
                         }
                     }
                 })
-                .map_err(|e| e.to_string())?;
+                .map_err(LabError::Router)?;
         }
         let state = self.state.clone();
         std::thread::Builder::new()
@@ -449,7 +458,7 @@ impl Lab {
                     }
                 }
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(LabError::Router)?;
         Ok(())
     }
 }

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::error::LabError;
+
 /// A running (or stopped) node process.
 pub struct NodeProcess {
     dir: PathBuf,
@@ -28,13 +30,14 @@ impl NodeProcess {
     /// (libp2p at warn) unless the command sets it. A stale
     /// `endpoints.json` is removed first, so [`NodeProcess::endpoints`]
     /// sees this run's.
-    pub fn spawn(mut cmd: Command, dir: &Path) -> Result<NodeProcess, String> {
+    pub fn spawn(mut cmd: Command, dir: &Path) -> Result<NodeProcess, LabError> {
         let _ = std::fs::remove_file(dir.join("endpoints.json"));
+        let path = dir.join("node.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join("node.log"))
-            .map_err(|e| format!("{}: {e}", dir.join("node.log").display()))?;
+            .open(&path)
+            .map_err(LabError::io(path))?;
         if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
             cmd.env("RUST_LOG", "info,libp2p=warn");
         }
@@ -42,7 +45,10 @@ impl NodeProcess {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+            .map_err(|source| LabError::Start {
+                program: cmd.get_program().to_owned(),
+                source,
+            })?;
         Ok(NodeProcess {
             dir: dir.to_path_buf(),
             child: Some(child),
@@ -121,18 +127,20 @@ impl NodeProcess {
 
 /// The `/status` document of the node whose API is at `addr` (5-s
 /// timeout).
-pub fn status(addr: &str) -> Result<Value, String> {
-    let body = tapestry_node::api::get(addr, "/status", Duration::from_secs(5))
-        .map_err(|e| e.to_string())?;
-    serde_json::from_str(&body).map_err(|e| format!("{addr}/status: {e}"))
+pub fn status(addr: &str) -> Result<Value, LabError> {
+    let body = tapestry_node::api::get(addr, "/status", Duration::from_secs(5))?;
+    serde_json::from_str(&body).map_err(|source| LabError::Status {
+        addr: addr.to_owned(),
+        source,
+    })
 }
 
 /// Sets the first `key = ...` line of the node's `config.toml` in `dir`
 /// to `key = value` (`value` written as TOML: quote strings). An error if
 /// the file has no such key.
-pub fn set_config(dir: &Path, key: &str, value: &str) -> Result<(), String> {
+pub fn set_config(dir: &Path, key: &str, value: &str) -> Result<(), LabError> {
     let cfg = dir.join("config.toml");
-    let text = std::fs::read_to_string(&cfg).map_err(|e| format!("{}: {e}", cfg.display()))?;
+    let text = std::fs::read_to_string(&cfg).map_err(LabError::io(&cfg))?;
     let mut done = false;
     let out: Vec<String> = text
         .lines()
@@ -146,7 +154,10 @@ pub fn set_config(dir: &Path, key: &str, value: &str) -> Result<(), String> {
         })
         .collect();
     if !done {
-        return Err(format!("no {key} in {}", cfg.display()));
+        return Err(LabError::NoConfigKey {
+            key: key.to_owned(),
+            path: cfg,
+        });
     }
-    std::fs::write(&cfg, out.join("\n") + "\n").map_err(|e| format!("{}: {e}", cfg.display()))
+    std::fs::write(&cfg, out.join("\n") + "\n").map_err(LabError::io(&cfg))
 }

@@ -13,9 +13,7 @@ use tapestry_protocol::Codec;
 use tapestry_core::aggregate::AggregationRule;
 use tapestry_core::door::{DoorConfig, Weighting};
 use tapestry_core::engine::{EngineConfig, Mode};
-use tapestry_core::model::{
-    Architecture, ArchitectureError, InnerOptimizer, ModelSpec, TrainConfig,
-};
+use tapestry_core::model::{Architecture, InnerOptimizer, ModelSpec, TrainConfig};
 use tapestry_core::outer::OuterOptimizer;
 
 /// The whole file.
@@ -57,7 +55,8 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
     /// `logistic` or `mlp:W1,W2,...`.
-    pub architecture: String,
+    #[serde(with = "text::architecture")]
+    pub architecture: Architecture,
     /// Input features.
     pub inputs: usize,
     /// Classes.
@@ -97,13 +96,16 @@ pub struct TrainingSection {
 #[serde(deny_unknown_fields, default)]
 pub struct RoundSection {
     /// `f32`, `bf16`, `int8[:BLOCK]`, `topk:F`.
-    pub codec: String,
+    #[serde(with = "text::codec")]
+    pub codec: Codec,
     /// `mean`, `trimmed-mean:B`, `median`, `clip:R[:ITER]`, `median-clip[:F[:ITER]]`,
     /// `aligned[:F[:ITER]]`.
-    pub aggregator: String,
+    #[serde(with = "text::aggregator")]
+    pub aggregator: AggregationRule,
     /// How much each delta weighs: `equal` (one author, one vote) or
     /// `samples:MAX` (its declared sample count, at most MAX).
-    pub weighting: String,
+    #[serde(with = "text::weighting")]
+    pub weighting: Weighting,
     /// A peer's version more than this many rounds ahead of this node is
     /// refused; catching up means recomputing up to this many rounds.
     pub max_rounds_ahead: u64,
@@ -149,7 +151,7 @@ impl Default for Config {
 impl Default for ModelSection {
     fn default() -> Self {
         Self {
-            architecture: "logistic".into(),
+            architecture: Architecture::Logistic,
             inputs: 64,
             classes: 10,
             seed: 1,
@@ -181,9 +183,9 @@ impl Default for TrainingSection {
 impl Default for RoundSection {
     fn default() -> Self {
         Self {
-            codec: "f32".into(),
-            aggregator: "mean".into(),
-            weighting: "equal".into(),
+            codec: Codec::F32,
+            aggregator: AggregationRule::Mean,
+            weighting: Weighting::Equal,
             max_rounds_ahead: 1024,
             quorum: 1.0,
             timeout_ms: 10_000,
@@ -361,12 +363,7 @@ impl Config {
                 "model needs inputs ≥ 1 and classes ≥ 2".into(),
             ));
         }
-        let arch: Architecture = self
-            .model
-            .architecture
-            .parse()
-            .map_err(|e: ArchitectureError| ConfigError::Invalid(e.to_string()))?;
-        Ok(arch.spec(inputs, classes))
+        Ok(self.model.architecture.spec(inputs, classes))
     }
 
     /// The round engine's settings for a node with this `seed`.
@@ -385,23 +382,14 @@ impl Config {
             model_id: self.model_id.clone(),
             region: self.region.clone(),
             spec: self.spec()?,
-            codec: r
-                .codec
-                .parse::<Codec>()
-                .map_err(|e| ConfigError::Invalid(format!("codec: {e}")))?,
+            codec: r.codec,
             chunk_size: tapestry_protocol::DEFAULT_CHUNK_SIZE,
-            rule: r
-                .aggregator
-                .parse::<AggregationRule>()
-                .map_err(|e| ConfigError::Invalid(format!("aggregator: {e}")))?,
+            rule: r.aggregator,
             outer: OuterOptimizer::averaging(),
             quorum: r.quorum,
             round_timeout_ms: r.timeout_ms,
             door: DoorConfig {
-                weighting: r
-                    .weighting
-                    .parse::<Weighting>()
-                    .map_err(|e| ConfigError::Invalid(format!("weighting: {e}")))?,
+                weighting: r.weighting,
                 max_rounds_ahead: r.max_rounds_ahead,
                 ..DoorConfig::default()
             },
@@ -471,6 +459,47 @@ impl DataDir {
     }
 }
 
+/// Settings written as text in the file (`codec = "int8:256"`) and held
+/// parsed: a typo is an error when the file is read, naming the key.
+mod text {
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<T: Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(value)
+    }
+
+    pub fn parse<'de, T, D>(d: D, key: &str) -> Result<T, D::Error>
+    where
+        T: FromStr,
+        T::Err: Display,
+        D: Deserializer<'de>,
+    {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map_err(|e| serde::de::Error::custom(format!("{key}: {e}")))
+    }
+
+    macro_rules! field {
+        ($key:ident, $ty:ty) => {
+            pub mod $key {
+                pub use super::serialize;
+                pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+                    d: D,
+                ) -> Result<$ty, D::Error> {
+                    super::parse(d, stringify!($key))
+                }
+            }
+        };
+    }
+    field!(architecture, tapestry_core::model::Architecture);
+    field!(codec, tapestry_protocol::Codec);
+    field!(aggregator, tapestry_core::aggregate::AggregationRule);
+    field!(weighting, tapestry_core::door::Weighting);
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -491,8 +520,10 @@ mod tests {
         assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
         let err = err.to_string();
         assert!(err.contains("extra") || err.contains("unknown"), "{err}");
-        let mut c = Config::default();
-        c.round.aggregator = "loudest".into();
-        assert!(c.engine(1).unwrap_err().to_string().contains("aggregator"));
+        let loud = text.replace("aggregator = \"mean\"", "aggregator = \"loudest\"");
+        assert_ne!(loud, text);
+        std::fs::write(&path, loud).unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("aggregator"), "{err}");
     }
 }

@@ -1,5 +1,6 @@
 //! The node's Prometheus metrics, in one registry with libp2p's own.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
@@ -33,8 +34,11 @@ pub struct Metrics {
     pub round: Gauge,
     /// Deltas accepted from gossip.
     pub deltas_accepted: Counter,
-    /// Messages and deltas rejected, by reason.
-    pub deltas_rejected: Family<Reason, Counter>,
+    /// Messages and deltas rejected, by reason (count with
+    /// [`Metrics::reject`], read with [`Metrics::rejected`]).
+    deltas_rejected: Family<Reason, Counter>,
+    /// The same counts, readable (a family cannot be listed).
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
     /// Chunks served to peers.
     pub chunks_served: Counter,
     /// Chunks fetched from peers (verified).
@@ -78,6 +82,7 @@ impl Metrics {
             rounds: Counter::default(),
             round: Gauge::default(),
             deltas_accepted: Counter::default(),
+            rejected: Mutex::default(),
             deltas_rejected: Family::default(),
             chunks_served: Counter::default(),
             chunks_fetched: Counter::default(),
@@ -162,20 +167,7 @@ impl Metrics {
         );
         // The usual reasons start at zero, so the series exist (and rates
         // work) before the first rejection.
-        for reason in [
-            "bad_signature",
-            "malformed",
-            "oversized",
-            "not_in_roster",
-            "replay",
-            "stale",
-            "non_finite",
-            "corrupt_chunk",
-            "duplicate_author_round",
-            "version_mismatch",
-            "unknown_delta",
-            "round_jump",
-        ] {
+        for reason in tapestry_core::admission::Rejection::USUAL_LABELS {
             let _zero = m.deltas_rejected.get_or_create(&Reason {
                 reason: reason.into(),
             });
@@ -194,12 +186,23 @@ impl Metrics {
     }
 
     /// Counts one rejection.
-    pub fn reject(&self, reason: &str) {
+    pub fn reject(&self, reason: &'static str) {
         self.deltas_rejected
             .get_or_create(&Reason {
                 reason: reason.to_owned(),
             })
             .inc();
+        if let Ok(mut counts) = self.rejected.lock() {
+            *counts.entry(reason).or_default() += 1;
+        }
+    }
+
+    /// Rejections so far, by reason (reasons never seen are left out).
+    pub fn rejected(&self) -> BTreeMap<String, u64> {
+        self.rejected
+            .lock()
+            .map(|c| c.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect())
+            .unwrap_or_default()
     }
 
     /// Sets the accuracy gauge.

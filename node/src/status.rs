@@ -100,6 +100,7 @@ impl Shared {
         s.verify_fetched_bytes = m.verify_fetched_bytes.get();
         s.recompute_ms = m.recompute_seconds.get() * 1e3;
         s.keep_verified_ms = m.keep_verified_seconds.get() * 1e3;
+        s.rejected = m.rejected();
         s
     }
 

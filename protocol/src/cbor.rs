@@ -9,6 +9,8 @@
 //! never make us reserve memory the input does not back.
 
 use serde::Serialize;
+
+use crate::manifest::ValidationError;
 use serde::de::DeserializeOwned;
 
 /// Bounds a decoder enforces on untrusted input.
@@ -43,7 +45,7 @@ impl DecodeLimits {
 
 /// Why bytes could not be decoded into a message. Every case is a property of
 /// the input, never a bug, so a node can count it against the sender.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DecodeError {
     /// The input is larger than the limit for this kind of message.
     #[error("input of {len} bytes exceeds the limit of {max}")]
@@ -93,19 +95,37 @@ pub enum DecodeError {
     /// terms (for example its author is not its signer, or its tensor layout
     /// contradicts itself).
     #[error("invalid message: {0}")]
-    Invalid(String),
+    Invalid(Box<ValidationError>),
 }
 
-/// Why a value could not be encoded. Encoding our own types into memory
-/// cannot fail in practice; the error exists so that nothing needs `unwrap`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("CBOR encoding failed: {0}")]
-pub struct EncodeError(pub String);
+impl From<ValidationError> for DecodeError {
+    fn from(e: ValidationError) -> Self {
+        DecodeError::Invalid(Box::new(e))
+    }
+}
+
+/// Why a value could not be encoded (or signed).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EncodeError {
+    /// The CBOR encoder failed. Encoding our own types into memory cannot
+    /// fail in practice; the case exists so that nothing needs `unwrap`.
+    #[error("CBOR encoding failed: {0}")]
+    Cbor(String),
+    /// A message to be signed does not pass its own validation.
+    #[error("{0}")]
+    Invalid(Box<ValidationError>),
+}
+
+impl From<ValidationError> for EncodeError {
+    fn from(e: ValidationError) -> Self {
+        EncodeError::Invalid(Box::new(e))
+    }
+}
 
 /// Encodes a value as CBOR.
 pub fn to_cbor<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, EncodeError> {
     let mut out = Vec::new();
-    ciborium::ser::into_writer(value, &mut out).map_err(|e| EncodeError(e.to_string()))?;
+    ciborium::ser::into_writer(value, &mut out).map_err(|e| EncodeError::Cbor(e.to_string()))?;
     Ok(out)
 }
 

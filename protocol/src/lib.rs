@@ -27,7 +27,7 @@ pub use id::{ContentId, NodeId, ParseIdError};
 pub use identity::{KeyFileError, Keypair};
 pub use manifest::{
     DEFAULT_CHUNK_SIZE, DType, DeltaManifest, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, ModelManifest,
-    Roster, TensorSpec,
+    Roster, TensorSpec, ValidationError,
 };
 pub use signed::{Signed, SignedMessage, Verified, verify_batch};
 pub use wire::{FetchRequest, FetchResponse};

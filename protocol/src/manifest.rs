@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::Codec;
+use crate::codec::{Codec, CodecError};
 use crate::id::{ContentId, NodeId};
 use crate::signed::SignedMessage;
 
@@ -50,29 +50,128 @@ pub struct TensorSpec {
     pub dtype: DType,
 }
 
+/// Why a message whose signature is good is still not acceptable on its own
+/// terms. Every case is a property of the message, never a bug.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValidationError {
+    /// The tensor layout names no tensor.
+    #[error("the tensor layout is empty")]
+    EmptyLayout,
+    /// A tensor name is empty or longer than 256 bytes.
+    #[error("tensor name of {0} bytes (must be 1..=256)")]
+    TensorNameLength(usize),
+    /// Two tensors have the same name.
+    #[error("tensor {0:?} appears twice")]
+    DuplicateTensor(String),
+    /// A tensor has more than 8 dimensions.
+    #[error("tensor {name:?} has {dims} dimensions (at most 8)")]
+    TooManyDimensions {
+        /// The tensor.
+        name: String,
+        /// Its number of dimensions.
+        dims: usize,
+    },
+    /// A tensor has more elements than a model may have.
+    #[error("tensor {0:?} is too large")]
+    TensorTooLarge(String),
+    /// The tensors together have more elements than a model may have.
+    #[error("the model is too large")]
+    ModelTooLarge,
+    /// A model id or region name is not a well-formed name.
+    #[error("{what} {value:?} must be 1..=64 characters of a-z, 0-9, '-', '_', '.'")]
+    BadName {
+        /// Which field (`model id`, `region`).
+        what: &'static str,
+        /// The value found.
+        value: String,
+    },
+    /// The manifest's author is not the envelope's signer.
+    #[error("author {} is not the signer {}", author.short(), signer.short())]
+    AuthorNotSigner {
+        /// The author field.
+        author: NodeId,
+        /// The envelope's signer.
+        signer: NodeId,
+    },
+    /// The chunk size is outside the protocol's bounds.
+    #[error("chunk size {0} outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}")]
+    ChunkSize(usize),
+    /// The number of chunk ids does not match the payload length.
+    #[error(
+        "{payload_bytes} payload bytes in {chunk_size}-byte chunks make {expected} chunks, not {found}"
+    )]
+    ChunkCount {
+        /// Payload length.
+        payload_bytes: u64,
+        /// Chunk size.
+        chunk_size: usize,
+        /// Chunks that length makes.
+        expected: u64,
+        /// Chunk ids listed.
+        found: usize,
+    },
+    /// The delta's codec parameters are out of range.
+    #[error("{0}")]
+    Codec(#[from] CodecError),
+    /// The delta's element count cannot be encoded with its codec.
+    #[error("the delta is too large for this codec")]
+    TooLargeForCodec,
+    /// The delta's payload length is not what its codec and layout imply.
+    #[error("a {elements}-element delta in {codec} takes {expected} bytes, not {found}")]
+    DeltaPayload {
+        /// Elements in the layout.
+        elements: u64,
+        /// The codec.
+        codec: Codec,
+        /// Bytes the codec takes for them.
+        expected: u64,
+        /// Bytes the manifest claims.
+        found: u64,
+    },
+    /// A delta claims to come from no training sample.
+    #[error("sample count is zero")]
+    ZeroSamples,
+    /// A delta's norm is negative, NaN or infinite.
+    #[error("L2 norm {0} is not a finite non-negative number")]
+    BadNorm(f32),
+    /// A model tensor is not f32.
+    #[error("model tensor {0:?} is not f32")]
+    NotF32(String),
+    /// A model's payload length is not four bytes per parameter.
+    #[error("{elements} f32 parameters take {} bytes, not {found}", elements * 4)]
+    ModelPayload {
+        /// Parameters in the layout.
+        elements: u64,
+        /// Bytes the manifest claims.
+        found: u64,
+    },
+    /// A model version names more than 256 parents.
+    #[error("{0} parents (at most 256)")]
+    TooManyParents(usize),
+    /// A roster's members are not sorted and unique.
+    #[error("roster members must be sorted and unique")]
+    UnsortedRoster,
+}
+
 /// Checks a layout and returns its total number of elements.
-pub fn layout_elements(layout: &[TensorSpec]) -> Result<u64, String> {
+pub fn layout_elements(layout: &[TensorSpec]) -> Result<u64, ValidationError> {
     if layout.is_empty() {
-        return Err("the tensor layout is empty".into());
+        return Err(ValidationError::EmptyLayout);
     }
     let mut names = BTreeSet::new();
     let mut total = 0u64;
     for t in layout {
         if t.name.is_empty() || t.name.len() > 256 {
-            return Err(format!(
-                "tensor name of {} bytes (must be 1..=256)",
-                t.name.len()
-            ));
+            return Err(ValidationError::TensorNameLength(t.name.len()));
         }
         if !names.insert(t.name.as_str()) {
-            return Err(format!("tensor {:?} appears twice", t.name));
+            return Err(ValidationError::DuplicateTensor(t.name.clone()));
         }
         if t.shape.len() > 8 {
-            return Err(format!(
-                "tensor {:?} has {} dimensions (at most 8)",
-                t.name,
-                t.shape.len()
-            ));
+            return Err(ValidationError::TooManyDimensions {
+                name: t.name.clone(),
+                dims: t.shape.len(),
+            });
         }
         let n = t
             .shape
@@ -80,16 +179,16 @@ pub fn layout_elements(layout: &[TensorSpec]) -> Result<u64, String> {
             .try_fold(1u64, |acc, d| {
                 acc.checked_mul(*d).filter(|n| *n <= MAX_PARAMETERS)
             })
-            .ok_or_else(|| format!("tensor {:?} is too large", t.name))?;
+            .ok_or_else(|| ValidationError::TensorTooLarge(t.name.clone()))?;
         total = total
             .checked_add(n)
             .filter(|n| *n <= MAX_PARAMETERS)
-            .ok_or("the model is too large")?;
+            .ok_or(ValidationError::ModelTooLarge)?;
     }
     Ok(total)
 }
 
-fn check_name(what: &str, s: &str) -> Result<(), String> {
+fn check_name(what: &'static str, s: &str) -> Result<(), ValidationError> {
     let ok = !s.is_empty()
         && s.len() <= 64
         && s.bytes()
@@ -97,9 +196,10 @@ fn check_name(what: &str, s: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{what} {s:?} must be 1..=64 characters of a-z, 0-9, '-', '_', '.'"
-        ))
+        Err(ValidationError::BadName {
+            what,
+            value: s.to_owned(),
+        })
     }
 }
 
@@ -110,13 +210,12 @@ fn check_scope(
     signer: &NodeId,
     model_id: &str,
     region: &str,
-) -> Result<(), String> {
+) -> Result<(), ValidationError> {
     if author != signer {
-        return Err(format!(
-            "author {} is not the signer {}",
-            author.short(),
-            signer.short()
-        ));
+        return Err(ValidationError::AuthorNotSigner {
+            author: *author,
+            signer: *signer,
+        });
     }
     check_name("model id", model_id)?;
     check_name("region", region)
@@ -124,18 +223,23 @@ fn check_scope(
 
 /// Checks that `payload_bytes` cut into `chunk_size` pieces gives exactly
 /// `chunks` chunks.
-fn check_chunking(payload_bytes: u64, chunk_size: u32, chunks: usize) -> Result<(), String> {
+fn check_chunking(
+    payload_bytes: u64,
+    chunk_size: u32,
+    chunks: usize,
+) -> Result<(), ValidationError> {
     let cs = chunk_size as usize;
     if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
-        return Err(format!(
-            "chunk size {cs} outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}"
-        ));
+        return Err(ValidationError::ChunkSize(cs));
     }
     let expected = payload_bytes.div_ceil(u64::from(chunk_size));
     if expected != chunks as u64 {
-        return Err(format!(
-            "{payload_bytes} payload bytes in {cs}-byte chunks make {expected} chunks, not {chunks}"
-        ));
+        return Err(ValidationError::ChunkCount {
+            payload_bytes,
+            chunk_size: cs,
+            expected,
+            found: chunks,
+        });
     }
     Ok(())
 }
@@ -180,29 +284,28 @@ pub struct DeltaManifest {
 impl SignedMessage for DeltaManifest {
     const DOMAIN_TAG: &'static str = "tapestry/v1/delta-manifest";
 
-    fn validate(&self, signer: &NodeId) -> Result<(), String> {
+    fn validate(&self, signer: &NodeId) -> Result<(), ValidationError> {
         check_scope(&self.author, signer, &self.model_id, &self.region)?;
-        self.codec.validate().map_err(|e| e.to_string())?;
+        self.codec.validate()?;
         let n = layout_elements(&self.layout)?;
         let expected = usize::try_from(n)
             .ok()
             .and_then(|n| self.codec.encoded_len(n))
-            .ok_or("the delta is too large for this codec")?;
+            .ok_or(ValidationError::TooLargeForCodec)?;
         if expected as u64 != self.payload_bytes {
-            return Err(format!(
-                "a {n}-element delta in {} takes {expected} bytes, not {}",
-                self.codec, self.payload_bytes
-            ));
+            return Err(ValidationError::DeltaPayload {
+                elements: n,
+                codec: self.codec,
+                expected: expected as u64,
+                found: self.payload_bytes,
+            });
         }
         check_chunking(self.payload_bytes, self.chunk_size, self.chunk_ids.len())?;
         if self.sample_count == 0 {
-            return Err("sample count is zero".into());
+            return Err(ValidationError::ZeroSamples);
         }
         if !self.l2_norm.is_finite() || self.l2_norm < 0.0 {
-            return Err(format!(
-                "L2 norm {} is not a finite non-negative number",
-                self.l2_norm
-            ));
+            return Err(ValidationError::BadNorm(self.l2_norm));
         }
         Ok(())
     }
@@ -246,22 +349,21 @@ pub struct ModelManifest {
 impl SignedMessage for ModelManifest {
     const DOMAIN_TAG: &'static str = "tapestry/v1/model-manifest";
 
-    fn validate(&self, signer: &NodeId) -> Result<(), String> {
+    fn validate(&self, signer: &NodeId) -> Result<(), ValidationError> {
         check_scope(&self.author, signer, &self.model_id, &self.region)?;
         let n = layout_elements(&self.layout)?;
         if let Some(t) = self.layout.iter().find(|t| t.dtype != DType::F32) {
-            return Err(format!("model tensor {:?} is not f32", t.name));
+            return Err(ValidationError::NotF32(t.name.clone()));
         }
         if n * 4 != self.payload_bytes {
-            return Err(format!(
-                "{n} f32 parameters take {} bytes, not {}",
-                n * 4,
-                self.payload_bytes
-            ));
+            return Err(ValidationError::ModelPayload {
+                elements: n,
+                found: self.payload_bytes,
+            });
         }
         check_chunking(self.payload_bytes, self.chunk_size, self.chunk_ids.len())?;
         if self.parents.len() > 256 {
-            return Err(format!("{} parents (at most 256)", self.parents.len()));
+            return Err(ValidationError::TooManyParents(self.parents.len()));
         }
         Ok(())
     }
@@ -288,11 +390,11 @@ pub struct Roster {
 impl SignedMessage for Roster {
     const DOMAIN_TAG: &'static str = "tapestry/v1/roster";
 
-    fn validate(&self, _signer: &NodeId) -> Result<(), String> {
+    fn validate(&self, _signer: &NodeId) -> Result<(), ValidationError> {
         check_name("model id", &self.model_id)?;
         check_name("region", &self.region)?;
         if !self.members.windows(2).all(|w| w[0] < w[1]) {
-            return Err("roster members must be sorted and unique".into());
+            return Err(ValidationError::UnsortedRoster);
         }
         Ok(())
     }

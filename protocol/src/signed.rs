@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::cbor::{DecodeError, DecodeLimits, EncodeError, from_cbor, to_cbor};
 use crate::id::{ContentId, NodeId};
 use crate::identity::Keypair;
+use crate::manifest::ValidationError;
 
 /// A message kind that travels signed. Each kind has its own domain tag.
 pub trait SignedMessage: Serialize + DeserializeOwned {
@@ -36,7 +37,7 @@ pub trait SignedMessage: Serialize + DeserializeOwned {
 
     /// Checks the message on its own terms once its signature is known good,
     /// e.g. that an author field names the signer. Returns why not.
-    fn validate(&self, signer: &NodeId) -> Result<(), String>;
+    fn validate(&self, signer: &NodeId) -> Result<(), ValidationError>;
 }
 
 /// The digest that is signed: BLAKE3 over the domain tag, then the body.
@@ -114,7 +115,7 @@ impl<T: SignedMessage> Signed<T> {
     /// The message must pass its own validation with `key` as the signer.
     pub fn sign(message: T, key: &Keypair) -> Result<Verified<T>, EncodeError> {
         let signer = key.node_id();
-        message.validate(&signer).map_err(EncodeError)?;
+        message.validate(&signer)?;
         let body = to_cbor(&message)?;
         let signature = key.sign_digest(&signing_digest(T::DOMAIN_TAG, &body));
         let bytes = to_cbor(&Envelope(
@@ -183,9 +184,7 @@ impl<T: SignedMessage> Signed<T> {
 
     fn decode_body(self) -> Result<Verified<T>, DecodeError> {
         let message: T = from_cbor(&self.body, &T::LIMITS)?;
-        message
-            .validate(&self.signer)
-            .map_err(DecodeError::Invalid)?;
+        message.validate(&self.signer)?;
         Ok(Verified {
             id: ContentId::of(&self.bytes),
             bytes: self.bytes,

@@ -9,10 +9,13 @@
 //! message arrives (latency, jitter, loss, bandwidth, partitions, offline
 //! nodes); [`par`] runs trainings and evaluations of one virtual instant on
 //! all cores without changing results; [`report`] and [`plot`] write the
-//! outputs. Real `tapestry` processes are `tapestry-lab`'s (the `lab/`
-//! crate); this crate never touches the network and does not build the
-//! networked node.
+//! outputs; [`error`] has the typed errors and [`cli`] what the commands
+//! share about their command lines. Real `tapestry` processes are
+//! `tapestry-lab`'s (the `lab/` crate); this crate never touches the
+//! network and does not build the networked node.
 
+pub mod cli;
+pub mod error;
 pub mod net;
 pub mod par;
 pub mod plot;
@@ -20,3 +23,5 @@ pub mod report;
 pub mod scenario;
 pub mod topology;
 pub mod world;
+
+pub use error::{CutProblem, DurationError, PlotError, ScenarioError, SimError};

@@ -171,27 +171,12 @@ fn main() -> ExitCode {
     unsafe {
         tapestry_core::model::one_kernel_thread()
     };
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match tapestry_sim::cli::parse_args("tapestry-sim", "tapestry-sim run --help") {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            // --help and --version.
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            // One line naming the problem; `--help` has the rest.
-            let text = e.to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("tapestry-sim: {first} (see tapestry-sim run --help)");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let Command::Run(args) = cli.command;
-    let settings = match scenario(&args).and_then(|s| s.settings()) {
+    let settings = match scenario(&args).and_then(|s| s.settings().map_err(|e| e.to_string())) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("tapestry-sim: {e}");

@@ -8,6 +8,8 @@ use std::sync::OnceLock;
 use plotters::prelude::*;
 use plotters::style::register_font;
 
+use crate::error::PlotError;
+
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans-ascii.ttf");
 
 /// One line of a chart.
@@ -23,15 +25,11 @@ pub struct Series {
     pub thin: bool,
 }
 
-fn font() -> Result<(), String> {
+fn font() -> Result<(), PlotError> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok =
         *REGISTERED.get_or_init(|| register_font("sans-serif", FontStyle::Normal, FONT).is_ok());
-    if ok {
-        Ok(())
-    } else {
-        Err("the built-in plot font did not load".into())
-    }
+    if ok { Ok(()) } else { Err(PlotError::Font) }
 }
 
 /// Draws `series` into a PNG at `path`: x from the data, y over `y_range`
@@ -43,9 +41,12 @@ pub fn line_chart(
     y_label: &str,
     series: &[Series],
     y_range: Option<(f64, f64)>,
-) -> Result<(), String> {
+) -> Result<(), PlotError> {
     font()?;
-    let err = |e: &dyn std::fmt::Display| format!("plotting {}: {e}", path.display());
+    let err = |source| PlotError::Draw {
+        path: path.to_path_buf(),
+        source,
+    };
     let finite = || {
         series
             .iter()
@@ -76,14 +77,14 @@ pub fn line_chart(
         }
     };
     let root = BitMapBackend::new(path, (960, 600)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
+    root.fill(&WHITE).map_err(err)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 24))
         .margin(20)
         .x_label_area_size(50)
         .y_label_area_size(80)
         .build_cartesian_2d(x0..x1, y0..y1)
-        .map_err(|e| err(&e))?;
+        .map_err(err)?;
     chart
         .configure_mesh()
         .x_desc(x_label)
@@ -93,7 +94,7 @@ pub fn line_chart(
         .light_line_style(RGBColor(240, 240, 240))
         .x_label_formatter(&|x| format!("{x:.0}"))
         .draw()
-        .map_err(|e| err(&e))?;
+        .map_err(err)?;
     for s in series {
         let (r, g, b) = s.color;
         let style = RGBColor(r, g, b).stroke_width(if s.thin { 1 } else { 3 });
@@ -106,7 +107,7 @@ pub fn line_chart(
             .collect();
         chart
             .draw_series(LineSeries::new(points, style))
-            .map_err(|e| err(&e))?
+            .map_err(err)?
             .label(s.label.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], style));
     }
@@ -117,8 +118,8 @@ pub fn line_chart(
         .border_style(BLACK)
         .position(SeriesLabelPosition::LowerRight)
         .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
+        .map_err(err)?;
+    root.present().map_err(err)?;
     Ok(())
 }
 

@@ -7,9 +7,10 @@ use std::time::Instant;
 use serde_json::json;
 use tapestry_core::aggregate::AggregationRule;
 
+use crate::error::SimError;
 use crate::plot::{self, Series};
 use crate::scenario::Settings;
-use crate::world::{self, Data, Outcome, RoundStats};
+use crate::world::{self, Data, Outcome, RoundStats, SwarmFigures};
 
 /// The figures of a finished run (what `report.json` holds).
 #[derive(Debug, Clone)]
@@ -25,18 +26,10 @@ pub struct Report {
 /// models at the end.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Final {
-    /// Mean held-out accuracy.
-    pub accuracy_mean: f64,
-    /// Lowest.
-    pub accuracy_min: f64,
-    /// Highest.
-    pub accuracy_max: f64,
-    /// Mean held-out loss.
-    pub loss_mean: f64,
-    /// Mean distance to the average model over its norm.
-    pub consensus_distance: f64,
-    /// Bytes sent per node (mean over all nodes).
-    pub bytes_sent_per_node: u64,
+    /// Accuracy, loss, consensus and traffic at the end (their fields
+    /// written inline).
+    #[serde(flatten)]
+    pub figures: SwarmFigures,
     /// Honest nodes.
     pub honest_nodes: usize,
     /// Simulated runs: honest nodes that reached the final round.
@@ -51,24 +44,11 @@ pub struct Final {
 }
 
 impl Final {
-    /// From each node's final accuracy and loss (the means, lowest and
-    /// highest), with the other figures as given and the optional ones
-    /// unset.
-    pub fn over(
-        accuracies: &[f64],
-        losses: &[f64],
-        consensus_distance: f64,
-        bytes_sent_per_node: u64,
-    ) -> Final {
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    /// `figures` of `honest_nodes` nodes, the optional fields unset.
+    pub fn new(figures: SwarmFigures, honest_nodes: usize) -> Final {
         Final {
-            accuracy_mean: mean(accuracies),
-            accuracy_min: accuracies.iter().copied().fold(f64::INFINITY, f64::min),
-            accuracy_max: accuracies.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-            loss_mean: mean(losses),
-            consensus_distance,
-            bytes_sent_per_node,
-            honest_nodes: accuracies.len(),
+            figures,
+            honest_nodes,
             nodes_at_final_round: None,
             virtual_seconds: None,
             heads_agree: None,
@@ -78,16 +58,9 @@ impl Final {
     /// A simulated run's, from its last round's figures.
     pub fn of_round(last: &RoundStats, honest_nodes: usize) -> Final {
         Final {
-            accuracy_mean: last.accuracy_mean,
-            accuracy_min: last.accuracy_min,
-            accuracy_max: last.accuracy_max,
-            loss_mean: last.loss_mean,
-            consensus_distance: last.consensus_distance,
-            bytes_sent_per_node: last.bytes_sent_per_node,
-            honest_nodes,
             nodes_at_final_round: Some(last.nodes),
             virtual_seconds: Some(last.virtual_ms as f64 / 1e3),
-            heads_agree: None,
+            ..Final::new(last.figures.clone(), honest_nodes)
         }
     }
 }
@@ -109,13 +82,20 @@ pub fn run(
     settings: &Settings,
     out: &Path,
     progress: &mut dyn FnMut(u64, u64),
-) -> Result<Report, String> {
+) -> Result<Report, SimError> {
     let started = Instant::now();
     let s = &settings.scenario;
-    std::fs::create_dir_all(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
+    std::fs::create_dir_all(out).map_err(|source| SimError::CreateDir {
+        path: out.to_path_buf(),
+        source,
+    })?;
     let data = Data::load(settings)?;
     let outcome = world::run_swarm(settings, &data, &mut |r| progress(r, s.rounds))?;
-    let last = outcome.rounds.last().cloned().ok_or("no round completed")?;
+    let last = outcome
+        .rounds
+        .last()
+        .cloned()
+        .ok_or(SimError::NoRoundCompleted)?;
     let baselines = if s.baselines {
         let plain_mean = if settings.aggregator == AggregationRule::Mean {
             outcome.rounds.clone()
@@ -144,25 +124,25 @@ pub fn run(
     let final_of = |v: &[f64]| v.last().copied().unwrap_or(0.0);
     let baselines_json = match &baselines {
         Some(b) => {
-            let plain = b.plain_mean.last();
+            let plain = b.plain_mean.last().map(|r| &r.figures);
             json!({
                 "centralized": {"accuracy": final_of(&b.centralized)},
                 "local_only": {"accuracy_mean": final_of(&b.local_only)},
                 "plain_mean": {
-                    "accuracy_mean": plain.map_or(0.0, |r| r.accuracy_mean),
-                    "accuracy_min": plain.map_or(0.0, |r| r.accuracy_min),
-                    "consensus_distance": plain.map_or(0.0, |r| r.consensus_distance),
+                    "accuracy_mean": plain.map_or(0.0, |f| f.accuracy_mean),
+                    "accuracy_min": plain.map_or(0.0, |f| f.accuracy_min),
+                    "consensus_distance": plain.map_or(0.0, |f| f.consensus_distance),
                 },
                 "attack_free": b.attack_free.as_ref().and_then(|r| r.last()).map(|r| json!({
-                    "accuracy_mean": r.accuracy_mean,
-                    "accuracy_min": r.accuracy_min,
+                    "accuracy_mean": r.figures.accuracy_mean,
+                    "accuracy_min": r.figures.accuracy_min,
                 })),
             })
         }
         None => json!(null),
     };
     let json = json!({
-        "scenario": serde_json::to_value(s).map_err(|e| e.to_string())?,
+        "scenario": serde_json::to_value(s)?,
         "seed": s.seed,
         "nodes": s.nodes,
         "rounds": s.rounds,
@@ -179,14 +159,13 @@ pub fn run(
         "store": outcome.store,
         "wall_seconds": started.elapsed().as_secs_f64(),
     });
-    let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())? + "\n";
-    std::fs::write(out.join("report.json"), text)
-        .map_err(|e| format!("writing report.json: {e}"))?;
+    let text = serde_json::to_string_pretty(&json)? + "\n";
+    let writing = |file| move |source| SimError::Write { file, source };
+    std::fs::write(out.join("report.json"), text).map_err(writing("report.json"))?;
     world::write_rounds_csv(&out.join("rounds.csv"), &outcome.rounds)
-        .map_err(|e| format!("writing rounds.csv: {e}"))?;
+        .map_err(writing("rounds.csv"))?;
     if let Some(b) = &baselines {
-        write_baselines_csv(&out.join("baselines.csv"), b)
-            .map_err(|e| format!("writing baselines.csv: {e}"))?;
+        write_baselines_csv(&out.join("baselines.csv"), b).map_err(writing("baselines.csv"))?;
     }
     plots(out, &outcome.rounds, baselines.as_ref())?;
     Ok(Report { json, outcome })
@@ -198,7 +177,11 @@ fn write_baselines_csv(path: &Path, b: &Baselines) -> std::io::Result<()> {
     );
     for (r, (c, l)) in b.centralized.iter().zip(&b.local_only).enumerate() {
         let round = r as u64 + 1;
-        let plain = b.plain_mean.iter().find(|p| p.round == round);
+        let plain = b
+            .plain_mean
+            .iter()
+            .find(|p| p.round == round)
+            .map(|p| &p.figures);
         out.push_str(&format!(
             "{round},{c:.6},{l:.6},{},{}\n",
             plain.map_or(String::new(), |p| format!("{:.6}", p.accuracy_mean)),
@@ -214,9 +197,11 @@ const GREEN: (u8, u8, u8) = (44, 160, 44);
 const ORANGE: (u8, u8, u8) = (255, 127, 14);
 const RED: (u8, u8, u8) = (214, 39, 40);
 
-fn plots(out: &Path, rounds: &[RoundStats], b: Option<&Baselines>) -> Result<(), String> {
-    let xy = |f: &dyn Fn(&RoundStats) -> f64, rows: &[RoundStats]| -> Vec<(f64, f64)> {
-        rows.iter().map(|r| (r.round as f64, f(r))).collect()
+fn plots(out: &Path, rounds: &[RoundStats], b: Option<&Baselines>) -> Result<(), SimError> {
+    let xy = |f: &dyn Fn(&SwarmFigures) -> f64, rows: &[RoundStats]| -> Vec<(f64, f64)> {
+        rows.iter()
+            .map(|r| (r.round as f64, f(&r.figures)))
+            .collect()
     };
     let curve = |v: &[f64]| -> Vec<(f64, f64)> {
         v.iter()
@@ -293,5 +278,6 @@ fn plots(out: &Path, rounds: &[RoundStats], b: Option<&Baselines>) -> Result<(),
         "log10 (mean distance to average / its norm)",
         &cons,
         None,
-    )
+    )?;
+    Ok(())
 }

@@ -11,6 +11,7 @@ use tapestry_core::engine::Mode;
 use tapestry_core::model::Architecture;
 use tapestry_protocol::Codec;
 
+use crate::error::{CutProblem, DurationError, ScenarioError};
 use crate::topology::Topology;
 
 /// A scenario as written (file keys = flag names with `_` for `-`).
@@ -194,13 +195,9 @@ impl Attack {
 }
 
 impl std::str::FromStr for Attack {
-    type Err = String;
+    type Err = ScenarioError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || {
-            format!(
-                "unknown attack {s:?} (sign-flip[:K], scaled:K, gaussian:SIGMA, alie[:Z], ipm[:EPS], nan, replay, free-ride, forge-version, forge-merge, round-jump, ballot-stuffing, weight-inflation, takeover)"
-            )
-        };
+        let bad = || ScenarioError::Attack(s.to_owned());
         let (name, arg) = match s.split_once(':') {
             Some((n, a)) => (n, Some(a.parse::<f32>().map_err(|_| bad())?)),
             None => (s, None),
@@ -291,14 +288,19 @@ impl Cut {
     }
 
     /// Parses `GROUPS@FROM-TO` for `n` nodes.
-    pub fn parse(s: &str, n: usize) -> Result<Cut, String> {
-        let bad = |why: &str| format!("bad cut {s:?}: {why} (GROUPS@FROM-TO, e.g. halves@1s-3s)");
-        let (groups, span) = s.split_once('@').ok_or_else(|| bad("no @"))?;
-        let (from, to) = span.split_once('-').ok_or_else(|| bad("no FROM-TO"))?;
-        let from_ms = parse_duration_ms(from).map_err(|e| bad(&e))?;
-        let to_ms = parse_duration_ms(to).map_err(|e| bad(&e))?;
+    pub fn parse(s: &str, n: usize) -> Result<Cut, ScenarioError> {
+        let bad = |problem| ScenarioError::Cut {
+            cut: s.to_owned(),
+            problem,
+        };
+        let (groups, span) = s.split_once('@').ok_or_else(|| bad(CutProblem::NoAt))?;
+        let (from, to) = span
+            .split_once('-')
+            .ok_or_else(|| bad(CutProblem::NoSpan))?;
+        let from_ms = parse_duration_ms(from).map_err(|e| bad(CutProblem::Duration(e)))?;
+        let to_ms = parse_duration_ms(to).map_err(|e| bad(CutProblem::Duration(e)))?;
         if to_ms <= from_ms {
-            return Err(bad("TO must be after FROM"));
+            return Err(bad(CutProblem::Backwards));
         }
         let group: Vec<u32> = if groups == "halves" {
             (0..n).map(|v| u32::from(v >= n / 2)).collect()
@@ -307,7 +309,7 @@ impl Cut {
                 .parse()
                 .ok()
                 .filter(|k| *k > 0)
-                .ok_or_else(|| bad("regions:K needs K ≥ 1"))?;
+                .ok_or_else(|| bad(CutProblem::Regions))?;
             (0..n)
                 .map(|v| Topology::region_of(v, n, k) as u32)
                 .collect()
@@ -322,10 +324,10 @@ impl Cut {
                     };
                     let (a, b): (usize, usize) = match (a.trim().parse(), b.trim().parse()) {
                         (Ok(a), Ok(b)) if a <= b => (a, b),
-                        _ => return Err(bad(&format!("{item:?} is not a node or a range"))),
+                        _ => return Err(bad(CutProblem::NotANode((*item).to_owned()))),
                     };
                     if b >= n {
-                        return Err(bad(&format!("node {b} does not exist ({n} nodes)")));
+                        return Err(bad(CutProblem::NoSuchNode { node: b, nodes: n }));
                     }
                     group[a..=b].fill(g as u32);
                 }
@@ -341,7 +343,7 @@ impl Cut {
 }
 
 /// A virtual duration: `1500` or `1500ms` (milliseconds), `1.5s`, `2m`.
-pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+pub fn parse_duration_ms(s: &str) -> Result<u64, DurationError> {
     let s = s.trim();
     let (number, scale) = if let Some(v) = s.strip_suffix("ms") {
         (v, 1.0)
@@ -354,63 +356,54 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
     };
     match number.parse::<f64>() {
         Ok(v) if v >= 0.0 && v.is_finite() => Ok((v * scale).round() as u64),
-        _ => Err(format!("{s:?} is not a duration (1500, 1500ms, 1.5s, 2m)")),
+        _ => Err(DurationError(s.to_owned())),
     }
 }
 
 impl Scenario {
     /// Reads a scenario file; unknown keys are errors.
-    pub fn from_toml(text: &str) -> Result<Scenario, String> {
-        toml::from_str(text).map_err(|e| e.message().replace('\n', " "))
+    pub fn from_toml(text: &str) -> Result<Scenario, ScenarioError> {
+        toml::from_str(text).map_err(ScenarioError::Toml)
     }
 
     /// Parses and checks every field.
-    pub fn settings(&self) -> Result<Settings, String> {
+    pub fn settings(&self) -> Result<Settings, ScenarioError> {
         if self.nodes == 0 {
-            return Err("nodes must be at least 1".into());
+            return Err(ScenarioError::NoNodes);
         }
         if self.rounds == 0 {
-            return Err("rounds must be at least 1".into());
+            return Err(ScenarioError::NoRounds);
         }
         if !(0.0..1.0).contains(&self.loss) {
-            return Err(format!("loss {} outside [0, 1)", self.loss));
+            return Err(ScenarioError::Loss(self.loss));
         }
         if !(0.0..1.0).contains(&self.test_fraction) || self.test_fraction <= 0.0 {
-            return Err(format!(
-                "test_fraction {} outside (0, 1)",
-                self.test_fraction
-            ));
+            return Err(ScenarioError::TestFraction(self.test_fraction));
         }
         if self.local_steps == 0 || self.batch_size == 0 || !(self.lr > 0.0 && self.lr.is_finite())
         {
-            return Err("local_steps and batch_size must be ≥ 1 and lr > 0".into());
+            return Err(ScenarioError::Training);
         }
         let mode = parse_mode(&self.mode)?;
-        let model: Architecture = self
-            .model
-            .parse()
-            .map_err(|e: tapestry_core::model::ArchitectureError| format!("model: {e}"))?;
+        let model: Architecture = self.model.parse()?;
         let data = if self.data == "synthetic" {
             DataSource::Synthetic
         } else {
             let path = PathBuf::from(&self.data);
             if !path.is_file() {
-                return Err(format!("data file {} does not exist", path.display()));
+                return Err(ScenarioError::NoDataFile(path));
             }
             DataSource::Csv(path)
         };
         let byzantine = parse_byzantine(&self.byzantine, self.nodes)?;
         if !(self.bandwidth_mbps >= 0.0 && self.bandwidth_mbps.is_finite()) {
-            return Err(format!(
-                "bandwidth_mbps {} must be ≥ 0 (0 = unlimited)",
-                self.bandwidth_mbps
-            ));
+            return Err(ScenarioError::Bandwidth(self.bandwidth_mbps));
         }
         if self.consensus_rounds >= self.rounds {
-            return Err(format!(
-                "consensus_rounds {} must be below rounds {}",
-                self.consensus_rounds, self.rounds
-            ));
+            return Err(ScenarioError::ConsensusRounds {
+                consensus_rounds: self.consensus_rounds,
+                rounds: self.rounds,
+            });
         }
         let churn = parse_churn(&self.churn)?;
         let cuts = self
@@ -423,19 +416,10 @@ impl Scenario {
             topology: self.topology.parse()?,
             mode,
             data,
-            partition: self
-                .partition
-                .parse()
-                .map_err(|e: tapestry_core::data::DataError| e.to_string())?,
+            partition: self.partition.parse()?,
             model,
-            codec: self
-                .codec
-                .parse()
-                .map_err(|e: tapestry_protocol::CodecError| e.to_string())?,
-            aggregator: self
-                .aggregator
-                .parse()
-                .map_err(|e: tapestry_core::aggregate::AggregateError| e.to_string())?,
+            codec: self.codec.parse()?,
+            aggregator: self.aggregator.parse()?,
             weighting: self.weighting.parse()?,
             byzantine,
             churn,
@@ -445,44 +429,45 @@ impl Scenario {
 }
 
 /// `broadcast`, `mixing` or `push-sum:FANOUT`.
-fn parse_mode(mode: &str) -> Result<Mode, String> {
+fn parse_mode(mode: &str) -> Result<Mode, ScenarioError> {
     match mode.split_once(':') {
         None if mode == "broadcast" => Ok(Mode::Broadcast),
         None if mode == "mixing" => Ok(Mode::Mixing),
         Some(("push-sum", f)) => Ok(Mode::PushSum {
             fanout: f
                 .parse()
-                .map_err(|_| format!("bad push-sum fanout in {mode:?}"))?,
+                .map_err(|_| ScenarioError::Fanout(mode.to_owned()))?,
         }),
-        _ => Err(format!(
-            "unknown mode {mode:?} (broadcast, mixing, push-sum:FANOUT)"
-        )),
+        _ => Err(ScenarioError::Mode(mode.to_owned())),
     }
 }
 
 /// `0` (none) or `FRACTION:ATTACK`: how many of `nodes` attack, and how.
-fn parse_byzantine(byzantine: &str, nodes: usize) -> Result<Option<(usize, Attack)>, String> {
+fn parse_byzantine(
+    byzantine: &str,
+    nodes: usize,
+) -> Result<Option<(usize, Attack)>, ScenarioError> {
     if byzantine == "0" || byzantine.is_empty() {
         return Ok(None);
     }
     let (fraction, attack) = byzantine
         .split_once(':')
-        .ok_or_else(|| format!("byzantine {byzantine:?} should be FRACTION:ATTACK"))?;
+        .ok_or_else(|| ScenarioError::Byzantine(byzantine.to_owned()))?;
     let fraction: f64 = fraction
         .parse()
         .ok()
         .filter(|f| (0.0..1.0).contains(f))
-        .ok_or_else(|| format!("byzantine fraction {fraction:?} outside [0, 1)"))?;
+        .ok_or_else(|| ScenarioError::ByzantineFraction(fraction.to_owned()))?;
     let count = (fraction * nodes as f64).round() as usize;
     Ok(Some((count, attack.parse()?)))
 }
 
 /// `0` (none) or `FRACTION:PERIOD`.
-fn parse_churn(churn: &str) -> Result<Option<Churn>, String> {
+fn parse_churn(churn: &str) -> Result<Option<Churn>, ScenarioError> {
     if churn == "0" || churn.is_empty() {
         return Ok(None);
     }
-    let bad = || format!("bad churn {churn:?} (FRACTION:PERIOD, e.g. 0.3:2s, or 0)");
+    let bad = || ScenarioError::Churn(churn.to_owned());
     let (f, p) = churn.split_once(':').ok_or_else(bad)?;
     let fraction: f64 = f
         .parse()
@@ -506,7 +491,9 @@ mod tests {
     #[test]
     fn defaults_parse_and_bad_values_name_themselves() {
         Scenario::default().settings().unwrap();
-        let err = Scenario::from_toml("nodes = 4\nwobble = 1\n").unwrap_err();
+        let err = Scenario::from_toml("nodes = 4\nwobble = 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("wobble"), "{err}");
         let s = Scenario {
             byzantine: "0.25:sign-flip:10".into(),
@@ -554,7 +541,7 @@ mod tests {
                 },
             ),
         ] {
-            let err = bad.settings().unwrap_err();
+            let err = bad.settings().unwrap_err().to_string();
             assert!(!err.contains('\n'), "{field}: {err}");
         }
     }

@@ -7,6 +7,8 @@ use std::str::FromStr;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::error::ScenarioError;
+
 /// A topology and its parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Topology {
@@ -37,14 +39,10 @@ impl fmt::Display for Topology {
 }
 
 impl FromStr for Topology {
-    type Err = String;
+    type Err = ScenarioError;
     /// `complete`, `ring`, `random-regular:D`, `small-world:K:P`, `regions:K`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || {
-            format!(
-                "unknown topology {s:?} (complete, ring, random-regular:D, small-world:K:P, regions:K)"
-            )
-        };
+        let bad = || ScenarioError::Topology(s.to_owned());
         let parts: Vec<&str> = s.split(':').collect();
         match parts.as_slice() {
             ["complete"] => Ok(Topology::Complete),
@@ -73,7 +71,7 @@ impl Topology {
 
     /// Builds the graph over `n` nodes: sorted neighbour lists, symmetric,
     /// no self-loops. Deterministic in `seed`.
-    pub fn build(&self, n: usize, seed: u64) -> Result<Vec<Vec<usize>>, String> {
+    pub fn build(&self, n: usize, seed: u64) -> Result<Vec<Vec<usize>>, ScenarioError> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut edges: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
         let link = |a: usize, b: usize, edges: &mut Vec<BTreeSet<usize>>| {
@@ -97,9 +95,10 @@ impl Topology {
             }
             Topology::RandomRegular(d) => {
                 if d >= n || (n * d) % 2 == 1 {
-                    return Err(format!(
-                        "no {d}-regular graph on {n} nodes (need d < n and n·d even)"
-                    ));
+                    return Err(ScenarioError::NoRegularGraph {
+                        degree: d,
+                        nodes: n,
+                    });
                 }
                 // Steger–Wormald: join random pairs of free stubs that make
                 // a valid edge; restart in the rare case it gets stuck.
@@ -131,7 +130,10 @@ impl Topology {
                     break;
                 }
                 if edges.iter().any(|e| e.len() != d) {
-                    return Err(format!("could not draw a {d}-regular graph on {n} nodes"));
+                    return Err(ScenarioError::RegularGraphNotDrawn {
+                        degree: d,
+                        nodes: n,
+                    });
                 }
             }
             Topology::SmallWorld(k, p) => {

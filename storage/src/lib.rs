@@ -4,10 +4,12 @@
 //! them, named refs (e.g. the head version of a model in a region), pins,
 //! garbage collection and scrub.
 //!
-//! One trait, [`ChunkStore`], two backends: [`SledStore`] on disk (the
-//! default: sled for metadata, one file per chunk) and [`MemoryStore`] (for the simulator and tests). All behaviour
-//! is written once in the trait's provided methods over a few key-value
-//! primitives, and one test suite runs against both backends.
+//! One public API, the trait [`ChunkStore`], over two backends:
+//! [`SledStore`] on disk (the default: sled for metadata, one file per chunk)
+//! and [`MemoryStore`] (for the simulator and tests). All behaviour is
+//! written once in `ChunkStore`'s provided methods over the few key-value
+//! primitives of a [`Backend`] (the only thing a backend implements), and one
+//! test suite runs against both backends.
 //!
 //! Guarantees:
 //! - A chunk is stored only under the BLAKE3 hash of its bytes, and a
@@ -22,16 +24,16 @@
 //! - After [`ChunkStore::flush`] returns, what was written survives a crash
 //!   (tested by killing a writer process with SIGKILL).
 
+mod backend;
 mod bytes;
 mod error;
 mod memory;
 mod sled_store;
 mod store;
 
+pub use backend::{Backend, GcGate, KvOp, KvVisitor};
 pub use bytes::Bytes;
 pub use error::StoreError;
 pub use memory::MemoryStore;
 pub use sled_store::{SledConfig, SledStore};
-pub use store::{
-    ChunkStore, GcGate, GcReport, KvOp, KvVisitor, Lineage, ManifestKind, ScrubReport,
-};
+pub use store::{ChunkStore, GcReport, Lineage, ManifestKind, ScrubReport};

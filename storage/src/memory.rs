@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crate::backend::{Backend, GcGate, KvOp, KvVisitor};
 use crate::bytes::Bytes;
 use crate::error::StoreError;
-use crate::store::{ChunkStore, GcGate, KvOp, KvVisitor};
 
 /// A chunk store held in memory.
 #[derive(Debug, Default)]
@@ -30,7 +30,7 @@ impl MemoryStore {
     }
 }
 
-impl ChunkStore for MemoryStore {
+impl Backend for MemoryStore {
     fn kv_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
         Ok(self.read().get(key).cloned().map(Bytes::from_shared))
     }
@@ -90,11 +90,11 @@ impl ChunkStore for MemoryStore {
         Ok(true)
     }
 
-    fn flush(&self) -> Result<(), StoreError> {
+    fn kv_flush(&self) -> Result<(), StoreError> {
         Ok(())
     }
 
-    fn disk_bytes(&self) -> Result<u64, StoreError> {
+    fn kv_size(&self) -> Result<u64, StoreError> {
         Ok(self
             .read()
             .iter()
@@ -102,7 +102,7 @@ impl ChunkStore for MemoryStore {
             .sum())
     }
 
-    fn gate(&self) -> &GcGate {
+    fn gc_gate(&self) -> &GcGate {
         &self.gate
     }
 }

@@ -40,9 +40,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tapestry_protocol::ContentId;
 
+use crate::backend::{Backend, GcGate, KvOp, KvVisitor};
 use crate::bytes::Bytes;
 use crate::error::StoreError;
-use crate::store::{CHUNK, ChunkStore, GcGate, KvOp, KvVisitor};
+use crate::store::CHUNK;
 
 const MARKER_FILE: &str = "TAPESTRY_STORE";
 const MARKER: &str = "tapestry chunk store\nformat 1\n";
@@ -263,7 +264,7 @@ fn sorted_dir(path: &Path) -> io::Result<Vec<fs::DirEntry>> {
     Ok(entries)
 }
 
-impl ChunkStore for SledStore {
+impl Backend for SledStore {
     fn kv_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
         if key.first() != Some(&CHUNK) {
             return Ok(self.meta.get(key)?.map(Bytes::from_sled));
@@ -375,7 +376,7 @@ impl ChunkStore for SledStore {
         Ok(self.meta.compare_and_swap(key, old, new)?.is_ok())
     }
 
-    fn flush(&self) -> Result<(), StoreError> {
+    fn kv_flush(&self) -> Result<(), StoreError> {
         self.sync_chunks()?;
         self.meta.flush()?;
         Ok(())
@@ -385,11 +386,11 @@ impl ChunkStore for SledStore {
         self.sync_chunks()
     }
 
-    fn disk_bytes(&self) -> Result<u64, StoreError> {
+    fn kv_size(&self) -> Result<u64, StoreError> {
         du(&self.dir).map_err(|e| StoreError::io(format!("measuring {}", self.dir.display()), e))
     }
 
-    fn gate(&self) -> &GcGate {
+    fn gc_gate(&self) -> &GcGate {
         &self.gate
     }
 }

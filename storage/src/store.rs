@@ -29,13 +29,13 @@
 //! lands before it (and is marked) or after it (and writes the bytes again).
 
 use std::collections::HashSet;
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tapestry_protocol::{
     ContentId, DecodeError, DeltaManifest, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, ModelManifest, Signed,
     Verified,
 };
 
+use crate::backend::{Backend, KvOp};
 use crate::bytes::Bytes;
 use crate::error::StoreError;
 
@@ -58,18 +58,6 @@ fn id_from_key(k: &[u8]) -> Option<ContentId> {
     <[u8; 32]>::try_from(k.get(1..)?)
         .ok()
         .map(ContentId::from_bytes)
-}
-
-/// A visitor over the entries of one key prefix: `(key, value)`.
-pub type KvVisitor<'v> = dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError> + 'v;
-
-/// One write in an atomic batch.
-#[derive(Debug)]
-pub enum KvOp<'a> {
-    /// Insert or replace.
-    Put(Vec<u8>, &'a [u8]),
-    /// Remove if present.
-    Delete(Vec<u8>),
 }
 
 /// Which kind of signed manifest a record holds.
@@ -100,36 +88,6 @@ impl ManifestKind {
             ManifestKind::Delta => "delta manifest",
             ManifestKind::Model => "model manifest",
         }
-    }
-}
-
-/// Coordinates writers with the garbage collector (see the module docs).
-/// Each backend owns one and hands it out through [`ChunkStore::gate`].
-#[derive(Debug, Default)]
-pub struct GcGate {
-    gate: RwLock<()>,
-    written: Mutex<HashSet<ContentId>>,
-    collecting: Mutex<()>,
-}
-
-fn unpoison<T>(r: Result<T, PoisonError<T>>) -> T {
-    // A panic elsewhere while holding these locks leaves no half-written state
-    // behind (they guard no data, or only a set of ids), so carry on.
-    r.unwrap_or_else(PoisonError::into_inner)
-}
-
-impl GcGate {
-    fn shared(&self) -> RwLockReadGuard<'_, ()> {
-        unpoison(self.gate.read())
-    }
-    fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
-        unpoison(self.gate.write())
-    }
-    fn written(&self) -> MutexGuard<'_, HashSet<ContentId>> {
-        unpoison(self.written.lock())
-    }
-    fn record(&self, ids: impl IntoIterator<Item = ContentId>) {
-        self.written().extend(ids);
     }
 }
 
@@ -215,45 +173,24 @@ fn check_chunk_size(chunk_size: usize) -> Result<(), StoreError> {
     }
 }
 
-/// Content-addressed storage of chunks, signed manifests, refs and pins.
+/// Content-addressed storage of chunks, signed manifests, refs and pins: the
+/// store's whole public API.
 ///
-/// Backends implement the `kv_*` primitives, [`ChunkStore::flush`],
-/// [`ChunkStore::disk_bytes`] and [`ChunkStore::gate`]; everything else is
-/// provided here, once, so both backends behave identically and one test
-/// suite covers both. The trait is object safe (`Arc<dyn ChunkStore>`).
-pub trait ChunkStore: Send + Sync {
-    /// Reads one value.
-    fn kv_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError>;
-    /// Whether a key is present.
-    fn kv_contains(&self, key: &[u8]) -> Result<bool, StoreError>;
-    /// Applies a batch. After a crash, each of its writes is either done or
-    /// not, with one promise: chunk bytes (`c` keys) are never missing while
-    /// their index entry (`i` key) exists, unless the disk lost them. Backends
-    /// that can, apply the whole batch atomically.
-    fn kv_apply(&self, batch: Vec<KvOp<'_>>) -> Result<(), StoreError>;
-    /// Calls `f` on every key with `prefix`, in key order, one value at a time.
-    fn kv_for_each(&self, prefix: u8, f: &mut KvVisitor<'_>) -> Result<(), StoreError>;
-    /// Atomically replaces `old` by `new` (`None` = absent); false if the
-    /// current value was not `old`.
-    fn kv_compare_and_swap(
-        &self,
-        key: &[u8],
-        old: Option<&[u8]>,
-        new: Option<&[u8]>,
-    ) -> Result<bool, StoreError>;
-    /// Makes every chunk write completed so far durable before any later
-    /// write to the other keys (refs) can be: called before a ref is moved.
-    /// A backend that writes everything to one ordered log needs nothing here.
-    fn kv_chunk_barrier(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
+/// Every method is provided here, once, over the key-value primitives of a
+/// [`Backend`], so both backends behave identically and one test suite
+/// covers both. Every backend is a `ChunkStore`; the trait is object safe
+/// (`Arc<dyn ChunkStore>`).
+pub trait ChunkStore: Backend {
     /// Makes every completed write durable (fsync). Writes acknowledged
     /// before a successful flush survive any crash.
-    fn flush(&self) -> Result<(), StoreError>;
+    fn flush(&self) -> Result<(), StoreError> {
+        self.kv_flush()
+    }
+
     /// Bytes the store occupies on disk (or in memory, for the memory backend).
-    fn disk_bytes(&self) -> Result<u64, StoreError>;
-    /// The garbage collector's gate.
-    fn gate(&self) -> &GcGate;
+    fn disk_bytes(&self) -> Result<u64, StoreError> {
+        self.kv_size()
+    }
 
     // ---- chunks ----
 
@@ -263,7 +200,7 @@ pub trait ChunkStore: Send + Sync {
         Ok(self.put_many(&[bytes])?.remove(0))
     }
 
-    /// Stores many chunks in one batch (see [`ChunkStore::kv_apply`] for
+    /// Stores many chunks in one batch (see [`Backend::kv_apply`] for
     /// what a crash can leave); returns their ids in order.
     fn put_many(&self, chunks: &[&[u8]]) -> Result<Vec<ContentId>, StoreError> {
         let ids: Vec<ContentId> = chunks.iter().map(|c| ContentId::of(c)).collect();
@@ -272,7 +209,7 @@ pub trait ChunkStore: Send + Sync {
             let len = u32::try_from(c.len()).map_err(|_| StoreError::BadChunkSize(c.len()))?;
             lens.push(len.to_le_bytes());
         }
-        let _shared = self.gate().shared();
+        let _shared = self.gc_gate().shared();
         let mut batch = Vec::with_capacity(chunks.len() * 2);
         let mut seen = HashSet::with_capacity(chunks.len());
         for ((id, bytes), len) in ids.iter().zip(chunks).zip(&lens) {
@@ -290,7 +227,7 @@ pub trait ChunkStore: Send + Sync {
         if !batch.is_empty() {
             self.kv_apply(batch)?;
         }
-        self.gate().record(ids.iter().copied());
+        self.gc_gate().record(ids.iter().copied());
         Ok(ids)
     }
 
@@ -440,7 +377,7 @@ pub trait ChunkStore: Send + Sync {
         version: ContentId,
     ) -> Result<bool, StoreError> {
         check_ref_name(name)?;
-        let _shared = self.gate().shared();
+        let _shared = self.gc_gate().shared();
         let m = self
             .get_model_manifest(&version)?
             .ok_or(StoreError::NotFound {
@@ -473,7 +410,7 @@ pub trait ChunkStore: Send + Sync {
             )?,
         };
         if swapped {
-            self.gate().record([version]);
+            self.gc_gate().record([version]);
         }
         Ok(swapped)
     }
@@ -507,9 +444,9 @@ pub trait ChunkStore: Send + Sync {
     /// Keeps `id` (a chunk or a manifest and everything it names) from
     /// garbage collection until unpinned.
     fn pin(&self, id: ContentId) -> Result<(), StoreError> {
-        let _shared = self.gate().shared();
+        let _shared = self.gc_gate().shared();
         self.kv_apply(vec![KvOp::Put(key(PIN, id.as_bytes()), &[])])?;
-        self.gate().record([id]);
+        self.gc_gate().record([id]);
         Ok(())
     }
 
@@ -560,8 +497,8 @@ pub trait ChunkStore: Send + Sync {
     /// Deletes every chunk and manifest not reachable from a ref, a pin, or
     /// what was written since the previous collection began (module docs).
     fn gc(&self) -> Result<GcReport, StoreError> {
-        let gate = self.gate();
-        let _one_at_a_time = unpoison(gate.collecting.lock());
+        let gate = self.gc_gate();
+        let _one_at_a_time = gate.one_collection();
         // Start a new generation: what was written since the last collection
         // is a root of this one; what is written from now on is recorded anew.
         let previous: HashSet<ContentId> = {
@@ -721,6 +658,8 @@ pub trait ChunkStore: Send + Sync {
     }
 }
 
+impl<B: Backend> ChunkStore for B {}
+
 fn id_from_value(v: &[u8]) -> Option<ContentId> {
     <[u8; 32]>::try_from(v).ok().map(ContentId::from_bytes)
 }
@@ -757,9 +696,9 @@ fn put_manifest<S: ChunkStore + ?Sized>(
     let mut record = Vec::with_capacity(envelope.len() + 1);
     record.push(kind.byte());
     record.extend_from_slice(envelope);
-    let _shared = store.gate().shared();
+    let _shared = store.gc_gate().shared();
     store.kv_apply(vec![KvOp::Put(key(MANIFEST, id.as_bytes()), &record)])?;
-    store.gate().record([id]);
+    store.gc_gate().record([id]);
     Ok(id)
 }
 

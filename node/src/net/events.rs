@@ -1,7 +1,7 @@
 //! What the swarm reports, turned into the node's [`NetEvent`]s: new
 //! connections and addresses, gossip, fetch requests and answers, DHT
-//! provider queries, identify and mDNS discoveries; failed pings close
-//! their connection.
+//! provider queries, identify and mDNS discoveries, pings (the node decides
+//! whom to drop).
 
 use super::*;
 
@@ -123,14 +123,13 @@ pub(super) async fn handle_event(
             num_established,
             ..
         } => (num_established == 0).then_some(NetEvent::PeerDisconnected(peer_id)),
-        SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
-            peer,
-            connection,
-            result: Err(error),
-        })) => {
-            tracing::info!(%peer, %error, "ping failed; closing the connection");
-            swarm.close_connection(connection);
-            None
+        SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result, .. })) => {
+            let outcome = match result {
+                Ok(rtt) => PingOutcome::Answered(rtt),
+                Err(ping::Failure::Unsupported) => PingOutcome::Unsupported,
+                Err(e) => PingOutcome::Failed(e.to_string()),
+            };
+            Some(NetEvent::Ping { peer, outcome })
         }
         SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed {
             peer_id,

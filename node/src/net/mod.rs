@@ -27,6 +27,7 @@ use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, autonat, connection_limits, dcutr,
     identify, identity, kad, mdns, noise, ping, tcp, yamux,
 };
+use tapestry_core::admission::Verdict;
 use tapestry_protocol::{ContentId, FetchRequest, FetchResponse, Keypair, NodeId};
 use tokio::sync::{mpsc, oneshot};
 
@@ -48,11 +49,8 @@ const MAX_REQUEST_BYTES: u64 = 4 << 10;
 const MAX_RESPONSE_BYTES: u64 = tapestry_protocol::DecodeLimits::FETCH.max_bytes as u64;
 /// Largest gossip message carried at all (gossipsub drops larger ones
 /// silently); the node rejects, and counts, announcements above
-/// [`MAX_ANNOUNCEMENT_BYTES`].
+/// [`tapestry_core::admission::MAX_ANNOUNCEMENT_BYTES`].
 pub const MAX_GOSSIP_BYTES: usize = 1 << 20;
-/// Largest announcement the node accepts: a signed manifest of a delta of a
-/// few billion parameters is about 300 KiB.
-pub const MAX_ANNOUNCEMENT_BYTES: usize = 512 << 10;
 
 /// Why the network could not start or a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -119,9 +117,10 @@ impl Default for NetConfig {
 }
 
 /// What the rest of the node asks the network task to do (through
-/// [`NetHandle`]'s methods; the task alone sees these).
+/// [`NetHandle`]'s methods; the task alone sees these, and the node's
+/// in-process tests).
 #[derive(Debug)]
-enum Command {
+pub(crate) enum Command {
     /// Publish on a gossip topic.
     Publish {
         /// The topic.
@@ -154,8 +153,8 @@ enum Command {
         /// The answer.
         response: FetchResponse,
     },
-    /// Dial an address.
-    Dial(Multiaddr),
+    /// Close every connection to a peer.
+    Disconnect(PeerId),
     /// Announce in the DHT that this node holds (the chunks of) `id`.
     Provide(ContentId),
     /// Stop announcing `id` in the DHT.
@@ -205,6 +204,13 @@ pub enum NetEvent {
         /// The message.
         data: Vec<u8>,
     },
+    /// What pinging a peer found.
+    Ping {
+        /// The peer.
+        peer: PeerId,
+        /// Answered (with the round-trip time), unsupported, or failed.
+        outcome: PingOutcome,
+    },
     /// A peer asks for something; answer with [`Command::Respond`].
     Request {
         /// The peer.
@@ -214,6 +220,18 @@ pub enum NetEvent {
         /// Where the answer goes.
         channel: ResponseChannel<FetchResponse>,
     },
+}
+
+/// What one ping of a peer found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PingOutcome {
+    /// It answered, after this long.
+    Answered(Duration),
+    /// It does not speak the ping protocol (allowed: it is not pinged, and
+    /// not dropped for that).
+    Unsupported,
+    /// No answer in time, or the stream failed.
+    Failed(String),
 }
 
 /// A view of the network for status pages.
@@ -237,6 +255,14 @@ pub struct NetHandle {
 }
 
 impl NetHandle {
+    /// A handle on no network: what the node asks for arrives on the
+    /// returned receiver (for in-process tests of the node).
+    #[cfg(test)]
+    pub(crate) fn detached(peer_id: PeerId) -> (NetHandle, mpsc::Receiver<Command>) {
+        let (tx, rx) = mpsc::channel(1024);
+        (NetHandle { tx, peer_id }, rx)
+    }
+
     /// This node's libp2p peer id.
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
@@ -254,8 +280,13 @@ impl NetHandle {
         &self,
         id: MessageId,
         source: PeerId,
-        acceptance: MessageAcceptance,
+        verdict: Verdict,
     ) -> Result<(), NetError> {
+        let acceptance = match verdict {
+            Verdict::Accept => MessageAcceptance::Accept,
+            Verdict::Ignore => MessageAcceptance::Ignore,
+            Verdict::Reject => MessageAcceptance::Reject,
+        };
         self.send(Command::Report {
             id,
             source,
@@ -273,9 +304,9 @@ impl NetHandle {
         self.send(Command::Respond { channel, response }).await
     }
 
-    /// Dials an address.
-    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
-        self.send(Command::Dial(addr)).await
+    /// Closes every connection to `peer` (it may connect again).
+    pub async fn disconnect(&self, peer: PeerId) -> Result<(), NetError> {
+        self.send(Command::Disconnect(peer)).await
     }
 
     /// Announces in the DHT that this node holds (the chunks of) `id`.
@@ -539,12 +570,14 @@ pub fn spawn(
     ))
 }
 
-/// How often connected peers are pinged, and how long a ping may take;
-/// a peer that fails a ping is disconnected (a cut network leaves TCP
-/// connections open for many minutes otherwise, and rounds would wait for
-/// a peer that cannot be heard).
+/// How often connected peers are pinged, and how long a ping may take.
 const PING_EVERY: Duration = Duration::from_secs(3);
 const PING_TIMEOUT: Duration = Duration::from_secs(6);
+/// A peer that answers no ping for this long is disconnected by the node
+/// (a cut network leaves TCP connections open for many minutes otherwise,
+/// and rounds would wait for a peer that cannot be heard): one interval
+/// and one ping's timeout.
+pub const SILENCE_LIMIT: Duration = PING_EVERY.saturating_add(PING_TIMEOUT);
 
 /// How often bootstrap peers that are not connected are dialled again.
 const REDIAL_EVERY: Duration = Duration::from_secs(5);
@@ -657,10 +690,8 @@ fn handle_command(
         Command::Respond { channel, response } => {
             let _ = swarm.behaviour_mut().fetch.send_response(channel, response);
         }
-        Command::Dial(addr) => {
-            if let Err(e) = swarm.dial(addr.clone()) {
-                tracing::debug!(%addr, error = %e, "dial failed");
-            }
+        Command::Disconnect(peer) => {
+            let _ = swarm.disconnect_peer_id(peer);
         }
         Command::Provide(id) => {
             if let Err(e) = swarm.behaviour_mut().kad.start_providing(provider_key(&id)) {

@@ -6,10 +6,12 @@ use super::*;
 impl Node {
     /// Whether the roster (if any) admits `author`.
     pub(super) fn admitted(&self, author: &NodeId) -> bool {
-        match &self.settings.roster {
-            None => true,
-            Some(r) => r.message().members.binary_search(author).is_ok(),
-        }
+        admission::on_roster(self.roster(), author)
+    }
+
+    /// The region's roster, if it is permissioned.
+    pub(super) fn roster(&self) -> Option<&Roster> {
+        self.settings.roster.as_ref().map(|r| r.message())
     }
 
     pub(super) async fn on_net(&mut self, event: NetEvent) {
@@ -19,6 +21,7 @@ impl Node {
                 self.refresh_network().await;
             }
             NetEvent::PeerConnected(peer) => {
+                self.liveness.connected(peer, Instant::now());
                 self.peers.insert(peer);
                 self.refresh_network().await;
             }
@@ -46,7 +49,14 @@ impl Node {
                     self.feed(Input::PeerLeft(id)).await;
                 }
             }
+            NetEvent::Ping { peer, outcome } => {
+                if let PingOutcome::Failed(error) = &outcome {
+                    tracing::debug!(%peer, %error, "ping failed");
+                }
+                self.liveness.ping(peer, &outcome, Instant::now());
+            }
             NetEvent::PeerDisconnected(peer) => {
+                self.liveness.gone(&peer);
                 self.peers.remove(&peer);
                 if self.members.remove(&peer)
                     && let Some(id) = node_id_of(&peer)
@@ -82,41 +92,21 @@ impl Node {
                     // verdict comes: forwarded only if it passed.
                     self.on_model(source, &data, Some(id.clone())).await
                 } else {
-                    Some(MessageAcceptance::Ignore)
+                    Some(Verdict::Ignore)
                 };
-                if let Some(acceptance) = acceptance {
-                    self.report(id, source, acceptance).await;
+                if let Some(verdict) = acceptance {
+                    self.report(id, source, verdict).await;
                 }
             }
         }
     }
 
     /// Validates an announced delta and hands it to the engine.
-    pub(super) async fn on_delta(&mut self, source: PeerId, data: &[u8]) -> MessageAcceptance {
-        if data.len() > net::MAX_ANNOUNCEMENT_BYTES {
-            tracing::info!(%source, bytes = data.len(), "announcement rejected: oversized");
-            self.count_rejected("oversized");
-            return MessageAcceptance::Reject;
-        }
-        let manifest = match Signed::<DeltaManifest>::open(data) {
+    pub(super) async fn on_delta(&mut self, source: PeerId, data: &[u8]) -> Verdict {
+        let manifest = match admission::open_delta(data, self.roster()) {
             Ok(m) => m,
-            Err(e) => {
-                let reason = match e {
-                    tapestry_protocol::DecodeError::BadSignature
-                    | tapestry_protocol::DecodeError::InvalidKey => "bad_signature",
-                    tapestry_protocol::DecodeError::TooLarge { .. } => "oversized",
-                    tapestry_protocol::DecodeError::Invalid(_) => "invalid",
-                    _ => "malformed",
-                };
-                tracing::info!(%source, %reason, error = %e, "announcement rejected");
-                self.count_rejected(reason);
-                return MessageAcceptance::Reject;
-            }
+            Err(r) => return self.refuse(&r, &source),
         };
-        if !self.admitted(&manifest.message().author) {
-            self.count_rejected("not_in_roster");
-            return MessageAcceptance::Reject;
-        }
         self.providers
             .entry(manifest.id())
             .or_default()
@@ -129,14 +119,21 @@ impl Node {
             self.act(action).await;
         }
         if rejected {
-            MessageAcceptance::Reject
+            Verdict::Reject
         } else if fetching {
             self.shared.metrics.deltas_accepted.inc();
-            MessageAcceptance::Accept
+            Verdict::Accept
         } else {
             // A duplicate, or one this node no longer needs.
-            MessageAcceptance::Ignore
+            Verdict::Ignore
         }
+    }
+
+    /// Logs and counts a refusal; returns its gossip verdict.
+    pub(super) fn refuse(&self, r: &Rejection, source: &PeerId) -> Verdict {
+        tracing::info!(%source, reason = r.label(), error = %r, "refused");
+        self.shared.metrics.reject(r.label());
+        r.verdict()
     }
 
     /// Answers a peer's request from the store.

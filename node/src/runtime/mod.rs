@@ -14,18 +14,20 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use libp2p::PeerId;
-use libp2p::gossipsub::{MessageAcceptance, TopicHash};
+use libp2p::gossipsub::TopicHash;
 use tapestry_protocol::{
     ContentId, DeltaManifest, FetchRequest, FetchResponse, Keypair, ModelManifest, NodeId, Roster,
     Signed, Verified,
 };
 use tapestry_storage::ChunkStore;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
-use crate::net::{self, NetEvent, NetHandle};
+use crate::net::{self, NetEvent, NetHandle, PingOutcome};
+use tapestry_core::admission::{self, Rejection, Verdict};
 use tapestry_core::data::Dataset;
 use tapestry_core::door::Door;
 use tapestry_core::engine::{Action, Engine, EngineConfig, Input, VersionRank, genesis};
@@ -35,6 +37,7 @@ use tapestry_core::{attest, heads};
 
 mod fetch;
 mod gossip;
+mod liveness;
 mod names;
 mod verifying;
 
@@ -137,8 +140,8 @@ pub struct Node {
     /// who announced it.
     best_seen: BTreeMap<u64, (VersionRank, Verified<ModelManifest>, PeerId)>,
     /// Verdicts of version verifications, back from their tasks.
-    verdicts_tx: mpsc::Sender<Verdict>,
-    verdicts_rx: mpsc::Receiver<Verdict>,
+    findings_tx: mpsc::Sender<Finding>,
+    findings_rx: mpsc::Receiver<Finding>,
     /// What this node announces in the DHT, oldest first.
     provided: std::collections::VecDeque<ContentId>,
     /// Versions being fetched to be offered to the engine (a fetch that
@@ -167,6 +170,8 @@ pub struct Node {
     last_train: Option<Instant>,
     /// This node's identity (signs its attestations).
     key: Keypair,
+    /// When each connected peer last answered a ping.
+    liveness: liveness::Liveness,
 }
 
 impl Node {
@@ -194,7 +199,7 @@ impl Node {
         let models_topic = models_topic(&cfg.model_id, &cfg.region);
         let (inputs_tx, inputs_rx) = mpsc::channel(256);
         let (heads_tx, heads_rx) = mpsc::channel(64);
-        let (verdicts_tx, verdicts_rx) = mpsc::channel(64);
+        let (findings_tx, findings_rx) = mpsc::channel(64);
         shared.update(|s| {
             s.node_id = key.node_id().to_string();
             s.peer_id = net.peer_id().to_string();
@@ -227,8 +232,8 @@ impl Node {
             providers: HashMap::new(),
             running: false,
             best_seen: BTreeMap::new(),
-            verdicts_tx,
-            verdicts_rx,
+            findings_tx,
+            findings_rx,
             provided: std::collections::VecDeque::new(),
             offered: Arc::default(),
             recent: Recent::default(),
@@ -238,6 +243,7 @@ impl Node {
             head_probe: 0,
             last_train: None,
             key,
+            liveness: liveness::Liveness::new(net::SILENCE_LIMIT),
         })
     }
 
@@ -351,6 +357,7 @@ impl Node {
                 }
                 None => Duration::from_secs(3600),
             };
+            let silence = self.liveness.next_deadline();
             tokio::select! {
                 _ = shutdown.changed() => break,
                 event = events.recv() => match event {
@@ -368,7 +375,13 @@ impl Node {
                 Some((peer, bytes)) = self.heads_rx.recv() => {
                     self.on_model(peer, &bytes, None).await;
                 }
-                Some(verdict) = self.verdicts_rx.recv() => self.on_verdict(verdict).await,
+                Some(finding) = self.findings_rx.recv() => self.on_finding(finding).await,
+                _ = tokio::time::sleep_until(silence.unwrap_or_else(Instant::now)), if silence.is_some() => {
+                    for peer in self.liveness.overdue(Instant::now()) {
+                        tracing::info!(%peer, "no answer to pings; disconnecting");
+                        let _ = self.net.disconnect(peer).await;
+                    }
+                }
                 _ = ticker.tick() => {
                     self.refresh_network().await;
                     self.verify_early(false).await;
@@ -429,9 +442,8 @@ impl Node {
                 self.timers.insert(at_ms);
             }
             Action::Penalise(r) => {
-                let label = r.reason.label();
                 tracing::info!(sender = %r.sender.short(), reason = %r.reason, "delta rejected");
-                self.count_rejected(label);
+                self.shared.metrics.reject(r.reason.label());
             }
         }
     }
@@ -621,19 +633,8 @@ impl Node {
         self.shared.metrics.bytes_out.inc_by(n as u64);
     }
 
-    fn count_rejected(&self, reason: &str) {
-        self.shared.metrics.reject(reason);
-        self.shared
-            .update(|s| *s.rejected.entry(reason.to_owned()).or_default() += 1);
-    }
-
-    async fn report(
-        &self,
-        id: libp2p::gossipsub::MessageId,
-        source: PeerId,
-        acceptance: MessageAcceptance,
-    ) {
-        let _ = self.net.report(id, source, acceptance).await;
+    async fn report(&self, id: libp2p::gossipsub::MessageId, source: PeerId, verdict: Verdict) {
+        let _ = self.net.report(id, source, verdict).await;
     }
 }
 
@@ -731,3 +732,5 @@ pub async fn launch(l: Launch) -> Result<Running, NodeError> {
         api_task,
     })
 }
+#[cfg(test)]
+mod tests;

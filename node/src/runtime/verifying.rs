@@ -11,40 +11,32 @@ impl Node {
     /// recomputation if it could matter to this node (a later round, a
     /// same-round version that could be preferred, a recent merge). Returns
     /// the gossip verdict now, or `None` when it comes with the
-    /// verification's ([`Node::on_verdict`]).
+    /// verification's ([`Node::on_finding`]).
     pub(super) async fn on_model(
         &mut self,
         source: PeerId,
         data: &[u8],
         gossip: Option<libp2p::gossipsub::MessageId>,
-    ) -> Option<MessageAcceptance> {
-        let manifest = match Signed::<ModelManifest>::open(data) {
+    ) -> Option<Verdict> {
+        let manifest = match admission::open_version(data, self.roster()) {
             Ok(m) => m,
-            Err(_) => {
-                self.count_rejected("bad_model_announcement");
-                return Some(MessageAcceptance::Reject);
-            }
+            Err(r) => return Some(self.refuse(&r, &source)),
         };
         let m = manifest.message();
-        if !self.admitted(&m.author) {
-            self.count_rejected("not_in_roster");
-            return Some(MessageAcceptance::Reject);
-        }
         let shape = check_shape(&self.settings.engine, m, self.engine.round());
         // Too far ahead to recompute: in a permissioned region, roster
         // members' attestations may still carry it (the verification asks).
         let far = matches!(shape, Err(VersionRejection::RoundJump { .. }))
             && self.settings.roster.is_some();
-        if let Some(r) = shape.as_ref().err().filter(|_| !far) {
-            tracing::info!(%source, version = %manifest.id().short(), reason = %r, "model version rejected");
-            self.count_rejected(r.label());
-            return Some(MessageAcceptance::Reject);
+        if let Some(r) = shape.err().filter(|_| !far) {
+            tracing::info!(version = %manifest.id().short(), "model version rejected");
+            return Some(self.refuse(&r.into(), &source));
         }
         if self.is_verified(&manifest.id()) {
-            return Some(MessageAcceptance::Accept);
+            return Some(Verdict::Accept);
         }
         if !self.running || !(far || heads::worth_verifying(&self.engine, m)) {
-            return Some(MessageAcceptance::Ignore);
+            return Some(Verdict::Ignore);
         }
         if m.round == self.engine.round().saturating_add(1)
             && self.early.len() < MAX_EARLY
@@ -56,7 +48,7 @@ impl Node {
         if self.verify_once(manifest, source, gossip) {
             None
         } else {
-            Some(MessageAcceptance::Ignore)
+            Some(Verdict::Ignore)
         }
     }
 
@@ -66,21 +58,21 @@ impl Node {
     }
 
     /// What a verification found: adopt, merge, remember or reject.
-    pub(super) async fn on_verdict(&mut self, v: Verdict) {
+    pub(super) async fn on_finding(&mut self, v: Finding) {
         forget(&self.offered, v.manifest.id());
         let checked = match v.result {
             Err(r) => {
-                tracing::warn!(source = %v.source, version = %v.manifest.id().short(), round = v.manifest.message().round, reason = %r, "model version rejected");
-                self.count_rejected(r.label());
+                tracing::warn!(version = %v.manifest.id().short(), round = v.manifest.message().round, "model version rejected");
+                let verdict = self.refuse(&r.into(), &v.source);
                 if let Some(id) = v.gossip {
-                    self.report(id, v.source, MessageAcceptance::Reject).await;
+                    self.report(id, v.source, verdict).await;
                 }
                 return;
             }
             Ok(c) => c,
         };
         if let Some(id) = v.gossip {
-            self.report(id, v.source, MessageAcceptance::Accept).await;
+            self.report(id, v.source, Verdict::Accept).await;
         }
         let source = v.source;
         let (manifest, (params, assessment)) = (v.manifest, checked);
@@ -148,7 +140,7 @@ impl Node {
             if !self.verify_once(manifest, source, gossip.clone())
                 && let Some(id) = gossip
             {
-                self.report(id, source, MessageAcceptance::Ignore).await;
+                self.report(id, source, Verdict::Ignore).await;
             }
         }
     }
@@ -168,7 +160,7 @@ impl Node {
 
     /// Verifies a version by recomputation on its own task, unless it is
     /// already being verified or too many are; the verdict comes back
-    /// through `verdicts_rx`. Returns whether a verification started.
+    /// through `findings_rx`. Returns whether a verification started.
     pub(super) fn verify_once(
         &mut self,
         manifest: Verified<ModelManifest>,
@@ -211,12 +203,12 @@ impl Node {
         {
             providers.push(author);
         }
-        let tx = self.verdicts_tx.clone();
+        let tx = self.findings_tx.clone();
         tracing::debug!(round = manifest.message().round, version = %manifest.id().short(), "verifying a version");
         tokio::spawn(async move {
             let result = verify_offered(&ctx, &manifest, &providers).await;
             let _ = tx
-                .send(Verdict {
+                .send(Finding {
                     manifest,
                     source,
                     gossip,
@@ -309,8 +301,8 @@ pub(super) struct AttestCtx {
     threshold: usize,
 }
 
-/// The verdict on one offered version.
-pub(super) struct Verdict {
+/// What verifying one offered version found.
+pub(super) struct Finding {
     manifest: Verified<ModelManifest>,
     source: PeerId,
     gossip: Option<libp2p::gossipsub::MessageId>,

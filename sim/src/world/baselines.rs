@@ -6,7 +6,7 @@ use super::*;
 /// Centralized baseline: the same model trained on the pooled data for the
 /// same number of sequential steps (one node doing every round's steps);
 /// test accuracy after each round's worth.
-pub fn centralized(settings: &Settings, data: &Data) -> Result<Vec<f64>, String> {
+pub fn centralized(settings: &Settings, data: &Data) -> Result<Vec<f64>, SimError> {
     let spec = model_spec(settings, data);
     let cfg = train_config(settings);
     let seed = settings.scenario.seed;
@@ -15,15 +15,9 @@ pub fn centralized(settings: &Settings, data: &Data) -> Result<Vec<f64>, String>
     let mut curve = Vec::new();
     for r in 0..settings.scenario.rounds {
         if r < training_rounds(settings) {
-            params = train_local(&spec, &params, &data.train, &cfg, &mut state, seed ^ r)
-                .map_err(|e| e.to_string())?
-                .0;
+            params = train_local(&spec, &params, &data.train, &cfg, &mut state, seed ^ r)?.0;
         }
-        curve.push(f64::from(
-            evaluate(&spec, &params, &data.test)
-                .map_err(|e| e.to_string())?
-                .1,
-        ));
+        curve.push(f64::from(evaluate(&spec, &params, &data.test)?.1));
     }
     Ok(curve)
 }
@@ -31,7 +25,7 @@ pub fn centralized(settings: &Settings, data: &Data) -> Result<Vec<f64>, String>
 /// Local-only baseline: every node trains alone on its shard for the same
 /// number of steps; the mean test accuracy after each round's worth (over a
 /// sample of nodes if the scenario asks for one, over all at the end).
-pub fn local_only(settings: &Settings, data: &Data) -> Result<Vec<f64>, String> {
+pub fn local_only(settings: &Settings, data: &Data) -> Result<Vec<f64>, SimError> {
     let s = &settings.scenario;
     let spec = model_spec(settings, data);
     let cfg = train_config(settings);
@@ -48,21 +42,16 @@ pub fn local_only(settings: &Settings, data: &Data) -> Result<Vec<f64>, String> 
         let mut curve = Vec::new();
         for r in 0..s.rounds {
             if r < training_rounds(settings) {
-                params = local_round(&spec, &params, &data.shards[i], &cfg, &mut state, (i, r))
-                    .map_err(|e| e.to_string())?;
+                params = local_round(&spec, &params, &data.shards[i], &cfg, &mut state, (i, r))?;
             }
             let last = r + 1 == s.rounds;
             curve.push(if last || sampled.contains(&i) {
-                Some(f64::from(
-                    evaluate(&spec, &params, &data.test)
-                        .map_err(|e| e.to_string())?
-                        .1,
-                ))
+                Some(f64::from(evaluate(&spec, &params, &data.test)?.1))
             } else {
                 None
             });
         }
-        Ok::<_, String>(curve)
+        Ok::<_, ModelError>(curve)
     })
     .into_iter()
     .collect::<Result<Vec<_>, _>>()?;

@@ -3,16 +3,80 @@
 
 use super::*;
 
+/// Figures over the honest nodes' models at one point of a run: a round's
+/// row, and the `final` object of a report (simulated or of real
+/// processes, see [`crate::report::Final`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SwarmFigures {
+    /// Mean held-out accuracy.
+    pub accuracy_mean: f64,
+    /// Lowest.
+    pub accuracy_min: f64,
+    /// Highest.
+    pub accuracy_max: f64,
+    /// Mean held-out loss.
+    pub loss_mean: f64,
+    /// Mean distance to the average model over its norm.
+    pub consensus_distance: f64,
+    /// Bytes sent per node so far (mean over all nodes).
+    pub bytes_sent_per_node: u64,
+}
+
+impl SwarmFigures {
+    /// From each evaluated node's accuracy and loss (their means, lowest
+    /// and highest), with the other figures as given.
+    pub fn over(
+        accuracies: &[f64],
+        losses: &[f64],
+        consensus_distance: f64,
+        bytes_sent_per_node: u64,
+    ) -> SwarmFigures {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        SwarmFigures {
+            accuracy_mean: mean(accuracies),
+            accuracy_min: accuracies.iter().copied().fold(f64::INFINITY, f64::min),
+            accuracy_max: accuracies.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            loss_mean: mean(losses),
+            consensus_distance,
+            bytes_sent_per_node,
+        }
+    }
+}
+
+/// One round's figures over the honest nodes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundStats {
+    /// The round (the version's round number).
+    pub round: u64,
+    /// Accuracy and loss of the honest nodes evaluated (a sample, if the
+    /// scenario asks for one), consensus of all that reached the round.
+    pub figures: SwarmFigures,
+    /// Honest nodes that reached this round (nodes that caught up past it
+    /// or were offline are not counted).
+    pub nodes: usize,
+    /// Virtual time (ms) the last of them reached it.
+    pub virtual_ms: u64,
+}
+
+/// Chunk-store figures at the end of a run (means over all nodes).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StoreFigures {
+    /// Bytes held (keys and values).
+    pub bytes_per_node: u64,
+    /// Chunks held.
+    pub chunks_per_node: u64,
+}
+
 impl World<'_> {
-    pub(super) fn store_figures(&self) -> Result<Option<StoreFigures>, String> {
+    pub(super) fn store_figures(&self) -> Result<Option<StoreFigures>, SimError> {
         if self.stores.is_empty() {
             return Ok(None);
         }
         let n = self.stores.len() as u64;
         let mut f = StoreFigures::default();
         for store in &self.stores {
-            f.bytes_per_node += store.disk_bytes().map_err(|e| e.to_string())?;
-            f.chunks_per_node += store.chunk_ids().map_err(|e| e.to_string())?.len() as u64;
+            f.bytes_per_node += store.disk_bytes()?;
+            f.chunks_per_node += store.chunk_ids()?.len() as u64;
         }
         f.bytes_per_node /= n;
         f.chunks_per_node /= n;
@@ -21,7 +85,7 @@ impl World<'_> {
 
     /// Closes every round row that can no longer change, in order: all
     /// honest nodes reached it, or (before the last round) are offline.
-    pub(super) fn finish_rows(&mut self, progress: &mut dyn FnMut(u64)) -> Result<(), String> {
+    pub(super) fn finish_rows(&mut self, progress: &mut dyn FnMut(u64)) -> Result<(), SimError> {
         let rounds = self.settings.scenario.rounds;
         while self.next_row <= rounds {
             let r = self.next_row;
@@ -40,7 +104,7 @@ impl World<'_> {
     pub(super) fn finish_rows_at_end(
         &mut self,
         progress: &mut dyn FnMut(u64),
-    ) -> Result<(), String> {
+    ) -> Result<(), SimError> {
         while self.next_row <= self.settings.scenario.rounds {
             if !self.rows.contains_key(&self.next_row) {
                 break;
@@ -54,7 +118,7 @@ impl World<'_> {
         &mut self,
         r: u64,
         progress: &mut dyn FnMut(u64),
-    ) -> Result<(), String> {
+    ) -> Result<(), SimError> {
         self.next_row = r + 1;
         let Some(row) = self.rows.remove(&r) else {
             return Ok(());
@@ -69,8 +133,7 @@ impl World<'_> {
         let (spec, test) = (&self.spec, &self.data.test);
         let scores = par::map(&evaluated, self.threads, |p| evaluate(spec, p, test))
             .into_iter()
-            .collect::<Result<Vec<(f32, f32)>, _>>()
-            .map_err(|e| e.to_string())?;
+            .collect::<Result<Vec<(f32, f32)>, _>>()?;
         if scores.is_empty() {
             return Ok(());
         }
@@ -78,15 +141,16 @@ impl World<'_> {
         let losses: Vec<f64> = scores.iter().map(|(l, _)| f64::from(*l)).collect();
         let models: Vec<Vec<f32>> = row.params.into_values().collect();
         let n = self.keys.len() as u64;
+        let bytes_sent_per_node = self.net.bytes_sent.iter().sum::<u64>() / n;
         self.stats.push(RoundStats {
             round: r,
+            figures: SwarmFigures::over(
+                &accs,
+                &losses,
+                consensus_distance(&models),
+                bytes_sent_per_node,
+            ),
             nodes: models.len(),
-            accuracy_mean: accs.iter().sum::<f64>() / accs.len() as f64,
-            accuracy_min: accs.iter().copied().fold(f64::MAX, f64::min),
-            accuracy_max: accs.iter().copied().fold(f64::MIN, f64::max),
-            loss_mean: losses.iter().sum::<f64>() / losses.len() as f64,
-            consensus_distance: consensus_distance(&models),
-            bytes_sent_per_node: self.net.bytes_sent.iter().sum::<u64>() / n,
             virtual_ms: row.last_ms,
         });
         progress(r);
@@ -100,15 +164,16 @@ pub fn write_rounds_csv(path: &Path, rounds: &[RoundStats]) -> std::io::Result<(
         "round,accuracy_mean,accuracy_min,accuracy_max,loss_mean,consensus_distance,bytes_sent_per_node,nodes,virtual_ms\n",
     );
     for r in rounds {
+        let f = &r.figures;
         out.push_str(&format!(
             "{},{:.6},{:.6},{:.6},{:.6},{:.6e},{},{},{}\n",
             r.round,
-            r.accuracy_mean,
-            r.accuracy_min,
-            r.accuracy_max,
-            r.loss_mean,
-            r.consensus_distance,
-            r.bytes_sent_per_node,
+            f.accuracy_mean,
+            f.accuracy_min,
+            f.accuracy_max,
+            f.loss_mean,
+            f.consensus_distance,
+            f.bytes_sent_per_node,
             r.nodes,
             r.virtual_ms
         ));

@@ -17,7 +17,8 @@ use tapestry_core::engine::{Action, Engine, EngineConfig, Input, Mode, VersionRa
 use tapestry_core::heads::{self, Decision};
 use tapestry_core::mixing::{self, consensus_distance};
 use tapestry_core::model::{
-    InnerOptimizer, InnerState, ModelSpec, TrainConfig, evaluate, local_round, train_local,
+    InnerOptimizer, InnerState, ModelError, ModelSpec, TrainConfig, evaluate, local_round,
+    train_local,
 };
 use tapestry_core::outer::OuterOptimizer;
 use tapestry_core::verify::{self, Lineage, Plan, VersionRejection};
@@ -27,6 +28,7 @@ use tapestry_protocol::{
 
 use tapestry_storage::{ChunkStore, MemoryStore};
 
+use crate::error::SimError;
 use crate::net::Net;
 use crate::par;
 use crate::scenario::{Attack, DataSource, Settings};
@@ -35,6 +37,7 @@ mod agreement;
 mod attacks;
 mod baselines;
 mod churn;
+mod deltas;
 mod figures;
 mod setup;
 
@@ -42,7 +45,7 @@ use agreement::*;
 use setup::*;
 
 pub use baselines::{centralized, local_only};
-pub use figures::write_rounds_csv;
+pub use figures::{RoundStats, StoreFigures, SwarmFigures, write_rounds_csv};
 pub use setup::{Data, model_spec};
 
 /// Held-out rows used for evaluation at most.
@@ -50,30 +53,6 @@ const MAX_TEST_ROWS: usize = 2000;
 
 /// Virtual time one local training takes.
 const TRAIN_MS: u64 = 50;
-
-/// One round's figures over the honest nodes.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RoundStats {
-    /// The round (the version's round number).
-    pub round: u64,
-    /// Mean test accuracy.
-    pub accuracy_mean: f64,
-    /// Lowest.
-    pub accuracy_min: f64,
-    /// Highest.
-    pub accuracy_max: f64,
-    /// Mean test loss.
-    pub loss_mean: f64,
-    /// Mean distance to the average model over its norm.
-    pub consensus_distance: f64,
-    /// Bytes sent per node so far (mean over all nodes).
-    pub bytes_sent_per_node: u64,
-    /// Honest nodes that reached this round (nodes that caught up past it
-    /// or were offline are not counted).
-    pub nodes: usize,
-    /// Virtual time (ms) the last of them reached it.
-    pub virtual_ms: u64,
-}
 
 /// Churn figures of a run.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -107,15 +86,6 @@ pub struct Outcome {
     pub churn: ChurnCounts,
     /// What the nodes' chunk stores hold at the end, if they had them.
     pub store: Option<StoreFigures>,
-}
-
-/// Chunk-store figures at the end of a run (means over all nodes).
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct StoreFigures {
-    /// Bytes held (keys and values).
-    pub bytes_per_node: u64,
-    /// Chunks held.
-    pub chunks_per_node: u64,
 }
 
 /// What happens next in the simulated world.
@@ -263,7 +233,7 @@ pub fn run_swarm(
     settings: &Settings,
     data: &Data,
     progress: &mut dyn FnMut(u64),
-) -> Result<Outcome, String> {
+) -> Result<Outcome, SimError> {
     let s = &settings.scenario;
     let n = s.nodes;
     let spec = model_spec(settings, data);
@@ -292,7 +262,7 @@ pub fn run_swarm(
         &params0,
         &Keypair::from_secret_bytes(&[0xee; 32]),
     )
-    .ok_or("could not sign the initial model")?;
+    .ok_or(SimError::Genesis)?;
     let honest: Vec<usize> = (0..n).filter(|i| !byzantine.contains(i)).collect();
     let mut sample = honest.clone();
     sample.shuffle(&mut rng);
@@ -420,14 +390,14 @@ impl World<'_> {
         }
     }
 
-    fn run(&mut self, progress: &mut dyn FnMut(u64)) -> Result<(), String> {
+    fn run(&mut self, progress: &mut dyn FnMut(u64)) -> Result<(), SimError> {
         let rounds = self.settings.scenario.rounds;
         let max_events = 200_000_000u64;
         let mut handled = 0u64;
         while let Some(((now, _), event)) = self.queue.pop_first() {
             handled += 1;
             if handled > max_events {
-                return Err("the simulation did not finish (event limit reached)".into());
+                return Err(SimError::EventLimit);
             }
             let (i, input) = match event {
                 Event::Churn => {
@@ -502,7 +472,7 @@ impl World<'_> {
     }
 
     /// Runs every pending training on the worker threads.
-    fn run_jobs(&mut self) -> Result<(), String> {
+    fn run_jobs(&mut self) -> Result<(), SimError> {
         let jobs: Vec<(u64, Job)> = std::mem::take(&mut self.jobs).into_iter().collect();
         let (spec, data, cfg) = (&self.spec, self.data, &self.train_cfg);
         let results = par::map(&jobs, self.threads, |(_, job)| {
@@ -515,16 +485,19 @@ impl World<'_> {
                 &mut InnerState::default(),
                 job.seed,
             )
-            .map_err(|e| format!("node {} round {}: {e}", job.node, job.round))
         });
-        for ((id, _), r) in jobs.iter().zip(results) {
-            let (params, report) = r?;
+        for ((id, job), r) in jobs.iter().zip(results) {
+            let (params, report) = r.map_err(|source| SimError::Training {
+                node: job.node,
+                round: job.round,
+                source,
+            })?;
             self.trained.insert(*id, (params, report.samples));
         }
         Ok(())
     }
 
-    fn act(&mut self, i: usize, now: u64, action: Action) -> Result<(), String> {
+    fn act(&mut self, i: usize, now: u64, action: Action) -> Result<(), SimError> {
         match action {
             Action::Train {
                 round,
@@ -619,118 +592,6 @@ impl World<'_> {
                 job,
             },
         );
-    }
-
-    /// Node `i` publishes a delta: announced as it is, or, from a Byzantine
-    /// node, replaced by its forgery (colluding attacks first wait to hear
-    /// the honest deltas), or withheld (free-riding).
-    fn publish(&mut self, i: usize, now: u64, manifest: Verified<DeltaManifest>, payload: Vec<u8>) {
-        match (self.byzantine.contains(&i), self.attack) {
-            (true, Some(Attack::FreeRide)) => {}
-            (true, Some(attack)) => {
-                let wait = match attack {
-                    Attack::Alie(_) | Attack::Ipm(_) => {
-                        self.net.latency_ms() + self.settings.scenario.jitter_ms + 1
-                    }
-                    _ => 0,
-                };
-                self.push(
-                    now + wait,
-                    Event::Forge {
-                        node: i,
-                        manifest,
-                        payload,
-                    },
-                );
-            }
-            _ => {
-                let colluding = matches!(self.attack, Some(Attack::Alie(_) | Attack::Ipm(_)));
-                let n_params = self.spec.n_params();
-                let decoded = colluding
-                    .then(|| manifest.message().codec.decode(&payload, n_params).ok())
-                    .flatten();
-                if let Some(v) = decoded {
-                    self.honest_deltas
-                        .entry(manifest.message().round)
-                        .or_default()
-                        .push(v);
-                }
-                self.announce(i, now, manifest, payload);
-            }
-        }
-    }
-
-    /// Node `i` fetches a delta's payload from its author (from the
-    /// author's chunk store when there are stores) into its own store.
-    fn fetch(
-        &mut self,
-        i: usize,
-        now: u64,
-        manifest: Verified<DeltaManifest>,
-    ) -> Result<(), String> {
-        let author = self.index.get(&manifest.message().author).copied();
-        let payload = match (author, self.stores.is_empty()) {
-            (Some(a), false) => {
-                let m = manifest.message();
-                self.stores[a]
-                    .read_payload(&m.chunk_ids, m.payload_bytes)
-                    .ok()
-            }
-            _ => self.published.get(&manifest.id()).cloned(),
-        };
-        let (Some(payload), Some(a)) = (payload, author) else {
-            return Ok(());
-        };
-        if let Some(store) = self.stores.get(i) {
-            let m = manifest.message();
-            store
-                .put_payload(&payload, m.chunk_size as usize)
-                .and_then(|_| store.put_delta_manifest(&manifest))
-                .map_err(|e| e.to_string())?;
-        }
-        let id = manifest.id();
-        // The request travels, then the author's uplink sends.
-        let asked = self.net.send_reliable(i, a, now, 128);
-        if let Ok(at) = asked.and_then(|t| self.net.send_reliable(a, i, t, payload.len() as u64)) {
-            let input = Input::DeltaPayload { id, payload };
-            self.push(at, Event::Deliver { node: i, input });
-        }
-        Ok(())
-    }
-
-    /// Stores a payload for fetching and announces its manifest to the region.
-    fn announce(
-        &mut self,
-        i: usize,
-        now: u64,
-        manifest: Verified<DeltaManifest>,
-        payload: Vec<u8>,
-    ) {
-        self.published_in
-            .entry(manifest.message().round)
-            .or_default()
-            .push(manifest.id());
-        if let Some(store) = self.stores.get(i) {
-            // The author keeps what it announces; fetches are served from here.
-            let stored = store
-                .put_payload(&payload, manifest.message().chunk_size as usize)
-                .and_then(|_| store.put_delta_manifest(&manifest));
-            if stored.is_err() {
-                return;
-            }
-        }
-        self.published.insert(manifest.id(), payload);
-        self.delta_manifests.insert(manifest.id(), manifest.clone());
-        let size = manifest.envelope_bytes().len() as u64;
-        for j in 0..self.keys.len() {
-            if j == i {
-                continue;
-            }
-            if let Ok(at) = self.net.send(i, j, now, size) {
-                let input = Input::DeltaAnnounced(manifest.clone());
-                self.push(at, Event::Deliver { node: j, input });
-            }
-        }
     }
 
     fn adopted(&mut self, i: usize, now: u64, manifest: Verified<ModelManifest>, params: Vec<f32>) {

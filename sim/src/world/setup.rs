@@ -16,7 +16,7 @@ pub struct Data {
 
 impl Data {
     /// Loads, splits, scales and partitions the data of `settings`.
-    pub fn load(settings: &Settings) -> Result<Data, String> {
+    pub fn load(settings: &Settings) -> Result<Data, SimError> {
         let s = &settings.scenario;
         let all = match &settings.data {
             // Ten overlapping classes: hard enough that pooling matters;
@@ -24,13 +24,9 @@ impl Data {
             DataSource::Synthetic => {
                 data::synthetic_with_separation(s.seed, (30 * s.nodes).max(3000), 20, 10, 0.8)
             }
-            DataSource::Csv(path) => {
-                data::load_csv(path, CsvOptions::default()).map_err(|e| e.to_string())?
-            }
+            DataSource::Csv(path) => data::load_csv(path, CsvOptions::default())?,
         };
-        let (mut train, mut test) = all
-            .split(s.test_fraction, s.seed)
-            .map_err(|e| e.to_string())?;
+        let (mut train, mut test) = all.split(s.test_fraction, s.seed)?;
         if test.len() > MAX_TEST_ROWS {
             // Enough to read accuracy to about a percent; evaluation cost
             // stays bounded in large swarms.
@@ -42,8 +38,7 @@ impl Data {
         let scaler = Scaler::fit(&train);
         scaler.apply(&mut train);
         scaler.apply(&mut test);
-        let parts = data::partition(&train, s.nodes, settings.partition, s.seed)
-            .map_err(|e| e.to_string())?;
+        let parts = data::partition(&train, s.nodes, settings.partition, s.seed)?;
         let shards = parts.iter().map(|rows| train.subset(rows)).collect();
         Ok(Data {
             train,

@@ -1,0 +1,180 @@
+//! The node in one process on tokio's paused clock. The network task is
+//! played by the test through a detached [`NetHandle`] and the event
+//! channel, so the node's timing — a round's deadline, the silence limit
+//! for peers — is checked in virtual time, without real sleeping.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use libp2p::gossipsub::IdentTopic;
+use prometheus_client::registry::Registry;
+use tapestry_core::aggregate::AggregationRule;
+use tapestry_core::data::synthetic;
+use tapestry_core::door::DoorConfig;
+use tapestry_storage::MemoryStore;
+
+use super::*;
+use crate::metrics::Metrics;
+use crate::net::Command;
+
+/// What the node asked the network for, and when (virtual time).
+#[derive(Debug)]
+enum Seen {
+    Published { topic: String, data: Vec<u8> },
+    Disconnected(PeerId),
+}
+
+/// Plays the network task: answers what needs an answer, reports
+/// publications and disconnections, and tells the node when a peer it
+/// dropped is gone.
+async fn play_network(
+    mut commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<NetEvent>,
+    seen: mpsc::UnboundedSender<(Instant, Seen)>,
+) {
+    while let Some(command) = commands.recv().await {
+        let now = Instant::now();
+        match command {
+            Command::Publish { topic, data } => {
+                let _ = seen.send((now, Seen::Published { topic, data }));
+            }
+            Command::Disconnect(peer) => {
+                let _ = seen.send((now, Seen::Disconnected(peer)));
+                let _ = events.send(NetEvent::PeerDisconnected(peer)).await;
+            }
+            Command::Fetch { peer, reply, .. } => {
+                let _ = reply.send(Err(net::NetError::Fetch {
+                    peer,
+                    reason: "nobody serves in this test".into(),
+                }));
+            }
+            Command::Providers { reply, .. } => {
+                let _ = reply.send(Vec::new());
+            }
+            Command::Snapshot(reply) => {
+                let _ = reply.send(net::NetSnapshot::default());
+            }
+            Command::Report { .. }
+            | Command::Respond { .. }
+            | Command::Provide(_)
+            | Command::Unprovide(_) => {}
+        }
+    }
+}
+
+fn key(seed: u8) -> Keypair {
+    Keypair::from_secret_bytes(&[seed; 32])
+}
+
+fn peer(seed: u8) -> PeerId {
+    net::peer_id_of(&key(seed).node_id()).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_round_deadline_closes_a_round_and_a_silent_peer_is_dropped() {
+    let timeout = Duration::from_secs(5);
+    let mut engine =
+        tapestry_testkit::engine_config(AggregationRule::Mean, DoorConfig::default(), 1);
+    engine.round_timeout_ms = timeout.as_millis() as u64;
+    let settings = NodeSettings {
+        engine,
+        train: tapestry_testkit::sgd(2, 16, 0.05),
+        model_seed: 1,
+        rounds: None,
+        start_peers: 1,
+        start_wait: Duration::from_secs(60),
+        min_round: Duration::ZERO,
+        roster: None,
+        region_key: None,
+        vote_file: None,
+        attestations: 0,
+    };
+    let (train, test) = synthetic(3, 300, 64, 10).split(0.2, 1).unwrap();
+    let data = LocalData { train, test };
+    let shared = Shared::new(Arc::new(Metrics::new(Registry::default())));
+    let store: Store = Arc::new(MemoryStore::new());
+    let (net, commands) = NetHandle::detached(peer(1));
+    let node = Node::new(settings, key(1), store, net, data, shared.clone()).unwrap();
+
+    let (events_tx, events_rx) = mpsc::channel(64);
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(play_network(commands, events_tx.clone(), seen_tx));
+    let running = tokio::spawn(node.run(events_rx, stop_rx));
+
+    // A region member that answers pings but sends no delta, so the round
+    // can only close at its deadline; and a peer that falls silent.
+    let t0 = Instant::now();
+    let (member, silent) = (peer(2), peer(3));
+    let deltas = IdentTopic::new(deltas_topic("digits", "test")).hash();
+    for event in [
+        NetEvent::PeerConnected(member),
+        NetEvent::PeerConnected(silent),
+        NetEvent::Subscribed {
+            peer: member,
+            topic: deltas,
+        },
+    ] {
+        events_tx.send(event).await.unwrap();
+    }
+    let pings = events_tx.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let outcome = PingOutcome::Answered(Duration::from_millis(2));
+            if pings
+                .send(NetEvent::Ping {
+                    peer: member,
+                    outcome,
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+
+    // Bounded: if the node never closes its round, virtual time runs out.
+    let (mut delta_at, mut version_at, mut dropped) = (None, None, Vec::new());
+    let watch = async {
+        while let Some((at, s)) = seen.recv().await {
+            match s {
+                Seen::Published { topic, .. } if topic.ends_with("/deltas") => {
+                    delta_at.get_or_insert(at);
+                }
+                Seen::Published { topic, data } if topic.ends_with("/models") => {
+                    let m = Signed::<ModelManifest>::open(&data).unwrap();
+                    if m.message().round == 1 {
+                        version_at = Some(at);
+                    }
+                }
+                Seen::Published { .. } => {}
+                Seen::Disconnected(p) => dropped.push((at, p)),
+            }
+            if version_at.is_some() && !dropped.is_empty() {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), watch)
+        .await
+        .expect("the round never closed, or the silent peer was never dropped");
+
+    let delta_at = delta_at.expect("the node announced no delta of its own");
+    let version_at = version_at.unwrap();
+    // Quorum was never met (the member sent nothing): the round closed at
+    // its deadline, not before, and on the node's own delta.
+    assert!(version_at >= delta_at, "{version_at:?} before {delta_at:?}");
+    assert!(version_at.duration_since(t0) >= timeout, "closed early");
+    assert!(version_at.duration_since(t0) < timeout * 2, "closed late");
+    assert!(shared.status().round >= 1);
+    // The silent peer went after the silence limit; the member stayed.
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    let (at, p) = dropped[0];
+    assert_eq!(p, silent);
+    assert!(at.duration_since(t0) >= net::SILENCE_LIMIT);
+    assert!(at.duration_since(t0) < net::SILENCE_LIMIT + Duration::from_secs(1));
+    running.abort();
+}
