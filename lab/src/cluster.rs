@@ -258,7 +258,9 @@ fn start(
         }
         None => Command::new(tapestry),
     };
-    cmd.args(["run", "--data-dir"]).arg(dir);
+    // Rounds back to back: the lab measures how fast a swarm goes.
+    cmd.args(["run", "--min-round-ms", "0", "--data-dir"])
+        .arg(dir);
     if let Some(b) = bootstrap {
         cmd.args(["--bootstrap", b]);
     }

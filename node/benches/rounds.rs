@@ -53,7 +53,7 @@ fn tapestry() -> Command {
 fn start(dir: &Path, shard: usize, boot: Option<&str>) -> NodeProcess {
     let _ = std::fs::remove_file(dir.join("node.log"));
     let mut cmd = tapestry();
-    cmd.args(["run", "--data-dir"])
+    cmd.args(["run", "--min-round-ms", "0", "--data-dir"])
         .arg(dir)
         .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"])
         .arg("--data")

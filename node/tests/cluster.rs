@@ -43,7 +43,7 @@ fn init(dir: &Path) {
 impl Node {
     fn start(dir: &Path, args: &[String]) -> Node {
         let mut cmd = tapestry();
-        cmd.args(["run", "--data-dir"])
+        cmd.args(["run", "--min-round-ms", "0", "--data-dir"])
             .arg(dir)
             .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"])
             .arg("--data")

@@ -25,78 +25,9 @@ fn main() -> Result<(), Box<dyn Error>> {
         }
     };
 
-    // 1. Identity.
-    let key_path = out.join("node.key");
-    let key = if key_path.exists() {
-        Keypair::read_key_file(&key_path)?
-    } else {
-        let k = Keypair::generate(&mut OsRng);
-        k.write_key_file(&key_path)?;
-        k
-    };
-    println!(
-        "node id      {}  (key file {}, mode 0600)",
-        key.node_id(),
-        key_path.display()
-    );
-
-    // 2. A delta for a 784-128-10 MLP (101,770 parameters), seeded noise
-    //    standing in for θ − θ′ after a round of training.
-    let layout = vec![
-        TensorSpec {
-            name: "l0.weight".into(),
-            shape: vec![128, 784],
-            dtype: DType::F32,
-        },
-        TensorSpec {
-            name: "l0.bias".into(),
-            shape: vec![128],
-            dtype: DType::F32,
-        },
-        TensorSpec {
-            name: "l1.weight".into(),
-            shape: vec![10, 128],
-            dtype: DType::F32,
-        },
-        TensorSpec {
-            name: "l1.bias".into(),
-            shape: vec![10],
-            dtype: DType::F32,
-        },
-    ];
-    let n = 128 * 784 + 128 + 10 * 128 + 10;
-    let mut rng = ChaCha20Rng::seed_from_u64(7);
-    let delta: Vec<f32> = (0..n)
-        .map(|_| (rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 1e-2)
-        .collect();
-    let norm = delta
-        .iter()
-        .map(|v| f64::from(*v).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    println!("delta        {n} values, L2 norm {norm:.4}");
-    for codec in [
-        Codec::F32,
-        Codec::Bf16,
-        Codec::Int8 { block: 256 },
-        Codec::TopK { fraction: 0.01 },
-    ] {
-        let bytes = codec.encode(&delta)?;
-        let back = codec.decode(&bytes, n)?;
-        let err = delta
-            .iter()
-            .zip(&back)
-            .map(|(a, b)| f64::from(a - b).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        println!(
-            "  {:<10} {:>8} bytes ({:>5.1}% of f32), relative L2 error {:.2e}",
-            codec.to_string(),
-            bytes.len(),
-            100.0 * bytes.len() as f64 / (4 * n) as f64,
-            err / norm
-        );
-    }
+    let key = identity(&out)?;
+    let (layout, delta, norm) = delta_of_an_mlp();
+    compare_codecs(&delta, norm)?;
 
     // 3. Chunks: content-addressed pieces of the int8 payload.
     let codec = Codec::Int8 { block: 256 };
@@ -153,5 +84,91 @@ fn main() -> Result<(), Box<dyn Error>> {
         Ok(_) => return Err("a delta manifest opened as a model manifest".into()),
     }
     println!("ok");
+    Ok(())
+}
+
+/// 1. Identity: the key file in `out`, made if missing.
+fn identity(out: &std::path::Path) -> Result<Keypair, Box<dyn Error>> {
+    let key_path = out.join("node.key");
+    let key = if key_path.exists() {
+        Keypair::read_key_file(&key_path)?
+    } else {
+        let k = Keypair::generate(&mut OsRng);
+        k.write_key_file(&key_path)?;
+        k
+    };
+    println!(
+        "node id      {}  (key file {}, mode 0600)",
+        key.node_id(),
+        key_path.display()
+    );
+    Ok(key)
+}
+
+/// 2. A delta for a 784-128-10 MLP (101,770 parameters), seeded noise
+///    standing in for θ − θ′ after a round of training: its layout, values
+///    and L2 norm.
+fn delta_of_an_mlp() -> (Vec<TensorSpec>, Vec<f32>, f64) {
+    let layout = vec![
+        TensorSpec {
+            name: "l0.weight".into(),
+            shape: vec![128, 784],
+            dtype: DType::F32,
+        },
+        TensorSpec {
+            name: "l0.bias".into(),
+            shape: vec![128],
+            dtype: DType::F32,
+        },
+        TensorSpec {
+            name: "l1.weight".into(),
+            shape: vec![10, 128],
+            dtype: DType::F32,
+        },
+        TensorSpec {
+            name: "l1.bias".into(),
+            shape: vec![10],
+            dtype: DType::F32,
+        },
+    ];
+    let n = 128 * 784 + 128 + 10 * 128 + 10;
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+    let delta: Vec<f32> = (0..n)
+        .map(|_| (rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 1e-2)
+        .collect();
+    let norm = delta
+        .iter()
+        .map(|v| f64::from(*v).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    println!("delta        {n} values, L2 norm {norm:.4}");
+    (layout, delta, norm)
+}
+
+/// Encodes the delta with each codec and prints size and error.
+fn compare_codecs(delta: &[f32], norm: f64) -> Result<(), Box<dyn Error>> {
+    let n = delta.len();
+    for codec in [
+        Codec::F32,
+        Codec::Bf16,
+        Codec::Int8 { block: 256 },
+        Codec::TopK { fraction: 0.01 },
+    ] {
+        let bytes = codec.encode(delta)?;
+        let back = codec.decode(&bytes, n)?;
+        let err = delta
+            .iter()
+            .zip(&back)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        println!(
+            "  {:<10} {:>8} bytes ({:>5.1}% of f32), relative L2 error {:.2e}",
+            codec.to_string(),
+            bytes.len(),
+            100.0 * bytes.len() as f64 / (4 * n) as f64,
+            err / norm
+        );
+    }
     Ok(())
 }
