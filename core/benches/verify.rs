@@ -7,7 +7,6 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -17,71 +16,18 @@ use tapestry_core::door::{Door, DoorConfig};
 use tapestry_core::engine::{EngineConfig, Mode};
 use tapestry_core::model::{InnerOptimizer, InnerState, ModelSpec, TrainConfig, train_local};
 use tapestry_core::outer::OuterOptimizer;
-use tapestry_core::verify::{self, DeltaInput, Lineage};
+use tapestry_core::verify::{self, DeltaInput};
 use tapestry_protocol::*;
-
-#[derive(Default)]
-struct Mem {
-    models: HashMap<ContentId, Verified<ModelManifest>>,
-    deltas: HashMap<ContentId, (Verified<DeltaManifest>, Vec<u8>)>,
-    params: HashMap<ContentId, Vec<f32>>,
-}
-
-impl Lineage for Mem {
-    fn model(&self, id: &ContentId) -> Option<Verified<ModelManifest>> {
-        self.models.get(id).cloned()
-    }
-    fn delta(&self, id: &ContentId) -> Option<Verified<DeltaManifest>> {
-        self.deltas.get(id).map(|d| d.0.clone())
-    }
-    fn has_payload(&self, d: &Verified<DeltaManifest>) -> bool {
-        self.deltas.contains_key(&d.id())
-    }
-    fn payload(&self, d: &Verified<DeltaManifest>) -> Option<Vec<u8>> {
-        self.deltas.get(&d.id()).map(|d| d.1.clone())
-    }
-    fn is_verified(&self, id: &ContentId) -> bool {
-        self.params.contains_key(id)
-    }
-    fn params(&self, id: &ContentId) -> Option<Vec<f32>> {
-        self.params.get(id).cloned()
-    }
-}
-
-fn sign_version(
-    cfg: &EngineConfig,
-    key: &Keypair,
-    round: u64,
-    params: &[f32],
-    parents: Vec<ContentId>,
-    deltas: Vec<ContentId>,
-) -> Verified<ModelManifest> {
-    Signed::sign(
-        ModelManifest {
-            model_id: cfg.model_id.clone(),
-            region: cfg.region.clone(),
-            round,
-            author: key.node_id(),
-            layout: cfg.spec.layout(),
-            payload_bytes: params.len() as u64 * 4,
-            chunk_size: cfg.chunk_size as u32,
-            chunk_ids: verify::params_chunk_ids(params, cfg.chunk_size),
-            parents,
-            deltas,
-            created_unix_ms: 0,
-        },
-        key,
-    )
-    .unwrap()
-}
+use tapestry_testkit::sign;
+use tapestry_testkit::swarm::MemLineage;
 
 /// A held parent, three held deltas, and the honest version built on them.
-fn setup(cfg: &EngineConfig) -> (Mem, Verified<ModelManifest>) {
+fn setup(cfg: &EngineConfig) -> (MemLineage, Verified<ModelManifest>) {
     let n = cfg.spec.n_params();
-    let mut l = Mem::default();
+    let mut l = MemLineage::default();
     let parent_params = cfg.spec.init(1);
     let key = Keypair::from_secret_bytes(&[1; 32]);
-    let parent = sign_version(
+    let parent = sign::version(
         cfg,
         &key,
         1,
@@ -90,41 +36,19 @@ fn setup(cfg: &EngineConfig) -> (Mem, Verified<ModelManifest>) {
         vec![],
     );
     l.models.insert(parent.id(), parent.clone());
-    l.params.insert(parent.id(), parent_params.clone());
+    l.verified.insert(parent.id(), parent_params.clone());
     let mut held = Vec::new();
     for k in 0..3u8 {
         let author = Keypair::from_secret_bytes(&[k + 10; 32]);
         let values: Vec<f32> = (0..n)
             .map(|i| ((i * 7 + k as usize) % 13) as f32 * 1e-4)
             .collect();
-        let payload = Codec::F32.encode(&values).unwrap();
-        let norm = values
-            .iter()
-            .map(|v| f64::from(*v).powi(2))
-            .sum::<f64>()
-            .sqrt() as f32;
-        let d = Signed::sign(
-            DeltaManifest {
-                model_id: cfg.model_id.clone(),
-                region: cfg.region.clone(),
-                round: 1,
-                base_version: parent.id(),
-                author: author.node_id(),
-                seq: 1,
-                codec: Codec::F32,
-                layout: cfg.spec.layout(),
-                payload_bytes: payload.len() as u64,
-                chunk_size: cfg.chunk_size as u32,
-                chunk_ids: payload.chunks(cfg.chunk_size).map(ContentId::of).collect(),
-                sample_count: 100,
-                l2_norm: norm,
-                created_unix_ms: 0,
-            },
-            &author,
-        )
-        .unwrap();
+        let (mut m, payload) = sign::delta_manifest(cfg, &author, 1, 1, &values);
+        m.base_version = parent.id();
+        m.sample_count = 100;
+        let d = sign::signed(m, &author);
         held.push((d.id(), values));
-        l.deltas.insert(d.id(), (d, payload));
+        l.add_delta(&d, &payload);
     }
     let inputs: Vec<DeltaInput<'_>> = held
         .iter()
@@ -135,7 +59,7 @@ fn setup(cfg: &EngineConfig) -> (Mem, Verified<ModelManifest>) {
         })
         .collect();
     let params = verify::aggregate_onto(cfg, &parent_params, &inputs).unwrap();
-    let v = sign_version(
+    let v = sign::version(
         cfg,
         &key,
         2,

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 
 use tapestry_core::aggregate::AggregationRule;
 use tapestry_core::data::{self, Dataset, Partition};
@@ -13,6 +13,8 @@ use tapestry_core::engine::{Action, Engine, EngineConfig, Input, Mode, genesis};
 use tapestry_core::mixing::consensus_distance;
 use tapestry_core::model::*;
 use tapestry_protocol::*;
+use tapestry_testkit::sign;
+use tapestry_testkit::swarm::Swarm;
 
 fn digits() -> (Dataset, Dataset) {
     tapestry_testkit::digits_split()
@@ -33,281 +35,34 @@ fn engine_config(rule: AggregationRule, door: DoorConfig, seed: u64) -> EngineCo
     tapestry_testkit::engine_config(rule, door, seed)
 }
 
-/// Attackers replace every delta they publish by −10× itself.
-struct Net {
-    engines: Vec<Engine>,
-    keys: Vec<Keypair>,
-    shards: Vec<Dataset>,
-    queue: VecDeque<(usize, Input)>,
-    published: BTreeMap<ContentId, (Verified<DeltaManifest>, Vec<u8>)>,
-    attackers: BTreeSet<usize>,
-    penalties: Vec<(usize, Rejection)>,
-    adopted: Vec<Vec<Verified<ModelManifest>>>,
-    now: u64,
-    /// Who hears whom (mixing mode); everyone in broadcast mode.
-    neighbours: Vec<Vec<usize>>,
-    /// Inner steps per round (0: no training, pure mixing).
-    local_steps: usize,
-    /// Parameters of each node after each round.
-    snapshots: BTreeMap<u64, BTreeMap<usize, Vec<f32>>>,
-    /// Nodes whose announcements arrive only after the next timer round.
-    slow: BTreeSet<usize>,
-    /// Nodes whose deltas never arrive.
-    silent: BTreeSet<usize>,
-    held: Vec<(usize, Input)>,
-    /// Percentage of push-sum shares lost in transit.
-    loss_percent: u64,
-    rng: u64,
-    /// Push-sum shares sent and lost.
-    shares: (u64, u64),
+/// `shards.len()` nodes in a broadcast region, training [`train_config`].
+fn net(shards: Vec<Dataset>, rule: AggregationRule, door: DoorConfig) -> Swarm {
+    Swarm::new(engine_config(rule, door, 0), train_config(), shards)
 }
 
-impl Net {
-    fn new(
-        shards: Vec<Dataset>,
-        rule: AggregationRule,
-        door: DoorConfig,
-        attackers: BTreeSet<usize>,
-    ) -> Net {
-        let n = shards.len();
-        let keys: Vec<Keypair> = (0..n)
-            .map(|i| Keypair::from_secret_bytes(&[i as u8 + 1; 32]))
-            .collect();
-        let engines: Vec<Engine> = (0..n)
-            .map(|i| {
-                Engine::new(
-                    engine_config(rule, door.clone(), 100 + i as u64),
-                    keys[i].clone(),
-                )
-            })
-            .collect();
-        let mut net = Net {
-            engines,
-            keys,
-            shards,
-            queue: VecDeque::new(),
-            published: BTreeMap::new(),
-            attackers,
-            penalties: Vec::new(),
-            adopted: vec![Vec::new(); n],
-            now: 0,
-            neighbours: (0..n)
-                .map(|i| (0..n).filter(|j| *j != i).collect())
-                .collect(),
-            local_steps: H,
-            snapshots: BTreeMap::new(),
-            slow: BTreeSet::new(),
-            silent: BTreeSet::new(),
-            held: Vec::new(),
-            loss_percent: 0,
-            rng: 0x2545_f491_4f6c_dd1d,
-            shares: (0, 0),
-        };
-        let params = spec().init(42);
-        let g = genesis(
-            &engine_config(rule, door, 0),
-            &params,
-            &Keypair::from_secret_bytes(&[99; 32]),
-        )
-        .unwrap();
-        for i in 0..n {
-            for j in 0..n {
-                net.queue
-                    .push_back((i, Input::PeerJoined(net.keys[j].node_id())));
-            }
-            net.queue.push_back((
-                i,
-                Input::Start {
-                    manifest: g.clone(),
-                    params: params.clone(),
-                },
-            ));
-        }
-        net
-    }
-
-    fn corrupt(
-        &self,
-        i: usize,
-        manifest: &Verified<DeltaManifest>,
-        payload: &[u8],
-    ) -> (Verified<DeltaManifest>, Vec<u8>) {
-        let m = manifest.message();
-        let n = spec().n_params();
-        let evil: Vec<f32> = m
-            .codec
-            .decode(payload, n)
-            .unwrap()
-            .iter()
-            .map(|v| -10.0 * v)
-            .collect();
-        let bytes = m.codec.encode(&evil).unwrap();
-        let mut forged = m.clone();
-        forged.chunk_ids = bytes
-            .chunks(m.chunk_size as usize)
-            .map(ContentId::of)
-            .collect();
-        forged.l2_norm = evil
-            .iter()
-            .map(|v| f64::from(*v).powi(2))
-            .sum::<f64>()
-            .sqrt() as f32;
-        (Signed::sign(forged, &self.keys[i]).unwrap(), bytes)
-    }
-
-    fn step(&mut self, i: usize, input: Input) {
-        let actions = self.engines[i].handle(input, self.now);
-        for a in actions {
-            match a {
-                Action::Train {
-                    round,
-                    version,
-                    params,
-                    seed,
-                } => {
-                    let config = TrainConfig {
-                        local_steps: self.local_steps,
-                        ..train_config()
-                    };
-                    let (p, report) = if self.local_steps == 0 {
-                        (
-                            params,
-                            TrainReport {
-                                mean_loss: 0.0,
-                                samples: 1,
-                            },
-                        )
-                    } else {
-                        train_local(
-                            &spec(),
-                            &params,
-                            &self.shards[i],
-                            &config,
-                            &mut InnerState::default(),
-                            seed,
-                        )
-                        .unwrap()
-                    };
-                    self.queue.push_back((
-                        i,
-                        Input::TrainingDone {
-                            round,
-                            version,
-                            params: p,
-                            samples: report.samples,
-                        },
-                    ));
-                }
-                Action::Publish { manifest, payload } => {
-                    let (manifest, payload) = if self.attackers.contains(&i) {
-                        self.corrupt(i, &manifest, &payload)
-                    } else {
-                        (manifest, payload)
-                    };
-                    self.published
-                        .insert(manifest.id(), (manifest.clone(), payload));
-                    if self.silent.contains(&i) {
-                        continue;
-                    }
-                    for j in 0..self.engines.len() {
-                        if j != i {
-                            let input = Input::DeltaAnnounced(manifest.clone());
-                            if self.slow.contains(&i) {
-                                self.held.push((j, input));
-                            } else {
-                                self.queue.push_back((j, input));
-                            }
-                        }
-                    }
-                }
-                Action::Fetch { manifest } => {
-                    let payload = self.published[&manifest.id()].1.clone();
-                    self.queue.push_back((
-                        i,
-                        Input::DeltaPayload {
-                            id: manifest.id(),
-                            payload,
-                        },
-                    ));
-                }
-                Action::Adopt { manifest, params } => {
-                    self.snapshots
-                        .entry(manifest.message().round)
-                        .or_default()
-                        .insert(i, params);
-                    self.adopted[i].push(manifest);
-                }
-                Action::PushShare { to, x, w } => {
-                    for peer in to {
-                        let j = self.keys.iter().position(|k| k.node_id() == peer).unwrap();
-                        self.rng ^= self.rng << 13;
-                        self.rng ^= self.rng >> 7;
-                        self.rng ^= self.rng << 17;
-                        self.shares.0 += 1;
-                        if self.rng % 100 < self.loss_percent {
-                            self.shares.1 += 1;
-                            continue;
-                        }
-                        self.queue
-                            .push_back((j, Input::PushShare { x: x.clone(), w }));
-                    }
-                }
-                Action::SendToNeighbours {
-                    round,
-                    params,
-                    degree,
-                } => {
-                    let from = self.keys[i].node_id();
-                    for j in self.neighbours[i].clone() {
-                        let input = Input::NeighbourModel {
-                            from,
-                            round,
-                            params: params.clone(),
-                            degree,
-                        };
-                        self.queue.push_back((j, input));
-                    }
-                }
-                Action::Penalise(r) => self.penalties.push((i, r.reason)),
-                Action::SetTimer { .. } => {}
-            }
-        }
-    }
-
-    /// Runs until every engine has reached `rounds` (bounded).
-    fn run(&mut self, rounds: u64) {
-        for _ in 0..1_000_000 {
-            if self.engines.iter().all(|e| e.round() >= rounds) {
-                return;
-            }
-            match self.queue.pop_front() {
-                Some((i, input)) => {
-                    if self.engines[i].round() < rounds
-                        || matches!(input, Input::DeltaAnnounced(_) | Input::DeltaPayload { .. })
-                    {
-                        self.step(i, input);
-                    }
-                }
-                None => {
-                    // Quiet: let the round timers fire.
-                    self.now += 10_000;
-                    for i in 0..self.engines.len() {
-                        self.queue.push_back((i, Input::Tick));
-                    }
-                    // Slow nodes' announcements land after the timers fired.
-                    self.queue.extend(self.held.drain(..));
-                }
-            }
-        }
-        panic!("the swarm did not reach round {rounds}");
-    }
-
-    fn accuracies(&self, test: &Dataset) -> Vec<f32> {
-        self.engines
-            .iter()
-            .map(|e| evaluate(&spec(), e.params(), test).unwrap().1)
-            .collect()
-    }
+/// An attacker replaces every delta it publishes by −10× itself.
+fn corrupt(
+    key: &Keypair,
+    manifest: &Verified<DeltaManifest>,
+    payload: &[u8],
+) -> (Verified<DeltaManifest>, Vec<u8>) {
+    let m = manifest.message();
+    let n = spec().n_params();
+    let evil: Vec<f32> = m
+        .codec
+        .decode(payload, n)
+        .unwrap()
+        .iter()
+        .map(|v| -10.0 * v)
+        .collect();
+    let bytes = m.codec.encode(&evil).unwrap();
+    let mut forged = m.clone();
+    forged.chunk_ids = bytes
+        .chunks(m.chunk_size as usize)
+        .map(ContentId::of)
+        .collect();
+    forged.l2_norm = sign::l2_norm(&evil);
+    (sign::signed(forged, key), bytes)
 }
 
 /// `n` nodes in `mode`, each starting from its own random model (seeded by
@@ -318,16 +73,15 @@ fn fresh_models_net(
     local_steps: usize,
     neighbours: Vec<Vec<usize>>,
     init_base: u64,
-) -> Net {
+) -> Swarm {
     let n = neighbours.len();
-    let mut net = Net::new(
+    let mut net = net(
         shards(train, n, Partition::Iid),
         AggregationRule::Mean,
         DoorConfig::default(),
-        BTreeSet::new(),
     );
     net.queue.clear();
-    net.local_steps = local_steps;
+    net.train.local_steps = local_steps;
     net.neighbours = neighbours;
     for i in 0..n {
         let mut cfg = engine_config(AggregationRule::Mean, DoorConfig::default(), 100 + i as u64);
@@ -345,7 +99,7 @@ fn fresh_models_net(
 }
 
 /// A ring of `n` nodes in neighbour-mixing mode.
-fn ring_mixing(train: &Dataset, n: usize, local_steps: usize) -> Net {
+fn ring_mixing(train: &Dataset, n: usize, local_steps: usize) -> Swarm {
     let ring = (0..n).map(|i| vec![(i + n - 1) % n, (i + 1) % n]).collect();
     fresh_models_net(train, Mode::Mixing, local_steps, ring, 1000)
 }
@@ -380,11 +134,10 @@ const ROUNDS: u64 = 30;
 #[test]
 fn region_broadcast_on_label_skewed_shards_matches_centralized() {
     let (train, test) = digits();
-    let mut net = Net::new(
+    let mut net = net(
         shards(&train, 8, Partition::Dirichlet(0.5)),
         AggregationRule::Mean,
         DoorConfig::default(),
-        BTreeSet::new(),
     );
     net.run(ROUNDS);
     let acc = net.accuracies(&test);
@@ -430,12 +183,9 @@ fn attacked(rule: AggregationRule, attack: bool) -> f32 {
     } else {
         BTreeSet::new()
     };
-    let mut net = Net::new(
-        shards(&train, 8, Partition::Iid),
-        rule,
-        door,
-        attackers.clone(),
-    );
+    let mut net = net(shards(&train, 8, Partition::Iid), rule, door);
+    net.attackers = attackers.clone();
+    net.corrupt = Some(corrupt);
     net.run(20);
     let acc = net.accuracies(&test);
     let honest: Vec<f32> = acc
@@ -474,11 +224,10 @@ fn robust_rules_withstand_two_sign_flipping_scaling_attackers_of_eight() {
 fn the_same_inputs_give_byte_identical_versions() {
     let (train, _) = digits();
     let run = || {
-        let mut net = Net::new(
+        let mut net = net(
             shards(&train, 4, Partition::Dirichlet(0.5)),
             AggregationRule::Mean,
             DoorConfig::default(),
-            BTreeSet::new(),
         );
         net.run(5);
         net.adopted
@@ -494,11 +243,10 @@ fn the_same_inputs_give_byte_identical_versions() {
 #[test]
 fn nan_and_misshapen_deltas_are_rejected_with_their_reasons() {
     let (train, _) = digits();
-    let mut net = Net::new(
+    let mut net = net(
         shards(&train, 2, Partition::Iid),
         AggregationRule::Mean,
         DoorConfig::default(),
-        BTreeSet::new(),
     );
     // Let both start round 0.
     while let Some((i, input)) = net.queue.pop_front() {
@@ -535,7 +283,7 @@ fn nan_and_misshapen_deltas_are_rejected_with_their_reasons() {
     nan[17] = f32::NAN;
     let (m, p) = make(nan, spec().layout(), 1);
     // Announced, fetched (the harness serves the payload), then refused.
-    net.published.insert(m.id(), (m.clone(), p));
+    net.lineage.add_delta(&m, &p);
     net.step(0, Input::DeltaAnnounced(m));
     while let Some((i, input)) = net.queue.pop_front() {
         if matches!(input, Input::DeltaPayload { .. }) {
@@ -565,11 +313,10 @@ fn nan_and_misshapen_deltas_are_rejected_with_their_reasons() {
 #[test]
 fn a_late_joiner_catches_up_by_adopting_a_newer_version() {
     let (train, test) = digits();
-    let mut net = Net::new(
+    let mut net = net(
         shards(&train, 4, Partition::Iid),
         AggregationRule::Mean,
         DoorConfig::default(),
-        BTreeSet::new(),
     );
     net.run(10);
     // A fresh engine starts from genesis, then is offered a peer's version.
@@ -587,24 +334,14 @@ fn a_late_joiner_catches_up_by_adopting_a_newer_version() {
     );
     assert_eq!(late.round(), 0);
     let peer = &net.engines[0];
-    let bytes: Vec<u8> = peer.params().iter().flat_map(|v| v.to_le_bytes()).collect();
-    let version = Signed::sign(
-        ModelManifest {
-            model_id: "digits".into(),
-            region: "test".into(),
-            round: peer.round(),
-            author: net.keys[0].node_id(),
-            layout: spec().layout(),
-            payload_bytes: bytes.len() as u64,
-            chunk_size: 16 << 10,
-            chunk_ids: bytes.chunks(16 << 10).map(ContentId::of).collect(),
-            parents: vec![],
-            deltas: vec![],
-            created_unix_ms: 0,
-        },
+    let version = sign::version(
+        &cfg,
         &net.keys[0],
-    )
-    .unwrap();
+        peer.round(),
+        peer.params(),
+        vec![],
+        vec![],
+    );
     let actions = late.handle(
         Input::ModelOffered {
             manifest: version.clone(),
@@ -690,11 +427,10 @@ fn neighbour_mixing_with_training_learns_and_stays_close() {
 #[test]
 fn rounds_close_at_the_deadline_and_late_deltas_are_still_used() {
     let (train, _) = digits();
-    let mut net = Net::new(
+    let mut net = net(
         shards(&train, 4, Partition::Iid),
         AggregationRule::Mean,
         DoorConfig::default(),
-        BTreeSet::new(),
     );
     net.slow.insert(3);
     net.run(6);
@@ -711,7 +447,7 @@ fn rounds_close_at_the_deadline_and_late_deltas_are_still_used() {
                 .map(move |d| (v.message().round, *d))
         })
         .filter(|(round, d)| {
-            let m = net.published[d].0.message();
+            let m = net.lineage.deltas[d].message();
             m.author == slow_author && m.round + 1 < *round
         })
         .count();
@@ -722,11 +458,10 @@ fn rounds_close_at_the_deadline_and_late_deltas_are_still_used() {
 #[test]
 fn a_quorum_below_one_closes_rounds_without_waiting_for_a_silent_peer() {
     let (train, _) = digits();
-    let mut net = Net::new(
+    let mut net = net(
         shards(&train, 4, Partition::Iid),
         AggregationRule::Mean,
         DoorConfig::default(),
-        BTreeSet::new(),
     );
     net.silent.insert(3);
     // Quorum 0.75 of 4: three deltas close a round.
@@ -747,7 +482,7 @@ fn a_quorum_below_one_closes_rounds_without_waiting_for_a_silent_peer() {
 
 /// `n` nodes that all know each other, in push-sum mode (fanout 2), with
 /// `loss_percent` of shares lost.
-fn push_sum_net(train: &Dataset, n: usize, local_steps: usize, loss_percent: u64) -> Net {
+fn push_sum_net(train: &Dataset, n: usize, local_steps: usize, loss_percent: u64) -> Swarm {
     let everyone = (0..n)
         .map(|i| (0..n).filter(|j| *j != i).collect())
         .collect();
@@ -935,33 +670,6 @@ fn a_mixing_node_resumes_from_a_combined_model_and_ignores_a_far_future_neighbou
     assert_eq!(b.round(), 0);
 }
 
-/// A signed version of `params` at `round` by `key`, with these parents.
-fn version_of(
-    params: &[f32],
-    round: u64,
-    parents: Vec<ContentId>,
-    key: &Keypair,
-) -> Verified<ModelManifest> {
-    let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
-    Signed::sign(
-        ModelManifest {
-            model_id: "digits".into(),
-            region: "test".into(),
-            round,
-            author: key.node_id(),
-            layout: spec().layout(),
-            payload_bytes: bytes.len() as u64,
-            chunk_size: 16 << 10,
-            chunk_ids: bytes.chunks(16 << 10).map(ContentId::of).collect(),
-            parents,
-            deltas: vec![],
-            created_unix_ms: 0,
-        },
-        key,
-    )
-    .unwrap()
-}
-
 #[test]
 fn two_branches_merge_into_one_version_whoever_merges_them() {
     // Two engines went apart (a partition): each has its own head. Each is
@@ -979,8 +687,8 @@ fn two_branches_merge_into_one_version_whoever_merges_them() {
         (0..n).map(|i| (i % 5) as f32 * -0.3).collect(),
     );
     let (va, vb) = (
-        version_of(&pa, 12, vec![], &ka),
-        version_of(&pb, 11, vec![], &kb),
+        sign::version(&cfg, &ka, 12, &pa, vec![], vec![]),
+        sign::version(&cfg, &kb, 11, &pb, vec![], vec![]),
     );
     let start = |key: &Keypair, v: &Verified<ModelManifest>, p: &[f32]| {
         let mut e = Engine::new(cfg.clone(), key.clone());
@@ -1042,7 +750,7 @@ fn two_branches_merge_into_one_version_whoever_merges_them() {
     assert_eq!(a.version(), Some(merged.id()));
     let stale = a.handle(
         Input::BranchOffered {
-            manifest: version_of(&pb, 13, vec![], &kb),
+            manifest: sign::version(&cfg, &kb, 13, &pb, vec![], vec![]),
             params: pb.clone(),
             against: va.id(),
             weights: (1.0, 1.0),

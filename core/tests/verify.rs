@@ -4,17 +4,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{HashMap, VecDeque};
-
 use tapestry_core::aggregate::AggregationRule;
 use tapestry_core::data::{self, Dataset, Partition};
 use tapestry_core::door::{Door, DoorConfig, Rejection, Weighting};
 use tapestry_core::engine::{Action, Engine, EngineConfig, Input, genesis};
 use tapestry_core::model::*;
-use tapestry_core::verify::{
-    self, DeltaInput, Lineage, Plan, VersionRejection, aggregate_onto, params_chunk_ids,
-};
+use tapestry_core::verify::{self, DeltaInput, Lineage, Plan, VersionRejection, aggregate_onto};
 use tapestry_protocol::*;
+use tapestry_testkit::sign;
+use tapestry_testkit::swarm::{MemLineage, Swarm};
 
 fn digits() -> Dataset {
     tapestry_testkit::digits()
@@ -28,212 +26,21 @@ fn config(rule: AggregationRule) -> EngineConfig {
     tapestry_testkit::engine_config(rule, DoorConfig::default(), 0)
 }
 
-/// What one node holds: manifests, delta payloads, verified versions.
-#[derive(Default, Clone)]
-struct Mem {
-    models: HashMap<ContentId, Verified<ModelManifest>>,
-    deltas: HashMap<ContentId, Verified<DeltaManifest>>,
-    payloads: HashMap<Vec<ContentId>, Vec<u8>>,
-    verified: HashMap<ContentId, Vec<f32>>,
-}
-
-impl Lineage for Mem {
-    fn model(&self, id: &ContentId) -> Option<Verified<ModelManifest>> {
-        self.models.get(id).cloned()
-    }
-    fn delta(&self, id: &ContentId) -> Option<Verified<DeltaManifest>> {
-        self.deltas.get(id).cloned()
-    }
-    fn has_payload(&self, d: &Verified<DeltaManifest>) -> bool {
-        self.payloads.contains_key(&d.message().chunk_ids)
-    }
-    fn payload(&self, d: &Verified<DeltaManifest>) -> Option<Vec<u8>> {
-        self.payloads.get(&d.message().chunk_ids).cloned()
-    }
-    fn is_verified(&self, id: &ContentId) -> bool {
-        self.verified.contains_key(id)
-    }
-    fn params(&self, id: &ContentId) -> Option<Vec<f32>> {
-        self.verified.get(id).cloned()
-    }
-}
-
-impl Mem {
-    fn add_delta(&mut self, m: &Verified<DeltaManifest>, payload: &[u8]) {
-        self.deltas.insert(m.id(), m.clone());
-        self.payloads
-            .insert(m.message().chunk_ids.clone(), payload.to_vec());
-    }
-}
-
-/// Honest engines in one region, every message delivered; all they
-/// publish and adopt is recorded.
-struct Swarm {
-    cfg: EngineConfig,
-    engines: Vec<Engine>,
-    keys: Vec<Keypair>,
-    shards: Vec<Dataset>,
-    queue: VecDeque<(usize, Input)>,
-    all: Mem,
-    made: Vec<Verified<ModelManifest>>,
-    genesis: (Verified<ModelManifest>, Vec<f32>),
-    now: u64,
-}
-
-impl Swarm {
-    fn new(n: usize, rule: AggregationRule) -> Swarm {
-        let cfg = config(rule);
-        let keys: Vec<Keypair> = (0..n)
-            .map(|i| Keypair::from_secret_bytes(&[i as u8 + 1; 32]))
-            .collect();
-        let engines = (0..n)
-            .map(|i| {
-                Engine::new(
-                    EngineConfig {
-                        seed: 100 + i as u64,
-                        ..cfg.clone()
-                    },
-                    keys[i].clone(),
-                )
-            })
-            .collect();
-        let all = digits();
-        let shards = data::partition(&all, n, Partition::Iid, 5)
-            .unwrap()
-            .iter()
-            .map(|ix| all.subset(ix))
-            .collect();
-        let params = spec().init(42);
-        let g = genesis(&cfg, &params, &Keypair::from_secret_bytes(&[99; 32])).unwrap();
-        let mut s = Swarm {
-            cfg,
-            engines,
-            keys,
-            shards,
-            queue: VecDeque::new(),
-            all: Mem::default(),
-            made: Vec::new(),
-            genesis: (g.clone(), params.clone()),
-            now: 0,
-        };
-        s.all.models.insert(g.id(), g.clone());
-        for i in 0..n {
-            for j in 0..n {
-                s.queue
-                    .push_back((i, Input::PeerJoined(s.keys[j].node_id())));
-            }
-            s.queue.push_back((
-                i,
-                Input::Start {
-                    manifest: g.clone(),
-                    params: params.clone(),
-                },
-            ));
-        }
-        s
-    }
-
-    fn run(&mut self, rounds: u64) {
-        for _ in 0..1_000_000 {
-            if self.engines.iter().all(|e| e.round() >= rounds) {
-                return;
-            }
-            let Some((i, input)) = self.queue.pop_front() else {
-                self.now += 10_000;
-                for i in 0..self.engines.len() {
-                    self.queue.push_back((i, Input::Tick));
-                }
-                continue;
-            };
-            if self.engines[i].round() >= rounds && matches!(input, Input::Tick) {
-                continue;
-            }
-            for a in self.engines[i].handle(input, self.now) {
-                match a {
-                    Action::Train {
-                        round,
-                        version,
-                        params,
-                        seed,
-                    } => {
-                        let cfg = TrainConfig {
-                            local_steps: 5,
-                            batch_size: 32,
-                            optimizer: InnerOptimizer::SgdMomentum {
-                                lr: 0.05,
-                                momentum: 0.9,
-                            },
-                        };
-                        let (p, r) = train_local(
-                            &spec(),
-                            &params,
-                            &self.shards[i],
-                            &cfg,
-                            &mut InnerState::default(),
-                            seed,
-                        )
-                        .unwrap();
-                        self.queue.push_back((
-                            i,
-                            Input::TrainingDone {
-                                round,
-                                version,
-                                params: p,
-                                samples: r.samples,
-                            },
-                        ));
-                    }
-                    Action::Publish { manifest, payload } => {
-                        self.all.add_delta(&manifest, &payload);
-                        for j in 0..self.engines.len() {
-                            if j != i {
-                                self.queue
-                                    .push_back((j, Input::DeltaAnnounced(manifest.clone())));
-                            }
-                        }
-                    }
-                    Action::Fetch { manifest } => {
-                        let payload = self.all.payload(&manifest).unwrap();
-                        self.queue.push_back((
-                            i,
-                            Input::DeltaPayload {
-                                id: manifest.id(),
-                                payload,
-                            },
-                        ));
-                    }
-                    Action::Adopt { manifest, .. } => {
-                        self.all.models.insert(manifest.id(), manifest.clone());
-                        self.made.push(manifest);
-                    }
-                    _ => {}
-                }
-            }
-        }
-        panic!("did not reach round {rounds}");
-    }
-
-    /// A verifier's view: everything published, only the genesis verified.
-    fn verifier(&self) -> Mem {
-        let mut m = self.all.clone();
-        m.verified
-            .insert(self.genesis.0.id(), self.genesis.1.clone());
-        m
-    }
-
-    fn door(&self) -> Door {
-        Door::new(
-            self.cfg.door.clone(),
-            &self.cfg.model_id,
-            &self.cfg.region,
-            spec().layout(),
-        )
-    }
+/// `n` honest engines in one region on IID shares of the digits, 5 steps a
+/// round, every message delivered; all they publish and adopt is recorded.
+fn swarm(n: usize, rule: AggregationRule) -> Swarm {
+    let all = digits();
+    let shards = data::partition(&all, n, Partition::Iid, 5)
+        .unwrap()
+        .iter()
+        .map(|ix| all.subset(ix))
+        .collect();
+    Swarm::new(config(rule), tapestry_testkit::sgd(5, 32, 0.05), shards)
 }
 
 /// Verifies `v` and everything unverified behind it, the way a node does.
 fn verify_all(
-    l: &mut Mem,
+    l: &mut MemLineage,
     cfg: &EngineConfig,
     door: &Door,
     v: &Verified<ModelManifest>,
@@ -258,63 +65,6 @@ fn verify_all(
     }))
 }
 
-fn sign_version(
-    key: &Keypair,
-    round: u64,
-    params: &[f32],
-    parents: Vec<ContentId>,
-    deltas: Vec<ContentId>,
-) -> Verified<ModelManifest> {
-    Signed::sign(
-        ModelManifest {
-            model_id: "digits".into(),
-            region: "test".into(),
-            round,
-            author: key.node_id(),
-            layout: spec().layout(),
-            payload_bytes: params.len() as u64 * 4,
-            chunk_size: 16 << 10,
-            chunk_ids: params_chunk_ids(params, 16 << 10),
-            parents,
-            deltas,
-            created_unix_ms: 0,
-        },
-        key,
-    )
-    .unwrap()
-}
-
-fn sign_delta(
-    key: &Keypair,
-    round: u64,
-    seq: u64,
-    values: &[f32],
-) -> (Verified<DeltaManifest>, Vec<u8>) {
-    let payload = Codec::F32.encode(values).unwrap();
-    let norm = values
-        .iter()
-        .map(|v| f64::from(*v).powi(2))
-        .sum::<f64>()
-        .sqrt() as f32;
-    let m = DeltaManifest {
-        model_id: "digits".into(),
-        region: "test".into(),
-        round,
-        base_version: ContentId::of(b""),
-        author: key.node_id(),
-        seq,
-        codec: Codec::F32,
-        layout: spec().layout(),
-        payload_bytes: payload.len() as u64,
-        chunk_size: 16 << 10,
-        chunk_ids: payload.chunks(16 << 10).map(ContentId::of).collect(),
-        sample_count: u64::MAX,
-        l2_norm: norm,
-        created_unix_ms: 0,
-    };
-    (Signed::sign(m, key).unwrap(), payload)
-}
-
 #[test]
 fn every_version_honest_engines_make_verifies_bit_for_bit() {
     for rule in [
@@ -326,12 +76,12 @@ fn every_version_honest_engines_make_verifies_bit_for_bit() {
             iterations: 2,
         },
     ] {
-        let mut swarm = Swarm::new(4, rule);
+        let mut swarm = swarm(4, rule);
         swarm.run(6);
         let mut l = swarm.verifier();
         let door = swarm.door();
-        assert!(swarm.made.len() >= 4 * 6, "{}", swarm.made.len());
-        let mut by_round = swarm.made.clone();
+        let mut by_round = swarm.adopted.concat();
+        assert!(by_round.len() >= 4 * 6, "{}", by_round.len());
         by_round.sort_by_key(|m| m.message().round);
         for v in &by_round {
             let c = verify_all(&mut l, &swarm.cfg, &door, v)
@@ -408,14 +158,18 @@ fn a_claimed_sample_count_buys_no_weight() {
 
 #[test]
 fn forged_versions_fail_each_with_its_reason() {
-    let mut swarm = Swarm::new(3, AggregationRule::Mean);
+    let mut swarm = swarm(3, AggregationRule::Mean);
     swarm.run(4);
     let cfg = swarm.cfg.clone();
     let door = swarm.door();
     let rogue = Keypair::from_secret_bytes(&[66; 32]);
+    // A version by the rogue.
+    let forge = |round: u64, params: &[f32], parents: Vec<ContentId>, deltas: Vec<ContentId>| {
+        sign::version(&cfg, &rogue, round, params, parents, deltas)
+    };
     let mut l = swarm.verifier();
     // Verify the honest history first.
-    let mut made = swarm.made.clone();
+    let mut made = swarm.adopted.concat();
     made.sort_by_key(|m| m.message().round);
     for v in &made {
         verify_all(&mut l, &cfg, &door, v).unwrap();
@@ -429,13 +183,7 @@ fn forged_versions_fail_each_with_its_reason() {
     // 1. The head's round, parent and deltas, other parameters.
     let mut tampered = head_params.clone();
     tampered[0] += 0.5;
-    let v = sign_version(
-        &rogue,
-        hm.round,
-        &tampered,
-        hm.parents.clone(),
-        hm.deltas.clone(),
-    );
+    let v = forge(hm.round, &tampered, hm.parents.clone(), hm.deltas.clone());
     assert_eq!(
         verify::verify_version(&l, &cfg, &door, &v).unwrap_err(),
         VersionRejection::Mismatch
@@ -444,13 +192,7 @@ fn forged_versions_fail_each_with_its_reason() {
     // 2. 64 made-up delta ids: the plan asks for them, and without them the
     //    version fails.
     let made_up: Vec<ContentId> = (0..64u8).map(|k| ContentId::of(&[k, 1, 2])).collect();
-    let v = sign_version(
-        &rogue,
-        hm.round,
-        &tampered,
-        hm.parents.clone(),
-        made_up.clone(),
-    );
+    let v = forge(hm.round, &tampered, hm.parents.clone(), made_up.clone());
     match verify::plan(&l, &cfg, &v, 4096).unwrap() {
         Plan::Need { deltas, .. } => assert_eq!(deltas.len(), 64),
         p => panic!("{p:?}"),
@@ -461,8 +203,7 @@ fn forged_versions_fail_each_with_its_reason() {
     ));
 
     // 3. Round R+5 on an honest parent: a round jump.
-    let v = sign_version(
-        &rogue,
+    let v = forge(
         hm.round + 5,
         &head_params,
         vec![head.id()],
@@ -473,8 +214,7 @@ fn forged_versions_fail_each_with_its_reason() {
         Err(VersionRejection::RoundJump { .. })
     ));
     // 4. Round u64::MAX − 1: refused from the manifest alone, no overflow.
-    let v = sign_version(
-        &rogue,
+    let v = forge(
         u64::MAX - 1,
         &head_params,
         vec![head.id()],
@@ -487,8 +227,7 @@ fn forged_versions_fail_each_with_its_reason() {
     assert!(verify::verify_version(&l, &cfg, &door, &v).is_err());
 
     // 5. The parent's deltas again on top of the head: reused.
-    let v = sign_version(
-        &rogue,
+    let v = forge(
         hm.round + 1,
         &head_params,
         vec![head.id()],
@@ -501,8 +240,9 @@ fn forged_versions_fail_each_with_its_reason() {
 
     // 6. Two deltas of one author for one round, both well-formed.
     let small = vec![0.001f32; spec().n_params()];
-    let (d1, p1) = sign_delta(&rogue, hm.round, 1, &small);
-    let (d2, p2) = sign_delta(
+    let (d1, p1) = sign::delta(&cfg, &rogue, hm.round, 1, &small);
+    let (d2, p2) = sign::delta(
+        &cfg,
         &rogue,
         hm.round,
         2,
@@ -510,8 +250,7 @@ fn forged_versions_fail_each_with_its_reason() {
     );
     l.add_delta(&d1, &p1);
     l.add_delta(&d2, &p2);
-    let v = sign_version(
-        &rogue,
+    let v = forge(
         hm.round + 1,
         &head_params,
         vec![head.id()],
@@ -533,13 +272,7 @@ fn forged_versions_fail_each_with_its_reason() {
         }],
     )
     .unwrap();
-    let v = sign_version(
-        &rogue,
-        hm.round + 1,
-        &expected,
-        vec![head.id()],
-        vec![d1.id()],
-    );
+    let v = forge(hm.round + 1, &expected, vec![head.id()], vec![d1.id()]);
     let c = verify::verify_version(&l, &cfg, &door, &v).unwrap();
     assert_eq!(c.authors, 1);
 
@@ -555,15 +288,9 @@ fn forged_versions_fail_each_with_its_reason() {
             .unwrap();
     }
     let huge = vec![1.0f32; spec().n_params()];
-    let (d3, p3) = sign_delta(&rogue, hm.round, 3, &huge);
+    let (d3, p3) = sign::delta(&cfg, &rogue, hm.round, 3, &huge);
     l.add_delta(&d3, &p3);
-    let v = sign_version(
-        &rogue,
-        hm.round + 1,
-        &head_params,
-        vec![head.id()],
-        vec![d3.id()],
-    );
+    let v = forge(hm.round + 1, &head_params, vec![head.id()], vec![d3.id()]);
     assert!(matches!(
         verify::verify_version(&l, &cfg, &judged, &v),
         Err(VersionRejection::DeltaRejected(r)) if matches!(r.reason, Rejection::NormTooLarge { .. })
@@ -576,13 +303,7 @@ fn forged_versions_fail_each_with_its_reason() {
         .zip(&parent_params)
         .map(|(a, b)| 0.5 * a + 0.5 * b)
         .collect();
-    let v = sign_version(
-        &rogue,
-        hm.round,
-        &mean,
-        vec![head.id(), parent.id()],
-        vec![],
-    );
+    let v = forge(hm.round, &mean, vec![head.id(), parent.id()], vec![]);
     assert_eq!(
         verify::verify_version(&l, &cfg, &door, &v).unwrap_err(),
         VersionRejection::NotABranch
@@ -596,19 +317,9 @@ fn forged_versions_fail_each_with_its_reason() {
     for _ in 0..4 {
         let r = line.0.message().round;
         seq += 1;
-        let (d, p) = sign_delta(&rogue, r, seq, &small);
+        let (d, p) = sign::delta(&cfg, &rogue, r, seq, &small);
         l.add_delta(&d, &p);
-        let params = aggregate_onto(
-            &cfg,
-            &line.1,
-            &[DeltaInput {
-                id: d.id(),
-                sample_count: 1,
-                values: &small,
-            }],
-        )
-        .unwrap();
-        let v = sign_version(&rogue, r + 1, &params, vec![line.0.id()], vec![d.id()]);
+        let (v, params) = sign::child(&cfg, &rogue, (&line.0, &line.1), &d, &small);
         l.models.insert(v.id(), v.clone());
         let c = verify_all(&mut l, &cfg, &door, &v).unwrap();
         assert_eq!(c.authors, 1);
@@ -623,8 +334,7 @@ fn forged_versions_fail_each_with_its_reason() {
         verify::recent_authors(&l, head.id())
     ));
     let merged = verify::merge_params((head.id(), &head_params, 1.0), (line.0.id(), &line.1, 1.0));
-    let v = sign_version(
-        &rogue,
+    let v = forge(
         line.0.message().round.max(hm.round),
         &merged,
         {
@@ -640,12 +350,12 @@ fn forged_versions_fail_each_with_its_reason() {
     );
 
     // 10. No parent at all, or one parent and nothing aggregated.
-    let v = sign_version(&rogue, 1, &head_params, vec![], vec![]);
+    let v = forge(1, &head_params, vec![], vec![]);
     assert_eq!(
         verify::check_shape(&cfg, v.message(), hm.round).unwrap_err(),
         VersionRejection::ForgedGenesis
     );
-    let v = sign_version(&rogue, hm.round + 1, &head_params, vec![head.id()], vec![]);
+    let v = forge(hm.round + 1, &head_params, vec![head.id()], vec![]);
     assert_eq!(
         verify::check_shape(&cfg, v.message(), hm.round).unwrap_err(),
         VersionRejection::NoDeltas
@@ -654,7 +364,7 @@ fn forged_versions_fail_each_with_its_reason() {
     let many: Vec<ContentId> = (0..10_000u32)
         .map(|k| ContentId::of(&k.to_le_bytes()))
         .collect();
-    let v = sign_version(&rogue, hm.round + 1, &head_params, vec![head.id()], many);
+    let v = forge(hm.round + 1, &head_params, vec![head.id()], many);
     assert!(matches!(
         verify::check_shape(&cfg, v.message(), hm.round),
         Err(VersionRejection::Malformed(_))
@@ -680,7 +390,8 @@ fn one_author_has_one_vote_per_round_at_the_door() {
     let mut fetched = 0;
     let mut refused = 0;
     for seq in 1..=20 {
-        let (d, _) = sign_delta(
+        let (d, _) = sign::delta(
+            &cfg,
             &rogue,
             0,
             seq,
@@ -699,7 +410,7 @@ fn one_author_has_one_vote_per_round_at_the_door() {
     }
     assert_eq!((fetched, refused), (1, 19));
     // A round number near u64::MAX is refused, not wrapped.
-    let (d, _) = sign_delta(&rogue, u64::MAX - 1, 100, &small);
+    let (d, _) = sign::delta(&cfg, &rogue, u64::MAX - 1, 100, &small);
     let out = e.handle(Input::DeltaAnnounced(d), 2);
     assert!(
         out.iter()

@@ -988,10 +988,8 @@ fn mean_accuracy(st: &[Value]) -> f64 {
 
 #[test]
 fn forged_versions_fail_against_every_honest_node_and_are_never_forwarded() {
-    use tapestry_core::verify::{DeltaInput, aggregate_onto, merge_params, params_chunk_ids};
-    use tapestry_protocol::{
-        Codec, ContentId, DeltaManifest, Keypair, ModelManifest, Signed, Verified,
-    };
+    use tapestry_core::verify::{DeltaInput, aggregate_onto, merge_params};
+    use tapestry_protocol::{ContentId, DeltaManifest, Keypair, ModelManifest, Verified};
     let rogue_key = Keypair::from_secret_bytes(&[66; 32]);
     let rogue_id = rogue_key.node_id().to_string();
     let rounds = 20;
@@ -1018,7 +1016,6 @@ fn forged_versions_fail_against_every_honest_node_and_are_never_forwarded() {
     .engine(0)
     .unwrap();
     let n = cfg.spec.n_params();
-    let chunk = cfg.chunk_size;
     let forged: std::sync::Mutex<Vec<Verified<ModelManifest>>> = Default::default();
     let (mut nodes, st) = three_honest(&dirs, rounds, |a| {
         let rt = tokio::runtime::Runtime::new().unwrap();
@@ -1028,55 +1025,14 @@ fn forged_versions_fail_against_every_honest_node_and_are_never_forwarded() {
             let (h, hp) = rogue.fetch_version(head).await;
             let hm = h.message().clone();
             let (p, pp) = rogue.fetch_version(hm.parents[0]).await;
-            let sign =
-                |round: u64, params: &[f32], parents: Vec<ContentId>, deltas: Vec<ContentId>| {
-                    Signed::sign(
-                        ModelManifest {
-                            model_id: "digits".into(),
-                            region: "test".into(),
-                            round,
-                            author: rogue_key.node_id(),
-                            layout: cfg.spec.layout(),
-                            payload_bytes: n as u64 * 4,
-                            chunk_size: chunk as u32,
-                            chunk_ids: params_chunk_ids(params, chunk),
-                            parents,
-                            deltas,
-                            created_unix_ms: 0,
-                        },
-                        &rogue_key,
-                    )
-                    .unwrap()
-                };
+            let sign = |round: u64, params: &[f32], parents, deltas| {
+                tapestry_testkit::sign::version(&cfg, &rogue_key, round, params, parents, deltas)
+            };
             let mut seq = 1_000_000;
             let mut delta = |round: u64, values: &[f32]| -> (Verified<DeltaManifest>, Vec<u8>) {
                 seq += 1;
-                let payload = Codec::F32.encode(values).unwrap();
-                let norm = values
-                    .iter()
-                    .map(|v| f64::from(*v).powi(2))
-                    .sum::<f64>()
-                    .sqrt() as f32;
-                let d = Signed::sign(
-                    DeltaManifest {
-                        model_id: "digits".into(),
-                        region: "test".into(),
-                        round,
-                        base_version: ContentId::of(b""),
-                        author: rogue_key.node_id(),
-                        seq,
-                        codec: Codec::F32,
-                        layout: cfg.spec.layout(),
-                        payload_bytes: payload.len() as u64,
-                        chunk_size: chunk as u32,
-                        chunk_ids: payload.chunks(chunk).map(ContentId::of).collect(),
-                        sample_count: u64::MAX,
-                        l2_norm: norm,
-                        created_unix_ms: 0,
-                    },
-                    &rogue_key,
-                )
-                .unwrap();
+                let (d, payload) =
+                    tapestry_testkit::sign::delta(&cfg, &rogue_key, round, seq, values);
                 rogue.serve_delta(&d, &payload);
                 (d, payload)
             };

@@ -7,6 +7,11 @@
 //!   their declared range like a node's config does.
 //! - [`logistic`], [`sgd`]: the small model and optimiser most tests use;
 //!   [`engine_config`]: a broadcast region of that model.
+//! - [`sign`]: signed test versions and deltas of a region's model.
+//! - [`swarm`]: round engines driven through an in-memory queue.
+
+pub mod sign;
+pub mod swarm;
 
 use std::path::PathBuf;
 

@@ -108,19 +108,9 @@ fn ip_of(id: &str, network: &str) -> Option<String> {
     (!ip.is_empty() && ip != "<no value>").then_some(ip)
 }
 
-/// GET http://ADDR:8080PATH, if it answers. (HTTP/1.0, so the body comes
-/// whole, never in chunks.)
+/// GET http://IP:8080PATH, if it answers (the node's own HTTP client).
 fn get(ip: &str, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let addr = format!("{ip}:8080");
-    let mut s =
-        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    (head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200")).then(|| body.to_owned())
+    tapestry_node::api::get(&format!("{ip}:8080"), path, Duration::from_secs(5)).ok()
 }
 
 fn status(ip: &str) -> Option<serde_json::Value> {
