@@ -43,6 +43,9 @@ pub enum Rejection {
     Envelope(DecodeError),
     /// In a permissioned region, an author not on the roster.
     NotInRoster(NodeId),
+    /// In a permissioned region, a request from a peer not on the roster
+    /// (named as the network names it).
+    Outsider(String),
     /// A delta that failed the door.
     Delta(Rejected),
     /// A model version that failed its checks or its recomputation.
@@ -60,7 +63,7 @@ impl Rejection {
                 DecodeError::Invalid(_) => "invalid",
                 _ => "malformed",
             },
-            Rejection::NotInRoster(_) => "not_in_roster",
+            Rejection::NotInRoster(_) | Rejection::Outsider(_) => "not_in_roster",
             Rejection::Delta(r) => r.reason.label(),
             Rejection::Version(r) => r.label(),
         }
@@ -74,6 +77,7 @@ impl Rejection {
             Rejection::Oversized { .. }
             | Rejection::Envelope(_)
             | Rejection::NotInRoster(_)
+            | Rejection::Outsider(_)
             | Rejection::Delta(_)
             | Rejection::Version(_) => Verdict::Reject,
         }
@@ -106,6 +110,7 @@ impl fmt::Display for Rejection {
             ),
             Rejection::Envelope(e) => write!(f, "announcement does not open: {e}"),
             Rejection::NotInRoster(id) => write!(f, "author {} is not on the roster", id.short()),
+            Rejection::Outsider(peer) => write!(f, "peer {peer} is not on the roster"),
             Rejection::Delta(r) => r.fmt(f),
             Rejection::Version(r) => r.fmt(f),
         }

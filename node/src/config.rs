@@ -48,6 +48,23 @@ pub struct Config {
     pub training: TrainingSection,
     /// Rounds.
     pub round: RoundSection,
+    /// What the node keeps on disk.
+    pub store: StoreSection,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// The versions of the latest `keep_versions` rounds are kept, with
+    /// their deltas; older versions are collected (`0`: keep everything).
+    pub keep_versions: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self { keep_versions: 256 }
+    }
 }
 
 /// `[model]`.
@@ -147,6 +164,7 @@ impl Default for Config {
             data: DataSection::default(),
             training: TrainingSection::default(),
             round: RoundSection::default(),
+            store: StoreSection::default(),
         }
     }
 }
@@ -296,6 +314,15 @@ start_wait_ms = {start_wait}
 # rounds the nodes of a swarm show one head most of the time; back to back,
 # they are always a little apart while rounds go on.
 min_round_ms = {min_round}
+
+[store]
+# After every new head the node keeps the versions of its latest
+# keep_versions rounds, with their deltas, and collects older versions and
+# deltas no longer needed (0 = keep everything). A peer further behind than
+# this (a long cut, a long absence) cannot catch up by recomputing from this
+# node's store: in a permissioned region it needs members' attestations.
+# Disk: about keep_versions x (model + one round's deltas).
+keep_versions = {keep}
 "#,
         api = d.api,
         arch = d.model.architecture,
@@ -318,6 +345,7 @@ min_round_ms = {min_round}
         start_peers = d.round.start_peers,
         start_wait = d.round.start_wait_ms,
         min_round = d.round.min_round_ms,
+        keep = d.store.keep_versions,
     )
 }
 

@@ -621,6 +621,7 @@ async fn launch_demo(
             start_peers: a.nodes - 1,
             start_wait: Duration::from_secs(20),
             min_round: Duration::ZERO,
+            keep_versions: cfg.store.keep_versions,
             roster: None,
             region_key: None,
             vote_file: None,

@@ -70,6 +70,13 @@ pub struct Metrics {
     /// Delta payload bytes fetched only to verify a version (deltas this
     /// node had not received by gossip).
     pub verify_fetched_bytes: Counter,
+    /// Chunk bytes the store held after its last collection.
+    pub store_chunk_bytes: Gauge,
+    /// Manifests (versions and deltas) the store held after its last
+    /// collection.
+    pub store_manifests: Gauge,
+    /// Chunk bytes garbage collection deleted.
+    pub gc_deleted_bytes: Counter,
     /// The registry (ours and libp2p's), for encoding.
     pub registry: Mutex<Registry>,
 }
@@ -97,6 +104,9 @@ impl Metrics {
             recompute_seconds: Counter::default(),
             keep_verified_seconds: Counter::default(),
             verify_fetched_bytes: Counter::default(),
+            store_chunk_bytes: Gauge::default(),
+            store_manifests: Gauge::default(),
+            gc_deleted_bytes: Counter::default(),
             registry: Mutex::new(Registry::default()),
         };
         let r = registry.sub_registry_with_prefix("tapestry");
@@ -123,6 +133,21 @@ impl Metrics {
             m.chunks_fetched.clone(),
         );
         r.register("bytes_in", "Application bytes received", m.bytes_in.clone());
+        r.register(
+            "store_chunk_bytes",
+            "Chunk bytes the store held after its last garbage collection",
+            m.store_chunk_bytes.clone(),
+        );
+        r.register(
+            "store_manifests",
+            "Manifests the store held after its last garbage collection",
+            m.store_manifests.clone(),
+        );
+        r.register(
+            "gc_deleted_bytes",
+            "Chunk bytes deleted by garbage collection",
+            m.gc_deleted_bytes.clone(),
+        );
         r.register("bytes_out", "Application bytes sent", m.bytes_out.clone());
         r.register(
             "accuracy",

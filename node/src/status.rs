@@ -61,6 +61,11 @@ pub struct Status {
     /// Peers' versions found to be the same computation as one this node
     /// made or verified (checked by comparison, not recomputed).
     pub versions_matched: u64,
+    /// Chunk bytes the store held after its last garbage collection.
+    pub store_chunk_bytes: u64,
+    /// Manifests (versions and deltas) the store held after its last
+    /// garbage collection.
+    pub store_manifests: u64,
     /// Whether the node has finished its configured rounds.
     pub finished: bool,
 }
@@ -101,6 +106,8 @@ impl Shared {
         s.recompute_ms = m.recompute_seconds.get() * 1e3;
         s.keep_verified_ms = m.keep_verified_seconds.get() * 1e3;
         s.rejected = m.rejected();
+        s.store_chunk_bytes = m.store_chunk_bytes.get().max(0) as u64;
+        s.store_manifests = m.store_manifests.get().max(0) as u64;
         s
     }
 

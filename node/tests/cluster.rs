@@ -844,6 +844,90 @@ fn in_a_permissioned_region_a_non_member_is_rejected() {
 }
 
 #[test]
+fn in_a_permissioned_region_an_outsider_gets_nothing() {
+    use tapestry_protocol::{ContentId, FetchRequest, FetchResponse};
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = permissioned_region(tmp.path(), 2, &[], "1.0");
+    let args = |i: usize, boot: Option<&str>| run_args(Some(4), 1, (i, 2), boot);
+    let a = Node::start(&dirs[0], &args(0, None));
+    let b = Node::start(&dirs[1], &args(1, Some(&a.address())));
+    wait_for(&[&a, &b], 120, "the members to finish", |s| {
+        s["finished"].as_bool().unwrap()
+    });
+    let head = tapestry_node::api::get(&a.api(), "/model/head", Duration::from_secs(5)).unwrap();
+    let head: Value = serde_json::from_str(&head).unwrap();
+    let id: ContentId = head["id"].as_str().unwrap().parse().unwrap();
+    let chunk: ContentId = head["chunk_ids"][0].as_str().unwrap().parse().unwrap();
+    let refused = |s: &Value| s["rejected"]["not_in_roster"].as_u64().unwrap_or(0);
+    let before = refused(&a.status());
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let answers = rt.block_on(async {
+        // Any key: not on the roster.
+        let outsider = rogue::Rogue::connect(&a.address()).await;
+        let mut answers = Vec::new();
+        for request in [
+            FetchRequest::Head {
+                model_id: "digits".into(),
+                region: "test".into(),
+            },
+            FetchRequest::SignedManifest(id),
+            FetchRequest::Attest(id),
+            FetchRequest::Chunk(chunk),
+        ] {
+            answers.push(outsider.net.fetch(outsider.peer, request).await);
+        }
+        answers
+    });
+    for answer in &answers {
+        assert!(matches!(answer, Ok(FetchResponse::NotFound)), "{answers:?}");
+    }
+    let st = wait_for(&[&a], 30, "the refusals to be counted", |s| {
+        refused(s) >= before + 4
+    });
+    eprintln!("A refused: {}", st[0]["rejected"]);
+    // A member is served the same: the refusal is for outsiders only.
+    assert_eq!(settled_heads(&[&a, &b]).len(), 1);
+}
+
+#[test]
+fn a_delta_copied_onto_the_models_topic_still_reaches_its_peers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    init(&dir);
+    // Rounds wait for the rogue (two peers, quorum 1): its delta matters.
+    let a = Node::start(&dir, &run_args(Some(3), 1, (0, 1), None));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let rogue = rogue::Rogue::connect(&a.address()).await;
+        let n = rogue::spec().n_params();
+        let round = a.status()["round"].as_u64().unwrap();
+        // A well-formed delta: its payload's norm is the declared 1.0.
+        let delta = rogue.delta(round, 1, &vec![1.0 / (n as f32).sqrt(); n]);
+        // The exact bytes first on the models topic, then where they belong.
+        let _ = rogue
+            .net
+            .publish(
+                &tapestry_node::runtime::models_topic("digits", "test"),
+                delta.clone(),
+            )
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rogue.publish(delta).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    });
+    let st = wait_for(&[&a], 30, "the delta to be accepted", |s| {
+        s["deltas_accepted"].as_u64().unwrap_or(0) >= 1
+    });
+    // The copy was refused as a model announcement; the delta went through.
+    assert!(
+        st[0]["rejected"]["malformed"].as_u64().unwrap_or(0) >= 1,
+        "{}",
+        st[0]["rejected"]
+    );
+}
+
+#[test]
 fn over_quic_the_dht_tells_who_provides_a_delta() {
     use tapestry_node::net::{self, NetConfig};
     use tapestry_protocol::{ContentId, Keypair};

@@ -19,8 +19,9 @@
 //!
 //! Mark and sweep. The roots are the refs, the pins, and everything written
 //! since the previous collection started; from a model manifest the mark
-//! follows its chunks, parents and deltas, from a delta manifest its chunks.
-//! So nothing written is collected before a whole collection cycle has passed
+//! follows its chunks, parents and deltas, from a delta manifest its chunks;
+//! with a retention horizon ([`ChunkStore::gc_retaining`]) parents are
+//! followed only down to a given round. So nothing written is collected before a whole collection cycle has passed
 //! over it: a writer has until the next `gc` to reference what it wrote.
 //!
 //! Writers hold a shared gate while they write and record what they wrote;
@@ -100,6 +101,8 @@ pub struct GcReport {
     pub chunks_deleted: u64,
     /// Bytes of chunk data deleted.
     pub bytes_deleted: u64,
+    /// Bytes of chunk data kept.
+    pub bytes_kept: u64,
     /// Manifests kept.
     pub manifests_kept: u64,
     /// Manifests deleted.
@@ -497,6 +500,16 @@ pub trait ChunkStore: Backend {
     /// Deletes every chunk and manifest not reachable from a ref, a pin, or
     /// what was written since the previous collection began (module docs).
     fn gc(&self) -> Result<GcReport, StoreError> {
+        self.gc_retaining(0)
+    }
+
+    /// [`ChunkStore::gc`] with a retention horizon: following parents, the
+    /// mark stops at versions of a round before `oldest_round` (a version
+    /// kept keeps its deltas and chunks). With the head as a root, the head
+    /// and its ancestors from `oldest_round` on stay; older history goes
+    /// unless a ref or a pin names it, or it was written since the previous
+    /// collection began.
+    fn gc_retaining(&self, oldest_round: u64) -> Result<GcReport, StoreError> {
         let gate = self.gc_gate();
         let _one_at_a_time = gate.one_collection();
         // Start a new generation: what was written since the last collection
@@ -507,23 +520,35 @@ pub trait ChunkStore: Backend {
         };
         let mut live = HashSet::new();
         let roots = current_roots(self)?;
-        mark(self, roots.into_iter().chain(previous), &mut live)?;
+        mark(
+            self,
+            roots.into_iter().chain(previous),
+            oldest_round,
+            &mut live,
+        )?;
 
         let _exclusive = gate.exclusive();
         let since: Vec<ContentId> = gate.written().iter().copied().collect();
         let roots = current_roots(self)?;
-        mark(self, roots.into_iter().chain(since), &mut live)?;
+        mark(
+            self,
+            roots.into_iter().chain(since),
+            oldest_round,
+            &mut live,
+        )?;
 
         let mut report = GcReport::default();
         let mut dead_chunks = Vec::new();
         self.kv_for_each(INDEX, &mut |k, v| {
             if let Some(id) = id_from_key(k) {
+                let len = v.get(..4).map_or(0, |b| {
+                    u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                });
                 if live.contains(&id) {
                     report.chunks_kept += 1;
+                    report.bytes_kept += len;
                 } else {
-                    report.bytes_deleted += v.get(..4).map_or(0, |b| {
-                        u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    });
+                    report.bytes_deleted += len;
                     dead_chunks.push(id);
                 }
             }
@@ -745,11 +770,13 @@ fn current_roots<S: ChunkStore + ?Sized>(store: &S) -> Result<Vec<ContentId>, St
 fn mark<S: ChunkStore + ?Sized>(
     store: &S,
     roots: impl IntoIterator<Item = ContentId>,
+    oldest_round: u64,
     live: &mut HashSet<ContentId>,
 ) -> Result<(), StoreError> {
-    let mut stack: Vec<ContentId> = roots.into_iter().collect();
-    while let Some(id) = stack.pop() {
-        if !live.insert(id) {
+    // (id, whether it is a root): roots are kept whatever their round.
+    let mut stack: Vec<(ContentId, bool)> = roots.into_iter().map(|id| (id, true)).collect();
+    while let Some((id, root)) = stack.pop() {
+        if live.contains(&id) {
             continue;
         }
         // A corrupt manifest stops the collection: its chunks might be live.
@@ -762,12 +789,17 @@ fn mark<S: ChunkStore + ?Sized>(
             }
             Some((ManifestKind::Model, _)) => {
                 if let Some(m) = store.get_model_manifest(&id)? {
-                    live.extend(m.message().chunk_ids.iter().copied());
-                    stack.extend(m.message().parents.iter().copied());
-                    stack.extend(m.message().deltas.iter().copied());
+                    let m = m.message();
+                    if !root && m.round < oldest_round {
+                        continue;
+                    }
+                    live.extend(m.chunk_ids.iter().copied());
+                    stack.extend(m.parents.iter().map(|p| (*p, false)));
+                    stack.extend(m.deltas.iter().map(|d| (*d, false)));
                 }
             }
         }
+        live.insert(id);
     }
     Ok(())
 }

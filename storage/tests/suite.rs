@@ -264,6 +264,52 @@ fn gc_keeps_the_reachable_and_sweeps_the_rest(s: &dyn ChunkStore) {
     assert!(s.get_model_manifest(&v1.id()).unwrap().is_none());
 }
 
+fn gc_with_a_horizon_keeps_the_head_and_its_latest_ancestors(s: &dyn ChunkStore) {
+    // A line of six versions, each aggregating one delta.
+    let mut versions = vec![put_version(s, 40, 0, 8_000, 4096, vec![], vec![])];
+    let mut deltas = Vec::new();
+    for round in 1..6u64 {
+        let d = put_delta(s, 50 + round, round);
+        let parent = versions.last().map(|v| v.id()).unwrap();
+        let v = put_version(
+            s,
+            40 + round,
+            round,
+            8_000,
+            4096,
+            vec![parent],
+            vec![d.id()],
+        );
+        deltas.push(d);
+        versions.push(v);
+    }
+    s.set_ref("head", versions[5].id()).unwrap();
+    s.gc_retaining(3).unwrap();
+    let report = s.gc_retaining(3).unwrap();
+    // The head and its ancestors from round 3 on stay whole, with their deltas.
+    for v in &versions[3..] {
+        assert!(version_complete(s, &v.id()), "round {}", v.message().round);
+    }
+    for d in &deltas[2..] {
+        assert!(s.get_delta_manifest(&d.id()).unwrap().is_some());
+    }
+    // Older history is gone, chunks and deltas included.
+    for v in &versions[..3] {
+        assert!(s.get_model_manifest(&v.id()).unwrap().is_none());
+        assert!(v.message().chunk_ids.iter().all(|c| !s.has(c).unwrap()));
+    }
+    for d in &deltas[..2] {
+        assert!(s.get_delta_manifest(&d.id()).unwrap().is_none());
+    }
+    assert_eq!(report.manifests_kept, 3 + 3);
+    let kept: u64 = versions[3..]
+        .iter()
+        .map(|v| v.message().payload_bytes)
+        .chain(deltas[2..].iter().map(|d| d.message().payload_bytes))
+        .sum();
+    assert_eq!(report.bytes_kept, kept);
+}
+
 fn gc_during_writes_never_loses_a_ref_target(s: &dyn ChunkStore) {
     // One thread builds versions and moves the head to each; another
     // collects garbage the whole time. Every set_ref must succeed (GC never
@@ -375,6 +421,7 @@ suite!(
     manifests_round_trip_and_lineage,
     refs_point_only_at_complete_versions,
     gc_keeps_the_reachable_and_sweeps_the_rest,
+    gc_with_a_horizon_keeps_the_head_and_its_latest_ancestors,
     gc_during_writes_never_loses_a_ref_target,
     scrub_finds_and_quarantines_corruption,
 );

@@ -90,16 +90,14 @@ pub(super) fn on_providers(
     }
 }
 
-/// Handles one swarm event; `false` once the node has stopped listening to
-/// events (the node is shutting down).
-pub(super) async fn handle_event(
+/// Handles one swarm event; returns what the node should hear of it.
+pub(super) fn handle_event(
     swarm: &mut Swarm<Behaviour>,
     pending: &mut Pending,
     listening: &mut HashSet<Multiaddr>,
-    events: &mpsc::Sender<NetEvent>,
     event: SwarmEvent<BehaviourEvent>,
-) -> bool {
-    let out = match event {
+) -> Option<NetEvent> {
+    match event {
         SwarmEvent::NewListenAddr { address, .. } => {
             listening.insert(address.clone());
             Some(NetEvent::Listening(address))
@@ -191,9 +189,5 @@ pub(super) async fn handle_event(
             None
         }
         _ => None,
-    };
-    match out {
-        Some(event) => events.send(event).await.is_ok(),
-        None => true,
     }
 }

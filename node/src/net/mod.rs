@@ -1,17 +1,19 @@
 //! The libp2p shell. One task owns the [`Swarm`]; everything else talks to
 //! it through a cloneable [`NetHandle`] (a bounded channel of [`Command`]s,
 //! with oneshot replies) and hears from it through a bounded channel of
-//! [`NetEvent`]s. The task never verifies signatures, decodes tensors or
-//! trains: it moves bytes and reports validation results back to gossipsub.
+//! [`NetEvent`]s, which the task never waits on (see [`Outbox`]); the node
+//! reads the network's state from a watched [`NetSnapshot`], never by asking
+//! the task. The task never verifies signatures, decodes tensors or trains:
+//! it moves bytes and reports validation results back to gossipsub.
 //!
 //! Behaviours: identify, ping, Kademlia (peer discovery), mDNS (optional),
-//! gossipsub (signed messages, `validate_messages`, message id = BLAKE3 of the
-//! data, peer scoring with a heavy penalty for invalid messages),
+//! gossipsub (signed messages, `validate_messages`, message id = BLAKE3 of
+//! topic and data, peer scoring with a heavy penalty for invalid messages),
 //! request-response for chunk, manifest and head fetches (CBOR through the
 //! protocol crate's decoder with limits), AutoNAT, relay client and DCUtR,
 //! and connection limits. Transports: TCP with noise and yamux, QUIC, DNS.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::time::Duration;
 
@@ -27,9 +29,12 @@ use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, autonat, connection_limits, dcutr,
     identify, identity, kad, mdns, noise, ping, tcp, yamux,
 };
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tapestry_core::admission::Verdict;
 use tapestry_protocol::{ContentId, FetchRequest, FetchResponse, Keypair, NodeId};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 mod codec;
 mod events;
@@ -99,6 +104,9 @@ pub struct NetConfig {
     pub heartbeat: Duration,
     /// Per-request timeout of fetches.
     pub request_timeout: Duration,
+    /// Events (gossip, requests, connections) that may wait for the node;
+    /// gossip and requests beyond it are shed (see [`Outbox`]).
+    pub event_queue: usize,
 }
 
 impl Default for NetConfig {
@@ -112,6 +120,7 @@ impl Default for NetConfig {
             max_connections_per_peer: 4,
             heartbeat: Duration::from_millis(500),
             request_timeout: Duration::from_secs(20),
+            event_queue: EVENT_QUEUE,
         }
     }
 }
@@ -155,6 +164,8 @@ pub(crate) enum Command {
     },
     /// Close every connection to a peer.
     Disconnect(PeerId),
+    /// Keep a peer out of gossip: no mesh, none of its messages.
+    Blacklist(PeerId),
     /// Announce in the DHT that this node holds (the chunks of) `id`.
     Provide(ContentId),
     /// Stop announcing `id` in the DHT.
@@ -166,8 +177,6 @@ pub(crate) enum Command {
         /// The peers found (possibly none).
         reply: oneshot::Sender<Vec<PeerId>>,
     },
-    /// What the network looks like now.
-    Snapshot(oneshot::Sender<NetSnapshot>),
 }
 
 /// What the network task tells the node.
@@ -195,7 +204,7 @@ pub enum NetEvent {
     },
     /// A gossip message to validate (and then [`Command::Report`]).
     Gossip {
-        /// Its id (BLAKE3 of the data).
+        /// Its id ([`message_id`]).
         id: MessageId,
         /// The peer that forwarded it.
         source: PeerId,
@@ -252,6 +261,7 @@ pub struct NetSnapshot {
 pub struct NetHandle {
     tx: mpsc::Sender<Command>,
     peer_id: PeerId,
+    view: watch::Receiver<NetSnapshot>,
 }
 
 impl NetHandle {
@@ -260,7 +270,8 @@ impl NetHandle {
     #[cfg(test)]
     pub(crate) fn detached(peer_id: PeerId) -> (NetHandle, mpsc::Receiver<Command>) {
         let (tx, rx) = mpsc::channel(1024);
-        (NetHandle { tx, peer_id }, rx)
+        let (_, view) = watch::channel(NetSnapshot::default());
+        (NetHandle { tx, peer_id, view }, rx)
     }
 
     /// This node's libp2p peer id.
@@ -309,6 +320,12 @@ impl NetHandle {
         self.send(Command::Disconnect(peer)).await
     }
 
+    /// Keeps `peer` out of gossip (mesh and messages) for as long as this
+    /// node runs: a non-member of a permissioned region.
+    pub async fn blacklist(&self, peer: PeerId) -> Result<(), NetError> {
+        self.send(Command::Blacklist(peer)).await
+    }
+
     /// Announces in the DHT that this node holds (the chunks of) `id`.
     pub async fn provide(&self, id: ContentId) -> Result<(), NetError> {
         self.send(Command::Provide(id)).await
@@ -351,11 +368,10 @@ impl NetHandle {
         rx.await.map_err(|_| NetError::Stopped)
     }
 
-    /// The current view of the network.
-    pub async fn snapshot(&self) -> Result<NetSnapshot, NetError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::Snapshot(reply)).await?;
-        rx.await.map_err(|_| NetError::Stopped)
+    /// The network as the swarm task last showed it (kept current by the
+    /// task on every connection and address change; never waits for it).
+    pub fn snapshot(&self) -> NetSnapshot {
+        self.view.borrow().clone()
     }
 }
 
@@ -405,6 +421,15 @@ mod behaviour {
 
 pub use behaviour::{Behaviour, BehaviourEvent};
 
+/// A gossip message's id: BLAKE3 of the topic, a zero byte, and the data.
+pub fn message_id(topic: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = blake3::Hasher::new();
+    h.update(topic.as_bytes());
+    h.update(&[0]);
+    h.update(data);
+    h.finalize().as_bytes().to_vec()
+}
+
 fn build_err(e: impl std::fmt::Display) -> NetError {
     NetError::Build(e.to_string())
 }
@@ -417,8 +442,11 @@ fn gossipsub_behaviour(
         .heartbeat_interval(config.heartbeat)
         .validation_mode(ValidationMode::Strict)
         .validate_messages()
+        // The id covers the topic: the same bytes published on another topic
+        // (a delta's envelope republished on the models topic) are another
+        // message, so a copy cannot get the real one dropped as a duplicate.
         .message_id_fn(|m: &gossipsub::Message| {
-            MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())
+            MessageId::from(message_id(m.topic.as_str(), &m.data))
         })
         .max_transmit_size(MAX_GOSSIP_BYTES)
         .build()
@@ -554,16 +582,39 @@ pub fn spawn(
             tracing::warn!(%addr, error = %e, "cannot dial bootstrap address");
         }
     }
-    let (cmd_tx, cmd_rx) = mpsc::channel(1024);
-    let (ev_tx, ev_rx) = mpsc::channel(1024);
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (ev_tx, ev_rx) = mpsc::channel(config.event_queue.max(1));
+    let (view_tx, view) = watch::channel(NetSnapshot {
+        peer_id: peer_id.to_string(),
+        ..NetSnapshot::default()
+    });
+    let shed = Family::<ShedLabel, Counter>::default();
+    registry.register(
+        "net_shed",
+        "Peers' gossip messages and requests the network task shed because the node's queue was full",
+        shed.clone(),
+    );
+    let outbox = Outbox {
+        tx: ev_tx,
+        backlog: VecDeque::new(),
+        shed,
+    };
     // libp2p's own metrics (connections, identify, Kademlia, ping, gossipsub,
     // DCUtR) in the node's registry, beside the bandwidth counters.
     let metrics = libp2p::metrics::Metrics::new(registry);
-    let task = tokio::spawn(run(swarm, cmd_rx, ev_tx, metrics, config.bootstrap.clone()));
+    let task = tokio::spawn(run(
+        swarm,
+        cmd_rx,
+        outbox,
+        view_tx,
+        metrics,
+        config.bootstrap.clone(),
+    ));
     Ok((
         NetHandle {
             tx: cmd_tx,
             peer_id,
+            view,
         },
         ev_rx,
         task,
@@ -590,6 +641,98 @@ pub fn peer_of_addr(addr: &Multiaddr) -> Option<PeerId> {
     })
 }
 
+/// Commands from the node waiting for the swarm task: the node waits when
+/// this is full (back-pressure it sees), the task never waits on the node.
+const COMMAND_QUEUE: usize = 1024;
+/// Events for the node, by default. Gossip and requests that find it full
+/// are shed.
+pub const EVENT_QUEUE: usize = 1024;
+/// Connection, subscription, ping and address events waiting for room in
+/// the node's queue: few (bounded by connection churn, itself bounded by the
+/// connection limits); past this, the oldest are dropped and logged.
+const MAX_BACKLOG: usize = 16 * 1024;
+
+/// The `kind` label of shed events.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShedLabel {
+    kind: &'static str,
+}
+
+/// Events on their way to the node. The swarm task never waits for the
+/// node: a gossip message or a request that finds the node's queue full is
+/// shed (the message reported `Ignore`, the request answered `Busy`) and
+/// counted; other events, which the node must not miss, wait in a backlog
+/// that drains as the node catches up. Order is kept: while a backlog
+/// waits, traffic is shed rather than sent ahead of it.
+struct Outbox {
+    tx: mpsc::Sender<NetEvent>,
+    backlog: VecDeque<NetEvent>,
+    shed: Family<ShedLabel, Counter>,
+}
+
+impl Outbox {
+    /// Offers an event to the node; `false` once the node has gone.
+    fn offer(&mut self, swarm: &mut Swarm<Behaviour>, event: NetEvent) -> bool {
+        let traffic = matches!(event, NetEvent::Gossip { .. } | NetEvent::Request { .. });
+        if !traffic {
+            if self.backlog.len() >= MAX_BACKLOG {
+                tracing::warn!("the node is not reading network events; dropping the oldest");
+                self.backlog.pop_front();
+            }
+            self.backlog.push_back(event);
+            return !self.tx.is_closed();
+        }
+        if !self.backlog.is_empty() {
+            self.shed(swarm, event);
+            return true;
+        }
+        match self.tx.try_send(event) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(event)) => {
+                self.shed(swarm, event);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    fn shed(&self, swarm: &mut Swarm<Behaviour>, event: NetEvent) {
+        match event {
+            NetEvent::Gossip { id, source, .. } => {
+                self.shed.get_or_create(&ShedLabel { kind: "gossip" }).inc();
+                let _ = swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&id, &source, MessageAcceptance::Ignore);
+            }
+            NetEvent::Request { channel, .. } => {
+                self.shed
+                    .get_or_create(&ShedLabel { kind: "request" })
+                    .inc();
+                let _ = swarm
+                    .behaviour_mut()
+                    .fetch
+                    .send_response(channel, FetchResponse::Busy);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Shows the node the network as it is now.
+fn show(
+    swarm: &Swarm<Behaviour>,
+    listening: &HashSet<Multiaddr>,
+    view: &watch::Sender<NetSnapshot>,
+) {
+    view.send_replace(NetSnapshot {
+        peer_id: swarm.local_peer_id().to_string(),
+        peers: swarm.connected_peers().map(|p| p.to_string()).collect(),
+        listen: listening.iter().map(|a| a.to_string()).collect(),
+        mesh_peers: swarm.behaviour().gossipsub.all_mesh_peers().count(),
+    });
+}
+
 /// Replies owed to the node: fetches in flight and provider look-ups.
 #[derive(Default)]
 struct Pending {
@@ -606,7 +749,8 @@ fn provider_key(id: &ContentId) -> kad::RecordKey {
 async fn run(
     mut swarm: Swarm<Behaviour>,
     mut commands: mpsc::Receiver<Command>,
-    events: mpsc::Sender<NetEvent>,
+    mut outbox: Outbox,
+    view: watch::Sender<NetSnapshot>,
     metrics: libp2p::metrics::Metrics,
     bootstrap: Vec<Multiaddr>,
 ) {
@@ -619,6 +763,7 @@ async fn run(
     loop {
         tokio::select! {
             _ = redial.tick() => {
+                show(&swarm, &listening, &view);
                 let mut dialled = false;
                 // (An address without a peer id, like /dns4/bootstrap/tcp/4001,
                 // cannot tell whether it is connected: it is dialled again
@@ -640,11 +785,29 @@ async fn run(
             }
             command = commands.recv() => {
                 let Some(command) = command else { break };
-                handle_command(&mut swarm, &mut pending, &listening, command);
+                handle_command(&mut swarm, &mut pending, command);
+            }
+            permit = outbox.tx.clone().reserve_owned(), if !outbox.backlog.is_empty() => {
+                let Ok(permit) = permit else { break };
+                if let Some(event) = outbox.backlog.pop_front() {
+                    permit.send(event);
+                }
             }
             event = swarm.select_next_some() => {
                 record(&metrics, &event);
-                if !handle_event(&mut swarm, &mut pending, &mut listening, &events, event).await {
+                let changed = matches!(
+                    event,
+                    SwarmEvent::ConnectionEstablished { .. }
+                        | SwarmEvent::ConnectionClosed { .. }
+                        | SwarmEvent::NewListenAddr { .. }
+                );
+                let event = handle_event(&mut swarm, &mut pending, &mut listening, event);
+                if changed {
+                    show(&swarm, &listening, &view);
+                }
+                if let Some(event) = event
+                    && !outbox.offer(&mut swarm, event)
+                {
                     break;
                 }
             }
@@ -653,12 +816,7 @@ async fn run(
     tracing::debug!("network task stopped");
 }
 
-fn handle_command(
-    swarm: &mut Swarm<Behaviour>,
-    pending: &mut Pending,
-    listening: &HashSet<Multiaddr>,
-    command: Command,
-) {
+fn handle_command(swarm: &mut Swarm<Behaviour>, pending: &mut Pending, command: Command) {
     match command {
         Command::Publish { topic, data } => {
             if let Err(e) = swarm
@@ -693,6 +851,7 @@ fn handle_command(
         Command::Disconnect(peer) => {
             let _ = swarm.disconnect_peer_id(peer);
         }
+        Command::Blacklist(peer) => swarm.behaviour_mut().gossipsub.blacklist_peer(&peer),
         Command::Provide(id) => {
             if let Err(e) = swarm.behaviour_mut().kad.start_providing(provider_key(&id)) {
                 tracing::debug!(error = %e, "cannot record a provider");
@@ -704,15 +863,6 @@ fn handle_command(
         Command::Providers { id, reply } => {
             let query = swarm.behaviour_mut().kad.get_providers(provider_key(&id));
             pending.providers.insert(query, (HashSet::new(), reply));
-        }
-        Command::Snapshot(reply) => {
-            let gossip = &swarm.behaviour().gossipsub;
-            let _ = reply.send(NetSnapshot {
-                peer_id: swarm.local_peer_id().to_string(),
-                peers: swarm.connected_peers().map(|p| p.to_string()).collect(),
-                listen: listening.iter().map(|a| a.to_string()).collect(),
-                mesh_peers: gossip.all_mesh_peers().count(),
-            });
         }
     }
 }

@@ -9,6 +9,12 @@ impl Node {
         admission::on_roster(self.roster(), author)
     }
 
+    /// Whether `peer` may take part: any peer in an open region, a roster
+    /// member in a permissioned one.
+    pub(super) fn member(&self, peer: &PeerId) -> bool {
+        self.roster().is_none() || node_id_of(peer).is_some_and(|id| self.admitted(&id))
+    }
+
     /// The region's roster, if it is permissioned.
     pub(super) fn roster(&self) -> Option<&Roster> {
         self.settings.roster.as_ref().map(|r| r.message())
@@ -22,6 +28,10 @@ impl Node {
             }
             NetEvent::PeerConnected(peer) => {
                 self.liveness.connected(peer, Instant::now());
+                if !self.member(&peer) {
+                    // A permissioned region's gossip is its members' alone.
+                    let _ = self.net.blacklist(peer).await;
+                }
                 self.peers.insert(peer);
                 self.refresh_network().await;
             }
@@ -70,7 +80,14 @@ impl Node {
                 request,
                 channel,
             } => {
-                let response = self.answer(&request);
+                let response = if self.member(&peer) {
+                    self.answer(&request)
+                } else {
+                    // Chunks, manifests and heads of a permissioned region
+                    // are its members' alone.
+                    let _ = self.refuse(&Rejection::Outsider(peer.to_string()), &peer);
+                    FetchResponse::NotFound
+                };
                 if let FetchResponse::Chunk(bytes) = &response {
                     self.shared.metrics.chunks_served.inc();
                     self.count_out(bytes.len());

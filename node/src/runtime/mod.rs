@@ -39,6 +39,7 @@ mod fetch;
 mod gossip;
 mod liveness;
 mod names;
+mod retention;
 mod verifying;
 
 use fetch::*;
@@ -82,6 +83,9 @@ pub struct NodeSettings {
     /// Shortest time from one round's start to the next's: training waits
     /// out the rest (zero: rounds run back to back).
     pub min_round: Duration,
+    /// The head and its latest this many ancestors are kept on disk, with
+    /// their deltas; older versions are collected (`0`: keep everything).
+    pub keep_versions: u64,
     /// A permissioned region's roster; `None` for an open region.
     pub roster: Option<Verified<Roster>>,
     /// Who may sign the roster (the region key); required with a roster.
@@ -172,6 +176,8 @@ pub struct Node {
     key: Keypair,
     /// When each connected peer last answered a ping.
     liveness: liveness::Liveness,
+    /// Whether a garbage collection is running.
+    collecting: retention::Collecting,
 }
 
 impl Node {
@@ -244,6 +250,7 @@ impl Node {
             last_train: None,
             key,
             liveness: liveness::Liveness::new(net::SILENCE_LIMIT),
+            collecting: retention::Collecting::default(),
         })
     }
 
@@ -406,13 +413,12 @@ impl Node {
     }
 
     async fn refresh_network(&self) {
-        if let Ok(snap) = self.net.snapshot().await {
-            self.shared.update(|s| {
-                s.peers = snap.peers.len();
-                s.listen = snap.listen.clone();
-            });
-            self.shared.metrics.peers.set(snap.peers.len() as i64);
-        }
+        let snap = self.net.snapshot();
+        self.shared.update(|s| {
+            s.peers = snap.peers.len();
+            s.listen = snap.listen.clone();
+        });
+        self.shared.metrics.peers.set(snap.peers.len() as i64);
     }
 
     /// Feeds one input to the engine and carries out what it asks.
@@ -583,6 +589,7 @@ impl Node {
         if self.providers.len() > 4096 {
             self.providers.clear();
         }
+        self.collect_garbage(round);
     }
 
     /// Evaluates a head on the local split and publishes it in the status.
@@ -672,9 +679,8 @@ impl Running {
     /// The addresses it listens on, once it does (waits up to 10 s).
     pub async fn listen_addrs(&self) -> Vec<libp2p::Multiaddr> {
         for _ in 0..100 {
-            if let Ok(snap) = self.net.snapshot().await
-                && !snap.listen.is_empty()
-            {
+            let snap = self.net.snapshot();
+            if !snap.listen.is_empty() {
                 return snap.listen.iter().filter_map(|a| a.parse().ok()).collect();
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -52,10 +52,8 @@ async fn play_network(
             Command::Providers { reply, .. } => {
                 let _ = reply.send(Vec::new());
             }
-            Command::Snapshot(reply) => {
-                let _ = reply.send(net::NetSnapshot::default());
-            }
-            Command::Report { .. }
+            Command::Blacklist(_)
+            | Command::Report { .. }
             | Command::Respond { .. }
             | Command::Provide(_)
             | Command::Unprovide(_) => {}
@@ -85,6 +83,7 @@ async fn a_round_deadline_closes_a_round_and_a_silent_peer_is_dropped() {
         start_peers: 1,
         start_wait: Duration::from_secs(60),
         min_round: Duration::ZERO,
+        keep_versions: 4,
         roster: None,
         region_key: None,
         vote_file: None,

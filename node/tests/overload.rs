@@ -1,0 +1,117 @@
+//! The network task under load, on real libp2p swarms over loopback: it
+//! never waits for the node. A node that stops reading its events (frozen,
+//! or slower than what peers send) has its peers' requests answered `Busy`
+//! and counted, and its network task keeps connecting peers.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use prometheus_client::registry::Registry;
+use tapestry_node::net::{self, NetConfig, NetHandle};
+use tapestry_protocol::{FetchRequest, FetchResponse, Keypair};
+
+fn start(seed: u8, bootstrap: Vec<libp2p::Multiaddr>, event_queue: usize) -> (NetHandle, Registry) {
+    let mut registry = Registry::default();
+    let (handle, events, _task) = net::spawn(
+        &Keypair::from_secret_bytes(&[seed; 32]),
+        NetConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            bootstrap,
+            request_timeout: Duration::from_secs(5),
+            event_queue,
+            ..NetConfig::default()
+        },
+        &mut registry,
+    )
+    .unwrap();
+    // Nobody reads this node's events: it is frozen from the start.
+    std::mem::forget(events);
+    (handle, registry)
+}
+
+/// `addr/p2p/peer` once the node listens (bounded wait).
+async fn address(h: &NetHandle) -> libp2p::Multiaddr {
+    for _ in 0..100 {
+        if let Some(a) = h.snapshot().listen.first() {
+            let addr: libp2p::Multiaddr = a.parse().unwrap();
+            return addr.with(libp2p::multiaddr::Protocol::P2p(h.peer_id()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the node never listened");
+}
+
+/// Waits (bounded) until `h` sees `n` peers.
+async fn peers(h: &NetHandle, n: usize) -> bool {
+    for _ in 0..200 {
+        if h.snapshot().peers.len() >= n {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stops_reading_gets_busy_answers_not_a_stuck_network() {
+    let queue = 8;
+    let (frozen, registry) = start(1, Vec::new(), queue);
+    let at = address(&frozen).await;
+    let (asker, _) = start(2, vec![at.clone()], net::EVENT_QUEUE);
+    assert!(peers(&frozen, 1).await, "the asker never connected");
+
+    // Fill the frozen node's queue (if its own connection and ping events
+    // have not already): these requests wait there unanswered.
+    let target = frozen.peer_id();
+    let waiting: Vec<_> = (0..queue)
+        .map(|_| {
+            let asker = asker.clone();
+            tokio::spawn(async move {
+                asker
+                    .fetch(
+                        target,
+                        FetchRequest::Chunk(tapestry_protocol::ContentId::of(b"x")),
+                    )
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Everything beyond the queue is answered at once, `Busy`.
+    let answers = join_all((0..40).map(|_| {
+        asker.fetch(
+            target,
+            FetchRequest::Chunk(tapestry_protocol::ContentId::of(b"y")),
+        )
+    }))
+    .await;
+    let busy = answers
+        .iter()
+        .filter(|a| matches!(a, Ok(FetchResponse::Busy)))
+        .count();
+    assert_eq!(busy, answers.len(), "{answers:?}");
+
+    // The network task still works for the node: a new peer connects and
+    // shows in its view.
+    let (_late, _) = start(3, vec![at], net::EVENT_QUEUE);
+    assert!(
+        peers(&frozen, 2).await,
+        "a peer connecting later was never seen"
+    );
+
+    // The shedding is counted.
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let shed = text
+        .lines()
+        .find(|l| l.starts_with("net_shed_total{kind=\"request\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(shed.is_some_and(|n| n >= 40.0), "{text}");
+    for w in waiting {
+        w.abort();
+    }
+}
