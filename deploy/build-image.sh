@@ -53,7 +53,7 @@ ENV TAPESTRY_DATA_DIR=/data \
     RAYON_NUM_THREADS=1
 EXPOSE 4001/tcp 4001/udp 8080/tcp
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["/usr/local/bin/tapestry", "status", "--api", "127.0.0.1:8080"]
+    CMD ["/usr/local/bin/tapestry", "health", "--api", "127.0.0.1:8080"]
 ENTRYPOINT ["/usr/local/bin/tapestry"]
 CMD ["run", "--listen", "/ip4/0.0.0.0/tcp/4001", "--listen", "/ip4/0.0.0.0/udp/4001/quic-v1"]
 DOCKERFILE

@@ -53,10 +53,18 @@ async fn head(State(shared): State<Shared>) -> Response {
     }
 }
 
+async fn health(State(shared): State<Shared>) -> Response {
+    match shared.health.check() {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+    }
+}
+
 /// The API's routes.
 pub fn router(shared: Shared) -> Router {
     Router::new()
         .route("/status", routing::get(status))
+        .route("/health", routing::get(health))
         .route("/metrics", routing::get(metrics))
         .route("/model/head", routing::get(head))
         .with_state(shared)
@@ -108,12 +116,14 @@ pub enum ClientError {
     #[error("malformed HTTP response")]
     Malformed,
     /// An answer other than 200.
-    #[error("{path}: {status}")]
+    #[error("{path}: {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
     Status {
         /// The path asked for.
         path: String,
         /// The status line.
         status: String,
+        /// The answer's first line, if any.
+        body: String,
     },
 }
 
@@ -146,6 +156,13 @@ pub fn get(addr: &str, path: &str, timeout: std::time::Duration) -> Result<Strin
         return Err(ClientError::Status {
             path: path.to_owned(),
             status: status.to_owned(),
+            body: body
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .take(200)
+                .collect(),
         });
     }
     Ok(body.to_owned())

@@ -282,7 +282,26 @@ local_steps = {steps}
 batch_size = {batch}
 lr = {lr:?}
 
-[round]
+{round_and_store}"#,
+        api = d.api,
+        arch = d.model.architecture,
+        inputs = d.model.inputs,
+        classes = d.model.classes,
+        seed = d.model.seed,
+        tf = d.data.test_fraction,
+        fmin = d.data.feature_min,
+        fmax = d.data.feature_max,
+        steps = d.training.local_steps,
+        batch = d.training.batch_size,
+        lr = d.training.lr,
+        round_and_store = commented_rounds(&d),
+    )
+}
+
+/// The `[round]` and `[store]` sections of [`commented`].
+fn commented_rounds(d: &Config) -> String {
+    format!(
+        r#"[round]
 # Delta encoding: f32, bf16, int8[:BLOCK], topk:FRACTION
 codec = "{codec}"
 # How deltas are combined: mean, trimmed-mean:BETA, median,
@@ -324,17 +343,6 @@ min_round_ms = {min_round}
 # Disk: about keep_versions x (model + one round's deltas).
 keep_versions = {keep}
 "#,
-        api = d.api,
-        arch = d.model.architecture,
-        inputs = d.model.inputs,
-        classes = d.model.classes,
-        seed = d.model.seed,
-        tf = d.data.test_fraction,
-        fmin = d.data.feature_min,
-        fmax = d.data.feature_max,
-        steps = d.training.local_steps,
-        batch = d.training.batch_size,
-        lr = d.training.lr,
         codec = d.round.codec,
         agg = d.round.aggregator,
         weighting = d.round.weighting,

@@ -49,6 +49,9 @@ enum Command {
     Run(RunArgs),
     /// Show a running node's status (from its HTTP API).
     Status(StatusArgs),
+    /// Exit 0 if the node's loop and network task are alive (GET /health),
+    /// 1 with the reason if not: for health checks and probes.
+    Health(HealthArgs),
     /// Export, import or trace the model.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -164,6 +167,13 @@ struct StatusArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct HealthArgs {
+    /// The node's API address.
+    #[arg(long, default_value = "127.0.0.1:7400", env = "TAPESTRY_API")]
+    api: String,
+}
+
 #[derive(Subcommand)]
 enum ModelCommand {
     /// Write the head model as safetensors.
@@ -246,6 +256,7 @@ fn main() -> ExitCode {
         Command::Init(a) => init(&a),
         Command::Run(a) => tokio_main(run(a)),
         Command::Status(a) => status(&a),
+        Command::Health(a) => health(&a),
         Command::Model(ModelCommand::Export(a)) => export(&a),
         Command::Model(ModelCommand::Import(a)) => import(&a),
         Command::Model(ModelCommand::Lineage(a)) => lineage(&a),
@@ -388,7 +399,11 @@ async fn run(a: RunArgs) -> Result<ExitCode, String> {
         &key.node_id(),
     )
     .map_err(|e| e.to_string())?;
-    let settings = ops::node_settings(&cfg, &dir, &key).map_err(|e| e.to_string())?;
+    let mut settings = ops::node_settings(&cfg, &dir, &key).map_err(|e| e.to_string())?;
+    // Fault injection for tests; never set in production.
+    settings.freeze_at_round = std::env::var("TAPESTRY_FAULT_FREEZE_AT_ROUND")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let store = ops::open_store(&dir, true).map_err(|e| e.to_string())?;
     let model = &settings.engine;
     let net = NetConfig {
@@ -432,6 +447,7 @@ async fn run(a: RunArgs) -> Result<ExitCode, String> {
         "listen": listen,
     });
     ops::write_endpoints(&dir, &endpoints).map_err(|e| e.to_string())?;
+    let _watchdog = systemd_watchdog(running.shared.health.clone());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
     tokio::select! {
@@ -440,6 +456,67 @@ async fn run(a: RunArgs) -> Result<ExitCode, String> {
     }
     running.stop().await.map_err(|e| e.to_string())?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Under systemd (`Type=notify`): says ready, then, if the unit has a
+/// watchdog (`WatchdogSec`), pets it at half its period while the node's
+/// loop and network task are alive (`GET /health`'s judgement), so systemd
+/// restarts a node that hangs. Elsewhere: nothing.
+fn systemd_watchdog(
+    health: std::sync::Arc<tapestry_node::status::Health>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let path = std::env::var_os("NOTIFY_SOCKET")?;
+    let notify = move |msg: &str| -> std::io::Result<()> {
+        use std::os::linux::net::SocketAddrExt;
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+        match bytes.strip_prefix(b"@") {
+            Some(name) => {
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                sock.send_to_addr(msg.as_bytes(), &addr)?;
+            }
+            None => {
+                sock.send_to(msg.as_bytes(), &path)?;
+            }
+        }
+        Ok(())
+    };
+    if let Err(e) = notify("READY=1") {
+        tracing::warn!(error = %e, "cannot notify systemd");
+        return None;
+    }
+    let period = std::env::var("WATCHDOG_USEC")
+        .ok()
+        .and_then(|us| us.parse::<u64>().ok())
+        .filter(|us| *us > 0)
+        .map(|us| Duration::from_micros(us / 2))?;
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            match health.check() {
+                Ok(()) => {
+                    if let Err(e) = notify("WATCHDOG=1") {
+                        tracing::warn!(error = %e, "cannot pet the systemd watchdog");
+                    }
+                }
+                Err(why) => tracing::error!(%why, "unhealthy: not petting the systemd watchdog"),
+            }
+        }
+    }))
+}
+
+fn health(a: &HealthArgs) -> Result<ExitCode, String> {
+    match tapestry_node::api::get(&a.api, "/health", Duration::from_secs(5)) {
+        Ok(body) => {
+            print!("{body}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 fn status(a: &StatusArgs) -> Result<ExitCode, String> {
@@ -622,6 +699,7 @@ async fn launch_demo(
             start_wait: Duration::from_secs(20),
             min_round: Duration::ZERO,
             keep_versions: cfg.store.keep_versions,
+            freeze_at_round: None,
             roster: None,
             region_key: None,
             vote_file: None,

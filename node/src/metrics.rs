@@ -77,6 +77,8 @@ pub struct Metrics {
     pub store_manifests: Gauge,
     /// Chunk bytes garbage collection deleted.
     pub gc_deleted_bytes: Counter,
+    /// Peers' requests answered `Busy` (too many reads in flight).
+    pub requests_busy: Counter,
     /// The registry (ours and libp2p's), for encoding.
     pub registry: Mutex<Registry>,
 }
@@ -107,6 +109,7 @@ impl Metrics {
             store_chunk_bytes: Gauge::default(),
             store_manifests: Gauge::default(),
             gc_deleted_bytes: Counter::default(),
+            requests_busy: Counter::default(),
             registry: Mutex::new(Registry::default()),
         };
         let r = registry.sub_registry_with_prefix("tapestry");
@@ -142,6 +145,11 @@ impl Metrics {
             "store_manifests",
             "Manifests the store held after its last garbage collection",
             m.store_manifests.clone(),
+        );
+        r.register(
+            "requests_busy",
+            "Peers' chunk and manifest requests answered Busy (too many in flight)",
+            m.requests_busy.clone(),
         );
         r.register(
             "gc_deleted_bytes",

@@ -266,6 +266,7 @@ pub fn node_settings(cfg: &Config, dir: &DataDir, key: &Keypair) -> Result<NodeS
         start_wait: cfg.start_wait(),
         min_round: Duration::from_millis(cfg.round.min_round_ms),
         keep_versions: cfg.store.keep_versions,
+        freeze_at_round: None,
         roster: if cfg.roster.is_empty() {
             None
         } else {

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tapestry_protocol::{ModelManifest, Verified};
@@ -27,9 +28,11 @@ pub struct Status {
     pub head: Option<String>,
     /// Content id of the head's parameters (equal on nodes that agree).
     pub head_params: Option<String>,
-    /// Test accuracy of the head on the local evaluation split.
+    /// Test accuracy of the head on the local evaluation split (evaluated
+    /// off the node's loop: for a moment after a new head, the previous
+    /// head's).
     pub accuracy: Option<f32>,
-    /// Test loss of the head on the local evaluation split.
+    /// Test loss of the head on the local evaluation split (as `accuracy`).
     pub loss: Option<f32>,
     /// Connected peers.
     pub peers: usize,
@@ -70,6 +73,50 @@ pub struct Status {
     pub finished: bool,
 }
 
+/// The node's loop must show it is alive at least this often (it ticks
+/// every 2 s even with nothing to do).
+pub const NODE_LOOP_BOUND: Duration = Duration::from_secs(10);
+/// The network task must show it is alive at least this often (it ticks
+/// every 5 s even with nothing to do).
+pub const NET_TASK_BOUND: Duration = Duration::from_secs(15);
+
+/// When the node's loop and the network task last showed they were alive:
+/// what `GET /health` judges by.
+#[derive(Debug, Default)]
+pub struct Health {
+    node: Mutex<Option<Instant>>,
+    net: Mutex<Option<Instant>>,
+}
+
+impl Health {
+    /// The node's loop is alive now; the network task was at `net`.
+    pub fn ticked(&self, net: Option<Instant>) {
+        if let Ok(mut n) = self.node.lock() {
+            *n = Some(Instant::now());
+        }
+        if let Ok(mut n) = self.net.lock() {
+            *n = net;
+        }
+    }
+
+    /// Healthy, or why not.
+    pub fn check(&self) -> Result<(), String> {
+        let node = self.node.lock().map_err(|_| "poisoned")?.to_owned();
+        let net = self.net.lock().map_err(|_| "poisoned")?.to_owned();
+        let late = |at: Option<Instant>, bound: Duration, what: &str| match at {
+            None => Err(format!("the {what} has not started")),
+            Some(t) if t.elapsed() > bound => Err(format!(
+                "the {what} has been silent for {:.0} s (bound {} s)",
+                t.elapsed().as_secs_f64(),
+                bound.as_secs()
+            )),
+            Some(_) => Ok(()),
+        };
+        late(node, NODE_LOOP_BOUND, "node loop")?;
+        late(net, NET_TASK_BOUND, "network task")
+    }
+}
+
 /// State shared with the HTTP API.
 #[derive(Debug, Clone)]
 pub struct Shared {
@@ -79,6 +126,8 @@ pub struct Shared {
     pub head: Arc<Mutex<Option<Verified<ModelManifest>>>>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
+    /// Whether the node's loop and network task are alive.
+    pub health: Arc<Health>,
 }
 
 impl Shared {
@@ -88,6 +137,7 @@ impl Shared {
             status: Arc::new(Mutex::new(Status::default())),
             head: Arc::new(Mutex::new(None)),
             metrics,
+            health: Arc::default(),
         }
     }
 

@@ -27,6 +27,7 @@
 mod backend;
 mod bytes;
 mod error;
+mod gc;
 mod memory;
 mod sled_store;
 mod store;

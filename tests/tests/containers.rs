@@ -200,6 +200,29 @@ fn a_compose_swarm_trains_survives_a_stop_and_a_cut_and_is_torn_down() {
     );
     eprintln!("round 8 after {:.1} s", started.elapsed().as_secs_f64());
 
+    // Docker's health check (`tapestry health` inside the image) passes.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let states: Vec<String> = ids
+            .iter()
+            .map(|id| {
+                sh(Command::new("docker").args([
+                    "inspect",
+                    "--format",
+                    "{{.State.Health.Status}}",
+                    id,
+                ]))
+                .trim()
+                .to_owned()
+            })
+            .collect();
+        if states.iter().all(|s| s == "healthy") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "health checks: {states:?}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+
     // Stop one peer mid-round (SIGTERM), start it again: it resumes from
     // its volume and catches up.
     let stopped = &ids[1];
@@ -431,6 +454,7 @@ fn the_deploy_configs_pass_their_own_tools() {
     let pod = &sts["spec"]["template"]["spec"];
     let container = &pod["containers"][0];
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/status");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/health");
     assert!(pod["securityContext"]["runAsNonRoot"].as_bool().unwrap());
     assert_eq!(
         sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"],

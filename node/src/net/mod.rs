@@ -29,18 +29,21 @@ use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, autonat, connection_limits, dcutr,
     identify, identity, kad, mdns, noise, ping, tcp, yamux,
 };
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tapestry_core::admission::Verdict;
 use tapestry_protocol::{ContentId, FetchRequest, FetchResponse, Keypair, NodeId};
 use tokio::sync::{mpsc, oneshot, watch};
 
+mod build;
 mod codec;
 mod events;
+mod outbox;
 
+pub use build::{Behaviour, BehaviourEvent, SILENCE_LIMIT, message_id};
 pub use codec::FetchCodec;
 use events::*;
+use outbox::*;
 
 /// The identify protocol version of Tapestry nodes.
 pub const PROTOCOL_VERSION: &str = "/tapestry/1";
@@ -254,6 +257,8 @@ pub struct NetSnapshot {
     pub listen: Vec<String>,
     /// Gossip mesh peers per topic.
     pub mesh_peers: usize,
+    /// When the network task last showed it (it does at least every 5 s).
+    pub updated: Option<std::time::Instant>,
 }
 
 /// A cloneable handle on the network task.
@@ -388,99 +393,6 @@ pub fn peer_id_of(node: &NodeId) -> Option<PeerId> {
     Some(identity::PublicKey::from(public).to_peer_id())
 }
 
-mod behaviour {
-    //! The behaviour set, in its own module because the derive generates an
-    //! event enum (`BehaviourEvent`, one variant per field) that cannot carry
-    //! doc comments.
-    #![allow(missing_docs)]
-
-    use libp2p::swarm::NetworkBehaviour;
-    use libp2p::swarm::behaviour::toggle::Toggle;
-    use libp2p::{
-        autonat, connection_limits, dcutr, gossipsub, identify, kad, mdns, ping, relay,
-        request_response,
-    };
-
-    use super::FetchCodec;
-
-    /// Every behaviour of a Tapestry node.
-    #[derive(NetworkBehaviour)]
-    pub struct Behaviour {
-        pub(super) limits: connection_limits::Behaviour,
-        pub(super) identify: identify::Behaviour,
-        pub(super) ping: ping::Behaviour,
-        pub(super) kad: kad::Behaviour<kad::store::MemoryStore>,
-        pub(super) mdns: Toggle<mdns::tokio::Behaviour>,
-        pub(super) gossipsub: gossipsub::Behaviour,
-        pub(super) fetch: request_response::Behaviour<FetchCodec>,
-        pub(super) relay_client: relay::client::Behaviour,
-        pub(super) dcutr: dcutr::Behaviour,
-        pub(super) autonat: autonat::Behaviour,
-    }
-}
-
-pub use behaviour::{Behaviour, BehaviourEvent};
-
-/// A gossip message's id: BLAKE3 of the topic, a zero byte, and the data.
-pub fn message_id(topic: &str, data: &[u8]) -> Vec<u8> {
-    let mut h = blake3::Hasher::new();
-    h.update(topic.as_bytes());
-    h.update(&[0]);
-    h.update(data);
-    h.finalize().as_bytes().to_vec()
-}
-
-fn build_err(e: impl std::fmt::Display) -> NetError {
-    NetError::Build(e.to_string())
-}
-
-fn gossipsub_behaviour(
-    key: &identity::Keypair,
-    config: &NetConfig,
-) -> Result<gossipsub::Behaviour, NetError> {
-    let gossip_config = gossipsub::ConfigBuilder::default()
-        .heartbeat_interval(config.heartbeat)
-        .validation_mode(ValidationMode::Strict)
-        .validate_messages()
-        // The id covers the topic: the same bytes published on another topic
-        // (a delta's envelope republished on the models topic) are another
-        // message, so a copy cannot get the real one dropped as a duplicate.
-        .message_id_fn(|m: &gossipsub::Message| {
-            MessageId::from(message_id(m.topic.as_str(), &m.data))
-        })
-        .max_transmit_size(MAX_GOSSIP_BYTES)
-        .build()
-        .map_err(build_err)?;
-    let mut gossip =
-        gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_config)
-            .map_err(build_err)?;
-    let mut params = PeerScoreParams::default();
-    for topic in &config.topics {
-        let topic_params = TopicScoreParams {
-            topic_weight: 1.0,
-            // An invalid message costs its forwarder dearly (P4).
-            invalid_message_deliveries_weight: -100.0,
-            invalid_message_deliveries_decay: 0.5,
-            // Small regions: do not punish peers for a thin mesh (P3).
-            mesh_message_deliveries_weight: 0.0,
-            mesh_failure_penalty_weight: 0.0,
-            ..TopicScoreParams::default()
-        };
-        params
-            .topics
-            .insert(IdentTopic::new(topic).hash(), topic_params);
-    }
-    gossip
-        .with_peer_score(params, PeerScoreThresholds::default())
-        .map_err(build_err)?;
-    for topic in &config.topics {
-        gossip
-            .subscribe(&IdentTopic::new(topic))
-            .map_err(build_err)?;
-    }
-    Ok(gossip)
-}
-
 /// Builds the swarm, starts listening and dialling, and spawns the task that
 /// owns it. Returns the handle, the event stream and the task.
 pub fn spawn(
@@ -497,75 +409,7 @@ pub fn spawn(
 > {
     let keypair = libp2p_keypair(key)?;
     let peer_id = keypair.public().to_peer_id();
-    let mut swarm = SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(build_err)?
-        .with_quic()
-        .with_dns()
-        .map_err(build_err)?
-        .with_relay_client(noise::Config::new, yamux::Config::default)
-        .map_err(build_err)?
-        .with_bandwidth_metrics(registry)
-        .with_behaviour(|key, relay_client| {
-            let peer_id = key.public().to_peer_id();
-            let mut kad_config = kad::Config::new(KAD_PROTOCOL);
-            kad_config.set_query_timeout(Duration::from_secs(30));
-            let mut kad = kad::Behaviour::with_config(
-                peer_id,
-                kad::store::MemoryStore::new(peer_id),
-                kad_config,
-            );
-            kad.set_mode(Some(kad::Mode::Server));
-            let mdns = if config.mdns {
-                Some(mdns::tokio::Behaviour::new(
-                    mdns::Config::default(),
-                    peer_id,
-                )?)
-            } else {
-                None
-            };
-            let limits = connection_limits::ConnectionLimits::default()
-                .with_max_established(Some(config.max_connections))
-                .with_max_established_per_peer(Some(config.max_connections_per_peer));
-            let fetch = request_response::Behaviour::with_codec(
-                FetchCodec,
-                [(FETCH_PROTOCOL, ProtocolSupport::Full)],
-                request_response::Config::default().with_request_timeout(config.request_timeout),
-            );
-            Ok(Behaviour {
-                limits: connection_limits::Behaviour::new(limits),
-                identify: identify::Behaviour::new(
-                    identify::Config::new(PROTOCOL_VERSION.into(), key.public())
-                        .with_agent_version(format!("tapestry/{}", env!("CARGO_PKG_VERSION"))),
-                ),
-                ping: ping::Behaviour::new(
-                    ping::Config::new()
-                        .with_interval(PING_EVERY)
-                        .with_timeout(PING_TIMEOUT),
-                ),
-                kad,
-                mdns: Toggle::from(mdns),
-                gossipsub: gossipsub_behaviour(key, &config).map_err(Box::new)?,
-                fetch,
-                relay_client,
-                dcutr: dcutr::Behaviour::new(peer_id),
-                autonat: autonat::Behaviour::new(
-                    peer_id,
-                    autonat::Config {
-                        only_global_ips: false,
-                        ..Default::default()
-                    },
-                ),
-            })
-        })
-        .map_err(build_err)?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+    let mut swarm = build::swarm(keypair, &config, registry)?;
     for addr in &config.listen {
         swarm
             .listen_on(addr.clone())
@@ -621,15 +465,6 @@ pub fn spawn(
     ))
 }
 
-/// How often connected peers are pinged, and how long a ping may take.
-const PING_EVERY: Duration = Duration::from_secs(3);
-const PING_TIMEOUT: Duration = Duration::from_secs(6);
-/// A peer that answers no ping for this long is disconnected by the node
-/// (a cut network leaves TCP connections open for many minutes otherwise,
-/// and rounds would wait for a peer that cannot be heard): one interval
-/// and one ping's timeout.
-pub const SILENCE_LIMIT: Duration = PING_EVERY.saturating_add(PING_TIMEOUT);
-
 /// How often bootstrap peers that are not connected are dialled again.
 const REDIAL_EVERY: Duration = Duration::from_secs(5);
 
@@ -647,92 +482,6 @@ const COMMAND_QUEUE: usize = 1024;
 /// Events for the node, by default. Gossip and requests that find it full
 /// are shed.
 pub const EVENT_QUEUE: usize = 1024;
-/// Connection, subscription, ping and address events waiting for room in
-/// the node's queue: few (bounded by connection churn, itself bounded by the
-/// connection limits); past this, the oldest are dropped and logged.
-const MAX_BACKLOG: usize = 16 * 1024;
-
-/// The `kind` label of shed events.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ShedLabel {
-    kind: &'static str,
-}
-
-/// Events on their way to the node. The swarm task never waits for the
-/// node: a gossip message or a request that finds the node's queue full is
-/// shed (the message reported `Ignore`, the request answered `Busy`) and
-/// counted; other events, which the node must not miss, wait in a backlog
-/// that drains as the node catches up. Order is kept: while a backlog
-/// waits, traffic is shed rather than sent ahead of it.
-struct Outbox {
-    tx: mpsc::Sender<NetEvent>,
-    backlog: VecDeque<NetEvent>,
-    shed: Family<ShedLabel, Counter>,
-}
-
-impl Outbox {
-    /// Offers an event to the node; `false` once the node has gone.
-    fn offer(&mut self, swarm: &mut Swarm<Behaviour>, event: NetEvent) -> bool {
-        let traffic = matches!(event, NetEvent::Gossip { .. } | NetEvent::Request { .. });
-        if !traffic {
-            if self.backlog.len() >= MAX_BACKLOG {
-                tracing::warn!("the node is not reading network events; dropping the oldest");
-                self.backlog.pop_front();
-            }
-            self.backlog.push_back(event);
-            return !self.tx.is_closed();
-        }
-        if !self.backlog.is_empty() {
-            self.shed(swarm, event);
-            return true;
-        }
-        match self.tx.try_send(event) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(event)) => {
-                self.shed(swarm, event);
-                true
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
-    }
-
-    fn shed(&self, swarm: &mut Swarm<Behaviour>, event: NetEvent) {
-        match event {
-            NetEvent::Gossip { id, source, .. } => {
-                self.shed.get_or_create(&ShedLabel { kind: "gossip" }).inc();
-                let _ = swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .report_message_validation_result(&id, &source, MessageAcceptance::Ignore);
-            }
-            NetEvent::Request { channel, .. } => {
-                self.shed
-                    .get_or_create(&ShedLabel { kind: "request" })
-                    .inc();
-                let _ = swarm
-                    .behaviour_mut()
-                    .fetch
-                    .send_response(channel, FetchResponse::Busy);
-            }
-            _ => {}
-        }
-    }
-}
-
-/// Shows the node the network as it is now.
-fn show(
-    swarm: &Swarm<Behaviour>,
-    listening: &HashSet<Multiaddr>,
-    view: &watch::Sender<NetSnapshot>,
-) {
-    view.send_replace(NetSnapshot {
-        peer_id: swarm.local_peer_id().to_string(),
-        peers: swarm.connected_peers().map(|p| p.to_string()).collect(),
-        listen: listening.iter().map(|a| a.to_string()).collect(),
-        mesh_peers: swarm.behaviour().gossipsub.all_mesh_peers().count(),
-    });
-}
-
 /// Replies owed to the node: fetches in flight and provider look-ups.
 #[derive(Default)]
 struct Pending {

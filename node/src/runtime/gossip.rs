@@ -79,22 +79,7 @@ impl Node {
                 peer,
                 request,
                 channel,
-            } => {
-                let response = if self.member(&peer) {
-                    self.answer(&request)
-                } else {
-                    // Chunks, manifests and heads of a permissioned region
-                    // are its members' alone.
-                    let _ = self.refuse(&Rejection::Outsider(peer.to_string()), &peer);
-                    FetchResponse::NotFound
-                };
-                if let FetchResponse::Chunk(bytes) = &response {
-                    self.shared.metrics.chunks_served.inc();
-                    self.count_out(bytes.len());
-                }
-                tracing::trace!(%peer, ?request, "request");
-                let _ = self.net.respond(channel, response).await;
-            }
+            } => self.serve(peer, request, channel).await,
             NetEvent::Gossip {
                 id,
                 source,
@@ -151,32 +136,6 @@ impl Node {
         tracing::info!(%source, reason = r.label(), error = %r, "refused");
         self.shared.metrics.reject(r.label());
         r.verdict()
-    }
-
-    /// Answers a peer's request from the store.
-    pub(super) fn answer(&self, request: &FetchRequest) -> FetchResponse {
-        match request {
-            FetchRequest::Chunk(id) => match self.store.get_verified(id) {
-                Ok(Some(bytes)) => FetchResponse::Chunk(bytes.to_vec()),
-                _ => FetchResponse::NotFound,
-            },
-            FetchRequest::SignedManifest(id) => match self.store.manifest_bytes(id) {
-                Ok(Some((_, bytes))) => FetchResponse::SignedManifest(bytes.to_vec()),
-                _ => FetchResponse::NotFound,
-            },
-            FetchRequest::Attest(id) => match self.attestation(id) {
-                Some(a) => FetchResponse::SignedManifest(a.envelope_bytes().to_vec()),
-                None => FetchResponse::NotFound,
-            },
-            FetchRequest::Head { model_id, region } => {
-                let cfg = &self.settings.engine;
-                if *model_id == cfg.model_id && *region == cfg.region {
-                    FetchResponse::Head(self.engine.version())
-                } else {
-                    FetchResponse::NotFound
-                }
-            }
-        }
     }
 }
 

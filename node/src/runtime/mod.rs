@@ -40,6 +40,7 @@ mod gossip;
 mod liveness;
 mod names;
 mod retention;
+mod serve;
 mod verifying;
 
 use fetch::*;
@@ -86,6 +87,9 @@ pub struct NodeSettings {
     /// The head and its latest this many ancestors are kept on disk, with
     /// their deltas; older versions are collected (`0`: keep everything).
     pub keep_versions: u64,
+    /// Fault injection, for tests only: the node's loop freezes (never
+    /// returns) once it has adopted a version of this round.
+    pub freeze_at_round: Option<u64>,
     /// A permissioned region's roster; `None` for an open region.
     pub roster: Option<Verified<Roster>>,
     /// Who may sign the roster (the region key); required with a roster.
@@ -178,6 +182,8 @@ pub struct Node {
     liveness: liveness::Liveness,
     /// Whether a garbage collection is running.
     collecting: retention::Collecting,
+    /// Peers' chunk and manifest reads in flight.
+    serving: serve::Serving,
 }
 
 impl Node {
@@ -251,6 +257,7 @@ impl Node {
             key,
             liveness: liveness::Liveness::new(net::SILENCE_LIMIT),
             collecting: retention::Collecting::default(),
+            serving: serve::Serving::default(),
         })
     }
 
@@ -390,6 +397,7 @@ impl Node {
                     }
                 }
                 _ = ticker.tick() => {
+                    self.shared.health.ticked(self.net.snapshot().updated);
                     self.refresh_network().await;
                     self.verify_early(false).await;
                     // Announcements can be missed (a peer that was away, a
@@ -590,13 +598,18 @@ impl Node {
             self.providers.clear();
         }
         self.collect_garbage(round);
+        if self.settings.freeze_at_round.is_some_and(|r| round >= r) {
+            tracing::warn!(round, "fault injection: the node loop freezes");
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
     }
 
-    /// Evaluates a head on the local split and publishes it in the status.
+    /// Publishes a head in the status and metrics, and evaluates it on the
+    /// local split on a blocking thread (its accuracy and loss follow, unless
+    /// a newer head came first).
     fn show_head(&self, manifest: &Verified<ModelManifest>, params: &[f32]) {
-        let (loss, accuracy) = evaluate(&self.settings.engine.spec, params, &self.data.test)
-            .map(|(l, a)| (Some(l), Some(a)))
-            .unwrap_or((None, None));
         let m = manifest.message();
         let params_id = ContentId::of(
             &m.chunk_ids
@@ -605,23 +618,42 @@ impl Node {
                 .collect::<Vec<u8>>(),
         );
         let norm_limit = self.engine.door().norm_limit();
+        let id = manifest.id().to_string();
         self.shared.update(|s| {
             s.norm_limit = norm_limit;
             s.round = m.round;
-            s.head = Some(manifest.id().to_string());
+            s.head = Some(id.clone());
             s.head_params = Some(params_id.to_string());
-            s.accuracy = accuracy;
-            s.loss = loss;
         });
-        if let Some(a) = accuracy {
-            self.shared.metrics.set_accuracy(a);
-        }
         self.shared.metrics.round.set(m.round as i64);
         self.shared.metrics.set_head(&params_id.to_string());
         if let Ok(mut h) = self.shared.head.lock() {
             *h = Some(manifest.clone());
         }
-        tracing::info!(round = m.round, accuracy = ?accuracy, head = %manifest.id().short(), "head");
+        let (spec, data, shared, params, round) = (
+            self.settings.engine.spec.clone(),
+            self.data.clone(),
+            self.shared.clone(),
+            params.to_vec(),
+            m.round,
+        );
+        tokio::task::spawn_blocking(move || {
+            let (loss, accuracy) = evaluate(&spec, &params, &data.test)
+                .map(|(l, a)| (Some(l), Some(a)))
+                .unwrap_or((None, None));
+            let mut current = false;
+            shared.update(|s| {
+                current = s.head.as_deref() == Some(id.as_str());
+                if current {
+                    s.accuracy = accuracy;
+                    s.loss = loss;
+                }
+            });
+            if current && let Some(a) = accuracy {
+                shared.metrics.set_accuracy(a);
+            }
+            tracing::info!(round, ?accuracy, head = %id.get(..8).unwrap_or(&id), "head");
+        });
     }
 
     /// Announces in the DHT that this node serves `id`, and withdraws the

@@ -84,6 +84,7 @@ async fn a_round_deadline_closes_a_round_and_a_silent_peer_is_dropped() {
         start_wait: Duration::from_secs(60),
         min_round: Duration::ZERO,
         keep_versions: 4,
+        freeze_at_round: None,
         roster: None,
         region_key: None,
         vote_file: None,
