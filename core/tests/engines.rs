@@ -861,3 +861,52 @@ fn a_restarted_node_keeps_the_vote_it_cast_before_the_crash() {
     );
     assert!(other.handle(Input::OwnVote(vote), 0).is_empty());
 }
+
+#[test]
+fn signed_manifests_carry_the_wall_clock_the_shell_gives() {
+    let cfg = engine_config(AggregationRule::Mean, DoorConfig::default(), 1);
+    let params = spec().init(42);
+    let g = genesis(&cfg, &params, &Keypair::from_secret_bytes(&[99; 32])).unwrap();
+    assert_eq!(
+        g.message().created_unix_ms,
+        0,
+        "the genesis is the same everywhere"
+    );
+    let mut e = Engine::new(cfg, Keypair::from_secret_bytes(&[1; 32]));
+    let base = 1_764_633_600_000; // 2025-12-02, in milliseconds
+    e.set_wall_clock(base);
+    let train = e.handle(
+        Input::Start {
+            manifest: g.clone(),
+            params: params.clone(),
+        },
+        10,
+    );
+    let Some(Action::Train { version, .. }) = train
+        .into_iter()
+        .find(|a| matches!(a, Action::Train { .. }))
+    else {
+        panic!("no training asked for");
+    };
+    let trained: Vec<f32> = params.iter().map(|p| p + 0.01).collect();
+    let actions = e.handle(
+        Input::TrainingDone {
+            round: 0,
+            version,
+            params: trained,
+            samples: 10,
+        },
+        250,
+    );
+    let delta = actions.iter().find_map(|a| match a {
+        Action::Publish { manifest, .. } => Some(manifest.message().created_unix_ms),
+        _ => None,
+    });
+    assert_eq!(delta, Some(base + 250));
+    // Alone, the round closes on its own delta: the version is stamped too.
+    let version = actions.iter().find_map(|a| match a {
+        Action::Adopt { manifest, .. } => Some(manifest.message().created_unix_ms),
+        _ => None,
+    });
+    assert_eq!(version, Some(base + 250));
+}

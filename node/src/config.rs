@@ -490,6 +490,10 @@ impl DataDir {
     pub fn last_vote(&self) -> PathBuf {
         self.root.join("last-vote")
     }
+    /// Peers' last sequence numbers (so a restart still refuses replays).
+    pub fn sequences(&self) -> PathBuf {
+        self.root.join("sequences.cbor")
+    }
     /// The chunk store.
     pub fn store(&self) -> PathBuf {
         self.root.join("store")

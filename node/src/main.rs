@@ -703,6 +703,7 @@ async fn launch_demo(
             roster: None,
             region_key: None,
             vote_file: None,
+            sequences_file: None,
             attestations: 0,
         };
         let net = NetConfig {

@@ -282,6 +282,7 @@ pub fn node_settings(cfg: &Config, dir: &DataDir, key: &Keypair) -> Result<NodeS
             )
         },
         vote_file: Some(dir.last_vote()),
+        sequences_file: Some(dir.sequences()),
         attestations: cfg.attestations,
     })
 }

@@ -928,6 +928,51 @@ fn a_delta_copied_onto_the_models_topic_still_reaches_its_peers() {
 }
 
 #[test]
+fn after_a_restart_a_peers_old_sequence_number_is_still_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    init(&dir);
+    // Rounds wait for the rogue (two members, quorum 1).
+    let args = run_args(None, 1, (0, 1), None);
+    let mut a = Node::start(&dir, &args);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let n = rogue::spec().n_params();
+    let values = vec![1.0 / (n as f32).sqrt(); n];
+    // The rogue's delta (sequence number 1) is taken in round 0.
+    let (key, _first) = rt.block_on(async {
+        let rogue = rogue::Rogue::connect(&a.address()).await;
+        let round = a.status()["round"].as_u64().unwrap();
+        rogue.publish(rogue.delta(round, 1, &values)).await;
+        (rogue.key.clone(), rogue)
+    });
+    wait_for(&[&a], 60, "the rogue's delta to be taken", |s| {
+        s["deltas_accepted"].as_u64().unwrap_or(0) >= 1 && s["round"].as_u64().unwrap_or(0) >= 1
+    });
+    assert!(a.terminate().success(), "{}", a.log());
+
+    // Restarted, the node still knows the rogue's last sequence number: a
+    // new delta under the same number is a replay.
+    let a = Node::start(&dir, &args);
+    rt.block_on(async {
+        let rogue = rogue::Rogue::connect_as(&a.address(), key).await;
+        let round = a.status()["round"].as_u64().unwrap();
+        rogue
+            .publish(rogue.delta(round, 1, &values.iter().map(|v| -v).collect::<Vec<_>>()))
+            .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    });
+    let st = wait_for(&[&a], 30, "the replay to be refused", |s| {
+        s["rejected"]["replay"].as_u64().unwrap_or(0) >= 1
+    });
+    assert_eq!(
+        st[0]["deltas_accepted"].as_u64().unwrap_or(0),
+        0,
+        "{}",
+        st[0]
+    );
+}
+
+#[test]
 fn over_quic_the_dht_tells_who_provides_a_delta() {
     use tapestry_node::net::{self, NetConfig};
     use tapestry_protocol::{ContentId, Keypair};

@@ -140,7 +140,14 @@ pub struct Engine {
     used: BTreeMap<ContentId, u64>,
     /// One vote per author per round: the delta admitted for each.
     votes: BTreeMap<(u64, NodeId), ContentId>,
-    last_seq: BTreeMap<NodeId, u64>,
+    /// Each author's last sequence number seen, and that delta's round
+    /// (forgotten once the round is past the staleness window: the door
+    /// refuses anything that old anyway).
+    last_seq: BTreeMap<NodeId, (u64, u64)>,
+    /// Wall-clock milliseconds at `now_ms` = 0 (see [`Engine::set_wall_clock`]).
+    wall_base_ms: u64,
+    /// The time of the input being handled.
+    now_ms: u64,
     trained: Option<Vec<f32>>,
     neighbour_models: BTreeMap<(u64, NodeId), (Vec<f32>, usize)>,
     push_sum: Option<PushSum>,
@@ -178,6 +185,8 @@ impl Engine {
             used: BTreeMap::new(),
             votes: BTreeMap::new(),
             last_seq: BTreeMap::new(),
+            wall_base_ms: 0,
+            now_ms: 0,
             trained: None,
             neighbour_models: BTreeMap::new(),
             push_sum: None,
@@ -197,6 +206,42 @@ impl Engine {
     /// one delta per millisecond.
     pub fn continue_sequence_after(&mut self, seq: u64) {
         self.seq = self.seq.max(seq);
+    }
+
+    /// Tells the engine the wall-clock time (milliseconds since the epoch)
+    /// at `now_ms` = 0, so the manifests it signs carry their creation time
+    /// (`created_unix_ms`, informative). Without it they carry `now_ms`
+    /// itself (virtual time, in the simulator). The genesis carries 0, so
+    /// every node derives the same one.
+    pub fn set_wall_clock(&mut self, unix_ms_at_zero: u64) {
+        self.wall_base_ms = unix_ms_at_zero;
+    }
+
+    /// Creation time for a manifest signed now.
+    pub(crate) fn wall_ms(&self) -> u64 {
+        self.wall_base_ms.saturating_add(self.now_ms)
+    }
+
+    /// Each author's last sequence number seen and its delta's round, for
+    /// the shell to keep across a restart (see
+    /// [`Engine::restore_sequences`]).
+    pub fn sequences(&self) -> Vec<(NodeId, u64, u64)> {
+        self.last_seq
+            .iter()
+            .map(|(id, (seq, round))| (*id, *seq, *round))
+            .collect()
+    }
+
+    /// Restores what [`Engine::sequences`] gave before a restart, so a
+    /// replayed announcement is refused after it as before it (the higher
+    /// sequence number wins where both are known).
+    pub fn restore_sequences(&mut self, entries: impl IntoIterator<Item = (NodeId, u64, u64)>) {
+        for (id, seq, round) in entries {
+            let e = self.last_seq.entry(id).or_insert((seq, round));
+            if seq > e.0 {
+                *e = (seq, round);
+            }
+        }
     }
 
     /// Its settings.
@@ -221,6 +266,7 @@ impl Engine {
 
     /// Handles one input at time `now_ms`; returns what to do.
     pub fn handle(&mut self, input: Input, now_ms: u64) -> Vec<Action> {
+        self.now_ms = now_ms;
         let mut out = Vec::new();
         let o = &mut out;
         match input {
@@ -496,6 +542,7 @@ impl Engine {
         self.received.retain(|_, r| r.round >= oldest);
         self.pending.retain(|_, m| m.message().round >= oldest);
         self.votes.retain(|(r, _), _| *r >= oldest);
+        self.last_seq.retain(|_, (_, r)| *r >= oldest);
         // A delta used by a version of round s was of round s − 1 or
         // earlier: once s is this far back, the door refuses it anyway.
         let forget = oldest.saturating_sub(2);
@@ -577,7 +624,7 @@ impl Engine {
                 .collect(),
             sample_count: samples.max(1),
             l2_norm: norm,
-            created_unix_ms: 0,
+            created_unix_ms: self.wall_ms(),
         };
         let Ok(signed) = Signed::sign(manifest, &self.key) else {
             return;
@@ -608,7 +655,7 @@ impl Engine {
             return;
         }
         // Replay: a sequence number not above the last one seen from this author.
-        if let Some(&last) = self.last_seq.get(&msg.author).filter(|s| msg.seq <= **s) {
+        if let Some(&(last, _)) = self.last_seq.get(&msg.author).filter(|s| msg.seq <= s.0) {
             out.push(Action::Penalise(Rejected {
                 sender: msg.author,
                 reason: crate::door::Rejection::Replay { seq: msg.seq, last },
@@ -633,7 +680,7 @@ impl Engine {
             return;
         }
         self.votes.insert((msg.round, msg.author), m.id());
-        self.last_seq.insert(msg.author, msg.seq);
+        self.last_seq.insert(msg.author, (msg.seq, msg.round));
         self.peers.insert(msg.author);
         self.pending.insert(m.id(), m.clone());
         out.push(Action::Fetch { manifest: m });

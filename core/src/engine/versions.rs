@@ -69,7 +69,7 @@ impl Engine {
             chunk_ids: params_chunk_ids(&self.params, self.config.chunk_size),
             parents,
             deltas: delta_ids,
-            created_unix_ms: 0,
+            created_unix_ms: self.wall_ms(),
         };
         let Ok(signed) = Signed::sign(manifest, &self.key) else {
             return;

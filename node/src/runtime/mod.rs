@@ -99,6 +99,10 @@ pub struct NodeSettings {
     /// nowhere (a restarted node may then announce a second delta for a
     /// round, which its peers refuse).
     pub vote_file: Option<std::path::PathBuf>,
+    /// Where the node keeps its peers' last sequence numbers (written with
+    /// every new head, read at start), so a replayed announcement is
+    /// refused after a restart as before it; `None`: nowhere.
+    pub sequences_file: Option<std::path::PathBuf>,
     /// In a permissioned region, how many distinct roster members must
     /// vouch for a version this node cannot recompute before it adopts it
     /// (0: more than a third of the roster; never fewer than two).
@@ -219,11 +223,15 @@ impl Node {
             s.region = cfg.region.clone();
         });
         let mut engine = Engine::new(settings.engine.clone(), key.clone());
-        engine.continue_sequence_after(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-        );
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        engine.continue_sequence_after(unix_ms);
+        // `now_ms` counts from this moment (`started` below).
+        engine.set_wall_clock(unix_ms);
+        if let Some(seqs) = settings.sequences_file.as_deref().and_then(read_sequences) {
+            engine.restore_sequences(seqs);
+        }
         Ok(Node {
             engine,
             deltas_hash: libp2p::gossipsub::IdentTopic::new(&deltas_topic).hash(),
@@ -598,6 +606,7 @@ impl Node {
             self.providers.clear();
         }
         self.collect_garbage(round);
+        self.keep_sequences();
         if self.settings.freeze_at_round.is_some_and(|r| round >= r) {
             tracing::warn!(round, "fault injection: the node loop freezes");
             loop {
@@ -668,12 +677,45 @@ impl Node {
         }
     }
 
+    /// Writes peers' last sequence numbers to the sequences file.
+    fn keep_sequences(&self) {
+        let Some(path) = &self.settings.sequences_file else {
+            return;
+        };
+        let written = tapestry_protocol::cbor::to_cbor(&self.engine.sequences())
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|bytes| write_atomically(path, &bytes));
+        if let Err(e) = written {
+            tracing::warn!(error = %e, path = %path.display(), "cannot keep peers' sequence numbers");
+        }
+    }
+
     fn count_out(&self, n: usize) {
         self.shared.metrics.bytes_out.inc_by(n as u64);
     }
 
     async fn report(&self, id: libp2p::gossipsub::MessageId, source: PeerId, verdict: Verdict) {
         let _ = self.net.report(id, source, verdict).await;
+    }
+}
+
+/// Peers' last sequence numbers as [`Node::keep_sequences`] wrote them; a
+/// missing file is nothing, an unreadable one is ignored with a warning.
+fn read_sequences(path: &std::path::Path) -> Option<Vec<(NodeId, u64, u64)>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(error = %e, path = %path.display(), "cannot read peers' sequence numbers");
+            return None;
+        }
+    };
+    match tapestry_protocol::cbor::from_cbor(&bytes, &tapestry_protocol::DecodeLimits::MANIFEST) {
+        Ok(seqs) => Some(seqs),
+        Err(e) => {
+            tracing::warn!(error = %e, path = %path.display(), "peers' sequence numbers unreadable; ignored");
+            None
+        }
     }
 }
 

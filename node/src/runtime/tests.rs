@@ -88,6 +88,7 @@ async fn a_round_deadline_closes_a_round_and_a_silent_peer_is_dropped() {
         roster: None,
         region_key: None,
         vote_file: None,
+        sequences_file: None,
         attestations: 0,
     };
     let (train, test) = synthetic(3, 300, 64, 10).split(0.2, 1).unwrap();
