@@ -910,3 +910,75 @@ fn signed_manifests_carry_the_wall_clock_the_shell_gives() {
     });
     assert_eq!(version, Some(base + 250));
 }
+
+#[test]
+fn a_peer_that_only_listens_holds_up_one_round_not_every_round() {
+    let mut cfg = engine_config(AggregationRule::Mean, DoorConfig::default(), 1);
+    cfg.round_timeout_ms = 10_000;
+    let params = spec().init(42);
+    let g = genesis(&cfg, &params, &Keypair::from_secret_bytes(&[99; 32])).unwrap();
+    let worker = Keypair::from_secret_bytes(&[2; 32]);
+    let listener = Keypair::from_secret_bytes(&[3; 32]);
+    let mut e = Engine::new(cfg.clone(), Keypair::from_secret_bytes(&[1; 32]));
+    let mut now = 0;
+    let mut actions = e.handle(Input::PeerJoined(worker.node_id()), now);
+    actions.extend(e.handle(Input::PeerJoined(listener.node_id()), now));
+    actions.extend(e.handle(
+        Input::Start {
+            manifest: g,
+            params,
+        },
+        now,
+    ));
+    let mut closed_at = Vec::new();
+    let mut seq = 0;
+    while e.round() < 4 && now < 100_000 {
+        // Train at once; the worker's delta for the round arrives 100 ms in.
+        let train = actions.iter().find_map(|a| match a {
+            Action::Train {
+                round,
+                version,
+                params,
+                ..
+            } => Some((*round, *version, params.clone())),
+            _ => None,
+        });
+        let round = e.round();
+        actions = Vec::new();
+        if let Some((r, version, p)) = train {
+            let trained = p.iter().map(|v| v + 0.01).collect();
+            actions.extend(e.handle(
+                Input::TrainingDone {
+                    round: r,
+                    version,
+                    params: trained,
+                    samples: 10,
+                },
+                now,
+            ));
+            seq += 1;
+            let (m, payload) = sign::delta(&cfg, &worker, r, seq, &vec![0.01; spec().n_params()]);
+            let id = m.id();
+            now += 100;
+            actions.extend(e.handle(Input::DeltaAnnounced(m), now));
+            actions.extend(e.handle(Input::DeltaPayload { id, payload }, now));
+        }
+        if e.round() == round {
+            // Not closed on the worker's delta: only the deadline closes it.
+            now += 10_000;
+            actions.extend(e.handle(Input::Tick, now));
+        }
+        closed_at.push((round, now));
+    }
+    // Round 0 waits for the listener (it joined then) until its deadline;
+    // later rounds close on the two deltas at hand.
+    assert!(closed_at[0].1 >= 10_000, "{closed_at:?}");
+    for w in closed_at.windows(2) {
+        assert!(
+            w[1].1 - w[0].1 <= 100,
+            "round {} waited: {closed_at:?}",
+            w[1].0
+        );
+    }
+    assert!(e.round() >= 4);
+}

@@ -80,7 +80,8 @@ async fn a_node_that_stops_reading_gets_busy_answers_not_a_stuck_network() {
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // Everything beyond the queue is answered at once, `Busy`.
+    // Everything beyond the queue is answered `Busy` (at once; the asker
+    // asks again a few times, then gives up with that answer).
     let answers = join_all((0..40).map(|_| {
         asker.fetch(
             target,

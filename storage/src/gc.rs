@@ -15,6 +15,7 @@ use crate::store::{CHUNK, ChunkStore, GcReport, INDEX, MANIFEST, ManifestKind, i
 pub(crate) fn collect<S: ChunkStore + ?Sized>(
     store: &S,
     oldest_round: u64,
+    keep: &[ContentId],
 ) -> Result<GcReport, StoreError> {
     let gate = store.gc_gate();
     let _one_at_a_time = gate.one_collection();
@@ -25,7 +26,7 @@ pub(crate) fn collect<S: ChunkStore + ?Sized>(
         std::mem::take(&mut *gate.written())
     };
     let mut live = HashSet::new();
-    let roots = current_roots(store)?;
+    let roots = current_roots(store, keep)?;
     mark(
         store,
         roots.into_iter().chain(previous),
@@ -35,7 +36,7 @@ pub(crate) fn collect<S: ChunkStore + ?Sized>(
 
     let _exclusive = gate.exclusive();
     let since: Vec<ContentId> = gate.written().iter().copied().collect();
-    let roots = current_roots(store)?;
+    let roots = current_roots(store, keep)?;
     mark(
         store,
         roots.into_iter().chain(since),
@@ -96,8 +97,12 @@ pub(crate) fn collect<S: ChunkStore + ?Sized>(
     Ok(report)
 }
 
-fn current_roots<S: ChunkStore + ?Sized>(store: &S) -> Result<Vec<ContentId>, StoreError> {
+fn current_roots<S: ChunkStore + ?Sized>(
+    store: &S,
+    keep: &[ContentId],
+) -> Result<Vec<ContentId>, StoreError> {
     let mut roots: Vec<ContentId> = store.refs()?.into_iter().map(|(_, id)| id).collect();
+    roots.extend_from_slice(keep);
     roots.extend(store.pins()?);
     Ok(roots)
 }

@@ -500,17 +500,18 @@ pub trait ChunkStore: Backend {
     /// Deletes every chunk and manifest not reachable from a ref, a pin, or
     /// what was written since the previous collection began (module docs).
     fn gc(&self) -> Result<GcReport, StoreError> {
-        self.gc_retaining(0)
+        self.gc_retaining(0, &[])
     }
 
     /// [`ChunkStore::gc`] with a retention horizon: following parents, the
     /// mark stops at versions of a round before `oldest_round` (a version
     /// kept keeps its deltas and chunks). With the head as a root, the head
     /// and its ancestors from `oldest_round` on stay; older history goes
-    /// unless a ref or a pin names it, or it was written since the previous
-    /// collection began.
-    fn gc_retaining(&self, oldest_round: u64) -> Result<GcReport, StoreError> {
-        crate::gc::collect(self, oldest_round)
+    /// unless a ref or a pin names it, it is in `keep` (extra roots for this
+    /// collection, e.g. deltas not yet aggregated), or it was written since
+    /// the previous collection began.
+    fn gc_retaining(&self, oldest_round: u64, keep: &[ContentId]) -> Result<GcReport, StoreError> {
+        crate::gc::collect(self, oldest_round, keep)
     }
 
     /// Re-hashes every chunk and re-verifies every manifest; quarantines what

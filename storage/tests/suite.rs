@@ -284,8 +284,13 @@ fn gc_with_a_horizon_keeps_the_head_and_its_latest_ancestors(s: &dyn ChunkStore)
         versions.push(v);
     }
     s.set_ref("head", versions[5].id()).unwrap();
-    s.gc_retaining(3).unwrap();
-    let report = s.gc_retaining(3).unwrap();
+    // A delta no version names yet, kept for this collection by the caller.
+    let waiting = put_delta(s, 70, 6);
+    s.gc_retaining(3, &[waiting.id()]).unwrap();
+    let report = s.gc_retaining(3, &[waiting.id()]).unwrap();
+    let wm = s.get_delta_manifest(&waiting.id()).unwrap().unwrap();
+    s.read_payload(&wm.message().chunk_ids, wm.message().payload_bytes)
+        .unwrap();
     // The head and its ancestors from round 3 on stay whole, with their deltas.
     for v in &versions[3..] {
         assert!(version_complete(s, &v.id()), "round {}", v.message().round);
@@ -301,11 +306,12 @@ fn gc_with_a_horizon_keeps_the_head_and_its_latest_ancestors(s: &dyn ChunkStore)
     for d in &deltas[..2] {
         assert!(s.get_delta_manifest(&d.id()).unwrap().is_none());
     }
-    assert_eq!(report.manifests_kept, 3 + 3);
+    assert_eq!(report.manifests_kept, 3 + 3 + 1);
     let kept: u64 = versions[3..]
         .iter()
         .map(|v| v.message().payload_bytes)
         .chain(deltas[2..].iter().map(|d| d.message().payload_bytes))
+        .chain([wm.message().payload_bytes])
         .sum();
     assert_eq!(report.bytes_kept, kept);
 }

@@ -356,6 +356,27 @@ impl NetHandle {
         peer: PeerId,
         request: FetchRequest,
     ) -> Result<FetchResponse, NetError> {
+        // A peer that is busy (too many reads in flight, or its node behind
+        // on its events) is asked again after a short pause, a few times,
+        // before the answer `Busy` is returned.
+        let mut pause = BUSY_PAUSE;
+        for _ in 0..BUSY_RETRIES {
+            match self.fetch_once(peer, request.clone()).await? {
+                FetchResponse::Busy => {
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                answer => return Ok(answer),
+            }
+        }
+        self.fetch_once(peer, request).await
+    }
+
+    async fn fetch_once(
+        &self,
+        peer: PeerId,
+        request: FetchRequest,
+    ) -> Result<FetchResponse, NetError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Fetch {
             peer,
@@ -475,6 +496,11 @@ pub fn peer_of_addr(addr: &Multiaddr) -> Option<PeerId> {
         _ => None,
     })
 }
+
+/// How often a fetch answered `Busy` is asked again, and the first pause
+/// (doubled each time: 50 + 100 + 200 + 400 ms at most).
+const BUSY_RETRIES: usize = 4;
+const BUSY_PAUSE: Duration = Duration::from_millis(50);
 
 /// Commands from the node waiting for the swarm task: the node waits when
 /// this is full (back-pressure it sees), the task never waits on the node.

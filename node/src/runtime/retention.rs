@@ -1,9 +1,10 @@
 //! What the node keeps on disk: after each new head, the marks of versions
 //! more than `keep_versions` rounds behind it are dropped and the store
 //! collects garbage with that horizon (the head, its latest ancestors and
-//! their deltas stay; so do deltas written since the previous collection,
-//! which covers the round window), on a blocking thread, one collection at
-//! a time.
+//! their deltas stay; so do the deltas of the round window the engine holds
+//! or admitted — it may still aggregate them, and peers verifying versions
+//! that did may ask for them — and anything written since the previous
+//! collection began), on a blocking thread, one collection at a time.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -19,13 +20,14 @@ impl Node {
         if keep == 0 || self.collecting.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (store, shared, collecting) = (
+        let (store, shared, collecting, window) = (
             self.store.clone(),
             self.shared.clone(),
             self.collecting.clone(),
+            self.engine.window_deltas(),
         );
         tokio::task::spawn_blocking(move || {
-            match collect(&store, head_round, keep) {
+            match collect(&store, head_round, keep, &window) {
                 Ok(report) => {
                     let m = &shared.metrics;
                     m.store_chunk_bytes.set(report.bytes_kept as i64);
@@ -44,11 +46,13 @@ impl Node {
 pub(super) type Collecting = Arc<AtomicBool>;
 
 /// Drops the verified and attested marks of versions older than
-/// `head_round − keep`, then collects everything older.
+/// `head_round − keep`, then collects everything older, and everything
+/// else no version kept names, except the deltas of the round window.
 fn collect(
     store: &Store,
     head_round: u64,
     keep: u64,
+    window: &[ContentId],
 ) -> Result<tapestry_storage::GcReport, StoreError> {
     let oldest = head_round.saturating_sub(keep);
     for (name, id) in store.refs()? {
@@ -62,5 +66,5 @@ fn collect(
             store.delete_ref(&name)?;
         }
     }
-    store.gc_retaining(oldest)
+    store.gc_retaining(oldest, window)
 }
