@@ -613,6 +613,35 @@ fn forged_replayed_oversized_and_nan_deltas_are_rejected_counted_and_not_forward
         // A replay: an older sequence number than the last one seen.
         rogue.publish(rogue.delta(round, 5, &vec![0.02; n])).await;
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        // What failed the door never reached A's disk: A does not hold (so
+        // cannot serve) the NaN payload's chunk.
+        let nan_chunk = tapestry_protocol::ContentId::of(
+            &nan.iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        );
+        for _ in 0..100 {
+            if a.status()["rejected"]["non_finite"].as_u64().unwrap_or(0) >= 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let answer = rogue
+            .net
+            .fetch(
+                rogue.peer,
+                tapestry_protocol::FetchRequest::Chunk(nan_chunk),
+            )
+            .await;
+        assert!(
+            matches!(answer, Ok(tapestry_protocol::FetchResponse::NotFound)),
+            "A holds (or would not say) the refused payload: {}",
+            match &answer {
+                Ok(tapestry_protocol::FetchResponse::Chunk(b)) =>
+                    format!("a chunk of {} bytes", b.len()),
+                other => format!("{other:?}"),
+            }
+        );
     });
 
     let want = ["bad_signature", "oversized", "non_finite", "replay"];

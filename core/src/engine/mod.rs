@@ -230,6 +230,12 @@ impl Engine {
         self.wall_base_ms.saturating_add(self.now_ms)
     }
 
+    /// Whether the engine admitted delta `id`'s payload (it passed the door
+    /// and may be, or was, aggregated).
+    pub fn holds_delta(&self, id: &ContentId) -> bool {
+        self.received.contains_key(id) || self.used.contains_key(id)
+    }
+
     /// The deltas of the staleness window this engine holds or has admitted
     /// (its own included): it may still aggregate them, and peers verifying
     /// versions that did may ask for them, so the shell keeps them stored.

@@ -1,5 +1,7 @@
-//! Fetching chunks and payloads from peers into the store, bounded and
-//! in parallel, and writing small files atomically.
+//! Fetching chunks and payloads from peers, bounded and in parallel: into
+//! the store (what verification needs), or into memory (a gossiped delta's
+//! payload, stored only once it passes the door); and writing small files
+//! atomically.
 
 use super::*;
 
@@ -11,11 +13,8 @@ pub(super) const MAX_PROVIDED: usize = 256;
 /// Chunk fetches in flight at once for one payload.
 pub(super) const PARALLEL_FETCHES: usize = 8;
 
-/// Fetches the chunks of `ids` not yet in the store, several at once, each
-/// from `providers` in turn (starting at a different one per chunk, so the
-/// load spreads), checking each against its id before storing it. A peer
-/// that serves a wrong chunk is not asked again. Between attempts (with
-/// backoff) the DHT is asked who else provides `content`.
+/// Fetches the chunks of `ids` not yet in the store into it (see
+/// [`fetch_into`]).
 pub(super) async fn fetch_chunks(
     net: &NetHandle,
     store: &Store,
@@ -24,14 +23,37 @@ pub(super) async fn fetch_chunks(
     providers: &[PeerId],
     shared: &Shared,
 ) -> bool {
+    fetch_into(
+        net,
+        content,
+        ids,
+        providers,
+        shared,
+        &|id| store.has(id).unwrap_or(false),
+        &|bytes| store.put(bytes).is_ok(),
+    )
+    .await
+}
+
+/// Fetches the chunks of `ids` that `have` says are missing, several at
+/// once, each from `providers` in turn (starting at a different one per
+/// chunk, so the load spreads), checking each against its id before
+/// handing it to `keep`. A peer that serves a wrong chunk is not asked
+/// again. Between attempts (with backoff) the DHT is asked who else
+/// provides `content`.
+async fn fetch_into(
+    net: &NetHandle,
+    content: ContentId,
+    ids: &[ContentId],
+    providers: &[PeerId],
+    shared: &Shared,
+    have: &(dyn Fn(&ContentId) -> bool + Sync),
+    keep: &(dyn Fn(&[u8]) -> bool + Sync),
+) -> bool {
     use futures::StreamExt;
     let bad = Mutex::new(BTreeSet::<PeerId>::new());
     let mut providers: Vec<PeerId> = providers.to_vec();
-    let mut missing: Vec<ContentId> = ids
-        .iter()
-        .filter(|id| !store.has(id).unwrap_or(false))
-        .copied()
-        .collect();
+    let mut missing: Vec<ContentId> = ids.iter().filter(|id| !have(id)).copied().collect();
     for attempt in 0..4u32 {
         if missing.is_empty() {
             return true;
@@ -50,7 +72,7 @@ pub(super) async fn fetch_chunks(
                         Ok(FetchResponse::Chunk(bytes)) if ContentId::of(&bytes) == id => {
                             shared.metrics.chunks_fetched.inc();
                             shared.metrics.bytes_in.inc_by(bytes.len() as u64);
-                            if store.put(&bytes).is_ok() {
+                            if keep(&bytes) {
                                 return None;
                             }
                         }
@@ -104,6 +126,9 @@ pub(super) fn write_atomically(path: &std::path::Path, data: &[u8]) -> std::io::
     Ok(())
 }
 
+/// A gossiped delta's payload, fetched into memory (chunks the store
+/// already holds are read from it): it is stored only once the engine
+/// admits it (see [`Node::keep_delta`]).
 pub(super) async fn fetch_payload(
     net: &NetHandle,
     store: &Store,
@@ -112,9 +137,65 @@ pub(super) async fn fetch_payload(
     shared: &Shared,
 ) -> Option<Vec<u8>> {
     let m = manifest.message();
-    if !fetch_chunks(net, store, manifest.id(), &m.chunk_ids, providers, shared).await {
+    let got: Mutex<HashMap<ContentId, Vec<u8>>> = Mutex::default();
+    let held = |id: &ContentId| -> Option<Vec<u8>> {
+        store.get_verified(id).ok().flatten().map(|b| b.to_vec())
+    };
+    for id in &m.chunk_ids {
+        if let Some(b) = held(id)
+            && let Ok(mut g) = got.lock()
+        {
+            g.insert(*id, b);
+        }
+    }
+    let fetched = fetch_into(
+        net,
+        manifest.id(),
+        &m.chunk_ids,
+        providers,
+        shared,
+        &|id| got.lock().map(|g| g.contains_key(id)).unwrap_or(false),
+        &|bytes| {
+            got.lock()
+                .map(|mut g| g.insert(ContentId::of(bytes), bytes.to_vec()))
+                .is_ok()
+        },
+    )
+    .await;
+    if !fetched {
         return None;
     }
-    store.put_delta_manifest(manifest).ok()?;
-    store.read_payload(&m.chunk_ids, m.payload_bytes).ok()
+    let got = got.into_inner().ok()?;
+    let mut payload = Vec::with_capacity(usize::try_from(m.payload_bytes).ok()?);
+    for id in &m.chunk_ids {
+        payload.extend_from_slice(got.get(id)?);
+    }
+    (payload.len() as u64 == m.payload_bytes).then_some(payload)
+}
+
+impl Node {
+    /// A gossiped delta's payload arrived: the engine checks it at its
+    /// door; only if it admits it are its chunks and manifest stored (on a
+    /// blocking thread), so what fails the door never reaches the disk.
+    pub(super) async fn on_fetched(&mut self, manifest: Verified<DeltaManifest>, payload: Vec<u8>) {
+        let id = manifest.id();
+        self.feed(Input::DeltaPayload {
+            id,
+            payload: payload.clone(),
+        })
+        .await;
+        if !self.engine.holds_delta(&id) {
+            return;
+        }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let chunk_size = manifest.message().chunk_size as usize;
+            let kept = store
+                .put_payload(&payload, chunk_size)
+                .and_then(|_| store.put_delta_manifest(&manifest));
+            if let Err(e) = kept {
+                tracing::warn!(error = %e, delta = %id.short(), "cannot store an admitted delta");
+            }
+        });
+    }
 }

@@ -188,6 +188,9 @@ pub struct Node {
     collecting: retention::Collecting,
     /// Peers' chunk and manifest reads in flight.
     serving: serve::Serving,
+    /// Gossiped deltas' payloads, fetched into memory.
+    fetched_tx: mpsc::Sender<(Verified<DeltaManifest>, Vec<u8>)>,
+    fetched_rx: mpsc::Receiver<(Verified<DeltaManifest>, Vec<u8>)>,
 }
 
 impl Node {
@@ -216,6 +219,7 @@ impl Node {
         let (inputs_tx, inputs_rx) = mpsc::channel(256);
         let (heads_tx, heads_rx) = mpsc::channel(64);
         let (findings_tx, findings_rx) = mpsc::channel(64);
+        let (fetched_tx, fetched_rx) = mpsc::channel(64);
         shared.update(|s| {
             s.node_id = key.node_id().to_string();
             s.peer_id = net.peer_id().to_string();
@@ -266,6 +270,8 @@ impl Node {
             liveness: liveness::Liveness::new(net::SILENCE_LIMIT),
             collecting: retention::Collecting::default(),
             serving: serve::Serving::default(),
+            fetched_tx,
+            fetched_rx,
         })
     }
 
@@ -398,6 +404,9 @@ impl Node {
                     self.on_model(peer, &bytes, None).await;
                 }
                 Some(finding) = self.findings_rx.recv() => self.on_finding(finding).await,
+                Some((manifest, payload)) = self.fetched_rx.recv() => {
+                    self.on_fetched(manifest, payload).await;
+                }
                 _ = tokio::time::sleep_until(silence.unwrap_or_else(Instant::now)), if silence.is_some() => {
                     for peer in self.liveness.overdue(Instant::now()) {
                         tracing::info!(%peer, "no answer to pings; disconnecting");
@@ -549,8 +558,8 @@ impl Node {
     }
 
     /// Fetches an admitted delta's payload on its own task (from the peers
-    /// known to provide it and its author); it comes back as
-    /// [`Input::DeltaPayload`].
+    /// known to provide it and its author); it comes back to
+    /// [`Node::on_fetched`].
     fn fetch(&mut self, manifest: Verified<DeltaManifest>) {
         let mut providers = self
             .providers
@@ -565,18 +574,13 @@ impl Node {
         let (net, store, tx, shared) = (
             self.net.clone(),
             self.store.clone(),
-            self.inputs_tx.clone(),
+            self.fetched_tx.clone(),
             self.shared.clone(),
         );
         tokio::spawn(async move {
             if let Some(payload) = fetch_payload(&net, &store, &manifest, &providers, &shared).await
             {
-                let _ = tx
-                    .send(Input::DeltaPayload {
-                        id: manifest.id(),
-                        payload,
-                    })
-                    .await;
+                let _ = tx.send((manifest, payload)).await;
             }
         });
     }
