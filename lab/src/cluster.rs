@@ -349,20 +349,8 @@ fn prepare_nodes(
         .map(|i| nodes_dir.join(format!("node{i}")))
         .collect();
     for (i, d) in dirs.iter().enumerate() {
-        let out = Command::new(&o.tapestry)
-            .args(["init", "--region", &region_of(i, o.regions)])
-            .args(["--model", "cluster", "--data-dir"])
-            .arg(d)
-            .output()
-            .map_err(|source| LabError::Run {
-                program: o.tapestry.clone(),
-                source,
-            })?;
-        if !out.status.success() {
-            return Err(LabError::Init(
-                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            ));
-        }
+        let region = region_of(i, o.regions);
+        crate::process::init(&o.tapestry, d, &["--region", &region, "--model", "cluster"])?;
         let csv = d.join("data.csv");
         write_csv(&csv, &all.subset(&parts[i])).map_err(LabError::io(&csv))?;
         let text = toml::to_string(&node_config(o, i, d, lab, &all))?;

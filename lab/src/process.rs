@@ -90,6 +90,13 @@ impl NodeProcess {
         }
     }
 
+    /// The node's API address, once it has written its endpoints; `None`
+    /// after `wait`.
+    pub fn api(&self, wait: Duration) -> Option<String> {
+        self.endpoints(wait)
+            .and_then(|e| e["api"].as_str().map(str::to_owned))
+    }
+
     /// Everything the node has logged (all its runs in this directory).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
@@ -123,6 +130,51 @@ impl NodeProcess {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// `TAPESTRY init --data-dir DIR ARGS...`: a new node directory (its key
+/// and commented `config.toml`).
+pub fn init<S: AsRef<std::ffi::OsStr>>(
+    tapestry: &Path,
+    dir: &Path,
+    args: &[S],
+) -> Result<(), LabError> {
+    let out = Command::new(tapestry)
+        .args(["init", "--data-dir"])
+        .arg(dir)
+        .args(args)
+        .output()
+        .map_err(|source| LabError::Run {
+            program: tapestry.to_path_buf(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(LabError::Init(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// The command line `TAPESTRY run` for the node in `dir` on loopback (an
+/// ephemeral TCP port and API port; see [`NodeProcess::api`]), `args`
+/// after: to start with [`NodeProcess::spawn`] (or [`run_local`]).
+pub fn local_run<S: AsRef<std::ffi::OsStr>>(tapestry: &Path, dir: &Path, args: &[S]) -> Command {
+    let mut cmd = Command::new(tapestry);
+    cmd.args(["run", "--data-dir"])
+        .arg(dir)
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"])
+        .args(args);
+    cmd
+}
+
+/// Starts [`local_run`].
+pub fn run_local<S: AsRef<std::ffi::OsStr>>(
+    tapestry: &Path,
+    dir: &Path,
+    args: &[S],
+) -> Result<NodeProcess, LabError> {
+    NodeProcess::spawn(local_run(tapestry, dir, args), dir)
 }
 
 /// The `/status` document of the node whose API is at `addr` (5-s

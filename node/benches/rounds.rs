@@ -14,7 +14,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -46,19 +45,22 @@ const CASES: [Case; 2] = [
     },
 ];
 
-fn tapestry() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tapestry"))
-}
-
 fn start(dir: &Path, shard: usize, boot: Option<&str>) -> NodeProcess {
     let _ = std::fs::remove_file(dir.join("node.log"));
-    let mut cmd = tapestry();
-    cmd.args(["run", "--min-round-ms", "0", "--data-dir"])
-        .arg(dir)
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"])
-        .arg("--data")
-        .arg(tapestry_testkit::digits_path())
-        .args(["--shard", &format!("{shard}/3"), "--start-peers", "2"]);
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_tapestry"));
+    let digits = tapestry_testkit::digits_arg();
+    let shard = format!("{shard}/3");
+    let args = [
+        "--min-round-ms",
+        "0",
+        "--data",
+        &digits,
+        "--shard",
+        &shard,
+        "--start-peers",
+        "2",
+    ];
+    let mut cmd = tapestry_lab::process::local_run(bin, dir, &args);
     if let Some(b) = boot {
         cmd.args(["--bootstrap", b]);
     }
@@ -92,12 +94,8 @@ fn run(case: &Case) {
     let tmp = tempfile::tempdir().unwrap();
     let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("n{i}"))).collect();
     for d in &dirs {
-        let out = tapestry()
-            .args(["init", "--region", "bench", "--data-dir"])
-            .arg(d)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_tapestry"));
+        tapestry_lab::process::init(bin, d, &["--region", "bench"]).unwrap();
         for (key, value) in [
             ("architecture", format!("{:?}", case.architecture)),
             ("local_steps", case.local_steps.to_string()),

@@ -28,30 +28,19 @@ struct Node {
 }
 
 fn init(dir: &Path) {
-    let out = tapestry()
-        .args(["init", "--region", "test", "--data-dir"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let bin = Path::new(env!("CARGO_BIN_EXE_tapestry"));
+    tapestry_lab::process::init(bin, dir, &["--region", "test"]).unwrap_or_else(|e| panic!("{e}"));
 }
 
 impl Node {
     fn start(dir: &Path, args: &[String]) -> Node {
-        let mut cmd = tapestry();
-        cmd.args(["run", "--data-dir"]).arg(dir);
+        let bin = Path::new(env!("CARGO_BIN_EXE_tapestry"));
+        let mut cmd = tapestry_lab::process::local_run(bin, dir, args);
         // Rounds back to back unless the test paces them.
         if !args.iter().any(|a| a == "--min-round-ms") {
             cmd.args(["--min-round-ms", "0"]);
         }
-        cmd.args(["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"])
-            .arg("--data")
-            .arg(digits())
-            .args(args);
+        cmd.arg("--data").arg(digits());
         Node {
             dir: dir.to_path_buf(),
             process: NodeProcess::spawn(cmd, dir).unwrap(),

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tapestry_lab::process::{NodeProcess, status};
+use tapestry_lab::process::{NodeProcess, init, local_run, status};
 
 fn tapestry() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tapestry"))
@@ -25,28 +25,22 @@ fn health(api: &str) -> (bool, String) {
 }
 
 fn start(dir: &Path, freeze_at: u64) -> (NodeProcess, String) {
-    let out = tapestry()
-        .args(["init", "--region", "test", "--data-dir"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut cmd = tapestry();
-    cmd.args(["run", "--min-round-ms", "200", "--data-dir"])
-        .arg(dir)
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"])
-        .arg("--data")
-        .arg(tapestry_testkit::digits_path())
-        .args(["--start-peers", "0"])
-        .env("TAPESTRY_FAULT_FREEZE_AT_ROUND", freeze_at.to_string());
+    let bin = Path::new(env!("CARGO_BIN_EXE_tapestry"));
+    init(bin, dir, &["--region", "test"]).unwrap();
+    let digits = tapestry_testkit::digits_arg();
+    let args = [
+        "--min-round-ms",
+        "200",
+        "--data",
+        &digits,
+        "--start-peers",
+        "0",
+    ];
+    let mut cmd = local_run(bin, dir, &args);
+    cmd.env("TAPESTRY_FAULT_FREEZE_AT_ROUND", freeze_at.to_string());
     let node = NodeProcess::spawn(cmd, dir).unwrap();
     let api = node
-        .endpoints(Duration::from_secs(30))
-        .and_then(|e| e["api"].as_str().map(str::to_owned))
+        .api(Duration::from_secs(30))
         .unwrap_or_else(|| panic!("no endpoints; log:\n{}", node.log()));
     (node, api)
 }

@@ -5,42 +5,33 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tapestry_lab::process::{NodeProcess, set_config, status};
+use tapestry_lab::process::{NodeProcess, init, run_local, set_config, status};
 
 const ROUNDS: u64 = 300;
 const KEEP: u64 = 8;
 
-fn tapestry() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tapestry"))
-}
-
 fn start(dir: &Path) -> (NodeProcess, String) {
-    let out = tapestry()
-        .args(["init", "--region", "test", "--data-dir"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let tapestry = Path::new(env!("CARGO_BIN_EXE_tapestry"));
+    init(tapestry, dir, &["--region", "test"]).unwrap();
     set_config(dir, "keep_versions", &KEEP.to_string()).unwrap();
-    let mut cmd = tapestry();
-    cmd.args(["run", "--min-round-ms", "0", "--data-dir"])
-        .arg(dir)
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"])
-        .arg("--data")
-        .arg(tapestry_testkit::digits_path())
-        .args(["--start-peers", "0", "--rounds", &ROUNDS.to_string()]);
-    let node = NodeProcess::spawn(cmd, dir).unwrap();
+    let digits = tapestry_testkit::digits_arg();
+    let rounds = ROUNDS.to_string();
+    let args = [
+        "--min-round-ms",
+        "0",
+        "--data",
+        &digits,
+        "--start-peers",
+        "0",
+        "--rounds",
+        &rounds,
+    ];
+    let node = run_local(tapestry, dir, &args).unwrap();
     let api = node
-        .endpoints(Duration::from_secs(30))
-        .and_then(|e| e["api"].as_str().map(str::to_owned))
+        .api(Duration::from_secs(30))
         .unwrap_or_else(|| panic!("no endpoints; log:\n{}", node.log()));
     (node, api)
 }
