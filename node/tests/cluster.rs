@@ -953,8 +953,10 @@ fn after_a_restart_a_peers_old_sequence_number_is_still_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("a");
     init(&dir);
-    // Rounds wait for the rogue (two members, quorum 1).
-    let args = run_args(None, 1, (0, 1), None);
+    // Rounds wait for the rogue (two members, quorum 1), at most one every
+    // 3 s: the node stays within the round window of the rogue's delta.
+    let mut args = run_args(None, 1, (0, 1), None);
+    args.extend(["--min-round-ms".to_string(), "3000".to_string()]);
     let mut a = Node::start(&dir, &args);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let n = rogue::spec().n_params();
@@ -991,6 +993,96 @@ fn after_a_restart_a_peers_old_sequence_number_is_still_refused() {
         "{}",
         st[0]
     );
+}
+
+#[test]
+fn under_a_flood_of_requests_and_refused_messages_rounds_go_on() {
+    use tapestry_protocol::{ContentId, FetchRequest};
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("n{i}"))).collect();
+    for d in &dirs {
+        init(d);
+    }
+    let args = |i: usize, boot: Option<&str>| run_args(None, 2, (i, 3), boot);
+    let a = Node::start(&dirs[0], &args(0, None));
+    let boot = a.address();
+    let b = Node::start(&dirs[1], &args(1, Some(&boot)));
+    let c = Node::start(&dirs[2], &args(2, Some(&boot)));
+    let round = |n: &Node| n.status()["round"].as_u64().unwrap_or(0);
+    wait_for(&[&a, &b, &c], 90, "the rounds to start", |s| {
+        s["round"].as_u64().unwrap_or(0) >= 3
+    });
+    let head = get(&a.api(), "/model/head");
+    let head: Value = serde_json::from_str(&head).unwrap();
+    let chunk: ContentId = head["chunk_ids"][0].as_str().unwrap().parse().unwrap();
+    let rss_before = a.process.rss_bytes().unwrap();
+    let before = round(&a);
+
+    // The flood: for 15 s, bursts of 400 concurrent chunk requests and 2,500
+    // distinct signed announcements (far-future rounds: each is refused).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (answered, sent) = rt.block_on(async {
+        let rogue = rogue::Rogue::connect(&a.address()).await;
+        let n = rogue::spec().n_params();
+        let values = vec![1.0 / (n as f32).sqrt(); n];
+        let (mut answered, mut sent) = (0usize, 0usize);
+        let end = tokio::time::Instant::now() + Duration::from_secs(15);
+        let mut seq = 1;
+        while tokio::time::Instant::now() < end {
+            let asks = futures::future::join_all(
+                (0..400).map(|_| rogue.net.fetch(rogue.peer, FetchRequest::Chunk(chunk))),
+            );
+            for _ in 0..2_500 {
+                seq += 1;
+                let data = rogue.delta(1 << 40, seq, &values);
+                // (Once A has graylisted the rogue, a publish may find no peer.)
+                if rogue.net.publish(&rogue.topic, data).await.is_ok() {
+                    sent += 1;
+                }
+            }
+            answered += asks.await.iter().filter(|r| r.is_ok()).count();
+        }
+        (answered, sent)
+    });
+    let during = round(&a);
+    let st = wait_for(
+        &[&a, &b, &c],
+        60,
+        "the rounds to go on after the flood",
+        |s| s["round"].as_u64().unwrap_or(0) >= during + 3,
+    );
+    let rss_after = a.process.rss_bytes().unwrap();
+    let metrics = get(&a.api(), "/metrics");
+    let busy = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("tapestry_requests_busy_total ")
+                || l.starts_with("net_shed_total{kind=\"request\"}")
+        })
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum::<f64>();
+    eprintln!(
+        "flood: {sent} announcements, {answered} requests answered; A's rounds {before} -> {during} during, {} after; busy {busy}; RSS {} -> {} MiB; A rejected {}",
+        st[0]["round"],
+        rss_before >> 20,
+        rss_after >> 20,
+        st[0]["rejected"]
+    );
+    assert!(
+        during > before + 2,
+        "rounds stalled during the flood: {before} -> {during}"
+    );
+    assert!(busy >= 1.0, "no request was answered busy: {metrics}");
+    assert!(
+        rss_after < rss_before + (200 << 20),
+        "RSS grew from {} to {} MiB",
+        rss_before >> 20,
+        rss_after >> 20
+    );
+    // The honest nodes are still connected to each other.
+    for n in [&a, &b, &c] {
+        assert!(n.status()["peers"].as_u64().unwrap() >= 2, "{}", n.status());
+    }
 }
 
 #[test]
@@ -1529,7 +1621,10 @@ fn a_member_too_far_behind_to_recompute_catches_up_on_attestations_of_enough_mem
     let head = st[0]["head_params"].clone();
     assert!(st.iter().all(|s| s["head_params"] == head));
     let boot = honest[0].address();
-    let d_args = run_args(Some(rounds), 1, (0, 3), Some(&boot));
+    let mut d_args = run_args(Some(rounds), 1, (0, 3), Some(&boot));
+    // D's own rounds, alone (the others have finished and send nothing, so
+    // they do not hold its rounds up), at most one every 3 s.
+    d_args.extend(["--min-round-ms".to_string(), "3000".to_string()]);
 
     // Asking for all four members' word (D's own included, which it cannot
     // give): the head stays out of reach; D keeps to its own rounds.

@@ -69,8 +69,41 @@ fn peer(seed: u8) -> PeerId {
     net::peer_id_of(&key(seed).node_id()).unwrap()
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_round_deadline_closes_a_round_and_a_silent_peer_is_dropped() {
+/// Runs `test` on a current-thread runtime with paused time, on its own
+/// thread, and fails if it has not finished after `real` (wall clock): a
+/// node that never goes idle never lets virtual time advance, and must not
+/// hang the suite.
+fn paused<F: std::future::Future<Output = ()> + Send + 'static>(real: Duration, test: F) {
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(test);
+        let _ = done_tx.send(());
+    });
+    match done.recv_timeout(real) {
+        Ok(()) => worker.join().unwrap(),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            // The test panicked: report its panic.
+            if let Err(p) = worker.join() {
+                std::panic::resume_unwind(p);
+            }
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("still running after {real:?} of real time")
+        }
+    }
+}
+
+#[test]
+fn a_round_deadline_closes_a_round_and_a_silent_peer_is_dropped() {
+    paused(Duration::from_secs(120), round_deadline_and_silent_peer());
+}
+
+async fn round_deadline_and_silent_peer() {
     let timeout = Duration::from_secs(5);
     let mut engine =
         tapestry_testkit::engine_config(AggregationRule::Mean, DoorConfig::default(), 1);
@@ -79,7 +112,9 @@ async fn a_round_deadline_closes_a_round_and_a_silent_peer_is_dropped() {
         engine,
         train: tapestry_testkit::sgd(2, 16, 0.05),
         model_seed: 1,
-        rounds: None,
+        // Two rounds, then idle: virtual time then runs on to the silent
+        // peer's deadline.
+        rounds: Some(2),
         start_peers: 1,
         start_wait: Duration::from_secs(60),
         min_round: Duration::ZERO,
