@@ -996,12 +996,16 @@ fn after_a_restart_a_peers_old_sequence_number_is_still_refused() {
 }
 
 #[test]
+#[ignore = "saturates the CPU: CI runs it alone, after the suite (.ci/run)"]
 fn under_a_flood_of_requests_and_refused_messages_rounds_go_on() {
     use tapestry_protocol::{ContentId, FetchRequest};
     let tmp = tempfile::tempdir().unwrap();
     let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("n{i}"))).collect();
     for d in &dirs {
         init(d);
+        // The rogue subscribes, so it counts as a member; rounds close on
+        // the three honest deltas of four members without waiting for it.
+        set_config(d, "quorum", "0.75");
     }
     let args = |i: usize, boot: Option<&str>| run_args(None, 2, (i, 3), boot);
     let a = Node::start(&dirs[0], &args(0, None));

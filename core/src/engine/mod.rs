@@ -133,12 +133,6 @@ pub struct Engine {
     seq: u64,
     feedback: ErrorFeedback,
     peers: BTreeSet<NodeId>,
-    /// The round in which each peer joined (region broadcast: it counts
-    /// towards that round's quorum before it has sent anything).
-    joined: BTreeMap<NodeId, u64>,
-    /// The latest round each author sent an admitted delta for (region
-    /// broadcast: a peer counts towards quorum while it takes part).
-    contributed: BTreeMap<NodeId, u64>,
     pending: BTreeMap<ContentId, Verified<DeltaManifest>>,
     received: BTreeMap<ContentId, Received>,
     /// Deltas aggregated into this node's recent lineage, with the round of
@@ -186,8 +180,6 @@ impl Engine {
             seq: 0,
             feedback: ErrorFeedback::new(n),
             peers: BTreeSet::new(),
-            joined: BTreeMap::new(),
-            contributed: BTreeMap::new(),
             pending: BTreeMap::new(),
             received: BTreeMap::new(),
             used: BTreeMap::new(),
@@ -298,13 +290,10 @@ impl Engine {
             Input::PeerJoined(p) => {
                 if p != self.node_id() {
                     self.peers.insert(p);
-                    self.joined.entry(p).or_insert(self.round);
                 }
             }
             Input::PeerLeft(p) => {
                 self.peers.remove(&p);
-                self.joined.remove(&p);
-                self.contributed.remove(&p);
                 self.maybe_close(now_ms, o);
             }
             Input::TrainingDone {
@@ -570,7 +559,6 @@ impl Engine {
         self.pending.retain(|_, m| m.message().round >= oldest);
         self.votes.retain(|(r, _), _| *r >= oldest);
         self.last_seq.retain(|_, (_, r)| *r >= oldest);
-        self.contributed.retain(|_, r| *r >= oldest);
         // A delta used by a version of round s was of round s − 1 or
         // earlier: once s is this far back, the door refuses it anyway.
         let forget = oldest.saturating_sub(2);
@@ -709,8 +697,6 @@ impl Engine {
         }
         self.votes.insert((msg.round, msg.author), m.id());
         self.last_seq.insert(msg.author, (msg.seq, msg.round));
-        let latest = self.contributed.entry(msg.author).or_insert(msg.round);
-        *latest = (*latest).max(msg.round);
         self.peers.insert(msg.author);
         self.pending.insert(m.id(), m.clone());
         out.push(Action::Fetch { manifest: m });
@@ -748,32 +734,13 @@ impl Engine {
             .map(|r| r.author)
             .collect::<BTreeSet<_>>()
             .len();
-        let needed =
-            (((self.participants() + 1) as f64 * self.config.quorum).ceil() as usize).max(1);
+        let needed = (((self.peers.len() + 1) as f64 * self.config.quorum).ceil() as usize).max(1);
         if this_round >= needed || (deadline && this_round > 0) {
             self.close_round(now_ms, out);
         } else if deadline {
             // Nothing arrived for this round yet: look again later.
             self.rearm(now_ms, out);
         }
-    }
-
-    /// The peers a broadcast round waits for: those that sent a delta for
-    /// one of the rounds of the staleness window, and those that joined
-    /// in this round (not yet heard from). A peer that only listens (it
-    /// subscribed, it sends nothing) holds up the round it joined in, no
-    /// other; it counts again once it takes part.
-    fn participants(&self) -> usize {
-        let window = self.config.door.staleness;
-        self.peers
-            .iter()
-            .filter(|p| {
-                self.contributed
-                    .get(p)
-                    .is_some_and(|r| r.saturating_add(window) >= self.round)
-                    || self.joined.get(p).is_some_and(|j| *j >= self.round)
-            })
-            .count()
     }
 
     fn close_round(&mut self, now_ms: u64, out: &mut Vec<Action>) {
