@@ -498,8 +498,8 @@ pub fn peer_of_addr(addr: &Multiaddr) -> Option<PeerId> {
 }
 
 /// How often a fetch answered `Busy` is asked again, and the first pause
-/// (doubled each time: 50 + 100 + 200 + 400 ms at most).
-const BUSY_RETRIES: usize = 4;
+/// (doubled each time: 50 + 100 + ... + 1,600 ms, about 3 s, at most).
+const BUSY_RETRIES: usize = 6;
 const BUSY_PAUSE: Duration = Duration::from_millis(50);
 
 /// Commands from the node waiting for the swarm task: the node waits when

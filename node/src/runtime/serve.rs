@@ -12,9 +12,9 @@ use libp2p::request_response::ResponseChannel;
 use super::*;
 
 /// Chunk and manifest reads in flight at once, for all peers.
-pub(super) const MAX_SERVING: usize = 64;
+pub(super) const MAX_SERVING: usize = 256;
 /// Chunk and manifest reads in flight at once for one peer.
-pub(super) const MAX_SERVING_PER_PEER: usize = 8;
+pub(super) const MAX_SERVING_PER_PEER: usize = 64;
 
 /// Reads in flight, in total and per peer (a peer's entry goes when its
 /// last read ends, so the map holds at most [`MAX_SERVING`] peers).
