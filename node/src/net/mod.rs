@@ -507,7 +507,7 @@ const BUSY_PAUSE: Duration = Duration::from_millis(50);
 const COMMAND_QUEUE: usize = 1024;
 /// Events for the node, by default. Gossip and requests that find it full
 /// are shed.
-pub const EVENT_QUEUE: usize = 1024;
+pub const EVENT_QUEUE: usize = 16 * 1024;
 /// Replies owed to the node: fetches in flight and provider look-ups.
 #[derive(Default)]
 struct Pending {
