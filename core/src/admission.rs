@@ -69,17 +69,44 @@ impl Rejection {
         }
     }
 
-    /// What gossip does with a message refused for this reason. Every
-    /// refusal is the sender's fault today (a stale delta too: honest peers
-    /// forward only deltas they admitted, within the same window).
+    /// What gossip does with a message refused for this reason: `Reject`
+    /// (the forwarder loses score) only when the message is wrong on its
+    /// own terms; `Ignore` (not forwarded, no penalty) when it is refused
+    /// for what this node has seen or could fetch, which an honest
+    /// forwarder cannot know (see [`crate::door::Rejection::is_evident`],
+    /// [`VersionRejection::is_evident`]).
     pub fn verdict(&self) -> Verdict {
-        match self {
+        let evident = match self {
             Rejection::Oversized { .. }
             | Rejection::Envelope(_)
             | Rejection::NotInRoster(_)
-            | Rejection::Outsider(_)
-            | Rejection::Delta(_)
-            | Rejection::Version(_) => Verdict::Reject,
+            | Rejection::Outsider(_) => true,
+            Rejection::Delta(r) => r.reason.is_evident(),
+            Rejection::Version(r) => r.is_evident(),
+        };
+        if evident {
+            Verdict::Reject
+        } else {
+            Verdict::Ignore
+        }
+    }
+
+    /// Whether the message's author (not only its forwarder) is at fault:
+    /// a delta or version that is wrong on its own terms, or an author
+    /// that signed two deltas for one round (equivocation, proven by its
+    /// own two signatures). The node lowers such an author's application
+    /// score.
+    pub fn blames_author(&self) -> bool {
+        match self {
+            Rejection::Delta(r) => {
+                r.reason.is_evident()
+                    || matches!(
+                        r.reason,
+                        crate::door::Rejection::DuplicateAuthorRound { .. }
+                    )
+            }
+            Rejection::Version(r) => r.is_evident(),
+            _ => false,
         }
     }
 
@@ -152,6 +179,76 @@ pub fn open_version(
 ) -> Result<Verified<ModelManifest>, Rejection> {
     let m = open::<ModelManifest>(data)?;
     admit(m, roster, |m| m.author)
+}
+
+/// The gossip topic an announcement came on, which says what it must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    /// The deltas topic: a signed delta manifest.
+    Deltas,
+    /// The models topic: a signed model manifest.
+    Models,
+}
+
+/// An announcement that passed admission.
+#[derive(Debug, Clone)]
+pub enum Announced {
+    /// A delta manifest.
+    Delta(Verified<DeltaManifest>),
+    /// A model version's manifest.
+    Version(Verified<ModelManifest>),
+}
+
+/// Opens many announcements at once, as [`open_delta`] and
+/// [`open_version`] would one by one, with one batch signature check per
+/// kind ([`tapestry_protocol::verify_batch`]: about twice the rate of
+/// single checks; a batch with a bad signature falls back to checking
+/// each). Results come in the order of `items`.
+pub fn open_all(
+    items: Vec<(Topic, Vec<u8>)>,
+    roster: Option<&Roster>,
+) -> Vec<Result<Announced, Rejection>> {
+    let mut out: Vec<Option<Result<Announced, Rejection>>> = Vec::new();
+    out.resize_with(items.len(), || None);
+    let mut deltas = Vec::new();
+    let mut models = Vec::new();
+    for (k, (topic, data)) in items.into_iter().enumerate() {
+        match topic {
+            Topic::Deltas => match parse::<DeltaManifest>(data) {
+                Ok(s) => deltas.push((k, s)),
+                Err(r) => out[k] = Some(Err(r)),
+            },
+            Topic::Models => match parse::<ModelManifest>(data) {
+                Ok(s) => models.push((k, s)),
+                Err(r) => out[k] = Some(Err(r)),
+            },
+        }
+    }
+    let (at, signed): (Vec<usize>, Vec<_>) = deltas.into_iter().unzip();
+    for (k, r) in at.into_iter().zip(tapestry_protocol::verify_batch(signed)) {
+        out[k] = Some(
+            r.map_err(Rejection::Envelope)
+                .and_then(|m| admit(m, roster, |m| m.author))
+                .map(Announced::Delta),
+        );
+    }
+    let (at, signed): (Vec<usize>, Vec<_>) = models.into_iter().unzip();
+    for (k, r) in at.into_iter().zip(tapestry_protocol::verify_batch(signed)) {
+        out[k] = Some(
+            r.map_err(Rejection::Envelope)
+                .and_then(|m| admit(m, roster, |m| m.author))
+                .map(Announced::Version),
+        );
+    }
+    // Every slot was filled above: by its parse error or by its check.
+    out.into_iter().flatten().collect()
+}
+
+fn parse<T: tapestry_protocol::SignedMessage>(data: Vec<u8>) -> Result<Signed<T>, Rejection> {
+    if data.len() > MAX_ANNOUNCEMENT_BYTES {
+        return Err(Rejection::Oversized { bytes: data.len() });
+    }
+    Signed::<T>::parse(data).map_err(Rejection::Envelope)
 }
 
 fn open<T: tapestry_protocol::SignedMessage>(data: &[u8]) -> Result<Verified<T>, Rejection> {
@@ -241,5 +338,138 @@ mod tests {
         // A delta manifest is not a model manifest.
         let r = open_version(&bytes, None).err();
         assert_eq!(r.as_ref().map(Rejection::label), Some("malformed"));
+    }
+
+    #[test]
+    fn opening_many_at_once_finds_what_opening_one_by_one_finds() {
+        let keys: Vec<Keypair> = (1..=6u8)
+            .map(|k| Keypair::from_secret_bytes(&[k; 32]))
+            .collect();
+        let good: Vec<Vec<u8>> = keys.iter().map(delta).collect();
+        let mut forged = good[1].clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        let roster = Roster {
+            model_id: "m".into(),
+            region: "r".into(),
+            version: 1,
+            members: {
+                let mut m: Vec<NodeId> = keys[..5].iter().map(|k| k.node_id()).collect();
+                m.sort();
+                m
+            },
+            created_unix_ms: 1,
+        };
+        let items = vec![
+            (Topic::Deltas, good[0].clone()),
+            (Topic::Deltas, forged),
+            (Topic::Models, good[2].clone()),
+            (Topic::Deltas, vec![0u8; MAX_ANNOUNCEMENT_BYTES + 1]),
+            (Topic::Deltas, good[3].clone()),
+            (Topic::Deltas, good[5].clone()),
+            (Topic::Deltas, good[4][..10].to_vec()),
+        ];
+        let one_by_one: Vec<Result<String, &str>> = items
+            .iter()
+            .map(|(topic, data)| match topic {
+                Topic::Deltas => open_delta(data, Some(&roster))
+                    .map(|m| m.id().to_string())
+                    .map_err(|r| r.label()),
+                Topic::Models => open_version(data, Some(&roster))
+                    .map(|m| m.id().to_string())
+                    .map_err(|r| r.label()),
+            })
+            .collect();
+        let together: Vec<Result<String, &str>> = open_all(items, Some(&roster))
+            .into_iter()
+            .map(|r| {
+                r.map(|a| match a {
+                    Announced::Delta(m) => m.id().to_string(),
+                    Announced::Version(m) => m.id().to_string(),
+                })
+                .map_err(|r| r.label())
+            })
+            .collect();
+        assert_eq!(together, one_by_one);
+        let labels: Vec<&str> = together.iter().filter_map(|r| r.clone().err()).collect();
+        assert_eq!(
+            labels,
+            [
+                "bad_signature",
+                "malformed",
+                "oversized",
+                "not_in_roster",
+                "malformed"
+            ]
+        );
+        assert_eq!(together.iter().filter(|r| r.is_ok()).count(), 2);
+    }
+
+    #[test]
+    fn only_faults_a_message_proves_cost_its_forwarder() {
+        use crate::door::Rejection as Door;
+        let author = Keypair::from_secret_bytes(&[3; 32]).node_id();
+        let delta = |reason| {
+            Rejection::Delta(Rejected {
+                sender: author,
+                reason,
+            })
+        };
+        // Wrong on its own terms: rejected, and the author is to blame.
+        for r in [
+            delta(Door::NonFinite { index: 3 }),
+            delta(Door::NormMismatch {
+                declared: 1.0,
+                actual: 2.0,
+            }),
+            Rejection::Version(VersionRejection::Mismatch),
+            Rejection::Version(VersionRejection::DeltaRejected(Rejected {
+                sender: author,
+                reason: Door::NonFinite { index: 0 },
+            })),
+        ] {
+            assert_eq!(r.verdict(), Verdict::Reject, "{r}");
+            assert!(r.blames_author(), "{r}");
+        }
+        // Wrong for this node now (its round, what it saw first, what it
+        // could fetch): not forwarded, but no one's score suffers...
+        for r in [
+            delta(Door::Stale {
+                round: 1,
+                current: 5,
+            }),
+            delta(Door::FromTheFuture {
+                round: 9,
+                current: 1,
+            }),
+            delta(Door::Replay { seq: 1, last: 2 }),
+            delta(Door::NormTooLarge {
+                norm: 50.0,
+                limit: 10.0,
+            }),
+            Rejection::Version(VersionRejection::UnknownDelta(
+                tapestry_protocol::ContentId::of(b"x"),
+            )),
+            Rejection::Version(VersionRejection::TooFarBehind { limit: 8 }),
+            Rejection::Version(VersionRejection::DeltaRejected(Rejected {
+                sender: author,
+                reason: Door::Stale {
+                    round: 1,
+                    current: 5,
+                },
+            })),
+        ] {
+            assert_eq!(r.verdict(), Verdict::Ignore, "{r}");
+            assert!(!r.blames_author(), "{r}");
+        }
+        // ...except that two signed votes for one round prove the author
+        // equivocated, whoever forwarded the second.
+        let twice = delta(Door::DuplicateAuthorRound { round: 4 });
+        assert_eq!(twice.verdict(), Verdict::Ignore);
+        assert!(twice.blames_author());
+        // Envelope faults are the forwarder's (it must check signatures).
+        let forged = Rejection::Envelope(DecodeError::BadSignature);
+        assert_eq!(forged.verdict(), Verdict::Reject);
+        assert!(!forged.blames_author());
     }
 }

@@ -184,6 +184,28 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// Whether the delta is wrong on its own terms — its manifest and
+    /// payload prove it to anyone — rather than wrong for this node now.
+    /// A stale or future round, a replay, a second vote of an author or a
+    /// norm above recent ones depend on what this node has seen and when:
+    /// an honest peer that saw the deltas in another order forwards them in
+    /// good faith, so they must not cost the forwarder its gossip score.
+    pub fn is_evident(&self) -> bool {
+        match self {
+            Rejection::WrongScope { .. }
+            | Rejection::LayoutMismatch { .. }
+            | Rejection::WrongLength { .. }
+            | Rejection::Undecodable(_)
+            | Rejection::NonFinite { .. }
+            | Rejection::NormMismatch { .. } => true,
+            Rejection::NormTooLarge { .. }
+            | Rejection::Stale { .. }
+            | Rejection::FromTheFuture { .. }
+            | Rejection::Replay { .. }
+            | Rejection::DuplicateAuthorRound { .. } => false,
+        }
+    }
+
     /// A short, stable label for metrics (`deltas_rejected{reason=...}`).
     pub fn label(&self) -> &'static str {
         match self {

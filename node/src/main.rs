@@ -414,6 +414,11 @@ async fn run(a: RunArgs) -> Result<ExitCode, String> {
             runtime::deltas_topic(&model.model_id, &model.region),
             runtime::models_topic(&model.model_id, &model.region),
         ],
+        round_window: Duration::from_millis(
+            model
+                .round_timeout_ms
+                .saturating_mul(model.door.staleness.saturating_add(1)),
+        ),
         ..NetConfig::default()
     };
     let running = runtime::launch(Launch {

@@ -79,6 +79,8 @@ pub struct Metrics {
     pub gc_deleted_bytes: Counter,
     /// Peers' requests answered `Busy` (too many reads in flight).
     pub requests_busy: Counter,
+    /// Gossip messages the node had no room to check (reported `Ignore`).
+    pub gossip_shed: Counter,
     /// The registry (ours and libp2p's), for encoding.
     pub registry: Mutex<Registry>,
 }
@@ -110,6 +112,7 @@ impl Metrics {
             store_manifests: Gauge::default(),
             gc_deleted_bytes: Counter::default(),
             requests_busy: Counter::default(),
+            gossip_shed: Counter::default(),
             registry: Mutex::new(Registry::default()),
         };
         let r = registry.sub_registry_with_prefix("tapestry");
@@ -150,6 +153,11 @@ impl Metrics {
             "requests_busy",
             "Peers' chunk and manifest requests answered Busy (too many in flight)",
             m.requests_busy.clone(),
+        );
+        r.register(
+            "gossip_shed",
+            "Gossip messages the node had no room to check (reported Ignore, not forwarded)",
+            m.gossip_shed.clone(),
         );
         r.register(
             "gc_deleted_bytes",

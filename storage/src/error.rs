@@ -34,6 +34,18 @@ pub enum StoreError {
     /// The storage engine failed (sled's own error, as text).
     #[error("storage engine error: {0}")]
     Backend(String),
+    /// The metadata database cannot be opened: damaged on disk. The chunk
+    /// files are untouched; [`crate::SledStore::repair`] rebuilds the
+    /// database from them.
+    #[error(
+        "the store's database in {path} is damaged ({detail}); repair the store to rebuild it          from its chunk files"
+    )]
+    DamagedDatabase {
+        /// The store's directory.
+        path: PathBuf,
+        /// What the storage engine said.
+        detail: String,
+    },
     /// Stored bytes no longer match their content id (disk corruption); the
     /// item has been quarantined and will not be served.
     #[error("{what} {id} is corrupt on disk and was quarantined; fetch it again from a peer")]

@@ -43,7 +43,7 @@ use tapestry_protocol::ContentId;
 use crate::backend::{Backend, GcGate, KvOp, KvVisitor};
 use crate::bytes::Bytes;
 use crate::error::StoreError;
-use crate::store::CHUNK;
+use crate::store::{CHUNK, ChunkStore, ScrubReport};
 
 const MARKER_FILE: &str = "TAPESTRY_STORE";
 const MARKER: &str = "tapestry chunk store\nformat 1\n";
@@ -135,21 +135,7 @@ impl SledStore {
             }
             Err(e) => return Err(StoreError::io(format!("reading {}", marker.display()), e)),
         }
-        // sled's lock on the metadata database is the store's lock.
-        let meta = sled::Config::new()
-            .path(dir.join("meta"))
-            .cache_capacity(config.cache_capacity)
-            .flush_every_ms(config.flush_every_ms)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked(dir.to_owned())
-                }
-                sled::Error::Io(io) => {
-                    StoreError::io(format!("opening the database in {}", dir.display()), io)
-                }
-                other => StoreError::Backend(format!("opening {}: {other}", dir.display())),
-            })?;
+        let meta = open_meta(dir, config)?;
         let chunks = dir.join("chunks");
         let tmp = chunks.join("tmp");
         // Half-written chunks of a crashed writer.
@@ -167,6 +153,56 @@ impl SledStore {
             unsynced: Mutex::default(),
             tmp_counter: AtomicU64::new(0),
         })
+    }
+
+    /// Rebuilds the metadata database of the store in `dir` from its chunk
+    /// files, for a store whose database cannot be opened
+    /// ([`StoreError::DamagedDatabase`]). The damaged database is moved
+    /// aside (to `meta.damaged-<unix seconds>`, for inspection; nothing is
+    /// deleted), a new one is made, and a scrub re-indexes every chunk file
+    /// whose bytes match its name (the rest are quarantined). Manifests,
+    /// refs and pins lived in the database: they are gone, and the store
+    /// holds chunks only — a node then starts from its genesis and fetches
+    /// from its peers what it needs (the chunks it still holds are not
+    /// fetched again).
+    pub fn repair(dir: &Path) -> Result<(Self, ScrubReport), StoreError> {
+        let marker = dir.join(MARKER_FILE);
+        match fs::read_to_string(&marker) {
+            Ok(text) if text == MARKER => {}
+            Ok(_) => {
+                return Err(StoreError::NotAStore {
+                    path: dir.to_owned(),
+                    reason: "its TAPESTRY_STORE marker is of another format".into(),
+                });
+            }
+            Err(e) => return Err(StoreError::io(format!("reading {}", marker.display()), e)),
+        }
+        let meta = dir.join("meta");
+        if meta.exists() {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let aside = dir.join(format!("meta.damaged-{secs}"));
+            fs::rename(&meta, &aside).map_err(|e| {
+                StoreError::io(
+                    format!("moving {} to {}", meta.display(), aside.display()),
+                    e,
+                )
+            })?;
+            fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| StoreError::io(format!("syncing {}", dir.display()), e))?;
+        }
+        let store = Self::open(
+            dir,
+            &SledConfig {
+                create: false,
+                ..SledConfig::default()
+            },
+        )?;
+        let report = store.scrub()?;
+        store.flush()?;
+        Ok((store, report))
     }
 
     /// The store's directory.
@@ -229,6 +265,40 @@ impl SledStore {
         }
         result
     }
+}
+
+/// Opens (or creates) the metadata database. sled's lock on it is the
+/// store's lock. A database sled cannot read — an error, or a panic on
+/// bytes it did not expect — is reported as damaged.
+fn open_meta(dir: &Path, config: &SledConfig) -> Result<sled::Db, StoreError> {
+    let damaged = |detail: String| StoreError::DamagedDatabase {
+        path: dir.to_owned(),
+        detail,
+    };
+    let sled_config = sled::Config::new()
+        .path(dir.join("meta"))
+        .cache_capacity(config.cache_capacity)
+        .flush_every_ms(config.flush_every_ms);
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sled_config.open()))
+        .map_err(|panic| {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "the storage engine panicked".into());
+            damaged(what)
+        })?;
+    opened.map_err(|e| match e {
+        sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+            StoreError::Locked(dir.to_owned())
+        }
+        sled::Error::Io(io) if io.kind() == io::ErrorKind::InvalidData => damaged(io.to_string()),
+        sled::Error::Io(io) => {
+            StoreError::io(format!("opening the database in {}", dir.display()), io)
+        }
+        sled::Error::Corruption { .. } | sled::Error::ReportableBug(_) => damaged(e.to_string()),
+        other => StoreError::Backend(format!("opening {}: {other}", dir.display())),
+    })
 }
 
 fn write_marker(dir: &Path) -> Result<(), StoreError> {

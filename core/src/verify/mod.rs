@@ -133,6 +133,32 @@ pub enum VersionRejection {
 }
 
 impl VersionRejection {
+    /// Whether the version is wrong on its own terms — its manifest, the
+    /// deltas it names and its lineage prove it to anyone who recomputes —
+    /// rather than unverifiable here now (a parent or delta this node
+    /// could not fetch, a round too far from this node's, a lineage longer
+    /// than it recomputes, a delta refused for what this node has seen).
+    /// Only evident faults cost the forwarder its gossip score: an honest
+    /// peer that holds what this node could not fetch forwards in good
+    /// faith.
+    pub fn is_evident(&self) -> bool {
+        match self {
+            VersionRejection::WrongScope
+            | VersionRejection::Malformed(_)
+            | VersionRejection::ForgedGenesis
+            | VersionRejection::DuplicateAuthorRound { .. }
+            | VersionRejection::ReusedDelta(_)
+            | VersionRejection::NoDeltas
+            | VersionRejection::Mismatch => true,
+            VersionRejection::DeltaRejected(r) => r.reason.is_evident(),
+            VersionRejection::RoundJump { .. }
+            | VersionRejection::UnknownParent(_)
+            | VersionRejection::UnknownDelta(_)
+            | VersionRejection::NotABranch
+            | VersionRejection::TooFarBehind { .. } => false,
+        }
+    }
+
     /// A short, stable label for metrics.
     pub fn label(&self) -> &'static str {
         match self {

@@ -154,29 +154,20 @@ fn gossipsub_behaviour(
             MessageId::from(message_id(m.topic.as_str(), &m.data))
         })
         .max_transmit_size(MAX_GOSSIP_BYTES)
+        // Remember message ids at least as long as a delta can be admitted
+        // (the round window), so a copy sent again within it is dropped
+        // unread.
+        .duplicate_cache_time(config.round_window.max(Duration::from_secs(60)))
         .build()
         .map_err(build_err)?;
     let mut gossip =
         gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_config)
             .map_err(build_err)?;
-    let mut params = PeerScoreParams::default();
-    for topic in &config.topics {
-        let topic_params = TopicScoreParams {
-            topic_weight: 1.0,
-            // An invalid message costs its forwarder dearly (P4).
-            invalid_message_deliveries_weight: -100.0,
-            invalid_message_deliveries_decay: 0.5,
-            // Small regions: do not punish peers for a thin mesh (P3).
-            mesh_message_deliveries_weight: 0.0,
-            mesh_failure_penalty_weight: 0.0,
-            ..TopicScoreParams::default()
-        };
-        params
-            .topics
-            .insert(IdentTopic::new(topic).hash(), topic_params);
-    }
+    // The first topic is the deltas topic, the second the models topic
+    // (see [`NetConfig::topics`]); each is scored as such.
+    let hash = |k: usize| config.topics.get(k).map(|t| IdentTopic::new(t).hash());
     gossip
-        .with_peer_score(params, PeerScoreThresholds::default())
+        .with_peer_score(scoring::params(hash(0), hash(1)), scoring::thresholds())
         .map_err(build_err)?;
     for topic in &config.topics {
         gossip

@@ -19,8 +19,7 @@ use std::time::Duration;
 
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::gossipsub::{
-    self, IdentTopic, MessageAcceptance, MessageAuthenticity, MessageId, PeerScoreParams,
-    PeerScoreThresholds, TopicHash, TopicScoreParams, ValidationMode,
+    self, IdentTopic, MessageAcceptance, MessageAuthenticity, MessageId, TopicHash, ValidationMode,
 };
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
@@ -39,6 +38,7 @@ mod build;
 mod codec;
 mod events;
 mod outbox;
+mod scoring;
 
 pub use build::{Behaviour, BehaviourEvent, SILENCE_LIMIT, message_id};
 pub use codec::FetchCodec;
@@ -97,14 +97,19 @@ pub struct NetConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// Discover peers on the local network with mDNS.
     pub mdns: bool,
-    /// Gossip topics to join.
+    /// Gossip topics to join: the deltas topic first, then the models
+    /// topic (peer scoring weighs them as such; see `scoring`).
     pub topics: Vec<String>,
     /// Most established connections in total.
     pub max_connections: u32,
     /// Most established connections per peer.
     pub max_connections_per_peer: u32,
-    /// Gossipsub heartbeat.
+    /// Gossipsub heartbeat (default 1 s, [`scoring::HEARTBEAT`]).
     pub heartbeat: Duration,
+    /// How long a delta may still be admitted after it is sent (rounds of
+    /// the staleness window × the round timeout): gossip remembers message
+    /// ids at least this long (and at least a minute).
+    pub round_window: Duration,
     /// Per-request timeout of fetches.
     pub request_timeout: Duration,
     /// Events (gossip, requests, connections) that may wait for the node;
@@ -121,7 +126,8 @@ impl Default for NetConfig {
             topics: Vec::new(),
             max_connections: 256,
             max_connections_per_peer: 4,
-            heartbeat: Duration::from_millis(500),
+            heartbeat: scoring::HEARTBEAT,
+            round_window: Duration::from_secs(60),
             request_timeout: Duration::from_secs(20),
             event_queue: EVENT_QUEUE,
         }
@@ -169,6 +175,10 @@ pub(crate) enum Command {
     Disconnect(PeerId),
     /// Keep a peer out of gossip: no mesh, none of its messages.
     Blacklist(PeerId),
+    /// A fault of a peer the node saw (a corrupt chunk served, a payload
+    /// that fails the door, two votes signed for one round): lowers its
+    /// application score.
+    Fault(PeerId),
     /// Announce in the DHT that this node holds (the chunks of) `id`.
     Provide(ContentId),
     /// Stop announcing `id` in the DHT.
@@ -331,6 +341,16 @@ impl NetHandle {
         self.send(Command::Blacklist(peer)).await
     }
 
+    /// Reports a fault of `peer` that gossipsub cannot see (a corrupt chunk
+    /// it served, a payload of its that fails the door, two votes it signed
+    /// for one round): its gossip score drops (see `scoring`). Never waits:
+    /// if the network task is that far behind, the report is dropped.
+    pub fn fault(&self, peer: PeerId) {
+        if self.tx.try_send(Command::Fault(peer)).is_err() {
+            tracing::debug!(%peer, "fault report dropped: the network task is busy");
+        }
+    }
+
     /// Announces in the DHT that this node holds (the chunks of) `id`.
     pub async fn provide(&self, id: ContentId) -> Result<(), NetError> {
         self.send(Command::Provide(id)).await
@@ -459,6 +479,12 @@ pub fn spawn(
         "Peers' gossip messages and requests the network task shed because the node's queue was full",
         shed.clone(),
     );
+    let faults = Counter::default();
+    registry.register(
+        "peer_faults",
+        "Faults of peers that gossipsub cannot see (corrupt chunks, payloads failing the door, equivocation), each lowering the peer's gossip score",
+        faults.clone(),
+    );
     let outbox = Outbox {
         tx: ev_tx,
         backlog: VecDeque::new(),
@@ -474,6 +500,7 @@ pub fn spawn(
         view_tx,
         metrics,
         config.bootstrap.clone(),
+        faults,
     ));
     Ok((
         NetHandle {
@@ -528,8 +555,10 @@ async fn run(
     view: watch::Sender<NetSnapshot>,
     metrics: libp2p::metrics::Metrics,
     bootstrap: Vec<Multiaddr>,
+    faults: Counter,
 ) {
     let mut pending = Pending::default();
+    let mut penalties = scoring::AppPenalties::default();
     let mut listening: HashSet<Multiaddr> = HashSet::new();
     // A node that lost its bootstrap peers (a cut network, a restarted
     // peer) dials them again, and refreshes the DHT to find the others.
@@ -539,6 +568,9 @@ async fn run(
         tokio::select! {
             _ = redial.tick() => {
                 show(&swarm, &listening, &view);
+                for (peer, score) in penalties.fade(std::time::Instant::now()) {
+                    swarm.behaviour_mut().gossipsub.set_application_score(&peer, score);
+                }
                 let mut dialled = false;
                 // (An address without a peer id, like /dns4/bootstrap/tcp/4001,
                 // cannot tell whether it is connected: it is dialled again
@@ -560,7 +592,14 @@ async fn run(
             }
             command = commands.recv() => {
                 let Some(command) = command else { break };
-                handle_command(&mut swarm, &mut pending, command);
+                if let Command::Fault(peer) = command {
+                    faults.inc();
+                    let score = penalties.fault(peer, std::time::Instant::now());
+                    tracing::info!(%peer, score, "peer at fault; gossip score lowered");
+                    swarm.behaviour_mut().gossipsub.set_application_score(&peer, score);
+                } else {
+                    handle_command(&mut swarm, &mut pending, command);
+                }
             }
             permit = outbox.tx.clone().reserve_owned(), if !outbox.backlog.is_empty() => {
                 let Ok(permit) = permit else { break };
@@ -627,6 +666,7 @@ fn handle_command(swarm: &mut Swarm<Behaviour>, pending: &mut Pending, command: 
             let _ = swarm.disconnect_peer_id(peer);
         }
         Command::Blacklist(peer) => swarm.behaviour_mut().gossipsub.blacklist_peer(&peer),
+        Command::Fault(_) => {} // kept by the task's loop (it holds the penalties)
         Command::Provide(id) => {
             if let Err(e) = swarm.behaviour_mut().kad.start_providing(provider_key(&id)) {
                 tracing::debug!(error = %e, "cannot record a provider");

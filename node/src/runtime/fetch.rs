@@ -79,6 +79,7 @@ async fn fetch_into(
                         Ok(FetchResponse::Chunk(_)) => {
                             tracing::warn!(%peer, chunk = %id.short(), "peer served a corrupt chunk");
                             shared.metrics.reject("corrupt_chunk");
+                            net.fault(peer);
                             if let Ok(mut b) = bad.lock() {
                                 b.insert(peer);
                             }

@@ -87,41 +87,37 @@ impl Node {
                 data,
             } => {
                 self.shared.metrics.bytes_in.inc_by(data.len() as u64);
-                let acceptance = if topic == self.deltas_hash {
-                    Some(self.on_delta(source, &data).await)
-                } else if topic == self.models_hash {
-                    // A version being verified is reported when the
-                    // verdict comes: forwarded only if it passed.
-                    self.on_model(source, &data, Some(id.clone())).await
-                } else {
-                    Some(Verdict::Ignore)
-                };
-                if let Some(verdict) = acceptance {
-                    self.report(id, source, verdict).await;
-                }
+                self.on_gossip(id, source, topic, data).await;
             }
         }
     }
 
-    /// Validates an announced delta and hands it to the engine.
-    pub(super) async fn on_delta(&mut self, source: PeerId, data: &[u8]) -> Verdict {
-        let manifest = match admission::open_delta(data, self.roster()) {
-            Ok(m) => m,
-            Err(r) => return self.refuse(&r, &source),
-        };
+    /// Hands an announced delta (its envelope and roster checked) to the
+    /// engine.
+    pub(super) async fn on_delta(
+        &mut self,
+        source: PeerId,
+        manifest: Verified<DeltaManifest>,
+    ) -> Verdict {
         self.providers
             .entry(manifest.id())
             .or_default()
             .push(source);
         let now = self.now_ms();
         let actions = self.engine.handle(Input::DeltaAnnounced(manifest), now);
-        let rejected = actions.iter().any(|a| matches!(a, Action::Penalise(_)));
+        // Refused at the door: rejected (costing the forwarder) only if the
+        // manifest itself is wrong, ignored if it is refused for what this
+        // node has seen (see `Rejection::verdict`).
+        let refused = actions.iter().find_map(|a| match a {
+            Action::Penalise(r) => Some(Rejection::Delta(r.clone()).verdict()),
+            _ => None,
+        });
         let fetching = actions.iter().any(|a| matches!(a, Action::Fetch { .. }));
         for action in actions {
             self.act(action).await;
         }
-        if rejected {
-            Verdict::Reject
+        if let Some(verdict) = refused {
+            verdict
         } else if fetching {
             self.shared.metrics.deltas_accepted.inc();
             Verdict::Accept
@@ -136,6 +132,16 @@ impl Node {
         tracing::info!(%source, reason = r.label(), error = %r, "refused");
         self.shared.metrics.reject(r.label());
         r.verdict()
+    }
+
+    /// Lowers the gossip score of `author` if `r` shows it at fault (see
+    /// [`Rejection::blames_author`]).
+    pub(super) fn blame(&self, r: &Rejection, author: &NodeId) {
+        if r.blames_author()
+            && let Some(peer) = net::peer_id_of(author)
+        {
+            self.net.fault(peer);
+        }
     }
 }
 

@@ -35,6 +35,7 @@ use tapestry_core::model::{InnerState, TrainConfig, evaluate, train_local};
 use tapestry_core::verify::{self, Lineage, Plan, VersionRejection, check_shape};
 use tapestry_core::{attest, heads};
 
+mod checking;
 mod fetch;
 mod gossip;
 mod liveness;
@@ -188,6 +189,8 @@ pub struct Node {
     collecting: retention::Collecting,
     /// Peers' chunk and manifest reads in flight.
     serving: serve::Serving,
+    /// Checks gossiped announcements off the loop, in batches.
+    checker: checking::Checker,
     /// Gossiped deltas' payloads, fetched into memory.
     fetched_tx: mpsc::Sender<(Verified<DeltaManifest>, Vec<u8>)>,
     fetched_rx: mpsc::Receiver<(Verified<DeltaManifest>, Vec<u8>)>,
@@ -270,6 +273,7 @@ impl Node {
             liveness: liveness::Liveness::new(net::SILENCE_LIMIT),
             collecting: retention::Collecting::default(),
             serving: serve::Serving::default(),
+            checker: checking::Checker::new(),
             fetched_tx,
             fetched_rx,
         })
@@ -355,6 +359,7 @@ impl Node {
         let start_at = Instant::now() + self.settings.start_wait;
         let mut ticker = tokio::time::interval(Duration::from_secs(2));
         let mut start = Some((start_manifest, start_params));
+        let mut checked = self.checker.start(self.roster().cloned());
         loop {
             if start.is_some()
                 && (self.members.len() >= self.settings.start_peers || Instant::now() >= start_at)
@@ -400,8 +405,16 @@ impl Node {
                     }
                     self.feed(Input::Tick).await;
                 }
+                Some(c) = checked.recv() => self.on_checked(c).await,
                 Some((peer, bytes)) = self.heads_rx.recv() => {
-                    self.on_model(peer, &bytes, None).await;
+                    match admission::open_version(&bytes, self.roster()) {
+                        Ok(m) => {
+                            self.on_model(peer, m, None).await;
+                        }
+                        Err(r) => {
+                            self.refuse(&r, &peer);
+                        }
+                    }
                 }
                 Some(finding) = self.findings_rx.recv() => self.on_finding(finding).await,
                 Some((manifest, payload)) = self.fetched_rx.recv() => {
@@ -475,6 +488,8 @@ impl Node {
             Action::Penalise(r) => {
                 tracing::info!(sender = %r.sender.short(), reason = %r.reason, "delta rejected");
                 self.shared.metrics.reject(r.reason.label());
+                let author = r.sender;
+                self.blame(&Rejection::Delta(r), &author);
             }
         }
     }

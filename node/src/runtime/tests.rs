@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use libp2p::gossipsub::IdentTopic;
+use libp2p::gossipsub::{IdentTopic, MessageAcceptance};
 use prometheus_client::registry::Registry;
 use tapestry_core::aggregate::AggregationRule;
 use tapestry_core::data::synthetic;
@@ -21,8 +21,16 @@ use crate::net::Command;
 /// What the node asked the network for, and when (virtual time).
 #[derive(Debug)]
 enum Seen {
-    Published { topic: String, data: Vec<u8> },
+    Published {
+        topic: String,
+        data: Vec<u8>,
+    },
     Disconnected(PeerId),
+    Reported {
+        id: libp2p::gossipsub::MessageId,
+        acceptance: libp2p::gossipsub::MessageAcceptance,
+    },
+    Fault(PeerId),
 }
 
 /// Plays the network task: answers what needs an answer, reports
@@ -52,8 +60,13 @@ async fn play_network(
             Command::Providers { reply, .. } => {
                 let _ = reply.send(Vec::new());
             }
+            Command::Report { id, acceptance, .. } => {
+                let _ = seen.send((now, Seen::Reported { id, acceptance }));
+            }
+            Command::Fault(peer) => {
+                let _ = seen.send((now, Seen::Fault(peer)));
+            }
             Command::Blacklist(_)
-            | Command::Report { .. }
             | Command::Respond { .. }
             | Command::Provide(_)
             | Command::Unprovide(_) => {}
@@ -186,7 +199,7 @@ async fn round_deadline_and_silent_peer() {
                         version_at = Some(at);
                     }
                 }
-                Seen::Published { .. } => {}
+                Seen::Published { .. } | Seen::Reported { .. } | Seen::Fault(_) => {}
                 Seen::Disconnected(p) => dropped.push((at, p)),
             }
             if version_at.is_some() && !dropped.is_empty() {
@@ -212,5 +225,147 @@ async fn round_deadline_and_silent_peer() {
     assert_eq!(p, silent);
     assert!(at.duration_since(t0) >= net::SILENCE_LIMIT);
     assert!(at.duration_since(t0) < net::SILENCE_LIMIT + Duration::from_secs(1));
+    running.abort();
+}
+
+#[test]
+fn gossip_is_checked_in_batches_and_only_evident_faults_cost_score() {
+    paused(Duration::from_secs(120), gossip_verdicts());
+}
+
+/// Announcements arrive all at once (one batch for the checker): a forged
+/// one, one for another region, a valid delta, the same author's second
+/// vote for the round, one from far ahead, and garbage. Each gets the
+/// verdict its fault deserves, and only authors proven at fault are
+/// reported to the network task.
+async fn gossip_verdicts() {
+    let engine = tapestry_testkit::engine_config(AggregationRule::Mean, DoorConfig::default(), 1);
+    let cfg = engine.clone();
+    let settings = NodeSettings {
+        engine,
+        train: tapestry_testkit::sgd(2, 16, 0.05),
+        model_seed: 1,
+        rounds: None,
+        start_peers: 1,
+        start_wait: Duration::from_secs(60),
+        min_round: Duration::ZERO,
+        keep_versions: 4,
+        freeze_at_round: None,
+        roster: None,
+        region_key: None,
+        vote_file: None,
+        sequences_file: None,
+        attestations: 0,
+    };
+    let (train, test) = synthetic(3, 300, 64, 10).split(0.2, 1).unwrap();
+    let shared = Shared::new(Arc::new(Metrics::new(Registry::default())));
+    let store: Store = Arc::new(MemoryStore::new());
+    let (net, commands) = NetHandle::detached(peer(1));
+    let node = Node::new(
+        settings,
+        key(1),
+        store,
+        net,
+        LocalData { train, test },
+        shared.clone(),
+    )
+    .unwrap();
+    let (events_tx, events_rx) = mpsc::channel(64);
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(play_network(commands, events_tx.clone(), seen_tx));
+    let running = tokio::spawn(node.run(events_rx, stop_rx));
+    let member = peer(2);
+    let deltas = IdentTopic::new(deltas_topic("digits", "test")).hash();
+    for event in [
+        NetEvent::PeerConnected(member),
+        NetEvent::Subscribed {
+            peer: member,
+            topic: deltas.clone(),
+        },
+    ] {
+        events_tx.send(event).await.unwrap();
+    }
+    // The node's own delta tells its round.
+    let round = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Some((_, Seen::Published { topic, data })) = seen.recv().await
+                && topic.ends_with("/deltas")
+            {
+                return Signed::<DeltaManifest>::open(&data)
+                    .unwrap()
+                    .message()
+                    .round;
+            }
+        }
+    })
+    .await
+    .expect("the node never announced its delta");
+
+    let values = vec![0.01f32; cfg.spec.n_params()];
+    let bytes = |m: Verified<DeltaManifest>| m.envelope_bytes().to_vec();
+    let (valid, _) = tapestry_testkit::sign::delta(&cfg, &key(2), round, 1, &values);
+    let mut forged = bytes(valid.clone());
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    let other: Vec<f32> = values.iter().map(|v| v * 2.0).collect();
+    let (second, _) = tapestry_testkit::sign::delta(&cfg, &key(2), round, 2, &other);
+    let (mut elsewhere, _) =
+        tapestry_testkit::sign::delta_manifest(&cfg, &key(4), round, 1, &values);
+    elsewhere.region = "elsewhere".into();
+    let elsewhere = tapestry_testkit::sign::signed(elsewhere, &key(4));
+    let (ahead, _) = tapestry_testkit::sign::delta(&cfg, &key(3), round + 100, 1, &values);
+    let cases = [
+        ("forged", forged, MessageAcceptance::Reject),
+        ("elsewhere", bytes(elsewhere), MessageAcceptance::Reject),
+        ("valid", bytes(valid), MessageAcceptance::Accept),
+        ("second vote", bytes(second), MessageAcceptance::Ignore),
+        ("far ahead", bytes(ahead), MessageAcceptance::Ignore),
+        ("garbage", vec![0xff; 40], MessageAcceptance::Reject),
+    ];
+    for (k, (_, data, _)) in cases.iter().enumerate() {
+        events_tx
+            .send(NetEvent::Gossip {
+                id: libp2p::gossipsub::MessageId::new(&[k as u8]),
+                source: member,
+                topic: deltas.clone(),
+                data: data.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    let (mut verdicts, mut faults) = (HashMap::new(), Vec::new());
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while verdicts.len() < cases.len() {
+            match seen.recv().await {
+                Some((_, Seen::Reported { id, acceptance })) => {
+                    verdicts.insert(id.0[0] as usize, acceptance);
+                }
+                Some((_, Seen::Fault(p))) => faults.push(p),
+                Some(_) => {}
+                None => break,
+            }
+        }
+    })
+    .await
+    .expect("not every announcement got its verdict");
+    for (k, (what, _, expected)) in cases.iter().enumerate() {
+        assert_eq!(verdicts.get(&k), Some(expected), "{what}");
+    }
+    // Faults are reported as the verdicts are: give them a moment.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some((_, s)) = seen.recv().await {
+            if let Seen::Fault(p) = s {
+                faults.push(p);
+            }
+        }
+    })
+    .await;
+    faults.sort();
+    let mut expected = vec![peer(2), peer(4)];
+    expected.sort();
+    // The equivocating author and the one signing for another region; not
+    // the one merely ahead, not the forwarder of a forgery.
+    assert_eq!(faults, expected);
     running.abort();
 }

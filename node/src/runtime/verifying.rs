@@ -6,8 +6,9 @@
 use super::*;
 
 impl Node {
-    /// A model version was announced (or a peer answered a head probe):
-    /// check what its manifest alone can tell, then verify it by
+    /// A model version was announced (or a peer answered a head probe;
+    /// either way its envelope and roster are checked): check what its
+    /// manifest alone can tell, then verify it by
     /// recomputation if it could matter to this node (a later round, a
     /// same-round version that could be preferred, a recent merge). Returns
     /// the gossip verdict now, or `None` when it comes with the
@@ -15,13 +16,9 @@ impl Node {
     pub(super) async fn on_model(
         &mut self,
         source: PeerId,
-        data: &[u8],
+        manifest: Verified<ModelManifest>,
         gossip: Option<libp2p::gossipsub::MessageId>,
     ) -> Option<Verdict> {
-        let manifest = match admission::open_version(data, self.roster()) {
-            Ok(m) => m,
-            Err(r) => return Some(self.refuse(&r, &source)),
-        };
         let m = manifest.message();
         let shape = check_shape(&self.settings.engine, m, self.engine.round());
         // Too far ahead to recompute: in a permissioned region, roster
@@ -30,7 +27,9 @@ impl Node {
             && self.settings.roster.is_some();
         if let Some(r) = shape.err().filter(|_| !far) {
             tracing::info!(version = %manifest.id().short(), "model version rejected");
-            return Some(self.refuse(&r.into(), &source));
+            let r = r.into();
+            self.blame(&r, &m.author);
+            return Some(self.refuse(&r, &source));
         }
         if self.is_verified(&manifest.id()) {
             return Some(Verdict::Accept);
@@ -63,7 +62,9 @@ impl Node {
         let checked = match v.result {
             Err(r) => {
                 tracing::warn!(version = %v.manifest.id().short(), round = v.manifest.message().round, "model version rejected");
-                let verdict = self.refuse(&r.into(), &v.source);
+                let r = r.into();
+                self.blame(&r, &v.manifest.message().author);
+                let verdict = self.refuse(&r, &v.source);
                 if let Some(id) = v.gossip {
                     self.report(id, v.source, verdict).await;
                 }

@@ -1,0 +1,167 @@
+//! Gossiped announcements are checked off the node's loop. The loop hands
+//! each one to the checker without waiting (a full queue sheds it: it is
+//! reported `Ignore` and counted); the checker takes what has queued up, up
+//! to [`MAX_BATCH`], and opens it on a blocking thread with one batch
+//! signature check per kind ([`admission::open_all`]), one batch at a time
+//! (a pool of one thread: the other core stays with the node, the swarm and
+//! training); the results come back to the loop in the order they came.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::*;
+use tapestry_core::admission::{Announced, Topic};
+
+/// Announcements waiting to be checked, at most.
+pub(super) const CHECK_QUEUE: usize = 8192;
+/// Bytes of announcements waiting to be checked, at most (an announcement
+/// is at most 512 KiB; most are a few hundred bytes).
+pub(super) const CHECK_QUEUE_BYTES: usize = 64 << 20;
+/// Announcements checked in one batch, at most.
+pub(super) const MAX_BATCH: usize = 256;
+
+/// A gossip message to check.
+pub(super) struct Unchecked {
+    pub(super) id: libp2p::gossipsub::MessageId,
+    pub(super) source: PeerId,
+    pub(super) topic: Topic,
+    pub(super) data: Vec<u8>,
+}
+
+/// A gossip message checked: what it is, or why it is refused.
+pub(super) struct Checked {
+    pub(super) id: libp2p::gossipsub::MessageId,
+    pub(super) source: PeerId,
+    pub(super) result: Result<Announced, Rejection>,
+}
+
+/// The node's side of the checker.
+pub(super) struct Checker {
+    tx: mpsc::Sender<Unchecked>,
+    /// Taken by [`Checker::start`].
+    rx: Option<mpsc::Receiver<Unchecked>>,
+    queued_bytes: Arc<AtomicUsize>,
+}
+
+impl Checker {
+    pub(super) fn new() -> Checker {
+        let (tx, rx) = mpsc::channel(CHECK_QUEUE);
+        Checker {
+            tx,
+            rx: Some(rx),
+            queued_bytes: Arc::default(),
+        }
+    }
+
+    /// Starts checking (once) against `roster`; the results arrive on the
+    /// returned receiver.
+    pub(super) fn start(&mut self, roster: Option<Roster>) -> mpsc::Receiver<Checked> {
+        let (out, checked) = mpsc::channel(CHECK_QUEUE);
+        if let Some(rx) = self.rx.take() {
+            tokio::spawn(check(rx, out, roster, self.queued_bytes.clone()));
+        }
+        checked
+    }
+
+    /// Queues a message to check; gives it back if there is no room.
+    pub(super) fn offer(&self, u: Unchecked) -> Result<(), Box<Unchecked>> {
+        let bytes = u.data.len();
+        if self.queued_bytes.load(Ordering::Relaxed) + bytes > CHECK_QUEUE_BYTES {
+            return Err(Box::new(u));
+        }
+        self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.tx.try_send(u).map_err(|e| {
+            let u = e.into_inner();
+            self.queued_bytes.fetch_sub(u.data.len(), Ordering::Relaxed);
+            Box::new(u)
+        })
+    }
+}
+
+/// The checker's task: batches of what has queued up, opened on a blocking
+/// thread, the results sent on in order (waiting for the node if it is
+/// behind: the node never waits for the checker, so this cannot deadlock).
+async fn check(
+    mut rx: mpsc::Receiver<Unchecked>,
+    out: mpsc::Sender<Checked>,
+    roster: Option<Roster>,
+    queued_bytes: Arc<AtomicUsize>,
+) {
+    let roster = Arc::new(roster);
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(u) => batch.push(u),
+                Err(_) => break,
+            }
+        }
+        let bytes: usize = batch.iter().map(|u| u.data.len()).sum();
+        queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        let roster = roster.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            let (meta, items): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .map(|u| ((u.id, u.source), (u.topic, u.data)))
+                .unzip();
+            let results = admission::open_all(items, roster.as_ref().as_ref());
+            meta.into_iter()
+                .zip(results)
+                .map(|((id, source), result)| Checked { id, source, result })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        let Ok(checked) = opened else {
+            tracing::error!("checking gossip failed; the checker stops");
+            return;
+        };
+        for c in checked {
+            if out.send(c).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Node {
+    /// A gossip message arrived: to the checker, or shed if it is full.
+    pub(super) async fn on_gossip(
+        &mut self,
+        id: libp2p::gossipsub::MessageId,
+        source: PeerId,
+        topic: TopicHash,
+        data: Vec<u8>,
+    ) {
+        let topic = if topic == self.deltas_hash {
+            Topic::Deltas
+        } else if topic == self.models_hash {
+            Topic::Models
+        } else {
+            self.report(id, source, Verdict::Ignore).await;
+            return;
+        };
+        let unchecked = Unchecked {
+            id,
+            source,
+            topic,
+            data,
+        };
+        if let Err(u) = self.checker.offer(unchecked) {
+            self.shared.metrics.gossip_shed.inc();
+            self.report(u.id, u.source, Verdict::Ignore).await;
+        }
+    }
+
+    /// A gossip message checked: refused, or on to the engine.
+    pub(super) async fn on_checked(&mut self, c: Checked) {
+        let verdict = match c.result {
+            Err(r) => Some(self.refuse(&r, &c.source)),
+            Ok(Announced::Delta(m)) => Some(self.on_delta(c.source, m).await),
+            // A version being verified is reported when the verdict comes:
+            // forwarded only if it passed.
+            Ok(Announced::Version(m)) => self.on_model(c.source, m, Some(c.id.clone())).await,
+        };
+        if let Some(verdict) = verdict {
+            self.report(c.id, c.source, verdict).await;
+        }
+    }
+}
