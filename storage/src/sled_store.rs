@@ -46,6 +46,14 @@ use crate::error::StoreError;
 use crate::store::{CHUNK, ChunkStore, ScrubReport};
 
 const MARKER_FILE: &str = "TAPESTRY_STORE";
+/// How many flushes the database has made durable, as the database says
+/// (a key of its own) and as a file beside it says (written after each
+/// flush returns). sled recovers its log up to the first record that fails
+/// its checksum and drops the rest without a word; a database that
+/// remembers fewer flushes than the file has lost records it had made
+/// durable, and is reported damaged instead of being used.
+const GENERATION_KEY: &[u8] = b"g/flushes";
+const FLUSHED_FILE: &str = "FLUSHED";
 const MARKER: &str = "tapestry chunk store\nformat 1\n";
 
 /// Settings of the on-disk backend.
@@ -92,6 +100,8 @@ pub struct SledStore {
     gate: GcGate,
     unsynced: Mutex<Unsynced>,
     tmp_counter: AtomicU64,
+    /// Flushes made (see [`GENERATION_KEY`]).
+    generation: AtomicU64,
 }
 
 impl SledStore {
@@ -136,6 +146,20 @@ impl SledStore {
             Err(e) => return Err(StoreError::io(format!("reading {}", marker.display()), e)),
         }
         let meta = open_meta(dir, config)?;
+        let generation = read_generation(&meta)?;
+        let flushed = fs::read_to_string(dir.join(FLUSHED_FILE))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if flushed > generation {
+            return Err(StoreError::DamagedDatabase {
+                path: dir.to_owned(),
+                detail: format!(
+                    "it lost records it had made durable: it remembers {generation} flushes of \
+                     {flushed}"
+                ),
+            });
+        }
         let chunks = dir.join("chunks");
         let tmp = chunks.join("tmp");
         // Half-written chunks of a crashed writer.
@@ -152,6 +176,7 @@ impl SledStore {
             gate: GcGate::default(),
             unsynced: Mutex::default(),
             tmp_counter: AtomicU64::new(0),
+            generation: AtomicU64::new(generation),
         })
     }
 
@@ -176,6 +201,12 @@ impl SledStore {
                 });
             }
             Err(e) => return Err(StoreError::io(format!("reading {}", marker.display()), e)),
+        }
+        // The new database starts counting flushes again.
+        match fs::remove_file(dir.join(FLUSHED_FILE)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io(format!("removing {FLUSHED_FILE}"), e)),
         }
         let meta = dir.join("meta");
         if meta.exists() {
@@ -265,6 +296,14 @@ impl SledStore {
         }
         result
     }
+}
+
+/// The flush count the database holds.
+fn read_generation(meta: &sled::Db) -> Result<u64, StoreError> {
+    Ok(meta
+        .get(GENERATION_KEY)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map_or(0, u64::from_le_bytes))
 }
 
 /// Opens (or creates) the metadata database. sled's lock on it is the
@@ -447,9 +486,16 @@ impl Backend for SledStore {
     }
 
     fn kv_flush(&self) -> Result<(), StoreError> {
+        let n = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.meta.insert(GENERATION_KEY, &n.to_le_bytes())?;
         self.sync_chunks()?;
         self.meta.flush()?;
-        Ok(())
+        // After the flush returned: the file never says more than the
+        // database holds. Not synced (a lost update only weakens the check).
+        let tmp = self.dir.join(format!("{FLUSHED_FILE}.tmp"));
+        fs::write(&tmp, format!("{n}\n"))
+            .and_then(|()| fs::rename(&tmp, self.dir.join(FLUSHED_FILE)))
+            .map_err(|e| StoreError::io(format!("recording the flush in {}", tmp.display()), e))
     }
 
     fn kv_chunk_barrier(&self) -> Result<(), StoreError> {

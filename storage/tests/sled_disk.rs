@@ -9,6 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use common::*;
+use tapestry_protocol::ContentId;
 use tapestry_storage::*;
 
 fn open(dir: &Path) -> Result<SledStore, StoreError> {
@@ -191,4 +192,94 @@ fn rot_in_one_chunk_leaves_the_rest_of_the_store_intact() {
     assert!(report.incomplete_refs.is_empty());
     assert_eq!(s.get_ref("head").unwrap(), Some(v));
     assert!(version_complete(&s, &v));
+}
+
+/// Flips 64 bytes of `file` under the store's database at `at`.
+fn damage(dir: &Path, file: &str, at: usize) {
+    let path = dir.join("meta").join(file);
+    let mut bytes = fs::read(&path).unwrap();
+    let end = (at + 64).min(bytes.len());
+    assert!(at < end, "{file} has only {} bytes", bytes.len());
+    for b in &mut bytes[at..end] {
+        *b ^= 0x5a;
+    }
+    fs::write(&path, bytes).unwrap();
+}
+
+/// A store with a version, a delta and 200 loose chunks, flushed.
+fn filled(dir: &Path) -> (ContentId, Vec<ContentId>) {
+    let s = open(dir).unwrap();
+    let d = put_delta(&s, 1, 1);
+    let v = put_version(&s, 2, 1, 60_000, 16 << 10, vec![], vec![d.id()]);
+    s.set_ref("m/r/head", v.id()).unwrap();
+    let loose = (0..200u32)
+        .map(|k| s.put(&k.to_le_bytes().repeat(100)).unwrap())
+        .collect();
+    s.flush().unwrap();
+    (v.id(), loose)
+}
+
+#[test]
+fn a_database_that_lost_flushed_records_is_refused_and_repair_rebuilds_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let (_, loose) = filled(&dir);
+    // Damage at the start of sled's log: sled itself opens it, silently
+    // without the records after the damage (refs, manifests, the index).
+    damage(&dir, "db", 0);
+    let err = open(&dir).err().expect("a damaged database was opened");
+    assert!(
+        matches!(err, StoreError::DamagedDatabase { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("repair"), "{err}");
+
+    let (s, report) = SledStore::repair(&dir).unwrap();
+    // Every chunk file whose bytes match its name is indexed again and
+    // served; what lived only in the database (refs, manifests) is gone.
+    assert!(report.index_repairs >= loose.len() as u64, "{report:?}");
+    assert!(report.corrupt_chunks.is_empty(), "{report:?}");
+    for id in &loose {
+        assert!(s.get_verified(id).unwrap().is_some(), "{id} lost");
+    }
+    assert_eq!(s.get_ref("m/r/head").unwrap(), None);
+    // The damaged database is kept aside, not deleted.
+    let aside: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("meta.damaged-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    // The repaired store opens again, and keeps what is written to it.
+    let fresh = s.put(b"after the repair").unwrap();
+    s.flush().unwrap();
+    drop(s);
+    let s = open(&dir).unwrap();
+    assert!(s.get_verified(&fresh).unwrap().is_some());
+    assert!(s.scrub().unwrap().is_clean());
+}
+
+#[test]
+fn a_database_sled_cannot_read_is_reported_damaged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    filled(&dir);
+    damage(&dir, "conf", 0);
+    let err = open(&dir).err().expect("a damaged database was opened");
+    assert!(
+        matches!(err, StoreError::DamagedDatabase { .. }),
+        "{err:?}"
+    );
+    let (s, report) = SledStore::repair(&dir).unwrap();
+    assert!(report.index_repairs >= 200, "{report:?}");
+    assert!(s.scrub().unwrap().is_clean());
+}
+
+#[test]
+fn repair_refuses_a_directory_that_is_not_a_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(tmp.path().join("notes.txt"), "mine").unwrap();
+    let err = SledStore::repair(tmp.path()).err().unwrap();
+    assert!(err.to_string().contains("TAPESTRY_STORE"), "{err}");
+    assert!(tmp.path().join("notes.txt").exists());
 }
