@@ -57,6 +57,11 @@ enum Command {
     Model(ModelCommand),
     /// Check every chunk in the store against its id; exit 1 if any is corrupt.
     Scrub(DirArgs),
+    /// Rebuild a damaged store database from the chunk files (stop the node
+    /// first). The damaged database is kept aside as store/meta.damaged-*;
+    /// refs and manifests are lost, so the node starts again from its
+    /// genesis and takes the region's head from its peers.
+    Repair(DirArgs),
     /// Start a few real nodes on loopback in this process and watch them train.
     Demo(DemoArgs),
     /// Make and extend a permissioned region's roster.
@@ -261,6 +266,7 @@ fn main() -> ExitCode {
         Command::Model(ModelCommand::Import(a)) => import(&a),
         Command::Model(ModelCommand::Lineage(a)) => lineage(&a),
         Command::Scrub(a) => scrub(&a),
+        Command::Repair(a) => repair(&a),
         Command::Demo(a) => tokio_main(demo(a)),
         Command::Region(RegionCommand::New(a)) => region_new(&a),
         Command::Region(RegionCommand::Add(a)) => region_add(&a),
@@ -595,6 +601,22 @@ fn scrub(a: &DirArgs) -> Result<ExitCode, String> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn repair(a: &DirArgs) -> Result<ExitCode, String> {
+    let dir = DataDir {
+        root: a.data_dir.clone(),
+    };
+    let r = ops::repair(&dir).map_err(|e| e.to_string())?;
+    println!(
+        "repaired: {} chunk files indexed again ({} MiB checked), {} corrupt and quarantined; \
+         refs and manifests were lost: the node starts again from its genesis and takes the \
+         region's head from its peers",
+        r.index_repairs,
+        r.bytes_checked >> 20,
+        r.corrupt_chunks.len()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn demo(a: DemoArgs) -> Result<ExitCode, String> {

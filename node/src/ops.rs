@@ -53,6 +53,14 @@ pub enum OpsError {
         /// What it holds.
         what: &'static str,
     },
+    /// The store's database is damaged; `tapestry repair` rebuilds it.
+    #[error("{source}: stop the node and run `tapestry repair --data-dir {}`", dir.display())]
+    Damaged {
+        /// The node's data directory.
+        dir: PathBuf,
+        /// What the store found.
+        source: StoreError,
+    },
     /// The node has no model version to work on.
     #[error("this node has no model version yet: run it first (tapestry run --data-dir {})", dir.display())]
     NoModel {
@@ -301,9 +309,15 @@ pub fn open_store(dir: &DataDir, create: bool) -> Result<SledStore, OpsError> {
             ..SledConfig::default()
         },
     )
-    .map_err(|source| OpsError::Store {
-        path: Some(dir.store()),
-        source,
+    .map_err(|source| match source {
+        StoreError::DamagedDatabase { .. } => OpsError::Damaged {
+            dir: dir.root.clone(),
+            source,
+        },
+        source => OpsError::Store {
+            path: Some(dir.store()),
+            source,
+        },
     })
 }
 
@@ -443,6 +457,28 @@ pub fn lineage(
 /// Rehashes every chunk of the node's store.
 pub fn scrub(dir: &DataDir) -> Result<ScrubReport, OpsError> {
     Ok(open_store(dir, false)?.scrub()?)
+}
+
+/// Rebuilds the store's database from its chunk files (see
+/// [`SledStore::repair`]): the damaged database is kept aside, every sound
+/// chunk file is indexed again. What lived only in the database —
+/// manifests, refs (the head among them), pins — is gone: the node starts
+/// again from its genesis and takes the region's head from its peers as a
+/// new node does, without fetching the chunks it still holds. Its
+/// identity, sequence numbers and last vote are files of their own and are
+/// kept.
+pub fn repair(dir: &DataDir) -> Result<ScrubReport, OpsError> {
+    if !dir.store().exists() {
+        return Err(OpsError::NoModel {
+            dir: dir.root.clone(),
+        });
+    }
+    let (store, report) = SledStore::repair(&dir.store()).map_err(|source| OpsError::Store {
+        path: Some(dir.store()),
+        source,
+    })?;
+    drop(store);
+    Ok(report)
 }
 
 /// Writes where a running node can be reached (`endpoints.json`: node and

@@ -38,7 +38,8 @@ pub enum StoreError {
     /// files are untouched; [`crate::SledStore::repair`] rebuilds the
     /// database from them.
     #[error(
-        "the store's database in {path} is damaged ({detail}); repair the store to rebuild it          from its chunk files"
+        "the store's database in {path} is damaged ({detail}); repair the store to rebuild it \
+         from its chunk files"
     )]
     DamagedDatabase {
         /// The store's directory.

@@ -227,11 +227,10 @@ fn a_database_that_lost_flushed_records_is_refused_and_repair_rebuilds_it() {
     // Damage at the start of sled's log: sled itself opens it, silently
     // without the records after the damage (refs, manifests, the index).
     damage(&dir, "db", 0);
-    let err = open(&dir).err().expect("a damaged database was opened");
-    assert!(
-        matches!(err, StoreError::DamagedDatabase { .. }),
-        "{err:?}"
-    );
+    let Err(err) = open(&dir) else {
+        panic!("a damaged database was opened")
+    };
+    assert!(matches!(err, StoreError::DamagedDatabase { .. }), "{err:?}");
     assert!(err.to_string().contains("repair"), "{err}");
 
     let (s, report) = SledStore::repair(&dir).unwrap();
@@ -265,11 +264,10 @@ fn a_database_sled_cannot_read_is_reported_damaged() {
     let dir = tmp.path().join("store");
     filled(&dir);
     damage(&dir, "conf", 0);
-    let err = open(&dir).err().expect("a damaged database was opened");
-    assert!(
-        matches!(err, StoreError::DamagedDatabase { .. }),
-        "{err:?}"
-    );
+    let Err(err) = open(&dir) else {
+        panic!("a damaged database was opened")
+    };
+    assert!(matches!(err, StoreError::DamagedDatabase { .. }), "{err:?}");
     let (s, report) = SledStore::repair(&dir).unwrap();
     assert!(report.index_repairs >= 200, "{report:?}");
     assert!(s.scrub().unwrap().is_clean());
