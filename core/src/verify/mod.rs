@@ -130,6 +130,14 @@ pub enum VersionRejection {
         /// The limit.
         limit: usize,
     },
+    /// Verifying it would take more manifests, or more manifest bytes, than
+    /// one verification may fetch.
+    LineageTooLarge {
+        /// Manifests fetched when the limit was reached.
+        manifests: usize,
+        /// Their bytes.
+        bytes: usize,
+    },
 }
 
 impl VersionRejection {
@@ -155,7 +163,8 @@ impl VersionRejection {
             | VersionRejection::UnknownParent(_)
             | VersionRejection::UnknownDelta(_)
             | VersionRejection::NotABranch
-            | VersionRejection::TooFarBehind { .. } => false,
+            | VersionRejection::TooFarBehind { .. }
+            | VersionRejection::LineageTooLarge { .. } => false,
         }
     }
 
@@ -175,11 +184,12 @@ impl VersionRejection {
             VersionRejection::NotABranch => "not_a_branch",
             VersionRejection::Mismatch => "version_mismatch",
             VersionRejection::TooFarBehind { .. } => "too_far_behind",
+            VersionRejection::LineageTooLarge { .. } => "lineage_too_large",
         }
     }
 
     /// Every label, for metrics that start at zero.
-    pub const LABELS: [&'static str; 13] = [
+    pub const LABELS: [&'static str; 14] = [
         "wrong_scope",
         "bad_version",
         "round_jump",
@@ -193,6 +203,7 @@ impl VersionRejection {
         "not_a_branch",
         "version_mismatch",
         "too_far_behind",
+        "lineage_too_large",
     ];
 }
 
@@ -222,6 +233,10 @@ impl fmt::Display for VersionRejection {
             VersionRejection::TooFarBehind { limit } => {
                 write!(f, "more than {limit} unverified versions behind it")
             }
+            VersionRejection::LineageTooLarge { manifests, bytes } => write!(
+                f,
+                "its lineage is too large to fetch ({manifests} manifests, {bytes} bytes so far)"
+            ),
         }
     }
 }

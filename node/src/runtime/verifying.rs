@@ -525,9 +525,44 @@ fn match_offered(
     Some(Ok((checked.params, assessment)))
 }
 
+/// Manifests one verification may fetch, at most: a catch-up over
+/// `max_rounds_ahead` (1,024) rounds in a region of a dozen authors. A
+/// version whose lineage needs more is refused (`lineage_too_large`), not
+/// held against the peer (it may be honest and this node far behind).
+pub(super) const MAX_LINEAGE_MANIFESTS: usize = 16 * 1024;
+/// Bytes of manifests one verification may hold, at most (they stay in
+/// memory until the version passes): 64 MiB, so that the
+/// [`MAX_VERIFYING`] verifications at once hold at most 1 GiB.
+pub(super) const MAX_LINEAGE_BYTES: usize = 64 << 20;
+
+/// What one verification has fetched so far, against its limits.
+#[derive(Default)]
+struct Fetched {
+    manifests: usize,
+    bytes: usize,
+}
+
+impl Fetched {
+    fn add(&mut self, bytes: usize) -> Result<(), VersionRejection> {
+        self.manifests += 1;
+        self.bytes += bytes;
+        if self.manifests > MAX_LINEAGE_MANIFESTS || self.bytes > MAX_LINEAGE_BYTES {
+            return Err(VersionRejection::LineageTooLarge {
+                manifests: self.manifests,
+                bytes: self.bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Fetches what recomputing `target` needs — ancestors' and deltas'
 /// manifests, then delta payloads, one generation of ancestors per pass —
-/// into `l` and the store; the versions to recompute, oldest first.
+/// into `l` and the store; the versions to recompute, oldest first. At
+/// most [`MAX_LINEAGE_MANIFESTS`] manifests and [`MAX_LINEAGE_BYTES`] of
+/// them; the delta payloads fetched are each checked against the layout
+/// by the door before they are aggregated (and collected with the rest if
+/// the version fails).
 async fn gather(
     ctx: &VerifyCtx,
     l: &mut StoreLineage<'_>,
@@ -535,6 +570,7 @@ async fn gather(
     providers: &[PeerId],
     max_chain: usize,
 ) -> Result<Vec<ContentId>, VersionRejection> {
+    let mut fetched = Fetched::default();
     for _ in 0..=max_chain {
         let (models, deltas, payloads) = match verify::plan(&*l, &ctx.cfg, target, max_chain)? {
             Plan::Ready(order) => return Ok(order),
@@ -551,6 +587,7 @@ async fn gather(
                 .and_then(|b| Signed::<ModelManifest>::open(&b).ok())
                 .filter(|v| v.id() == *id)
                 .ok_or(VersionRejection::UnknownParent(*id))?;
+            fetched.add(got.envelope_bytes().len())?;
             l.models.insert(*id, got);
         }
         for id in &deltas {
@@ -559,6 +596,7 @@ async fn gather(
                 .and_then(|b| Signed::<DeltaManifest>::open(&b).ok())
                 .filter(|v| v.id() == *id)
                 .ok_or(VersionRejection::UnknownDelta(*id))?;
+            fetched.add(got.envelope_bytes().len())?;
             l.deltas.insert(*id, got);
         }
         for dm in &payloads {
@@ -660,4 +698,33 @@ pub(super) async fn recompute_offered(
     let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
     let assessment = heads::assess(&l, &ctx.cfg, head, target, &checked);
     Ok((checked.params, assessment))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verification_fetches_no_more_manifests_or_bytes_than_its_limits() {
+        let mut f = Fetched::default();
+        for _ in 0..MAX_LINEAGE_MANIFESTS {
+            assert!(f.add(100).is_ok());
+        }
+        assert!(matches!(
+            f.add(100),
+            Err(VersionRejection::LineageTooLarge { manifests, .. }) if manifests == MAX_LINEAGE_MANIFESTS + 1
+        ));
+        let mut f = Fetched::default();
+        assert!(f.add(MAX_LINEAGE_BYTES - 1).is_ok());
+        let refused = f.add(2).map_err(|r| Rejection::from(r));
+        // Refused, but not held against whoever offered it.
+        assert_eq!(
+            refused.as_ref().map_err(Rejection::verdict),
+            Err(Verdict::Ignore)
+        );
+        assert_eq!(
+            refused.as_ref().map_err(Rejection::label),
+            Err("lineage_too_large")
+        );
+    }
 }
