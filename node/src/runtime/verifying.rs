@@ -716,7 +716,7 @@ mod tests {
         ));
         let mut f = Fetched::default();
         assert!(f.add(MAX_LINEAGE_BYTES - 1).is_ok());
-        let refused = f.add(2).map_err(|r| Rejection::from(r));
+        let refused = f.add(2).map_err(Rejection::from);
         // Refused, but not held against whoever offered it.
         assert_eq!(
             refused.as_ref().map_err(Rejection::verdict),
