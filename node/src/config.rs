@@ -59,11 +59,18 @@ pub struct StoreSection {
     /// The versions of the latest `keep_versions` rounds are kept, with
     /// their deltas; older versions are collected (`0`: keep everything).
     pub keep_versions: u64,
+    /// Most MiB the store may occupy (`0`: no quota, only the disk's
+    /// size). Past it the node serves what it holds but takes no new data
+    /// until collection brings it under 90 % of the quota.
+    pub quota_mb: u64,
 }
 
 impl Default for StoreSection {
     fn default() -> Self {
-        Self { keep_versions: 256 }
+        Self {
+            keep_versions: 256,
+            quota_mb: 0,
+        }
     }
 }
 
@@ -342,6 +349,13 @@ min_round_ms = {min_round}
 # node's store: in a permissioned region it needs members' attestations.
 # Disk: about keep_versions x (model + one round's deltas).
 keep_versions = {keep}
+# Most MiB the store may occupy (0 = no quota: only the disk's size). When
+# the store is over it, or the disk is out of space, the node keeps serving
+# what it holds and keeps its peers, takes no new deltas or versions, and
+# says disk_full in /status and tapestry_disk_full in /metrics; it takes
+# data again once collection brings the store under 90 % of the quota (or
+# the disk has room).
+quota_mb = {quota}
 "#,
         codec = d.round.codec,
         agg = d.round.aggregator,
@@ -354,6 +368,7 @@ keep_versions = {keep}
         start_wait = d.round.start_wait_ms,
         min_round = d.round.min_round_ms,
         keep = d.store.keep_versions,
+        quota = d.store.quota_mb,
     )
 }
 

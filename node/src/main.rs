@@ -286,7 +286,11 @@ fn logging(format: LogFormat, quiet: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A log that cannot be written (its disk full) loses lines; it must
+        // not stop the node (the default reports through `eprintln!`, which
+        // panics when standard error cannot be written).
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -726,6 +730,7 @@ async fn launch_demo(
             start_wait: Duration::from_secs(20),
             min_round: Duration::ZERO,
             keep_versions: cfg.store.keep_versions,
+            quota_bytes: None,
             freeze_at_round: None,
             roster: None,
             region_key: None,

@@ -81,6 +81,12 @@ pub struct Metrics {
     pub requests_busy: Counter,
     /// Gossip messages the node had no room to check (reported `Ignore`).
     pub gossip_shed: Counter,
+    /// 1 while the store is full (quota reached or disk out of space).
+    pub disk_full: Gauge,
+    /// Bytes the store occupied when last measured.
+    pub store_bytes: Gauge,
+    /// The store's quota in bytes (0: none).
+    pub store_quota_bytes: Gauge,
     /// The registry (ours and libp2p's), for encoding.
     pub registry: Mutex<Registry>,
 }
@@ -113,6 +119,9 @@ impl Metrics {
             gc_deleted_bytes: Counter::default(),
             requests_busy: Counter::default(),
             gossip_shed: Counter::default(),
+            disk_full: Gauge::default(),
+            store_bytes: Gauge::default(),
+            store_quota_bytes: Gauge::default(),
             registry: Mutex::new(Registry::default()),
         };
         let r = registry.sub_registry_with_prefix("tapestry");
@@ -153,6 +162,21 @@ impl Metrics {
             "requests_busy",
             "Peers' chunk and manifest requests answered Busy (too many in flight)",
             m.requests_busy.clone(),
+        );
+        r.register(
+            "disk_full",
+            "1 while the store is full (its quota reached or the disk out of space): no new data is taken",
+            m.disk_full.clone(),
+        );
+        r.register(
+            "store_bytes",
+            "Bytes the store occupied when last measured",
+            m.store_bytes.clone(),
+        );
+        r.register(
+            "store_quota_bytes",
+            "The store's quota in bytes (0: none)",
+            m.store_quota_bytes.clone(),
         );
         r.register(
             "gossip_shed",

@@ -274,6 +274,7 @@ pub fn node_settings(cfg: &Config, dir: &DataDir, key: &Keypair) -> Result<NodeS
         start_wait: cfg.start_wait(),
         min_round: Duration::from_millis(cfg.round.min_round_ms),
         keep_versions: cfg.store.keep_versions,
+        quota_bytes: (cfg.store.quota_mb > 0).then(|| cfg.store.quota_mb.saturating_mul(1 << 20)),
         freeze_at_round: None,
         roster: if cfg.roster.is_empty() {
             None

@@ -71,6 +71,14 @@ pub struct Status {
     pub store_manifests: u64,
     /// Whether the node has finished its configured rounds.
     pub finished: bool,
+    /// Whether the store is full (its quota reached, or the disk out of
+    /// space): the node then serves what it holds and keeps its peers, but
+    /// takes no new deltas or versions until there is room again.
+    pub disk_full: bool,
+    /// Why, when it is.
+    pub disk_full_reason: Option<String>,
+    /// Bytes the store occupied when last measured.
+    pub store_bytes: u64,
 }
 
 /// The node's loop must show it is alive at least this often (it ticks
@@ -117,6 +125,56 @@ impl Health {
     }
 }
 
+/// Why the store takes no new data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFull {
+    /// The store has grown past its quota.
+    Quota {
+        /// Bytes it occupies.
+        used: u64,
+        /// Its quota.
+        quota: u64,
+    },
+    /// A write found the disk out of space.
+    NoSpace,
+}
+
+impl std::fmt::Display for DiskFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiskFull::Quota { used, quota } => write!(
+                f,
+                "the store holds {} MiB, over its quota of {} MiB",
+                used >> 20,
+                quota >> 20
+            ),
+            DiskFull::NoSpace => f.write_str("the disk is out of space"),
+        }
+    }
+}
+
+/// Whether the store is full, shared by the node's loop and its blocking
+/// tasks (which find out first when a write fails).
+#[derive(Debug, Default)]
+pub struct Disk {
+    full: Mutex<Option<DiskFull>>,
+}
+
+impl Disk {
+    /// Why the store is full, if it is.
+    pub fn full(&self) -> Option<DiskFull> {
+        self.full.lock().map(|f| *f).unwrap_or(None)
+    }
+
+    /// Sets (or clears) the state; returns the previous one.
+    pub(crate) fn set(&self, state: Option<DiskFull>) -> Option<DiskFull> {
+        match self.full.lock() {
+            Ok(mut f) => std::mem::replace(&mut *f, state),
+            Err(_) => None,
+        }
+    }
+}
+
 /// State shared with the HTTP API.
 #[derive(Debug, Clone)]
 pub struct Shared {
@@ -128,6 +186,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Whether the node's loop and network task are alive.
     pub health: Arc<Health>,
+    /// Whether the store is full.
+    pub disk: Arc<Disk>,
 }
 
 impl Shared {
@@ -138,7 +198,22 @@ impl Shared {
             head: Arc::new(Mutex::new(None)),
             metrics,
             health: Arc::default(),
+            disk: Arc::default(),
         }
+    }
+
+    /// Marks the store full (or not); logs and shows the change.
+    pub(crate) fn set_disk_full(&self, state: Option<DiskFull>) {
+        let was = self.disk.set(state);
+        if was != state {
+            match state {
+                Some(why) => {
+                    tracing::warn!(%why, "store full: serving what it holds, taking no new data")
+                }
+                None => tracing::info!("store has room again: taking new data"),
+            }
+        }
+        self.metrics.disk_full.set(i64::from(state.is_some()));
     }
 
     /// A copy of the status. Its counters are read from the metrics, so
@@ -158,6 +233,10 @@ impl Shared {
         s.rejected = m.rejected();
         s.store_chunk_bytes = m.store_chunk_bytes.get().max(0) as u64;
         s.store_manifests = m.store_manifests.get().max(0) as u64;
+        s.store_bytes = m.store_bytes.get().max(0) as u64;
+        let full = self.disk.full();
+        s.disk_full = full.is_some();
+        s.disk_full_reason = full.map(|f| f.to_string());
         s
     }
 

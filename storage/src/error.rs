@@ -102,6 +102,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the disk (or the file system's quota) ran out of space.
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. }
+            if matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded))
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
         StoreError::Io {
             context: context.into(),
@@ -112,6 +118,13 @@ impl StoreError {
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
-        StoreError::Backend(e.to_string())
+        match e {
+            // Keep the kind (a full disk is told apart from other faults).
+            sled::Error::Io(source) => StoreError::Io {
+                context: "the store's database".into(),
+                source,
+            },
+            e => StoreError::Backend(e.to_string()),
+        }
     }
 }

@@ -259,10 +259,14 @@ impl SledStore {
             .chunks
             .join("tmp")
             .join(format!("{}.{n}", std::process::id()));
-        let mut f = fs::File::create(&tmp).map_err(io)?;
-        f.write_all(bytes).map_err(io)?;
-        drop(f);
-        fs::rename(&tmp, path).map_err(io)?;
+        let written = fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(bytes))
+            .and_then(|()| fs::rename(&tmp, path));
+        if let Err(e) = written {
+            // A half-written chunk (a full disk) must not hold on to space.
+            let _ = fs::remove_file(&tmp);
+            return Err(io(e));
+        }
         let mut unsynced = self.unsynced();
         unsynced.files.push(path.to_owned());
         unsynced.dirs.insert(self.chunks.clone());

@@ -188,7 +188,7 @@ impl Node {
         if !self.engine.holds_delta(&id) {
             return;
         }
-        let store = self.store.clone();
+        let (store, shared) = (self.store.clone(), self.shared.clone());
         tokio::task::spawn_blocking(move || {
             let chunk_size = manifest.message().chunk_size as usize;
             let kept = store
@@ -196,6 +196,7 @@ impl Node {
                 .and_then(|_| store.put_delta_manifest(&manifest));
             if let Err(e) = kept {
                 tracing::warn!(error = %e, delta = %id.short(), "cannot store an admitted delta");
+                space::note_failure(&shared, &e);
             }
         });
     }

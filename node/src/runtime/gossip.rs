@@ -99,6 +99,10 @@ impl Node {
         source: PeerId,
         manifest: Verified<DeltaManifest>,
     ) -> Verdict {
+        if !self.accepting() {
+            // The store is full: no new data (not fetched, not forwarded).
+            return Verdict::Ignore;
+        }
         self.providers
             .entry(manifest.id())
             .or_default()

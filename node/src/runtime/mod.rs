@@ -42,6 +42,7 @@ mod liveness;
 mod names;
 mod retention;
 mod serve;
+mod space;
 mod verifying;
 
 use fetch::*;
@@ -88,6 +89,9 @@ pub struct NodeSettings {
     /// The head and its latest this many ancestors are kept on disk, with
     /// their deltas; older versions are collected (`0`: keep everything).
     pub keep_versions: u64,
+    /// Most bytes the store may occupy (`None`: no quota, only the disk's
+    /// size); past it the node takes no new data (see `space`).
+    pub quota_bytes: Option<u64>,
     /// Fault injection, for tests only: the node's loop freezes (never
     /// returns) once it has adopted a version of this round.
     pub freeze_at_round: Option<u64>,
@@ -122,6 +126,10 @@ pub enum NodeError {
     /// The configuration cannot work.
     #[error("{0}")]
     Config(String),
+    /// The store is full (its quota reached or the disk out of space):
+    /// nothing new is written.
+    #[error("the store is full (see disk_full in /status)")]
+    StoreFull,
 }
 
 /// The node's own task.
@@ -191,6 +199,8 @@ pub struct Node {
     serving: serve::Serving,
     /// Checks gossiped announcements off the loop, in batches.
     checker: checking::Checker,
+    /// Whether the store's size is being measured.
+    measuring: space::Measuring,
     /// Gossiped deltas' payloads, fetched into memory.
     fetched_tx: mpsc::Sender<(Verified<DeltaManifest>, Vec<u8>)>,
     fetched_rx: mpsc::Receiver<(Verified<DeltaManifest>, Vec<u8>)>,
@@ -223,6 +233,10 @@ impl Node {
         let (heads_tx, heads_rx) = mpsc::channel(64);
         let (findings_tx, findings_rx) = mpsc::channel(64);
         let (fetched_tx, fetched_rx) = mpsc::channel(64);
+        shared
+            .metrics
+            .store_quota_bytes
+            .set(settings.quota_bytes.unwrap_or(0) as i64);
         shared.update(|s| {
             s.node_id = key.node_id().to_string();
             s.peer_id = net.peer_id().to_string();
@@ -274,6 +288,7 @@ impl Node {
             collecting: retention::Collecting::default(),
             serving: serve::Serving::default(),
             checker: checking::Checker::new(),
+            measuring: space::Measuring::default(),
             fetched_tx,
             fetched_rx,
         })
@@ -428,6 +443,7 @@ impl Node {
                 }
                 _ = ticker.tick() => {
                     self.shared.health.ticked(self.net.snapshot().updated);
+                    self.check_space();
                     self.refresh_network().await;
                     self.verify_early(false).await;
                     // Announcements can be missed (a peer that was away, a
@@ -555,6 +571,7 @@ impl Node {
             .and_then(|_| self.store.put_delta_manifest(&manifest));
         if let Err(e) = stored {
             tracing::error!(error = %e, "cannot store own delta; not announcing it");
+            self.store_failed(&e);
             return;
         }
         let data = manifest.envelope_bytes().to_vec();
@@ -604,8 +621,22 @@ impl Node {
     /// version of the same round heard meanwhile, verify the next round's
     /// versions held back, show it, and announce it.
     async fn adopted(&mut self, manifest: Verified<ModelManifest>, params: Vec<f32>) {
-        if let Err(e) = self.keep_version(&manifest, &params) {
-            tracing::error!(error = %e, "cannot store the new version");
+        let kept = if self.accepting() {
+            self.keep_version(&manifest, &params)
+        } else {
+            Err(NodeError::StoreFull)
+        };
+        if let Err(e) = kept {
+            // Not stored, so not acknowledged: not announced, not served,
+            // and not the head on disk (after a restart the node is back on
+            // the last version it stored).
+            tracing::error!(error = %e, round = manifest.message().round, "cannot store the new version; not announcing it");
+            if let NodeError::Store(e) = &e {
+                self.store_failed(e);
+            }
+            self.shared.metrics.rounds.inc();
+            self.verify_early(true).await;
+            return;
         }
         // A peer may already have announced a preferred version of this
         // round while this node was still closing it.

@@ -34,6 +34,10 @@ impl Node {
         if self.is_verified(&manifest.id()) {
             return Some(Verdict::Accept);
         }
+        if !self.accepting() {
+            // The store is full: nothing new is verified (or stored).
+            return Some(Verdict::Ignore);
+        }
         if !self.running || !(far || heads::worth_verifying(&self.engine, m)) {
             return Some(Verdict::Ignore);
         }
@@ -686,6 +690,7 @@ pub(super) async fn recompute_offered(
             }
             kept.map_err(|e| {
                 tracing::error!(error = %e, "cannot store a verified version");
+                space::note_failure(&ctx.shared, &e);
                 VersionRejection::UnknownParent(v.id())
             })
         },

@@ -1,0 +1,107 @@
+//! Disk space. The store may have a quota (`[store] quota_mb`); the disk
+//! may run out. Either way the node marks the store full: it keeps serving
+//! what it holds, keeps its peers and its API, and takes no new deltas or
+//! versions (announcements are ignored, not fetched) until there is room.
+//! Nothing it acknowledged is lost: a head moves only after its version is
+//! stored and flushed, and a version that could not be stored is not
+//! announced. The store's size is measured every tick (off the loop); when
+//! full, a collection runs to free what it can, and the node takes data
+//! again once the store is under 90 % of its quota and a probe write
+//! succeeds.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::status::DiskFull;
+
+use super::*;
+
+/// Bytes of the probe written to find out whether the disk has room again.
+const PROBE_BYTES: usize = 256 << 10;
+
+/// Whether a measurement is running (shared with its thread).
+pub(super) type Measuring = Arc<AtomicBool>;
+
+impl Node {
+    /// Whether the node takes new data (the store is not full).
+    pub(super) fn accepting(&self) -> bool {
+        self.shared.disk.full().is_none()
+    }
+
+    /// Measures the store and decides whether it is (still) full, on a
+    /// blocking thread, one measurement at a time; while it is full, also
+    /// collects what can go now (rather than after the next head, which
+    /// may not come while full). Called every tick.
+    pub(super) fn check_space(&self) {
+        if self.shared.disk.full().is_some() {
+            self.collect_garbage(self.engine.round());
+        }
+        if self.measuring.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (store, shared, measuring) = (
+            self.store.clone(),
+            self.shared.clone(),
+            self.measuring.clone(),
+        );
+        let quota = self.settings.quota_bytes;
+        tokio::task::spawn_blocking(move || {
+            let state = measure(&store, &shared, quota);
+            shared.set_disk_full(state);
+            measuring.store(false, Ordering::Release);
+        });
+    }
+
+    /// A store write failed: if for want of space, the store is full.
+    pub(super) fn store_failed(&self, e: &tapestry_storage::StoreError) {
+        note_failure(&self.shared, e);
+    }
+}
+
+/// What a store write error means for the disk state (from any thread).
+pub(super) fn note_failure(shared: &Shared, e: &tapestry_storage::StoreError) {
+    if e.is_out_of_space() {
+        shared.set_disk_full(Some(DiskFull::NoSpace));
+    }
+}
+
+/// The disk state now: over the quota (or, once full, not yet back under
+/// 90 % of it), or out of space (until a probe write succeeds).
+fn measure(store: &Store, shared: &Shared, quota: Option<u64>) -> Option<DiskFull> {
+    let used = match store.disk_bytes() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot measure the store");
+            return shared.disk.full();
+        }
+    };
+    shared.metrics.store_bytes.set(used as i64);
+    let now = shared.disk.full();
+    if let Some(quota) = quota {
+        let limit = if matches!(now, Some(DiskFull::Quota { .. })) {
+            quota / 10 * 9
+        } else {
+            quota
+        };
+        if used > limit {
+            return Some(DiskFull::Quota { used, quota });
+        }
+    }
+    if now.is_some() {
+        // Room again? Only a write can tell (the file system may be shared,
+        // reserved blocks differ): a probe chunk, unreachable, collected by
+        // the next collection.
+        let mut probe = vec![0u8; PROBE_BYTES];
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        probe[..16].copy_from_slice(&stamp.to_le_bytes());
+        if let Err(e) = store.put(&probe).and_then(|_| store.flush()) {
+            return if e.is_out_of_space() {
+                Some(DiskFull::NoSpace)
+            } else {
+                now
+            };
+        }
+    }
+    None
+}

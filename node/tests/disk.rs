@@ -1,0 +1,228 @@
+//! A node whose store fills up: the disk itself (a small tmpfs the test
+//! mounts, then fills) and the store's quota. The node keeps serving and
+//! stays healthy, says `disk_full` in `/status` and `/metrics`, takes no new
+//! data, takes data again when there is room, and loses nothing it
+//! acknowledged (SIGKILL, restart). Real processes, a real sled store on a
+//! real file system. Mounting needs root (as the namespace tests do).
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tapestry_lab::process::{NodeProcess, init, local_run, set_config, status};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_tapestry"))
+}
+
+/// A tmpfs of `mib` MiB, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, mib: u64) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs (this test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn start(dir: &Path) -> (NodeProcess, String) {
+    let _ = std::fs::remove_file(dir.join("endpoints.json"));
+    let digits = tapestry_testkit::digits_arg();
+    let args = [
+        "--min-round-ms",
+        "100",
+        "--data",
+        &digits,
+        "--start-peers",
+        "0",
+    ];
+    let node = NodeProcess::spawn(local_run(bin(), dir, &args), dir).unwrap();
+    let api = node
+        .api(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("no endpoints; log:\n{}", node.log()));
+    (node, api)
+}
+
+/// Polls the node's status until `done` holds; returns it.
+fn wait(
+    node: &NodeProcess,
+    api: &str,
+    secs: u64,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Ok(s) = status(api)
+            && done(&s)
+        {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not after {secs} s; status {:?}\nlog:\n{}",
+            status(api).ok(),
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn round(s: &Value) -> u64 {
+    s["round"].as_u64().unwrap_or(0)
+}
+
+fn get(api: &str, path: &str) -> Option<String> {
+    tapestry_node::api::get(api, path, Duration::from_secs(10)).ok()
+}
+
+fn healthy(api: &str) -> bool {
+    Command::new(bin())
+        .args(["health", "--api", api])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+#[test]
+fn a_full_disk_stops_new_data_not_the_node_and_nothing_acknowledged_is_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = Tmpfs::mount(&tmp.path().join("mnt"), 16);
+    let dir = mnt.0.join("node");
+    init(bin(), &dir, &["--region", "test"]).unwrap();
+    let (mut node, api) = start(&dir);
+    wait(&node, &api, 60, "rounds", |s| round(s) >= 5);
+
+    // Fill the file system to the last block.
+    let filler = mnt.0.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let block = vec![0x5au8; 64 << 10];
+    while f.write_all(&block).is_ok() {}
+    let _ = f.write_all(&[0u8; 512]);
+    drop(f);
+
+    let full = wait(&node, &api, 60, "disk_full", |s| s["disk_full"] == true);
+    assert_eq!(
+        full["disk_full_reason"], "the disk is out of space",
+        "{full}"
+    );
+    let metrics = get(&api, "/metrics").unwrap();
+    assert!(metrics.contains("tapestry_disk_full 1"), "{metrics}");
+    // Still serving, still healthy.
+    assert!(healthy(&api), "a node with a full disk is unhealthy");
+    let head = get(&api, "/model/head").expect("the head is not served");
+    assert!(head.contains(full["head"].as_str().unwrap()), "{head}");
+    // While full, the head on disk stays put.
+    std::thread::sleep(Duration::from_secs(3));
+    let still = status(&api).unwrap();
+    assert_eq!(still["disk_full"], true, "{still}");
+    assert_eq!(still["head"], full["head"], "the head moved on a full disk");
+
+    // Room again: data again, rounds again.
+    std::fs::remove_file(&filler).unwrap();
+    let r = round(&still);
+    let back = wait(&node, &api, 60, "room again", |s| {
+        s["disk_full"] == false && round(s) > r + 3
+    });
+    assert!(
+        get(&api, "/metrics")
+            .unwrap()
+            .contains("tapestry_disk_full 0")
+    );
+
+    // Acknowledged is on disk: killed without warning, the node comes back
+    // at least where it said it was.
+    let acknowledged = round(&status(&api).unwrap()).max(round(&back));
+    node.kill9();
+    let (mut node, api) = start(&dir);
+    let again = status(&api).unwrap();
+    assert!(
+        round(&again) >= acknowledged,
+        "back at round {} after acknowledging {acknowledged}",
+        round(&again)
+    );
+    assert!(node.terminate(Duration::from_secs(20)).is_some());
+    let scrub = Command::new(bin())
+        .args(["scrub", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        scrub.status.success(),
+        "{}",
+        String::from_utf8_lossy(&scrub.stdout)
+    );
+}
+
+#[test]
+fn the_store_stays_within_its_quota() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("node");
+    init(bin(), &dir, &["--region", "test"]).unwrap();
+    set_config(&dir, "keep_versions", "20").unwrap();
+    // How big the store is at rest decides the quota: a little above it.
+    let (mut node, api) = start(&dir);
+    let s = wait(&node, &api, 60, "rounds", |s| {
+        round(s) >= 30 && s["store_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    assert!(node.terminate(Duration::from_secs(20)).is_some());
+    let at_rest = s["store_bytes"].as_u64().unwrap();
+    let quota_mb = (at_rest >> 20) + 1;
+    let quota = quota_mb << 20;
+    set_config(&dir, "quota_mb", &quota_mb.to_string()).unwrap();
+    set_config(&dir, "keep_versions", "256").unwrap();
+
+    let (mut node, api) = start(&dir);
+    let full = wait(&node, &api, 120, "the quota reached", |s| {
+        s["disk_full"] == true
+    });
+    assert!(
+        full["disk_full_reason"]
+            .as_str()
+            .unwrap()
+            .contains("over its quota"),
+        "{full}"
+    );
+    let metrics = get(&api, "/metrics").unwrap();
+    assert!(
+        metrics.contains(&format!("tapestry_store_quota_bytes {quota}")),
+        "{metrics}"
+    );
+    // From now on the store does not grow past the quota by more than one
+    // tick's worth of the node's own deltas.
+    let mut most = 0;
+    let until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < until {
+        let s = status(&api).unwrap();
+        most = most.max(s["store_bytes"].as_u64().unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("store at rest {at_rest} bytes; quota {quota}; most while full {most}");
+    assert!(
+        most <= quota + (256 << 10),
+        "the store grew to {most} bytes over a quota of {quota}"
+    );
+    assert!(healthy(&api));
+    assert!(node.terminate(Duration::from_secs(20)).is_some());
+}
