@@ -60,8 +60,8 @@ pub struct StoreSection {
     /// their deltas; older versions are collected (`0`: keep everything).
     pub keep_versions: u64,
     /// Most MiB the store may occupy (`0`: no quota, only the disk's
-    /// size). Past it the node serves what it holds but takes no new data
-    /// until collection brings it under 90 % of the quota.
+    /// size). Above 90 % of it the node serves what it holds but takes no
+    /// new data, until collection brings it under 80 %.
     pub quota_mb: u64,
 }
 
@@ -349,12 +349,11 @@ min_round_ms = {min_round}
 # node's store: in a permissioned region it needs members' attestations.
 # Disk: about keep_versions x (model + one round's deltas).
 keep_versions = {keep}
-# Most MiB the store may occupy (0 = no quota: only the disk's size). When
-# the store is over it, or the disk is out of space, the node keeps serving
-# what it holds and keeps its peers, takes no new deltas or versions, and
-# says disk_full in /status and tapestry_disk_full in /metrics; it takes
-# data again once collection brings the store under 90 % of the quota (or
-# the disk has room).
+# Most MiB the store may occupy (0 = no quota: only the disk's size). Above
+# 90 % of it, or with the disk out of space, the node keeps serving what it
+# holds and keeps its peers, takes no new deltas or versions, and says
+# disk_full in /status and tapestry_disk_full in /metrics; it takes data
+# again once collection brings the store under 80 % (or the disk has room).
 quota_mb = {quota}
 "#,
         codec = d.round.codec,

@@ -158,9 +158,52 @@ impl std::fmt::Display for DiskFull {
 #[derive(Debug, Default)]
 pub struct Disk {
     full: Mutex<Option<DiskFull>>,
+    /// The store's quota, if it has one.
+    quota: Mutex<Option<u64>>,
+    /// Bytes the store occupied when last measured, plus what the node
+    /// wrote since: the quota is checked at every write, not only at every
+    /// measurement.
+    used: std::sync::atomic::AtomicU64,
 }
 
 impl Disk {
+    /// Sets the store's quota.
+    pub(crate) fn set_quota(&self, quota: Option<u64>) {
+        if let Ok(mut q) = self.quota.lock() {
+            *q = quota;
+        }
+    }
+
+    /// The store's quota.
+    pub(crate) fn quota(&self) -> Option<u64> {
+        self.quota.lock().map(|q| *q).unwrap_or(None)
+    }
+
+    /// The store's size as last measured, plus what was written since.
+    pub(crate) fn used(&self) -> u64 {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A measurement of the store's size.
+    pub(crate) fn measured(&self, bytes: u64) {
+        self.used.store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The node is about to write about `bytes`: whether they fit under
+    /// `limit` of the quota (counted as written if they do).
+    pub(crate) fn fits(&self, bytes: u64, limit: fn(u64) -> u64) -> bool {
+        let used = self.used.load(std::sync::atomic::Ordering::Relaxed);
+        if self
+            .quota()
+            .is_some_and(|q| used.saturating_add(bytes) > limit(q))
+        {
+            return false;
+        }
+        self.used
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
     /// Why the store is full, if it is.
     pub fn full(&self) -> Option<DiskFull> {
         self.full.lock().map(|f| *f).unwrap_or(None)

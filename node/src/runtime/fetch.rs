@@ -185,7 +185,7 @@ impl Node {
             payload: payload.clone(),
         })
         .await;
-        if !self.engine.holds_delta(&id) {
+        if !self.engine.holds_delta(&id) || !self.room_for(payload.len()) {
             return;
         }
         let (store, shared) = (self.store.clone(), self.shared.clone());

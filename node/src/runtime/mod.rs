@@ -237,6 +237,7 @@ impl Node {
             .metrics
             .store_quota_bytes
             .set(settings.quota_bytes.unwrap_or(0) as i64);
+        shared.disk.set_quota(settings.quota_bytes);
         shared.update(|s| {
             s.node_id = key.node_id().to_string();
             s.peer_id = net.peer_id().to_string();
@@ -565,6 +566,11 @@ impl Node {
     /// restart does not vote twice), and announces it.
     async fn publish(&mut self, manifest: Verified<DeltaManifest>, payload: Vec<u8>) {
         let m = manifest.message();
+        // Its own vote is written even when the store is full, as long as
+        // the disk takes it (it is one delta a round, collected after the
+        // round window; not voting would hold up every round of the
+        // region until its deadline).
+        self.room_for(payload.len());
         let stored = self
             .store
             .put_payload(&payload, m.chunk_size as usize)
@@ -621,7 +627,7 @@ impl Node {
     /// version of the same round heard meanwhile, verify the next round's
     /// versions held back, show it, and announce it.
     async fn adopted(&mut self, manifest: Verified<ModelManifest>, params: Vec<f32>) {
-        let kept = if self.accepting() {
+        let kept = if self.accepting() && self.room_for(params.len() * 4) {
             self.keep_version(&manifest, &params)
         } else {
             Err(NodeError::StoreFull)

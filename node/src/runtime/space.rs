@@ -4,16 +4,21 @@
 //! versions (announcements are ignored, not fetched) until there is room.
 //! Nothing it acknowledged is lost: a head moves only after its version is
 //! stored and flushed, and a version that could not be stored is not
-//! announced. The store's size is measured every tick (off the loop); when
-//! full, a collection runs to free what it can, and the node takes data
-//! again once the store is under 90 % of its quota and a probe write
-//! succeeds.
+//! announced. The store's size is measured every tick (off the loop) and
+//! every write is counted against the quota in between; the node takes no
+//! new data above 90 % of the quota (the rest is headroom for its own vote
+//! each round and its database's log); when full, a collection runs every
+//! tick to free what it can, and the node takes data again under 80 % of
+//! the quota, or once a probe write succeeds after the disk ran out.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::status::DiskFull;
 
 use super::*;
+
+/// A file system block, the least a chunk file takes on disk.
+const BLOCK: u64 = 4096;
 
 /// Bytes of the probe written to find out whether the disk has room again.
 const PROBE_BYTES: usize = 256 << 10;
@@ -25,6 +30,12 @@ impl Node {
     /// Whether the node takes new data (the store is not full).
     pub(super) fn accepting(&self) -> bool {
         self.shared.disk.full().is_none()
+    }
+
+    /// Whether `bytes` more fit the store's quota (if not, the store is
+    /// full from now on).
+    pub(super) fn room_for(&self, bytes: usize) -> bool {
+        room_for(&self.shared, bytes)
     }
 
     /// Measures the store and decides whether it is (still) full, on a
@@ -57,6 +68,38 @@ impl Node {
     }
 }
 
+/// The store takes no new data above 90 % of its quota: the rest is
+/// headroom for what it still writes when full (its own vote each round,
+/// its database's log).
+fn high_water(quota: u64) -> u64 {
+    quota / 10 * 9
+}
+
+/// Once full, the store takes data again under 80 % of its quota.
+fn low_water(quota: u64) -> u64 {
+    quota / 10 * 8
+}
+
+/// Whether `bytes` more fit the store's quota (from any thread); if not,
+/// the store is full.
+pub(super) fn room_for(shared: &Shared, bytes: usize) -> bool {
+    let disk = &shared.disk;
+    if disk.full().is_some() {
+        return false;
+    }
+    // What it costs on disk: whole blocks, and the manifest and index
+    // entries beside the chunks.
+    let cost = (bytes as u64).div_ceil(BLOCK) * BLOCK + BLOCK;
+    if disk.fits(cost, high_water) {
+        return true;
+    }
+    shared.set_disk_full(Some(DiskFull::Quota {
+        used: disk.used().saturating_add(cost),
+        quota: disk.quota().unwrap_or(0),
+    }));
+    false
+}
+
 /// What a store write error means for the disk state (from any thread).
 pub(super) fn note_failure(shared: &Shared, e: &tapestry_storage::StoreError) {
     if e.is_out_of_space() {
@@ -75,12 +118,13 @@ fn measure(store: &Store, shared: &Shared, quota: Option<u64>) -> Option<DiskFul
         }
     };
     shared.metrics.store_bytes.set(used as i64);
+    shared.disk.measured(used);
     let now = shared.disk.full();
     if let Some(quota) = quota {
         let limit = if matches!(now, Some(DiskFull::Quota { .. })) {
-            quota / 10 * 9
+            low_water(quota)
         } else {
-            quota
+            high_water(quota)
         };
         if used > limit {
             return Some(DiskFull::Quota { used, quota });

@@ -671,6 +671,9 @@ pub(super) async fn recompute_offered(
             // Keep it: the deltas it names, its parameters as computed here,
             // its manifest, and the mark that it is verified.
             let keeping = Instant::now();
+            if !space::room_for(&ctx.shared, checked.params.len() * 4) {
+                return Err(VersionRejection::UnknownParent(v.id()));
+            }
             let kept = (|| -> Result<(), tapestry_storage::StoreError> {
                 for d in &v.message().deltas {
                     if let Some(dm) = l.deltas.get(d) {
