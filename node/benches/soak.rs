@@ -9,7 +9,8 @@
 //! and prints rounds per minute of both runs and how RSS and the store
 //! moved over the run's second half.
 //!
-//! `cargo bench -p tapestry-node --bench soak [-- MINUTES]`
+//! `cargo bench -p tapestry-node --bench soak [-- MINUTES [rogue]]`
+//! (`rogue`: the flooded run only, for a quick look)
 //! (needs the digits data set at `../shared/data/digits.csv.gz`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -23,9 +24,7 @@ use serde_json::Value;
 use tapestry_lab::process::{NodeProcess, set_config};
 use tapestry_node::net::{self, NetConfig};
 use tapestry_node::runtime::{deltas_topic, models_topic};
-use tapestry_protocol::{
-    Codec, ContentId, DeltaManifest, FetchRequest, Keypair, Signed, TensorSpec,
-};
+use tapestry_protocol::{Codec, ContentId, DeltaManifest, FetchRequest, Keypair, Signed};
 use tapestry_sim::plot::{Series, line_chart};
 
 const NODES: usize = 6;
@@ -126,11 +125,12 @@ async fn flood(addr: String, end: tokio::time::Instant) -> (usize, usize) {
         .collect();
     // A delta of the nodes' model (logistic, 64 inputs, 10 classes), for a
     // round far ahead: the door refuses it after the signature check.
-    let layout = vec![
-        TensorSpec::f32("weight", vec![10, 64]),
-        TensorSpec::f32("bias", vec![10]),
-    ];
-    let values = vec![0.01f32; 650];
+    let spec = tapestry_core::model::ModelSpec::Logistic {
+        inputs: 64,
+        classes: 10,
+    };
+    let layout = spec.layout();
+    let values = vec![0.01f32; spec.n_params()];
     let payload = Codec::F32.encode(&values).unwrap();
     let chunk = tapestry_protocol::DEFAULT_CHUNK_SIZE;
     let (mut sent, mut seq) = (0usize, 1u64);
@@ -152,7 +152,7 @@ async fn flood(addr: String, end: tokio::time::Instant) -> (usize, usize) {
                 chunk_size: chunk as u32,
                 chunk_ids: payload.chunks(chunk).map(ContentId::of).collect(),
                 sample_count: 1,
-                l2_norm: 0.01 * (650f32).sqrt(),
+                l2_norm: 0.01 * (values.len() as f32).sqrt(),
                 created_unix_ms: 0,
             };
             let Ok(d) = Signed::sign(d, &key) else {
@@ -254,7 +254,9 @@ fn per_minute(s: &[Sample]) -> f64 {
 
 /// (at half time, at the end, most) of `f` over the samples.
 fn drift(s: &[Sample], f: impl Fn(&Sample) -> u64) -> (u64, u64, u64) {
-    let half = s.iter().find(|x| x.t >= s.last().map_or(0.0, |l| l.t) / 2.0);
+    let half = s
+        .iter()
+        .find(|x| x.t >= s.last().map_or(0.0, |l| l.t) / 2.0);
     (
         half.map_or(0, &f),
         s.last().map_or(0, &f),
@@ -270,7 +272,13 @@ fn main() {
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/soak");
     std::fs::create_dir_all(&out).unwrap();
     println!("soak: {NODES} nodes, {minutes} min without the rogue, then {minutes} min with it");
-    let (clean, _) = run(minutes, false);
+    // `-- MINUTES rogue`: the flooded run only (for a quick look).
+    let rogue_only = std::env::args().any(|a| a == "rogue");
+    let (clean, _) = if rogue_only {
+        (vec![Vec::new(); NODES], None)
+    } else {
+        run(minutes, false)
+    };
     let (flooded, figures) = run(minutes, true);
 
     let mut csv = String::from("run,node,t_s,round,rss_bytes,store_bytes\n");
@@ -322,7 +330,8 @@ fn main() {
         line_chart(&out.join(file), title, "minutes", "MiB", &series, None).unwrap();
     }
 
-    let rate = |runs: &Vec<Vec<Sample>>| -> Vec<f64> { runs.iter().map(|s| per_minute(s)).collect() };
+    let rate =
+        |runs: &Vec<Vec<Sample>>| -> Vec<f64> { runs.iter().map(|s| per_minute(s)).collect() };
     let (rc, rr) = (rate(&clean), rate(&flooded));
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     println!("rounds per minute, each node, without the rogue: {rc:.1?}");
@@ -348,7 +357,9 @@ fn main() {
         }
     }
     if let Some((sent, answered)) = figures {
-        println!("the rogue published {sent} announcements; {answered} of its requests were answered");
+        println!(
+            "the rogue published {sent} announcements; {answered} of its requests were answered"
+        );
     }
     println!("samples: {}", out.join("soak.csv").display());
 }
