@@ -83,6 +83,8 @@ pub struct Metrics {
     pub gossip_shed: Counter,
     /// 1 while the store is full (quota reached or disk out of space).
     pub disk_full: Gauge,
+    /// Chunks of the head whose files were lost and fetched again.
+    pub chunks_refetched: Counter,
     /// Bytes the store occupied when last measured.
     pub store_bytes: Gauge,
     /// The store's quota in bytes (0: none).
@@ -120,6 +122,7 @@ impl Metrics {
             requests_busy: Counter::default(),
             gossip_shed: Counter::default(),
             disk_full: Gauge::default(),
+            chunks_refetched: Counter::default(),
             store_bytes: Gauge::default(),
             store_quota_bytes: Gauge::default(),
             registry: Mutex::new(Registry::default()),
@@ -167,6 +170,11 @@ impl Metrics {
             "disk_full",
             "1 while the store is full (its quota reached or the disk out of space): no new data is taken",
             m.disk_full.clone(),
+        );
+        r.register(
+            "chunks_refetched",
+            "Chunks of the head whose files were lost from the store and fetched again from peers",
+            m.chunks_refetched.clone(),
         );
         r.register(
             "store_bytes",

@@ -1,7 +1,9 @@
 //! A node whose store database is damaged on disk: it refuses to start,
 //! with one line naming the fix; `tapestry repair` rebuilds the database
 //! from the chunk files; started again, the node takes the region's head
-//! from its peer. Real processes, a real sled store.
+//! from its peer; and a chunk file deleted from under a running node is
+//! noticed and fetched again from its peer. Real processes, a real sled
+//! store.
 
 #![allow(clippy::unwrap_used)]
 
@@ -152,5 +154,76 @@ fn a_damaged_store_is_refused_repaired_and_the_node_rejoins() {
         String::from_utf8_lossy(&scrub.stderr).contains("locked"),
         "{}",
         String::from_utf8_lossy(&scrub.stderr)
+    );
+}
+
+#[test]
+fn a_chunk_file_deleted_underneath_is_noticed_and_fetched_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
+    for d in [&da, &db] {
+        init(bin(), d, &["--region", "test"]).unwrap();
+    }
+    let run = |dir: &Path, shard: &str, boot: Option<&str>| {
+        let mut cmd = command(dir, shard, boot);
+        // A few rounds, then the heads stay put (the nodes keep running).
+        cmd.args(["--rounds", "5"]);
+        let node = NodeProcess::spawn(cmd, dir).unwrap();
+        let e = node
+            .endpoints(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("no endpoints; log:\n{}", node.log()));
+        (node, e)
+    };
+    let (a, ea) = run(&da, "0/2", None);
+    let boot = ea["listen"][0].as_str().unwrap().to_owned();
+    let (mut b, eb) = run(&db, "1/2", Some(&boot));
+    let (api_a, api_b) = (api(&ea), api(&eb));
+    wait(
+        [(&a, &api_a), (&b, &api_b)],
+        120,
+        "both finished on one head",
+        |st| st.iter().all(|s| s["finished"] == true) && st[0]["head"] == st[1]["head"],
+    );
+    let head: Value = serde_json::from_str(
+        &tapestry_node::api::get(&api_b, "/model/head", Duration::from_secs(10)).unwrap(),
+    )
+    .unwrap();
+    let chunk = head["chunk_ids"][0].as_str().unwrap().to_owned();
+    let file = db.join("store").join("chunks").join(&chunk);
+    assert!(
+        file.exists(),
+        "{} is not where chunks are kept",
+        file.display()
+    );
+    std::fs::remove_file(&file).unwrap();
+
+    // Within a few checks (every 10 s) B notices and fetches it from A.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !file.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the lost chunk was not fetched again; log:\n{}",
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let metrics = tapestry_node::api::get(&api_b, "/metrics", Duration::from_secs(10)).unwrap();
+    assert!(
+        metrics.contains("tapestry_chunks_refetched_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        b.terminate(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
+    let scrub = Command::new(bin())
+        .args(["scrub", "--data-dir"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(
+        scrub.status.success(),
+        "{}",
+        String::from_utf8_lossy(&scrub.stdout)
     );
 }

@@ -262,6 +262,13 @@ pub trait ChunkStore: Backend {
         self.kv_contains(&key(INDEX, id.as_bytes()))
     }
 
+    /// Whether a chunk's bytes are there, not only its index entry (a
+    /// chunk file deleted from under the store has the one, not the other).
+    fn has_bytes(&self, id: &ContentId) -> Result<bool, StoreError> {
+        Ok(self.kv_contains(&key(INDEX, id.as_bytes()))?
+            && self.kv_contains(&key(CHUNK, id.as_bytes()))?)
+    }
+
     /// Ids of every chunk, in id order (reads the index, not the data).
     fn chunk_ids(&self) -> Result<Vec<ContentId>, StoreError> {
         let mut ids = Vec::new();

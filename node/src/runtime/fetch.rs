@@ -35,6 +35,35 @@ pub(super) async fn fetch_chunks(
     .await
 }
 
+/// Fetches again the chunks of `ids` whose bytes the store lost (a chunk
+/// file deleted from under it), from `providers`; returns how many were
+/// missing, and whether all are back.
+pub(super) async fn refetch_lost(
+    net: &NetHandle,
+    store: &Store,
+    content: ContentId,
+    ids: &[ContentId],
+    providers: &[PeerId],
+    shared: &Shared,
+) -> (usize, bool) {
+    let lost = |id: &ContentId| !store.has_bytes(id).unwrap_or(true);
+    let missing = ids.iter().filter(|id| lost(id)).count();
+    if missing == 0 {
+        return (0, true);
+    }
+    let back = fetch_into(
+        net,
+        content,
+        ids,
+        providers,
+        shared,
+        &|id| !lost(id),
+        &|bytes| store.put(bytes).is_ok(),
+    )
+    .await;
+    (missing, back)
+}
+
 /// Fetches the chunks of `ids` that `have` says are missing, several at
 /// once, each from `providers` in turn (starting at a different one per
 /// chunk, so the load spreads), checking each against its id before
@@ -175,6 +204,31 @@ pub(super) async fn fetch_payload(
 }
 
 impl Node {
+    /// Checks that the head's chunks are all on disk; any whose file was
+    /// lost is fetched again from the region's members (on its own task).
+    pub(super) fn check_head_chunks(&self) {
+        let Some(head) = self.shared.head.lock().ok().and_then(|h| h.clone()) else {
+            return;
+        };
+        let (net, store, shared) = (self.net.clone(), self.store.clone(), self.shared.clone());
+        let providers: Vec<PeerId> = self.members.iter().copied().collect();
+        tokio::spawn(async move {
+            let m = head.message();
+            let (missing, back) =
+                refetch_lost(&net, &store, head.id(), &m.chunk_ids, &providers, &shared).await;
+            if missing == 0 {
+                return;
+            }
+            if back {
+                tracing::warn!(missing, version = %head.id().short(), "chunk files of the head were lost; fetched again from peers");
+                shared.metrics.chunks_refetched.inc_by(missing as u64);
+                let _ = store.flush();
+            } else {
+                tracing::error!(missing, version = %head.id().short(), "chunk files of the head were lost and no peer served them (tapestry scrub tells what else is lost)");
+            }
+        });
+    }
+
     /// A gossiped delta's payload arrived: the engine checks it at its
     /// door; only if it admits it are its chunks and manifest stored (on a
     /// blocking thread), so what fails the door never reaches the disk.

@@ -132,6 +132,9 @@ pub enum NodeError {
     StoreFull,
 }
 
+/// The head's chunk files are checked every this many ticks (2 s each).
+const HEAD_CHECK_TICKS: u64 = 5;
+
 /// The node's own task.
 pub struct Node {
     settings: NodeSettings,
@@ -201,6 +204,8 @@ pub struct Node {
     checker: checking::Checker,
     /// Whether the store's size is being measured.
     measuring: space::Measuring,
+    /// Ticks of the 2-s ticker so far.
+    ticks: u64,
     /// Gossiped deltas' payloads, fetched into memory.
     fetched_tx: mpsc::Sender<(Verified<DeltaManifest>, Vec<u8>)>,
     fetched_rx: mpsc::Receiver<(Verified<DeltaManifest>, Vec<u8>)>,
@@ -290,6 +295,7 @@ impl Node {
             serving: serve::Serving::default(),
             checker: checking::Checker::new(),
             measuring: space::Measuring::default(),
+            ticks: 0,
             fetched_tx,
             fetched_rx,
         })
@@ -445,6 +451,11 @@ impl Node {
                 _ = ticker.tick() => {
                     self.shared.health.ticked(self.net.snapshot().updated);
                     self.check_space();
+                    // Every 10 s: are the head's chunk files all there?
+                    self.ticks = self.ticks.wrapping_add(1);
+                    if self.ticks.is_multiple_of(HEAD_CHECK_TICKS) {
+                        self.check_head_chunks();
+                    }
                     self.refresh_network().await;
                     self.verify_early(false).await;
                     // Announcements can be missed (a peer that was away, a
