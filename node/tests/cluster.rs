@@ -1130,9 +1130,10 @@ fn under_a_flood_of_requests_and_refused_messages_rounds_go_on() {
         "too few rounds before the flood to compare: {normal}"
     );
     // Not asserted, because not met: A's pace after the flood is printed
-    // above beside its pace before. In four runs it was 0.11×, 0.53×,
-    // 0.66× and 0.8× of it (the rounds slow in the flood's last 20 s and
-    // stay slow for at least 40 s after); the cause is not found yet.
+    // above beside its pace before. In five runs it was 0.11×, 0.53×,
+    // 0.66×, 0.8× and 1.01× of it (when slow, the rounds slow in the
+    // flood's last 20 s and stay slow for at least 40 s after); the cause
+    // is not found yet.
     // The hostile-load issue stays open on it.
     assert!(busy >= 1.0, "no request was answered busy: {metrics}");
     for (k, (before, after)) in rss_before.iter().zip(&rss_after).enumerate() {
