@@ -13,7 +13,10 @@ use super::verify::{self, BRANCH_WINDOW, Checked, Lineage, Split};
 /// could matter to this node, so that verifying it is worth the work: the
 /// next round's (remembered for when this node closes its own), one the
 /// engine would adopt if it checks out, a recent merge (it may hold work
-/// this node lacks), or a recent older one (the fork choice may prefer it).
+/// this node lacks), a recent older one, or one of this node's round on
+/// other parents (the fork choice may prefer either: it weighs branches
+/// before ranks, so a rival branch's version that ranks lower may still
+/// win, and a node that never looked at it would stay apart for good).
 pub fn worth_verifying(engine: &Engine, m: &ModelManifest) -> bool {
     let own = engine.round();
     let recent = m.round.saturating_add(BRANCH_WINDOW) >= own;
@@ -21,6 +24,7 @@ pub fn worth_verifying(engine: &Engine, m: &ModelManifest) -> bool {
         || engine.would_adopt(m)
         || (recent && m.parents.len() > 1)
         || (recent && m.round < own)
+        || (m.round == own && m.parents.as_slice() != engine.head_parents())
 }
 
 /// How a verified version relates to this node's head.
@@ -103,8 +107,13 @@ pub enum Decision {
     /// The next round's version: keep it, with its rank, for when this node
     /// closes its own round.
     Remember(super::engine::VersionRank),
-    /// Nothing (not preferred, or the head moved on since it was assessed).
+    /// Nothing: not preferred.
     Leave,
+    /// It was weighed against a head that is no longer this node's (the
+    /// head moved while it was being verified): weigh it again against the
+    /// head now. Left alone, a version verified once is never offered to
+    /// the engine again, and two nodes can stay on different heads.
+    Reassess,
 }
 
 /// The decision about a verified version `v` with parameters `params`.
@@ -118,7 +127,7 @@ pub fn decide(
     let own = engine.round();
     let head = engine.version();
     if a.head.is_some() && a.head != head {
-        return Decision::Leave;
+        return Decision::Reassess;
     }
     let preferred =
         engine.prefers(m, a.authors, a.fork) && (m.round <= own.saturating_add(1) || a.backed);

@@ -910,3 +910,56 @@ fn signed_manifests_carry_the_wall_clock_the_shell_gives() {
     });
     assert_eq!(version, Some(base + 250));
 }
+
+#[test]
+fn a_rival_branch_is_looked_at_and_a_version_weighed_against_an_old_head_is_weighed_again() {
+    use tapestry_core::heads::{self, Assessment, Decision};
+    // The fork choice weighs branches before ranks, so a version of this
+    // node's round on other parents must be verified even when it ranks
+    // lower: otherwise two nodes on rival branches each wait for the other.
+    let cfg = engine_config(AggregationRule::Mean, DoorConfig::default(), 7);
+    let n = spec().n_params();
+    let params: Vec<f32> = (0..n).map(|i| (i % 3) as f32 * 0.1).collect();
+    let key = Keypair::from_secret_bytes(&[1; 32]);
+    let (p1, p2) = (ContentId::of(b"parent one"), ContentId::of(b"parent two"));
+    let head = sign::version(&cfg, &key, 5, &params, vec![p1], vec![]);
+    let mut e = Engine::new(cfg.clone(), key.clone());
+    e.handle(
+        Input::Start {
+            manifest: head.clone(),
+            params: params.clone(),
+        },
+        0,
+    );
+    assert_eq!(e.head_parents(), &[p1]);
+    // Versions of round 5 by other signers; keep those the rank alone
+    // would not take.
+    let lower = |parents: Vec<ContentId>| {
+        (2u8..=255)
+            .map(|s| {
+                let k = Keypair::from_secret_bytes(&[s; 32]);
+                sign::version(&cfg, &k, 5, &params, parents.clone(), vec![])
+            })
+            .find(|v| !e.would_adopt(v.message()))
+            .unwrap()
+    };
+    let rival = lower(vec![p2]);
+    let alternative = lower(vec![p1]);
+    assert!(heads::worth_verifying(&e, rival.message()));
+    assert!(!heads::worth_verifying(&e, alternative.message()));
+
+    // A version weighed against a head that is no longer this node's is to
+    // be weighed again, not left.
+    let assessed = |against: ContentId| Assessment {
+        authors: 0,
+        used: vec![],
+        head: Some(against),
+        split: None,
+        fork: None,
+        backed: false,
+    };
+    let moved = heads::decide(&e, rival.clone(), params.clone(), assessed(p2));
+    assert!(matches!(moved, Decision::Reassess), "{moved:?}");
+    let current = heads::decide(&e, rival, params, assessed(head.id()));
+    assert!(matches!(current, Decision::Leave), "{current:?}");
+}

@@ -129,6 +129,9 @@ pub struct Engine {
     training_from: Option<ContentId>,
     params: Vec<f32>,
     version: Option<ContentId>,
+    /// The parents of `version` (how the fork choice tells a rival version
+    /// of the same round on another branch from a mere alternative).
+    parents: Vec<ContentId>,
     rank: VersionRank,
     seq: u64,
     feedback: ErrorFeedback,
@@ -176,6 +179,7 @@ impl Engine {
             training_from: None,
             params: vec![0.0; n],
             version: None,
+            parents: Vec::new(),
             rank: VersionRank::default(),
             seq: 0,
             feedback: ErrorFeedback::new(n),
@@ -273,6 +277,11 @@ impl Engine {
     /// The current parameters.
     pub fn params(&self) -> &[f32] {
         &self.params
+    }
+
+    /// The parents of the current model version.
+    pub fn head_parents(&self) -> &[ContentId] {
+        &self.parents
     }
 
     /// The current model version's id.
@@ -455,6 +464,7 @@ impl Engine {
             self.used.extend(used.into_iter().map(|d| (d, round)));
             self.rank = version_rank(manifest.message(), authors);
             self.version = Some(manifest.id());
+            self.parents = manifest.message().parents.clone();
         } else if self.prefers(manifest.message(), authors, fork) && self.fits(&params) {
             // The shell stores it and makes it the head like any version
             // this node made.
@@ -511,6 +521,7 @@ impl Engine {
         }
         self.round = manifest.message().round;
         self.version = Some(manifest.id());
+        self.parents = manifest.message().parents.clone();
         self.rank = version_rank(manifest.message(), manifest.message().deltas.len());
         self.params = params;
         self.start_round(now_ms, out);

@@ -76,6 +76,7 @@ impl Engine {
         };
         self.round = round;
         self.version = Some(signed.id());
+        self.parents = signed.message().parents.clone();
         self.rank = version_rank(signed.message(), signed.message().deltas.len());
         out.push(Action::Adopt {
             manifest: signed,

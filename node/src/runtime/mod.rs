@@ -12,7 +12,7 @@
 //! reported as `Reject`, which costs the forwarder score, and is counted in
 //! the metrics by reason.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -135,6 +135,11 @@ pub enum NodeError {
 /// The head's chunk files are checked every this many ticks (2 s each).
 const HEAD_CHECK_TICKS: u64 = 5;
 
+/// Versions remembered as weighed against the current head and not taken,
+/// before the set is forgotten (each weighing reads one version's
+/// parameters from the store).
+const MAX_PASSED_OVER: usize = 1024;
+
 /// The node's own task.
 pub struct Node {
     settings: NodeSettings,
@@ -163,6 +168,10 @@ pub struct Node {
     /// The preferred verified version announced for each coming round, and
     /// who announced it.
     best_seen: BTreeMap<u64, (VersionRank, Verified<ModelManifest>, PeerId)>,
+    /// Verified versions weighed against the current head and not taken
+    /// (not weighed again until the head moves; at most
+    /// [`MAX_PASSED_OVER`], then forgotten).
+    passed_over: HashSet<ContentId>,
     /// Verdicts of version verifications, back from their tasks.
     findings_tx: mpsc::Sender<Finding>,
     findings_rx: mpsc::Receiver<Finding>,
@@ -279,6 +288,7 @@ impl Node {
             providers: HashMap::new(),
             running: false,
             best_seen: BTreeMap::new(),
+            passed_over: HashSet::new(),
             findings_tx,
             findings_rx,
             provided: std::collections::VecDeque::new(),
@@ -658,6 +668,7 @@ impl Node {
         // A peer may already have announced a preferred version of this
         // round while this node was still closing it.
         let round = manifest.message().round;
+        self.passed_over.clear();
         self.best_seen.retain(|r, _| *r >= round);
         if let Some((_, best, source)) = self.best_seen.remove(&round) {
             self.offer_if_preferred(best, source, None);

@@ -32,6 +32,19 @@ impl Node {
             return Some(self.refuse(&r, &source));
         }
         if self.is_verified(&manifest.id()) {
+            // Verified before but not this node's head: if it could matter,
+            // weigh it against the head now (cheap: its parameters are
+            // stored), once per head. A version verified while the head
+            // moved is otherwise never offered to the engine again. (The
+            // next round's are remembered when verified.)
+            if self.running
+                && self.engine.version() != Some(manifest.id())
+                && m.round != self.engine.round().saturating_add(1)
+                && !self.passed_over.contains(&manifest.id())
+                && heads::worth_verifying(&self.engine, m)
+            {
+                self.verify_once(manifest, source, None);
+            }
             return Some(Verdict::Accept);
         }
         if !self.accepting() {
@@ -96,7 +109,16 @@ impl Node {
                     self.best_seen.insert(round, (rank, manifest, source));
                 }
             }
-            heads::Decision::Leave => {}
+            heads::Decision::Leave => {
+                if self.passed_over.len() >= MAX_PASSED_OVER {
+                    self.passed_over.clear();
+                }
+                self.passed_over.insert(id);
+            }
+            heads::Decision::Reassess => {
+                // Verified now, so this only weighs it against the head.
+                self.verify_once(manifest, source, None);
+            }
         }
     }
 

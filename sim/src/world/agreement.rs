@@ -159,7 +159,8 @@ impl World<'_> {
                     self.best_seen[j].insert(round, (rank, v));
                 }
             }
-            Decision::Leave => {}
+            // Assessed against the engine's head just now: never stale.
+            Decision::Leave | Decision::Reassess => {}
         }
     }
 
