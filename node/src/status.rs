@@ -36,6 +36,12 @@ pub struct Status {
     pub loss: Option<f32>,
     /// Connected peers.
     pub peers: usize,
+    /// Peers in this node's gossip mesh (their peer ids).
+    pub mesh: Vec<String>,
+    /// Peers' model versions being verified now (at most 16 at once).
+    pub verifying: usize,
+    /// The most verified at once since the node started.
+    pub verifying_peak: usize,
     /// Listen addresses.
     pub listen: Vec<String>,
     /// Application bytes received (gossip and fetched chunks).

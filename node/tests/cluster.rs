@@ -284,6 +284,27 @@ mod rogue {
         }
     }
 
+    /// `n` peers with fresh keys, each connected to `peer` only; kept
+    /// connected while the returned handles live.
+    pub async fn crowd(peer: &str, n: usize) -> Vec<(NetHandle, mpsc::Receiver<NetEvent>)> {
+        let mut crowd = Vec::with_capacity(n);
+        for _ in 0..n {
+            let key = Keypair::generate(&mut rand::rngs::OsRng);
+            let (net, events, _task) = net::spawn(
+                &key,
+                NetConfig {
+                    bootstrap: vec![peer.parse().unwrap()],
+                    max_connections: 1,
+                    ..NetConfig::default()
+                },
+                &mut prometheus_client::registry::Registry::default(),
+            )
+            .unwrap();
+            crowd.push((net, events));
+        }
+        crowd
+    }
+
     impl Rogue {
         /// Connects to `peer` only (one connection at most, so it cannot
         /// reach anyone else directly).
@@ -865,50 +886,112 @@ fn in_a_permissioned_region_a_non_member_is_rejected() {
 }
 
 #[test]
-fn in_a_permissioned_region_an_outsider_gets_nothing() {
+fn in_a_permissioned_region_outsiders_get_nothing_and_a_crowd_of_them_changes_nothing() {
     use tapestry_protocol::{ContentId, FetchRequest, FetchResponse};
+    const CROWD: usize = 256;
     let tmp = tempfile::tempdir().unwrap();
-    let dirs = permissioned_region(tmp.path(), 2, &[], "1.0");
-    let args = |i: usize, boot: Option<&str>| run_args(Some(4), 1, (i, 2), boot);
+    let dirs = permissioned_region(tmp.path(), 3, &[], "1.0");
+    let rounds = 8;
+    let args = |i: usize, boot: Option<&str>| {
+        let mut a = run_args(Some(rounds), 1, (i, 3), boot);
+        // Paced, so the crowd arrives while rounds run.
+        a.extend(["--min-round-ms".into(), "1000".into()]);
+        a
+    };
     let a = Node::start(&dirs[0], &args(0, None));
     let b = Node::start(&dirs[1], &args(1, Some(&a.address())));
-    wait_for(&[&a, &b], 120, "the members to finish", |s| {
-        s["finished"].as_bool().unwrap()
-    });
-    let head = tapestry_node::api::get(&a.api(), "/model/head", Duration::from_secs(5)).unwrap();
-    let head: Value = serde_json::from_str(&head).unwrap();
-    let id: ContentId = head["id"].as_str().unwrap().parse().unwrap();
-    let chunk: ContentId = head["chunk_ids"][0].as_str().unwrap().parse().unwrap();
+    let c = Node::start(&dirs[2], &args(2, Some(&a.address())));
+    let nodes = [&a, &b, &c];
+    let ids: Vec<String> = nodes
+        .iter()
+        .map(|n| n.status()["peer_id"].as_str().unwrap().to_owned())
+        .collect();
+    wait_for(&nodes, 60, "round 2", |s| s["round"].as_u64().unwrap() >= 2);
     let refused = |s: &Value| s["rejected"]["not_in_roster"].as_u64().unwrap_or(0);
-    let before = refused(&a.status());
+    let before: Vec<u64> = nodes.iter().map(|n| refused(&n.status())).collect();
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let answers = rt.block_on(async {
-        // Any key: not on the roster.
-        let outsider = rogue::Rogue::connect(&a.address()).await;
-        let mut answers = Vec::new();
-        for request in [
-            FetchRequest::Head {
-                model_id: "digits".into(),
-                region: "test".into(),
-            },
-            FetchRequest::SignedManifest(id),
-            FetchRequest::Attest(id),
-            FetchRequest::Chunk(chunk),
-        ] {
-            answers.push(outsider.net.fetch(outsider.peer, request).await);
+    // An outsider asks every member for everything, and joins the gossip
+    // (it stays connected and subscribed to the end: the mesh must not
+    // take it).
+    let (answers, outsiders) = rt.block_on(async {
+        let (mut answers, mut outsiders) = (Vec::new(), Vec::new());
+        for n in nodes {
+            let head =
+                tapestry_node::api::get(&n.api(), "/model/head", Duration::from_secs(5)).unwrap();
+            let head: Value = serde_json::from_str(&head).unwrap();
+            let id: ContentId = head["id"].as_str().unwrap().parse().unwrap();
+            let chunk: ContentId = head["chunk_ids"][0].as_str().unwrap().parse().unwrap();
+            // Any key: not on the roster.
+            let outsider = rogue::Rogue::connect(&n.address()).await;
+            for request in [
+                FetchRequest::Head {
+                    model_id: "digits".into(),
+                    region: "test".into(),
+                },
+                FetchRequest::SignedManifest(id),
+                FetchRequest::Attest(id),
+                FetchRequest::Chunk(chunk),
+            ] {
+                answers.push(outsider.net.fetch(outsider.peer, request).await);
+            }
+            outsiders.push(outsider);
         }
-        answers
+        (answers, outsiders)
     });
     for answer in &answers {
         assert!(matches!(answer, Ok(FetchResponse::NotFound)), "{answers:?}");
     }
-    let st = wait_for(&[&a], 30, "the refusals to be counted", |s| {
-        refused(s) >= before + 4
+    // Then a crowd of peer ids connects to C (which dialled A: that
+    // connection is its own, outbound).
+    let crowd = rt.block_on(rogue::crowd(&c.address(), CROWD));
+    wait_for(&[&c], 60, "the crowd to be turned away", |s| {
+        refused(s) >= before[2] + 4 + (CROWD - 16) as u64
     });
-    eprintln!("A refused: {}", st[0]["rejected"]);
-    // A member is served the same: the refusal is for outsiders only.
-    assert_eq!(settled_heads(&[&a, &b]).len(), 1);
+    // C holds its members and at most 16 outsiders (the crowd dials again
+    // every 5 s, so a few more may be between connecting and being turned
+    // away at any moment: the median of 20 looks over 10 s is checked).
+    let mut held: Vec<u64> = (0..20)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(500));
+            c.status()["peers"].as_u64().unwrap()
+        })
+        .collect();
+    eprintln!("C with a crowd at its door holds {held:?} peers");
+    held.sort_unstable();
+    assert!(held[held.len() / 2] <= 2 + 16, "{held:?}");
+    let st = wait_for(&nodes, 120, "the members to finish", |s| {
+        s["finished"].as_bool().unwrap()
+    });
+    for (i, s) in st.iter().enumerate() {
+        eprintln!("node {i}: refused {}, mesh {}", s["rejected"], s["mesh"]);
+        // Every request of the outsider refused and counted (C also
+        // counts the crowd it turned away).
+        assert!(refused(s) >= before[i] + 4, "{s}");
+        // The mesh holds members only.
+        for p in s["mesh"].as_array().unwrap() {
+            assert!(
+                ids.contains(&p.as_str().unwrap().to_owned()),
+                "{p} is not a member: {s}"
+            );
+        }
+        assert_eq!(s["round"].as_u64().unwrap(), rounds, "{s}");
+    }
+    // C kept its members (its own connection to A among them) and its
+    // head agrees with theirs.
+    let c_mesh: Vec<&str> = st[2]["mesh"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert!(
+        c_mesh.contains(&ids[0].as_str()) && c_mesh.contains(&ids[1].as_str()),
+        "{}",
+        st[2]
+    );
+    assert_eq!(settled_heads(&nodes).len(), 1);
+    drop((crowd, outsiders));
 }
 
 #[test]
@@ -1741,4 +1824,166 @@ fn a_member_too_far_behind_to_recompute_catches_up_on_attestations_of_enough_mem
     }
     let (clean, report) = scrub(&dirs[3]);
     assert!(clean, "{report}");
+}
+
+#[test]
+fn made_up_lineages_and_nan_deltas_cost_bounded_work_and_no_disk() {
+    use tapestry_protocol::{ContentId, ModelManifest, Verified};
+    use tapestry_storage::ChunkStore;
+    const VERSIONS: usize = 200;
+    const LINEAGE: usize = 4096;
+    const NAN_DELTAS: u64 = 100;
+    const QUOTA_MB: u64 = 32;
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("n{i}"))).collect();
+    for d in &dirs {
+        init(d);
+        set_config(d, "quota_mb", &QUOTA_MB.to_string());
+    }
+    let rounds = 24;
+    let args = |i: usize, boot: Option<&str>| {
+        let mut a = run_args(Some(rounds), 2, (i, 3), boot);
+        // Paced, so the rogue talks while rounds run.
+        a.extend(["--min-round-ms".into(), "1000".into()]);
+        a
+    };
+    let a = Node::start(&dirs[0], &args(0, None));
+    let b = Node::start(&dirs[1], &args(1, Some(&a.address())));
+    let c = Node::start(&dirs[2], &args(2, Some(&a.address())));
+    let nodes = [&a, &b, &c];
+    wait_for(&nodes, 90, "round 3", |s| s["round"].as_u64().unwrap() >= 3);
+    let cfg = tapestry_node::config::Config {
+        region: "test".into(),
+        ..Default::default()
+    }
+    .engine(0)
+    .unwrap();
+    let n = cfg.spec.n_params();
+
+    // A sampler watches every node's store while the rogue works.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (made_up, nan_chunks, store_peak) = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut peak = [0u64; 3];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (i, n) in nodes.iter().enumerate() {
+                    peak[i] = peak[i].max(n.status()["store_bytes"].as_u64().unwrap());
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            peak
+        });
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (made_up, nan_chunks) = rt.block_on(async {
+            let rogue = rogue::Rogue::connect(&a.address()).await;
+            let key = rogue.key.clone();
+            let head: ContentId = a.status()["head"].as_str().unwrap().parse().unwrap();
+            let (h, hp) = rogue.fetch_version(head).await;
+            let round = h.message().round;
+            let sign = |round: u64, parents: Vec<ContentId>, deltas: Vec<ContentId>| {
+                tapestry_testkit::sign::version(&cfg, &key, round, &hp, parents, deltas)
+            };
+            // One made-up line of LINEAGE − 1 versions off the head, each
+            // naming the same delta (served, so a verifier must walk the
+            // line); the 200 versions announced end it, each naming a
+            // delta of its own (served too).
+            let mut seq = 1_000;
+            let mut delta = |round: u64| {
+                seq += 1;
+                let (d, payload) =
+                    tapestry_testkit::sign::delta(&cfg, &key, round, seq, &vec![0.001; n]);
+                rogue.serve_delta(&d, &payload);
+                d.id()
+            };
+            let shared = delta(round);
+            let mut made_up: Vec<Verified<ModelManifest>> = Vec::new();
+            let mut parent = h.id();
+            for _ in 0..LINEAGE - 1 {
+                let v = sign(round + 1, vec![parent], vec![shared]);
+                parent = v.id();
+                rogue
+                    .manifests
+                    .lock()
+                    .unwrap()
+                    .insert(v.id(), v.envelope_bytes().to_vec());
+                made_up.push(v);
+            }
+            let mut tips = Vec::new();
+            for _ in 0..VERSIONS {
+                let own = delta(round);
+                tips.push(sign(round + 1, vec![parent], vec![own]));
+            }
+            for v in &tips {
+                rogue.announce_version(v).await;
+            }
+            made_up.extend(tips);
+            // And 100 deltas of this round whose payloads are NaN.
+            let round = a.status()["round"].as_u64().unwrap();
+            let nan = vec![f32::NAN; n];
+            let payload: Vec<u8> = nan.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let mut nan_chunks = vec![ContentId::of(&payload)];
+            for seq in 1..=NAN_DELTAS {
+                // Each payload differs (one value), so each is its own chunk.
+                let mut values = nan.clone();
+                values[0] = seq as f32;
+                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                nan_chunks.push(ContentId::of(&bytes));
+                rogue.publish(rogue.delta(round, seq, &values)).await;
+            }
+            // Stay a while, answering head probes with the last version.
+            tokio::time::sleep(Duration::from_secs(15)).await;
+            (made_up, nan_chunks)
+        });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (made_up, nan_chunks, sampler.join().unwrap())
+    });
+
+    let st = wait_for(&nodes, 240, "all to finish", |s| {
+        s["finished"].as_bool().unwrap()
+    });
+    for (i, s) in st.iter().enumerate() {
+        eprintln!(
+            "node {i}: round {} verifying_peak {} store peak {} B rejected {}",
+            s["round"], s["verifying_peak"], store_peak[i], s["rejected"]
+        );
+        // Honest rounds went on to the end.
+        assert_eq!(s["round"].as_u64().unwrap(), rounds, "{s}");
+        // Version fetches stayed under the cap.
+        assert!(s["verifying_peak"].as_u64().unwrap() <= 16, "{s}");
+        // The store stayed within its quota.
+        assert!(store_peak[i] <= QUOTA_MB << 20, "{s}");
+    }
+    // A heard the rogue and worked on it (it verified made-up versions and
+    // refused the NaN deltas) ...
+    assert!(st[0]["verifying_peak"].as_u64().unwrap() >= 2, "{}", st[0]);
+    assert!(
+        st[0]["rejected"]["non_finite"].as_u64().unwrap_or(0) >= 1,
+        "{}",
+        st[0]
+    );
+    assert_eq!(settled_heads(&nodes).len(), 1);
+    let mut nodes = [a, b, c];
+    for n in nodes.iter_mut() {
+        assert!(n.terminate().success(), "{}", n.log());
+    }
+    // ... and kept none of it: no made-up version, no NaN payload.
+    for d in &dirs {
+        let store = tapestry_node::ops::open_store(
+            &tapestry_node::config::DataDir {
+                root: d.to_path_buf(),
+            },
+            false,
+        )
+        .unwrap();
+        for v in &made_up {
+            assert!(store.get_model_manifest(&v.id()).unwrap().is_none());
+        }
+        for c in &nan_chunks {
+            assert!(
+                !store.has(c).unwrap(),
+                "{}: NaN payload {c} kept",
+                d.display()
+            );
+        }
+    }
 }

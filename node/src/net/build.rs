@@ -55,6 +55,7 @@ pub(super) fn swarm(
             };
             let limits = connection_limits::ConnectionLimits::default()
                 .with_max_established(Some(config.max_connections))
+                .with_max_established_incoming(Some(max_incoming(config.max_connections)))
                 .with_max_established_per_peer(Some(config.max_connections_per_peer));
             let fetch = request_response::Behaviour::with_codec(
                 FetchCodec,
@@ -175,4 +176,11 @@ fn gossipsub_behaviour(
             .map_err(build_err)?;
     }
     Ok(gossip)
+}
+
+/// Of `max` connections, how many peers may open: a quarter is kept for the
+/// connections this node dials, so a crowd of inbound peers (sybils) cannot
+/// cut it off from the peers it chose.
+pub(in crate::net) fn max_incoming(max: u32) -> u32 {
+    max - max / 4
 }

@@ -265,8 +265,8 @@ pub struct NetSnapshot {
     pub peers: Vec<String>,
     /// Listen addresses.
     pub listen: Vec<String>,
-    /// Gossip mesh peers per topic.
-    pub mesh_peers: usize,
+    /// Peers in this node's gossip mesh (any topic).
+    pub mesh: Vec<String>,
     /// When the network task last showed it (it does at least every 5 s).
     pub updated: Option<std::time::Instant>,
 }
@@ -665,7 +665,11 @@ fn handle_command(swarm: &mut Swarm<Behaviour>, pending: &mut Pending, command: 
         Command::Disconnect(peer) => {
             let _ = swarm.disconnect_peer_id(peer);
         }
-        Command::Blacklist(peer) => swarm.behaviour_mut().gossipsub.blacklist_peer(&peer),
+        Command::Blacklist(peer) => {
+            let gossip = &mut swarm.behaviour_mut().gossipsub;
+            gossip.blacklist_peer(&peer);
+            gossip.set_application_score(&peer, scoring::outsider_score());
+        }
         Command::Fault(_) => {} // kept by the task's loop (it holds the penalties)
         Command::Provide(id) => {
             if let Err(e) = swarm.behaviour_mut().kad.start_providing(provider_key(&id)) {

@@ -88,7 +88,12 @@ pub(super) fn show(
         peer_id: swarm.local_peer_id().to_string(),
         peers: swarm.connected_peers().map(|p| p.to_string()).collect(),
         listen: listening.iter().map(|a| a.to_string()).collect(),
-        mesh_peers: swarm.behaviour().gossipsub.all_mesh_peers().count(),
+        mesh: swarm
+            .behaviour()
+            .gossipsub
+            .all_mesh_peers()
+            .map(|p| p.to_string())
+            .collect(),
         updated: Some(std::time::Instant::now()),
     });
 }

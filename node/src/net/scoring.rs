@@ -200,6 +200,15 @@ fn topic(weight: f64, rate: f64, mesh_deliveries: bool) -> TopicScoreParams {
 /// graylisted after sixteen (within an hour: the penalty halves every
 /// [`APP_PENALTY_HALF_LIFE`]).
 pub const APP_PENALTY: f64 = 10.0;
+/// The application score of a non-member of a permissioned region: far
+/// below the graylist threshold (−160× the best score), so gossipsub refuses
+/// its GRAFTs, prunes it from the mesh at the next heartbeat if it got in,
+/// and ignores everything it sends. (Blacklisting alone drops its messages
+/// but still lets it into the mesh.)
+pub fn outsider_score() -> f64 {
+    -1000.0 * max_positive_score()
+}
+
 /// How fast application penalties fade.
 pub const APP_PENALTY_HALF_LIFE: Duration = Duration::from_secs(900);
 /// Peers whose application penalty is remembered at once; past this the

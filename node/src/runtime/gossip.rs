@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// Non-members of a permissioned region kept connected at once (they are
+/// served nothing; a few may be a relay or a bootstrap address).
+pub(super) const MAX_OUTSIDERS: usize = 16;
+
 impl Node {
     /// Whether the roster (if any) admits `author`.
     pub(super) fn admitted(&self, author: &NodeId) -> bool {
@@ -29,7 +33,17 @@ impl Node {
             NetEvent::PeerConnected(peer) => {
                 self.liveness.connected(peer, Instant::now());
                 if !self.member(&peer) {
-                    // A permissioned region's gossip is its members' alone.
+                    // A permissioned region's gossip is its members' alone,
+                    // and so are all but a few of its connections: past
+                    // [`MAX_OUTSIDERS`] connected non-members, more are
+                    // turned away (refused, counted), so a crowd of peer ids
+                    // cannot take the slots members connect on.
+                    let outsiders = self.peers.iter().filter(|p| !self.member(p)).count();
+                    if outsiders >= MAX_OUTSIDERS {
+                        self.refuse(&Rejection::Outsider(peer.to_string()), &peer);
+                        let _ = self.net.disconnect(peer).await;
+                        return;
+                    }
                     let _ = self.net.blacklist(peer).await;
                 }
                 self.peers.insert(peer);

@@ -492,6 +492,7 @@ impl Node {
         let snap = self.net.snapshot();
         self.shared.update(|s| {
             s.peers = snap.peers.len();
+            s.mesh = snap.mesh.clone();
             s.listen = snap.listen.clone();
         });
         self.shared.metrics.peers.set(snap.peers.len() as i64);

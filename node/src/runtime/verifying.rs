@@ -68,6 +68,15 @@ impl Node {
         }
     }
 
+    /// Shows how many versions are being verified (and the most so far).
+    fn show_verifying(&self) {
+        let n = self.offered.lock().map_or(0, |o| o.len());
+        self.shared.update(|s| {
+            s.verifying = n;
+            s.verifying_peak = s.verifying_peak.max(n);
+        });
+    }
+
     /// Whether this node verified a version.
     pub(super) fn is_verified(&self, id: &ContentId) -> bool {
         is_verified(&self.store, id)
@@ -76,6 +85,7 @@ impl Node {
     /// What a verification found: adopt, merge, remember or reject.
     pub(super) async fn on_finding(&mut self, v: Finding) {
         forget(&self.offered, v.manifest.id());
+        self.show_verifying();
         let checked = match v.result {
             Err(r) => {
                 tracing::warn!(version = %v.manifest.id().short(), round = v.manifest.message().round, "model version rejected");
@@ -201,6 +211,7 @@ impl Node {
         if !fresh {
             return false;
         }
+        self.show_verifying();
         let cfg = &self.settings.engine;
         let furthest = self
             .engine
