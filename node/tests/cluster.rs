@@ -286,7 +286,7 @@ mod rogue {
 
     /// `n` peers with fresh keys, each connected to `peer` only; kept
     /// connected while the returned handles live.
-    pub async fn crowd(peer: &str, n: usize) -> Vec<(NetHandle, mpsc::Receiver<NetEvent>)> {
+    pub async fn crowd(peer: &str, n: usize) -> Vec<(NetHandle, net::Events)> {
         let mut crowd = Vec::with_capacity(n);
         for _ in 0..n {
             let key = Keypair::generate(&mut rand::rngs::OsRng);

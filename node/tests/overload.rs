@@ -116,3 +116,53 @@ async fn a_node_that_stops_reading_gets_busy_answers_not_a_stuck_network() {
         w.abort();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_beyond_the_queues_byte_bound_is_shed_and_counted() {
+    // A node that does not read its events holds at most 64 KiB of gossip
+    // for it, however many events its queue could take.
+    let topic = "/tapestry/1/digits/test/deltas".to_string();
+    let spawn = |seed: u8, bootstrap: Vec<libp2p::Multiaddr>| {
+        let mut registry = Registry::default();
+        let (handle, events, _task) = net::spawn(
+            &Keypair::from_secret_bytes(&[seed; 32]),
+            NetConfig {
+                listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+                bootstrap,
+                topics: vec![topic.clone()],
+                event_queue_bytes: 64 << 10,
+                ..NetConfig::default()
+            },
+            &mut registry,
+        )
+        .unwrap();
+        (handle, events, registry)
+    };
+    let (frozen, events, registry) = spawn(4, Vec::new());
+    let at = address(&frozen).await;
+    let (sender, _sender_events, _) = spawn(5, vec![at]);
+    assert!(peers(&frozen, 1).await, "the sender never connected");
+    // Subscriptions exchanged, a heartbeat or two for the mesh.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..20u8 {
+        sender.publish(&topic, vec![i; 16 << 10]).await.unwrap();
+    }
+    // Bounded wait for the 16 that do not fit to be counted.
+    let shed = |registry: &Registry| {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text.lines()
+            .find(|l| l.starts_with("net_shed_total{kind=\"gossip\"}"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    for _ in 0..100 {
+        if shed(&registry) >= 16.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(shed(&registry), 16.0);
+    assert_eq!(events.queued_bytes(), 64 << 10);
+}

@@ -43,6 +43,7 @@ mod scoring;
 pub use build::{Behaviour, BehaviourEvent, SILENCE_LIMIT, message_id};
 pub use codec::FetchCodec;
 use events::*;
+pub use outbox::Events;
 use outbox::*;
 
 /// The identify protocol version of Tapestry nodes.
@@ -115,6 +116,8 @@ pub struct NetConfig {
     /// Events (gossip, requests, connections) that may wait for the node;
     /// gossip and requests beyond it are shed (see [`Outbox`]).
     pub event_queue: usize,
+    /// Gossip bytes that may wait for the node; gossip beyond it is shed.
+    pub event_queue_bytes: usize,
 }
 
 impl Default for NetConfig {
@@ -130,6 +133,7 @@ impl Default for NetConfig {
             round_window: Duration::from_secs(60),
             request_timeout: Duration::from_secs(20),
             event_queue: EVENT_QUEUE,
+            event_queue_bytes: EVENT_QUEUE_BYTES,
         }
     }
 }
@@ -440,14 +444,7 @@ pub fn spawn(
     key: &Keypair,
     config: NetConfig,
     registry: &mut prometheus_client::registry::Registry,
-) -> Result<
-    (
-        NetHandle,
-        mpsc::Receiver<NetEvent>,
-        tokio::task::JoinHandle<()>,
-    ),
-    NetError,
-> {
+) -> Result<(NetHandle, Events, tokio::task::JoinHandle<()>), NetError> {
     let keypair = libp2p_keypair(key)?;
     let peer_id = keypair.public().to_peer_id();
     let mut swarm = build::swarm(keypair, &config, registry)?;
@@ -485,10 +482,13 @@ pub fn spawn(
         "Faults of peers that gossipsub cannot see (corrupt chunks, payloads failing the door, equivocation), each lowering the peer's gossip score",
         faults.clone(),
     );
+    let bytes = QueuedBytes::default();
     let outbox = Outbox {
         tx: ev_tx,
         backlog: VecDeque::new(),
         shed,
+        bytes: bytes.clone(),
+        max_bytes: config.event_queue_bytes,
     };
     // libp2p's own metrics (connections, identify, Kademlia, ping, gossipsub,
     // DCUtR) in the node's registry, beside the bandwidth counters.
@@ -508,7 +508,7 @@ pub fn spawn(
             peer_id,
             view,
         },
-        ev_rx,
+        Events { rx: ev_rx, bytes },
         task,
     ))
 }
@@ -535,6 +535,9 @@ const COMMAND_QUEUE: usize = 1024;
 /// Events for the node, by default. Gossip and requests that find it full
 /// are shed.
 pub const EVENT_QUEUE: usize = 16 * 1024;
+/// Gossip bytes waiting for the node, by default (as much as the checker
+/// behind it holds). Gossip that finds them used up is shed.
+pub const EVENT_QUEUE_BYTES: usize = 64 << 20;
 /// Replies owed to the node: fetches in flight and provider look-ups.
 #[derive(Default)]
 struct Pending {

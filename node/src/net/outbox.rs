@@ -2,6 +2,9 @@
 //! what sheds under load, what waits in order, and the watched snapshot of
 //! the network the node reads instead of asking the task.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use prometheus_client::encoding::EncodeLabelSet;
 
 use super::*;
@@ -27,6 +30,73 @@ pub(super) struct Outbox {
     pub(super) tx: mpsc::Sender<NetEvent>,
     pub(super) backlog: VecDeque<NetEvent>,
     pub(super) shed: Family<ShedLabel, Counter>,
+    /// Gossip bytes in the queue, and the most there may be: the queue is
+    /// bounded in bytes as well as in events (a message may be 1 MiB).
+    pub(super) bytes: QueuedBytes,
+    pub(super) max_bytes: usize,
+}
+
+/// Gossip bytes waiting in the node's queue: the swarm task adds what it
+/// sends, the node's [`Events`] takes away what it reads.
+#[derive(Debug, Clone, Default)]
+pub(super) struct QueuedBytes(Arc<AtomicUsize>);
+
+impl QueuedBytes {
+    /// Counts `n` more bytes if they fit within `max`; whether they did.
+    pub(super) fn reserve(&self, n: usize, max: usize) -> bool {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|total| *total <= max)
+            })
+            .is_ok()
+    }
+
+    /// Counts `n` bytes fewer.
+    pub(super) fn release(&self, n: usize) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                Some(used.saturating_sub(n))
+            });
+    }
+
+    /// Bytes counted now.
+    pub(super) fn get(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// The node's end of the event queue (see [`Outbox`]).
+#[derive(Debug)]
+pub struct Events {
+    pub(super) rx: mpsc::Receiver<NetEvent>,
+    pub(super) bytes: QueuedBytes,
+}
+
+impl Events {
+    /// Events fed by hand, with no network task behind them (in-process
+    /// tests of the node).
+    #[cfg(test)]
+    pub(crate) fn from_receiver(rx: mpsc::Receiver<NetEvent>) -> Events {
+        Events {
+            rx,
+            bytes: QueuedBytes::default(),
+        }
+    }
+
+    /// The next event; `None` once the network task has stopped.
+    pub async fn recv(&mut self) -> Option<NetEvent> {
+        let event = self.rx.recv().await?;
+        if let NetEvent::Gossip { data, .. } = &event {
+            self.bytes.release(data.len());
+        }
+        Some(event)
+    }
+
+    /// Gossip bytes waiting in the queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes.get()
+    }
 }
 
 impl Outbox {
@@ -45,9 +115,18 @@ impl Outbox {
             self.shed(swarm, event);
             return true;
         }
+        let bytes = match &event {
+            NetEvent::Gossip { data, .. } => data.len(),
+            _ => 0,
+        };
+        if !self.bytes.reserve(bytes, self.max_bytes) {
+            self.shed(swarm, event);
+            return true;
+        }
         match self.tx.try_send(event) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(event)) => {
+                self.bytes.release(bytes);
                 self.shed(swarm, event);
                 true
             }
@@ -96,4 +175,24 @@ pub(super) fn show(
             .collect(),
         updated: Some(std::time::Instant::now()),
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queued_bytes_stay_within_their_bound_and_come_back_when_read() {
+        let q = QueuedBytes::default();
+        assert!(q.reserve(600, 1000));
+        assert!(!q.reserve(500, 1000), "over the bound");
+        assert_eq!(q.get(), 600);
+        assert!(q.reserve(400, 1000));
+        q.release(600);
+        assert!(q.reserve(500, 1000));
+        assert_eq!(q.get(), 900);
+        q.release(5000);
+        assert_eq!(q.get(), 0, "never below zero");
+        assert!(!q.reserve(usize::MAX, usize::MAX - 1));
+    }
 }

@@ -206,13 +206,13 @@ pub(super) async fn fetch_payload(
 impl Node {
     /// Checks that the head's chunks are all on disk; any whose file was
     /// lost is fetched again from the region's members (on its own task).
-    pub(super) fn check_head_chunks(&self) {
+    pub(super) fn check_head_chunks(&mut self) {
         let Some(head) = self.shared.head.lock().ok().and_then(|h| h.clone()) else {
             return;
         };
         let (net, store, shared) = (self.net.clone(), self.store.clone(), self.shared.clone());
         let providers: Vec<PeerId> = self.members.iter().copied().collect();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let m = head.message();
             let (missing, back) =
                 refetch_lost(&net, &store, head.id(), &m.chunk_ids, &providers, &shared).await;

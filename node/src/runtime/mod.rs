@@ -135,6 +135,12 @@ pub enum NodeError {
 /// The head's chunk files are checked every this many ticks (2 s each).
 const HEAD_CHECK_TICKS: u64 = 5;
 
+/// Payload fetches in flight at once (each buffers one payload; the door
+/// admits one delta per author and round, so this is many rounds of a large
+/// region); past it, an admitted delta is not fetched (a version naming it
+/// brings it later).
+const MAX_FETCHING: usize = 1024;
+
 /// Versions remembered as weighed against the current head and not taken,
 /// before the set is forgotten (each weighing reads one version's
 /// parameters from the store).
@@ -158,6 +164,14 @@ pub struct Node {
     /// members as far as this node can see (peers of other regions share
     /// the network, not the rounds).
     members: BTreeSet<PeerId>,
+    /// The node's own tasks on the network (payload fetches, verifications,
+    /// head probes, chunk refetches): finished ones are reaped every tick,
+    /// and all are aborted when the node stops (dropping the set).
+    tasks: tokio::task::JoinSet<()>,
+    /// Payload fetches under way: each delta's round and its task (aborted
+    /// once the round is outside the staleness window, or when the node
+    /// stops; at most [`MAX_FETCHING`]).
+    fetching: HashMap<ContentId, (u64, tokio::task::AbortHandle)>,
     /// Who forwarded each announced delta (where to fetch its chunks).
     providers: HashMap<ContentId, Vec<PeerId>>,
     deltas_topic: String,
@@ -288,6 +302,8 @@ impl Node {
             providers: HashMap::new(),
             running: false,
             best_seen: BTreeMap::new(),
+            fetching: HashMap::new(),
+            tasks: tokio::task::JoinSet::new(),
             passed_over: HashSet::new(),
             findings_tx,
             findings_rx,
@@ -383,7 +399,7 @@ impl Node {
     /// store on the way out.
     pub async fn run(
         mut self,
-        mut events: mpsc::Receiver<NetEvent>,
+        mut events: net::Events,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), NodeError> {
         let (start_manifest, start_params) = self.starting_version()?;
@@ -459,6 +475,7 @@ impl Node {
                     }
                 }
                 _ = ticker.tick() => {
+                    while self.tasks.try_join_next().is_some() {}
                     self.shared.health.ticked(self.net.snapshot().updated);
                     self.check_space();
                     // Every 10 s: are the head's chunk files all there?
@@ -483,6 +500,7 @@ impl Node {
                 }
             }
         }
+        self.cancel_fetches(None);
         self.store.flush()?;
         tracing::info!("node stopped; store flushed");
         Ok(())
@@ -637,11 +655,33 @@ impl Node {
             self.fetched_tx.clone(),
             self.shared.clone(),
         );
-        tokio::spawn(async move {
+        self.fetching.retain(|_, (_, task)| !task.is_finished());
+        if self.fetching.len() >= MAX_FETCHING {
+            tracing::warn!(delta = %manifest.id().short(), "too many payload fetches under way; not fetching this one");
+            return;
+        }
+        let (id, round) = (manifest.id(), manifest.message().round);
+        let task = self.tasks.spawn(async move {
             if let Some(payload) = fetch_payload(&net, &store, &manifest, &providers, &shared).await
             {
                 let _ = tx.send((manifest, payload)).await;
             }
+        });
+        self.fetching.insert(id, (round, task));
+    }
+
+    /// Aborts the payload fetches of deltas the door no longer admits
+    /// (older than the staleness window before `round`); all of them when
+    /// `round` is `None` (the node stops).
+    fn cancel_fetches(&mut self, round: Option<u64>) {
+        let staleness = self.settings.engine.door.staleness;
+        let oldest = round.map(|r| r.saturating_sub(staleness));
+        self.fetching.retain(|_, (r, task)| {
+            let keep = !task.is_finished() && oldest.is_some_and(|o| *r >= o);
+            if !keep {
+                task.abort();
+            }
+            keep
         });
     }
 
@@ -670,6 +710,7 @@ impl Node {
         // round while this node was still closing it.
         let round = manifest.message().round;
         self.passed_over.clear();
+        self.cancel_fetches(Some(round));
         self.best_seen.retain(|r, _| *r >= round);
         if let Some((_, best, source)) = self.best_seen.remove(&round) {
             self.offer_if_preferred(best, source, None);

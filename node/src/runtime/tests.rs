@@ -151,7 +151,7 @@ async fn round_deadline_and_silent_peer() {
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
     let (_stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(play_network(commands, events_tx.clone(), seen_tx));
-    let running = tokio::spawn(node.run(events_rx, stop_rx));
+    let running = tokio::spawn(node.run(net::Events::from_receiver(events_rx), stop_rx));
 
     // A region member that answers pings but sends no delta, so the round
     // can only close at its deadline; and a peer that falls silent.
@@ -276,7 +276,7 @@ async fn gossip_verdicts() {
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
     let (_stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(play_network(commands, events_tx.clone(), seen_tx));
-    let running = tokio::spawn(node.run(events_rx, stop_rx));
+    let running = tokio::spawn(node.run(net::Events::from_receiver(events_rx), stop_rx));
     let member = peer(2);
     let deltas = IdentTopic::new(deltas_topic("digits", "test")).hash();
     for event in [

@@ -148,7 +148,7 @@ impl Node {
                 self.offered.clone(),
             );
             let request = request.clone();
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 let Ok(FetchResponse::Head(Some(id))) = net.fetch(peer, request).await else {
                     return;
                 };
@@ -243,7 +243,7 @@ impl Node {
         }
         let tx = self.findings_tx.clone();
         tracing::debug!(round = manifest.message().round, version = %manifest.id().short(), "verifying a version");
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let result = verify_offered(&ctx, &manifest, &providers).await;
             let _ = tx
                 .send(Finding {
