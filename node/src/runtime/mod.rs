@@ -143,7 +143,7 @@ const MAX_FETCHING: usize = 1024;
 
 /// Versions remembered as weighed against the current head and not taken,
 /// before the set is forgotten (each weighing reads one version's
-/// parameters from the store).
+/// parameters from the store). It is also forgotten every 10 s.
 const MAX_PASSED_OVER: usize = 1024;
 
 /// The node's own task.
@@ -183,7 +183,7 @@ pub struct Node {
     /// who announced it.
     best_seen: BTreeMap<u64, (VersionRank, Verified<ModelManifest>, PeerId)>,
     /// Verified versions weighed against the current head and not taken
-    /// (not weighed again until the head moves; at most
+    /// (not weighed again until the head moves or 10 s pass; at most
     /// [`MAX_PASSED_OVER`], then forgotten).
     passed_over: HashSet<ContentId>,
     /// Verdicts of version verifications, back from their tasks.
@@ -482,6 +482,12 @@ impl Node {
                     self.ticks = self.ticks.wrapping_add(1);
                     if self.ticks.is_multiple_of(HEAD_CHECK_TICKS) {
                         self.check_head_chunks();
+                        // A version passed over is weighed again now and
+                        // then, not only at the next head: a decision made
+                        // on a view that has changed since (a delta's
+                        // author learnt, the rank of the head revised)
+                        // must not keep two nodes apart for good.
+                        self.passed_over.clear();
                     }
                     self.refresh_network().await;
                     self.verify_early(false).await;
