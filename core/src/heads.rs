@@ -116,6 +116,21 @@ pub enum Decision {
     Reassess,
 }
 
+impl Decision {
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Decision::Feed(input) => match input.as_ref() {
+                Input::BranchOffered { .. } => "merge",
+                _ => "adopt",
+            },
+            Decision::Remember(_) => "remember",
+            Decision::Leave => "leave",
+            Decision::Reassess => "reassess",
+        }
+    }
+}
+
 /// The decision about a verified version `v` with parameters `params`.
 pub fn decide(
     engine: &Engine,

@@ -418,3 +418,23 @@ fn one_author_has_one_vote_per_round_at_the_door() {
         "{out:?}"
     );
 }
+
+#[test]
+fn a_parent_must_be_one_round_before_its_child_or_no_later_than_a_merge() {
+    // One parent: exactly the round before.
+    assert!(verify::check_parent_round((7, 1), 6).is_ok());
+    for wrong in [7, 5, 0, 8] {
+        assert!(matches!(
+            verify::check_parent_round((7, 1), wrong),
+            Err(VersionRejection::RoundJump { round: 7, .. })
+        ));
+    }
+    // A merge: any round up to its own.
+    for fits in [0, 6, 7] {
+        assert!(verify::check_parent_round((7, 2), fits).is_ok());
+    }
+    assert!(verify::check_parent_round((7, 2), 8).is_err());
+    // No overflow at the ends.
+    assert!(verify::check_parent_round((0, 1), u64::MAX).is_err());
+    assert!(verify::check_parent_round((u64::MAX, 1), u64::MAX - 1).is_ok());
+}

@@ -27,7 +27,9 @@ impl NodeProcess {
     /// Starts `cmd` (a `tapestry run --data-dir DIR ...` command line, the
     /// caller's) for the node in `dir`: its standard error appended to
     /// `DIR/node.log`, its standard output discarded, `RUST_LOG` at info
-    /// (libp2p at warn) unless the command sets it. A stale
+    /// (libp2p at warn) unless the command sets it or this process has
+    /// `TAPESTRY_NODE_LOG` (its value then: to look into a failing test's
+    /// nodes more closely). A stale
     /// `endpoints.json` is removed first, so [`NodeProcess::endpoints`]
     /// sees this run's.
     pub fn spawn(mut cmd: Command, dir: &Path) -> Result<NodeProcess, LabError> {
@@ -39,7 +41,8 @@ impl NodeProcess {
             .open(&path)
             .map_err(LabError::io(path))?;
         if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
-            cmd.env("RUST_LOG", "info,libp2p=warn");
+            let level = std::env::var("TAPESTRY_NODE_LOG");
+            cmd.env("RUST_LOG", level.as_deref().unwrap_or("info,libp2p=warn"));
         }
         let child = cmd
             .stdout(Stdio::null())

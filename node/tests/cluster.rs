@@ -892,15 +892,7 @@ fn in_a_permissioned_region_outsiders_get_nothing_and_a_crowd_of_them_changes_no
     let tmp = tempfile::tempdir().unwrap();
     let dirs = permissioned_region(tmp.path(), 3, &[], "1.0");
     let rounds = 8;
-    let args = |i: usize, boot: Option<&str>| {
-        let mut a = run_args(Some(rounds), 1, (i, 3), boot);
-        // Paced, so the crowd arrives while rounds run.
-        a.extend(["--min-round-ms".into(), "1000".into()]);
-        a
-    };
-    let a = Node::start(&dirs[0], &args(0, None));
-    let b = Node::start(&dirs[1], &args(1, Some(&a.address())));
-    let c = Node::start(&dirs[2], &args(2, Some(&a.address())));
+    let [a, b, c] = three_paced(&dirs, rounds, 1);
     let nodes = [&a, &b, &c];
     let ids: Vec<String> = nodes
         .iter()
@@ -1175,8 +1167,31 @@ fn under_a_flood_of_requests_and_refused_messages_rounds_go_on() {
     }
     let (answered, sent) = rt.block_on(flood).unwrap();
     // Back to the normal pace within two round timeouts (10 s each), then
-    // measured over the same window as before.
-    std::thread::sleep(Duration::from_secs(20));
+    // measured over the same window as before. Meanwhile, every 5 s: the
+    // rounds and the CPU time (ms) that A, B, C and this test (the rogue)
+    // used.
+    let pids = [&a, &b, &c].map(|n| n.process.pid().unwrap());
+    let cpu = |pid: u32| cpu_ms(&format!("/proc/{pid}/stat"));
+    let mut last: Vec<u64> = pids
+        .iter()
+        .map(|p| cpu(*p))
+        .chain([cpu_ms("/proc/self/stat")])
+        .collect();
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_secs(5));
+        let now: Vec<u64> = pids
+            .iter()
+            .map(|p| cpu(*p))
+            .chain([cpu_ms("/proc/self/stat")])
+            .collect();
+        let used: Vec<u64> = now.iter().zip(&last).map(|(n, l)| n - l).collect();
+        eprintln!(
+            "after the flood: rounds {:?}, CPU ms in 5 s (A, B, C, rogue) {used:?}; A {}",
+            [&a, &b, &c].map(round),
+            a.status()
+        );
+        last = now;
+    }
     let r1 = round(&a);
     std::thread::sleep(pace_window);
     let after = round(&a) - r1;
@@ -1231,6 +1246,21 @@ fn under_a_flood_of_requests_and_refused_messages_rounds_go_on() {
     for n in [&a, &b, &c] {
         assert!(n.status()["peers"].as_u64().unwrap() >= 2, "{}", n.status());
     }
+}
+
+/// User plus system CPU time in ms, from a `/proc/PID/stat` file (0 if
+/// unreadable).
+fn cpu_ms(stat: &str) -> u64 {
+    let text = std::fs::read_to_string(stat).unwrap_or_default();
+    // Fields after the command name (which may hold spaces), from the
+    // state on: utime and stime are the 12th and 13th, in clock ticks
+    // (100 per second).
+    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    f.get(11).zip(f.get(12)).map_or(0, |(u, s)| (u + s) * 10)
 }
 
 #[test]
@@ -1367,6 +1397,22 @@ fn three_honest(
     settled_heads(&[&a, &b, &c]);
     let st = [&a, &b, &c].iter().map(|n| n.status()).collect();
     (vec![a, b, c], st)
+}
+
+/// Starts three nodes of a region paced at one round a second, so that a
+/// rogue acts while rounds run: A first, B and C bootstrapping from A,
+/// each waiting for `start_peers` peers before its first round.
+fn three_paced(dirs: &[PathBuf], rounds: u64, start_peers: usize) -> [Node; 3] {
+    let args = |i: usize, boot: Option<&str>| {
+        let mut a = run_args(Some(rounds), start_peers, (i, 3), boot);
+        a.extend(["--min-round-ms".into(), "1000".into()]);
+        a
+    };
+    let a = Node::start(&dirs[0], &args(0, None));
+    let boot = a.address();
+    let b = Node::start(&dirs[1], &args(1, Some(&boot)));
+    let c = Node::start(&dirs[2], &args(2, Some(&boot)));
+    [a, b, c]
 }
 
 fn mean_accuracy(st: &[Value]) -> f64 {
@@ -1841,15 +1887,7 @@ fn made_up_lineages_and_nan_deltas_cost_bounded_work_and_no_disk() {
         set_config(d, "quota_mb", &QUOTA_MB.to_string());
     }
     let rounds = 24;
-    let args = |i: usize, boot: Option<&str>| {
-        let mut a = run_args(Some(rounds), 2, (i, 3), boot);
-        // Paced, so the rogue talks while rounds run.
-        a.extend(["--min-round-ms".into(), "1000".into()]);
-        a
-    };
-    let a = Node::start(&dirs[0], &args(0, None));
-    let b = Node::start(&dirs[1], &args(1, Some(&a.address())));
-    let c = Node::start(&dirs[2], &args(2, Some(&a.address())));
+    let [a, b, c] = three_paced(&dirs, rounds, 2);
     let nodes = [&a, &b, &c];
     wait_for(&nodes, 90, "round 3", |s| s["round"].as_u64().unwrap() >= 3);
     let cfg = tapestry_node::config::Config {

@@ -12,23 +12,35 @@ use prometheus_client::registry::Registry;
 use tapestry_node::net::{self, NetConfig, NetHandle};
 use tapestry_protocol::{FetchRequest, FetchResponse, Keypair};
 
-fn start(seed: u8, bootstrap: Vec<libp2p::Multiaddr>, event_queue: usize) -> (NetHandle, Registry) {
+/// A network task on loopback, with `tune` applied to its configuration.
+fn start(
+    seed: u8,
+    bootstrap: Vec<libp2p::Multiaddr>,
+    tune: impl FnOnce(&mut NetConfig),
+) -> (NetHandle, net::Events, Registry) {
     let mut registry = Registry::default();
-    let (handle, events, _task) = net::spawn(
-        &Keypair::from_secret_bytes(&[seed; 32]),
-        NetConfig {
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-            bootstrap,
-            request_timeout: Duration::from_secs(5),
-            event_queue,
-            ..NetConfig::default()
-        },
-        &mut registry,
-    )
-    .unwrap();
-    // Nobody reads this node's events: it is frozen from the start.
-    std::mem::forget(events);
-    (handle, registry)
+    let mut cfg = NetConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        bootstrap,
+        request_timeout: Duration::from_secs(5),
+        ..NetConfig::default()
+    };
+    tune(&mut cfg);
+    let (handle, events, _task) =
+        net::spawn(&Keypair::from_secret_bytes(&[seed; 32]), cfg, &mut registry).unwrap();
+    (handle, events, registry)
+}
+
+/// `net_shed_total{kind}` as `registry` reports it (0 before any).
+fn shed(registry: &Registry, kind: &str) -> f64 {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    let series = format!("net_shed_total{{kind=\"{kind}\"}}");
+    text.lines()
+        .find(|l| l.starts_with(&series))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
 }
 
 /// `addr/p2p/peer` once the node listens (bounded wait).
@@ -57,9 +69,11 @@ async fn peers(h: &NetHandle, n: usize) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_stops_reading_gets_busy_answers_not_a_stuck_network() {
     let queue = 8;
-    let (frozen, registry) = start(1, Vec::new(), queue);
+    let (frozen, events, registry) = start(1, Vec::new(), |c| c.event_queue = queue);
+    // Nobody reads this node's events: it is frozen from the start.
+    std::mem::forget(events);
     let at = address(&frozen).await;
-    let (asker, _) = start(2, vec![at.clone()], net::EVENT_QUEUE);
+    let (asker, _asker_events, _) = start(2, vec![at.clone()], |_| {});
     assert!(peers(&frozen, 1).await, "the asker never connected");
 
     // Fill the frozen node's queue (if its own connection and ping events
@@ -97,21 +111,14 @@ async fn a_node_that_stops_reading_gets_busy_answers_not_a_stuck_network() {
 
     // The network task still works for the node: a new peer connects and
     // shows in its view.
-    let (_late, _) = start(3, vec![at], net::EVENT_QUEUE);
+    let (_late, _late_events, _) = start(3, vec![at], |_| {});
     assert!(
         peers(&frozen, 2).await,
         "a peer connecting later was never seen"
     );
 
     // The shedding is counted.
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-    let shed = text
-        .lines()
-        .find(|l| l.starts_with("net_shed_total{kind=\"request\"}"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<f64>().ok());
-    assert!(shed.is_some_and(|n| n >= 40.0), "{text}");
+    assert!(shed(&registry, "request") >= 40.0);
     for w in waiting {
         w.abort();
     }
@@ -123,20 +130,10 @@ async fn gossip_beyond_the_queues_byte_bound_is_shed_and_counted() {
     // for it, however many events its queue could take.
     let topic = "/tapestry/1/digits/test/deltas".to_string();
     let spawn = |seed: u8, bootstrap: Vec<libp2p::Multiaddr>| {
-        let mut registry = Registry::default();
-        let (handle, events, _task) = net::spawn(
-            &Keypair::from_secret_bytes(&[seed; 32]),
-            NetConfig {
-                listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-                bootstrap,
-                topics: vec![topic.clone()],
-                event_queue_bytes: 64 << 10,
-                ..NetConfig::default()
-            },
-            &mut registry,
-        )
-        .unwrap();
-        (handle, events, registry)
+        start(seed, bootstrap, |c| {
+            c.topics = vec![topic.clone()];
+            c.event_queue_bytes = 64 << 10;
+        })
     };
     let (frozen, events, registry) = spawn(4, Vec::new());
     let at = address(&frozen).await;
@@ -148,21 +145,12 @@ async fn gossip_beyond_the_queues_byte_bound_is_shed_and_counted() {
         sender.publish(&topic, vec![i; 16 << 10]).await.unwrap();
     }
     // Bounded wait for the 16 that do not fit to be counted.
-    let shed = |registry: &Registry| {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
-        text.lines()
-            .find(|l| l.starts_with("net_shed_total{kind=\"gossip\"}"))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
     for _ in 0..100 {
-        if shed(&registry) >= 16.0 {
+        if shed(&registry, "gossip") >= 16.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(shed(&registry), 16.0);
+    assert_eq!(shed(&registry, "gossip"), 16.0);
     assert_eq!(events.queued_bytes(), 64 << 10);
 }

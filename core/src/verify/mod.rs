@@ -397,6 +397,28 @@ pub fn check_shape(
     Ok(())
 }
 
+/// Checks a parent's round against the version that names it, before
+/// anything else of the parent is fetched: one round before a version
+/// with one parent, at most the round of a merge. A made-up line whose
+/// rounds do not step down is refused at its first wrong step.
+/// `child` is the naming version's (round, number of parents).
+pub fn check_parent_round(child: (u64, usize), parent_round: u64) -> Result<(), VersionRejection> {
+    let (round, parents) = child;
+    let fits = if parents == 2 {
+        parent_round <= round
+    } else {
+        parent_round.checked_add(1) == Some(round)
+    };
+    if fits {
+        Ok(())
+    } else {
+        Err(VersionRejection::RoundJump {
+            round,
+            expected: parent_round.saturating_add(1),
+        })
+    }
+}
+
 /// What verifying a version needs next.
 #[derive(Debug, Clone)]
 pub enum Plan {

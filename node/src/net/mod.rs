@@ -44,6 +44,7 @@ pub use build::{Behaviour, BehaviourEvent, SILENCE_LIMIT, message_id};
 pub use codec::FetchCodec;
 use events::*;
 pub use outbox::Events;
+pub(crate) use outbox::QueuedBytes;
 use outbox::*;
 
 /// The identify protocol version of Tapestry nodes.

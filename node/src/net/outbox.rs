@@ -36,14 +36,16 @@ pub(super) struct Outbox {
     pub(super) max_bytes: usize,
 }
 
-/// Gossip bytes waiting in the node's queue: the swarm task adds what it
-/// sends, the node's [`Events`] takes away what it reads.
+/// Bytes waiting in a queue, shared by its two ends: the sender reserves
+/// what it queues (within a bound), the receiver releases what it takes.
+/// Gossip waiting for the node: the swarm task adds what it sends, the
+/// node's [`Events`] takes away what it reads.
 #[derive(Debug, Clone, Default)]
-pub(super) struct QueuedBytes(Arc<AtomicUsize>);
+pub(crate) struct QueuedBytes(Arc<AtomicUsize>);
 
 impl QueuedBytes {
     /// Counts `n` more bytes if they fit within `max`; whether they did.
-    pub(super) fn reserve(&self, n: usize, max: usize) -> bool {
+    pub(crate) fn reserve(&self, n: usize, max: usize) -> bool {
         self.0
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 used.checked_add(n).filter(|total| *total <= max)
@@ -52,7 +54,7 @@ impl QueuedBytes {
     }
 
     /// Counts `n` bytes fewer.
-    pub(super) fn release(&self, n: usize) {
+    pub(crate) fn release(&self, n: usize) {
         let _ = self
             .0
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
@@ -61,7 +63,7 @@ impl QueuedBytes {
     }
 
     /// Bytes counted now.
-    pub(super) fn get(&self) -> usize {
+    pub(crate) fn get(&self) -> usize {
         self.0.load(Ordering::Acquire)
     }
 }

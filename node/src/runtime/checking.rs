@@ -6,8 +6,6 @@
 //! (a pool of one thread: the other core stays with the node, the swarm and
 //! training); the results come back to the loop in the order they came.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use super::*;
 use tapestry_core::admission::{Announced, Topic};
 
@@ -39,7 +37,7 @@ pub(super) struct Checker {
     tx: mpsc::Sender<Unchecked>,
     /// Taken by [`Checker::start`].
     rx: Option<mpsc::Receiver<Unchecked>>,
-    queued_bytes: Arc<AtomicUsize>,
+    queued_bytes: net::QueuedBytes,
 }
 
 impl Checker {
@@ -48,7 +46,7 @@ impl Checker {
         Checker {
             tx,
             rx: Some(rx),
-            queued_bytes: Arc::default(),
+            queued_bytes: net::QueuedBytes::default(),
         }
     }
 
@@ -64,14 +62,12 @@ impl Checker {
 
     /// Queues a message to check; gives it back if there is no room.
     pub(super) fn offer(&self, u: Unchecked) -> Result<(), Box<Unchecked>> {
-        let bytes = u.data.len();
-        if self.queued_bytes.load(Ordering::Relaxed) + bytes > CHECK_QUEUE_BYTES {
+        if !self.queued_bytes.reserve(u.data.len(), CHECK_QUEUE_BYTES) {
             return Err(Box::new(u));
         }
-        self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.tx.try_send(u).map_err(|e| {
             let u = e.into_inner();
-            self.queued_bytes.fetch_sub(u.data.len(), Ordering::Relaxed);
+            self.queued_bytes.release(u.data.len());
             Box::new(u)
         })
     }
@@ -84,7 +80,7 @@ async fn check(
     mut rx: mpsc::Receiver<Unchecked>,
     out: mpsc::Sender<Checked>,
     roster: Option<Roster>,
-    queued_bytes: Arc<AtomicUsize>,
+    queued_bytes: net::QueuedBytes,
 ) {
     let roster = Arc::new(roster);
     while let Some(first) = rx.recv().await {
@@ -96,7 +92,7 @@ async fn check(
             }
         }
         let bytes: usize = batch.iter().map(|u| u.data.len()).sum();
-        queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        queued_bytes.release(bytes);
         let roster = roster.clone();
         let opened = tokio::task::spawn_blocking(move || {
             let (meta, items): (Vec<_>, Vec<_>) = batch

@@ -52,6 +52,7 @@ impl Node {
             return Some(Verdict::Ignore);
         }
         if !self.running || !(far || heads::worth_verifying(&self.engine, m)) {
+            tracing::debug!(round = m.round, version = %manifest.id().short(), own = self.engine.round(), running = self.running, "version not worth verifying");
             return Some(Verdict::Ignore);
         }
         if m.round == self.engine.round().saturating_add(1)
@@ -106,7 +107,16 @@ impl Node {
         let (manifest, (params, assessment)) = (v.manifest, checked);
         let round = manifest.message().round;
         let id = manifest.id();
-        match heads::decide(&self.engine, manifest.clone(), params, assessment) {
+        let decision = heads::decide(&self.engine, manifest.clone(), params, assessment);
+        tracing::debug!(
+            round,
+            version = %id.short(),
+            own = self.engine.round(),
+            head = %self.engine.version().map(|h| h.short()).unwrap_or_default(),
+            decision = decision.name(),
+            "version weighed"
+        );
+        match decision {
             heads::Decision::Feed(input) => {
                 if let Input::BranchOffered { weights, .. } = input.as_ref() {
                     tracing::info!(round, version = %id.short(), ?weights, "merging a branch that grew apart");
@@ -608,6 +618,7 @@ async fn gather(
     max_chain: usize,
 ) -> Result<Vec<ContentId>, VersionRejection> {
     let mut fetched = Fetched::default();
+    gather_ancestors(ctx, l, target, providers, max_chain, &mut fetched).await?;
     for _ in 0..=max_chain {
         let (models, deltas, payloads) = match verify::plan(&*l, &ctx.cfg, target, max_chain)? {
             Plan::Ready(order) => return Ok(order),
@@ -666,6 +677,54 @@ async fn gather(
         }
     }
     Err(VersionRejection::TooFarBehind { limit: max_chain })
+}
+
+/// Fetches the unverified ancestors of `target` back to versions this
+/// node verified: each manifest once, each checked for shape and for its
+/// round against the version that names it as it arrives, at most
+/// `max_chain` of them. One walk, so a line of n versions costs n look-ups
+/// (planning again after each generation cost n²).
+async fn gather_ancestors(
+    ctx: &VerifyCtx,
+    l: &mut StoreLineage<'_>,
+    target: &Verified<ModelManifest>,
+    providers: &[PeerId],
+    max_chain: usize,
+    fetched: &mut Fetched,
+) -> Result<(), VersionRejection> {
+    let mut seen = HashSet::from([target.id()]);
+    // (parent, (round, parents) of the version that names it).
+    let named = |child: &ModelManifest| -> Vec<(ContentId, (u64, usize))> {
+        let of = (child.round, child.parents.len());
+        child.parents.iter().map(|p| (*p, of)).collect()
+    };
+    let mut stack = named(target.message());
+    while let Some((id, child)) = stack.pop() {
+        if l.is_verified(&id) || !seen.insert(id) {
+            continue;
+        }
+        if seen.len() > max_chain {
+            return Err(VersionRejection::TooFarBehind { limit: max_chain });
+        }
+        let v = match l.model(&id) {
+            Some(v) => v,
+            None => {
+                let got = fetch_manifest(&ctx.net, providers, id)
+                    .await
+                    .and_then(|b| Signed::<ModelManifest>::open(&b).ok())
+                    .filter(|v| v.id() == id)
+                    .ok_or(VersionRejection::UnknownParent(id))?;
+                fetched.add(got.envelope_bytes().len())?;
+                l.models.insert(id, got.clone());
+                got
+            }
+        };
+        let m = v.message();
+        verify::check_parent_round(child, m.round)?;
+        check_shape(&ctx.cfg, m, u64::MAX - ctx.cfg.door.max_rounds_ahead)?;
+        stack.extend(named(m));
+    }
+    Ok(())
 }
 
 /// Verifies `target` by recomputation: fetches what [`verify::plan`] says
