@@ -104,8 +104,8 @@ pub fn assess(
 pub enum Decision {
     /// Feed the engine this input (adopt, or merge with the head).
     Feed(Box<Input>),
-    /// The next round's version: keep it, with its rank, for when this node
-    /// closes its own round.
+    /// The next round's version, without this node's delta for the round:
+    /// keep it, with its rank, for when this node closes its own round.
     Remember(super::engine::VersionRank),
     /// Nothing: not preferred.
     Leave,
@@ -166,6 +166,17 @@ pub fn decide(
         }
     }
     if m.round == own.saturating_add(1) {
+        if preferred && engine.holds_own_vote(m) {
+            // It already holds this node's work for the round: take it now
+            // rather than wait to close the round here.
+            return Decision::Feed(Box::new(Input::ModelOffered {
+                manifest: v,
+                params,
+                authors: a.authors,
+                used: a.used,
+                fork: a.fork,
+            }));
+        }
         return Decision::Remember(version_rank(m, a.authors));
     }
     if preferred {

@@ -963,3 +963,72 @@ fn a_rival_branch_is_looked_at_and_a_version_weighed_against_an_old_head_is_weig
     let current = heads::decide(&e, rival, params, assessed(head.id()));
     assert!(matches!(current, Decision::Leave), "{current:?}");
 }
+
+#[test]
+fn a_next_round_version_holding_this_nodes_delta_is_taken_at_once() {
+    use tapestry_core::heads::{self, Assessment, Decision};
+    // A node that has sent its delta for the round and waits for its peers'
+    // (lost, say, in a flood) takes a verified version of the next round
+    // that already aggregates its delta, instead of waiting for the round's
+    // deadline; one without its delta is kept for when it closes its round.
+    let mut cfg = engine_config(AggregationRule::Mean, DoorConfig::default(), 7);
+    cfg.quorum = 1.0;
+    let n = spec().n_params();
+    let params: Vec<f32> = (0..n).map(|i| (i % 3) as f32 * 0.1).collect();
+    let key = Keypair::from_secret_bytes(&[1; 32]);
+    let head = sign::version(&cfg, &key, 5, &params, vec![ContentId::of(b"p")], vec![]);
+    let mut e = Engine::new(cfg.clone(), key.clone());
+    e.handle(
+        Input::Start {
+            manifest: head.clone(),
+            params: params.clone(),
+        },
+        0,
+    );
+    let peer = Keypair::from_secret_bytes(&[2; 32]);
+    e.handle(Input::PeerJoined(peer.node_id()), 0);
+    let next =
+        |deltas: Vec<ContentId>| sign::version(&cfg, &peer, 6, &params, vec![head.id()], deltas);
+    let theirs = ContentId::of(b"the peer's delta");
+    // Still training: nothing of this node's is out yet.
+    assert!(!e.holds_own_vote(next(vec![theirs]).message()));
+
+    let trained: Vec<f32> = params.iter().map(|p| p - 0.01).collect();
+    let out = e.handle(
+        Input::TrainingDone {
+            round: 5,
+            version: head.id(),
+            params: trained,
+            samples: 10,
+        },
+        10,
+    );
+    let own = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Publish { manifest, .. } => Some(manifest.id()),
+            _ => None,
+        })
+        .expect("the node publishes its delta");
+    assert_eq!(e.round(), 5, "the round waits for the peer's delta");
+
+    let assessed = Assessment {
+        authors: 2,
+        used: vec![],
+        head: Some(head.id()),
+        split: None,
+        fork: None,
+        backed: true,
+    };
+    let with_own = next(vec![own, theirs]);
+    let without = next(vec![theirs]);
+    assert!(e.holds_own_vote(with_own.message()));
+    assert!(!e.holds_own_vote(without.message()));
+    let take = heads::decide(&e, with_own, params.clone(), assessed.clone());
+    assert!(
+        matches!(&take, Decision::Feed(i) if matches!(i.as_ref(), Input::ModelOffered { .. })),
+        "{take:?}"
+    );
+    let keep = heads::decide(&e, without, params, assessed);
+    assert!(matches!(keep, Decision::Remember(_)), "{keep:?}");
+}

@@ -408,9 +408,12 @@ fn a_bandwidth_cap_makes_rounds_take_longer() {
         bandwidth_mbps: 0.5,
         ..base
     });
-    // Each node serves its 2.6 kB delta to 15 peers per round: about 0.3 s
-    // at 1 Mbit/s, twice that at 0.5 Mbit/s, which overruns the round
-    // deadline (0.6 s), so rounds close without every delta.
+    // Each node serves its 2.6 kB delta to 15 peers per round, and takes in
+    // 15 of them: about 0.3 s at 1 Mbit/s, twice that at 0.5 Mbit/s, which
+    // comes close to the round deadline (0.6 s), so rounds close without
+    // every delta. (A node whose delta a peer's next version already holds
+    // takes that version at once, so rounds no longer wait for the slowest
+    // node's own closing: 1 Mbit/s went from 2,140 to 1,413 ms.)
     let ms = |rows: &[Row]| rows[4].virtual_ms;
     let acc = |r: &serde_json::Value| f(&r["final"]["accuracy_mean"]);
     eprintln!(
@@ -422,14 +425,16 @@ fn a_bandwidth_cap_makes_rounds_take_longer() {
         ms(&starved_rows),
         acc(&starved)
     );
-    assert!(ms(&capped_rows) >= ms(&free_rows) + 5 * 250);
+    assert!(ms(&capped_rows) > ms(&free_rows));
+    assert!(ms(&capped_rows) >= 5 * 250, "{}", ms(&capped_rows));
     // Same deltas, only later: the very same model.
     assert_eq!(acc(&capped), acc(&free));
     assert_eq!(f(&capped["final"]["consensus_distance"]), 0.0);
-    // Every round ran to its deadline (and a little past it where a node
-    // moved to a preferred version of the round when its announcement came).
+    // Rounds took about as long as moving the deltas takes, and at most
+    // the deadline (and a little past it where a node moved to a preferred
+    // version of the round when its announcement came).
     assert!(
-        (5 * 600..5 * 600 + 5 * 100).contains(&ms(&starved_rows)),
+        (5 * 500..5 * 600 + 5 * 100).contains(&ms(&starved_rows)),
         "{}",
         ms(&starved_rows)
     );

@@ -527,6 +527,20 @@ impl Engine {
         self.start_round(now_ms, out);
     }
 
+    /// Whether a version of the next round already aggregates this node's
+    /// own delta for its current round (trained and announced): taking it
+    /// at once then loses none of this node's work, where waiting to close
+    /// the round itself could wait for deltas that never arrive (lost in a
+    /// flood) until the round's deadline.
+    pub fn holds_own_vote(&self, m: &ModelManifest) -> bool {
+        m.round == self.round.saturating_add(1)
+            && !self.training
+            && self
+                .votes
+                .get(&(self.round, self.node_id()))
+                .is_some_and(|own| m.deltas.contains(own))
+    }
+
     /// Whether an offered version could replace this node's once verified:
     /// it is of a later round (the node fell behind), or of the same round
     /// and, if every delta it names turns out to be a distinct author's,

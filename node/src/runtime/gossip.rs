@@ -121,6 +121,7 @@ impl Node {
             .entry(manifest.id())
             .or_default()
             .push(source);
+        let (id, m) = (manifest.id(), manifest.message().clone());
         let now = self.now_ms();
         let actions = self.engine.handle(Input::DeltaAnnounced(manifest), now);
         // Refused at the door: rejected (costing the forwarder) only if the
@@ -131,6 +132,15 @@ impl Node {
             _ => None,
         });
         let fetching = actions.iter().any(|a| matches!(a, Action::Fetch { .. }));
+        tracing::debug!(
+            round = m.round,
+            author = %m.author.short(),
+            delta = %id.short(),
+            %source,
+            fetching,
+            refused = refused.is_some(),
+            "delta heard"
+        );
         for action in actions {
             self.act(action).await;
         }

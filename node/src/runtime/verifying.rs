@@ -55,7 +55,10 @@ impl Node {
             tracing::debug!(round = m.round, version = %manifest.id().short(), own = self.engine.round(), running = self.running, "version not worth verifying");
             return Some(Verdict::Ignore);
         }
+        // The next round's versions wait until this node closes its own
+        // round, unless one already holds this node's delta for it.
         if m.round == self.engine.round().saturating_add(1)
+            && !self.engine.holds_own_vote(m)
             && self.early.len() < MAX_EARLY
             && !self.early.iter().any(|(e, ..)| e.id() == manifest.id())
         {
