@@ -37,9 +37,27 @@ enum Seen {
 /// publications and disconnections, and tells the node when a peer it
 /// dropped is gone.
 async fn play_network(
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<NetEvent>,
+    seen: mpsc::UnboundedSender<(Instant, Seen)>,
+) {
+    play_network_holding(commands, events, seen, None).await;
+}
+
+/// A fetch the network never answers: the request and the reply's sender
+/// (closed once the node gives the fetch up).
+type Held = (
+    FetchRequest,
+    tokio::sync::oneshot::Sender<Result<FetchResponse, net::NetError>>,
+);
+
+/// [`play_network`], but chunk fetches are handed to `held` unanswered,
+/// when given.
+async fn play_network_holding(
     mut commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
     seen: mpsc::UnboundedSender<(Instant, Seen)>,
+    held: Option<mpsc::UnboundedSender<Held>>,
 ) {
     while let Some(command) = commands.recv().await {
         let now = Instant::now();
@@ -50,6 +68,15 @@ async fn play_network(
             Command::Disconnect(peer) => {
                 let _ = seen.send((now, Seen::Disconnected(peer)));
                 let _ = events.send(NetEvent::PeerDisconnected(peer)).await;
+            }
+            Command::Fetch {
+                request: request @ FetchRequest::Chunk(_),
+                reply,
+                ..
+            } if held.is_some() => {
+                if let Some(h) = &held {
+                    let _ = h.send((request, reply));
+                }
             }
             Command::Fetch { peer, reply, .. } => {
                 let _ = reply.send(Err(net::NetError::Fetch {
@@ -369,5 +396,166 @@ async fn gossip_verdicts() {
     // The equivocating author and the one signing for another region; not
     // the one merely ahead, not the forwarder of a forgery.
     assert_eq!(faults, expected);
+    running.abort();
+}
+
+#[test]
+fn a_payload_fetch_is_given_up_once_its_round_leaves_the_window() {
+    paused(Duration::from_secs(120), fetch_given_up());
+}
+
+/// A peer announces a delta and never serves it: the node's fetch of its
+/// payload waits (the round closes at its deadline without it) until the
+/// delta's round leaves the staleness window, and is then aborted, not
+/// left waiting for ever.
+async fn fetch_given_up() {
+    let mut engine =
+        tapestry_testkit::engine_config(AggregationRule::Mean, DoorConfig::default(), 1);
+    engine.round_timeout_ms = 1_000;
+    let cfg = engine.clone();
+    let staleness = cfg.door.staleness;
+    let settings = NodeSettings {
+        engine,
+        train: tapestry_testkit::sgd(2, 16, 0.05),
+        model_seed: 1,
+        rounds: None,
+        start_peers: 1,
+        start_wait: Duration::from_secs(60),
+        min_round: Duration::ZERO,
+        keep_versions: 4,
+        quota_bytes: None,
+        freeze_at_round: None,
+        roster: None,
+        region_key: None,
+        vote_file: None,
+        sequences_file: None,
+        attestations: 0,
+    };
+    let (train, test) = synthetic(3, 300, 64, 10).split(0.2, 1).unwrap();
+    let shared = Shared::new(Arc::new(Metrics::new(Registry::default())));
+    let store: Store = Arc::new(MemoryStore::new());
+    let (net, commands) = NetHandle::detached(peer(1));
+    let node = Node::new(
+        settings,
+        key(1),
+        store,
+        net,
+        LocalData { train, test },
+        shared.clone(),
+    )
+    .unwrap();
+    let (events_tx, events_rx) = mpsc::channel(64);
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let (held_tx, mut held) = mpsc::unbounded_channel();
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(play_network_holding(
+        commands,
+        events_tx.clone(),
+        seen_tx,
+        Some(held_tx),
+    ));
+    let running = tokio::spawn(node.run(net::Events::from_receiver(events_rx), stop_rx));
+    let member = peer(2);
+    let deltas = IdentTopic::new(deltas_topic("digits", "test")).hash();
+    for event in [
+        NetEvent::PeerConnected(member),
+        NetEvent::Subscribed {
+            peer: member,
+            topic: deltas.clone(),
+        },
+    ] {
+        events_tx.send(event).await.unwrap();
+    }
+    // The member answers pings, so it stays a member of the round.
+    let pings = events_tx.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let outcome = PingOutcome::Answered(Duration::from_millis(2));
+            if pings
+                .send(NetEvent::Ping {
+                    peer: member,
+                    outcome,
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    // The node's own delta tells its round.
+    let published_round = |data: &[u8], topic: &str| -> Option<u64> {
+        if topic.ends_with("/deltas") {
+            Signed::<DeltaManifest>::open(data)
+                .ok()
+                .map(|m| m.message().round)
+        } else {
+            Signed::<ModelManifest>::open(data)
+                .ok()
+                .map(|m| m.message().round)
+        }
+    };
+    let round = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Some((_, Seen::Published { topic, data })) = seen.recv().await
+                && topic.ends_with("/deltas")
+            {
+                return published_round(&data, &topic).unwrap();
+            }
+        }
+    })
+    .await
+    .expect("the node never announced its delta");
+
+    // The member's delta of this round: accepted, its payload asked for.
+    let values = vec![0.01f32; cfg.spec.n_params()];
+    let (announced, _) = tapestry_testkit::sign::delta(&cfg, &key(2), round, 1, &values);
+    let chunk = announced.message().chunk_ids[0];
+    events_tx
+        .send(NetEvent::Gossip {
+            id: libp2p::gossipsub::MessageId::new(b"delta"),
+            source: member,
+            topic: deltas,
+            data: announced.envelope_bytes().to_vec(),
+        })
+        .await
+        .unwrap();
+    let (request, mut reply) = tokio::time::timeout(Duration::from_secs(10), held.recv())
+        .await
+        .expect("the payload was never asked for")
+        .unwrap();
+    assert_eq!(request, FetchRequest::Chunk(chunk));
+
+    // Rounds close at their deadlines without it. While its round is in
+    // the window the fetch waits; once the head is past it, it is aborted.
+    let mut head_round = round;
+    let aborted = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            tokio::select! {
+                () = reply.closed() => return head_round,
+                Some((_, s)) = seen.recv() => {
+                    if let Seen::Published { topic, data } = s
+                        && topic.ends_with("/models")
+                    {
+                        head_round = head_round.max(published_round(&data, &topic).unwrap());
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .expect("the fetch was never given up");
+    // (The node gives the fetch up as it adopts round + staleness + 1,
+    // just before announcing that version: the last announcement seen is
+    // that one's or the one before.)
+    assert!(
+        aborted >= round + staleness,
+        "given up at head round {aborted}, with round {round}'s delta still in the window"
+    );
+    assert!(
+        aborted <= round + staleness + 1,
+        "given up only at head round {aborted} (delta of round {round})"
+    );
     running.abort();
 }
