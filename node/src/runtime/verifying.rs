@@ -606,8 +606,8 @@ impl Fetched {
     }
 }
 
-/// Fetches what recomputing `target` needs — ancestors' and deltas'
-/// manifests, then delta payloads, one generation of ancestors per pass —
+/// Fetches what recomputing `target` needs — ancestors' manifests in one
+/// walk ([`gather_ancestors`]), then deltas' manifests, then payloads —
 /// into `l` and the store; the versions to recompute, oldest first. At
 /// most [`MAX_LINEAGE_MANIFESTS`] manifests and [`MAX_LINEAGE_BYTES`] of
 /// them; the delta payloads fetched are each checked against the layout
@@ -631,16 +631,11 @@ async fn gather(
                 payloads,
             } => (models, deltas, payloads),
         };
-        let progress = !models.is_empty() || !deltas.is_empty() || !payloads.is_empty();
-        for id in &models {
-            let got = fetch_manifest(&ctx.net, providers, *id)
-                .await
-                .and_then(|b| Signed::<ModelManifest>::open(&b).ok())
-                .filter(|v| v.id() == *id)
-                .ok_or(VersionRejection::UnknownParent(*id))?;
-            fetched.add(got.envelope_bytes().len())?;
-            l.models.insert(*id, got);
+        // Every ancestor is held after `gather_ancestors`.
+        if let Some(id) = models.first() {
+            return Err(VersionRejection::UnknownParent(*id));
         }
+        let progress = !deltas.is_empty() || !payloads.is_empty();
         for id in &deltas {
             let got = fetch_manifest(&ctx.net, providers, *id)
                 .await
