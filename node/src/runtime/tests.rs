@@ -33,17 +33,6 @@ enum Seen {
     Fault(PeerId),
 }
 
-/// Plays the network task: answers what needs an answer, reports
-/// publications and disconnections, and tells the node when a peer it
-/// dropped is gone.
-async fn play_network(
-    commands: mpsc::Receiver<Command>,
-    events: mpsc::Sender<NetEvent>,
-    seen: mpsc::UnboundedSender<(Instant, Seen)>,
-) {
-    play_network_holding(commands, events, seen, None).await;
-}
-
 /// A fetch the network never answers: the request and the reply's sender
 /// (closed once the node gives the fetch up).
 type Held = (
@@ -51,9 +40,10 @@ type Held = (
     tokio::sync::oneshot::Sender<Result<FetchResponse, net::NetError>>,
 );
 
-/// [`play_network`], but chunk fetches are handed to `held` unanswered,
-/// when given.
-async fn play_network_holding(
+/// Plays the network task: answers what needs an answer (chunk fetches are
+/// handed to `held` unanswered, when given), reports publications and
+/// disconnections, and tells the node when a peer it dropped is gone.
+async fn play_network(
     mut commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
     seen: mpsc::UnboundedSender<(Instant, Seen)>,
@@ -109,6 +99,66 @@ fn peer(seed: u8) -> PeerId {
     net::peer_id_of(&key(seed).node_id()).unwrap()
 }
 
+/// An in-process node (key 1, synthetic data, a memory store) with
+/// `engine`, for `rounds` rounds (or on), against a played network (chunk
+/// fetches handed to `held` unanswered, when given).
+struct Played {
+    events: mpsc::Sender<NetEvent>,
+    seen: mpsc::UnboundedReceiver<(Instant, Seen)>,
+    shared: Shared,
+    running: tokio::task::AbortHandle,
+    stop: watch::Sender<bool>,
+}
+
+fn start_played(
+    engine: EngineConfig,
+    rounds: Option<u64>,
+    held: Option<mpsc::UnboundedSender<Held>>,
+) -> Played {
+    let settings = NodeSettings {
+        engine,
+        train: tapestry_testkit::sgd(2, 16, 0.05),
+        model_seed: 1,
+        rounds,
+        start_peers: 1,
+        start_wait: Duration::from_secs(60),
+        min_round: Duration::ZERO,
+        keep_versions: 4,
+        quota_bytes: None,
+        freeze_at_round: None,
+        roster: None,
+        region_key: None,
+        vote_file: None,
+        sequences_file: None,
+        attestations: 0,
+    };
+    let (train, test) = synthetic(3, 300, 64, 10).split(0.2, 1).unwrap();
+    let shared = Shared::new(Arc::new(Metrics::new(Registry::default())));
+    let store: Store = Arc::new(MemoryStore::new());
+    let (net, commands) = NetHandle::detached(peer(1));
+    let node = Node::new(
+        settings,
+        key(1),
+        store,
+        net,
+        LocalData { train, test },
+        shared.clone(),
+    )
+    .unwrap();
+    let (events, events_rx) = mpsc::channel(64);
+    let (seen_tx, seen) = mpsc::unbounded_channel();
+    let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(play_network(commands, events.clone(), seen_tx, held));
+    let running = tokio::spawn(node.run(net::Events::from_receiver(events_rx), stop_rx));
+    Played {
+        events,
+        seen,
+        shared,
+        running: running.abort_handle(),
+        stop,
+    }
+}
+
 /// Runs `test` on a current-thread runtime with paused time, on its own
 /// thread, and fails if it has not finished after `real` (wall clock): a
 /// node that never goes idle never lets virtual time advance, and must not
@@ -148,37 +198,15 @@ async fn round_deadline_and_silent_peer() {
     let mut engine =
         tapestry_testkit::engine_config(AggregationRule::Mean, DoorConfig::default(), 1);
     engine.round_timeout_ms = timeout.as_millis() as u64;
-    let settings = NodeSettings {
-        engine,
-        train: tapestry_testkit::sgd(2, 16, 0.05),
-        model_seed: 1,
-        // Two rounds, then idle: virtual time then runs on to the silent
-        // peer's deadline.
-        rounds: Some(2),
-        start_peers: 1,
-        start_wait: Duration::from_secs(60),
-        min_round: Duration::ZERO,
-        keep_versions: 4,
-        quota_bytes: None,
-        freeze_at_round: None,
-        roster: None,
-        region_key: None,
-        vote_file: None,
-        sequences_file: None,
-        attestations: 0,
-    };
-    let (train, test) = synthetic(3, 300, 64, 10).split(0.2, 1).unwrap();
-    let data = LocalData { train, test };
-    let shared = Shared::new(Arc::new(Metrics::new(Registry::default())));
-    let store: Store = Arc::new(MemoryStore::new());
-    let (net, commands) = NetHandle::detached(peer(1));
-    let node = Node::new(settings, key(1), store, net, data, shared.clone()).unwrap();
-
-    let (events_tx, events_rx) = mpsc::channel(64);
-    let (seen_tx, mut seen) = mpsc::unbounded_channel();
-    let (_stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(play_network(commands, events_tx.clone(), seen_tx));
-    let running = tokio::spawn(node.run(net::Events::from_receiver(events_rx), stop_rx));
+    // Two rounds, then idle: virtual time then runs on to the silent
+    // peer's deadline.
+    let Played {
+        events: events_tx,
+        mut seen,
+        shared,
+        running,
+        stop: _stop,
+    } = start_played(engine, Some(2), None);
 
     // A region member that answers pings but sends no delta, so the round
     // can only close at its deadline; and a peer that falls silent.
@@ -269,41 +297,13 @@ fn gossip_is_checked_in_batches_and_only_evident_faults_cost_score() {
 async fn gossip_verdicts() {
     let engine = tapestry_testkit::engine_config(AggregationRule::Mean, DoorConfig::default(), 1);
     let cfg = engine.clone();
-    let settings = NodeSettings {
-        engine,
-        train: tapestry_testkit::sgd(2, 16, 0.05),
-        model_seed: 1,
-        rounds: None,
-        start_peers: 1,
-        start_wait: Duration::from_secs(60),
-        min_round: Duration::ZERO,
-        keep_versions: 4,
-        quota_bytes: None,
-        freeze_at_round: None,
-        roster: None,
-        region_key: None,
-        vote_file: None,
-        sequences_file: None,
-        attestations: 0,
-    };
-    let (train, test) = synthetic(3, 300, 64, 10).split(0.2, 1).unwrap();
-    let shared = Shared::new(Arc::new(Metrics::new(Registry::default())));
-    let store: Store = Arc::new(MemoryStore::new());
-    let (net, commands) = NetHandle::detached(peer(1));
-    let node = Node::new(
-        settings,
-        key(1),
-        store,
-        net,
-        LocalData { train, test },
-        shared.clone(),
-    )
-    .unwrap();
-    let (events_tx, events_rx) = mpsc::channel(64);
-    let (seen_tx, mut seen) = mpsc::unbounded_channel();
-    let (_stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(play_network(commands, events_tx.clone(), seen_tx));
-    let running = tokio::spawn(node.run(net::Events::from_receiver(events_rx), stop_rx));
+    let Played {
+        events: events_tx,
+        mut seen,
+        running,
+        stop: _stop,
+        ..
+    } = start_played(engine, None, None);
     let member = peer(2);
     let deltas = IdentTopic::new(deltas_topic("digits", "test")).hash();
     for event in [
@@ -414,47 +414,14 @@ async fn fetch_given_up() {
     engine.round_timeout_ms = 1_000;
     let cfg = engine.clone();
     let staleness = cfg.door.staleness;
-    let settings = NodeSettings {
-        engine,
-        train: tapestry_testkit::sgd(2, 16, 0.05),
-        model_seed: 1,
-        rounds: None,
-        start_peers: 1,
-        start_wait: Duration::from_secs(60),
-        min_round: Duration::ZERO,
-        keep_versions: 4,
-        quota_bytes: None,
-        freeze_at_round: None,
-        roster: None,
-        region_key: None,
-        vote_file: None,
-        sequences_file: None,
-        attestations: 0,
-    };
-    let (train, test) = synthetic(3, 300, 64, 10).split(0.2, 1).unwrap();
-    let shared = Shared::new(Arc::new(Metrics::new(Registry::default())));
-    let store: Store = Arc::new(MemoryStore::new());
-    let (net, commands) = NetHandle::detached(peer(1));
-    let node = Node::new(
-        settings,
-        key(1),
-        store,
-        net,
-        LocalData { train, test },
-        shared.clone(),
-    )
-    .unwrap();
-    let (events_tx, events_rx) = mpsc::channel(64);
-    let (seen_tx, mut seen) = mpsc::unbounded_channel();
     let (held_tx, mut held) = mpsc::unbounded_channel();
-    let (_stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(play_network_holding(
-        commands,
-        events_tx.clone(),
-        seen_tx,
-        Some(held_tx),
-    ));
-    let running = tokio::spawn(node.run(net::Events::from_receiver(events_rx), stop_rx));
+    let Played {
+        events: events_tx,
+        mut seen,
+        running,
+        stop: _stop,
+        ..
+    } = start_played(engine, None, Some(held_tx));
     let member = peer(2);
     let deltas = IdentTopic::new(deltas_topic("digits", "test")).hash();
     for event in [
