@@ -17,6 +17,14 @@ use crate::verify::VersionRejection;
 /// signed manifest of a delta of a few billion parameters is about 300 KiB.
 pub const MAX_ANNOUNCEMENT_BYTES: usize = 512 << 10;
 
+/// How far ahead of the receiver's clock an announcement's creation time
+/// (`created_unix_ms`) may be: ten minutes covers clocks kept by NTP or
+/// set by hand with care; a later time is a clock far off or a lie, and the
+/// announcement is refused (not forwarded, at no cost to the forwarder,
+/// who cannot know the receiver's clock). Times in the past are not
+/// bounded: a version's lineage holds versions of any age.
+pub const MAX_CLOCK_SKEW_MS: u64 = 10 * 60 * 1000;
+
 /// What gossip should do with a message: forward it, drop it quietly, or
 /// drop it and count it against the peer that forwarded it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +58,14 @@ pub enum Rejection {
     Delta(Rejected),
     /// A model version that failed its checks or its recomputation.
     Version(VersionRejection),
+    /// Signed at a time further ahead of this node's clock than
+    /// [`MAX_CLOCK_SKEW_MS`].
+    CreatedInTheFuture {
+        /// The announcement's `created_unix_ms`.
+        created_unix_ms: u64,
+        /// This node's clock when it arrived.
+        now_unix_ms: u64,
+    },
 }
 
 impl Rejection {
@@ -66,6 +82,7 @@ impl Rejection {
             Rejection::NotInRoster(_) | Rejection::Outsider(_) => "not_in_roster",
             Rejection::Delta(r) => r.reason.label(),
             Rejection::Version(r) => r.label(),
+            Rejection::CreatedInTheFuture { .. } => "created_in_the_future",
         }
     }
 
@@ -83,6 +100,7 @@ impl Rejection {
             | Rejection::Outsider(_) => true,
             Rejection::Delta(r) => r.reason.is_evident(),
             Rejection::Version(r) => r.is_evident(),
+            Rejection::CreatedInTheFuture { .. } => false,
         };
         if evident {
             Verdict::Reject
@@ -140,8 +158,30 @@ impl fmt::Display for Rejection {
             Rejection::Outsider(peer) => write!(f, "peer {peer} is not on the roster"),
             Rejection::Delta(r) => r.fmt(f),
             Rejection::Version(r) => r.fmt(f),
+            Rejection::CreatedInTheFuture {
+                created_unix_ms,
+                now_unix_ms,
+            } => write!(
+                f,
+                "created at {created_unix_ms} ms, {} s ahead of this node's clock (at most {} s)",
+                created_unix_ms.saturating_sub(*now_unix_ms) / 1000,
+                MAX_CLOCK_SKEW_MS / 1000
+            ),
         }
     }
+}
+
+/// Whether a message created at `created_unix_ms` may be admitted by a node
+/// whose clock reads `now_unix_ms`: not more than [`MAX_CLOCK_SKEW_MS`]
+/// ahead of it.
+pub fn check_created(created_unix_ms: u64, now_unix_ms: u64) -> Result<(), Rejection> {
+    if created_unix_ms > now_unix_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
+        return Err(Rejection::CreatedInTheFuture {
+            created_unix_ms,
+            now_unix_ms,
+        });
+    }
+    Ok(())
 }
 
 impl From<Rejected> for Rejection {
@@ -203,10 +243,12 @@ pub enum Announced {
 /// [`open_version`] would one by one, with one batch signature check per
 /// kind ([`tapestry_protocol::verify_batch`]: about twice the rate of
 /// single checks; a batch with a bad signature falls back to checking
-/// each). Results come in the order of `items`.
+/// each), and a creation time checked against `now_unix_ms`
+/// ([`check_created`]). Results come in the order of `items`.
 pub fn open_all(
     items: Vec<(Topic, Vec<u8>)>,
     roster: Option<&Roster>,
+    now_unix_ms: u64,
 ) -> Vec<Result<Announced, Rejection>> {
     let mut out: Vec<Option<Result<Announced, Rejection>>> = Vec::new();
     out.resize_with(items.len(), || None);
@@ -229,6 +271,7 @@ pub fn open_all(
         out[k] = Some(
             r.map_err(Rejection::Envelope)
                 .and_then(|m| admit(m, roster, |m| m.author))
+                .and_then(|m| check_created(m.message().created_unix_ms, now_unix_ms).map(|()| m))
                 .map(Announced::Delta),
         );
     }
@@ -237,6 +280,7 @@ pub fn open_all(
         out[k] = Some(
             r.map_err(Rejection::Envelope)
                 .and_then(|m| admit(m, roster, |m| m.author))
+                .and_then(|m| check_created(m.message().created_unix_ms, now_unix_ms).map(|()| m))
                 .map(Announced::Version),
         );
     }
@@ -277,6 +321,10 @@ mod tests {
     use tapestry_protocol::{Codec, DType, Keypair, TensorSpec};
 
     fn delta(key: &Keypair) -> Vec<u8> {
+        delta_at(key, 1)
+    }
+
+    fn delta_at(key: &Keypair, created_unix_ms: u64) -> Vec<u8> {
         let m = DeltaManifest {
             model_id: "m".into(),
             region: "r".into(),
@@ -295,7 +343,7 @@ mod tests {
             chunk_ids: vec![tapestry_protocol::ContentId::of(b"chunk")],
             sample_count: 1,
             l2_norm: 1.0,
-            created_unix_ms: 1,
+            created_unix_ms,
         };
         Signed::sign(m, key)
             .map(|v| v.envelope_bytes().to_vec())
@@ -380,7 +428,7 @@ mod tests {
                     .map_err(|r| r.label()),
             })
             .collect();
-        let together: Vec<Result<String, &str>> = open_all(items, Some(&roster))
+        let together: Vec<Result<String, &str>> = open_all(items, Some(&roster), 1)
             .into_iter()
             .map(|r| {
                 r.map(|a| match a {
@@ -403,6 +451,29 @@ mod tests {
             ]
         );
         assert_eq!(together.iter().filter(|r| r.is_ok()).count(), 2);
+    }
+
+    #[test]
+    fn an_announcement_created_too_far_ahead_of_the_clock_is_refused() {
+        let key = Keypair::from_secret_bytes(&[7; 32]);
+        let now = 1_795_000_000_000;
+        let opened = |created| {
+            open_all(vec![(Topic::Deltas, delta_at(&key, created))], None, now)
+                .remove(0)
+                .err()
+        };
+        // Up to the bound ahead, and any time before: admitted.
+        assert_eq!(opened(now + MAX_CLOCK_SKEW_MS), None);
+        assert_eq!(opened(1), None);
+        let r = opened(now + MAX_CLOCK_SKEW_MS + 1);
+        assert_eq!(
+            r.as_ref().map(Rejection::label),
+            Some("created_in_the_future")
+        );
+        // The forwarder cannot know this node's clock: not its fault.
+        assert_eq!(r.as_ref().map(Rejection::verdict), Some(Verdict::Ignore));
+        assert_eq!(r.map(|r| r.blames_author()), Some(false));
+        assert_eq!(check_created(u64::MAX, u64::MAX), Ok(()));
     }
 
     #[test]

@@ -480,6 +480,114 @@ fn a_quorum_below_one_closes_rounds_without_waiting_for_a_silent_peer() {
     );
 }
 
+#[test]
+fn a_peer_that_only_listens_holds_up_only_the_round_it_joined_in() {
+    let (train, _) = digits();
+    let mut net = net(
+        shards(&train, 4, Partition::Iid),
+        AggregationRule::Mean,
+        DoorConfig::default(),
+    );
+    // Node 3 is subscribed but no delta of its ever arrives (a listener).
+    net.silent.insert(3);
+    net.run(6);
+    // The rounds it was new in waited for it until their deadline (10 s);
+    // after that the other three closed rounds on their own deltas (the
+    // swarm's clock moves only when a round waits). Counting it as a
+    // member for good, every round waited: 60 s for six.
+    assert_eq!(net.now, 10_000, "rounds waited for the listener");
+    assert!(
+        net.adopted[0]
+            .iter()
+            .skip(1)
+            .all(|v| v.message().deltas.len() == 3)
+    );
+}
+
+#[test]
+fn a_node_back_from_a_restart_waits_for_the_peers_it_heard_while_behind() {
+    let (train, _) = digits();
+    let mut net = net(
+        shards(&train, 4, Partition::Iid),
+        AggregationRule::Mean,
+        DoorConfig::default(),
+    );
+    net.run(8);
+    // Node 0 starts again from the genesis, its peers joining at once.
+    let cfg = engine_config(AggregationRule::Mean, DoorConfig::default(), 100);
+    let mut back = Engine::new(cfg, net.keys[0].clone());
+    for k in &net.keys[1..] {
+        back.handle(Input::PeerJoined(k.node_id()), 0);
+    }
+    let (g, params) = net.genesis.clone();
+    back.handle(
+        Input::Start {
+            manifest: g,
+            params,
+        },
+        0,
+    );
+    // While it is at round 0 its peers' deltas of round 7 arrive: too far
+    // ahead for the door, but signed proof that their authors take part.
+    let ahead: Vec<_> = net
+        .lineage
+        .deltas
+        .values()
+        .filter(|d| d.message().round == 7 && d.message().author != net.keys[0].node_id())
+        .cloned()
+        .collect();
+    assert_eq!(ahead.len(), 3);
+    for d in ahead {
+        let refused = back.handle(Input::DeltaAnnounced(d), 1_000);
+        assert!(
+            refused
+                .iter()
+                .any(|a| matches!(a, Action::Penalise(r) if r.reason.label() == "from_the_future")),
+            "{refused:?}"
+        );
+    }
+    // Past its peers' first round timeout, it catches up on a peer's version.
+    let version = net.adopted[1].last().unwrap().clone();
+    let round = version.message().round;
+    let after = back.handle(
+        Input::ModelOffered {
+            manifest: version.clone(),
+            params: net.snapshots[&round][&1].clone(),
+            authors: 3,
+            used: vec![],
+            fork: None,
+        },
+        12_000,
+    );
+    let Some(Action::Train {
+        version: base,
+        params,
+        ..
+    }) = after
+        .into_iter()
+        .find(|a| matches!(a, Action::Train { .. }))
+    else {
+        panic!("no training after catching up");
+    };
+    // Its own delta alone does not close the round: the peers it heard
+    // are waited for (counting only peers that sent an admitted delta, it
+    // closed on its own and went off on a head of its own).
+    let trained = back.handle(
+        Input::TrainingDone {
+            round,
+            version: base,
+            params,
+            samples: 10,
+        },
+        12_100,
+    );
+    assert!(
+        !trained.iter().any(|a| matches!(a, Action::Adopt { .. })),
+        "it closed the round alone: {trained:?}"
+    );
+    assert_eq!(back.round(), round);
+}
+
 /// `n` nodes that all know each other, in push-sum mode (fanout 2), with
 /// `loss_percent` of shares lost.
 fn push_sum_net(train: &Dataset, n: usize, local_steps: usize, loss_percent: u64) -> Swarm {

@@ -302,6 +302,13 @@ fn tokio_main(
 ) -> Result<ExitCode, String> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Blocking work (store reads for peers, store writes, signature
+        // batches) queues for 16 threads rather than growing the pool to
+        // tokio's default of 512 under a flood of requests: each thread
+        // keeps its stack and allocator caches, so a pool grown by a peer
+        // is memory that peer holds. Reads in flight are bounded anyway
+        // (256, see PROTOCOL.md), and two cores gain nothing from more.
+        .max_blocking_threads(16)
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?
         .block_on(f)

@@ -96,13 +96,21 @@ fn get(api: &str, path: &str) -> Option<String> {
     tapestry_node::api::get(api, path, Duration::from_secs(10)).ok()
 }
 
-fn healthy(api: &str) -> bool {
-    Command::new(bin())
+/// Whether `tapestry health` says the node is healthy; if not, what it said.
+fn healthy(api: &str) -> Result<(), String> {
+    let out = Command::new(bin())
         .args(["health", "--api", api])
         .output()
-        .unwrap()
-        .status
-        .success()
+        .unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
 }
 
 #[test]
@@ -130,7 +138,13 @@ fn a_full_disk_stops_new_data_not_the_node_and_nothing_acknowledged_is_lost() {
     let metrics = get(&api, "/metrics").unwrap();
     assert!(metrics.contains("tapestry_disk_full 1"), "{metrics}");
     // Still serving, still healthy.
-    assert!(healthy(&api), "a node with a full disk is unhealthy");
+    if let Err(why) = healthy(&api) {
+        panic!(
+            "a node with a full disk is unhealthy: {why}\nstatus {:?}\nlog:\n{}",
+            status(&api).ok(),
+            node.log()
+        );
+    }
     let head = get(&api, "/model/head").expect("the head is not served");
     assert!(head.contains(full["head"].as_str().unwrap()), "{head}");
     // While full, the head on disk stays put.
@@ -223,6 +237,6 @@ fn the_store_stays_within_its_quota() {
         most <= quota,
         "the store grew to {most} bytes over a quota of {quota}"
     );
-    assert!(healthy(&api));
+    assert_eq!(healthy(&api), Ok(()));
     assert!(node.terminate(Duration::from_secs(20)).is_some());
 }

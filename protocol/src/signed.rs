@@ -137,6 +137,26 @@ impl<T: SignedMessage> Signed<T> {
         Self::parse(bytes.to_vec())?.verify()
     }
 
+    /// Decodes and validates the message of envelope bytes **without
+    /// checking the signature**, and returns only the message (never a
+    /// [`Verified`]). Only for bytes this process verified before and kept
+    /// under their content id — its own store, whose reads check the id —
+    /// where checking the signature again costs a verification per read
+    /// and proves nothing new. Anything from a peer goes through
+    /// [`Signed::open`].
+    pub fn decode_stored(bytes: &[u8]) -> Result<T, DecodeError> {
+        let Envelope(tag, body, signer, _) = from_cbor(bytes, &T::LIMITS)?;
+        if tag != T::DOMAIN_TAG {
+            return Err(DecodeError::WrongKind {
+                expected: T::DOMAIN_TAG,
+                found: tag.chars().take(64).collect(),
+            });
+        }
+        let message: T = from_cbor(&body, &T::LIMITS)?;
+        message.validate(&signer)?;
+        Ok(message)
+    }
+
     /// Parses an envelope and checks its limits and tag, but not its
     /// signature: the result is only good for [`Signed::verify`] or
     /// [`verify_batch`].

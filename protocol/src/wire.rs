@@ -11,7 +11,7 @@ use crate::id::ContentId;
 
 /// What one peer asks another for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub enum FetchRequest {
     /// A chunk by its BLAKE3 id.
     Chunk(ContentId),

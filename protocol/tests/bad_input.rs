@@ -314,3 +314,20 @@ fn garbage_never_panics() {
         let _ = FetchResponse::from_bytes(&bytes);
     }
 }
+
+#[test]
+fn a_head_request_with_a_field_the_protocol_does_not_have_is_refused() {
+    use ciborium::Value as C;
+    let head = |extra: bool| {
+        let mut fields = vec![
+            (C::Text("model_id".into()), C::Text("m".into())),
+            (C::Text("region".into()), C::Text("r".into())),
+        ];
+        if extra {
+            fields.push((C::Text("x".into()), C::Integer(1.into())));
+        }
+        encode(&C::Map(vec![(C::Text("head".into()), C::Map(fields))]))
+    };
+    assert!(FetchRequest::from_bytes(&head(false)).is_ok());
+    assert!(FetchRequest::from_bytes(&head(true)).is_err());
+}

@@ -115,6 +115,32 @@ fn batch_verification_matches_single_verification() {
     }
 }
 
+#[test]
+fn a_stored_envelope_decodes_without_its_signature_check_and_only_that() {
+    let key = test_key(3);
+    let v = Signed::sign(sample_delta(&key), &key).unwrap();
+    let m = Signed::<DeltaManifest>::decode_stored(v.envelope_bytes()).unwrap();
+    assert_eq!(&m, v.message());
+    // It skips the signature, so it is for bytes verified before: a forged
+    // signature decodes here and is refused by `open`.
+    let other_key = test_key(4);
+    let other = Signed::sign(sample_delta(&other_key), &other_key).unwrap();
+    let forged = swap_signature(v.envelope_bytes(), &other);
+    assert!(Signed::<DeltaManifest>::decode_stored(&forged).is_ok());
+    assert_eq!(
+        Signed::<DeltaManifest>::open(&forged).unwrap_err(),
+        DecodeError::BadSignature
+    );
+    // Everything else is still checked: the kind, the body's validation.
+    assert!(matches!(
+        Signed::<ModelManifest>::decode_stored(v.envelope_bytes()),
+        Err(DecodeError::WrongKind { .. })
+    ));
+    let mut broken = v.envelope_bytes().to_vec();
+    broken.truncate(broken.len() - 10);
+    assert!(Signed::<DeltaManifest>::decode_stored(&broken).is_err());
+}
+
 /// Re-encodes `envelope` with the signature of `other`.
 fn swap_signature(envelope: &[u8], other: &Verified<DeltaManifest>) -> Vec<u8> {
     let (tag, body, signer, _sig): (

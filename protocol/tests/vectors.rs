@@ -22,26 +22,6 @@ fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors")
 }
 
-/// Renders a CBOR item as JSON, byte strings as lowercase hex.
-fn cbor_to_json(v: &ciborium::Value) -> Json {
-    use ciborium::Value as C;
-    match v {
-        C::Integer(i) => json!(i128::from(*i)),
-        C::Bytes(b) => json!(hex::encode(b)),
-        C::Float(f) => json!(f),
-        C::Text(t) => json!(t),
-        C::Bool(b) => json!(b),
-        C::Null => Json::Null,
-        C::Array(a) => Json::Array(a.iter().map(cbor_to_json).collect()),
-        C::Map(m) => Json::Object(
-            m.iter()
-                .map(|(k, v)| (k.as_text().expect("text keys").to_owned(), cbor_to_json(v)))
-                .collect(),
-        ),
-        other => panic!("unexpected CBOR item {other:?}"),
-    }
-}
-
 fn render<T: SignedMessage>(kind: &str, description: &str, v: &Verified<T>) -> Json {
     let env: (
         String,

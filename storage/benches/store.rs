@@ -1,7 +1,9 @@
 //! Criterion benchmarks of the chunk store, side by side in one run:
 //! ingest of 256 KiB chunks into sled with a flush per batch vs the same
 //! bytes written as files with an fsync per batch, and verified reads from
-//! the cache. Space amplification is measured by `benches/space.rs`.
+//! the cache; reading manifests with and without their signature check, and
+//! a garbage collection of a store holding 256 versions. Space amplification
+//! is measured by `benches/space.rs`.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -13,6 +15,9 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use tapestry_protocol::ContentId;
 use tapestry_storage::{ChunkStore, MemoryStore, SledConfig, SledStore};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 const CHUNK: usize = 256 << 10;
 const BATCH: usize = 16;
@@ -128,5 +133,64 @@ fn verified_reads(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, ingest, verified_reads);
+/// A node's store at its retention steady state: 256 versions in a chain,
+/// each with three deltas (int8, 1,000 parameters) and a 4 KiB payload, the
+/// head a ref. Reads every manifest (with the signature check and without),
+/// and collects garbage (which reads every manifest it keeps).
+fn collection(c: &mut Criterion) {
+    let tmp = tempfile::tempdir_in(
+        std::env::var_os("TAPESTRY_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into),
+    )
+    .unwrap();
+    let store = SledStore::open(&tmp.path().join("sled"), &SledConfig::default()).unwrap();
+    let (mut versions, mut deltas) = (Vec::new(), Vec::new());
+    let mut parent = Vec::new();
+    for round in 0..256u64 {
+        let ds: Vec<ContentId> = (0..3)
+            .map(|k| common::put_delta(&store, round * 3 + k + 1, round).id())
+            .collect();
+        deltas.extend_from_slice(&ds);
+        let v = common::put_version(&store, 1_000 + round, round, 4096, 4096, parent, ds);
+        parent = vec![v.id()];
+        versions.push(v.id());
+    }
+    store.set_ref("head", parent[0]).unwrap();
+    store.flush().unwrap();
+    // The first collection only starts a generation (module docs).
+    store.gc_retaining(0, &[]).unwrap();
+
+    let mut g = c.benchmark_group("manifests_256_versions_768_deltas");
+    g.bench_function("load_verified", |b| {
+        b.iter(|| {
+            let v = versions
+                .iter()
+                .filter(|id| store.get_model_manifest(id).unwrap().is_some());
+            let d = deltas
+                .iter()
+                .filter(|id| store.get_delta_manifest(id).unwrap().is_some());
+            v.count() + d.count()
+        })
+    });
+    g.bench_function("message_only", |b| {
+        b.iter(|| {
+            let v = versions
+                .iter()
+                .filter(|id| store.model_manifest_message(id).unwrap().is_some());
+            let d = deltas
+                .iter()
+                .filter(|id| store.delta_manifest_message(id).unwrap().is_some());
+            v.count() + d.count()
+        })
+    });
+    g.bench_function("gc_retaining", |b| {
+        b.iter(|| {
+            let report = store.gc_retaining(0, &[]).unwrap();
+            assert_eq!(report.manifests_kept, 1024);
+            report
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, ingest, verified_reads, collection);
 criterion_main!(benches);

@@ -121,16 +121,18 @@ fn mark<S: ChunkStore + ?Sized>(
             continue;
         }
         // A corrupt manifest stops the collection: its chunks might be live.
+        // Its id is checked, not its signature (checked when it was stored):
+        // a collection reads every manifest it keeps, and one verification
+        // each was most of its cost.
         match store.manifest_bytes(&id)? {
             None => {}
             Some((ManifestKind::Delta, _)) => {
-                if let Some(m) = store.get_delta_manifest(&id)? {
-                    live.extend(m.message().chunk_ids.iter().copied());
+                if let Some(m) = store.delta_manifest_message(&id)? {
+                    live.extend(m.chunk_ids.iter().copied());
                 }
             }
             Some((ManifestKind::Model, _)) => {
-                if let Some(m) = store.get_model_manifest(&id)? {
-                    let m = m.message();
+                if let Some(m) = store.model_manifest_message(&id)? {
                     if !root && m.round < oldest_round {
                         continue;
                     }

@@ -370,6 +370,31 @@ pub trait ChunkStore: Backend {
         load_manifest::<ModelManifest, Self>(self, id, ManifestKind::Model)
     }
 
+    /// The message of a stored delta manifest, its id re-checked but not
+    /// its signature (it was verified before it was stored, and the id
+    /// proves these are those bytes): about a signature verification
+    /// cheaper than [`ChunkStore::get_delta_manifest`], for bookkeeping such
+    /// as garbage collection that does not pass the manifest on.
+    fn delta_manifest_message(&self, id: &ContentId) -> Result<Option<DeltaManifest>, StoreError> {
+        read_manifest::<DeltaManifest, _, Self>(
+            self,
+            id,
+            ManifestKind::Delta,
+            Signed::<DeltaManifest>::decode_stored,
+        )
+    }
+
+    /// The message of a stored model manifest, its id re-checked but not
+    /// its signature; see [`ChunkStore::delta_manifest_message`].
+    fn model_manifest_message(&self, id: &ContentId) -> Result<Option<ModelManifest>, StoreError> {
+        read_manifest::<ModelManifest, _, Self>(
+            self,
+            id,
+            ManifestKind::Model,
+            Signed::<ModelManifest>::decode_stored,
+        )
+    }
+
     // ---- refs and pins ----
 
     /// Points `name` at model version `version`, after checking that the
@@ -663,6 +688,18 @@ fn load_manifest<T: tapestry_protocol::SignedMessage, S: ChunkStore + ?Sized>(
     id: &ContentId,
     want: ManifestKind,
 ) -> Result<Option<Verified<T>>, StoreError> {
+    read_manifest::<T, _, S>(store, id, want, Signed::<T>::open)
+}
+
+/// Reads a stored manifest of kind `want`, checks its id (quarantining it
+/// if it does not match) and decodes it with `decode` (quarantining it if
+/// that fails).
+fn read_manifest<T: tapestry_protocol::SignedMessage, R, S: ChunkStore + ?Sized>(
+    store: &S,
+    id: &ContentId,
+    want: ManifestKind,
+    decode: impl FnOnce(&[u8]) -> Result<R, DecodeError>,
+) -> Result<Option<R>, StoreError> {
     let Some((kind, bytes)) = store.manifest_bytes(id)? else {
         return Ok(None);
     };
@@ -682,7 +719,7 @@ fn load_manifest<T: tapestry_protocol::SignedMessage, S: ChunkStore + ?Sized>(
             id: *id,
         });
     }
-    match Signed::<T>::open(&bytes) {
+    match decode(&bytes) {
         Ok(v) => Ok(Some(v)),
         Err(source) => {
             quarantine(store, *id, kind.byte(), &bytes)?;

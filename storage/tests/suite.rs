@@ -132,6 +132,15 @@ fn manifests_round_trip_and_lineage(s: &dyn ChunkStore) {
     assert_eq!(got.envelope_bytes(), d1.envelope_bytes());
     let got = s.get_model_manifest(&v1.id()).unwrap().unwrap();
     assert_eq!(got.message(), v1.message());
+    // The message alone, without the signature check, is the same message.
+    let cheap = s.model_manifest_message(&v1.id()).unwrap().unwrap();
+    assert_eq!(&cheap, v1.message());
+    let cheap = s.delta_manifest_message(&d1.id()).unwrap().unwrap();
+    assert_eq!(&cheap, d1.message());
+    assert!(matches!(
+        s.model_manifest_message(&d1.id()),
+        Err(StoreError::BadManifest { .. })
+    ));
     let (kind, raw) = s.manifest_bytes(&d2.id()).unwrap().unwrap();
     assert_eq!(kind, ManifestKind::Delta);
     assert_eq!(&*raw, d2.envelope_bytes());
@@ -395,6 +404,13 @@ fn scrub_finds_and_quarantines_corruption(s: &dyn ChunkStore) {
     rotten.extend_from_slice(v.envelope_bytes());
     let last = rotten.len() - 1;
     rotten[last] ^= 1;
+    s.kv_apply(vec![KvOp::Put(k.clone(), &rotten)]).unwrap();
+    // Read without the signature check, it is still refused (its id does
+    // not match) and quarantined.
+    assert!(matches!(
+        s.model_manifest_message(&v.id()),
+        Err(StoreError::Corrupt { .. })
+    ));
     s.kv_apply(vec![KvOp::Put(k, &rotten)]).unwrap();
     let report = s.scrub().unwrap();
     assert_eq!(report.corrupt_manifests, vec![v.id()]);

@@ -136,6 +136,13 @@ pub struct Engine {
     seq: u64,
     feedback: ErrorFeedback,
     peers: BTreeSet<NodeId>,
+    /// When each peer joined (`now_ms`): before it has sent anything it
+    /// counts towards quorum for one round timeout ([`Engine::takes_part`]).
+    joined: BTreeMap<NodeId, u64>,
+    /// When a signed delta of each peer for this model and region was last
+    /// heard (`now_ms`), whatever its round: a peer counts towards quorum
+    /// while it takes part.
+    heard: BTreeMap<NodeId, u64>,
     pending: BTreeMap<ContentId, Verified<DeltaManifest>>,
     received: BTreeMap<ContentId, Received>,
     /// Deltas aggregated into this node's recent lineage, with the round of
@@ -184,6 +191,8 @@ impl Engine {
             seq: 0,
             feedback: ErrorFeedback::new(n),
             peers: BTreeSet::new(),
+            joined: BTreeMap::new(),
+            heard: BTreeMap::new(),
             pending: BTreeMap::new(),
             received: BTreeMap::new(),
             used: BTreeMap::new(),
@@ -289,6 +298,24 @@ impl Engine {
         self.version
     }
 
+    /// Whether peer `p` counts towards a round's quorum at `now_ms`: it
+    /// joined less than a round timeout ago (a newcomer, or every peer just
+    /// after this node starts, is waited for until it can show it trains),
+    /// or a signed delta of its was heard in the last (staleness + 1) round
+    /// timeouts. A subscriber that only listens stops holding rounds up one
+    /// round timeout after it joined.
+    fn takes_part(&self, p: &NodeId, now_ms: u64) -> bool {
+        let timeout = self.config.round_timeout_ms;
+        let active = timeout.saturating_mul(self.config.door.staleness.saturating_add(1));
+        self.joined
+            .get(p)
+            .is_some_and(|&t| now_ms < t.saturating_add(timeout))
+            || self
+                .heard
+                .get(p)
+                .is_some_and(|&t| now_ms < t.saturating_add(active))
+    }
+
     /// Handles one input at time `now_ms`; returns what to do.
     pub fn handle(&mut self, input: Input, now_ms: u64) -> Vec<Action> {
         self.now_ms = now_ms;
@@ -299,10 +326,13 @@ impl Engine {
             Input::PeerJoined(p) => {
                 if p != self.node_id() {
                     self.peers.insert(p);
+                    self.joined.insert(p, now_ms);
                 }
             }
             Input::PeerLeft(p) => {
                 self.peers.remove(&p);
+                self.joined.remove(&p);
+                self.heard.remove(&p);
                 self.maybe_close(now_ms, o);
             }
             Input::TrainingDone {
@@ -703,6 +733,15 @@ impl Engine {
             }));
             return;
         }
+        // A fresh signed delta of this region, even of a round the door
+        // refuses (a node behind hears its peers' later rounds): its author
+        // takes part.
+        if self.peers.contains(&msg.author)
+            && msg.model_id == self.config.model_id
+            && msg.region == self.config.region
+        {
+            self.heard.insert(msg.author, self.now_ms);
+        }
         if let Err(r) = self.door.check_manifest(msg, self.round) {
             out.push(Action::Penalise(r));
             return;
@@ -723,6 +762,7 @@ impl Engine {
         self.votes.insert((msg.round, msg.author), m.id());
         self.last_seq.insert(msg.author, (msg.seq, msg.round));
         self.peers.insert(msg.author);
+        self.heard.insert(msg.author, self.now_ms);
         self.pending.insert(m.id(), m.clone());
         out.push(Action::Fetch { manifest: m });
     }
@@ -759,7 +799,12 @@ impl Engine {
             .map(|r| r.author)
             .collect::<BTreeSet<_>>()
             .len();
-        let needed = (((self.peers.len() + 1) as f64 * self.config.quorum).ceil() as usize).max(1);
+        let taking_part = self
+            .peers
+            .iter()
+            .filter(|p| self.takes_part(p, now_ms))
+            .count();
+        let needed = (((taking_part + 1) as f64 * self.config.quorum).ceil() as usize).max(1);
         if this_round >= needed || (deadline && this_round > 0) {
             self.close_round(now_ms, out);
         } else if deadline {

@@ -99,7 +99,8 @@ async fn check(
                 .into_iter()
                 .map(|u| ((u.id, u.source), (u.topic, u.data)))
                 .unzip();
-            let results = admission::open_all(items, roster.as_ref().as_ref());
+            let results =
+                admission::open_all(items, roster.as_ref().as_ref(), crate::ops::unix_ms());
             meta.into_iter()
                 .zip(results)
                 .map(|((id, source), result)| Checked { id, source, result })

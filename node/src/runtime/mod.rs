@@ -39,6 +39,7 @@ mod checking;
 mod fetch;
 mod gossip;
 mod liveness;
+mod model_thread;
 mod names;
 mod retention;
 mod serve;
@@ -158,6 +159,8 @@ pub struct Node {
     timers: BTreeSet<u64>,
     inputs_tx: mpsc::Sender<Input>,
     inputs_rx: mpsc::Receiver<Input>,
+    /// Where training and evaluation run.
+    model_thread: model_thread::ModelThread,
     /// Connected peers.
     peers: BTreeSet<PeerId>,
     /// Connected peers subscribed to this region's deltas: the region's
@@ -296,6 +299,8 @@ impl Node {
             started: Instant::now(),
             timers: BTreeSet::new(),
             inputs_tx,
+            model_thread: model_thread::ModelThread::start()
+                .map_err(|e| NodeError::Config(format!("cannot start the model thread: {e}")))?,
             inputs_rx,
             peers: BTreeSet::new(),
             members: BTreeSet::new(),
@@ -455,7 +460,11 @@ impl Node {
                 }
                 Some(c) = checked.recv() => self.on_checked(c).await,
                 Some((peer, bytes)) = self.heads_rx.recv() => {
-                    match admission::open_version(&bytes, self.roster()) {
+                    let opened = admission::open_version(&bytes, self.roster()).and_then(|m| {
+                        admission::check_created(m.message().created_unix_ms, crate::ops::unix_ms())
+                            .map(|()| m)
+                    });
+                    match opened {
                         Ok(m) => {
                             self.on_model(peer, m, None).await;
                         }
@@ -571,6 +580,7 @@ impl Node {
             self.data.clone(),
         );
         let tx = self.inputs_tx.clone();
+        let worker = self.model_thread.clone();
         let now = Instant::now();
         let wait = self.last_train.map_or(Duration::ZERO, |t| {
             (t + self.settings.min_round).saturating_duration_since(now)
@@ -580,19 +590,20 @@ impl Node {
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
-            let trained = tokio::task::spawn_blocking(move || {
-                train_local(
-                    &spec,
-                    &params,
-                    &data.train,
-                    &cfg,
-                    &mut InnerState::default(),
-                    seed,
-                )
-            })
-            .await;
+            let trained = worker
+                .run(move || {
+                    train_local(
+                        &spec,
+                        &params,
+                        &data.train,
+                        &cfg,
+                        &mut InnerState::default(),
+                        seed,
+                    )
+                })
+                .await;
             match trained {
-                Ok(Ok((params, report))) => {
+                Some(Ok((params, report))) => {
                     let _ = tx
                         .send(Input::TrainingDone {
                             round,
@@ -602,8 +613,8 @@ impl Node {
                         })
                         .await;
                 }
-                Ok(Err(e)) => tracing::error!(error = %e, "local training failed"),
-                Err(e) => tracing::error!(error = %e, "training task failed"),
+                Some(Err(e)) => tracing::error!(error = %e, "local training failed"),
+                None => tracing::error!("local training panicked"),
             }
         });
     }
@@ -772,22 +783,36 @@ impl Node {
             params.to_vec(),
             m.round,
         );
-        tokio::task::spawn_blocking(move || {
-            let (loss, accuracy) = evaluate(&spec, &params, &data.test)
-                .map(|(l, a)| (Some(l), Some(a)))
-                .unwrap_or((None, None));
-            let mut current = false;
-            shared.update(|s| {
-                current = s.head.as_deref() == Some(id.as_str());
-                if current {
-                    s.accuracy = accuracy;
-                    s.loss = loss;
-                }
-            });
-            if current && let Some(a) = accuracy {
-                shared.metrics.set_accuracy(a);
+        let worker = self.model_thread.clone();
+        tokio::spawn(async move {
+            let evaluated = worker
+                .try_run(move || {
+                    // A head replaced while this waited is not evaluated.
+                    let mut still = false;
+                    shared.update(|s| still = s.head.as_deref() == Some(id.as_str()));
+                    if !still {
+                        return;
+                    }
+                    let (loss, accuracy) = evaluate(&spec, &params, &data.test)
+                        .map(|(l, a)| (Some(l), Some(a)))
+                        .unwrap_or((None, None));
+                    let mut current = false;
+                    shared.update(|s| {
+                        current = s.head.as_deref() == Some(id.as_str());
+                        if current {
+                            s.accuracy = accuracy;
+                            s.loss = loss;
+                        }
+                    });
+                    if current && let Some(a) = accuracy {
+                        shared.metrics.set_accuracy(a);
+                    }
+                    tracing::info!(round, ?accuracy, head = %id.get(..8).unwrap_or(&id), "head");
+                })
+                .await;
+            if evaluated.is_none() {
+                tracing::debug!(round, "head not evaluated: the model thread is busy");
             }
-            tracing::info!(round, ?accuracy, head = %id.get(..8).unwrap_or(&id), "head");
         });
     }
 

@@ -60,8 +60,8 @@ fn collect(
             continue;
         }
         let old = store
-            .get_model_manifest(&id)?
-            .is_none_or(|m| m.message().round < oldest);
+            .model_manifest_message(&id)?
+            .is_none_or(|m| m.round < oldest);
         if old {
             store.delete_ref(&name)?;
         }

@@ -197,3 +197,25 @@ pub fn model_manifest(author: NodeId) -> impl Strategy<Value = ModelManifest> {
             },
         )
 }
+
+/// Renders a CBOR item as JSON, byte strings as lowercase hex (for the
+/// golden vectors; read without the crate's types).
+pub fn cbor_to_json(v: &ciborium::Value) -> serde_json::Value {
+    use ciborium::Value as C;
+    use serde_json::{Value as Json, json};
+    match v {
+        C::Integer(i) => json!(i128::from(*i)),
+        C::Bytes(b) => json!(hex::encode(b)),
+        C::Float(f) => json!(f),
+        C::Text(t) => json!(t),
+        C::Bool(b) => json!(b),
+        C::Null => Json::Null,
+        C::Array(a) => Json::Array(a.iter().map(cbor_to_json).collect()),
+        C::Map(m) => Json::Object(
+            m.iter()
+                .map(|(k, v)| (k.as_text().expect("text keys").to_owned(), cbor_to_json(v)))
+                .collect(),
+        ),
+        other => panic!("unexpected CBOR item {other:?}"),
+    }
+}
