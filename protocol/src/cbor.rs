@@ -96,6 +96,12 @@ pub enum DecodeError {
     /// contradicts itself).
     #[error("invalid message: {0}")]
     Invalid(Box<ValidationError>),
+    /// Well-formed and of the right shape, but not in the one encoding the
+    /// protocol allows (a number or length not in its shortest form, fields
+    /// out of order, an extra element...). Refused so that one signed
+    /// message has exactly one content id.
+    #[error("not in canonical form: {0}")]
+    NotCanonical(&'static str),
 }
 
 impl From<ValidationError> for DecodeError {

@@ -11,10 +11,12 @@
 //! `[tag: text, body: bytes, signer: bytes(32), signature: bytes(64)]`.
 //! The id of a signed message is the BLAKE3 hash of those envelope bytes.
 //!
-//! Decoding checks, in this order: size and shape limits, the tag, the key,
-//! the signature (strict: `verify_strict`, which rejects small-order keys and
-//! `R` values and non-canonical `s`), and only then decodes the body and runs
-//! the message's own validation. Nothing unverified is ever returned as `T`.
+//! Decoding checks, in this order: size and shape limits, the tag, that the
+//! envelope is in its one canonical encoding, the key, the signature
+//! (strict: `verify_strict`, which rejects small-order keys and `R` values
+//! and non-canonical `s`), and only then decodes the body, checks that it
+//! too is canonical, and runs the message's own validation. Nothing
+//! unverified is ever returned as `T`.
 
 use std::marker::PhantomData;
 
@@ -168,6 +170,19 @@ impl<T: SignedMessage> Signed<T> {
                 found: tag.chars().take(64).collect(),
             });
         }
+        // The id is the hash of these bytes: only the one encoding the
+        // protocol allows is taken, or a third party could re-wrap a
+        // signed message under a new id without touching its signature.
+        let canonical = to_cbor(&(
+            tag.as_str(),
+            serde_bytes::Bytes::new(&body),
+            &signer,
+            serde_bytes::Bytes::new(&signature),
+        ))
+        .map_err(|_| DecodeError::NotCanonical("the envelope does not re-encode"))?;
+        if canonical != bytes {
+            return Err(DecodeError::NotCanonical("envelope"));
+        }
         let signature: [u8; 64] = signature
             .try_into()
             .map_err(|_| DecodeError::Schema("a signature must be 64 bytes".into()))?;
@@ -204,6 +219,11 @@ impl<T: SignedMessage> Signed<T> {
 
     fn decode_body(self) -> Result<Verified<T>, DecodeError> {
         let message: T = from_cbor(&self.body, &T::LIMITS)?;
+        // The signer chose these bytes, but one message still has one
+        // encoding: what a receiver takes is what it would have signed.
+        if to_cbor(&message).ok().as_deref() != Some(self.body.as_slice()) {
+            return Err(DecodeError::NotCanonical("body"));
+        }
         message.validate(&self.signer)?;
         Ok(Verified {
             id: ContentId::of(&self.bytes),

@@ -331,3 +331,74 @@ fn a_head_request_with_a_field_the_protocol_does_not_have_is_refused() {
     assert!(FetchRequest::from_bytes(&head(false)).is_ok());
     assert!(FetchRequest::from_bytes(&head(true)).is_err());
 }
+
+#[test]
+fn one_signed_message_has_one_encoding_and_so_one_id() {
+    // A third party holding an honest envelope tries to re-wrap it under a
+    // new id (the id is the hash of the envelope bytes) without touching
+    // the signed body: every such form is refused, and the original opens.
+    let key = test_key(3);
+    let env = Signed::sign(sample_delta(&key), &key)
+        .unwrap()
+        .envelope_bytes()
+        .to_vec();
+    assert!(Signed::<DeltaManifest>::open(&env).is_ok());
+    let (tag, body, signer, sig) = raw(&env);
+    let not_canonical = |bytes: &[u8], what: &str| {
+        assert_ne!(bytes, env.as_slice(), "{what}: not a re-wrap");
+        assert!(
+            matches!(
+                Signed::<DeltaManifest>::open(bytes),
+                Err(DecodeError::NotCanonical(_))
+            ),
+            "{what}: {:?}",
+            Signed::<DeltaManifest>::open(bytes).map(|v| v.id())
+        );
+    };
+    // The body's length in eight bytes instead of its shortest form.
+    let mut wide = vec![0x84];
+    wide.extend(encode(&tag));
+    wide.push(0x5b);
+    wide.extend((body.len() as u64).to_be_bytes());
+    wide.extend(body.iter());
+    wide.extend(encode(&signer));
+    wide.extend(encode(&sig));
+    not_canonical(&wide, "a wide length");
+    // A fifth element after the signature.
+    not_canonical(
+        &encode(&(&tag, &body, &signer, &sig, 0u8)),
+        "a fifth element",
+    );
+    // The signature (or the body) as an array of integers.
+    not_canonical(
+        &encode(&(&tag, &body, &signer, sig.to_vec())),
+        "a signature as an array",
+    );
+    not_canonical(
+        &encode(&(&tag, body.to_vec(), &signer, &sig)),
+        "a body as an array",
+    );
+    // The author's own body with its fields in another order, correctly
+    // signed: one message, one encoding, whoever signs it.
+    let mut value: ciborium::Value = ciborium::de::from_reader(body.as_slice()).unwrap();
+    if let ciborium::Value::Map(fields) = &mut value {
+        fields.reverse();
+    }
+    let reordered = encode(&value);
+    let sk = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    let digest = tapestry_protocol::signed::signing_digest(DeltaManifest::DOMAIN_TAG, &reordered);
+    let resigned = encode(&(
+        DeltaManifest::DOMAIN_TAG,
+        ByteBuf::from(reordered),
+        &signer,
+        ByteBuf::from(
+            ed25519_dalek::Signer::sign(&sk, &digest)
+                .to_bytes()
+                .to_vec(),
+        ),
+    ));
+    assert_eq!(
+        Signed::<DeltaManifest>::open(&resigned).unwrap_err(),
+        DecodeError::NotCanonical("body")
+    );
+}
