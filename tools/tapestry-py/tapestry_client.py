@@ -26,6 +26,7 @@ import time
 from collections import Counter, defaultdict
 
 import multiaddr
+import numpy as np
 import trio
 
 import libp2p.identity.identify.identify as identify_mod
@@ -40,6 +41,7 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V1
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
+import tapestry_recompute as rc
 import tapestry_wire as w
 
 FETCH_PROTOCOL = TProtocol("/tapestry/fetch/1")
@@ -58,8 +60,12 @@ REJECT_REASONS = {
     "oversized", "malformed", "bad_signature", "invalid", "not_in_roster", "wrong_scope",
     "layout_mismatch", "wrong_length", "undecodable", "non_finite", "norm_mismatch",
     "bad_version", "forged_genesis", "duplicate_author_round_in_version", "bad_chunk",
-    "bad_delta_in_version", "bad_head",
+    "bad_delta_in_version", "bad_head", "version_mismatch", "reused_delta",
 }
+
+
+class NotRecomputable(Exception):
+    """A version this client does not recompute (a merge: its weights need both lineages)."""
 
 log = logging.getLogger("tapestry-py")
 
@@ -69,7 +75,8 @@ class FetchFailed(Exception):
 
 
 class Client:
-    def __init__(self, connect: str, model_id: str, region: str, seconds: float, lineage_depth: int):
+    def __init__(self, connect: str, model_id: str, region: str, seconds: float, lineage_depth: int,
+                 model_seed: int = 1, aggregator: str = "mean", weighting: str = "equal"):
         self.maddr = multiaddr.Multiaddr(connect)
         self.peer = info_from_p2p_addr(self.maddr)
         self.model_id = model_id
@@ -101,6 +108,16 @@ class Client:
         self.fetch_sem = trio.Semaphore(8)
         self.offered: list[str] = []
         self.samples: dict = {}  # one verified delta, model manifest and chunk, for offline fault tests
+        # recomputation (node/PROTOCOL.md "Recomputing a version"): the region's settings
+        self.model_seed = model_seed
+        self.rule = rc.Rule(aggregator)
+        self.weighting = rc.Weighting(weighting)
+        self.recomputed: dict[bytes, np.ndarray] = {}  # version id -> parameters recomputed and matched
+        self.anchored: set[bytes] = set()  # recomputed from a chain that starts at the recomputed genesis
+        self.recompute_failed: set[bytes] = set()
+        self.recompute_locks: dict[bytes, trio.Lock] = {}
+        self.recompute_info: dict[bytes, dict] = {}
+        self.delta_values: dict[bytes, np.ndarray] = {}  # delta id -> decoded values (door passed)
 
     # ---------------------------------------------------------------- helpers
 
@@ -284,7 +301,8 @@ class Client:
         self.note_canonical(o)
         try:
             payload = await self.fetch_payload(m, retry_for=15.0)
-            self.check_delta_payload(m, payload)
+            vals = self.check_delta_payload(m, payload)
+            self.delta_values[o.id] = np.array(vals, dtype=np.float32)
             if "delta_envelope" not in self.samples:
                 self.samples["delta_envelope"] = data.hex()
                 self.samples["delta_payload"] = payload.hex()
@@ -382,11 +400,15 @@ class Client:
             self.reject("model", e.reason, f"{o.id.hex()[:8]}: {e.detail}")
             return
         except FetchFailed as e:
-            # a version this node did not take (a rival it did not adopt) may not be served
+            # a version this node did not take (a rival it did not adopt) may not be served;
+            # it can still be recomputed from its parent and its deltas
             self.c["model_parameters_unavailable"] += 1
             log.info("model %s parameters not fetched: %s", o.id.hex()[:8], e)
+            self.verified_manifests.setdefault(o.id, o)
+            await self.try_recompute(o.id, "model")
             return
         self.verified_manifests[o.id] = o
+        await self.try_recompute(o.id, "model")
         self.samples.setdefault("model_envelope", data.hex())
         self.c["models_verified"] += 1
         log.info("model %s round %d verified", o.id.hex()[:8], o.msg["round"])
@@ -414,6 +436,7 @@ class Client:
             out["verified"] = True
             if walk_lineage:
                 self.lineage = await self.walk_lineage(o)
+            out["recomputed"] = await self.try_recompute(o.id, "head")
         except (w.WireError, FetchFailed) as e:
             reason = e.reason if isinstance(e, w.WireError) else "fetch_failed"
             out["error"] = f"{reason}: {e}"
@@ -448,6 +471,152 @@ class Client:
                 out["genesis_signer_derived"] = cur.signer == w.genesis_public_key(self.model_id, self.region)
                 break
         return out
+
+    # ------------------------------------------------------------ recomputation
+
+    async def try_recompute(self, vid: bytes, label: str) -> bool:
+        """Recomputes a version (and, as needed, its ancestors); a mismatch is a failure,
+        a version whose parent or deltas cannot be had is only counted."""
+        try:
+            await self.recompute(vid, 0)
+            return True
+        except NotRecomputable as e:
+            self.c["recompute_skipped"] += 1
+            log.info("version %s not recomputed: %s", vid.hex()[:8], e)
+        except w.WireError as e:
+            if vid not in self.recompute_failed:
+                self.recompute_failed.add(vid)
+                self.reject(label, e.reason, f"{vid.hex()[:8]}: {e.detail}")
+        except FetchFailed as e:
+            self.c["recompute_unavailable"] += 1
+            log.info("version %s not recomputed (fetch): %s", vid.hex()[:8], e)
+        return False
+
+    async def delta_inputs(self, did: bytes, version: dict) -> tuple[bytes, bytes, int, int, np.ndarray]:
+        """A named delta: (id, author, round, sample_count, decoded values), through the door's checks."""
+        d = await self.fetch_manifest(did, w.TAG_DELTA)
+        dm = d.msg
+        if dm["model_id"] != self.model_id or dm["region"] != self.region:
+            raise w.WireError("bad_delta_in_version", "delta of another scope")
+        if not (version["round"] - 3 <= dm["round"] <= version["round"] - 1):
+            raise w.WireError("bad_delta_in_version", f"delta of round {dm['round']} in version {version['round']}")
+        if dm["layout"] != version["layout"]:
+            raise w.WireError("bad_delta_in_version", "delta layout differs from the version's")
+        vals = self.delta_values.get(did)
+        if vals is None:
+            payload = await self.fetch_payload(dm, retry_for=5.0)
+            try:
+                v, _ = w.check_delta_payload(dm, payload)
+            except w.WireError as e:
+                raise w.WireError("bad_delta_in_version", f"delta {did.hex()[:8]}: {e.reason}: {e.detail}") from e
+            vals = np.array(v, dtype=np.float32)
+            self.delta_values[did] = vals
+        return did, dm["author"], dm["round"], dm["sample_count"], vals
+
+    async def recent_deltas(self, parent: bytes, min_round: int) -> set[bytes]:
+        """Deltas named by the parent and its ancestors of round >= min_round."""
+        out: set[bytes] = set()
+        seen: set[bytes] = set()
+        stack = [parent]
+        while stack and len(seen) < 256:
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            o = await self.fetch_manifest(v, w.TAG_MODEL)
+            if o.msg["round"] < min_round:
+                continue
+            out.update(w._ids(o.msg, "deltas"))
+            stack.extend(w._ids(o.msg, "parents"))
+        return out
+
+    async def recompute(self, vid: bytes, depth: int) -> np.ndarray:
+        if vid in self.recomputed:
+            return self.recomputed[vid]
+        lock = self.recompute_locks.setdefault(vid, trio.Lock())
+        async with lock:
+            if vid in self.recomputed:
+                return self.recomputed[vid]
+            if vid in self.recompute_failed:
+                raise w.WireError("version_mismatch", "already refused")
+            o = await self.fetch_manifest(vid, w.TAG_MODEL)
+            m = o.msg
+            parents, deltas = w._ids(m, "parents"), w._ids(m, "deltas")
+            info = {"round": m["round"], "kind": None, "deltas": len(deltas)}
+            if m["round"] == 0 and not parents and not deltas:
+                if o.signer != w.genesis_public_key(self.model_id, self.region):
+                    raise w.WireError("forged_genesis", "round 0 not signed by the derived genesis key")
+                theta = rc.genesis_params(m["layout"], self.model_seed)
+                info["kind"] = "genesis"
+                anchored = True
+            elif len(parents) == 1 and deltas:
+                parent_o = await self.fetch_manifest(parents[0], w.TAG_MODEL)
+                if parent_o.msg["round"] + 1 != m["round"]:
+                    raise w.WireError("bad_version", f"round {m['round']} over a parent of round {parent_o.msg['round']}")
+                parent = None
+                if depth < self.lineage_depth:
+                    try:
+                        parent = await self.recompute(parents[0], depth + 1)
+                    except (NotRecomputable, FetchFailed):
+                        parent = None
+                anchored = parent is not None and parents[0] in self.anchored
+                if parent is None:
+                    # beyond the walk (or behind a merge): the parent's parameters as fetched,
+                    # each chunk checked against its id
+                    parent = rc.params_from_bytes(await self.fetch_payload(parent_o.msg, retry_for=5.0))
+                if len(set(deltas)) != len(deltas):
+                    raise w.WireError("bad_version", "names a delta twice")
+                reused = await self.recent_deltas(parents[0], max(0, m["round"] - 2))
+                inputs, votes = [], set()
+                for did in deltas:
+                    if did in reused:
+                        raise w.WireError("reused_delta", f"{did.hex()[:8]} already in the lineage")
+                    did, author, rnd, samples, vals = await self.delta_inputs(did, m)
+                    if (author, rnd) in votes:
+                        raise w.WireError("duplicate_author_round_in_version", author.hex()[:8])
+                    votes.add((author, rnd))
+                    inputs.append((did, samples, vals))
+                if len(parent) != w.layout_elements(m["layout"]):
+                    raise w.WireError("bad_version", "parent has another number of parameters")
+                theta = rc.step_params(parent, self.rule, self.weighting, inputs)
+                info["kind"] = "step"
+            else:
+                raise NotRecomputable(f"a merge of {len(parents)} parents (round {m['round']})")
+            got = rc.chunk_ids(theta, m["chunk_size"])
+            if got != w._ids(m, "chunk_ids"):
+                self.recompute_failed.add(vid)
+                self.c["recompute_mismatched"] += 1
+                raise w.WireError("version_mismatch",
+                                  f"round {m['round']} {info['kind']}: recomputed chunk ids differ "
+                                  f"({got[0].hex()[:8]} vs {w._ids(m, 'chunk_ids')[0].hex()[:8]})")
+            self.recomputed[vid] = theta
+            if anchored:
+                self.anchored.add(vid)
+            self.recompute_info[vid] = info
+            log.info("version %s round %d recomputed (%s, %d deltas): chunk ids match",
+                     vid.hex()[:8], m["round"], info["kind"], len(deltas))
+            return theta
+
+    def recompute_summary(self) -> dict:
+        infos = list(self.recompute_info.values())
+        steps = [i for i in infos if i["kind"] == "step"]
+        return {
+            "aggregator": self.rule.text,
+            "weighting": self.weighting.text,
+            "model_seed": self.model_seed,
+            "matched": len(infos),
+            "genesis_matched": any(i["kind"] == "genesis" for i in infos),
+            "steps_matched": len(steps),
+            "steps_anchored_at_genesis": sum(1 for v, i in self.recompute_info.items()
+                                             if i["kind"] == "step" and v in self.anchored),
+            "deltas_aggregated": sum(i["deltas"] for i in steps),
+            "deltas_per_step": dict(sorted(Counter(i["deltas"] for i in steps).items())),
+            "step_rounds": [min((i["round"] for i in steps), default=None),
+                            max((i["round"] for i in steps), default=None)],
+            "mismatched": self.c["recompute_mismatched"],
+            "unavailable": self.c["recompute_unavailable"],
+            "skipped_merges": self.c["recompute_skipped"],
+        }
 
     # ------------------------------------------------------------ identify
 
@@ -622,6 +791,7 @@ class Client:
                 "errors": self.c["fetch_errors"],
             },
             "bodies": {"canonical": self.c["bodies_canonical"], "not_canonical": self.c["bodies_not_canonical"]},
+            "recompute": self.recompute_summary(),
             "head": self.head,
             "head_end": self.head_end,
             "lineage": self.lineage,
@@ -644,13 +814,17 @@ def main(argv=None) -> int:
     ap.add_argument("--region", required=True)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--lineage-depth", type=int, default=64, help="versions to follow down towards the genesis")
+    ap.add_argument("--model-seed", type=int, default=1, help="the region's [model] seed (genesis parameters)")
+    ap.add_argument("--aggregator", default="mean", help="the region's [round] aggregator")
+    ap.add_argument("--weighting", default="equal", help="the region's [round] weighting")
     ap.add_argument("--verbose", "-v", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.ERROR, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not a.verbose:
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)
-    client = Client(a.connect, a.model_id, a.region, a.seconds, a.lineage_depth)
+    client = Client(a.connect, a.model_id, a.region, a.seconds, a.lineage_depth,
+                    a.model_seed, a.aggregator, a.weighting)
     try:
         summary = trio.run(client.run_bounded)
     except Exception as e:  # noqa: BLE001

@@ -38,6 +38,13 @@ CLIENT_SECONDS = float(os.environ.get("TAPESTRY_PY_SECONDS", "35"))
 # The region's delta codec (every node of a region uses the same). int8:64 over the digits
 # model's 650 values has a partial last block; f32, bf16 and topk:F work too.
 CODEC = os.environ.get("TAPESTRY_PY_CODEC", "int8:64")
+# The region's aggregation rule and weighting, which the client needs to recompute versions
+# (node/PROTOCOL.md, "Recomputing a version"); the client implements mean, trimmed-mean:B
+# and median, with equal or samples:MAX weighting.
+AGGREGATOR = os.environ.get("TAPESTRY_PY_AGGREGATOR", "mean")
+WEIGHTING = os.environ.get("TAPESTRY_PY_WEIGHTING", "equal")
+MODEL_SEED = 1  # `tapestry init`'s [model] seed, left as written
+MIN_RECOMPUTED = 5  # step versions recomputed bit for bit (besides the genesis)
 
 
 def log(*a) -> None:
@@ -177,7 +184,13 @@ class Node:
         cfg = os.path.join(self.dir, "config.toml")
         text = open(cfg).read()
         assert '\ncodec = "f32"\n' in text, "config.toml has no [round] codec line"
-        open(cfg, "w").write(text.replace('\ncodec = "f32"\n', f'\ncodec = "{CODEC}"\n'))
+        for key, want in (("codec", CODEC), ("aggregator", AGGREGATOR), ("weighting", WEIGHTING)):
+            lines = [ln for ln in text.split("\n") if ln.startswith(f"{key} = ")]
+            assert len(lines) == 1, f"config.toml has no single {key} line"
+            text = text.replace(lines[0], f'{key} = "{want}"')
+        seeds = [ln for ln in text.split("\n") if ln.startswith("seed = ")]
+        assert seeds == [f"seed = {MODEL_SEED}"], f"config.toml [model] seed: {seeds}"
+        open(cfg, "w").write(text)
 
     def start(self) -> None:
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info"))
@@ -254,7 +267,8 @@ def run_live(binary: str) -> dict:
         log("rounds started:", [round_of(n.status()) for n in nodes])
         t0 = time.monotonic()
         cmd = [sys.executable, os.path.join(HERE, "tapestry_client.py"), "--connect", a_addr,
-               "--model-id", MODEL_ID, "--region", REGION, "--seconds", str(CLIENT_SECONDS)]
+               "--model-id", MODEL_ID, "--region", REGION, "--seconds", str(CLIENT_SECONDS),
+               "--model-seed", str(MODEL_SEED), "--aggregator", AGGREGATOR, "--weighting", WEIGHTING]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=CLIENT_SECONDS + 120)
         log(f"client ran {time.monotonic() - t0:.1f} s, exit {r.returncode}")
         if r.returncode != 0:
@@ -315,6 +329,10 @@ def assert_summary(s: dict) -> None:
         problems.append(f"lineage: {s['lineage']}")
     if not s["stayed_connected"]:
         problems.append(f"the connection did not stay up: {s['connection_events']}")
+    rc = s["recompute"]
+    if rc["mismatched"] or not rc["genesis_matched"] or rc["steps_matched"] < MIN_RECOMPUTED:
+        problems.append(f"recomputation: {rc} (want the genesis and ≥ {MIN_RECOMPUTED} steps matched, "
+                        "no mismatch)")
     if s["node_identify"].get("protocol_version") != "/tapestry/1":
         problems.append(f"identify: {s['node_identify']}")
     assert not problems, "\n".join(problems)
@@ -374,7 +392,11 @@ def main() -> int:
     d, m = s["deltas"], s["models"]
     log(f"PASS in {time.monotonic() - t0:.0f} s: deltas {d['verified']}/{d['heard']} verified, "
         f"models {m['verified']}/{m['heard']}, chunks {s['chunks']['verified']} verified, "
-        f"head round {s['head_end'].get('round')} verified, stayed connected without ping")
+        f"head round {s['head_end'].get('round')} verified, stayed connected without ping; "
+        f"recomputed bit for bit ({AGGREGATOR}, {WEIGHTING}): the genesis and "
+        f"{s['recompute']['steps_matched']} step versions of rounds {s['recompute']['step_rounds'][0]}–"
+        f"{s['recompute']['step_rounds'][1]} ({s['recompute']['steps_anchored_at_genesis']} in chains from the "
+        f"genesis), {s['recompute']['deltas_aggregated']} deltas aggregated, 0 mismatched")
     return 0
 
 
