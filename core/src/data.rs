@@ -153,7 +153,7 @@ impl Default for CsvOptions {
     }
 }
 
-fn open_maybe_gz(path: &Path) -> Result<Box<dyn Read>, DataError> {
+pub(crate) fn open_maybe_gz(path: &Path) -> Result<Box<dyn Read>, DataError> {
     let f = File::open(path).map_err(|source| DataError::Io {
         path: path.display().to_string(),
         source,
@@ -168,7 +168,8 @@ fn open_maybe_gz(path: &Path) -> Result<Box<dyn Read>, DataError> {
         })?
         .starts_with(&[0x1f, 0x8b]);
     if gz {
-        Ok(Box::new(flate2::read::GzDecoder::new(f)))
+        // Every member: concatenated gzip files and bgzip output are one stream.
+        Ok(Box::new(flate2::read::MultiGzDecoder::new(f)))
     } else {
         Ok(Box::new(f))
     }
@@ -651,5 +652,25 @@ mod tests {
         );
         std::fs::write(&lab, [0, 0, 8, 1, 0, 0, 0, 3, 7, 3]).unwrap();
         assert!(load_idx(&img, &lab).is_err());
+    }
+
+    #[test]
+    fn a_gzip_file_of_several_members_is_read_whole() {
+        use std::io::Write;
+        // Two gzip files concatenated (as `cat a.gz b.gz` or bgzip make):
+        // the header and a row in the first member, two rows in the second.
+        let gz = |text: &str| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(text.as_bytes()).unwrap();
+            e.finish().unwrap()
+        };
+        let mut bytes = gz("a,b,label\n1,2,0\n");
+        bytes.extend(gz("3,4,1\n5,6,2\n"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.csv.gz");
+        std::fs::write(&path, bytes).unwrap();
+        let d = load_csv(&path, CsvOptions::default()).unwrap();
+        assert_eq!(d.labels, vec![0, 1, 2]);
+        assert_eq!(d.features, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
     }
 }

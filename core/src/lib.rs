@@ -8,6 +8,10 @@
 //!   stratified splits, IID / Dirichlet / k-class partitions, feature scaling.
 //! - [`model`]: logistic regression and MLPs in candle, SGD with momentum and
 //!   AdamW, evaluation, safetensors export and import.
+//! - [`text`]: text corpora (plain or `fortune` format) for byte-level
+//!   language models, with every tenth unit held out.
+//! - [`transformer`]: a byte-level GPT-2-style transformer in candle:
+//!   training on text windows, bits per byte, sampling.
 //! - [`aggregate`]: weighted mean, trimmed mean, median, clipping (centred on
 //!   the median, self-centred, aligned).
 //! - [`outer`]: outer SGD and Nesterov momentum.
@@ -33,4 +37,6 @@ pub mod heads;
 pub mod mixing;
 pub mod model;
 pub mod outer;
+pub mod text;
+pub mod transformer;
 pub mod verify;

@@ -298,7 +298,7 @@ fn batch_tensors(
 }
 
 /// Mean cross-entropy of logits against one-hot targets.
-fn cross_entropy(logits: &Tensor, onehot: &Tensor) -> Result<Tensor, ModelError> {
+pub(crate) fn cross_entropy(logits: &Tensor, onehot: &Tensor) -> Result<Tensor, ModelError> {
     let max = logits.max_keepdim(D::Minus1)?;
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
@@ -343,6 +343,19 @@ pub struct InnerState {
     m: Vec<f32>,
     v: Vec<f32>,
     t: u64,
+}
+
+impl InnerState {
+    /// Starts afresh if the state was made for another parameter count.
+    pub(crate) fn fit(&mut self, n: usize) {
+        if self.m.len() != n {
+            *self = InnerState {
+                m: vec![0.0; n],
+                v: vec![0.0; n],
+                t: 0,
+            };
+        }
+    }
 }
 
 /// What a round of local training did.
@@ -400,13 +413,7 @@ pub fn train_local(
     let mut cursor = 0;
     let mut p = params.to_vec();
     let n = p.len();
-    if state.m.len() != n {
-        *state = InnerState {
-            m: vec![0.0; n],
-            v: vec![0.0; n],
-            t: 0,
-        };
-    }
+    state.fit(n);
     let mut loss_sum = 0f64;
     let mut samples = 0u64;
     for _ in 0..config.local_steps {
@@ -442,7 +449,7 @@ pub fn train_local(
     ))
 }
 
-fn apply_inner(opt: &InnerOptimizer, p: &mut [f32], g: &[f32], s: &mut InnerState) {
+pub(crate) fn apply_inner(opt: &InnerOptimizer, p: &mut [f32], g: &[f32], s: &mut InnerState) {
     s.t += 1;
     match *opt {
         InnerOptimizer::SgdMomentum { lr, momentum } => {

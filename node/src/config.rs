@@ -97,7 +97,8 @@ pub struct DataSection {
     pub path: String,
     /// Fraction held out for evaluation.
     pub test_fraction: f64,
-    /// Features are scaled from `[feature_min, feature_max]` to `[0, 1]`.
+    /// Features are scaled from `[feature_min, feature_max]` to `[-1, 1]`
+    /// (values outside the range are not clipped).
     pub feature_min: f32,
     /// See `feature_min`.
     pub feature_max: f32,
@@ -279,7 +280,7 @@ seed = {seed}
 path = ""
 # Fraction of it held out to evaluate the shared model locally.
 test_fraction = {tf}
-# Features are scaled from [feature_min, feature_max] to [0, 1]; part of the
+# Features are scaled from [feature_min, feature_max] to [-1, 1]; part of the
 # model definition, so the same on every node.
 feature_min = {fmin:?}
 feature_max = {fmax:?}
@@ -397,6 +398,28 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The longest `model_id` or `region`.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Checks a `model_id` or `region`: 1 to [`MAX_NAME_LEN`] ASCII letters,
+/// digits, `.`, `_` or `-`. Both are parts of the gossip topic names
+/// (`/tapestry/1/MODEL/REGION/...`), so a `/` in one could make two
+/// regions share a topic.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {name:?}: 1 to {MAX_NAME_LEN} ASCII letters, digits, '.', '_' or '-'"
+        ))
+    }
+}
+
 impl Config {
     /// Reads `path`; a missing file is an error naming it.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -404,10 +427,45 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.message().replace('\n', " "),
-        })
+        })?;
+        cfg.check().map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    /// The checks one setting alone or the file as a whole allows (those
+    /// that flags can change are made where the settings are used).
+    fn check(&self) -> Result<(), String> {
+        check_name("model_id", &self.model_id)?;
+        check_name("region", &self.region)?;
+        let d = &self.data;
+        if !(d.feature_min.is_finite()
+            && d.feature_max.is_finite()
+            && d.feature_min < d.feature_max)
+        {
+            return Err(format!(
+                "feature_min {} must be below feature_max {} (both finite)",
+                d.feature_min, d.feature_max
+            ));
+        }
+        if self.round.max_rounds_ahead == 0 {
+            return Err(
+                "max_rounds_ahead must be at least 1 (0 would refuse every peer's next round)"
+                    .into(),
+            );
+        }
+        if self.region_key.is_empty() != self.roster.is_empty() {
+            return Err(
+                "a permissioned region needs both roster and region_key (an open region neither)"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     /// The model.
@@ -432,6 +490,12 @@ impl Config {
         }
         if r.timeout_ms == 0 {
             return Err(ConfigError::Invalid("timeout_ms must be positive".into()));
+        }
+        if r.min_round_ms >= r.timeout_ms {
+            return Err(ConfigError::Invalid(format!(
+                "min_round_ms {} must be below timeout_ms {}: rounds would close before this node trains",
+                r.min_round_ms, r.timeout_ms
+            )));
         }
         Ok(EngineConfig {
             model_id: self.model_id.clone(),
@@ -584,5 +648,41 @@ mod tests {
         std::fs::write(&path, loud).unwrap();
         let err = Config::load(&path).unwrap_err().to_string();
         assert!(err.contains("aggregator"), "{err}");
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused_with_the_key_named() {
+        let text = commented("digits", "default");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let refused = |from: &str, to: &str, key: &str| {
+            let changed = text.replacen(from, to, 1);
+            assert_ne!(changed, text, "{from}");
+            std::fs::write(&path, changed).unwrap();
+            let err = Config::load(&path).unwrap_err().to_string();
+            assert!(err.contains(key), "{to}: {err}");
+        };
+        refused("region = \"default\"", "region = \"eu/west\"", "region");
+        refused("region = \"default\"", "region = \"\"", "region");
+        refused("model_id = \"digits\"", "model_id = \"a b\"", "model_id");
+        refused("feature_max = 16.0", "feature_max = 0.0", "feature_min");
+        refused(
+            "max_rounds_ahead = 1024",
+            "max_rounds_ahead = 0",
+            "max_rounds_ahead",
+        );
+        refused(
+            "region_key = \"\"",
+            &format!("region_key = \"{}\"", "ab".repeat(32)),
+            "roster",
+        );
+        // Fine as written, and names of the allowed characters pass.
+        std::fs::write(&path, text.replacen("\"default\"", "\"eu-west_2.a\"", 1)).unwrap();
+        assert_eq!(Config::load(&path).unwrap().region, "eu-west_2.a");
+        // Pacing that flags may set is checked where the engine is made.
+        let mut c = Config::default();
+        c.round.min_round_ms = c.round.timeout_ms;
+        let err = c.engine(1).unwrap_err().to_string();
+        assert!(err.contains("min_round_ms"), "{err}");
     }
 }

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use libp2p::Multiaddr;
 use tapestry_core::data::{self, Dataset, Partition, Scaler};
 use tapestry_core::model::{InnerState, evaluate, local_round};
-use tapestry_node::config::{self, Config, DataDir};
+use tapestry_node::config::{self, Config, ConfigError, DataDir};
 use tapestry_node::net::NetConfig;
 use tapestry_node::ops;
 use tapestry_node::runtime::{self, Launch, LocalData, NodeSettings};
@@ -384,8 +384,12 @@ async fn run(a: RunArgs) -> Result<ExitCode, String> {
             model: std::env::var("TAPESTRY_MODEL").unwrap_or_else(|_| "digits".into()),
         })?;
     }
-    let mut cfg = Config::load(&dir.config())
-        .map_err(|e| format!("{e} (create the node with tapestry init)"))?;
+    let mut cfg = Config::load(&dir.config()).map_err(|e| match &e {
+        ConfigError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            format!("{e} (create the node with tapestry init, or run with --init)")
+        }
+        _ => e.to_string(),
+    })?;
     if !a.listen.is_empty() {
         cfg.listen = a.listen.clone();
     }

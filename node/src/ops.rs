@@ -106,6 +106,8 @@ pub fn unix_ms() -> u64 {
 /// `config.toml` for `model` in `region`. Refuses a directory that holds
 /// either already. Returns the key.
 pub fn init(dir: &DataDir, model: &str, region: &str) -> Result<Keypair, OpsError> {
+    config::check_name("model", model).map_err(OpsError::Invalid)?;
+    config::check_name("region", region).map_err(OpsError::Invalid)?;
     std::fs::create_dir_all(&dir.root).map_err(|source| {
         OpsError::Invalid(format!("cannot create {}: {source}", dir.root.display()))
     })?;
@@ -239,7 +241,19 @@ pub fn local_data(
     node: &NodeId,
 ) -> Result<LocalData, OpsError> {
     let mut all = data::load_csv(path, CsvOptions::default())
-        .map_err(|e| OpsError::Invalid(format!("{}: {e}", path.display())))?;
+        .map_err(|e| OpsError::Invalid(e.to_string()))?;
+    if let Some(bad) = all
+        .labels
+        .iter()
+        .find(|l| **l as usize >= cfg.model.classes)
+    {
+        return Err(OpsError::Invalid(format!(
+            "{} has label {bad}, but the model has {} classes (labels 0 to {}; [model] classes)",
+            path.display(),
+            cfg.model.classes,
+            cfg.model.classes.saturating_sub(1)
+        )));
+    }
     if let Some(s) = shard.filter(|s| !s.is_empty()) {
         let rows = shard_rows(s, all.len(), node)?;
         all = all.subset(&rows);
@@ -255,6 +269,13 @@ pub fn local_data(
     let (mut train, mut test) = all
         .split(cfg.data.test_fraction, cfg.model.seed)
         .map_err(|e| OpsError::Invalid(e.to_string()))?;
+    if train.is_empty() {
+        return Err(OpsError::Invalid(format!(
+            "{}{} leaves no rows to train on",
+            path.display(),
+            shard.map(|s| format!(" (shard {s})")).unwrap_or_default()
+        )));
+    }
     let scaler = Scaler::from_range(cfg.model.inputs, cfg.data.feature_min, cfg.data.feature_max);
     scaler.apply(&mut train);
     scaler.apply(&mut test);
@@ -495,6 +516,37 @@ pub fn write_endpoints(dir: &DataDir, endpoints: &serde_json::Value) -> Result<(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn data_that_cannot_train_the_model_stops_the_node_at_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let csv = tmp.path().join("d.csv");
+        let cfg = Config {
+            model: config::ModelSection {
+                inputs: 2,
+                classes: 3,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let node = Keypair::from_secret_bytes(&[1; 32]).node_id();
+        let rows: String = (0..20).map(|i| format!("{i},1,{}\n", i % 3)).collect();
+        std::fs::write(&csv, &rows).unwrap();
+        assert!(local_data(&cfg, &csv, None, &node).is_ok());
+        // A label the model has no class for.
+        std::fs::write(&csv, format!("{rows}4,4,3\n")).unwrap();
+        let err = local_data(&cfg, &csv, None, &node).unwrap_err().to_string();
+        assert!(
+            err.contains("label 3") && err.contains("3 classes"),
+            "{err}"
+        );
+        // A shard that leaves nothing to train on.
+        std::fs::write(&csv, "1,1,0\n2,2,1\n").unwrap();
+        let err = local_data(&cfg, &csv, Some("5/9"), &node)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no rows to train on"), "{err}");
+    }
 
     fn node_dir() -> (tempfile::TempDir, DataDir) {
         let tmp = tempfile::tempdir().unwrap();

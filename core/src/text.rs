@@ -1,0 +1,198 @@
+//! Text for byte-level language models: a corpus file (plain UTF-8 or the
+//! `%`-separated `fortune` format, gzipped or not) cut into units — quotes,
+//! or paragraphs of plain text — with a fixed share held out for
+//! evaluation (every tenth unit), and the training windows drawn from the
+//! rest.
+//!
+//! Like the CSV loader, everything is read into memory once and nothing
+//! here touches the network: the text never leaves the node that holds it.
+
+use std::io::Read;
+use std::path::Path;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::data::{DataError, open_maybe_gz};
+
+/// Every `HELD_OUT_EVERY`-th unit (the 10th, 20th, ...) is held out.
+pub const HELD_OUT_EVERY: usize = 10;
+
+/// The largest corpus file read (after decompression), so a wrong path
+/// (a disk image, a log) fails clearly instead of filling memory.
+pub const MAX_TEXT_BYTES: usize = 1 << 30;
+
+/// A node's text: the bytes it trains on and the bytes it evaluates on,
+/// each the concatenation of whole units (each unit ends with `\n`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TextCorpus {
+    /// Training bytes.
+    pub train: Vec<u8>,
+    /// Held-out bytes (every tenth unit).
+    pub test: Vec<u8>,
+    /// Units in `train` and in `test`.
+    pub units: (usize, usize),
+}
+
+impl TextCorpus {
+    /// Cuts `text` into units and holds every tenth out. The fortune format
+    /// is recognised by a line holding only `%`: its quotes are the units.
+    /// Otherwise the units are paragraphs (separated by blank lines), or
+    /// lines if the text has a single paragraph.
+    pub fn from_text(text: &str) -> TextCorpus {
+        let fortune = text.lines().any(|l| l.trim_end() == "%");
+        let mut units: Vec<String> = Vec::new();
+        let mut current = String::new();
+        let flush = |current: &mut String, units: &mut Vec<String>| {
+            if !current.trim().is_empty() {
+                units.push(std::mem::take(current));
+            } else {
+                current.clear();
+            }
+        };
+        for line in text.lines() {
+            let separator = if fortune {
+                line.trim_end() == "%"
+            } else {
+                line.trim().is_empty()
+            };
+            if separator {
+                flush(&mut current, &mut units);
+            } else {
+                current.push_str(line);
+                current.push('\n');
+            }
+        }
+        flush(&mut current, &mut units);
+        if !fortune && units.len() == 1 {
+            units = units[0].lines().map(|l| format!("{l}\n")).collect();
+        }
+        let mut corpus = TextCorpus::default();
+        for (i, u) in units.iter().enumerate() {
+            if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 {
+                corpus.test.extend_from_slice(u.as_bytes());
+                corpus.units.1 += 1;
+            } else {
+                corpus.train.extend_from_slice(u.as_bytes());
+                corpus.units.0 += 1;
+            }
+        }
+        corpus
+    }
+
+    /// Draws `count` training windows of `len` bytes each (a model with
+    /// context C trains on windows of C + 1: C inputs, each predicting the
+    /// byte after it), at offsets from `rng`. `None` if the training text
+    /// is shorter than one window.
+    pub fn windows(&self, count: usize, len: usize, rng: &mut ChaCha8Rng) -> Option<Vec<&[u8]>> {
+        if len == 0 || self.train.len() < len {
+            return None;
+        }
+        let last = self.train.len() - len;
+        Some(
+            (0..count)
+                .map(|_| {
+                    let at = rng.gen_range(0..=last);
+                    &self.train[at..at + len]
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Reads a corpus file (gzip detected by its magic bytes, every member
+/// read), which must be UTF-8, and cuts it as [`TextCorpus::from_text`].
+pub fn load_text(path: &Path) -> Result<TextCorpus, DataError> {
+    let name = path.display().to_string();
+    let mut bytes = Vec::new();
+    open_maybe_gz(path)?
+        .take(MAX_TEXT_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| DataError::Io {
+            path: name.clone(),
+            source,
+        })?;
+    if bytes.len() > MAX_TEXT_BYTES {
+        return Err(DataError::Invalid(format!(
+            "{name} holds more than {MAX_TEXT_BYTES} bytes of text"
+        )));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| DataError::Parse {
+        path: name.clone(),
+        line: 0,
+        reason: format!("not UTF-8 text (at byte {})", e.utf8_error().valid_up_to()),
+    })?;
+    let corpus = TextCorpus::from_text(&text);
+    if corpus.train.is_empty() || corpus.test.is_empty() {
+        return Err(DataError::Invalid(format!(
+            "{name} has {} units of text: at least {HELD_OUT_EVERY} are needed (every tenth is held out)",
+            corpus.units.0 + corpus.units.1
+        )));
+    }
+    Ok(corpus)
+}
+
+/// A seeded generator for window offsets (the same seed, the same windows).
+pub fn window_rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn fortunes_are_cut_at_percent_lines_and_every_tenth_is_held_out() {
+        let text: String = (0..25)
+            .map(|i| format!("quote {i}\nline two\n%\n"))
+            .collect();
+        let c = TextCorpus::from_text(&text);
+        assert_eq!(c.units, (23, 2));
+        assert_eq!(
+            String::from_utf8(c.test.clone()).unwrap(),
+            "quote 9\nline two\nquote 19\nline two\n"
+        );
+        assert!(!String::from_utf8(c.train.clone()).unwrap().contains('%'));
+    }
+
+    #[test]
+    fn plain_text_is_cut_into_paragraphs_or_lines() {
+        let paragraphs: String = (0..10).map(|i| format!("p{i} a\np{i} b\n\n")).collect();
+        assert_eq!(TextCorpus::from_text(&paragraphs).units, (9, 1));
+        let lines: String = (0..20).map(|i| format!("line {i}\n")).collect();
+        let c = TextCorpus::from_text(&lines);
+        assert_eq!(c.units, (18, 2));
+        assert_eq!(c.test, b"line 9\nline 19\n");
+    }
+
+    #[test]
+    fn windows_are_seeded_and_inside_the_training_text() {
+        let text: String = (0..40).map(|i| format!("unit number {i}\n\n")).collect();
+        let c = TextCorpus::from_text(&text);
+        let a = c.windows(5, 8, &mut window_rng(7)).unwrap();
+        let b = c.windows(5, 8, &mut window_rng(7)).unwrap();
+        assert_eq!(a, b);
+        for w in &a {
+            assert_eq!(w.len(), 8);
+        }
+        assert!(
+            c.windows(1, c.train.len() + 1, &mut window_rng(7))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn bad_files_get_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short.txt");
+        std::fs::write(&short, "one\n%\ntwo\n").unwrap();
+        let err = load_text(&short).unwrap_err().to_string();
+        assert!(err.contains("at least 10"), "{err}");
+        let binary = dir.path().join("bin.txt");
+        std::fs::write(&binary, [b'a', 0xff, 0xfe, b'\n']).unwrap();
+        let err = load_text(&binary).unwrap_err().to_string();
+        assert!(err.contains("not UTF-8"), "{err}");
+        assert!(load_text(&dir.path().join("none.txt")).is_err());
+    }
+}
