@@ -97,7 +97,7 @@ impl Transformer {
                 "a transformer needs layers, width, heads and context ≥ 1".into(),
             ));
         }
-        if width % heads != 0 {
+        if !width.is_multiple_of(heads) {
             return Err(ModelError::Invalid(format!(
                 "width {width} is not a multiple of heads {heads}"
             )));
