@@ -225,13 +225,7 @@ impl ModelSpec {
     }
 
     fn check(&self, params: &[f32]) -> Result<(), ModelError> {
-        if params.len() != self.n_params() {
-            return Err(ModelError::WrongLength {
-                expected: self.n_params(),
-                found: params.len(),
-            });
-        }
-        Ok(())
+        check_len(self.n_params(), params)
     }
 
     fn check_data(&self, data: &Dataset) -> Result<(), ModelError> {
@@ -267,16 +261,53 @@ impl ModelSpec {
     }
 
     fn tensors(&self, params: &[f32], device: &Device) -> Result<Vec<Var>, ModelError> {
-        let mut out = Vec::new();
-        let mut at = 0;
-        for spec in self.layout() {
-            let shape: Vec<usize> = spec.shape.iter().map(|d| *d as usize).collect();
-            let n: usize = shape.iter().product();
-            out.push(Var::from_slice(&params[at..at + n], shape, device)?);
-            at += n;
-        }
-        Ok(out)
+        layout_vars(&self.layout(), params, device)
     }
+}
+
+/// `Ok` if `params` holds exactly `expected` values.
+pub(crate) fn check_len(expected: usize, params: &[f32]) -> Result<(), ModelError> {
+    if params.len() != expected {
+        return Err(ModelError::WrongLength {
+            expected,
+            found: params.len(),
+        });
+    }
+    Ok(())
+}
+
+/// The flat parameter vector cut into one trainable tensor per layout
+/// entry (`params` must hold exactly the layout's values).
+pub(crate) fn layout_vars(
+    layout: &[TensorSpec],
+    params: &[f32],
+    device: &Device,
+) -> Result<Vec<Var>, ModelError> {
+    let mut out = Vec::with_capacity(layout.len());
+    let mut at = 0;
+    for spec in layout {
+        let shape: Vec<usize> = spec.shape.iter().map(|d| *d as usize).collect();
+        let n: usize = shape.iter().product();
+        out.push(Var::from_slice(&params[at..at + n], shape, device)?);
+        at += n;
+    }
+    Ok(out)
+}
+
+/// The gradients of `vars`, flattened in their order (zero for a tensor
+/// the loss does not depend on).
+pub(crate) fn flat_grads(
+    grads: &candle_core::backprop::GradStore,
+    vars: &[Var],
+) -> Result<Vec<f32>, ModelError> {
+    let mut g = Vec::with_capacity(vars.iter().map(|v| v.elem_count()).sum());
+    for v in vars {
+        match grads.get(v) {
+            Some(t) => g.extend(t.flatten_all()?.to_vec1::<f32>()?),
+            None => g.extend(std::iter::repeat_n(0.0, v.elem_count())),
+        }
+    }
+    Ok(g)
 }
 
 fn batch_tensors(
@@ -430,14 +461,7 @@ pub fn train_local(
         let loss = cross_entropy(&spec.forward(&tensors, &x)?, &y)?;
         loss_sum += f64::from(loss.to_scalar::<f32>()?);
         samples += take as u64;
-        let grads = loss.backward()?;
-        let mut g = Vec::with_capacity(n);
-        for v in &vars {
-            match grads.get(v) {
-                Some(t) => g.extend(t.flatten_all()?.to_vec1::<f32>()?),
-                None => g.extend(std::iter::repeat_n(0.0, v.elem_count())),
-            }
-        }
+        let g = flat_grads(&loss.backward()?, &vars)?;
         apply_inner(&config.optimizer, &mut p, &g, state);
     }
     Ok((

@@ -22,7 +22,10 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use tapestry_protocol::{DType, TensorSpec};
 
-use crate::model::{InnerState, ModelError, TrainConfig, TrainReport, apply_inner, cross_entropy};
+use crate::model::{
+    InnerState, ModelError, TrainConfig, TrainReport, apply_inner, check_len, cross_entropy,
+    flat_grads, layout_vars,
+};
 use crate::text::{TextCorpus, window_rng};
 
 /// The vocabulary: one symbol per byte value.
@@ -190,25 +193,11 @@ impl Transformer {
     }
 
     fn check(&self, params: &[f32]) -> Result<(), ModelError> {
-        if params.len() != self.n_params() {
-            return Err(ModelError::WrongLength {
-                expected: self.n_params(),
-                found: params.len(),
-            });
-        }
-        Ok(())
+        check_len(self.n_params(), params)
     }
 
     fn vars(&self, params: &[f32], device: &Device) -> Result<Vec<Var>, ModelError> {
-        let mut out = Vec::new();
-        let mut at = 0;
-        for spec in self.layout() {
-            let shape: Vec<usize> = spec.shape.iter().map(|d| *d as usize).collect();
-            let n: usize = shape.iter().product();
-            out.push(Var::from_slice(&params[at..at + n], shape, device)?);
-            at += n;
-        }
-        Ok(out)
+        layout_vars(&self.layout(), params, device)
     }
 
     /// Logits `[B·T, 256]` for byte sequences `tokens` `[B, T]` (u32,
@@ -303,14 +292,7 @@ impl Transformer {
             let loss = cross_entropy(&self.logits(&tensors, &x)?, &y)?;
             loss_sum += f64::from(loss.to_scalar::<f32>()?);
             samples += (windows.len() * self.context) as u64;
-            let grads = loss.backward()?;
-            let mut g = Vec::with_capacity(p.len());
-            for v in &vars {
-                match grads.get(v) {
-                    Some(t) => g.extend(t.flatten_all()?.to_vec1::<f32>()?),
-                    None => g.extend(std::iter::repeat_n(0.0, v.elem_count())),
-                }
-            }
+            let g = flat_grads(&loss.backward()?, &vars)?;
             apply_inner(&config.optimizer, &mut p, &g, state);
         }
         Ok((
