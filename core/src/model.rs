@@ -17,6 +17,8 @@ use rand_chacha::ChaCha8Rng;
 use tapestry_protocol::{DType, TensorSpec};
 
 use super::data::Dataset;
+use super::text::Text;
+use super::transformer::{Transformer, VOCAB};
 
 /// Why a model operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,24 +66,32 @@ pub unsafe fn one_kernel_thread() {
 }
 
 /// A model architecture as written in a config or scenario, before the
-/// data's shape is known: `logistic` or `mlp:W1,W2,...` (hidden widths).
+/// data's shape is known: `logistic`, `mlp:W1,W2,...` (hidden widths) or
+/// `transformer:LAYERS,WIDTH,HEADS,CONTEXT` (a byte-level language model).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Architecture {
     /// Logistic regression.
     Logistic,
     /// An MLP with these hidden widths.
     Mlp(Vec<usize>),
+    /// A byte-level transformer (trains on text, not rows).
+    Transformer(Transformer),
 }
 
 /// Why an architecture string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ArchitectureError {
-    /// Neither `logistic` nor `mlp:...`.
-    #[error("unknown architecture {0:?} (logistic, mlp:W1,W2,...)")]
+    /// Neither `logistic` nor `mlp:...` nor `transformer:...`.
+    #[error(
+        "unknown architecture {0:?} (logistic, mlp:W1,W2,..., transformer:LAYERS,WIDTH,HEADS,CONTEXT)"
+    )]
     Unknown(String),
     /// `mlp:` with a width that is not a positive integer.
     #[error("bad MLP widths in {0:?}")]
     Widths(String),
+    /// `transformer:` with a shape that is not one.
+    #[error("{0}")]
+    Transformer(String),
 }
 
 impl std::str::FromStr for Architecture {
@@ -96,6 +106,11 @@ impl std::str::FromStr for Architecture {
                 .collect::<Option<Vec<_>>>()
                 .map(Architecture::Mlp)
                 .ok_or_else(|| ArchitectureError::Widths(s.to_owned()))
+        } else if let Some(shape) = s.strip_prefix("transformer:") {
+            shape
+                .parse::<Transformer>()
+                .map(Architecture::Transformer)
+                .map_err(|e| ArchitectureError::Transformer(e.to_string()))
         } else {
             Err(ArchitectureError::Unknown(s.to_owned()))
         }
@@ -116,14 +131,23 @@ impl std::fmt::Display for Architecture {
                 }
                 Ok(())
             }
+            Architecture::Transformer(t) => write!(f, "transformer:{t}"),
         }
     }
 }
 
 impl Architecture {
-    /// The concrete model for `inputs` features and `classes` classes.
+    /// Whether the model trains on text (a language model) rather than on
+    /// rows of features.
+    pub fn is_text(&self) -> bool {
+        matches!(self, Architecture::Transformer(_))
+    }
+
+    /// The concrete model for `inputs` features and `classes` classes
+    /// (both ignored by a transformer: its input and output are bytes).
     pub fn spec(&self, inputs: usize, classes: usize) -> ModelSpec {
         match self {
+            Architecture::Transformer(t) => ModelSpec::Transformer(*t),
             Architecture::Logistic => ModelSpec::Logistic { inputs, classes },
             Architecture::Mlp(hidden) => ModelSpec::Mlp {
                 inputs,
@@ -153,12 +177,15 @@ pub enum ModelSpec {
         /// Classes.
         classes: usize,
     },
+    /// A byte-level language model.
+    Transformer(Transformer),
 }
 
 impl ModelSpec {
-    /// (in, out) of each linear layer.
+    /// (in, out) of each linear layer (none for a transformer).
     fn layers(&self) -> Vec<(usize, usize)> {
         match self {
+            ModelSpec::Transformer(_) => Vec::new(),
             ModelSpec::Logistic { inputs, classes } => vec![(*inputs, *classes)],
             ModelSpec::Mlp {
                 inputs,
@@ -173,19 +200,37 @@ impl ModelSpec {
         }
     }
 
-    /// Input features.
+    /// Input features (a transformer: its context length in bytes).
     pub fn inputs(&self) -> usize {
-        self.layers()[0].0
+        match self {
+            ModelSpec::Transformer(t) => t.context,
+            _ => self.layers().first().map_or(0, |l| l.0),
+        }
     }
 
-    /// Output classes.
+    /// Output classes (a transformer: the 256 byte values).
     pub fn classes(&self) -> usize {
-        self.layers().last().map_or(0, |l| l.1)
+        match self {
+            ModelSpec::Transformer(_) => VOCAB,
+            _ => self.layers().last().map_or(0, |l| l.1),
+        }
+    }
+
+    /// The transformer, if this is one.
+    pub fn transformer(&self) -> Option<&Transformer> {
+        match self {
+            ModelSpec::Transformer(t) => Some(t),
+            _ => None,
+        }
     }
 
     /// The named, ordered tensor set: `layer{i}.weight` (out × in, as in
-    /// PyTorch's `nn.Linear`) then `layer{i}.bias`, layer by layer.
+    /// PyTorch's `nn.Linear`) then `layer{i}.bias`, layer by layer; a
+    /// transformer's is GPT-2's ([`Transformer::layout`]).
     pub fn layout(&self) -> Vec<TensorSpec> {
+        if let ModelSpec::Transformer(t) = self {
+            return t.layout();
+        }
         self.layers()
             .iter()
             .enumerate()
@@ -208,12 +253,19 @@ impl ModelSpec {
 
     /// Total parameters.
     pub fn n_params(&self) -> usize {
+        if let ModelSpec::Transformer(t) = self {
+            return t.n_params();
+        }
         self.layers().iter().map(|(i, o)| i * o + o).sum()
     }
 
     /// Initial parameters: weights uniform in ±1/√fan_in (PyTorch's
-    /// default for linear layers), biases zero.
+    /// default for linear layers), biases zero; a transformer's are GPT-2's
+    /// ([`Transformer::init`]).
     pub fn init(&self, seed: u64) -> Vec<f32> {
+        if let ModelSpec::Transformer(t) = self {
+            return t.init(seed);
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut out = Vec::with_capacity(self.n_params());
         for (inp, o) in self.layers() {
@@ -229,6 +281,11 @@ impl ModelSpec {
     }
 
     fn check_data(&self, data: &Dataset) -> Result<(), ModelError> {
+        if let ModelSpec::Transformer(_) = self {
+            return Err(ModelError::DataMismatch(
+                "a transformer trains on text, not rows of features".into(),
+            ));
+        }
         if data.n_features != self.inputs() {
             return Err(ModelError::DataMismatch(format!(
                 "{} features, the model takes {}",
@@ -523,6 +580,131 @@ pub fn evaluate(
         .filter(|(p, l)| p == l)
         .count();
     Ok((loss, correct as f32 / data.len() as f32))
+}
+
+/// What a model trains or is evaluated on: rows of features for a
+/// classifier, text for a language model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Examples {
+    /// Labelled rows.
+    Rows(Dataset),
+    /// Bytes of text, in named parts (one per source, e.g. language).
+    Text(Text),
+}
+
+impl Examples {
+    /// Rows or bytes held.
+    pub fn len(&self) -> usize {
+        match self {
+            Examples::Rows(d) => d.len(),
+            Examples::Text(t) => t.len(),
+        }
+    }
+
+    /// Nothing held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// "rows" or "bytes", for messages.
+    pub fn unit(&self) -> &'static str {
+        match self {
+            Examples::Rows(_) => "rows",
+            Examples::Text(_) => "bytes",
+        }
+    }
+}
+
+/// How well parameters do on held-out examples.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Evaluation {
+    /// Mean cross-entropy in nats (per row, or per predicted byte).
+    pub loss: f32,
+    /// Share of rows classified correctly (classifiers only).
+    pub accuracy: Option<f32>,
+    /// Bits per byte over every part of the text (language models only;
+    /// lower is better, 8 is a uniform guess).
+    pub bits_per_byte: Option<f64>,
+    /// Bits per byte of each named part of the text, in its order.
+    pub parts: Vec<(String, f64)>,
+}
+
+/// Windows of held-out text scored per part by [`evaluate_on`]: the first
+/// `EVAL_WINDOWS` windows of each part, so the figure is comparable
+/// between nodes and rounds and evaluation stays short.
+pub const EVAL_WINDOWS: usize = 64;
+
+/// [`train_local`] for either kind of examples: rows for a classifier,
+/// text for a transformer (anything else is a [`ModelError::DataMismatch`]).
+pub fn train_on(
+    spec: &ModelSpec,
+    params: &[f32],
+    data: &Examples,
+    config: &TrainConfig,
+    state: &mut InnerState,
+    seed: u64,
+) -> Result<(Vec<f32>, TrainReport), ModelError> {
+    match (spec, data) {
+        (ModelSpec::Transformer(t), Examples::Text(text)) => {
+            t.train_local(params, &text.bytes, config, state, seed)
+        }
+        (ModelSpec::Transformer(_), Examples::Rows(_)) => Err(ModelError::DataMismatch(
+            "a transformer trains on text, not rows of features".into(),
+        )),
+        (_, Examples::Text(_)) => Err(ModelError::DataMismatch(
+            "a classifier trains on rows of features, not text".into(),
+        )),
+        (_, Examples::Rows(rows)) => train_local(spec, params, rows, config, state, seed),
+    }
+}
+
+/// [`evaluate`] for either kind of examples: loss and accuracy for a
+/// classifier; loss, bits per byte over all the text and per part for a
+/// transformer (the first [`EVAL_WINDOWS`] windows of each part; the
+/// overall figure weighs parts by the bytes scored).
+pub fn evaluate_on(
+    spec: &ModelSpec,
+    params: &[f32],
+    data: &Examples,
+) -> Result<Evaluation, ModelError> {
+    match (spec, data) {
+        (ModelSpec::Transformer(t), Examples::Text(text)) => {
+            let (mut bits, mut bytes) = (0f64, 0f64);
+            let mut parts = Vec::with_capacity(text.parts.len());
+            for (name, part) in text.iter_parts() {
+                if part.len() < 2 {
+                    continue;
+                }
+                let bpb = t.bits_per_byte(params, part, EVAL_WINDOWS)?;
+                // The bytes bits_per_byte predicted: whole windows of
+                // `len − 1` predictions, at most EVAL_WINDOWS of them.
+                let len = (t.context + 1).min(part.len());
+                let windows = ((part.len() - 1) / (len - 1)).min(EVAL_WINDOWS);
+                let scored = (windows * (len - 1)) as f64;
+                bits += bpb * scored;
+                bytes += scored;
+                parts.push((name.to_owned(), bpb));
+            }
+            if bytes == 0.0 {
+                return Err(ModelError::Invalid("no text to evaluate on".into()));
+            }
+            let bpb = bits / bytes;
+            Ok(Evaluation {
+                loss: (bpb * std::f64::consts::LN_2) as f32,
+                accuracy: None,
+                bits_per_byte: Some(bpb),
+                parts,
+            })
+        }
+        (_, Examples::Rows(rows)) => evaluate(spec, params, rows).map(|(loss, a)| Evaluation {
+            loss,
+            accuracy: Some(a),
+            ..Evaluation::default()
+        }),
+        (_, Examples::Text(_)) => Err(ModelError::DataMismatch(
+            "a classifier is evaluated on rows of features, not text".into(),
+        )),
+    }
 }
 
 /// Writes the parameters as a safetensors file, one tensor per layout entry

@@ -80,24 +80,136 @@ impl TextCorpus {
         corpus
     }
 
-    /// Draws `count` training windows of `len` bytes each (a model with
-    /// context C trains on windows of C + 1: C inputs, each predicting the
-    /// byte after it), at offsets from `rng`. `None` if the training text
-    /// is shorter than one window.
+    /// Draws `count` training windows of `len` bytes each from the
+    /// training text (see [`windows`]).
     pub fn windows(&self, count: usize, len: usize, rng: &mut ChaCha8Rng) -> Option<Vec<&[u8]>> {
-        if len == 0 || self.train.len() < len {
-            return None;
-        }
-        let last = self.train.len() - len;
-        Some(
-            (0..count)
-                .map(|_| {
-                    let at = rng.gen_range(0..=last);
-                    &self.train[at..at + len]
-                })
-                .collect(),
-        )
+        windows(&self.train, count, len, rng)
     }
+}
+
+/// Draws `count` windows of `len` bytes each from `text` (a model with
+/// context C trains on windows of C + 1: C inputs, each predicting the
+/// byte after it), at offsets from `rng`. `None` if `text` is shorter
+/// than one window.
+pub fn windows<'a>(
+    text: &'a [u8],
+    count: usize,
+    len: usize,
+    rng: &mut ChaCha8Rng,
+) -> Option<Vec<&'a [u8]>> {
+    if len == 0 || text.len() < len {
+        return None;
+    }
+    let last = text.len() - len;
+    Some(
+        (0..count)
+            .map(|_| {
+                let at = rng.gen_range(0..=last);
+                &text[at..at + len]
+            })
+            .collect(),
+    )
+}
+
+/// Text from several sources (e.g. one file per language) kept as one
+/// byte string with each source's span named, so a model trains on all of
+/// it and is scored on each part separately.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Text {
+    /// Every part's bytes, one after the other.
+    pub bytes: Vec<u8>,
+    /// Each part's name and span in `bytes`, in the order added.
+    pub parts: Vec<(String, std::ops::Range<usize>)>,
+}
+
+impl Text {
+    /// Appends `bytes` as a part named `name`.
+    pub fn push(&mut self, name: &str, bytes: &[u8]) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(bytes);
+        self.parts.push((name.to_owned(), start..self.bytes.len()));
+    }
+
+    /// The bytes of each part, with its name.
+    pub fn iter_parts(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.parts
+            .iter()
+            .map(|(n, r)| (n.as_str(), &self.bytes[r.clone()]))
+    }
+
+    /// Total bytes.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// No bytes at all.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+/// The name of the part a corpus file contributes: its file name up to the
+/// first `.` (`en.txt.gz` → `en`, the language code by convention).
+pub fn part_name(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    name.split('.').next().unwrap_or_default().to_owned()
+}
+
+/// Reads corpus files (see [`load_text`]) into training and held-out
+/// [`Text`], one part per file named by [`part_name`]. `path` is a file,
+/// or a directory whose regular files (not starting with `.`, not
+/// `README*`) are read in name order.
+pub fn load_texts(path: &Path) -> Result<(Text, Text), DataError> {
+    let files = text_files(path)?;
+    let (mut train, mut test) = (Text::default(), Text::default());
+    for f in &files {
+        let corpus = load_text(f)?;
+        let name = part_name(f);
+        if train.parts.iter().any(|(n, _)| *n == name) {
+            return Err(DataError::Invalid(format!(
+                "two corpus files under {} are both named {name:?} (the part before the first '.')",
+                path.display()
+            )));
+        }
+        train.push(&name, &corpus.train);
+        test.push(&name, &corpus.test);
+    }
+    Ok((train, test))
+}
+
+/// The corpus files `path` names: itself if a file, else the regular files
+/// in it (hidden files and `README*` skipped), sorted by name.
+pub fn text_files(path: &Path) -> Result<Vec<std::path::PathBuf>, DataError> {
+    let io = |source| DataError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || name.starts_with("README") {
+            continue;
+        }
+        if entry.file_type().map_err(io)?.is_file() {
+            files.push(entry.path());
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(DataError::Invalid(format!(
+            "{} holds no corpus files",
+            path.display()
+        )));
+    }
+    Ok(files)
 }
 
 /// Reads a corpus file (gzip detected by its magic bytes, every member

@@ -26,7 +26,7 @@ use crate::model::{
     InnerState, ModelError, TrainConfig, TrainReport, apply_inner, check_len, cross_entropy,
     flat_grads, layout_vars,
 };
-use crate::text::{TextCorpus, window_rng};
+use crate::text::{window_rng, windows};
 
 /// The vocabulary: one symbol per byte value.
 pub const VOCAB: usize = 256;
@@ -196,6 +196,92 @@ impl Transformer {
         check_len(self.n_params(), params)
     }
 
+    /// The logits `[len, 256]` after each byte of `bytes` (at most
+    /// `context` of them): row t scores the byte that follows `bytes[t]`.
+    pub fn logits_of(&self, params: &[f32], bytes: &[u8]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.check(params)?;
+        if bytes.is_empty() || bytes.len() > self.context {
+            return Err(ModelError::Invalid(format!(
+                "{} bytes: between 1 and the context, {}",
+                bytes.len(),
+                self.context
+            )));
+        }
+        let device = Device::Cpu;
+        let vars = self.vars(params, &device)?;
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let x: Vec<u32> = bytes.iter().map(|b| u32::from(*b)).collect();
+        let x = Tensor::from_vec(x, (1, bytes.len()), &device)?;
+        Ok(self.logits(&tensors, &x)?.to_vec2::<f32>()?)
+    }
+
+    /// A Hugging Face `config.json` for GPT-2 (`GPT2LMHeadModel`) with this
+    /// shape: vocabulary 256 (the byte values), `gelu_new` (the tanh
+    /// approximation this model uses), LayerNorm ε 1e-5, the head tied to
+    /// the token embedding, newline (byte 10) as beginning and end token.
+    pub fn gpt2_config_json(&self) -> String {
+        let config = serde_json::json!({
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": VOCAB,
+            "n_positions": self.context,
+            "n_ctx": self.context,
+            "n_embd": self.width,
+            "n_layer": self.layers,
+            "n_head": self.heads,
+            "n_inner": 4 * self.width,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": LN_EPS,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "tie_word_embeddings": true,
+            "scale_attn_weights": true,
+            "bos_token_id": 10,
+            "eos_token_id": 10,
+            "torch_dtype": "float32",
+        });
+        serde_json::to_string_pretty(&config).unwrap_or_default() + "\n"
+    }
+
+    /// The shape a GPT-2 `config.json` describes, if it is one this model
+    /// can be: vocabulary 256, `gelu_new`, inner width 4 × `n_embd` (or
+    /// unset).
+    pub fn from_gpt2_config(json: &str) -> Result<Transformer, ModelError> {
+        let bad = |why: String| ModelError::Import(format!("config.json: {why}"));
+        let v: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let num = |key: &str| -> Result<usize, ModelError> {
+            v.get(key)
+                .and_then(serde_json::Value::as_u64)
+                .map(|n| n as usize)
+                .ok_or_else(|| bad(format!("no integer {key:?}")))
+        };
+        if num("vocab_size")? != VOCAB {
+            return Err(bad(format!(
+                "vocab_size {} (a byte-level model has {VOCAB})",
+                num("vocab_size")?
+            )));
+        }
+        if let Some(act) = v.get("activation_function").and_then(|a| a.as_str())
+            && act != "gelu_new"
+        {
+            return Err(bad(format!("activation {act:?}, this model uses gelu_new")));
+        }
+        let t = Transformer::new(
+            num("n_layer")?,
+            num("n_embd")?,
+            num("n_head")?,
+            num("n_positions")?,
+        )?;
+        if let Some(inner) = v.get("n_inner").filter(|i| !i.is_null())
+            && inner.as_u64() != Some(4 * t.width as u64)
+        {
+            return Err(bad(format!("n_inner {inner}, this model uses 4 × n_embd")));
+        }
+        Ok(t)
+    }
+
     fn vars(&self, params: &[f32], device: &Device) -> Result<Vec<Var>, ModelError> {
         layout_vars(&self.layout(), params, device)
     }
@@ -253,13 +339,13 @@ impl Transformer {
     }
 
     /// Runs `config.local_steps` steps from `params` on windows of
-    /// `context + 1` bytes of `corpus.train`, `config.batch_size` windows a
-    /// step, drawn from a generator seeded with `seed`. `samples` in the
-    /// report counts the bytes predicted.
+    /// `context + 1` bytes of `text`, `config.batch_size` windows a step,
+    /// drawn from a generator seeded with `seed`. `samples` in the report
+    /// counts the bytes predicted.
     pub fn train_local(
         &self,
         params: &[f32],
-        corpus: &TextCorpus,
+        text: &[u8],
         config: &TrainConfig,
         state: &mut InnerState,
         seed: u64,
@@ -277,12 +363,11 @@ impl Transformer {
         let mut loss_sum = 0f64;
         let mut samples = 0u64;
         for _ in 0..config.local_steps {
-            let windows = corpus
-                .windows(config.batch_size, self.context + 1, &mut rng)
-                .ok_or_else(|| {
+            let windows =
+                windows(text, config.batch_size, self.context + 1, &mut rng).ok_or_else(|| {
                     ModelError::DataMismatch(format!(
                         "{} bytes of training text, shorter than one window of {}",
-                        corpus.train.len(),
+                        text.len(),
                         self.context + 1
                     ))
                 })?;
@@ -464,6 +549,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::model::InnerOptimizer;
+    use crate::text::TextCorpus;
 
     fn tiny() -> Transformer {
         "1,16,2,16".parse().unwrap()
@@ -542,14 +628,18 @@ mod tests {
             },
         };
         let mut state = InnerState::default();
-        let (p1, report) = m.train_local(&p0, &corpus, &config, &mut state, 9).unwrap();
+        let (p1, report) = m
+            .train_local(&p0, &corpus.train, &config, &mut state, 9)
+            .unwrap();
         assert_eq!(report.samples, 60 * 8 * 16);
         let after = m.bits_per_byte(&p1, &corpus.test, 8).unwrap();
         eprintln!("bits per byte {before:.3} → {after:.3}");
         assert!(after < 3.0, "{before} → {after}");
         // The same seed, the same parameters.
         let mut state = InnerState::default();
-        let (again, _) = m.train_local(&p0, &corpus, &config, &mut state, 9).unwrap();
+        let (again, _) = m
+            .train_local(&p0, &corpus.train, &config, &mut state, 9)
+            .unwrap();
         assert_eq!(again, p1);
         // And it continues the pattern it learned.
         // ("ab" is always followed by "c", "abc" by "a" or " ").
@@ -583,7 +673,7 @@ mod tests {
             },
         };
         let err = m
-            .train_local(&p, &short, &config, &mut InnerState::default(), 1)
+            .train_local(&p, &short.train, &config, &mut InnerState::default(), 1)
             .unwrap_err();
         assert!(err.to_string().contains("shorter than one window"), "{err}");
     }

@@ -112,8 +112,26 @@ pub struct TrainingSection {
     pub local_steps: usize,
     /// Rows per step.
     pub batch_size: usize,
-    /// Learning rate (SGD with momentum 0.9).
+    /// The inner optimiser: `sgd` (momentum 0.9) or `adamw`.
+    pub optimizer: String,
+    /// Learning rate.
     pub lr: f32,
+    /// AdamW's decoupled weight decay (unused by `sgd`).
+    pub weight_decay: f32,
+}
+
+impl TrainingSection {
+    /// The defaults written for a language model: AdamW at 3e-3, 16
+    /// windows a step.
+    pub fn for_text() -> TrainingSection {
+        TrainingSection {
+            local_steps: 20,
+            batch_size: 16,
+            optimizer: "adamw".into(),
+            lr: 3e-3,
+            weight_decay: 0.0,
+        }
+    }
 }
 
 /// `[round]`.
@@ -204,7 +222,9 @@ impl Default for TrainingSection {
         Self {
             local_steps: 20,
             batch_size: 32,
+            optimizer: "sgd".into(),
             lr: 0.05,
+            weight_decay: 0.0,
         }
     }
 }
@@ -227,8 +247,12 @@ impl Default for RoundSection {
 }
 
 /// The commented file `tapestry init` writes.
-pub fn commented(model_id: &str, region: &str) -> String {
-    let d = Config::default();
+pub fn commented(model_id: &str, region: &str, architecture: &Architecture) -> String {
+    let mut d = Config::default();
+    d.model.architecture = architecture.clone();
+    if architecture.is_text() {
+        d.training = TrainingSection::for_text();
+    }
     format!(
         r#"# Tapestry node configuration. Flags and TAPESTRY_* environment variables
 # override what is here; unknown keys are errors.
@@ -267,7 +291,9 @@ region_key = ""
 attestations = 0
 
 [model]
-# logistic, or mlp:W1,W2,... (hidden widths)
+# logistic, mlp:W1,W2,... (hidden widths), or
+# transformer:LAYERS,WIDTH,HEADS,CONTEXT (a byte-level language model; inputs
+# and classes do not apply, and [data] path is text)
 architecture = "{arch}"
 inputs = {inputs}
 classes = {classes}
@@ -276,7 +302,9 @@ seed = {seed}
 
 [data]
 # Your private data: a CSV (.csv or .csv.gz) with the label in the last
-# column. It never leaves this machine; only parameter deltas do.
+# column; for a transformer a text file (UTF-8 or fortune format, .gz or not)
+# or a directory of them, one per language. It never leaves this machine;
+# only parameter deltas do.
 path = ""
 # Fraction of it held out to evaluate the shared model locally.
 test_fraction = {tf}
@@ -287,8 +315,12 @@ feature_max = {fmax:?}
 
 [training]
 local_steps = {steps}
+# Rows a step (for a transformer: windows of CONTEXT + 1 bytes a step).
 batch_size = {batch}
+# sgd (momentum 0.9) or adamw (weight decay weight_decay)
+optimizer = "{opt}"
 lr = {lr:?}
+weight_decay = {wd:?}
 
 {round_and_store}"#,
         api = d.api,
@@ -302,6 +334,8 @@ lr = {lr:?}
         steps = d.training.local_steps,
         batch = d.training.batch_size,
         lr = d.training.lr,
+        opt = d.training.optimizer,
+        wd = d.training.weight_decay,
         round_and_store = commented_rounds(&d),
     )
 }
@@ -442,6 +476,7 @@ impl Config {
     /// that flags can change are made where the settings are used).
     fn check(&self) -> Result<(), String> {
         check_name("model_id", &self.model_id)?;
+        self.train().map_err(|e| e.to_string())?;
         check_name("region", &self.region)?;
         let d = &self.data;
         if !(d.feature_min.is_finite()
@@ -471,6 +506,10 @@ impl Config {
     /// The model.
     pub fn spec(&self) -> Result<ModelSpec, ConfigError> {
         let (inputs, classes) = (self.model.inputs, self.model.classes);
+        if self.model.architecture.is_text() {
+            // Bytes in, bytes out: `inputs` and `classes` do not apply.
+            return Ok(self.model.architecture.spec(inputs, classes));
+        }
         if inputs == 0 || classes < 2 {
             return Err(ConfigError::Invalid(
                 "model needs inputs ≥ 1 and classes ≥ 2".into(),
@@ -525,13 +564,31 @@ impl Config {
                 "training needs local_steps ≥ 1, batch_size ≥ 1 and lr > 0".into(),
             ));
         }
-        Ok(TrainConfig {
-            local_steps: t.local_steps,
-            batch_size: t.batch_size,
-            optimizer: InnerOptimizer::SgdMomentum {
+        if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
+            return Err(ConfigError::Invalid(format!(
+                "training.weight_decay {} must be finite and ≥ 0",
+                t.weight_decay
+            )));
+        }
+        let optimizer = match t.optimizer.as_str() {
+            "sgd" => InnerOptimizer::SgdMomentum {
                 lr: t.lr,
                 momentum: 0.9,
             },
+            "adamw" => InnerOptimizer::AdamW {
+                lr: t.lr,
+                weight_decay: t.weight_decay,
+            },
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "training.optimizer {other:?}: sgd or adamw"
+                )));
+            }
+        };
+        Ok(TrainConfig {
+            local_steps: t.local_steps,
+            batch_size: t.batch_size,
+            optimizer,
         })
     }
 
@@ -630,7 +687,7 @@ mod tests {
 
     #[test]
     fn the_commented_file_is_the_defaults_and_typos_are_errors() {
-        let text = commented("digits", "default");
+        let text = commented("digits", "default", &Architecture::Logistic);
         let parsed: Config = toml::from_str(&text).unwrap();
         assert_eq!(parsed, Config::default());
         parsed.engine(1).unwrap();
@@ -651,8 +708,31 @@ mod tests {
     }
 
     #[test]
+    fn a_language_model_config_trains_a_transformer_with_adamw() {
+        let arch: Architecture = "transformer:2,32,4,32".parse().unwrap();
+        let text = commented("bytes", "default", &arch);
+        let parsed: Config = toml::from_str(&text).unwrap();
+        assert_eq!(parsed.model.architecture, arch);
+        let spec = parsed.spec().unwrap();
+        assert_eq!(spec.transformer().map(|t| t.width), Some(32));
+        assert!(matches!(
+            parsed.train().unwrap().optimizer,
+            InnerOptimizer::AdamW { .. }
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text.replace("\"adamw\"", "\"adam\"")).unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("optimizer"), "{err}");
+        let bad = text.replace("transformer:2,32,4,32", "transformer:2,30,4,32");
+        std::fs::write(&path, bad).unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("multiple of heads"), "{err}");
+    }
+
+    #[test]
     fn settings_that_cannot_work_are_refused_with_the_key_named() {
-        let text = commented("digits", "default");
+        let text = commented("digits", "default", &Architecture::Logistic);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         let refused = |from: &str, to: &str, key: &str| {

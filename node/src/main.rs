@@ -120,6 +120,11 @@ struct InitArgs {
     /// The model to train.
     #[arg(long, default_value = "digits", env = "TAPESTRY_MODEL")]
     model: String,
+    /// The architecture written to config.toml: logistic, mlp:W1,W2,... or
+    /// transformer:LAYERS,WIDTH,HEADS,CONTEXT (a byte-level language model
+    /// trained on text; its training defaults to AdamW).
+    #[arg(long, default_value = "logistic", env = "TAPESTRY_ARCHITECTURE")]
+    architecture: tapestry_core::model::Architecture,
 }
 
 #[derive(Args)]
@@ -136,7 +141,9 @@ struct RunArgs {
     /// The HTTP API address.
     #[arg(long, value_name = "HOST:PORT", env = "TAPESTRY_API")]
     api: Option<String>,
-    /// This node's private data (CSV, label last).
+    /// This node's private data: a CSV file, label last; for a transformer,
+    /// a text file (UTF-8 or fortune format, .gz or not) or a directory of
+    /// them, one per language.
     #[arg(long, value_name = "FILE", env = "TAPESTRY_DATA")]
     data: Option<PathBuf>,
     /// Stop starting rounds after this many (0 = never).
@@ -189,6 +196,30 @@ enum ModelCommand {
     Import(ImportArgs),
     /// List the signed deltas, by author, that built a version (default: head).
     Lineage(LineageArgs),
+    /// Continue a prompt with the head model (a language model: architecture
+    /// transformer:...). Prints the prompt and the bytes that follow. Run it
+    /// while the node is stopped, or on a copy of its data directory.
+    Sample(SampleArgs),
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    /// The node's data directory.
+    #[arg(long, value_name = "DIR", env = "TAPESTRY_DATA_DIR")]
+    data_dir: PathBuf,
+    /// The text to continue (its last context − 1 bytes are what the model sees).
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Bytes to generate.
+    #[arg(long, default_value_t = 200)]
+    bytes: usize,
+    /// Sampling temperature: 0 takes the most likely byte each time, 1
+    /// samples the model's distribution, higher is wilder.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Seed of the sampling (the same seed, the same text).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -196,7 +227,9 @@ struct ExportArgs {
     /// The node's data directory.
     #[arg(long, value_name = "DIR", env = "TAPESTRY_DATA_DIR")]
     data_dir: PathBuf,
-    /// Output file.
+    /// Output file. For a transformer a GPT-2 config.json is written beside
+    /// it: name it DIR/model.safetensors and DIR loads with Hugging Face's
+    /// GPT2LMHeadModel.from_pretrained(DIR).
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
 }
@@ -263,6 +296,7 @@ fn main() -> ExitCode {
         Command::Status(a) => status(&a),
         Command::Health(a) => health(&a),
         Command::Model(ModelCommand::Export(a)) => export(&a),
+        Command::Model(ModelCommand::Sample(a)) => sample(&a),
         Command::Model(ModelCommand::Import(a)) => import(&a),
         Command::Model(ModelCommand::Lineage(a)) => lineage(&a),
         Command::Scrub(a) => scrub(&a),
@@ -318,7 +352,7 @@ fn init(a: &InitArgs) -> Result<ExitCode, String> {
     let dir = DataDir {
         root: a.data_dir.clone(),
     };
-    let key = ops::init(&dir, &a.model, &a.region).map_err(|e| e.to_string())?;
+    let key = ops::init(&dir, &a.model, &a.region, &a.architecture).map_err(|e| e.to_string())?;
     let peer = tapestry_node::net::peer_id_of(&key.node_id())
         .map(|p| p.to_string())
         .unwrap_or_default();
@@ -382,6 +416,12 @@ async fn run(a: RunArgs) -> Result<ExitCode, String> {
             data_dir: a.data_dir.clone(),
             region: std::env::var("TAPESTRY_REGION").unwrap_or_else(|_| "default".into()),
             model: std::env::var("TAPESTRY_MODEL").unwrap_or_else(|_| "digits".into()),
+            architecture: match std::env::var("TAPESTRY_ARCHITECTURE") {
+                Ok(a) => a
+                    .parse()
+                    .map_err(|e| format!("TAPESTRY_ARCHITECTURE: {e}"))?,
+                Err(_) => tapestry_core::model::Architecture::Logistic,
+            },
         })?;
     }
     let mut cfg = Config::load(&dir.config()).map_err(|e| match &e {
@@ -580,6 +620,26 @@ fn export(a: &ExportArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn sample(a: &SampleArgs) -> Result<ExitCode, String> {
+    use std::io::Write as _;
+    if a.bytes > 1 << 20 {
+        return Err(format!("--bytes {} above 1048576", a.bytes));
+    }
+    let dir = DataDir {
+        root: a.data_dir.clone(),
+    };
+    let (round, out) = ops::sample(&dir, a.prompt.as_bytes(), a.bytes, a.temperature, a.seed)
+        .map_err(|e| e.to_string())?;
+    eprintln!("(the head of round {round})");
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(a.prompt.as_bytes())
+        .and_then(|()| stdout.write_all(&out))
+        .and_then(|()| stdout.write_all(b"\n"))
+        .map_err(|e| format!("writing the sample: {e}"))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn import(a: &ImportArgs) -> Result<ExitCode, String> {
     let dir = DataDir {
         root: a.data_dir.clone(),
@@ -762,10 +822,7 @@ async fn launch_demo(
             key,
             settings,
             store: Arc::new(MemoryStore::new()),
-            data: LocalData {
-                train: shard.clone(),
-                test: test.clone(),
-            },
+            data: LocalData::rows(shard.clone(), test.clone()),
             net,
             api: Some("127.0.0.1:0".parse().map_err(|e| format!("{e}"))?),
         })

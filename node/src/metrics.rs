@@ -49,6 +49,8 @@ pub struct Metrics {
     pub bytes_out: Counter,
     /// Test accuracy of the head on the local split.
     pub accuracy: Gauge<f64, AtomicU64>,
+    /// A language model's bits per byte on the local held-out text.
+    pub bits_per_byte: Gauge<f64, AtomicU64>,
     /// Connected peers.
     pub peers: Gauge,
     /// 1 for the head's parameter digest (one series per node): counting
@@ -108,6 +110,7 @@ impl Metrics {
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             accuracy: Gauge::default(),
+            bits_per_byte: Gauge::default(),
             peers: Gauge::default(),
             head: Family::default(),
             versions_verified: Counter::default(),
@@ -201,6 +204,11 @@ impl Metrics {
             "accuracy",
             "Test accuracy of the head on the local evaluation split",
             m.accuracy.clone(),
+        );
+        r.register(
+            "bits_per_byte",
+            "Bits per byte of the head on the local held-out text (language models)",
+            m.bits_per_byte.clone(),
         );
         r.register("peers", "Connected peers", m.peers.clone());
         r.register(

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tapestry_core::data::{self, CsvOptions, Scaler};
-use tapestry_core::model::{export_safetensors, import_safetensors};
+use tapestry_core::model::{Architecture, Examples, export_safetensors, import_safetensors};
 use tapestry_protocol::{
     ContentId, KeyFileError, Keypair, ModelManifest, NodeId, Roster, Signed, Verified,
 };
@@ -105,7 +105,12 @@ pub fn unix_ms() -> u64 {
 /// Creates a node in `dir`: a new identity key (0600) and a commented
 /// `config.toml` for `model` in `region`. Refuses a directory that holds
 /// either already. Returns the key.
-pub fn init(dir: &DataDir, model: &str, region: &str) -> Result<Keypair, OpsError> {
+pub fn init(
+    dir: &DataDir,
+    model: &str,
+    region: &str,
+    architecture: &Architecture,
+) -> Result<Keypair, OpsError> {
     config::check_name("model", model).map_err(OpsError::Invalid)?;
     config::check_name("region", region).map_err(OpsError::Invalid)?;
     std::fs::create_dir_all(&dir.root).map_err(|source| {
@@ -120,7 +125,7 @@ pub fn init(dir: &DataDir, model: &str, region: &str) -> Result<Keypair, OpsErro
     let key = Keypair::generate(&mut rand::rngs::OsRng);
     key.write_key_file(&dir.key())
         .map_err(key_error(&dir.key()))?;
-    std::fs::write(dir.config(), config::commented(model, region))
+    std::fs::write(dir.config(), config::commented(model, region, architecture))
         .map_err(file_error(&dir.config()))?;
     Ok(key)
 }
@@ -233,13 +238,18 @@ pub fn shard_rows(spec: &str, len: usize, node: &NodeId) -> Result<Vec<usize>, O
 }
 
 /// Loads the data file, keeps a shard of it if asked, scales it with the
-/// model's fixed range, and splits off the evaluation rows.
+/// model's fixed range, and splits off the evaluation rows. A language
+/// model's data is text instead: a corpus file or a directory of them
+/// ([`local_text`]).
 pub fn local_data(
     cfg: &Config,
     path: &Path,
     shard: Option<&str>,
     node: &NodeId,
 ) -> Result<LocalData, OpsError> {
+    if cfg.model.architecture.is_text() {
+        return local_text(path, shard);
+    }
     let mut all = data::load_csv(path, CsvOptions::default())
         .map_err(|e| OpsError::Invalid(e.to_string()))?;
     if let Some(bad) = all
@@ -279,7 +289,27 @@ pub fn local_data(
     let scaler = Scaler::from_range(cfg.model.inputs, cfg.data.feature_min, cfg.data.feature_max);
     scaler.apply(&mut train);
     scaler.apply(&mut test);
-    Ok(LocalData { train, test })
+    Ok(LocalData::rows(train, test))
+}
+
+/// A language model's data: the corpus file at `path`, or every corpus
+/// file in the directory `path` (one part each, named by the file name up
+/// to its first `.`, e.g. the language), every tenth quote or paragraph
+/// held out. A `text:` prefix on the path is accepted and ignored.
+pub fn local_text(path: &Path, shard: Option<&str>) -> Result<LocalData, OpsError> {
+    if shard.is_some_and(|s| !s.is_empty()) {
+        return Err(OpsError::Invalid(
+            "--shard cuts the rows of a CSV file; a language model's node reads the corpus files it is given (give each node its own file or directory)".into(),
+        ));
+    }
+    let raw = path.to_string_lossy();
+    let path = Path::new(raw.strip_prefix("text:").unwrap_or(&raw));
+    let (train, test) = tapestry_core::text::load_texts(path)
+        .map_err(|e| OpsError::Invalid(format!("{e} (a transformer trains on text: a UTF-8 or fortune-format file, .gz or not, or a directory of them)")))?;
+    Ok(LocalData {
+        train: Examples::Text(train),
+        test: Examples::Text(test),
+    })
 }
 
 /// The running node's settings from its configuration, data directory
@@ -353,17 +383,59 @@ fn head(store: &SledStore, dir: &DataDir) -> Result<Verified<ModelManifest>, Ops
     })
 }
 
-/// Writes the node's head model to `out` (safetensors). Returns the
-/// version's round and id.
-pub fn export(dir: &DataDir, out: &Path) -> Result<(u64, ContentId), OpsError> {
-    let cfg = read_config(dir)?;
+/// The node's head version and its parameters.
+fn head_params(dir: &DataDir) -> Result<(Verified<ModelManifest>, Vec<f32>), OpsError> {
     let store = open_store(dir, false)?;
     let m = head(&store, dir)?;
     let bytes = store.read_payload(&m.message().chunk_ids, m.message().payload_bytes)?;
+    Ok((m, tapestry_protocol::f32_from_le_bytes(&bytes)))
+}
+
+/// Where a Hugging Face `config.json` goes for a model file: beside it.
+pub fn config_json_beside(file: &Path) -> PathBuf {
+    file.with_file_name("config.json")
+}
+
+/// Writes the node's head model to `out` (safetensors); for a transformer
+/// also a GPT-2 `config.json` beside it, so the directory loads with
+/// Hugging Face's `GPT2LMHeadModel.from_pretrained` (name the file
+/// `model.safetensors`). Returns the version's round and id.
+pub fn export(dir: &DataDir, out: &Path) -> Result<(u64, ContentId), OpsError> {
+    let cfg = read_config(dir)?;
     let spec = cfg.spec()?;
-    export_safetensors(&spec, &tapestry_protocol::f32_from_le_bytes(&bytes), out)
-        .map_err(|e| OpsError::Invalid(e.to_string()))?;
+    let (m, params) = head_params(dir)?;
+    export_safetensors(&spec, &params, out).map_err(|e| OpsError::Invalid(e.to_string()))?;
+    if let Some(t) = spec.transformer() {
+        let path = config_json_beside(out);
+        std::fs::write(&path, t.gpt2_config_json())
+            .map_err(|e| OpsError::Invalid(format!("{}: {e}", path.display())))?;
+    }
     Ok((m.message().round, m.id()))
+}
+
+/// `bytes` bytes continuing `prompt` from the node's head (a transformer):
+/// see [`tapestry_core::transformer::Transformer::sample`]. Returns the
+/// head's round and the bytes.
+pub fn sample(
+    dir: &DataDir,
+    prompt: &[u8],
+    bytes: usize,
+    temperature: f32,
+    seed: u64,
+) -> Result<(u64, Vec<u8>), OpsError> {
+    let cfg = read_config(dir)?;
+    let spec = cfg.spec()?;
+    let Some(t) = spec.transformer() else {
+        return Err(OpsError::Invalid(format!(
+            "the model is {}, not a language model (architecture = \"transformer:LAYERS,WIDTH,HEADS,CONTEXT\")",
+            cfg.model.architecture
+        )));
+    };
+    let (m, params) = head_params(dir)?;
+    let out = t
+        .sample(&params, prompt, bytes, temperature, seed)
+        .map_err(|e| OpsError::Invalid(e.to_string()))?;
+    Ok((m.message().round, out))
 }
 
 /// Makes the model in `file` (safetensors) the node's head: a version of
@@ -373,6 +445,21 @@ pub fn import(dir: &DataDir, file: &Path) -> Result<(u64, ContentId), OpsError> 
     let cfg = read_config(dir)?;
     let key = read_key(dir)?;
     let spec = cfg.spec()?;
+    if let Some(t) = spec.transformer() {
+        // A GPT-2 directory's config.json, if there is one, must describe
+        // this node's model (the tensors are checked below in any case).
+        let path = config_json_beside(file);
+        if let Ok(json) = std::fs::read_to_string(&path) {
+            let theirs = tapestry_core::transformer::Transformer::from_gpt2_config(&json)
+                .map_err(|e| OpsError::Invalid(format!("{}: {e}", path.display())))?;
+            if theirs != *t {
+                return Err(OpsError::Invalid(format!(
+                    "{} describes transformer:{theirs}, the node's model is transformer:{t}",
+                    path.display()
+                )));
+            }
+        }
+    }
     let params = import_safetensors(&spec, file)
         .map_err(|e| OpsError::Invalid(format!("{}: {e}", file.display())))?;
     if !params.iter().all(|v| v.is_finite()) {
@@ -559,10 +646,10 @@ mod tests {
     #[test]
     fn a_new_node_refuses_a_second_init_and_says_it_has_no_model_yet() {
         let (_tmp, dir) = node_dir();
-        let key = init(&dir, "digits", "europe").unwrap();
+        let key = init(&dir, "digits", "europe", &Architecture::Logistic).unwrap();
         assert_eq!(read_key(&dir).unwrap().node_id(), key.node_id());
         assert_eq!(read_config(&dir).unwrap().region, "europe");
-        let again = init(&dir, "digits", "europe").unwrap_err();
+        let again = init(&dir, "digits", "europe", &Architecture::Logistic).unwrap_err();
         assert!(matches!(again, OpsError::Exists { .. }), "{again}");
         assert!(
             again.to_string().contains("refusing to overwrite"),
@@ -586,7 +673,7 @@ mod tests {
     #[test]
     fn an_imported_model_becomes_the_head_and_exports_unchanged() {
         let (_tmp, dir) = node_dir();
-        init(&dir, "digits", "europe").unwrap();
+        init(&dir, "digits", "europe", &Architecture::Logistic).unwrap();
         let spec = read_config(&dir).unwrap().spec().unwrap();
         let params = spec.init(3);
         let file = dir.root.join("in.safetensors");

@@ -32,8 +32,15 @@ pub struct Status {
     /// off the node's loop: for a moment after a new head, the previous
     /// head's).
     pub accuracy: Option<f32>,
-    /// Test loss of the head on the local evaluation split (as `accuracy`).
+    /// Test loss of the head on the local evaluation split (as `accuracy`;
+    /// nats per row, or per byte for a language model).
     pub loss: Option<f32>,
+    /// A language model's bits per byte on the node's held-out text (as
+    /// `accuracy`; lower is better, 8 is a uniform guess).
+    pub bits_per_byte: Option<f64>,
+    /// Bits per byte on each part of the held-out text: one per corpus
+    /// file, named by the file name up to its first `.` (the language).
+    pub bits_per_byte_by_part: BTreeMap<String, f64>,
     /// Connected peers.
     pub peers: usize,
     /// Peers in this node's gossip mesh (their peer ids).

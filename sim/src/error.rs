@@ -105,6 +105,22 @@ pub enum ScenarioError {
     /// `model` is not an architecture.
     #[error("model: {0}")]
     Model(#[from] ArchitectureError),
+    /// `optimizer` is neither `sgd` nor `adamw`.
+    #[error("optimizer {0:?}: sgd or adamw")]
+    Optimizer(String),
+    /// A transformer without text, or a classifier with text.
+    #[error(
+        "model {model:?} does not fit data {data:?}: a transformer trains on text:PATH, logistic and mlp on rows"
+    )]
+    ModelData {
+        /// The model.
+        model: String,
+        /// The data.
+        data: String,
+    },
+    /// Text data with a partition other than `by-file`.
+    #[error("partition {0:?}: text is dealt to nodes by-file")]
+    TextPartition(String),
     /// `data` names a file that is not there.
     #[error("data file {} does not exist", .0.display())]
     NoDataFile(PathBuf),

@@ -45,15 +45,20 @@ struct RunArgs {
     /// broadcast | mixing | push-sum:FANOUT
     #[arg(long)]
     mode: Option<String>,
-    /// `synthetic` or a CSV file (.csv or .csv.gz, label in the last column).
+    /// `synthetic`, a CSV file (.csv or .csv.gz, label in the last column),
+    /// or text:PATH (a corpus file or a directory of them, one per
+    /// language; for a transformer model).
     #[arg(long)]
     data: Option<String>,
-    /// iid | dirichlet:ALPHA | classes:K
+    /// iid | dirichlet:ALPHA | classes:K (rows); by-file (text)
     #[arg(long)]
     partition: Option<String>,
-    /// logistic | mlp:W1,W2,...
+    /// logistic | mlp:W1,W2,... | transformer:LAYERS,WIDTH,HEADS,CONTEXT
     #[arg(long)]
     model: Option<String>,
+    /// sgd (momentum 0.9) | adamw
+    #[arg(long)]
+    optimizer: Option<String>,
     /// Inner steps per round.
     #[arg(long)]
     local_steps: Option<usize>,
@@ -140,6 +145,7 @@ fn scenario(args: &RunArgs) -> Result<Scenario, String> {
         local_steps,
         batch_size,
         lr,
+        optimizer,
         codec,
         aggregator,
         weighting,
@@ -197,19 +203,53 @@ fn main() -> ExitCode {
                 "nodes {}  rounds {}  honest {}",
                 settings.scenario.nodes, report.json["rounds_completed"], f["honest_nodes"]
             );
-            println!(
-                "accuracy mean {:.4}  min {:.4}  max {:.4}",
-                f["accuracy_mean"].as_f64().unwrap_or(0.0),
-                f["accuracy_min"].as_f64().unwrap_or(0.0),
-                f["accuracy_max"].as_f64().unwrap_or(0.0)
-            );
+            if let Some(bpb) = f["bits_per_byte_mean"].as_f64() {
+                println!(
+                    "bits per byte mean {bpb:.4}  worst node {:.4}",
+                    f["bits_per_byte_max"].as_f64().unwrap_or(0.0)
+                );
+                if let Some(parts) = f["bits_per_byte_by_part"].as_object() {
+                    let each: Vec<String> = parts
+                        .iter()
+                        .map(|(k, v)| format!("{k} {:.3}", v.as_f64().unwrap_or(0.0)))
+                        .collect();
+                    println!("  by language: {}", each.join("  "));
+                }
+            } else {
+                println!(
+                    "accuracy mean {:.4}  min {:.4}  max {:.4}",
+                    f["accuracy_mean"].as_f64().unwrap_or(0.0),
+                    f["accuracy_min"].as_f64().unwrap_or(0.0),
+                    f["accuracy_max"].as_f64().unwrap_or(0.0)
+                );
+            }
             println!(
                 "consensus distance {:.3e}  bytes sent per node {}",
                 f["consensus_distance"].as_f64().unwrap_or(0.0),
                 f["bytes_sent_per_node"]
             );
             let b = &report.json["baselines"];
-            if !b.is_null() {
+            if !b["by_part"].is_null() {
+                println!(
+                    "baselines (bits per byte): centralized {:.4}  local-only {:.4}",
+                    b["centralized"]["bits_per_byte"].as_f64().unwrap_or(0.0),
+                    b["local_only"]["bits_per_byte_mean"]
+                        .as_f64()
+                        .unwrap_or(0.0),
+                );
+                let p = &b["by_part"];
+                if let Some(parts) = p["centralized"].as_object() {
+                    for (k, c) in parts {
+                        println!(
+                            "  {k}: centralized {:.3}  alone, seen {:.3}  alone, unseen {:.3} (best {:.3})",
+                            c.as_f64().unwrap_or(0.0),
+                            p["local_only_seen"][k].as_f64().unwrap_or(f64::NAN),
+                            p["local_only_unseen"][k].as_f64().unwrap_or(f64::NAN),
+                            p["local_only_unseen_best"][k].as_f64().unwrap_or(f64::NAN),
+                        );
+                    }
+                }
+            } else if !b.is_null() {
                 println!(
                     "baselines: centralized {:.4}  local-only {:.4}  plain mean {:.4}",
                     b["centralized"]["accuracy"].as_f64().unwrap_or(0.0),

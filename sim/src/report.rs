@@ -74,6 +74,8 @@ struct Baselines {
     /// The same swarm without its Byzantine nodes' attack (they behave
     /// honestly), if it has any.
     attack_free: Option<Vec<RoundStats>>,
+    /// A language model's per-language baselines.
+    text: Option<world::TextBaselines>,
 }
 
 /// Runs the scenario and writes its outputs into `out`. `progress` gets
@@ -112,17 +114,31 @@ pub fn run(
             }
             None => None,
         };
+        let (centralized, local_only, text) = world::all_baselines(settings, &data)?;
         Some(Baselines {
-            centralized: world::centralized(settings, &data)?,
-            local_only: world::local_only(settings, &data)?,
+            centralized,
+            local_only,
             plain_mean,
             attack_free,
+            text,
         })
     } else {
         None
     };
     let final_of = |v: &[f64]| v.last().copied().unwrap_or(0.0);
     let baselines_json = match &baselines {
+        Some(b) if b.text.is_some() => {
+            let plain = b.plain_mean.last().map(|r| &r.figures);
+            json!({
+                "centralized": {"bits_per_byte": final_of(&b.centralized)},
+                "local_only": {"bits_per_byte_mean": final_of(&b.local_only)},
+                "by_part": b.text,
+                "plain_mean": {
+                    "bits_per_byte_mean": plain.and_then(|f| f.bits_per_byte_mean),
+                    "consensus_distance": plain.map_or(0.0, |f| f.consensus_distance),
+                },
+            })
+        }
         Some(b) => {
             let plain = b.plain_mean.last().map(|r| &r.figures);
             json!({
@@ -167,7 +183,12 @@ pub fn run(
     if let Some(b) = &baselines {
         write_baselines_csv(&out.join("baselines.csv"), b).map_err(writing("baselines.csv"))?;
     }
-    plots(out, &outcome.rounds, baselines.as_ref())?;
+    plots(
+        out,
+        &outcome.rounds,
+        baselines.as_ref(),
+        Data::is_text(&data),
+    )?;
     Ok(Report { json, outcome })
 }
 
@@ -197,7 +218,28 @@ const GREEN: (u8, u8, u8) = (44, 160, 44);
 const ORANGE: (u8, u8, u8) = (255, 127, 14);
 const RED: (u8, u8, u8) = (214, 39, 40);
 
-fn plots(out: &Path, rounds: &[RoundStats], b: Option<&Baselines>) -> Result<(), SimError> {
+fn plots(
+    out: &Path,
+    rounds: &[RoundStats],
+    b: Option<&Baselines>,
+    text: bool,
+) -> Result<(), SimError> {
+    // A language model's figure is bits per byte (lower is better), in the
+    // place of a classifier's accuracy.
+    let score = |f: &SwarmFigures| {
+        if text {
+            f.bits_per_byte_mean.unwrap_or(f64::NAN)
+        } else {
+            f.accuracy_mean
+        }
+    };
+    let worst = |f: &SwarmFigures| {
+        if text {
+            f.bits_per_byte_max.unwrap_or(f64::NAN)
+        } else {
+            f.accuracy_min
+        }
+    };
     let xy = |f: &dyn Fn(&SwarmFigures) -> f64, rows: &[RoundStats]| -> Vec<(f64, f64)> {
         rows.iter()
             .map(|r| (r.round as f64, f(&r.figures)))
@@ -218,16 +260,11 @@ fn plots(out: &Path, rounds: &[RoundStats], b: Option<&Baselines>) -> Result<(),
     let mut acc = vec![
         line(
             "swarm: mean over honest nodes",
-            xy(&|r| r.accuracy_mean, rounds),
+            xy(&score, rounds),
             BLUE,
             false,
         ),
-        line(
-            "swarm: worst node",
-            xy(&|r| r.accuracy_min, rounds),
-            LIGHT_BLUE,
-            true,
-        ),
+        line("swarm: worst node", xy(&worst, rounds), LIGHT_BLUE, true),
     ];
     // log10 of the consensus distance; exact agreement (0) drawn at -12.
     let log = |v: f64| v.max(1e-12).log10();
@@ -252,7 +289,7 @@ fn plots(out: &Path, rounds: &[RoundStats], b: Option<&Baselines>) -> Result<(),
         ));
         acc.push(line(
             "same swarm, plain mean",
-            xy(&|r| r.accuracy_mean, &b.plain_mean),
+            xy(&score, &b.plain_mean),
             RED,
             true,
         ));
@@ -263,14 +300,25 @@ fn plots(out: &Path, rounds: &[RoundStats], b: Option<&Baselines>) -> Result<(),
             true,
         ));
     }
-    plot::line_chart(
-        &out.join("accuracy.png"),
-        "Test accuracy by round",
-        "round",
-        "accuracy (held-out split)",
-        &acc,
-        Some((0.0, 1.0)),
-    )?;
+    if text {
+        plot::line_chart(
+            &out.join("bits_per_byte.png"),
+            "Bits per byte on held-out text by round (lower is better)",
+            "round",
+            "bits per byte (all languages)",
+            &acc,
+            None,
+        )?;
+    } else {
+        plot::line_chart(
+            &out.join("accuracy.png"),
+            "Test accuracy by round",
+            "round",
+            "accuracy (held-out split)",
+            &acc,
+            Some((0.0, 1.0)),
+        )?;
+    }
     plot::line_chart(
         &out.join("consensus.png"),
         "Consensus distance by round (honest nodes)",

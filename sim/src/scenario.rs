@@ -30,20 +30,28 @@ pub struct Scenario {
     pub topology: String,
     /// `broadcast`, `mixing` or `push-sum:FANOUT`.
     pub mode: String,
-    /// `synthetic` or the path of a CSV (`.csv`, `.csv.gz`) file.
+    /// `synthetic`, the path of a CSV (`.csv`, `.csv.gz`) file, or
+    /// `text:PATH`: a corpus file or a directory of them (one per
+    /// language), for a `transformer:` model.
     pub data: String,
-    /// `iid`, `dirichlet:ALPHA` or `classes:K`.
+    /// Rows: `iid`, `dirichlet:ALPHA` or `classes:K`. Text: `by-file`
+    /// (node i holds the files of its group: with more nodes than files,
+    /// each file's training text is split among consecutive nodes; with
+    /// fewer, each node holds consecutive files).
     pub partition: String,
     /// Fraction of the data held out for evaluation.
     pub test_fraction: f64,
-    /// `logistic` or `mlp:W1,W2,...`.
+    /// `logistic`, `mlp:W1,W2,...` or `transformer:LAYERS,WIDTH,HEADS,CONTEXT`.
     pub model: String,
     /// Inner steps per round.
     pub local_steps: usize,
     /// Rows per inner step.
     pub batch_size: usize,
-    /// Inner learning rate (SGD with momentum 0.9).
+    /// Inner learning rate.
     pub lr: f32,
+    /// Inner optimiser: `sgd` (momentum 0.9) or `adamw` (no weight decay;
+    /// what a transformer wants).
+    pub optimizer: String,
     /// Delta codec: `f32`, `bf16`, `int8[:BLOCK]`, `topk:F`.
     pub codec: String,
     /// `mean`, `trimmed-mean:B`, `median`, `clip:R[:ITER]`.
@@ -107,6 +115,7 @@ impl Default for Scenario {
             local_steps: 10,
             batch_size: 32,
             lr: 0.05,
+            optimizer: "sgd".into(),
             codec: "f32".into(),
             aggregator: "mean".into(),
             weighting: "equal".into(),
@@ -229,6 +238,8 @@ pub enum DataSource {
     Synthetic,
     /// A CSV file.
     Csv(PathBuf),
+    /// Corpus files: one file, or every file of a directory.
+    Text(PathBuf),
 }
 
 /// A scenario with every field parsed and checked.
@@ -242,8 +253,8 @@ pub struct Settings {
     pub mode: Mode,
     /// Data.
     pub data: DataSource,
-    /// Partition.
-    pub partition: Partition,
+    /// How rows are dealt to the nodes (`None` for text: by file).
+    pub partition: Option<Partition>,
     /// Model architecture, given the data's shape (filled in by the world).
     pub model: Architecture,
     /// Codec.
@@ -386,14 +397,38 @@ impl Scenario {
         }
         let mode = parse_mode(&self.mode)?;
         let model: Architecture = self.model.parse()?;
+        if !matches!(self.optimizer.as_str(), "sgd" | "adamw") {
+            return Err(ScenarioError::Optimizer(self.optimizer.clone()));
+        }
         let data = if self.data == "synthetic" {
             DataSource::Synthetic
+        } else if let Some(path) = self.data.strip_prefix("text:") {
+            let path = PathBuf::from(path);
+            if !path.exists() {
+                return Err(ScenarioError::NoDataFile(path));
+            }
+            DataSource::Text(path)
         } else {
             let path = PathBuf::from(&self.data);
             if !path.is_file() {
                 return Err(ScenarioError::NoDataFile(path));
             }
             DataSource::Csv(path)
+        };
+        let text = matches!(data, DataSource::Text(_));
+        if text != model.is_text() {
+            return Err(ScenarioError::ModelData {
+                model: self.model.clone(),
+                data: self.data.clone(),
+            });
+        }
+        let partition = if text {
+            if self.partition != "by-file" {
+                return Err(ScenarioError::TextPartition(self.partition.clone()));
+            }
+            None
+        } else {
+            Some(self.partition.parse()?)
         };
         let byzantine = parse_byzantine(&self.byzantine, self.nodes)?;
         if !(self.bandwidth_mbps >= 0.0 && self.bandwidth_mbps.is_finite()) {
@@ -416,7 +451,7 @@ impl Scenario {
             topology: self.topology.parse()?,
             mode,
             data,
-            partition: self.partition.parse()?,
+            partition,
             model,
             codec: self.codec.parse()?,
             aggregator: self.aggregator.parse()?,

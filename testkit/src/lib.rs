@@ -37,6 +37,19 @@ pub fn digits_path() -> PathBuf {
     p.canonicalize().unwrap_or(p)
 }
 
+/// The fortunes corpus directory (`shared/data/fortunes/` beside the
+/// checkout: one gzipped text file per language). Panics, saying where it
+/// looked, if it is not there.
+pub fn fortunes_dir() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/fortunes");
+    assert!(
+        p.join("en.txt.gz").is_file(),
+        "tests need the shared fortunes corpus beside the checkout ({})",
+        p.display()
+    );
+    p.canonicalize().unwrap_or(p)
+}
+
 /// [`digits_path`] as a string (for command lines and scenarios).
 pub fn digits_arg() -> String {
     digits_path().display().to_string()

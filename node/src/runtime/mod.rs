@@ -31,7 +31,9 @@ use tapestry_core::admission::{self, Rejection, Verdict};
 use tapestry_core::data::Dataset;
 use tapestry_core::door::Door;
 use tapestry_core::engine::{Action, Engine, EngineConfig, Input, VersionRank, genesis};
-use tapestry_core::model::{InnerState, TrainConfig, evaluate, train_local};
+use tapestry_core::model::{
+    Examples, InnerOptimizer, InnerState, TrainConfig, evaluate_on, train_on,
+};
 use tapestry_core::verify::{self, Lineage, Plan, VersionRejection, check_shape};
 use tapestry_core::{attest, heads};
 
@@ -62,10 +64,20 @@ pub type Store = Arc<dyn ChunkStore + Send + Sync>;
 /// What a node trains on and is judged by.
 #[derive(Debug, Clone)]
 pub struct LocalData {
-    /// Its private training rows (already scaled).
-    pub train: Dataset,
-    /// Its held-out rows for evaluation.
-    pub test: Dataset,
+    /// Its private training rows (already scaled) or text.
+    pub train: Examples,
+    /// Its held-out rows or text for evaluation.
+    pub test: Examples,
+}
+
+impl LocalData {
+    /// Rows for a classifier.
+    pub fn rows(train: Dataset, test: Dataset) -> LocalData {
+        LocalData {
+            train: Examples::Rows(train),
+            test: Examples::Rows(test),
+        }
+    }
 }
 
 /// Everything a running node needs besides its key, store and network.
@@ -161,6 +173,9 @@ pub struct Node {
     inputs_rx: mpsc::Receiver<Input>,
     /// Where training and evaluation run.
     model_thread: model_thread::ModelThread,
+    /// The inner optimiser's state, kept from round to round for AdamW
+    /// (SGD starts each round afresh). Only the model thread uses it.
+    inner_state: Arc<std::sync::Mutex<InnerState>>,
     /// Connected peers.
     peers: BTreeSet<PeerId>,
     /// Connected peers subscribed to this region's deltas: the region's
@@ -301,6 +316,7 @@ impl Node {
             inputs_tx,
             model_thread: model_thread::ModelThread::start()
                 .map_err(|e| NodeError::Config(format!("cannot start the model thread: {e}")))?,
+            inner_state: Arc::default(),
             inputs_rx,
             peers: BTreeSet::new(),
             members: BTreeSet::new(),
@@ -581,6 +597,7 @@ impl Node {
         );
         let tx = self.inputs_tx.clone();
         let worker = self.model_thread.clone();
+        let inner = self.inner_state.clone();
         let now = Instant::now();
         let wait = self.last_train.map_or(Duration::ZERO, |t| {
             (t + self.settings.min_round).saturating_duration_since(now)
@@ -592,14 +609,16 @@ impl Node {
             }
             let trained = worker
                 .run(move || {
-                    train_local(
-                        &spec,
-                        &params,
-                        &data.train,
-                        &cfg,
-                        &mut InnerState::default(),
-                        seed,
-                    )
+                    // AdamW keeps its moments across rounds (as DiLoCo's
+                    // workers do); SGD starts each round afresh.
+                    let mut fresh = InnerState::default();
+                    let mut kept = inner.lock().unwrap_or_else(|e| e.into_inner());
+                    let state = if matches!(cfg.optimizer, InnerOptimizer::AdamW { .. }) {
+                        &mut *kept
+                    } else {
+                        &mut fresh
+                    };
+                    train_on(&spec, &params, &data.train, &cfg, state, seed)
                 })
                 .await;
             match trained {
@@ -793,21 +812,36 @@ impl Node {
                     if !still {
                         return;
                     }
-                    let (loss, accuracy) = evaluate(&spec, &params, &data.test)
-                        .map(|(l, a)| (Some(l), Some(a)))
-                        .unwrap_or((None, None));
+                    let evaluation = match evaluate_on(&spec, &params, &data.test) {
+                        Ok(e) => Some(e),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "head not evaluated");
+                            None
+                        }
+                    };
+                    let (accuracy, bpb) = evaluation
+                        .as_ref()
+                        .map_or((None, None), |e| (e.accuracy, e.bits_per_byte));
                     let mut current = false;
                     shared.update(|s| {
                         current = s.head.as_deref() == Some(id.as_str());
                         if current {
                             s.accuracy = accuracy;
-                            s.loss = loss;
+                            s.loss = evaluation.as_ref().map(|e| e.loss);
+                            s.bits_per_byte = bpb;
+                            s.bits_per_byte_by_part = evaluation
+                                .as_ref()
+                                .map(|e| e.parts.iter().cloned().collect())
+                                .unwrap_or_default();
                         }
                     });
                     if current && let Some(a) = accuracy {
                         shared.metrics.set_accuracy(a);
                     }
-                    tracing::info!(round, ?accuracy, head = %id.get(..8).unwrap_or(&id), "head");
+                    if current && let Some(b) = bpb {
+                        shared.metrics.bits_per_byte.set(b);
+                    }
+                    tracing::info!(round, ?accuracy, bits_per_byte = ?bpb, head = %id.get(..8).unwrap_or(&id), "head");
                 })
                 .await;
             if evaluated.is_none() {

@@ -141,7 +141,7 @@ fn start_played(
         key(1),
         store,
         net,
-        LocalData { train, test },
+        LocalData::rows(train, test),
         shared.clone(),
     )
     .unwrap();

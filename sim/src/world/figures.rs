@@ -16,6 +16,16 @@ pub struct SwarmFigures {
     pub accuracy_max: f64,
     /// Mean held-out loss.
     pub loss_mean: f64,
+    /// A language model's mean bits per byte on the held-out text of every
+    /// language (lower is better); accuracy is 0 for a language model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bits_per_byte_mean: Option<f64>,
+    /// The worst (highest) node's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bits_per_byte_max: Option<f64>,
+    /// Mean bits per byte on each part (language) of the held-out text.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub bits_per_byte_by_part: BTreeMap<String, f64>,
     /// Mean distance to the average model over its norm.
     pub consensus_distance: f64,
     /// Bytes sent per node so far (mean over all nodes).
@@ -37,10 +47,52 @@ impl SwarmFigures {
             accuracy_min: accuracies.iter().copied().fold(f64::INFINITY, f64::min),
             accuracy_max: accuracies.iter().copied().fold(f64::NEG_INFINITY, f64::max),
             loss_mean: mean(losses),
+            bits_per_byte_mean: None,
+            bits_per_byte_max: None,
+            bits_per_byte_by_part: BTreeMap::new(),
             consensus_distance,
             bytes_sent_per_node,
         }
     }
+
+    /// From each evaluated node's evaluation: accuracy for classifiers,
+    /// bits per byte (overall and per part) for language models.
+    pub fn of_evaluations(
+        scores: &[Evaluation],
+        consensus_distance: f64,
+        bytes_sent_per_node: u64,
+    ) -> SwarmFigures {
+        let accs: Vec<f64> = scores
+            .iter()
+            .map(|e| e.accuracy.map_or(0.0, f64::from))
+            .collect();
+        let losses: Vec<f64> = scores.iter().map(|e| f64::from(e.loss)).collect();
+        let mut f = SwarmFigures::over(&accs, &losses, consensus_distance, bytes_sent_per_node);
+        let bpb: Vec<f64> = scores.iter().filter_map(|e| e.bits_per_byte).collect();
+        if !bpb.is_empty() {
+            f.bits_per_byte_mean = Some(bpb.iter().sum::<f64>() / bpb.len() as f64);
+            f.bits_per_byte_max = bpb.iter().copied().reduce(f64::max);
+            f.bits_per_byte_by_part = mean_by_part(scores.iter().map(|e| &e.parts));
+        }
+        f
+    }
+}
+
+/// The mean of each part's bits per byte over several evaluations.
+pub fn mean_by_part<'a>(
+    evaluations: impl Iterator<Item = &'a Vec<(String, f64)>>,
+) -> BTreeMap<String, f64> {
+    let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    for parts in evaluations {
+        for (name, bpb) in parts {
+            let s = sums.entry(name.clone()).or_default();
+            s.0 += bpb;
+            s.1 += 1;
+        }
+    }
+    sums.into_iter()
+        .map(|(k, (sum, n))| (k, sum / n as f64))
+        .collect()
 }
 
 /// One round's figures over the honest nodes.
@@ -131,22 +183,19 @@ impl World<'_> {
             .map(|(_, p)| p)
             .collect();
         let (spec, test) = (&self.spec, &self.data.test);
-        let scores = par::map(&evaluated, self.threads, |p| evaluate(spec, p, test))
+        let scores = par::map(&evaluated, self.threads, |p| evaluate_on(spec, p, test))
             .into_iter()
-            .collect::<Result<Vec<(f32, f32)>, _>>()?;
+            .collect::<Result<Vec<Evaluation>, _>>()?;
         if scores.is_empty() {
             return Ok(());
         }
-        let accs: Vec<f64> = scores.iter().map(|(_, a)| f64::from(*a)).collect();
-        let losses: Vec<f64> = scores.iter().map(|(l, _)| f64::from(*l)).collect();
         let models: Vec<Vec<f32>> = row.params.into_values().collect();
         let n = self.keys.len() as u64;
         let bytes_sent_per_node = self.net.bytes_sent.iter().sum::<u64>() / n;
         self.stats.push(RoundStats {
             round: r,
-            figures: SwarmFigures::over(
-                &accs,
-                &losses,
+            figures: SwarmFigures::of_evaluations(
+                &scores,
                 consensus_distance(&models),
                 bytes_sent_per_node,
             ),
@@ -161,12 +210,12 @@ impl World<'_> {
 /// Writes `rounds.csv`.
 pub fn write_rounds_csv(path: &Path, rounds: &[RoundStats]) -> std::io::Result<()> {
     let mut out = String::from(
-        "round,accuracy_mean,accuracy_min,accuracy_max,loss_mean,consensus_distance,bytes_sent_per_node,nodes,virtual_ms\n",
+        "round,accuracy_mean,accuracy_min,accuracy_max,loss_mean,consensus_distance,bytes_sent_per_node,nodes,virtual_ms,bits_per_byte_mean\n",
     );
     for r in rounds {
         let f = &r.figures;
         out.push_str(&format!(
-            "{},{:.6},{:.6},{:.6},{:.6},{:.6e},{},{},{}\n",
+            "{},{:.6},{:.6},{:.6},{:.6},{:.6e},{},{},{},{}\n",
             r.round,
             f.accuracy_mean,
             f.accuracy_min,
@@ -175,7 +224,9 @@ pub fn write_rounds_csv(path: &Path, rounds: &[RoundStats]) -> std::io::Result<(
             f.consensus_distance,
             f.bytes_sent_per_node,
             r.nodes,
-            r.virtual_ms
+            r.virtual_ms,
+            f.bits_per_byte_mean
+                .map_or(String::new(), |b| format!("{b:.6}"))
         ));
     }
     std::fs::write(path, out)

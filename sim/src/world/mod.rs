@@ -11,16 +11,17 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use tapestry_core::attest;
-use tapestry_core::data::{self, CsvOptions, Dataset, Scaler};
+use tapestry_core::data::{self, CsvOptions, Scaler};
 use tapestry_core::door::DoorConfig;
 use tapestry_core::engine::{Action, Engine, EngineConfig, Input, Mode, VersionRank, genesis};
 use tapestry_core::heads::{self, Decision};
 use tapestry_core::mixing::{self, consensus_distance};
 use tapestry_core::model::{
-    InnerOptimizer, InnerState, ModelError, ModelSpec, TrainConfig, evaluate, local_round,
-    train_local,
+    Evaluation, Examples, InnerOptimizer, InnerState, ModelError, ModelSpec, TrainConfig,
+    evaluate_on, train_on,
 };
 use tapestry_core::outer::OuterOptimizer;
+use tapestry_core::text::Text;
 use tapestry_core::verify::{self, Lineage, Plan, VersionRejection};
 use tapestry_protocol::{
     ContentId, DeltaManifest, Keypair, ModelManifest, NodeId, Signed, Verified,
@@ -44,9 +45,9 @@ mod setup;
 use agreement::*;
 use setup::*;
 
-pub use baselines::{centralized, local_only};
+pub use baselines::{TextBaselines, all_baselines, centralized, local_only};
 pub use figures::{RoundStats, StoreFigures, SwarmFigures, write_rounds_csv};
-pub use setup::{Data, model_spec};
+pub use setup::{Data, by_file, model_spec};
 
 /// Held-out rows used for evaluation at most.
 const MAX_TEST_ROWS: usize = 2000;
@@ -155,6 +156,8 @@ struct World<'a> {
     sampled: BTreeSet<usize>,
     threads: usize,
     train_cfg: TrainConfig,
+    /// Each node's inner optimiser state, kept across rounds for AdamW.
+    inner: Vec<InnerState>,
     jobs: BTreeMap<u64, Job>,
     trained: BTreeMap<u64, (Vec<f32>, u64)>,
     next_job: u64,
@@ -296,6 +299,7 @@ pub fn run_swarm(
         sampled: sample.into_iter().collect(),
         threads: par::workers(s.threads),
         train_cfg: train_config(settings),
+        inner: vec![InnerState::default(); n],
         jobs: BTreeMap::new(),
         trained: BTreeMap::new(),
         next_job: 0,
@@ -475,23 +479,42 @@ impl World<'_> {
     fn run_jobs(&mut self) -> Result<(), SimError> {
         let jobs: Vec<(u64, Job)> = std::mem::take(&mut self.jobs).into_iter().collect();
         let (spec, data, cfg) = (&self.spec, self.data, &self.train_cfg);
-        let results = par::map(&jobs, self.threads, |(_, job)| {
-            train_local(
+        // SGD starts each round afresh (local SGD); AdamW keeps its moments
+        // from round to round, as DiLoCo's workers do (a fresh Adam's first
+        // steps are sign-like, and averaging those cancels them out).
+        let keep = matches!(cfg.optimizer, InnerOptimizer::AdamW { .. });
+        let work: Vec<(&Job, InnerState)> = jobs
+            .iter()
+            .map(|(_, job)| {
+                let state = if keep {
+                    std::mem::take(&mut self.inner[job.node])
+                } else {
+                    InnerState::default()
+                };
+                (job, state)
+            })
+            .collect();
+        let results = par::map(&work, self.threads, |(job, state)| {
+            let mut state = state.clone();
+            train_on(
                 spec,
                 &job.params,
                 &data.shards[job.node],
                 cfg,
-                // Fresh optimiser state each round (local SGD).
-                &mut InnerState::default(),
+                &mut state,
                 job.seed,
             )
+            .map(|r| (r, state))
         });
         for ((id, job), r) in jobs.iter().zip(results) {
-            let (params, report) = r.map_err(|source| SimError::Training {
+            let ((params, report), state) = r.map_err(|source| SimError::Training {
                 node: job.node,
                 round: job.round,
                 source,
             })?;
+            if keep {
+                self.inner[job.node] = state;
+            }
             self.trained.insert(*id, (params, report.samples));
         }
         Ok(())

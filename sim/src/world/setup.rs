@@ -6,12 +6,12 @@ use super::*;
 /// The data of a run, loaded and scaled once.
 #[derive(Debug, Clone)]
 pub struct Data {
-    /// Training rows (pooled).
-    pub train: Dataset,
-    /// Held-out rows.
-    pub test: Dataset,
-    /// Each node's rows of `train`.
-    pub shards: Vec<Dataset>,
+    /// Training rows or text (pooled).
+    pub train: Examples,
+    /// Held-out rows or text.
+    pub test: Examples,
+    /// Each node's part of `train`.
+    pub shards: Vec<Examples>,
 }
 
 impl Data {
@@ -25,6 +25,22 @@ impl Data {
                 data::synthetic_with_separation(s.seed, (30 * s.nodes).max(3000), 20, 10, 0.8)
             }
             DataSource::Csv(path) => data::load_csv(path, CsvOptions::default())?,
+            DataSource::Text(path) => {
+                let (train, test) = tapestry_core::text::load_texts(path)?;
+                let shards = by_file(&train, s.nodes);
+                if let Some(i) = shards.iter().position(|t| t.len() < 2) {
+                    return Err(SimError::Data(data::DataError::Invalid(format!(
+                        "node {i} gets no text: {} nodes share {} bytes of training text",
+                        s.nodes,
+                        train.len()
+                    ))));
+                }
+                return Ok(Data {
+                    train: Examples::Text(train),
+                    test: Examples::Text(test),
+                    shards: shards.into_iter().map(Examples::Text).collect(),
+                });
+            }
         };
         let (mut train, mut test) = all.split(s.test_fraction, s.seed)?;
         if test.len() > MAX_TEST_ROWS {
@@ -38,30 +54,90 @@ impl Data {
         let scaler = Scaler::fit(&train);
         scaler.apply(&mut train);
         scaler.apply(&mut test);
-        let parts = data::partition(&train, s.nodes, settings.partition, s.seed)?;
-        let shards = parts.iter().map(|rows| train.subset(rows)).collect();
+        let partition = settings.partition.unwrap_or(data::Partition::Iid);
+        let parts = data::partition(&train, s.nodes, partition, s.seed)?;
+        let shards = parts
+            .iter()
+            .map(|rows| Examples::Rows(train.subset(rows)))
+            .collect();
         Ok(Data {
-            train,
-            test,
+            train: Examples::Rows(train),
+            test: Examples::Rows(test),
             shards,
         })
     }
+
+    /// Whether this is text (a language model's data).
+    pub fn is_text(&self) -> bool {
+        matches!(self.train, Examples::Text(_))
+    }
+
+    /// The part names (languages) node `i` trains on (none for rows).
+    pub fn parts_of(&self, i: usize) -> Vec<String> {
+        match self.shards.get(i) {
+            Some(Examples::Text(t)) => t.parts.iter().map(|(n, _)| n.clone()).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Text dealt by file: with at least as many nodes as files, node i holds
+/// file ⌊i·F/N⌋, whose training text is cut (at line ends) into equal
+/// shares among the nodes holding it; with fewer nodes than files, node i
+/// holds every file f with ⌊f·N/F⌋ = i.
+pub fn by_file(train: &Text, nodes: usize) -> Vec<Text> {
+    let files = train.parts.len();
+    let mut out = vec![Text::default(); nodes];
+    if files == 0 || nodes == 0 {
+        return out;
+    }
+    if nodes < files {
+        for (f, (name, bytes)) in train.iter_parts().enumerate() {
+            out[f * nodes / files].push(name, bytes);
+        }
+        return out;
+    }
+    for (f, (name, bytes)) in train.iter_parts().enumerate() {
+        let group: Vec<usize> = (0..nodes).filter(|i| i * files / nodes == f).collect();
+        let k = group.len();
+        // Cut points at the first line end after each equal share.
+        let mut cuts = vec![0];
+        for j in 1..k {
+            let at = bytes.len() * j / k;
+            let end = bytes[at..]
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(bytes.len(), |p| at + p + 1);
+            cuts.push(end.max(*cuts.last().unwrap_or(&0)));
+        }
+        cuts.push(bytes.len());
+        for (j, node) in group.iter().enumerate() {
+            out[*node].push(name, &bytes[cuts[j]..cuts[j + 1]]);
+        }
+    }
+    out
 }
 
 pub(super) fn train_config(settings: &Settings) -> TrainConfig {
+    let lr = settings.scenario.lr;
     TrainConfig {
         local_steps: settings.scenario.local_steps,
         batch_size: settings.scenario.batch_size,
-        optimizer: InnerOptimizer::SgdMomentum {
-            lr: settings.scenario.lr,
-            momentum: 0.9,
+        optimizer: if settings.scenario.optimizer == "adamw" {
+            InnerOptimizer::AdamW {
+                lr,
+                weight_decay: 0.0,
+            }
+        } else {
+            InnerOptimizer::SgdMomentum { lr, momentum: 0.9 }
         },
     }
 }
 
 /// The model of a run.
 pub fn model_spec(settings: &Settings, data: &Data) -> ModelSpec {
-    settings
-        .model
-        .spec(data.train.n_features, data.train.n_classes)
+    match &data.train {
+        Examples::Rows(rows) => settings.model.spec(rows.n_features, rows.n_classes),
+        Examples::Text(_) => settings.model.spec(0, 0),
+    }
 }
