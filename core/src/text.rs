@@ -295,6 +295,34 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_is_one_part_per_file_named_by_its_language() {
+        let dir = tempfile::tempdir().unwrap();
+        let quotes =
+            |tag: &str| -> String { (0..20).map(|i| format!("{tag} quote {i}\n%\n")).collect() };
+        std::fs::write(dir.path().join("en.txt"), quotes("en")).unwrap();
+        std::fs::write(dir.path().join("de.txt"), quotes("de")).unwrap();
+        std::fs::write(dir.path().join("README.md"), "not a corpus").unwrap();
+        std::fs::write(dir.path().join(".hidden"), "nor this").unwrap();
+        let (train, test) = load_texts(dir.path()).unwrap();
+        let names: Vec<&str> = train.parts.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["de", "en"]);
+        let parts: Vec<(&str, &[u8])> = test.iter_parts().collect();
+        assert_eq!(parts[1], ("en", &b"en quote 9\nen quote 19\n"[..]));
+        // Quotes 0–8 (11 bytes) and 10–18 (12 bytes) of each file train.
+        assert_eq!(train.len(), 2 * (9 * 11 + 9 * 12));
+        // One file alone is one part.
+        let (one, _) = load_texts(&dir.path().join("en.txt")).unwrap();
+        assert_eq!(one.parts.len(), 1);
+        // Two files of one language, and an empty directory, are refused.
+        std::fs::write(dir.path().join("en.txt.gz"), quotes("en")).unwrap();
+        let err = load_texts(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("both named \"en\""), "{err}");
+        let empty = tempfile::tempdir().unwrap();
+        let err = load_texts(empty.path()).unwrap_err().to_string();
+        assert!(err.contains("no corpus files"), "{err}");
+    }
+
+    #[test]
     fn bad_files_get_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         let short = dir.path().join("short.txt");

@@ -17,9 +17,8 @@
 //! training windows and sampling all come from the seeds passed in).
 
 use candle_core::{D, Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::StandardNormal;
 use tapestry_protocol::{DType, TensorSpec};
 
 use crate::model::{
@@ -164,10 +163,13 @@ impl Transformer {
         VOCAB * w + self.context * w + self.layers * (12 * w * w + 13 * w) + 2 * w
     }
 
-    /// GPT-2's initialisation: weights and embeddings normal with σ 0.02
-    /// (the residual projections `c_proj` with σ 0.02/√(2·layers)), biases
-    /// zero, LayerNorm gains one, drawn in layout order from one seeded
-    /// stream.
+    /// GPT-2's initialisation: weights and embeddings with σ 0.02 (the
+    /// residual projections `c_proj` with σ 0.02/√(2·layers)), biases zero,
+    /// LayerNorm gains one, drawn in layout order from one seeded stream.
+    /// Each draw is σ × (the sum of 12 uniforms on [0, 1) − 6): the
+    /// Irwin–Hall approximation of a standard normal (variance 1, bounded
+    /// by ±6), which needs nothing but additions, so every implementation
+    /// gets the same bits (node/PROTOCOL.md, "The genesis parameters").
     pub fn init(&self, seed: u64) -> Vec<f32> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let std = 0.02f32;
@@ -186,7 +188,7 @@ impl Transformer {
                 } else {
                     std
                 };
-                out.extend((0..n).map(|_| sigma * rng.sample::<f32, _>(StandardNormal)));
+                out.extend((0..n).map(|_| sigma * irwin_hall(&mut rng)));
             }
         }
         out
@@ -491,6 +493,18 @@ fn window_tensors(windows: &[&[u8]], device: &Device) -> Result<(Tensor, Tensor)
         Tensor::from_vec(x, (windows.len(), t), device)?,
         Tensor::from_vec(onehot, (windows.len() * t, VOCAB), device)?,
     ))
+}
+
+/// A standard normal, approximately: the sum, in f32 and in order, of 12
+/// uniforms on [0, 1), minus 6. Each uniform is the f32 with bits
+/// 0x3f800000 | (u ≫ 9) for the next u32 u of the stream, minus 1.
+fn irwin_hall(rng: &mut ChaCha8Rng) -> f32 {
+    let mut sum = 0f32;
+    for _ in 0..12 {
+        let u = rng.next_u32();
+        sum += f32::from_bits(0x3f80_0000 | (u >> 9)) - 1.0;
+    }
+    sum - 6.0
 }
 
 fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor, ModelError> {

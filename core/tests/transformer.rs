@@ -195,3 +195,22 @@ fn text_trains_a_transformer_and_is_scored_per_part() {
             .is_some()
     );
 }
+
+#[test]
+fn the_genesis_is_the_one_the_protocol_specifies() {
+    // node/PROTOCOL.md, "The genesis parameters": the worked values for
+    // transformer:1,16,2,16 and seed 1, computed by the independent
+    // Python client (tools/tapestry-py, `transformer_genesis`).
+    let t: Transformer = "1,16,2,16".parse().unwrap();
+    let p = t.init(1);
+    assert_eq!(p.len(), 7664);
+    let bits: Vec<u32> = p[..3].iter().map(|v| v.to_bits()).collect();
+    assert_eq!(bits, [0x3b60_1a8f, 0xbbe7_a68f, 0x3c16_9085]);
+    // The first residual projection weight (σ 0.02/√2).
+    assert_eq!(p[5200].to_bits(), 0xbca0_7960);
+    let bytes = tapestry_protocol::f32_le_bytes(&p);
+    assert_eq!(
+        tapestry_protocol::ContentId::of(&bytes).to_string(),
+        "4126146bf588df3c2f99c127b1802eb329935380137e4c439c68a785e6f3bd41"
+    );
+}

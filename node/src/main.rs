@@ -267,11 +267,22 @@ struct DemoArgs {
 }
 
 fn main() -> ExitCode {
-    // SAFETY: the first statement of `main`, before any thread exists.
+    // SAFETY: the first statements of `main`, before any thread exists.
     #[allow(unsafe_code)]
     unsafe {
         tapestry_core::model::one_kernel_thread()
     };
+    // glibc gives each thread that contends for the allocator an arena of
+    // its own (up to 8 per core) and rarely returns their free pages: under
+    // a flood, a node's RSS crept ~1 MiB a minute with the default and
+    // stayed flat with two arenas (BENCHMARKS.md, "Soak"). Two arenas for
+    // a process whose heavy work runs on a few threads.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: mallopt only sets a malloc parameter; no thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {

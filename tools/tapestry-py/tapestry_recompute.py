@@ -103,8 +103,36 @@ def linear_layers(layout: list[dict]) -> list[tuple[int, int]]:
     return layers
 
 
+def transformer_genesis(layout: list[dict], seed: int) -> np.ndarray:
+    """init(seed) of a byte-level transformer (a layout starting with
+    `wte.weight`), "The genesis parameters": biases 0, LayerNorm gains 1,
+    every other tensor sigma x (12 uniforms summed in f32, minus 6)."""
+    words = _chacha8_words(_pcg32_key(seed))
+    layers = sum(1 for t in layout if t["name"].endswith(".ln_1.weight"))
+    std = F32(0.02)
+    proj = std / np.sqrt(F32(2 * layers))
+    out: list[np.float32] = []
+    for t in layout:
+        n = int(np.prod(t["shape"]))
+        name = t["name"]
+        if name.endswith(".bias"):
+            out.extend([F32(0.0)] * n)
+        elif "ln_" in name:
+            out.extend([F32(1.0)] * n)
+        else:
+            sigma = proj if name.endswith("c_proj.weight") else std
+            for _ in range(n):
+                acc = F32(0.0)
+                for _ in range(12):
+                    acc = F32(acc + (_bits_f32(0x3F800000 | (next(words) >> 9)) - F32(1.0)))
+                out.append(F32(sigma * F32(acc - F32(6.0))))
+    return np.array(out, dtype=F32)
+
+
 def genesis_params(layout: list[dict], seed: int) -> np.ndarray:
     """init(seed), "The genesis parameters"."""
+    if layout and layout[0]["name"] == "wte.weight":
+        return transformer_genesis(layout, seed)
     words = _chacha8_words(_pcg32_key(seed))
     out: list[np.float32] = []
     for inp, o in linear_layers(layout):
