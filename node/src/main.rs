@@ -609,13 +609,25 @@ fn status(a: &StatusArgs) -> Result<ExitCode, String> {
     println!("region    {} / {}", get("model_id"), get("region"));
     println!("round     {}", get("round"));
     println!("head      {}", get("head"));
-    println!(
-        "accuracy  {}  loss {}",
-        s["accuracy"]
-            .as_f64()
-            .map_or("-".into(), |a| format!("{a:.4}")),
-        s["loss"].as_f64().map_or("-".into(), |l| format!("{l:.4}"))
-    );
+    if let Some(bpb) = s["bits_per_byte"].as_f64() {
+        let parts: Vec<String> = s["bits_per_byte_by_part"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k} {:.3}", v.as_f64().unwrap_or(f64::NAN)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!("bits/byte {bpb:.4}  ({})", parts.join(", "));
+    } else {
+        println!(
+            "accuracy  {}  loss {}",
+            s["accuracy"]
+                .as_f64()
+                .map_or("-".into(), |a| format!("{a:.4}")),
+            s["loss"].as_f64().map_or("-".into(), |l| format!("{l:.4}"))
+        );
+    }
     println!("peers     {}", get("peers"));
     println!("bytes     in {}  out {}", get("bytes_in"), get("bytes_out"));
     println!("rejected  {}", s["rejected"]);

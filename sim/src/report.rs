@@ -114,13 +114,13 @@ pub fn run(
             }
             None => None,
         };
-        let (centralized, local_only, text) = world::all_baselines(settings, &data)?;
+        let all = world::all_baselines(settings, &data)?;
         Some(Baselines {
-            centralized,
-            local_only,
+            centralized: all.centralized,
+            local_only: all.local_only,
             plain_mean,
             attack_free,
-            text,
+            text: all.text,
         })
     } else {
         None

@@ -73,9 +73,10 @@ fn a_swarm_of_one_language_each_beats_every_node_alone_on_the_languages_it_never
         );
     }
     // Against centralized training on all the text with the same total
-    // compute: the goal is within 10 %; this configuration measures
-    // about 14 % (BENCHMARKS.md), so the goal is not met. The bound below
-    // only guards against a regression from what is measured.
+    // compute: the goal is within 10 %. This configuration measures 1.083×
+    // at this seed but 1.116× and 1.101× at seeds 1 and 2 (BENCHMARKS.md),
+    // so the goal is not met reliably. The bound below only guards against
+    // a regression from what is measured.
     assert!(
         overall < 1.2 * central,
         "swarm {overall} vs centralized {central}"

@@ -44,6 +44,12 @@ CODEC = os.environ.get("TAPESTRY_PY_CODEC", "int8:64")
 AGGREGATOR = os.environ.get("TAPESTRY_PY_AGGREGATOR", "mean")
 WEIGHTING = os.environ.get("TAPESTRY_PY_WEIGHTING", "equal")
 MODEL_SEED = 1  # `tapestry init`'s [model] seed, left as written
+# The nodes' architecture: the default logistic model on a synthetic CSV, or (e.g.
+# TAPESTRY_PY_ARCH=transformer:1,16,2,16) a byte-level transformer, each node on the text of
+# one language from the shared fortunes corpus (the transformer genesis is then recomputed
+# from its own section of node/PROTOCOL.md).
+ARCH = os.environ.get("TAPESTRY_PY_ARCH", "logistic")
+FORTUNES = os.path.join(REPO, "..", "shared", "data", "fortunes")
 MIN_RECOMPUTED = 5  # step versions recomputed bit for bit (besides the genesis)
 
 
@@ -179,7 +185,8 @@ class Node:
         self.bootstrap = bootstrap
         self.shard = shard
         self.data = data
-        subprocess.run([binary, "init", "--data-dir", self.dir, "--region", REGION, "--model", MODEL_ID],
+        subprocess.run([binary, "init", "--data-dir", self.dir, "--region", REGION, "--model", MODEL_ID,
+                        "--architecture", ARCH],
                        check=True, stdout=subprocess.DEVNULL, timeout=60)
         cfg = os.path.join(self.dir, "config.toml")
         text = open(cfg).read()
@@ -196,7 +203,9 @@ class Node:
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info"))
         self.log_file = open(self.log_path, "wb")
         cmd = [self.binary, "run", "--data-dir", self.dir, "--listen", f"/ip4/127.0.0.1/tcp/{self.port}",
-               "--api", self.api, "--data", self.data, "--shard", self.shard, "--start-peers", "2"]
+               "--api", self.api, "--data", self.data, "--start-peers", "2"]
+        if self.shard:
+            cmd += ["--shard", self.shard]
         for b in self.bootstrap:
             cmd += ["--bootstrap", b]
         self.proc = subprocess.Popen(cmd, env=env,
@@ -250,9 +259,16 @@ def run_live(binary: str) -> dict:
     base = tempfile.mkdtemp(prefix="tapestry-py-")
     nodes: list[Node] = []
     try:
-        data = os.path.join(base, "data.csv")
-        write_data(data)
-        a = Node(binary, base, "a", [], data, "0/3")
+        if ARCH.startswith("transformer:"):
+            # one language per node, no shards (text is not sharded)
+            files = [os.path.join(FORTUNES, f"{lang}.txt.gz") for lang in ("en", "de", "it")]
+            assert all(os.path.exists(f) for f in files), f"the fortunes corpus is not at {FORTUNES}"
+            datas, shards = files, ["", "", ""]
+        else:
+            data = os.path.join(base, "data.csv")
+            write_data(data)
+            datas, shards = [data] * 3, ["0/3", "1/3", "2/3"]
+        a = Node(binary, base, "a", [], datas[0], shards[0])
         nodes.append(a)
         a.start()
         ep = wait_for("node a's endpoints.json",
@@ -260,7 +276,7 @@ def run_live(binary: str) -> dict:
         a_addr = tcp_p2p_addr(ep)
         log("node a at", a_addr)
         for i, name in ((1, "b"), (2, "c")):
-            n = Node(binary, base, name, [a_addr], data, f"{i}/3")
+            n = Node(binary, base, name, [a_addr], datas[i], shards[i])
             nodes.append(n)
             n.start()
         wait_for("round ≥ 2 on every node", lambda: all(round_of(n.status()) >= 2 for n in nodes), 120)

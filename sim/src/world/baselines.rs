@@ -137,18 +137,28 @@ pub struct TextBaselines {
     pub local_only_unseen_best: BTreeMap<String, f64>,
 }
 
+/// Both baselines of a run, each computed once.
+#[derive(Debug, Clone)]
+pub struct AllBaselines {
+    /// The centralized curve (see [`centralized`]).
+    pub centralized: Vec<f64>,
+    /// The local-only curve (see [`local_only`]).
+    pub local_only: Vec<f64>,
+    /// A language model's per-language figures.
+    pub text: Option<TextBaselines>,
+}
+
 /// Both baselines, each computed once: the centralized and the local-only
 /// curves, and for a language model its [`TextBaselines`].
-pub fn all_baselines(
-    settings: &Settings,
-    data: &Data,
-) -> Result<(Vec<f64>, Vec<f64>, Option<TextBaselines>), SimError> {
-    let (central_curve, central) = centralized_run(settings, data)?;
+pub fn all_baselines(settings: &Settings, data: &Data) -> Result<AllBaselines, SimError> {
+    let (centralized, central) = centralized_run(settings, data)?;
     let runs = local_runs(settings, data, &local_sample(settings, data))?;
-    let local = local_curve(settings, &runs);
-    let text =
-        matches!(data.train, Examples::Text(_)).then(|| text_baselines(data, &central, &runs));
-    Ok((central_curve, local, text))
+    Ok(AllBaselines {
+        centralized,
+        local_only: local_curve(settings, &runs),
+        text: matches!(data.train, Examples::Text(_))
+            .then(|| text_baselines(data, &central, &runs)),
+    })
 }
 
 /// [`TextBaselines`] from the centralized model's and the lone nodes'

@@ -45,7 +45,7 @@ mod setup;
 use agreement::*;
 use setup::*;
 
-pub use baselines::{TextBaselines, all_baselines, centralized, local_only};
+pub use baselines::{AllBaselines, TextBaselines, all_baselines, centralized, local_only};
 pub use figures::{RoundStats, StoreFigures, SwarmFigures, write_rounds_csv};
 pub use setup::{Data, by_file, model_spec};
 
