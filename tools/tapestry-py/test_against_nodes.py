@@ -406,7 +406,7 @@ def main() -> int:
     assert_summary(s)
     check_received_copies(s)
     d, m = s["deltas"], s["models"]
-    log(f"PASS in {time.monotonic() - t0:.0f} s: deltas {d['verified']}/{d['heard']} verified, "
+    log(f"PASS ({ARCH}, {s['head_end'].get('parameters', '?')} parameters) in {time.monotonic() - t0:.0f} s: deltas {d['verified']}/{d['heard']} verified, "
         f"models {m['verified']}/{m['heard']}, chunks {s['chunks']['verified']} verified, "
         f"head round {s['head_end'].get('round')} verified, stayed connected without ping; "
         f"recomputed bit for bit ({AGGREGATOR}, {WEIGHTING}): the genesis and "
