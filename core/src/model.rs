@@ -605,14 +605,6 @@ impl Examples {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// "rows" or "bytes", for messages.
-    pub fn unit(&self) -> &'static str {
-        match self {
-            Examples::Rows(_) => "rows",
-            Examples::Text(_) => "bytes",
-        }
-    }
 }
 
 /// How well parameters do on held-out examples.

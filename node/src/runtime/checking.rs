@@ -16,6 +16,43 @@ pub(super) const CHECK_QUEUE: usize = 8192;
 pub(super) const CHECK_QUEUE_BYTES: usize = 64 << 20;
 /// Announcements checked in one batch, at most.
 pub(super) const MAX_BATCH: usize = 256;
+/// Gossip messages one peer may hand this node in a second (both topics),
+/// past which the rest of that second's are refused unchecked, counted
+/// `over_budget`, and reported `Reject` (the peer is at fault: a dozen
+/// such reports graylist it, and gossipsub then drops its messages before
+/// keeping any record of them). Honest traffic is one delta per author
+/// per round and a version or two: a region of 1,000 nodes at a round
+/// every 2 s relays 500 a second. gossipsub's peer scoring keeps every
+/// distinct message id it is handed for 120 s (~40 KiB of memory per
+/// message a second), so this bounds what one peer can make it hold.
+pub(super) const GOSSIP_BUDGET: u32 = 1000;
+
+/// Gossip messages counted per forwarding peer over the current second
+/// (entries are dropped when the peer disconnects: bounded by the
+/// connected peers).
+#[derive(Debug, Default)]
+pub(super) struct Budget {
+    counts: HashMap<PeerId, (Instant, u32)>,
+}
+
+impl Budget {
+    /// Counts a message from `peer` at `now`; `false` once the peer has
+    /// handed [`GOSSIP_BUDGET`] this second.
+    pub(super) fn allow(&mut self, peer: PeerId, now: Instant) -> bool {
+        let (since, n) = self.counts.entry(peer).or_insert((now, 0));
+        if now.saturating_duration_since(*since) >= Duration::from_secs(1) {
+            *since = now;
+            *n = 0;
+        }
+        *n = n.saturating_add(1);
+        *n <= GOSSIP_BUDGET
+    }
+
+    /// Forgets a disconnected peer.
+    pub(super) fn forget(&mut self, peer: &PeerId) {
+        self.counts.remove(peer);
+    }
+}
 
 /// A gossip message to check.
 pub(super) struct Unchecked {
@@ -59,7 +96,6 @@ impl Checker {
         }
         checked
     }
-
     /// Queues a message to check; gives it back if there is no room.
     pub(super) fn offer(&self, u: Unchecked) -> Result<(), Box<Unchecked>> {
         if !self.queued_bytes.reserve(u.data.len(), CHECK_QUEUE_BYTES) {
@@ -128,6 +164,11 @@ impl Node {
         topic: TopicHash,
         data: Vec<u8>,
     ) {
+        if !self.gossip_budget.allow(source, Instant::now()) {
+            self.shared.metrics.reject("over_budget");
+            self.report(id, source, Verdict::Reject).await;
+            return;
+        }
         let topic = if topic == self.deltas_hash {
             Topic::Deltas
         } else if topic == self.models_hash {
@@ -160,5 +201,28 @@ impl Node {
         if let Some(verdict) = verdict {
             self.report(c.id, c.source, verdict).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_past_its_budget_is_refused_until_the_next_second() {
+        let mut b = Budget::default();
+        let (p, q) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        for _ in 0..GOSSIP_BUDGET {
+            assert!(b.allow(p, t0));
+        }
+        assert!(!b.allow(p, t0 + Duration::from_millis(999)));
+        // Another peer has its own budget.
+        assert!(b.allow(q, t0));
+        // A new second, a new budget.
+        assert!(b.allow(p, t0 + Duration::from_secs(1)));
+        b.forget(&p);
+        b.forget(&q);
+        assert!(b.counts.is_empty());
     }
 }

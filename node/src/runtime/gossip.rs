@@ -81,6 +81,7 @@ impl Node {
             }
             NetEvent::PeerDisconnected(peer) => {
                 self.liveness.gone(&peer);
+                self.gossip_budget.forget(&peer);
                 self.peers.remove(&peer);
                 if self.members.remove(&peer)
                     && let Some(id) = node_id_of(&peer)

@@ -243,6 +243,8 @@ pub struct Node {
     serving: serve::Serving,
     /// Checks gossiped announcements off the loop, in batches.
     checker: checking::Checker,
+    /// Gossip messages per forwarding peer this second.
+    gossip_budget: checking::Budget,
     /// Whether the store's size is being measured.
     measuring: space::Measuring,
     /// Ticks of the 2-s ticker so far.
@@ -341,6 +343,7 @@ impl Node {
             collecting: retention::Collecting::default(),
             serving: serve::Serving::default(),
             checker: checking::Checker::new(),
+            gossip_budget: checking::Budget::default(),
             measuring: space::Measuring::default(),
             ticks: 0,
             fetched_tx,
