@@ -17,10 +17,11 @@ pub(super) const CHECK_QUEUE_BYTES: usize = 64 << 20;
 /// Announcements checked in one batch, at most.
 pub(super) const MAX_BATCH: usize = 256;
 /// Gossip messages one peer may hand this node in a second (both topics),
-/// past which the rest of that second's are refused unchecked, counted
-/// `over_budget`, and reported `Reject` (the peer is at fault: a dozen
-/// such reports graylist it, and gossipsub then drops its messages before
-/// keeping any record of them). Honest traffic is one delta per author
+/// past which the rest of that second's are dropped unchecked (`Ignore`:
+/// no one else who forwarded them is blamed), counted `over_budget`, and
+/// each costs the peer a fault in its application score (sixteen graylist
+/// it, and gossipsub then drops its messages before keeping any record of
+/// them). Honest traffic is one delta per author
 /// per round and a version or two: a region of 1,000 nodes at a round
 /// every 2 s relays 500 a second. gossipsub's peer scoring keeps every
 /// distinct message id it is handed for 120 s (~40 KiB of memory per
@@ -166,7 +167,8 @@ impl Node {
     ) {
         if !self.gossip_budget.allow(source, Instant::now()) {
             self.shared.metrics.reject("over_budget");
-            self.report(id, source, Verdict::Reject).await;
+            self.net.fault(source);
+            self.report(id, source, Verdict::Ignore).await;
             return;
         }
         let topic = if topic == self.deltas_hash {
