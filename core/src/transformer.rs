@@ -430,7 +430,7 @@ impl Transformer {
         Ok(nats / count as f64 / std::f64::consts::LN_2)
     }
 
-    /// `n` bytes continuing `prompt` (its last `context − 1` bytes are
+    /// `n` bytes continuing `prompt` (its last `context` bytes are
     /// what the model sees; an empty prompt starts from a newline): each
     /// byte drawn from the softmax of the logits divided by `temperature`,
     /// or the most likely byte at temperature 0.

@@ -207,7 +207,7 @@ struct SampleArgs {
     /// The node's data directory.
     #[arg(long, value_name = "DIR", env = "TAPESTRY_DATA_DIR")]
     data_dir: PathBuf,
-    /// The text to continue (its last context − 1 bytes are what the model sees).
+    /// The text to continue (its last CONTEXT bytes are what the model sees).
     #[arg(long, default_value = "")]
     prompt: String,
     /// Bytes to generate.

@@ -152,3 +152,21 @@ fn text_is_dealt_by_file_and_a_wrong_pairing_is_refused() {
         "does not exist",
     );
 }
+
+#[test]
+fn the_languages_scenario_file_is_two_nodes_per_language() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/scenarios/languages-14.toml");
+    let mut s = Scenario::from_toml(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(s.data, "text:../shared/data/fortunes");
+    // (The file's data path is from the repository root; tests run in sim/.)
+    s.data = fortunes();
+    let settings = s.settings().unwrap();
+    let data = tapestry_sim::world::Data::load(&settings).unwrap();
+    let langs: Vec<Vec<String>> = (0..14).map(|i| data.parts_of(i)).collect();
+    for pair in langs.chunks(2) {
+        assert_eq!(pair[0], pair[1]);
+        assert_eq!(pair[0].len(), 1);
+    }
+    assert_eq!(langs[0], ["cs"]);
+    assert_eq!(langs[13], ["ru"]);
+}

@@ -165,11 +165,12 @@ def load(d):
 
 
 def greedy(cfg, p, prompt, n):
-    """The n most likely next bytes, one at a time (the last n_positions - 1
-    bytes as context), and the smallest gap between the best two logits."""
+    """The n most likely next bytes, one at a time (the last n_positions
+    bytes as context; an empty prompt is a newline), and the smallest gap
+    between the best two logits."""
     seq, out, gap = list(prompt) or [10], [], float("inf")
     for _ in range(n):
-        ctx = seq[-(cfg["n_positions"] - 1) :] if len(seq) >= cfg["n_positions"] else seq
+        ctx = seq[-cfg["n_positions"] :]
         last = forward(cfg, p, ctx)[-1]
         top = np.sort(last)[-2:]
         gap = min(gap, float(top[1] - top[0]))
