@@ -414,6 +414,16 @@ pub enum InnerOptimizer {
     },
 }
 
+impl InnerOptimizer {
+    /// Whether a node keeps this optimiser's state from one round's local
+    /// training to the next: AdamW does (as DiLoCo's workers do: a fresh
+    /// Adam's first steps are sign-like, and averaging those cancels them
+    /// out); SGD starts each round afresh (local SGD).
+    pub fn keeps_state(&self) -> bool {
+        matches!(self, InnerOptimizer::AdamW { .. })
+    }
+}
+
 /// Local training settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TrainConfig {
@@ -667,14 +677,9 @@ pub fn evaluate_on(
                 if part.len() < 2 {
                     continue;
                 }
-                let bpb = t.bits_per_byte(params, part, EVAL_WINDOWS)?;
-                // The bytes bits_per_byte predicted: whole windows of
-                // `len − 1` predictions, at most EVAL_WINDOWS of them.
-                let len = (t.context + 1).min(part.len());
-                let windows = ((part.len() - 1) / (len - 1)).min(EVAL_WINDOWS);
-                let scored = (windows * (len - 1)) as f64;
-                bits += bpb * scored;
-                bytes += scored;
+                let (bpb, scored) = t.bits_per_byte_scored(params, part, EVAL_WINDOWS)?;
+                bits += bpb * scored as f64;
+                bytes += scored as f64;
                 parts.push((name.to_owned(), bpb));
             }
             if bytes == 0.0 {

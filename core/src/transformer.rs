@@ -403,6 +403,18 @@ impl Transformer {
         text: &[u8],
         max_windows: usize,
     ) -> Result<f64, ModelError> {
+        self.bits_per_byte_scored(params, text, max_windows)
+            .map(|(bpb, _)| bpb)
+    }
+
+    /// [`Transformer::bits_per_byte`] and the number of bytes it predicted
+    /// (to weigh several texts' figures by).
+    pub fn bits_per_byte_scored(
+        &self,
+        params: &[f32],
+        text: &[u8],
+        max_windows: usize,
+    ) -> Result<(f64, usize), ModelError> {
         self.check(params)?;
         if text.len() < 2 {
             return Err(ModelError::Invalid(
@@ -427,7 +439,7 @@ impl Transformer {
             nats += f64::from(mean) * predicted as f64;
             count += predicted;
         }
-        Ok(nats / count as f64 / std::f64::consts::LN_2)
+        Ok((nats / count as f64 / std::f64::consts::LN_2, count))
     }
 
     /// `n` bytes continuing `prompt` (its last `context` bytes are

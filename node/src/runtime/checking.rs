@@ -21,11 +21,11 @@ pub(super) const MAX_BATCH: usize = 256;
 /// no one else who forwarded them is blamed), counted `over_budget`, and
 /// each costs the peer a fault in its application score (sixteen graylist
 /// it, and gossipsub then drops its messages before keeping any record of
-/// them). Honest traffic is one delta per author
-/// per round and a version or two: a region of 1,000 nodes at a round
-/// every 2 s relays 500 a second. gossipsub's peer scoring keeps every
-/// distinct message id it is handed for 120 s (~40 KiB of memory per
-/// message a second), so this bounds what one peer can make it hold.
+/// them). Honest traffic is one delta per author per round and a version
+/// or two: a region of 1,000 nodes at a round every 2 s relays 500 a
+/// second. gossipsub's peer scoring keeps every distinct message id it is
+/// handed for 120 s (~40 KiB of memory per message a second), so this
+/// bounds what one peer can make it hold.
 pub(super) const GOSSIP_BUDGET: u32 = 1000;
 
 /// Gossip messages counted per forwarding peer over the current second
@@ -97,6 +97,7 @@ impl Checker {
         }
         checked
     }
+
     /// Queues a message to check; gives it back if there is no room.
     pub(super) fn offer(&self, u: Unchecked) -> Result<(), Box<Unchecked>> {
         if !self.queued_bytes.reserve(u.data.len(), CHECK_QUEUE_BYTES) {

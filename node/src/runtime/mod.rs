@@ -31,9 +31,7 @@ use tapestry_core::admission::{self, Rejection, Verdict};
 use tapestry_core::data::Dataset;
 use tapestry_core::door::Door;
 use tapestry_core::engine::{Action, Engine, EngineConfig, Input, VersionRank, genesis};
-use tapestry_core::model::{
-    Examples, InnerOptimizer, InnerState, TrainConfig, evaluate_on, train_on,
-};
+use tapestry_core::model::{Examples, InnerState, TrainConfig, evaluate_on, train_on};
 use tapestry_core::verify::{self, Lineage, Plan, VersionRejection, check_shape};
 use tapestry_core::{attest, heads};
 
@@ -612,11 +610,9 @@ impl Node {
             }
             let trained = worker
                 .run(move || {
-                    // AdamW keeps its moments across rounds (as DiLoCo's
-                    // workers do); SGD starts each round afresh.
                     let mut fresh = InnerState::default();
                     let mut kept = inner.lock().unwrap_or_else(|e| e.into_inner());
-                    let state = if matches!(cfg.optimizer, InnerOptimizer::AdamW { .. }) {
+                    let state = if cfg.optimizer.keeps_state() {
                         &mut *kept
                     } else {
                         &mut fresh

@@ -479,10 +479,7 @@ impl World<'_> {
     fn run_jobs(&mut self) -> Result<(), SimError> {
         let jobs: Vec<(u64, Job)> = std::mem::take(&mut self.jobs).into_iter().collect();
         let (spec, data, cfg) = (&self.spec, self.data, &self.train_cfg);
-        // SGD starts each round afresh (local SGD); AdamW keeps its moments
-        // from round to round, as DiLoCo's workers do (a fresh Adam's first
-        // steps are sign-like, and averaging those cancels them out).
-        let keep = matches!(cfg.optimizer, InnerOptimizer::AdamW { .. });
+        let keep = cfg.optimizer.keeps_state();
         let work: Vec<(&Job, InnerState)> = jobs
             .iter()
             .map(|(_, job)| {
