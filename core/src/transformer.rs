@@ -651,6 +651,7 @@ mod tests {
             optimizer: InnerOptimizer::AdamW {
                 lr: 1e-2,
                 weight_decay: 0.0,
+                eps: crate::model::ADAM_EPS,
             },
         };
         let mut state = InnerState::default();

@@ -60,6 +60,7 @@ fn mlp_learns_digits_with_adamw() {
         optimizer: InnerOptimizer::AdamW {
             lr: 3e-3,
             weight_decay: 1e-4,
+            eps: tapestry_core::model::ADAM_EPS,
         },
     };
     let (p, _) = train_local(

@@ -149,6 +149,7 @@ fn text_trains_a_transformer_and_is_scored_per_part() {
         optimizer: InnerOptimizer::AdamW {
             lr: 1e-2,
             weight_decay: 0.0,
+            eps: tapestry_core::model::ADAM_EPS,
         },
     };
     let (p1, _) = train_on(&spec, &p0, &train, &config, &mut InnerState::default(), 3).unwrap();

@@ -13,7 +13,9 @@ use tapestry_protocol::Codec;
 use tapestry_core::aggregate::AggregationRule;
 use tapestry_core::door::{DoorConfig, Weighting};
 use tapestry_core::engine::{EngineConfig, Mode};
-use tapestry_core::model::{Architecture, InnerOptimizer, ModelSpec, TrainConfig};
+use tapestry_core::model::{
+    ADAM_EPS, Architecture, InnerOptimizer, ModelSpec, TEXT_ADAM_EPS, TrainConfig,
+};
 use tapestry_core::outer::OuterOptimizer;
 
 /// The whole file.
@@ -118,11 +120,14 @@ pub struct TrainingSection {
     pub lr: f32,
     /// AdamW's decoupled weight decay (unused by `sgd`).
     pub weight_decay: f32,
+    /// AdamW's ε (unused by `sgd`): gradients much smaller than it move
+    /// their parameter by much less than `lr` a step.
+    pub adam_eps: f32,
 }
 
 impl TrainingSection {
-    /// The defaults written for a language model: AdamW at 3e-3, 16
-    /// windows a step.
+    /// The defaults written for a language model: AdamW at 3e-3 with
+    /// ε = [`TEXT_ADAM_EPS`], 16 windows a step.
     pub fn for_text() -> TrainingSection {
         TrainingSection {
             local_steps: 20,
@@ -130,6 +135,7 @@ impl TrainingSection {
             optimizer: "adamw".into(),
             lr: 3e-3,
             weight_decay: 0.0,
+            adam_eps: TEXT_ADAM_EPS,
         }
     }
 }
@@ -225,6 +231,7 @@ impl Default for TrainingSection {
             optimizer: "sgd".into(),
             lr: 0.05,
             weight_decay: 0.0,
+            adam_eps: ADAM_EPS,
         }
     }
 }
@@ -317,10 +324,11 @@ feature_max = {fmax:?}
 local_steps = {steps}
 # Rows a step (for a transformer: windows of CONTEXT + 1 bytes a step).
 batch_size = {batch}
-# sgd (momentum 0.9) or adamw (weight decay weight_decay)
+# sgd (momentum 0.9) or adamw (weight decay weight_decay, epsilon adam_eps)
 optimizer = "{opt}"
 lr = {lr:?}
 weight_decay = {wd:?}
+adam_eps = {eps:?}
 
 {round_and_store}"#,
         api = d.api,
@@ -336,6 +344,7 @@ weight_decay = {wd:?}
         lr = d.training.lr,
         opt = d.training.optimizer,
         wd = d.training.weight_decay,
+        eps = d.training.adam_eps,
         round_and_store = commented_rounds(&d),
     )
 }
@@ -570,6 +579,12 @@ impl Config {
                 t.weight_decay
             )));
         }
+        if !(t.adam_eps > 0.0 && t.adam_eps.is_finite()) {
+            return Err(ConfigError::Invalid(format!(
+                "training.adam_eps {} must be finite and > 0",
+                t.adam_eps
+            )));
+        }
         let optimizer = match t.optimizer.as_str() {
             "sgd" => InnerOptimizer::SgdMomentum {
                 lr: t.lr,
@@ -578,6 +593,7 @@ impl Config {
             "adamw" => InnerOptimizer::AdamW {
                 lr: t.lr,
                 weight_decay: t.weight_decay,
+                eps: t.adam_eps,
             },
             other => {
                 return Err(ConfigError::Invalid(format!(
@@ -764,5 +780,12 @@ mod tests {
         c.round.min_round_ms = c.round.timeout_ms;
         let err = c.engine(1).unwrap_err().to_string();
         assert!(err.contains("min_round_ms"), "{err}");
+        let mut c = Config::default();
+        c.training.adam_eps = 0.0;
+        let err = c.train().unwrap_err().to_string();
+        assert!(
+            err.contains("training.adam_eps 0 must be finite and > 0"),
+            "{err}"
+        );
     }
 }

@@ -449,7 +449,17 @@ pub fn import(dir: &DataDir, file: &Path) -> Result<(u64, ContentId), OpsError> 
         // A GPT-2 directory's config.json, if there is one, must describe
         // this node's model (the tensors are checked below in any case).
         let path = config_json_beside(file);
-        if let Ok(json) = std::fs::read_to_string(&path) {
+        let json = match std::fs::read_to_string(&path) {
+            Ok(json) => Some(json),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(OpsError::Invalid(format!(
+                    "{}: {e} (a config.json beside the model must describe it; move it away to import without one)",
+                    path.display()
+                )));
+            }
+        };
+        if let Some(json) = json {
             let theirs = tapestry_core::transformer::Transformer::from_gpt2_config(&json)
                 .map_err(|e| OpsError::Invalid(format!("{}: {e}", path.display())))?;
             if theirs != *t {

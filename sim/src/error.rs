@@ -93,8 +93,9 @@ pub enum ScenarioError {
     /// `test_fraction` leaves no training or no test rows.
     #[error("test_fraction {0} outside (0, 1)")]
     TestFraction(f64),
-    /// `local_steps` or `batch_size` is 0, or `lr` is not positive.
-    #[error("local_steps and batch_size must be ≥ 1 and lr > 0")]
+    /// `local_steps` or `batch_size` is 0, or `lr` or `adam_eps` is not
+    /// positive.
+    #[error("local_steps and batch_size must be ≥ 1, lr > 0 and adam_eps > 0")]
     Training,
     /// `mode` is none of the engine's modes.
     #[error("unknown mode {0:?} (broadcast, mixing, push-sum:FANOUT)")]

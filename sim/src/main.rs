@@ -59,6 +59,9 @@ struct RunArgs {
     /// sgd (momentum 0.9) | adamw
     #[arg(long)]
     optimizer: Option<String>,
+    /// AdamW's epsilon.
+    #[arg(long)]
+    adam_eps: Option<f32>,
     /// Inner steps per round.
     #[arg(long)]
     local_steps: Option<usize>,
@@ -146,6 +149,7 @@ fn scenario(args: &RunArgs) -> Result<Scenario, String> {
         batch_size,
         lr,
         optimizer,
+        adam_eps,
         codec,
         aggregator,
         weighting,

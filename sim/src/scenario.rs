@@ -52,6 +52,8 @@ pub struct Scenario {
     /// Inner optimiser: `sgd` (momentum 0.9) or `adamw` (no weight decay;
     /// what a transformer wants).
     pub optimizer: String,
+    /// AdamW's ε (unused by `sgd`).
+    pub adam_eps: f32,
     /// Delta codec: `f32`, `bf16`, `int8[:BLOCK]`, `topk:F`.
     pub codec: String,
     /// `mean`, `trimmed-mean:B`, `median`, `clip:R[:ITER]`.
@@ -116,6 +118,7 @@ impl Default for Scenario {
             batch_size: 32,
             lr: 0.05,
             optimizer: "sgd".into(),
+            adam_eps: tapestry_core::model::ADAM_EPS,
             codec: "f32".into(),
             aggregator: "mean".into(),
             weighting: "equal".into(),
@@ -391,7 +394,10 @@ impl Scenario {
         if !(0.0..1.0).contains(&self.test_fraction) || self.test_fraction <= 0.0 {
             return Err(ScenarioError::TestFraction(self.test_fraction));
         }
-        if self.local_steps == 0 || self.batch_size == 0 || !(self.lr > 0.0 && self.lr.is_finite())
+        if self.local_steps == 0
+            || self.batch_size == 0
+            || !(self.lr > 0.0 && self.lr.is_finite())
+            || !(self.adam_eps > 0.0 && self.adam_eps.is_finite())
         {
             return Err(ScenarioError::Training);
         }

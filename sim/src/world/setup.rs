@@ -127,6 +127,7 @@ pub(super) fn train_config(settings: &Settings) -> TrainConfig {
             InnerOptimizer::AdamW {
                 lr,
                 weight_decay: 0.0,
+                eps: settings.scenario.adam_eps,
             }
         } else {
             InnerOptimizer::SgdMomentum { lr, momentum: 0.9 }
