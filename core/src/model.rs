@@ -420,8 +420,8 @@ pub enum InnerOptimizer {
 /// AdamW's usual ε (the paper's and PyTorch's default).
 pub const ADAM_EPS: f32 = 1e-8;
 
-/// AdamW's ε for a swarm training a language model: 10⁻². With the usual
-/// 10⁻⁸, Adam blows every consistent gradient, however small, up to a full
+/// AdamW's ε for a swarm training a language model: 10⁻². Likely why it
+/// helps: with the usual 10⁻⁸, Adam blows every consistent gradient, however small, up to a full
 /// step, so the nodes whose text never uses a byte (Cyrillic, for most)
 /// each take full steps pushing its logit down, and the mean of their
 /// deltas outweighs the one node that uses it. A larger ε keeps such
