@@ -421,11 +421,11 @@ pub enum InnerOptimizer {
 pub const ADAM_EPS: f32 = 1e-8;
 
 /// AdamW's ε for a swarm training a language model: 10⁻². Likely why it
-/// helps: with the usual 10⁻⁸, Adam blows every consistent gradient, however small, up to a full
-/// step, so the nodes whose text never uses a byte (Cyrillic, for most)
-/// each take full steps pushing its logit down, and the mean of their
-/// deltas outweighs the one node that uses it. A larger ε keeps such
-/// gradients small: in the simulator's seven-language swarm it took bits
+/// helps: with the usual 10⁻⁸, Adam blows every consistent gradient,
+/// however small, up to a full step, so the nodes whose text never uses a
+/// byte (Cyrillic, for most) each take full steps pushing its logit down,
+/// and the mean of their deltas outweighs the one node that uses it. A
+/// larger ε keeps such gradients small: in the simulator's seven-language swarm it took bits
 /// per byte from 4.37 to 4.29 and the gap to centralized training with
 /// the same settings from 1.08× to 1.05× (BENCHMARKS.md, "Languages").
 pub const TEXT_ADAM_EPS: f32 = 1e-2;
