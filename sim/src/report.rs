@@ -1,5 +1,6 @@
 //! One simulation run end to end: the swarm, the baselines, `report.json`,
-//! `rounds.csv`, `baselines.csv`, `accuracy.png` and `consensus.png`.
+//! `rounds.csv`, `baselines.csv`, `accuracy.png` and `consensus.png`, and
+//! for a language model `samples.txt`.
 
 use std::path::Path;
 use std::time::Instant;
@@ -76,6 +77,8 @@ struct Baselines {
     attack_free: Option<Vec<RoundStats>>,
     /// A language model's per-language baselines.
     text: Option<world::TextBaselines>,
+    /// The centralized model's parameters at the end.
+    centralized_params: Vec<f32>,
 }
 
 /// Runs the scenario and writes its outputs into `out`. `progress` gets
@@ -121,6 +124,7 @@ pub fn run(
             plain_mean,
             attack_free,
             text: all.text,
+            centralized_params: all.centralized_params,
         })
     } else {
         None
@@ -189,7 +193,76 @@ pub fn run(
         baselines.as_ref(),
         Data::is_text(&data),
     )?;
+    if let Some(text) = samples(
+        settings,
+        &data,
+        &outcome.head,
+        baselines.as_ref().map(|b| b.centralized_params.as_slice()),
+    )? {
+        std::fs::write(out.join("samples.txt"), text).map_err(writing("samples.txt"))?;
+    }
     Ok(Report { json, outcome })
+}
+
+/// Bytes sampled per language and model in `samples.txt`.
+pub const SAMPLE_BYTES: usize = 160;
+/// The temperature of those samples.
+pub const SAMPLE_TEMPERATURE: f32 = 0.7;
+
+/// For a language model: a continuation of the start of each language's
+/// held-out text by the swarm's head (and by the centralized model, if it
+/// was trained), [`SAMPLE_BYTES`] bytes at [`SAMPLE_TEMPERATURE`], seeded
+/// by the scenario's seed and the language's place; `None` for other
+/// models.
+fn samples(
+    settings: &Settings,
+    data: &Data,
+    head: &[f32],
+    centralized: Option<&[f32]>,
+) -> Result<Option<String>, SimError> {
+    use std::fmt::Write as _;
+    let (
+        tapestry_core::model::ModelSpec::Transformer(t),
+        tapestry_core::model::Examples::Text(test),
+    ) = (world::model_spec(settings, data), &data.test)
+    else {
+        return Ok(None);
+    };
+    let mut text = String::new();
+    for (k, (name, part)) in test.iter_parts().enumerate() {
+        // The first line of the held-out text, cut to at most 24 bytes at
+        // a character boundary, is the prompt.
+        let line = part.split(|b| *b == b'\n').next().unwrap_or_default();
+        let line = String::from_utf8_lossy(line);
+        let mut prompt = String::new();
+        for c in line.chars() {
+            if prompt.len() + c.len_utf8() > 24 {
+                break;
+            }
+            prompt.push(c);
+        }
+        let seed = settings.scenario.seed ^ k as u64;
+        let mut models = vec![("swarm", head)];
+        if let Some(c) = centralized {
+            models.push(("centralized", c));
+        }
+        let _ = writeln!(text, "== {name}: prompt {prompt:?}");
+        for (who, params) in models {
+            let got = t.sample(
+                params,
+                prompt.as_bytes(),
+                SAMPLE_BYTES,
+                SAMPLE_TEMPERATURE,
+                seed,
+            )?;
+            let _ = writeln!(
+                text,
+                "-- {who}: {prompt}{}",
+                String::from_utf8_lossy(&got).replace('\n', " / ")
+            );
+        }
+    }
+    Ok(Some(text))
 }
 
 fn write_baselines_csv(path: &Path, b: &Baselines) -> std::io::Result<()> {

@@ -84,6 +84,23 @@ fn a_swarm_of_one_language_each_beats_every_node_alone_on_the_languages_it_never
     // Every node ends on the same model.
     assert!(f(&r["final"]["consensus_distance"]) < 1e-6);
     assert!(dir.path().join("bits_per_byte.png").is_file());
+    // Samples of every language, from the swarm's head and from the
+    // centralized model.
+    let samples = std::fs::read_to_string(dir.path().join("samples.txt")).unwrap();
+    eprintln!("{samples}");
+    for l in langs {
+        assert!(samples.contains(&format!("== {l}: prompt")), "{samples}");
+    }
+    assert_eq!(
+        samples.matches("\n-- swarm: ").count(),
+        langs.len(),
+        "{samples}"
+    );
+    assert_eq!(
+        samples.matches("\n-- centralized: ").count(),
+        langs.len(),
+        "{samples}"
+    );
 }
 
 #[test]

@@ -7,9 +7,21 @@ greedy decoding, and `tapestry model export` must give back the same
 tensors, bit for bit, with a config.json describing the same model.
 
     python3 tools/gpt2-numpy/check_export.py target/debug/tapestry
+
+With `--trained DIR` it also checks a model the nodes trained: DIR holds
+what the node's language test keeps (node/tests/language.rs): the agreed
+head exported (model.safetensors, config.json), each language's held-out
+bytes (heldout-LANG.bin) and expect.json with the bits per byte tapestry
+computed on them and the bytes `tapestry model sample` continued a prompt
+with at temperature 0. NumPy must compute the same bits per byte (to 1e-3)
+and decode the same bytes (up to a near tie between the best two logits,
+where float32 and float64 may rightly part ways).
+
+    python3 tools/gpt2-numpy/check_export.py target/debug/tapestry --trained target/tmp/language-e2e
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -77,5 +89,56 @@ def main(binary):
     return 0
 
 
+def bits_per_byte(cfg, p, text, max_windows):
+    """As tapestry computes it: windows of context + 1 bytes overlapping by
+    one, at most max_windows, the mean cross-entropy in bits of each byte
+    after a window's first."""
+    n = min(cfg["n_positions"] + 1, len(text))
+    bits, count, at = 0.0, 0, 0
+    while at + n <= len(text) and count // (n - 1) < max_windows:
+        w = list(text[at : at + n])
+        logits = gpt2.forward(cfg, p, w[:-1])
+        top = logits.max(-1, keepdims=True)
+        logz = top[:, 0] + np.log(np.exp(logits - top).sum(-1))
+        bits += float((logz - logits[np.arange(n - 1), w[1:]]).sum()) / math.log(2)
+        count += n - 1
+        at += n - 1
+    return bits / count
+
+
+def check_trained(d):
+    cfg, p = gpt2.load(d)
+    expect = json.load(open(os.path.join(d, "expect.json")))
+    for lang, theirs in sorted(expect["bits_per_byte"].items()):
+        text = open(os.path.join(d, f"heldout-{lang}.bin"), "rb").read()
+        ours = bits_per_byte(cfg, p, text, expect["windows"])
+        assert abs(ours - theirs) < 1e-3, f"{lang}: tapestry {theirs:.5f} bits per byte, NumPy {ours:.5f}"
+        print(f"{lang}: {ours:.4f} bits per byte (tapestry {theirs:.4f})")
+    seq = list(expect["prompt"].encode())
+    sampled = expect["sampled"]
+    for k, b in enumerate(sampled):
+        last = gpt2.forward(cfg, p, seq[-cfg["n_positions"] :])[-1]
+        best = int(np.argmax(last))
+        if best != b:
+            gap = float(last[best] - last[b])
+            assert gap < 1e-3, f"byte {k}: tapestry chose {b}, NumPy {best} by {gap:.2e}"
+            print(f"a near tie at byte {k} ({gap:.2e}): the rest is not compared")
+            break
+        seq.append(b)
+    else:
+        k = len(sampled)
+    print(f"PASS: the trained export scores the held-out text as tapestry does and decodes "
+          f"its {k} sampled bytes: {bytes(sampled[:k])!r}")
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "target/debug/tapestry"))
+    args = sys.argv[1:]
+    trained = None
+    if "--trained" in args:
+        i = args.index("--trained")
+        trained = args[i + 1]
+        del args[i : i + 2]
+    rc = main(args[0] if args else "target/debug/tapestry")
+    if trained:
+        check_trained(trained)
+    sys.exit(rc)

@@ -1,7 +1,7 @@
 //! Fetching chunks and payloads from peers, bounded and in parallel: into
-//! the store (what verification needs), or into memory (a gossiped delta's
-//! payload, stored only once it passes the door); and writing small files
-//! atomically.
+//! the store (a head's lost chunk files), or into memory (a delta's
+//! payload, gossiped or named by a version being verified: stored only
+//! once it passes the door); and writing small files atomically.
 
 use super::*;
 
@@ -166,6 +166,26 @@ pub(super) async fn fetch_payload(
     providers: &[PeerId],
     shared: &Shared,
 ) -> Option<Vec<u8>> {
+    let chunks = fetch_payload_chunks(net, store, manifest, providers, shared).await?;
+    let m = manifest.message();
+    let mut payload = Vec::with_capacity(usize::try_from(m.payload_bytes).ok()?);
+    for c in &chunks {
+        payload.extend_from_slice(c);
+    }
+    (payload.len() as u64 == m.payload_bytes).then_some(payload)
+}
+
+/// A delta's chunks, fetched into memory in the manifest's order (chunks
+/// the store already holds are read from it), each checked against its
+/// id; `None` if some chunk could not be had or their lengths do not add
+/// up to the declared payload size.
+pub(super) async fn fetch_payload_chunks(
+    net: &NetHandle,
+    store: &Store,
+    manifest: &Verified<DeltaManifest>,
+    providers: &[PeerId],
+    shared: &Shared,
+) -> Option<Vec<Vec<u8>>> {
     let m = manifest.message();
     let got: Mutex<HashMap<ContentId, Vec<u8>>> = Mutex::default();
     let held = |id: &ContentId| -> Option<Vec<u8>> {
@@ -196,11 +216,13 @@ pub(super) async fn fetch_payload(
         return None;
     }
     let got = got.into_inner().ok()?;
-    let mut payload = Vec::with_capacity(usize::try_from(m.payload_bytes).ok()?);
-    for id in &m.chunk_ids {
-        payload.extend_from_slice(got.get(id)?);
-    }
-    (payload.len() as u64 == m.payload_bytes).then_some(payload)
+    let chunks: Vec<Vec<u8>> = m
+        .chunk_ids
+        .iter()
+        .map(|id| got.get(id).cloned())
+        .collect::<Option<_>>()?;
+    let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+    (total == m.payload_bytes).then_some(chunks)
 }
 
 impl Node {

@@ -652,17 +652,24 @@ async fn gather(
             {
                 from.push(author);
             }
+            // Into memory first: the chunks reach the store only once the
+            // payload passes the door, so a version naming a bad delta
+            // leaves nothing of it on disk.
             let m = dm.message();
-            let fetched = fetch_chunks(
-                &ctx.net,
-                &ctx.store,
-                dm.id(),
-                &m.chunk_ids,
-                &from,
-                &ctx.shared,
-            )
-            .await;
-            if !fetched {
+            let chunks = fetch_payload_chunks(&ctx.net, &ctx.store, dm, &from, &ctx.shared)
+                .await
+                .ok_or(VersionRejection::UnknownDelta(dm.id()))?;
+            let payload = chunks.concat();
+            ctx.door
+                .check_named_payload(m, &payload)
+                .map_err(VersionRejection::DeltaRejected)?;
+            if !space::room_for(&ctx.shared, payload.len()) {
+                return Err(VersionRejection::UnknownDelta(dm.id()));
+            }
+            let pieces: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+            if let Err(e) = ctx.store.put_many(&pieces) {
+                tracing::warn!(error = %e, delta = %dm.id().short(), "cannot store a delta fetched for verification");
+                space::note_failure(&ctx.shared, &e);
                 return Err(VersionRejection::UnknownDelta(dm.id()));
             }
             ctx.shared

@@ -30,7 +30,10 @@ pub fn centralized(settings: &Settings, data: &Data) -> Result<Vec<f64>, SimErro
 }
 
 /// The centralized curve and its final evaluation.
-fn centralized_run(settings: &Settings, data: &Data) -> Result<(Vec<f64>, Evaluation), SimError> {
+fn centralized_run(
+    settings: &Settings,
+    data: &Data,
+) -> Result<(Vec<f64>, Evaluation, Vec<f32>), SimError> {
     let spec = model_spec(settings, data);
     let cfg = centralized_config(settings, data);
     let seed = settings.scenario.seed;
@@ -45,7 +48,7 @@ fn centralized_run(settings: &Settings, data: &Data) -> Result<(Vec<f64>, Evalua
         last = evaluate_on(&spec, &params, &data.test)?;
         curve.push(score(&last));
     }
-    Ok((curve, last))
+    Ok((curve, last, params))
 }
 
 /// Local-only baseline: every node trains alone on its shard for the same
@@ -146,18 +149,21 @@ pub struct AllBaselines {
     pub local_only: Vec<f64>,
     /// A language model's per-language figures.
     pub text: Option<TextBaselines>,
+    /// The centralized model's parameters at the end.
+    pub centralized_params: Vec<f32>,
 }
 
 /// Both baselines, each computed once: the centralized and the local-only
 /// curves, and for a language model its [`TextBaselines`].
 pub fn all_baselines(settings: &Settings, data: &Data) -> Result<AllBaselines, SimError> {
-    let (centralized, central) = centralized_run(settings, data)?;
+    let (centralized, central, centralized_params) = centralized_run(settings, data)?;
     let runs = local_runs(settings, data, &local_sample(settings, data))?;
     Ok(AllBaselines {
         centralized,
         local_only: local_curve(settings, &runs),
         text: matches!(data.train, Examples::Text(_))
             .then(|| text_baselines(data, &central, &runs)),
+        centralized_params,
     })
 }
 

@@ -87,6 +87,8 @@ pub struct Outcome {
     pub churn: ChurnCounts,
     /// What the nodes' chunk stores hold at the end, if they had them.
     pub store: Option<StoreFigures>,
+    /// The parameters of the first honest node's head at the end.
+    pub head: Vec<f32>,
 }
 
 /// What happens next in the simulated world.
@@ -330,8 +332,15 @@ pub fn run_swarm(
     world.schedule_start(&genesis, &params0);
     world.run(progress)?;
     let store = world.store_figures()?;
+    let first_honest = world.honest.first().copied().unwrap_or(0);
+    let head = world
+        .heads
+        .get(first_honest)
+        .map(|(_, p)| p.clone())
+        .unwrap_or_default();
     Ok(Outcome {
         store,
+        head,
         rounds: world.stats,
         honest_nodes: world.honest.len(),
         rejected: world.rejected,
