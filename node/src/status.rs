@@ -41,8 +41,12 @@ pub struct Status {
     /// Bits per byte on each part of the held-out text: one per corpus
     /// file, named by the file name up to its first `.` (the language).
     pub bits_per_byte_by_part: BTreeMap<String, f64>,
-    /// Connected peers.
+    /// Connected peers (as the network sees them: a peer being turned away
+    /// counts until its connection closes).
     pub peers: usize,
+    /// Connected non-members of a permissioned region that the node keeps
+    /// (at most 16; more are turned away); 0 in an open region.
+    pub outsiders: usize,
     /// Peers in this node's gossip mesh (their peer ids).
     pub mesh: Vec<String>,
     /// Peers' model versions being verified now (at most 16 at once).

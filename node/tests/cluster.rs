@@ -940,18 +940,27 @@ fn in_a_permissioned_region_outsiders_get_nothing_and_a_crowd_of_them_changes_no
     wait_for(&[&c], 60, "the crowd to be turned away", |s| {
         refused(s) >= before[2] + 4 + (CROWD - 16) as u64
     });
-    // C holds its members and at most 16 outsiders (the crowd dials again
-    // every 5 s, so a few more may be between connecting and being turned
-    // away at any moment: the median of 20 looks over 10 s is checked).
-    let mut held: Vec<u64> = (0..20)
+    // C keeps its members and at most 16 outsiders: its own count
+    // (`outsiders`) never passes 16. The crowd dials again every 5 s, so
+    // the network's count also holds peers between connecting and being
+    // turned away (a loaded machine delays the turning away); it comes
+    // back to the bound (2 members + 16) at some moment of 20 looks over
+    // 10 s, so no turned-away peer stays.
+    let looks: Vec<(u64, u64)> = (0..20)
         .map(|_| {
             std::thread::sleep(Duration::from_millis(500));
-            c.status()["peers"].as_u64().unwrap()
+            let s = c.status();
+            (
+                s["outsiders"].as_u64().unwrap(),
+                s["peers"].as_u64().unwrap(),
+            )
         })
         .collect();
-    eprintln!("C with a crowd at its door holds {held:?} peers");
-    held.sort_unstable();
-    assert!(held[held.len() / 2] <= 2 + 16, "{held:?}");
+    eprintln!("C with a crowd at its door: (outsiders kept, connected) {looks:?}");
+    assert!(looks.iter().all(|&(kept, _)| kept <= 16), "{looks:?}");
+    // A crowd of 256 fills the 16 places (the count is not idle).
+    assert!(looks.iter().any(|&(kept, _)| kept == 16), "{looks:?}");
+    assert!(looks.iter().any(|&(_, held)| held <= 2 + 16), "{looks:?}");
     let st = wait_for(&nodes, 120, "the members to finish", |s| {
         s["finished"].as_bool().unwrap()
     });

@@ -171,19 +171,25 @@ fn text_is_dealt_by_file_and_a_wrong_pairing_is_refused() {
 }
 
 #[test]
-fn the_languages_scenario_file_is_two_nodes_per_language() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/scenarios/languages-14.toml");
-    let mut s = Scenario::from_toml(&std::fs::read_to_string(path).unwrap()).unwrap();
-    assert_eq!(s.data, "text:../shared/data/fortunes");
-    // (The file's data path is from the repository root; tests run in sim/.)
-    s.data = fortunes();
-    let settings = s.settings().unwrap();
-    let data = tapestry_sim::world::Data::load(&settings).unwrap();
-    let langs: Vec<Vec<String>> = (0..14).map(|i| data.parts_of(i)).collect();
-    for pair in langs.chunks(2) {
-        assert_eq!(pair[0], pair[1]);
-        assert_eq!(pair[0].len(), 1);
+fn the_languages_scenario_files_are_two_nodes_per_language() {
+    for (file, model) in [
+        ("languages-14.toml", "transformer:1,32,2,32"),
+        ("languages-14-1m.toml", "transformer:4,144,4,64"),
+    ] {
+        let path = format!("{}/scenarios/{file}", env!("CARGO_MANIFEST_DIR"));
+        let mut s = Scenario::from_toml(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(s.data, "text:../shared/data/fortunes", "{file}");
+        assert_eq!(s.model, model, "{file}");
+        // (The file's data path is from the repository root; tests run in sim/.)
+        s.data = fortunes();
+        let settings = s.settings().unwrap();
+        let data = tapestry_sim::world::Data::load(&settings).unwrap();
+        let langs: Vec<Vec<String>> = (0..14).map(|i| data.parts_of(i)).collect();
+        for pair in langs.chunks(2) {
+            assert_eq!(pair[0], pair[1], "{file}");
+            assert_eq!(pair[0].len(), 1, "{file}");
+        }
+        assert_eq!(langs[0], ["cs"], "{file}");
+        assert_eq!(langs[13], ["ru"], "{file}");
     }
-    assert_eq!(langs[0], ["cs"]);
-    assert_eq!(langs[13], ["ru"]);
 }

@@ -540,8 +540,10 @@ impl Node {
 
     async fn refresh_network(&self) {
         let snap = self.net.snapshot();
+        let outsiders = self.peers.iter().filter(|p| !self.member(p)).count();
         self.shared.update(|s| {
             s.peers = snap.peers.len();
+            s.outsiders = outsiders;
             s.mesh = snap.mesh.clone();
             s.listen = snap.listen.clone();
         });

@@ -155,9 +155,33 @@ pub struct AllBaselines {
 
 /// Both baselines, each computed once: the centralized and the local-only
 /// curves, and for a language model its [`TextBaselines`].
+///
+/// With two workers or more, the centralized model trains on one of them
+/// while the lone nodes share the others (the centralized run is one
+/// sequential model, as long as all the lone nodes together); the results
+/// do not depend on it.
 pub fn all_baselines(settings: &Settings, data: &Data) -> Result<AllBaselines, SimError> {
-    let (centralized, central, centralized_params) = centralized_run(settings, data)?;
-    let runs = local_runs(settings, data, &local_sample(settings, data))?;
+    let sampled = local_sample(settings, data);
+    let workers = par::workers(settings.scenario.threads);
+    let (central_run, runs) = if workers >= 2 {
+        let mut alone = settings.clone();
+        alone.scenario.threads = workers - 1;
+        std::thread::scope(|scope| {
+            let central = scope.spawn(|| centralized_run(settings, data));
+            let runs = local_runs(&alone, data, &sampled);
+            let central = central
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (central, runs)
+        })
+    } else {
+        (
+            centralized_run(settings, data),
+            local_runs(settings, data, &sampled),
+        )
+    };
+    let (centralized, central, centralized_params) = central_run?;
+    let runs = runs?;
     Ok(AllBaselines {
         centralized,
         local_only: local_curve(settings, &runs),
