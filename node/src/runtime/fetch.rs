@@ -11,7 +11,7 @@ use super::*;
 pub(super) const MAX_PROVIDED: usize = 256;
 
 /// Chunk fetches in flight at once for one payload.
-pub(super) const PARALLEL_FETCHES: usize = 8;
+pub const PARALLEL_FETCHES: usize = 8;
 
 /// Fetches the chunks of `ids` not yet in the store into it (see
 /// [`fetch_into`]).

@@ -52,6 +52,7 @@ use names::*;
 use verifying::*;
 
 pub use crate::status::{Shared, Status};
+pub use fetch::PARALLEL_FETCHES;
 pub use names::{
     HEAD_REF, attested_ref, deltas_topic, genesis_key, models_topic, node_id_of, verified_ref,
 };

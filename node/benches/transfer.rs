@@ -1,0 +1,349 @@
+//! Chunk transfer between two nodes against a raw libp2p stream, side by
+//! side in one run, over TCP (noise, yamux) and over QUIC on loopback.
+//!
+//! - **Fetch**: what a node does to get a delta's chunks: the node's network
+//!   task (`net::spawn`, every behaviour of a node) on both sides; the
+//!   serving side answers each `Chunk` request as the node does (a re-hashed
+//!   read from its sled store on a blocking thread); the fetching side keeps
+//!   [`PARALLEL_FETCHES`] requests in flight (the node's figure, and more for
+//!   comparison), checks every chunk against its BLAKE3 id and puts it into
+//!   its own sled store, then flushes it. Timed from the first request to
+//!   the flush's end.
+//! - **Raw**: a swarm with nothing but `libp2p-stream` on the same
+//!   transports, one stream carrying the same number of bytes from memory
+//!   to memory (read and dropped): what the transport itself moves.
+//!
+//! Chunks of the protocol's size (256 KiB) with the node's requests in
+//! flight and four times as many, and of 1 MiB and 4 MiB (the largest a
+//! manifest may name) with the node's: what chunk size to choose. Runs
+//! alternate (raw, fetch, raw, fetch, ...) so both see the same machine;
+//! medians are printed with their ratio.
+//!
+//! `cargo bench -p tapestry-node --bench transfer [-- MIB [RUNS]]` (defaults:
+//! 1024 MiB, 3 runs).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, noise, tcp, yamux};
+use tapestry_node::net::{self, NetConfig, NetEvent, NetHandle};
+use tapestry_node::runtime::PARALLEL_FETCHES;
+use tapestry_protocol::{
+    ContentId, DEFAULT_CHUNK_SIZE, FetchRequest, FetchResponse, Keypair, MAX_CHUNK_SIZE,
+};
+use tapestry_storage::{ChunkStore, SledConfig, SledStore};
+use tokio::sync::oneshot;
+
+const RAW: StreamProtocol = StreamProtocol::new("/tapestry-bench/raw/1");
+
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    Tcp,
+    Quic,
+}
+
+impl Transport {
+    fn listen(self) -> Multiaddr {
+        match self {
+            Transport::Tcp => "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
+            Transport::Quic => "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap(),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "TCP+noise+yamux",
+            Transport::Quic => "QUIC",
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let mib: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(1024);
+    let runs: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(3);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    println!("transfer of {mib} MiB, {runs} runs each, medians");
+    println!("| transport | chunk | in flight | raw stream MB/s | fetch MB/s | fetch / raw |");
+    println!("|---|---|---|---|---|---|");
+    // The protocol's chunk size with the node's requests in flight and
+    // four times as many; 1 MiB and 4 MiB chunks (the largest a manifest
+    // may name) with the node's.
+    let cases = [
+        (DEFAULT_CHUNK_SIZE, PARALLEL_FETCHES),
+        (DEFAULT_CHUNK_SIZE, 4 * PARALLEL_FETCHES),
+        (1 << 20, PARALLEL_FETCHES),
+        (MAX_CHUNK_SIZE, PARALLEL_FETCHES),
+    ];
+    let mut stores: Vec<(usize, Arc<SledStore>, Vec<ContentId>)> = Vec::new();
+    for (size, _) in cases {
+        if stores.iter().any(|(s, _, _)| *s == size) {
+            continue;
+        }
+        let chunks = (mib << 20) / size;
+        eprintln!(
+            "writing {chunks} chunks of {} KiB into a serving store",
+            size >> 10
+        );
+        let store = Arc::new(
+            SledStore::open(
+                &tmp.path().join(format!("server-{size}")),
+                &SledConfig::default(),
+            )
+            .unwrap(),
+        );
+        let ids = fill(&store, chunks, size);
+        stores.push((size, store, ids));
+    }
+    for transport in [Transport::Tcp, Transport::Quic] {
+        for (size, parallel) in cases {
+            let (_, store, ids) = stores.iter().find(|(s, _, _)| *s == size).unwrap();
+            let total = ids.len() * size;
+            let (mut raw, mut fetched) = (Vec::new(), Vec::new());
+            for run in 0..runs {
+                let r = rt.block_on(raw_stream(transport, total));
+                let dir = tmp.path().join(format!("client-{run}"));
+                let f = rt.block_on(fetch_all(transport, store.clone(), ids, &dir, parallel));
+                std::fs::remove_dir_all(&dir).unwrap();
+                eprintln!(
+                    "{}, {} KiB chunks, {parallel} in flight, run {run}: raw {:.0} MB/s, fetch {:.0} MB/s",
+                    transport.name(),
+                    size >> 10,
+                    mbps(total, r),
+                    mbps(total, f)
+                );
+                raw.push(r);
+                fetched.push(f);
+            }
+            let (r, f) = (median(raw), median(fetched));
+            println!(
+                "| {} | {} KiB | {parallel} | {:.0} | {:.0} | {:.2}× |",
+                transport.name(),
+                size >> 10,
+                mbps(total, r),
+                mbps(total, f),
+                r.as_secs_f64() / f.as_secs_f64()
+            );
+        }
+    }
+}
+
+fn mbps(bytes: usize, took: Duration) -> f64 {
+    bytes as f64 / took.as_secs_f64() / 1e6
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// `n` distinct pseudo-random chunks of `size` bytes in `store`, flushed;
+/// their ids.
+fn fill(store: &SledStore, n: usize, size: usize) -> Vec<ContentId> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut chunk = vec![0u8; size];
+    let ids = (0..n)
+        .map(|_| {
+            for word in chunk.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                word.copy_from_slice(&x.to_le_bytes());
+            }
+            store.put(&chunk).unwrap()
+        })
+        .collect();
+    store.flush().unwrap();
+    ids
+}
+
+/// The node's network task on a fresh key, listening on `listen` or
+/// dialling `bootstrap`.
+fn node_net(
+    listen: Option<Multiaddr>,
+    bootstrap: Option<Multiaddr>,
+) -> (NetHandle, net::Events, tokio::task::JoinHandle<()>) {
+    let key = Keypair::generate(&mut rand::rngs::OsRng);
+    net::spawn(
+        &key,
+        NetConfig {
+            listen: listen.into_iter().collect(),
+            bootstrap: bootstrap.into_iter().collect(),
+            ..NetConfig::default()
+        },
+        &mut prometheus_client::registry::Registry::default(),
+    )
+    .unwrap()
+}
+
+/// Two nodes' network tasks; one serves `store`'s chunks as a node does,
+/// the other fetches `ids` with `parallel` requests in flight into a fresh
+/// sled store in `dir`. How long the fetch took, to the flush's end.
+async fn fetch_all(
+    transport: Transport,
+    store: Arc<SledStore>,
+    ids: &[ContentId],
+    dir: &std::path::Path,
+    parallel: usize,
+) -> Duration {
+    let (server, mut server_events, server_task) = node_net(Some(transport.listen()), None);
+    let addr = loop {
+        match server_events.recv().await.unwrap() {
+            NetEvent::Listening(addr) => break addr,
+            _ => continue,
+        }
+    };
+    let serving = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            while let Some(event) = server_events.recv().await {
+                if let NetEvent::Request {
+                    request: FetchRequest::Chunk(id),
+                    channel,
+                    ..
+                } = event
+                {
+                    let (store, server) = (store.clone(), server.clone());
+                    tokio::spawn(async move {
+                        let response =
+                            tokio::task::spawn_blocking(move || match store.get_verified(&id) {
+                                Ok(Some(bytes)) => FetchResponse::Chunk(bytes.to_vec()),
+                                _ => FetchResponse::NotFound,
+                            })
+                            .await
+                            .unwrap();
+                        let _ = server.respond(channel, response).await;
+                    });
+                }
+            }
+        })
+    };
+    let with_peer = addr.with(libp2p::multiaddr::Protocol::P2p(server.peer_id()));
+    let (client, mut client_events, client_task) = node_net(None, Some(with_peer));
+    loop {
+        match client_events.recv().await.unwrap() {
+            NetEvent::PeerConnected(p) if p == server.peer_id() => break,
+            _ => continue,
+        }
+    }
+    let draining = tokio::spawn(async move { while client_events.recv().await.is_some() {} });
+    let sink = SledStore::open(dir, &SledConfig::default()).unwrap();
+    let peer = server.peer_id();
+    let start = Instant::now();
+    let (client_ref, sink_ref) = (&client, &sink);
+    let got: usize = futures::stream::iter(ids.iter().copied())
+        .map(|id| async move {
+            match client_ref.fetch(peer, FetchRequest::Chunk(id)).await {
+                Ok(FetchResponse::Chunk(bytes)) if ContentId::of(&bytes) == id => {
+                    sink_ref.put(&bytes).unwrap();
+                    1
+                }
+                other => panic!("chunk {id} not fetched: {other:?}"),
+            }
+        })
+        .buffer_unordered(parallel)
+        .fold(0, |n, one| async move { n + one })
+        .await;
+    sink.flush().unwrap();
+    let took = start.elapsed();
+    assert_eq!(got, ids.len());
+    for task in [serving, draining, server_task, client_task] {
+        task.abort();
+    }
+    took
+}
+
+/// A swarm with nothing but raw streams, on the node's transports and
+/// their settings.
+fn raw_swarm() -> Swarm<libp2p_stream::Behaviour> {
+    SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_quic()
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build()
+}
+
+/// Two raw swarms; the listener writes `total` bytes on one stream, the
+/// dialler reads them to the end. How long that took, from opening the
+/// stream.
+async fn raw_stream(transport: Transport, total: usize) -> Duration {
+    let mut server = raw_swarm();
+    let server_id = *server.local_peer_id();
+    let mut incoming = server.behaviour().new_control().accept(RAW).unwrap();
+    server.listen_on(transport.listen()).unwrap();
+    let (listening_tx, listening) = oneshot::channel();
+    let server_task = tokio::spawn(async move {
+        let mut listening_tx = Some(listening_tx);
+        loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = server.select_next_some().await
+                && let Some(tx) = listening_tx.take()
+            {
+                let _ = tx.send(address);
+            }
+        }
+    });
+    let writer = tokio::spawn(async move {
+        let (_, mut stream) = incoming.next().await.unwrap();
+        let block = vec![0x5au8; 1 << 20];
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(block.len());
+            stream.write_all(&block[..n]).await.unwrap();
+            left -= n;
+        }
+        stream.close().await.unwrap();
+    });
+    let addr = listening.await.unwrap();
+    let mut client = raw_swarm();
+    let mut control = client.behaviour().new_control();
+    client.dial(addr).unwrap();
+    let (connected_tx, connected) = oneshot::channel::<PeerId>();
+    let client_task = tokio::spawn(async move {
+        let mut connected_tx = Some(connected_tx);
+        loop {
+            if let SwarmEvent::ConnectionEstablished { peer_id, .. } =
+                client.select_next_some().await
+                && let Some(tx) = connected_tx.take()
+            {
+                let _ = tx.send(peer_id);
+            }
+        }
+    });
+    assert_eq!(connected.await.unwrap(), server_id);
+    let start = Instant::now();
+    let mut stream = control.open_stream(server_id, RAW).await.unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut read = 0;
+    loop {
+        let n = stream.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        read += n;
+    }
+    let took = start.elapsed();
+    assert_eq!(read, total);
+    writer.await.unwrap();
+    server_task.abort();
+    client_task.abort();
+    took
+}
