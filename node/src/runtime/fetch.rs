@@ -13,9 +13,11 @@ pub(super) const MAX_PROVIDED: usize = 256;
 /// Chunk fetches in flight at once for one payload.
 pub const PARALLEL_FETCHES: usize = 8;
 
-/// Fetches the chunks of `ids` not yet in the store into it (see
-/// [`fetch_into`]).
-pub(super) async fn fetch_chunks(
+/// Fetches the chunks of `ids` not yet in the store into it, several at
+/// once, each checked against its id (see `fetch_into`); whether all are
+/// there at the end. `content` is what the DHT is asked providers of
+/// when `providers` fail. (Public for the transfer bench.)
+pub async fn fetch_chunks(
     net: &NetHandle,
     store: &Store,
     content: ContentId,

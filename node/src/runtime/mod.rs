@@ -52,10 +52,11 @@ use names::*;
 use verifying::*;
 
 pub use crate::status::{Shared, Status};
-pub use fetch::PARALLEL_FETCHES;
+pub use fetch::{PARALLEL_FETCHES, fetch_chunks};
 pub use names::{
     HEAD_REF, attested_ref, deltas_topic, genesis_key, models_topic, node_id_of, verified_ref,
 };
+pub use serve::read as read_for_peer;
 
 /// The store a node keeps everything in.
 pub type Store = Arc<dyn ChunkStore + Send + Sync>;

@@ -115,8 +115,10 @@ impl Node {
     }
 }
 
-/// A chunk (re-hashed: a rotten one is not served) or a signed manifest.
-fn read(store: &Store, request: &FetchRequest) -> FetchResponse {
+/// The answer to a peer's chunk or manifest request, read from `store`: a
+/// chunk (re-hashed: a rotten one is not served) or a signed manifest;
+/// `NotFound` for anything else. Blocking. (Public for the transfer bench.)
+pub fn read(store: &Store, request: &FetchRequest) -> FetchResponse {
     match request {
         FetchRequest::Chunk(id) => match store.get_verified(id) {
             Ok(Some(bytes)) => FetchResponse::Chunk(bytes.to_vec()),
