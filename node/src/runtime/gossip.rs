@@ -19,6 +19,12 @@ impl Node {
         self.roster().is_none() || node_id_of(peer).is_some_and(|id| self.admitted(&id))
     }
 
+    /// Connected non-members this node keeps (at most [`MAX_OUTSIDERS`];
+    /// 0 in an open region).
+    pub(super) fn outsiders(&self) -> usize {
+        self.peers.iter().filter(|p| !self.member(p)).count()
+    }
+
     /// The region's roster, if it is permissioned.
     pub(super) fn roster(&self) -> Option<&Roster> {
         self.settings.roster.as_ref().map(|r| r.message())
@@ -38,8 +44,7 @@ impl Node {
                     // [`MAX_OUTSIDERS`] connected non-members, more are
                     // turned away (refused, counted), so a crowd of peer ids
                     // cannot take the slots members connect on.
-                    let outsiders = self.peers.iter().filter(|p| !self.member(p)).count();
-                    if outsiders >= MAX_OUTSIDERS {
+                    if self.outsiders() >= MAX_OUTSIDERS {
                         self.refuse(&Rejection::Outsider(peer.to_string()), &peer);
                         let _ = self.net.disconnect(peer).await;
                         return;

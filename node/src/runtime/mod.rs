@@ -542,7 +542,7 @@ impl Node {
 
     async fn refresh_network(&self) {
         let snap = self.net.snapshot();
-        let outsiders = self.peers.iter().filter(|p| !self.member(p)).count();
+        let outsiders = self.outsiders();
         self.shared.update(|s| {
             s.peers = snap.peers.len();
             s.outsiders = outsiders;
