@@ -2,24 +2,27 @@
 //! side in one run, over TCP (noise, yamux) and over QUIC on loopback.
 //!
 //! - **Fetch**: the node's own code on both sides: its network task
-//!   (`net::spawn`, every behaviour of a node); the serving side answers
-//!   each request with the node's read (`runtime::read_for_peer`: the chunk
-//!   re-hashed from its sled store, on a blocking thread); the fetching side
-//!   runs the node's `runtime::fetch_chunks` ([`PARALLEL_FETCHES`] requests
-//!   in flight, every chunk checked against its BLAKE3 id and put into its
-//!   own sled store), then flushes that store. Timed from the first request
-//!   to the flush's end.
+//!   (`net::spawn`, every behaviour of a node); the serving side serves
+//!   chunk streams as a node does (`runtime::serve_chunk_streams`: each
+//!   chunk re-hashed from its sled store on a blocking thread, read ahead of
+//!   the writes); the fetching side runs the node's `runtime::fetch_chunks`
+//!   ([`STREAMS_PER_PROVIDER`] streams of [`BATCH`] chunks in flight, every
+//!   chunk checked against its BLAKE3 id and put into its own sled store),
+//!   then flushes that store. Timed from the first request to the flush's
+//!   end.
+//! - **Into memory**: the same fetch into a memory store (no disk): what
+//!   the protocol and its checks cost apart from writing the chunk files.
 //! - **Raw**: a swarm with nothing but `libp2p-stream` on the same
 //!   transports, one stream carrying the same number of bytes from memory
 //!   to memory (read and dropped): what the transport itself moves.
 //!
 //! Chunks of the protocol's size (256 KiB), of 1 MiB and of 4 MiB (the
 //! largest a manifest may name): what chunk size to choose. Runs
-//! alternate (raw, fetch, raw, fetch, ...) so both see the same machine;
-//! medians are printed with their ratio.
+//! alternate (raw, fetch, into memory, raw, ...) so all see the same
+//! machine; medians are printed with their ratios.
 //!
-//! `cargo bench -p tapestry-node --bench transfer [-- MIB [RUNS]]` (defaults:
-//! 1024 MiB, 3 runs).
+//! `cargo bench -p tapestry-node --bench transfer [-- MIB [RUNS [CHUNK_KIB]]]`
+//! (defaults: 1024 MiB, 3 runs, every chunk size).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -32,9 +35,11 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, noise, tcp,
 use prometheus_client::registry::Registry;
 use tapestry_node::metrics::Metrics;
 use tapestry_node::net::{self, NetConfig, NetEvent, NetHandle};
-use tapestry_node::runtime::{PARALLEL_FETCHES, Shared, Store, fetch_chunks, read_for_peer};
+use tapestry_node::runtime::{
+    BATCH, STREAMS_PER_PROVIDER, Shared, Store, fetch_chunks, serve_chunk_streams,
+};
 use tapestry_protocol::{ContentId, DEFAULT_CHUNK_SIZE, Keypair, MAX_CHUNK_SIZE};
-use tapestry_storage::{ChunkStore, SledConfig, SledStore};
+use tapestry_storage::{ChunkStore, MemoryStore, SledConfig, SledStore};
 use tokio::sync::oneshot;
 
 const RAW: StreamProtocol = StreamProtocol::new("/tapestry-bench/raw/1");
@@ -68,21 +73,26 @@ fn main() {
         .collect();
     let mib: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(1024);
     let runs: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(3);
+    // Optionally one chunk size only, in KiB.
+    let only: Option<usize> = args.get(2).and_then(|a| a.parse::<usize>().ok());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     println!(
-        "transfer of {mib} MiB, {runs} runs each, medians; the node fetches with {PARALLEL_FETCHES} requests in flight"
+        "transfer of {mib} MiB, {runs} runs each, medians; the node fetches on {STREAMS_PER_PROVIDER} streams of {BATCH} chunks"
     );
     println!(
-        "| transport | chunk | raw stream MB/s | fetch MB/s | fetch / raw | the final flush, of the fetch's time |"
+        "| transport | chunk | raw stream MB/s | fetch MB/s | fetch / raw | the final flush, of the fetch's time | fetch into memory MB/s | into memory / raw |"
     );
-    println!("|---|---|---|---|---|---|");
-    let cases = [DEFAULT_CHUNK_SIZE, 1 << 20, MAX_CHUNK_SIZE];
+    println!("|---|---|---|---|---|---|---|---|");
+    let cases: Vec<usize> = [DEFAULT_CHUNK_SIZE, 1 << 20, MAX_CHUNK_SIZE]
+        .into_iter()
+        .filter(|s| only.is_none_or(|k| k << 10 == *s))
+        .collect();
     let mut stores: Vec<(usize, Store, Vec<ContentId>)> = Vec::new();
-    for size in cases {
+    for &size in &cases {
         if stores.iter().any(|(s, _, _)| *s == size) {
             continue;
         }
@@ -102,37 +112,48 @@ fn main() {
         stores.push((size, store, ids));
     }
     for transport in [Transport::Tcp, Transport::Quic] {
-        for size in cases {
+        for &size in &cases {
             let (_, store, ids) = stores.iter().find(|(s, _, _)| *s == size).unwrap();
             let total = ids.len() * size;
-            let (mut raw, mut fetched, mut flushes) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut raw, mut fetched, mut flushes, mut in_memory) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for run in 0..runs {
                 let r = rt.block_on(raw_stream(transport, total));
                 let dir = tmp.path().join(format!("client-{run}"));
-                let (f, flush) = rt.block_on(fetch_all(transport, store.clone(), ids, &dir));
-                std::fs::remove_dir_all(&dir).unwrap();
+                let (f, flush) = rt.block_on(fetch_all(transport, store.clone(), ids, Some(&dir)));
+                let _ = std::fs::remove_dir_all(&dir);
+                let (m, _) = rt.block_on(fetch_all(transport, store.clone(), ids, None));
                 eprintln!(
-                    "{}, {} KiB chunks, run {run}: raw {:.0} MB/s, fetch {:.0} MB/s (flush {:.2} s)",
+                    "{}, {} KiB chunks, run {run}: raw {:.0} MB/s, fetch {:.0} MB/s (flush {:.2} s), into memory {:.0} MB/s",
                     transport.name(),
                     size >> 10,
                     mbps(total, r),
                     mbps(total, f),
-                    flush.as_secs_f64()
+                    flush.as_secs_f64(),
+                    mbps(total, m),
                 );
                 raw.push(r);
                 fetched.push(f);
                 flushes.push(flush);
+                in_memory.push(m);
             }
-            let (r, f, flush) = (median(raw), median(fetched), median(flushes));
+            let (r, f, flush, m) = (
+                median(raw),
+                median(fetched),
+                median(flushes),
+                median(in_memory),
+            );
             println!(
-                "| {} | {} KiB | {:.0} | {:.0} | {:.2}× | {:.2} s of {:.2} s |",
+                "| {} | {} KiB | {:.0} | {:.0} | **{:.2}×** | {:.2} s of {:.2} s | {:.0} | {:.2}× |",
                 transport.name(),
                 size >> 10,
                 mbps(total, r),
                 mbps(total, f),
                 r.as_secs_f64() / f.as_secs_f64(),
                 flush.as_secs_f64(),
-                f.as_secs_f64()
+                f.as_secs_f64(),
+                mbps(total, m),
+                r.as_secs_f64() / m.as_secs_f64(),
             );
         }
     }
@@ -188,13 +209,14 @@ fn node_net(
 
 /// Two nodes' network tasks; one serves `store`'s chunks as a node does,
 /// the other fetches `ids` as a node does into a fresh sled store in
-/// `dir`. How long the fetch took, to the flush's end, and how long the
-/// flush took of that.
+/// `dir` (or, without one, a memory store: what the transfer and its
+/// checks cost without the disk). How long the fetch took, to the flush's
+/// end, and how long the flush took of that.
 async fn fetch_all(
     transport: Transport,
     store: Store,
     ids: &[ContentId],
-    dir: &std::path::Path,
+    dir: Option<&std::path::Path>,
 ) -> (Duration, Duration) {
     let (server, mut server_events, server_task) = node_net(Some(transport.listen()), None);
     let addr = loop {
@@ -203,26 +225,13 @@ async fn fetch_all(
             _ => continue,
         }
     };
-    let serving = {
-        let server = server.clone();
-        tokio::spawn(async move {
-            while let Some(event) = server_events.recv().await {
-                if let NetEvent::Request {
-                    request, channel, ..
-                } = event
-                {
-                    let (store, server) = (store.clone(), server.clone());
-                    tokio::spawn(async move {
-                        let response =
-                            tokio::task::spawn_blocking(move || read_for_peer(&store, &request))
-                                .await
-                                .unwrap();
-                        let _ = server.respond(channel, response).await;
-                    });
-                }
-            }
-        })
-    };
+    let serving = tokio::spawn(serve_chunk_streams(
+        server.accept_chunks().unwrap(),
+        store,
+        Shared::new(Arc::new(Metrics::new(Registry::default()))),
+        Arc::new(|_: &PeerId| true),
+    ));
+    let idle = tokio::spawn(async move { while server_events.recv().await.is_some() {} });
     let with_peer = addr.with(libp2p::multiaddr::Protocol::P2p(server.peer_id()));
     let (client, mut client_events, client_task) = node_net(None, Some(with_peer));
     loop {
@@ -232,7 +241,10 @@ async fn fetch_all(
         }
     }
     let draining = tokio::spawn(async move { while client_events.recv().await.is_some() {} });
-    let sink: Store = Arc::new(SledStore::open(dir, &SledConfig::default()).unwrap());
+    let sink: Store = match dir {
+        Some(dir) => Arc::new(SledStore::open(dir, &SledConfig::default()).unwrap()),
+        None => Arc::new(MemoryStore::new()),
+    };
     let shared = Shared::new(Arc::new(Metrics::new(Registry::default())));
     let peer = server.peer_id();
     let start = Instant::now();
@@ -242,7 +254,7 @@ async fn fetch_all(
     let took = start.elapsed();
     assert!(all, "not every chunk was fetched");
     assert_eq!(shared.metrics.chunks_fetched.get(), ids.len() as u64);
-    for task in [serving, draining, server_task, client_task] {
+    for task in [serving, idle, draining, server_task, client_task] {
         task.abort();
     }
     (took, took - fetched)

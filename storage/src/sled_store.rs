@@ -277,6 +277,12 @@ impl SledStore {
     fn sync_chunks(&self) -> Result<(), StoreError> {
         let Unsynced { files, dirs } = std::mem::take(&mut *self.unsynced());
         let result = (|| {
+            // Many files: one syncfs of the chunks' file system instead of
+            // an fsync (and, on journalling file systems, a journal commit)
+            // each; a fetched payload of 1 GiB is 4,096 files.
+            if files.len() >= SYNCFS_FROM && syncfs(&self.chunks).is_ok() {
+                return Ok(());
+            }
             for f in &files {
                 match fs::File::open(f).and_then(|f| f.sync_all()) {
                     Ok(()) => {}
@@ -300,6 +306,32 @@ impl SledStore {
         }
         result
     }
+}
+
+/// Unsynced chunk files from which a flush syncs their whole file system
+/// at once (Linux) instead of each file.
+const SYNCFS_FROM: usize = 32;
+
+/// Makes everything written to the file system holding `dir` durable
+/// (`syncfs(2)`); an error where there is no such call.
+#[cfg(target_os = "linux")]
+fn syncfs(dir: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let d = fs::File::open(dir)?;
+    // SAFETY: the descriptor is open for the whole call (`d` lives to the
+    // end of this function); syncfs reads nothing else of ours.
+    #[allow(unsafe_code)]
+    let r = unsafe { libc::syncfs(d.as_raw_fd()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn syncfs(_: &Path) -> io::Result<()> {
+    Err(io::Error::new(io::ErrorKind::Unsupported, "no syncfs here"))
 }
 
 /// The flush count the database holds.

@@ -207,31 +207,18 @@ pub trait ChunkStore: Backend {
     /// what a crash can leave); returns their ids in order.
     fn put_many(&self, chunks: &[&[u8]]) -> Result<Vec<ContentId>, StoreError> {
         let ids: Vec<ContentId> = chunks.iter().map(|c| ContentId::of(c)).collect();
-        let mut lens = Vec::with_capacity(chunks.len());
-        for c in chunks {
-            let len = u32::try_from(c.len()).map_err(|_| StoreError::BadChunkSize(c.len()))?;
-            lens.push(len.to_le_bytes());
-        }
-        let _shared = self.gc_gate().shared();
-        let mut batch = Vec::with_capacity(chunks.len() * 2);
-        let mut seen = HashSet::with_capacity(chunks.len());
-        for ((id, bytes), len) in ids.iter().zip(chunks).zip(&lens) {
-            // Skip only what is really there: an indexed chunk whose bytes
-            // the disk lost is written again.
-            if !seen.insert(*id)
-                || (self.kv_contains(&key(INDEX, id.as_bytes()))?
-                    && self.kv_contains(&key(CHUNK, id.as_bytes()))?)
-            {
-                continue;
-            }
-            batch.push(KvOp::Put(key(CHUNK, id.as_bytes()), bytes));
-            batch.push(KvOp::Put(key(INDEX, id.as_bytes()), len));
-        }
-        if !batch.is_empty() {
-            self.kv_apply(batch)?;
-        }
-        self.gc_gate().record(ids.iter().copied());
+        put_with_ids(self, &ids, chunks)?;
         Ok(ids)
+    }
+
+    /// Stores a chunk under `id`, which the caller has just checked it
+    /// against (`id.matches(bytes)`: a chunk fetched from a peer and
+    /// verified on arrival), without hashing it again. A chunk stored under
+    /// a wrong id is never served or applied: [`ChunkStore::get_verified`]
+    /// quarantines it (and debug builds check here).
+    fn put_checked(&self, id: ContentId, bytes: &[u8]) -> Result<(), StoreError> {
+        debug_assert!(id.matches(bytes), "put_checked with a wrong id");
+        put_with_ids(self, &[id], &[bytes])
     }
 
     /// Reads a chunk as stored, without re-hashing it. Use
@@ -640,6 +627,40 @@ pub trait ChunkStore: Backend {
 }
 
 impl<B: Backend> ChunkStore for B {}
+
+/// Stores `chunks` under `ids` (their BLAKE3 ids, computed or checked by
+/// the caller) in one batch.
+fn put_with_ids<S: ChunkStore + ?Sized>(
+    s: &S,
+    ids: &[ContentId],
+    chunks: &[&[u8]],
+) -> Result<(), StoreError> {
+    let mut lens = Vec::with_capacity(chunks.len());
+    for c in chunks {
+        let len = u32::try_from(c.len()).map_err(|_| StoreError::BadChunkSize(c.len()))?;
+        lens.push(len.to_le_bytes());
+    }
+    let _shared = s.gc_gate().shared();
+    let mut batch = Vec::with_capacity(chunks.len() * 2);
+    let mut seen = HashSet::with_capacity(chunks.len());
+    for ((id, bytes), len) in ids.iter().zip(chunks).zip(&lens) {
+        // Skip only what is really there: an indexed chunk whose bytes
+        // the disk lost is written again.
+        if !seen.insert(*id)
+            || (s.kv_contains(&key(INDEX, id.as_bytes()))?
+                && s.kv_contains(&key(CHUNK, id.as_bytes()))?)
+        {
+            continue;
+        }
+        batch.push(KvOp::Put(key(CHUNK, id.as_bytes()), bytes));
+        batch.push(KvOp::Put(key(INDEX, id.as_bytes()), len));
+    }
+    if !batch.is_empty() {
+        s.kv_apply(batch)?;
+    }
+    s.gc_gate().record(ids.iter().copied());
+    Ok(())
+}
 
 fn id_from_value(v: &[u8]) -> Option<ContentId> {
     <[u8; 32]>::try_from(v).ok().map(ContentId::from_bytes)

@@ -1,7 +1,7 @@
 //! Building the swarm: the transports (TCP with noise and yamux, QUIC,
 //! DNS, the relay client) and the behaviours — identify, ping, Kademlia,
 //! mDNS, gossipsub with its message id and peer scoring, the fetch
-//! protocol, DCUtR, AutoNAT and connection limits.
+//! protocol, the stream behaviour of the chunk protocol, DCUtR, AutoNAT and connection limits.
 
 use super::*;
 
@@ -77,6 +77,7 @@ pub(super) fn swarm(
                 mdns: Toggle::from(mdns),
                 gossipsub: gossipsub_behaviour(key, config).map_err(Box::new)?,
                 fetch,
+                streams: libp2p_stream::Behaviour::new(),
                 relay_client,
                 dcutr: dcutr::Behaviour::new(peer_id),
                 autonat: autonat::Behaviour::new(
@@ -119,6 +120,8 @@ mod behaviour {
         pub(in crate::net) mdns: Toggle<mdns::tokio::Behaviour>,
         pub(in crate::net) gossipsub: gossipsub::Behaviour,
         pub(in crate::net) fetch: request_response::Behaviour<FetchCodec>,
+        /// Raw streams: the chunk protocol (`chunks`).
+        pub(in crate::net) streams: libp2p_stream::Behaviour,
         pub(in crate::net) relay_client: relay::client::Behaviour,
         pub(in crate::net) dcutr: dcutr::Behaviour,
         pub(in crate::net) autonat: autonat::Behaviour,

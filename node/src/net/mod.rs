@@ -35,12 +35,17 @@ use tapestry_protocol::{ContentId, FetchRequest, FetchResponse, Keypair, NodeId}
 use tokio::sync::{mpsc, oneshot, watch};
 
 mod build;
+mod chunks;
 mod codec;
 mod events;
 mod outbox;
 mod scoring;
 
 pub use build::{Behaviour, BehaviourEvent, SILENCE_LIMIT, message_id};
+pub use chunks::{
+    CHUNKS_PROTOCOL, ChunkReader, Frame, MAX_BATCH, read_request, write_busy, write_chunk,
+    write_missing,
+};
 pub use codec::FetchCodec;
 use events::*;
 pub use outbox::Events;
@@ -79,6 +84,14 @@ pub enum NetError {
     /// The network task has stopped.
     #[error("the network task has stopped")]
     Stopped,
+    /// The peer does not speak the protocol asked for.
+    #[error("{peer} does not speak {protocol}")]
+    Unsupported {
+        /// The peer asked.
+        peer: PeerId,
+        /// The protocol.
+        protocol: StreamProtocol,
+    },
     /// A fetch failed (timeout, dial failure, closed connection...).
     #[error("fetch from {peer} failed: {reason}")]
     Fetch {
@@ -282,6 +295,22 @@ pub struct NetHandle {
     tx: mpsc::Sender<Command>,
     peer_id: PeerId,
     view: watch::Receiver<NetSnapshot>,
+    /// Opens and accepts streams of the swarm's stream behaviour (the
+    /// chunk protocol) without going through the task; none on a detached
+    /// handle.
+    streams: Option<Streams>,
+    /// How long a fetch may wait for each answer.
+    timeout: Duration,
+}
+
+/// The swarm's stream control (it has no `Debug` of its own).
+#[derive(Clone)]
+struct Streams(libp2p_stream::Control);
+
+impl std::fmt::Debug for Streams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Streams")
+    }
 }
 
 impl NetHandle {
@@ -291,7 +320,16 @@ impl NetHandle {
     pub(crate) fn detached(peer_id: PeerId) -> (NetHandle, mpsc::Receiver<Command>) {
         let (tx, rx) = mpsc::channel(1024);
         let (_, view) = watch::channel(NetSnapshot::default());
-        (NetHandle { tx, peer_id, view }, rx)
+        (
+            NetHandle {
+                tx,
+                peer_id,
+                view,
+                streams: None,
+                timeout: Duration::from_secs(20),
+            },
+            rx,
+        )
     }
 
     /// This node's libp2p peer id.
@@ -412,6 +450,49 @@ impl NetHandle {
         rx.await.map_err(|_| NetError::Stopped)?
     }
 
+    /// Asks `peer` for the chunks `ids` (1 to [`MAX_BATCH`]) on one
+    /// stream of the chunk protocol; the answers are read from the
+    /// returned reader, each within the fetch timeout.
+    /// [`NetError::Unsupported`] if the peer does not speak it (ask chunk
+    /// by chunk with [`NetHandle::fetch`] instead), and always on a
+    /// detached handle.
+    pub async fn chunks(
+        &self,
+        peer: PeerId,
+        ids: &[ContentId],
+    ) -> Result<ChunkReader<libp2p::Stream>, NetError> {
+        let unsupported = NetError::Unsupported {
+            peer,
+            protocol: CHUNKS_PROTOCOL,
+        };
+        let Some(Streams(control)) = &self.streams else {
+            return Err(unsupported);
+        };
+        let failed = |reason: String| NetError::Fetch { peer, reason };
+        let mut control = control.clone();
+        let stream =
+            match tokio::time::timeout(self.timeout, control.open_stream(peer, CHUNKS_PROTOCOL))
+                .await
+            {
+                Err(_) => return Err(failed("opening a chunk stream timed out".into())),
+                Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => {
+                    return Err(unsupported);
+                }
+                Ok(Err(e)) => return Err(failed(e.to_string())),
+                Ok(Ok(s)) => s,
+            };
+        ChunkReader::request(stream, ids, self.timeout)
+            .await
+            .map_err(|e| failed(e.to_string()))
+    }
+
+    /// The chunk streams peers open to this node, once (`None` after the
+    /// first call, and on a detached handle).
+    pub fn accept_chunks(&self) -> Option<libp2p_stream::IncomingStreams> {
+        let Streams(control) = self.streams.as_ref()?;
+        control.clone().accept(CHUNKS_PROTOCOL).ok()
+    }
+
     /// Peers the DHT knows to hold `id` (waits for the look-up).
     pub async fn providers(&self, id: ContentId) -> Result<Vec<PeerId>, NetError> {
         let (reply, rx) = oneshot::channel();
@@ -494,6 +575,7 @@ pub fn spawn(
     // libp2p's own metrics (connections, identify, Kademlia, ping, gossipsub,
     // DCUtR) in the node's registry, beside the bandwidth counters.
     let metrics = libp2p::metrics::Metrics::new(registry);
+    let streams = Streams(swarm.behaviour().streams.new_control());
     let task = tokio::spawn(run(
         swarm,
         cmd_rx,
@@ -508,6 +590,8 @@ pub fn spawn(
             tx: cmd_tx,
             peer_id,
             view,
+            streams: Some(streams),
+            timeout: config.request_timeout,
         },
         Events { rx: ev_rx, bytes },
         task,

@@ -1,7 +1,10 @@
-//! Fetching chunks and payloads from peers, bounded and in parallel: into
+//! Fetching chunks and payloads from peers, bounded, from several at once
+//! (on chunk streams, `/tapestry/chunks/1`): into
 //! the store (a head's lost chunk files), or into memory (a delta's
 //! payload, gossiped or named by a version being verified: stored only
 //! once it passes the door); and writing small files atomically.
+
+use std::collections::VecDeque;
 
 use super::*;
 
@@ -10,13 +13,30 @@ use super::*;
 /// advertise it.)
 pub(super) const MAX_PROVIDED: usize = 256;
 
-/// Chunk fetches in flight at once for one payload.
+/// Chunk requests in flight at once for one payload, with a peer that
+/// does not speak the chunk stream protocol (one chunk per request).
 pub const PARALLEL_FETCHES: usize = 8;
+/// Chunk streams one fetch keeps open at once, over all its providers.
+pub const PARALLEL_STREAMS: usize = 8;
+/// Chunk streams one fetch opens to one provider at once: two, so one
+/// request crosses the network while the other's chunks arrive.
+pub const STREAMS_PER_PROVIDER: usize = 2;
+/// Chunks asked for on one stream (16 MiB at the default chunk size).
+pub const BATCH: usize = net::MAX_BATCH;
+/// Chunks one stream's worker has being checked and kept at once (on
+/// blocking threads) while it reads the next.
+const CHECKS_IN_FLIGHT: usize = 4;
+/// Providers one attempt of a fetch asks at once (the bits of a chunk's
+/// "tried" mask).
+const MAX_PROVIDERS: usize = 64;
+/// Times a provider that answers `Busy` is asked again by one worker
+/// (after 100, 200, 400 ms) before the worker gives up on it.
+const BUSY_TRIES: u32 = 3;
 
-/// Fetches the chunks of `ids` not yet in the store into it, several at
-/// once, each checked against its id (see `fetch_into`); whether all are
-/// there at the end. `content` is what the DHT is asked providers of
-/// when `providers` fail. (Public for the transfer bench.)
+/// Fetches the chunks of `ids` not yet in the store into it, from
+/// `providers` at once (see `fetch_into`), each checked against its id;
+/// whether all are there at the end. `content` is what the DHT is asked
+/// providers of when `providers` fail. (Public for the transfer bench.)
 pub async fn fetch_chunks(
     net: &NetHandle,
     store: &Store,
@@ -25,6 +45,7 @@ pub async fn fetch_chunks(
     providers: &[PeerId],
     shared: &Shared,
 ) -> bool {
+    let sink = store.clone();
     fetch_into(
         net,
         content,
@@ -32,7 +53,7 @@ pub async fn fetch_chunks(
         providers,
         shared,
         &|id| store.has(id).unwrap_or(false),
-        &|bytes| store.put(bytes).is_ok(),
+        Arc::new(move |id, bytes| sink.put_checked(id, &bytes).is_ok()),
     )
     .await
 }
@@ -53,6 +74,7 @@ pub(super) async fn refetch_lost(
     if missing == 0 {
         return (0, true);
     }
+    let sink = store.clone();
     let back = fetch_into(
         net,
         content,
@@ -60,18 +82,227 @@ pub(super) async fn refetch_lost(
         providers,
         shared,
         &|id| !lost(id),
-        &|bytes| store.put(bytes).is_ok(),
+        Arc::new(move |id, bytes| sink.put_checked(id, &bytes).is_ok()),
     )
     .await;
     (missing, back)
 }
 
-/// Fetches the chunks of `ids` that `have` says are missing, several at
-/// once, each from `providers` in turn (starting at a different one per
-/// chunk, so the load spreads), checking each against its id before
-/// handing it to `keep`. A peer that serves a wrong chunk is not asked
-/// again. Between attempts (with backoff) the DHT is asked who else
-/// provides `content`.
+/// Where a fetched chunk goes once it matches its id (on a blocking
+/// thread); false if it could not be kept.
+type Keep = Arc<dyn Fn(ContentId, Vec<u8>) -> bool + Send + Sync>;
+
+/// The chunks a fetch still needs, and which providers each was already
+/// asked of in this attempt (bit `i`: provider `i`).
+#[derive(Default)]
+struct Work {
+    queue: VecDeque<ContentId>,
+    tried: HashMap<ContentId, u64>,
+}
+
+impl Work {
+    /// Up to `n` chunks provider `who` was not asked for yet.
+    fn take(&mut self, who: usize, n: usize) -> Vec<ContentId> {
+        let bit = 1u64 << who;
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        for id in self.queue.drain(..) {
+            if taken.len() < n && self.tried.get(&id).is_none_or(|t| t & bit == 0) {
+                taken.push(id);
+            } else {
+                kept.push_back(id);
+            }
+        }
+        self.queue = kept;
+        taken
+    }
+
+    /// Chunks to ask for again: of another provider when `who` (the one
+    /// that did not serve them) is given, of anyone when it is not.
+    fn put_back(&mut self, ids: impl IntoIterator<Item = ContentId>, who: Option<usize>) {
+        for id in ids {
+            if let Some(who) = who {
+                *self.tried.entry(id).or_default() |= 1u64 << who;
+            }
+            self.queue.push_back(id);
+        }
+    }
+}
+
+/// What one fetch shares among its workers (each a task of its own).
+struct Fetch {
+    net: NetHandle,
+    shared: Shared,
+    work: Mutex<Work>,
+    /// Providers that served a wrong chunk: not asked again.
+    bad: Mutex<BTreeSet<PeerId>>,
+    /// A chunk could not be kept (the store failed): the fetch stops.
+    failed: std::sync::atomic::AtomicBool,
+    keep: Keep,
+}
+
+impl Fetch {
+    fn lock_work(&self) -> std::sync::MutexGuard<'_, Work> {
+        self.work.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_bad(&self, peer: &PeerId) -> bool {
+        self.bad.lock().map(|b| b.contains(peer)).unwrap_or(false)
+    }
+
+    fn stopped(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Takes chunk `id`'s bytes as `peer` (provider `who`) served them
+    /// (blocking: hashes and keeps): kept if they match the id, and true;
+    /// else the peer is faulted and marked bad, the chunk put back for
+    /// others, and false.
+    fn received(&self, peer: PeerId, who: usize, id: ContentId, bytes: Vec<u8>) -> bool {
+        if !id.matches(&bytes) {
+            tracing::warn!(%peer, chunk = %id.short(), "peer served a corrupt chunk");
+            self.shared.metrics.reject("corrupt_chunk");
+            self.net.fault(peer);
+            if let Ok(mut b) = self.bad.lock() {
+                b.insert(peer);
+            }
+            self.lock_work().put_back([id], Some(who));
+            return false;
+        }
+        self.shared.metrics.chunks_fetched.inc();
+        self.shared.metrics.bytes_in.inc_by(bytes.len() as u64);
+        if !(self.keep)(id, bytes) {
+            self.failed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// [`Fetch::received`] on a blocking thread; whether the chunk was
+    /// good.
+    async fn check(
+        self: &Arc<Self>,
+        peer: PeerId,
+        who: usize,
+        id: ContentId,
+        bytes: Vec<u8>,
+    ) -> bool {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.received(peer, who, id, bytes))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// One worker on provider `who` (`peer`): takes batches of chunks the
+    /// provider was not yet asked for and fetches them on one stream each,
+    /// until there are none, the provider fails or serves a wrong chunk,
+    /// or it stays busy. A chunk is checked and kept on a blocking thread
+    /// while the next one arrives.
+    async fn worker(self: Arc<Self>, who: usize, peer: PeerId) {
+        let mut busy = 0u32;
+        while !self.stopped() && !self.is_bad(&peer) {
+            let batch = self.lock_work().take(who, BATCH);
+            if batch.is_empty() {
+                return;
+            }
+            let mut reader = match self.net.chunks(peer, &batch).await {
+                Ok(r) => r,
+                Err(net::NetError::Unsupported { .. }) => {
+                    self.one_by_one(who, peer, batch).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "chunk stream failed");
+                    self.lock_work().put_back(batch, Some(who));
+                    return;
+                }
+            };
+            let mut checking: VecDeque<tokio::task::JoinHandle<bool>> = VecDeque::new();
+            let mut corrupt = false;
+            while let Some(answer) = reader.next().await {
+                if checking.len() >= CHECKS_IN_FLIGHT
+                    && let Some(c) = checking.pop_front()
+                    && !c.await.unwrap_or(false)
+                {
+                    corrupt = true;
+                    if let Ok((id, net::Frame::Chunk(_) | net::Frame::Missing)) = answer {
+                        self.lock_work().put_back([id], Some(who));
+                    }
+                    break;
+                }
+                match answer {
+                    Ok((id, net::Frame::Chunk(bytes))) => {
+                        let me = self.clone();
+                        checking.push_back(tokio::task::spawn_blocking(move || {
+                            me.received(peer, who, id, bytes)
+                        }));
+                    }
+                    Ok((id, net::Frame::Missing)) => self.lock_work().put_back([id], Some(who)),
+                    Ok((_, net::Frame::Busy)) => {}
+                    Err(e) => tracing::debug!(%peer, error = %e, "chunk stream failed"),
+                }
+                if self.stopped() {
+                    break;
+                }
+            }
+            for c in checking {
+                corrupt |= !c.await.unwrap_or(false);
+            }
+            let left: Vec<ContentId> = reader.unanswered().collect();
+            let ended_early = !left.is_empty();
+            let was_busy = ended_early && !corrupt && left.len() == batch.len();
+            // Asked of others first if this provider failed them; of anyone
+            // (itself again too) if it was only busy.
+            self.lock_work().put_back(left, (!was_busy).then_some(who));
+            if was_busy {
+                busy += 1;
+                if busy > BUSY_TRIES {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100 << (busy - 1))).await;
+            } else if ended_early || corrupt {
+                return;
+            } else {
+                reader.close().await;
+            }
+        }
+    }
+
+    /// A provider that does not speak the chunk stream protocol: the batch
+    /// asked for chunk by chunk, [`PARALLEL_FETCHES`] at once.
+    async fn one_by_one(self: &Arc<Self>, who: usize, peer: PeerId, batch: Vec<ContentId>) {
+        use futures::StreamExt;
+        futures::stream::iter(batch)
+            .for_each_concurrent(PARALLEL_FETCHES, |id| async move {
+                if self.stopped() || self.is_bad(&peer) {
+                    self.lock_work().put_back([id], None);
+                    return;
+                }
+                match self.net.fetch(peer, FetchRequest::Chunk(id)).await {
+                    Ok(FetchResponse::Chunk(bytes)) => {
+                        self.check(peer, who, id, bytes).await;
+                    }
+                    Ok(_) => self.lock_work().put_back([id], Some(who)),
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "chunk fetch failed");
+                        self.lock_work().put_back([id], Some(who));
+                    }
+                }
+            })
+            .await;
+    }
+}
+
+/// Fetches the chunks of `ids` that `have` says are missing, checking each
+/// against its id before handing it to `keep`, from all `providers` at
+/// once: [`STREAMS_PER_PROVIDER`] workers per provider (at most
+/// [`PARALLEL_STREAMS`] in all, each a task, aborted if this future is
+/// dropped) take batches of [`BATCH`] chunks from one shared queue, so each
+/// chunk comes from whoever is free and a fast provider serves more. A
+/// chunk one provider does not hold goes to the others; a provider that
+/// serves a wrong chunk is faulted and not asked again. Between attempts
+/// (with backoff) the DHT is asked who else provides `content`. Stops
+/// (false) as soon as `keep` fails.
 async fn fetch_into(
     net: &NetHandle,
     content: ContentId,
@@ -79,54 +310,53 @@ async fn fetch_into(
     providers: &[PeerId],
     shared: &Shared,
     have: &(dyn Fn(&ContentId) -> bool + Sync),
-    keep: &(dyn Fn(&[u8]) -> bool + Sync),
+    keep: Keep,
 ) -> bool {
-    use futures::StreamExt;
-    let bad = Mutex::new(BTreeSet::<PeerId>::new());
     let mut providers: Vec<PeerId> = providers.to_vec();
-    let mut missing: Vec<ContentId> = ids.iter().filter(|id| !have(id)).copied().collect();
+    let mut seen = HashSet::new();
+    let missing: VecDeque<ContentId> = ids
+        .iter()
+        .filter(|id| seen.insert(**id) && !have(id))
+        .copied()
+        .collect();
+    let fetch = Arc::new(Fetch {
+        net: net.clone(),
+        shared: shared.clone(),
+        work: Mutex::new(Work {
+            queue: missing,
+            tried: HashMap::new(),
+        }),
+        bad: Mutex::default(),
+        failed: false.into(),
+        keep,
+    });
     for attempt in 0..4u32 {
-        if missing.is_empty() {
+        if fetch.lock_work().queue.is_empty() {
             return true;
         }
-        let order = &providers;
-        let bad = &bad;
-        let failed: Vec<ContentId> = futures::stream::iter(missing.clone().into_iter().enumerate())
-            .map(|(k, id)| async move {
-                let n = order.len().max(1);
-                for step in 0..order.len() {
-                    let peer = order[(k + step) % n];
-                    if bad.lock().map(|b| b.contains(&peer)).unwrap_or(false) {
-                        continue;
-                    }
-                    match net.fetch(peer, FetchRequest::Chunk(id)).await {
-                        Ok(FetchResponse::Chunk(bytes)) if ContentId::of(&bytes) == id => {
-                            shared.metrics.chunks_fetched.inc();
-                            shared.metrics.bytes_in.inc_by(bytes.len() as u64);
-                            if keep(&bytes) {
-                                return None;
-                            }
-                        }
-                        Ok(FetchResponse::Chunk(_)) => {
-                            tracing::warn!(%peer, chunk = %id.short(), "peer served a corrupt chunk");
-                            shared.metrics.reject("corrupt_chunk");
-                            net.fault(peer);
-                            if let Ok(mut b) = bad.lock() {
-                                b.insert(peer);
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(e) => tracing::debug!(%peer, error = %e, "chunk fetch failed"),
-                    }
+        fetch.lock_work().tried.clear();
+        // The providers to ask, in a different order each attempt so a
+        // slow first one does not always take the first batches.
+        let usable: Vec<PeerId> = providers
+            .iter()
+            .filter(|p| !fetch.is_bad(p))
+            .copied()
+            .take(MAX_PROVIDERS)
+            .collect();
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..STREAMS_PER_PROVIDER {
+            for k in 0..usable.len() {
+                let who = (k + attempt as usize) % usable.len();
+                if workers.len() < PARALLEL_STREAMS {
+                    workers.spawn(fetch.clone().worker(who, usable[who]));
                 }
-                Some(id)
-            })
-            .buffer_unordered(PARALLEL_FETCHES)
-            .filter_map(|r| async move { r })
-            .collect()
-            .await;
-        missing = failed;
-        if missing.is_empty() {
+            }
+        }
+        while workers.join_next().await.is_some() {}
+        if fetch.stopped() {
+            return false;
+        }
+        if fetch.lock_work().queue.is_empty() {
             return true;
         }
         // Who else has it?
@@ -139,7 +369,7 @@ async fn fetch_into(
         }
         tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
     }
-    missing.is_empty()
+    fetch.lock_work().queue.is_empty()
 }
 
 /// Writes `data` to `path` so that a crash leaves the old or the new
@@ -189,7 +419,7 @@ pub(super) async fn fetch_payload_chunks(
     shared: &Shared,
 ) -> Option<Vec<Vec<u8>>> {
     let m = manifest.message();
-    let got: Mutex<HashMap<ContentId, Vec<u8>>> = Mutex::default();
+    let got: Arc<Mutex<HashMap<ContentId, Vec<u8>>>> = Arc::default();
     let held = |id: &ContentId| -> Option<Vec<u8>> {
         store.get_verified(id).ok().flatten().map(|b| b.to_vec())
     };
@@ -200,6 +430,7 @@ pub(super) async fn fetch_payload_chunks(
             g.insert(*id, b);
         }
     }
+    let into = got.clone();
     let fetched = fetch_into(
         net,
         manifest.id(),
@@ -207,22 +438,29 @@ pub(super) async fn fetch_payload_chunks(
         providers,
         shared,
         &|id| got.lock().map(|g| g.contains_key(id)).unwrap_or(false),
-        &|bytes| {
-            got.lock()
-                .map(|mut g| g.insert(ContentId::of(bytes), bytes.to_vec()))
-                .is_ok()
-        },
+        Arc::new(move |id, bytes| into.lock().map(|mut g| g.insert(id, bytes)).is_ok()),
     )
     .await;
     if !fetched {
         return None;
     }
-    let got = got.into_inner().ok()?;
-    let chunks: Vec<Vec<u8>> = m
-        .chunk_ids
-        .iter()
-        .map(|id| got.get(id).cloned())
-        .collect::<Option<_>>()?;
+    let mut got = std::mem::take(&mut *got.lock().ok()?);
+    // Moved out at an id's last use, copied before (a payload may repeat a
+    // chunk).
+    let mut uses: HashMap<ContentId, usize> = HashMap::new();
+    for id in &m.chunk_ids {
+        *uses.entry(*id).or_default() += 1;
+    }
+    let mut chunks = Vec::with_capacity(m.chunk_ids.len());
+    for id in &m.chunk_ids {
+        let left = uses.get_mut(id)?;
+        *left -= 1;
+        chunks.push(if *left == 0 {
+            got.remove(id)?
+        } else {
+            got.get(id)?.clone()
+        });
+    }
     let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
     (total == m.payload_bytes).then_some(chunks)
 }

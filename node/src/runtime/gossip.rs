@@ -16,7 +16,7 @@ impl Node {
     /// Whether `peer` may take part: any peer in an open region, a roster
     /// member in a permissioned one.
     pub(super) fn member(&self, peer: &PeerId) -> bool {
-        self.roster().is_none() || node_id_of(peer).is_some_and(|id| self.admitted(&id))
+        is_member(self.roster(), peer)
     }
 
     /// Connected non-members this node keeps (at most [`MAX_OUTSIDERS`];
@@ -177,6 +177,12 @@ impl Node {
             self.net.fault(peer);
         }
     }
+}
+
+/// Whether `peer` may take part under `roster`: any peer without one, a
+/// member of it with one.
+pub(super) fn is_member(roster: Option<&Roster>, peer: &PeerId) -> bool {
+    roster.is_none() || node_id_of(peer).is_some_and(|id| admission::on_roster(roster, &id))
 }
 
 /// Checks that a roster governs this node's model and region and is signed

@@ -52,11 +52,14 @@ use names::*;
 use verifying::*;
 
 pub use crate::status::{Shared, Status};
-pub use fetch::{PARALLEL_FETCHES, fetch_chunks};
+pub use fetch::{BATCH, PARALLEL_FETCHES, PARALLEL_STREAMS, STREAMS_PER_PROVIDER, fetch_chunks};
 pub use names::{
     HEAD_REF, attested_ref, deltas_topic, genesis_key, models_topic, node_id_of, verified_ref,
 };
-pub use serve::read as read_for_peer;
+pub use serve::{
+    MAX_STREAMS, MAX_STREAMS_PER_PEER, MemberCheck, STREAM_READ_AHEAD, read as read_for_peer,
+    serve_chunk_streams,
+};
 
 /// The store a node keeps everything in.
 pub type Store = Arc<dyn ChunkStore + Send + Sync>;
@@ -432,6 +435,7 @@ impl Node {
         let mut ticker = tokio::time::interval(Duration::from_secs(2));
         let mut start = Some((start_manifest, start_params));
         let mut checked = self.checker.start(self.roster().cloned());
+        self.start_serving_streams();
         loop {
             if start.is_some()
                 && (self.members.len() >= self.settings.start_peers || Instant::now() >= start_at)

@@ -4,6 +4,12 @@
 //! [`MAX_SERVING_PER_PEER`] for one peer: past that the answer is `Busy`,
 //! counted, and the peer asks again later or elsewhere. In a permissioned
 //! region, outsiders get nothing.
+//!
+//! Chunk streams (`/tapestry/chunks/1`, many chunks on one stream) are
+//! served off the node's loop altogether, by [`serve_chunk_streams`]: at
+//! most [`MAX_STREAMS`] at once and [`MAX_STREAMS_PER_PEER`] for one peer,
+//! each reading ahead at most [`STREAM_READ_AHEAD`] chunks, every write
+//! bounded by a timeout (a peer that stops reading loses its stream).
 
 use std::collections::HashMap;
 
@@ -16,10 +22,34 @@ pub(super) const MAX_SERVING: usize = 256;
 /// Chunk and manifest reads in flight at once for one peer.
 pub(super) const MAX_SERVING_PER_PEER: usize = 64;
 
-/// Reads in flight, in total and per peer (a peer's entry goes when its
-/// last read ends, so the map holds at most [`MAX_SERVING`] peers).
-#[derive(Debug, Default, Clone)]
-pub(super) struct Serving(Arc<Mutex<(usize, HashMap<PeerId, usize>)>>);
+/// Chunk streams served at once, for all peers.
+pub const MAX_STREAMS: usize = 32;
+/// Chunk streams served at once for one peer (a fetching node opens two
+/// per provider).
+pub const MAX_STREAMS_PER_PEER: usize = 4;
+/// Chunks a stream reads from the store ahead of what it has written (so
+/// reading and sending overlap; with 4-MiB chunks, at most 32 × 2 × 4 MiB
+/// are held for all streams).
+pub const STREAM_READ_AHEAD: usize = 2;
+/// How long a request may take to arrive on a stream, and each write to
+/// the peer.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Reads (or streams) in flight, in total and per peer (a peer's entry goes
+/// when its last one ends, so the map holds at most `total` peers).
+#[derive(Debug, Clone)]
+pub(super) struct Serving {
+    held: Arc<Mutex<(usize, HashMap<PeerId, usize>)>>,
+    total: usize,
+    per_peer: usize,
+}
+
+impl Default for Serving {
+    /// The limits of chunk and manifest requests.
+    fn default() -> Self {
+        Self::new(MAX_SERVING, MAX_SERVING_PER_PEER)
+    }
+}
 
 /// One read in flight; ends when dropped.
 pub(super) struct Slot {
@@ -28,12 +58,21 @@ pub(super) struct Slot {
 }
 
 impl Serving {
+    /// At most `total` at once, `per_peer` for one peer.
+    pub(super) fn new(total: usize, per_peer: usize) -> Self {
+        Self {
+            held: Arc::default(),
+            total,
+            per_peer,
+        }
+    }
+
     /// A slot for `peer`, if neither limit is reached.
     pub(super) fn take(&self, peer: PeerId) -> Option<Slot> {
-        let mut g = self.0.lock().ok()?;
+        let mut g = self.held.lock().ok()?;
         let (total, per_peer) = &mut *g;
         let mine = per_peer.get(&peer).copied().unwrap_or(0);
-        if *total >= MAX_SERVING || mine >= MAX_SERVING_PER_PEER {
+        if *total >= self.total || mine >= self.per_peer {
             return None;
         }
         *total += 1;
@@ -47,7 +86,7 @@ impl Serving {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Ok(mut g) = self.serving.0.lock() {
+        if let Ok(mut g) = self.serving.held.lock() {
             let (total, per_peer) = &mut *g;
             *total = total.saturating_sub(1);
             if let Some(n) = per_peer.get_mut(&self.peer) {
@@ -132,6 +171,112 @@ pub fn read(store: &Store, request: &FetchRequest) -> FetchResponse {
     }
 }
 
+/// Whether a peer may be served: any peer in an open region, a member of
+/// the roster in a permissioned one.
+pub type MemberCheck = Arc<dyn Fn(&PeerId) -> bool + Send + Sync>;
+
+/// Serves the chunk streams peers open (see the module docs) until
+/// `incoming` ends. Public for the transfer bench.
+pub async fn serve_chunk_streams(
+    mut incoming: libp2p_stream::IncomingStreams,
+    store: Store,
+    shared: Shared,
+    member: MemberCheck,
+) {
+    use futures::StreamExt;
+    let streams = Serving::new(MAX_STREAMS, MAX_STREAMS_PER_PEER);
+    while let Some((peer, stream)) = incoming.next().await {
+        let slot = streams.take(peer);
+        let (store, shared, member) = (store.clone(), shared.clone(), member.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve_stream(peer, stream, slot, &store, &shared, &member).await {
+                tracing::debug!(%peer, error = %e, "chunk stream ended");
+            }
+        });
+    }
+}
+
+/// Answers one chunk stream: `Busy` without a slot, nothing to an
+/// outsider, else every chunk asked for (read and re-hashed on blocking
+/// threads, [`STREAM_READ_AHEAD`] ahead of the writes) or "not held".
+async fn serve_stream(
+    peer: PeerId,
+    mut stream: libp2p::Stream,
+    slot: Option<Slot>,
+    store: &Store,
+    shared: &Shared,
+    member: &MemberCheck,
+) -> std::io::Result<()> {
+    use futures::{AsyncWriteExt, StreamExt};
+    let timed = |what: &'static str| {
+        move |_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what} timed out"))
+    };
+    if !member(&peer) {
+        // The chunks of a permissioned region are its members' alone.
+        let r = Rejection::Outsider(peer.to_string());
+        tracing::info!(%peer, reason = r.label(), "refused a chunk stream");
+        shared.metrics.reject(r.label());
+        return tokio::time::timeout(STREAM_TIMEOUT, stream.close())
+            .await
+            .map_err(timed("closing"))?;
+    }
+    let Some(slot) = slot else {
+        shared.metrics.requests_busy.inc();
+        return tokio::time::timeout(STREAM_TIMEOUT, net::write_busy(&mut stream))
+            .await
+            .map_err(timed("answering busy"))?;
+    };
+    let ids = tokio::time::timeout(STREAM_TIMEOUT, net::read_request(&mut stream))
+        .await
+        .map_err(timed("reading the request"))??;
+    let mut reads = futures::stream::iter(ids)
+        .map(|id| {
+            let store = store.clone();
+            async move {
+                tokio::task::spawn_blocking(move || store.get_verified(&id).ok().flatten())
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        })
+        .buffered(STREAM_READ_AHEAD);
+    while let Some(chunk) = reads.next().await {
+        let write = async {
+            match &chunk {
+                Some(bytes) => net::write_chunk(&mut stream, bytes).await,
+                None => net::write_missing(&mut stream).await,
+            }
+        };
+        tokio::time::timeout(STREAM_TIMEOUT, write)
+            .await
+            .map_err(timed("sending a chunk"))??;
+        if let Some(bytes) = &chunk {
+            shared.metrics.chunks_served.inc();
+            shared.metrics.bytes_out.inc_by(bytes.len() as u64);
+        }
+    }
+    drop(slot);
+    tokio::time::timeout(STREAM_TIMEOUT, stream.close())
+        .await
+        .map_err(timed("closing"))?
+}
+
+impl Node {
+    /// Starts serving chunk streams (on the node's task set), if the
+    /// network offers them.
+    pub(super) fn start_serving_streams(&mut self) {
+        let Some(incoming) = self.net.accept_chunks() else {
+            return;
+        };
+        let roster = self.settings.roster.clone();
+        let member: MemberCheck =
+            Arc::new(move |peer: &PeerId| is_member(roster.as_ref().map(|r| r.message()), peer));
+        let (store, shared) = (self.store.clone(), self.shared.clone());
+        self.tasks
+            .spawn(serve_chunk_streams(incoming, store, shared, member));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,7 +300,7 @@ mod tests {
         assert_eq!(many.len(), MAX_SERVING);
         assert!(s.take(PeerId::random()).is_none());
         drop(many);
-        assert_eq!(s.0.lock().unwrap().0, 0);
-        assert!(s.0.lock().unwrap().1.is_empty());
+        assert_eq!(s.held.lock().unwrap().0, 0);
+        assert!(s.held.lock().unwrap().1.is_empty());
     }
 }

@@ -1,0 +1,240 @@
+//! Chunk streams (`/tapestry/chunks/1`) between real network tasks on
+//! loopback: a fetch takes chunks from every provider at once, each chunk
+//! from whoever holds it; a provider serving a wrong chunk is faulted and
+//! dropped while the others finish the fetch; outsiders of a permissioned
+//! region get nothing; past its stream limit a peer is answered `Busy`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::PeerId;
+use prometheus_client::registry::Registry;
+use tapestry_core::admission::Rejection;
+use tapestry_node::metrics::Metrics;
+use tapestry_node::net::{self, Frame, NetConfig, NetHandle};
+use tapestry_node::runtime::{
+    MAX_STREAMS_PER_PEER, Shared, Store, fetch_chunks, serve_chunk_streams,
+};
+use tapestry_protocol::{ContentId, Keypair};
+use tapestry_storage::MemoryStore;
+
+/// A network task on loopback, dialling `bootstrap`.
+fn start(seed: u8, bootstrap: Vec<libp2p::Multiaddr>) -> NetHandle {
+    let cfg = NetConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        bootstrap,
+        request_timeout: Duration::from_secs(5),
+        ..NetConfig::default()
+    };
+    let (handle, mut events, _task) = net::spawn(
+        &Keypair::from_secret_bytes(&[seed; 32]),
+        cfg,
+        &mut Registry::default(),
+    )
+    .unwrap();
+    // Nobody here answers requests on the node's loop: events are dropped.
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
+    handle
+}
+
+fn shared() -> Shared {
+    Shared::new(Arc::new(Metrics::new(Registry::default())))
+}
+
+/// `addr/p2p/peer` once the node listens (bounded wait).
+async fn address(h: &NetHandle) -> libp2p::Multiaddr {
+    for _ in 0..100 {
+        if let Some(a) = h.snapshot().listen.first() {
+            let addr: libp2p::Multiaddr = a.parse().unwrap();
+            return addr.with(libp2p::multiaddr::Protocol::P2p(h.peer_id()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the node never listened");
+}
+
+/// Waits (bounded) until `h` sees `n` peers.
+async fn peers(h: &NetHandle, n: usize) {
+    for _ in 0..200 {
+        if h.snapshot().peers.len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("only {} of {n} peers connected", h.snapshot().peers.len());
+}
+
+/// `n` distinct chunks of `size` bytes.
+fn chunks(n: usize, size: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let mut c = vec![0u8; size];
+            c[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            c[size - 1] = 7;
+            c
+        })
+        .collect()
+}
+
+/// A provider: a network task serving `held` from a memory store as a
+/// node does, to whoever `member` admits.
+async fn provider(
+    seed: u8,
+    held: &[Vec<u8>],
+    member: tapestry_node::runtime::MemberCheck,
+) -> (NetHandle, Shared) {
+    let h = start(seed, Vec::new());
+    let store: Store = Arc::new(MemoryStore::new());
+    for c in held {
+        store.put(c).unwrap();
+    }
+    let s = shared();
+    tokio::spawn(serve_chunk_streams(
+        h.accept_chunks().unwrap(),
+        store,
+        s.clone(),
+        member,
+    ));
+    (h, s)
+}
+
+fn anyone() -> tapestry_node::runtime::MemberCheck {
+    Arc::new(|_: &PeerId| true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_takes_chunks_from_every_provider_and_drops_one_serving_wrong_chunks() {
+    let all = chunks(300, 4 << 10);
+    let ids: Vec<ContentId> = all.iter().map(|c| ContentId::of(c)).collect();
+    // A holds the first 200, B the last 200 (each lacks what the other
+    // alone holds), C all of them.
+    let (a, a_shared) = provider(1, &all[..200], anyone()).await;
+    let (b, b_shared) = provider(2, &all[100..], anyone()).await;
+    let (c, c_shared) = provider(3, &all, anyone()).await;
+    // The rogue answers every request with wrong bytes.
+    let rogue = start(4, Vec::new());
+    let mut incoming = rogue.accept_chunks().unwrap();
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        while let Some((_, mut stream)) = incoming.next().await {
+            tokio::spawn(async move {
+                let ids = net::read_request(&mut stream).await.unwrap();
+                for _ in ids {
+                    if net::write_chunk(&mut stream, b"not the chunk")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let mut dial = Vec::new();
+    for h in [&a, &b, &c, &rogue] {
+        dial.push(address(h).await);
+    }
+    let fetcher = start(5, dial);
+    peers(&fetcher, 4).await;
+
+    let sink: Store = Arc::new(MemoryStore::new());
+    let s = shared();
+    let providers = [rogue.peer_id(), a.peer_id(), b.peer_id(), c.peer_id()];
+    let ok = tokio::time::timeout(
+        Duration::from_secs(60),
+        fetch_chunks(&fetcher, &sink, ids[0], &ids, &providers, &s),
+    )
+    .await
+    .expect("the fetch never ended");
+    assert!(ok, "not every chunk was fetched");
+    for (id, bytes) in ids.iter().zip(&all) {
+        assert_eq!(&*sink.get_verified(id).unwrap().unwrap(), &bytes[..]);
+    }
+    assert_eq!(s.metrics.chunks_fetched.get(), 300);
+    // Wrong chunks are caught at the first one, the rogue is asked no
+    // more (one per stream it had open).
+    let corrupt = s
+        .metrics
+        .rejected()
+        .get("corrupt_chunk")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        (1..=2).contains(&corrupt),
+        "{corrupt} corrupt chunks counted"
+    );
+    // Every honest provider served a share.
+    let served: Vec<u64> = [&a_shared, &b_shared, &c_shared]
+        .iter()
+        .map(|s| s.metrics.chunks_served.get())
+        .collect();
+    assert!(served.iter().all(|n| *n > 0), "served {served:?}");
+    assert_eq!(served.iter().sum::<u64>(), 300, "served {served:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outsiders_get_no_chunks_and_a_peer_past_its_stream_limit_is_told_busy() {
+    let big = chunks(2 * net::MAX_BATCH, 256 << 10);
+    let ids: Vec<ContentId> = big.iter().map(|c| ContentId::of(c)).collect();
+    let asker_id = net::peer_id_of(&Keypair::from_secret_bytes(&[11; 32]).node_id()).unwrap();
+    let member: tapestry_node::runtime::MemberCheck = Arc::new(move |p: &PeerId| *p == asker_id);
+    let (server, server_shared) = provider(12, &big, member).await;
+    let at = address(&server).await;
+    let asker = start(11, vec![at.clone()]);
+    peers(&asker, 1).await;
+
+    // An outsider is refused: the stream ends with no frame, and that is
+    // counted.
+    let outsider = start(13, vec![at]);
+    peers(&outsider, 1).await;
+    // (The close may even beat the request's write.)
+    if let Ok(mut r) = outsider.chunks(server.peer_id(), &ids[..1]).await {
+        assert!(r.next().await.unwrap().is_err(), "an outsider was answered");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let label = Rejection::Outsider(String::new()).label();
+    assert_eq!(server_shared.metrics.rejected().get(label), Some(&1));
+    assert_eq!(server_shared.metrics.chunks_served.get(), 0);
+
+    // A member that opens streams and does not read them holds them (16
+    // MiB each, more than the transport buffers); past the limit it is
+    // told `Busy`, and that is counted.
+    let mut held = Vec::new();
+    for _ in 0..MAX_STREAMS_PER_PEER {
+        held.push(
+            asker
+                .chunks(server.peer_id(), &ids[..net::MAX_BATCH])
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut extra = asker
+        .chunks(server.peer_id(), &ids[net::MAX_BATCH..])
+        .await
+        .unwrap();
+    let (_, frame) = extra.next().await.unwrap().unwrap();
+    assert_eq!(frame, Frame::Busy);
+    assert_eq!(server_shared.metrics.requests_busy.get(), 1);
+    // Reading a held stream to its end frees its place.
+    let mut first = held.remove(0);
+    let mut got = 0;
+    while let Some(answer) = first.next().await {
+        let (id, frame) = answer.unwrap();
+        let Frame::Chunk(bytes) = frame else {
+            panic!("{frame:?}")
+        };
+        assert!(id.matches(&bytes));
+        got += 1;
+    }
+    assert_eq!(got, net::MAX_BATCH);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut again = asker
+        .chunks(server.peer_id(), &ids[net::MAX_BATCH..])
+        .await
+        .unwrap();
+    let (_, frame) = again.next().await.unwrap().unwrap();
+    assert!(matches!(frame, Frame::Chunk(_)), "{frame:?}");
+}
