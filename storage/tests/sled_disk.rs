@@ -39,6 +39,25 @@ fn everything_survives_a_reopen_after_flush() {
 }
 
 #[test]
+fn a_flush_of_many_chunk_files_makes_them_all_durable() {
+    // Enough files for the flush to sync the file system at once.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let chunks: Vec<Vec<u8>> = (0..100).map(|i| bytes(i, 4096 + i as usize)).collect();
+    let ids: Vec<ContentId> = {
+        let s = open(&dir).unwrap();
+        let ids = chunks.iter().map(|c| s.put(c).unwrap()).collect();
+        s.flush().unwrap();
+        ids
+    };
+    let s = open(&dir).unwrap();
+    for (id, c) in ids.iter().zip(&chunks) {
+        assert_eq!(&*s.get_verified(id).unwrap().unwrap(), &c[..]);
+    }
+    assert!(s.scrub().unwrap().is_clean());
+}
+
+#[test]
 fn a_second_open_is_refused_while_the_first_holds_the_lock() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("store");

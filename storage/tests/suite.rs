@@ -33,6 +33,17 @@ fn put_get_has_and_dedup(s: &dyn ChunkStore) {
     assert!(s.get_verified(&missing).unwrap().is_none());
 }
 
+fn put_checked_stores_under_the_given_id(s: &dyn ChunkStore) {
+    let a = bytes(7, 70_000);
+    let id = ContentId::of(&a);
+    s.put_checked(id, &a).unwrap();
+    assert!(s.has(&id).unwrap());
+    assert_eq!(&*s.get_verified(&id).unwrap().unwrap(), &a[..]);
+    // Again: stored once.
+    s.put_checked(id, &a).unwrap();
+    assert_eq!(s.chunk_ids().unwrap(), vec![id]);
+}
+
 fn put_many_is_one_batch_in_order(s: &dyn ChunkStore) {
     let chunks: Vec<Vec<u8>> = (0..10).map(|i| bytes(i, 1000 + i as usize)).collect();
     let mut refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
@@ -437,6 +448,7 @@ macro_rules! suite {
 
 suite!(
     put_get_has_and_dedup,
+    put_checked_stores_under_the_given_id,
     put_many_is_one_batch_in_order,
     payload_round_trip_is_bit_exact,
     verified_read_refuses_corrupt_bytes,

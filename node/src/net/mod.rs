@@ -58,6 +58,9 @@ pub const PROTOCOL_VERSION: &str = "/tapestry/1";
 pub const FETCH_PROTOCOL: StreamProtocol = StreamProtocol::new("/tapestry/fetch/1");
 /// Tapestry's own Kademlia DHT (not the IPFS one).
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tapestry/kad/1");
+/// Times a chunk stream is opened (and its request sent) before a failure
+/// at its start is reported (pauses of 50, 100, 200 ms between).
+const OPEN_TRIES: u32 = 4;
 /// Largest fetch request accepted (a request names one id or one head).
 const MAX_REQUEST_BYTES: u64 = 4 << 10;
 /// Largest fetch response accepted: one chunk or manifest and its framing.
@@ -470,20 +473,33 @@ impl NetHandle {
         };
         let failed = |reason: String| NetError::Fetch { peer, reason };
         let mut control = control.clone();
-        let stream =
-            match tokio::time::timeout(self.timeout, control.open_stream(peer, CHUNKS_PROTOCOL))
-                .await
-            {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let opened =
+                tokio::time::timeout(self.timeout, control.open_stream(peer, CHUNKS_PROTOCOL))
+                    .await;
+            let error = match opened {
                 Err(_) => return Err(failed("opening a chunk stream timed out".into())),
                 Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => {
                     return Err(unsupported);
                 }
-                Ok(Err(e)) => return Err(failed(e.to_string())),
-                Ok(Ok(s)) => s,
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(stream)) => match ChunkReader::request(stream, ids, self.timeout).await {
+                    Ok(reader) => return Ok(reader),
+                    Err(e) => e.to_string(),
+                },
             };
-        ChunkReader::request(stream, ids, self.timeout)
-            .await
-            .map_err(|e| failed(e.to_string()))
+            // Dropped before the request went out: the peer's swarm hands
+            // inbound streams over one at a time and drops those that
+            // arrive while one waits (libp2p-stream), or the connection
+            // closed meanwhile. Again, after a short pause.
+            if tries >= OPEN_TRIES {
+                return Err(failed(error));
+            }
+            tracing::debug!(%peer, %error, "chunk stream failed at its start; again");
+            tokio::time::sleep(Duration::from_millis(25 << tries)).await;
+        }
     }
 
     /// The chunk streams peers open to this node, once (`None` after the

@@ -159,12 +159,20 @@ impl Fetch {
     /// else the peer is faulted and marked bad, the chunk put back for
     /// others, and false.
     fn received(&self, peer: PeerId, who: usize, id: ContentId, bytes: Vec<u8>) -> bool {
+        if self.is_bad(&peer) {
+            // Caught already (a chunk checked beside this one): not even
+            // hashed.
+            self.lock_work().put_back([id], Some(who));
+            return false;
+        }
         if !id.matches(&bytes) {
-            tracing::warn!(%peer, chunk = %id.short(), "peer served a corrupt chunk");
-            self.shared.metrics.reject("corrupt_chunk");
-            self.net.fault(peer);
-            if let Ok(mut b) = self.bad.lock() {
-                b.insert(peer);
+            // Counted and faulted once per peer, however many of its
+            // chunks were being checked at the time.
+            let first = self.bad.lock().map(|mut b| b.insert(peer)).unwrap_or(false);
+            if first {
+                tracing::warn!(%peer, chunk = %id.short(), "peer served a corrupt chunk");
+                self.shared.metrics.reject("corrupt_chunk");
+                self.net.fault(peer);
             }
             self.lock_work().put_back([id], Some(who));
             return false;

@@ -31,8 +31,10 @@ pub const MAX_STREAMS_PER_PEER: usize = 4;
 /// reading and sending overlap; with 4-MiB chunks, at most 32 × 2 × 4 MiB
 /// are held for all streams).
 pub const STREAM_READ_AHEAD: usize = 2;
-/// How long a request may take to arrive on a stream, and each write to
-/// the peer.
+/// How long a request may take to arrive on a stream (a stream without a
+/// place waits this long at most, its request 2 KiB at most).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long each write to the peer may take.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Reads (or streams) in flight, in total and per peer (a peer's entry goes
@@ -220,15 +222,20 @@ async fn serve_stream(
             .await
             .map_err(timed("closing"))?;
     }
-    let Some(slot) = slot else {
-        shared.metrics.requests_busy.inc();
-        return tokio::time::timeout(STREAM_TIMEOUT, net::write_busy(&mut stream))
-            .await
-            .map_err(timed("answering busy"))?;
-    };
-    let ids = tokio::time::timeout(STREAM_TIMEOUT, net::read_request(&mut stream))
+    // The request is read even to answer `Busy`: closing before the asker
+    // has written it would fail its write, not tell it to wait.
+    let ids = tokio::time::timeout(REQUEST_TIMEOUT, net::read_request(&mut stream))
         .await
         .map_err(timed("reading the request"))??;
+    let Some(slot) = slot else {
+        shared.metrics.requests_busy.inc();
+        tokio::time::timeout(STREAM_TIMEOUT, net::write_busy(&mut stream))
+            .await
+            .map_err(timed("answering busy"))??;
+        return tokio::time::timeout(STREAM_TIMEOUT, stream.close())
+            .await
+            .map_err(timed("closing"))?;
+    };
     let mut reads = futures::stream::iter(ids)
         .map(|id| {
             let store = store.clone();
