@@ -12,13 +12,16 @@
 //!   end.
 //! - **Into memory**: the same fetch into a memory store (no disk): what
 //!   the protocol and its checks cost apart from writing the chunk files.
+//! - **Storing alone**: the fetching side's disk work without the network:
+//!   the same chunks put into a fresh sled store one after the other and
+//!   flushed.
 //! - **Raw**: a swarm with nothing but `libp2p-stream` on the same
 //!   transports, one stream carrying the same number of bytes from memory
 //!   to memory (read and dropped): what the transport itself moves.
 //!
 //! Chunks of the protocol's size (256 KiB), of 1 MiB and of 4 MiB (the
 //! largest a manifest may name): what chunk size to choose. Runs
-//! alternate (raw, fetch, into memory, raw, ...) so all see the same
+//! alternate (raw, fetch, into memory, storing alone, raw, ...) so all see the same
 //! machine; medians are printed with their ratios.
 //!
 //! `cargo bench -p tapestry-node --bench transfer [-- MIB [RUNS [CHUNK_KIB]]]`
@@ -84,9 +87,9 @@ fn main() {
         "transfer of {mib} MiB, {runs} runs each, medians; the node fetches on {STREAMS_PER_PROVIDER} streams of {BATCH} chunks"
     );
     println!(
-        "| transport | chunk | raw stream MB/s | fetch MB/s | fetch / raw | the final flush, of the fetch's time | fetch into memory MB/s | into memory / raw |"
+        "| transport | chunk | raw stream MB/s | fetch MB/s | fetch / raw | the final flush, of the fetch's time | fetch into memory MB/s | into memory / raw | storing alone MB/s |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let cases: Vec<usize> = [DEFAULT_CHUNK_SIZE, 1 << 20, MAX_CHUNK_SIZE]
         .into_iter()
         .filter(|s| only.is_none_or(|k| k << 10 == *s))
@@ -115,36 +118,42 @@ fn main() {
         for &size in &cases {
             let (_, store, ids) = stores.iter().find(|(s, _, _)| *s == size).unwrap();
             let total = ids.len() * size;
-            let (mut raw, mut fetched, mut flushes, mut in_memory) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut raw, mut fetched, mut flushes, mut in_memory, mut stored) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for run in 0..runs {
                 let r = rt.block_on(raw_stream(transport, total));
                 let dir = tmp.path().join(format!("client-{run}"));
                 let (f, flush) = rt.block_on(fetch_all(transport, store.clone(), ids, Some(&dir)));
                 let _ = std::fs::remove_dir_all(&dir);
                 let (m, _) = rt.block_on(fetch_all(transport, store.clone(), ids, None));
+                let dir = tmp.path().join(format!("alone-{run}"));
+                let a = store_alone(store, ids, &dir);
+                let _ = std::fs::remove_dir_all(&dir);
                 eprintln!(
-                    "{}, {} KiB chunks, run {run}: raw {:.0} MB/s, fetch {:.0} MB/s (flush {:.2} s), into memory {:.0} MB/s",
+                    "{}, {} KiB chunks, run {run}: raw {:.0} MB/s, fetch {:.0} MB/s (flush {:.2} s), into memory {:.0} MB/s, storing alone {:.0} MB/s",
                     transport.name(),
                     size >> 10,
                     mbps(total, r),
                     mbps(total, f),
                     flush.as_secs_f64(),
                     mbps(total, m),
+                    mbps(total, a),
                 );
+                stored.push(a);
                 raw.push(r);
                 fetched.push(f);
                 flushes.push(flush);
                 in_memory.push(m);
             }
-            let (r, f, flush, m) = (
+            let (r, f, flush, m, a) = (
                 median(raw),
                 median(fetched),
                 median(flushes),
                 median(in_memory),
+                median(stored),
             );
             println!(
-                "| {} | {} KiB | {:.0} | {:.0} | **{:.2}×** | {:.2} s of {:.2} s | {:.0} | {:.2}× |",
+                "| {} | {} KiB | {:.0} | {:.0} | **{:.2}×** | {:.2} s of {:.2} s | {:.0} | {:.2}× | {:.0} |",
                 transport.name(),
                 size >> 10,
                 mbps(total, r),
@@ -154,6 +163,7 @@ fn main() {
                 f.as_secs_f64(),
                 mbps(total, m),
                 r.as_secs_f64() / m.as_secs_f64(),
+                mbps(total, a),
             );
         }
     }
@@ -186,6 +196,24 @@ fn fill(store: &dyn ChunkStore, n: usize, size: usize) -> Vec<ContentId> {
         .collect();
     store.flush().unwrap();
     ids
+}
+
+/// The fetching side's disk work alone: the chunks of `ids`, read from
+/// `store` into memory first (untimed), then put into a fresh sled store
+/// in `dir` one after the other as a fetch puts them (`put_checked`) and
+/// flushed. How long the puts and the flush took.
+fn store_alone(store: &Store, ids: &[ContentId], dir: &std::path::Path) -> Duration {
+    let chunks: Vec<_> = ids
+        .iter()
+        .map(|id| store.get(id).unwrap().unwrap())
+        .collect();
+    let sink = SledStore::open(dir, &SledConfig::default()).unwrap();
+    let start = Instant::now();
+    for (id, bytes) in ids.iter().zip(&chunks) {
+        sink.put_checked(*id, bytes).unwrap();
+    }
+    sink.flush().unwrap();
+    start.elapsed()
 }
 
 /// The node's network task on a fresh key, listening on `listen` or
