@@ -9,7 +9,10 @@
 //! served off the node's loop altogether, by [`serve_chunk_streams`]: at
 //! most [`MAX_STREAMS`] at once and [`MAX_STREAMS_PER_PEER`] for one peer,
 //! each reading ahead at most [`STREAM_READ_AHEAD`] chunks, every write
-//! bounded by a timeout (a peer that stops reading loses its stream).
+//! bounded by a timeout (a peer that stops reading loses its stream);
+//! beyond that a stream is told `Busy` once its request is in (at most
+//! [`MAX_TURNING_AWAY`] waiting for theirs, [`REQUEST_TIMEOUT`] each), and
+//! past that dropped unanswered.
 
 use std::collections::HashMap;
 
@@ -27,6 +30,10 @@ pub const MAX_STREAMS: usize = 32;
 /// Chunk streams served at once for one peer (a fetching node opens two
 /// per provider).
 pub const MAX_STREAMS_PER_PEER: usize = 4;
+/// Streams without a place being told `Busy` at once, for all peers (each
+/// waits at most [`REQUEST_TIMEOUT`] for its request); beyond, a stream is
+/// dropped unanswered (and counted busy).
+pub const MAX_TURNING_AWAY: usize = 64;
 /// Chunks a stream reads from the store ahead of what it has written (so
 /// reading and sending overlap; with 4-MiB chunks, at most 32 × 2 × 4 MiB
 /// are held for all streams).
@@ -187,13 +194,27 @@ pub async fn serve_chunk_streams(
 ) {
     use futures::StreamExt;
     let streams = Serving::new(MAX_STREAMS, MAX_STREAMS_PER_PEER);
+    let turning_away = Serving::new(MAX_TURNING_AWAY, MAX_STREAMS_PER_PEER);
     while let Some((peer, stream)) = incoming.next().await {
         let slot = streams.take(peer);
+        // A stream without a place is told `Busy` once its request is in;
+        // past [`MAX_TURNING_AWAY`] such streams it is dropped at once.
+        let waiting = match slot {
+            Some(_) => None,
+            None => match turning_away.take(peer) {
+                Some(w) => Some(w),
+                None => {
+                    shared.metrics.requests_busy.inc();
+                    continue;
+                }
+            },
+        };
         let (store, shared, member) = (store.clone(), shared.clone(), member.clone());
         tokio::spawn(async move {
             if let Err(e) = serve_stream(peer, stream, slot, &store, &shared, &member).await {
                 tracing::debug!(%peer, error = %e, "chunk stream ended");
             }
+            drop(waiting);
         });
     }
 }
