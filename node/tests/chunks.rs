@@ -196,8 +196,8 @@ async fn outsiders_get_no_chunks_and_a_peer_past_its_stream_limit_is_told_busy()
     let asker = start(11, vec![at.clone()]);
     peers(&asker, 1).await;
 
-    // An outsider is refused: the stream ends with no frame, and that is
-    // counted.
+    // An outsider is refused: its stream is dropped with no frame, and that
+    // is counted.
     let outsider = start(13, vec![at]);
     peers(&outsider, 1).await;
     // (The close may even beat the request's write.)
@@ -205,8 +205,10 @@ async fn outsiders_get_no_chunks_and_a_peer_past_its_stream_limit_is_told_busy()
         assert!(r.next().await.unwrap().is_err(), "an outsider was answered");
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // (Its side opens a stream that fails at its start up to four times.)
     let label = Rejection::Outsider(String::new()).label();
-    assert_eq!(server_shared.metrics.rejected().get(label), Some(&1));
+    let refused = server_shared.metrics.rejected().get(label).copied();
+    assert!(refused.is_some_and(|n| (1..=4).contains(&n)), "{refused:?}");
     assert_eq!(server_shared.metrics.chunks_served.get(), 0);
 
     // A member's streams whose reads are held up hold their places; past

@@ -29,9 +29,10 @@ const CHECKS_IN_FLIGHT: usize = 4;
 /// Providers one attempt of a fetch asks at once (the bits of a chunk's
 /// "tried" mask).
 const MAX_PROVIDERS: usize = 64;
-/// Times a provider that answers `Busy` is asked again by one worker
-/// (after 100, 200, 400 ms) before the worker gives up on it.
-const BUSY_TRIES: u32 = 3;
+/// Times in a row a provider that answers `Busy` (or whose stream fails
+/// at its start) is asked again by one worker (after about 0.1, 0.2, 0.4,
+/// 0.8 and 1.6 s) before the worker gives up on it.
+const BUSY_TRIES: u32 = 5;
 
 /// Fetches the chunks of `ids` not yet in the store into it, from
 /// `providers` at once (see `fetch_into`), each checked against its id;
@@ -98,6 +99,19 @@ type Keep = Arc<dyn Fn(ContentId, Vec<u8>) -> bool + Send + Sync>;
 struct Work {
     queue: VecDeque<ContentId>,
     tried: HashMap<ContentId, u64>,
+    /// Batches workers hold (taken, not yet done).
+    held: usize,
+}
+
+/// What a worker does after a batch.
+enum Next {
+    /// Take the next.
+    Again,
+    /// Pause (the provider was busy, or the stream failed at its start),
+    /// then take the next.
+    Pause,
+    /// Stop asking this provider.
+    Stop,
 }
 
 impl Work {
@@ -139,6 +153,8 @@ struct Fetch {
     /// A chunk could not be kept (the store failed): the fetch stops.
     failed: std::sync::atomic::AtomicBool,
     keep: Keep,
+    /// Woken when a batch is done (what it left is back in the queue).
+    changed: tokio::sync::Notify,
 }
 
 impl Fetch {
@@ -201,78 +217,135 @@ impl Fetch {
             .unwrap_or(false)
     }
 
+    /// The next batch provider `who` was not yet asked for; if there is
+    /// none now, waits while other workers hold batches (what they put back
+    /// may be for this one); `None` once there is none and none is held.
+    async fn next_batch(&self, who: usize, peer: &PeerId) -> Option<Vec<ContentId>> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut w = self.lock_work();
+                let batch = w.take(who, BATCH);
+                if !batch.is_empty() {
+                    w.held += 1;
+                    return Some(batch);
+                }
+                if w.held == 0 {
+                    return None;
+                }
+            }
+            if self.stopped() || self.is_bad(peer) {
+                return None;
+            }
+            changed.await;
+        }
+    }
+
+    /// A batch taken with [`Fetch::next_batch`] is done (what is left of it
+    /// put back): workers waiting for work look again.
+    fn batch_done(&self) {
+        let mut w = self.lock_work();
+        w.held = w.held.saturating_sub(1);
+        drop(w);
+        self.changed.notify_waiters();
+    }
+
     /// One worker on provider `who` (`peer`): takes batches of chunks the
     /// provider was not yet asked for and fetches them on one stream each,
-    /// until there are none, the provider fails or serves a wrong chunk,
-    /// or it stays busy. A chunk is checked and kept on a blocking thread
-    /// while the next one arrives.
+    /// until there are none left for it, the provider fails or serves a
+    /// wrong chunk, or it stays busy.
     async fn worker(self: Arc<Self>, who: usize, peer: PeerId) {
         let mut busy = 0u32;
         while !self.stopped() && !self.is_bad(&peer) {
-            let batch = self.lock_work().take(who, BATCH);
-            if batch.is_empty() {
+            let Some(batch) = self.next_batch(who, &peer).await else {
                 return;
-            }
-            let mut reader = match self.net.chunks(peer, &batch).await {
-                Ok(r) => r,
-                Err(net::NetError::Unsupported { .. }) => {
-                    self.one_by_one(who, peer, batch).await;
-                    continue;
-                }
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "chunk stream failed");
-                    self.lock_work().put_back(batch, Some(who));
-                    return;
-                }
             };
-            let mut checking: VecDeque<tokio::task::JoinHandle<bool>> = VecDeque::new();
-            let mut corrupt = false;
-            while let Some(answer) = reader.next().await {
-                if checking.len() >= CHECKS_IN_FLIGHT
-                    && let Some(c) = checking.pop_front()
-                    && !c.await.unwrap_or(false)
-                {
-                    corrupt = true;
-                    if let Ok((id, net::Frame::Chunk(_) | net::Frame::Missing)) = answer {
-                        self.lock_work().put_back([id], Some(who));
+            let next = self.fetch_batch(who, peer, batch).await;
+            self.batch_done();
+            match next {
+                Next::Again => busy = 0,
+                Next::Pause => {
+                    if !pause(&mut busy).await {
+                        return;
                     }
-                    break;
                 }
-                match answer {
-                    Ok((id, net::Frame::Chunk(bytes))) => {
-                        let me = self.clone();
-                        checking.push_back(tokio::task::spawn_blocking(move || {
-                            me.received(peer, who, id, bytes)
-                        }));
-                    }
-                    Ok((id, net::Frame::Missing)) => self.lock_work().put_back([id], Some(who)),
-                    Ok((_, net::Frame::Busy)) => {}
-                    Err(e) => tracing::debug!(%peer, error = %e, "chunk stream failed"),
-                }
-                if self.stopped() {
-                    break;
-                }
+                Next::Stop => return,
             }
-            for c in checking {
-                corrupt |= !c.await.unwrap_or(false);
+        }
+    }
+
+    /// Fetches one batch from provider `who` (`peer`) on one stream, each
+    /// chunk checked and kept on a blocking thread while the next arrives;
+    /// puts back what it did not get; what the worker does next.
+    async fn fetch_batch(
+        self: &Arc<Self>,
+        who: usize,
+        peer: PeerId,
+        batch: Vec<ContentId>,
+    ) -> Next {
+        let mut reader = match self.net.chunks(peer, &batch).await {
+            Ok(r) => r,
+            Err(net::NetError::Unsupported { .. }) => {
+                self.one_by_one(who, peer, batch).await;
+                return Next::Again;
             }
-            let left: Vec<ContentId> = reader.unanswered().collect();
-            let ended_early = !left.is_empty();
-            let was_busy = ended_early && !corrupt && left.len() == batch.len();
-            // Asked of others first if this provider failed them; of anyone
-            // (itself again too) if it was only busy.
-            self.lock_work().put_back(left, (!was_busy).then_some(who));
-            if was_busy {
-                busy += 1;
-                if busy > BUSY_TRIES {
-                    return;
+            Err(e) => {
+                // Most often the stream was dropped at the provider's door
+                // (its swarm hands inbound streams over one at a time):
+                // again after a pause, like `Busy`.
+                tracing::debug!(%peer, error = %e, "chunk stream failed");
+                self.lock_work().put_back(batch, None);
+                return Next::Pause;
+            }
+        };
+        let mut checking: VecDeque<tokio::task::JoinHandle<bool>> = VecDeque::new();
+        let mut corrupt = false;
+        while let Some(answer) = reader.next().await {
+            if checking.len() >= CHECKS_IN_FLIGHT
+                && let Some(c) = checking.pop_front()
+                && !c.await.unwrap_or(false)
+            {
+                corrupt = true;
+                if let Ok((id, net::Frame::Chunk(_) | net::Frame::Missing)) = answer {
+                    self.lock_work().put_back([id], Some(who));
                 }
-                tokio::time::sleep(Duration::from_millis(100 << (busy - 1))).await;
-            } else if ended_early || corrupt {
-                return;
-            } else {
-                reader.close().await;
+                break;
             }
+            match answer {
+                Ok((id, net::Frame::Chunk(bytes))) => {
+                    let me = self.clone();
+                    checking.push_back(tokio::task::spawn_blocking(move || {
+                        me.received(peer, who, id, bytes)
+                    }));
+                }
+                Ok((id, net::Frame::Missing)) => self.lock_work().put_back([id], Some(who)),
+                Ok((_, net::Frame::Busy)) => {}
+                Err(e) => tracing::debug!(%peer, error = %e, "chunk stream failed"),
+            }
+            if self.stopped() {
+                break;
+            }
+        }
+        for c in checking {
+            corrupt |= !c.await.unwrap_or(false);
+        }
+        let left: Vec<ContentId> = reader.unanswered().collect();
+        let ended_early = !left.is_empty();
+        // Busy, or the stream ended before its first frame (dropped at the
+        // door): nothing this provider did wrong.
+        let was_busy = ended_early && !corrupt && left.len() == batch.len();
+        // Asked of others first if this provider failed them; of anyone
+        // (itself again too) if it was only busy.
+        self.lock_work().put_back(left, (!was_busy).then_some(who));
+        if was_busy {
+            Next::Pause
+        } else if ended_early || corrupt {
+            Next::Stop
+        } else {
+            reader.close().await;
+            Next::Again
         }
     }
 
@@ -299,6 +372,21 @@ impl Fetch {
             })
             .await;
     }
+}
+
+/// The pause before asking a provider again after the `tries`-th busy
+/// answer or failed start in a row (100, 200, 400, ... ms, each ± 50 % so
+/// fetchers that met at a provider's door do not meet again); false once
+/// there were more than [`BUSY_TRIES`].
+async fn pause(tries: &mut u32) -> bool {
+    *tries += 1;
+    if *tries > BUSY_TRIES {
+        return false;
+    }
+    let base = 100u64 << (*tries - 1);
+    let ms = base / 2 + rand::random::<u64>() % base;
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    true
 }
 
 /// Fetches the chunks of `ids` that `have` says are missing, checking each
@@ -333,10 +421,12 @@ async fn fetch_into(
         work: Mutex::new(Work {
             queue: missing,
             tried: HashMap::new(),
+            held: 0,
         }),
         bad: Mutex::default(),
         failed: false.into(),
         keep,
+        changed: tokio::sync::Notify::new(),
     });
     for attempt in 0..4u32 {
         if fetch.lock_work().queue.is_empty() {

@@ -196,6 +196,15 @@ pub async fn serve_chunk_streams(
     let streams = Serving::new(MAX_STREAMS, MAX_STREAMS_PER_PEER);
     let turning_away = Serving::new(MAX_TURNING_AWAY, MAX_STREAMS_PER_PEER);
     while let Some((peer, stream)) = incoming.next().await {
+        if !member(&peer) {
+            // The chunks of a permissioned region are its members' alone:
+            // an outsider's stream is dropped unanswered, before it can
+            // take a member's place.
+            let r = Rejection::Outsider(peer.to_string());
+            tracing::info!(%peer, reason = r.label(), "refused a chunk stream");
+            shared.metrics.reject(r.label());
+            continue;
+        }
         let slot = streams.take(peer);
         // A stream without a place is told `Busy` once its request is in;
         // past [`MAX_TURNING_AWAY`] such streams it is dropped at once.
@@ -209,9 +218,9 @@ pub async fn serve_chunk_streams(
                 }
             },
         };
-        let (store, shared, member) = (store.clone(), shared.clone(), member.clone());
+        let (store, shared) = (store.clone(), shared.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(peer, stream, slot, &store, &shared, &member).await {
+            if let Err(e) = serve_stream(stream, slot, &store, &shared).await {
                 tracing::debug!(%peer, error = %e, "chunk stream ended");
             }
             drop(waiting);
@@ -219,30 +228,19 @@ pub async fn serve_chunk_streams(
     }
 }
 
-/// Answers one chunk stream: `Busy` without a slot, nothing to an
-/// outsider, else every chunk asked for (read and re-hashed on blocking
-/// threads, [`STREAM_READ_AHEAD`] ahead of the writes) or "not held".
+/// Answers one chunk stream of a member: `Busy` without a slot, else
+/// every chunk asked for (read and re-hashed on blocking threads,
+/// [`STREAM_READ_AHEAD`] ahead of the writes) or "not held".
 async fn serve_stream(
-    peer: PeerId,
     mut stream: libp2p::Stream,
     slot: Option<Slot>,
     store: &Store,
     shared: &Shared,
-    member: &MemberCheck,
 ) -> std::io::Result<()> {
     use futures::{AsyncWriteExt, StreamExt};
     let timed = |what: &'static str| {
         move |_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what} timed out"))
     };
-    if !member(&peer) {
-        // The chunks of a permissioned region are its members' alone.
-        let r = Rejection::Outsider(peer.to_string());
-        tracing::info!(%peer, reason = r.label(), "refused a chunk stream");
-        shared.metrics.reject(r.label());
-        return tokio::time::timeout(STREAM_TIMEOUT, stream.close())
-            .await
-            .map_err(timed("closing"))?;
-    }
     // The request is read even to answer `Busy`: closing before the asker
     // has written it would fail its write, not tell it to wait.
     let ids = tokio::time::timeout(REQUEST_TIMEOUT, net::read_request(&mut stream))
