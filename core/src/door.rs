@@ -358,7 +358,10 @@ impl Door {
         Ok(values)
     }
 
-    fn decode(&self, m: &DeltaManifest, payload: &[u8]) -> Result<Vec<f32>, Rejected> {
+    /// Decodes a delta's payload (length and finiteness checked) without
+    /// judging its norm or adding to the history: for a payload that passed
+    /// [`Door::check_payload`] before, read again.
+    pub fn decode(&self, m: &DeltaManifest, payload: &[u8]) -> Result<Vec<f32>, Rejected> {
         let reject = |reason| Rejected {
             sender: m.author,
             reason,

@@ -1140,3 +1140,136 @@ fn a_next_round_version_holding_this_nodes_delta_is_taken_at_once() {
     let keep = heads::decide(&e, without, params, assessed);
     assert!(matches!(keep, Decision::Remember(_)), "{keep:?}");
 }
+
+#[test]
+fn a_used_deltas_values_go_and_come_back_if_the_head_stops_counting_it() {
+    // A node drops the values of deltas its head aggregated (memory: one
+    // model per delta still to aggregate, not per delta of the staleness
+    // window). If it then moves to a version that did not aggregate one of
+    // them, it asks for that payload again and aggregates it next round.
+    let mut cfg = engine_config(AggregationRule::Mean, DoorConfig::default(), 3);
+    cfg.quorum = 1.0;
+    let n = spec().n_params();
+    let params: Vec<f32> = (0..n).map(|i| (i % 5) as f32 * 0.01).collect();
+    let key = Keypair::from_secret_bytes(&[1; 32]);
+    let g = sign::version(&cfg, &key, 0, &params, vec![], vec![]);
+    let mut e = Engine::new(cfg.clone(), key.clone());
+    e.handle(
+        Input::Start {
+            manifest: g.clone(),
+            params: params.clone(),
+        },
+        0,
+    );
+    let train = |e: &mut Engine, round: u64, from: ContentId, at: u64| {
+        let trained: Vec<f32> = e.params().iter().map(|p| p - 0.01).collect();
+        e.handle(
+            Input::TrainingDone {
+                round,
+                version: from,
+                params: trained,
+                samples: 10,
+            },
+            at,
+        )
+    };
+    // Alone: its own delta closes round 0.
+    let out = train(&mut e, 0, g.id(), 10);
+    let (d0, payload0) = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Publish { manifest, payload } => Some((manifest.clone(), payload.clone())),
+            _ => None,
+        })
+        .expect("a delta published");
+    let v1 = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Adopt { manifest, .. } => Some(manifest.clone()),
+            _ => None,
+        })
+        .expect("round 0 closed");
+    assert_eq!(v1.message().deltas, vec![d0.id()]);
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Fetch { .. })),
+        "a delta the head counts is not fetched again: {out:?}"
+    );
+    assert!(e.holds_delta(&d0.id()));
+
+    // A preferred version of round 1 (two authors) that did not use d0.
+    let peer = Keypair::from_secret_bytes(&[2; 32]);
+    let other: Vec<f32> = params.iter().map(|p| p + 0.02).collect();
+    let w1 = sign::version(&cfg, &peer, 1, &other, vec![g.id()], vec![]);
+    let out = e.handle(
+        Input::ModelOffered {
+            manifest: w1.clone(),
+            params: other.clone(),
+            authors: 2,
+            used: vec![],
+            fork: None,
+        },
+        20,
+    );
+    assert_eq!(e.version(), Some(w1.id()));
+    let refetch: Vec<ContentId> = out
+        .iter()
+        .filter_map(|a| match a {
+            Action::Fetch { manifest } => Some(manifest.id()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refetch, vec![d0.id()], "{out:?}");
+    let payload0_copy = payload0.clone();
+    let out = e.handle(
+        Input::DeltaPayload {
+            id: d0.id(),
+            payload: payload0,
+        },
+        25,
+    );
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Penalise(_))),
+        "{out:?}"
+    );
+    // Round 1 closes on this node's new delta and d0, back.
+    let out = train(&mut e, 1, w1.id(), 30);
+    let (d1, payload1) = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Publish { manifest, payload } => Some((manifest.id(), payload.clone())),
+            _ => None,
+        })
+        .expect("a delta published");
+    let v2 = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Adopt { manifest, .. } => Some(manifest.message().clone()),
+            _ => None,
+        })
+        .expect("round 1 closed");
+    let mut expected = vec![d0.id(), d1];
+    expected.sort();
+    let mut got = v2.deltas.clone();
+    got.sort();
+    assert_eq!(got, expected);
+    // The same parameters as aggregating both payloads onto w1's.
+    let codec = d0.message().codec;
+    let (v0, v1) = (
+        codec.decode(&payload0_copy, n).unwrap(),
+        codec.decode(&payload1, n).unwrap(),
+    );
+    let inputs = [
+        tapestry_core::verify::DeltaInput {
+            id: d0.id(),
+            sample_count: 10,
+            values: &v0,
+        },
+        tapestry_core::verify::DeltaInput {
+            id: d1,
+            sample_count: 10,
+            values: &v1,
+        },
+    ];
+    let expected = tapestry_core::verify::aggregate_onto(&cfg, &other, &inputs).unwrap();
+    assert_eq!(e.params(), expected.as_slice());
+}

@@ -107,10 +107,21 @@ impl NodeProcess {
 
     /// Its resident memory (VmRSS) in bytes, read from `/proc` (Linux).
     pub fn rss_bytes(&self) -> Option<u64> {
+        self.proc_status_bytes("VmRSS:")
+    }
+
+    /// The most resident memory it has had (VmHWM) in bytes, read from
+    /// `/proc` (Linux).
+    pub fn peak_rss_bytes(&self) -> Option<u64> {
+        self.proc_status_bytes("VmHWM:")
+    }
+
+    /// A `kB` field of `/proc/PID/status`, in bytes.
+    fn proc_status_bytes(&self, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
         let kb: u64 = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .find_map(|l| l.strip_prefix(field))?
             .trim()
             .trim_end_matches("kB")
             .trim()

@@ -8,8 +8,17 @@
 //! verified itself (same parent and deltas: compared, not recomputed), and
 //! how many delta bytes it fetched only to verify.
 //!
-//! `cargo bench -p tapestry-node --bench rounds [-- small|large]`
-//! (needs the digits data set at `../shared/data/digits.csv.gz`).
+//! It also shows where a round's time goes (each node's `stage_ms`: train,
+//! evaluate, encode, hash, sign, store, announce, fetch, check_chunks,
+//! decode, aggregate, verify, adopt, engine), each node's peak RSS
+//! (VmHWM), and, in the same run, how long moving each node's bytes of a
+//! round takes over plain loopback TCP (three connections at once, one per
+//! node, each carrying that node's received bytes per round): the round's
+//! overhead (median round minus training and evaluation) against that.
+//!
+//! `cargo bench -p tapestry-node --bench rounds [-- small|large|huge]`
+//! (needs the digits data set at `../shared/data/digits.csv.gz`; `huge`,
+//! 100 million parameters, is run only when named).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -28,7 +37,7 @@ struct Case {
     timeout_ms: u64,
 }
 
-const CASES: [Case; 2] = [
+const CASES: [Case; 3] = [
     Case {
         name: "small",
         architecture: "mlp:64",
@@ -42,6 +51,13 @@ const CASES: [Case; 2] = [
         local_steps: 5,
         rounds: 16,
         timeout_ms: 120_000,
+    },
+    Case {
+        name: "huge",
+        architecture: "mlp:10000,10000",
+        local_steps: 5,
+        rounds: 6,
+        timeout_ms: 600_000,
     },
 ];
 
@@ -140,6 +156,10 @@ fn run(case: &Case) {
         assert!(now < deadline, "the nodes did not finish: {st:?}");
         std::thread::sleep(Duration::from_millis(20));
     };
+    let peak_rss: Vec<u64> = nodes
+        .iter()
+        .map(|n| n.peak_rss_bytes().unwrap_or(0))
+        .collect();
     for n in &mut nodes {
         n.terminate(Duration::from_secs(60));
     }
@@ -206,6 +226,112 @@ fn run(case: &Case) {
         fetched / rounds
     );
     println!("  mean accuracy at the end: {accuracy:.4}");
+
+    // Where the time went, per node-round.
+    let stage = |k: &str| -> f64 {
+        finals
+            .iter()
+            .map(|s| s["stage_ms"][k].as_f64().unwrap_or(0.0))
+            .sum::<f64>()
+            / rounds
+    };
+    let labels = [
+        "train",
+        "evaluate",
+        "encode",
+        "hash",
+        "sign",
+        "store",
+        "announce",
+        "fetch",
+        "check_chunks",
+        "decode",
+        "aggregate",
+        "verify",
+        "adopt",
+        "engine",
+    ];
+    println!("  stages, ms per node-round (they overlap in time: fetches run beside training):");
+    for l in labels {
+        println!("    {l:>13}: {:>10.1}", stage(l));
+    }
+    let overhead = med - stage("train") - stage("evaluate");
+    let params = finals[0]["head_params"].as_str().unwrap_or("?").to_owned();
+    println!(
+        "  heads agree at the end: {}",
+        finals
+            .iter()
+            .all(|s| s["head_params"].as_str() == Some(params.as_str()))
+    );
+    let per_round: Vec<u64> = finals
+        .iter()
+        .map(|s| {
+            (s["bytes_in"].as_u64().unwrap_or(0) as f64
+                / s["round"].as_u64().unwrap_or(1).max(1) as f64) as u64
+        })
+        .collect();
+    let raw: Vec<f64> = (0..3).map(|_| raw_tcp_seconds(&per_round)).collect();
+    let raw_ms = median(raw.clone()) * 1e3;
+    println!(
+        "  bytes in per round: {} (nodes 0, 1, 2)",
+        per_round
+            .iter()
+            .map(|b| format!("{:.1} MB", *b as f64 / 1e6))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  raw TCP, the same bytes (three connections at once): median {raw_ms:.1} ms of 3 ({:?} s)",
+        raw.iter()
+            .map(|r| (r * 1e3).round() / 1e3)
+            .collect::<Vec<_>>()
+    );
+    println!(
+        "  overhead (median round - train - evaluate): {overhead:.1} ms = {:.2}x the raw transfer",
+        overhead / raw_ms
+    );
+    println!(
+        "  peak RSS (VmHWM): {} (nodes 0, 1, 2)",
+        peak_rss
+            .iter()
+            .map(|b| format!("{:.0} MB", *b as f64 / 1e6))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
+
+/// Seconds to move `bytes[i]` over loopback TCP on connection `i`, all
+/// connections at once (each a writer and a reader thread).
+fn raw_tcp_seconds(bytes: &[u64]) -> f64 {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for &n in bytes {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            s.spawn(move || {
+                let (mut conn, _) = listener.accept().unwrap();
+                let mut buf = vec![0u8; 1 << 20];
+                let mut got = 0u64;
+                while got < n {
+                    let k = conn.read(&mut buf).unwrap();
+                    assert!(k > 0, "the writer closed early");
+                    got += k as u64;
+                }
+            });
+            s.spawn(move || {
+                let mut conn = std::net::TcpStream::connect(addr).unwrap();
+                let buf = vec![7u8; 1 << 20];
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(buf.len() as u64) as usize;
+                    conn.write_all(&buf[..k]).unwrap();
+                    left -= k as u64;
+                }
+            });
+        }
+    });
+    started.elapsed().as_secs_f64()
 }
 
 fn main() {
@@ -214,7 +340,8 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     for case in &CASES {
-        if only.is_empty() || only.iter().any(|o| o == case.name) {
+        let named = only.iter().any(|o| o == case.name);
+        if named || (only.is_empty() && case.name != "huge") {
             run(case);
         }
     }

@@ -25,6 +25,94 @@ pub struct Head {
     pub params: String,
 }
 
+/// A stage of the node's work on rounds, timed for the
+/// `tapestry_stage_seconds` metric and `/status`' `stage_ms`. Stages
+/// overlap in time (payloads are fetched while the node trains; chunk
+/// checks run inside fetches), so their sum is not a round's duration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Local training (on the model thread).
+    Train,
+    /// Evaluating a new head on the local split (on the model thread).
+    Evaluate,
+    /// This node's delta: difference, codec with error feedback, norm.
+    Encode,
+    /// BLAKE3 content ids of what this node makes (its payloads, its
+    /// versions' parameters).
+    Hash,
+    /// Signing this node's manifests.
+    Sign,
+    /// Writing to the store: this node's payloads, admitted deltas, new
+    /// heads and verified versions (flushes included).
+    Store,
+    /// Announcing: gossip publishing and DHT provider records.
+    Announce,
+    /// A delta payload's fetch, from asking to holding every chunk (its
+    /// chunk checks included), summed over fetches running side by side.
+    Fetch,
+    /// BLAKE3 checks of chunks peers served (inside `fetch`).
+    CheckChunks,
+    /// Peers' payloads through the door: decoded and checked.
+    Decode,
+    /// Closing rounds: the aggregation rule and the outer step.
+    Aggregate,
+    /// Recomputing peers' versions to verify them (as `recompute_seconds`).
+    Verify,
+    /// The rest of taking a new head: copies, status, collection of old
+    /// versions (storing and announcing it excluded).
+    Adopt,
+    /// The rest of the round engine's handling: bookkeeping and copies
+    /// outside the stages above.
+    Engine,
+}
+
+impl Stage {
+    /// Every stage, in the order of a round.
+    pub const ALL: [Stage; 14] = [
+        Stage::Train,
+        Stage::Evaluate,
+        Stage::Encode,
+        Stage::Hash,
+        Stage::Sign,
+        Stage::Store,
+        Stage::Announce,
+        Stage::Fetch,
+        Stage::CheckChunks,
+        Stage::Decode,
+        Stage::Aggregate,
+        Stage::Verify,
+        Stage::Adopt,
+        Stage::Engine,
+    ];
+
+    /// Its label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Stage::Train => "train",
+            Stage::Evaluate => "evaluate",
+            Stage::Encode => "encode",
+            Stage::Hash => "hash",
+            Stage::Sign => "sign",
+            Stage::Store => "store",
+            Stage::Announce => "announce",
+            Stage::Fetch => "fetch",
+            Stage::CheckChunks => "check_chunks",
+            Stage::Decode => "decode",
+            Stage::Aggregate => "aggregate",
+            Stage::Verify => "verify",
+            Stage::Adopt => "adopt",
+            Stage::Engine => "engine",
+        }
+    }
+}
+
+/// The `stage` label of the stage timings.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    /// [`Stage::label`].
+    pub stage: String,
+}
+
 /// Every metric the node exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -69,6 +157,8 @@ pub struct Metrics {
     pub recompute_seconds: Counter<f64, AtomicU64>,
     /// Time spent storing the versions this node recomputed, in seconds.
     pub keep_verified_seconds: Counter<f64, AtomicU64>,
+    /// Time spent in each [`Stage`], in seconds.
+    pub stage_seconds: Family<StageLabel, Counter<f64, AtomicU64>>,
     /// Delta payload bytes fetched only to verify a version (deltas this
     /// node had not received by gossip).
     pub verify_fetched_bytes: Counter,
@@ -118,6 +208,7 @@ impl Metrics {
             versions_matched: Counter::default(),
             recompute_seconds: Counter::default(),
             keep_verified_seconds: Counter::default(),
+            stage_seconds: Family::default(),
             verify_fetched_bytes: Counter::default(),
             store_chunk_bytes: Gauge::default(),
             store_manifests: Gauge::default(),
@@ -242,6 +333,11 @@ impl Metrics {
             m.keep_verified_seconds.clone(),
         );
         r.register(
+            "stage_seconds",
+            "Time spent in each stage of the work on rounds (stages overlap in time)",
+            m.stage_seconds.clone(),
+        );
+        r.register(
             "verify_fetched_bytes",
             "Delta bytes fetched only to verify a version",
             m.verify_fetched_bytes.clone(),
@@ -284,6 +380,31 @@ impl Metrics {
             .lock()
             .map(|c| c.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect())
             .unwrap_or_default()
+    }
+
+    /// Adds `took` to a stage's time.
+    pub fn time(&self, stage: Stage, took: std::time::Duration) {
+        self.stage_seconds
+            .get_or_create(&StageLabel {
+                stage: stage.label().to_owned(),
+            })
+            .inc_by(took.as_secs_f64());
+    }
+
+    /// The time spent in each stage so far, milliseconds, by label.
+    pub fn stage_ms(&self) -> BTreeMap<String, f64> {
+        Stage::ALL
+            .iter()
+            .map(|s| {
+                let label = StageLabel {
+                    stage: s.label().to_owned(),
+                };
+                (
+                    s.label().to_owned(),
+                    self.stage_seconds.get_or_create(&label).get() * 1e3,
+                )
+            })
+            .collect()
     }
 
     /// Sets the accuracy gauge.

@@ -78,6 +78,12 @@ pub struct Status {
     /// Time spent storing the versions verified by recomputation (their
     /// parameters, manifest and verified mark), milliseconds.
     pub keep_verified_ms: f64,
+    /// Time spent in each stage of the work on rounds, milliseconds since
+    /// the node started (`train`, `evaluate`, `encode`, `hash`, `sign`,
+    /// `store`, `announce`, `fetch`, `check_chunks`, `decode`,
+    /// `aggregate`, `verify`, `adopt`, `engine`: see node/README.md,
+    /// "Where a round's time goes"). Stages overlap in time.
+    pub stage_ms: BTreeMap<String, f64>,
     /// Peers' versions found to be the same computation as one this node
     /// made or verified (checked by comparison, not recomputed).
     pub versions_matched: u64,
@@ -290,6 +296,7 @@ impl Shared {
         s.verify_fetched_bytes = m.verify_fetched_bytes.get();
         s.recompute_ms = m.recompute_seconds.get() * 1e3;
         s.keep_verified_ms = m.keep_verified_seconds.get() * 1e3;
+        s.stage_ms = m.stage_ms();
         s.rejected = m.rejected();
         s.store_chunk_bytes = m.store_chunk_bytes.get().max(0) as u64;
         s.store_manifests = m.store_manifests.get().max(0) as u64;

@@ -1,7 +1,9 @@
 //! The round engine, sans-IO: inputs and the current time go in, actions come
 //! out. It owns no socket, spawns nothing, reads no clock, and draws its
 //! randomness from a seed, so the real node and the simulator run this very
-//! code and the same inputs give byte-identical model versions.
+//! code and the same inputs give byte-identical model versions. (A shell may
+//! lend it a stopwatch to time its heavy steps, [`Engine::set_stopwatch`];
+//! what it reads there is reported, never decided on.)
 //!
 //! One round, region-broadcast mode (DESIGN.md, steps 1–7):
 //! 1. [`Action::Train`] from the current model θ (the shell runs
@@ -45,10 +47,12 @@ use crate::verify::{DeltaInput, aggregate_onto, merge_params, params_chunk_ids};
 mod io;
 mod modes;
 mod rank;
+mod stages;
 mod versions;
 
 pub use io::{Action, Input};
 pub use rank::{VersionRank, params_digest, version_rank};
+pub use stages::StageTimes;
 pub use versions::genesis;
 
 /// Settings of one engine.
@@ -103,13 +107,17 @@ pub enum Mode {
     },
 }
 
+/// A delta admitted at the door.
 #[derive(Debug, Clone)]
 struct Received {
     id: ContentId,
     round: u64,
     author: NodeId,
     sample_count: u64,
-    values: Vec<f32>,
+    /// Its decoded values; `None` once a version of this node aggregated
+    /// it (never aggregated twice: see [`Engine::start_round`]).
+    values: Option<Vec<f32>>,
+    manifest: Verified<DeltaManifest>,
 }
 
 /// The state machine of one node.
@@ -144,6 +152,10 @@ pub struct Engine {
     /// while it takes part.
     heard: BTreeMap<NodeId, u64>,
     pending: BTreeMap<ContentId, Verified<DeltaManifest>>,
+    /// Pending deltas that passed the door before (their values were
+    /// dropped once used, and the head no longer counts them as used):
+    /// decoded again when their payload is back, not judged again.
+    readmit: BTreeSet<ContentId>,
     received: BTreeMap<ContentId, Received>,
     /// Deltas aggregated into this node's recent lineage, with the round of
     /// the version that used them: never aggregated again.
@@ -161,6 +173,9 @@ pub struct Engine {
     trained: Option<Vec<f32>>,
     neighbour_models: BTreeMap<(u64, NodeId), (Vec<f32>, usize)>,
     push_sum: Option<PushSum>,
+    /// The shell's stopwatch, if it lent one, and what it timed so far.
+    stopwatch: Option<fn() -> std::time::Instant>,
+    stages: StageTimes,
 }
 
 impl Engine {
@@ -194,6 +209,7 @@ impl Engine {
             joined: BTreeMap::new(),
             heard: BTreeMap::new(),
             pending: BTreeMap::new(),
+            readmit: BTreeSet::new(),
             received: BTreeMap::new(),
             used: BTreeMap::new(),
             votes: BTreeMap::new(),
@@ -203,6 +219,8 @@ impl Engine {
             trained: None,
             neighbour_models: BTreeMap::new(),
             push_sum: None,
+            stopwatch: None,
+            stages: StageTimes::default(),
         }
     }
 
@@ -448,7 +466,21 @@ impl Engine {
         let Some(m) = self.pending.remove(&id) else {
             return;
         };
-        match self.door.check_payload(m.message(), &payload) {
+        let lap = self.lap();
+        let checked = if self.readmit.remove(&id) {
+            // Its chunks match the ids it had when it passed the door, so
+            // these are the values it had then; a payload that does not
+            // decode now (it cannot) is left out without blame.
+            let Ok(values) = self.door.decode(m.message(), &payload) else {
+                return;
+            };
+            Ok(values)
+        } else {
+            self.door.check_payload(m.message(), &payload)
+        };
+        drop(payload);
+        self.charge(lap, |t| &mut t.decode);
+        match checked {
             Ok(values) => {
                 let msg = m.message();
                 self.received.insert(
@@ -458,7 +490,8 @@ impl Engine {
                         round: msg.round,
                         author: msg.author,
                         sample_count: msg.sample_count,
-                        values,
+                        values: Some(values),
+                        manifest: m,
                     },
                 );
                 self.maybe_close(now_ms, out);
@@ -605,6 +638,33 @@ impl Engine {
         &self.door
     }
 
+    /// Drops the values of the deltas the head's lineage aggregated (they
+    /// are never aggregated again, and the shell's store keeps their
+    /// payloads): a node holds the decoded values of the deltas still to
+    /// aggregate, not of the whole staleness window. A delta whose values
+    /// went and that the head no longer counts as used (the node moved to
+    /// a version that did not aggregate it) is fetched again (from the
+    /// shell's store) and decoded without a second judgement at the door.
+    fn release_used(&mut self, out: &mut Vec<Action>) {
+        let mut reload = Vec::new();
+        for r in self.received.values_mut() {
+            if self.used.contains_key(&r.id) {
+                r.values = None;
+            } else if r.values.is_none() {
+                reload.push(r.id);
+            }
+        }
+        for id in reload {
+            if let Some(r) = self.received.remove(&id) {
+                self.readmit.insert(id);
+                self.pending.insert(id, r.manifest.clone());
+                out.push(Action::Fetch {
+                    manifest: r.manifest,
+                });
+            }
+        }
+    }
+
     fn start_round(&mut self, now_ms: u64, out: &mut Vec<Action>) {
         self.round_started_ms = now_ms;
         self.training = true;
@@ -612,12 +672,14 @@ impl Engine {
         let oldest = self.round.saturating_sub(self.config.door.staleness);
         self.received.retain(|_, r| r.round >= oldest);
         self.pending.retain(|_, m| m.message().round >= oldest);
+        self.readmit.retain(|id| self.pending.contains_key(id));
         self.votes.retain(|(r, _), _| *r >= oldest);
         self.last_seq.retain(|_, (_, r)| *r >= oldest);
         // A delta used by a version of round s was of round s − 1 or
         // earlier: once s is this far back, the door refuses it anyway.
         let forget = oldest.saturating_sub(2);
         self.used.retain(|_, s| *s >= forget);
+        self.release_used(out);
         let round = self.round;
         self.neighbour_models.retain(|(r, _), _| *r >= round);
         self.trained = None;
@@ -658,6 +720,7 @@ impl Engine {
     }
 
     fn publish(&mut self, trained: Vec<f32>, samples: u64, out: &mut Vec<Action>) {
+        let lap = self.lap();
         let delta: Vec<f32> = self
             .params
             .iter()
@@ -677,6 +740,13 @@ impl Engine {
             .map(|v| f64::from(*v).powi(2))
             .sum::<f64>()
             .sqrt() as f32;
+        drop(delta);
+        let lap = self.charge(lap, |t| &mut t.encode);
+        let chunk_ids = payload
+            .chunks(self.config.chunk_size)
+            .map(ContentId::of)
+            .collect();
+        let lap = self.charge(lap, |t| &mut t.hash);
         self.seq += 1;
         let manifest = DeltaManifest {
             model_id: self.config.model_id.clone(),
@@ -689,10 +759,7 @@ impl Engine {
             layout: self.config.spec.layout(),
             payload_bytes: payload.len() as u64,
             chunk_size: self.config.chunk_size as u32,
-            chunk_ids: payload
-                .chunks(self.config.chunk_size)
-                .map(ContentId::of)
-                .collect(),
+            chunk_ids,
             sample_count: samples.max(1),
             l2_norm: norm,
             created_unix_ms: self.wall_ms(),
@@ -700,6 +767,7 @@ impl Engine {
         let Ok(signed) = Signed::sign(manifest, &self.key) else {
             return;
         };
+        self.charge(lap, |t| &mut t.sign);
         self.votes.insert((self.round, self.node_id()), signed.id());
         self.received.insert(
             signed.id(),
@@ -708,7 +776,8 @@ impl Engine {
                 round: self.round,
                 author: self.node_id(),
                 sample_count: samples.max(1),
-                values: sent,
+                values: Some(sent),
+                manifest: signed.clone(),
             },
         );
         out.push(Action::Publish {
@@ -815,31 +884,38 @@ impl Engine {
 
     fn close_round(&mut self, now_ms: u64, out: &mut Vec<Action>) {
         let oldest = self.round.saturating_sub(self.config.door.staleness);
-        let inputs: Vec<&Received> = self
+        let inputs: Vec<(&Received, &[f32])> = self
             .received
             .values()
             .filter(|r| {
                 r.round >= oldest && r.round <= self.round && !self.used.contains_key(&r.id)
             })
+            .filter_map(|r| Some((r, r.values.as_deref()?)))
             .collect();
         // The one computation every verifier repeats (verify::aggregate_onto).
         let deltas: Vec<DeltaInput<'_>> = inputs
             .iter()
-            .map(|r| DeltaInput {
+            .map(|(r, values)| DeltaInput {
                 id: r.id,
                 sample_count: r.sample_count,
-                values: &r.values,
+                values,
             })
             .collect();
-        let Ok(params) = aggregate_onto(&self.config, &self.params, &deltas) else {
+        let lap = self.lap();
+        let aggregated = aggregate_onto(&self.config, &self.params, &deltas);
+        let done = self.lap();
+        let Ok(params) = aggregated else {
             return;
         };
         let authors = inputs
             .iter()
-            .map(|r| r.author)
+            .map(|(r, _)| r.author)
             .collect::<BTreeSet<_>>()
             .len();
-        let delta_ids: Vec<ContentId> = inputs.iter().map(|r| r.id).collect();
+        let delta_ids: Vec<ContentId> = inputs.iter().map(|(r, _)| r.id).collect();
+        if let (Some(lap), Some(done)) = (lap, done) {
+            self.stages.aggregate += done.saturating_duration_since(lap);
+        }
         self.params = params;
         let next = self.round.saturating_add(1);
         for id in &delta_ids {

@@ -58,6 +58,9 @@ impl Engine {
         out: &mut Vec<Action>,
     ) {
         let payload_bytes = (self.params.len() * 4) as u64;
+        let lap = self.lap();
+        let chunk_ids = params_chunk_ids(&self.params, self.config.chunk_size);
+        let lap = self.charge(lap, |t| &mut t.hash);
         let manifest = ModelManifest {
             model_id: self.config.model_id.clone(),
             region: self.config.region.clone(),
@@ -66,7 +69,7 @@ impl Engine {
             layout: self.config.spec.layout(),
             payload_bytes,
             chunk_size: self.config.chunk_size as u32,
-            chunk_ids: params_chunk_ids(&self.params, self.config.chunk_size),
+            chunk_ids,
             parents,
             deltas: delta_ids,
             created_unix_ms: self.wall_ms(),
@@ -74,6 +77,7 @@ impl Engine {
         let Ok(signed) = Signed::sign(manifest, &self.key) else {
             return;
         };
+        self.charge(lap, |t| &mut t.sign);
         self.round = round;
         self.version = Some(signed.id());
         self.parents = signed.message().parents.clone();

@@ -181,7 +181,12 @@ impl Fetch {
             self.lock_work().put_back([id], Some(who));
             return false;
         }
-        if !id.matches(&bytes) {
+        let checking = std::time::Instant::now();
+        let good = id.matches(&bytes);
+        self.shared
+            .metrics
+            .time(Stage::CheckChunks, checking.elapsed());
+        if !good {
             // Counted and faulted once per peer, however many of its
             // chunks were being checked at the time.
             let first = self.bad.lock().map(|mut b| b.insert(peer)).unwrap_or(false);
@@ -604,10 +609,12 @@ impl Node {
         }
         let (store, shared) = (self.store.clone(), self.shared.clone());
         tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             let chunk_size = manifest.message().chunk_size as usize;
             let kept = store
                 .put_payload(&payload, chunk_size)
                 .and_then(|_| store.put_delta_manifest(&manifest));
+            shared.metrics.time(Stage::Store, started.elapsed());
             if let Err(e) = kept {
                 tracing::warn!(error = %e, delta = %id.short(), "cannot store an admitted delta");
                 space::note_failure(&shared, &e);

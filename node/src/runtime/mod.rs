@@ -26,6 +26,7 @@ use tapestry_storage::ChunkStore;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use crate::metrics::Stage;
 use crate::net::{self, NetEvent, NetHandle, PingOutcome};
 use tapestry_core::admission::{self, Rejection, Verdict};
 use tapestry_core::data::Dataset;
@@ -300,6 +301,7 @@ impl Node {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         engine.continue_sequence_after(unix_ms);
+        engine.set_stopwatch(std::time::Instant::now);
         // `now_ms` counts from this moment (`started` below).
         engine.set_wall_clock(unix_ms);
         if let Some(seqs) = settings.sequences_file.as_deref().and_then(read_sequences) {
@@ -430,7 +432,7 @@ impl Node {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), NodeError> {
         let (start_manifest, start_params) = self.starting_version()?;
-        self.show_head(&start_manifest, &start_params);
+        self.show_head(&start_manifest, start_params.clone());
         let start_at = Instant::now() + self.settings.start_wait;
         let mut ticker = tokio::time::interval(Duration::from_secs(2));
         let mut start = Some((start_manifest, start_params));
@@ -559,7 +561,17 @@ impl Node {
     /// Feeds one input to the engine and carries out what it asks.
     async fn feed(&mut self, input: Input) {
         let now = self.now_ms();
+        let started = Instant::now();
         let actions = self.engine.handle(input, now);
+        let took = started.elapsed();
+        let stages = self.engine.take_stage_times();
+        let m = &self.shared.metrics;
+        m.time(Stage::Encode, stages.encode);
+        m.time(Stage::Hash, stages.hash);
+        m.time(Stage::Sign, stages.sign);
+        m.time(Stage::Decode, stages.decode);
+        m.time(Stage::Aggregate, stages.aggregate);
+        m.time(Stage::Engine, took.saturating_sub(stages.total()));
         for action in actions {
             self.act(action).await;
         }
@@ -604,7 +616,7 @@ impl Node {
             self.settings.train,
             self.data.clone(),
         );
-        let tx = self.inputs_tx.clone();
+        let (tx, shared) = (self.inputs_tx.clone(), self.shared.clone());
         let worker = self.model_thread.clone();
         let inner = self.inner_state.clone();
         let now = Instant::now();
@@ -618,6 +630,7 @@ impl Node {
             }
             let trained = worker
                 .run(move || {
+                    let started = std::time::Instant::now();
                     let mut fresh = InnerState::default();
                     let mut kept = inner.lock().unwrap_or_else(|e| e.into_inner());
                     let state = if cfg.optimizer.keeps_state() {
@@ -625,7 +638,9 @@ impl Node {
                     } else {
                         &mut fresh
                     };
-                    train_on(&spec, &params, &data.train, &cfg, state, seed)
+                    let trained = train_on(&spec, &params, &data.train, &cfg, state, seed);
+                    shared.metrics.time(Stage::Train, started.elapsed());
+                    trained
                 })
                 .await;
             match trained {
@@ -654,10 +669,13 @@ impl Node {
         // round window; not voting would hold up every round of the
         // region until its deadline).
         self.room_for(payload.len());
+        let started = Instant::now();
         let stored = self
             .store
             .put_payload(&payload, m.chunk_size as usize)
             .and_then(|_| self.store.put_delta_manifest(&manifest));
+        drop(payload);
+        self.shared.metrics.time(Stage::Store, started.elapsed());
         if let Err(e) = stored {
             tracing::error!(error = %e, "cannot store own delta; not announcing it");
             self.store_failed(&e);
@@ -671,10 +689,12 @@ impl Node {
             return;
         }
         self.count_out(data.len());
+        let started = Instant::now();
         self.provide(manifest.id()).await;
         if let Err(e) = self.net.publish(&self.deltas_topic, data).await {
             tracing::warn!(error = %e, "cannot announce delta");
         }
+        self.shared.metrics.time(Stage::Announce, started.elapsed());
         tracing::debug!(round = m.round, id = %manifest.id().short(), "delta announced");
     }
 
@@ -705,8 +725,10 @@ impl Node {
         }
         let (id, round) = (manifest.id(), manifest.message().round);
         let task = self.tasks.spawn(async move {
-            if let Some(payload) = fetch_payload(&net, &store, &manifest, &providers, &shared).await
-            {
+            let started = Instant::now();
+            let payload = fetch_payload(&net, &store, &manifest, &providers, &shared).await;
+            shared.metrics.time(Stage::Fetch, started.elapsed());
+            if let Some(payload) = payload {
                 let _ = tx.send((manifest, payload)).await;
             }
         });
@@ -732,11 +754,14 @@ impl Node {
     /// version of the same round heard meanwhile, verify the next round's
     /// versions held back, show it, and announce it.
     async fn adopted(&mut self, manifest: Verified<ModelManifest>, params: Vec<f32>) {
+        let started = Instant::now();
         let kept = if self.accepting() && self.room_for(params.len() * 4) {
             self.keep_version(&manifest, &params)
         } else {
             Err(NodeError::StoreFull)
         };
+        let storing = started.elapsed();
+        self.shared.metrics.time(Stage::Store, storing);
         if let Err(e) = kept {
             // Not stored, so not acknowledged: not announced, not served,
             // and not the head on disk (after a restart the node is back on
@@ -760,16 +785,21 @@ impl Node {
         }
         self.shared.metrics.rounds.inc();
         self.verify_early(true).await;
-        self.show_head(&manifest, &params);
+        self.show_head(&manifest, params);
         let data = manifest.envelope_bytes().to_vec();
         self.count_out(data.len());
+        let announcing = Instant::now();
         self.provide(manifest.id()).await;
         let _ = self.net.publish(&self.models_topic, data).await;
+        let announcing = announcing.elapsed();
+        self.shared.metrics.time(Stage::Announce, announcing);
         if self.providers.len() > 4096 {
             self.providers.clear();
         }
         self.collect_garbage(round);
         self.keep_sequences();
+        let rest = started.elapsed().saturating_sub(storing + announcing);
+        self.shared.metrics.time(Stage::Adopt, rest);
         if self.settings.freeze_at_round.is_some_and(|r| round >= r) {
             tracing::warn!(round, "fault injection: the node loop freezes");
             loop {
@@ -781,7 +811,7 @@ impl Node {
     /// Publishes a head in the status and metrics, and evaluates it on the
     /// local split on a blocking thread (its accuracy and loss follow, unless
     /// a newer head came first).
-    fn show_head(&self, manifest: &Verified<ModelManifest>, params: &[f32]) {
+    fn show_head(&self, manifest: &Verified<ModelManifest>, params: Vec<f32>) {
         let m = manifest.message();
         let params_id = ContentId::of(
             &m.chunk_ids
@@ -806,7 +836,7 @@ impl Node {
             self.settings.engine.spec.clone(),
             self.data.clone(),
             self.shared.clone(),
-            params.to_vec(),
+            params,
             m.round,
         );
         let worker = self.model_thread.clone();
@@ -819,7 +849,11 @@ impl Node {
                     if !still {
                         return;
                     }
-                    let evaluation = match evaluate_on(&spec, &params, &data.test) {
+                    let started = std::time::Instant::now();
+                    let evaluated = evaluate_on(&spec, &params, &data.test);
+                    drop(params);
+                    shared.metrics.time(Stage::Evaluate, started.elapsed());
+                    let evaluation = match evaluated {
                         Ok(e) => Some(e),
                         Err(e) => {
                             tracing::warn!(error = %e, "head not evaluated");

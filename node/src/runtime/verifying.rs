@@ -799,6 +799,9 @@ pub(super) async fn recompute_offered(
     ctx.shared.metrics.recompute_seconds.inc_by(took);
     ctx.shared.metrics.versions_verified.inc_by(recomputed);
     ctx.shared.metrics.keep_verified_seconds.inc_by(keep_s);
+    let m = &ctx.shared.metrics;
+    m.time(Stage::Verify, Duration::from_secs_f64(took));
+    m.time(Stage::Store, Duration::from_secs_f64(keep_s));
     let checked = checked?;
     let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
     let assessment = heads::assess(&l, &ctx.cfg, head, target, &checked);
