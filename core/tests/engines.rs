@@ -950,7 +950,7 @@ fn a_restarted_node_keeps_the_vote_it_cast_before_the_crash() {
     let out = after.handle(
         Input::DeltaPayload {
             id: vote.id(),
-            payload,
+            payload: payload.into(),
         },
         10,
     );
@@ -1219,11 +1219,10 @@ fn a_used_deltas_values_go_and_come_back_if_the_head_stops_counting_it() {
         })
         .collect();
     assert_eq!(refetch, vec![d0.id()], "{out:?}");
-    let payload0_copy = payload0.clone();
     let out = e.handle(
         Input::DeltaPayload {
             id: d0.id(),
-            payload: payload0,
+            payload: payload0.clone().into(),
         },
         25,
     );
@@ -1255,7 +1254,7 @@ fn a_used_deltas_values_go_and_come_back_if_the_head_stops_counting_it() {
     // The same parameters as aggregating both payloads onto w1's.
     let codec = d0.message().codec;
     let (v0, v1) = (
-        codec.decode(&payload0_copy, n).unwrap(),
+        codec.decode(&payload0, n).unwrap(),
         codec.decode(&payload1, n).unwrap(),
     );
     let inputs = [

@@ -245,7 +245,7 @@ impl Swarm {
                         i,
                         Input::DeltaPayload {
                             id: manifest.id(),
-                            payload,
+                            payload: payload.into(),
                         },
                     ));
                 }

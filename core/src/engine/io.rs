@@ -38,8 +38,9 @@ pub enum Input {
     DeltaPayload {
         /// The manifest's id.
         id: ContentId,
-        /// The payload bytes.
-        payload: Vec<u8>,
+        /// The payload bytes (shared: the shell keeps them to store once
+        /// the door admits them).
+        payload: std::sync::Arc<Vec<u8>>,
     },
     /// A peer's model version, verified by recomputation
     /// ([`crate::verify`]): the shell offers nothing else.

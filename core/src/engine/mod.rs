@@ -462,7 +462,13 @@ impl Engine {
     }
 
     /// A fetched delta's payload: through the door, then counted.
-    fn on_payload(&mut self, id: ContentId, payload: Vec<u8>, now_ms: u64, out: &mut Vec<Action>) {
+    fn on_payload(
+        &mut self,
+        id: ContentId,
+        payload: std::sync::Arc<Vec<u8>>,
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
         let Some(m) = self.pending.remove(&id) else {
             return;
         };

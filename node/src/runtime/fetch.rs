@@ -501,13 +501,36 @@ pub(super) async fn fetch_payload(
     providers: &[PeerId],
     shared: &Shared,
 ) -> Option<Vec<u8>> {
-    let chunks = fetch_payload_chunks(net, store, manifest, providers, shared).await?;
     let m = manifest.message();
-    let mut payload = Vec::with_capacity(usize::try_from(m.payload_bytes).ok()?);
-    for c in &chunks {
-        payload.extend_from_slice(c);
+    let size = usize::try_from(m.payload_bytes).ok()?;
+    let mut got = fetch_chunk_map(net, store, manifest, providers, shared).await?;
+    // Each chunk leaves the map as it is copied in at its last use, so the
+    // payload and the chunks are not both held whole.
+    let mut uses = chunk_uses(&m.chunk_ids);
+    let mut payload = Vec::with_capacity(size);
+    for id in &m.chunk_ids {
+        let left = uses.get_mut(id)?;
+        *left -= 1;
+        if *left == 0 {
+            payload.extend_from_slice(&got.remove(id)?);
+        } else {
+            payload.extend_from_slice(got.get(id)?);
+        }
+        if payload.len() > size {
+            return None;
+        }
     }
-    (payload.len() as u64 == m.payload_bytes).then_some(payload)
+    (payload.len() == size).then_some(payload)
+}
+
+/// How often each chunk id occurs in a payload (a payload may repeat a
+/// chunk).
+fn chunk_uses(ids: &[ContentId]) -> HashMap<ContentId, usize> {
+    let mut uses: HashMap<ContentId, usize> = HashMap::new();
+    for id in ids {
+        *uses.entry(*id).or_default() += 1;
+    }
+    uses
 }
 
 /// A delta's chunks, fetched into memory in the manifest's order (chunks
@@ -521,6 +544,34 @@ pub(super) async fn fetch_payload_chunks(
     providers: &[PeerId],
     shared: &Shared,
 ) -> Option<Vec<Vec<u8>>> {
+    let m = manifest.message();
+    let mut got = fetch_chunk_map(net, store, manifest, providers, shared).await?;
+    // Moved out at an id's last use, copied before.
+    let mut uses = chunk_uses(&m.chunk_ids);
+    let mut chunks = Vec::with_capacity(m.chunk_ids.len());
+    for id in &m.chunk_ids {
+        let left = uses.get_mut(id)?;
+        *left -= 1;
+        chunks.push(if *left == 0 {
+            got.remove(id)?
+        } else {
+            got.get(id)?.clone()
+        });
+    }
+    let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+    (total == m.payload_bytes).then_some(chunks)
+}
+
+/// A delta's distinct chunks, fetched into memory (those the store
+/// already holds are read from it), each checked against its id; `None`
+/// if some chunk could not be had.
+async fn fetch_chunk_map(
+    net: &NetHandle,
+    store: &Store,
+    manifest: &Verified<DeltaManifest>,
+    providers: &[PeerId],
+    shared: &Shared,
+) -> Option<HashMap<ContentId, Vec<u8>>> {
     let m = manifest.message();
     let got: Arc<Mutex<HashMap<ContentId, Vec<u8>>>> = Arc::default();
     let held = |id: &ContentId| -> Option<Vec<u8>> {
@@ -547,25 +598,8 @@ pub(super) async fn fetch_payload_chunks(
     if !fetched {
         return None;
     }
-    let mut got = std::mem::take(&mut *got.lock().ok()?);
-    // Moved out at an id's last use, copied before (a payload may repeat a
-    // chunk).
-    let mut uses: HashMap<ContentId, usize> = HashMap::new();
-    for id in &m.chunk_ids {
-        *uses.entry(*id).or_default() += 1;
-    }
-    let mut chunks = Vec::with_capacity(m.chunk_ids.len());
-    for id in &m.chunk_ids {
-        let left = uses.get_mut(id)?;
-        *left -= 1;
-        chunks.push(if *left == 0 {
-            got.remove(id)?
-        } else {
-            got.get(id)?.clone()
-        });
-    }
-    let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-    (total == m.payload_bytes).then_some(chunks)
+    let got = std::mem::take(&mut *got.lock().ok()?);
+    Some(got)
 }
 
 impl Node {
@@ -599,6 +633,7 @@ impl Node {
     /// blocking thread), so what fails the door never reaches the disk.
     pub(super) async fn on_fetched(&mut self, manifest: Verified<DeltaManifest>, payload: Vec<u8>) {
         let id = manifest.id();
+        let payload = Arc::new(payload);
         self.feed(Input::DeltaPayload {
             id,
             payload: payload.clone(),

@@ -65,6 +65,35 @@ pub use serve::{
 /// The store a node keeps everything in.
 pub type Store = Arc<dyn ChunkStore + Send + Sync>;
 
+/// Stores a version's parameters, one chunk's bytes at a time (no copy of
+/// the whole vector), under the ids its manifest names: ids computed from
+/// these very parameters when the version was made or verified, so not
+/// hashed again (a chunk stored under a wrong id would be quarantined
+/// when read, never served). A manifest whose chunking does not fit the
+/// parameters is stored the general way, hashing every chunk.
+pub(crate) fn put_params(
+    store: &Store,
+    m: &ModelManifest,
+    params: &[f32],
+) -> Result<(), tapestry_storage::StoreError> {
+    let chunk = m.chunk_size as usize;
+    let fits = chunk >= 4
+        && chunk.is_multiple_of(4)
+        && m.payload_bytes == params.len() as u64 * 4
+        && m.chunk_ids.len() == params.len().div_ceil(chunk / 4);
+    if !fits {
+        let bytes = tapestry_protocol::f32_le_bytes(params);
+        return store.put_payload(&bytes, chunk).map(|_| ());
+    }
+    let mut buf = Vec::with_capacity(chunk);
+    for (values, id) in params.chunks(chunk / 4).zip(&m.chunk_ids) {
+        buf.clear();
+        tapestry_protocol::write_f32_le(values, &mut buf);
+        store.put_checked(*id, &buf)?;
+    }
+    Ok(())
+}
+
 /// What a node trains on and is judged by.
 #[derive(Debug, Clone)]
 pub struct LocalData {
@@ -414,9 +443,7 @@ impl Node {
 
     fn keep_version(&self, m: &Verified<ModelManifest>, params: &[f32]) -> Result<(), NodeError> {
         self.recent.add(m.message(), m.id());
-        let bytes: Vec<u8> = tapestry_protocol::f32_le_bytes(params);
-        self.store
-            .put_payload(&bytes, m.message().chunk_size as usize)?;
+        put_params(&self.store, m.message(), params)?;
         let id = self.store.put_model_manifest(m)?;
         self.store.set_ref(&verified_ref(&id), id)?;
         self.store.set_ref(HEAD_REF, id)?;

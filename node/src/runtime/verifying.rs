@@ -777,8 +777,7 @@ pub(super) async fn recompute_offered(
                         store.put_delta_manifest(dm)?;
                     }
                 }
-                let bytes = tapestry_protocol::f32_le_bytes(&checked.params);
-                store.put_payload(&bytes, v.message().chunk_size as usize)?;
+                put_params(&store, v.message(), &checked.params)?;
                 store.put_model_manifest(v)?;
                 store.set_ref(&verified_ref(&v.id()), v.id())?;
                 Ok(())

@@ -82,7 +82,10 @@ impl World<'_> {
         // The request travels, then the author's uplink sends.
         let asked = self.net.send_reliable(i, a, now, 128);
         if let Ok(at) = asked.and_then(|t| self.net.send_reliable(a, i, t, payload.len() as u64)) {
-            let input = Input::DeltaPayload { id, payload };
+            let input = Input::DeltaPayload {
+                id,
+                payload: payload.into(),
+            };
             self.push(at, Event::Deliver { node: i, input });
         }
         Ok(())
