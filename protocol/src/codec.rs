@@ -186,6 +186,11 @@ impl Codec {
         ((f64::from(fraction) * n as f64).round() as usize).clamp(1, n)
     }
 
+    /// Whether decoding gives back exactly what was encoded (`f32`).
+    pub fn is_lossless(&self) -> bool {
+        matches!(self, Codec::F32)
+    }
+
     /// The exact payload length for `n` values, or `None` if `n` is too large
     /// (or the parameter invalid).
     pub fn encoded_len(&self, n: usize) -> Option<usize> {
@@ -383,6 +388,9 @@ impl FromStr for Codec {
 /// to the next delta, so that over rounds nothing is lost for good.
 #[derive(Debug, Clone)]
 pub struct ErrorFeedback {
+    n: usize,
+    /// Empty while it is all zero (nothing dropped yet, or a lossless codec
+    /// carried everything over): a node on `f32` holds no residual.
     residual: Vec<f32>,
 }
 
@@ -390,11 +398,13 @@ impl ErrorFeedback {
     /// Starts with a zero residual for vectors of `n` values.
     pub fn new(n: usize) -> Self {
         Self {
-            residual: vec![0.0; n],
+            n,
+            residual: Vec::new(),
         }
     }
 
-    /// What previous encodings dropped and the next one will carry.
+    /// What previous encodings dropped and the next one will carry (empty
+    /// when that is nothing).
     pub fn residual(&self) -> &[f32] {
         &self.residual
     }
@@ -402,22 +412,32 @@ impl ErrorFeedback {
     /// Encodes `delta + residual` and keeps the new residual (what the
     /// encoding lost). On error the residual is left unchanged.
     pub fn encode(&mut self, codec: &Codec, delta: &[f32]) -> Result<Vec<u8>, CodecError> {
-        if delta.len() != self.residual.len() {
+        if delta.len() != self.n {
             return Err(CodecError::LengthMismatch {
-                expected: self.residual.len(),
+                expected: self.n,
                 found: delta.len(),
             });
         }
-        let corrected: Vec<f32> = delta
-            .iter()
-            .zip(&self.residual)
-            .map(|(d, r)| d + r)
-            .collect();
-        let bytes = codec.encode(&corrected)?;
-        let decoded = codec.decode(&bytes, corrected.len())?;
-        for ((r, c), d) in self.residual.iter_mut().zip(&corrected).zip(&decoded) {
-            *r = c - d;
+        if self.residual.is_empty() && codec.is_lossless() {
+            // Nothing carried over, nothing dropped.
+            return codec.encode(delta);
         }
+        let corrected: Vec<f32> = if self.residual.is_empty() {
+            delta.to_vec()
+        } else {
+            delta
+                .iter()
+                .zip(&self.residual)
+                .map(|(d, r)| d + r)
+                .collect()
+        };
+        let bytes = codec.encode(&corrected)?;
+        if codec.is_lossless() {
+            self.residual = Vec::new();
+            return Ok(bytes);
+        }
+        let decoded = codec.decode(&bytes, corrected.len())?;
+        self.residual = corrected.iter().zip(&decoded).map(|(c, d)| c - d).collect();
         Ok(bytes)
     }
 }

@@ -737,16 +737,21 @@ impl Engine {
             // Training diverged (non-finite): skip this round's contribution.
             return;
         };
-        // What peers will decode is what this node aggregates too.
-        let Ok(sent) = self.config.codec.decode(&payload, delta.len()) else {
-            return;
+        // What peers will decode is what this node aggregates too (for a
+        // lossless codec, the delta itself).
+        let sent = if self.config.codec.is_lossless() {
+            delta
+        } else {
+            let Ok(sent) = self.config.codec.decode(&payload, delta.len()) else {
+                return;
+            };
+            sent
         };
         let norm = sent
             .iter()
             .map(|v| f64::from(*v).powi(2))
             .sum::<f64>()
             .sqrt() as f32;
-        drop(delta);
         let lap = self.charge(lap, |t| &mut t.encode);
         let chunk_ids = payload
             .chunks(self.config.chunk_size)

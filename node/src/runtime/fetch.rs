@@ -533,35 +533,6 @@ fn chunk_uses(ids: &[ContentId]) -> HashMap<ContentId, usize> {
     uses
 }
 
-/// A delta's chunks, fetched into memory in the manifest's order (chunks
-/// the store already holds are read from it), each checked against its
-/// id; `None` if some chunk could not be had or their lengths do not add
-/// up to the declared payload size.
-pub(super) async fn fetch_payload_chunks(
-    net: &NetHandle,
-    store: &Store,
-    manifest: &Verified<DeltaManifest>,
-    providers: &[PeerId],
-    shared: &Shared,
-) -> Option<Vec<Vec<u8>>> {
-    let m = manifest.message();
-    let mut got = fetch_chunk_map(net, store, manifest, providers, shared).await?;
-    // Moved out at an id's last use, copied before.
-    let mut uses = chunk_uses(&m.chunk_ids);
-    let mut chunks = Vec::with_capacity(m.chunk_ids.len());
-    for id in &m.chunk_ids {
-        let left = uses.get_mut(id)?;
-        *left -= 1;
-        chunks.push(if *left == 0 {
-            got.remove(id)?
-        } else {
-            got.get(id)?.clone()
-        });
-    }
-    let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-    (total == m.payload_bytes).then_some(chunks)
-}
-
 /// A delta's distinct chunks, fetched into memory (those the store
 /// already holds are read from it), each checked against its id; `None`
 /// if some chunk could not be had.

@@ -65,6 +65,31 @@ pub use serve::{
 /// The store a node keeps everything in.
 pub type Store = Arc<dyn ChunkStore + Send + Sync>;
 
+/// A version's parameters read from the store chunk by chunk (each
+/// checked against its id), without a copy of the whole payload; `None`
+/// if a chunk is missing or corrupt, or the sizes do not add up.
+pub(crate) fn read_params(store: &dyn ChunkStore, m: &ModelManifest) -> Option<Vec<f32>> {
+    let size = usize::try_from(m.payload_bytes).ok()?;
+    if !size.is_multiple_of(4) {
+        return None;
+    }
+    let mut params = Vec::with_capacity(size / 4);
+    let mut read = 0usize;
+    for id in &m.chunk_ids {
+        let bytes = store.get_verified(id).ok()??;
+        if !bytes.len().is_multiple_of(4) || read + bytes.len() > size {
+            return None;
+        }
+        read += bytes.len();
+        params.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
+    }
+    (read == size).then_some(params)
+}
+
 /// Stores a version's parameters, one chunk's bytes at a time (no copy of
 /// the whole vector), under the ids its manifest names: ids computed from
 /// these very parameters when the version was made or verified, so not

@@ -402,12 +402,7 @@ impl Lineage for StoreLineage<'_> {
 
     fn params(&self, id: &ContentId) -> Option<Vec<f32>> {
         let m = self.store.get_model_manifest(id).ok().flatten()?;
-        let m = m.message();
-        let bytes = self
-            .store
-            .read_payload(&m.chunk_ids, m.payload_bytes)
-            .ok()?;
-        Some(tapestry_protocol::f32_from_le_bytes(&bytes))
+        read_params(&**self.store, m.message())
     }
 }
 
@@ -519,11 +514,7 @@ pub(super) async fn take_attested(
     {
         return Err("its parameters could not be had".into());
     }
-    let params = ctx
-        .store
-        .read_payload(&m.chunk_ids, m.payload_bytes)
-        .map(|b| tapestry_protocol::f32_from_le_bytes(&b))
-        .map_err(|e| e.to_string())?;
+    let params = read_params(&*ctx.store, m).ok_or("its parameters could not be read back")?;
     if params.len() != ctx.cfg.spec.n_params() || params.iter().any(|v| !v.is_finite()) {
         return Err("its parameters are malformed".into());
     }
@@ -656,18 +647,23 @@ async fn gather(
             // payload passes the door, so a version naming a bad delta
             // leaves nothing of it on disk.
             let m = dm.message();
-            let chunks = fetch_payload_chunks(&ctx.net, &ctx.store, dm, &from, &ctx.shared)
+            let payload = fetch_payload(&ctx.net, &ctx.store, dm, &from, &ctx.shared)
                 .await
                 .ok_or(VersionRejection::UnknownDelta(dm.id()))?;
-            let payload = chunks.concat();
             ctx.door
                 .check_named_payload(m, &payload)
                 .map_err(VersionRejection::DeltaRejected)?;
             if !space::room_for(&ctx.shared, payload.len()) {
                 return Err(VersionRejection::UnknownDelta(dm.id()));
             }
-            let pieces: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
-            if let Err(e) = ctx.store.put_many(&pieces) {
+            // Its chunks were checked against these ids as they arrived.
+            let chunk_size = (m.chunk_size as usize).max(1);
+            let stored = payload
+                .chunks(chunk_size)
+                .zip(&m.chunk_ids)
+                .try_for_each(|(bytes, id)| ctx.store.put_checked(*id, bytes));
+            drop(payload);
+            if let Err(e) = stored {
                 tracing::warn!(error = %e, delta = %dm.id().short(), "cannot store a delta fetched for verification");
                 space::note_failure(&ctx.shared, &e);
                 return Err(VersionRejection::UnknownDelta(dm.id()));
