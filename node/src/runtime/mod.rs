@@ -65,6 +65,17 @@ pub use serve::{
 /// The store a node keeps everything in.
 pub type Store = Arc<dyn ChunkStore + Send + Sync>;
 
+/// Stores a version as the head, durably: its parameters, manifest, the
+/// mark that it is verified, the head ref, then a flush.
+fn store_head(store: &Store, m: &Verified<ModelManifest>, params: &[f32]) -> Result<(), NodeError> {
+    put_params(store, m.message(), params)?;
+    let id = store.put_model_manifest(m)?;
+    store.set_ref(&verified_ref(&id), id)?;
+    store.set_ref(HEAD_REF, id)?;
+    store.flush()?;
+    Ok(())
+}
+
 /// A version's parameters read from the store chunk by chunk (each
 /// checked against its id), without a copy of the whole payload; `None`
 /// if a chunk is missing or corrupt, or the sizes do not add up.
@@ -468,12 +479,30 @@ impl Node {
 
     fn keep_version(&self, m: &Verified<ModelManifest>, params: &[f32]) -> Result<(), NodeError> {
         self.recent.add(m.message(), m.id());
-        put_params(&self.store, m.message(), params)?;
-        let id = self.store.put_model_manifest(m)?;
-        self.store.set_ref(&verified_ref(&id), id)?;
-        self.store.set_ref(HEAD_REF, id)?;
-        self.store.flush()?;
-        Ok(())
+        store_head(&self.store, m, params)
+    }
+
+    /// [`Node::keep_version`] on a blocking thread (the runtime's threads
+    /// stay free to serve peers meanwhile); the parameters come back.
+    async fn keep_version_off_loop(
+        &self,
+        m: &Verified<ModelManifest>,
+        params: Vec<f32>,
+    ) -> (Result<(), NodeError>, Vec<f32>) {
+        self.recent.add(m.message(), m.id());
+        let (store, manifest) = (self.store.clone(), m.clone());
+        let n = params.len();
+        let kept = tokio::task::spawn_blocking(move || {
+            let kept = store_head(&store, &manifest, &params);
+            (kept, params)
+        })
+        .await;
+        kept.unwrap_or_else(|_| {
+            (
+                Err(NodeError::Config("storing the new head panicked".into())),
+                vec![0.0; n],
+            )
+        })
     }
 
     /// Runs until `shutdown` turns true or the network stops; flushes the
@@ -722,11 +751,20 @@ impl Node {
         // region until its deadline).
         self.room_for(payload.len());
         let started = Instant::now();
-        let stored = self
-            .store
-            .put_payload(&payload, m.chunk_size as usize)
-            .and_then(|_| self.store.put_delta_manifest(&manifest));
-        drop(payload);
+        // On a blocking thread: the runtime's threads stay free to serve
+        // peers meanwhile.
+        let (store, signed, chunk_size) = (self.store.clone(), manifest.clone(), m.chunk_size);
+        let stored = tokio::task::spawn_blocking(move || {
+            store
+                .put_payload(&payload, chunk_size as usize)
+                .and_then(|_| store.put_delta_manifest(&signed))
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(tapestry_storage::StoreError::Backend(
+                "storing the delta panicked".into(),
+            ))
+        });
         self.shared.metrics.time(Stage::Store, started.elapsed());
         if let Err(e) = stored {
             tracing::error!(error = %e, "cannot store own delta; not announcing it");
@@ -807,10 +845,10 @@ impl Node {
     /// versions held back, show it, and announce it.
     async fn adopted(&mut self, manifest: Verified<ModelManifest>, params: Vec<f32>) {
         let started = Instant::now();
-        let kept = if self.accepting() && self.room_for(params.len() * 4) {
-            self.keep_version(&manifest, &params)
+        let (kept, params) = if self.accepting() && self.room_for(params.len() * 4) {
+            self.keep_version_off_loop(&manifest, params).await
         } else {
-            Err(NodeError::StoreFull)
+            (Err(NodeError::StoreFull), params)
         };
         let storing = started.elapsed();
         self.shared.metrics.time(Stage::Store, storing);
