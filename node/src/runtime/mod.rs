@@ -214,6 +214,12 @@ pub enum NodeError {
     StoreFull,
 }
 
+/// From this many parameters on, the engine's handling runs with the
+/// runtime's other tasks moved off its thread (aggregating three deltas
+/// of a million parameters takes milliseconds; of a hundred million,
+/// seconds).
+const LARGE_MODEL_PARAMS: usize = 1 << 20;
+
 /// The head's chunk files are checked every this many ticks (2 s each).
 const HEAD_CHECK_TICKS: u64 = 5;
 
@@ -295,6 +301,8 @@ pub struct Node {
     /// the same inputs ([`verify::same_computation`]) is checked against them
     /// instead of being recomputed.
     recent: Recent,
+    /// One recomputation of a peer's version at a time.
+    recomputing: Arc<tokio::sync::Semaphore>,
     /// Heads peers answered with, as signed bytes, and who answered.
     heads_tx: mpsc::Sender<(PeerId, Vec<u8>)>,
     heads_rx: mpsc::Receiver<(PeerId, Vec<u8>)>,
@@ -403,6 +411,7 @@ impl Node {
             provided: std::collections::VecDeque::new(),
             offered: Arc::default(),
             recent: Recent::default(),
+            recomputing: Arc::new(tokio::sync::Semaphore::new(1)),
             early: Vec::new(),
             heads_tx,
             heads_rx,
@@ -643,7 +652,19 @@ impl Node {
     async fn feed(&mut self, input: Input) {
         let now = self.now_ms();
         let started = Instant::now();
-        let actions = self.engine.handle(input, now);
+        // A large model's aggregation or decoding takes long enough to hold
+        // up the runtime's other tasks (serving peers): tokio moves them
+        // to another thread meanwhile. Not worth the hand-over for small
+        // models (and impossible on a single-threaded runtime).
+        let large = self.settings.engine.spec.n_params() >= LARGE_MODEL_PARAMS;
+        let multi = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let engine = &mut self.engine;
+        let actions = if large && multi {
+            tokio::task::block_in_place(|| engine.handle(input, now))
+        } else {
+            engine.handle(input, now)
+        };
         let took = started.elapsed();
         let stages = self.engine.take_stage_times();
         let m = &self.shared.metrics;

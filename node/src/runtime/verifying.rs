@@ -240,6 +240,7 @@ impl Node {
         });
         let ctx = VerifyCtx {
             recent: self.recent.clone(),
+            recomputing: self.recomputing.clone(),
             net: self.net.clone(),
             store: self.store.clone(),
             shared: self.shared.clone(),
@@ -330,8 +331,11 @@ impl Recent {
 }
 
 /// What a verification task needs.
+#[derive(Clone)]
 pub(super) struct VerifyCtx {
     recent: Recent,
+    /// One recomputation at a time (see [`recompute_offered`]).
+    recomputing: Arc<tokio::sync::Semaphore>,
     net: NetHandle,
     store: Store,
     shared: Shared,
@@ -346,6 +350,7 @@ pub(super) struct VerifyCtx {
 }
 
 /// Who may vouch for a version, whom to ask, and how many must.
+#[derive(Clone)]
 pub(super) struct AttestCtx {
     members: BTreeSet<NodeId>,
     ask: Vec<PeerId>,
@@ -750,6 +755,42 @@ pub(super) async fn recompute_offered(
         .saturating_mul(2)
         .saturating_add(16);
     let order = gather(ctx, &mut l, target, providers, max_chain).await?;
+    // The recomputation itself on a blocking thread, one at a time: each
+    // holds a few models' worth of memory (the parent, the decoded deltas,
+    // the result) and keeps a core busy for as long as it takes (seconds
+    // for a large model), so two at once would double the memory on two
+    // cores and hold up the runtime's threads.
+    let Ok(permit) = ctx.recomputing.clone().acquire_owned().await else {
+        return Err(VersionRejection::UnknownParent(target.id()));
+    };
+    let (models, deltas) = (std::mem::take(&mut l.models), std::mem::take(&mut l.deltas));
+    let (job, version) = (ctx.clone(), target.clone());
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        recompute_in_order(&job, models, deltas, &version, &order)
+    })
+    .await
+    .unwrap_or_else(|_| {
+        tracing::error!(version = %target.id().short(), "recomputing a version panicked");
+        Err(VersionRejection::UnknownParent(target.id()))
+    })
+}
+
+/// [`recompute_offered`]'s recomputation, once every ancestor and delta is
+/// held: verifies the versions of `order` oldest first, storing each that
+/// passes, and assesses `target`.
+fn recompute_in_order(
+    ctx: &VerifyCtx,
+    models: HashMap<ContentId, Verified<ModelManifest>>,
+    deltas: HashMap<ContentId, Verified<DeltaManifest>>,
+    target: &Verified<ModelManifest>,
+    order: &[ContentId],
+) -> Result<(Vec<f32>, heads::Assessment), VersionRejection> {
+    let mut l = StoreLineage {
+        store: &ctx.store,
+        models,
+        deltas,
+    };
     let store = ctx.store.clone();
     let started = Instant::now();
     let mut recomputed = 0;
@@ -759,7 +800,7 @@ pub(super) async fn recompute_offered(
         &ctx.cfg,
         &ctx.door,
         target,
-        &order,
+        order,
         |l, v, checked| {
             // Keep it: the deltas it names, its parameters as computed here,
             // its manifest, and the mark that it is verified.
