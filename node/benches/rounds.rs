@@ -136,7 +136,8 @@ fn run(case: &Case) {
 
     // When each node was first seen in each round.
     let mut seen: Vec<Vec<(u64, Instant)>> = vec![Vec::new(); 3];
-    let deadline = Instant::now() + Duration::from_secs(60 + case.rounds * 120);
+    let deadline =
+        Instant::now() + Duration::from_secs(60 + case.rounds * (case.timeout_ms / 1000).max(120));
     let finals = loop {
         let st: Vec<Option<Value>> = apis.iter().map(|a| status(a)).collect();
         let now = Instant::now();
