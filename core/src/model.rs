@@ -351,22 +351,6 @@ pub(crate) fn layout_vars(
     Ok(out)
 }
 
-/// The gradients of `vars`, flattened in their order (zero for a tensor
-/// the loss does not depend on).
-pub(crate) fn flat_grads(
-    grads: &candle_core::backprop::GradStore,
-    vars: &[Var],
-) -> Result<Vec<f32>, ModelError> {
-    let mut g = Vec::with_capacity(vars.iter().map(|v| v.elem_count()).sum());
-    for v in vars {
-        match grads.get(v) {
-            Some(t) => g.extend(t.flatten_all()?.to_vec1::<f32>()?),
-            None => g.extend(std::iter::repeat_n(0.0, v.elem_count())),
-        }
-    }
-    Ok(g)
-}
-
 fn batch_tensors(
     data: &Dataset,
     rows: &[usize],
@@ -515,17 +499,29 @@ pub fn train_local(
     state: &mut InnerState,
     seed: u64,
 ) -> Result<(Vec<f32>, TrainReport), ModelError> {
-    spec.check(params)?;
+    train_local_owned(spec, params.to_vec(), data, config, state, seed)
+}
+
+/// [`train_local`] on parameters it may consume: trains on them in place,
+/// with no copy.
+pub fn train_local_owned(
+    spec: &ModelSpec,
+    mut p: Vec<f32>,
+    data: &Dataset,
+    config: &TrainConfig,
+    state: &mut InnerState,
+    seed: u64,
+) -> Result<(Vec<f32>, TrainReport), ModelError> {
+    spec.check(&p)?;
     spec.check_data(data)?;
     if data.is_empty() || config.batch_size == 0 {
         return Err(ModelError::Invalid("no data or zero batch size".into()));
     }
-    let device = Device::Cpu;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut order: Vec<usize> = (0..data.len()).collect();
     order.shuffle(&mut rng);
     let mut cursor = 0;
-    let mut p = params.to_vec();
+    let device = Device::Cpu;
     let n = p.len();
     state.fit(n);
     let mut loss_sum = 0f64;
@@ -544,8 +540,8 @@ pub fn train_local(
         let loss = cross_entropy(&spec.forward(&tensors, &x)?, &y)?;
         loss_sum += f64::from(loss.to_scalar::<f32>()?);
         samples += take as u64;
-        let g = flat_grads(&loss.backward()?, &vars)?;
-        apply_inner(&config.optimizer, &mut p, &g, state);
+        let grads = loss.backward()?;
+        apply_grads(&config.optimizer, &mut p, &grads, &vars, state)?;
     }
     Ok((
         p,
@@ -556,11 +552,53 @@ pub fn train_local(
     ))
 }
 
-pub(crate) fn apply_inner(opt: &InnerOptimizer, p: &mut [f32], g: &[f32], s: &mut InnerState) {
+/// One inner step from the gradients of `vars` (the parameters' tensors,
+/// in layout order), one tensor's gradient copied out at a time: no flat
+/// copy of the whole gradient. The same arithmetic, value by value, as a
+/// step on the flattened gradient.
+pub(crate) fn apply_grads(
+    opt: &InnerOptimizer,
+    p: &mut [f32],
+    grads: &candle_core::backprop::GradStore,
+    vars: &[Var],
+    s: &mut InnerState,
+) -> Result<(), ModelError> {
     s.t += 1;
+    let t = s.t;
+    let mut at = 0;
+    for v in vars {
+        let n = v.elem_count();
+        let end = (at + n).min(p.len());
+        let g = match grads.get(v) {
+            Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
+            None => vec![0.0; n],
+        };
+        step_slices(
+            opt,
+            &mut p[at..end],
+            &g,
+            &mut s.m[at..end],
+            &mut s.v[at..end],
+            t,
+        );
+        at = end;
+    }
+    Ok(())
+}
+
+/// The optimiser's update of parameters `p` (with their moments `m`, `v`)
+/// by gradient `g`, at step `t` (counted from 1).
+fn step_slices(
+    opt: &InnerOptimizer,
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    t: u64,
+) {
     match *opt {
         InnerOptimizer::SgdMomentum { lr, momentum } => {
-            for ((p, g), m) in p.iter_mut().zip(g).zip(s.m.iter_mut()) {
+            for ((p, g), m) in p.iter_mut().zip(g).zip(m.iter_mut()) {
                 *m = momentum * *m + g;
                 *p -= lr * *m;
             }
@@ -571,9 +609,9 @@ pub(crate) fn apply_inner(opt: &InnerOptimizer, p: &mut [f32], g: &[f32], s: &mu
             eps,
         } => {
             let (b1, b2) = (0.9f32, 0.999f32);
-            let c1 = 1.0 - b1.powi(s.t.min(i32::MAX as u64) as i32);
-            let c2 = 1.0 - b2.powi(s.t.min(i32::MAX as u64) as i32);
-            for (((p, g), m), v) in p.iter_mut().zip(g).zip(s.m.iter_mut()).zip(s.v.iter_mut()) {
+            let c1 = 1.0 - b1.powi(t.min(i32::MAX as u64) as i32);
+            let c2 = 1.0 - b2.powi(t.min(i32::MAX as u64) as i32);
+            for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                 *m = b1 * *m + (1.0 - b1) * g;
                 *v = b2 * *v + (1.0 - b2) * g * g;
                 *p -= lr * (weight_decay * *p + (*m / c1) / ((*v / c2).sqrt() + eps));
@@ -666,9 +704,22 @@ pub fn train_on(
     state: &mut InnerState,
     seed: u64,
 ) -> Result<(Vec<f32>, TrainReport), ModelError> {
+    train_on_owned(spec, params.to_vec(), data, config, state, seed)
+}
+
+/// [`train_on`] on parameters it may consume: trains on them in place,
+/// with no copy (a large model's training holds one copy fewer).
+pub fn train_on_owned(
+    spec: &ModelSpec,
+    params: Vec<f32>,
+    data: &Examples,
+    config: &TrainConfig,
+    state: &mut InnerState,
+    seed: u64,
+) -> Result<(Vec<f32>, TrainReport), ModelError> {
     match (spec, data) {
         (ModelSpec::Transformer(t), Examples::Text(text)) => {
-            t.train_local(params, &text.bytes, config, state, seed)
+            t.train_local_owned(params, &text.bytes, config, state, seed)
         }
         (ModelSpec::Transformer(_), Examples::Rows(_)) => Err(ModelError::DataMismatch(
             "a transformer trains on text, not rows of features".into(),
@@ -676,7 +727,7 @@ pub fn train_on(
         (_, Examples::Text(_)) => Err(ModelError::DataMismatch(
             "a classifier trains on rows of features, not text".into(),
         )),
-        (_, Examples::Rows(rows)) => train_local(spec, params, rows, config, state, seed),
+        (_, Examples::Rows(rows)) => train_local_owned(spec, params, rows, config, state, seed),
     }
 }
 

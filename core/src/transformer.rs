@@ -22,8 +22,8 @@ use rand_chacha::ChaCha8Rng;
 use tapestry_protocol::{DType, TensorSpec};
 
 use crate::model::{
-    InnerState, ModelError, TrainConfig, TrainReport, apply_inner, check_len, cross_entropy,
-    flat_grads, layout_vars,
+    InnerState, ModelError, TrainConfig, TrainReport, apply_grads, check_len, cross_entropy,
+    layout_vars,
 };
 use crate::text::{window_rng, windows};
 
@@ -352,7 +352,20 @@ impl Transformer {
         state: &mut InnerState,
         seed: u64,
     ) -> Result<(Vec<f32>, TrainReport), ModelError> {
-        self.check(params)?;
+        self.train_local_owned(params.to_vec(), text, config, state, seed)
+    }
+
+    /// [`Transformer::train_local`] on parameters it may consume: trains
+    /// on them in place, with no copy.
+    pub fn train_local_owned(
+        &self,
+        mut p: Vec<f32>,
+        text: &[u8],
+        config: &TrainConfig,
+        state: &mut InnerState,
+        seed: u64,
+    ) -> Result<(Vec<f32>, TrainReport), ModelError> {
+        self.check(&p)?;
         if config.batch_size == 0 || config.local_steps == 0 {
             return Err(ModelError::Invalid(
                 "local_steps and batch_size must be at least 1".into(),
@@ -360,7 +373,6 @@ impl Transformer {
         }
         let device = Device::Cpu;
         let mut rng = window_rng(seed);
-        let mut p = params.to_vec();
         state.fit(p.len());
         let mut loss_sum = 0f64;
         let mut samples = 0u64;
@@ -379,8 +391,8 @@ impl Transformer {
             let loss = cross_entropy(&self.logits(&tensors, &x)?, &y)?;
             loss_sum += f64::from(loss.to_scalar::<f32>()?);
             samples += (windows.len() * self.context) as u64;
-            let g = flat_grads(&loss.backward()?, &vars)?;
-            apply_inner(&config.optimizer, &mut p, &g, state);
+            let grads = loss.backward()?;
+            apply_grads(&config.optimizer, &mut p, &grads, &vars, state)?;
         }
         Ok((
             p,

@@ -32,7 +32,7 @@ use tapestry_core::admission::{self, Rejection, Verdict};
 use tapestry_core::data::Dataset;
 use tapestry_core::door::Door;
 use tapestry_core::engine::{Action, Engine, EngineConfig, Input, VersionRank, genesis};
-use tapestry_core::model::{Examples, InnerState, TrainConfig, evaluate_on, train_on};
+use tapestry_core::model::{Examples, InnerState, TrainConfig, evaluate_on, train_on_owned};
 use tapestry_core::verify::{self, Lineage, Plan, VersionRejection, check_shape};
 use tapestry_core::{attest, heads};
 
@@ -740,7 +740,7 @@ impl Node {
                     } else {
                         &mut fresh
                     };
-                    let trained = train_on(&spec, &params, &data.train, &cfg, state, seed);
+                    let trained = train_on_owned(&spec, params, &data.train, &cfg, state, seed);
                     shared.metrics.time(Stage::Train, started.elapsed());
                     trained
                 })
