@@ -506,21 +506,41 @@ pub(super) async fn fetch_payload(
     let mut got = fetch_chunk_map(net, store, manifest, providers, shared).await?;
     // Each chunk leaves the map as it is copied in at its last use, so the
     // payload and the chunks are not both held whole.
+    // Every chunk must be cut as the protocol cuts (`chunk_size` bytes,
+    // the last one the rest), so that slicing the payload gives back each
+    // chunk under its id ([`put_fetched`]).
+    let chunk_size = (m.chunk_size as usize).max(1);
     let mut uses = chunk_uses(&m.chunk_ids);
     let mut payload = Vec::with_capacity(size);
     for id in &m.chunk_ids {
         let left = uses.get_mut(id)?;
         *left -= 1;
+        let before = payload.len();
         if *left == 0 {
             payload.extend_from_slice(&got.remove(id)?);
         } else {
             payload.extend_from_slice(got.get(id)?);
         }
-        if payload.len() > size {
+        if payload.len() > size || payload.len() - before != chunk_size.min(size - before) {
             return None;
         }
     }
     (payload.len() == size).then_some(payload)
+}
+
+/// Stores a payload [`fetch_payload`] assembled, under its manifest's
+/// chunk ids (every chunk was checked against its id as it arrived, or
+/// read verified from the store): not hashed again.
+pub(super) fn put_fetched(
+    store: &Store,
+    m: &DeltaManifest,
+    payload: &[u8],
+) -> Result<(), tapestry_storage::StoreError> {
+    let chunk_size = (m.chunk_size as usize).max(1);
+    payload
+        .chunks(chunk_size)
+        .zip(&m.chunk_ids)
+        .try_for_each(|(bytes, id)| store.put_checked(*id, bytes))
 }
 
 /// How often each chunk id occurs in a payload (a payload may repeat a
@@ -616,9 +636,7 @@ impl Node {
         let (store, shared) = (self.store.clone(), self.shared.clone());
         tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            let chunk_size = manifest.message().chunk_size as usize;
-            let kept = store
-                .put_payload(&payload, chunk_size)
+            let kept = put_fetched(&store, manifest.message(), &payload)
                 .and_then(|_| store.put_delta_manifest(&manifest));
             shared.metrics.time(Stage::Store, started.elapsed());
             if let Err(e) = kept {

@@ -500,16 +500,17 @@ impl Node {
     ) -> (Result<(), NodeError>, Vec<f32>) {
         self.recent.add(m.message(), m.id());
         let (store, manifest) = (self.store.clone(), m.clone());
-        let n = params.len();
         let kept = tokio::task::spawn_blocking(move || {
             let kept = store_head(&store, &manifest, &params);
             (kept, params)
         })
         .await;
+        // A panic took the parameters with it; nothing was acknowledged,
+        // and the caller uses them only after a success.
         kept.unwrap_or_else(|_| {
             (
                 Err(NodeError::Config("storing the new head panicked".into())),
-                vec![0.0; n],
+                Vec::new(),
             )
         })
     }

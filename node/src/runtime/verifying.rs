@@ -661,12 +661,7 @@ async fn gather(
             if !space::room_for(&ctx.shared, payload.len()) {
                 return Err(VersionRejection::UnknownDelta(dm.id()));
             }
-            // Its chunks were checked against these ids as they arrived.
-            let chunk_size = (m.chunk_size as usize).max(1);
-            let stored = payload
-                .chunks(chunk_size)
-                .zip(&m.chunk_ids)
-                .try_for_each(|(bytes, id)| ctx.store.put_checked(*id, bytes));
+            let stored = put_fetched(&ctx.store, m, &payload);
             drop(payload);
             if let Err(e) = stored {
                 tracing::warn!(error = %e, delta = %dm.id().short(), "cannot store a delta fetched for verification");
