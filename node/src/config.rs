@@ -144,7 +144,7 @@ impl TrainingSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoundSection {
-    /// `f32`, `bf16`, `int8[:BLOCK]`, `topk:F`.
+    /// `f32`, `bf16`, `int8[:BLOCK]`, `topk:F`, `topk-bf16:F`, `topk-int8:F`.
     #[serde(with = "text::codec")]
     pub codec: Codec,
     /// `mean`, `trimmed-mean:B`, `median`, `clip:R[:ITER]`, `median-clip[:F[:ITER]]`,
@@ -353,7 +353,7 @@ adam_eps = {eps:?}
 fn commented_rounds(d: &Config) -> String {
     format!(
         r#"[round]
-# Delta encoding: f32, bf16, int8[:BLOCK], topk:FRACTION
+# Delta encoding: f32, bf16, int8[:BLOCK], topk:FRACTION, topk-bf16:FRACTION, topk-int8:FRACTION
 codec = "{codec}"
 # How deltas are combined: mean, trimmed-mean:BETA, median,
 # clip:RADIUS[:ITERATIONS] (centred on the median), median-clip[:F[:I]]

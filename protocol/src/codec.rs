@@ -6,11 +6,16 @@
 //! | `bf16` | 2n | relative ≤ 2⁻⁸ for normal values (round to nearest even) |
 //! | `int8:B` | 4⌈n/B⌉ + n | ≤ scale/2 per value, scale = max\|x\|/127 of its block |
 //! | `topk:F` | 4 + 8k, k = max(1, round(F·n)) | keeps the k largest \|x\|, drops the rest |
+//! | `topk-bf16:F` | 4 + 6k | as `topk`, the kept values as `bf16` |
+//! | `topk-int8:F` | 4 + 5k + 4⌈k/256⌉ | as `topk`, the kept values as `int8:256` |
 //!
 //! All multi-byte numbers are little-endian. `int8` stores all block scales
 //! (f32) first, then all quantised values (i8 in −127..=127). `topk` stores
 //! k (u32), then k strictly increasing indices (u32), then k values (f32); ties
 //! in |x| are broken towards the lower index, so the choice is unique.
+//! `topk-bf16` and `topk-int8` store k and the indices the same way, then the
+//! k kept values (in index order) as the `bf16` or `int8:256` payload of
+//! those k values: the codecs compose.
 //!
 //! Lossy codecs lose less over time with [`ErrorFeedback`]: what a round's
 //! encoding dropped is added to the next round's delta (Seide et al. 2014;
@@ -43,7 +48,23 @@ pub enum Codec {
         /// Fraction of values kept, in (0, 1].
         fraction: f32,
     },
+    /// Top-k sparsification, the kept values as bfloat16.
+    #[serde(rename = "top-k-bf16")]
+    TopKBf16 {
+        /// Fraction of values kept, in (0, 1].
+        fraction: f32,
+    },
+    /// Top-k sparsification, the kept values as blockwise int8 (blocks of
+    /// [`TOPK_INT8_BLOCK`] kept values).
+    #[serde(rename = "top-k-int8")]
+    TopKInt8 {
+        /// Fraction of values kept, in (0, 1].
+        fraction: f32,
+    },
 }
+
+/// Kept values per int8 block in `topk-int8`.
+pub const TOPK_INT8_BLOCK: u32 = 256;
 
 /// Why a vector could not be encoded or a payload decoded.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -169,10 +190,35 @@ impl Codec {
             Codec::Int8 { block } if !(64..=4096).contains(&block) => Err(
                 CodecError::BadParameter(format!("int8 block {block} outside 64..=4096")),
             ),
-            Codec::TopK { fraction } if !(fraction > 0.0 && fraction <= 1.0) => Err(
-                CodecError::BadParameter(format!("top-k fraction {fraction} outside (0, 1]")),
-            ),
-            _ => Ok(()),
+            _ => match self.topk_fraction() {
+                Some(fraction) if !(fraction > 0.0 && fraction <= 1.0) => Err(
+                    CodecError::BadParameter(format!("top-k fraction {fraction} outside (0, 1]")),
+                ),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// The kept fraction of a top-k codec (of any value encoding).
+    fn topk_fraction(&self) -> Option<f32> {
+        match *self {
+            Codec::TopK { fraction }
+            | Codec::TopKBf16 { fraction }
+            | Codec::TopKInt8 { fraction } => Some(fraction),
+            _ => None,
+        }
+    }
+
+    /// How a top-k codec stores its k kept values: as this dense codec's
+    /// payload of k values.
+    fn topk_values(&self) -> Option<Codec> {
+        match *self {
+            Codec::TopK { .. } => Some(Codec::F32),
+            Codec::TopKBf16 { .. } => Some(Codec::Bf16),
+            Codec::TopKInt8 { .. } => Some(Codec::Int8 {
+                block: TOPK_INT8_BLOCK,
+            }),
+            _ => None,
         }
     }
 
@@ -199,11 +245,15 @@ impl Codec {
             Codec::F32 => n.checked_mul(4),
             Codec::Bf16 => n.checked_mul(2),
             Codec::Int8 { block } => n.div_ceil(block as usize).checked_mul(4)?.checked_add(n),
-            Codec::TopK { fraction } => {
+            Codec::TopK { fraction }
+            | Codec::TopKBf16 { fraction }
+            | Codec::TopKInt8 { fraction } => {
                 if u32::try_from(n).is_err() {
                     return None;
                 }
-                Some(4 + 8 * Self::topk_k(fraction, n))
+                let k = Self::topk_k(fraction, n);
+                let values = self.topk_values()?.encoded_len(k)?;
+                Some(4 + 4 * k + values)
             }
         }
     }
@@ -242,7 +292,9 @@ impl Codec {
                     }
                 }
             }
-            Codec::TopK { fraction } => {
+            Codec::TopK { fraction }
+            | Codec::TopKBf16 { fraction }
+            | Codec::TopKInt8 { fraction } => {
                 let k = Self::topk_k(fraction, n);
                 let mut idx: Vec<u32> = (0..n as u32).collect();
                 if k < n {
@@ -259,9 +311,9 @@ impl Codec {
                 for i in &idx {
                     out.extend_from_slice(&i.to_le_bytes());
                 }
-                for i in &idx {
-                    out.extend_from_slice(&values[*i as usize].to_le_bytes());
-                }
+                let kept: Vec<f32> = idx.iter().map(|i| values[*i as usize]).collect();
+                let dense = self.topk_values().ok_or(CodecError::TooLong(n))?;
+                out.extend_from_slice(&dense.encode(&kept)?);
             }
         }
         debug_assert_eq!(out.len(), len);
@@ -312,7 +364,9 @@ impl Codec {
                 // scale·127 can overflow to infinity for a crafted scale.
                 check_finite(&out)?;
             }
-            Codec::TopK { fraction } => {
+            Codec::TopK { fraction }
+            | Codec::TopKBf16 { fraction }
+            | Codec::TopKInt8 { fraction } => {
                 let k = Self::topk_k(fraction, n);
                 let stored = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
                 if stored != k {
@@ -321,9 +375,8 @@ impl Codec {
                     ));
                 }
                 let (idx_bytes, val_bytes) = bytes[4..].split_at(4 * k);
-                let mut vals = Vec::with_capacity(k);
-                read_f32s(val_bytes, &mut vals);
-                check_finite(&vals)?;
+                let dense = self.topk_values().ok_or(CodecError::TooLong(n))?;
+                let vals = dense.decode(val_bytes, k)?;
                 out.resize(n, 0.0);
                 let mut prev: Option<u32> = None;
                 for (c, v) in idx_bytes.chunks_exact(4).zip(vals) {
@@ -349,6 +402,8 @@ impl fmt::Display for Codec {
             Codec::Bf16 => f.write_str("bf16"),
             Codec::Int8 { block } => write!(f, "int8:{block}"),
             Codec::TopK { fraction } => write!(f, "topk:{fraction}"),
+            Codec::TopKBf16 { fraction } => write!(f, "topk-bf16:{fraction}"),
+            Codec::TopKInt8 { fraction } => write!(f, "topk-int8:{fraction}"),
         }
     }
 }
@@ -356,11 +411,12 @@ impl fmt::Display for Codec {
 impl FromStr for Codec {
     type Err = CodecError;
 
-    /// Parses `f32`, `bf16`, `int8` (block 256), `int8:BLOCK`, `topk:FRACTION`.
+    /// Parses `f32`, `bf16`, `int8` (block 256), `int8:BLOCK`, `topk:FRACTION`,
+    /// `topk-bf16:FRACTION`, `topk-int8:FRACTION`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || {
             CodecError::BadParameter(format!(
-                "unknown codec {s:?} (f32, bf16, int8[:BLOCK], topk:FRACTION)"
+                "unknown codec {s:?} (f32, bf16, int8[:BLOCK], topk:FRACTION, topk-bf16:FRACTION, topk-int8:FRACTION)"
             ))
         };
         let (name, arg) = match s.split_once(':') {
@@ -375,6 +431,12 @@ impl FromStr for Codec {
                 block: a.parse().map_err(|_| bad())?,
             },
             ("topk", Some(a)) => Codec::TopK {
+                fraction: a.parse().map_err(|_| bad())?,
+            },
+            ("topk-bf16", Some(a)) => Codec::TopKBf16 {
+                fraction: a.parse().map_err(|_| bad())?,
+            },
+            ("topk-int8", Some(a)) => Codec::TopKInt8 {
                 fraction: a.parse().map_err(|_| bad())?,
             },
             _ => return Err(bad()),
@@ -457,7 +519,14 @@ mod tests {
 
     #[test]
     fn parse_and_display() {
-        for s in ["f32", "bf16", "int8:256", "topk:0.01"] {
+        for s in [
+            "f32",
+            "bf16",
+            "int8:256",
+            "topk:0.01",
+            "topk-bf16:0.01",
+            "topk-int8:0.5",
+        ] {
             assert_eq!(s.parse::<Codec>().unwrap().to_string(), s);
         }
         assert_eq!("int8".parse::<Codec>().unwrap(), Codec::Int8 { block: 256 });
@@ -474,6 +543,8 @@ mod tests {
             Codec::Bf16,
             Codec::Int8 { block: 64 },
             Codec::TopK { fraction: 0.5 },
+            Codec::TopKBf16 { fraction: 0.5 },
+            Codec::TopKInt8 { fraction: 0.5 },
         ] {
             assert_eq!(
                 c.encode(&[1.0, f32::NAN]),

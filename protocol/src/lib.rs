@@ -22,7 +22,10 @@ pub mod signed;
 pub mod wire;
 
 pub use cbor::{DecodeError, DecodeLimits, EncodeError};
-pub use codec::{Codec, CodecError, ErrorFeedback, f32_from_le_bytes, f32_le_bytes, write_f32_le};
+pub use codec::{
+    Codec, CodecError, ErrorFeedback, TOPK_INT8_BLOCK, f32_from_le_bytes, f32_le_bytes,
+    write_f32_le,
+};
 pub use id::{ContentId, NodeId, ParseIdError};
 pub use identity::{KeyFileError, Keypair};
 pub use manifest::{

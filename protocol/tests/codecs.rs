@@ -96,6 +96,37 @@ proptest! {
     }
 
     #[test]
+    fn composed_topk_keeps_the_same_places_and_quantises_only_the_values(
+        fraction in 0.001f32..=1.0,
+        v in values(3000),
+    ) {
+        // topk-bf16 and topk-int8 choose the same k places as topk; each kept
+        // value is what bf16 / int8:256 make of the kept values alone.
+        let plain = Codec::TopK { fraction };
+        let plain_bytes = plain.encode(&v).unwrap();
+        let k = u32::from_le_bytes(plain_bytes[..4].try_into().unwrap()) as usize;
+        let places: Vec<usize> = plain_bytes[4..4 + 4 * k]
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as usize)
+            .collect();
+        let kept: Vec<f32> = places.iter().map(|i| v[*i]).collect();
+        for (composed, dense) in [
+            (Codec::TopKBf16 { fraction }, Codec::Bf16),
+            (Codec::TopKInt8 { fraction }, Codec::Int8 { block: TOPK_INT8_BLOCK }),
+        ] {
+            let bytes = composed.encode(&v).unwrap();
+            prop_assert_eq!(Some(bytes.len()), composed.encoded_len(v.len()));
+            let back = composed.decode(&bytes, v.len()).unwrap();
+            let want = dense.decode(&dense.encode(&kept).unwrap(), kept.len()).unwrap();
+            for (i, w) in places.iter().zip(&want) {
+                prop_assert_eq!(back[*i].to_bits(), w.to_bits(), "{} at {}", composed, i);
+            }
+            let elsewhere = (0..v.len()).filter(|i| !places.contains(i)).all(|i| back[i] == 0.0);
+            prop_assert!(elsewhere, "{} put a value where topk keeps none", composed);
+        }
+    }
+
+    #[test]
     fn error_feedback_loses_nothing_over_rounds(c in codec(), deltas in prop::collection::vec(values_len(200), 1..6)) {
         // Sum of what was transmitted + final residual == sum of the deltas.
         let mut ef = ErrorFeedback::new(200);
@@ -125,6 +156,8 @@ fn decoders_refuse_corrupt_payloads() {
         Codec::Bf16,
         Codec::Int8 { block: 64 },
         Codec::TopK { fraction: 0.1 },
+        Codec::TopKBf16 { fraction: 0.1 },
+        Codec::TopKInt8 { fraction: 0.1 },
     ] {
         let bytes = c.encode(&v).unwrap();
         assert!(
@@ -170,6 +203,22 @@ fn decoders_refuse_corrupt_payloads() {
     let mut count = bytes.clone();
     count[0] = 3;
     assert!(matches!(c.decode(&count, 100), Err(CodecError::Corrupt(_))));
+    // Composed top-k: the value part is checked as its own codec would be.
+    let c = Codec::TopKBf16 { fraction: 0.1 };
+    let mut bytes = c.encode(&v).unwrap();
+    // k = 10: 4 + 40 bytes of count and indices, then the first bf16 value.
+    bytes[44..46].copy_from_slice(&0x7f80u16.to_le_bytes());
+    assert!(matches!(
+        c.decode(&bytes, 100),
+        Err(CodecError::NonFinite { .. })
+    ));
+    let c = Codec::TopKInt8 { fraction: 0.1 };
+    let mut bytes = c.encode(&v).unwrap();
+    bytes[44..48].copy_from_slice(&f32::NAN.to_le_bytes());
+    assert!(matches!(c.decode(&bytes, 100), Err(CodecError::Corrupt(_))));
+    let mut bytes = c.encode(&v).unwrap();
+    bytes[4..8].copy_from_slice(&100u32.to_le_bytes());
+    assert!(matches!(c.decode(&bytes, 100), Err(CodecError::Corrupt(_))));
     // bf16: an infinity.
     let mut bytes = Codec::Bf16.encode(&v).unwrap();
     bytes[0..2].copy_from_slice(&0x7f80u16.to_le_bytes());
@@ -187,4 +236,8 @@ fn compression_ratios_are_what_the_table_says() {
     assert_eq!(ratio(Codec::Bf16), 0.5);
     assert!((ratio(Codec::Int8 { block: 256 }) - (0.25 + 1.0 / 256.0)).abs() < 1e-5);
     assert!((ratio(Codec::TopK { fraction: 0.01 }) - 0.02).abs() < 1e-5);
+    // 4 + 4k + 2k and 4 + 4k + k + 4 per 256 kept values, k = n / 100.
+    assert!((ratio(Codec::TopKBf16 { fraction: 0.01 }) - 0.015).abs() < 1e-5);
+    let int8 = 0.01 * (4.0 + 1.0 + 4.0 / 256.0) / 4.0;
+    assert!((ratio(Codec::TopKInt8 { fraction: 0.01 }) - int8).abs() < 1e-5);
 }

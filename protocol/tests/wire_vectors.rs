@@ -179,7 +179,34 @@ enum HandCodec {
     F32,
     Bf16,
     Int8 { block: usize },
-    TopK { fraction: f32 },
+    TopK { fraction: f32, values: TopValues },
+}
+
+/// How a top-k codec stores its kept values.
+#[derive(Debug, Clone, Copy)]
+enum TopValues {
+    F32,
+    Bf16,
+    Int8,
+}
+
+impl TopValues {
+    /// The dense codec whose payload of the k kept values follows the indices.
+    fn dense(self) -> HandCodec {
+        match self {
+            TopValues::F32 => HandCodec::F32,
+            TopValues::Bf16 => HandCodec::Bf16,
+            TopValues::Int8 => HandCodec::Int8 { block: 256 },
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            TopValues::F32 => "top-k",
+            TopValues::Bf16 => "top-k-bf16",
+            TopValues::Int8 => "top-k-int8",
+        }
+    }
 }
 
 fn parse_codec_form(v: &C) -> HandCodec {
@@ -196,10 +223,14 @@ fn parse_codec_form(v: &C) -> HandCodec {
                 ("int8", "block", C::Integer(b)) => HandCodec::Int8 {
                     block: usize::try_from(i128::from(*b)).unwrap(),
                 },
-                ("top-k", "fraction", C::Float(f)) => {
+                (name @ ("top-k" | "top-k-bf16" | "top-k-int8"), "fraction", C::Float(f)) => {
                     let fraction = *f as f32;
                     assert_eq!(f64::from(fraction), *f, "fraction is an f32");
-                    HandCodec::TopK { fraction }
+                    let values = [TopValues::F32, TopValues::Bf16, TopValues::Int8]
+                        .into_iter()
+                        .find(|v| v.name() == name)
+                        .unwrap();
+                    HandCodec::TopK { fraction, values }
                 }
                 other => panic!("unknown codec form {other:?}"),
             }
@@ -214,9 +245,10 @@ fn codec_form(c: HandCodec) -> C {
         HandCodec::F32 => text("f32"),
         HandCodec::Bf16 => text("bf16"),
         HandCodec::Int8 { block } => map1("int8", map1("block", C::Integer(block.into()))),
-        HandCodec::TopK { fraction } => {
-            map1("top-k", map1("fraction", C::Float(f64::from(fraction))))
-        }
+        HandCodec::TopK { fraction, values } => map1(
+            values.name(),
+            map1("fraction", C::Float(f64::from(fraction))),
+        ),
     }
 }
 
@@ -239,7 +271,10 @@ fn payload_len(c: HandCodec, n: usize) -> usize {
         HandCodec::F32 => 4 * n,
         HandCodec::Bf16 => 2 * n,
         HandCodec::Int8 { block } => 4 * n.div_ceil(block) + n,
-        HandCodec::TopK { fraction } => 4 + 8 * topk_k(fraction, n),
+        HandCodec::TopK { fraction, values } => {
+            let k = topk_k(fraction, n);
+            4 + 4 * k + payload_len(values.dense(), k)
+        }
     }
 }
 
@@ -285,22 +320,30 @@ fn hand_decode(c: HandCodec, p: &[u8], n: usize) -> (Vec<f32>, Json) {
                 "quantised": quants,
             });
         }
-        HandCodec::TopK { fraction } => {
+        HandCodec::TopK { fraction, values } => {
             let k = topk_k(fraction, n);
             assert_eq!(le_u32(&p[..4]) as usize, k, "stored k");
             let idx: Vec<u32> = p[4..4 + 4 * k].chunks(4).map(le_u32).collect();
-            let vals: Vec<f32> = p[4 + 4 * k..].chunks(4).map(le_f32).collect();
+            let (vals, value_fields) = hand_decode(values.dense(), &p[4 + 4 * k..], k);
             assert!(idx.windows(2).all(|w| w[0] < w[1]), "indices increase");
             let mut v = vec![0f32; n];
             for (i, x) in idx.iter().zip(&vals) {
                 v[*i as usize] = *x;
             }
             out = v;
-            fields = json!({
-                "k": k,
-                "indices": idx,
-                "values": vals.iter().map(|v| f64::from(*v)).collect::<Vec<_>>(),
-            });
+            fields = match values {
+                TopValues::F32 => json!({
+                    "k": k,
+                    "indices": idx,
+                    "values": vals.iter().map(|v| f64::from(*v)).collect::<Vec<_>>(),
+                }),
+                TopValues::Bf16 | TopValues::Int8 => json!({
+                    "k": k,
+                    "indices": idx,
+                    "kept_values": value_fields,
+                    "values": vals.iter().map(|v| f64::from(*v)).collect::<Vec<_>>(),
+                }),
+            };
         }
     }
     assert!(out.iter().all(|v| v.is_finite()));
@@ -343,7 +386,7 @@ fn hand_encode(c: HandCodec, x: &[f32]) -> Vec<u8> {
             }
             out.extend(quants);
         }
-        HandCodec::TopK { fraction } => {
+        HandCodec::TopK { fraction, values } => {
             let k = topk_k(fraction, x.len());
             let mut order: Vec<usize> = (0..x.len()).collect();
             // Stable sort: among equal |x| the lower index stays first.
@@ -353,7 +396,8 @@ fn hand_encode(c: HandCodec, x: &[f32]) -> Vec<u8> {
             out.extend((k as u32).to_le_bytes());
             kept.iter()
                 .for_each(|i| out.extend((*i as u32).to_le_bytes()));
-            kept.iter().for_each(|i| out.extend(x[*i].to_le_bytes()));
+            let kept_values: Vec<f32> = kept.iter().map(|i| x[*i]).collect();
+            out.extend(hand_encode(values.dense(), &kept_values));
         }
     }
     out
@@ -371,9 +415,11 @@ fn codec_variant(c: &Codec) -> usize {
         Codec::Bf16 => 1,
         Codec::Int8 { .. } => 2,
         Codec::TopK { .. } => 3,
+        Codec::TopKBf16 { .. } => 4,
+        Codec::TopKInt8 { .. } => 5,
     }
 }
-const CODEC_VARIANTS: usize = 4;
+const CODEC_VARIANTS: usize = 6;
 
 /// The shared 12-value input: negatives, a zero, two exact bf16 ties
 /// (1 + 2⁻⁸ and 1 + 3·2⁻⁸), a value no codec but f32 keeps exactly (-0.1),
@@ -466,6 +512,22 @@ fn codec_cases() -> Vec<CodecCase> {
             description: "top-k, fraction 0.01 (an f32, a single-precision float in CBOR) \
                 of 12: round(0.12) = 0, raised to k = 1; 3.0 (index 3) beats -3.0 (index 6)",
             codec: Codec::TopK { fraction: 0.01 },
+            input: INPUT.to_vec(),
+        },
+        CodecCase {
+            name: "codec-topk-bf16",
+            description: "top-k with bf16 values, fraction 0.5 of 12: k = 6; the kept \
+                values in index order are the bf16 payload of those 6 values, where \
+                1 + 3 * 2^-8 rounds up to 1.015625",
+            codec: Codec::TopKBf16 { fraction: 0.5 },
+            input: INPUT.to_vec(),
+        },
+        CodecCase {
+            name: "codec-topk-int8",
+            description: "top-k with int8 values, fraction 0.5 of 12: k = 6; the kept \
+                values in index order are the int8:256 payload of those 6 values (one \
+                block, scale 3/127)",
+            codec: Codec::TopKInt8 { fraction: 0.5 },
             input: INPUT.to_vec(),
         },
     ]
@@ -671,7 +733,7 @@ fn codec_vectors() {
         checked += 1;
     }
     assert_eq!(checked, cases.len());
-    assert_eq!(checked, 8);
+    assert_eq!(checked, 10);
 }
 
 // ---------------------------------------------------------------------------

@@ -71,7 +71,7 @@ struct RunArgs {
     /// Inner learning rate.
     #[arg(long)]
     lr: Option<f32>,
-    /// f32 | bf16 | int8[:BLOCK] | topk:FRACTION
+    /// f32 | bf16 | int8[:BLOCK] | topk:FRACTION | topk-bf16:FRACTION | topk-int8:FRACTION
     #[arg(long)]
     codec: Option<String>,
     /// mean | trimmed-mean:BETA | median | clip:RADIUS[:ITERATIONS] | median-clip[:FACTOR[:ITERATIONS]] | aligned[:FACTOR[:ITERATIONS]]

@@ -54,7 +54,7 @@ pub struct Scenario {
     pub optimizer: String,
     /// AdamW's ε (unused by `sgd`).
     pub adam_eps: f32,
-    /// Delta codec: `f32`, `bf16`, `int8[:BLOCK]`, `topk:F`.
+    /// Delta codec: `f32`, `bf16`, `int8[:BLOCK]`, `topk:F`, `topk-bf16:F`, `topk-int8:F`.
     pub codec: String,
     /// `mean`, `trimmed-mean:B`, `median`, `clip:R[:ITER]`.
     pub aggregator: String,

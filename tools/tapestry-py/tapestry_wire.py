@@ -317,19 +317,24 @@ def layout_elements(layout: list[dict]) -> int:
 
 @dataclass(frozen=True)
 class Codec:
-    kind: str  # "f32" | "bf16" | "int8" | "top-k"
+    kind: str  # "f32" | "bf16" | "int8" | "top-k" | "top-k-bf16" | "top-k-int8"
     block: int = 0
     fraction: float = 0.0  # an f32 value
 
     def cli(self) -> str:
         if self.kind == "int8":
             return f"int8:{self.block}"
-        if self.kind == "top-k":
+        if self.kind in TOPK_VALUES:
+            name = "topk" + self.kind[len("top-k") :]
             for digits in range(1, 10):  # the shortest decimal that reads back as this f32
                 text = f"{self.fraction:.{digits}g}"
                 if f32(float(text)) == self.fraction:
-                    return f"topk:{text}"
+                    return f"{name}:{text}"
         return self.kind
+
+
+# How each top-k codec stores its kept values: as this dense codec's payload of k values.
+TOPK_VALUES = {"top-k": Codec("f32"), "top-k-bf16": Codec("bf16"), "top-k-int8": Codec("int8", block=256)}
 
 
 def parse_codec(v) -> Codec:
@@ -342,13 +347,13 @@ def parse_codec(v) -> Codec:
             if isinstance(b, int) and not isinstance(b, bool) and 64 <= b <= 4096:
                 return Codec("int8", block=b)
             raise WireError("malformed", f"int8 block {b!r}")
-        if k == "top-k" and isinstance(inner, dict) and set(inner) == {"fraction"}:
+        if k in TOPK_VALUES and isinstance(inner, dict) and set(inner) == {"fraction"}:
             f = inner["fraction"]
             if isinstance(f, float):
                 f32 = struct.unpack("<f", struct.pack("<f", f))[0]
                 if f32 == f and 0.0 < f <= 1.0:
-                    return Codec("top-k", fraction=f)
-            raise WireError("malformed", f"top-k fraction {f!r}")
+                    return Codec(k, fraction=f)
+            raise WireError("malformed", f"{k} fraction {f!r}")
     raise WireError("malformed", f"unknown codec {v!r}")
 
 
@@ -357,7 +362,7 @@ def codec_to_cbor_value(c: Codec):
         return c.kind
     if c.kind == "int8":
         return {"int8": {"block": c.block}}
-    return {"top-k": {"fraction": c.fraction}}
+    return {c.kind: {"fraction": c.fraction}}
 
 
 def topk_k(fraction: float, n: int) -> int:
@@ -374,7 +379,7 @@ def codec_payload_len(c: Codec, n: int) -> int:
     if c.kind == "int8":
         return 4 * (-(-n // c.block)) + n
     k = topk_k(c.fraction, n)
-    return 4 + 8 * k
+    return 4 + 4 * k + codec_payload_len(TOPK_VALUES[c.kind], k)
 
 
 def _reencode(tag: str, m: dict) -> dict:
@@ -565,7 +570,7 @@ def decode_payload(c: Codec, payload: bytes, n: int) -> list[float]:
         if k != topk_k(c.fraction, n):
             raise WireError("undecodable", f"k {k} != {topk_k(c.fraction, n)}")
         idx = struct.unpack(f"<{k}I", payload[4 : 4 + 4 * k])
-        sv = struct.unpack(f"<{k}f", payload[4 + 4 * k :])
+        sv = decode_payload(TOPK_VALUES[c.kind], payload[4 + 4 * k :], k)
         for a, b in zip(idx, idx[1:]):
             if b <= a:
                 raise WireError("undecodable", "indices not strictly increasing")
@@ -618,7 +623,8 @@ def encode_payload(c: Codec, xs: list[float]) -> bytes:
     k = topk_k(c.fraction, n)
     order = sorted(range(n), key=lambda i: (-abs(xs[i]), i))[:k]
     order.sort()
-    return struct.pack("<I", k) + struct.pack(f"<{k}I", *order) + struct.pack(f"<{k}f", *[xs[i] for i in order])
+    kept = encode_payload(TOPK_VALUES[c.kind], [xs[i] for i in order])
+    return struct.pack("<I", k) + struct.pack(f"<{k}I", *order) + kept
 
 
 def l2_norm(vals: list[float]) -> float:

@@ -11,12 +11,14 @@ fuzz_target!(|data: &[u8]| {
     if data.len() < 3 {
         return;
     }
-    let codec = match data[0] % 6 {
+    let codec = match data[0] % 8 {
         0 => Codec::F32,
         1 => Codec::Bf16,
         2 => Codec::Int8 { block: 64 },
         3 => Codec::Int8 { block: 4096 },
         4 => Codec::TopK { fraction: 0.01 },
+        5 => Codec::TopKBf16 { fraction: 0.1 },
+        6 => Codec::TopKInt8 { fraction: 0.1 },
         _ => Codec::TopK { fraction: 0.5 },
     };
     let n = usize::from(u16::from_le_bytes([data[1], data[2]]));

@@ -87,6 +87,8 @@ pub fn codec() -> impl Strategy<Value = Codec> {
         Just(Codec::Bf16),
         (64u32..=4096).prop_map(|block| Codec::Int8 { block }),
         (0.001f32..=1.0).prop_map(|fraction| Codec::TopK { fraction }),
+        (0.001f32..=1.0).prop_map(|fraction| Codec::TopKBf16 { fraction }),
+        (0.001f32..=1.0).prop_map(|fraction| Codec::TopKInt8 { fraction }),
     ]
 }
 
