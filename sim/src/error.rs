@@ -81,6 +81,11 @@ pub enum ScenarioError {
     /// The scenario file is not TOML or has an unknown key.
     #[error("{}", .0.message().replace('\n', " "))]
     Toml(#[source] toml::de::Error),
+    /// An experiment file (`tapestry-sim compare`) is malformed: no target,
+    /// fewer than two arms, an arm without a name, or an arm's scenario
+    /// refused (the message names the arm).
+    #[error("{0}")]
+    Experiment(String),
     /// `nodes` is 0.
     #[error("nodes must be at least 1")]
     NoNodes,

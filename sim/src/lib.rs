@@ -9,12 +9,14 @@
 //! message arrives (latency, jitter, loss, bandwidth, partitions, offline
 //! nodes); [`par`] runs trainings and evaluations of one virtual instant on
 //! all cores without changing results; [`report`] and [`plot`] write the
-//! outputs; [`error`] has the typed errors and [`cli`] what the commands
+//! outputs; [`compare`] runs several arms of a scenario and compares the
+//! bytes they send to reach a target; [`error`] has the typed errors and [`cli`] what the commands
 //! share about their command lines. Real `tapestry` processes are
 //! `tapestry-lab`'s (the `lab/` crate); this crate never touches the
 //! network and does not build the networked node.
 
 pub mod cli;
+pub mod compare;
 pub mod error;
 pub mod net;
 pub mod par;

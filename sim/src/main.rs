@@ -20,6 +20,71 @@ enum Command {
     /// Run a scenario and write DIR/report.json, DIR/rounds.csv,
     /// DIR/baselines.csv, DIR/accuracy.png and DIR/consensus.png.
     Run(Box<RunArgs>),
+    /// Run every arm of an experiment file (a scenario with `target` and
+    /// `[[arm]]` tables) and compare the bytes each node sent until the
+    /// swarm reached the target: DIR/communication.md, .csv, .json,
+    /// DIR/metric_vs_bytes.png, and one directory per arm.
+    Compare(CompareArgs),
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// Experiment file (TOML): a scenario, `target = ACCURACY` (or bits per
+    /// byte for a language model) and one `[[arm]]` table per arm, the
+    /// reference first; an arm's keys override the scenario's.
+    #[arg(long, value_name = "FILE")]
+    experiment: PathBuf,
+    /// Where to write the comparison.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Worker threads for every arm (0 = one per core); does not change
+    /// results.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn compare(args: &CompareArgs) -> ExitCode {
+    let exp = std::fs::read_to_string(&args.experiment)
+        .map_err(|e| format!("{}: {e}", args.experiment.display()))
+        .and_then(|text| {
+            tapestry_sim::compare::Experiment::from_toml(&text)
+                .map_err(|e| format!("{}: {e}", args.experiment.display()))
+        });
+    let mut exp = match exp {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("tapestry-sim: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(t) = args.threads {
+        for arm in &mut exp.arms {
+            arm.settings.scenario.threads = t;
+        }
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:40} round {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let arms: Vec<String> = exp.arms.iter().map(|a| a.name.clone()).collect();
+    let result = tapestry_sim::compare::run(&exp, &args.out, &mut |i, r, n| {
+        bar.set_message(format!("arm {}/{} {}", i + 1, arms.len(), arms[i]));
+        bar.set_length(n);
+        bar.set_position(r);
+    });
+    bar.finish_and_clear();
+    match result {
+        Ok(c) => {
+            print!("{}", tapestry_sim::compare::table(&c));
+            println!("written: {}", args.out.join("communication.md").display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tapestry-sim: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 #[derive(Args)]
@@ -185,7 +250,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => args,
+        Command::Compare(args) => return compare(&args),
+    };
     let settings = match scenario(&args).and_then(|s| s.settings().map_err(|e| e.to_string())) {
         Ok(s) => s,
         Err(e) => {

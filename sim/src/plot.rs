@@ -92,7 +92,13 @@ pub fn line_chart(
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 17))
         .light_line_style(RGBColor(240, 240, 240))
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_label_formatter(&|x| {
+            if x1 - x0 < 20.0 {
+                format!("{x:.1}")
+            } else {
+                format!("{x:.0}")
+            }
+        })
         .draw()
         .map_err(err)?;
     for s in series {
