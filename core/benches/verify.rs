@@ -55,7 +55,7 @@ fn setup(cfg: &EngineConfig) -> (MemLineage, Verified<ModelManifest>) {
         .map(|(id, v)| DeltaInput {
             id: *id,
             sample_count: 100,
-            values: v,
+            values: tapestry_core::aggregate::Values::Decoded(v),
         })
         .collect();
     let params = verify::aggregate_onto(cfg, &parent_params, &inputs).unwrap();

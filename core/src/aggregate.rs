@@ -29,6 +29,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use tapestry_protocol::{Codec, CodecError};
+
 /// Why inputs could not be aggregated.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum AggregateError {
@@ -51,6 +53,123 @@ pub enum AggregateError {
     /// A rule parameter out of range.
     #[error("invalid aggregation parameter: {0}")]
     BadParameter(String),
+    /// An encoded input's payload did not decode.
+    #[error("input {index}: {source}")]
+    Decode {
+        /// Which input.
+        index: usize,
+        /// What the codec said.
+        source: CodecError,
+    },
+}
+
+/// One input of [`AggregationRule::aggregate_values`]: a vector in memory,
+/// or a payload that aggregation decodes a block of coordinates at a time
+/// (so a node holds the encoded deltas, not a decoded copy of each).
+#[derive(Debug, Clone, Copy)]
+pub enum Values<'a> {
+    /// Decoded values.
+    Decoded(&'a [f32]),
+    /// A payload the door accepted, of `len` values in `codec`.
+    Encoded {
+        /// Its codec.
+        codec: Codec,
+        /// Its bytes.
+        payload: &'a [u8],
+        /// How many values it holds.
+        len: usize,
+    },
+}
+
+/// A delta's values as a node keeps them from the door to aggregation:
+/// decoded when its codec is `f32` (the payload is the values), else the
+/// payload, which is smaller than the decoded values and which aggregation
+/// decodes a block at a time ([`Values::Encoded`]).
+#[derive(Debug, Clone)]
+pub enum Held {
+    /// Decoded values.
+    Decoded(Vec<f32>),
+    /// A payload the door accepted.
+    Encoded {
+        /// Its codec.
+        codec: Codec,
+        /// Its bytes.
+        payload: std::sync::Arc<Vec<u8>>,
+        /// How many values it holds.
+        len: usize,
+    },
+}
+
+impl Held {
+    /// Keeps `decoded` (what the door decoded from `payload`) or the
+    /// payload, whichever is the smaller.
+    pub fn keep(codec: Codec, payload: std::sync::Arc<Vec<u8>>, decoded: Vec<f32>) -> Held {
+        if payload.len() < decoded.len() * 4 {
+            Held::Encoded {
+                codec,
+                len: decoded.len(),
+                payload,
+            }
+        } else {
+            Held::Decoded(decoded)
+        }
+    }
+
+    /// The values, for aggregation.
+    pub fn values(&self) -> Values<'_> {
+        match self {
+            Held::Decoded(v) => Values::Decoded(v),
+            Held::Encoded {
+                codec,
+                payload,
+                len,
+            } => Values::Encoded {
+                codec: *codec,
+                payload,
+                len: *len,
+            },
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Held::Decoded(v) => v.len() * 4,
+            Held::Encoded { payload, .. } => payload.len(),
+        }
+    }
+}
+
+impl Values<'_> {
+    /// How many values.
+    pub fn len(&self) -> usize {
+        match self {
+            Values::Decoded(v) => v.len(),
+            Values::Encoded { len, .. } => *len,
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values `start .. start + out.len()` into `out`.
+    fn read(&self, index: usize, start: usize, out: &mut [f32]) -> Result<(), AggregateError> {
+        match self {
+            Values::Decoded(v) => {
+                out.copy_from_slice(&v[start..start + out.len()]);
+                Ok(())
+            }
+            Values::Encoded {
+                codec,
+                payload,
+                len,
+            } => codec
+                .decode_range(payload, *len, start, out)
+                .map_err(|source| AggregateError::Decode { index, source }),
+        }
+    }
 }
 
 /// An aggregation rule and its parameters.
@@ -245,21 +364,26 @@ impl AggregationRule {
 }
 
 fn check_inputs(inputs: &[&[f32]], weights: &[f64]) -> Result<(), AggregateError> {
-    let first = inputs.first().ok_or(AggregateError::Empty)?;
-    for (index, v) in inputs.iter().enumerate() {
-        if v.len() != first.len() {
+    let lens: Vec<usize> = inputs.iter().map(|v| v.len()).collect();
+    check_lens(&lens, weights)
+}
+
+fn check_lens(lens: &[usize], weights: &[f64]) -> Result<(), AggregateError> {
+    let first = lens.first().ok_or(AggregateError::Empty)?;
+    for (index, len) in lens.iter().enumerate() {
+        if len != first {
             return Err(AggregateError::LengthMismatch {
                 index,
-                found: v.len(),
-                expected: first.len(),
+                found: *len,
+                expected: *first,
             });
         }
     }
-    if weights.len() != inputs.len() {
+    if weights.len() != lens.len() {
         return Err(AggregateError::BadWeights(format!(
             "{} weights for {} inputs",
             weights.len(),
-            inputs.len()
+            lens.len()
         )));
     }
     if weights.iter().any(|w| !w.is_finite() || *w < 0.0) || weights.iter().sum::<f64>() <= 0.0 {
@@ -307,13 +431,17 @@ fn per_coordinate(inputs: &[&[f32]], mut reduce: impl FnMut(&mut [f32]) -> f32) 
 
 /// Coordinate-wise trimmed mean: drops ⌊β·n⌋ values at each end.
 pub fn aggregate_trimmed_mean(inputs: &[&[f32]], beta: f32) -> Vec<f32> {
-    let n = inputs.len();
+    per_coordinate(inputs, trimmed_mean_of(inputs.len(), beta))
+}
+
+/// The trimmed mean of one coordinate's n values.
+fn trimmed_mean_of(n: usize, beta: f32) -> impl FnMut(&mut [f32]) -> f32 {
     let k = ((f64::from(beta) * n as f64).floor() as usize).min((n - 1) / 2);
     let kept = (n - 2 * k) as f32;
-    per_coordinate(inputs, |col| {
+    move |col| {
         col.sort_unstable_by(f32::total_cmp);
         col[k..n - k].iter().sum::<f32>() / kept
-    })
+    }
 }
 
 /// [`AggregationRule::Aligned`]: weights times max(0, cos) with a
@@ -378,8 +506,12 @@ fn median_clip(
 
 /// Coordinate-wise median (the mean of the two middle values for even n).
 pub fn aggregate_median(inputs: &[&[f32]]) -> Vec<f32> {
-    let n = inputs.len();
-    per_coordinate(inputs, |col| {
+    per_coordinate(inputs, median_of(inputs.len()))
+}
+
+/// The median of one coordinate's n values.
+fn median_of(n: usize) -> impl FnMut(&mut [f32]) -> f32 {
+    move |col| {
         let (_, hi, _) = col.select_nth_unstable_by(n / 2, f32::total_cmp);
         let hi = *hi;
         if n % 2 == 1 {
@@ -391,7 +523,7 @@ pub fn aggregate_median(inputs: &[&[f32]]) -> Vec<f32> {
                 .fold(f32::NEG_INFINITY, f32::max);
             (lo + hi) / 2.0
         }
-    })
+    }
 }
 
 fn l2_distance(a: &[f32], b: &[f32]) -> f64 {
@@ -433,6 +565,241 @@ pub fn aggregate_centered_clip(
         }
     }
     center
+}
+
+impl AggregationRule {
+    /// [`AggregationRule::aggregate`] over inputs that may be encoded
+    /// payloads, a block of coordinates at a time: each payload is decoded
+    /// one block at a time as the rule reads it (twice or more per input
+    /// for the rules that need distances), so memory is the encoded
+    /// inputs, the result and a few vectors of the model's size, however
+    /// many inputs there are. Bit for bit the same result as `aggregate`
+    /// on the decoded inputs: every coordinate sees the same operations in
+    /// the same order, and every sum over coordinates is the same
+    /// sequential sum.
+    pub fn aggregate_values(
+        &self,
+        inputs: &[Values<'_>],
+        weights: &[f64],
+        center: Option<&[f32]>,
+    ) -> Result<Vec<f32>, AggregateError> {
+        self.validate()?;
+        let lens: Vec<usize> = inputs.iter().map(Values::len).collect();
+        check_lens(&lens, weights)?;
+        match *self {
+            AggregationRule::Mean => blocks_mean(inputs, weights),
+            AggregationRule::TrimmedMean { beta } => {
+                blocks_per_coordinate(inputs, trimmed_mean_of(inputs.len(), beta))
+            }
+            AggregationRule::Median => blocks_per_coordinate(inputs, median_of(inputs.len())),
+            AggregationRule::CenteredClip { radius, iterations } => {
+                let start = match center {
+                    Some(c) if c.len() == lens[0] => c.to_vec(),
+                    Some(c) => {
+                        return Err(AggregateError::LengthMismatch {
+                            index: usize::MAX,
+                            found: c.len(),
+                            expected: lens[0],
+                        });
+                    }
+                    None => blocks_per_coordinate(inputs, median_of(inputs.len()))?,
+                };
+                blocks_centered_clip(inputs, weights, start, radius, iterations)
+            }
+            AggregationRule::MedianClip { factor, iterations } => {
+                let start = blocks_per_coordinate(inputs, median_of(inputs.len()))?;
+                blocks_median_clip(inputs, weights, start, factor, iterations)
+            }
+            AggregationRule::Aligned { factor, iterations } => {
+                blocks_aligned(inputs, weights, factor, iterations)
+            }
+        }
+    }
+}
+
+/// The start of a sequential `f64` sum, as `Iterator::sum` starts it.
+fn sum_start() -> f64 {
+    std::iter::empty::<f64>().sum()
+}
+
+/// Calls `f(start, block)` for every block of `v`, in order.
+fn for_blocks(
+    v: &Values<'_>,
+    index: usize,
+    buf: &mut [f32],
+    mut f: impl FnMut(usize, &[f32]),
+) -> Result<(), AggregateError> {
+    let len = v.len();
+    let mut start = 0;
+    while start < len {
+        let end = (start + BLOCK).min(len);
+        let block = &mut buf[..end - start];
+        v.read(index, start, block)?;
+        f(start, block);
+        start = end;
+    }
+    Ok(())
+}
+
+fn blocks_mean(inputs: &[Values<'_>], weights: &[f64]) -> Result<Vec<f32>, AggregateError> {
+    let total: f64 = weights.iter().sum();
+    let mut out = vec![0f32; inputs[0].len()];
+    let mut buf = vec![0f32; BLOCK];
+    for (index, (v, w)) in inputs.iter().zip(weights).enumerate() {
+        let w = (*w / total) as f32;
+        for_blocks(v, index, &mut buf, |start, block| {
+            for (o, x) in out[start..start + block.len()].iter_mut().zip(block) {
+                *o += w * x;
+            }
+        })?;
+    }
+    Ok(out)
+}
+
+fn blocks_per_coordinate(
+    inputs: &[Values<'_>],
+    mut reduce: impl FnMut(&mut [f32]) -> f32,
+) -> Result<Vec<f32>, AggregateError> {
+    let n = inputs.len();
+    let len = inputs[0].len();
+    let mut out = vec![0f32; len];
+    let mut rows = vec![0f32; n * BLOCK];
+    let mut column = vec![0f32; n];
+    let mut start = 0;
+    while start < len {
+        let end = (start + BLOCK).min(len);
+        let width = end - start;
+        for (index, (v, row)) in inputs.iter().zip(rows.chunks_exact_mut(BLOCK)).enumerate() {
+            v.read(index, start, &mut row[..width])?;
+        }
+        for i in 0..width {
+            for (c, row) in column.iter_mut().zip(rows.chunks_exact(BLOCK)) {
+                *c = row[i];
+            }
+            out[start + i] = reduce(&mut column);
+        }
+        start = end;
+    }
+    Ok(out)
+}
+
+/// [`l2_distance`] of an input from `center`, a block at a time.
+fn blocks_distance(
+    v: &Values<'_>,
+    index: usize,
+    center: &[f32],
+    buf: &mut [f32],
+) -> Result<f64, AggregateError> {
+    let mut acc = sum_start();
+    for_blocks(v, index, buf, |start, block| {
+        acc = block
+            .iter()
+            .zip(&center[start..])
+            .map(|(x, y)| f64::from(x - y).powi(2))
+            .fold(acc, |a, b| a + b);
+    })?;
+    Ok(acc.sqrt())
+}
+
+fn blocks_centered_clip(
+    inputs: &[Values<'_>],
+    weights: &[f64],
+    mut center: Vec<f32>,
+    radius: f32,
+    iterations: u32,
+) -> Result<Vec<f32>, AggregateError> {
+    let total: f64 = weights.iter().sum();
+    let mut step = vec![0f32; center.len()];
+    let mut buf = vec![0f32; BLOCK];
+    for _ in 0..iterations {
+        step.iter_mut().for_each(|s| *s = 0.0);
+        for (index, (v, w)) in inputs.iter().zip(weights).enumerate() {
+            let dist = blocks_distance(v, index, &center, &mut buf)?;
+            let scale = if dist > f64::from(radius) {
+                f64::from(radius) / dist
+            } else {
+                1.0
+            };
+            let f = (w / total * scale) as f32;
+            for_blocks(v, index, &mut buf, |start, block| {
+                let end = start + block.len();
+                for ((s, x), c) in step[start..end]
+                    .iter_mut()
+                    .zip(block)
+                    .zip(&center[start..end])
+                {
+                    *s += f * (x - c);
+                }
+            })?;
+        }
+        for (c, s) in center.iter_mut().zip(&step) {
+            *c += s;
+        }
+    }
+    Ok(center)
+}
+
+fn blocks_median_clip(
+    inputs: &[Values<'_>],
+    weights: &[f64],
+    mut center: Vec<f32>,
+    factor: f32,
+    iterations: u32,
+) -> Result<Vec<f32>, AggregateError> {
+    let mut buf = vec![0f32; BLOCK];
+    for _ in 0..iterations {
+        let mut d = Vec::with_capacity(inputs.len());
+        for (index, v) in inputs.iter().enumerate() {
+            d.push(blocks_distance(v, index, &center, &mut buf)?);
+        }
+        d.sort_unstable_by(f64::total_cmp);
+        let radius = (f64::from(factor) * d[d.len() / 2]) as f32;
+        if !(radius > 0.0 && radius.is_finite()) {
+            break;
+        }
+        center = blocks_centered_clip(inputs, weights, center, radius, 1)?;
+    }
+    Ok(center)
+}
+
+fn blocks_aligned(
+    inputs: &[Values<'_>],
+    weights: &[f64],
+    factor: f32,
+    iterations: u32,
+) -> Result<Vec<f32>, AggregateError> {
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let mut reference = blocks_per_coordinate(inputs, median_of(inputs.len()))?;
+    let mut buf = vec![0f32; BLOCK];
+    for _ in 0..ALIGNED_PASSES {
+        let r_norm = norm(&reference);
+        let mut trusted = Vec::with_capacity(inputs.len());
+        for (index, (v, w)) in inputs.iter().zip(weights).enumerate() {
+            let (mut dot, mut sq) = (sum_start(), sum_start());
+            for_blocks(v, index, &mut buf, |start, block| {
+                dot = block
+                    .iter()
+                    .zip(&reference[start..])
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .fold(dot, |a, b| a + b);
+                sq = block
+                    .iter()
+                    .map(|x| f64::from(*x).powi(2))
+                    .fold(sq, |a, b| a + b);
+            })?;
+            let cos = dot / (sq.sqrt() * r_norm);
+            trusted.push(if cos.is_finite() {
+                w * cos.max(0.0)
+            } else {
+                0.0
+            });
+        }
+        if trusted.iter().sum::<f64>() <= 0.0 {
+            return Ok(reference);
+        }
+        reference = blocks_median_clip(inputs, &trusted, reference, factor, iterations)?;
+    }
+    Ok(reference)
 }
 
 #[cfg(test)]

@@ -1261,12 +1261,12 @@ fn a_used_deltas_values_go_and_come_back_if_the_head_stops_counting_it() {
         tapestry_core::verify::DeltaInput {
             id: d0.id(),
             sample_count: 10,
-            values: &v0,
+            values: tapestry_core::aggregate::Values::Decoded(&v0),
         },
         tapestry_core::verify::DeltaInput {
             id: d1,
             sample_count: 10,
-            values: &v1,
+            values: tapestry_core::aggregate::Values::Decoded(&v1),
         },
     ];
     let expected = tapestry_core::verify::aggregate_onto(&cfg, &other, &inputs).unwrap();

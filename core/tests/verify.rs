@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use tapestry_core::aggregate::AggregationRule;
+use tapestry_core::aggregate::{AggregationRule, Values};
 use tapestry_core::data::{self, Dataset, Partition};
 use tapestry_core::door::{Door, DoorConfig, Rejection, Weighting};
 use tapestry_core::engine::{Action, Engine, EngineConfig, Input, genesis};
@@ -112,7 +112,7 @@ fn aggregation_does_not_depend_on_input_order() {
         .map(|k| DeltaInput {
             id: ids[k],
             sample_count: 10 + k as u64,
-            values: &vecs[k],
+            values: Values::Decoded(&vecs[k]),
         })
         .collect();
     let parent = spec().init(1);
@@ -136,12 +136,12 @@ fn a_claimed_sample_count_buys_no_weight() {
         DeltaInput {
             id: ContentId::of(b"a"),
             sample_count: 100,
-            values: &honest,
+            values: Values::Decoded(&honest),
         },
         DeltaInput {
             id: ContentId::of(b"b"),
             sample_count: u64::MAX,
-            values: &evil,
+            values: Values::Decoded(&evil),
         },
     ];
     // Equal weights (the default): the two cancel out.
@@ -268,7 +268,7 @@ fn forged_versions_fail_each_with_its_reason() {
         &[DeltaInput {
             id: d1.id(),
             sample_count: u64::MAX,
-            values: &small,
+            values: Values::Decoded(&small),
         }],
     )
     .unwrap();

@@ -1602,7 +1602,7 @@ fn forged_versions_fail_against_every_honest_node_and_are_never_forwarded() {
                     &[DeltaInput {
                         id: d.id(),
                         sample_count: 1,
-                        values: &small,
+                        values: tapestry_core::aggregate::Values::Decoded(&small),
                     }],
                 )
                 .unwrap();
@@ -1638,7 +1638,7 @@ fn forged_versions_fail_against_every_honest_node_and_are_never_forwarded() {
                 &[DeltaInput {
                     id: d1.id(),
                     sample_count: 1,
-                    values: &small,
+                    values: tapestry_core::aggregate::Values::Decoded(&small),
                 }],
             )
             .unwrap();
@@ -1651,7 +1651,7 @@ fn forged_versions_fail_against_every_honest_node_and_are_never_forwarded() {
                 &[DeltaInput {
                     id: d2.id(),
                     sample_count: 1,
-                    values: &small,
+                    values: tapestry_core::aggregate::Values::Decoded(&small),
                 }],
             )
             .unwrap();

@@ -393,6 +393,115 @@ impl Codec {
         }
         Ok(out)
     }
+
+    /// Decodes values `start .. start + out.len()` of a payload of `n`
+    /// values into `out`, without decoding the rest: the same values
+    /// [`Codec::decode`] gives there, bit for bit, for a payload it accepts.
+    /// Meant for payloads `decode` (or the door) already accepted: this
+    /// checks the length and the range and never panics, but a top-k
+    /// payload's index order and every value's finiteness are `decode`'s
+    /// checks, not this one's.
+    pub fn decode_range(
+        &self,
+        bytes: &[u8],
+        n: usize,
+        start: usize,
+        out: &mut [f32],
+    ) -> Result<(), CodecError> {
+        self.validate()?;
+        let expected = self.encoded_len(n).ok_or(CodecError::TooLong(n))?;
+        if bytes.len() != expected {
+            return Err(CodecError::WrongLength {
+                expected,
+                found: bytes.len(),
+            });
+        }
+        let end = start
+            .checked_add(out.len())
+            .filter(|e| *e <= n)
+            .ok_or(CodecError::Corrupt("range beyond the vector"))?;
+        match *self {
+            Codec::F32 => {
+                for (o, c) in out
+                    .iter_mut()
+                    .zip(bytes[4 * start..4 * end].chunks_exact(4))
+                {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            Codec::Bf16 => {
+                for (o, c) in out
+                    .iter_mut()
+                    .zip(bytes[2 * start..2 * end].chunks_exact(2))
+                {
+                    *o = bf16_to_f32(u16::from_le_bytes([c[0], c[1]]));
+                }
+            }
+            Codec::Int8 { block } => int8_range(bytes, n, block as usize, start, out),
+            Codec::TopK { fraction }
+            | Codec::TopKBf16 { fraction }
+            | Codec::TopKInt8 { fraction } => {
+                let k = Self::topk_k(fraction, n);
+                let idx = &bytes[4..4 + 4 * k];
+                let vals = &bytes[4 + 4 * k..];
+                let index = |j: usize| {
+                    let c = &idx[4 * j..4 * j + 4];
+                    u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize
+                };
+                out.fill(0.0);
+                // The first stored index at or after `start` (indices increase).
+                let (mut lo, mut hi) = (0, k);
+                while lo < hi {
+                    let mid = lo + (hi - lo) / 2;
+                    if index(mid) < start {
+                        lo = mid + 1;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                let mut one = [0f32; 1];
+                for j in lo..k {
+                    let i = index(j);
+                    if i >= end {
+                        break;
+                    }
+                    if i < start {
+                        return Err(CodecError::Corrupt(
+                            "top-k indices not increasing or out of range",
+                        ));
+                    }
+                    let v = match *self {
+                        Codec::TopK { .. } => {
+                            let c = &vals[4 * j..4 * j + 4];
+                            f32::from_le_bytes([c[0], c[1], c[2], c[3]])
+                        }
+                        Codec::TopKBf16 { .. } => {
+                            bf16_to_f32(u16::from_le_bytes([vals[2 * j], vals[2 * j + 1]]))
+                        }
+                        _ => {
+                            int8_range(vals, k, TOPK_INT8_BLOCK as usize, j, &mut one);
+                            one[0]
+                        }
+                    };
+                    out[i - start] = v;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Values `start ..` of an `int8:block` payload of `n` values (its length
+/// checked by the caller) into `out`: quantised value times its block's
+/// scale, as `decode` computes it.
+fn int8_range(bytes: &[u8], n: usize, block: usize, start: usize, out: &mut [f32]) {
+    let scales = n.div_ceil(block) * 4;
+    for (k, o) in out.iter_mut().enumerate() {
+        let i = start + k;
+        let b = 4 * (i / block);
+        let s = f32::from_le_bytes([bytes[b], bytes[b + 1], bytes[b + 2], bytes[b + 3]]);
+        *o = f32::from(bytes[scales + i] as i8) * s;
+    }
 }
 
 impl fmt::Display for Codec {

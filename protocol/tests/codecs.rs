@@ -127,6 +127,33 @@ proptest! {
     }
 
     #[test]
+    fn a_range_decodes_to_the_same_bits_as_the_whole(
+        c in codec(),
+        v in values(700),
+        cut in prop::collection::vec(0usize..=700, 0..6),
+    ) {
+        let bytes = c.encode(&v).unwrap();
+        let whole = c.decode(&bytes, v.len()).unwrap();
+        // Ranges between sorted cut points (clamped to the length) cover it.
+        let mut points: Vec<usize> = cut.into_iter().map(|p| p.min(v.len())).collect();
+        points.push(0);
+        points.push(v.len());
+        points.sort_unstable();
+        for w in points.windows(2) {
+            let mut out = vec![f32::NAN; w[1] - w[0]];
+            c.decode_range(&bytes, v.len(), w[0], &mut out).unwrap();
+            for (k, (a, b)) in out.iter().zip(&whole[w[0]..w[1]]).enumerate() {
+                prop_assert_eq!(a.to_bits(), b.to_bits(), "{} at {}", c, w[0] + k);
+            }
+        }
+        let mut past = vec![0f32; 2];
+        prop_assert!(c.decode_range(&bytes, v.len(), v.len(), &mut past).is_err());
+        if !bytes.is_empty() {
+            prop_assert!(c.decode_range(&bytes[1..], v.len(), 0, &mut past[..0]).is_err());
+        }
+    }
+
+    #[test]
     fn error_feedback_loses_nothing_over_rounds(c in codec(), deltas in prop::collection::vec(values_len(200), 1..6)) {
         // Sum of what was transmitted + final residual == sum of the deltas.
         let mut ef = ErrorFeedback::new(200);

@@ -59,7 +59,7 @@ pub fn child(
     let input = DeltaInput {
         id: delta.id(),
         sample_count: 1,
-        values,
+        values: tapestry_core::aggregate::Values::Decoded(values),
     };
     let params = aggregate_onto(cfg, parent.1, &[input])
         .unwrap_or_else(|e| panic!("aggregating a test delta: {e}"));

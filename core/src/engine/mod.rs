@@ -37,7 +37,7 @@ use tapestry_protocol::{
     Verified,
 };
 
-use crate::aggregate::AggregationRule;
+use crate::aggregate::{AggregationRule, Held, Values};
 use crate::door::{Door, DoorConfig, Rejected};
 use crate::mixing::PushSum;
 use crate::model::ModelSpec;
@@ -114,9 +114,10 @@ struct Received {
     round: u64,
     author: NodeId,
     sample_count: u64,
-    /// Its decoded values; `None` once a version of this node aggregated
+    /// Its values (decoded for `f32`, else its payload, decoded as
+    /// aggregation reads it); `None` once a version of this node aggregated
     /// it (never aggregated twice: see [`Engine::start_round`]).
-    values: Option<Vec<f32>>,
+    values: Option<Held>,
     manifest: Verified<DeltaManifest>,
 }
 
@@ -484,11 +485,11 @@ impl Engine {
         } else {
             self.door.check_payload(m.message(), &payload)
         };
-        drop(payload);
         self.charge(lap, |t| &mut t.decode);
         match checked {
             Ok(values) => {
                 let msg = m.message();
+                let values = Held::keep(msg.codec, payload, values);
                 self.received.insert(
                     id,
                     Received {
@@ -779,6 +780,16 @@ impl Engine {
             return;
         };
         self.charge(lap, |t| &mut t.sign);
+        let values = if self.config.codec.is_lossless() {
+            Held::Decoded(sent)
+        } else {
+            // The payload is the smaller copy: keep it, not the decoded one.
+            Held::keep(
+                self.config.codec,
+                std::sync::Arc::new(payload.clone()),
+                sent,
+            )
+        };
         self.votes.insert((self.round, self.node_id()), signed.id());
         self.received.insert(
             signed.id(),
@@ -787,7 +798,7 @@ impl Engine {
                 round: self.round,
                 author: self.node_id(),
                 sample_count: samples.max(1),
-                values: Some(sent),
+                values: Some(values),
                 manifest: signed.clone(),
             },
         );
@@ -895,13 +906,13 @@ impl Engine {
 
     fn close_round(&mut self, now_ms: u64, out: &mut Vec<Action>) {
         let oldest = self.round.saturating_sub(self.config.door.staleness);
-        let inputs: Vec<(&Received, &[f32])> = self
+        let inputs: Vec<(&Received, Values<'_>)> = self
             .received
             .values()
             .filter(|r| {
                 r.round >= oldest && r.round <= self.round && !self.used.contains_key(&r.id)
             })
-            .filter_map(|r| Some((r, r.values.as_deref()?)))
+            .filter_map(|r| Some((r, r.values.as_ref()?.values())))
             .collect();
         // The one computation every verifier repeats (verify::aggregate_onto).
         let deltas: Vec<DeltaInput<'_>> = inputs
@@ -909,7 +920,7 @@ impl Engine {
             .map(|(r, values)| DeltaInput {
                 id: r.id,
                 sample_count: r.sample_count,
-                values,
+                values: *values,
             })
             .collect();
         let lap = self.lap();

@@ -21,7 +21,7 @@ use std::fmt;
 
 use tapestry_protocol::{ContentId, DeltaManifest, ModelManifest, NodeId, Verified};
 
-use crate::aggregate::AggregateError;
+use crate::aggregate::{AggregateError, Held, Values};
 use crate::door::{Door, Rejected};
 use crate::engine::EngineConfig;
 
@@ -248,8 +248,8 @@ pub struct DeltaInput<'a> {
     pub id: ContentId,
     /// Its declared sample count (weighed per the region's weighting).
     pub sample_count: u64,
-    /// Its decoded values.
-    pub values: &'a [f32],
+    /// Its values: decoded, or a payload decoded as aggregation reads it.
+    pub values: Values<'a>,
 }
 
 /// The parameters of the version that aggregates `inputs` onto `parent`:
@@ -265,14 +265,14 @@ pub fn aggregate_onto(
 ) -> Result<Vec<f32>, AggregateError> {
     let mut sorted: Vec<&DeltaInput<'_>> = inputs.iter().collect();
     sorted.sort_by_key(|d| d.id);
-    let values: Vec<&[f32]> = sorted.iter().map(|d| d.values).collect();
+    let values: Vec<Values<'_>> = sorted.iter().map(|d| d.values).collect();
     let weights: Vec<f64> = sorted
         .iter()
         .map(|d| cfg.door.weighting.weight(d.sample_count))
         .collect();
     // No node-local centre: clipping centres on the coordinate-wise median,
     // which every node computes alike.
-    let aggregate = cfg.rule.aggregate(&values, &weights, None)?;
+    let aggregate = cfg.rule.aggregate_values(&values, &weights, None)?;
     let mut params = parent.to_vec();
     cfg.outer.clone().step(&mut params, &aggregate);
     Ok(params)
@@ -567,7 +567,7 @@ pub fn verify_version(
         let recent = recent_deltas(l, p.id(), m.round.saturating_sub(cfg.door.staleness));
         let mut votes = BTreeSet::new();
         let mut ids = BTreeSet::new();
-        let mut held: Vec<(ContentId, u64, Vec<f32>)> = Vec::with_capacity(m.deltas.len());
+        let mut held: Vec<(ContentId, u64, Held)> = Vec::with_capacity(m.deltas.len());
         for d in &m.deltas {
             if !ids.insert(*d) {
                 return Err(VersionRejection::Malformed("names a delta twice".into()));
@@ -589,14 +589,18 @@ pub fn verify_version(
             let values = door
                 .check_named_payload(dmm, &payload)
                 .map_err(VersionRejection::DeltaRejected)?;
-            held.push((*d, dmm.sample_count, values));
+            held.push((
+                *d,
+                dmm.sample_count,
+                Held::keep(dmm.codec, std::sync::Arc::new(payload), values),
+            ));
         }
         let inputs: Vec<DeltaInput<'_>> = held
             .iter()
             .map(|(id, samples, values)| DeltaInput {
                 id: *id,
                 sample_count: *samples,
-                values,
+                values: values.values(),
             })
             .collect();
         let params = l
