@@ -9,9 +9,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use tapestry_core::aggregate::AggregationRule;
+use tapestry_core::aggregate::{AggregationRule, Values};
 use tapestry_core::data::{self, CsvOptions, Scaler};
 use tapestry_core::model::{InnerOptimizer, InnerState, ModelSpec, TrainConfig, train_local};
+use tapestry_protocol::Codec;
 
 fn aggregation(c: &mut Criterion) {
     const N: usize = 10_000_000;
@@ -49,6 +50,75 @@ fn aggregation(c: &mut Criterion) {
                     .unwrap()
             })
         });
+    }
+    g.finish();
+
+    // Block-wise over the same inputs, side by side: decoded in memory, and
+    // as payloads decoded while aggregating (f32 and top-1 % int8).
+    let mut g = c.benchmark_group("aggregate_values_16x10m");
+    g.throughput(Throughput::Bytes((K * N * 4) as u64));
+    g.sample_size(10).measurement_time(Duration::from_secs(15));
+    let f32_payloads: Vec<Vec<u8>> = deltas
+        .iter()
+        .map(|d| Codec::F32.encode(d).unwrap())
+        .collect();
+    let topk = Codec::TopKInt8 { fraction: 0.01 };
+    let topk_payloads: Vec<Vec<u8>> = deltas.iter().map(|d| topk.encode(d).unwrap()).collect();
+    let topk_decoded: Vec<Vec<f32>> = topk_payloads
+        .iter()
+        .map(|p| topk.decode(p, N).unwrap())
+        .collect();
+    let topk_refs: Vec<&[f32]> = topk_decoded.iter().map(Vec::as_slice).collect();
+    let encoded = |codec: Codec, payloads: &[Vec<u8>]| -> Vec<Values<'_>> {
+        payloads
+            .iter()
+            .map(|p| Values::Encoded {
+                codec,
+                payload: p,
+                len: N,
+            })
+            .collect::<Vec<_>>()
+    };
+    let in_memory: Vec<Values<'_>> = deltas.iter().map(|d| Values::Decoded(d)).collect();
+    let f32_encoded = encoded(Codec::F32, &f32_payloads);
+    let topk_encoded = encoded(topk, &topk_payloads);
+    for rule in [AggregationRule::Mean, AggregationRule::Median] {
+        g.bench_function(BenchmarkId::new("whole", rule.to_string()), |b| {
+            b.iter(|| rule.aggregate(black_box(&refs), &weights, None).unwrap())
+        });
+        g.bench_function(BenchmarkId::new("blocks-decoded", rule.to_string()), |b| {
+            b.iter(|| {
+                rule.aggregate_values(black_box(&in_memory), &weights, None)
+                    .unwrap()
+            })
+        });
+        g.bench_function(
+            BenchmarkId::new("blocks-f32-payload", rule.to_string()),
+            |b| {
+                b.iter(|| {
+                    rule.aggregate_values(black_box(&f32_encoded), &weights, None)
+                        .unwrap()
+                })
+            },
+        );
+        g.bench_function(
+            BenchmarkId::new("whole-topk-int8-decoded", rule.to_string()),
+            |b| {
+                b.iter(|| {
+                    rule.aggregate(black_box(&topk_refs), &weights, None)
+                        .unwrap()
+                })
+            },
+        );
+        g.bench_function(
+            BenchmarkId::new("blocks-topk-int8-payload", rule.to_string()),
+            |b| {
+                b.iter(|| {
+                    rule.aggregate_values(black_box(&topk_encoded), &weights, None)
+                        .unwrap()
+                })
+            },
+        );
     }
     g.finish();
 }

@@ -18,7 +18,8 @@
 //!
 //! `cargo bench -p tapestry-node --bench rounds [-- small|large|huge]`
 //! (needs the digits data set at `../shared/data/digits.csv.gz`; `huge`,
-//! 100 million parameters, is run only when named).
+//! 100 million parameters, is run only when named). The nodes send f32
+//! deltas; `TAPESTRY_BENCH_CODEC=topk-int8:0.01` (any codec) sets another.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -119,6 +120,9 @@ fn run(case: &Case) {
             ("rounds", case.rounds.to_string()),
         ] {
             set_config(d, key, &value).unwrap();
+        }
+        if let Ok(codec) = std::env::var("TAPESTRY_BENCH_CODEC") {
+            set_config(d, "codec", &format!("{codec:?}")).unwrap();
         }
     }
     let mut nodes = vec![start(&dirs[0], 0, None)];

@@ -175,9 +175,12 @@ pub struct Comparison {
     pub arms: Vec<ArmResult>,
 }
 
-/// The per-round (bytes, metric) curve of a run, and whether lower is
-/// better.
-fn curve(rep: &report::Report) -> (Vec<(u64, f64, f64)>, bool) {
+/// Per round (bytes sent per node, metric, virtual seconds), and whether
+/// the metric is bits per byte (lower is better).
+type Curve = (Vec<(u64, f64, f64)>, bool);
+
+/// The curve of a run.
+fn curve(rep: &report::Report) -> Curve {
     let text = rep
         .outcome
         .rounds
@@ -290,11 +293,71 @@ const COLORS: [(u8, u8, u8); 8] = [
     (127, 127, 127),
 ];
 
+/// The scenario an arm runs, as its `report.json` records it, with the
+/// thread count (which changes no result) left out.
+fn comparable(scenario: &serde_json::Value) -> serde_json::Value {
+    let mut s = scenario.clone();
+    if let Some(o) = s.as_object_mut() {
+        o.remove("threads");
+    }
+    s
+}
+
+/// An arm's curve read back from a finished run of the same scenario in
+/// `dir` (its `report.json` and `rounds.csv`), or `None` if there is none or
+/// it ran another scenario. `rounds.csv` holds six decimals: a figure
+/// within 10⁻⁶ of the target may be taken as reached one round apart.
+fn earlier_run(dir: &Path, settings: &Settings) -> Result<Option<Curve>, SimError> {
+    let Ok(report) = std::fs::read_to_string(dir.join("report.json")) else {
+        return Ok(None);
+    };
+    let Ok(report) = serde_json::from_str::<serde_json::Value>(&report) else {
+        return Ok(None);
+    };
+    if comparable(&report["scenario"]) != comparable(&serde_json::to_value(&settings.scenario)?) {
+        return Ok(None);
+    }
+    let Ok(csv) = std::fs::read_to_string(dir.join("rounds.csv")) else {
+        return Ok(None);
+    };
+    let broken = |line: usize| {
+        SimError::Scenario(bad(format!(
+            "{}: line {line} is not a row of rounds.csv",
+            dir.join("rounds.csv").display()
+        )))
+    };
+    let mut points = Vec::new();
+    let mut text = false;
+    for (i, line) in csv.lines().enumerate().skip(1) {
+        let c: Vec<&str> = line.split(',').collect();
+        if c.len() != 10 {
+            return Err(broken(i + 1));
+        }
+        let bytes: u64 = c[6].parse().map_err(|_| broken(i + 1))?;
+        let ms: u64 = c[8].parse().map_err(|_| broken(i + 1))?;
+        let metric: f64 = if c[9].is_empty() {
+            c[1].parse().map_err(|_| broken(i + 1))?
+        } else {
+            text = true;
+            c[9].parse().map_err(|_| broken(i + 1))?
+        };
+        points.push((bytes, metric, ms as f64 / 1e3));
+    }
+    if points.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((points, text)))
+}
+
 /// Runs every arm in order and writes the comparison into `out`.
-/// `progress` gets (arm index, round, rounds) as arms run.
+/// `progress` gets (arm index, round, rounds) as arms run. With `reuse`, an
+/// arm whose directory already holds a finished run of its scenario is read
+/// back instead of run again (to change the target, or finish an
+/// experiment that was stopped).
 pub fn run(
     exp: &Experiment,
     out: &Path,
+    reuse: bool,
     progress: &mut dyn FnMut(usize, u64, u64),
 ) -> Result<Comparison, SimError> {
     std::fs::create_dir_all(out).map_err(|source| SimError::CreateDir {
@@ -307,10 +370,18 @@ pub fn run(
     for (i, arm) in exp.arms.iter().enumerate() {
         let mut settings = arm.settings.clone();
         settings.scenario.baselines = false;
-        let rep = report::run(&settings, &out.join(&arm.name), &mut |r, n| {
-            progress(i, r, n)
-        })?;
-        let (points, text) = curve(&rep);
+        let dir = out.join(&arm.name);
+        let earlier = if reuse {
+            earlier_run(&dir, &settings)?
+        } else {
+            None
+        };
+        let (points, text) = match earlier {
+            Some(c) => c,
+            None => curve(&report::run(&settings, &dir, &mut |r, n| {
+                progress(i, r, n)
+            })?),
+        };
         lower_better = text;
         results.push(summarise(arm, &points, text, exp.target));
         series.push(Series {

@@ -41,6 +41,11 @@ struct CompareArgs {
     /// results.
     #[arg(long)]
     threads: Option<usize>,
+    /// Read back an arm that already ran (DIR/ARM holds a finished run of
+    /// the same scenario) instead of running it again: to change the
+    /// target, or to finish an experiment that was stopped.
+    #[arg(long)]
+    reuse: bool,
 }
 
 fn compare(args: &CompareArgs) -> ExitCode {
@@ -68,7 +73,7 @@ fn compare(args: &CompareArgs) -> ExitCode {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let arms: Vec<String> = exp.arms.iter().map(|a| a.name.clone()).collect();
-    let result = tapestry_sim::compare::run(&exp, &args.out, &mut |i, r, n| {
+    let result = tapestry_sim::compare::run(&exp, &args.out, args.reuse, &mut |i, r, n| {
         bar.set_message(format!("arm {}/{} {}", i + 1, arms.len(), arms[i]));
         bar.set_length(n);
         bar.set_position(r);

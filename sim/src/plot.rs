@@ -122,11 +122,33 @@ pub fn line_chart(
         .label_font(("sans-serif", 15))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
+        .position(legend_place(series, y0, y1))
         .draw()
         .map_err(err)?;
     root.present().map_err(err)?;
     Ok(())
+}
+
+/// Where the legend goes: lower right, unless the lines end mostly in the
+/// lower half (falling curves, like bits per byte), then upper right.
+fn legend_place(series: &[Series], y0: f64, y1: f64) -> SeriesLabelPosition {
+    let ends: Vec<f64> = series
+        .iter()
+        .filter(|s| !s.thin)
+        .filter_map(|s| {
+            s.points
+                .iter()
+                .rev()
+                .find(|(x, y)| x.is_finite() && y.is_finite())
+        })
+        .map(|(_, y)| (y - y0) / (y1 - y0))
+        .collect();
+    let low = ends.iter().filter(|f| **f < 0.5).count();
+    if low * 2 > ends.len() {
+        SeriesLabelPosition::UpperRight
+    } else {
+        SeriesLabelPosition::LowerRight
+    }
 }
 
 #[cfg(test)]

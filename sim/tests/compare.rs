@@ -61,7 +61,7 @@ fn the_comparison_reads_each_arms_curve_and_the_sparse_arm_sends_less() {
         "an arm without a label uses its name"
     );
     let dir = tempfile::tempdir().unwrap();
-    let c = compare::run(&exp, dir.path(), &mut |_, _, _| {}).unwrap();
+    let c = compare::run(&exp, dir.path(), false, &mut |_, _, _| {}).unwrap();
     assert_eq!(c.metric, "accuracy");
     for arm in &c.arms {
         let curve = rounds(&dir.path().join(&arm.name));
@@ -107,13 +107,35 @@ fn the_comparison_reads_each_arms_curve_and_the_sparse_arm_sends_less() {
     }
     let md = std::fs::read_to_string(dir.path().join("communication.md")).unwrap();
     assert!(md.contains("| f32 every step | `f32` | 1 | 60 |"), "{md}");
+
+    // Read back with another target: nothing runs again (no arm reports
+    // progress), and the figures are the ones the first pass found.
+    let again = Experiment::from_toml(&experiment(0.85)).unwrap();
+    let mut ran = false;
+    let c2 = compare::run(&again, dir.path(), true, &mut |_, _, _| ran = true).unwrap();
+    assert!(!ran, "an arm ran again");
+    for (a, b) in c.arms.iter().zip(&c2.arms) {
+        assert_eq!(a.bytes_total, b.bytes_total);
+        assert_eq!(a.rounds, b.rounds);
+        assert!((a.final_metric - b.final_metric).abs() < 1e-6);
+    }
+    // An arm whose scenario changed is run again.
+    let changed =
+        Experiment::from_toml(&experiment(0.8).replace("rounds = 6\n", "rounds = 5\n")).unwrap();
+    let mut ran_arms = std::collections::BTreeSet::new();
+    let c3 = compare::run(&changed, dir.path(), true, &mut |i, _, _| {
+        ran_arms.insert(i);
+    })
+    .unwrap();
+    assert_eq!(ran_arms.into_iter().collect::<Vec<_>>(), vec![1]);
+    assert_eq!(c3.arms[1].rounds, 5);
 }
 
 #[test]
 fn a_target_never_reached_is_said_so() {
     let exp = Experiment::from_toml(&experiment(0.9999)).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let c = compare::run(&exp, dir.path(), &mut |_, _, _| {}).unwrap();
+    let c = compare::run(&exp, dir.path(), false, &mut |_, _, _| {}).unwrap();
     assert!(
         c.arms
             .iter()
