@@ -14,6 +14,17 @@ use tapestry_core::data::{self, CsvOptions, Scaler};
 use tapestry_core::model::{InnerOptimizer, InnerState, ModelSpec, TrainConfig, train_local};
 use tapestry_protocol::Codec;
 
+fn encoded(codec: Codec, payloads: &[Vec<u8>], len: usize) -> Vec<Values<'_>> {
+    payloads
+        .iter()
+        .map(|p| Values::Encoded {
+            codec,
+            payload: p,
+            len,
+        })
+        .collect()
+}
+
 fn aggregation(c: &mut Criterion) {
     const N: usize = 10_000_000;
     const K: usize = 16;
@@ -69,19 +80,9 @@ fn aggregation(c: &mut Criterion) {
         .map(|p| topk.decode(p, N).unwrap())
         .collect();
     let topk_refs: Vec<&[f32]> = topk_decoded.iter().map(Vec::as_slice).collect();
-    let encoded = |codec: Codec, payloads: &[Vec<u8>]| -> Vec<Values<'_>> {
-        payloads
-            .iter()
-            .map(|p| Values::Encoded {
-                codec,
-                payload: p,
-                len: N,
-            })
-            .collect::<Vec<_>>()
-    };
     let in_memory: Vec<Values<'_>> = deltas.iter().map(|d| Values::Decoded(d)).collect();
-    let f32_encoded = encoded(Codec::F32, &f32_payloads);
-    let topk_encoded = encoded(topk, &topk_payloads);
+    let f32_encoded = encoded(Codec::F32, &f32_payloads, N);
+    let topk_encoded = encoded(topk, &topk_payloads, N);
     for rule in [AggregationRule::Mean, AggregationRule::Median] {
         g.bench_function(BenchmarkId::new("whole", rule.to_string()), |b| {
             b.iter(|| rule.aggregate(black_box(&refs), &weights, None).unwrap())
