@@ -622,7 +622,8 @@ fn sum_start() -> f64 {
     std::iter::empty::<f64>().sum()
 }
 
-/// Calls `f(start, block)` for every block of `v`, in order.
+/// Calls `f(start, block)` for every block of `v`, in order: decoded
+/// values are lent as they are, a payload is decoded into `buf`.
 fn for_blocks(
     v: &Values<'_>,
     index: usize,
@@ -633,9 +634,14 @@ fn for_blocks(
     let mut start = 0;
     while start < len {
         let end = (start + BLOCK).min(len);
-        let block = &mut buf[..end - start];
-        v.read(index, start, block)?;
-        f(start, block);
+        match v {
+            Values::Decoded(values) => f(start, &values[start..end]),
+            Values::Encoded { .. } => {
+                let block = &mut buf[..end - start];
+                v.read(index, start, block)?;
+                f(start, block);
+            }
+        }
         start = end;
     }
     Ok(())
