@@ -737,16 +737,7 @@ impl<'a> Run<'a> {
 /// `accuracy.png` and `rounds.png`: each node's accuracy and round over
 /// time.
 fn plot_series(out: &Path, series: &[Vec<(f64, f64, f64)>]) -> Result<(), LabError> {
-    let palette = [
-        (31, 119, 180),
-        (255, 127, 14),
-        (44, 160, 44),
-        (214, 39, 40),
-        (148, 103, 189),
-        (140, 86, 75),
-        (227, 119, 194),
-        (127, 127, 127),
-    ];
+    let palette = plot::PALETTE;
     let lines = |pick: fn(&(f64, f64, f64)) -> f64| -> Vec<Series> {
         series
             .iter()

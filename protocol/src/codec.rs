@@ -320,9 +320,8 @@ impl Codec {
         Ok(out)
     }
 
-    /// Decodes a payload of `n` values. Refuses wrong lengths and anything a
-    /// correct encoder could not have produced.
-    pub fn decode(&self, bytes: &[u8], n: usize) -> Result<Vec<f32>, CodecError> {
+    /// Checks the parameter and that `bytes` is a payload of `n` values' length.
+    fn check_len(&self, bytes: &[u8], n: usize) -> Result<(), CodecError> {
         self.validate()?;
         let expected = self.encoded_len(n).ok_or(CodecError::TooLong(n))?;
         if bytes.len() != expected {
@@ -331,6 +330,13 @@ impl Codec {
                 found: bytes.len(),
             });
         }
+        Ok(())
+    }
+
+    /// Decodes a payload of `n` values. Refuses wrong lengths and anything a
+    /// correct encoder could not have produced.
+    pub fn decode(&self, bytes: &[u8], n: usize) -> Result<Vec<f32>, CodecError> {
+        self.check_len(bytes, n)?;
         let mut out = Vec::with_capacity(n);
         match *self {
             Codec::F32 => {
@@ -408,14 +414,7 @@ impl Codec {
         start: usize,
         out: &mut [f32],
     ) -> Result<(), CodecError> {
-        self.validate()?;
-        let expected = self.encoded_len(n).ok_or(CodecError::TooLong(n))?;
-        if bytes.len() != expected {
-            return Err(CodecError::WrongLength {
-                expected,
-                found: bytes.len(),
-            });
-        }
+        self.check_len(bytes, n)?;
         let end = start
             .checked_add(out.len())
             .filter(|e| *e <= n)

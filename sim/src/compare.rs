@@ -282,17 +282,6 @@ pub fn table(c: &Comparison) -> String {
     t
 }
 
-const COLORS: [(u8, u8, u8); 8] = [
-    (31, 119, 180),
-    (255, 127, 14),
-    (44, 160, 44),
-    (214, 39, 40),
-    (148, 103, 189),
-    (140, 86, 75),
-    (227, 119, 194),
-    (127, 127, 127),
-];
-
 /// The scenario an arm runs, as its `report.json` records it, with the
 /// thread count (which changes no result) left out.
 fn comparable(scenario: &serde_json::Value) -> serde_json::Value {
@@ -391,7 +380,7 @@ pub fn run(
                 .filter(|p| p.0 > 0)
                 .map(|p| ((p.0 as f64).log10(), p.1))
                 .collect(),
-            color: COLORS[i % COLORS.len()],
+            color: plot::PALETTE[i % plot::PALETTE.len()],
             thin: false,
         });
     }
