@@ -57,7 +57,7 @@ enum Command {
     Model(ModelCommand),
     /// Check every chunk in the store against its id; exit 1 if any is corrupt.
     Scrub(DirArgs),
-    /// Rebuild a damaged store database from the chunk files (stop the node
+    /// Rebuild a damaged store database from the pack files (stop the node
     /// first). The damaged database is kept aside as store/meta.damaged-*;
     /// refs and manifests are lost, so the node starts again from its
     /// genesis and takes the region's head from its peers.
@@ -707,7 +707,7 @@ fn repair(a: &DirArgs) -> Result<ExitCode, String> {
     };
     let r = ops::repair(&dir).map_err(|e| e.to_string())?;
     println!(
-        "repaired: {} chunk files indexed again ({} MiB checked), {} corrupt and quarantined; \
+        "repaired: {} chunks indexed again ({} MiB checked), {} corrupt and not served; \
          refs and manifests were lost: the node starts again from its genesis and takes the \
          region's head from its peers",
         r.index_repairs,

@@ -578,9 +578,9 @@ pub fn scrub(dir: &DataDir) -> Result<ScrubReport, OpsError> {
     Ok(open_store(dir, false)?.scrub()?)
 }
 
-/// Rebuilds the store's database from its chunk files (see
+/// Rebuilds the store's database from its pack files (see
 /// [`SledStore::repair`]): the damaged database is kept aside, every sound
-/// chunk file is indexed again. What lived only in the database —
+/// chunk record is indexed again. What lived only in the database —
 /// manifests, refs (the head among them), pins — is gone: the node starts
 /// again from its genesis and takes the region's head from its peers as a
 /// new node does, without fetching the chunks it still holds. Its

@@ -1,9 +1,9 @@
 //! A node whose store database is damaged on disk: it refuses to start,
 //! with one line naming the fix; `tapestry repair` rebuilds the database
-//! from the chunk files; started again, the node takes the region's head
-//! from its peer; and a chunk file deleted from under a running node is
-//! noticed and fetched again from its peer. Real processes, a real sled
-//! store.
+//! from the pack files; started again, the node takes the region's head
+//! from its peer; and a pack file deleted from under a running node is
+//! noticed and the head's chunks it held are fetched again from its peer.
+//! Real processes, a real sled store.
 
 #![allow(clippy::unwrap_used)]
 
@@ -126,7 +126,7 @@ fn a_damaged_store_is_refused_repaired_and_the_node_rejoins() {
         "repair failed: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("chunk files indexed again"), "{stdout}");
+    assert!(stdout.contains("chunks indexed again"), "{stdout}");
 
     // Started again, it takes the region's head from A (verified by
     // recomputation from its genesis, as a new node would) and follows.
@@ -158,7 +158,7 @@ fn a_damaged_store_is_refused_repaired_and_the_node_rejoins() {
 }
 
 #[test]
-fn a_chunk_file_deleted_underneath_is_noticed_and_fetched_again() {
+fn a_pack_file_deleted_underneath_is_noticed_and_the_head_fetched_again() {
     let tmp = tempfile::tempdir().unwrap();
     let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
     for d in [&da, &db] {
@@ -188,30 +188,60 @@ fn a_chunk_file_deleted_underneath_is_noticed_and_fetched_again() {
         &tapestry_node::api::get(&api_b, "/model/head", Duration::from_secs(10)).unwrap(),
     )
     .unwrap();
-    let chunk = head["chunk_ids"][0].as_str().unwrap().to_owned();
-    let file = db.join("store").join("chunks").join(&chunk);
-    assert!(
-        file.exists(),
-        "{} is not where chunks are kept",
-        file.display()
-    );
-    std::fs::remove_file(&file).unwrap();
+    let ids: Vec<Vec<u8>> = head["chunk_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let hex = c.as_str().unwrap();
+            (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect()
+        })
+        .collect();
+    // The pack holding the head's first chunk (its record's header names
+    // the chunk's id), and how many of the head's chunks it holds.
+    let packs = db.join("store").join("packs");
+    let holds = |data: &[u8], id: &[u8]| data.windows(id.len()).any(|w| w == id);
+    let (pack, lost) = std::fs::read_dir(&packs)
+        .unwrap_or_else(|e| panic!("{} is not where chunks are kept: {e}", packs.display()))
+        .map(|e| e.unwrap().path())
+        .find_map(|p| {
+            let data = std::fs::read(&p).unwrap();
+            holds(&data, &ids[0]).then(|| (p, ids.iter().filter(|id| holds(&data, id)).count()))
+        })
+        .expect("no pack holds the head's first chunk");
+    std::fs::remove_file(&pack).unwrap();
 
-    // Within a few checks (every 10 s) B notices and fetches it from A.
+    // Within a few checks (every 10 s) B notices and fetches them from A.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !file.exists() {
+    let want = format!("tapestry_chunks_refetched_total {lost}\n");
+    loop {
+        let metrics = tapestry_node::api::get(&api_b, "/metrics", Duration::from_secs(10)).unwrap();
+        if metrics.contains(&want) {
+            break;
+        }
         assert!(
             Instant::now() < deadline,
-            "the lost chunk was not fetched again; log:\n{}",
+            "the head's {lost} lost chunks were not fetched again; metrics:\n{metrics}\nlog:\n{}",
             b.log()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let metrics = tapestry_node::api::get(&api_b, "/metrics", Duration::from_secs(10)).unwrap();
     assert!(
-        metrics.contains("tapestry_chunks_refetched_total 1"),
-        "{metrics}"
+        b.terminate(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
     );
+    // The first scrub reports what else the pack held (older versions,
+    // deltas) as lost; the head is whole.
+    let scrub = Command::new(bin())
+        .args(["scrub", "--data-dir"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&scrub.stdout);
+    assert!(out.contains("incomplete_refs: []"), "{out}");
     assert!(
         b.terminate(Duration::from_secs(20))
             .is_some_and(|s| s.success())

@@ -54,6 +54,13 @@ pub trait Backend: Send + Sync {
     fn kv_chunk_barrier(&self) -> Result<(), StoreError> {
         Ok(())
     }
+    /// Gives back the space of deleted records, after a garbage collection
+    /// (called without the gate held; a backend that needs the writers to
+    /// pause takes the gate itself). Returns the bytes of chunk data it
+    /// rewrote. A backend that frees space as it deletes needs nothing here.
+    fn kv_compact(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
     /// Makes every completed write durable (fsync).
     fn kv_flush(&self) -> Result<(), StoreError>;
     /// Bytes the records occupy on disk (or in memory).
@@ -81,6 +88,8 @@ impl GcGate {
     pub(crate) fn shared(&self) -> RwLockReadGuard<'_, ()> {
         unpoison(self.gate.read())
     }
+    /// Held by the garbage collector's sweep (and a backend's compaction):
+    /// no writer is between its first and last write meanwhile.
     pub(crate) fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
         unpoison(self.gate.write())
     }

@@ -13,7 +13,7 @@ enum Inner {
 
 /// An immutable, cheaply cloned view of a stored value. Reading a chunk hands
 /// out the backend's own buffer (sled's reference-counted `IVec`, or the
-/// memory backend's `Arc<[u8]>`, or the buffer a chunk file was read into),
+/// memory backend's `Arc<[u8]>`, or the buffer a chunk was read into from its pack),
 /// so a large chunk is never held twice.
 #[derive(Clone)]
 pub struct Bytes {

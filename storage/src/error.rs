@@ -34,12 +34,12 @@ pub enum StoreError {
     /// The storage engine failed (sled's own error, as text).
     #[error("storage engine error: {0}")]
     Backend(String),
-    /// The metadata database cannot be opened: damaged on disk. The chunk
+    /// The metadata database cannot be opened: damaged on disk. The pack
     /// files are untouched; [`crate::SledStore::repair`] rebuilds the
     /// database from them.
     #[error(
         "the store's database in {path} is damaged ({detail}); repair the store to rebuild it \
-         from its chunk files"
+         from its pack files"
     )]
     DamagedDatabase {
         /// The store's directory.

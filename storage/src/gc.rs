@@ -94,6 +94,8 @@ pub(crate) fn collect<S: ChunkStore + ?Sized>(
                 .collect(),
         )?;
     }
+    drop(_exclusive);
+    report.bytes_compacted = store.kv_compact()?;
     Ok(report)
 }
 

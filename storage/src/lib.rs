@@ -5,7 +5,8 @@
 //! garbage collection and scrub.
 //!
 //! One public API, the trait [`ChunkStore`], over two backends:
-//! [`SledStore`] on disk (the default: sled for metadata, one file per chunk)
+//! [`SledStore`] on disk (the default: sled for metadata, pack files for
+//! chunk bytes)
 //! and [`MemoryStore`] (for the simulator and tests). All behaviour is
 //! written once in `ChunkStore`'s provided methods over the few key-value
 //! primitives of a [`Backend`] (the only thing a backend implements), and one
@@ -29,6 +30,7 @@ mod bytes;
 mod error;
 mod gc;
 mod memory;
+mod packs;
 mod sled_store;
 mod store;
 

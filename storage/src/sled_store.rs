@@ -1,12 +1,12 @@
-//! The on-disk backend, the default: sled for everything small, files for
-//! chunk bytes, under a node's data directory.
+//! The on-disk backend, the default: sled for everything small, pack files
+//! for chunk bytes, under a node's data directory.
 //!
 //! ```text
-//! DIR/TAPESTRY_STORE     marker: "tapestry chunk store\nformat 1\n"
-//! DIR/meta/              sled database: chunk index, manifests, refs, pins, quarantine
-//! DIR/chunks/abcd…       one file per chunk, named by its id (one directory, so a
-//!                        flush syncs one directory entry list, not one per shard)
-//! DIR/chunks/tmp/        writes in progress (emptied on open)
+//! DIR/TAPESTRY_STORE     marker: "tapestry chunk store\nformat 2\n"
+//! DIR/meta/              sled database: chunk index and locations, manifests, refs,
+//!                        pins, quarantine
+//! DIR/packs/….pack       chunk bytes, appended as records to files of ~64 MiB
+//!                        (see the packs module)
 //! ```
 //!
 //! Why chunk bytes are not values in sled: sled 0.34 keeps values above
@@ -16,26 +16,41 @@
 //! and 5.7× the live bytes after deleting half (see BENCHMARKS.md). It never
 //! fsyncs those blob files, and it recovers its log only up to the first
 //! record that fails its checksum, so one flipped byte in an old chunk made it
-//! silently drop every later write — refs included. As plain files, a chunk
-//! costs its own size, rot touches only that chunk (and is caught by its
-//! hash), and durability is ours to order.
+//! silently drop every later write — refs included. In packs, a chunk costs
+//! its own size and a 48-byte header, rot touches only that chunk (and is
+//! caught by its hash), and durability is ours to order.
 //!
-//! Order of writes, so a crash leaves only harmless states: a chunk file is
-//! written under `tmp/` and renamed into place before its index entry is
-//! written to sled; `flush` fsyncs new chunk files and their directories
-//! before sled's log; before a ref moves, the chunk files are fsynced, so a
+//! Why packs and not one file per chunk (format 1, before): creating,
+//! writing and renaming a file per 256 KiB chunk held the store to about
+//! 300 MB/s, slower than the network brings chunks in (BENCHMARKS.md, chunk
+//! transfer). A record in a pack is one `pwrite` of its header and one of
+//! its bytes; a flush is one `fdatasync` per pack written to. A store of
+//! format 1 is moved into packs when it is first opened.
+//!
+//! A chunk's key in the database holds its [`Location`] (pack, offset,
+//! length), written in the same atomic batch as its index entry, after its
+//! record was written to the pack. Deleting a chunk deletes those two
+//! entries; its record stays until the pack is compacted: after a garbage
+//! collection, every pack whose live records take less than 80 % of it is
+//! rewritten (its live records appended to the active pack, their
+//! locations moved by compare-and-swap) and deleted, and a pack with
+//! nothing live is deleted outright.
+//!
+//! Order of writes, so a crash leaves only harmless states: a record is
+//! written to its pack before its location is written to sled; `flush`
+//! fdatasyncs the packs written to (and their directory, if packs came or
+//! went) before sled's log; before a ref moves, the packs are synced, so a
 //! ref that survived a crash names chunks that survived too (sled recovers
-//! its log as a prefix, so their index entries survived as well). Index
-//! entries are deleted before the files. The worst cases: a file without an
-//! index entry (scrub re-indexes it, GC then collects it), or after a power
-//! cut, an index entry for a chunk written but never flushed (scrub reports
-//! it lost or corrupt; no ref or pin needs it).
+//! its log as a prefix, so their locations survived as well). Compaction
+//! syncs the moved records and flushes sled before it deletes a pack. The
+//! worst cases: a record without a location (dead bytes, taken back by
+//! compaction), or after a power cut, a location of a record written but
+//! never flushed (scrub reports it lost or corrupt; no ref or pin needs it).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tapestry_protocol::ContentId;
@@ -43,7 +58,8 @@ use tapestry_protocol::ContentId;
 use crate::backend::{Backend, GcGate, KvOp, KvVisitor};
 use crate::bytes::Bytes;
 use crate::error::StoreError;
-use crate::store::{CHUNK, ChunkStore, ScrubReport};
+use crate::packs::{Location, Packs};
+use crate::store::{CHUNK, ChunkStore, ScrubReport, id_from_key};
 
 const MARKER_FILE: &str = "TAPESTRY_STORE";
 /// How many flushes the database has made durable, as the database says
@@ -54,7 +70,13 @@ const MARKER_FILE: &str = "TAPESTRY_STORE";
 /// durable, and is reported damaged instead of being used.
 const GENERATION_KEY: &[u8] = b"g/flushes";
 const FLUSHED_FILE: &str = "FLUSHED";
-const MARKER: &str = "tapestry chunk store\nformat 1\n";
+const MARKER: &str = "tapestry chunk store\nformat 2\n";
+/// Format 1: one file per chunk under `chunks/`; moved into packs on open.
+const MARKER_V1: &str = "tapestry chunk store\nformat 1\n";
+/// A pack is compacted when its live records take less than this share
+/// of it (numerator, denominator): space on disk stays within 1.25× the
+/// live records, plus the active pack.
+const COMPACT_BELOW: (u64, u64) = (4, 5);
 
 /// Settings of the on-disk backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,24 +104,15 @@ impl Default for SledConfig {
     }
 }
 
-/// Chunk files written since the last fsync, and the directories to sync.
-#[derive(Debug, Default)]
-struct Unsynced {
-    files: Vec<PathBuf>,
-    dirs: HashSet<PathBuf>,
-}
-
-/// The default chunk store: sled for metadata, one file per chunk, on disk.
-/// One process at a time: a second open of the same directory fails with
-/// [`StoreError::Locked`].
+/// The default chunk store: sled for metadata, pack files for chunk
+/// bytes, on disk. One process at a time: a second open of the same
+/// directory fails with [`StoreError::Locked`].
 #[derive(Debug)]
 pub struct SledStore {
     meta: sled::Db,
     dir: PathBuf,
-    chunks: PathBuf,
+    packs: Packs,
     gate: GcGate,
-    unsynced: Mutex<Unsynced>,
-    tmp_counter: AtomicU64,
     /// Flushes made (see [`GENERATION_KEY`]).
     generation: AtomicU64,
 }
@@ -121,8 +134,10 @@ impl SledStore {
             Err(e) => return Err(StoreError::io(format!("opening {}", dir.display()), e)),
         }
         let marker = dir.join(MARKER_FILE);
+        let mut v1 = false;
         match fs::read_to_string(&marker) {
             Ok(text) if text == MARKER => {}
+            Ok(text) if text == MARKER_V1 => v1 = true,
             Ok(_) => {
                 return Err(not_a_store(
                     "its TAPESTRY_STORE marker is of another format",
@@ -160,32 +175,79 @@ impl SledStore {
                 ),
             });
         }
-        let chunks = dir.join("chunks");
-        let tmp = chunks.join("tmp");
-        // Half-written chunks of a crashed writer.
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp)
-                .map_err(|e| StoreError::io(format!("emptying {}", tmp.display()), e))?;
-        }
-        fs::create_dir_all(&tmp)
-            .map_err(|e| StoreError::io(format!("creating {}", tmp.display()), e))?;
-        Ok(Self {
+        let packs_dir = dir.join("packs");
+        let packs = Packs::open(&packs_dir)
+            .map_err(|e| StoreError::io(format!("opening {}", packs_dir.display()), e))?;
+        let store = Self {
             meta,
             dir: dir.to_owned(),
-            chunks,
+            packs,
             gate: GcGate::default(),
-            unsynced: Mutex::default(),
-            tmp_counter: AtomicU64::new(0),
             generation: AtomicU64::new(generation),
-        })
+        };
+        let old_chunks = dir.join("chunks");
+        if v1 {
+            store.move_chunk_files_into_packs(&old_chunks)?;
+        } else if old_chunks.exists() {
+            // A move into packs that crashed after its marker was written.
+            fs::remove_dir_all(&old_chunks)
+                .map_err(|e| StoreError::io(format!("removing {}", old_chunks.display()), e))?;
+        }
+        Ok(store)
     }
 
-    /// Rebuilds the metadata database of the store in `dir` from its chunk
+    /// Moves a store of format 1 (one file per chunk under `chunks`) into
+    /// packs: every chunk file becomes a record, its location is written
+    /// beside its index entry, both are made durable, then the marker says
+    /// format 2 and the old files go. A crash before the marker is written
+    /// leaves a store of format 1 (whose next open moves it again; the
+    /// records of the first attempt are dead bytes that compaction takes
+    /// back); a crash after it, a directory of old files that the next open
+    /// removes.
+    fn move_chunk_files_into_packs(&self, chunks: &Path) -> Result<(), StoreError> {
+        let io = |what: &str, p: &Path, e| StoreError::io(format!("{what} {}", p.display()), e);
+        let entries = match fs::read_dir(chunks) {
+            Ok(d) => d
+                .collect::<io::Result<Vec<_>>>()
+                .map_err(|e| io("listing", chunks, e))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io("listing", chunks, e)),
+        };
+        for entry in entries {
+            // Chunk files are named by their id; tmp/ and anything foreign
+            // is left out.
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<ContentId>().ok())
+            else {
+                continue;
+            };
+            let bytes = fs::read(entry.path()).map_err(|e| io("reading", &entry.path(), e))?;
+            let loc = self
+                .packs
+                .append(&id, &bytes)
+                .map_err(|e| io("writing into", &self.packs.path(0), e))?;
+            self.meta
+                .insert(crate::store::key(CHUNK, id.as_bytes()), &loc.encode())?;
+        }
+        self.kv_flush()?;
+        write_marker(&self.dir)?;
+        if chunks.exists() {
+            fs::remove_dir_all(chunks).map_err(|e| io("removing", chunks, e))?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the metadata database of the store in `dir` from its pack
     /// files, for a store whose database cannot be opened
     /// ([`StoreError::DamagedDatabase`]). The damaged database is moved
     /// aside (to `meta.damaged-<unix seconds>`, for inspection; nothing is
-    /// deleted), a new one is made, and a scrub re-indexes every chunk file
-    /// whose bytes match its name (the rest are quarantined). Manifests,
+    /// deleted), a new one is made, every record in the packs whose bytes
+    /// match the id its header names gets its location again, and a scrub
+    /// indexes them (records whose bytes do not match are reported corrupt
+    /// and not served; a deleted chunk whose record was not yet compacted
+    /// comes back, and the next collection takes it again). Manifests,
     /// refs and pins lived in the database: they are gone, and the store
     /// holds chunks only — a node then starts from its genesis and fetches
     /// from its peers what it needs (the chunks it still holds are not
@@ -193,7 +255,7 @@ impl SledStore {
     pub fn repair(dir: &Path) -> Result<(Self, ScrubReport), StoreError> {
         let marker = dir.join(MARKER_FILE);
         match fs::read_to_string(&marker) {
-            Ok(text) if text == MARKER => {}
+            Ok(text) if text == MARKER || text == MARKER_V1 => {}
             Ok(_) => {
                 return Err(StoreError::NotAStore {
                     path: dir.to_owned(),
@@ -231,7 +293,32 @@ impl SledStore {
                 ..SledConfig::default()
             },
         )?;
-        let report = store.scrub()?;
+        // The packs name what they hold: every record whose bytes match
+        // its id gets its location again; the scrub then indexes it.
+        let mut corrupt = Vec::new();
+        for (pack, _) in store
+            .packs
+            .list()
+            .map_err(|e| store.packs_error("listing", e))?
+        {
+            let scanned = store
+                .packs
+                .scan(pack)
+                .map_err(|e| store.packs_error("reading", e))?;
+            let mut batch = sled::Batch::default();
+            for (id, loc) in scanned.good {
+                batch.insert(crate::store::key(CHUNK, id.as_bytes()), &loc.encode());
+            }
+            store.meta.apply_batch(batch)?;
+            corrupt.extend(scanned.corrupt);
+        }
+        let mut report = store.scrub()?;
+        // A record found corrupt whose chunk another record holds whole
+        // is not lost.
+        corrupt.retain(|id| !matches!(store.has(id), Ok(true)));
+        corrupt.sort_unstable();
+        corrupt.dedup();
+        report.corrupt_chunks.extend(corrupt);
         store.flush()?;
         Ok((store, report))
     }
@@ -241,97 +328,127 @@ impl SledStore {
         &self.dir
     }
 
-    fn chunk_path(&self, key: &[u8]) -> Option<PathBuf> {
-        let id = <[u8; 32]>::try_from(key.get(1..)?)
-            .ok()
-            .map(ContentId::from_bytes)?;
-        Some(self.chunks.join(id.to_hex()))
+    fn packs_error(&self, what: &str, e: io::Error) -> StoreError {
+        StoreError::io(format!("{what} the packs in {}", self.dir.display()), e)
     }
 
-    fn unsynced(&self) -> std::sync::MutexGuard<'_, Unsynced> {
-        self.unsynced.lock().unwrap_or_else(|e| e.into_inner())
+    fn location(&self, key: &[u8]) -> Result<Option<Location>, StoreError> {
+        Ok(self.meta.get(key)?.and_then(|v| Location::decode(&v)))
     }
 
-    fn write_chunk(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-        let io = |e| StoreError::io(format!("writing chunk {}", path.display()), e);
-        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .chunks
-            .join("tmp")
-            .join(format!("{}.{n}", std::process::id()));
-        let written = fs::File::create(&tmp)
-            .and_then(|mut f| f.write_all(bytes))
-            .and_then(|()| fs::rename(&tmp, path));
-        if let Err(e) = written {
-            // A half-written chunk (a full disk) must not hold on to space.
-            let _ = fs::remove_file(&tmp);
-            return Err(io(e));
-        }
-        let mut unsynced = self.unsynced();
-        unsynced.files.push(path.to_owned());
-        unsynced.dirs.insert(self.chunks.clone());
-        Ok(())
-    }
-
-    /// Fsyncs chunk files written since the last call, then their directories.
-    fn sync_chunks(&self) -> Result<(), StoreError> {
-        let Unsynced { files, dirs } = std::mem::take(&mut *self.unsynced());
-        let result = (|| {
-            // Many files: one syncfs of the chunks' file system instead of
-            // an fsync (and, on journalling file systems, a journal commit)
-            // each; a fetched payload of 1 GiB is 4,096 files.
-            if files.len() >= SYNCFS_FROM && syncfs(&self.chunks).is_ok() {
-                return Ok(());
+    /// The bytes of the chunk under `key`; `None` if it has no location or
+    /// its pack lost it. A read that races a compaction moving the chunk
+    /// (its pack deleted between the two steps) looks again.
+    fn read_chunk(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut loc = self.location(key)?;
+        for _ in 0..4 {
+            let Some(l) = loc else { return Ok(None) };
+            if let Some(bytes) = self
+                .packs
+                .read(l)
+                .map_err(|e| self.packs_error("reading", e))?
+            {
+                return Ok(Some(bytes));
             }
-            for f in &files {
-                match fs::File::open(f).and_then(|f| f.sync_all()) {
-                    Ok(()) => {}
-                    // Collected meanwhile: nothing to make durable.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(StoreError::io(format!("syncing {}", f.display()), e)),
+            let again = self.location(key)?;
+            if again == loc {
+                return Ok(None);
+            }
+            loc = again;
+        }
+        Ok(None)
+    }
+
+    /// Gives back the space of deleted chunks: rewrites each pack whose
+    /// live records take less than [`COMPACT_BELOW`] of it, deletes each
+    /// pack with nothing live. Returns the bytes of chunks moved.
+    fn compact(&self) -> Result<u64, StoreError> {
+        // Which records are live, with no write in flight (writers hold the
+        // gate shared while they append and record locations): every write
+        // after this goes to a pack not looked at here.
+        let (rewrite, remove) = {
+            let _exclusive = self.gate.exclusive();
+            let mut live: HashMap<u64, (u64, Vec<(sled::IVec, Location)>)> = HashMap::new();
+            for item in self.meta.scan_prefix([CHUNK]) {
+                let (k, v) = item?;
+                if let Some(loc) = Location::decode(&v) {
+                    let e = live.entry(loc.pack).or_default();
+                    e.0 += loc.record_bytes();
+                    e.1.push((k, loc));
                 }
             }
-            for d in &dirs {
-                fs::File::open(d)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| StoreError::io(format!("syncing {}", d.display()), e))?;
+            let active = self.packs.active();
+            let mut rewrite = Vec::new();
+            let mut remove = Vec::new();
+            for (pack, size) in self
+                .packs
+                .list()
+                .map_err(|e| self.packs_error("listing", e))?
+            {
+                let (live_bytes, records) = live.remove(&pack).unwrap_or_default();
+                let sparse = live_bytes * COMPACT_BELOW.1 < size * COMPACT_BELOW.0;
+                if !sparse {
+                    continue;
+                }
+                if Some(pack) == active {
+                    self.packs.seal();
+                }
+                if records.is_empty() {
+                    remove.push(pack);
+                } else {
+                    rewrite.push((pack, records));
+                }
             }
-            Ok(())
-        })();
-        if result.is_err() {
-            // Try again at the next flush.
-            let mut u = self.unsynced();
-            u.files.extend(files);
-            u.dirs.extend(dirs);
+            (rewrite, remove)
+        };
+        if rewrite.is_empty() && remove.is_empty() {
+            return Ok(0);
         }
-        result
+        let mut moved = 0;
+        for (_, records) in &rewrite {
+            for (key, loc) in records {
+                let Some(id) = id_from_key(key) else { continue };
+                // Bytes the pack lost stay lost (scrub reports them).
+                let Some(bytes) = self
+                    .packs
+                    .read(*loc)
+                    .map_err(|e| self.packs_error("reading", e))?
+                else {
+                    continue;
+                };
+                let new = self
+                    .packs
+                    .append(&id, &bytes)
+                    .map_err(|e| self.packs_error("writing", e))?;
+                // Deleted or written again meanwhile: the copy is dead bytes.
+                let swapped = self
+                    .meta
+                    .compare_and_swap(key, Some(&loc.encode()[..]), Some(&new.encode()[..]))?
+                    .is_ok();
+                if swapped {
+                    moved += u64::from(loc.len);
+                }
+            }
+        }
+        // The moved records and their new locations are durable before the
+        // old copies go; so is every deletion that made a pack dead.
+        self.packs
+            .sync()
+            .map_err(|e| self.packs_error("syncing", e))?;
+        self.meta.flush()?;
+        for pack in remove
+            .into_iter()
+            .chain(rewrite.into_iter().map(|(p, _)| p))
+        {
+            self.packs
+                .remove(pack)
+                .map_err(|e| self.packs_error("deleting", e))?;
+        }
+        self.packs
+            .sync()
+            .map_err(|e| self.packs_error("syncing", e))?;
+        Ok(moved)
     }
-}
-
-/// Unsynced chunk files from which a flush syncs their whole file system
-/// at once (Linux) instead of each file.
-const SYNCFS_FROM: usize = 32;
-
-/// Makes everything written to the file system holding `dir` durable
-/// (`syncfs(2)`); an error where there is no such call.
-#[cfg(target_os = "linux")]
-fn syncfs(dir: &Path) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let d = fs::File::open(dir)?;
-    // SAFETY: the descriptor is open for the whole call (`d` lives to the
-    // end of this function); syncfs reads nothing else of ours.
-    #[allow(unsafe_code)]
-    let r = unsafe { libc::syncfs(d.as_raw_fd()) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn syncfs(_: &Path) -> io::Result<()> {
-    Err(io::Error::new(io::ErrorKind::Unsupported, "no syncfs here"))
 }
 
 /// The flush count the database holds.
@@ -403,105 +520,60 @@ fn du(path: &Path) -> io::Result<u64> {
     Ok(total)
 }
 
-fn sorted_dir(path: &Path) -> io::Result<Vec<fs::DirEntry>> {
-    let mut entries = fs::read_dir(path)?.collect::<io::Result<Vec<_>>>()?;
-    entries.sort_by_key(fs::DirEntry::file_name);
-    Ok(entries)
-}
-
 impl Backend for SledStore {
     fn kv_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
         if key.first() != Some(&CHUNK) {
             return Ok(self.meta.get(key)?.map(Bytes::from_sled));
         }
-        let Some(path) = self.chunk_path(key) else {
-            return Ok(None);
-        };
-        match fs::read(&path) {
-            Ok(v) => Ok(Some(Bytes::from_vec(v))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StoreError::io(
-                format!("reading chunk {}", path.display()),
-                e,
-            )),
-        }
+        Ok(self.read_chunk(key)?.map(Bytes::from_vec))
     }
 
     fn kv_contains(&self, key: &[u8]) -> Result<bool, StoreError> {
         if key.first() != Some(&CHUNK) {
             return Ok(self.meta.contains_key(key)?);
         }
-        Ok(self.chunk_path(key).is_some_and(|p| p.exists()))
+        match self.location(key)? {
+            Some(loc) => self
+                .packs
+                .holds(loc)
+                .map_err(|e| self.packs_error("reading", e)),
+            None => Ok(false),
+        }
     }
 
     fn kv_apply(&self, batch: Vec<KvOp<'_>>) -> Result<(), StoreError> {
-        // Chunk files first, then the metadata batch, then chunk deletions.
+        // Chunk records first, then one metadata batch with their locations.
         let mut meta = sled::Batch::default();
-        let mut metas = 0;
-        let mut deletions = Vec::new();
         for op in batch {
             match op {
                 KvOp::Put(k, v) if k.first() == Some(&CHUNK) => {
-                    if let Some(path) = self.chunk_path(&k) {
-                        self.write_chunk(&path, v)?;
-                    }
+                    let Some(id) = id_from_key(&k) else {
+                        return Err(StoreError::Backend("a chunk key without an id".into()));
+                    };
+                    let loc = self
+                        .packs
+                        .append(&id, v)
+                        .map_err(|e| self.packs_error("writing into", e))?;
+                    meta.insert(k, &loc.encode());
                 }
-                KvOp::Delete(k) if k.first() == Some(&CHUNK) => {
-                    deletions.extend(self.chunk_path(&k))
-                }
-                KvOp::Put(k, v) => {
-                    meta.insert(k, v);
-                    metas += 1;
-                }
-                KvOp::Delete(k) => {
-                    meta.remove(k);
-                    metas += 1;
-                }
+                KvOp::Put(k, v) => meta.insert(k, v),
+                KvOp::Delete(k) => meta.remove(k),
             }
         }
-        if metas > 0 {
-            self.meta.apply_batch(meta)?;
-        }
-        for path in deletions {
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StoreError::io(format!("deleting {}", path.display()), e)),
-            }
-        }
+        self.meta.apply_batch(meta)?;
         Ok(())
     }
 
     fn kv_for_each(&self, prefix: u8, f: &mut KvVisitor<'_>) -> Result<(), StoreError> {
-        if prefix != CHUNK {
-            for item in self.meta.scan_prefix([prefix]) {
-                let (k, v) = item?;
+        for item in self.meta.scan_prefix([prefix]) {
+            let (k, v) = item?;
+            if prefix != CHUNK {
                 f(&k, &v)?;
-            }
-            return Ok(());
-        }
-        let io = |e| StoreError::io(format!("listing {}", self.chunks.display()), e);
-        for entry in sorted_dir(&self.chunks).map_err(io)? {
-            // Chunk files are named by their id; tmp/ and anything foreign is skipped.
-            let Some(id) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<ContentId>().ok())
-            else {
                 continue;
-            };
-            let mut key = vec![CHUNK];
-            key.extend_from_slice(id.as_bytes());
-            // One chunk in memory at a time.
-            match fs::read(entry.path()) {
-                Ok(bytes) => f(&key, &bytes)?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(StoreError::io(
-                        format!("reading {}", entry.path().display()),
-                        e,
-                    ));
-                }
+            }
+            // One chunk in memory at a time; bytes a pack lost are skipped.
+            if let Some(bytes) = self.read_chunk(&k)? {
+                f(&k, &bytes)?;
             }
         }
         Ok(())
@@ -524,7 +596,9 @@ impl Backend for SledStore {
     fn kv_flush(&self) -> Result<(), StoreError> {
         let n = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         self.meta.insert(GENERATION_KEY, &n.to_le_bytes())?;
-        self.sync_chunks()?;
+        self.packs
+            .sync()
+            .map_err(|e| self.packs_error("syncing", e))?;
         self.meta.flush()?;
         // After the flush returned: the file never says more than the
         // database holds. Not synced (a lost update only weakens the check).
@@ -535,7 +609,13 @@ impl Backend for SledStore {
     }
 
     fn kv_chunk_barrier(&self) -> Result<(), StoreError> {
-        self.sync_chunks()
+        self.packs
+            .sync()
+            .map_err(|e| self.packs_error("syncing", e))
+    }
+
+    fn kv_compact(&self) -> Result<u64, StoreError> {
+        self.compact()
     }
 
     fn kv_size(&self) -> Result<u64, StoreError> {
@@ -544,5 +624,56 @@ impl Backend for SledStore {
 
     fn gc_gate(&self) -> &GcGate {
         &self.gate
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::key;
+
+    #[test]
+    fn a_store_of_one_file_per_chunk_is_moved_into_packs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("store");
+        let chunks: Vec<Vec<u8>> = (0..40u32)
+            .map(|i| i.to_le_bytes().repeat(5_000 + i as usize))
+            .collect();
+        let ids: Vec<ContentId> = {
+            let s = SledStore::open(&dir, &SledConfig::default()).unwrap();
+            let ids = chunks.iter().map(|c| s.put(c).unwrap()).collect();
+            s.flush().unwrap();
+            ids
+        };
+        // Made into a store of format 1 as its writer left it: chunk files
+        // named by their ids (and a write in progress), index entries in
+        // the database, no locations, no packs.
+        {
+            let meta = sled::open(dir.join("meta")).unwrap();
+            let old = dir.join("chunks");
+            fs::create_dir_all(old.join("tmp")).unwrap();
+            fs::write(old.join("tmp").join("1.0"), b"half a chunk").unwrap();
+            for (id, c) in ids.iter().zip(&chunks) {
+                fs::write(old.join(id.to_hex()), c).unwrap();
+                meta.remove(key(CHUNK, id.as_bytes())).unwrap();
+            }
+            meta.flush().unwrap();
+        }
+        fs::remove_dir_all(dir.join("packs")).unwrap();
+        fs::write(dir.join(MARKER_FILE), MARKER_V1).unwrap();
+
+        let s = SledStore::open(&dir, &SledConfig::default()).unwrap();
+        for (id, c) in ids.iter().zip(&chunks) {
+            assert_eq!(&*s.get_verified(id).unwrap().unwrap(), &c[..]);
+        }
+        assert!(!dir.join("chunks").exists());
+        assert_eq!(fs::read_to_string(dir.join(MARKER_FILE)).unwrap(), MARKER);
+        let report = s.scrub().unwrap();
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!(report.chunks_checked, 40);
+        drop(s);
+        let s = SledStore::open(&dir, &SledConfig::default()).unwrap();
+        assert_eq!(s.chunk_ids().unwrap().len(), 40);
+        assert!(s.scrub().unwrap().is_clean());
     }
 }

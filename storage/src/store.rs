@@ -107,6 +107,9 @@ pub struct GcReport {
     pub manifests_kept: u64,
     /// Manifests deleted.
     pub manifests_deleted: u64,
+    /// Bytes of live chunk data the backend rewrote to give back the space
+    /// of deleted chunks (compaction of the on-disk backend's packs).
+    pub bytes_compacted: u64,
 }
 
 /// What a scrub found. Corrupt items have been quarantined: they are no
@@ -127,7 +130,8 @@ pub struct ScrubReport {
     /// dropped by the storage engine's own checks); their entries are removed.
     pub lost_chunks: Vec<ContentId>,
     /// Chunks whose bytes were present without an index entry (left by a
-    /// crash between the two writes), now indexed again.
+    /// crash between the two writes, or found by a repair), now indexed
+    /// again.
     pub index_repairs: u64,
     /// Refs that point at a version that is now incomplete or missing, with
     /// the number of chunks missing (0 if the manifest itself is gone).
@@ -250,7 +254,8 @@ pub trait ChunkStore: Backend {
     }
 
     /// Whether a chunk's bytes are there, not only its index entry (a
-    /// chunk file deleted from under the store has the one, not the other).
+    /// chunk whose file was deleted from under the store has the one, not
+    /// the other).
     fn has_bytes(&self, id: &ContentId) -> Result<bool, StoreError> {
         Ok(self.kv_contains(&key(INDEX, id.as_bytes()))?
             && self.kv_contains(&key(CHUNK, id.as_bytes()))?)
@@ -572,7 +577,10 @@ pub trait ChunkStore: Backend {
             Ok(())
         })?;
         for id in &lost {
-            self.kv_apply(vec![KvOp::Delete(key(INDEX, id.as_bytes()))])?;
+            self.kv_apply(vec![
+                KvOp::Delete(key(INDEX, id.as_bytes())),
+                KvOp::Delete(key(CHUNK, id.as_bytes())),
+            ])?;
         }
         report.lost_chunks = lost;
         report.index_repairs = present.len() as u64;

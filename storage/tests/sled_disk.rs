@@ -312,3 +312,74 @@ fn repair_refuses_a_directory_that_is_not_a_store() {
     assert!(err.to_string().contains("TAPESTRY_STORE"), "{err}");
     assert!(tmp.path().join("notes.txt").exists());
 }
+
+/// Bytes of every pack file of the store in `dir`.
+fn pack_bytes(dir: &Path) -> u64 {
+    files_under(&dir.join("packs"))
+        .iter()
+        .map(|f| fs::metadata(f).unwrap().len())
+        .sum()
+}
+
+#[test]
+fn a_collection_gives_back_the_space_of_what_it_deleted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let s = open(&dir).unwrap();
+    // Garbage on both sides of a live version, in one pack.
+    let before: Vec<ContentId> = (200..224)
+        .map(|i| s.put(&bytes(i, 256 << 10)).unwrap())
+        .collect();
+    let v = put_version(&s, 9, 1, 4 << 20, 256 << 10, vec![], vec![]);
+    s.set_ref("head", v.id()).unwrap();
+    let after: Vec<ContentId> = (100..124)
+        .map(|i| s.put(&bytes(i, 256 << 10)).unwrap())
+        .collect();
+    s.flush().unwrap();
+    let full = pack_bytes(&dir);
+    assert!(full >= 16 << 20, "{full}");
+    // The first collection keeps what was written since none had run.
+    assert_eq!(s.gc().unwrap().chunks_deleted, 0);
+    let report = s.gc().unwrap();
+    assert_eq!(report.chunks_deleted, 48, "{report:?}");
+    assert_eq!(report.bytes_compacted, 4 << 20, "{report:?}");
+    let left = pack_bytes(&dir);
+    assert!(
+        left <= (4 << 20) + 16 * 48,
+        "{left} bytes of packs left for 4 MiB live (from {full})"
+    );
+    for id in before.iter().chain(&after) {
+        assert!(!s.has(id).unwrap());
+    }
+    assert!(version_complete(&s, &v.id()));
+    assert!(s.scrub().unwrap().is_clean());
+    // Nothing to give back: nothing rewritten.
+    assert_eq!(s.gc().unwrap().bytes_compacted, 0);
+    drop(s);
+    let s = open(&dir).unwrap();
+    assert!(version_complete(&s, &v.id()));
+    assert!(s.scrub().unwrap().is_clean());
+}
+
+#[test]
+fn a_pack_deleted_from_under_the_store_is_noticed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let s = open(&dir).unwrap();
+    let data = bytes(3, 100_000);
+    let id = s.put(&data).unwrap();
+    s.flush().unwrap();
+    for f in files_under(&dir.join("packs")) {
+        fs::remove_file(f).unwrap();
+    }
+    assert!(s.has(&id).unwrap(), "the index still names it");
+    assert!(!s.has_bytes(&id).unwrap());
+    // Stored again (fetched from a peer), it is whole, in a new pack.
+    s.put(&data).unwrap();
+    assert!(s.has_bytes(&id).unwrap());
+    s.flush().unwrap();
+    drop(s);
+    let s = open(&dir).unwrap();
+    assert_eq!(&*s.get_verified(&id).unwrap().unwrap(), &data[..]);
+    assert!(s.scrub().unwrap().is_clean());
+}
