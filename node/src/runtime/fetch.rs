@@ -1,6 +1,6 @@
 //! Fetching chunks and payloads from peers, bounded, from several at once
 //! (on chunk streams, `/tapestry/chunks/1`): into
-//! the store (a head's lost chunk files), or into memory (a delta's
+//! the store (a head's chunks lost from the disk), or into memory (a delta's
 //! payload, gossiped or named by a version being verified: stored only
 //! once it passes the door); and writing small files atomically.
 
@@ -59,7 +59,7 @@ pub async fn fetch_chunks(
     .await
 }
 
-/// Fetches again the chunks of `ids` whose bytes the store lost (a chunk
+/// Fetches again the chunks of `ids` whose bytes the store lost (a pack
 /// file deleted from under it), from `providers`; returns how many were
 /// missing, and whether all are back.
 pub(super) async fn refetch_lost(
@@ -594,7 +594,7 @@ async fn fetch_chunk_map(
 }
 
 impl Node {
-    /// Checks that the head's chunks are all on disk; any whose file was
+    /// Checks that the head's chunks are all on disk; any whose bytes were
     /// lost is fetched again from the region's members (on its own task).
     pub(super) fn check_head_chunks(&mut self) {
         let Some(head) = self.shared.head.lock().ok().and_then(|h| h.clone()) else {
@@ -610,11 +610,11 @@ impl Node {
                 return;
             }
             if back {
-                tracing::warn!(missing, version = %head.id().short(), "chunk files of the head were lost; fetched again from peers");
+                tracing::warn!(missing, version = %head.id().short(), "chunks of the head were lost from the disk; fetched again from peers");
                 shared.metrics.chunks_refetched.inc_by(missing as u64);
                 let _ = store.flush();
             } else {
-                tracing::error!(missing, version = %head.id().short(), "chunk files of the head were lost and no peer served them (tapestry scrub tells what else is lost)");
+                tracing::error!(missing, version = %head.id().short(), "chunks of the head were lost from the disk and no peer served them (tapestry scrub tells what else is lost)");
             }
         });
     }

@@ -220,7 +220,7 @@ pub enum NodeError {
 /// seconds).
 const LARGE_MODEL_PARAMS: usize = 1 << 20;
 
-/// The head's chunk files are checked every this many ticks (2 s each).
+/// The head's chunks are checked on disk every this many ticks (2 s each).
 const HEAD_CHECK_TICKS: u64 = 5;
 
 /// Payload fetches in flight at once (each buffers one payload; the door
@@ -603,7 +603,7 @@ impl Node {
                     while self.tasks.try_join_next().is_some() {}
                     self.shared.health.ticked(self.net.snapshot().updated);
                     self.check_space();
-                    // Every 10 s: are the head's chunk files all there?
+                    // Every 10 s: are the head's chunks all on disk?
                     self.ticks = self.ticks.wrapping_add(1);
                     if self.ticks.is_multiple_of(HEAD_CHECK_TICKS) {
                         self.check_head_chunks();

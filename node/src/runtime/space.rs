@@ -17,7 +17,8 @@ use crate::status::DiskFull;
 
 use super::*;
 
-/// A file system block, the least a chunk file takes on disk.
+/// A file system block: what a write is counted as at least (a chunk
+/// takes its bytes, a 48-byte record header and its database entries).
 const BLOCK: u64 = 4096;
 
 /// Bytes of the probe written to find out whether the disk has room again.
