@@ -11,7 +11,7 @@
 //!   then flushes that store. Timed from the first request to the flush's
 //!   end.
 //! - **Into memory**: the same fetch into a memory store (no disk): what
-//!   the protocol and its checks cost apart from writing the chunk files.
+//!   the protocol and its checks cost apart from writing the chunks to disk.
 //! - **Storing alone**: the fetching side's disk work without the network:
 //!   the same chunks put into a fresh sled store one after the other and
 //!   flushed.

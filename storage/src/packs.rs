@@ -33,8 +33,8 @@ use tapestry_protocol::ContentId;
 /// Bytes of a record's header.
 pub(crate) const HEADER: u64 = 48;
 const MAGIC: [u8; 4] = *b"TPCK";
-/// A pack is sealed once it holds this many bytes (a record is never split:
-/// a pack may end up larger by one record).
+/// The default size at which a pack is sealed (a record is never split: a
+/// pack may end up larger by one record).
 pub(crate) const PACK_TARGET: u64 = 64 << 20;
 const SUFFIX: &str = ".pack";
 
@@ -126,6 +126,8 @@ struct State {
 #[derive(Debug)]
 pub(crate) struct Packs {
     dir: PathBuf,
+    /// Bytes at which a pack is sealed.
+    target: u64,
     state: Mutex<State>,
 }
 
@@ -139,11 +141,13 @@ pub(crate) struct Scanned {
 }
 
 impl Packs {
-    /// Opens (creating it if needed) the pack directory `dir`.
-    pub fn open(dir: &Path) -> io::Result<Self> {
+    /// Opens (creating it if needed) the pack directory `dir`; packs are
+    /// sealed at `target` bytes.
+    pub fn open(dir: &Path, target: u64) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
         let s = Self {
             dir: dir.to_owned(),
+            target,
             state: Mutex::default(),
         };
         let next = s.list()?.iter().map(|(p, _)| p + 1).max().unwrap_or(1);
@@ -195,7 +199,7 @@ impl Packs {
             let usable = st.active.as_ref().is_some_and(|a| {
                 // A full pack is sealed; one deleted from under the store
                 // would take new writes into a file that no longer exists.
-                (a.len == 0 || a.len + record <= PACK_TARGET) && self.path(a.pack).exists()
+                (a.len == 0 || a.len + record <= self.target) && self.path(a.pack).exists()
             });
             if !usable {
                 let pack = st.next;
@@ -384,7 +388,7 @@ mod tests {
     #[test]
     fn records_are_read_back_and_scanned_without_the_database() {
         let tmp = tempfile::tempdir().unwrap();
-        let packs = Packs::open(tmp.path()).unwrap();
+        let packs = Packs::open(tmp.path(), PACK_TARGET).unwrap();
         let chunks: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 1000 + usize::from(i)]).collect();
         let locs: Vec<Location> = chunks
             .iter()
@@ -411,10 +415,10 @@ mod tests {
     #[test]
     fn a_new_process_starts_a_new_pack_and_full_packs_are_sealed() {
         let tmp = tempfile::tempdir().unwrap();
-        let first = Packs::open(tmp.path()).unwrap();
+        let first = Packs::open(tmp.path(), PACK_TARGET).unwrap();
         let a = first.append(&ContentId::of(b"a"), b"a").unwrap();
         drop(first);
-        let second = Packs::open(tmp.path()).unwrap();
+        let second = Packs::open(tmp.path(), PACK_TARGET).unwrap();
         let b = second.append(&ContentId::of(b"b"), b"b").unwrap();
         assert_eq!(b.pack, a.pack + 1);
         let big = vec![7u8; (PACK_TARGET / 2) as usize];

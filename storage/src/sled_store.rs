@@ -31,10 +31,10 @@
 //! length), written in the same atomic batch as its index entry, after its
 //! record was written to the pack. Deleting a chunk deletes those two
 //! entries; its record stays until the pack is compacted: after a garbage
-//! collection, every pack whose live records take less than 80 % of it is
-//! rewritten (its live records appended to the active pack, their
-//! locations moved by compare-and-swap) and deleted, and a pack with
-//! nothing live is deleted outright.
+//! collection, a pack with nothing live is deleted outright, and the
+//! sparsest packs are rewritten (their live records appended to the active
+//! pack, their locations moved by compare-and-swap) and deleted until the
+//! packs take at most 1.25× the live records.
 //!
 //! Order of writes, so a crash leaves only harmless states: a record is
 //! written to its pack before its location is written to sled; `flush`
@@ -73,10 +73,12 @@ const FLUSHED_FILE: &str = "FLUSHED";
 const MARKER: &str = "tapestry chunk store\nformat 2\n";
 /// Format 1: one file per chunk under `chunks/`; moved into packs on open.
 const MARKER_V1: &str = "tapestry chunk store\nformat 1\n";
-/// A pack is compacted when its live records take less than this share
-/// of it (numerator, denominator): space on disk stays within 1.25× the
-/// live records, plus the active pack.
-const COMPACT_BELOW: (u64, u64) = (4, 5);
+/// After a collection, packs are compacted (the sparsest first) until all
+/// of them take at most this much (numerator, denominator) of the live
+/// records they hold: space on disk stays within 1.25× the live chunks
+/// with as little copied as that takes (packs that died whole, as a
+/// model version's usually do, go without copying).
+const COMPACT_BOUND: (u64, u64) = (5, 4);
 
 /// Settings of the on-disk backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +94,10 @@ pub struct SledConfig {
     /// Create the store if the directory does not exist or is empty.
     /// Default true.
     pub create: bool,
+    /// Bytes at which a pack file of chunk records is sealed and the next
+    /// one begun. Default 64 MiB: few files, and a model version's chunks
+    /// in packs of their own, so they usually die together.
+    pub pack_bytes: u64,
 }
 
 impl Default for SledConfig {
@@ -100,6 +106,7 @@ impl Default for SledConfig {
             cache_capacity: 16 << 20,
             flush_every_ms: Some(500),
             create: true,
+            pack_bytes: crate::packs::PACK_TARGET,
         }
     }
 }
@@ -113,6 +120,9 @@ pub struct SledStore {
     dir: PathBuf,
     packs: Packs,
     gate: GcGate,
+    /// One compaction at a time (its own records are appended outside the
+    /// gate: another one must not take their pack for dead).
+    compacting: std::sync::Mutex<()>,
     /// Flushes made (see [`GENERATION_KEY`]).
     generation: AtomicU64,
 }
@@ -176,13 +186,14 @@ impl SledStore {
             });
         }
         let packs_dir = dir.join("packs");
-        let packs = Packs::open(&packs_dir)
+        let packs = Packs::open(&packs_dir, config.pack_bytes.max(1))
             .map_err(|e| StoreError::io(format!("opening {}", packs_dir.display()), e))?;
         let store = Self {
             meta,
             dir: dir.to_owned(),
             packs,
             gate: GcGate::default(),
+            compacting: std::sync::Mutex::default(),
             generation: AtomicU64::new(generation),
         };
         let old_chunks = dir.join("chunks");
@@ -359,13 +370,15 @@ impl SledStore {
         Ok(None)
     }
 
-    /// Gives back the space of deleted chunks: rewrites each pack whose
-    /// live records take less than [`COMPACT_BELOW`] of it, deletes each
-    /// pack with nothing live. Returns the bytes of chunks moved.
+    /// Gives back the space of deleted chunks: deletes each pack with
+    /// nothing live, and rewrites the sparsest packs until the rest take at
+    /// most [`COMPACT_BOUND`] of their live records. Returns the bytes of
+    /// chunks moved.
     fn compact(&self) -> Result<u64, StoreError> {
         // Which records are live, with no write in flight (writers hold the
         // gate shared while they append and record locations): every write
         // after this goes to a pack not looked at here.
+        let _one = self.compacting.lock().unwrap_or_else(|e| e.into_inner());
         let (rewrite, remove) = {
             let _exclusive = self.gate.exclusive();
             let mut live: HashMap<u64, (u64, Vec<(sled::IVec, Location)>)> = HashMap::new();
@@ -378,26 +391,47 @@ impl SledStore {
                 }
             }
             let active = self.packs.active();
-            let mut rewrite = Vec::new();
             let mut remove = Vec::new();
+            // (live bytes, size, pack, records) of packs with dead records.
+            let mut partly = Vec::new();
+            // Bytes of the packs with something live, and of those records.
+            let (mut total, mut total_live) = (0u64, 0u64);
             for (pack, size) in self
                 .packs
                 .list()
                 .map_err(|e| self.packs_error("listing", e))?
             {
                 let (live_bytes, records) = live.remove(&pack).unwrap_or_default();
-                let sparse = live_bytes * COMPACT_BELOW.1 < size * COMPACT_BELOW.0;
-                if !sparse {
-                    continue;
-                }
-                if Some(pack) == active {
-                    self.packs.seal();
-                }
                 if records.is_empty() {
                     remove.push(pack);
-                } else {
-                    rewrite.push((pack, records));
+                    continue;
                 }
+                total += size;
+                total_live += live_bytes;
+                if live_bytes < size {
+                    partly.push((live_bytes, size, pack, records));
+                }
+            }
+            // The sparsest first (the least to copy for the most given
+            // back), until the packs take at most COMPACT_BOUND of what is
+            // live.
+            partly.sort_by(|a, b| {
+                (u128::from(a.0) * u128::from(b.1)).cmp(&(u128::from(b.0) * u128::from(a.1)))
+            });
+            let mut rewrite = Vec::new();
+            for (live_bytes, size, pack, records) in partly {
+                if total * COMPACT_BOUND.1 <= total_live * COMPACT_BOUND.0 {
+                    break;
+                }
+                total -= size - live_bytes;
+                rewrite.push((pack, records));
+            }
+            if remove
+                .iter()
+                .chain(rewrite.iter().map(|r| &r.0))
+                .any(|p| Some(*p) == active)
+            {
+                self.packs.seal();
             }
             (rewrite, remove)
         };

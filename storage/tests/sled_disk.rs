@@ -383,3 +383,54 @@ fn a_pack_deleted_from_under_the_store_is_noticed() {
     assert_eq!(&*s.get_verified(&id).unwrap().unwrap(), &data[..]);
     assert!(s.scrub().unwrap().is_clean());
 }
+
+#[test]
+fn packs_that_died_whole_go_without_copying_and_the_rest_stay_within_the_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    // Four records of 256 KiB to a pack.
+    let cfg = SledConfig {
+        pack_bytes: 4 * ((256 << 10) + 48),
+        ..SledConfig::default()
+    };
+    let s = SledStore::open(&dir, &cfg).unwrap();
+    // Eight versions of 1 MiB, each in a pack of its own, the head moving.
+    let mut v = put_version(&s, 500, 0, 1 << 20, 256 << 10, vec![], vec![]);
+    s.set_ref("head", v.id()).unwrap();
+    for round in 1..8 {
+        v = put_version(&s, 500 + round, round, 1 << 20, 256 << 10, vec![], vec![]);
+        s.set_ref("head", v.id()).unwrap();
+    }
+    s.gc().unwrap();
+    let report = s.gc().unwrap();
+    assert_eq!(report.chunks_deleted, 28, "{report:?}");
+    // Nothing to copy: the old versions' packs held nothing else.
+    assert_eq!(report.bytes_compacted, 0, "{report:?}");
+    assert_eq!(pack_bytes(&dir), (1 << 20) + 4 * 48);
+    assert!(version_complete(&s, &v.id()));
+
+    // Loose chunks in between: every other one is garbage, in every pack.
+    let mut kept = Vec::new();
+    for i in 0..48u64 {
+        let id = s.put(&bytes(900 + i, 64 << 10)).unwrap();
+        if i % 2 == 0 {
+            s.pin(id).unwrap();
+            kept.push(id);
+        }
+    }
+    s.gc().unwrap();
+    let report = s.gc().unwrap();
+    assert_eq!(report.chunks_deleted, 24, "{report:?}");
+    assert!(report.bytes_compacted > 0, "{report:?}");
+    let live = (1 << 20) + 24 * (64 << 10);
+    let packs = pack_bytes(&dir);
+    assert!(
+        packs * 4 <= live * 5 + 28 * 48 * 5,
+        "{packs} bytes of packs for {live} live"
+    );
+    for id in &kept {
+        assert!(s.get_verified(id).unwrap().is_some());
+    }
+    assert!(version_complete(&s, &v.id()));
+    assert!(s.scrub().unwrap().is_clean());
+}
