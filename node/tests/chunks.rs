@@ -287,3 +287,80 @@ impl Backend for Gated {
         self.inner.gc_gate()
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rogue_turning_bad_midway_through_a_large_delta_is_dropped_and_the_rest_comes_from_another()
+ {
+    // A 64 MiB payload in the protocol's 256 KiB chunks, fetched into a
+    // sled store on disk.
+    let all = chunks(256, 256 << 10);
+    let ids: Vec<ContentId> = all.iter().map(|c| ContentId::of(c)).collect();
+    let (a, a_shared) = provider(1, &all, anyone()).await;
+    // The rogue holds the whole payload and serves its first 20 chunks
+    // honestly; from then on it serves wrong bytes.
+    let rogue = start(4, Vec::new());
+    let honest: Arc<std::collections::HashMap<ContentId, Vec<u8>>> =
+        Arc::new(ids.iter().copied().zip(all.iter().cloned()).collect());
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut incoming = rogue.accept_chunks().unwrap();
+    let (honest_r, served_r) = (honest.clone(), served.clone());
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        while let Some((_, mut stream)) = incoming.next().await {
+            let (honest, served) = (honest_r.clone(), served_r.clone());
+            tokio::spawn(async move {
+                let Ok(ids) = net::read_request(&mut stream).await else {
+                    return;
+                };
+                for id in ids {
+                    let n = served.fetch_add(1, Ordering::SeqCst);
+                    let bytes = match honest.get(&id) {
+                        Some(b) if n < 20 => b.clone(),
+                        Some(b) => {
+                            let mut bad = b.clone();
+                            bad[1000] ^= 1;
+                            bad
+                        }
+                        None => b"not held".to_vec(),
+                    };
+                    if net::write_chunk(&mut stream, &bytes).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let dial = vec![address(&rogue).await, address(&a).await];
+    let fetcher = start(5, dial);
+    peers(&fetcher, 2).await;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let sink: Store = Arc::new(
+        tapestry_storage::SledStore::open(
+            &tmp.path().join("store"),
+            &tapestry_storage::SledConfig::default(),
+        )
+        .unwrap(),
+    );
+    let s = shared();
+    let providers = [rogue.peer_id(), a.peer_id()];
+    let ok = tokio::time::timeout(
+        Duration::from_secs(120),
+        fetch_chunks(&fetcher, &sink, ids[0], &ids, &providers, &s),
+    )
+    .await
+    .expect("the fetch never ended");
+    assert!(ok, "not every chunk was fetched");
+    sink.flush().unwrap();
+    for (id, bytes) in ids.iter().zip(&all) {
+        assert_eq!(&*sink.get_verified(id).unwrap().unwrap(), &bytes[..]);
+    }
+    assert_eq!(s.metrics.chunks_fetched.get(), 256);
+    // The rogue was asked for more than its honest 20 (so it did serve a
+    // bad chunk), was caught once and asked no more; the honest provider
+    // served the rest, the chunk the rogue spoiled among them.
+    assert!(served.load(Ordering::SeqCst) > 20);
+    assert_eq!(s.metrics.rejected().get("corrupt_chunk").copied(), Some(1));
+    let from_a = a_shared.metrics.chunks_served.get();
+    assert!(from_a >= 256 - 20, "the honest provider served {from_a}");
+}
