@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod config;
+pub mod inflight;
 pub mod metrics;
 pub mod net;
 pub mod ops;

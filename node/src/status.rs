@@ -254,6 +254,9 @@ pub struct Shared {
     pub health: Arc<Health>,
     /// Whether the store is full.
     pub disk: Arc<Disk>,
+    /// Chunks the node's fetches hold before storing them (served to peers
+    /// fetching the same payload).
+    pub inflight: Arc<crate::inflight::InFlight>,
 }
 
 impl Shared {
@@ -265,6 +268,7 @@ impl Shared {
             metrics,
             health: Arc::default(),
             disk: Arc::default(),
+            inflight: Arc::default(),
         }
     }
 

@@ -2,7 +2,8 @@
 //! loopback: a fetch takes chunks from every provider at once, each chunk
 //! from whoever holds it; a provider serving a wrong chunk is faulted and
 //! dropped while the others finish the fetch; outsiders of a permissioned
-//! region get nothing; past its stream limit a peer is answered `Busy`.
+//! region get nothing; past its stream limit a peer is answered `Busy`;
+//! members fetching one payload at once share its author's upload.
 
 #![allow(clippy::unwrap_used)]
 
@@ -16,7 +17,7 @@ use tapestry_core::admission::Rejection;
 use tapestry_node::metrics::Metrics;
 use tapestry_node::net::{self, Frame, NetConfig, NetHandle};
 use tapestry_node::runtime::{
-    MAX_STREAMS_PER_PEER, Shared, Store, fetch_chunks, serve_chunk_streams,
+    MAX_STREAMS_PER_PEER, Shared, Store, Swarm, fetch_chunk_map, fetch_chunks, serve_chunk_streams,
 };
 use tapestry_protocol::{ContentId, Keypair};
 
@@ -363,4 +364,74 @@ async fn a_rogue_turning_bad_midway_through_a_large_delta_is_dropped_and_the_res
     assert_eq!(s.metrics.rejected().get("corrupt_chunk").copied(), Some(1));
     let from_a = a_shared.metrics.chunks_served.get();
     assert!(from_a >= 256 - 20, "the honest provider served {from_a}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_fetching_one_payload_share_the_authors_upload() {
+    // The author holds 64 chunks; five members fetch them at once, each
+    // serving from memory what it has fetched so far.
+    let all = chunks(64, 64 << 10);
+    let ids: Vec<ContentId> = all.iter().map(|c| ContentId::of(c)).collect();
+    let (author, author_shared) = provider(1, &all, anyone()).await;
+    let mut dial = vec![address(&author).await];
+    let mut fetchers = Vec::new();
+    for seed in 10..15u8 {
+        let h = start(seed, dial.clone());
+        dial.push(address(&h).await);
+        let s = shared();
+        tokio::spawn(serve_chunk_streams(
+            h.accept_chunks().unwrap(),
+            Arc::new(MemoryStore::new()),
+            s.clone(),
+            anyone(),
+        ));
+        fetchers.push((h, s));
+    }
+    for (h, _) in &fetchers {
+        peers(h, 5).await;
+    }
+    let members: Vec<PeerId> = fetchers.iter().map(|(h, _)| h.peer_id()).collect();
+    let swarm = Swarm::new(author.peer_id(), members.clone(), 64 * (64 << 10));
+    let runs = fetchers.iter().map(|(h, s)| {
+        let providers: Vec<PeerId> = [author.peer_id()]
+            .into_iter()
+            .chain(members.iter().copied().filter(|p| *p != h.peer_id()))
+            .collect();
+        let (h, s, ids, swarm) = (h.clone(), s.clone(), ids.clone(), swarm.clone());
+        tokio::spawn(async move {
+            let store: Store = Arc::new(MemoryStore::new());
+            fetch_chunk_map(&h, &store, ids[0], &ids, &providers, &s, Some(&swarm)).await
+        })
+    });
+    let got: Vec<_> =
+        tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(runs))
+            .await
+            .expect("the fetches never ended");
+    for g in &got {
+        let g = g.as_ref().unwrap().as_ref().expect("a fetch failed");
+        for (id, bytes) in ids.iter().zip(&all) {
+            assert_eq!(g.get(id).unwrap(), &bytes[..]);
+        }
+    }
+    // Each chunk went from the author to its owner, and from the owner to
+    // the other four: the author served one copy (a few more if an owner
+    // was late), not five; every member served its share to the others.
+    let from_author = author_shared.metrics.chunks_served.get();
+    let from_members: Vec<u64> = fetchers
+        .iter()
+        .map(|(_, s)| s.metrics.chunks_served.get())
+        .collect();
+    eprintln!("the author served {from_author} chunks, the members {from_members:?}");
+    assert!(
+        from_author <= 2 * 64,
+        "the author served {from_author} chunks, the members {from_members:?}"
+    );
+    assert!(
+        from_members.iter().all(|n| *n > 0),
+        "the author served {from_author} chunks, the members {from_members:?}"
+    );
+    assert_eq!(from_author + from_members.iter().sum::<u64>(), 5 * 64);
+    // Handed over, the chunks are no longer held in flight.
+    drop(got);
+    assert!(fetchers.iter().all(|(_, s)| s.inflight.is_empty()));
 }

@@ -51,7 +51,7 @@ pub async fn fetch_chunks(
         net,
         content,
         ids,
-        providers,
+        Sources::peers(providers),
         shared,
         &|id| store.has(id).unwrap_or(false),
         Arc::new(move |id, bytes| sink.put_checked(id, &bytes).is_ok()),
@@ -80,7 +80,7 @@ pub(super) async fn refetch_lost(
         net,
         content,
         ids,
-        providers,
+        Sources::peers(providers),
         shared,
         &|id| !lost(id),
         Arc::new(move |id, bytes| sink.put_checked(id, &bytes).is_ok()),
@@ -101,7 +101,23 @@ struct Work {
     tried: HashMap<ContentId, u64>,
     /// Batches workers hold (taken, not yet done).
     held: usize,
+    /// Chunks reserved for one provider of this attempt (a swarm's owner
+    /// of the chunk, or the author for this node's own share) until
+    /// `release_at`.
+    reserved: HashMap<ContentId, usize>,
+    /// When reserved chunks may be asked of anyone.
+    release_at: Option<Instant>,
+    /// Reserved chunks their provider said it does not hold yet: not asked
+    /// of it again before then.
+    not_before: HashMap<ContentId, Instant>,
+    /// Providers whose workers have ended in this attempt (bit `i`): what
+    /// was reserved for them is anyone's.
+    gone: u64,
 }
+
+/// How long a reserved chunk's provider, having said it does not hold it
+/// yet, is left before it is asked again.
+const ASK_AGAIN: Duration = Duration::from_millis(100);
 
 /// What a worker does after a batch.
 enum Next {
@@ -115,20 +131,53 @@ enum Next {
 }
 
 impl Work {
-    /// Up to `n` chunks provider `who` was not asked for yet.
-    fn take(&mut self, who: usize, n: usize) -> Vec<ContentId> {
-        let bit = 1u64 << who;
-        let mut taken = Vec::new();
-        let mut kept = VecDeque::with_capacity(self.queue.len());
-        for id in self.queue.drain(..) {
-            if taken.len() < n && self.tried.get(&id).is_none_or(|t| t & bit == 0) {
-                taken.push(id);
-            } else {
-                kept.push_back(id);
+    /// Whether provider `who` may be asked for chunk `id` now: `Err` with
+    /// the time from which it may (if a later time will do).
+    fn may_ask(&self, id: &ContentId, who: usize, now: Instant) -> Result<(), Option<Instant>> {
+        if self.tried.get(id).is_some_and(|t| t & (1u64 << who) != 0) {
+            return Err(None);
+        }
+        let Some(&reserved) = self.reserved.get(id) else {
+            return Ok(());
+        };
+        if self.gone & (1u64 << reserved) != 0 {
+            return Ok(());
+        }
+        let released = self.release_at.is_none_or(|t| now >= t);
+        if reserved == who {
+            match self.not_before.get(id) {
+                Some(t) if *t > now && !released => Err(Some(*t)),
+                _ => Ok(()),
             }
+        } else if released {
+            Ok(())
+        } else {
+            Err(self.release_at)
+        }
+    }
+
+    /// Up to `n` chunks provider `who` may be asked for now; if there are
+    /// none, the earliest time one may be.
+    fn take(&mut self, who: usize, n: usize) -> (Vec<ContentId>, Option<Instant>) {
+        let now = Instant::now();
+        let mut taken = Vec::new();
+        let mut wake: Option<Instant> = None;
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        for id in std::mem::take(&mut self.queue) {
+            if taken.len() < n {
+                match self.may_ask(&id, who, now) {
+                    Ok(()) => {
+                        taken.push(id);
+                        continue;
+                    }
+                    Err(Some(t)) => wake = Some(wake.map_or(t, |w| w.min(t))),
+                    Err(None) => {}
+                }
+            }
+            kept.push_back(id);
         }
         self.queue = kept;
-        taken
+        (taken, wake)
     }
 
     /// Chunks to ask for again: of another provider when `who` (the one
@@ -140,6 +189,72 @@ impl Work {
             }
             self.queue.push_back(id);
         }
+    }
+
+    /// Provider `who` said it does not hold chunk `id`: if the chunk is
+    /// reserved for it (it is fetching it itself), asked of it again a
+    /// little later; else of another provider.
+    fn missing(&mut self, id: ContentId, who: usize) {
+        let now = Instant::now();
+        let waiting =
+            self.reserved.get(&id) == Some(&who) && self.release_at.is_some_and(|t| now < t);
+        if waiting {
+            self.not_before.insert(id, now + ASK_AGAIN);
+            self.queue.push_back(id);
+        } else {
+            self.put_back([id], Some(who));
+        }
+    }
+}
+
+/// The members fetching one payload at the same time, and its author.
+/// Each chunk has an owner among the fetchers (by its id, the same at
+/// every fetcher): the owner asks the author for it, the others ask the
+/// owner — who serves it from memory as soon as it has it
+/// ([`crate::inflight::InFlight`]) — and ask anyone (the author included)
+/// only once [`Swarm::grace`] has passed or the owner cannot be asked. The
+/// author then uploads about one copy of the payload instead of one per
+/// member. A fetcher that sees other members than its peers do only asks
+/// the author sooner; nothing depends on the shares agreeing.
+#[derive(Debug, Clone)]
+pub struct Swarm {
+    /// The payload's author.
+    pub author: PeerId,
+    /// The members fetching it, this node included, the author not; sorted.
+    fetchers: Vec<PeerId>,
+    /// How long a chunk is asked of its owner only.
+    pub grace: Duration,
+}
+
+impl Swarm {
+    /// The swarm of `fetchers` (this node among them) fetching a payload of
+    /// `payload_bytes` from `author`. The grace: a second, plus the time
+    /// the author takes to upload one copy at 50 MB/s, at most a minute.
+    pub fn new(
+        author: PeerId,
+        fetchers: impl IntoIterator<Item = PeerId>,
+        payload_bytes: u64,
+    ) -> Self {
+        let mut fetchers: Vec<PeerId> = fetchers.into_iter().filter(|p| *p != author).collect();
+        fetchers.sort();
+        fetchers.dedup();
+        let grace = Duration::from_secs(1) + Duration::from_millis(payload_bytes / 50_000);
+        Self {
+            author,
+            fetchers,
+            grace: grace.min(Duration::from_secs(60)),
+        }
+    }
+
+    /// The fetcher that asks the author for chunk `id`.
+    pub fn owner(&self, id: &ContentId) -> Option<PeerId> {
+        let n = self.fetchers.len() as u64;
+        if n == 0 {
+            return None;
+        }
+        let b = id.as_bytes();
+        let x = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        self.fetchers.get((x % n) as usize).copied()
     }
 }
 
@@ -230,21 +345,31 @@ impl Fetch {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            {
+            let wake = {
                 let mut w = self.lock_work();
-                let batch = w.take(who, BATCH);
+                let (batch, wake) = w.take(who, BATCH);
                 if !batch.is_empty() {
                     w.held += 1;
                     return Some(batch);
                 }
-                if w.held == 0 {
+                if w.held == 0 && wake.is_none() {
                     return None;
                 }
-            }
+                wake
+            };
             if self.stopped() || self.is_bad(peer) {
                 return None;
             }
-            changed.await;
+            match wake {
+                // A chunk becomes askable of this provider then.
+                Some(t) => {
+                    tokio::select! {
+                        () = &mut changed => {}
+                        () = tokio::time::sleep_until(t) => {}
+                    }
+                }
+                None => changed.await,
+            }
         }
     }
 
@@ -262,6 +387,14 @@ impl Fetch {
     /// until there are none left for it, the provider fails or serves a
     /// wrong chunk, or it stays busy.
     async fn worker(self: Arc<Self>, who: usize, peer: PeerId) {
+        self.clone().work(who, peer).await;
+        // What was reserved for this provider is anyone's now.
+        self.lock_work().gone |= 1u64 << who;
+        self.changed.notify_waiters();
+    }
+
+    /// [`Fetch::worker`]'s loop.
+    async fn work(self: Arc<Self>, who: usize, peer: PeerId) {
         let mut busy = 0u32;
         while !self.stopped() && !self.is_bad(&peer) {
             let Some(batch) = self.next_batch(who, &peer).await else {
@@ -325,7 +458,7 @@ impl Fetch {
                         me.received(peer, who, id, bytes)
                     }));
                 }
-                Ok((id, net::Frame::Missing)) => self.lock_work().put_back([id], Some(who)),
+                Ok((id, net::Frame::Missing)) => self.lock_work().missing(id, who),
                 Ok((_, net::Frame::Busy)) => {}
                 Err(e) => tracing::debug!(%peer, error = %e, "chunk stream failed"),
             }
@@ -394,6 +527,22 @@ async fn pause(tries: &mut u32) -> bool {
     true
 }
 
+/// Whom a fetch asks: its providers, and the swarm it is part of, if any.
+#[derive(Clone, Copy)]
+struct Sources<'a> {
+    providers: &'a [PeerId],
+    swarm: Option<&'a Swarm>,
+}
+
+impl<'a> Sources<'a> {
+    fn peers(providers: &'a [PeerId]) -> Self {
+        Self {
+            providers,
+            swarm: None,
+        }
+    }
+}
+
 /// Fetches the chunks of `ids` that `have` says are missing, checking each
 /// against its id before handing it to `keep`, from all `providers` at
 /// once: [`STREAMS_PER_PROVIDER`] workers per provider (at most
@@ -401,18 +550,20 @@ async fn pause(tries: &mut u32) -> bool {
 /// dropped) take batches of [`BATCH`] chunks from one shared queue, so each
 /// chunk comes from whoever is free and a fast provider serves more. A
 /// chunk one provider does not hold goes to the others; a provider that
-/// serves a wrong chunk is faulted and not asked again. Between attempts
-/// (with backoff) the DHT is asked who else provides `content`. Stops
-/// (false) as soon as `keep` fails.
+/// serves a wrong chunk is faulted and not asked again. With a `swarm`,
+/// the first attempt asks each chunk of its owner first (see [`Swarm`]).
+/// Between attempts (with backoff) the DHT is asked who else provides
+/// `content`. Stops (false) as soon as `keep` fails.
 async fn fetch_into(
     net: &NetHandle,
     content: ContentId,
     ids: &[ContentId],
-    providers: &[PeerId],
+    from: Sources<'_>,
     shared: &Shared,
     have: &(dyn Fn(&ContentId) -> bool + Sync),
     keep: Keep,
 ) -> bool {
+    let Sources { providers, swarm } = from;
     let mut providers: Vec<PeerId> = providers.to_vec();
     let mut seen = HashSet::new();
     let missing: VecDeque<ContentId> = ids
@@ -425,8 +576,7 @@ async fn fetch_into(
         shared: shared.clone(),
         work: Mutex::new(Work {
             queue: missing,
-            tried: HashMap::new(),
-            held: 0,
+            ..Work::default()
         }),
         bad: Mutex::default(),
         failed: false.into(),
@@ -446,6 +596,30 @@ async fn fetch_into(
             .copied()
             .take(MAX_PROVIDERS)
             .collect();
+        {
+            let mut w = fetch.lock_work();
+            w.gone = 0;
+            w.not_before.clear();
+            w.reserved.clear();
+            w.release_at = None;
+            if let Some(swarm) = swarm.filter(|_| attempt == 0) {
+                // This node's share from the author, the others' from them.
+                let index = |p: &PeerId| usable.iter().position(|u| u == p);
+                let me = net.peer_id();
+                let reserved: HashMap<ContentId, usize> = w
+                    .queue
+                    .iter()
+                    .filter_map(|id| {
+                        let owner = swarm.owner(id)?;
+                        let from = if owner == me { swarm.author } else { owner };
+                        // Only a provider this attempt has a worker for.
+                        Some((*id, index(&from).filter(|i| *i < PARALLEL_STREAMS)?))
+                    })
+                    .collect();
+                w.reserved = reserved;
+                w.release_at = Some(Instant::now() + swarm.grace);
+            }
+        }
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..STREAMS_PER_PROVIDER {
             for k in 0..usable.len() {
@@ -493,17 +667,28 @@ pub(super) fn write_atomically(path: &std::path::Path, data: &[u8]) -> std::io::
 
 /// A gossiped delta's payload, fetched into memory (chunks the store
 /// already holds are read from it): it is stored only once the engine
-/// admits it (see [`Node::keep_delta`]).
+/// admits it (see [`Node::keep_delta`]). Until each chunk is copied into
+/// the payload, peers fetching the same delta are served it from memory.
 pub(super) async fn fetch_payload(
     net: &NetHandle,
     store: &Store,
     manifest: &Verified<DeltaManifest>,
     providers: &[PeerId],
     shared: &Shared,
+    swarm: Option<&Swarm>,
 ) -> Option<Vec<u8>> {
     let m = manifest.message();
     let size = usize::try_from(m.payload_bytes).ok()?;
-    let mut got = fetch_chunk_map(net, store, manifest, providers, shared).await?;
+    let mut got = fetch_chunk_map(
+        net,
+        store,
+        manifest.id(),
+        &m.chunk_ids,
+        providers,
+        shared,
+        swarm,
+    )
+    .await?;
     // Each chunk leaves the map as it is copied in at its last use, so the
     // payload and the chunks are not both held whole.
     // Every chunk must be cut as the protocol cuts (`chunk_size` bytes,
@@ -517,7 +702,7 @@ pub(super) async fn fetch_payload(
         *left -= 1;
         let before = payload.len();
         if *left == 0 {
-            payload.extend_from_slice(&got.remove(id)?);
+            payload.extend_from_slice(&got.take(id)?);
         } else {
             payload.extend_from_slice(got.get(id)?);
         }
@@ -553,44 +738,130 @@ fn chunk_uses(ids: &[ContentId]) -> HashMap<ContentId, usize> {
     uses
 }
 
-/// A delta's distinct chunks, fetched into memory (those the store
-/// already holds are read from it), each checked against its id; `None`
-/// if some chunk could not be had.
-async fn fetch_chunk_map(
+/// Chunks fetched into memory, each checked against its id. Each is held
+/// in flight (served to peers, [`Shared::inflight`]) until it is taken
+/// out or this is dropped.
+pub struct FetchedChunks {
+    chunks: HashMap<ContentId, Arc<Vec<u8>>>,
+    inflight: Arc<crate::inflight::InFlight>,
+}
+
+impl FetchedChunks {
+    /// Chunk `id`.
+    pub fn get(&self, id: &ContentId) -> Option<&[u8]> {
+        self.chunks.get(id).map(|b| b.as_slice())
+    }
+
+    /// Takes chunk `id` out (no longer served from memory).
+    pub fn take(&mut self, id: &ContentId) -> Option<Arc<Vec<u8>>> {
+        let b = self.chunks.remove(id)?;
+        self.inflight.release(id);
+        Some(b)
+    }
+
+    /// How many distinct chunks are held.
+    pub fn len(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+}
+
+impl Drop for FetchedChunks {
+    fn drop(&mut self) {
+        for id in self.chunks.keys() {
+            self.inflight.release(id);
+        }
+    }
+}
+
+/// The chunks a fetch into memory has so far (`None` once handed over):
+/// what is left in it when the last worker lets go is no longer held in
+/// flight.
+struct Collecting {
+    chunks: Mutex<Option<HashMap<ContentId, Arc<Vec<u8>>>>>,
+    inflight: Arc<crate::inflight::InFlight>,
+}
+
+impl Collecting {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<HashMap<ContentId, Arc<Vec<u8>>>>> {
+        self.chunks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps a checked chunk (and holds it in flight); false once the
+    /// chunks were handed over.
+    fn keep(&self, id: ContentId, bytes: Arc<Vec<u8>>) -> bool {
+        let mut g = self.lock();
+        let Some(map) = g.as_mut() else { return false };
+        if let std::collections::hash_map::Entry::Vacant(e) = map.entry(id) {
+            self.inflight.hold(id, bytes.clone());
+            e.insert(bytes);
+        }
+        true
+    }
+
+    fn has(&self, id: &ContentId) -> bool {
+        self.lock().as_ref().is_some_and(|m| m.contains_key(id))
+    }
+
+    fn hand_over(&self) -> FetchedChunks {
+        FetchedChunks {
+            chunks: self.lock().take().unwrap_or_default(),
+            inflight: self.inflight.clone(),
+        }
+    }
+}
+
+impl Drop for Collecting {
+    fn drop(&mut self) {
+        if let Some(map) = self.lock().take() {
+            for id in map.keys() {
+                self.inflight.release(id);
+            }
+        }
+    }
+}
+
+/// The distinct chunks of `ids` fetched into memory (those the store
+/// already holds are read from it), each checked against its id, with a
+/// swarm if given; `None` if some chunk could not be had. (Public for the
+/// transfer bench.)
+pub async fn fetch_chunk_map(
     net: &NetHandle,
     store: &Store,
-    manifest: &Verified<DeltaManifest>,
+    content: ContentId,
+    ids: &[ContentId],
     providers: &[PeerId],
     shared: &Shared,
-) -> Option<HashMap<ContentId, Vec<u8>>> {
-    let m = manifest.message();
-    let got: Arc<Mutex<HashMap<ContentId, Vec<u8>>>> = Arc::default();
-    let held = |id: &ContentId| -> Option<Vec<u8>> {
-        store.get_verified(id).ok().flatten().map(|b| b.to_vec())
-    };
-    for id in &m.chunk_ids {
-        if let Some(b) = held(id)
-            && let Ok(mut g) = got.lock()
-        {
-            g.insert(*id, b);
+    swarm: Option<&Swarm>,
+) -> Option<FetchedChunks> {
+    let got = Arc::new(Collecting {
+        chunks: Mutex::new(Some(HashMap::new())),
+        inflight: shared.inflight.clone(),
+    });
+    for id in ids {
+        if let Ok(Some(b)) = store.get_verified(id) {
+            got.keep(*id, Arc::new(b.to_vec()));
         }
     }
     let into = got.clone();
     let fetched = fetch_into(
         net,
-        manifest.id(),
-        &m.chunk_ids,
-        providers,
+        content,
+        ids,
+        Sources { providers, swarm },
         shared,
-        &|id| got.lock().map(|g| g.contains_key(id)).unwrap_or(false),
-        Arc::new(move |id, bytes| into.lock().map(|mut g| g.insert(id, bytes)).is_ok()),
+        &|id| got.has(id),
+        Arc::new(move |id, bytes| into.keep(id, Arc::new(bytes))),
     )
     .await;
     if !fetched {
         return None;
     }
-    let got = std::mem::take(&mut *got.lock().ok()?);
-    Some(got)
+    Some(got.hand_over())
 }
 
 impl Node {

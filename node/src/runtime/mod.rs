@@ -53,7 +53,10 @@ use names::*;
 use verifying::*;
 
 pub use crate::status::{Shared, Status};
-pub use fetch::{BATCH, PARALLEL_FETCHES, PARALLEL_STREAMS, STREAMS_PER_PROVIDER, fetch_chunks};
+pub use fetch::{
+    BATCH, FetchedChunks, PARALLEL_FETCHES, PARALLEL_STREAMS, STREAMS_PER_PROVIDER, Swarm,
+    fetch_chunk_map, fetch_chunks,
+};
 pub use names::{
     HEAD_REF, attested_ref, deltas_topic, genesis_key, models_topic, node_id_of, verified_ref,
 };
@@ -819,11 +822,34 @@ impl Node {
             .get(&manifest.id())
             .cloned()
             .unwrap_or_default();
-        if let Some(author) = net::peer_id_of(&manifest.message().author)
-            && !providers.contains(&author)
-        {
-            providers.push(author);
-        }
+        let author = net::peer_id_of(&manifest.message().author);
+        // Every member fetches every delta at about the same time: they
+        // share the author's upload (see `Swarm`), the author and the
+        // other members asked first.
+        let swarm = author.map(|author| {
+            let me = self.net.peer_id();
+            let swarm = Swarm::new(
+                author,
+                self.members.iter().copied().chain([me]),
+                manifest.message().payload_bytes,
+            );
+            let mut first: Vec<PeerId> = [author]
+                .into_iter()
+                .chain(
+                    self.members
+                        .iter()
+                        .copied()
+                        .filter(|p| *p != author && *p != me),
+                )
+                .collect();
+            for p in providers.drain(..) {
+                if !first.contains(&p) {
+                    first.push(p);
+                }
+            }
+            providers = first;
+            swarm
+        });
         let (net, store, tx, shared) = (
             self.net.clone(),
             self.store.clone(),
@@ -838,7 +864,8 @@ impl Node {
         let (id, round) = (manifest.id(), manifest.message().round);
         let task = self.tasks.spawn(async move {
             let started = Instant::now();
-            let payload = fetch_payload(&net, &store, &manifest, &providers, &shared).await;
+            let payload =
+                fetch_payload(&net, &store, &manifest, &providers, &shared, swarm.as_ref()).await;
             shared.metrics.time(Stage::Fetch, started.elapsed());
             if let Some(payload) = payload {
                 let _ = tx.send((manifest, payload)).await;

@@ -228,9 +228,25 @@ pub async fn serve_chunk_streams(
     }
 }
 
+/// A chunk to serve: read from the store, or held by a fetch.
+enum Held {
+    Stored(tapestry_storage::Bytes),
+    InFlight(Arc<Vec<u8>>),
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Held::Stored(b) => b,
+            Held::InFlight(b) => b,
+        }
+    }
+}
+
 /// Answers one chunk stream of a member: `Busy` without a slot, else
 /// every chunk asked for (read and re-hashed on blocking threads,
-/// [`STREAM_READ_AHEAD`] ahead of the writes) or "not held".
+/// [`STREAM_READ_AHEAD`] ahead of the writes, or held by one of this
+/// node's fetches) or "not held".
 async fn serve_stream(
     mut stream: libp2p::Stream,
     slot: Option<Slot>,
@@ -257,19 +273,24 @@ async fn serve_stream(
     };
     let mut reads = futures::stream::iter(ids)
         .map(|id| {
-            let store = store.clone();
+            let (store, inflight) = (store.clone(), shared.inflight.clone());
             async move {
-                tokio::task::spawn_blocking(move || store.get_verified(&id).ok().flatten())
-                    .await
-                    .ok()
-                    .flatten()
+                // From the store, or else from a fetch of this node's that
+                // holds it (checked on arrival) and has not stored it yet.
+                tokio::task::spawn_blocking(move || match store.get_verified(&id) {
+                    Ok(Some(bytes)) => Some(Held::Stored(bytes)),
+                    _ => inflight.get(&id).map(Held::InFlight),
+                })
+                .await
+                .ok()
+                .flatten()
             }
         })
         .buffered(STREAM_READ_AHEAD);
     while let Some(chunk) = reads.next().await {
         let write = async {
             match &chunk {
-                Some(bytes) => net::write_chunk(&mut stream, bytes).await,
+                Some(bytes) => net::write_chunk(&mut stream, bytes.as_ref()).await,
                 None => net::write_missing(&mut stream).await,
             }
         };
@@ -278,7 +299,7 @@ async fn serve_stream(
             .map_err(timed("sending a chunk"))??;
         if let Some(bytes) = &chunk {
             shared.metrics.chunks_served.inc();
-            shared.metrics.bytes_out.inc_by(bytes.len() as u64);
+            shared.metrics.bytes_out.inc_by(bytes.as_ref().len() as u64);
         }
     }
     drop(slot);

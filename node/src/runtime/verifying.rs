@@ -652,7 +652,7 @@ async fn gather(
             // payload passes the door, so a version naming a bad delta
             // leaves nothing of it on disk.
             let m = dm.message();
-            let payload = fetch_payload(&ctx.net, &ctx.store, dm, &from, &ctx.shared)
+            let payload = fetch_payload(&ctx.net, &ctx.store, dm, &from, &ctx.shared, None)
                 .await
                 .ok_or(VersionRejection::UnknownDelta(dm.id()))?;
             ctx.door
