@@ -5,16 +5,24 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
+use libp2p::PeerId;
 use tapestry_protocol::ContentId;
 
 /// Each chunk held, and how many fetches hold it.
 type Held = HashMap<ContentId, (Arc<Vec<u8>>, usize)>;
 
-/// The chunks in flight, each with the number of fetches holding it.
+/// How long a member that did not serve its share of a swarmed fetch is
+/// given none.
+pub const UNSHARED_FOR: Duration = Duration::from_secs(600);
+
+/// The chunks in flight, each with the number of fetches holding it; and
+/// the members that lately did not serve their share of a fetch.
 #[derive(Debug, Default)]
 pub struct InFlight {
     chunks: Mutex<Held>,
+    unshared: Mutex<HashMap<PeerId, Instant>>,
 }
 
 impl InFlight {
@@ -47,6 +55,22 @@ impl InFlight {
         self.chunks().get(id).map(|e| e.0.clone())
     }
 
+    /// `peer` served less than its share of a fetch: for
+    /// [`UNSHARED_FOR`], it is given none (see [`InFlight::shares`]).
+    pub fn note_unshared(&self, peer: PeerId) {
+        let mut u = self.unshared.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        u.retain(|_, until| *until > now);
+        u.insert(peer, now + UNSHARED_FOR);
+    }
+
+    /// Whether `peer` is to be given a share of a fetch (it did not lately
+    /// fail to serve one).
+    pub fn shares(&self, peer: &PeerId) -> bool {
+        let u = self.unshared.lock().unwrap_or_else(|e| e.into_inner());
+        u.get(peer).is_none_or(|until| *until <= Instant::now())
+    }
+
     /// How many chunks are held.
     pub fn len(&self) -> usize {
         self.chunks().len()
@@ -74,5 +98,14 @@ mod tests {
         assert!(f.get(&id).is_none());
         assert!(f.is_empty());
         f.release(&id);
+    }
+
+    #[test]
+    fn a_member_that_did_not_serve_its_share_is_given_none_for_a_while() {
+        let f = InFlight::default();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        f.note_unshared(a);
+        assert!(!f.shares(&a));
+        assert!(f.shares(&b));
     }
 }

@@ -435,3 +435,40 @@ async fn members_fetching_one_payload_share_the_authors_upload() {
     drop(got);
     assert!(fetchers.iter().all(|(_, s)| s.inflight.is_empty()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_never_serves_its_share_delays_a_fetch_once_by_the_grace() {
+    let all = chunks(64, 64 << 10);
+    let ids: Vec<ContentId> = all.iter().map(|c| ContentId::of(c)).collect();
+    let (author, _) = provider(1, &all, anyone()).await;
+    // A member that says "not held" for everything, its share included.
+    let (idle, _) = provider(2, &[], anyone()).await;
+    let dial = vec![address(&author).await, address(&idle).await];
+    let fetcher = start(5, dial);
+    peers(&fetcher, 2).await;
+    let s = shared();
+    let swarm = Swarm::new(
+        author.peer_id(),
+        [fetcher.peer_id(), idle.peer_id()],
+        64 * (64 << 10),
+    );
+    let store: Store = Arc::new(MemoryStore::new());
+    let providers = [author.peer_id(), idle.peer_id()];
+    let started = std::time::Instant::now();
+    let got = tokio::time::timeout(
+        Duration::from_secs(60),
+        fetch_chunk_map(&fetcher, &store, ids[0], &ids, &providers, &s, Some(&swarm)),
+    )
+    .await
+    .expect("the fetch never ended")
+    .expect("the fetch failed");
+    let took = started.elapsed();
+    for (id, bytes) in ids.iter().zip(&all) {
+        assert_eq!(got.get(id).unwrap(), &bytes[..]);
+    }
+    // Its share came from the author after the grace, and it is given no
+    // share by this node for a while.
+    assert!(took >= swarm.grace, "{took:?}");
+    assert!(!s.inflight.shares(&idle.peer_id()));
+    assert!(s.inflight.shares(&author.peer_id()));
+}

@@ -113,6 +113,9 @@ struct Work {
     /// Providers whose workers have ended in this attempt (bit `i`): what
     /// was reserved for them is anyone's.
     gone: u64,
+    /// Per provider of this attempt: chunks reserved for it, and how many
+    /// of those it served.
+    shares: HashMap<usize, (usize, usize)>,
 }
 
 /// How long a reserved chunk's provider, having said it does not hold it
@@ -228,8 +231,9 @@ pub struct Swarm {
 
 impl Swarm {
     /// The swarm of `fetchers` (this node among them) fetching a payload of
-    /// `payload_bytes` from `author`. The grace: a second, plus the time
-    /// the author takes to upload one copy at 50 MB/s, at most a minute.
+    /// `payload_bytes` from `author`. The grace: a quarter of a second,
+    /// plus the time the author takes to upload one copy at 50 MB/s, at
+    /// most a minute.
     pub fn new(
         author: PeerId,
         fetchers: impl IntoIterator<Item = PeerId>,
@@ -238,7 +242,7 @@ impl Swarm {
         let mut fetchers: Vec<PeerId> = fetchers.into_iter().filter(|p| *p != author).collect();
         fetchers.sort();
         fetchers.dedup();
-        let grace = Duration::from_secs(1) + Duration::from_millis(payload_bytes / 50_000);
+        let grace = Duration::from_millis(250 + payload_bytes / 50_000);
         Self {
             author,
             fetchers,
@@ -312,6 +316,14 @@ impl Fetch {
             }
             self.lock_work().put_back([id], Some(who));
             return false;
+        }
+        {
+            let mut w = self.lock_work();
+            if w.reserved.get(&id) == Some(&who)
+                && let Some(share) = w.shares.get_mut(&who)
+            {
+                share.1 += 1;
+            }
         }
         self.shared.metrics.chunks_fetched.inc();
         self.shared.metrics.bytes_in.inc_by(bytes.len() as u64);
@@ -601,6 +613,7 @@ async fn fetch_into(
             w.gone = 0;
             w.not_before.clear();
             w.reserved.clear();
+            w.shares.clear();
             w.release_at = None;
             if let Some(swarm) = swarm.filter(|_| attempt == 0) {
                 // This node's share from the author, the others' from them.
@@ -616,6 +629,9 @@ async fn fetch_into(
                         Some((*id, index(&from).filter(|i| *i < PARALLEL_STREAMS)?))
                     })
                     .collect();
+                for who in reserved.values() {
+                    w.shares.entry(*who).or_default().0 += 1;
+                }
                 w.reserved = reserved;
                 w.release_at = Some(Instant::now() + swarm.grace);
             }
@@ -630,6 +646,21 @@ async fn fetch_into(
             }
         }
         while workers.join_next().await.is_some() {}
+        if swarm.is_some() && attempt == 0 {
+            // Members that served less than half their share are not
+            // given one by this node for a while (a member that says "not
+            // held" for its share would otherwise hold up every fetch by
+            // the grace).
+            let w = fetch.lock_work();
+            for (who, (owed, served)) in &w.shares {
+                if served * 2 < *owed
+                    && let Some(peer) = usable.get(*who)
+                {
+                    tracing::debug!(%peer, owed, served, "a member did not serve its share");
+                    shared.inflight.note_unshared(*peer);
+                }
+            }
+        }
         if fetch.stopped() {
             return false;
         }

@@ -828,9 +828,14 @@ impl Node {
         // other members asked first.
         let swarm = author.map(|author| {
             let me = self.net.peer_id();
+            let inflight = &self.shared.inflight;
             let swarm = Swarm::new(
                 author,
-                self.members.iter().copied().chain([me]),
+                self.members
+                    .iter()
+                    .copied()
+                    .filter(|p| inflight.shares(p))
+                    .chain([me]),
                 manifest.message().payload_bytes,
             );
             let mut first: Vec<PeerId> = [author]
