@@ -16,7 +16,7 @@
 //! node, each carrying that node's received bytes per round): the round's
 //! overhead (median round minus training and evaluation) against that.
 //!
-//! `cargo bench -p tapestry-node --bench rounds [-- small|large|huge]`
+//! `cargo bench -p tapestry-node --bench rounds [-- small|medium|large|huge]`
 //! (needs the digits data set at `../shared/data/digits.csv.gz`; `huge`,
 //! 100 million parameters, is run only when named). The nodes send f32
 //! deltas; `TAPESTRY_BENCH_CODEC=topk-int8:0.01` (any codec) sets another.
@@ -38,13 +38,20 @@ struct Case {
     timeout_ms: u64,
 }
 
-const CASES: [Case; 3] = [
+const CASES: [Case; 4] = [
     Case {
         name: "small",
         architecture: "mlp:64",
         local_steps: 20,
         rounds: 40,
         timeout_ms: 10_000,
+    },
+    Case {
+        name: "medium",
+        architecture: "mlp:2048,2048",
+        local_steps: 5,
+        rounds: 16,
+        timeout_ms: 60_000,
     },
     Case {
         name: "large",
