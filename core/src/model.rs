@@ -445,11 +445,14 @@ pub struct InnerState {
 
 impl InnerState {
     /// Starts afresh if the state was made for another parameter count.
-    pub(crate) fn fit(&mut self, n: usize) {
-        if self.m.len() != n {
+    /// Only AdamW keeps second moments (`v`): SGD's state is the momentum
+    /// alone, one copy of the model and not two.
+    pub(crate) fn fit(&mut self, n: usize, opt: &InnerOptimizer) {
+        let adam = matches!(opt, InnerOptimizer::AdamW { .. });
+        if self.m.len() != n || (adam && self.v.len() != n) {
             *self = InnerState {
                 m: vec![0.0; n],
-                v: vec![0.0; n],
+                v: if adam { vec![0.0; n] } else { Vec::new() },
                 t: 0,
             };
         }
@@ -523,7 +526,7 @@ pub fn train_local_owned(
     let mut cursor = 0;
     let device = Device::Cpu;
     let n = p.len();
-    state.fit(n);
+    state.fit(n, &config.optimizer);
     let mut loss_sum = 0f64;
     let mut samples = 0u64;
     for _ in 0..config.local_steps {
@@ -566,23 +569,36 @@ pub(crate) fn apply_grads(
     s.t += 1;
     let t = s.t;
     let mut at = 0;
+    let adam = s.v.len() == p.len();
     for v in vars {
         let n = v.elem_count();
         let end = (at + n).min(p.len());
-        let g = match grads.get(v) {
-            Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
-            None => vec![0.0; n],
-        };
-        step_slices(
-            opt,
-            &mut p[at..end],
-            &g,
-            &mut s.m[at..end],
-            &mut s.v[at..end],
-            t,
-        );
+        let m = &mut s.m[at..end];
+        let v2: &mut [f32] = if adam { &mut s.v[at..end] } else { &mut [] };
+        match grads.get(v) {
+            Some(g) => with_f32_slice(g, |g| step_slices(opt, &mut p[at..end], g, m, v2, t))?,
+            None => step_slices(opt, &mut p[at..end], &vec![0.0; n], m, v2, t),
+        }
         at = end;
     }
+    Ok(())
+}
+
+/// Calls `f` on the values of `t` in order: borrowed from its storage when
+/// it is a contiguous f32 tensor on the CPU (a gradient usually is), else
+/// copied out.
+fn with_f32_slice(t: &Tensor, f: impl FnOnce(&[f32])) -> Result<(), ModelError> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(values)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+            && let Some(values) = values.get(start..end)
+        {
+            f(values);
+            return Ok(());
+        }
+    }
+    f(&t.flatten_all()?.to_vec1::<f32>()?);
     Ok(())
 }
 

@@ -373,7 +373,7 @@ impl Transformer {
         }
         let device = Device::Cpu;
         let mut rng = window_rng(seed);
-        state.fit(p.len());
+        state.fit(p.len(), &config.optimizer);
         let mut loss_sum = 0f64;
         let mut samples = 0u64;
         for _ in 0..config.local_steps {
