@@ -19,7 +19,8 @@
 //! `cargo bench -p tapestry-node --bench rounds [-- small|medium|large|huge]`
 //! (needs the digits data set at `../shared/data/digits.csv.gz`; `huge`,
 //! 100 million parameters, is run only when named). The nodes send f32
-//! deltas; `TAPESTRY_BENCH_CODEC=topk-int8:0.01` (any codec) sets another.
+//! deltas; `TAPESTRY_BENCH_CODEC=topk-int8:0.01` (any codec) sets another,
+//! `TAPESTRY_BENCH_KEEP=K` the versions each node keeps (`keep_versions`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -131,6 +132,9 @@ fn run(case: &Case) {
         if let Ok(codec) = std::env::var("TAPESTRY_BENCH_CODEC") {
             set_config(d, "codec", &format!("{codec:?}")).unwrap();
         }
+        if let Ok(keep) = std::env::var("TAPESTRY_BENCH_KEEP") {
+            set_config(d, "keep_versions", &keep).unwrap();
+        }
     }
     let mut nodes = vec![start(&dirs[0], 0, None)];
     let boot = endpoints(&nodes[0])["listen"][0]
@@ -168,6 +172,12 @@ fn run(case: &Case) {
         assert!(now < deadline, "the nodes did not finish: {st:?}");
         std::thread::sleep(Duration::from_millis(20));
     };
+    let model_bytes = tapestry_node::api::get(&apis[0], "/model/head", Duration::from_secs(30))
+        .ok()
+        .and_then(|b| serde_json::from_str::<Value>(&b).ok())
+        .and_then(|h| h["payload_bytes"].as_u64())
+        .unwrap_or(0)
+        .max(1);
     let peak_rss: Vec<u64> = nodes
         .iter()
         .map(|n| n.peak_rss_bytes().unwrap_or(0))
@@ -175,6 +185,20 @@ fn run(case: &Case) {
     for n in &mut nodes {
         n.terminate(Duration::from_secs(60));
     }
+    // Each store at the end, on disk (its packs and its database) against
+    // the chunk bytes it holds.
+    let stores: Vec<(u64, u64, u64)> = dirs
+        .iter()
+        .zip(&finals)
+        .map(|(d, s)| {
+            let store = d.join("store");
+            (
+                du(&store.join("packs")),
+                du(&store.join("meta")),
+                s["store_chunk_bytes"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
 
     // Round times: from a node's entering round r to its entering r + 1,
     // for every r after the first two (start-up), on every node.
@@ -303,6 +327,23 @@ fn run(case: &Case) {
         overhead / raw_ms
     );
     println!(
+        "  store at the end (keep_versions {}): {} (nodes 0, 1, 2; one model: {:.1} MB)",
+        std::env::var("TAPESTRY_BENCH_KEEP").unwrap_or_else(|_| "256, the default".into()),
+        stores
+            .iter()
+            .map(|(packs, meta, chunks)| format!(
+                "packs {:.1} MB + database {:.1} MB for {:.1} MB of chunks ({:.2}x; {:.1} models)",
+                *packs as f64 / 1e6,
+                *meta as f64 / 1e6,
+                *chunks as f64 / 1e6,
+                *packs as f64 / (*chunks).max(1) as f64,
+                (*packs + *meta) as f64 / model_bytes as f64
+            ))
+            .collect::<Vec<_>>()
+            .join("; "),
+        model_bytes as f64 / 1e6
+    );
+    println!(
         "  peak RSS (VmHWM): {} (nodes 0, 1, 2)",
         peak_rss
             .iter()
@@ -357,4 +398,19 @@ fn main() {
             run(case);
         }
     }
+}
+
+/// Bytes allocated on disk under `path`.
+fn du(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let own = meta.blocks() * 512;
+    if !meta.is_dir() {
+        return own;
+    }
+    own + std::fs::read_dir(path)
+        .map(|d| d.flatten().map(|e| du(&e.path())).sum::<u64>())
+        .unwrap_or(0)
 }
