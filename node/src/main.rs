@@ -282,6 +282,12 @@ fn main() -> ExitCode {
     // SAFETY: mallopt only sets a malloc parameter; no thread exists yet.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        // Buffers of a model's size (a delta, the parameters, a gradient)
+        // are mapped and unmapped on their own: glibc's default raises its
+        // mmap threshold to 32 MiB after the first such free, and then
+        // keeps them in the heap, where the peak of what overlapped stays
+        // resident long after it was freed.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -78,11 +78,11 @@ pub trait Lineage {
         &self,
         cfg: &EngineConfig,
         parent: ContentId,
-        parent_params: &[f32],
+        parent_params: Vec<f32>,
         inputs: &[DeltaInput<'_>],
     ) -> Result<Vec<f32>, AggregateError> {
         let _ = parent;
-        aggregate_onto(cfg, parent_params, inputs)
+        aggregate_onto_owned(cfg, parent_params, inputs)
     }
 }
 
@@ -263,6 +263,16 @@ pub fn aggregate_onto(
     parent: &[f32],
     inputs: &[DeltaInput<'_>],
 ) -> Result<Vec<f32>, AggregateError> {
+    aggregate_onto_owned(cfg, parent.to_vec(), inputs)
+}
+
+/// [`aggregate_onto`] on parent parameters it may consume: the outer step
+/// is taken on them in place (one model's worth less held).
+pub fn aggregate_onto_owned(
+    cfg: &EngineConfig,
+    mut params: Vec<f32>,
+    inputs: &[DeltaInput<'_>],
+) -> Result<Vec<f32>, AggregateError> {
     let mut sorted: Vec<&DeltaInput<'_>> = inputs.iter().collect();
     sorted.sort_by_key(|d| d.id);
     let values: Vec<Values<'_>> = sorted.iter().map(|d| d.values).collect();
@@ -273,7 +283,6 @@ pub fn aggregate_onto(
     // No node-local centre: clipping centres on the coordinate-wise median,
     // which every node computes alike.
     let aggregate = cfg.rule.aggregate_values(&values, &weights, None)?;
-    let mut params = parent.to_vec();
     cfg.outer.clone().step(&mut params, &aggregate);
     Ok(params)
 }
@@ -604,7 +613,7 @@ pub fn verify_version(
             })
             .collect();
         let params = l
-            .aggregate(cfg, p.id(), &pp, &inputs)
+            .aggregate(cfg, p.id(), pp, &inputs)
             .map_err(|e| VersionRejection::Malformed(e.to_string()))?;
         let authors: BTreeSet<NodeId> = votes.iter().map(|(a, _)| *a).collect();
         (params, authors.len())

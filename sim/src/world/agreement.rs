@@ -221,7 +221,7 @@ impl Lineage for View<'_> {
         &self,
         cfg: &EngineConfig,
         parent: ContentId,
-        parent_params: &[f32],
+        parent_params: Vec<f32>,
         inputs: &[verify::DeltaInput<'_>],
     ) -> Result<Vec<f32>, tapestry_core::aggregate::AggregateError> {
         let mut ids: Vec<ContentId> = inputs.iter().map(|d| d.id).collect();
@@ -230,7 +230,7 @@ impl Lineage for View<'_> {
         if let Some(p) = self.memo.borrow().get(&key) {
             return Ok(p.clone());
         }
-        let p = verify::aggregate_onto(cfg, parent_params, inputs)?;
+        let p = verify::aggregate_onto_owned(cfg, parent_params, inputs)?;
         self.memo.borrow_mut().insert(key, p.clone());
         Ok(p)
     }
