@@ -254,6 +254,11 @@ impl Packs {
         let Some(file) = self.handle(loc.pack)? else {
             return Ok(None);
         };
+        // A location past the pack's end (a damaged database, a truncated
+        // pack) is not read, nor its length allocated.
+        if file.metadata()?.len() < loc.end() {
+            return Ok(None);
+        }
         let mut buf = vec![0; loc.len as usize];
         match file.read_exact_at(&mut buf, loc.offset) {
             Ok(()) => Ok(Some(buf)),
@@ -427,6 +432,10 @@ mod tests {
         assert_eq!(c.pack, b.pack);
         assert_eq!(d.pack, c.pack + 1);
         assert_eq!(second.read(a).unwrap().unwrap(), b"a");
+        // A location past the pack's end reads as absent.
+        let past = Location { len: u32::MAX, ..b };
+        assert_eq!(second.read(past).unwrap(), None);
+        assert!(!second.holds(past).unwrap());
         second.remove(a.pack).unwrap();
         assert!(!second.holds(a).unwrap());
         assert_eq!(second.read(a).unwrap(), None);

@@ -653,8 +653,11 @@ async fn fetch_into(
             // the grace).
             let w = fetch.lock_work();
             for (who, (owed, served)) in &w.shares {
+                // (The author's share is this node's own: the author is
+                // not a member fetching its own delta.)
                 if served * 2 < *owed
                     && let Some(peer) = usable.get(*who)
+                    && swarm.is_some_and(|s| s.author != *peer)
                 {
                     tracing::debug!(%peer, owed, served, "a member did not serve its share");
                     shared.inflight.note_unshared(*peer);
