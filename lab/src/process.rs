@@ -246,3 +246,19 @@ pub fn set_config(dir: &Path, key: &str, value: &str) -> Result<(), LabError> {
     }
     std::fs::write(&cfg, out.join("\n") + "\n").map_err(LabError::io(&cfg))
 }
+
+/// Bytes allocated on disk under `path` (blocks, not apparent sizes; 0 if
+/// it cannot be read): what a node's store takes.
+pub fn disk_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let own = meta.blocks() * 512;
+    if !meta.is_dir() {
+        return own;
+    }
+    own + std::fs::read_dir(path)
+        .map(|d| d.flatten().map(|e| disk_bytes(&e.path())).sum::<u64>())
+        .unwrap_or(0)
+}

@@ -193,8 +193,8 @@ fn run(case: &Case) {
         .map(|(d, s)| {
             let store = d.join("store");
             (
-                du(&store.join("packs")),
-                du(&store.join("meta")),
+                tapestry_lab::process::disk_bytes(&store.join("packs")),
+                tapestry_lab::process::disk_bytes(&store.join("meta")),
                 s["store_chunk_bytes"].as_u64().unwrap_or(0),
             )
         })
@@ -398,19 +398,4 @@ fn main() {
             run(case);
         }
     }
-}
-
-/// Bytes allocated on disk under `path`.
-fn du(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return 0;
-    };
-    let own = meta.blocks() * 512;
-    if !meta.is_dir() {
-        return own;
-    }
-    own + std::fs::read_dir(path)
-        .map(|d| d.flatten().map(|e| du(&e.path())).sum::<u64>())
-        .unwrap_or(0)
 }

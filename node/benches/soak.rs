@@ -50,21 +50,6 @@ fn status(api: &str) -> Option<Value> {
     serde_json::from_str(&body).ok()
 }
 
-/// Bytes allocated under `path`.
-fn du(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return 0;
-    };
-    let own = meta.blocks() * 512;
-    if !meta.is_dir() {
-        return own;
-    }
-    own + std::fs::read_dir(path)
-        .map(|rd| rd.flatten().map(|e| du(&e.path())).sum())
-        .unwrap_or(0)
-}
-
 /// One sample of one node.
 #[derive(Clone, Copy)]
 struct Sample {
@@ -230,7 +215,7 @@ fn run(minutes: f64, rogue: bool) -> (Vec<Vec<Sample>>, Option<(usize, usize)>) 
                 t,
                 round,
                 rss: n.rss_bytes().unwrap_or(0),
-                store: du(&n.dir().join("store")),
+                store: tapestry_lab::process::disk_bytes(&n.dir().join("store")),
             });
         }
         if t0.elapsed() >= length {

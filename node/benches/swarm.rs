@@ -20,7 +20,10 @@ use tapestry_node::metrics::Metrics;
 use tapestry_node::net::{self, NetConfig, NetEvent, NetHandle};
 use tapestry_node::runtime::{Shared, Store, Swarm, fetch_chunk_map, serve_chunk_streams};
 use tapestry_protocol::{ContentId, DEFAULT_CHUNK_SIZE, Keypair};
-use tapestry_storage::{ChunkStore, MemoryStore};
+use tapestry_storage::MemoryStore;
+
+mod common;
+use common::fill;
 
 /// One node: its network task, what it serves from, its shared state.
 struct Node {
@@ -197,21 +200,4 @@ async fn connected(net: &NetHandle, n: usize) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("only {} of {n} peers connected", net.snapshot().peers.len());
-}
-
-/// `n` distinct pseudo-random chunks of `size` bytes in `store`; their ids.
-fn fill(store: &dyn ChunkStore, n: usize, size: usize) -> Vec<ContentId> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut chunk = vec![0u8; size];
-    (0..n)
-        .map(|_| {
-            for word in chunk.chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                word.copy_from_slice(&x.to_le_bytes());
-            }
-            store.put(&chunk).unwrap()
-        })
-        .collect()
 }

@@ -45,6 +45,9 @@ use tapestry_protocol::{ContentId, DEFAULT_CHUNK_SIZE, Keypair, MAX_CHUNK_SIZE};
 use tapestry_storage::{ChunkStore, MemoryStore, SledConfig, SledStore};
 use tokio::sync::oneshot;
 
+mod common;
+use common::fill;
+
 const RAW: StreamProtocol = StreamProtocol::new("/tapestry-bench/raw/1");
 
 #[derive(Clone, Copy, Debug)]
@@ -176,26 +179,6 @@ fn mbps(bytes: usize, took: Duration) -> f64 {
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort_unstable();
     v[v.len() / 2]
-}
-
-/// `n` distinct pseudo-random chunks of `size` bytes in `store`, flushed;
-/// their ids.
-fn fill(store: &dyn ChunkStore, n: usize, size: usize) -> Vec<ContentId> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut chunk = vec![0u8; size];
-    let ids = (0..n)
-        .map(|_| {
-            for word in chunk.chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                word.copy_from_slice(&x.to_le_bytes());
-            }
-            store.put(&chunk).unwrap()
-        })
-        .collect();
-    store.flush().unwrap();
-    ids
 }
 
 /// The fetching side's disk work alone: the chunks of `ids`, read from
