@@ -31,6 +31,7 @@ pub mod admission;
 pub mod aggregate;
 pub mod attest;
 pub mod data;
+mod dense;
 pub mod door;
 pub mod engine;
 pub mod heads;

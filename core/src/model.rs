@@ -17,6 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use tapestry_protocol::{DType, TensorSpec};
 
 use super::data::Dataset;
+use super::dense;
 use super::text::Text;
 use super::transformer::{Transformer, VOCAB};
 
@@ -183,7 +184,7 @@ pub enum ModelSpec {
 
 impl ModelSpec {
     /// (in, out) of each linear layer (none for a transformer).
-    fn layers(&self) -> Vec<(usize, usize)> {
+    pub(crate) fn layers(&self) -> Vec<(usize, usize)> {
         match self {
             ModelSpec::Transformer(_) => Vec::new(),
             ModelSpec::Logistic { inputs, classes } => vec![(*inputs, *classes)],
@@ -302,8 +303,11 @@ impl ModelSpec {
         Ok(())
     }
 
-    /// Logits for a batch, with the parameters as tensors in layout order.
-    fn forward(&self, tensors: &[Tensor], x: &Tensor) -> Result<Tensor, ModelError> {
+    /// Logits for a batch, with the parameters as tensors in layout order:
+    /// candle's autograd reference for the hand-written passes of
+    /// [`crate::dense`].
+    #[cfg(test)]
+    pub(crate) fn forward(&self, tensors: &[Tensor], x: &Tensor) -> Result<Tensor, ModelError> {
         let n_layers = tensors.len() / 2;
         let mut h = x.clone();
         for i in 0..n_layers {
@@ -317,7 +321,7 @@ impl ModelSpec {
         Ok(h)
     }
 
-    fn tensors(&self, params: &[f32], device: &Device) -> Result<Vec<Var>, ModelError> {
+    pub(crate) fn tensors(&self, params: &[f32], device: &Device) -> Result<Vec<Var>, ModelError> {
         layout_vars(&self.layout(), params, device)
     }
 }
@@ -351,7 +355,8 @@ pub(crate) fn layout_vars(
     Ok(out)
 }
 
-fn batch_tensors(
+#[cfg(test)]
+pub(crate) fn batch_tensors(
     data: &Dataset,
     rows: &[usize],
     classes: usize,
@@ -438,9 +443,9 @@ pub struct TrainConfig {
 /// Optimiser state carried across rounds (momentum / Adam moments).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct InnerState {
-    m: Vec<f32>,
-    v: Vec<f32>,
-    t: u64,
+    pub(crate) m: Vec<f32>,
+    pub(crate) v: Vec<f32>,
+    pub(crate) t: u64,
 }
 
 impl InnerState {
@@ -524,9 +529,8 @@ pub fn train_local_owned(
     let mut order: Vec<usize> = (0..data.len()).collect();
     order.shuffle(&mut rng);
     let mut cursor = 0;
-    let device = Device::Cpu;
-    let n = p.len();
-    state.fit(n, &config.optimizer);
+    state.fit(p.len(), &config.optimizer);
+    let layers = spec.layers();
     let mut loss_sum = 0f64;
     let mut samples = 0u64;
     for _ in 0..config.local_steps {
@@ -537,14 +541,9 @@ pub fn train_local_owned(
         }
         let rows = &order[cursor..cursor + take];
         cursor += take;
-        let (x, y) = batch_tensors(data, rows, spec.classes(), &device)?;
-        let vars = spec.tensors(&p, &device)?;
-        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let loss = cross_entropy(&spec.forward(&tensors, &x)?, &y)?;
-        loss_sum += f64::from(loss.to_scalar::<f32>()?);
+        let loss = dense::step(&layers, &mut p, data, rows, &config.optimizer, state);
+        loss_sum += f64::from(loss);
         samples += take as u64;
-        let grads = loss.backward()?;
-        apply_grads(&config.optimizer, &mut p, &grads, &vars, state)?;
     }
     Ok((
         p,
@@ -604,7 +603,7 @@ fn with_f32_slice(t: &Tensor, f: impl FnOnce(&[f32])) -> Result<(), ModelError> 
 
 /// The optimiser's update of parameters `p` (with their moments `m`, `v`)
 /// by gradient `g`, at step `t` (counted from 1).
-fn step_slices(
+pub(crate) fn step_slices(
     opt: &InnerOptimizer,
     p: &mut [f32],
     g: &[f32],
@@ -647,23 +646,7 @@ pub fn evaluate(
     if data.is_empty() {
         return Err(ModelError::Invalid("no data to evaluate on".into()));
     }
-    let device = Device::Cpu;
-    let rows: Vec<usize> = (0..data.len()).collect();
-    let (x, y) = batch_tensors(data, &rows, spec.classes(), &device)?;
-    let vars = spec.tensors(params, &device)?;
-    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let logits = spec.forward(&tensors, &x)?;
-    let loss = cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
-    let predicted = logits
-        .argmax(D::Minus1)?
-        .to_dtype(CDType::U32)?
-        .to_vec1::<u32>()?;
-    let correct = predicted
-        .iter()
-        .zip(&data.labels)
-        .filter(|(p, l)| p == l)
-        .count();
-    Ok((loss, correct as f32 / data.len() as f32))
+    Ok(dense::evaluate(&spec.layers(), params, data))
 }
 
 /// What a model trains or is evaluated on: rows of features for a
