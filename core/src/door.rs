@@ -8,6 +8,10 @@ use std::fmt;
 
 use tapestry_protocol::{CodecError, DeltaManifest, NodeId, TensorSpec};
 
+/// Values the door decodes at a time when it checks a payload (64 KiB of
+/// f32).
+pub const DECODE_BLOCK: usize = 16_384;
+
 /// Limits applied at the door.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DoorConfig {
@@ -345,40 +349,66 @@ impl Door {
         Ok(())
     }
 
-    /// Decodes a delta's payload and checks its values: length, finiteness,
-    /// declared norm, and norm against recent deltas. On success the norm
-    /// joins the history.
-    pub fn check_payload(
-        &mut self,
-        m: &DeltaManifest,
-        payload: &[u8],
-    ) -> Result<Vec<f32>, Rejected> {
-        let values = self.decode(m, payload)?;
-        self.check_values(m.author, m.l2_norm, &values)?;
-        Ok(values)
+    /// Checks a delta's payload: that it decodes (length, finiteness, every
+    /// check of its codec), its declared norm, and its norm against recent
+    /// deltas. On success the norm joins the history. The payload is decoded
+    /// a block at a time ([`DECODE_BLOCK`] values) and never whole: the
+    /// door holds a block, not a model.
+    pub fn check_payload(&mut self, m: &DeltaManifest, payload: &[u8]) -> Result<(), Rejected> {
+        let norm = self.judge_payload(m, payload)?;
+        self.recent_norms.push_back(norm);
+        while self.recent_norms.len() > self.config.norm_history {
+            self.recent_norms.pop_front();
+        }
+        Ok(())
     }
 
-    /// Decodes a delta's payload (length and finiteness checked) without
-    /// judging its norm or adding to the history: for a payload that passed
-    /// [`Door::check_payload`] before, read again.
+    /// Whether a payload decodes (length, finiteness, every check of its
+    /// codec), without judging its norm or adding to the history: for a
+    /// payload that passed [`Door::check_payload`] before, read again.
+    pub fn check_decodes(&self, m: &DeltaManifest, payload: &[u8]) -> Result<(), Rejected> {
+        self.decode_blocks(m, payload, |_| {})
+    }
+
+    /// Values in the layout.
+    pub fn n_values(&self) -> usize {
+        self.layout
+            .iter()
+            .map(|t| t.shape.iter().product::<u64>() as usize)
+            .sum()
+    }
+
+    /// Decodes a delta's payload whole (length and finiteness checked)
+    /// without judging its norm or adding to the history.
     pub fn decode(&self, m: &DeltaManifest, payload: &[u8]) -> Result<Vec<f32>, Rejected> {
+        let mut out = Vec::with_capacity(self.n_values());
+        self.decode_blocks(m, payload, |b| out.extend_from_slice(b))?;
+        Ok(out)
+    }
+
+    /// The payload's values to `f`, a block at a time, with the codec's
+    /// errors as the door's rejections.
+    fn decode_blocks(
+        &self,
+        m: &DeltaManifest,
+        payload: &[u8],
+        f: impl FnMut(&[f32]),
+    ) -> Result<(), Rejected> {
         let reject = |reason| Rejected {
             sender: m.author,
             reason,
         };
-        let n: usize = self
-            .layout
-            .iter()
-            .map(|t| t.shape.iter().product::<u64>() as usize)
-            .sum();
-        m.codec.decode(payload, n).map_err(|e| match e {
-            CodecError::NonFinite { index } => reject(Rejection::NonFinite { index }),
-            CodecError::WrongLength { .. } => reject(Rejection::WrongLength {
-                expected: m.codec.encoded_len(n).unwrap_or(0),
-                found: payload.len(),
-            }),
-            other => reject(Rejection::Undecodable(other)),
-        })
+        let n = self.n_values();
+        m.codec
+            .decode_blocks(payload, n, DECODE_BLOCK, f)
+            .map_err(|e| match e {
+                CodecError::NonFinite { index } => reject(Rejection::NonFinite { index }),
+                CodecError::WrongLength { .. } => reject(Rejection::WrongLength {
+                    expected: m.codec.encoded_len(n).unwrap_or(0),
+                    found: payload.len(),
+                }),
+                other => reject(Rejection::Undecodable(other)),
+            })
     }
 
     /// Checks decoded values (for callers that decode themselves); on
@@ -426,17 +456,11 @@ impl Door {
         Ok(())
     }
 
-    /// Decodes and checks the payload of a delta named by a peer's model
-    /// version, exactly as [`Door::check_payload`] does, without adding its
-    /// norm to the history (a version's deltas were judged when announced).
-    pub fn check_named_payload(
-        &self,
-        m: &DeltaManifest,
-        payload: &[u8],
-    ) -> Result<Vec<f32>, Rejected> {
-        let values = self.decode(m, payload)?;
-        self.judge_values(m.author, m.l2_norm, &values)?;
-        Ok(values)
+    /// Checks the payload of a delta named by a peer's model version,
+    /// exactly as [`Door::check_payload`] does, without adding its norm to
+    /// the history (a version's deltas were judged when announced).
+    pub fn check_named_payload(&self, m: &DeltaManifest, payload: &[u8]) -> Result<(), Rejected> {
+        self.judge_payload(m, payload).map(|_| ())
     }
 
     /// The current norm limit (multiple × median of recent norms), once
@@ -450,6 +474,18 @@ impl Door {
         Some(self.config.norm_multiple * sorted[sorted.len() / 2])
     }
 
+    /// Checks a payload without recording anything; returns its norm
+    /// (summed in order, as over the decoded values).
+    fn judge_payload(&self, m: &DeltaManifest, payload: &[u8]) -> Result<f32, Rejected> {
+        let mut squares = 0f64;
+        self.decode_blocks(m, payload, |b| {
+            for v in b {
+                squares += f64::from(*v).powi(2);
+            }
+        })?;
+        self.judge_norm(m.author, m.l2_norm, squares.sqrt() as f32)
+    }
+
     /// Checks values without recording anything; returns their norm.
     fn judge_values(
         &self,
@@ -458,11 +494,7 @@ impl Door {
         values: &[f32],
     ) -> Result<f32, Rejected> {
         let reject = |reason| Rejected { sender, reason };
-        let n: usize = self
-            .layout
-            .iter()
-            .map(|t| t.shape.iter().product::<u64>() as usize)
-            .sum();
+        let n = self.n_values();
         if values.len() != n {
             return Err(reject(Rejection::WrongLength {
                 expected: n,
@@ -477,6 +509,13 @@ impl Door {
             .map(|v| f64::from(*v).powi(2))
             .sum::<f64>()
             .sqrt() as f32;
+        self.judge_norm(sender, declared_norm, norm)
+    }
+
+    /// The declared norm against the actual one, and the actual one against
+    /// the limit.
+    fn judge_norm(&self, sender: NodeId, declared_norm: f32, norm: f32) -> Result<f32, Rejected> {
+        let reject = |reason| Rejected { sender, reason };
         if (norm - declared_norm).abs() > 1e-3 * norm.max(declared_norm).max(1e-6) {
             return Err(reject(Rejection::NormMismatch {
                 declared: declared_norm,

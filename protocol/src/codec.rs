@@ -490,6 +490,80 @@ impl Codec {
     }
 }
 
+impl Codec {
+    /// Makes every check [`Codec::decode`] makes, with the same error for
+    /// the same payload, and hands the decoded values to `f` in order, at
+    /// most `block` at a time, without ever holding the whole decoded
+    /// vector: what the door needs to judge a large payload (finiteness,
+    /// norm) in a block's memory. The values are `decode`'s, bit for bit.
+    pub fn decode_blocks(
+        &self,
+        bytes: &[u8],
+        n: usize,
+        block: usize,
+        mut f: impl FnMut(&[f32]),
+    ) -> Result<(), CodecError> {
+        self.check_len(bytes, n)?;
+        match *self {
+            Codec::F32 | Codec::Bf16 => {}
+            Codec::Int8 { block } => {
+                let (scale_bytes, quants) = bytes.split_at(n.div_ceil(block as usize) * 4);
+                let bad_scale = scale_bytes.chunks_exact(4).any(|c| {
+                    let s = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    !s.is_finite() || s < 0.0
+                });
+                if bad_scale {
+                    return Err(CodecError::Corrupt(
+                        "an int8 block scale is negative or not finite",
+                    ));
+                }
+                if quants.contains(&0x80) {
+                    return Err(CodecError::Corrupt("int8 value -128 is never produced"));
+                }
+            }
+            Codec::TopK { fraction }
+            | Codec::TopKBf16 { fraction }
+            | Codec::TopKInt8 { fraction } => {
+                let k = Self::topk_k(fraction, n);
+                let stored = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+                if stored != k {
+                    return Err(CodecError::Corrupt(
+                        "top-k count does not match the fraction",
+                    ));
+                }
+                let (idx_bytes, val_bytes) = bytes[4..].split_at(4 * k);
+                let dense = self.topk_values().ok_or(CodecError::TooLong(n))?;
+                // The kept values (k of them, not n): decode's checks.
+                dense.decode(val_bytes, k)?;
+                let mut prev: Option<u32> = None;
+                for c in idx_bytes.chunks_exact(4) {
+                    let i = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    if prev.is_some_and(|p| i <= p) || i as usize >= n {
+                        return Err(CodecError::Corrupt(
+                            "top-k indices not increasing or out of range",
+                        ));
+                    }
+                    prev = Some(i);
+                }
+            }
+        }
+        let block = block.clamp(1, n.max(1));
+        let mut buf = vec![0f32; block.min(n)];
+        let mut start = 0;
+        while start < n {
+            let len = block.min(n - start);
+            let out = &mut buf[..len];
+            self.decode_range(bytes, n, start, out)?;
+            if let Some(i) = first_non_finite(out) {
+                return Err(CodecError::NonFinite { index: start + i });
+            }
+            f(out);
+            start += len;
+        }
+        Ok(())
+    }
+}
+
 /// Values `start ..` of an `int8:block` payload of `n` values (its length
 /// checked by the caller) into `out`: quantised value times its block's
 /// scale, as `decode` computes it.

@@ -154,6 +154,41 @@ proptest! {
     }
 
     #[test]
+    fn decoding_in_blocks_is_decoding_whole_even_for_corrupt_payloads(
+        c in codec(),
+        v in values(700),
+        block in 1usize..300,
+        flips in prop::collection::vec((0usize..4000, any::<u8>()), 0..4),
+    ) {
+        let mut bytes = c.encode(&v).unwrap();
+        // Bytes overwritten at random: often corrupt, sometimes not.
+        for (at, b) in flips {
+            if !bytes.is_empty() {
+                let at = at % bytes.len();
+                bytes[at] = b;
+            }
+        }
+        let whole = c.decode(&bytes, v.len());
+        let mut got = Vec::new();
+        let mut largest = 0;
+        let blocks = c.decode_blocks(&bytes, v.len(), block, |b| {
+            largest = largest.max(b.len());
+            got.extend_from_slice(b);
+        });
+        prop_assert!(largest <= block);
+        match whole {
+            Ok(w) => {
+                prop_assert_eq!(blocks, Ok(()));
+                prop_assert_eq!(w.len(), got.len());
+                for (a, b) in w.iter().zip(&got) {
+                    prop_assert_eq!(a.to_bits(), b.to_bits());
+                }
+            }
+            Err(e) => prop_assert_eq!(blocks, Err(e)),
+        }
+    }
+
+    #[test]
     fn error_feedback_loses_nothing_over_rounds(c in codec(), deltas in prop::collection::vec(values_len(200), 1..6)) {
         // Sum of what was transmitted + final residual == sum of the deltas.
         let mut ef = ErrorFeedback::new(200);

@@ -478,18 +478,24 @@ impl Engine {
             // Its chunks match the ids it had when it passed the door, so
             // these are the values it had then; a payload that does not
             // decode now (it cannot) is left out without blame.
-            let Ok(values) = self.door.decode(m.message(), &payload) else {
+            if self.door.check_decodes(m.message(), &payload).is_err() {
                 return;
-            };
-            Ok(values)
+            }
+            Ok(())
         } else {
             self.door.check_payload(m.message(), &payload)
         };
         self.charge(lap, |t| &mut t.decode);
         match checked {
-            Ok(values) => {
+            Ok(()) => {
                 let msg = m.message();
-                let values = Held::keep(msg.codec, payload, values);
+                // The payload, not its decoded values: aggregation decodes
+                // it a block at a time, so no delta is ever held twice.
+                let values = Held::Encoded {
+                    codec: msg.codec,
+                    payload,
+                    len: self.door.n_values(),
+                };
                 self.received.insert(
                     id,
                     Received {

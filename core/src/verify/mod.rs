@@ -595,13 +595,17 @@ pub fn verify_version(
                 });
             }
             let payload = l.payload(&dm).ok_or(VersionRejection::UnknownDelta(*d))?;
-            let values = door
-                .check_named_payload(dmm, &payload)
+            door.check_named_payload(dmm, &payload)
                 .map_err(VersionRejection::DeltaRejected)?;
+            // The payload, decoded a block at a time as it is aggregated.
             held.push((
                 *d,
                 dmm.sample_count,
-                Held::keep(dmm.codec, std::sync::Arc::new(payload), values),
+                Held::Encoded {
+                    codec: dmm.codec,
+                    payload: std::sync::Arc::new(payload),
+                    len: door.n_values(),
+                },
             ));
         }
         let inputs: Vec<DeltaInput<'_>> = held
