@@ -617,6 +617,41 @@ impl AggregationRule {
     }
 }
 
+impl AggregationRule {
+    /// [`AggregationRule::aggregate_values`], handed to `emit` a block of
+    /// coordinates at a time, in order (`emit(start, values)`), the same
+    /// values bit for bit. The rules that work coordinate by coordinate
+    /// (mean, trimmed mean, median) never hold the whole result: a caller
+    /// that consumes each block as it comes (an outer step onto the
+    /// parameters) holds one block of it. The clipping rules need their
+    /// whole centre, so they compute it and then hand it out.
+    pub fn aggregate_blocks(
+        &self,
+        inputs: &[Values<'_>],
+        weights: &[f64],
+        center: Option<&[f32]>,
+        mut emit: impl FnMut(usize, &[f32]),
+    ) -> Result<(), AggregateError> {
+        self.validate()?;
+        let lens: Vec<usize> = inputs.iter().map(Values::len).collect();
+        check_lens(&lens, weights)?;
+        match *self {
+            AggregationRule::Mean => stream_mean(inputs, weights, emit),
+            AggregationRule::TrimmedMean { beta } => {
+                stream_per_coordinate(inputs, trimmed_mean_of(inputs.len(), beta), emit)
+            }
+            AggregationRule::Median => stream_per_coordinate(inputs, median_of(inputs.len()), emit),
+            _ => {
+                let whole = self.aggregate_values(inputs, weights, center)?;
+                for (k, block) in whole.chunks(BLOCK).enumerate() {
+                    emit(k * BLOCK, block);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// The start of a sequential `f64` sum, as `Iterator::sum` starts it.
 fn sum_start() -> f64 {
     std::iter::empty::<f64>().sum()
@@ -648,27 +683,67 @@ fn for_blocks(
 }
 
 fn blocks_mean(inputs: &[Values<'_>], weights: &[f64]) -> Result<Vec<f32>, AggregateError> {
+    let mut out = Vec::with_capacity(inputs[0].len());
+    stream_mean(inputs, weights, |_, block| out.extend_from_slice(block))?;
+    Ok(out)
+}
+
+/// The weighted mean, handed to `emit` a block of coordinates at a time
+/// (in order): each coordinate sums the inputs in their order, as a pass
+/// over whole inputs would.
+fn stream_mean(
+    inputs: &[Values<'_>],
+    weights: &[f64],
+    mut emit: impl FnMut(usize, &[f32]),
+) -> Result<(), AggregateError> {
     let total: f64 = weights.iter().sum();
-    let mut out = vec![0f32; inputs[0].len()];
-    let mut buf = vec![0f32; BLOCK];
-    for (index, (v, w)) in inputs.iter().zip(weights).enumerate() {
-        let w = (*w / total) as f32;
-        for_blocks(v, index, &mut buf, |start, block| {
-            for (o, x) in out[start..start + block.len()].iter_mut().zip(block) {
+    let scaled: Vec<f32> = weights.iter().map(|w| (*w / total) as f32).collect();
+    let len = inputs[0].len();
+    let mut out = vec![0f32; BLOCK.min(len)];
+    let mut buf = vec![0f32; BLOCK.min(len)];
+    let mut start = 0;
+    while start < len {
+        let end = (start + BLOCK).min(len);
+        let out = &mut out[..end - start];
+        out.fill(0.0);
+        for (index, (v, w)) in inputs.iter().zip(&scaled).enumerate() {
+            let block: &[f32] = match v {
+                Values::Decoded(values) => &values[start..end],
+                Values::Encoded { .. } => {
+                    let b = &mut buf[..end - start];
+                    v.read(index, start, b)?;
+                    b
+                }
+            };
+            for (o, x) in out.iter_mut().zip(block) {
                 *o += w * x;
             }
-        })?;
+        }
+        emit(start, out);
+        start = end;
     }
-    Ok(out)
+    Ok(())
 }
 
 fn blocks_per_coordinate(
     inputs: &[Values<'_>],
-    mut reduce: impl FnMut(&mut [f32]) -> f32,
+    reduce: impl FnMut(&mut [f32]) -> f32,
 ) -> Result<Vec<f32>, AggregateError> {
+    let mut out = Vec::with_capacity(inputs[0].len());
+    stream_per_coordinate(inputs, reduce, |_, block| out.extend_from_slice(block))?;
+    Ok(out)
+}
+
+/// A per-coordinate rule, handed to `emit` a block of coordinates at a
+/// time (in order).
+fn stream_per_coordinate(
+    inputs: &[Values<'_>],
+    mut reduce: impl FnMut(&mut [f32]) -> f32,
+    mut emit: impl FnMut(usize, &[f32]),
+) -> Result<(), AggregateError> {
     let n = inputs.len();
     let len = inputs[0].len();
-    let mut out = vec![0f32; len];
+    let mut out = vec![0f32; BLOCK.min(len)];
     let mut rows = vec![0f32; n * BLOCK];
     let mut column = vec![0f32; n];
     let mut start = 0;
@@ -678,15 +753,16 @@ fn blocks_per_coordinate(
         for (index, (v, row)) in inputs.iter().zip(rows.chunks_exact_mut(BLOCK)).enumerate() {
             v.read(index, start, &mut row[..width])?;
         }
-        for i in 0..width {
+        for (i, o) in out[..width].iter_mut().enumerate() {
             for (c, row) in column.iter_mut().zip(rows.chunks_exact(BLOCK)) {
                 *c = row[i];
             }
-            out[start + i] = reduce(&mut column);
+            *o = reduce(&mut column);
         }
+        emit(start, &out[..width]);
         start = end;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// [`l2_distance`] of an input from `center`, a block at a time.

@@ -6,8 +6,11 @@
 
 use tapestry_core::aggregate::{AggregationRule, Held, Values};
 use tapestry_core::data::{self, Partition};
+use tapestry_core::door::DoorConfig;
 use tapestry_core::model::{InnerState, ModelSpec, train_local};
-use tapestry_protocol::Codec;
+use tapestry_core::outer::OuterOptimizer;
+use tapestry_core::verify::{DeltaInput, aggregate_onto};
+use tapestry_protocol::{Codec, ContentId};
 
 /// One delta per node: `nodes` IID shares of the digits, 20 local steps of
 /// SGD from one initial model; a node in `flipped` sends its delta ×(−5)
@@ -110,6 +113,51 @@ fn check(spec: &ModelSpec, nodes: usize, flipped: &[usize]) {
             ] {
                 let got = rule.aggregate_values(inputs, &weights, None).unwrap();
                 assert_eq!(bits(&got), bits(&want), "{rule} on {codec}, {how}, n = {n}");
+            }
+            // Handed out a block at a time: the same bits, in order.
+            let mut streamed = Vec::with_capacity(n);
+            rule.aggregate_blocks(&encoded, &weights, None, |start, block| {
+                assert_eq!(start, streamed.len(), "{rule}: blocks out of order");
+                streamed.extend_from_slice(block);
+            })
+            .unwrap();
+            assert_eq!(bits(&streamed), bits(&want), "{rule} on {codec}, in blocks");
+            // A version's parameters: the outer step taken block by block
+            // as the aggregate comes is the step on the whole aggregate.
+            let parent: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            for outer in [
+                OuterOptimizer::averaging(),
+                OuterOptimizer::Sgd { lr: 0.7 },
+                OuterOptimizer::nesterov(0.7, 0.9),
+            ] {
+                let mut cfg = tapestry_testkit::engine_config(rule, DoorConfig::default(), 1);
+                cfg.outer = outer.clone();
+                let inputs: Vec<DeltaInput<'_>> = encoded
+                    .iter()
+                    .zip(&weights)
+                    .enumerate()
+                    .map(|(i, (v, w))| DeltaInput {
+                        id: ContentId::of(&[i as u8]),
+                        sample_count: *w as u64,
+                        values: *v,
+                    })
+                    .collect();
+                let got = aggregate_onto(&cfg, &parent, &inputs).unwrap();
+                let mut sorted: Vec<&DeltaInput<'_>> = inputs.iter().collect();
+                sorted.sort_by_key(|d| d.id);
+                let values: Vec<Values<'_>> = sorted.iter().map(|d| d.values).collect();
+                let ws: Vec<f64> = sorted
+                    .iter()
+                    .map(|d| cfg.door.weighting.weight(d.sample_count))
+                    .collect();
+                let aggregate = rule.aggregate_values(&values, &ws, None).unwrap();
+                let mut whole = parent.clone();
+                outer.clone().step(&mut whole, &aggregate);
+                assert_eq!(
+                    bits(&got),
+                    bits(&whole),
+                    "{rule} on {codec}, outer {outer:?}"
+                );
             }
             // With a centre (the node's own zero offset, as in mixing).
             let zero = vec![0f32; n];

@@ -88,10 +88,7 @@ fn three_nodes_train_a_4m_model_in_bounded_memory_and_disk() {
         );
         std::thread::sleep(Duration::from_millis(250));
     };
-    let peak: Vec<u64> = nodes
-        .iter()
-        .map(|n| n.peak_rss_bytes().unwrap())
-        .collect();
+    let peak: Vec<u64> = nodes.iter().map(|n| n.peak_rss_bytes().unwrap()).collect();
     for n in &mut nodes {
         n.terminate(Duration::from_secs(60));
     }
@@ -100,7 +97,11 @@ fn three_nodes_train_a_4m_model_in_bounded_memory_and_disk() {
     let head = finals[0]["head_params"].as_str().unwrap().to_owned();
     for s in &finals {
         assert!(s["round"].as_u64().unwrap() >= ROUNDS, "{s}");
-        assert_eq!(s["head_params"].as_str(), Some(head.as_str()), "heads differ");
+        assert_eq!(
+            s["head_params"].as_str(),
+            Some(head.as_str()),
+            "heads differ"
+        );
     }
 
     // Memory: three times the model's f32 size and 200 MB, whatever the
@@ -123,7 +124,10 @@ fn three_nodes_train_a_4m_model_in_bounded_memory_and_disk() {
     let retention = ((KEEP + 2) * per_round) as f64 * 1.25 + 16e6;
     for (i, d) in dirs.iter().enumerate() {
         let store = d.join("store");
-        let (packs, meta) = (disk_bytes(&store.join("packs")), disk_bytes(&store.join("meta")));
+        let (packs, meta) = (
+            disk_bytes(&store.join("packs")),
+            disk_bytes(&store.join("meta")),
+        );
         eprintln!(
             "node {i}: {packs} bytes of packs, {meta} of database, {} of chunks held ({:.1} models)",
             finals[i]["store_chunk_bytes"],

@@ -24,6 +24,7 @@ use tapestry_protocol::{ContentId, DeltaManifest, ModelManifest, NodeId, Verifie
 use crate::aggregate::{AggregateError, Held, Values};
 use crate::door::{Door, Rejected};
 use crate::engine::EngineConfig;
+use crate::outer::OuterOptimizer;
 
 mod branches;
 
@@ -282,6 +283,23 @@ pub fn aggregate_onto_owned(
         .collect();
     // No node-local centre: clipping centres on the coordinate-wise median,
     // which every node computes alike.
+    let stateless = match &cfg.outer {
+        OuterOptimizer::Sgd { .. } => true,
+        OuterOptimizer::Nesterov { buffer, .. } => buffer.is_empty(),
+    };
+    if stateless && values.iter().all(|v| v.len() == params.len()) {
+        // The outer step taken block by block as the aggregate comes: the
+        // aggregate is never held whole. A step from an empty buffer is a
+        // function of each coordinate alone, so this is the whole step, bit
+        // for bit.
+        cfg.rule
+            .aggregate_blocks(&values, &weights, None, |start, block| {
+                cfg.outer
+                    .clone()
+                    .step(&mut params[start..start + block.len()], block);
+            })?;
+        return Ok(params);
+    }
     let aggregate = cfg.rule.aggregate_values(&values, &weights, None)?;
     cfg.outer.clone().step(&mut params, &aggregate);
     Ok(params)
