@@ -61,13 +61,50 @@ pub enum AggregateError {
         /// What the codec said.
         source: CodecError,
     },
+    /// A stored input's bytes could not be read (a local failure, not the
+    /// input's author's).
+    #[error("input {index}: cannot read its payload: {reason}")]
+    Read {
+        /// Which input.
+        index: usize,
+        /// What the source said.
+        reason: String,
+    },
+}
+
+/// A payload read on demand, a byte range at a time: a delta kept in a
+/// store, aggregated without ever being loaded whole.
+pub trait PayloadSource: std::fmt::Debug {
+    /// Bytes `start .. start + out.len()` of the payload into `out`.
+    fn read_at(&self, start: usize, out: &mut [u8]) -> Result<(), String>;
+}
+
+/// Bytes per value of a codec whose values sit at fixed places in its
+/// payload (`f32`, `bf16`): the ones a [`Values::Stored`] input may use.
+pub fn fixed_width(codec: Codec) -> Option<usize> {
+    match codec {
+        Codec::F32 => Some(4),
+        Codec::Bf16 => Some(2),
+        _ => None,
+    }
 }
 
 /// One input of [`AggregationRule::aggregate_values`]: a vector in memory,
 /// or a payload that aggregation decodes a block of coordinates at a time
-/// (so a node holds the encoded deltas, not a decoded copy of each).
+/// (so a node holds the encoded deltas, not a decoded copy of each), or a
+/// payload it reads a block at a time from where it is kept.
 #[derive(Debug, Clone, Copy)]
 pub enum Values<'a> {
+    /// A payload of a fixed-width codec ([`fixed_width`]) of `len` values,
+    /// read from `source` as needed.
+    Stored {
+        /// Its codec (`f32` or `bf16`).
+        codec: Codec,
+        /// The payload.
+        source: &'a dyn PayloadSource,
+        /// How many values it holds.
+        len: usize,
+    },
     /// Decoded values.
     Decoded(&'a [f32]),
     /// A payload the door accepted, of `len` values in `codec`.
@@ -145,7 +182,7 @@ impl Values<'_> {
     pub fn len(&self) -> usize {
         match self {
             Values::Decoded(v) => v.len(),
-            Values::Encoded { len, .. } => *len,
+            Values::Encoded { len, .. } | Values::Stored { len, .. } => *len,
         }
     }
 
@@ -168,6 +205,26 @@ impl Values<'_> {
             } => codec
                 .decode_range(payload, *len, start, out)
                 .map_err(|source| AggregateError::Decode { index, source }),
+            Values::Stored { codec, source, len } => {
+                let width = fixed_width(*codec).ok_or(AggregateError::Decode {
+                    index,
+                    source: CodecError::Corrupt("a stored input must have a fixed-width codec"),
+                })?;
+                if start + out.len() > *len {
+                    return Err(AggregateError::Decode {
+                        index,
+                        source: CodecError::Corrupt("range beyond the vector"),
+                    });
+                }
+                let mut bytes = vec![0u8; out.len() * width];
+                source
+                    .read_at(start * width, &mut bytes)
+                    .map_err(|reason| AggregateError::Read { index, reason })?;
+                // A fixed-width range is a payload of its own.
+                codec
+                    .decode_range(&bytes, out.len(), 0, out)
+                    .map_err(|source| AggregateError::Decode { index, source })
+            }
         }
     }
 }
@@ -671,7 +728,7 @@ fn for_blocks(
         let end = (start + BLOCK).min(len);
         match v {
             Values::Decoded(values) => f(start, &values[start..end]),
-            Values::Encoded { .. } => {
+            Values::Encoded { .. } | Values::Stored { .. } => {
                 let block = &mut buf[..end - start];
                 v.read(index, start, block)?;
                 f(start, block);
@@ -709,7 +766,7 @@ fn stream_mean(
         for (index, (v, w)) in inputs.iter().zip(&scaled).enumerate() {
             let block: &[f32] = match v {
                 Values::Decoded(values) => &values[start..end],
-                Values::Encoded { .. } => {
+                Values::Encoded { .. } | Values::Stored { .. } => {
                     let b = &mut buf[..end - start];
                     v.read(index, start, b)?;
                     b

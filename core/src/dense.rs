@@ -304,8 +304,8 @@ pub(crate) fn evaluate(layers: &[(usize, usize)], p: &[f32], data: &Dataset) -> 
     ((loss / n as f64) as f32, correct as f32 / n as f32)
 }
 
-/// The optimiser's update of one slice, as [`step_slices`] does it, with
-/// the moments of the same coordinates.
+/// Steps on a slice of the parameters at a time, with the moments of the
+/// same coordinates.
 impl InnerState {
     /// Counts a step and returns its number (from 1).
     pub(crate) fn next_step(&mut self) -> u64 {

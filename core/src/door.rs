@@ -8,6 +8,8 @@ use std::fmt;
 
 use tapestry_protocol::{CodecError, DeltaManifest, NodeId, TensorSpec};
 
+use crate::aggregate::{PayloadSource, fixed_width};
+
 /// Values the door decodes at a time when it checks a payload (64 KiB of
 /// f32).
 pub const DECODE_BLOCK: usize = 16_384;
@@ -463,6 +465,55 @@ impl Door {
         self.judge_payload(m, payload).map(|_| ())
     }
 
+    /// [`Door::check_named_payload`] for a payload of a fixed-width codec
+    /// read from where it is kept, a block at a time. `Err(None)`: the
+    /// source could not be read (a local failure, nobody's fault).
+    pub fn check_named_source(
+        &self,
+        m: &DeltaManifest,
+        source: &dyn PayloadSource,
+    ) -> Result<(), Option<Rejected>> {
+        let reject = |reason| {
+            Some(Rejected {
+                sender: m.author,
+                reason,
+            })
+        };
+        let n = self.n_values();
+        let Some(width) = fixed_width(m.codec) else {
+            return Err(None);
+        };
+        let expected = m.codec.encoded_len(n).unwrap_or(0);
+        if m.payload_bytes != expected as u64 {
+            return Err(reject(Rejection::WrongLength {
+                expected,
+                found: usize::try_from(m.payload_bytes).unwrap_or(usize::MAX),
+            }));
+        }
+        let mut bytes = vec![0u8; DECODE_BLOCK.min(n) * width];
+        let mut values = vec![0f32; DECODE_BLOCK.min(n)];
+        let mut squares = 0f64;
+        let mut start = 0;
+        while start < n {
+            let len = DECODE_BLOCK.min(n - start);
+            let (b, v) = (&mut bytes[..len * width], &mut values[..len]);
+            source.read_at(start * width, b).map_err(|_| None)?;
+            m.codec
+                .decode_range(b, len, 0, v)
+                .map_err(|e| reject(Rejection::Undecodable(e)))?;
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(reject(Rejection::NonFinite { index: start + i }));
+            }
+            for x in v.iter() {
+                squares += f64::from(*x).powi(2);
+            }
+            start += len;
+        }
+        self.judge_norm(m.author, m.l2_norm, squares.sqrt() as f32)
+            .map(|_| ())
+            .map_err(Some)
+    }
+
     /// The current norm limit (multiple × median of recent norms), once
     /// enough norms were seen.
     pub fn norm_limit(&self) -> Option<f32> {
@@ -572,6 +623,60 @@ mod tests {
             created_unix_ms: 0,
         };
         (m, payload)
+    }
+
+    /// A payload in memory offered as a source (one that cannot be read
+    /// when the flag is set).
+    #[derive(Debug)]
+    struct Memory(Vec<u8>, bool);
+
+    impl PayloadSource for Memory {
+        fn read_at(&self, start: usize, out: &mut [u8]) -> Result<(), String> {
+            if self.1 {
+                return Err("unreadable".into());
+            }
+            let src = self.0.get(start..start + out.len()).ok_or("short")?;
+            out.copy_from_slice(src);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_payload_read_from_its_source_is_judged_as_in_memory() {
+        let mut door = Door::new(DoorConfig::default(), "m", "r", layout());
+        for i in 0..4 {
+            let (m, p) = manifest(&[1.0 + i as f32 * 0.1, 0.0, 0.0, 0.0], 5);
+            door.check_payload(&m, &p).unwrap();
+        }
+        let (mut mismatched, p) = manifest(&[1.0, 0.0, 0.0, 0.0], 5);
+        mismatched.l2_norm = 0.5;
+        let cases = [
+            manifest(&[1.0, -0.5, 0.25, 0.0], 5),
+            manifest(&[f32::NAN, 0.0, 0.0, 0.0], 5),
+            manifest(&[1.0, f32::INFINITY, 0.0, 0.0], 5),
+            manifest(&[100.0, 0.0, 0.0, 0.0], 5),
+            (mismatched, p),
+        ];
+        for (m, p) in cases {
+            let whole = door.check_named_payload(&m, &p);
+            let source = door.check_named_source(&m, &Memory(p.clone(), false));
+            assert_eq!(whole.map_err(Some), source, "{:?}", m.l2_norm);
+        }
+        // A manifest whose length is not the layout's, and a source that
+        // cannot be read (nobody's fault: no rejection).
+        let (mut m, p) = manifest(&[1.0, 0.0, 0.0, 0.0], 5);
+        assert_eq!(
+            door.check_named_source(&m, &Memory(p.clone(), true)),
+            Err(None)
+        );
+        m.payload_bytes = 12;
+        assert!(matches!(
+            door.check_named_source(&m, &Memory(p, false)),
+            Err(Some(Rejected {
+                reason: Rejection::WrongLength { .. },
+                ..
+            }))
+        ));
     }
 
     #[test]

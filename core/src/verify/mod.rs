@@ -19,9 +19,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use tapestry_protocol::{ContentId, DeltaManifest, ModelManifest, NodeId, Verified};
+use tapestry_protocol::{Codec, ContentId, DeltaManifest, ModelManifest, NodeId, Verified};
 
-use crate::aggregate::{AggregateError, Held, Values};
+use crate::aggregate::{AggregateError, Held, PayloadSource, Values, fixed_width};
 use crate::door::{Door, Rejected};
 use crate::engine::EngineConfig;
 use crate::outer::OuterOptimizer;
@@ -66,6 +66,14 @@ pub trait Lineage {
     fn has_payload(&self, d: &Verified<DeltaManifest>) -> bool;
     /// A delta's payload, if every chunk is held.
     fn payload(&self, d: &Verified<DeltaManifest>) -> Option<Vec<u8>>;
+    /// A delta's payload to be read a range at a time where it is kept,
+    /// rather than loaded whole ([`Lineage::payload`]): a store offers one
+    /// for payloads of a fixed-width codec, so a recomputation holds none
+    /// of its deltas in memory. `None` (the default): load it whole.
+    fn payload_source(&self, d: &Verified<DeltaManifest>) -> Option<Box<dyn PayloadSource + '_>> {
+        let _ = d;
+        None
+    }
     /// Whether this node verified the version (made it, recomputed it, or
     /// derived it: the genesis).
     fn is_verified(&self, id: &ContentId) -> bool;
@@ -594,7 +602,7 @@ pub fn verify_version(
         let recent = recent_deltas(l, p.id(), m.round.saturating_sub(cfg.door.staleness));
         let mut votes = BTreeSet::new();
         let mut ids = BTreeSet::new();
-        let mut held: Vec<(ContentId, u64, Held)> = Vec::with_capacity(m.deltas.len());
+        let mut held: Vec<(ContentId, u64, Codec, Input<'_>)> = Vec::with_capacity(m.deltas.len());
         for d in &m.deltas {
             if !ids.insert(*d) {
                 return Err(VersionRejection::Malformed("names a delta twice".into()));
@@ -612,31 +620,58 @@ pub fn verify_version(
                     round: dmm.round,
                 });
             }
-            let payload = l.payload(&dm).ok_or(VersionRejection::UnknownDelta(*d))?;
-            door.check_named_payload(dmm, &payload)
-                .map_err(VersionRejection::DeltaRejected)?;
-            // The payload, decoded a block at a time as it is aggregated.
-            held.push((
-                *d,
-                dmm.sample_count,
-                Held::Encoded {
-                    codec: dmm.codec,
-                    payload: std::sync::Arc::new(payload),
-                    len: door.n_values(),
-                },
-            ));
+            // Read where it is kept a block at a time if the lineage can,
+            // else loaded whole; decoded a block at a time either way.
+            let input = match l
+                .payload_source(&dm)
+                .filter(|_| fixed_width(dmm.codec).is_some())
+            {
+                Some(source) => {
+                    door.check_named_source(dmm, source.as_ref())
+                        .map_err(|e| match e {
+                            Some(r) => VersionRejection::DeltaRejected(r),
+                            None => VersionRejection::UnknownDelta(*d),
+                        })?;
+                    Input::Stored(source)
+                }
+                None => {
+                    let payload = l.payload(&dm).ok_or(VersionRejection::UnknownDelta(*d))?;
+                    door.check_named_payload(dmm, &payload)
+                        .map_err(VersionRejection::DeltaRejected)?;
+                    Input::Held(Held::Encoded {
+                        codec: dmm.codec,
+                        payload: std::sync::Arc::new(payload),
+                        len: door.n_values(),
+                    })
+                }
+            };
+            held.push((*d, dmm.sample_count, dmm.codec, input));
         }
+        let n = door.n_values();
         let inputs: Vec<DeltaInput<'_>> = held
             .iter()
-            .map(|(id, samples, values)| DeltaInput {
+            .map(|(id, samples, codec, input)| DeltaInput {
                 id: *id,
                 sample_count: *samples,
-                values: values.values(),
+                values: match input {
+                    Input::Held(h) => h.values(),
+                    Input::Stored(source) => Values::Stored {
+                        codec: *codec,
+                        source: source.as_ref(),
+                        len: n,
+                    },
+                },
             })
             .collect();
-        let params = l
-            .aggregate(cfg, p.id(), pp, &inputs)
-            .map_err(|e| VersionRejection::Malformed(e.to_string()))?;
+        let mut order: Vec<ContentId> = held.iter().map(|(id, ..)| *id).collect();
+        order.sort();
+        let params = l.aggregate(cfg, p.id(), pp, &inputs).map_err(|e| match e {
+            // The store failed under us: nobody's fault.
+            AggregateError::Read { index, .. } => {
+                VersionRejection::UnknownDelta(order.get(index).copied().unwrap_or(p.id()))
+            }
+            e => VersionRejection::Malformed(e.to_string()),
+        })?;
         let authors: BTreeSet<NodeId> = votes.iter().map(|(a, _)| *a).collect();
         (params, authors.len())
     };
@@ -644,6 +679,13 @@ pub fn verify_version(
         return Err(VersionRejection::Mismatch);
     }
     Ok(Checked { params, authors })
+}
+
+/// A delta as a recomputation holds it: in memory, or read where it is
+/// kept.
+enum Input<'a> {
+    Held(Held),
+    Stored(Box<dyn PayloadSource + 'a>),
 }
 
 /// The deltas aggregated into `version` and its ancestors of round

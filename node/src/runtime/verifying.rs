@@ -374,6 +374,65 @@ pub(super) struct StoreLineage<'a> {
     deltas: HashMap<ContentId, Verified<DeltaManifest>>,
 }
 
+/// A delta's payload read from the store a range at a time, each chunk
+/// verified (BLAKE3) as it is read, the last one read kept: what a
+/// recomputation aggregates from, so it never loads a delta whole.
+struct StoredPayload<'a> {
+    store: &'a Store,
+    ids: Vec<ContentId>,
+    chunk: usize,
+    cached: std::cell::RefCell<Option<(usize, tapestry_storage::Bytes)>>,
+}
+
+impl std::fmt::Debug for StoredPayload<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredPayload")
+            .field("chunks", &self.ids.len())
+            .field("chunk", &self.chunk)
+            .finish()
+    }
+}
+
+impl StoredPayload<'_> {
+    /// Chunk `i`, from the one kept or the store.
+    fn chunk_bytes(&self, i: usize) -> Result<tapestry_storage::Bytes, String> {
+        if let Some((at, bytes)) = &*self.cached.borrow()
+            && *at == i
+        {
+            return Ok(bytes.clone());
+        }
+        let id = self
+            .ids
+            .get(i)
+            .ok_or("a range beyond the payload's chunks")?;
+        let bytes = self
+            .store
+            .get_verified(id)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("chunk {} is not held", id.short()))?;
+        *self.cached.borrow_mut() = Some((i, bytes.clone()));
+        Ok(bytes)
+    }
+}
+
+impl tapestry_core::aggregate::PayloadSource for StoredPayload<'_> {
+    fn read_at(&self, start: usize, out: &mut [u8]) -> Result<(), String> {
+        let mut done = 0;
+        while done < out.len() {
+            let pos = start + done;
+            let (i, off) = (pos / self.chunk, pos % self.chunk);
+            let bytes = self.chunk_bytes(i)?;
+            let take = bytes.len().saturating_sub(off).min(out.len() - done);
+            if take == 0 {
+                return Err("the payload is shorter than its manifest says".into());
+            }
+            out[done..done + take].copy_from_slice(&bytes[off..off + take]);
+            done += take;
+        }
+        Ok(())
+    }
+}
+
 impl Lineage for StoreLineage<'_> {
     fn model(&self, id: &ContentId) -> Option<Verified<ModelManifest>> {
         self.models
@@ -399,6 +458,20 @@ impl Lineage for StoreLineage<'_> {
     fn payload(&self, d: &Verified<DeltaManifest>) -> Option<Vec<u8>> {
         let m = d.message();
         self.store.read_payload(&m.chunk_ids, m.payload_bytes).ok()
+    }
+
+    fn payload_source(
+        &self,
+        d: &Verified<DeltaManifest>,
+    ) -> Option<Box<dyn tapestry_core::aggregate::PayloadSource + '_>> {
+        let m = d.message();
+        let chunk = usize::try_from(m.chunk_size).ok().filter(|c| *c > 0)?;
+        Some(Box::new(StoredPayload {
+            store: self.store,
+            ids: m.chunk_ids.clone(),
+            chunk,
+            cached: std::cell::RefCell::new(None),
+        }))
     }
 
     fn is_verified(&self, id: &ContentId) -> bool {
