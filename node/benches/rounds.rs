@@ -12,15 +12,19 @@
 //! evaluate, encode, hash, sign, store, announce, fetch, check_chunks,
 //! decode, aggregate, verify, adopt, engine), each node's peak RSS
 //! (VmHWM), and, in the same run, how long moving each node's bytes of a
-//! round takes over plain loopback TCP (three connections at once, one per
-//! node, each carrying that node's received bytes per round): the round's
+//! round takes over plain loopback TCP (one connection per node, all at
+//! once, each carrying that node's received bytes per round): the round's
 //! overhead (median round minus training and evaluation) against that.
 //!
 //! `cargo bench -p tapestry-node --bench rounds [-- small|medium|large|huge]`
 //! (needs the digits data set at `../shared/data/digits.csv.gz`; `huge`,
 //! 100 million parameters, is run only when named). The nodes send f32
 //! deltas; `TAPESTRY_BENCH_CODEC=topk-int8:0.01` (any codec) sets another,
-//! `TAPESTRY_BENCH_KEEP=K` the versions each node keeps (`keep_versions`).
+//! `TAPESTRY_BENCH_KEEP=K` the versions each node keeps (`keep_versions`),
+//! `TAPESTRY_BENCH_NODES=N` the number of nodes (3 by default). It also
+//! reports each node's upload as an author (`own_bytes_out`: its own
+//! deltas' chunks served to peers) in copies of its delta per round: with
+//! swarming, members share an author's upload.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -70,11 +74,21 @@ const CASES: [Case; 4] = [
     },
 ];
 
+/// Nodes in the run (`TAPESTRY_BENCH_NODES`, default 3).
+fn nodes() -> usize {
+    std::env::var("TAPESTRY_BENCH_NODES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|n| *n >= 2)
+        .unwrap_or(3)
+}
+
 fn start(dir: &Path, shard: usize, boot: Option<&str>) -> NodeProcess {
     let _ = std::fs::remove_file(dir.join("node.log"));
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_tapestry"));
     let digits = tapestry_testkit::digits_arg();
-    let shard = format!("{shard}/3");
+    let shard = format!("{shard}/{}", nodes());
+    let start_peers = (nodes() - 1).to_string();
     let args = [
         "--min-round-ms",
         "0",
@@ -83,7 +97,7 @@ fn start(dir: &Path, shard: usize, boot: Option<&str>) -> NodeProcess {
         "--shard",
         &shard,
         "--start-peers",
-        "2",
+        &start_peers,
     ];
     let mut cmd = tapestry_lab::process::local_run(bin, dir, &args);
     if let Some(b) = boot {
@@ -117,7 +131,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn run(case: &Case) {
     let tmp = tempfile::tempdir().unwrap();
-    let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("n{i}"))).collect();
+    let n_nodes = nodes();
+    let dirs: Vec<PathBuf> = (0..n_nodes)
+        .map(|i| tmp.path().join(format!("n{i}")))
+        .collect();
     for d in &dirs {
         let bin = std::path::Path::new(env!("CARGO_BIN_EXE_tapestry"));
         tapestry_lab::process::init(bin, d, &["--region", "bench"]).unwrap();
@@ -150,7 +167,7 @@ fn run(case: &Case) {
         .collect();
 
     // When each node was first seen in each round.
-    let mut seen: Vec<Vec<(u64, Instant)>> = vec![Vec::new(); 3];
+    let mut seen: Vec<Vec<(u64, Instant)>> = vec![Vec::new(); n_nodes];
     let deadline =
         Instant::now() + Duration::from_secs(60 + case.rounds * (case.timeout_ms / 1000).max(120));
     let finals = loop {
@@ -224,9 +241,9 @@ fn run(case: &Case) {
     );
     let med = median(round_ms.clone());
     let per_round = recompute_ms / rounds;
-    let accuracy = sum("accuracy") / 3.0;
+    let accuracy = sum("accuracy") / n_nodes as f64;
     println!(
-        "{}: {} ({} rounds, {} inner steps), 3 nodes on loopback",
+        "{}: {} ({} rounds, {} inner steps), {n_nodes} nodes on loopback",
         case.name, case.architecture, case.rounds, case.local_steps
     );
     println!(
@@ -307,9 +324,24 @@ fn run(case: &Case) {
         })
         .collect();
     let raw: Vec<f64> = (0..3).map(|_| raw_tcp_seconds(&per_round)).collect();
+    // Each node's upload as an author: its own deltas' bytes served, per
+    // round, in copies of one delta (the head's payload size).
+    println!(
+        "  author's upload per round, in copies of its delta: {}",
+        finals
+            .iter()
+            .map(|s| format!(
+                "{:.2}",
+                s["own_bytes_out"].as_u64().unwrap_or(0) as f64
+                    / s["round"].as_u64().unwrap_or(1).max(1) as f64
+                    / model_bytes as f64
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let raw_ms = median(raw.clone()) * 1e3;
     println!(
-        "  bytes in per round: {} (nodes 0, 1, 2)",
+        "  bytes in per round: {} (node by node)",
         per_round
             .iter()
             .map(|b| format!("{:.1} MB", *b as f64 / 1e6))
@@ -317,7 +349,7 @@ fn run(case: &Case) {
             .join(", ")
     );
     println!(
-        "  raw TCP, the same bytes (three connections at once): median {raw_ms:.1} ms of 3 ({:?} s)",
+        "  raw TCP, the same bytes (one connection per node, all at once): median {raw_ms:.1} ms of 3 ({:?} s)",
         raw.iter()
             .map(|r| (r * 1e3).round() / 1e3)
             .collect::<Vec<_>>()
@@ -327,7 +359,7 @@ fn run(case: &Case) {
         overhead / raw_ms
     );
     println!(
-        "  store at the end (keep_versions {}): {} (nodes 0, 1, 2; one model: {:.1} MB)",
+        "  store at the end (keep_versions {}): {} (node by node; one model: {:.1} MB)",
         std::env::var("TAPESTRY_BENCH_KEEP").unwrap_or_else(|_| "256, the default".into()),
         stores
             .iter()
@@ -344,7 +376,7 @@ fn run(case: &Case) {
         model_bytes as f64 / 1e6
     );
     println!(
-        "  peak RSS (VmHWM): {} (nodes 0, 1, 2)",
+        "  peak RSS (VmHWM): {} (node by node)",
         peak_rss
             .iter()
             .map(|b| format!("{:.0} MB", *b as f64 / 1e6))

@@ -109,3 +109,31 @@ mod tests {
         assert!(f.shares(&b));
     }
 }
+
+/// Rounds of this node's own deltas whose chunks are remembered.
+const OWN_ROUNDS: u64 = 4;
+
+/// The chunk ids of this node's own deltas of its latest rounds, so that
+/// serving one counts as the author's upload (`own_bytes_out`).
+#[derive(Debug, Default)]
+pub struct OwnChunks {
+    chunks: Mutex<HashMap<ContentId, u64>>,
+}
+
+impl OwnChunks {
+    /// This node published a delta of `round` cut into `ids`; chunks of
+    /// deltas [`OWN_ROUNDS`] or more rounds older are forgotten.
+    pub fn note(&self, round: u64, ids: &[ContentId]) {
+        let mut chunks = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
+        chunks.retain(|_, r| *r + OWN_ROUNDS > round);
+        chunks.extend(ids.iter().map(|id| (*id, round)));
+    }
+
+    /// Whether `id` is a chunk of one of this node's recent deltas.
+    pub fn contains(&self, id: &ContentId) -> bool {
+        self.chunks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id)
+    }
+}

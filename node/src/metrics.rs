@@ -135,6 +135,9 @@ pub struct Metrics {
     pub bytes_in: Counter,
     /// Application bytes sent.
     pub bytes_out: Counter,
+    /// Bytes of this node's own deltas' chunks served to peers (its
+    /// upload as an author; with swarming about one copy per delta).
+    pub own_bytes_out: Counter,
     /// Test accuracy of the head on the local split.
     pub accuracy: Gauge<f64, AtomicU64>,
     /// A language model's bits per byte on the local held-out text.
@@ -199,6 +202,7 @@ impl Metrics {
             chunks_fetched: Counter::default(),
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
+            own_bytes_out: Counter::default(),
             accuracy: Gauge::default(),
             bits_per_byte: Gauge::default(),
             peers: Gauge::default(),
@@ -233,6 +237,11 @@ impl Metrics {
             "deltas_rejected",
             "Deltas and messages rejected, by reason",
             m.deltas_rejected.clone(),
+        );
+        r.register(
+            "own_bytes_out",
+            "Bytes of this node's own deltas served to peers",
+            m.own_bytes_out.clone(),
         );
         r.register(
             "chunks_served",

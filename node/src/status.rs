@@ -59,6 +59,9 @@ pub struct Status {
     pub bytes_in: u64,
     /// Application bytes sent (gossip and served chunks).
     pub bytes_out: u64,
+    /// Bytes of this node's own deltas served to peers: its upload as an
+    /// author.
+    pub own_bytes_out: u64,
     /// Deltas accepted.
     pub deltas_accepted: u64,
     /// Deltas and messages rejected, by reason.
@@ -257,6 +260,9 @@ pub struct Shared {
     /// Chunks the node's fetches hold before storing them (served to peers
     /// fetching the same payload).
     pub inflight: Arc<crate::inflight::InFlight>,
+    /// The chunks of this node's own recent deltas (to count its upload as
+    /// an author).
+    pub own: Arc<crate::inflight::OwnChunks>,
 }
 
 impl Shared {
@@ -269,6 +275,7 @@ impl Shared {
             health: Arc::default(),
             disk: Arc::default(),
             inflight: Arc::default(),
+            own: Arc::default(),
         }
     }
 
@@ -293,6 +300,7 @@ impl Shared {
         let m = &self.metrics;
         s.bytes_in = m.bytes_in.get();
         s.bytes_out = m.bytes_out.get();
+        s.own_bytes_out = m.own_bytes_out.get();
         s.deltas_accepted = m.deltas_accepted.get();
         s.versions_verified = m.versions_verified.get();
         s.versions_attested = m.versions_attested.get();

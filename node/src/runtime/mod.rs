@@ -791,6 +791,7 @@ impl Node {
             ))
         });
         self.shared.metrics.time(Stage::Store, started.elapsed());
+        self.shared.own.note(m.round, &m.chunk_ids);
         if let Err(e) = stored {
             tracing::error!(error = %e, "cannot store own delta; not announcing it");
             self.store_failed(&e);

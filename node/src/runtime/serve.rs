@@ -145,6 +145,7 @@ impl Node {
                 };
                 let (store, net, shared) =
                     (self.store.clone(), self.net.clone(), self.shared.clone());
+                let own = matches!(&request, FetchRequest::Chunk(id) if shared.own.contains(id));
                 tokio::spawn(async move {
                     let response = tokio::task::spawn_blocking(move || read(&store, &request))
                         .await
@@ -153,6 +154,9 @@ impl Node {
                     if let FetchResponse::Chunk(bytes) = &response {
                         shared.metrics.chunks_served.inc();
                         shared.metrics.bytes_out.inc_by(bytes.len() as u64);
+                        if own {
+                            shared.metrics.own_bytes_out.inc_by(bytes.len() as u64);
+                        }
                     }
                     let _ = net.respond(channel, response).await;
                 });
@@ -274,20 +278,22 @@ async fn serve_stream(
     let mut reads = futures::stream::iter(ids)
         .map(|id| {
             let (store, inflight) = (store.clone(), shared.inflight.clone());
+            let own = shared.own.contains(&id);
             async move {
                 // From the store, or else from a fetch of this node's that
                 // holds it (checked on arrival) and has not stored it yet.
-                tokio::task::spawn_blocking(move || match store.get_verified(&id) {
+                let held = tokio::task::spawn_blocking(move || match store.get_verified(&id) {
                     Ok(Some(bytes)) => Some(Held::Stored(bytes)),
                     _ => inflight.get(&id).map(Held::InFlight),
                 })
                 .await
                 .ok()
-                .flatten()
+                .flatten();
+                (own, held)
             }
         })
         .buffered(STREAM_READ_AHEAD);
-    while let Some(chunk) = reads.next().await {
+    while let Some((own, chunk)) = reads.next().await {
         let write = async {
             match &chunk {
                 Some(bytes) => net::write_chunk(&mut stream, bytes.as_ref()).await,
@@ -300,6 +306,12 @@ async fn serve_stream(
         if let Some(bytes) = &chunk {
             shared.metrics.chunks_served.inc();
             shared.metrics.bytes_out.inc_by(bytes.as_ref().len() as u64);
+            if own {
+                shared
+                    .metrics
+                    .own_bytes_out
+                    .inc_by(bytes.as_ref().len() as u64);
+            }
         }
     }
     drop(slot);
