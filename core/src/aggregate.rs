@@ -135,6 +135,16 @@ pub enum Held {
         /// How many values it holds.
         len: usize,
     },
+    /// A payload of a fixed-width codec kept where it was stored and read
+    /// from there as it is aggregated: nothing of it in memory.
+    Stored {
+        /// Its codec (`f32` or `bf16`).
+        codec: Codec,
+        /// Where it is read from.
+        source: std::sync::Arc<dyn PayloadSource + Send + Sync>,
+        /// How many values it holds.
+        len: usize,
+    },
 }
 
 impl Held {
@@ -156,6 +166,11 @@ impl Held {
     pub fn values(&self) -> Values<'_> {
         match self {
             Held::Decoded(v) => Values::Decoded(v),
+            Held::Stored { codec, source, len } => Values::Stored {
+                codec: *codec,
+                source: source.as_ref(),
+                len: *len,
+            },
             Held::Encoded {
                 codec,
                 payload,
@@ -173,6 +188,7 @@ impl Held {
         match self {
             Held::Decoded(v) => v.len() * 4,
             Held::Encoded { payload, .. } => payload.len(),
+            Held::Stored { .. } => 0,
         }
     }
 }

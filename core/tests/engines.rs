@@ -241,6 +241,32 @@ fn the_same_inputs_give_byte_identical_versions() {
 }
 
 #[test]
+fn deltas_read_from_where_they_are_kept_give_the_same_versions() {
+    // The shell tells each engine its deltas are stored; the engine drops
+    // its copy and reads them from there when a round closes. The same
+    // versions, byte for byte; and when the store fails a read, the engine
+    // asks for the delta again and closes the round on it.
+    let (train, _) = digits();
+    let run = |stored: Option<bool>| {
+        let mut net = net(
+            shards(&train, 4, Partition::Dirichlet(0.5)),
+            AggregationRule::Mean,
+            DoorConfig::default(),
+        );
+        net.stored = stored;
+        net.run(5);
+        net.adopted
+            .iter()
+            .map(|v| v.iter().map(|m| m.id()).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    };
+    let plain = run(None);
+    assert_eq!(plain.iter().map(Vec::len).min(), Some(5));
+    assert_eq!(run(Some(false)), plain, "read from the store");
+    assert_eq!(run(Some(true)), plain, "a failed read, fetched again");
+}
+
+#[test]
 fn nan_and_misshapen_deltas_are_rejected_with_their_reasons() {
     let (train, _) = digits();
     let mut net = net(

@@ -11,6 +11,10 @@
 //! graphs, other modes or engines) it sets through the public fields.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tapestry_core::aggregate::PayloadSource;
 
 use tapestry_core::data::Dataset;
 use tapestry_core::door::{Door, Rejection};
@@ -18,6 +22,38 @@ use tapestry_core::engine::{Action, Engine, EngineConfig, Input, genesis};
 use tapestry_core::model::{InnerState, TrainConfig, TrainReport, evaluate, train_local};
 use tapestry_core::verify::Lineage;
 use tapestry_protocol::{ContentId, DeltaManifest, Keypair, ModelManifest, Verified};
+
+/// A payload offered to an engine as stored ([`Swarm::stored`]): read from
+/// memory, its first read failing if asked.
+#[derive(Debug)]
+pub struct Kept {
+    bytes: Arc<Vec<u8>>,
+    fail_first: AtomicBool,
+}
+
+impl Kept {
+    /// `bytes`, whose first read fails if `fail_first`.
+    pub fn new(bytes: Arc<Vec<u8>>, fail_first: bool) -> Self {
+        Kept {
+            bytes,
+            fail_first: AtomicBool::new(fail_first),
+        }
+    }
+}
+
+impl PayloadSource for Kept {
+    fn read_at(&self, start: usize, out: &mut [u8]) -> Result<(), String> {
+        if self.fail_first.swap(false, Ordering::Relaxed) {
+            return Err("lost".into());
+        }
+        let src = self
+            .bytes
+            .get(start..start + out.len())
+            .ok_or("beyond the payload")?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+}
 
 /// What one node holds, in memory: version and delta manifests, delta
 /// payloads (by their chunk ids) and the parameters of verified versions.
@@ -110,6 +146,14 @@ pub struct Swarm {
     pub shares: (u64, u64),
     /// The swarm's clock (ms): moves only when the queue runs dry.
     pub now: u64,
+    /// If set, each engine is told that every delta payload it was given
+    /// (and its own) is stored ([`Engine::payload_stored`]) and reads it
+    /// from a [`Kept`] source from then on; `Some(true)`: each source's
+    /// first read fails (the first source of each delta at each node), as a
+    /// store that lost the chunks would.
+    pub stored: Option<bool>,
+    /// The (node, delta) pairs given a source so far.
+    sourced: BTreeSet<(usize, ContentId)>,
     held: Vec<(usize, Input)>,
     rng: u64,
 }
@@ -173,6 +217,8 @@ impl Swarm {
             loss_percent: 0,
             shares: (0, 0),
             now: 0,
+            stored: None,
+            sourced: BTreeSet::new(),
             held: Vec::new(),
             rng: 0x2545_f491_4f6c_dd1d,
         }
@@ -180,7 +226,15 @@ impl Swarm {
 
     /// Delivers `input` to node `i` and carries out what it asks for.
     pub fn step(&mut self, i: usize, input: Input) {
+        let given = match (&input, self.stored) {
+            (Input::DeltaPayload { id, payload }, Some(_)) => Some((*id, payload.clone())),
+            _ => None,
+        };
         let actions = self.engines[i].handle(input, self.now);
+        if let (Some((id, payload)), Some(fail)) = (given, self.stored) {
+            let fail = fail && self.sourced.insert((i, id));
+            self.engines[i].payload_stored(id, Arc::new(Kept::new(payload, fail)));
+        }
         for a in actions {
             match a {
                 Action::Train {
@@ -224,6 +278,11 @@ impl Swarm {
                         _ => (manifest, payload),
                     };
                     self.lineage.add_delta(&manifest, &payload);
+                    if let Some(fail) = self.stored {
+                        let fail = fail && self.sourced.insert((i, manifest.id()));
+                        let kept = Kept::new(Arc::new(payload.clone()), fail);
+                        self.engines[i].payload_stored(manifest.id(), Arc::new(kept));
+                    }
                     if self.silent.contains(&i) {
                         continue;
                     }

@@ -37,7 +37,7 @@ use tapestry_protocol::{
     Verified,
 };
 
-use crate::aggregate::{AggregationRule, Held, Values};
+use crate::aggregate::{AggregateError, AggregationRule, Held, PayloadSource, Values, fixed_width};
 use crate::door::{Door, DoorConfig, Rejected};
 use crate::mixing::PushSum;
 use crate::model::ModelSpec;
@@ -651,6 +651,30 @@ impl Engine {
         &self.door
     }
 
+    /// The shell has stored admitted delta `id` (this node's own, or a
+    /// peer's) and offers to read it from there: the engine drops the
+    /// payload it held and aggregates the delta from `source`, a block at
+    /// a time, when its round closes. Only for fixed-width codecs (`f32`,
+    /// `bf16`); a compressed payload is small and stays in memory.
+    pub fn payload_stored(
+        &mut self,
+        id: ContentId,
+        source: std::sync::Arc<dyn PayloadSource + Send + Sync>,
+    ) {
+        let n = self.door.n_values();
+        if let Some(r) = self.received.get_mut(&id)
+            && r.values.is_some()
+            && let codec = r.manifest.message().codec
+            && fixed_width(codec).is_some()
+        {
+            r.values = Some(Held::Stored {
+                codec,
+                source,
+                len: n,
+            });
+        }
+    }
+
     /// Drops the values of the deltas the head's lineage aggregated (they
     /// are never aggregated again, and the shell's store keeps their
     /// payloads): a node holds the decoded values of the deltas still to
@@ -932,8 +956,27 @@ impl Engine {
         let lap = self.lap();
         let aggregated = aggregate_onto(&self.config, &self.params, &deltas);
         let done = self.lap();
-        let Ok(params) = aggregated else {
-            return;
+        let params = match aggregated {
+            Ok(params) => params,
+            Err(AggregateError::Read { index, .. }) => {
+                // The shell's store could not give back a delta it kept
+                // (inputs are aggregated in the order of their ids): hold
+                // it in memory again, from the store or its providers, and
+                // close when it is back.
+                let mut ids: Vec<ContentId> = deltas.iter().map(|d| d.id).collect();
+                ids.sort();
+                if let Some(id) = ids.get(index).copied()
+                    && let Some(r) = self.received.remove(&id)
+                {
+                    self.readmit.insert(id);
+                    self.pending.insert(id, r.manifest.clone());
+                    out.push(Action::Fetch {
+                        manifest: r.manifest,
+                    });
+                }
+                return;
+            }
+            Err(_) => return,
         };
         let authors = inputs
             .iter()

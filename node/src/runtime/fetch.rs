@@ -105,8 +105,12 @@ struct Work {
     /// of the chunk, or the author for this node's own share) until
     /// `release_at`.
     reserved: HashMap<ContentId, usize>,
-    /// When reserved chunks may be asked of anyone.
+    /// When reserved chunks may be asked of anyone: the swarm's grace after
+    /// the last chunk a reserved provider served (while they serve, the
+    /// wait goes on; once none has served for a grace, anyone is asked).
     release_at: Option<Instant>,
+    /// The swarm's grace (see `release_at`).
+    grace: Duration,
     /// Reserved chunks their provider said it does not hold yet: not asked
     /// of it again before then.
     not_before: HashMap<ContentId, Instant>,
@@ -215,7 +219,10 @@ impl Work {
 /// every fetcher): the owner asks the author for it, the others ask the
 /// owner — who serves it from memory as soon as it has it
 /// ([`crate::inflight::InFlight`]) — and ask anyone (the author included)
-/// only once [`Swarm::grace`] has passed or the owner cannot be asked. The
+/// only once no owner has served a chunk for [`Swarm::grace`] or the owner
+/// cannot be asked (while shares keep coming, the wait goes on: with every
+/// member an author at once, an owner may take longer than a grace to get
+/// its share, and asking the author then would undo the sharing). The
 /// author then uploads about one copy of the payload instead of one per
 /// member. A fetcher that sees other members than its peers do only asks
 /// the author sooner; nothing depends on the shares agreeing.
@@ -323,6 +330,13 @@ impl Fetch {
                 && let Some(share) = w.shares.get_mut(&who)
             {
                 share.1 += 1;
+                // Progress: the shares are coming, so wait on for the rest.
+                let now = Instant::now();
+                if let Some(t) = w.release_at
+                    && now < t
+                {
+                    w.release_at = Some(t.max(now + w.grace));
+                }
             }
         }
         self.shared.metrics.chunks_fetched.inc();
@@ -633,6 +647,7 @@ async fn fetch_into(
                     w.shares.entry(*who).or_default().0 += 1;
                 }
                 w.reserved = reserved;
+                w.grace = swarm.grace;
                 w.release_at = Some(Instant::now() + swarm.grace);
             }
         }
@@ -938,15 +953,27 @@ impl Node {
         if !self.engine.holds_delta(&id) || !self.room_for(payload.len()) {
             return;
         }
-        let (store, shared) = (self.store.clone(), self.shared.clone());
+        let (store, shared, stored) = (
+            self.store.clone(),
+            self.shared.clone(),
+            self.stored_tx.clone(),
+        );
         tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
             let kept = put_fetched(&store, manifest.message(), &payload)
                 .and_then(|_| store.put_delta_manifest(&manifest));
             shared.metrics.time(Stage::Store, started.elapsed());
-            if let Err(e) = kept {
-                tracing::warn!(error = %e, delta = %id.short(), "cannot store an admitted delta");
-                space::note_failure(&shared, &e);
+            drop(payload);
+            match kept {
+                // The engine may read it from the store from now on (and
+                // drop the copy it holds).
+                Ok(_) => {
+                    let _ = stored.blocking_send(manifest);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, delta = %id.short(), "cannot store an admitted delta");
+                    space::note_failure(&shared, &e);
+                }
             }
         });
     }

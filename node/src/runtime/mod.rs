@@ -332,6 +332,10 @@ pub struct Node {
     /// Gossiped deltas' payloads, fetched into memory.
     fetched_tx: mpsc::Sender<(Verified<DeltaManifest>, Vec<u8>)>,
     fetched_rx: mpsc::Receiver<(Verified<DeltaManifest>, Vec<u8>)>,
+    /// Admitted deltas whose payloads reached the store: the engine reads
+    /// them from there from now on.
+    stored_tx: mpsc::Sender<Verified<DeltaManifest>>,
+    stored_rx: mpsc::Receiver<Verified<DeltaManifest>>,
 }
 
 impl Node {
@@ -361,6 +365,7 @@ impl Node {
         let (heads_tx, heads_rx) = mpsc::channel(64);
         let (findings_tx, findings_rx) = mpsc::channel(64);
         let (fetched_tx, fetched_rx) = mpsc::channel(64);
+        let (stored_tx, stored_rx) = mpsc::channel(64);
         shared
             .metrics
             .store_quota_bytes
@@ -430,6 +435,8 @@ impl Node {
             ticks: 0,
             fetched_tx,
             fetched_rx,
+            stored_tx,
+            stored_rx,
         })
     }
 
@@ -596,6 +603,7 @@ impl Node {
                 Some((manifest, payload)) = self.fetched_rx.recv() => {
                     self.on_fetched(manifest, payload).await;
                 }
+                Some(manifest) = self.stored_rx.recv() => self.payload_stored(&manifest),
                 _ = tokio::time::sleep_until(silence.unwrap_or_else(Instant::now)), if silence.is_some() => {
                     for peer in self.liveness.overdue(Instant::now()) {
                         tracing::info!(%peer, "no answer to pings; disconnecting");
@@ -797,6 +805,7 @@ impl Node {
             self.store_failed(&e);
             return;
         }
+        self.payload_stored(&manifest);
         let data = manifest.envelope_bytes().to_vec();
         if let Some(path) = &self.settings.vote_file
             && let Err(e) = write_atomically(path, &data)
@@ -812,6 +821,15 @@ impl Node {
         }
         self.shared.metrics.time(Stage::Announce, started.elapsed());
         tracing::debug!(round = m.round, id = %manifest.id().short(), "delta announced");
+    }
+
+    /// An admitted delta's payload is in the store: the engine reads it from
+    /// there when its round closes rather than holding it in memory.
+    fn payload_stored(&mut self, manifest: &Verified<DeltaManifest>) {
+        if let Some(source) = verifying::StoredPayload::new(self.store.clone(), manifest.message())
+        {
+            self.engine.payload_stored(manifest.id(), Arc::new(source));
+        }
     }
 
     /// Fetches an admitted delta's payload on its own task (from the peers

@@ -376,27 +376,31 @@ pub(super) struct StoreLineage<'a> {
 
 /// A delta's payload read from the store a range at a time, each chunk
 /// verified (BLAKE3) as it is read, the last one read kept: what a
-/// recomputation aggregates from, so it never loads a delta whole.
-struct StoredPayload<'a> {
-    store: &'a Store,
+/// recomputation, and the engine when a round closes, aggregate from, so a
+/// stored delta is never loaded whole.
+pub(super) struct StoredPayload {
+    store: Store,
     ids: Vec<ContentId>,
     chunk: usize,
-    cached: std::cell::RefCell<Option<(usize, tapestry_storage::Bytes)>>,
+    cached: std::sync::Mutex<Option<(usize, tapestry_storage::Bytes)>>,
 }
 
-impl std::fmt::Debug for StoredPayload<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoredPayload")
-            .field("chunks", &self.ids.len())
-            .field("chunk", &self.chunk)
-            .finish()
+impl StoredPayload {
+    /// The payload of `m` in `store` (`None` for a chunk size of zero).
+    pub(super) fn new(store: Store, m: &DeltaManifest) -> Option<Self> {
+        let chunk = usize::try_from(m.chunk_size).ok().filter(|c| *c > 0)?;
+        Some(Self {
+            store,
+            ids: m.chunk_ids.clone(),
+            chunk,
+            cached: std::sync::Mutex::new(None),
+        })
     }
-}
 
-impl StoredPayload<'_> {
     /// Chunk `i`, from the one kept or the store.
     fn chunk_bytes(&self, i: usize) -> Result<tapestry_storage::Bytes, String> {
-        if let Some((at, bytes)) = &*self.cached.borrow()
+        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, bytes)) = &*cached
             && *at == i
         {
             return Ok(bytes.clone());
@@ -410,12 +414,21 @@ impl StoredPayload<'_> {
             .get_verified(id)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("chunk {} is not held", id.short()))?;
-        *self.cached.borrow_mut() = Some((i, bytes.clone()));
+        *cached = Some((i, bytes.clone()));
         Ok(bytes)
     }
 }
 
-impl tapestry_core::aggregate::PayloadSource for StoredPayload<'_> {
+impl std::fmt::Debug for StoredPayload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredPayload")
+            .field("chunks", &self.ids.len())
+            .field("chunk", &self.chunk)
+            .finish()
+    }
+}
+
+impl tapestry_core::aggregate::PayloadSource for StoredPayload {
     fn read_at(&self, start: usize, out: &mut [u8]) -> Result<(), String> {
         let mut done = 0;
         while done < out.len() {
@@ -464,14 +477,10 @@ impl Lineage for StoreLineage<'_> {
         &self,
         d: &Verified<DeltaManifest>,
     ) -> Option<Box<dyn tapestry_core::aggregate::PayloadSource + '_>> {
-        let m = d.message();
-        let chunk = usize::try_from(m.chunk_size).ok().filter(|c| *c > 0)?;
-        Some(Box::new(StoredPayload {
-            store: self.store,
-            ids: m.chunk_ids.clone(),
-            chunk,
-            cached: std::cell::RefCell::new(None),
-        }))
+        Some(Box::new(StoredPayload::new(
+            self.store.clone(),
+            d.message(),
+        )?))
     }
 
     fn is_verified(&self, id: &ContentId) -> bool {
