@@ -6,8 +6,9 @@
 //!
 //! - [`data`]: CSV / gzipped CSV / IDX loading, a seeded synthetic set,
 //!   stratified splits, IID / Dirichlet / k-class partitions, feature scaling.
-//! - [`model`]: logistic regression and MLPs in candle, SGD with momentum and
-//!   AdamW, evaluation, safetensors export and import.
+//! - [`model`]: logistic regression and MLPs (trained in place with
+//!   hand-written passes on the flat parameter vector, `dense`), SGD with
+//!   momentum and AdamW, evaluation, safetensors export and import.
 //! - [`text`]: text corpora (plain or `fortune` format) for byte-level
 //!   language models, with every tenth unit held out.
 //! - [`transformer`]: a byte-level GPT-2-style transformer in candle:

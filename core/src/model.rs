@@ -1,8 +1,9 @@
-//! Models and local training with candle: multinomial logistic regression
-//! and an MLP, their parameters as one named, ordered tensor set that
-//! flattens to a single f32 vector (what deltas and codecs work on), the
-//! inner optimisers (SGD with momentum, AdamW), evaluation, and safetensors
-//! export/import.
+//! Models and local training: multinomial logistic regression and an MLP
+//! (trained and evaluated by the hand-written passes of `dense`, on the
+//! flat vector itself), their parameters as one named, ordered tensor set
+//! that flattens to a single f32 vector (what deltas and codecs work on),
+//! the inner optimisers (SGD with momentum, AdamW), evaluation, and
+//! safetensors export/import (through candle).
 //!
 //! Randomness comes only from the seed passed in (initialisation and batch
 //! order), so the same inputs give the same parameters bit for bit.

@@ -114,9 +114,11 @@ struct Received {
     round: u64,
     author: NodeId,
     sample_count: u64,
-    /// Its values (decoded for `f32`, else its payload, decoded as
-    /// aggregation reads it); `None` once a version of this node aggregated
-    /// it (never aggregated twice: see [`Engine::start_round`]).
+    /// Its values: its payload (decoded as aggregation reads it), or, once
+    /// the shell has stored an `f32`/`bf16` payload, that stored payload
+    /// read from the store ([`Engine::payload_stored`]), or this node's own
+    /// decoded delta until then; `None` once a version of this node
+    /// aggregated it (never aggregated twice: see [`Engine::start_round`]).
     values: Option<Held>,
     manifest: Verified<DeltaManifest>,
 }
