@@ -58,8 +58,9 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreSection {
-    /// The versions of the latest `keep_versions` rounds are kept, with
-    /// their deltas; older versions are collected (`0`: keep everything).
+    /// The head's version and those of the `keep_versions` rounds before
+    /// it are kept, with their deltas; older versions are collected (`0`:
+    /// keep everything).
     pub keep_versions: u64,
     /// Most MiB the store may occupy (`0`: no quota, only the disk's
     /// size). Above 90 % of it the node serves what it holds but takes no
@@ -386,8 +387,8 @@ start_wait_ms = {start_wait}
 min_round_ms = {min_round}
 
 [store]
-# After every new head the node keeps the versions of its latest
-# keep_versions rounds, with their deltas, and collects older versions and
+# After every new head the node keeps the head and the versions of the
+# keep_versions rounds before it, with their deltas, and collects older versions and
 # deltas no longer needed (0 = keep everything). A peer further behind than
 # this (a long cut, a long absence) cannot catch up by recomputing from this
 # node's store: in a permissioned region it needs members' attestations.
