@@ -232,14 +232,21 @@ impl Values<'_> {
                         source: CodecError::Corrupt("range beyond the vector"),
                     });
                 }
-                let mut bytes = vec![0u8; out.len() * width];
-                source
-                    .read_at(start * width, &mut bytes)
-                    .map_err(|reason| AggregateError::Read { index, reason })?;
-                // A fixed-width range is a payload of its own.
-                codec
-                    .decode_range(&bytes, out.len(), 0, out)
-                    .map_err(|source| AggregateError::Decode { index, source })
+                // One scratch buffer per thread for the bytes of a block,
+                // not an allocation per block and input.
+                thread_local! {
+                    static BYTES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+                }
+                BYTES.with_borrow_mut(|bytes| {
+                    bytes.resize(out.len() * width, 0);
+                    source
+                        .read_at(start * width, bytes)
+                        .map_err(|reason| AggregateError::Read { index, reason })?;
+                    // A fixed-width range is a payload of its own.
+                    codec
+                        .decode_range(bytes, out.len(), 0, out)
+                        .map_err(|source| AggregateError::Decode { index, source })
+                })
             }
         }
     }

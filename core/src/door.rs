@@ -358,11 +358,16 @@ impl Door {
     /// door holds a block, not a model.
     pub fn check_payload(&mut self, m: &DeltaManifest, payload: &[u8]) -> Result<(), Rejected> {
         let norm = self.judge_payload(m, payload)?;
+        self.remember_norm(norm);
+        Ok(())
+    }
+
+    /// An admitted delta's norm joins the history the limit is drawn from.
+    fn remember_norm(&mut self, norm: f32) {
         self.recent_norms.push_back(norm);
         while self.recent_norms.len() > self.config.norm_history {
             self.recent_norms.pop_front();
         }
-        Ok(())
     }
 
     /// Whether a payload decodes (length, finiteness, every check of its
@@ -422,10 +427,7 @@ impl Door {
         values: &[f32],
     ) -> Result<(), Rejected> {
         let norm = self.judge_values(sender, declared_norm, values)?;
-        self.recent_norms.push_back(norm);
-        while self.recent_norms.len() > self.config.norm_history {
-            self.recent_norms.pop_front();
-        }
+        self.remember_norm(norm);
         Ok(())
     }
 
@@ -473,6 +475,29 @@ impl Door {
         m: &DeltaManifest,
         source: &dyn PayloadSource,
     ) -> Result<(), Option<Rejected>> {
+        self.judge_source(m, source).map(|_| ())
+    }
+
+    /// [`Door::check_payload`] for a payload of a fixed-width codec read
+    /// from where the shell kept it as it arrived, a block at a time: the
+    /// same checks and the same verdict; on success the norm joins the
+    /// history. `Err(None)`: the source could not be read.
+    pub fn check_source(
+        &mut self,
+        m: &DeltaManifest,
+        source: &dyn PayloadSource,
+    ) -> Result<(), Option<Rejected>> {
+        let norm = self.judge_source(m, source)?;
+        self.remember_norm(norm);
+        Ok(())
+    }
+
+    /// Judges a payload read from `source`; returns its norm.
+    fn judge_source(
+        &self,
+        m: &DeltaManifest,
+        source: &dyn PayloadSource,
+    ) -> Result<f32, Option<Rejected>> {
         let reject = |reason| {
             Some(Rejected {
                 sender: m.author,
@@ -510,7 +535,6 @@ impl Door {
             start += len;
         }
         self.judge_norm(m.author, m.l2_norm, squares.sqrt() as f32)
-            .map(|_| ())
             .map_err(Some)
     }
 
@@ -657,10 +681,21 @@ mod tests {
             manifest(&[100.0, 0.0, 0.0, 0.0], 5),
             (mismatched, p),
         ];
+        // A second door admits payloads from their sources (remembering
+        // their norms) while the first admits them whole: the same
+        // verdicts, and the same limit after each.
+        let mut kept = door.clone();
         for (m, p) in cases {
             let whole = door.check_named_payload(&m, &p);
             let source = door.check_named_source(&m, &Memory(p.clone(), false));
-            assert_eq!(whole.map_err(Some), source, "{:?}", m.l2_norm);
+            assert_eq!(whole.clone().map_err(Some), source, "{:?}", m.l2_norm);
+            let admitted = door.check_payload(&m, &p);
+            assert_eq!(whole, admitted);
+            assert_eq!(
+                kept.check_source(&m, &Memory(p.clone(), false)),
+                admitted.map_err(Some)
+            );
+            assert_eq!(kept.norm_limit(), door.norm_limit());
         }
         // A manifest whose length is not the layout's, and a source that
         // cannot be read (nobody's fault: no rejection).

@@ -14,7 +14,7 @@ use tapestry_core::mixing::consensus_distance;
 use tapestry_core::model::*;
 use tapestry_protocol::*;
 use tapestry_testkit::sign;
-use tapestry_testkit::swarm::Swarm;
+use tapestry_testkit::swarm::{Corrupt, Swarm};
 
 fn digits() -> (Dataset, Dataset) {
     tapestry_testkit::digits_split()
@@ -264,6 +264,59 @@ fn deltas_read_from_where_they_are_kept_give_the_same_versions() {
     assert_eq!(plain.iter().map(Vec::len).min(), Some(5));
     assert_eq!(run(Some(false)), plain, "read from the store");
     assert_eq!(run(Some(true)), plain, "a failed read, fetched again");
+}
+
+/// An attacker that sends −10× its delta and declares the honest norm.
+fn lying(
+    key: &Keypair,
+    manifest: &Verified<DeltaManifest>,
+    payload: &[u8],
+) -> (Verified<DeltaManifest>, Vec<u8>) {
+    let (forged, bytes) = corrupt(key, manifest, payload);
+    let mut m = forged.message().clone();
+    m.l2_norm = manifest.message().l2_norm;
+    (sign::signed(m, key), bytes)
+}
+
+#[test]
+fn deltas_judged_where_they_were_kept_as_they_arrived_meet_the_same_verdicts() {
+    // The shell stores a fetched delta's chunks as they arrive and the door
+    // judges it from there: the same versions, byte for byte, and the same
+    // penalties for the same attackers (a norm over the door's limit, and a
+    // norm that lies), as when the payload is handed over whole.
+    let (train, _) = digits();
+    let run = |attack: Corrupt, arrive_stored: bool| {
+        let mut net = net(
+            shards(&train, 6, Partition::Iid),
+            AggregationRule::Mean,
+            DoorConfig::default(),
+        );
+        net.attackers = BTreeSet::from([1, 4]);
+        net.corrupt = Some(attack);
+        net.arrive_stored = arrive_stored;
+        net.run(6);
+        let ids: Vec<Vec<ContentId>> = net
+            .adopted
+            .iter()
+            .map(|v| v.iter().map(|m| m.id()).collect())
+            .collect();
+        let mut penalties: Vec<String> = net
+            .penalties
+            .iter()
+            .map(|(i, r)| format!("{i} {r:?}"))
+            .collect();
+        penalties.sort();
+        (ids, penalties)
+    };
+    for (name, attack) in [("over the limit", corrupt as Corrupt), ("lying", lying)] {
+        let whole = run(attack, false);
+        assert!(
+            whole.0.iter().all(|v| v.len() >= 6),
+            "{name}: every node went six rounds"
+        );
+        assert!(!whole.1.is_empty(), "{name}: the attackers were penalised");
+        assert_eq!(run(attack, true), whole, "{name}");
+    }
 }
 
 #[test]

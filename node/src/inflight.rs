@@ -137,3 +137,54 @@ impl OwnChunks {
             .contains_key(id)
     }
 }
+
+/// Payloads whose chunks are going into the store, or are there, before
+/// their manifest is: no manifest names those chunks yet, so a garbage
+/// collection takes them as roots until the manifest is stored, or the
+/// payload is refused or given up.
+#[derive(Debug, Default)]
+pub struct Landing {
+    payloads: Mutex<HashMap<ContentId, Vec<ContentId>>>,
+}
+
+impl Landing {
+    fn payloads(&self) -> MutexGuard<'_, HashMap<ContentId, Vec<ContentId>>> {
+        self.payloads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Delta `delta`'s chunks `ids` are coming into the store.
+    pub fn begin(&self, delta: ContentId, ids: &[ContentId]) {
+        self.payloads().insert(delta, ids.to_vec());
+    }
+
+    /// Delta `delta`'s manifest is stored, or its chunks are no longer
+    /// wanted.
+    pub fn end(&self, delta: &ContentId) {
+        self.payloads().remove(delta);
+    }
+
+    /// Every chunk id of the payloads landing.
+    pub fn chunk_ids(&self) -> Vec<ContentId> {
+        self.payloads().values().flatten().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod landing_tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_is_a_root_from_its_beginning_to_its_end() {
+        let l = Landing::default();
+        let (d, e) = (ContentId::of(b"d"), ContentId::of(b"e"));
+        let ids = [ContentId::of(b"1"), ContentId::of(b"2")];
+        l.begin(d, &ids);
+        l.begin(e, &ids[..1]);
+        assert_eq!(l.chunk_ids().len(), 3);
+        l.end(&d);
+        assert_eq!(l.chunk_ids(), vec![ids[0]]);
+        l.end(&e);
+        l.end(&e);
+        assert!(l.chunk_ids().is_empty());
+    }
+}

@@ -263,6 +263,9 @@ pub struct Shared {
     /// The chunks of this node's own recent deltas (to count its upload as
     /// an author).
     pub own: Arc<crate::inflight::OwnChunks>,
+    /// Payloads in the store before their manifests (garbage collection
+    /// keeps them).
+    pub landing: Arc<crate::inflight::Landing>,
 }
 
 impl Shared {
@@ -276,6 +279,7 @@ impl Shared {
             disk: Arc::default(),
             inflight: Arc::default(),
             own: Arc::default(),
+            landing: Arc::default(),
         }
     }
 

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tapestry_core::aggregate::PayloadSource;
+use tapestry_core::aggregate::{PayloadSource, fixed_width};
 
 use tapestry_core::data::Dataset;
 use tapestry_core::door::{Door, Rejection};
@@ -152,6 +152,10 @@ pub struct Swarm {
     /// first read fails (the first source of each delta at each node), as a
     /// store that lost the chunks would.
     pub stored: Option<bool>,
+    /// If set, a fetched delta of a fixed-width codec arrives as a shell
+    /// that stored its chunks as they came hands it over
+    /// ([`Input::DeltaStored`], read from a [`Kept`] source), not whole.
+    pub arrive_stored: bool,
     /// The (node, delta) pairs given a source so far.
     sourced: BTreeSet<(usize, ContentId)>,
     held: Vec<(usize, Input)>,
@@ -218,6 +222,7 @@ impl Swarm {
             shares: (0, 0),
             now: 0,
             stored: None,
+            arrive_stored: false,
             sourced: BTreeSet::new(),
             held: Vec::new(),
             rng: 0x2545_f491_4f6c_dd1d,
@@ -300,13 +305,19 @@ impl Swarm {
                         .lineage
                         .payload(&manifest)
                         .unwrap_or_else(|| panic!("node {i} fetched an unpublished delta"));
-                    self.queue.push_back((
-                        i,
-                        Input::DeltaPayload {
-                            id: manifest.id(),
-                            payload: payload.into(),
-                        },
-                    ));
+                    let input =
+                        if self.arrive_stored && fixed_width(manifest.message().codec).is_some() {
+                            Input::DeltaStored {
+                                id: manifest.id(),
+                                source: Arc::new(Kept::new(Arc::new(payload), false)),
+                            }
+                        } else {
+                            Input::DeltaPayload {
+                                id: manifest.id(),
+                                payload: payload.into(),
+                            }
+                        };
+                    self.queue.push_back((i, input));
                 }
                 Action::Adopt { manifest, params } => {
                     self.snapshots

@@ -42,6 +42,17 @@ pub enum Input {
         /// the door admits them).
         payload: std::sync::Arc<Vec<u8>>,
     },
+    /// The chunks of an announced delta of a fixed-width codec (`f32`,
+    /// `bf16`) arrived and the shell kept them as they came, each checked
+    /// against its id: the door judges the payload read from `source`, a
+    /// block at a time, and the engine aggregates it from there. A payload
+    /// the door refuses is the shell's to let go of.
+    DeltaStored {
+        /// The manifest's id.
+        id: ContentId,
+        /// Where the payload is kept.
+        source: std::sync::Arc<dyn crate::aggregate::PayloadSource + Send + Sync>,
+    },
     /// A peer's model version, verified by recomputation
     /// ([`crate::verify`]): the shell offers nothing else.
     ModelOffered {

@@ -365,6 +365,7 @@ impl Engine {
             Input::DeltaAnnounced(m) => self.on_announced(m, o),
             Input::OwnVote(m) => self.on_own_vote(m, o),
             Input::DeltaPayload { id, payload } => self.on_payload(id, payload, now_ms, o),
+            Input::DeltaStored { id, source } => self.on_stored(id, source, now_ms, o),
             Input::ModelOffered {
                 manifest,
                 params,
@@ -512,6 +513,65 @@ impl Engine {
                 self.maybe_close(now_ms, out);
             }
             Err(r) => out.push(Action::Penalise(r)),
+        }
+    }
+
+    /// A delta's payload kept by the shell as it arrived: judged at the
+    /// door from where it is kept, and held there.
+    fn on_stored(
+        &mut self,
+        id: ContentId,
+        source: std::sync::Arc<dyn PayloadSource + Send + Sync>,
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(m) = self.pending.get(&id) else {
+            return;
+        };
+        let msg = m.message();
+        if fixed_width(msg.codec).is_none() {
+            // The shell keeps only fixed-width payloads as they arrive; it
+            // sends any other whole ([`Input::DeltaPayload`]).
+            return;
+        }
+        let lap = self.lap();
+        // A payload read again (its chunks match the ids it had when it
+        // passed the door) is not judged twice.
+        let checked = if self.readmit.contains(&id) {
+            Ok(())
+        } else {
+            self.door.check_source(msg, source.as_ref())
+        };
+        self.charge(lap, |t| &mut t.decode);
+        let Some(m) = self.pending.remove(&id) else {
+            return;
+        };
+        self.readmit.remove(&id);
+        match checked {
+            Ok(()) => {
+                let msg = m.message();
+                let values = Held::Stored {
+                    codec: msg.codec,
+                    source,
+                    len: self.door.n_values(),
+                };
+                self.received.insert(
+                    id,
+                    Received {
+                        id,
+                        round: msg.round,
+                        author: msg.author,
+                        sample_count: msg.sample_count,
+                        values: Some(values),
+                        manifest: m,
+                    },
+                );
+                self.maybe_close(now_ms, out);
+            }
+            Err(Some(r)) => out.push(Action::Penalise(r)),
+            // The shell's own store failed to give it back: nobody's
+            // fault; it is left out.
+            Err(None) => {}
         }
     }
 

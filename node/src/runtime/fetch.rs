@@ -1,8 +1,10 @@
 //! Fetching chunks and payloads from peers, bounded, from several at once
-//! (on chunk streams, `/tapestry/chunks/1`): into
-//! the store (a head's chunks lost from the disk), or into memory (a delta's
-//! payload, gossiped or named by a version being verified: stored only
-//! once it passes the door); and writing small files atomically.
+//! (on chunk streams, `/tapestry/chunks/1`): into the store (a head's
+//! chunks lost from the disk; a gossiped `f32`/`bf16` delta's payload, as
+//! its chunks arrive, judged at the door from there), or into memory (a
+//! compressed delta's payload, one named by a version being verified, or
+//! any when the store is short of room: stored only once it passes the
+//! door); and writing small files atomically.
 
 use std::collections::VecDeque;
 
@@ -714,10 +716,10 @@ pub(super) fn write_atomically(path: &std::path::Path, data: &[u8]) -> std::io::
     Ok(())
 }
 
-/// A gossiped delta's payload, fetched into memory (chunks the store
-/// already holds are read from it): it is stored only once the engine
-/// admits it (see [`Node::keep_delta`]). Until each chunk is copied into
-/// the payload, peers fetching the same delta are served it from memory.
+/// A delta's payload, fetched into memory (chunks the store already holds
+/// are read from it): it is stored only once the engine admits it. Until
+/// each chunk is copied into the payload, peers fetching the same delta are
+/// served it from memory.
 pub(super) async fn fetch_payload(
     net: &NetHandle,
     store: &Store,
@@ -760,6 +762,42 @@ pub(super) async fn fetch_payload(
         }
     }
     (payload.len() == size).then_some(payload)
+}
+
+/// A gossiped delta's payload of a fixed-width codec fetched into the
+/// store chunk by chunk as it arrives (each checked against its id, with a
+/// swarm if given; chunks the store holds are not fetched): the node holds
+/// no more of it in memory than the chunks being checked, whatever the
+/// number of peers. The engine's door then judges it from the store; one
+/// it refuses is collected with the garbage (no manifest names it).
+/// Whether every chunk is there.
+pub(super) async fn fetch_payload_stored(
+    net: &NetHandle,
+    store: &Store,
+    manifest: &Verified<DeltaManifest>,
+    providers: &[PeerId],
+    shared: &Shared,
+    swarm: Option<&Swarm>,
+) -> bool {
+    let sink = store.clone();
+    fetch_into(
+        net,
+        manifest.id(),
+        &manifest.message().chunk_ids,
+        Sources { providers, swarm },
+        shared,
+        &|id| store.has(id).unwrap_or(false),
+        Arc::new(move |id, bytes| sink.put_checked(id, &bytes).is_ok()),
+    )
+    .await
+}
+
+/// A fetched payload, as [`Node::on_fetched`] receives it.
+pub(super) enum Fetched {
+    /// Assembled in memory (stored only once the engine admits it).
+    InMemory(Vec<u8>),
+    /// Its chunks are in the store ([`fetch_payload_stored`]).
+    Stored,
 }
 
 /// Stores a payload [`fetch_payload`] assembled, under its manifest's
@@ -940,9 +978,15 @@ impl Node {
     }
 
     /// A gossiped delta's payload arrived: the engine checks it at its
-    /// door; only if it admits it are its chunks and manifest stored (on a
-    /// blocking thread), so what fails the door never reaches the disk.
-    pub(super) async fn on_fetched(&mut self, manifest: Verified<DeltaManifest>, payload: Vec<u8>) {
+    /// door. One fetched into memory is stored only if the door admits it
+    /// (chunks and manifest, on a blocking thread); one whose chunks were
+    /// stored as they came is judged from the store, and its manifest is
+    /// stored if it is admitted.
+    pub(super) async fn on_fetched(&mut self, manifest: Verified<DeltaManifest>, fetched: Fetched) {
+        let payload = match fetched {
+            Fetched::InMemory(payload) => payload,
+            Fetched::Stored => return self.on_fetched_stored(manifest).await,
+        };
         let id = manifest.id();
         let payload = Arc::new(payload);
         self.feed(Input::DeltaPayload {
@@ -974,6 +1018,39 @@ impl Node {
                     tracing::warn!(error = %e, delta = %id.short(), "cannot store an admitted delta");
                     space::note_failure(&shared, &e);
                 }
+            }
+        });
+    }
+
+    /// [`Node::on_fetched`] for a payload whose chunks are in the store.
+    async fn on_fetched_stored(&mut self, manifest: Verified<DeltaManifest>) {
+        let id = manifest.id();
+        let Some(source) = verifying::StoredPayload::new(self.store.clone(), manifest.message())
+        else {
+            self.shared.landing.end(&id);
+            return;
+        };
+        self.feed(Input::DeltaStored {
+            id,
+            source: Arc::new(source),
+        })
+        .await;
+        if !self.engine.holds_delta(&id) {
+            // Refused at the door (or no longer wanted): no manifest names
+            // its chunks, so the collection takes them.
+            self.shared.landing.end(&id);
+            self.collect_refused();
+            return;
+        }
+        let (store, shared) = (self.store.clone(), self.shared.clone());
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let kept = store.put_delta_manifest(&manifest);
+            shared.landing.end(&id);
+            shared.metrics.time(Stage::Store, started.elapsed());
+            if let Err(e) = kept {
+                tracing::warn!(error = %e, delta = %id.short(), "cannot store an admitted delta's manifest");
+                space::note_failure(&shared, &e);
             }
         });
     }

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use crate::metrics::Stage;
 use crate::net::{self, NetEvent, NetHandle, PingOutcome};
 use tapestry_core::admission::{self, Rejection, Verdict};
+use tapestry_core::aggregate::fixed_width;
 use tapestry_core::data::Dataset;
 use tapestry_core::door::Door;
 use tapestry_core::engine::{Action, Engine, EngineConfig, Input, VersionRank, genesis};
@@ -329,9 +330,9 @@ pub struct Node {
     measuring: space::Measuring,
     /// Ticks of the 2-s ticker so far.
     ticks: u64,
-    /// Gossiped deltas' payloads, fetched into memory.
-    fetched_tx: mpsc::Sender<(Verified<DeltaManifest>, Vec<u8>)>,
-    fetched_rx: mpsc::Receiver<(Verified<DeltaManifest>, Vec<u8>)>,
+    /// Gossiped deltas' payloads, fetched into memory or into the store.
+    fetched_tx: mpsc::Sender<(Verified<DeltaManifest>, Fetched)>,
+    fetched_rx: mpsc::Receiver<(Verified<DeltaManifest>, Fetched)>,
     /// Admitted deltas whose payloads reached the store: the engine reads
     /// them from there from now on.
     stored_tx: mpsc::Sender<Verified<DeltaManifest>>,
@@ -600,8 +601,8 @@ impl Node {
                     }
                 }
                 Some(finding) = self.findings_rx.recv() => self.on_finding(finding).await,
-                Some((manifest, payload)) = self.fetched_rx.recv() => {
-                    self.on_fetched(manifest, payload).await;
+                Some((manifest, fetched)) = self.fetched_rx.recv() => {
+                    self.on_fetched(manifest, fetched).await;
                 }
                 Some(manifest) = self.stored_rx.recv() => self.payload_stored(&manifest),
                 _ = tokio::time::sleep_until(silence.unwrap_or_else(Instant::now)), if silence.is_some() => {
@@ -614,6 +615,7 @@ impl Node {
                     while self.tasks.try_join_next().is_some() {}
                     self.shared.health.ticked(self.net.snapshot().updated);
                     self.check_space();
+                    self.collect_owed();
                     // Every 10 s: are the head's chunks all on disk?
                     self.ticks = self.ticks.wrapping_add(1);
                     if self.ticks.is_multiple_of(HEAD_CHECK_TICKS) {
@@ -888,11 +890,39 @@ impl Node {
         let (id, round) = (manifest.id(), manifest.message().round);
         let task = self.tasks.spawn(async move {
             let started = Instant::now();
-            let payload =
-                fetch_payload(&net, &store, &manifest, &providers, &shared, swarm.as_ref()).await;
+            // A fixed-width payload goes into the store as it arrives when
+            // there is room for it; otherwise (and a compressed one, small)
+            // into memory, stored once admitted.
+            let m = manifest.message();
+            let fetched = if fixed_width(m.codec).is_some()
+                && space::room_for(
+                    &shared,
+                    usize::try_from(m.payload_bytes).unwrap_or(usize::MAX),
+                ) {
+                // Landing until the engine has judged it and its manifest
+                // is stored (see `Node::on_fetched_stored`).
+                shared.landing.begin(id, &m.chunk_ids);
+                let landed = fetch_payload_stored(
+                    &net,
+                    &store,
+                    &manifest,
+                    &providers,
+                    &shared,
+                    swarm.as_ref(),
+                )
+                .await;
+                if !landed {
+                    shared.landing.end(&id);
+                }
+                landed.then_some(Fetched::Stored)
+            } else {
+                fetch_payload(&net, &store, &manifest, &providers, &shared, swarm.as_ref())
+                    .await
+                    .map(Fetched::InMemory)
+            };
             shared.metrics.time(Stage::Fetch, started.elapsed());
-            if let Some(payload) = payload {
-                let _ = tx.send((manifest, payload)).await;
+            if let Some(fetched) = fetched {
+                let _ = tx.send((manifest, fetched)).await;
             }
         });
         self.fetching.insert(id, (round, task));
@@ -904,10 +934,13 @@ impl Node {
     fn cancel_fetches(&mut self, round: Option<u64>) {
         let staleness = self.settings.engine.door.staleness;
         let oldest = round.map(|r| r.saturating_sub(staleness));
-        self.fetching.retain(|_, (r, task)| {
+        let landing = &self.shared.landing;
+        self.fetching.retain(|id, (r, task)| {
             let keep = !task.is_finished() && oldest.is_some_and(|o| *r >= o);
-            if !keep {
+            if !keep && !task.is_finished() {
                 task.abort();
+                // What it stored of the payload is garbage now.
+                landing.end(id);
             }
             keep
         });

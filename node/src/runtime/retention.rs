@@ -16,9 +16,35 @@ impl Node {
     /// Starts a collection for a head of round `head_round`, unless one is
     /// still running or retention is off.
     pub(super) fn collect_garbage(&self, head_round: u64) {
+        self.collect_garbage_passes(head_round, 1);
+    }
+
+    /// The door refused a payload whose chunks went into the store as they
+    /// arrived: two collections in a row (what was written since the
+    /// previous collection began survives one), so the refused chunks do
+    /// not stay on disk (nor are served) longer than it takes; unless one
+    /// is running or retention is off.
+    /// One that finds a collection running is owed, and started by the
+    /// node's next tick after it ends ([`Node::collect_owed`]).
+    pub(super) fn collect_refused(&self) {
+        self.collecting.owed.store(true, Ordering::Release);
+        self.collect_garbage_passes(self.engine.round(), 2);
+    }
+
+    /// Starts the two collections a refusal is owed once none is running.
+    pub(super) fn collect_owed(&self) {
+        if self.collecting.owed.load(Ordering::Acquire) {
+            self.collect_refused();
+        }
+    }
+
+    fn collect_garbage_passes(&self, head_round: u64, passes: usize) {
         let keep = self.settings.keep_versions;
-        if keep == 0 || self.collecting.swap(true, Ordering::AcqRel) {
+        if keep == 0 || self.collecting.running.swap(true, Ordering::AcqRel) {
             return;
+        }
+        if passes >= 2 {
+            self.collecting.owed.store(false, Ordering::Release);
         }
         let (store, shared, collecting, window) = (
             self.store.clone(),
@@ -27,27 +53,46 @@ impl Node {
             self.engine.window_deltas(),
         );
         tokio::task::spawn_blocking(move || {
-            match collect(&store, head_round, keep, &window) {
-                Ok(report) => {
-                    let m = &shared.metrics;
-                    m.store_chunk_bytes.set(report.bytes_kept as i64);
-                    m.store_manifests.set(report.manifests_kept as i64);
-                    m.gc_deleted_bytes.inc_by(report.bytes_deleted);
-                    tracing::debug!(?report, "garbage collected");
+            for _ in 0..passes {
+                // Payloads landing in the store are kept as they are when
+                // each pass begins (one beginning later is written after
+                // it began, which keeps it too).
+                let mut roots = window.clone();
+                roots.extend(shared.landing.chunk_ids());
+                match collect(&store, head_round, keep, &roots) {
+                    Ok(report) => {
+                        let m = &shared.metrics;
+                        m.store_chunk_bytes.set(report.bytes_kept as i64);
+                        m.store_manifests.set(report.manifests_kept as i64);
+                        m.gc_deleted_bytes.inc_by(report.bytes_deleted);
+                        tracing::debug!(?report, "garbage collected");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "garbage collection failed");
+                        break;
+                    }
                 }
-                Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
             }
-            collecting.store(false, Ordering::Release);
+            collecting.running.store(false, Ordering::Release);
         });
     }
 }
 
-/// Whether a collection is running (shared with its thread).
-pub(super) type Collecting = Arc<AtomicBool>;
+/// Whether a collection is running (shared with its thread), and whether
+/// a refused payload's two collections are owed.
+#[derive(Debug, Default)]
+pub(super) struct GcState {
+    running: AtomicBool,
+    owed: AtomicBool,
+}
+
+/// [`GcState`], shared.
+pub(super) type Collecting = Arc<GcState>;
 
 /// Drops the verified and attested marks of versions older than
 /// `head_round − keep`, then collects everything older, and everything
-/// else no version kept names, except the deltas of the round window.
+/// else no version kept names, except `window` (the deltas of the round
+/// window, and the chunks of payloads landing).
 fn collect(
     store: &Store,
     head_round: u64,

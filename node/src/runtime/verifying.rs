@@ -382,6 +382,7 @@ pub(super) struct StoredPayload {
     store: Store,
     ids: Vec<ContentId>,
     chunk: usize,
+    len: u64,
     cached: std::sync::Mutex<Option<(usize, tapestry_storage::Bytes)>>,
 }
 
@@ -393,6 +394,7 @@ impl StoredPayload {
             store,
             ids: m.chunk_ids.clone(),
             chunk,
+            len: m.payload_bytes,
             cached: std::sync::Mutex::new(None),
         })
     }
@@ -414,6 +416,18 @@ impl StoredPayload {
             .get_verified(id)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("chunk {} is not held", id.short()))?;
+        // Cut as the protocol cuts (every chunk `chunk` bytes, the last
+        // the rest), or offsets would not be where the manifest puts them.
+        let expected = usize::try_from(self.len.saturating_sub((i * self.chunk) as u64))
+            .unwrap_or(usize::MAX)
+            .min(self.chunk);
+        if bytes.len() != expected {
+            return Err(format!(
+                "chunk {} is {} bytes where the payload's cut has {expected}",
+                id.short(),
+                bytes.len()
+            ));
+        }
         *cached = Some((i, bytes.clone()));
         Ok(bytes)
     }
