@@ -491,29 +491,41 @@ impl Engine {
         self.charge(lap, |t| &mut t.decode);
         match checked {
             Ok(()) => {
-                let msg = m.message();
                 // The payload, not its decoded values: aggregation decodes
                 // it a block at a time, so no delta is ever held twice.
                 let values = Held::Encoded {
-                    codec: msg.codec,
+                    codec: m.message().codec,
                     payload,
                     len: self.door.n_values(),
                 };
-                self.received.insert(
-                    id,
-                    Received {
-                        id,
-                        round: msg.round,
-                        author: msg.author,
-                        sample_count: msg.sample_count,
-                        values: Some(values),
-                        manifest: m,
-                    },
-                );
-                self.maybe_close(now_ms, out);
+                self.admit(m, values, now_ms, out);
             }
             Err(r) => out.push(Action::Penalise(r)),
         }
+    }
+
+    /// A delta that passed the door joins the round's received deltas,
+    /// holding its values as `values`.
+    fn admit(
+        &mut self,
+        m: Verified<DeltaManifest>,
+        values: Held,
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let msg = m.message();
+        self.received.insert(
+            m.id(),
+            Received {
+                id: m.id(),
+                round: msg.round,
+                author: msg.author,
+                sample_count: msg.sample_count,
+                values: Some(values),
+                manifest: m,
+            },
+        );
+        self.maybe_close(now_ms, out);
     }
 
     /// A delta's payload kept by the shell as it arrived: judged at the
@@ -549,24 +561,12 @@ impl Engine {
         self.readmit.remove(&id);
         match checked {
             Ok(()) => {
-                let msg = m.message();
                 let values = Held::Stored {
-                    codec: msg.codec,
+                    codec: m.message().codec,
                     source,
                     len: self.door.n_values(),
                 };
-                self.received.insert(
-                    id,
-                    Received {
-                        id,
-                        round: msg.round,
-                        author: msg.author,
-                        sample_count: msg.sample_count,
-                        values: Some(values),
-                        manifest: m,
-                    },
-                );
-                self.maybe_close(now_ms, out);
+                self.admit(m, values, now_ms, out);
             }
             Err(Some(r)) => out.push(Action::Penalise(r)),
             // The shell's own store failed to give it back: nobody's

@@ -219,8 +219,8 @@ impl Work {
 /// The members fetching one payload at the same time, and its author.
 /// Each chunk has an owner among the fetchers (by its id, the same at
 /// every fetcher): the owner asks the author for it, the others ask the
-/// owner — who serves it from memory as soon as it has it
-/// ([`crate::inflight::InFlight`]) — and ask anyone (the author included)
+/// owner — who serves it as soon as it has it (from its store, or from
+/// memory, [`crate::inflight::InFlight`]) — and ask anyone (the author included)
 /// only once no owner has served a chunk for [`Swarm::grace`] or the owner
 /// cannot be asked (while shares keep coming, the wait goes on: with every
 /// member an author at once, an owner may take longer than a grace to get
@@ -664,15 +664,18 @@ async fn fetch_into(
         }
         while workers.join_next().await.is_some() {}
         if swarm.is_some() && attempt == 0 {
-            // Members that served less than half their share are not
-            // given one by this node for a while (a member that says "not
-            // held" for its share would otherwise hold up every fetch by
-            // the grace).
+            // Members that served none of their share are not given one
+            // by this node for a while (a member that says "not held" for
+            // its share would otherwise hold up every fetch by the grace).
+            // One that served some is slow, not absent: on a loaded
+            // machine, sending its share to the author instead would undo
+            // the sharing for every fetch of the next minutes.
             let w = fetch.lock_work();
             for (who, (owed, served)) in &w.shares {
                 // (The author's share is this node's own: the author is
                 // not a member fetching its own delta.)
-                if served * 2 < *owed
+                if *served == 0
+                    && *owed > 0
                     && let Some(peer) = usable.get(*who)
                     && swarm.is_some_and(|s| s.author != *peer)
                 {
