@@ -280,12 +280,12 @@ impl Swarm {
                         Some(corrupt) if self.attackers.contains(&i) => {
                             corrupt(&self.keys[i], &manifest, &payload)
                         }
-                        _ => (manifest, payload),
+                        _ => (manifest, payload.to_vec()),
                     };
                     self.lineage.add_delta(&manifest, &payload);
                     if let Some(fail) = self.stored {
                         let fail = fail && self.sourced.insert((i, manifest.id()));
-                        let kept = Kept::new(Arc::new(payload.clone()), fail);
+                        let kept = Kept::new(Arc::new(payload), fail);
                         self.engines[i].payload_stored(manifest.id(), Arc::new(kept));
                     }
                     if self.silent.contains(&i) {

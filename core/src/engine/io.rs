@@ -146,8 +146,9 @@ pub enum Action {
     Publish {
         /// The signed manifest.
         manifest: Verified<DeltaManifest>,
-        /// Its payload.
-        payload: Vec<u8>,
+        /// Its payload (shared: the engine holds it too until the shell
+        /// says it is stored, [`Engine::payload_stored`]).
+        payload: std::sync::Arc<Vec<u8>>,
     },
     /// Mixing mode: send this trained model to every neighbour, as an
     /// [`Input::NeighbourModel`] from this node.

@@ -820,31 +820,48 @@ impl Engine {
 
     fn publish(&mut self, trained: Vec<f32>, samples: u64, out: &mut Vec<Action>) {
         let lap = self.lap();
-        let delta: Vec<f32> = self
-            .params
-            .iter()
-            .zip(&trained)
-            .map(|(a, b)| a - b)
-            .collect();
-        let Ok(payload) = self.feedback.encode(&self.config.codec, &delta) else {
-            // Training diverged (non-finite): skip this round's contribution.
-            return;
-        };
-        // What peers will decode is what this node aggregates too (for a
-        // lossless codec, the delta itself).
-        let sent = if self.config.codec.is_lossless() {
-            delta
-        } else {
-            let Ok(sent) = self.config.codec.decode(&payload, delta.len()) else {
+        // What peers will decode is what this node aggregates too: for f32
+        // the payload itself (written straight from the difference, with no
+        // delta vector beside it, and held encoded, shared with the shell),
+        // for a lossy codec its decoded values.
+        let (payload, sent) = if self.config.codec == Codec::F32 {
+            let Some(payload) = f32_delta_payload(&self.params, trained) else {
+                // Training diverged (non-finite): skip this round's
+                // contribution.
                 return;
             };
-            sent
+            (payload, None)
+        } else {
+            let delta: Vec<f32> = self
+                .params
+                .iter()
+                .zip(&trained)
+                .map(|(a, b)| a - b)
+                .collect();
+            drop(trained);
+            let Ok(payload) = self.feedback.encode(&self.config.codec, &delta) else {
+                return;
+            };
+            let sent = if self.config.codec.is_lossless() {
+                delta
+            } else {
+                let Ok(sent) = self.config.codec.decode(&payload, delta.len()) else {
+                    return;
+                };
+                sent
+            };
+            (payload, Some(sent))
         };
-        let norm = sent
-            .iter()
-            .map(|v| f64::from(*v).powi(2))
-            .sum::<f64>()
-            .sqrt() as f32;
+        let n = self.params.len();
+        let norm = match &sent {
+            Some(sent) => l2_norm(sent.iter().copied()),
+            None => l2_norm(
+                payload
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
+        };
+        let payload = std::sync::Arc::new(payload);
         let lap = self.charge(lap, |t| &mut t.encode);
         let chunk_ids = payload
             .chunks(self.config.chunk_size)
@@ -872,15 +889,15 @@ impl Engine {
             return;
         };
         self.charge(lap, |t| &mut t.sign);
-        let values = if self.config.codec.is_lossless() {
-            Held::Decoded(sent)
-        } else {
+        let values = match sent {
+            None => Held::Encoded {
+                codec: self.config.codec,
+                payload: payload.clone(),
+                len: n,
+            },
+            Some(sent) if self.config.codec.is_lossless() => Held::Decoded(sent),
             // The payload is the smaller copy: keep it, not the decoded one.
-            Held::keep(
-                self.config.codec,
-                std::sync::Arc::new(payload.clone()),
-                sent,
-            )
+            Some(sent) => Held::keep(self.config.codec, payload.clone(), sent),
         };
         self.votes.insert((self.round, self.node_id()), signed.id());
         self.received.insert(
@@ -1059,5 +1076,48 @@ impl Engine {
             authors,
             ..self.rank
         };
+    }
+}
+
+/// The f32 payload of the delta `params − trained`, written from the two
+/// directly (consuming `trained`: no delta vector beside the payload), or
+/// `None` if a value is not finite. The same bytes as encoding the delta.
+fn f32_delta_payload(params: &[f32], trained: Vec<f32>) -> Option<Vec<u8>> {
+    let mut payload = Vec::with_capacity(params.len() * 4);
+    for (a, b) in params.iter().zip(&trained) {
+        let d = a - b;
+        if !d.is_finite() {
+            return None;
+        }
+        payload.extend_from_slice(&d.to_le_bytes());
+    }
+    Some(payload)
+}
+
+/// The L2 norm of `values`, their squares summed in f64 in order.
+fn l2_norm(values: impl Iterator<Item = f32>) -> f32 {
+    values.map(|v| f64::from(v).powi(2)).sum::<f64>().sqrt() as f32
+}
+
+#[cfg(test)]
+mod publish_tests {
+    use super::*;
+
+    #[test]
+    fn an_f32_delta_payload_is_the_encoded_delta_and_refuses_what_is_not_finite() {
+        let params: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
+        let trained: Vec<f32> = params.iter().map(|p| p * 0.9 + 0.001).collect();
+        let delta: Vec<f32> = params.iter().zip(&trained).map(|(a, b)| a - b).collect();
+        let payload = f32_delta_payload(&params, trained.clone()).unwrap();
+        assert_eq!(payload, Codec::F32.encode(&delta).unwrap());
+        let from_payload = l2_norm(
+            payload
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+        assert_eq!(from_payload.to_bits(), l2_norm(delta.iter().copied()).to_bits());
+        let mut diverged = trained;
+        diverged[500] = f32::INFINITY;
+        assert!(f32_delta_payload(&params, diverged).is_none());
     }
 }

@@ -778,7 +778,7 @@ impl Node {
 
     /// Stores this node's delta, records it as its vote of the round (so a
     /// restart does not vote twice), and announces it.
-    async fn publish(&mut self, manifest: Verified<DeltaManifest>, payload: Vec<u8>) {
+    async fn publish(&mut self, manifest: Verified<DeltaManifest>, payload: Arc<Vec<u8>>) {
         let m = manifest.message();
         // Its own vote is written even when the store is full, as long as
         // the disk takes it (it is one delta a round, collected after the

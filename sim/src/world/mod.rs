@@ -534,7 +534,9 @@ impl World<'_> {
                 params,
                 seed,
             } => self.train(i, now, round, version, params, seed),
-            Action::Publish { manifest, payload } => self.publish(i, now, manifest, payload),
+            Action::Publish { manifest, payload } => {
+                self.publish(i, now, manifest, std::sync::Arc::unwrap_or_clone(payload))
+            }
             Action::Fetch { manifest } => self.fetch(i, now, manifest)?,
             Action::SendToNeighbours {
                 round,
