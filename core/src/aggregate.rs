@@ -118,14 +118,55 @@ pub enum Values<'a> {
     },
 }
 
+/// A delta's payload as an engine hands it to its shell to store and
+/// serve: bytes, or, for `f32`, the values themselves (little-endian f32
+/// is the encoding), shared with the engine without a copy.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// Encoded bytes.
+    Bytes(std::sync::Arc<Vec<u8>>),
+    /// The values of an `f32` payload.
+    F32(std::sync::Arc<Vec<f32>>),
+}
+
+impl Payload {
+    /// The payload's bytes (a view of the values on a little-endian
+    /// machine, a copy elsewhere).
+    pub fn bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            Payload::Bytes(b) => std::borrow::Cow::Borrowed(b.as_slice()),
+            #[cfg(target_endian = "little")]
+            Payload::F32(v) => std::borrow::Cow::Borrowed(bytemuck::cast_slice(v.as_slice())),
+            #[cfg(not(target_endian = "little"))]
+            Payload::F32(v) => {
+                std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            }
+        }
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Bytes(b) => b.len(),
+            Payload::F32(v) => v.len() * 4,
+        }
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A delta's values as a node keeps them from the door to aggregation:
 /// decoded when its codec is `f32` (the payload is the values), else the
 /// payload, which is smaller than the decoded values and which aggregation
 /// decodes a block at a time ([`Values::Encoded`]).
 #[derive(Debug, Clone)]
 pub enum Held {
-    /// Decoded values.
-    Decoded(Vec<f32>),
+    /// Decoded values (shared: a node's own f32 delta is also the payload
+    /// its shell stores, [`Payload::F32`]).
+    Decoded(std::sync::Arc<Vec<f32>>),
     /// A payload the door accepted.
     Encoded {
         /// Its codec.
@@ -158,7 +199,7 @@ impl Held {
                 payload,
             }
         } else {
-            Held::Decoded(decoded)
+            Held::Decoded(std::sync::Arc::new(decoded))
         }
     }
 

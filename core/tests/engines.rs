@@ -999,7 +999,7 @@ fn a_restarted_node_keeps_the_vote_it_cast_before_the_crash() {
     let (vote, payload) = out
         .into_iter()
         .find_map(|a| match a {
-            Action::Publish { manifest, payload } => Some((manifest, payload)),
+            Action::Publish { manifest, payload } => Some((manifest, payload.bytes().into_owned())),
             _ => None,
         })
         .expect("a delta announced");
@@ -1257,7 +1257,9 @@ fn a_used_deltas_values_go_and_come_back_if_the_head_stops_counting_it() {
     let (d0, payload0) = out
         .iter()
         .find_map(|a| match a {
-            Action::Publish { manifest, payload } => Some((manifest.clone(), payload.clone())),
+            Action::Publish { manifest, payload } => {
+                Some((manifest.clone(), payload.bytes().into_owned()))
+            }
             _ => None,
         })
         .expect("a delta published");
@@ -1314,7 +1316,9 @@ fn a_used_deltas_values_go_and_come_back_if_the_head_stops_counting_it() {
     let (d1, payload1) = out
         .iter()
         .find_map(|a| match a {
-            Action::Publish { manifest, payload } => Some((manifest.id(), payload.clone())),
+            Action::Publish { manifest, payload } => {
+                Some((manifest.id(), payload.bytes().into_owned()))
+            }
             _ => None,
         })
         .expect("a delta published");

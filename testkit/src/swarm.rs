@@ -276,11 +276,12 @@ impl Swarm {
                     ));
                 }
                 Action::Publish { manifest, payload } => {
+                    let payload = payload.bytes().into_owned();
                     let (manifest, payload) = match self.corrupt {
                         Some(corrupt) if self.attackers.contains(&i) => {
                             corrupt(&self.keys[i], &manifest, &payload)
                         }
-                        _ => (manifest, payload.to_vec()),
+                        _ => (manifest, payload),
                     };
                     self.lineage.add_delta(&manifest, &payload);
                     if let Some(fail) = self.stored {

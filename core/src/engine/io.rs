@@ -148,7 +148,7 @@ pub enum Action {
         manifest: Verified<DeltaManifest>,
         /// Its payload (shared: the engine holds it too until the shell
         /// says it is stored, [`Engine::payload_stored`]).
-        payload: std::sync::Arc<Vec<u8>>,
+        payload: crate::aggregate::Payload,
     },
     /// Mixing mode: send this trained model to every neighbour, as an
     /// [`Input::NeighbourModel`] from this node.

@@ -37,7 +37,9 @@ use tapestry_protocol::{
     Verified,
 };
 
-use crate::aggregate::{AggregateError, AggregationRule, Held, PayloadSource, Values, fixed_width};
+use crate::aggregate::{
+    AggregateError, AggregationRule, Held, Payload, PayloadSource, Values, fixed_width,
+};
 use crate::door::{Door, DoorConfig, Rejected};
 use crate::mixing::PushSum;
 use crate::model::ModelSpec;
@@ -821,16 +823,18 @@ impl Engine {
     fn publish(&mut self, trained: Vec<f32>, samples: u64, out: &mut Vec<Action>) {
         let lap = self.lap();
         // What peers will decode is what this node aggregates too: for f32
-        // the payload itself (written straight from the difference, with no
-        // delta vector beside it, and held encoded, shared with the shell),
-        // for a lossy codec its decoded values.
-        let (payload, sent) = if self.config.codec == Codec::F32 {
-            let Some(payload) = f32_delta_payload(&self.params, trained) else {
+        // the delta itself, computed in place in the trained parameters
+        // and shared with the shell as the payload (no copy); for a lossy
+        // codec its decoded values, and the payload beside them.
+        let (payload, values, norm) = if self.config.codec == Codec::F32 {
+            let Some(delta) = f32_delta_in_place(&self.params, trained) else {
                 // Training diverged (non-finite): skip this round's
                 // contribution.
                 return;
             };
-            (payload, None)
+            let norm = l2_norm(delta.iter().copied());
+            let delta = std::sync::Arc::new(delta);
+            (Payload::F32(delta.clone()), Held::Decoded(delta), norm)
         } else {
             let delta: Vec<f32> = self
                 .params
@@ -850,20 +854,15 @@ impl Engine {
                 };
                 sent
             };
-            (payload, Some(sent))
+            let norm = l2_norm(sent.iter().copied());
+            let payload = std::sync::Arc::new(payload);
+            // The payload is the smaller copy: keep it, not the decoded one.
+            let values = Held::keep(self.config.codec, payload.clone(), sent);
+            (Payload::Bytes(payload), values, norm)
         };
-        let n = self.params.len();
-        let norm = match &sent {
-            Some(sent) => l2_norm(sent.iter().copied()),
-            None => l2_norm(
-                payload
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            ),
-        };
-        let payload = std::sync::Arc::new(payload);
         let lap = self.charge(lap, |t| &mut t.encode);
         let chunk_ids = payload
+            .bytes()
             .chunks(self.config.chunk_size)
             .map(ContentId::of)
             .collect();
@@ -889,16 +888,6 @@ impl Engine {
             return;
         };
         self.charge(lap, |t| &mut t.sign);
-        let values = match sent {
-            None => Held::Encoded {
-                codec: self.config.codec,
-                payload: payload.clone(),
-                len: n,
-            },
-            Some(sent) if self.config.codec.is_lossless() => Held::Decoded(sent),
-            // The payload is the smaller copy: keep it, not the decoded one.
-            Some(sent) => Held::keep(self.config.codec, payload.clone(), sent),
-        };
         self.votes.insert((self.round, self.node_id()), signed.id());
         self.received.insert(
             signed.id(),
@@ -1079,19 +1068,16 @@ impl Engine {
     }
 }
 
-/// The f32 payload of the delta `params − trained`, written from the two
-/// directly (consuming `trained`: no delta vector beside the payload), or
-/// `None` if a value is not finite. The same bytes as encoding the delta.
-fn f32_delta_payload(params: &[f32], trained: Vec<f32>) -> Option<Vec<u8>> {
-    let mut payload = Vec::with_capacity(params.len() * 4);
-    for (a, b) in params.iter().zip(&trained) {
-        let d = a - b;
-        if !d.is_finite() {
+/// The delta `params − trained`, computed in place in `trained` (no
+/// second vector), or `None` if a value is not finite.
+fn f32_delta_in_place(params: &[f32], mut trained: Vec<f32>) -> Option<Vec<f32>> {
+    for (t, p) in trained.iter_mut().zip(params) {
+        *t = p - *t;
+        if !t.is_finite() {
             return None;
         }
-        payload.extend_from_slice(&d.to_le_bytes());
     }
-    Some(payload)
+    Some(trained)
 }
 
 /// The L2 norm of `values`, their squares summed in f64 in order.
@@ -1104,20 +1090,19 @@ mod publish_tests {
     use super::*;
 
     #[test]
-    fn an_f32_delta_payload_is_the_encoded_delta_and_refuses_what_is_not_finite() {
+    fn an_f32_delta_in_place_is_the_encoded_delta_and_refuses_what_is_not_finite() {
         let params: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
         let trained: Vec<f32> = params.iter().map(|p| p * 0.9 + 0.001).collect();
         let delta: Vec<f32> = params.iter().zip(&trained).map(|(a, b)| a - b).collect();
-        let payload = f32_delta_payload(&params, trained.clone()).unwrap();
-        assert_eq!(payload, Codec::F32.encode(&delta).unwrap());
-        let from_payload = l2_norm(
-            payload
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        let in_place = f32_delta_in_place(&params, trained.clone()).unwrap();
+        let payload = Payload::F32(std::sync::Arc::new(in_place));
+        assert_eq!(
+            &payload.bytes()[..],
+            &Codec::F32.encode(&delta).unwrap()[..]
         );
-        assert_eq!(from_payload.to_bits(), l2_norm(delta.iter().copied()).to_bits());
+        assert_eq!(payload.len(), 4000);
         let mut diverged = trained;
         diverged[500] = f32::INFINITY;
-        assert!(f32_delta_payload(&params, diverged).is_none());
+        assert!(f32_delta_in_place(&params, diverged).is_none());
     }
 }

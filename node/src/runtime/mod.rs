@@ -778,7 +778,11 @@ impl Node {
 
     /// Stores this node's delta, records it as its vote of the round (so a
     /// restart does not vote twice), and announces it.
-    async fn publish(&mut self, manifest: Verified<DeltaManifest>, payload: Arc<Vec<u8>>) {
+    async fn publish(
+        &mut self,
+        manifest: Verified<DeltaManifest>,
+        payload: tapestry_core::aggregate::Payload,
+    ) {
         let m = manifest.message();
         // Its own vote is written even when the store is full, as long as
         // the disk takes it (it is one delta a round, collected after the
@@ -791,7 +795,7 @@ impl Node {
         let (store, signed, chunk_size) = (self.store.clone(), manifest.clone(), m.chunk_size);
         let stored = tokio::task::spawn_blocking(move || {
             store
-                .put_payload(&payload, chunk_size as usize)
+                .put_payload(&payload.bytes(), chunk_size as usize)
                 .and_then(|_| store.put_delta_manifest(&signed))
         })
         .await

@@ -535,7 +535,7 @@ impl World<'_> {
                 seed,
             } => self.train(i, now, round, version, params, seed),
             Action::Publish { manifest, payload } => {
-                self.publish(i, now, manifest, std::sync::Arc::unwrap_or_clone(payload))
+                self.publish(i, now, manifest, payload.bytes().into_owned())
             }
             Action::Fetch { manifest } => self.fetch(i, now, manifest)?,
             Action::SendToNeighbours {
