@@ -809,7 +809,7 @@ fn a_mixing_node_resumes_from_a_combined_model_and_ignores_a_far_future_neighbou
         m.message().author,
         Keypair::from_secret_bytes(&[1; 32]).node_id()
     );
-    assert_eq!(p, later);
+    assert_eq!(*p, later);
     assert_eq!(e.round(), 30);
     assert!(
         out.iter()
@@ -926,7 +926,7 @@ fn two_branches_merge_into_one_version_whoever_merges_them() {
     a.handle(
         Input::ModelOffered {
             manifest: merged.clone(),
-            params: params.clone(),
+            params: params.to_vec(),
             authors: 0,
             used: vec![],
             fork: None,

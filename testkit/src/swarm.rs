@@ -324,7 +324,7 @@ impl Swarm {
                     self.snapshots
                         .entry(manifest.message().round)
                         .or_default()
-                        .insert(i, params);
+                        .insert(i, params.to_vec());
                     self.lineage.models.insert(manifest.id(), manifest.clone());
                     self.adopted[i].push(manifest);
                 }

@@ -178,8 +178,8 @@ pub enum Action {
     Adopt {
         /// Its signed manifest.
         manifest: Verified<ModelManifest>,
-        /// Its parameters.
-        params: Vec<f32>,
+        /// Its parameters (the engine's own head, shared: not a copy).
+        params: std::sync::Arc<Vec<f32>>,
     },
     /// Wake the engine with [`Input::Tick`] at this time (ms).
     SetTimer {

@@ -140,7 +140,9 @@ pub struct Engine {
     /// The version the training under way started from (its result is
     /// taken if the node still holds these parameters, under whichever id).
     training_from: Option<ContentId>,
-    params: Vec<f32>,
+    /// The head's parameters (shared with the shell's copy in
+    /// [`Action::Adopt`]: one buffer, not two).
+    params: std::sync::Arc<Vec<f32>>,
     version: Option<ContentId>,
     /// The parents of `version` (how the fork choice tells a rival version
     /// of the same round on another branch from a mere alternative).
@@ -204,7 +206,7 @@ impl Engine {
             timer_ms: 0,
             training: false,
             training_from: None,
-            params: vec![0.0; n],
+            params: std::sync::Arc::new(vec![0.0; n]),
             version: None,
             parents: Vec::new(),
             rank: VersionRank::default(),
@@ -345,7 +347,9 @@ impl Engine {
         let mut out = Vec::new();
         let o = &mut out;
         match input {
-            Input::Start { manifest, params } => self.adopt_version(manifest, params, now_ms, o),
+            Input::Start { manifest, params } => {
+                self.adopt_version(manifest, std::sync::Arc::new(params), now_ms, o)
+            }
             Input::PeerJoined(p) => {
                 if p != self.node_id() {
                     self.peers.insert(p);
@@ -401,7 +405,7 @@ impl Engine {
                     if matches!(self.config.mode, Mode::PushSum { .. }) {
                         self.push_sum = Some(PushSum::new(params.clone()));
                     }
-                    self.params = params;
+                    self.params = std::sync::Arc::new(params);
                     let parents = self.version.into_iter().collect();
                     self.sign_version(round, parents, Vec::new(), now_ms, o);
                 }
@@ -435,7 +439,7 @@ impl Engine {
         let params = if self.fits(&params) {
             params
         } else {
-            self.params.clone()
+            self.params.to_vec()
         };
         match self.config.mode {
             Mode::Broadcast => self.publish(params, samples, out),
@@ -598,7 +602,7 @@ impl Engine {
             // under way started from these very parameters.
             out.push(Action::Adopt {
                 manifest: manifest.clone(),
-                params,
+                params: std::sync::Arc::new(params),
             });
             let round = manifest.message().round;
             self.used.extend(used.into_iter().map(|d| (d, round)));
@@ -608,6 +612,7 @@ impl Engine {
         } else if self.prefers(manifest.message(), authors, fork) && self.fits(&params) {
             // The shell stores it and makes it the head like any version
             // this node made.
+            let params = std::sync::Arc::new(params);
             out.push(Action::Adopt {
                 manifest: manifest.clone(),
                 params: params.clone(),
@@ -652,12 +657,12 @@ impl Engine {
     fn adopt_version(
         &mut self,
         manifest: Verified<ModelManifest>,
-        params: Vec<f32>,
+        params: std::sync::Arc<Vec<f32>>,
         now_ms: u64,
         out: &mut Vec<Action>,
     ) {
         if matches!(self.config.mode, Mode::PushSum { .. }) {
-            self.push_sum = Some(PushSum::new(params.clone()));
+            self.push_sum = Some(PushSum::new(params.to_vec()));
         }
         self.round = manifest.message().round;
         self.version = Some(manifest.id());
@@ -799,7 +804,7 @@ impl Engine {
         out.push(Action::Train {
             round: self.round,
             version: self.version.unwrap_or_else(|| ContentId::of(b"")),
-            params: self.params.clone(),
+            params: self.params.to_vec(),
             seed: self.rng.r#gen(),
         });
         self.timer_ms = now_ms + self.config.round_timeout_ms;
@@ -1055,7 +1060,7 @@ impl Engine {
         if let (Some(lap), Some(done)) = (lap, done) {
             self.stages.aggregate += done.saturating_duration_since(lap);
         }
-        self.params = params;
+        self.params = std::sync::Arc::new(params);
         let next = self.round.saturating_add(1);
         for id in &delta_ids {
             self.used.insert(*id, next);

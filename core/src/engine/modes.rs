@@ -50,7 +50,7 @@ impl Engine {
             return;
         }
         let w = ps.w as f32;
-        for ((x, t), p) in ps.x.iter_mut().zip(&trained).zip(&self.params) {
+        for ((x, t), p) in ps.x.iter_mut().zip(&trained).zip(self.params.iter()) {
             *x += w * (t - p);
         }
         let peers: Vec<NodeId> = self.peers.iter().copied().collect();
@@ -69,7 +69,7 @@ impl Engine {
                 w: share.w,
             });
         }
-        self.params = ps.estimate();
+        self.params = std::sync::Arc::new(ps.estimate());
         self.push_sum = Some(ps);
         self.new_version(Vec::new(), now_ms, out);
     }
@@ -88,10 +88,10 @@ impl Engine {
             .iter()
             .map(|(from, (p, _))| (p.as_slice(), weights[*from]))
             .collect();
-        self.params = match self.config.rule {
+        self.params = std::sync::Arc::new(match self.config.rule {
             AggregationRule::Mean => crate::mixing::mix(&own, self_weight, &others),
             rule => robust_mix(rule, &own, self_weight, &others).unwrap_or(own),
-        };
+        });
         self.new_version(Vec::new(), now_ms, out);
     }
 

@@ -19,10 +19,10 @@ impl Engine {
         let Some(own_id) = self.version else {
             return;
         };
-        self.params = merge_params(
+        self.params = std::sync::Arc::new(merge_params(
             (own_id, &self.params, w_own),
             (other.id(), &other_params, w_other),
-        );
+        ));
         let round = self.round.max(other.message().round);
         let mut parents = vec![own_id, other.id()];
         parents.sort();

@@ -507,8 +507,8 @@ impl Node {
     async fn keep_version_off_loop(
         &self,
         m: &Verified<ModelManifest>,
-        params: Vec<f32>,
-    ) -> (Result<(), NodeError>, Vec<f32>) {
+        params: Arc<Vec<f32>>,
+    ) -> (Result<(), NodeError>, Arc<Vec<f32>>) {
         self.recent.add(m.message(), m.id());
         let (store, manifest) = (self.store.clone(), m.clone());
         let kept = tokio::task::spawn_blocking(move || {
@@ -521,7 +521,7 @@ impl Node {
         kept.unwrap_or_else(|_| {
             (
                 Err(NodeError::Config("storing the new head panicked".into())),
-                Vec::new(),
+                Arc::default(),
             )
         })
     }
@@ -534,7 +534,7 @@ impl Node {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), NodeError> {
         let (start_manifest, start_params) = self.starting_version()?;
-        self.show_head(&start_manifest, start_params.clone());
+        self.show_head(&start_manifest, Arc::new(start_params.clone()));
         let start_at = Instant::now() + self.settings.start_wait;
         let mut ticker = tokio::time::interval(Duration::from_secs(2));
         let mut start = Some((start_manifest, start_params));
@@ -953,7 +953,7 @@ impl Node {
     /// The engine adopted a version: keep it as the head, offer a preferred
     /// version of the same round heard meanwhile, verify the next round's
     /// versions held back, show it, and announce it.
-    async fn adopted(&mut self, manifest: Verified<ModelManifest>, params: Vec<f32>) {
+    async fn adopted(&mut self, manifest: Verified<ModelManifest>, params: Arc<Vec<f32>>) {
         let started = Instant::now();
         let (kept, params) = if self.accepting() && self.room_for(params.len() * 4) {
             self.keep_version_off_loop(&manifest, params).await
@@ -1011,7 +1011,7 @@ impl Node {
     /// Publishes a head in the status and metrics, and evaluates it on the
     /// local split on a blocking thread (its accuracy and loss follow, unless
     /// a newer head came first).
-    fn show_head(&self, manifest: &Verified<ModelManifest>, params: Vec<f32>) {
+    fn show_head(&self, manifest: &Verified<ModelManifest>, params: Arc<Vec<f32>>) {
         let m = manifest.message();
         let params_id = ContentId::of(
             &m.chunk_ids

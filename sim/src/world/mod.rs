@@ -583,7 +583,9 @@ impl World<'_> {
                     .entry(r.reason.label().to_owned())
                     .or_default() += 1
             }
-            Action::Adopt { manifest, params } => self.adopted(i, now, manifest, params),
+            Action::Adopt { manifest, params } => {
+                self.adopted(i, now, manifest, std::sync::Arc::unwrap_or_clone(params))
+            }
         }
         Ok(())
     }
