@@ -600,9 +600,13 @@ impl Engine {
             // The same model under another signer's id (preferred by the
             // tie-break): take the id, keep the round going — training
             // under way started from these very parameters.
+            // The head's own buffer, not the offered copy of the same
+            // values (dropped here, not held while the shell stores and
+            // evaluates the version).
+            drop(params);
             out.push(Action::Adopt {
                 manifest: manifest.clone(),
-                params: std::sync::Arc::new(params),
+                params: self.params.clone(),
             });
             let round = manifest.message().round;
             self.used.extend(used.into_iter().map(|d| (d, round)));
