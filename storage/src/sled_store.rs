@@ -493,10 +493,29 @@ fn read_generation(meta: &sled::Db) -> Result<u64, StoreError> {
         .map_or(0, u64::from_le_bytes))
 }
 
+/// How long an open waits for sled's lock: a store dropped in this process
+/// releases it only when sled's background flusher has stopped, a moment
+/// later; a store another process holds is reported after this wait.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens (or creates) the metadata database, waiting up to [`LOCK_WAIT`]
+/// for its lock ([`open_meta_once`]).
+fn open_meta(dir: &Path, config: &SledConfig) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match open_meta_once(dir, config) {
+            Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Opens (or creates) the metadata database. sled's lock on it is the
 /// store's lock. A database sled cannot read — an error, or a panic on
 /// bytes it did not expect — is reported as damaged.
-fn open_meta(dir: &Path, config: &SledConfig) -> Result<sled::Db, StoreError> {
+fn open_meta_once(dir: &Path, config: &SledConfig) -> Result<sled::Db, StoreError> {
     let damaged = |detail: String| StoreError::DamagedDatabase {
         path: dir.to_owned(),
         detail,
