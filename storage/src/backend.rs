@@ -63,6 +63,12 @@ pub trait Backend: Send + Sync {
     }
     /// Makes every completed write durable (fsync).
     fn kv_flush(&self) -> Result<(), StoreError>;
+    /// Whether the backend can write again (after running out of space),
+    /// mending on the way what a failed write left refusing every write.
+    /// Writes nothing that stays. Default: a flush.
+    fn kv_probe_room(&self) -> Result<(), StoreError> {
+        self.kv_flush()
+    }
     /// Bytes the records occupy on disk (or in memory).
     fn kv_size(&self) -> Result<u64, StoreError>;
     /// The garbage collector's gate (each backend owns one).

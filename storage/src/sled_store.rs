@@ -53,6 +53,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use parking_lot::{MappedRwLockReadGuard, RwLock, RwLockReadGuard};
+
 use tapestry_protocol::ContentId;
 
 use crate::backend::{Backend, GcGate, KvOp, KvVisitor};
@@ -70,6 +72,10 @@ const MARKER_FILE: &str = "TAPESTRY_STORE";
 /// durable, and is reported damaged instead of being used.
 const GENERATION_KEY: &[u8] = b"g/flushes";
 const FLUSHED_FILE: &str = "FLUSHED";
+/// The file [`Backend::kv_probe_room`] writes (and removes) to find out
+/// whether the file system has room, and its size: a chunk's.
+const ROOM_PROBE_FILE: &str = "ROOM_PROBE";
+const ROOM_PROBE_BYTES: usize = 256 << 10;
 const MARKER: &str = "tapestry chunk store\nformat 2\n";
 /// Format 1: one file per chunk under `chunks/`; moved into packs on open.
 const MARKER_V1: &str = "tapestry chunk store\nformat 1\n";
@@ -116,7 +122,11 @@ impl Default for SledConfig {
 /// directory fails with [`StoreError::Locked`].
 #[derive(Debug)]
 pub struct SledStore {
-    meta: sled::Db,
+    /// The metadata database; `None` only between closing a database that
+    /// failed a write and opening it again (see [`SledStore::reopen_meta`]).
+    meta: RwLock<Option<sled::Db>>,
+    /// What the database was opened with (to open it again).
+    config: SledConfig,
     dir: PathBuf,
     packs: Packs,
     gate: GcGate,
@@ -189,7 +199,8 @@ impl SledStore {
         let packs = Packs::open(&packs_dir, config.pack_bytes.max(1))
             .map_err(|e| StoreError::io(format!("opening {}", packs_dir.display()), e))?;
         let store = Self {
-            meta,
+            meta: RwLock::new(Some(meta)),
+            config: config.clone(),
             dir: dir.to_owned(),
             packs,
             gate: GcGate::default(),
@@ -239,7 +250,7 @@ impl SledStore {
                 .packs
                 .append(&id, &bytes)
                 .map_err(|e| io("writing into", &self.packs.path(0), e))?;
-            self.meta
+            self.meta()?
                 .insert(crate::store::key(CHUNK, id.as_bytes()), &loc.encode())?;
         }
         self.kv_flush()?;
@@ -320,7 +331,7 @@ impl SledStore {
             for (id, loc) in scanned.good {
                 batch.insert(crate::store::key(CHUNK, id.as_bytes()), &loc.encode());
             }
-            store.meta.apply_batch(batch)?;
+            store.meta()?.apply_batch(batch)?;
             corrupt.extend(scanned.corrupt);
         }
         let mut report = store.scrub()?;
@@ -339,12 +350,45 @@ impl SledStore {
         &self.dir
     }
 
+    /// The metadata database (opened again first if it was closed by
+    /// [`SledStore::reopen_meta`] and its opening failed). Taken without
+    /// waiting for a reopen that is waiting itself: a caller may hold it
+    /// already (a scan reading chunks).
+    fn meta(&self) -> Result<MappedRwLockReadGuard<'_, sled::Db>, StoreError> {
+        for _ in 0..2 {
+            if let Ok(db) = RwLockReadGuard::try_map(self.meta.read_recursive(), Option::as_ref) {
+                return Ok(db);
+            }
+            self.reopen_meta()?;
+        }
+        Err(StoreError::Backend(
+            "the store's database was closed while it was opened again".into(),
+        ))
+    }
+
+    /// Closes the metadata database and opens it again. sled keeps the
+    /// first error of a failed write to its log (a full disk, say) and
+    /// returns it from every later write, even once there is room again:
+    /// opened again, it recovers its log as after a crash. What it had not
+    /// made durable is lost, as in a crash; no flush had promised it.
+    fn reopen_meta(&self) -> Result<(), StoreError> {
+        let mut slot = self.meta.write();
+        // The old database lets go of its lock once dropped (and sled's
+        // flusher has stopped: `open_meta` waits for it).
+        drop(slot.take());
+        let db = open_meta(&self.dir, &self.config)?;
+        self.generation
+            .store(read_generation(&db)?, Ordering::SeqCst);
+        *slot = Some(db);
+        Ok(())
+    }
+
     fn packs_error(&self, what: &str, e: io::Error) -> StoreError {
         StoreError::io(format!("{what} the packs in {}", self.dir.display()), e)
     }
 
     fn location(&self, key: &[u8]) -> Result<Option<Location>, StoreError> {
-        Ok(self.meta.get(key)?.and_then(|v| Location::decode(&v)))
+        Ok(self.meta()?.get(key)?.and_then(|v| Location::decode(&v)))
     }
 
     /// The bytes of the chunk under `key`; `None` if it has no location or
@@ -382,7 +426,7 @@ impl SledStore {
         let (rewrite, remove) = {
             let _exclusive = self.gate.exclusive();
             let mut live: HashMap<u64, (u64, Vec<(sled::IVec, Location)>)> = HashMap::new();
-            for item in self.meta.scan_prefix([CHUNK]) {
+            for item in self.meta()?.scan_prefix([CHUNK]) {
                 let (k, v) = item?;
                 if let Some(loc) = Location::decode(&v) {
                     let e = live.entry(loc.pack).or_default();
@@ -456,7 +500,7 @@ impl SledStore {
                     .map_err(|e| self.packs_error("writing", e))?;
                 // Deleted or written again meanwhile: the copy is dead bytes.
                 let swapped = self
-                    .meta
+                    .meta()?
                     .compare_and_swap(key, Some(&loc.encode()[..]), Some(&new.encode()[..]))?
                     .is_ok();
                 if swapped {
@@ -469,7 +513,7 @@ impl SledStore {
         self.packs
             .sync()
             .map_err(|e| self.packs_error("syncing", e))?;
-        self.meta.flush()?;
+        self.meta()?.flush()?;
         for pack in remove
             .into_iter()
             .chain(rewrite.into_iter().map(|(p, _)| p))
@@ -576,14 +620,14 @@ fn du(path: &Path) -> io::Result<u64> {
 impl Backend for SledStore {
     fn kv_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
         if key.first() != Some(&CHUNK) {
-            return Ok(self.meta.get(key)?.map(Bytes::from_sled));
+            return Ok(self.meta()?.get(key)?.map(Bytes::from_sled));
         }
         Ok(self.read_chunk(key)?.map(Bytes::from_vec))
     }
 
     fn kv_contains(&self, key: &[u8]) -> Result<bool, StoreError> {
         if key.first() != Some(&CHUNK) {
-            return Ok(self.meta.contains_key(key)?);
+            return Ok(self.meta()?.contains_key(key)?);
         }
         match self.location(key)? {
             Some(loc) => self
@@ -613,12 +657,12 @@ impl Backend for SledStore {
                 KvOp::Delete(k) => meta.remove(k),
             }
         }
-        self.meta.apply_batch(meta)?;
+        self.meta()?.apply_batch(meta)?;
         Ok(())
     }
 
     fn kv_for_each(&self, prefix: u8, f: &mut KvVisitor<'_>) -> Result<(), StoreError> {
-        for item in self.meta.scan_prefix([prefix]) {
+        for item in self.meta()?.scan_prefix([prefix]) {
             let (k, v) = item?;
             if prefix != CHUNK {
                 f(&k, &v)?;
@@ -643,22 +687,43 @@ impl Backend for SledStore {
                 "compare-and-swap on chunk bytes".into(),
             ));
         }
-        Ok(self.meta.compare_and_swap(key, old, new)?.is_ok())
+        Ok(self.meta()?.compare_and_swap(key, old, new)?.is_ok())
     }
 
     fn kv_flush(&self) -> Result<(), StoreError> {
+        let meta = self.meta()?;
         let n = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        self.meta.insert(GENERATION_KEY, &n.to_le_bytes())?;
+        meta.insert(GENERATION_KEY, &n.to_le_bytes())?;
         self.packs
             .sync()
             .map_err(|e| self.packs_error("syncing", e))?;
-        self.meta.flush()?;
+        meta.flush()?;
         // After the flush returned: the file never says more than the
         // database holds. Not synced (a lost update only weakens the check).
         let tmp = self.dir.join(format!("{FLUSHED_FILE}.tmp"));
         fs::write(&tmp, format!("{n}\n"))
             .and_then(|()| fs::rename(&tmp, self.dir.join(FLUSHED_FILE)))
             .map_err(|e| StoreError::io(format!("recording the flush in {}", tmp.display()), e))
+    }
+
+    /// A file written and synced beside the store tells whether the file
+    /// system has room; then a flush tells whether the database can write,
+    /// and if it cannot, the database is opened again (see
+    /// [`SledStore::reopen_meta`]) and flushed.
+    fn kv_probe_room(&self) -> Result<(), StoreError> {
+        use std::io::Write;
+        let probe = self.dir.join(ROOM_PROBE_FILE);
+        let written = fs::File::create(&probe).and_then(|mut f| {
+            f.write_all(&[0u8; ROOM_PROBE_BYTES])?;
+            f.sync_all()
+        });
+        let _ = fs::remove_file(&probe);
+        written.map_err(|e| StoreError::io(format!("writing {}", probe.display()), e))?;
+        if self.kv_flush().is_ok() {
+            return Ok(());
+        }
+        self.reopen_meta()?;
+        self.kv_flush()
     }
 
     fn kv_chunk_barrier(&self) -> Result<(), StoreError> {

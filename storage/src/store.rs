@@ -194,6 +194,14 @@ pub trait ChunkStore: Backend {
         self.kv_flush()
     }
 
+    /// Whether writes succeed again, after one failed for want of space:
+    /// an out-of-space error if not. A backend that refused every write
+    /// after the failure (sled does) is opened again on the way, so a
+    /// success means the store takes writes. Nothing it writes stays.
+    fn probe_room(&self) -> Result<(), StoreError> {
+        self.kv_probe_room()
+    }
+
     /// Bytes the store occupies on disk (or in memory, for the memory backend).
     fn disk_bytes(&self) -> Result<u64, StoreError> {
         self.kv_size()

@@ -434,3 +434,94 @@ fn packs_that_died_whole_go_without_copying_and_the_rest_stay_within_the_bound()
     assert!(version_complete(&s, &v.id()));
     assert!(s.scrub().unwrap().is_clean());
 }
+
+/// A tmpfs of `mib` MiB mounted at `at` (needs root), unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, mib: u64) -> Tmpfs {
+        fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs (this test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_store_that_ran_out_of_space_takes_writes_again_once_there_is_room() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = Tmpfs::mount(&tmp.path().join("mnt"), 8);
+    let dir = mnt.0.join("store");
+    let s = open(&dir).unwrap();
+    let kept = put_version(&s, 1, 1, 100_000, 64 << 10, vec![], vec![]).id();
+    s.set_ref("m/r/head", kept).unwrap();
+    s.flush().unwrap();
+
+    // Fill the file system to the last byte, then write until the
+    // database's log finds no room.
+    let filler = mnt.0.join("filler");
+    {
+        use std::io::Write;
+        let mut f = fs::File::create(&filler).unwrap();
+        let block = vec![0x5au8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+        while f.write_all(&[0u8; 512]).is_ok() {}
+    }
+    // (Other writes fail first: the flush count's file, and sled fills
+    // what is left of its log's segment before it needs another.)
+    let mut failed = None;
+    for i in 0..100_000u32 {
+        let step = s
+            .set_ref(&format!("m/r/{}", i % 64), kept)
+            .and_then(|()| s.flush());
+        match step {
+            Err(StoreError::Io { context, source }) if context == "the store's database" => {
+                failed = Some(source);
+                break;
+            }
+            Err(e) => assert!(e.is_out_of_space(), "{e}"),
+            Ok(()) => {}
+        }
+    }
+    let failed = failed.expect("the database took 100,000 writes on a full file system");
+    assert_eq!(failed.kind(), std::io::ErrorKind::StorageFull, "{failed}");
+    assert!(s.probe_room().unwrap_err().is_out_of_space());
+
+    // Room again: sled still refuses every write (it keeps its first
+    // error); the probe opens the database again, and writes go on.
+    fs::remove_file(&filler).unwrap();
+    assert!(
+        s.set_ref("m/r/again", kept)
+            .and_then(|()| s.flush())
+            .is_err(),
+        "sled took a write after a failed one: this test no longer tests a reopen"
+    );
+    s.probe_room().unwrap();
+    let new = put_version(&s, 2, 2, 100_000, 64 << 10, vec![kept], vec![]).id();
+    s.set_ref("m/r/head", new).unwrap();
+    s.flush().unwrap();
+    drop(s);
+
+    let s = open(&dir).unwrap();
+    assert_eq!(s.get_ref("m/r/head").unwrap(), Some(new));
+    assert!(version_complete(&s, &kept));
+    assert!(version_complete(&s, &new));
+    assert!(s.scrub().unwrap().is_clean());
+}

@@ -21,9 +21,6 @@ use super::*;
 /// takes its bytes, a 48-byte record header and its database entries).
 const BLOCK: u64 = 4096;
 
-/// Bytes of the probe written to find out whether the disk has room again.
-const PROBE_BYTES: usize = 256 << 10;
-
 /// Whether a measurement is running (shared with its thread).
 pub(super) type Measuring = Arc<AtomicBool>;
 
@@ -133,14 +130,10 @@ fn measure(store: &Store, shared: &Shared, quota: Option<u64>) -> Option<DiskFul
     }
     if now.is_some() {
         // Room again? Only a write can tell (the file system may be shared,
-        // reserved blocks differ): a probe chunk, unreachable, collected by
-        // the next collection.
-        let mut probe = vec![0u8; PROBE_BYTES];
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        probe[..16].copy_from_slice(&stamp.to_le_bytes());
-        if let Err(e) = store.put(&probe).and_then(|_| store.flush()) {
+        // reserved blocks differ); it also mends a database that refused
+        // every write after one failed.
+        if let Err(e) = store.probe_room() {
+            tracing::debug!(error = %e, "no room yet");
             return if e.is_out_of_space() {
                 Some(DiskFull::NoSpace)
             } else {
