@@ -7,7 +7,7 @@
 use tapestry_protocol::{ContentId, ModelManifest, Verified};
 
 use super::engine::{Engine, EngineConfig, Input, version_rank};
-use super::verify::{self, BRANCH_WINDOW, Checked, Lineage, Split};
+use super::verify::{self, BRANCH_WINDOW, Lineage, Split};
 
 /// Whether a peer's version (its manifest alone known, not yet verified)
 /// could matter to this node, so that verifying it is worth the work: the
@@ -62,13 +62,15 @@ impl Assessment {
     }
 }
 
-/// Compares a verified version with this node's verified head.
+/// Compares a verified version with this node's verified head; `authors`:
+/// the distinct authors of its deltas, as verification found them
+/// ([`verify::Checked::authors`]).
 pub fn assess(
     l: &impl Lineage,
     cfg: &EngineConfig,
     head: Option<ContentId>,
     target: &Verified<ModelManifest>,
-    checked: &Checked,
+    authors: usize,
 ) -> Assessment {
     let m = target.message();
     let used = verify::recent_deltas(l, target.id(), m.round.saturating_sub(cfg.door.staleness))
@@ -90,7 +92,7 @@ pub fn assess(
         None => (None, true),
     };
     Assessment {
-        authors: checked.authors,
+        authors,
         used,
         head,
         split,
@@ -135,7 +137,7 @@ impl Decision {
 pub fn decide(
     engine: &Engine,
     v: Verified<ModelManifest>,
-    params: Vec<f32>,
+    params: std::sync::Arc<Vec<f32>>,
     a: Assessment,
 ) -> Decision {
     let m = v.message();

@@ -424,7 +424,7 @@ fn a_late_joiner_catches_up_by_adopting_a_newer_version() {
     let actions = late.handle(
         Input::ModelOffered {
             manifest: version.clone(),
-            params: peer.params().to_vec(),
+            params: peer.params().to_vec().into(),
             authors: 0,
             used: vec![],
             fork: None,
@@ -444,7 +444,7 @@ fn a_late_joiner_catches_up_by_adopting_a_newer_version() {
     late.handle(
         Input::ModelOffered {
             manifest: version,
-            params: vec![0.0; spec().n_params()],
+            params: vec![0.0; spec().n_params()].into(),
             authors: 0,
             used: vec![],
             fork: None,
@@ -631,7 +631,7 @@ fn a_node_back_from_a_restart_waits_for_the_peers_it_heard_while_behind() {
     let after = back.handle(
         Input::ModelOffered {
             manifest: version.clone(),
-            params: net.snapshots[&round][&1].clone(),
+            params: net.snapshots[&round][&1].clone().into(),
             authors: 3,
             used: vec![],
             fork: None,
@@ -893,7 +893,7 @@ fn two_branches_merge_into_one_version_whoever_merges_them() {
     let out_b = b.handle(
         Input::BranchOffered {
             manifest: va.clone(),
-            params: pa.clone(),
+            params: pa.clone().into(),
             against: vb.id(),
             weights: (2.0, 3.0),
             used: vec![],
@@ -926,7 +926,7 @@ fn two_branches_merge_into_one_version_whoever_merges_them() {
     a.handle(
         Input::ModelOffered {
             manifest: merged.clone(),
-            params: params.to_vec(),
+            params: params.to_vec().into(),
             authors: 0,
             used: vec![],
             fork: None,
@@ -938,7 +938,7 @@ fn two_branches_merge_into_one_version_whoever_merges_them() {
     let stale = a.handle(
         Input::BranchOffered {
             manifest: sign::version(&cfg, &kb, 13, &pb, vec![], vec![]),
-            params: pb.clone(),
+            params: pb.clone().into(),
             against: va.id(),
             weights: (1.0, 1.0),
             used: vec![],
@@ -952,7 +952,7 @@ fn two_branches_merge_into_one_version_whoever_merges_them() {
     let out = a2.handle(
         Input::BranchOffered {
             manifest: vb.clone(),
-            params: pb.clone(),
+            params: pb.clone().into(),
             against: va.id(),
             weights: (3.0, 2.0),
             used: vec![],
@@ -1145,9 +1145,9 @@ fn a_rival_branch_is_looked_at_and_a_version_weighed_against_an_old_head_is_weig
         fork: None,
         backed: false,
     };
-    let moved = heads::decide(&e, rival.clone(), params.clone(), assessed(p2));
+    let moved = heads::decide(&e, rival.clone(), params.clone().into(), assessed(p2));
     assert!(matches!(moved, Decision::Reassess), "{moved:?}");
-    let current = heads::decide(&e, rival, params, assessed(head.id()));
+    let current = heads::decide(&e, rival, params.into(), assessed(head.id()));
     assert!(matches!(current, Decision::Leave), "{current:?}");
 }
 
@@ -1211,12 +1211,12 @@ fn a_next_round_version_holding_this_nodes_delta_is_taken_at_once() {
     let without = next(vec![theirs]);
     assert!(e.holds_own_vote(with_own.message()));
     assert!(!e.holds_own_vote(without.message()));
-    let take = heads::decide(&e, with_own, params.clone(), assessed.clone());
+    let take = heads::decide(&e, with_own, params.clone().into(), assessed.clone());
     assert!(
         matches!(&take, Decision::Feed(i) if matches!(i.as_ref(), Input::ModelOffered { .. })),
         "{take:?}"
     );
-    let keep = heads::decide(&e, without, params, assessed);
+    let keep = heads::decide(&e, without, params.into(), assessed);
     assert!(matches!(keep, Decision::Remember(_)), "{keep:?}");
 }
 
@@ -1284,7 +1284,7 @@ fn a_used_deltas_values_go_and_come_back_if_the_head_stops_counting_it() {
     let out = e.handle(
         Input::ModelOffered {
             manifest: w1.clone(),
-            params: other.clone(),
+            params: other.clone().into(),
             authors: 2,
             used: vec![],
             fork: None,

@@ -58,8 +58,9 @@ pub enum Input {
     ModelOffered {
         /// Its manifest.
         manifest: Verified<ModelManifest>,
-        /// Its parameters.
-        params: Vec<f32>,
+        /// Its parameters (shared: the shell may hand over a buffer it
+        /// holds already, the head's own when the version matches it).
+        params: std::sync::Arc<Vec<f32>>,
         /// Distinct authors of the deltas it aggregates (verified).
         authors: usize,
         /// Deltas already aggregated into it and its recent ancestors
@@ -80,7 +81,7 @@ pub enum Input {
         /// The other branch's version.
         manifest: Verified<ModelManifest>,
         /// Its parameters.
-        params: Vec<f32>,
+        params: std::sync::Arc<Vec<f32>>,
         /// The head it is to be merged with; ignored if the head moved on.
         against: ContentId,
         /// Weights of this node's branch and of the offered one

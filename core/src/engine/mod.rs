@@ -586,7 +586,7 @@ impl Engine {
     fn on_model_offered(
         &mut self,
         manifest: Verified<ModelManifest>,
-        params: Vec<f32>,
+        params: std::sync::Arc<Vec<f32>>,
         (authors, used, fork): (usize, Vec<ContentId>, Option<(usize, usize)>),
         now_ms: u64,
         out: &mut Vec<Action>,
@@ -616,7 +616,6 @@ impl Engine {
         } else if self.prefers(manifest.message(), authors, fork) && self.fits(&params) {
             // The shell stores it and makes it the head like any version
             // this node made.
-            let params = std::sync::Arc::new(params);
             out.push(Action::Adopt {
                 manifest: manifest.clone(),
                 params: params.clone(),
@@ -636,7 +635,7 @@ impl Engine {
     fn on_branch_offered(
         &mut self,
         manifest: Verified<ModelManifest>,
-        params: Vec<f32>,
+        params: std::sync::Arc<Vec<f32>>,
         against: ContentId,
         (w_own, w_other): (f64, f64),
         used: Vec<ContentId>,

@@ -11,7 +11,7 @@ impl Engine {
     pub(super) fn merge_with(
         &mut self,
         other: Verified<ModelManifest>,
-        other_params: Vec<f32>,
+        other_params: std::sync::Arc<Vec<f32>>,
         (w_own, w_other): (f64, f64),
         now_ms: u64,
         out: &mut Vec<Action>,

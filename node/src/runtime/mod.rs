@@ -498,7 +498,7 @@ impl Node {
     }
 
     fn keep_version(&self, m: &Verified<ModelManifest>, params: &[f32]) -> Result<(), NodeError> {
-        self.recent.add(m.message(), m.id());
+        self.recent.add(m.message(), m.id(), None);
         store_head(&self.store, m, params)
     }
 
@@ -509,7 +509,7 @@ impl Node {
         m: &Verified<ModelManifest>,
         params: Arc<Vec<f32>>,
     ) -> (Result<(), NodeError>, Arc<Vec<f32>>) {
-        self.recent.add(m.message(), m.id());
+        self.recent.add(m.message(), m.id(), Some(&params));
         let (store, manifest) = (self.store.clone(), m.clone());
         let kept = tokio::task::spawn_blocking(move || {
             let kept = store_head(&store, &manifest, &params);

@@ -301,32 +301,38 @@ pub(super) fn forget(offered: &Mutex<std::collections::HashSet<ContentId>>, id: 
     }
 }
 
+/// A version made or verified lately: its manifest, its id, and its
+/// parameters while something else (the engine's head) still holds them.
+type RecentVersion = (ModelManifest, ContentId, std::sync::Weak<Vec<f32>>);
+
 /// Versions made or verified lately, by their inputs (bounded).
 #[derive(Clone, Default)]
-pub(super) struct Recent(Arc<Mutex<std::collections::VecDeque<(ModelManifest, ContentId)>>>);
+pub(super) struct Recent(Arc<Mutex<std::collections::VecDeque<RecentVersion>>>);
 
 impl Recent {
     const KEEP: usize = 64;
 
-    pub(super) fn add(&self, m: &ModelManifest, id: ContentId) {
+    /// Remembers a version; with `params`, the buffer that holds its
+    /// parameters (not kept alive by this).
+    pub(super) fn add(&self, m: &ModelManifest, id: ContentId, params: Option<&Arc<Vec<f32>>>) {
         if let Ok(mut r) = self.0.lock() {
             if r.len() >= Self::KEEP {
                 r.pop_front();
             }
-            r.push_back((m.clone(), id));
+            r.push_back((
+                m.clone(),
+                id,
+                params.map_or_else(Default::default, Arc::downgrade),
+            ));
         }
     }
 
     /// A recent version that is the same computation as `m`.
-    fn same_computation(
-        &self,
-        l: &impl Lineage,
-        m: &ModelManifest,
-    ) -> Option<(ModelManifest, ContentId)> {
+    fn same_computation(&self, l: &impl Lineage, m: &ModelManifest) -> Option<RecentVersion> {
         let r = self.0.lock().ok()?.clone();
         r.into_iter()
             .rev()
-            .find(|(held, _)| verify::same_computation(l, held, m))
+            .find(|(held, _, _)| verify::same_computation(l, held, m))
     }
 }
 
@@ -357,12 +363,16 @@ pub(super) struct AttestCtx {
     threshold: usize,
 }
 
+/// A version's parameters as verified and how it compares with the head,
+/// or why it was refused.
+pub(super) type Verification = Result<(Arc<Vec<f32>>, heads::Assessment), VersionRejection>;
+
 /// What verifying one offered version found.
 pub(super) struct Finding {
     manifest: Verified<ModelManifest>,
     source: PeerId,
     gossip: Option<libp2p::gossipsub::MessageId>,
-    result: Result<(Vec<f32>, heads::Assessment), VersionRejection>,
+    result: Verification,
 }
 
 /// The chunk store as [`Lineage`], with the manifests fetched for one
@@ -530,7 +540,7 @@ pub(super) async fn verify_offered(
     ctx: &VerifyCtx,
     target: &Verified<ModelManifest>,
     providers: &[PeerId],
-) -> Result<(Vec<f32>, heads::Assessment), VersionRejection> {
+) -> Verification {
     let m = target.message();
     let far = m.round > ctx.furthest;
     let recomputed = if far {
@@ -568,7 +578,7 @@ pub(super) async fn take_attested(
     ctx: &VerifyCtx,
     a: &AttestCtx,
     target: &Verified<ModelManifest>,
-) -> Result<(Vec<f32>, heads::Assessment), String> {
+) -> Result<(Arc<Vec<f32>>, heads::Assessment), String> {
     let m = target.message();
     let asks = a.ask.iter().map(|peer| {
         let net = ctx.net.clone();
@@ -634,7 +644,10 @@ pub(super) async fn take_attested(
     tracing::info!(round = m.round, version = %target.id().short(), vouchers = vouchers.len(), "version taken on roster members' attestations");
     ctx.shared.metrics.versions_attested.inc();
     let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
-    Ok((params, heads::Assessment::attested(head, vouchers.len())))
+    Ok((
+        Arc::new(params),
+        heads::Assessment::attested(head, vouchers.len()),
+    ))
 }
 
 /// The same computation (parent and deltas) as a version this node made or
@@ -644,27 +657,29 @@ fn match_offered(
     ctx: &VerifyCtx,
     l: &StoreLineage<'_>,
     target: &Verified<ModelManifest>,
-) -> Option<Result<(Vec<f32>, heads::Assessment), VersionRejection>> {
-    let (held, held_id) = ctx.recent.same_computation(l, target.message())?;
+) -> Option<Verification> {
+    let (held, held_id, held_params) = ctx.recent.same_computation(l, target.message())?;
     if !is_verified(&ctx.store, &held_id) {
         return None;
     }
     if held.chunk_ids != target.message().chunk_ids {
         return Some(Err(VersionRejection::Mismatch));
     }
-    let params = l.params(&held_id)?;
+    // The buffer that holds them already (the head's, usually), or read
+    // back from the store.
+    let params = match held_params.upgrade() {
+        Some(p) => p,
+        None => Arc::new(l.params(&held_id)?),
+    };
     ctx.store
         .put_model_manifest(target)
         .and_then(|_| ctx.store.set_ref(&verified_ref(&target.id()), target.id()))
         .ok()?;
     ctx.shared.metrics.versions_matched.inc();
-    let checked = verify::Checked {
-        authors: verify::distinct_authors(l, target.message()),
-        params,
-    };
+    let authors = verify::distinct_authors(l, target.message());
     let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
-    let assessment = heads::assess(l, &ctx.cfg, head, target, &checked);
-    Some(Ok((checked.params, assessment)))
+    let assessment = heads::assess(l, &ctx.cfg, head, target, authors);
+    Some(Ok((params, assessment)))
 }
 
 /// Manifests one verification may fetch, at most: a catch-up over
@@ -833,7 +848,7 @@ pub(super) async fn recompute_offered(
     ctx: &VerifyCtx,
     target: &Verified<ModelManifest>,
     providers: &[PeerId],
-) -> Result<(Vec<f32>, heads::Assessment), VersionRejection> {
+) -> Verification {
     let mut l = StoreLineage {
         store: &ctx.store,
         models: HashMap::new(),
@@ -876,7 +891,7 @@ fn recompute_in_order(
     deltas: HashMap<ContentId, Verified<DeltaManifest>>,
     target: &Verified<ModelManifest>,
     order: &[ContentId],
-) -> Result<(Vec<f32>, heads::Assessment), VersionRejection> {
+) -> Verification {
     let mut l = StoreLineage {
         store: &ctx.store,
         models,
@@ -913,7 +928,7 @@ fn recompute_in_order(
             recomputed += 1;
             keep_s += keeping.elapsed().as_secs_f64();
             if kept.is_ok() {
-                ctx.recent.add(v.message(), v.id());
+                ctx.recent.add(v.message(), v.id(), None);
             }
             kept.map_err(|e| {
                 tracing::error!(error = %e, "cannot store a verified version");
@@ -931,8 +946,8 @@ fn recompute_in_order(
     m.time(Stage::Store, Duration::from_secs_f64(keep_s));
     let checked = checked?;
     let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
-    let assessment = heads::assess(&l, &ctx.cfg, head, target, &checked);
-    Ok((checked.params, assessment))
+    let assessment = heads::assess(&l, &ctx.cfg, head, target, checked.authors);
+    Ok((Arc::new(checked.params), assessment))
 }
 
 #[cfg(test)]

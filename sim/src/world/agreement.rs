@@ -138,9 +138,9 @@ impl World<'_> {
                 return;
             }
         };
-        let assessment = heads::assess(&view, cfg, engine.version(), &v, &checked);
+        let assessment = heads::assess(&view, cfg, engine.version(), &v, checked.authors);
         let new = std::mem::take(&mut view.new);
-        let decision = heads::decide(engine, v.clone(), checked.params, assessment);
+        let decision = heads::decide(engine, v.clone(), Arc::new(checked.params), assessment);
         for (id, p) in new {
             self.verified[j].insert(id);
             self.version_params.entry(id).or_insert(p);

@@ -229,7 +229,7 @@ impl World<'_> {
         };
         let engine = &self.engines[v];
         let assessment = heads::Assessment::attested(engine.version(), vouchers);
-        match heads::decide(engine, best.clone(), params.clone(), assessment) {
+        match heads::decide(engine, best.clone(), Arc::new(params.clone()), assessment) {
             Decision::Feed(input) => {
                 self.push(
                     at,

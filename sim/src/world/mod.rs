@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -584,7 +585,7 @@ impl World<'_> {
                     .or_default() += 1
             }
             Action::Adopt { manifest, params } => {
-                self.adopted(i, now, manifest, std::sync::Arc::unwrap_or_clone(params))
+                self.adopted(i, now, manifest, Arc::unwrap_or_clone(params))
             }
         }
         Ok(())
