@@ -259,7 +259,7 @@ async fn fetch_all(
     let shared = Shared::new(Arc::new(Metrics::new(Registry::default())));
     let peer = server.peer_id();
     let start = Instant::now();
-    let all = fetch_chunks(&client, &sink, ids[0], ids, &[peer], &shared).await;
+    let all = fetch_chunks(&client, &sink, ids[0], ids, (&[peer], None), &shared).await;
     let fetched = start.elapsed();
     sink.flush().unwrap();
     let took = start.elapsed();

@@ -149,7 +149,7 @@ async fn a_fetch_takes_chunks_from_every_provider_and_drops_one_serving_wrong_ch
     let providers = [rogue.peer_id(), a.peer_id(), b.peer_id(), c.peer_id()];
     let ok = tokio::time::timeout(
         Duration::from_secs(60),
-        fetch_chunks(&fetcher, &sink, ids[0], &ids, &providers, &s),
+        fetch_chunks(&fetcher, &sink, ids[0], &ids, (&providers, None), &s),
     )
     .await
     .expect("the fetch never ended");
@@ -347,7 +347,7 @@ async fn a_rogue_turning_bad_midway_through_a_large_delta_is_dropped_and_the_res
     let providers = [rogue.peer_id(), a.peer_id()];
     let ok = tokio::time::timeout(
         Duration::from_secs(120),
-        fetch_chunks(&fetcher, &sink, ids[0], &ids, &providers, &s),
+        fetch_chunks(&fetcher, &sink, ids[0], &ids, (&providers, None), &s),
     )
     .await
     .expect("the fetch never ended");

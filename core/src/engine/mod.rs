@@ -109,6 +109,15 @@ pub enum Mode {
     },
 }
 
+/// A pending delta's payload as it reaches the engine
+/// ([`Input::DeltaPayload`], [`Input::DeltaStored`]).
+enum Arrived {
+    /// The payload's bytes.
+    Whole(std::sync::Arc<Vec<u8>>),
+    /// Where the shell kept it as it arrived.
+    Stored(std::sync::Arc<dyn PayloadSource + Send + Sync>),
+}
+
 /// A delta admitted at the door.
 #[derive(Debug, Clone)]
 struct Received {
@@ -370,8 +379,12 @@ impl Engine {
             } => self.on_trained(round, version, params, samples, now_ms, o),
             Input::DeltaAnnounced(m) => self.on_announced(m, o),
             Input::OwnVote(m) => self.on_own_vote(m, o),
-            Input::DeltaPayload { id, payload } => self.on_payload(id, payload, now_ms, o),
-            Input::DeltaStored { id, source } => self.on_stored(id, source, now_ms, o),
+            Input::DeltaPayload { id, payload } => {
+                self.on_arrived(id, Arrived::Whole(payload), now_ms, o)
+            }
+            Input::DeltaStored { id, source } => {
+                self.on_arrived(id, Arrived::Stored(source), now_ms, o)
+            }
             Input::ModelOffered {
                 manifest,
                 params,
@@ -471,42 +484,55 @@ impl Engine {
         }
     }
 
-    /// A fetched delta's payload: through the door, then counted.
-    fn on_payload(
-        &mut self,
-        id: ContentId,
-        payload: std::sync::Arc<Vec<u8>>,
-        now_ms: u64,
-        out: &mut Vec<Action>,
-    ) {
+    /// A pending delta's payload arrived, whole or kept by the shell as it
+    /// came (a fixed-width one only): judged at the door — the payload, or
+    /// read from where it is kept a block at a time — and admitted holding
+    /// it, or its author penalised. A payload arriving again (its chunks
+    /// match the ids it had when it passed the door, so these are the
+    /// values it had then) is not judged twice; a whole one that does not
+    /// decode now (it cannot) is left out without blame, and so is one the
+    /// shell's own store failed to give back.
+    fn on_arrived(&mut self, id: ContentId, arrived: Arrived, now_ms: u64, out: &mut Vec<Action>) {
+        let Some(m) = self.pending.get(&id) else {
+            return;
+        };
+        let msg = m.message();
+        if matches!(arrived, Arrived::Stored(_)) && fixed_width(msg.codec).is_none() {
+            // The shell keeps only fixed-width payloads as they arrive; it
+            // sends any other whole ([`Input::DeltaPayload`]).
+            return;
+        }
+        let lap = self.lap();
+        let again = self.readmit.remove(&id);
+        let checked = match (&arrived, again) {
+            (Arrived::Whole(payload), true) => {
+                self.door.check_decodes(msg, payload).map_err(|_| None)
+            }
+            (Arrived::Whole(payload), false) => self.door.check_payload(msg, payload).map_err(Some),
+            (Arrived::Stored(_), true) => Ok(()),
+            (Arrived::Stored(source), false) => self.door.check_source(msg, source.as_ref()),
+        };
+        self.charge(lap, |t| &mut t.decode);
         let Some(m) = self.pending.remove(&id) else {
             return;
         };
-        let lap = self.lap();
-        let checked = if self.readmit.remove(&id) {
-            // Its chunks match the ids it had when it passed the door, so
-            // these are the values it had then; a payload that does not
-            // decode now (it cannot) is left out without blame.
-            if self.door.check_decodes(m.message(), &payload).is_err() {
-                return;
-            }
-            Ok(())
-        } else {
-            self.door.check_payload(m.message(), &payload)
-        };
-        self.charge(lap, |t| &mut t.decode);
         match checked {
             Ok(()) => {
                 // The payload, not its decoded values: aggregation decodes
                 // it a block at a time, so no delta is ever held twice.
-                let values = Held::Encoded {
-                    codec: m.message().codec,
-                    payload,
-                    len: self.door.n_values(),
+                let (codec, len) = (m.message().codec, self.door.n_values());
+                let values = match arrived {
+                    Arrived::Whole(payload) => Held::Encoded {
+                        codec,
+                        payload,
+                        len,
+                    },
+                    Arrived::Stored(source) => Held::Stored { codec, source, len },
                 };
                 self.admit(m, values, now_ms, out);
             }
-            Err(r) => out.push(Action::Penalise(r)),
+            Err(Some(r)) => out.push(Action::Penalise(r)),
+            Err(None) => {}
         }
     }
 
@@ -532,53 +558,6 @@ impl Engine {
             },
         );
         self.maybe_close(now_ms, out);
-    }
-
-    /// A delta's payload kept by the shell as it arrived: judged at the
-    /// door from where it is kept, and held there.
-    fn on_stored(
-        &mut self,
-        id: ContentId,
-        source: std::sync::Arc<dyn PayloadSource + Send + Sync>,
-        now_ms: u64,
-        out: &mut Vec<Action>,
-    ) {
-        let Some(m) = self.pending.get(&id) else {
-            return;
-        };
-        let msg = m.message();
-        if fixed_width(msg.codec).is_none() {
-            // The shell keeps only fixed-width payloads as they arrive; it
-            // sends any other whole ([`Input::DeltaPayload`]).
-            return;
-        }
-        let lap = self.lap();
-        // A payload read again (its chunks match the ids it had when it
-        // passed the door) is not judged twice.
-        let checked = if self.readmit.contains(&id) {
-            Ok(())
-        } else {
-            self.door.check_source(msg, source.as_ref())
-        };
-        self.charge(lap, |t| &mut t.decode);
-        let Some(m) = self.pending.remove(&id) else {
-            return;
-        };
-        self.readmit.remove(&id);
-        match checked {
-            Ok(()) => {
-                let values = Held::Stored {
-                    codec: m.message().codec,
-                    source,
-                    len: self.door.n_values(),
-                };
-                self.admit(m, values, now_ms, out);
-            }
-            Err(Some(r)) => out.push(Action::Penalise(r)),
-            // The shell's own store failed to give it back: nobody's
-            // fault; it is left out.
-            Err(None) => {}
-        }
     }
 
     /// A verified version offered by the shell, with (distinct authors,

@@ -36,16 +36,19 @@ const MAX_PROVIDERS: usize = 64;
 /// 0.8 and 1.6 s) before the worker gives up on it.
 const BUSY_TRIES: u32 = 5;
 
-/// Fetches the chunks of `ids` not yet in the store into it, from
-/// `providers` at once (see `fetch_into`), each checked against its id;
-/// whether all are there at the end. `content` is what the DHT is asked
-/// providers of when `providers` fail. (Public for the transfer bench.)
+/// Fetches the chunks of `ids` not yet in the store into it as they
+/// arrive, from `providers` at once and, with a `swarm`, from the peers
+/// fetching the same content (see `fetch_into`), each checked against its
+/// id; whether all are there at the end. The node holds no more of them
+/// in memory than the chunks being checked, whatever their number.
+/// `content` is what the DHT is asked providers of when `providers` fail.
+/// (Public for the transfer bench.)
 pub async fn fetch_chunks(
     net: &NetHandle,
     store: &Store,
     content: ContentId,
     ids: &[ContentId],
-    providers: &[PeerId],
+    (providers, swarm): (&[PeerId], Option<&Swarm>),
     shared: &Shared,
 ) -> bool {
     let sink = store.clone();
@@ -53,7 +56,7 @@ pub async fn fetch_chunks(
         net,
         content,
         ids,
-        Sources::peers(providers),
+        Sources { providers, swarm },
         shared,
         &|id| store.has(id).unwrap_or(false),
         Arc::new(move |id, bytes| sink.put_checked(id, &bytes).is_ok()),
@@ -767,39 +770,11 @@ pub(super) async fn fetch_payload(
     (payload.len() == size).then_some(payload)
 }
 
-/// A gossiped delta's payload of a fixed-width codec fetched into the
-/// store chunk by chunk as it arrives (each checked against its id, with a
-/// swarm if given; chunks the store holds are not fetched): the node holds
-/// no more of it in memory than the chunks being checked, whatever the
-/// number of peers. The engine's door then judges it from the store; one
-/// it refuses is collected with the garbage (no manifest names it).
-/// Whether every chunk is there.
-pub(super) async fn fetch_payload_stored(
-    net: &NetHandle,
-    store: &Store,
-    manifest: &Verified<DeltaManifest>,
-    providers: &[PeerId],
-    shared: &Shared,
-    swarm: Option<&Swarm>,
-) -> bool {
-    let sink = store.clone();
-    fetch_into(
-        net,
-        manifest.id(),
-        &manifest.message().chunk_ids,
-        Sources { providers, swarm },
-        shared,
-        &|id| store.has(id).unwrap_or(false),
-        Arc::new(move |id, bytes| sink.put_checked(id, &bytes).is_ok()),
-    )
-    .await
-}
-
 /// A fetched payload, as [`Node::on_fetched`] receives it.
 pub(super) enum Fetched {
     /// Assembled in memory (stored only once the engine admits it).
     InMemory(Vec<u8>),
-    /// Its chunks are in the store ([`fetch_payload_stored`]).
+    /// Its chunks are in the store ([`fetch_chunks`]).
     Stored,
 }
 

@@ -904,15 +904,17 @@ impl Node {
                     usize::try_from(m.payload_bytes).unwrap_or(usize::MAX),
                 ) {
                 // Landing until the engine has judged it and its manifest
-                // is stored (see `Node::on_fetched_stored`).
+                // is stored (see `Node::on_fetched_stored`); the engine's
+                // door judges it from the store, and one it refuses is
+                // collected with the garbage (no manifest names it).
                 shared.landing.begin(id, &m.chunk_ids);
-                let landed = fetch_payload_stored(
+                let landed = fetch_chunks(
                     &net,
                     &store,
-                    &manifest,
-                    &providers,
+                    id,
+                    &m.chunk_ids,
+                    (&providers, swarm.as_ref()),
                     &shared,
-                    swarm.as_ref(),
                 )
                 .await;
                 if !landed {

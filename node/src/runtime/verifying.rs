@@ -618,7 +618,7 @@ pub(super) async fn take_attested(
         &ctx.store,
         target.id(),
         &m.chunk_ids,
-        &from,
+        (&from, None),
         &ctx.shared,
     )
     .await
