@@ -33,6 +33,11 @@ use tapestry_protocol::ContentId;
 /// Bytes of a record's header.
 pub(crate) const HEADER: u64 = 48;
 const MAGIC: [u8; 4] = *b"TPCK";
+/// Bytes of a pack written between two starts of its write-back: once a
+/// record crosses a multiple of this, the window of bytes before it is
+/// handed to the kernel to write out (`sync_file_range`, not waiting), so
+/// that the next flush finds little left to write.
+const WRITE_BACK: u64 = 8 << 20;
 /// The default size at which a pack is sealed (a record is never split: a
 /// pack may end up larger by one record).
 pub(crate) const PACK_TARGET: u64 = 64 << 20;
@@ -227,6 +232,10 @@ impl Packs {
         // A failed write leaves a hole of dead bytes; compaction takes it back.
         file.write_all_at(&header(id, len), start)?;
         file.write_all_at(bytes, start + HEADER)?;
+        let end = start + record;
+        if end / WRITE_BACK > start / WRITE_BACK {
+            start_write_back(&file, (end / WRITE_BACK - 1) * WRITE_BACK, WRITE_BACK);
+        }
         Ok(Location {
             pack,
             offset: start + HEADER,
@@ -384,6 +393,29 @@ impl Packs {
         }
         Ok(out)
     }
+}
+
+/// Starts writing `len` bytes of `file` from `offset` out to the disk,
+/// without waiting for it (Linux's `sync_file_range` with
+/// `SYNC_FILE_RANGE_WRITE`). Only a hint: durability is still the flush's
+/// `fdatasync`; a failure here changes nothing and is ignored. Bytes of
+/// the window another writer has not written yet are left to the flush.
+fn start_write_back(file: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: the descriptor is open for as long as `file` is borrowed;
+        // the call reads no memory of this process.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
 }
 
 #[cfg(test)]
