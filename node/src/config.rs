@@ -60,7 +60,8 @@ pub struct Config {
 pub struct StoreSection {
     /// The head's version and those of the `keep_versions` rounds before
     /// it are kept, with their deltas; older versions are collected (`0`:
-    /// keep everything).
+    /// keep everything). With a quota, fewer rounds are kept when that
+    /// many would not fit in 70 % of it (never fewer than 2).
     pub keep_versions: u64,
     /// Most MiB the store may occupy (`0`: no quota, only the disk's
     /// size). Above 90 % of it the node serves what it holds but takes no
@@ -392,7 +393,9 @@ min_round_ms = {min_round}
 # deltas no longer needed (0 = keep everything). A peer further behind than
 # this (a long cut, a long absence) cannot catch up by recomputing from this
 # node's store: in a permissioned region it needs members' attestations.
-# Disk: about keep_versions x (model + one round's deltas).
+# Disk: about keep_versions x (model + one round's deltas). With a quota, fewer
+# rounds are kept when that many would not fit in 70 % of it (never fewer than
+# 2); /status says how many in keep_rounds.
 keep_versions = {keep}
 # Most MiB the store may occupy (0 = no quota: only the disk's size). Above
 # 90 % of it, or with the disk out of space, the node keeps serving what it

@@ -105,6 +105,9 @@ pub struct Status {
     pub disk_full_reason: Option<String>,
     /// Bytes the store occupied when last measured.
     pub store_bytes: u64,
+    /// Rounds behind the head the last collection kept: `keep_versions`,
+    /// or fewer when that many would not fit the store's quota.
+    pub keep_rounds: u64,
 }
 
 /// The node's loop must show it is alive at least this often (it ticks

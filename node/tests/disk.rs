@@ -46,11 +46,17 @@ impl Drop for Tmpfs {
 }
 
 fn start(dir: &Path) -> (NodeProcess, String) {
+    start_rounds_of(dir, 100)
+}
+
+/// [`start`] with rounds of at least `min_round_ms`.
+fn start_rounds_of(dir: &Path, min_round_ms: u64) -> (NodeProcess, String) {
     let _ = std::fs::remove_file(dir.join("endpoints.json"));
     let digits = tapestry_testkit::digits_arg();
+    let min_round_ms = min_round_ms.to_string();
     let args = [
         "--min-round-ms",
-        "100",
+        &min_round_ms,
         "--data",
         &digits,
         "--start-peers",
@@ -69,7 +75,7 @@ fn wait(
     api: &str,
     secs: u64,
     what: &str,
-    done: impl Fn(&Value) -> bool,
+    mut done: impl FnMut(&Value) -> bool,
 ) -> Value {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
@@ -189,25 +195,77 @@ fn a_full_disk_stops_new_data_not_the_node_and_nothing_acknowledged_is_lost() {
     );
 }
 
+/// The most the store took on disk while `done` did not hold, sampling its
+/// status every 200 ms; the last status.
+fn most_until(
+    node: &NodeProcess,
+    api: &str,
+    secs: u64,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> (u64, Value) {
+    let mut most = 0;
+    let s = wait(node, api, secs, what, |s| {
+        most = most.max(s["store_bytes"].as_u64().unwrap_or(0));
+        done(s)
+    });
+    (most, s)
+}
+
 #[test]
 fn the_store_stays_within_its_quota() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("node");
     init(bin(), &dir, &["--region", "test"]).unwrap();
+    // A model whose versions, not the database, make most of the store
+    // (84 k parameters, 337 kB a version).
+    set_config(&dir, "architecture", "\"mlp:256,256\"").unwrap();
     set_config(&dir, "keep_versions", "20").unwrap();
-    // How big the store is at rest decides the quota: a little above it.
+    // How big the store is at rest decides the quota: about three times
+    // that.
     let (mut node, api) = start(&dir);
     let s = wait(&node, &api, 60, "rounds", |s| {
         round(s) >= 30 && s["store_bytes"].as_u64().unwrap_or(0) > 0
     });
     assert!(node.terminate(Duration::from_secs(20)).is_some());
     let at_rest = s["store_bytes"].as_u64().unwrap();
-    let quota_mb = (at_rest >> 20) + 3;
+    // What a round takes on disk, keeping 20 rounds behind the head.
+    let per_round = at_rest / 21;
+    let quota_mb = 3 * (at_rest >> 20) + 1;
     let quota = quota_mb << 20;
     set_config(&dir, "quota_mb", &quota_mb.to_string()).unwrap();
     set_config(&dir, "keep_versions", "256").unwrap();
 
-    let (mut node, api) = start(&dir);
+    // Keeping 256 rounds would not fit: the node keeps fewer, and its
+    // store stays within the quota without ever being full. (Rounds of
+    // 300 ms: the store is measured every 2 s and what is written in
+    // between is counted whole, so a round or two, not twenty, must fit
+    // beside what is kept.)
+    let (mut node, api) = start_rounds_of(&dir, 300);
+    let r0 = round(&wait(&node, &api, 60, "a round", |s| round(s) > 30));
+    // Rounds enough to fill the quota twice over at that rate if nothing
+    // older went.
+    let fill = 2 * quota / per_round.max(1);
+    let (most, s) = most_until(&node, &api, 300, "rounds under the quota", |s| {
+        assert_eq!(s["disk_full"], false, "the store filled up: {s}");
+        round(s) >= r0 + fill
+    });
+    eprintln!(
+        "store at rest {at_rest} bytes, {per_round} a round; quota {quota}; most {most}; {s}"
+    );
+    assert!(
+        most <= quota,
+        "the store grew to {most} bytes over a quota of {quota}"
+    );
+    let kept = s["keep_rounds"].as_u64().unwrap();
+    assert!((20..256).contains(&kept), "kept {kept} rounds: {s}");
+    assert!(node.terminate(Duration::from_secs(20)).is_some());
+
+    // A quota under what the fewest rounds take: the store is full, takes
+    // no new data, and collects down to the fewest rounds it keeps.
+    let small_mb = (at_rest >> 20) / 2;
+    set_config(&dir, "quota_mb", &small_mb.to_string()).unwrap();
+    let (mut node, api) = start_rounds_of(&dir, 300);
     let full = wait(&node, &api, 120, "the quota reached", |s| {
         s["disk_full"] == true
     });
@@ -220,23 +278,15 @@ fn the_store_stays_within_its_quota() {
     );
     let metrics = get(&api, "/metrics").unwrap();
     assert!(
-        metrics.contains(&format!("tapestry_store_quota_bytes {quota}")),
+        metrics.contains(&format!("tapestry_store_quota_bytes {}", small_mb << 20)),
         "{metrics}"
     );
-    // From now on the store stays within its quota (new data stops at 90 %
-    // of it; the rest is headroom for the node's own votes and database).
-    let mut most = 0;
-    let until = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < until {
-        let s = status(&api).unwrap();
-        most = most.max(s["store_bytes"].as_u64().unwrap_or(0));
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    eprintln!("store at rest {at_rest} bytes; quota {quota}; most while full {most}");
-    assert!(
-        most <= quota,
-        "the store grew to {most} bytes over a quota of {quota}"
-    );
+    let fewest = wait(&node, &api, 60, "the fewest rounds kept", |s| {
+        s["keep_rounds"].as_u64().is_some_and(|k| k <= 4)
+            && s["store_chunk_bytes"].as_u64().unwrap_or(u64::MAX) <= 5 * per_round
+    });
+    assert_eq!(fewest["disk_full"], true, "{fewest}");
+    assert_eq!(fewest["round"], full["round"], "the head moved while full");
     assert_eq!(healthy(&api), Ok(()));
     assert!(node.terminate(Duration::from_secs(20)).is_some());
 }

@@ -377,6 +377,7 @@ impl Node {
             s.peer_id = net.peer_id().to_string();
             s.model_id = cfg.model_id.clone();
             s.region = cfg.region.clone();
+            s.keep_rounds = settings.keep_versions;
         });
         let mut engine = Engine::new(settings.engine.clone(), key.clone());
         let unix_ms = std::time::SystemTime::now()

@@ -5,8 +5,18 @@
 //! or admitted — it may still aggregate them, and peers verifying versions
 //! that did may ask for them — and anything written since the previous
 //! collection began), on a blocking thread, one collection at a time.
+//!
+//! With a quota, the horizon is also what fits: a round keeps its version
+//! and the deltas aggregated into it (the head's are the measure), the
+//! rest of the store (its database, the packs' dead bytes) is measured
+//! after each collection, and the next keeps no more rounds than fit
+//! beside the rest in
+//! [`QUOTA_SHARE`] of the quota (never fewer than
+//! [`MIN_HORIZON`]), so a large model's store gives up its oldest
+//! versions instead of filling up and stopping new data (which it still
+//! does when even the fewest rounds do not fit).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tapestry_storage::StoreError;
 
@@ -46,6 +56,21 @@ impl Node {
         if passes >= 2 {
             self.collecting.owed.store(false, Ordering::Release);
         }
+        // A round keeps its version and the deltas aggregated into it: the
+        // head's are the measure (a delta counted at the model's size, as
+        // an f32 one takes).
+        let per_round = self.shared.head.lock().ok().and_then(|h| {
+            h.as_ref().map(|v| {
+                let m = v.message();
+                m.payload_bytes.saturating_mul(1 + m.deltas.len() as u64)
+            })
+        });
+        let keep = horizon(
+            keep,
+            self.shared.disk.quota(),
+            per_round.unwrap_or(0),
+            self.collecting.rest.load(Ordering::Relaxed),
+        );
         let (store, shared, collecting, window) = (
             self.store.clone(),
             self.shared.clone(),
@@ -61,6 +86,11 @@ impl Node {
                 roots.extend(shared.landing.chunk_ids());
                 match collect(&store, head_round, keep, &roots) {
                     Ok(report) => {
+                        if let Ok(bytes) = store.disk_bytes() {
+                            let rest = bytes.saturating_sub(report.bytes_kept);
+                            collecting.rest.store(rest, Ordering::Relaxed);
+                        }
+                        shared.update(|s| s.keep_rounds = keep);
                         let m = &shared.metrics;
                         m.store_chunk_bytes.set(report.bytes_kept as i64);
                         m.store_manifests.set(report.manifests_kept as i64);
@@ -84,6 +114,32 @@ impl Node {
 pub(super) struct GcState {
     running: AtomicBool,
     owed: AtomicBool,
+    /// Bytes of the store besides the chunks kept (its database, the
+    /// packs' dead bytes), as measured after the last collection.
+    rest: AtomicU64,
+}
+
+/// Of a quota, the share the rounds kept may take on disk: a round or two
+/// is written between two collections, and the node takes no new data
+/// above 90 % of the quota.
+pub(super) const QUOTA_SHARE: (u64, u64) = (7, 10);
+
+/// Rounds behind the head a collection keeps at least, whatever the
+/// quota: a peer a round or two behind can still catch up by recomputing
+/// from this node's store.
+pub(super) const MIN_HORIZON: u64 = 2;
+
+/// The rounds behind the head a collection keeps: `keep`, or with a
+/// `quota`, no more than fit at `per_round` bytes a round (the head's
+/// round included) beside `rest` bytes in [`QUOTA_SHARE`] of it, and at
+/// least [`MIN_HORIZON`]. `keep` 0 (keep everything) is left alone.
+pub(super) fn horizon(keep: u64, quota: Option<u64>, per_round: u64, rest: u64) -> u64 {
+    let (Some(quota), true) = (quota, keep > 0 && per_round > 0) else {
+        return keep;
+    };
+    let room = (quota / QUOTA_SHARE.1 * QUOTA_SHARE.0).saturating_sub(rest);
+    let fit = (room / per_round).saturating_sub(1);
+    keep.min(fit.max(MIN_HORIZON))
 }
 
 /// [`GcState`], shared.
@@ -112,4 +168,28 @@ fn collect(
         }
     }
     store.gc_retaining(oldest, window)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_horizon_is_what_fits_the_quota_within_its_bounds() {
+        const MB: u64 = 1 << 20;
+        // No quota, nothing measured yet, or keep everything: as configured.
+        assert_eq!(horizon(256, None, MB, 0), 256);
+        assert_eq!(horizon(256, Some(100 * MB), 0, 0), 256);
+        assert_eq!(horizon(0, Some(100 * MB), MB, 0), 0);
+        // 70 % of 100 MB is 70 rounds of 1 MB: the head's and 69 behind it;
+        // 60 beside 10 MB of database.
+        assert_eq!(horizon(256, Some(100 * MB), MB, 0), 69);
+        assert_eq!(horizon(256, Some(100 * MB), MB, 10 * MB), 59);
+        assert_eq!(horizon(20, Some(100 * MB), MB, 0), 20);
+        // Rounds too large for the quota, or a database as large as the
+        // share: the fewest still kept.
+        assert_eq!(horizon(256, Some(100 * MB), 50 * MB, 0), MIN_HORIZON);
+        assert_eq!(horizon(256, Some(100 * MB), MB, 80 * MB), MIN_HORIZON);
+        assert_eq!(horizon(1, Some(100 * MB), 50 * MB, 0), 1);
+    }
 }
