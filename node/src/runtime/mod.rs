@@ -786,10 +786,16 @@ impl Node {
     ) {
         let m = manifest.message();
         // Its own vote is written even when the store is full, as long as
-        // the disk takes it (it is one delta a round, collected after the
-        // round window; not voting would hold up every round of the
-        // region until its deadline).
-        self.room_for(payload.len());
+        // the disk takes it and it fits the quota itself (it is one delta a
+        // round, collected after the round window; not voting would hold up
+        // every round of the region until its deadline).
+        if !self.room_for(payload.len()) && !space::within_quota(&self.shared, payload.len()) {
+            tracing::warn!(
+                round = m.round,
+                "cannot store own delta: it would take the store over its quota; not announcing it"
+            );
+            return;
+        }
         let started = Instant::now();
         // On a blocking thread: the runtime's threads stay free to serve
         // peers meanwhile.

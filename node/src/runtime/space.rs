@@ -7,7 +7,8 @@
 //! announced. The store's size is measured every tick (off the loop) and
 //! every write is counted against the quota in between; the node takes no
 //! new data above 90 % of the quota (the rest is headroom for its own vote
-//! each round and its database's log); when full, a collection runs every
+//! each round, written only while it fits the whole quota, and its
+//! database's log); when full, a collection runs every
 //! tick to free what it can, and the node takes data again under 80 % of
 //! the quota, or once a probe write succeeds after the disk ran out.
 
@@ -96,6 +97,15 @@ pub(super) fn room_for(shared: &Shared, bytes: usize) -> bool {
         quota: disk.quota().unwrap_or(0),
     }));
     false
+}
+
+/// Whether `bytes` more fit under the whole quota (not only under the 90 %
+/// above which the store takes no new data), counted as written if they
+/// do; true without a quota. What a full store still writes (its own
+/// vote) must pass this.
+pub(super) fn within_quota(shared: &Shared, bytes: usize) -> bool {
+    let cost = (bytes as u64).div_ceil(BLOCK) * BLOCK + BLOCK;
+    shared.disk.fits(cost, |quota| quota)
 }
 
 /// What a store write error means for the disk state (from any thread).
