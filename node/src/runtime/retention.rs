@@ -10,11 +10,10 @@
 //! and the deltas aggregated into it (the head's are the measure), the
 //! rest of the store (its database, the packs' dead bytes) is measured
 //! after each collection, and the next keeps no more rounds than fit
-//! beside the rest in
-//! [`QUOTA_SHARE`] of the quota (never fewer than
-//! [`MIN_HORIZON`]), so a large model's store gives up its oldest
-//! versions instead of filling up and stopping new data (which it still
-//! does when even the fewest rounds do not fit).
+//! beside the rest in [`QUOTA_SHARE`] of the quota (never fewer than
+//! [`MIN_HORIZON`]), so a large model's store gives up its oldest versions
+//! instead of filling up and stopping new data (which it still does when
+//! even the fewest rounds do not fit).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 

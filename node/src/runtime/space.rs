@@ -86,9 +86,7 @@ pub(super) fn room_for(shared: &Shared, bytes: usize) -> bool {
     if disk.full().is_some() {
         return false;
     }
-    // What it costs on disk: whole blocks, and the manifest and index
-    // entries beside the chunks.
-    let cost = (bytes as u64).div_ceil(BLOCK) * BLOCK + BLOCK;
+    let cost = cost(bytes);
     if disk.fits(cost, high_water) {
         return true;
     }
@@ -104,8 +102,13 @@ pub(super) fn room_for(shared: &Shared, bytes: usize) -> bool {
 /// do; true without a quota. What a full store still writes (its own
 /// vote) must pass this.
 pub(super) fn within_quota(shared: &Shared, bytes: usize) -> bool {
-    let cost = (bytes as u64).div_ceil(BLOCK) * BLOCK + BLOCK;
-    shared.disk.fits(cost, |quota| quota)
+    shared.disk.fits(cost(bytes), |quota| quota)
+}
+
+/// What writing `bytes` costs on disk: whole blocks, and the manifest and
+/// index entries beside the chunks.
+fn cost(bytes: usize) -> u64 {
+    (bytes as u64).div_ceil(BLOCK) * BLOCK + BLOCK
 }
 
 /// What a store write error means for the disk state (from any thread).
