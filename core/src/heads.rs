@@ -44,6 +44,10 @@ pub struct Assessment {
     /// Whether enough of the members seen recently back it to jump more
     /// than one round ahead ([`verify::catch_up_backed`]).
     pub backed: bool,
+    /// Its parent's parameters, when the outer step has momentum and it is
+    /// a plain version: what the step after it continues
+    /// ([`verify::previous_step_parent`]).
+    pub previous: Option<std::sync::Arc<Vec<f32>>>,
 }
 
 impl Assessment {
@@ -58,6 +62,7 @@ impl Assessment {
             split: None,
             fork: None,
             backed: true,
+            previous: None,
         }
     }
 }
@@ -91,6 +96,9 @@ pub fn assess(
         }
         None => (None, true),
     };
+    let previous = verify::previous_step_parent(cfg, m)
+        .and_then(|p| l.held_params(&p))
+        .map(std::sync::Arc::new);
     Assessment {
         authors,
         used,
@@ -98,6 +106,7 @@ pub fn assess(
         split,
         fork,
         backed,
+        previous,
     }
 }
 
@@ -174,6 +183,7 @@ pub fn decide(
             return Decision::Feed(Box::new(Input::ModelOffered {
                 manifest: v,
                 params,
+                previous: a.previous,
                 authors: a.authors,
                 used: a.used,
                 fork: a.fork,
@@ -185,6 +195,7 @@ pub fn decide(
         Decision::Feed(Box::new(Input::ModelOffered {
             manifest: v,
             params,
+            previous: a.previous,
             authors: a.authors,
             used: a.used,
             fork: a.fork,

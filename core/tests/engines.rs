@@ -425,6 +425,7 @@ fn a_late_joiner_catches_up_by_adopting_a_newer_version() {
         Input::ModelOffered {
             manifest: version.clone(),
             params: peer.params().to_vec().into(),
+            previous: None,
             authors: 0,
             used: vec![],
             fork: None,
@@ -445,6 +446,7 @@ fn a_late_joiner_catches_up_by_adopting_a_newer_version() {
         Input::ModelOffered {
             manifest: version,
             params: vec![0.0; spec().n_params()].into(),
+            previous: None,
             authors: 0,
             used: vec![],
             fork: None,
@@ -632,6 +634,7 @@ fn a_node_back_from_a_restart_waits_for_the_peers_it_heard_while_behind() {
         Input::ModelOffered {
             manifest: version.clone(),
             params: net.snapshots[&round][&1].clone().into(),
+            previous: None,
             authors: 3,
             used: vec![],
             fork: None,
@@ -927,6 +930,7 @@ fn two_branches_merge_into_one_version_whoever_merges_them() {
         Input::ModelOffered {
             manifest: merged.clone(),
             params: params.to_vec().into(),
+            previous: None,
             authors: 0,
             used: vec![],
             fork: None,
@@ -1139,6 +1143,7 @@ fn a_rival_branch_is_looked_at_and_a_version_weighed_against_an_old_head_is_weig
     // be weighed again, not left.
     let assessed = |against: ContentId| Assessment {
         authors: 0,
+        previous: None,
         used: vec![],
         head: Some(against),
         split: None,
@@ -1201,6 +1206,7 @@ fn a_next_round_version_holding_this_nodes_delta_is_taken_at_once() {
 
     let assessed = Assessment {
         authors: 2,
+        previous: None,
         used: vec![],
         head: Some(head.id()),
         split: None,
@@ -1285,6 +1291,7 @@ fn a_used_deltas_values_go_and_come_back_if_the_head_stops_counting_it() {
         Input::ModelOffered {
             manifest: w1.clone(),
             params: other.clone().into(),
+            previous: None,
             authors: 2,
             used: vec![],
             fork: None,

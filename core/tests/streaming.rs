@@ -9,7 +9,7 @@ use tapestry_core::data::{self, Partition};
 use tapestry_core::door::DoorConfig;
 use tapestry_core::model::{InnerState, ModelSpec, train_local};
 use tapestry_core::outer::OuterOptimizer;
-use tapestry_core::verify::{DeltaInput, aggregate_onto};
+use tapestry_core::verify::{DeltaInput, aggregate_onto_owned};
 use tapestry_protocol::{Codec, ContentId};
 
 /// One delta per node: `nodes` IID shares of the digits, 20 local steps of
@@ -125,13 +125,15 @@ fn check(spec: &ModelSpec, nodes: usize, flipped: &[usize]) {
             // A version's parameters: the outer step taken block by block
             // as the aggregate comes is the step on the whole aggregate.
             let parent: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
-            for outer in [
-                OuterOptimizer::averaging(),
-                OuterOptimizer::Sgd { lr: 0.7 },
-                OuterOptimizer::nesterov(0.7, 0.9),
+            let before: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            for (outer, previous) in [
+                (OuterOptimizer::averaging(), None),
+                (OuterOptimizer::Sgd { lr: 0.7 }, None),
+                (OuterOptimizer::momentum(0.7, 0.9), None),
+                (OuterOptimizer::momentum(0.7, 0.9), Some(before.as_slice())),
             ] {
                 let mut cfg = tapestry_testkit::engine_config(rule, DoorConfig::default(), 1);
-                cfg.outer = outer.clone();
+                cfg.outer = outer;
                 let inputs: Vec<DeltaInput<'_>> = encoded
                     .iter()
                     .zip(&weights)
@@ -142,7 +144,7 @@ fn check(spec: &ModelSpec, nodes: usize, flipped: &[usize]) {
                         values: *v,
                     })
                     .collect();
-                let got = aggregate_onto(&cfg, &parent, &inputs).unwrap();
+                let got = aggregate_onto_owned(&cfg, parent.clone(), previous, &inputs).unwrap();
                 let mut sorted: Vec<&DeltaInput<'_>> = inputs.iter().collect();
                 sorted.sort_by_key(|d| d.id);
                 let values: Vec<Values<'_>> = sorted.iter().map(|d| d.values).collect();
@@ -152,7 +154,7 @@ fn check(spec: &ModelSpec, nodes: usize, flipped: &[usize]) {
                     .collect();
                 let aggregate = rule.aggregate_values(&values, &ws, None).unwrap();
                 let mut whole = parent.clone();
-                outer.clone().step(&mut whole, &aggregate);
+                outer.step(&mut whole, &aggregate, previous);
                 assert_eq!(
                     bits(&got),
                     bits(&whole),

@@ -438,3 +438,54 @@ fn a_parent_must_be_one_round_before_its_child_or_no_later_than_a_merge() {
     assert!(verify::check_parent_round((0, 1), u64::MAX).is_err());
     assert!(verify::check_parent_round((u64::MAX, 1), u64::MAX - 1).is_ok());
 }
+
+#[test]
+fn versions_with_momentum_verify_and_the_momentum_term_is_checked() {
+    let mut cfg = config(AggregationRule::Mean);
+    cfg.outer = tapestry_core::outer::OuterOptimizer::momentum(0.8, 0.5);
+    let all = digits();
+    let shards = data::partition(&all, 3, Partition::Iid, 5)
+        .unwrap()
+        .iter()
+        .map(|ix| all.subset(ix))
+        .collect();
+    let mut swarm = Swarm::new(cfg.clone(), tapestry_testkit::sgd(5, 32, 0.05), shards);
+    swarm.run(5);
+    let mut l = swarm.verifier();
+    let door = swarm.door();
+    let mut by_round = swarm.adopted.concat();
+    by_round.sort_by_key(|m| m.message().round);
+    assert!(by_round.len() >= 3 * 5, "{}", by_round.len());
+    for v in &by_round {
+        verify_all(&mut l, &cfg, &door, v)
+            .unwrap_or_else(|e| panic!("round {}: {e}", v.message().round));
+    }
+    // A verifier that takes the step without the momentum term refuses
+    // every version after round 1 (whose parent, the genesis, has no
+    // previous step) and accepts round 1's.
+    let mut plain = cfg.clone();
+    plain.outer = tapestry_core::outer::OuterOptimizer::Sgd { lr: 0.8 };
+    for v in &by_round {
+        let got = verify::verify_version(&l, &plain, &door, v).map(|c| c.authors);
+        if v.message().round == 1 {
+            assert!(got.is_ok(), "{got:?}");
+        } else {
+            assert_eq!(
+                got,
+                Err(VersionRejection::Mismatch),
+                "round {}",
+                v.message().round
+            );
+        }
+    }
+    // Without the parameters before the parent there is nothing to check
+    // it against.
+    let v = by_round.iter().find(|v| v.message().round == 4).unwrap();
+    let parent = l.model(&v.message().parents[0]).unwrap();
+    let before = parent.message().parents[0];
+    l.verified.remove(&before);
+    assert_eq!(
+        verify::verify_version(&l, &cfg, &door, v).map(|c| c.authors),
+        Err(VersionRejection::UnknownParent(before))
+    );
+}

@@ -157,6 +157,10 @@ pub struct RoundSection {
     /// `samples:MAX` (its declared sample count, at most MAX).
     #[serde(with = "text::weighting")]
     pub weighting: Weighting,
+    /// The outer step on each round's aggregate: `averaging`, `sgd:LR` or
+    /// `momentum:LR:MU` (heavy ball, taken on versions).
+    #[serde(with = "text::outer")]
+    pub outer: OuterOptimizer,
     /// A peer's version more than this many rounds ahead of this node is
     /// refused; catching up means recomputing up to this many rounds.
     pub max_rounds_ahead: u64,
@@ -244,6 +248,7 @@ impl Default for RoundSection {
             codec: Codec::F32,
             aggregator: AggregationRule::Mean,
             weighting: Weighting::Equal,
+            outer: OuterOptimizer::averaging(),
             max_rounds_ahead: 1024,
             quorum: 1.0,
             timeout_ms: 10_000,
@@ -365,8 +370,13 @@ codec = "{codec}"
 aggregator = "{agg}"
 # How much each delta weighs: equal (every author the same; a sample count
 # is the sender's word) or samples:MAX (its sample count, capped at MAX).
-# Every node of a region must use the same aggregator and weighting: peers'
-# versions are checked by recomputing them.
+# The outer step on each round's aggregate: averaging (the new version is
+# the mean of the local models), sgd:LR (LR x the mean delta), or
+# momentum:LR:MU (heavy ball: also MU x the previous version's step; read
+# from the lineage, so every node recomputes it).
+outer = "{outer}"
+# Every node of a region must use the same aggregator, weighting and outer:
+# peers' versions are checked by recomputing them.
 weighting = "{weighting}"
 # Peers' versions further ahead than this many rounds are refused; a node
 # catches up by recomputing every missed round from the deltas (or, in a
@@ -407,6 +417,7 @@ quota_mb = {quota}
         codec = d.round.codec,
         agg = d.round.aggregator,
         weighting = d.round.weighting,
+        outer = d.round.outer,
         ahead = d.round.max_rounds_ahead,
         quorum = d.round.quorum,
         timeout = d.round.timeout_ms,
@@ -556,7 +567,7 @@ impl Config {
             codec: r.codec,
             chunk_size: tapestry_protocol::DEFAULT_CHUNK_SIZE,
             rule: r.aggregator,
-            outer: OuterOptimizer::averaging(),
+            outer: r.outer,
             quorum: r.quorum,
             round_timeout_ms: r.timeout_ms,
             door: DoorConfig {
@@ -698,6 +709,7 @@ mod text {
     field!(codec, tapestry_protocol::Codec);
     field!(aggregator, tapestry_core::aggregate::AggregationRule);
     field!(weighting, tapestry_core::door::Weighting);
+    field!(outer, tapestry_core::outer::OuterOptimizer);
 }
 
 #[cfg(test)]

@@ -2167,3 +2167,48 @@ fn made_up_lineages_and_nan_deltas_cost_bounded_work_and_no_disk() {
         }
     }
 }
+
+#[test]
+fn with_outer_momentum_every_node_recomputes_every_version_and_a_restarted_node_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = (0..4).map(|i| tmp.path().join(format!("n{i}"))).collect();
+    for d in &dirs {
+        init(d);
+        set_config(d, "outer", "\"momentum:1:0.5\"");
+    }
+    // Three nodes: each version's step has the momentum term, read from
+    // the lineage; every node recomputes its peers' versions and they agree.
+    let (mut nodes, st) = three_honest(&dirs[..3], 8, |_| {});
+    let refs: Vec<&Node> = nodes.iter().collect();
+    assert_eq!(settled_heads(&refs).len(), 1);
+    for s in &st {
+        assert_eq!(s["round"].as_u64().unwrap(), 8, "{s}");
+        for bad in ["version_mismatch", "unknown_parent"] {
+            assert_eq!(
+                s["rejected"][bad].as_u64().unwrap_or(0),
+                0,
+                "{}",
+                s["rejected"]
+            );
+        }
+        assert!(s["accuracy"].as_f64().unwrap() > 0.8, "{s}");
+    }
+    for n in nodes.iter_mut() {
+        assert!(n.terminate().success(), "{}", n.log());
+    }
+    // A node alone, stopped after a few rounds and started again: its head
+    // is a step whose parent's parameters the engine no longer holds; the
+    // node reads them from its store, or it would wait for peers forever.
+    let args = run_args(None, 0, (0, 1), None);
+    let mut alone = Node::start(&dirs[3], &args);
+    let before = wait_for(&[&alone], 60, "the lone node to reach round 3", |s| {
+        s["round"].as_u64().unwrap() >= 3
+    });
+    assert!(alone.terminate().success(), "{}", alone.log());
+    let stopped = before[0]["round"].as_u64().unwrap();
+    let mut alone = Node::start(&dirs[3], &args);
+    wait_for(&[&alone], 60, "the restarted node to go on", |s| {
+        s["round"].as_u64().unwrap() >= stopped + 3
+    });
+    assert!(alone.terminate().success(), "{}", alone.log());
+}

@@ -111,6 +111,9 @@ pub enum ScenarioError {
     /// `model` is not an architecture.
     #[error("model: {0}")]
     Model(#[from] ArchitectureError),
+    /// A bad `outer` optimiser.
+    #[error("{0}")]
+    Outer(String),
     /// `optimizer` is neither `sgd` nor `adamw`.
     #[error("optimizer {0:?}: sgd or adamw")]
     Optimizer(String),

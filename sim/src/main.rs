@@ -147,6 +147,10 @@ struct RunArgs {
     /// mean | trimmed-mean:BETA | median | clip:RADIUS[:ITERATIONS] | median-clip[:FACTOR[:ITERATIONS]] | aligned[:FACTOR[:ITERATIONS]]
     #[arg(long)]
     aggregator: Option<String>,
+    /// averaging | sgd:LR | momentum:LR:MU (the outer step on each round's
+    /// aggregate; momentum is heavy ball, taken on versions)
+    #[arg(long)]
+    outer: Option<String>,
     /// equal | samples:MAX (how much a delta weighs)
     #[arg(long)]
     weighting: Option<String>,
@@ -222,6 +226,7 @@ fn scenario(args: &RunArgs) -> Result<Scenario, String> {
         adam_eps,
         codec,
         aggregator,
+        outer,
         weighting,
         byzantine,
         loss,

@@ -9,6 +9,7 @@ use tapestry_core::aggregate::AggregationRule;
 use tapestry_core::data::Partition;
 use tapestry_core::engine::Mode;
 use tapestry_core::model::Architecture;
+use tapestry_core::outer::OuterOptimizer;
 use tapestry_protocol::Codec;
 
 use crate::error::{CutProblem, DurationError, ScenarioError};
@@ -58,6 +59,10 @@ pub struct Scenario {
     pub codec: String,
     /// `mean`, `trimmed-mean:B`, `median`, `clip:R[:ITER]`.
     pub aggregator: String,
+    /// The outer step on each round's aggregate: `averaging` (SGD with
+    /// rate 1), `sgd:LR` or `momentum:LR:MU` (heavy ball, taken on versions;
+    /// broadcast mode only).
+    pub outer: String,
     /// How much a delta weighs: `equal` or `samples:MAX`.
     pub weighting: String,
     /// `FRACTION:ATTACK`, e.g. `0.25:sign-flip:10` (see [`Attack`]), or `0`.
@@ -121,6 +126,7 @@ impl Default for Scenario {
             adam_eps: tapestry_core::model::ADAM_EPS,
             codec: "f32".into(),
             aggregator: "mean".into(),
+            outer: "averaging".into(),
             weighting: "equal".into(),
             byzantine: "0".into(),
             loss: 0.0,
@@ -264,6 +270,8 @@ pub struct Settings {
     pub codec: Codec,
     /// Aggregation rule.
     pub aggregator: AggregationRule,
+    /// The outer step.
+    pub outer: OuterOptimizer,
     /// Delta weights.
     pub weighting: tapestry_core::door::Weighting,
     /// Byzantine nodes: how many and how they attack.
@@ -447,6 +455,13 @@ impl Scenario {
             });
         }
         let churn = parse_churn(&self.churn)?;
+        let outer = OuterOptimizer::parse(&self.outer).map_err(ScenarioError::Outer)?;
+        if outer != OuterOptimizer::averaging() && mode != Mode::Broadcast {
+            return Err(ScenarioError::Outer(format!(
+                "outer {:?} needs mode broadcast (mixing and push-sum average)",
+                self.outer
+            )));
+        }
         let cuts = self
             .cuts
             .iter()
@@ -461,6 +476,7 @@ impl Scenario {
             model,
             codec: self.codec.parse()?,
             aggregator: self.aggregator.parse()?,
+            outer,
             weighting: self.weighting.parse()?,
             byzantine,
             churn,

@@ -193,6 +193,26 @@ fn bad_input_is_a_one_line_error_and_exit_code_2() {
         ),
         (vec!["run", "--out", out, "--cut", "0-99@1s-2s"], "node 99"),
         (vec!["run", "--out", out, "--churn", "2:1s"], "churn"),
+        (
+            vec!["run", "--out", out, "--outer", "nesterov:0.7:0.9"],
+            "nesterov",
+        ),
+        (
+            vec!["run", "--out", out, "--outer", "momentum:0.7:1.5"],
+            "momentum",
+        ),
+        (
+            vec![
+                "run",
+                "--out",
+                out,
+                "--outer",
+                "momentum:0.7:0.9",
+                "--mode",
+                "mixing",
+            ],
+            "broadcast",
+        ),
     ] {
         let (code, err) = sim(&args);
         assert_eq!(code, 2, "{args:?}: {err}");
@@ -306,6 +326,47 @@ fn nodes_that_leave_come_back_and_catch_up() {
         "{}",
         r["final"]
     );
+}
+
+#[test]
+fn with_outer_momentum_every_version_verifies_and_nodes_that_leave_rejoin_the_head() {
+    // Broadcast rounds with heavy-ball momentum: every node recomputes
+    // every version it takes, the momentum term from the lineage included,
+    // and a node that was away (it catches up without its new head's
+    // parent) takes part again.
+    let base = Scenario {
+        rounds: 25,
+        churn: "0.25:500ms".into(),
+        ..digits16()
+    };
+    let (plain, _) = run_with_rounds(base.clone());
+    let (r, rows) = run_with_rounds(Scenario {
+        outer: "momentum:1:0.5".into(),
+        ..base
+    });
+    eprintln!(
+        "momentum: {}; averaging: accuracy {}",
+        r["final"], plain["final"]["accuracy_mean"]
+    );
+    assert_eq!(r["scenario"]["outer"], "momentum:1:0.5");
+    assert_eq!(r["rejected"], serde_json::json!({}), "{}", r["rejected"]);
+    assert!(
+        r["churn"]["caught_up"].as_u64().unwrap() > 0,
+        "{}",
+        r["churn"]
+    );
+    assert!(rows.iter().any(|row| row.nodes < 16));
+    assert_eq!(r["final"]["nodes_at_final_round"], 16);
+    // Under churn the last round ends with some nodes a version apart
+    // (averaging: 0.025 in this scenario).
+    assert!(
+        f(&r["final"]["consensus_distance"]) < 0.05,
+        "{}",
+        r["final"]
+    );
+    // The step is not averaging's: another trajectory, and it learns.
+    assert_ne!(r["final"]["accuracy_mean"], plain["final"]["accuracy_mean"]);
+    assert!(f(&r["final"]["accuracy_mean"]) >= 0.9, "{}", r["final"]);
 }
 
 #[test]

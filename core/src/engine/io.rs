@@ -13,6 +13,17 @@ pub enum Input {
         /// Its parameters.
         params: Vec<f32>,
     },
+    /// The parameters of the head's parent, for an outer step with
+    /// momentum (the step the next version continues): what a shell that
+    /// started from a stored head, or caught up to one, gives once it reads
+    /// them. Ignored unless `version` is the head's only parent; until the
+    /// engine has them it leaves closing rounds to its peers.
+    PreviousStep {
+        /// The head's parent.
+        version: ContentId,
+        /// Its parameters.
+        params: Vec<f32>,
+    },
     /// Local training of `round` finished with these parameters.
     TrainingDone {
         /// The round trained for.
@@ -61,6 +72,12 @@ pub enum Input {
         /// Its parameters (shared: the shell may hand over a buffer it
         /// holds already, the head's own when the version matches it).
         params: std::sync::Arc<Vec<f32>>,
+        /// Its parent's parameters, when the outer step has momentum and
+        /// it is a plain version ([`crate::verify::previous_step_parent`]
+        /// of the next version): what the next round's step continues.
+        /// `None` if not held (the engine then uses its head's when that is
+        /// the parent, else leaves closing the next round to its peers).
+        previous: Option<std::sync::Arc<Vec<f32>>>,
         /// Distinct authors of the deltas it aggregates (verified).
         authors: usize,
         /// Deltas already aggregated into it and its recent ancestors

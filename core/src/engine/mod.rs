@@ -44,7 +44,7 @@ use crate::door::{Door, DoorConfig, Rejected};
 use crate::mixing::PushSum;
 use crate::model::ModelSpec;
 use crate::outer::OuterOptimizer;
-use crate::verify::{DeltaInput, aggregate_onto, merge_params, params_chunk_ids};
+use crate::verify::{DeltaInput, aggregate_onto_owned, merge_params, params_chunk_ids};
 
 mod io;
 mod modes;
@@ -152,6 +152,12 @@ pub struct Engine {
     /// The head's parameters (shared with the shell's copy in
     /// [`Action::Adopt`]: one buffer, not two).
     params: std::sync::Arc<Vec<f32>>,
+    /// The parameters of the head's parent, kept while the outer step has
+    /// momentum and the head is a plain version: the step the next version
+    /// continues ([`crate::verify::previous_step_parent`]). `None` when
+    /// there is no such step, or when it is not known here (then this node
+    /// does not close a round itself; it adopts a peer's version).
+    previous: Option<std::sync::Arc<Vec<f32>>>,
     version: Option<ContentId>,
     /// The parents of `version` (how the fork choice tells a rival version
     /// of the same round on another branch from a mere alternative).
@@ -216,6 +222,7 @@ impl Engine {
             training: false,
             training_from: None,
             params: std::sync::Arc::new(vec![0.0; n]),
+            previous: None,
             version: None,
             parents: Vec::new(),
             rank: VersionRank::default(),
@@ -357,7 +364,16 @@ impl Engine {
         let o = &mut out;
         match input {
             Input::Start { manifest, params } => {
-                self.adopt_version(manifest, std::sync::Arc::new(params), now_ms, o)
+                self.adopt_version(manifest, std::sync::Arc::new(params), None, now_ms, o)
+            }
+            Input::PreviousStep { version, params } => {
+                if self.config.outer.has_momentum()
+                    && self.parents.as_slice() == [version]
+                    && self.fits(&params)
+                {
+                    self.previous = Some(std::sync::Arc::new(params));
+                    self.maybe_close(now_ms, o);
+                }
             }
             Input::PeerJoined(p) => {
                 if p != self.node_id() {
@@ -388,10 +404,17 @@ impl Engine {
             Input::ModelOffered {
                 manifest,
                 params,
+                previous,
                 authors,
                 used,
                 fork,
-            } => self.on_model_offered(manifest, params, (authors, used, fork), now_ms, o),
+            } => self.on_model_offered(
+                manifest,
+                (params, previous),
+                (authors, used, fork),
+                now_ms,
+                o,
+            ),
             Input::BranchOffered {
                 manifest,
                 params,
@@ -419,6 +442,7 @@ impl Engine {
                         self.push_sum = Some(PushSum::new(params.clone()));
                     }
                     self.params = std::sync::Arc::new(params);
+                    self.previous = None;
                     let parents = self.version.into_iter().collect();
                     self.sign_version(round, parents, Vec::new(), now_ms, o);
                 }
@@ -560,21 +584,25 @@ impl Engine {
         self.maybe_close(now_ms, out);
     }
 
-    /// A verified version offered by the shell, with (distinct authors,
-    /// deltas used by it and its recent ancestors, fork weights).
+    /// A verified version offered by the shell, with (its parameters, its
+    /// parent's if the shell holds them and momentum needs them), (distinct
+    /// authors, deltas used by it and its recent ancestors, fork weights).
     fn on_model_offered(
         &mut self,
         manifest: Verified<ModelManifest>,
-        params: std::sync::Arc<Vec<f32>>,
+        (params, previous): (std::sync::Arc<Vec<f32>>, Option<std::sync::Arc<Vec<f32>>>),
         (authors, used, fork): (usize, Vec<ContentId>, Option<(usize, usize)>),
         now_ms: u64,
         out: &mut Vec<Action>,
     ) {
         // Catch up by adopting a later version instead of replaying, or
         // settle on the preferred version of this round.
+        // With momentum the next step depends on the parent too: the same
+        // parameters on other parents are another model's future.
         let same_params = manifest.message().round == self.round
             && params_digest(manifest.message()) == self.rank.params
-            && self.version.is_some();
+            && self.version.is_some()
+            && (!self.config.outer.has_momentum() || manifest.message().parents == self.parents);
         if same_params && self.prefers(manifest.message(), authors, fork) {
             // The same model under another signer's id (preferred by the
             // tie-break): take the id, keep the round going — training
@@ -601,7 +629,13 @@ impl Engine {
             });
             let round = manifest.message().round;
             self.used = used.into_iter().map(|d| (d, round)).collect();
-            self.adopt_version(manifest, params, now_ms, out);
+            // Its parent's parameters: the shell's, or the head's own when
+            // it is the parent (a peer closed this node's round first).
+            let previous = previous.or_else(|| {
+                (manifest.message().parents.as_slice() == self.version.as_slice())
+                    .then(|| self.params.clone())
+            });
+            self.adopt_version(manifest, params, previous, now_ms, out);
             self.rank = VersionRank {
                 authors,
                 ..self.rank
@@ -640,6 +674,7 @@ impl Engine {
         &mut self,
         manifest: Verified<ModelManifest>,
         params: std::sync::Arc<Vec<f32>>,
+        previous: Option<std::sync::Arc<Vec<f32>>>,
         now_ms: u64,
         out: &mut Vec<Action>,
     ) {
@@ -651,6 +686,11 @@ impl Engine {
         self.parents = manifest.message().parents.clone();
         self.rank = version_rank(manifest.message(), manifest.message().deltas.len());
         self.params = params;
+        self.previous = previous.filter(|p| {
+            self.config.outer.has_momentum()
+                && self.parents.len() == 1
+                && p.len() == self.params.len()
+        });
         self.start_round(now_ms, out);
     }
 
@@ -1008,8 +1048,26 @@ impl Engine {
                 values: *values,
             })
             .collect();
+        // With momentum, the step the head's own step continues; not known
+        // here (a head adopted without its parent's parameters): leave the
+        // round to a peer's version.
+        let previous = match self.parents.as_slice() {
+            [_] if self.config.outer.has_momentum() => match &self.previous {
+                Some(p) => Some(p.clone()),
+                None => {
+                    self.rearm(now_ms, out);
+                    return;
+                }
+            },
+            _ => None,
+        };
         let lap = self.lap();
-        let aggregated = aggregate_onto(&self.config, &self.params, &deltas);
+        let aggregated = aggregate_onto_owned(
+            &self.config,
+            self.params.to_vec(),
+            previous.as_deref().map(Vec::as_slice),
+            &deltas,
+        );
         let done = self.lap();
         let params = match aggregated {
             Ok(params) => params,
@@ -1042,12 +1100,13 @@ impl Engine {
         if let (Some(lap), Some(done)) = (lap, done) {
             self.stages.aggregate += done.saturating_duration_since(lap);
         }
-        self.params = std::sync::Arc::new(params);
+        let before = std::mem::replace(&mut self.params, std::sync::Arc::new(params));
         let next = self.round.saturating_add(1);
         for id in &delta_ids {
             self.used.insert(*id, next);
         }
         self.new_version(delta_ids, now_ms, out);
+        self.previous = self.config.outer.has_momentum().then_some(before);
         self.rank = VersionRank {
             authors,
             ..self.rank

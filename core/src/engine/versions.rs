@@ -23,6 +23,8 @@ impl Engine {
             (own_id, &self.params, w_own),
             (other.id(), &other_params, w_other),
         ));
+        // A merge has no single previous step: the next one takes none.
+        self.previous = None;
         let round = self.round.max(other.message().round);
         let mut parents = vec![own_id, other.id()];
         parents.sort();

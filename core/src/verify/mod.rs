@@ -24,7 +24,6 @@ use tapestry_protocol::{Codec, ContentId, DeltaManifest, ModelManifest, NodeId, 
 use crate::aggregate::{AggregateError, Held, PayloadSource, Values, fixed_width};
 use crate::door::{Door, Rejected};
 use crate::engine::EngineConfig;
-use crate::outer::OuterOptimizer;
 
 mod branches;
 
@@ -79,8 +78,18 @@ pub trait Lineage {
     fn is_verified(&self, id: &ContentId) -> bool;
     /// The parameters of a verified version.
     fn params(&self, id: &ContentId) -> Option<Vec<f32>>;
-    /// [`aggregate_onto`] for a version with parent `parent` naming the
-    /// deltas of `inputs`. A pure function of them, so a lineage that sees
+    /// The parameters of a version held here, verified or not, read from
+    /// its chunks each checked against its manifest's ids: what a step with
+    /// momentum needs of the version before its parent, whose bits the
+    /// parent's manifest pins whatever that version's own standing (a
+    /// parent taken on attestations has an unverified parent). The
+    /// default: verified versions only.
+    fn held_params(&self, id: &ContentId) -> Option<Vec<f32>> {
+        self.params(id)
+    }
+    /// [`aggregate_onto_owned`] for a version with parent `parent` naming
+    /// the deltas of `inputs` (`previous`: the parameters before the
+    /// parent, for momentum). A pure function of them, so a lineage that sees
     /// the same aggregation asked for many times (the simulator: every node
     /// checks every version) may remember results; the default computes.
     fn aggregate(
@@ -88,10 +97,11 @@ pub trait Lineage {
         cfg: &EngineConfig,
         parent: ContentId,
         parent_params: Vec<f32>,
+        previous: Option<&[f32]>,
         inputs: &[DeltaInput<'_>],
     ) -> Result<Vec<f32>, AggregateError> {
         let _ = parent;
-        aggregate_onto_owned(cfg, parent_params, inputs)
+        aggregate_onto_owned(cfg, parent_params, previous, inputs)
     }
 }
 
@@ -265,21 +275,26 @@ pub struct DeltaInput<'a> {
 /// the region's rule over the inputs in the order of their ids, weighed by
 /// the region's weighting, then the outer step. Deterministic and bit-exact
 /// on every node and thread count: a fixed order, one thread, and no state
-/// besides the parent (an outer optimiser with momentum is applied from an
-/// empty buffer; momentum would have to be version state to be checked).
+/// besides the versions. This is the step without a momentum term (a
+/// parent that is the genesis or a merge, or an outer step without
+/// momentum); [`aggregate_onto_owned`] takes the parameters before the
+/// parent.
 pub fn aggregate_onto(
     cfg: &EngineConfig,
     parent: &[f32],
     inputs: &[DeltaInput<'_>],
 ) -> Result<Vec<f32>, AggregateError> {
-    aggregate_onto_owned(cfg, parent.to_vec(), inputs)
+    aggregate_onto_owned(cfg, parent.to_vec(), None, inputs)
 }
 
-/// [`aggregate_onto`] on parent parameters it may consume: the outer step
-/// is taken on them in place (one model's worth less held).
+/// [`aggregate_onto`] on parent parameters it may consume (the outer step
+/// is taken on them in place: one model's worth less held), with the
+/// parameters of the parent's own parent for an outer step with momentum
+/// ([`previous_step_parent`]; `None`: no momentum term).
 pub fn aggregate_onto_owned(
     cfg: &EngineConfig,
     mut params: Vec<f32>,
+    previous: Option<&[f32]>,
     inputs: &[DeltaInput<'_>],
 ) -> Result<Vec<f32>, AggregateError> {
     let mut sorted: Vec<&DeltaInput<'_>> = inputs.iter().collect();
@@ -289,28 +304,39 @@ pub fn aggregate_onto_owned(
         .iter()
         .map(|d| cfg.door.weighting.weight(d.sample_count))
         .collect();
+    let previous = previous.filter(|p| cfg.outer.has_momentum() && p.len() == params.len());
     // No node-local centre: clipping centres on the coordinate-wise median,
     // which every node computes alike.
-    let stateless = match &cfg.outer {
-        OuterOptimizer::Sgd { .. } => true,
-        OuterOptimizer::Nesterov { buffer, .. } => buffer.is_empty(),
-    };
-    if stateless && values.iter().all(|v| v.len() == params.len()) {
+    if values.iter().all(|v| v.len() == params.len()) {
         // The outer step taken block by block as the aggregate comes: the
-        // aggregate is never held whole. A step from an empty buffer is a
-        // function of each coordinate alone, so this is the whole step, bit
-        // for bit.
+        // aggregate is never held whole. The step is a function of each
+        // coordinate alone, so this is the whole step, bit for bit.
         cfg.rule
             .aggregate_blocks(&values, &weights, None, |start, block| {
-                cfg.outer
-                    .clone()
-                    .step(&mut params[start..start + block.len()], block);
+                let end = start + block.len();
+                cfg.outer.step(
+                    &mut params[start..end],
+                    block,
+                    previous.map(|p| &p[start..end]),
+                );
             })?;
         return Ok(params);
     }
     let aggregate = cfg.rule.aggregate_values(&values, &weights, None)?;
-    cfg.outer.clone().step(&mut params, &aggregate);
+    cfg.outer.step(&mut params, &aggregate, previous);
     Ok(params)
+}
+
+/// The version whose parameters an outer step with momentum needs to make
+/// a child of `parent` (the parent's own parent), or `None` if the step
+/// takes no momentum term: no momentum configured, or a parent that is
+/// the genesis or a merge. A function of the lineage alone, so every node
+/// takes the same step.
+pub fn previous_step_parent(cfg: &EngineConfig, parent: &ModelManifest) -> Option<ContentId> {
+    match parent.parents.as_slice() {
+        [before] if cfg.outer.has_momentum() => Some(*before),
+        _ => None,
+    }
 }
 
 /// The parameters of the merge of two versions: their weighted mean, summed
@@ -665,13 +691,23 @@ pub fn verify_version(
             .collect();
         let mut order: Vec<ContentId> = held.iter().map(|(id, ..)| *id).collect();
         order.sort();
-        let params = l.aggregate(cfg, p.id(), pp, &inputs).map_err(|e| match e {
-            // The store failed under us: nobody's fault.
-            AggregateError::Read { index, .. } => {
-                VersionRejection::UnknownDelta(order.get(index).copied().unwrap_or(p.id()))
-            }
-            e => VersionRejection::Malformed(e.to_string()),
-        })?;
+        let previous = match previous_step_parent(cfg, p.message()) {
+            Some(before) => Some(
+                l.held_params(&before)
+                    .filter(|b| b.len() == cfg.spec.n_params())
+                    .ok_or(VersionRejection::UnknownParent(before))?,
+            ),
+            None => None,
+        };
+        let params = l
+            .aggregate(cfg, p.id(), pp, previous.as_deref(), &inputs)
+            .map_err(|e| match e {
+                // The store failed under us: nobody's fault.
+                AggregateError::Read { index, .. } => {
+                    VersionRejection::UnknownDelta(order.get(index).copied().unwrap_or(p.id()))
+                }
+                e => VersionRejection::Malformed(e.to_string()),
+            })?;
         let authors: BTreeSet<NodeId> = votes.iter().map(|(a, _)| *a).collect();
         (params, authors.len())
     };

@@ -470,6 +470,33 @@ impl Node {
         Ok((manifest, params))
     }
 
+    /// With an outer step with momentum, the parameters of the parent of a
+    /// head this node did not make or verify here (restarted from its
+    /// store, or taken on attestations) go to the engine if the store holds
+    /// them, each chunk checked against its id. Without them the engine
+    /// leaves closing rounds to its peers until it takes a version made on
+    /// its head.
+    async fn give_previous_step(&mut self, head: &ModelManifest) {
+        let Some(version) =
+            tapestry_core::verify::previous_step_parent(&self.settings.engine, head)
+        else {
+            return;
+        };
+        let params = self
+            .store
+            .get_model_manifest(&version)
+            .ok()
+            .flatten()
+            .and_then(|m| read_params(&*self.store, m.message()));
+        match params {
+            Some(params) => self.feed(Input::PreviousStep { version, params }).await,
+            None => tracing::info!(
+                parent = %version.short(),
+                "the head's parent is not held: closing rounds is left to peers until a version on this head arrives"
+            ),
+        }
+    }
+
     /// This node's own delta of round `round`, if it announced one before a
     /// restart (read from [`NodeSettings::vote_file`]; a file that does not
     /// open as this node's signed delta is ignored, with a warning).
@@ -559,7 +586,9 @@ impl Node {
                     tracing::info!(round = vote.message().round, id = %vote.id().short(), "resuming with own delta of this round");
                     self.feed(Input::OwnVote(vote)).await;
                 }
+                let head = manifest.message().clone();
                 self.feed(Input::Start { manifest, params }).await;
+                self.give_previous_step(&head).await;
                 // A fresh or restarted node asks its peers where they are.
                 self.ask_heads(self.members.iter().copied().collect());
             }

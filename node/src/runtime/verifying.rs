@@ -124,7 +124,12 @@ impl Node {
                 if let Input::BranchOffered { weights, .. } = input.as_ref() {
                     tracing::info!(round, version = %id.short(), ?weights, "merging a branch that grew apart");
                 }
+                let without_previous =
+                    matches!(input.as_ref(), Input::ModelOffered { previous: None, .. });
                 self.feed(*input).await;
+                if without_previous && self.engine.version() == Some(id) {
+                    self.give_previous_step(manifest.message()).await;
+                }
             }
             heads::Decision::Remember(rank) => {
                 // Kept for when this node closes its own round.

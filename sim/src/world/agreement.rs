@@ -217,11 +217,22 @@ impl Lineage for View<'_> {
             None => None,
         }
     }
+    fn held_params(&self, id: &ContentId) -> Option<Vec<f32>> {
+        self.params(id).or_else(|| {
+            // Held by some node: fetched, and checked against its chunk ids.
+            let m = self.versions.get(id)?;
+            let params = self.params.get(id)?;
+            (verify::params_chunk_ids(params, m.message().chunk_size as usize)
+                == m.message().chunk_ids)
+                .then(|| params.clone())
+        })
+    }
     fn aggregate(
         &self,
         cfg: &EngineConfig,
         parent: ContentId,
         parent_params: Vec<f32>,
+        previous: Option<&[f32]>,
         inputs: &[verify::DeltaInput<'_>],
     ) -> Result<Vec<f32>, tapestry_core::aggregate::AggregateError> {
         let mut ids: Vec<ContentId> = inputs.iter().map(|d| d.id).collect();
@@ -230,7 +241,7 @@ impl Lineage for View<'_> {
         if let Some(p) = self.memo.borrow().get(&key) {
             return Ok(p.clone());
         }
-        let p = verify::aggregate_onto_owned(cfg, parent_params, inputs)?;
+        let p = verify::aggregate_onto_owned(cfg, parent_params, previous, inputs)?;
         self.memo.borrow_mut().insert(key, p.clone());
         Ok(p)
     }

@@ -123,8 +123,11 @@ impl World<'_> {
             self.churn.caught_up += 1;
         } else {
             let (manifest, params) = self.heads[v].clone();
+            let previous =
+                verify::previous_step_parent(self.engines[v].config(), manifest.message());
             let input = Input::Start { manifest, params };
             self.push(now, Event::Deliver { node: v, input });
+            self.give_previous_step(v, previous, now);
         }
     }
 
@@ -229,6 +232,7 @@ impl World<'_> {
         };
         let engine = &self.engines[v];
         let assessment = heads::Assessment::attested(engine.version(), vouchers);
+        let previous = verify::previous_step_parent(engine.config(), best.message());
         match heads::decide(engine, best.clone(), Arc::new(params.clone()), assessment) {
             Decision::Feed(input) => {
                 self.push(
@@ -238,10 +242,33 @@ impl World<'_> {
                         input: *input,
                     },
                 );
+                self.give_previous_step(v, previous, at);
                 true
             }
             _ => false,
         }
+    }
+
+    /// With momentum, the step after a head a node did not make or verify
+    /// here (restarted from its own store, or caught up on attestations)
+    /// continues its parent's step: those parameters, fetched like any
+    /// version's, go to the engine.
+    fn give_previous_step(&mut self, v: usize, parent: Option<ContentId>, at: u64) {
+        if let Some(version) = parent
+            && let Some(params) = self.fetch_params(&version)
+        {
+            let input = Input::PreviousStep { version, params };
+            self.push(at, Event::Deliver { node: v, input });
+        }
+    }
+
+    /// A version's parameters as a node fetching its chunks would get them:
+    /// held by some node, and matching the chunk ids of its manifest.
+    fn fetch_params(&self, id: &ContentId) -> Option<Vec<f32>> {
+        let m = self.versions.get(id)?;
+        let params = self.version_params.get(id)?;
+        (verify::params_chunk_ids(params, m.message().chunk_size as usize) == m.message().chunk_ids)
+            .then(|| params.clone())
     }
 
     /// Mixing-mode catch-up: the median round and coordinate-wise median

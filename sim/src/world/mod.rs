@@ -21,7 +21,6 @@ use tapestry_core::model::{
     Evaluation, Examples, InnerOptimizer, InnerState, ModelError, ModelSpec, TrainConfig,
     evaluate_on, train_on,
 };
-use tapestry_core::outer::OuterOptimizer;
 use tapestry_core::text::Text;
 use tapestry_core::verify::{self, Lineage, Plan, VersionRejection};
 use tapestry_protocol::{
@@ -221,7 +220,7 @@ fn engine_config(settings: &Settings, spec: &ModelSpec, i: usize) -> EngineConfi
         codec: settings.codec,
         chunk_size: 256 << 10,
         rule: settings.aggregator,
-        outer: OuterOptimizer::averaging(),
+        outer: settings.outer,
         quorum: 1.0,
         round_timeout_ms: 20 * (s.latency_ms + s.jitter_ms).max(1) + 4 * TRAIN_MS,
         door: DoorConfig {
