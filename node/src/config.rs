@@ -732,6 +732,11 @@ mod tests {
         assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
         let err = err.to_string();
         assert!(err.contains("extra") || err.contains("unknown"), "{err}");
+        let odd = text.replace("outer = \"averaging\"", "outer = \"nesterov:0.7:0.9\"");
+        assert_ne!(odd, text);
+        std::fs::write(&path, odd).unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("outer") && err.contains("nesterov"), "{err}");
         let loud = text.replace("aggregator = \"mean\"", "aggregator = \"loudest\"");
         assert_ne!(loud, text);
         std::fs::write(&path, loud).unwrap();

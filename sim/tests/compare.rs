@@ -199,3 +199,28 @@ fn bad_experiment_files_are_one_line_errors() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("no target"), "{err}");
 }
+
+#[test]
+fn every_shipped_experiment_file_parses_and_checks() {
+    let dir = format!("{}/experiments", env!("CARGO_MANIFEST_DIR"));
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        // The files' data paths are from the repository root; tests run in
+        // sim/.
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace(
+                "\"text:../shared/data/fortunes\"",
+                &format!("\"text:{}\"", tapestry_testkit::fortunes_dir().display()),
+            )
+            .replace(
+                "\"../shared/data/digits.csv.gz\"",
+                &format!("\"{}\"", tapestry_testkit::digits_arg()),
+            );
+        let e = Experiment::from_toml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(e.arms.len() >= 2, "{}", path.display());
+        seen += 1;
+    }
+    assert!(seen >= 3, "{seen} experiment files");
+}
