@@ -1964,6 +1964,11 @@ fn a_member_too_far_behind_to_recompute_catches_up_on_attestations_of_enough_mem
     // round 12 is too far for it to rebuild.
     let dirs = permissioned_region(tmp.path(), 4, &[], "0.75");
     set_config(&dirs[3], "max_rounds_ahead", "3");
+    // With outer momentum, which needs the parameters of the parent of a
+    // version taken on attestations too (fetched with it).
+    for d in &dirs {
+        set_config(d, "outer", "\"momentum:1:0.5\"");
+    }
     let (mut honest, st) = three_honest(&dirs[..3], rounds, |_| {});
     let head = st[0]["head_params"].clone();
     assert!(st.iter().all(|s| s["head_params"] == head));
@@ -2007,6 +2012,23 @@ fn a_member_too_far_behind_to_recompute_catches_up_on_attestations_of_enough_mem
         "{}",
         d.log()
     );
+    let log = d.log();
+    let fetched = log
+        .lines()
+        .find(|l| l.contains("attested version's parent fetched"))
+        .unwrap_or_else(|| panic!("the parent was not fetched: {log}"));
+    // (The log is coloured: drop the escape sequences around `=`.)
+    let mut plain = String::new();
+    let mut escape = false;
+    for c in fetched.chars() {
+        match (escape, c) {
+            (false, '\u{1b}') => escape = true,
+            (true, 'm') => escape = false,
+            (false, c) => plain.push(c),
+            _ => {}
+        }
+    }
+    assert!(plain.contains("held=true"), "{plain}");
     for n in honest.iter_mut().chain(std::iter::once(&mut d)) {
         assert!(n.terminate().success(), "{}", n.log());
     }

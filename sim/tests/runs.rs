@@ -349,7 +349,12 @@ fn with_outer_momentum_every_version_verifies_and_nodes_that_leave_rejoin_the_he
         r["final"], plain["final"]["accuracy_mean"]
     );
     assert_eq!(r["scenario"]["outer"], "momentum:1:0.5");
-    assert_eq!(r["rejected"], serde_json::json!({}), "{}", r["rejected"]);
+    // No version failed its recomputation or lacked the parameters before
+    // its parent (versions from the future, refused in either run under
+    // churn, are another matter).
+    for bad in ["version_mismatch", "unknown_parent"] {
+        assert!(r["rejected"][bad].is_null(), "{}", r["rejected"]);
+    }
     assert!(
         r["churn"]["caught_up"].as_u64().unwrap() > 0,
         "{}",

@@ -649,10 +649,51 @@ pub(super) async fn take_attested(
     tracing::info!(round = m.round, version = %target.id().short(), vouchers = vouchers.len(), "version taken on roster members' attestations");
     ctx.shared.metrics.versions_attested.inc();
     let head = ctx.store.get_ref(HEAD_REF).ok().flatten();
-    Ok((
-        Arc::new(params),
-        heads::Assessment::attested(head, vouchers.len()),
-    ))
+    let mut assessment = heads::Assessment::attested(head, vouchers.len());
+    // With momentum, the next step continues this version's own: its
+    // parent's parameters are needed to make or check the next version.
+    if let Some(parent) = verify::previous_step_parent(&ctx.cfg, m) {
+        assessment.previous = fetch_version_params(ctx, parent, &from).await.map(Arc::new);
+        tracing::info!(
+            parent = %parent.short(),
+            held = assessment.previous.is_some(),
+            "parameters of the attested version's parent fetched for the momentum step"
+        );
+    }
+    Ok((Arc::new(params), assessment))
+}
+
+/// A version's parameters, fetched from `from` by its chunk ids (its
+/// signed manifest too, if not held) and kept in the store; whether this
+/// node verified the version or not, the bits are the ones its manifest
+/// names. `None` if they cannot be had.
+async fn fetch_version_params(ctx: &VerifyCtx, id: ContentId, from: &[PeerId]) -> Option<Vec<f32>> {
+    let manifest = match ctx.store.get_model_manifest(&id).ok().flatten() {
+        Some(m) => m,
+        None => {
+            let bytes = fetch_manifest(&ctx.net, from, id).await?;
+            let v = Signed::<ModelManifest>::open(&bytes).ok()?;
+            if v.id() != id {
+                return None;
+            }
+            ctx.store.put_model_manifest(&v).ok()?;
+            v
+        }
+    };
+    let m = manifest.message();
+    if !fetch_chunks(
+        &ctx.net,
+        &ctx.store,
+        id,
+        &m.chunk_ids,
+        (from, None),
+        &ctx.shared,
+    )
+    .await
+    {
+        return None;
+    }
+    read_params(&*ctx.store, m).filter(|p| p.len() == ctx.cfg.spec.n_params())
 }
 
 /// The same computation (parent and deltas) as a version this node made or
