@@ -489,3 +489,71 @@ fn versions_with_momentum_verify_and_the_momentum_term_is_checked() {
         Err(VersionRejection::UnknownParent(before))
     );
 }
+
+#[test]
+fn an_engine_restarted_on_a_step_closes_rounds_with_momentum_only_once_given_the_step_before() {
+    let mut cfg = config(AggregationRule::Mean);
+    cfg.outer = tapestry_core::outer::OuterOptimizer::momentum(0.8, 0.5);
+    let all = digits();
+    let shard = all.subset(&(0..600).collect::<Vec<_>>());
+    let mut swarm = Swarm::new(cfg.clone(), tapestry_testkit::sgd(5, 32, 0.05), vec![shard]);
+    swarm.run(3);
+    let head = swarm.adopted[0].last().unwrap().clone();
+    assert_eq!(head.message().round, 3);
+    let params = swarm.snapshots[&3][&0].clone();
+    let parent = head.message().parents[0];
+    let parent_params = swarm.snapshots[&2][&0].clone();
+    // Restarted from its head (a step): the engine knows the head, not the
+    // parameters before it.
+    swarm.engines[0] = Engine::new(cfg.clone(), swarm.keys[0].clone());
+    swarm.queue.push_back((
+        0,
+        Input::Start {
+            manifest: head.clone(),
+            params,
+        },
+    ));
+    let mut idle = |swarm: &mut Swarm, deliveries: usize| {
+        for _ in 0..deliveries {
+            match swarm.queue.pop_front() {
+                Some((i, input)) => swarm.step(i, input),
+                None => {
+                    swarm.now += 10_000;
+                    swarm.queue.push_back((0, Input::Tick));
+                }
+            }
+        }
+    };
+    // It trains and publishes its delta but takes no step it cannot take
+    // as every verifier would, however many deadlines pass ...
+    idle(&mut swarm, 200);
+    assert_eq!(swarm.engines[0].round(), 3);
+    // ... nor with the parameters of another version ...
+    swarm.queue.push_back((
+        0,
+        Input::PreviousStep {
+            version: head.id(),
+            params: swarm.snapshots[&1][&0].clone(),
+        },
+    ));
+    idle(&mut swarm, 200);
+    assert_eq!(swarm.engines[0].round(), 3);
+    // ... and goes on once given its head's parent's.
+    swarm.queue.push_back((
+        0,
+        Input::PreviousStep {
+            version: parent,
+            params: parent_params,
+        },
+    ));
+    swarm.run(5);
+    let mut l = swarm.verifier();
+    let door = swarm.door();
+    let mut by_round = swarm.adopted.concat();
+    by_round.sort_by_key(|m| m.message().round);
+    assert!(by_round.iter().any(|v| v.message().round == 5));
+    for v in &by_round {
+        verify_all(&mut l, &cfg, &door, v)
+            .unwrap_or_else(|e| panic!("round {}: {e}", v.message().round));
+    }
+}
