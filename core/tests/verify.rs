@@ -513,7 +513,7 @@ fn an_engine_restarted_on_a_step_closes_rounds_with_momentum_only_once_given_the
             params,
         },
     ));
-    let mut idle = |swarm: &mut Swarm, deliveries: usize| {
+    let idle = |swarm: &mut Swarm, deliveries: usize| {
         for _ in 0..deliveries {
             match swarm.queue.pop_front() {
                 Some((i, input)) => swarm.step(i, input),
