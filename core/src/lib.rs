@@ -15,7 +15,7 @@
 //!   training on text windows, bits per byte, sampling.
 //! - [`aggregate`]: weighted mean, trimmed mean, median, clipping (centred on
 //!   the median, self-centred, aligned).
-//! - [`outer`]: outer SGD and Nesterov momentum.
+//! - [`outer`]: the outer step: SGD, and heavy-ball momentum taken on versions.
 //! - [`mixing`]: Metropolis–Hastings weights, push-sum, consensus distance,
 //!   catch-up from several neighbours.
 //! - [`admission`]: size, envelope and roster checks of an announcement, and
