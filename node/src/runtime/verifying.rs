@@ -124,12 +124,7 @@ impl Node {
                 if let Input::BranchOffered { weights, .. } = input.as_ref() {
                     tracing::info!(round, version = %id.short(), ?weights, "merging a branch that grew apart");
                 }
-                let without_previous =
-                    matches!(input.as_ref(), Input::ModelOffered { previous: None, .. });
                 self.feed(*input).await;
-                if without_previous && self.engine.version() == Some(id) {
-                    self.give_previous_step(manifest.message()).await;
-                }
             }
             heads::Decision::Remember(rank) => {
                 // Kept for when this node closes its own round.
@@ -618,22 +613,7 @@ pub(super) async fn take_attested(
     {
         from.push(author);
     }
-    if !fetch_chunks(
-        &ctx.net,
-        &ctx.store,
-        target.id(),
-        &m.chunk_ids,
-        (&from, None),
-        &ctx.shared,
-    )
-    .await
-    {
-        return Err("its parameters could not be had".into());
-    }
-    let params = read_params(&*ctx.store, m).ok_or("its parameters could not be read back")?;
-    if params.len() != ctx.cfg.spec.n_params() || params.iter().any(|v| !v.is_finite()) {
-        return Err("its parameters are malformed".into());
-    }
+    let params = fetch_params(ctx, target.id(), m, &from).await?;
     let kept = (|| -> Result<(), tapestry_storage::StoreError> {
         for v in &attestations {
             ctx.store.put_model_manifest(v)?;
@@ -680,7 +660,18 @@ async fn fetch_version_params(ctx: &VerifyCtx, id: ContentId, from: &[PeerId]) -
             v
         }
     };
-    let m = manifest.message();
+    fetch_params(ctx, id, manifest.message(), from).await.ok()
+}
+
+/// The parameters of version `id` (manifest `m`), fetched from `from` by
+/// their chunk ids into the store and read back, or what kept them from
+/// being had.
+async fn fetch_params(
+    ctx: &VerifyCtx,
+    id: ContentId,
+    m: &ModelManifest,
+    from: &[PeerId],
+) -> Result<Vec<f32>, String> {
     if !fetch_chunks(
         &ctx.net,
         &ctx.store,
@@ -691,9 +682,13 @@ async fn fetch_version_params(ctx: &VerifyCtx, id: ContentId, from: &[PeerId]) -
     )
     .await
     {
-        return None;
+        return Err("its parameters could not be had".into());
     }
-    read_params(&*ctx.store, m).filter(|p| p.len() == ctx.cfg.spec.n_params())
+    let params = read_params(&*ctx.store, m).ok_or("its parameters could not be read back")?;
+    if params.len() != ctx.cfg.spec.n_params() || params.iter().any(|v| !v.is_finite()) {
+        return Err("its parameters are malformed".into());
+    }
+    Ok(params)
 }
 
 /// The same computation (parent and deltas) as a version this node made or

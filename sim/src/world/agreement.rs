@@ -218,14 +218,8 @@ impl Lineage for View<'_> {
         }
     }
     fn held_params(&self, id: &ContentId) -> Option<Vec<f32>> {
-        self.params(id).or_else(|| {
-            // Held by some node: fetched, and checked against its chunk ids.
-            let m = self.versions.get(id)?;
-            let params = self.params.get(id)?;
-            (verify::params_chunk_ids(params, m.message().chunk_size as usize)
-                == m.message().chunk_ids)
-                .then(|| params.clone())
-        })
+        self.params(id)
+            .or_else(|| fetched_params(self.versions, self.params, id))
     }
     fn aggregate(
         &self,
@@ -245,4 +239,17 @@ impl Lineage for View<'_> {
         self.memo.borrow_mut().insert(key, p.clone());
         Ok(p)
     }
+}
+
+/// A version's parameters as a node fetching its chunks would get them:
+/// held by some node, and matching the chunk ids of its manifest.
+pub(super) fn fetched_params(
+    versions: &BTreeMap<ContentId, Verified<ModelManifest>>,
+    held: &BTreeMap<ContentId, Vec<f32>>,
+    id: &ContentId,
+) -> Option<Vec<f32>> {
+    let m = versions.get(id)?;
+    let params = held.get(id)?;
+    (verify::params_chunk_ids(params, m.message().chunk_size as usize) == m.message().chunk_ids)
+        .then(|| params.clone())
 }

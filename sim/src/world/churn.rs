@@ -255,20 +255,11 @@ impl World<'_> {
     /// version's, go to the engine.
     fn give_previous_step(&mut self, v: usize, parent: Option<ContentId>, at: u64) {
         if let Some(version) = parent
-            && let Some(params) = self.fetch_params(&version)
+            && let Some(params) = fetched_params(&self.versions, &self.version_params, &version)
         {
             let input = Input::PreviousStep { version, params };
             self.push(at, Event::Deliver { node: v, input });
         }
-    }
-
-    /// A version's parameters as a node fetching its chunks would get them:
-    /// held by some node, and matching the chunk ids of its manifest.
-    fn fetch_params(&self, id: &ContentId) -> Option<Vec<f32>> {
-        let m = self.versions.get(id)?;
-        let params = self.version_params.get(id)?;
-        (verify::params_chunk_ids(params, m.message().chunk_size as usize) == m.message().chunk_ids)
-            .then(|| params.clone())
     }
 
     /// Mixing-mode catch-up: the median round and coordinate-wise median
