@@ -90,6 +90,7 @@ fn verification(c: &mut Criterion) {
             chunk_size: DEFAULT_CHUNK_SIZE,
             rule: AggregationRule::Mean,
             outer: OuterOptimizer::averaging(),
+            federation: None,
             quorum: 1.0,
             round_timeout_ms: 10_000,
             door: DoorConfig::default(),

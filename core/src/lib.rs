@@ -35,6 +35,7 @@ pub mod data;
 mod dense;
 pub mod door;
 pub mod engine;
+pub mod federation;
 pub mod heads;
 pub mod mixing;
 pub mod model;

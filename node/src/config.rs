@@ -568,6 +568,7 @@ impl Config {
             chunk_size: tapestry_protocol::DEFAULT_CHUNK_SIZE,
             rule: r.aggregator,
             outer: r.outer,
+            federation: None,
             quorum: r.quorum,
             round_timeout_ms: r.timeout_ms,
             door: DoorConfig {

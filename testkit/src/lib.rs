@@ -105,6 +105,7 @@ pub fn engine_config(rule: AggregationRule, door: DoorConfig, seed: u64) -> Engi
         chunk_size: 16 << 10,
         rule,
         outer: OuterOptimizer::averaging(),
+        federation: None,
         quorum: 1.0,
         round_timeout_ms: 10_000,
         door,

@@ -137,6 +137,14 @@ pub enum Input {
         /// The combined parameters.
         params: Vec<f32>,
     },
+    /// A federating region's mix round: the agreed heads of neighbouring
+    /// regions of the head's round, each taken by the shell on its
+    /// region's attestations ([`crate::attest`]), with their parameters
+    /// (checked against their chunk ids). The engine mixes its head with
+    /// them ([`crate::federation::mix`]) into a version with all of them as
+    /// parents, if its head is still its region's plain version of that
+    /// round (see [`crate::engine::Engine::awaits_foreign_heads`]).
+    ForeignHeads(Vec<(Verified<ModelManifest>, std::sync::Arc<Vec<f32>>)>),
     /// A peer joined the region (in mixing mode: a neighbour).
     PeerJoined(NodeId),
     /// A peer left the region.

@@ -74,6 +74,9 @@ pub struct EngineConfig {
     pub rule: AggregationRule,
     /// How the combined delta moves the model.
     pub outer: OuterOptimizer,
+    /// How this region mixes its head with other regions' heads, if it
+    /// federates ([`crate::federation`]).
+    pub federation: Option<crate::federation::Federation>,
     /// Fraction of known peers (plus this node) whose deltas close a round.
     pub quorum: f64,
     /// A round closes at the latest this long after it started.
@@ -195,6 +198,10 @@ pub struct Engine {
     trained: Option<Vec<f32>>,
     neighbour_models: BTreeMap<(u64, NodeId), (Vec<f32>, usize)>,
     push_sum: Option<PushSum>,
+    /// A federating region's wait for foreign heads after its plain
+    /// version of a mix round: (that version, until when); once the time
+    /// is up, or the head moved on, the node trains without them.
+    wait: Option<(ContentId, u64)>,
     /// The shell's stopwatch, if it lent one, and what it timed so far.
     stopwatch: Option<fn() -> std::time::Instant>,
     stages: StageTimes,
@@ -242,6 +249,7 @@ impl Engine {
             trained: None,
             neighbour_models: BTreeMap::new(),
             push_sum: None,
+            wait: None,
             stopwatch: None,
             stages: StageTimes::default(),
         }
@@ -447,9 +455,21 @@ impl Engine {
                     self.sign_version(round, parents, Vec::new(), now_ms, o);
                 }
             }
+            Input::ForeignHeads(heads) => self.on_foreign_heads(heads, now_ms, o),
             Input::Tick => self.maybe_close(now_ms, o),
         }
         out
+    }
+
+    /// The round whose foreign heads this node waits for
+    /// ([`Input::ForeignHeads`]): its head is its region's plain version of
+    /// a mix round of the federation, and the wait is not over. The shell
+    /// gathers them when this turns `Some`.
+    pub fn awaits_foreign_heads(&self) -> Option<u64> {
+        match self.wait {
+            Some((v, until)) if self.version == Some(v) && self.now_ms < until => Some(self.round),
+            _ => None,
+        }
     }
 
     /// Whether `params` could be this model's: the right length, all finite.
@@ -811,6 +831,9 @@ impl Engine {
         let round = self.round;
         self.neighbour_models.retain(|(r, _), _| *r >= round);
         self.trained = None;
+        if self.awaiting_foreign_heads(now_ms, out) {
+            return;
+        }
         if self.votes.contains_key(&(self.round, self.node_id())) {
             // This node already voted in this round (it moved to a
             // preferred version of the round after publishing): its delta
@@ -833,6 +856,97 @@ impl Engine {
         out.push(Action::SetTimer {
             at_ms: self.timer_ms,
         });
+    }
+
+    /// Whether this node now waits for foreign heads instead of training:
+    /// its head is its region's plain version of a mix round, and it has
+    /// not waited for this version yet (sets the wait and its timer).
+    fn awaiting_foreign_heads(&mut self, now_ms: u64, out: &mut Vec<Action>) -> bool {
+        let Some(version) = self.version else {
+            return false;
+        };
+        let mixes = self.config.mode == Mode::Broadcast
+            && self.parents.len() == 1
+            && self
+                .config
+                .federation
+                .as_ref()
+                .is_some_and(|f| f.is_mix_round(self.round));
+        if !mixes {
+            self.wait = None;
+            return false;
+        }
+        if self.wait.is_some_and(|(v, _)| v == version) {
+            // Waited already: the time is up.
+            return false;
+        }
+        let wait_ms = self.config.federation.as_ref().map_or(0, |f| f.wait_ms);
+        self.wait = Some((version, now_ms + wait_ms));
+        self.training = false;
+        self.timer_ms = now_ms + wait_ms;
+        out.push(Action::SetTimer {
+            at_ms: self.timer_ms,
+        });
+        true
+    }
+
+    /// Mixes the head with the foreign heads offered, if the head is this
+    /// region's plain version of a mix round: the heads that fit (this
+    /// model, a neighbouring region, the head's round, finite parameters of
+    /// the model's size; one per region, the smallest id) become parents of
+    /// a version of the same round with the mixed parameters.
+    fn on_foreign_heads(
+        &mut self,
+        heads: Vec<(Verified<ModelManifest>, std::sync::Arc<Vec<f32>>)>,
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(fed) = self.config.federation.clone() else {
+            return;
+        };
+        let Some(own) = self.version else {
+            return;
+        };
+        if !fed.is_mix_round(self.round) || self.parents.len() != 1 {
+            return;
+        }
+        let mut taken: BTreeMap<String, (Verified<ModelManifest>, std::sync::Arc<Vec<f32>>)> =
+            BTreeMap::new();
+        for (m, params) in heads {
+            let fits = m.message().model_id == self.config.model_id
+                && m.message().round == self.round
+                && fed
+                    .weight(&self.config.region, &m.message().region)
+                    .is_some()
+                && self.fits(&params);
+            let region = m.message().region.clone();
+            if fits && taken.get(&region).is_none_or(|(t, _)| m.id() < t.id()) {
+                taken.insert(region, (m, params));
+            }
+        }
+        if taken.is_empty() {
+            return;
+        }
+        let foreign: Vec<crate::federation::ForeignHead<'_>> = taken
+            .values()
+            .map(|(m, p)| crate::federation::ForeignHead {
+                id: m.id(),
+                region: &m.message().region,
+                params: p,
+            })
+            .collect();
+        let Ok(params) = crate::federation::mix(&fed, &self.config.region, &self.params, &foreign)
+        else {
+            return;
+        };
+        let mut parents: Vec<ContentId> = taken.values().map(|(m, _)| m.id()).collect();
+        parents.push(own);
+        parents.sort();
+        self.params = std::sync::Arc::new(params);
+        // A mix has no single previous step: the next one takes none.
+        self.previous = None;
+        self.wait = None;
+        self.sign_version(self.round, parents, Vec::new(), now_ms, out);
     }
 
     /// Past the deadline with nothing to close on: wake again one timeout
@@ -985,6 +1099,19 @@ impl Engine {
 
     fn maybe_close(&mut self, now_ms: u64, out: &mut Vec<Action>) {
         if self.version.is_none() {
+            return;
+        }
+        if let Some((v, until)) = self.wait
+            && self.version == Some(v)
+            && self.training_from != Some(v)
+            && !self.votes.contains_key(&(self.round, self.node_id()))
+        {
+            // Waiting for foreign heads: nothing of this round to close.
+            if now_ms >= until {
+                self.start_round(now_ms, out);
+            } else {
+                self.rearm(now_ms, out);
+            }
             return;
         }
         let deadline = now_ms >= self.round_started_ms + self.config.round_timeout_ms;

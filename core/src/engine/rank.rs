@@ -4,7 +4,7 @@
 use super::*;
 
 /// How verified versions of one round are ordered: merges of branches
-/// (several parents) first, then more distinct authors aggregated, then the
+/// and mixes of regions (several parents) first, more parents first, then more distinct authors aggregated, then the
 /// smaller digest of the parameters' chunk ids. A total order that every
 /// node computes alike from a verified version (a merge outranks the
 /// versions it merged, so the nodes that did not merge move on to it).
@@ -12,7 +12,7 @@ use super::*;
 /// admitted deltas of distinct authors, not of ids a manifest lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VersionRank {
-    pub(super) merge: bool,
+    pub(super) merge: usize,
     pub(super) authors: usize,
     pub(super) params: ContentId,
     pub(super) author: NodeId,
@@ -22,7 +22,7 @@ impl Default for VersionRank {
     /// Below every real version.
     fn default() -> Self {
         Self {
-            merge: false,
+            merge: 0,
             authors: 0,
             params: ContentId::from_bytes([0xff; 32]),
             author: NodeId::from_bytes([0xff; 32]),
@@ -62,7 +62,11 @@ pub fn params_digest(m: &ModelManifest) -> ContentId {
 /// the number of deltas it names is an upper bound).
 pub fn version_rank(m: &ModelManifest, authors: usize) -> VersionRank {
     VersionRank {
-        merge: m.parents.len() > 1,
+        merge: if m.parents.len() > 1 {
+            m.parents.len()
+        } else {
+            0
+        },
         authors,
         params: params_digest(m),
         author: m.author,

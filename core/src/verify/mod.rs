@@ -439,13 +439,26 @@ pub fn check_shape(
     if m.deltas.len() > MAX_VERSION_DELTAS {
         return bad("names too many deltas");
     }
+    // A mix of regions has the own head and at most one head per
+    // neighbouring region as parents ([`crate::federation`]).
+    let most_parents = cfg
+        .federation
+        .as_ref()
+        .map_or(2, |f| 1 + f.neighbours(&cfg.region).len())
+        .max(2);
     match (m.parents.len(), m.deltas.is_empty()) {
-        (1, false) | (2, true) => {}
+        (1, false) => {}
+        (n, true) if (2..=most_parents).contains(&n) => {}
         (0, _) => return Err(VersionRejection::ForgedGenesis),
         (1, true) => return Err(VersionRejection::NoDeltas),
+        _ if most_parents > 2 => {
+            return bad(
+                "a version has one parent and deltas, or two parents (a merge) or the own and foreign heads (a mix of regions) and none",
+            );
+        }
         _ => return bad("a version has one parent and deltas, or two parents and none"),
     }
-    if m.parents.len() == 2 && m.parents[0] == m.parents[1] {
+    if m.parents.iter().collect::<BTreeSet<_>>().len() != m.parents.len() {
         return bad("a merge of a version with itself");
     }
     let furthest = head_round.saturating_add(cfg.door.max_rounds_ahead);
@@ -465,7 +478,7 @@ pub fn check_shape(
 /// `child` is the naming version's (round, number of parents).
 pub fn check_parent_round(child: (u64, usize), parent_round: u64) -> Result<(), VersionRejection> {
     let (round, parents) = child;
-    let fits = if parents == 2 {
+    let fits = if parents >= 2 {
         parent_round <= round
     } else {
         parent_round.checked_add(1) == Some(round)
@@ -532,6 +545,12 @@ pub fn plan(
             continue;
         };
         let m = v.message();
+        if id != target.id() && m.region != cfg.region && m.model_id == cfg.model_id {
+            // A foreign head a mix of regions names: taken on its region's
+            // attestations by the shell before the mix can be checked, not
+            // verified here (this region holds none of its deltas).
+            return Err(VersionRejection::UnknownParent(id));
+        }
         check_shape(cfg, m, u64::MAX - cfg.door.max_rounds_ahead)?;
         for d in &m.deltas {
             match l.delta_held(d) {
@@ -587,7 +606,18 @@ pub fn verify_version(
         }
         Ok((pm, params))
     };
-    let (params, authors) = if m.parents.len() == 2 {
+    let foreign = m.parents.iter().any(|p| {
+        l.model(p)
+            .is_some_and(|pm| pm.message().region != cfg.region)
+    });
+    if !foreign && m.parents.len() > 2 {
+        return Err(VersionRejection::Malformed(
+            "more than two parents and none of another region".into(),
+        ));
+    }
+    let (params, authors) = if foreign {
+        (verify_mix(cfg, m, &parent)?, 0)
+    } else if m.parents.len() == 2 {
         let (a, pa) = parent(&m.parents[0])?;
         let (b, pb) = parent(&m.parents[1])?;
         let round = a.message().round.max(b.message().round);
@@ -715,6 +745,63 @@ pub fn verify_version(
         return Err(VersionRejection::Mismatch);
     }
     Ok(Checked { params, authors })
+}
+
+/// Recomputes a mix of regions ([`crate::federation::mix`]): one parent is
+/// a plain version of this region of the mix's round (verified here), the
+/// others heads of neighbouring regions of the same round, at most one
+/// each, taken by this node on their region's attestations (marked
+/// verified by the shell).
+fn verify_mix(
+    cfg: &EngineConfig,
+    m: &ModelManifest,
+    parent: &impl Fn(&ContentId) -> Result<(Verified<ModelManifest>, Vec<f32>), VersionRejection>,
+) -> Result<Vec<f32>, VersionRejection> {
+    let bad = |s: &str| VersionRejection::Malformed(s.to_owned());
+    let fed = cfg
+        .federation
+        .as_ref()
+        .ok_or_else(|| bad("a mix of regions in a region that does not federate"))?;
+    if !fed.is_mix_round(m.round) {
+        return Err(bad("a mix of regions in a round that is not a mix round"));
+    }
+    let mut own = None;
+    let mut foreign = Vec::new();
+    for id in &m.parents {
+        let (pm, params) = parent(id)?;
+        if pm.message().round != m.round {
+            return Err(VersionRejection::RoundJump {
+                round: m.round,
+                expected: pm.message().round,
+            });
+        }
+        if pm.message().model_id != cfg.model_id {
+            return Err(VersionRejection::WrongScope);
+        }
+        if pm.message().region == cfg.region {
+            if own.is_some() {
+                return Err(bad("a mix of regions with two heads of its own region"));
+            }
+            if pm.message().parents.len() != 1 {
+                return Err(bad(
+                    "a mix of regions on a version that is not a plain round's",
+                ));
+            }
+            own = Some(params);
+        } else {
+            foreign.push((pm, params));
+        }
+    }
+    let own = own.ok_or_else(|| bad("a mix of regions without a head of its own region"))?;
+    let heads: Vec<crate::federation::ForeignHead<'_>> = foreign
+        .iter()
+        .map(|(pm, params)| crate::federation::ForeignHead {
+            id: pm.id(),
+            region: &pm.message().region,
+            params,
+        })
+        .collect();
+    crate::federation::mix(fed, &cfg.region, &own, &heads).map_err(|e| bad(&e.to_string()))
 }
 
 /// A delta as a recomputation holds it: in memory, or read where it is

@@ -221,6 +221,7 @@ fn engine_config(settings: &Settings, spec: &ModelSpec, i: usize) -> EngineConfi
         chunk_size: 256 << 10,
         rule: settings.aggregator,
         outer: settings.outer,
+        federation: None,
         quorum: 1.0,
         round_timeout_ms: 20 * (s.latency_ms + s.jitter_ms).max(1) + 4 * TRAIN_MS,
         door: DoorConfig {
