@@ -373,15 +373,19 @@ pub enum Partition {
     /// Each node holds rows of only `k` classes (more if nodes · k < classes,
     /// so that no row is dropped).
     KClasses(usize),
+    /// Regional skew: `k` regions of consecutive nodes (node i in region
+    /// ⌊i·k/N⌋), each holding the rows of its own classes only (class c in
+    /// region ⌊c·k/C⌋), dealt evenly among its nodes.
+    Regions(usize),
 }
 
 impl std::str::FromStr for Partition {
     type Err = DataError;
-    /// `iid`, `dirichlet:ALPHA`, `classes:K`.
+    /// `iid`, `dirichlet:ALPHA`, `classes:K`, `regions:K`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || {
             DataError::Invalid(format!(
-                "unknown partition {s:?} (iid, dirichlet:ALPHA, classes:K)"
+                "unknown partition {s:?} (iid, dirichlet:ALPHA, classes:K, regions:K)"
             ))
         };
         match s.split_once(':') {
@@ -392,6 +396,10 @@ impl std::str::FromStr for Partition {
             },
             Some(("classes", k)) => match k.parse::<usize>() {
                 Ok(k) if k > 0 => Ok(Partition::KClasses(k)),
+                _ => Err(bad()),
+            },
+            Some(("regions", k)) => match k.parse::<usize>() {
+                Ok(k) if k > 0 => Ok(Partition::Regions(k)),
                 _ => Err(bad()),
             },
             _ => Err(bad()),
@@ -448,6 +456,16 @@ pub fn partition(
                     };
                     shards[node].extend_from_slice(&rows[start..end.max(start)]);
                     start = end.max(start);
+                }
+            }
+        }
+        Partition::Regions(k) => {
+            let k = k.min(nodes).min(data.n_classes.max(1));
+            for (class, rows) in by_class.iter().enumerate() {
+                let region = class * k / data.n_classes.max(1);
+                let members: Vec<usize> = (0..nodes).filter(|i| i * k / nodes == region).collect();
+                for (j, r) in rows.iter().enumerate() {
+                    shards[members[j % members.len()]].push(*r);
                 }
             }
         }
@@ -565,6 +583,7 @@ mod tests {
             Partition::Dirichlet(0.5),
             Partition::Dirichlet(0.05),
             Partition::KClasses(2),
+            Partition::Regions(4),
         ] {
             let shards = partition(&data, 8, how, 7).unwrap();
             let mut all: Vec<usize> = shards.iter().flatten().copied().collect();
@@ -581,6 +600,16 @@ mod tests {
             classes.sort_unstable();
             classes.dedup();
             assert!(classes.len() <= 2);
+        }
+        // Regions: 8 nodes in 4 regions of 2, 10 classes as 3, 2, 3, 2;
+        // both nodes of a region hold exactly its classes.
+        let shards = partition(&data, 8, Partition::Regions(4), 7).unwrap();
+        let expected: [&[u32]; 4] = [&[0, 1, 2], &[3, 4], &[5, 6, 7], &[8, 9]];
+        for (i, s) in shards.iter().enumerate() {
+            let mut classes: Vec<u32> = s.iter().map(|i| data.labels[*i]).collect();
+            classes.sort_unstable();
+            classes.dedup();
+            assert_eq!(classes, expected[i / 2], "node {i}");
         }
         // Small α skews labels far more than IID.
         let skew = |how| {

@@ -111,6 +111,9 @@ pub enum ScenarioError {
     /// `model` is not an architecture.
     #[error("model: {0}")]
     Model(#[from] ArchitectureError),
+    /// Bad regions or federation settings.
+    #[error("{0}")]
+    Regions(String),
     /// A bad `outer` optimiser.
     #[error("{0}")]
     Outer(String),

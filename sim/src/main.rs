@@ -120,7 +120,7 @@ struct RunArgs {
     /// language; for a transformer model).
     #[arg(long)]
     data: Option<String>,
-    /// iid | dirichlet:ALPHA | classes:K (rows); by-file (text)
+    /// iid | dirichlet:ALPHA | classes:K | regions:K (rows); by-file (text)
     #[arg(long)]
     partition: Option<String>,
     /// logistic | mlp:W1,W2,... | transformer:LAYERS,WIDTH,HEADS,CONTEXT
@@ -189,6 +189,23 @@ struct RunArgs {
     /// not change results.
     #[arg(long)]
     threads: Option<usize>,
+    /// Regional swarms (broadcast mode): node i in region floor(i*K/N),
+    /// each with its own genesis and rounds.
+    #[arg(long)]
+    regions: Option<usize>,
+    /// Regions mix their agreed heads after every N rounds (0: they stay
+    /// apart).
+    #[arg(long)]
+    federation_every: Option<u64>,
+    /// complete | ring: the graph of regions heads are mixed on.
+    #[arg(long)]
+    federation_graph: Option<String>,
+    /// Clip each foreign head's difference to this L2 norm (0: no clipping).
+    #[arg(long)]
+    federation_clip: Option<f32>,
+    /// One-way latency between regions in milliseconds (0: latency-ms).
+    #[arg(long)]
+    region_latency_ms: Option<u64>,
     /// Give every node the real chunk store (in memory) and report what it
     /// holds.
     #[arg(long)]
@@ -236,7 +253,12 @@ fn scenario(args: &RunArgs) -> Result<Scenario, String> {
         churn,
         consensus_rounds,
         eval_sample,
-        threads
+        threads,
+        regions,
+        federation_every,
+        federation_graph,
+        federation_clip,
+        region_latency_ms
     );
     if !args.cuts.is_empty() {
         s.cuts = args.cuts.clone();

@@ -38,6 +38,11 @@ pub struct Net {
     rng: ChaCha8Rng,
     /// Bytes each node has sent (delivered or not).
     pub bytes_sent: Vec<u64>,
+    /// Each node's region, and the latency between regions.
+    region: Vec<usize>,
+    region_latency_ms: u64,
+    /// Bytes sent from one region to another.
+    pub bytes_cross: u64,
     /// Messages lost at random.
     pub lost: u64,
     /// Messages dropped by a partition.
@@ -68,10 +73,20 @@ impl Net {
             online: vec![true; n],
             rng: ChaCha8Rng::seed_from_u64(seed),
             bytes_sent: vec![0; n],
+            region: vec![0; n],
+            region_latency_ms: latency_ms,
+            bytes_cross: 0,
             lost: 0,
             cut: 0,
             offline: 0,
         }
+    }
+
+    /// Puts the nodes in regions: messages between regions take
+    /// `latency_ms` and count as crossing.
+    pub fn set_regions(&mut self, region: Vec<usize>, latency_ms: u64) {
+        self.region = region;
+        self.region_latency_ms = latency_ms;
     }
 
     /// The base one-way latency.
@@ -118,6 +133,10 @@ impl Net {
         lossy: bool,
     ) -> Result<u64, Dropped> {
         self.bytes_sent[from] += bytes;
+        let crosses = self.region.get(from) != self.region.get(to);
+        if crosses {
+            self.bytes_cross += bytes;
+        }
         // The uplink sends large messages one after another; a message of
         // one packet (announcements, requests) slips in between, as it
         // would between the packets of concurrent streams.
@@ -150,7 +169,12 @@ impl Net {
         } else {
             0
         };
-        Ok(departs_us.div_ceil(1000) + self.latency_ms + jitter)
+        let latency = if crosses {
+            self.region_latency_ms
+        } else {
+            self.latency_ms
+        };
+        Ok(departs_us.div_ceil(1000) + latency + jitter)
     }
 }
 

@@ -177,6 +177,14 @@ pub fn run(
         },
         "churn": outcome.churn,
         "store": outcome.store,
+        "regions": (!outcome.regions.is_empty()).then(|| json!({
+            "each": outcome.regions,
+            "bytes_cross_region": outcome.bytes_cross_region,
+            "bytes_total": outcome.bytes_total,
+            "cross_region_share": outcome.bytes_cross_region as f64 / outcome.bytes_total.max(1) as f64,
+            "mixes_adopted": outcome.federation.0,
+            "heads_carried_across": outcome.federation.1,
+        })),
         "wall_seconds": started.elapsed().as_secs_f64(),
     });
     let text = serde_json::to_string_pretty(&json)? + "\n";

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use tapestry_core::aggregate::AggregationRule;
 use tapestry_core::data::Partition;
 use tapestry_core::engine::Mode;
+use tapestry_core::federation::Federation;
 use tapestry_core::model::Architecture;
 use tapestry_core::outer::OuterOptimizer;
 use tapestry_protocol::Codec;
@@ -35,7 +36,8 @@ pub struct Scenario {
     /// `text:PATH`: a corpus file or a directory of them (one per
     /// language), for a `transformer:` model.
     pub data: String,
-    /// Rows: `iid`, `dirichlet:ALPHA` or `classes:K`. Text: `by-file`
+    /// Rows: `iid`, `dirichlet:ALPHA`, `classes:K` or `regions:K` (region
+    /// k of consecutive nodes holds only its classes). Text: `by-file`
     /// (node i holds the files of its group: with more nodes than files,
     /// each file's training text is split among consecutive nodes; with
     /// fewer, each node holds consecutive files).
@@ -104,6 +106,21 @@ pub struct Scenario {
     pub chunk_store: bool,
     /// Also run the baselines (centralized, local-only, plain mean).
     pub baselines: bool,
+    /// Regional swarms (broadcast mode): the nodes in this many regions of
+    /// consecutive nodes (node i in region ⌊i·K/N⌋), each with its own
+    /// genesis, rounds and agreement; `1`: one region.
+    pub regions: usize,
+    /// Regions mix their agreed heads after every this many rounds
+    /// (federation); `0`: regions stay apart.
+    pub federation_every: u64,
+    /// The graph of regions heads are mixed on: `complete` or `ring`.
+    pub federation_graph: String,
+    /// Each foreign head's difference from the own head is clipped to this
+    /// L2 norm before it is mixed in; `0`: no clipping.
+    pub federation_clip: f32,
+    /// One-way latency between nodes of different regions, milliseconds
+    /// (`0`: the same as `latency_ms`).
+    pub region_latency_ms: u64,
 }
 
 impl Default for Scenario {
@@ -140,6 +157,11 @@ impl Default for Scenario {
             threads: 0,
             chunk_store: false,
             baselines: true,
+            regions: 1,
+            federation_every: 0,
+            federation_graph: "complete".into(),
+            federation_clip: 0.0,
+            region_latency_ms: 0,
         }
     }
 }
@@ -280,6 +302,13 @@ pub struct Settings {
     pub churn: Option<Churn>,
     /// Network cuts: for each, the group of every node and the interval.
     pub cuts: Vec<Cut>,
+    /// How the regions federate, if there are several and they do.
+    pub federation: Option<Federation>,
+}
+
+/// The name of region `k` in a run.
+pub fn region_name(k: usize) -> String {
+    format!("r{k}")
 }
 
 /// Nodes going offline and coming back.
@@ -467,6 +496,7 @@ impl Scenario {
             .iter()
             .map(|c| Cut::parse(c, self.nodes))
             .collect::<Result<Vec<_>, _>>()?;
+        let federation = self.federation(mode, churn.is_some())?;
         Ok(Settings {
             scenario: self.clone(),
             topology: self.topology.parse()?,
@@ -481,7 +511,60 @@ impl Scenario {
             byzantine,
             churn,
             cuts,
+            federation,
         })
+    }
+
+    /// Checks the regions and parses the federation settings.
+    fn federation(&self, mode: Mode, churn: bool) -> Result<Option<Federation>, ScenarioError> {
+        let bad = |why: String| Err(ScenarioError::Regions(why));
+        let k = self.regions;
+        if k == 0 || k > self.nodes {
+            return bad(format!(
+                "regions {k}: between 1 and the {} nodes",
+                self.nodes
+            ));
+        }
+        if k > 1 && mode != Mode::Broadcast {
+            return bad("several regions need mode broadcast".into());
+        }
+        if k > 1 && churn {
+            return bad("churn with several regions is not simulated".into());
+        }
+        if self.federation_every == 0 {
+            return Ok(None);
+        }
+        if k < 2 {
+            return bad("federation_every needs at least 2 regions".into());
+        }
+        let names: Vec<String> = (0..k).map(region_name).collect();
+        let edges: Vec<(String, String)> = match self.federation_graph.as_str() {
+            "complete" => (0..k)
+                .flat_map(|a| ((a + 1)..k).map(move |b| (a, b)))
+                .map(|(a, b)| (names[a].clone(), names[b].clone()))
+                .collect(),
+            "ring" if k == 2 => vec![(names[0].clone(), names[1].clone())],
+            "ring" => (0..k)
+                .map(|a| (names[a].clone(), names[(a + 1) % k].clone()))
+                .collect(),
+            g => return bad(format!("federation_graph {g:?}: complete or ring")),
+        };
+        let clip = self.federation_clip;
+        if !(clip >= 0.0 && clip.is_finite()) {
+            return bad(format!(
+                "federation_clip {clip}: 0 (none) or a positive norm"
+            ));
+        }
+        let latency = self.region_latency_ms.max(self.latency_ms) + self.jitter_ms;
+        let f = Federation {
+            every: self.federation_every,
+            edges,
+            clip: (clip > 0.0).then_some(clip),
+            // Long enough for a slower neighbour's round and the fetch.
+            wait_ms: 40 * latency.max(1) + 8 * crate::world::TRAIN_MS,
+        };
+        f.validate().map_err(ScenarioError::Regions)?;
+        Ok(Some(f))
     }
 }
 

@@ -6,11 +6,13 @@
 use super::*;
 
 impl World<'_> {
-    /// Sends a model version's announcement to every other node.
+    /// Sends a model version's announcement to every other node of its
+    /// region.
     pub(super) fn announce_version(&mut self, i: usize, now: u64, v: &Verified<ModelManifest>) {
         let size = v.envelope_bytes().len() as u64;
         for j in 0..self.keys.len() {
             if j != i
+                && self.region[j] == self.region[i]
                 && let Ok(at) = self.net.send(i, j, now, size)
             {
                 self.push(

@@ -116,7 +116,7 @@ impl World<'_> {
         self.delta_manifests.insert(manifest.id(), manifest.clone());
         let size = manifest.envelope_bytes().len() as u64;
         for j in 0..self.keys.len() {
-            if j == i {
+            if j == i || self.region[j] != self.region[i] {
                 continue;
             }
             if let Ok(at) = self.net.send(i, j, now, size) {

@@ -33,16 +33,19 @@ use crate::error::SimError;
 use crate::net::Net;
 use crate::par;
 use crate::scenario::{Attack, DataSource, Settings};
+use crate::topology::Topology;
 
 mod agreement;
 mod attacks;
 mod baselines;
 mod churn;
 mod deltas;
+mod federation;
 mod figures;
 mod setup;
 
 use agreement::*;
+use federation::Federating;
 use setup::*;
 
 pub use baselines::{AllBaselines, TextBaselines, all_baselines, centralized, local_only};
@@ -53,7 +56,7 @@ pub use setup::{Data, by_file, model_spec};
 const MAX_TEST_ROWS: usize = 2000;
 
 /// Virtual time one local training takes.
-const TRAIN_MS: u64 = 50;
+pub const TRAIN_MS: u64 = 50;
 
 /// Churn figures of a run.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -89,6 +92,32 @@ pub struct Outcome {
     pub store: Option<StoreFigures>,
     /// The parameters of the first honest node's head at the end.
     pub head: Vec<f32>,
+    /// With several regions: each region's figures at the end, on the
+    /// global test set.
+    pub regions: Vec<RegionFigures>,
+    /// Bytes sent from one region to another, and in all.
+    pub bytes_cross_region: u64,
+    /// Bytes every node sent, in all.
+    pub bytes_total: u64,
+    /// Mix versions adopted (by any node), and foreign heads fetched across
+    /// regions.
+    pub federation: (u64, u64),
+}
+
+/// One region at the end of a run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RegionFigures {
+    /// Its name.
+    pub name: String,
+    /// Honest nodes in it.
+    pub nodes: usize,
+    /// Mean and lowest accuracy (classifiers) of its honest nodes' heads on
+    /// the whole test set.
+    pub accuracy_mean: f32,
+    /// See `accuracy_mean`.
+    pub accuracy_min: f32,
+    /// Consensus distance among its honest nodes.
+    pub consensus_distance: f64,
 }
 
 /// What happens next in the simulated world.
@@ -122,6 +151,9 @@ enum Event {
     /// Nodes notice that a partition began (their connections across it
     /// time out) or ended (they reconnect).
     CutNoticed { cut: usize, healed: bool },
+    /// A node looks (again) for its neighbouring regions' heads of a mix
+    /// round.
+    Federate { node: usize, round: u64 },
 }
 
 /// A local training asked for and not yet run.
@@ -193,6 +225,10 @@ struct World<'a> {
     best_seen: Vec<BTreeMap<u64, (VersionRank, Verified<ModelManifest>)>>,
     /// Aggregations computed while verifying (see [`Memo`]).
     memo: std::cell::RefCell<Memo>,
+    /// Each node's region (all 0 with one region).
+    region: Vec<usize>,
+    /// Federation's bookkeeping (see `federation.rs`).
+    federating: Federating,
 }
 
 /// Node `i`'s identity in a run seeded `seed` (the same in every run of
@@ -213,15 +249,20 @@ fn node_keys(seed: u64, n: usize) -> Vec<Keypair> {
 /// latencies (plus training time).
 fn engine_config(settings: &Settings, spec: &ModelSpec, i: usize) -> EngineConfig {
     let s = &settings.scenario;
+    let region = if s.regions > 1 {
+        crate::scenario::region_name(Topology::region_of(i, s.nodes, s.regions))
+    } else {
+        "sim".into()
+    };
     EngineConfig {
         model_id: "sim".into(),
-        region: "sim".into(),
+        region,
         spec: spec.clone(),
         codec: settings.codec,
         chunk_size: 256 << 10,
         rule: settings.aggregator,
         outer: settings.outer,
-        federation: None,
+        federation: settings.federation.clone(),
         quorum: 1.0,
         round_timeout_ms: 20 * (s.latency_ms + s.jitter_ms).max(1) + 4 * TRAIN_MS,
         door: DoorConfig {
@@ -263,19 +304,29 @@ pub fn run_swarm(
         .map(|i| Engine::new(config(i), keys[i].clone()))
         .collect();
     let params0 = spec.init(s.seed);
-    let genesis = genesis(
-        &config(0),
-        &params0,
-        &Keypair::from_secret_bytes(&[0xee; 32]),
-    )
-    .ok_or(SimError::Genesis)?;
+    let region: Vec<usize> = (0..n)
+        .map(|i| Topology::region_of(i, n, s.regions.max(1)))
+        .collect();
+    // One genesis per region (the same parameters, each region's name).
+    let geneses: Vec<Verified<ModelManifest>> = (0..s.regions.max(1))
+        .map(|k| {
+            let first = region.iter().position(|r| *r == k).unwrap_or(0);
+            genesis(
+                &config(first),
+                &params0,
+                &Keypair::from_secret_bytes(&[0xee; 32]),
+            )
+            .ok_or(SimError::Genesis)
+        })
+        .collect::<Result<_, _>>()?;
+    let genesis_of = |i: usize| geneses[region[i]].clone();
     let honest: Vec<usize> = (0..n).filter(|i| !byzantine.contains(i)).collect();
     let mut sample = honest.clone();
     sample.shuffle(&mut rng);
     if s.eval_sample > 0 {
         sample.truncate(s.eval_sample);
     }
-    let net = Net::new(
+    let mut net = Net::new(
         n,
         s.latency_ms,
         s.jitter_ms,
@@ -284,6 +335,12 @@ pub fn run_swarm(
         settings.cuts.clone(),
         s.seed ^ 0x4e45_5421,
     );
+    let region_latency = if s.region_latency_ms > 0 {
+        s.region_latency_ms
+    } else {
+        s.latency_ms
+    };
+    net.set_regions(region.clone(), region_latency);
     let mut world = World {
         settings,
         data,
@@ -306,7 +363,7 @@ pub fn run_swarm(
         jobs: BTreeMap::new(),
         trained: BTreeMap::new(),
         next_job: 0,
-        heads: vec![(genesis.clone(), params0.clone()); n],
+        heads: (0..n).map(|i| (genesis_of(i), params0.clone())).collect(),
         reached: vec![0; n],
         rows: BTreeMap::new(),
         next_row: 1,
@@ -323,14 +380,18 @@ pub fn run_swarm(
         } else {
             Vec::new()
         },
-        versions: BTreeMap::from([(genesis.id(), genesis.clone())]),
+        versions: geneses.iter().map(|g| (g.id(), g.clone())).collect(),
         delta_manifests: BTreeMap::new(),
-        version_params: BTreeMap::from([(genesis.id(), params0.clone())]),
-        verified: vec![BTreeSet::from([genesis.id()]); n],
+        version_params: geneses.iter().map(|g| (g.id(), params0.clone())).collect(),
+        verified: (0..n)
+            .map(|i| BTreeSet::from([genesis_of(i).id()]))
+            .collect(),
         best_seen: vec![BTreeMap::new(); n],
         memo: std::cell::RefCell::new(BTreeMap::new()),
+        region,
+        federating: Federating::default(),
     };
-    world.schedule_start(&genesis, &params0);
+    world.schedule_start(&params0);
     world.run(progress)?;
     let store = world.store_figures()?;
     let first_honest = world.honest.first().copied().unwrap_or(0);
@@ -339,9 +400,14 @@ pub fn run_swarm(
         .get(first_honest)
         .map(|(_, p)| p.clone())
         .unwrap_or_default();
+    let regions = world.region_figures()?;
     Ok(Outcome {
         store,
         head,
+        regions,
+        bytes_cross_region: world.net.bytes_cross,
+        bytes_total: world.net.bytes_sent.iter().sum(),
+        federation: (world.federating.mixes, world.federating.heads_carried),
         rounds: world.stats,
         honest_nodes: world.honest.len(),
         rejected: world.rejected,
@@ -356,7 +422,7 @@ impl World<'_> {
     /// The first events: every node meets its peers and starts from the
     /// genesis model at time 0; churn periods and cuts (noticed after a
     /// few round trips of silence, healed a latency after they end).
-    fn schedule_start(&mut self, genesis: &Verified<ModelManifest>, params0: &[f32]) {
+    fn schedule_start(&mut self, params0: &[f32]) {
         let s = &self.settings.scenario;
         let (latency, churn) = (s.latency_ms, self.settings.churn);
         for i in 0..self.engines.len() {
@@ -365,7 +431,7 @@ impl World<'_> {
                 self.push(0, Event::Deliver { node: i, input });
             }
             let input = Input::Start {
-                manifest: genesis.clone(),
+                manifest: self.heads[i].0.clone(),
                 params: params0.to_vec(),
             };
             self.push(0, Event::Deliver { node: i, input });
@@ -395,11 +461,13 @@ impl World<'_> {
         self.queue.insert((at, self.seq), event);
     }
 
-    /// Who a node talks to: the whole region in broadcast mode (the graph
+    /// Who a node talks to: its whole region in broadcast mode (the graph
     /// only shapes mixing), its graph neighbours otherwise.
     fn peers_of(&self, i: usize) -> Vec<usize> {
         match self.settings.mode {
-            Mode::Broadcast => (0..self.keys.len()).filter(|j| *j != i).collect(),
+            Mode::Broadcast => (0..self.keys.len())
+                .filter(|j| *j != i && self.region[*j] == self.region[i])
+                .collect(),
             _ => self.graph[i].clone(),
         }
     }
@@ -421,6 +489,10 @@ impl World<'_> {
                 }
                 Event::CutNoticed { cut, healed } => {
                     self.cut_noticed(cut, healed, now);
+                    continue;
+                }
+                Event::Federate { node, round } => {
+                    self.gather_foreign_heads(node, now, round);
                     continue;
                 }
                 Event::Version {
@@ -475,10 +547,17 @@ impl World<'_> {
             {
                 continue;
             }
+            if let Input::ForeignHeads(heads) = &input {
+                // Taken on their regions' attestations, as the node does.
+                for (m, _) in heads {
+                    self.verified[i].insert(m.id());
+                }
+            }
             let actions = self.engines[i].handle(input, now);
             for action in actions {
                 self.act(i, now, action)?;
             }
+            self.maybe_federate(i, now);
             self.finish_rows(progress)?;
         }
         // Whatever is left: rounds some honest node never reached.
@@ -681,6 +760,7 @@ impl World<'_> {
                 let _ = store.gc();
             }
         }
+        self.note_for_federation(i, &manifest);
         if self.settings.mode == Mode::Broadcast {
             self.versions.insert(manifest.id(), manifest.clone());
             self.version_params
