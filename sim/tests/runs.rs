@@ -197,6 +197,42 @@ fn bad_input_is_a_one_line_error_and_exit_code_2() {
             vec!["run", "--out", out, "--outer", "nesterov:0.7:0.9"],
             "nesterov",
         ),
+        (vec!["run", "--out", out, "--regions", "40"], "regions 40"),
+        (
+            vec!["run", "--out", out, "--regions", "2", "--mode", "mixing"],
+            "broadcast",
+        ),
+        (
+            vec!["run", "--out", out, "--federation-every", "2"],
+            "at least 2 regions",
+        ),
+        (
+            vec![
+                "run",
+                "--out",
+                out,
+                "--regions",
+                "2",
+                "--federation-every",
+                "2",
+                "--federation-graph",
+                "star",
+            ],
+            "star",
+        ),
+        (
+            vec![
+                "run",
+                "--out",
+                out,
+                "--regions",
+                "2",
+                "--federation-every",
+                "2",
+                "--federation-clip=-1",
+            ],
+            "federation_clip",
+        ),
         (
             vec!["run", "--out", out, "--outer", "momentum:0.7:1.5"],
             "momentum",

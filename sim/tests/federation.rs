@@ -1,0 +1,88 @@
+//! Regional swarms federating in the simulator: four regions, each holding
+//! only some digit classes, end with models that know all ten when they
+//! mix their heads, and stay near their share when they do not; the bytes
+//! crossing regions stay a small part of the total.
+
+#![allow(clippy::unwrap_used)]
+
+use tapestry_sim::report;
+use tapestry_sim::scenario::Scenario;
+
+/// `sim/scenarios/federation-digits.toml`, with the data found from here.
+fn federated() -> Scenario {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/federation-digits.toml"),
+    )
+    .unwrap();
+    Scenario {
+        data: tapestry_testkit::digits_arg(),
+        ..Scenario::from_toml(&text).unwrap()
+    }
+}
+
+fn run(s: Scenario) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    report::run(&s.settings().unwrap(), dir.path(), &mut |_, _| {})
+        .unwrap()
+        .json
+}
+
+fn f(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap()
+}
+
+/// Each region's mean accuracy on the whole test set, as a share of
+/// centralized training's.
+fn shares(r: &serde_json::Value) -> Vec<f64> {
+    let central = f(&r["baselines"]["centralized"]["accuracy"]);
+    r["regions"]["each"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| f(&e["accuracy_mean"]) / central)
+        .collect()
+}
+
+#[test]
+fn four_federated_regions_each_reach_95_percent_of_centralized_on_all_classes() {
+    let r = run(federated());
+    let shares = shares(&r);
+    assert_eq!(shares.len(), 4);
+    assert!(shares.iter().all(|s| *s >= 0.95), "{shares:?}");
+    let regions = &r["regions"];
+    let cross = f(&regions["cross_region_share"]);
+    assert!(cross > 0.0 && cross <= 0.10, "cross-region share {cross}");
+    assert!(f(&regions["mixes_adopted"]) > 0.0);
+    // 13 mix rounds (2, 4, ..., 26; the rounds after them only mix too)
+    // or more, each bringing 2 foreign heads into each of 4 regions once.
+    assert!(
+        f(&regions["heads_carried_across"]) >= 13.0 * 8.0,
+        "{regions}"
+    );
+    // Every mix a node took was recomputed, none refused as forged.
+    let rejected = r["rejected"].as_object().unwrap();
+    for bad in [
+        "version_mismatch",
+        "bad_version",
+        "round_jump",
+        "wrong_scope",
+    ] {
+        assert!(!rejected.contains_key(bad), "{rejected:?}");
+    }
+    // Within a region every node ends on the same model.
+    for e in regions["each"].as_array().unwrap() {
+        assert!(f(&e["consensus_distance"]) < 1e-6, "{e}");
+    }
+}
+
+#[test]
+fn regions_that_do_not_federate_stay_near_their_share_of_the_classes() {
+    let r = run(Scenario {
+        federation_every: 0,
+        ..federated()
+    });
+    let shares = shares(&r);
+    assert!(shares.iter().all(|s| *s < 0.5), "{shares:?}");
+    assert_eq!(f(&r["regions"]["bytes_cross_region"]), 0.0);
+    assert_eq!(f(&r["regions"]["mixes_adopted"]), 0.0);
+}
