@@ -113,6 +113,7 @@ pub fn run(
             Some(_) => {
                 let mut calm = settings.clone();
                 calm.byzantine = None;
+                calm.byzantine_region = None;
                 Some(world::run_swarm(&calm, &data, &mut |_| {})?.rounds)
             }
             None => None,

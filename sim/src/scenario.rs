@@ -67,7 +67,9 @@ pub struct Scenario {
     pub outer: String,
     /// How much a delta weighs: `equal` or `samples:MAX`.
     pub weighting: String,
-    /// `FRACTION:ATTACK`, e.g. `0.25:sign-flip:10` (see [`Attack`]), or `0`.
+    /// `FRACTION:ATTACK`, e.g. `0.25:sign-flip:10` (see [`Attack`]),
+    /// `region:K:ATTACK` (every node of region K attacks: a bad region), or
+    /// `0`.
     pub byzantine: String,
     /// Probability that any one message is lost.
     pub loss: f64,
@@ -202,6 +204,11 @@ pub enum Attack {
     /// All of forge-version, forge-merge, round-jump, ballot-stuffing and
     /// weight-inflation at once.
     Takeover,
+    /// A bad region (with `region:K:poison-head`): its members train and
+    /// agree honestly among themselves, but the head they hand to other
+    /// regions is forged (its parameters negated and scaled by ten), and
+    /// every one of them vouches for it.
+    PoisonHead,
 }
 
 impl Attack {
@@ -257,6 +264,7 @@ impl std::str::FromStr for Attack {
             ("ballot-stuffing", None) => Attack::BallotStuffing,
             ("weight-inflation", None) => Attack::WeightInflation,
             ("takeover", None) => Attack::Takeover,
+            ("poison-head", None) => Attack::PoisonHead,
             _ => return Err(bad()),
         })
     }
@@ -298,6 +306,8 @@ pub struct Settings {
     pub weighting: tapestry_core::door::Weighting,
     /// Byzantine nodes: how many and how they attack.
     pub byzantine: Option<(usize, Attack)>,
+    /// The region whose every node attacks, if the attackers are a region.
+    pub byzantine_region: Option<usize>,
     /// Churn, if any.
     pub churn: Option<Churn>,
     /// Network cuts: for each, the group of every node and the interval.
@@ -473,7 +483,25 @@ impl Scenario {
         } else {
             Some(self.partition.parse()?)
         };
-        let byzantine = parse_byzantine(&self.byzantine, self.nodes)?;
+        let (byzantine, byzantine_region) = match self.byzantine.strip_prefix("region:") {
+            Some(rest) => {
+                let bad = || ScenarioError::Byzantine(self.byzantine.clone());
+                let (k, attack) = rest.split_once(':').ok_or_else(bad)?;
+                let k: usize = k.parse().map_err(|_| bad())?;
+                if k >= self.regions {
+                    return Err(ScenarioError::Regions(format!(
+                        "byzantine {:?}: there are regions 0 to {}",
+                        self.byzantine,
+                        self.regions - 1
+                    )));
+                }
+                let size = (0..self.nodes)
+                    .filter(|v| Topology::region_of(*v, self.nodes, self.regions) == k)
+                    .count();
+                (Some((size, attack.parse()?)), Some(k))
+            }
+            None => (parse_byzantine(&self.byzantine, self.nodes)?, None),
+        };
         if !(self.bandwidth_mbps >= 0.0 && self.bandwidth_mbps.is_finite()) {
             return Err(ScenarioError::Bandwidth(self.bandwidth_mbps));
         }
@@ -509,6 +537,7 @@ impl Scenario {
             outer,
             weighting: self.weighting.parse()?,
             byzantine,
+            byzantine_region,
             churn,
             cuts,
             federation,

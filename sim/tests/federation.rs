@@ -86,3 +86,31 @@ fn regions_that_do_not_federate_stay_near_their_share_of_the_classes() {
     assert_eq!(f(&r["regions"]["bytes_cross_region"]), 0.0);
     assert_eq!(f(&r["regions"]["mixes_adopted"]), 0.0);
 }
+
+#[test]
+fn clipping_foreign_differences_bounds_what_a_bad_region_does_to_the_others() {
+    // Region 3 trains and agrees honestly inside, but hands the others a
+    // forged head (negated, ten times its size) that all its members vouch
+    // for. The three honest regions can reach at most ~0.8 of centralized
+    // (classes 8 and 9 are only in region 3).
+    let bad = Scenario {
+        byzantine: "region:3:poison-head".into(),
+        ..federated()
+    };
+    let wrecked = shares(&run(bad.clone()));
+    assert_eq!(wrecked.len(), 3, "the bad region is not scored");
+    assert!(wrecked.iter().all(|s| *s < 0.3), "{wrecked:?}");
+    let clipped = shares(&run(Scenario {
+        federation_clip: 2.0,
+        ..bad
+    }));
+    assert!(clipped.iter().all(|s| *s > 0.45), "{clipped:?}");
+    // Region 1 is not a neighbour of region 3 on the ring.
+    assert!(clipped[1] > 0.7, "{clipped:?}");
+    // The same radius costs honest regions nothing.
+    let calm = shares(&run(Scenario {
+        federation_clip: 2.0,
+        ..federated()
+    }));
+    assert!(calm.iter().all(|s| *s >= 0.95), "{calm:?}");
+}

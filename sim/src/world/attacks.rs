@@ -174,8 +174,9 @@ pub(super) fn attacked(
         // Re-send the first delta as this round's.
         Attack::StaleReplay => first.unwrap_or(own),
         Attack::FreeRide => return None,
-        // Honest deltas; these attack the versions.
-        Attack::ForgeVersion | Attack::ForgeMerge | Attack::RoundJump => own,
+        // Honest deltas; these attack the versions (or the head a region
+        // hands to others).
+        Attack::ForgeVersion | Attack::ForgeMerge | Attack::RoundJump | Attack::PoisonHead => own,
         Attack::BallotStuffing | Attack::Takeover => own.iter().map(|v| -9.0 * v).collect(),
         Attack::WeightInflation => own.iter().map(|v| -3.0 * v).collect(),
     })

@@ -18,7 +18,7 @@ impl World<'_> {
     ) {
         match (self.byzantine.contains(&i), self.attack) {
             (true, Some(Attack::FreeRide)) => {}
-            (true, Some(attack)) => {
+            (true, Some(attack)) if attack != Attack::PoisonHead => {
                 let wait = match attack {
                     Attack::Alie(_) | Attack::Ipm(_) => {
                         self.net.latency_ms() + self.settings.scenario.jitter_ms + 1

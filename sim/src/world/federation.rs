@@ -21,6 +21,8 @@ pub(super) struct Federating {
     /// Foreign heads already in a region: (region, head) → the member that
     /// fetched it across.
     carried: BTreeMap<(usize, ContentId), usize>,
+    /// A bad region's forged heads, by the real head's id.
+    forged: BTreeMap<ContentId, ContentId>,
     /// Mix versions nodes adopted.
     pub mixes: u64,
     /// Foreign heads fetched across regions.
@@ -113,6 +115,7 @@ impl World<'_> {
         let mut heads = Vec::new();
         let mut arrives = now;
         for (id, vouchers) in found {
+            let id = self.poisoned(id, &vouchers).unwrap_or(id);
             let (Some(m), Some(params)) = (self.versions.get(&id), self.version_params.get(&id))
             else {
                 continue;
@@ -148,8 +151,40 @@ impl World<'_> {
 }
 
 impl World<'_> {
+    /// What a bad region (every voucher an attacker with `poison-head`)
+    /// hands out for its head `id`: a forged version of the same round and
+    /// parent with its parameters negated and scaled by ten, signed by one
+    /// of them (every one of them vouches for it); `None` otherwise.
+    fn poisoned(&mut self, id: ContentId, vouchers: &BTreeSet<usize>) -> Option<ContentId> {
+        let bad = self.attack == Some(Attack::PoisonHead)
+            && vouchers.iter().all(|v| self.byzantine.contains(v));
+        if !bad {
+            return None;
+        }
+        if let Some(forged) = self.federating.forged.get(&id) {
+            return Some(*forged);
+        }
+        let signer = *vouchers.first()?;
+        let params: Vec<f32> = self
+            .version_params
+            .get(&id)?
+            .iter()
+            .map(|v| -10.0 * v)
+            .collect();
+        let mut m = self.versions.get(&id)?.message().clone();
+        m.chunk_ids = verify::params_chunk_ids(&params, m.chunk_size as usize);
+        m.author = self.keys[signer].node_id();
+        let forged = Signed::sign(m, &self.keys[signer]).ok()?;
+        let forged_id = forged.id();
+        self.versions.insert(forged_id, forged);
+        self.version_params.insert(forged_id, params);
+        self.federating.forged.insert(id, forged_id);
+        Some(forged_id)
+    }
+
     /// Each region's figures at the end (none with one region): its honest
-    /// nodes' heads on the whole test set.
+    /// nodes' heads on the whole test set; a region of attackers only is
+    /// left out.
     pub(super) fn region_figures(&self) -> Result<Vec<RegionFigures>, SimError> {
         let k = self.settings.scenario.regions;
         if k < 2 {
@@ -163,6 +198,9 @@ impl World<'_> {
                 .copied()
                 .filter(|v| self.region[*v] == r)
                 .collect();
+            if members.is_empty() {
+                continue;
+            }
             let models: Vec<Vec<f32>> = members.iter().map(|v| self.heads[*v].1.clone()).collect();
             let (spec, test) = (&self.spec, &self.data.test);
             let scores = par::map(&models, self.threads, |p| evaluate_on(spec, p, test))

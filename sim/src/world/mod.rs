@@ -290,7 +290,12 @@ pub fn run_swarm(
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut rng);
     let attack = settings.byzantine.map(|(count, attack)| {
-        byzantine.extend(order.iter().take(count));
+        match settings.byzantine_region {
+            Some(k) => {
+                byzantine.extend((0..n).filter(|v| Topology::region_of(*v, n, s.regions) == k))
+            }
+            None => byzantine.extend(order.iter().take(count)),
+        }
         attack
     });
     let keys = node_keys(s.seed, n);
