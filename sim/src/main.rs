@@ -206,6 +206,9 @@ struct RunArgs {
     /// One-way latency between regions in milliseconds (0: latency-ms).
     #[arg(long)]
     region_latency_ms: Option<u64>,
+    /// Bandwidth of the link between two regions in Mbit/s (0 = unlimited).
+    #[arg(long)]
+    region_bandwidth_mbps: Option<f64>,
     /// Give every node the real chunk store (in memory) and report what it
     /// holds.
     #[arg(long)]
@@ -258,7 +261,8 @@ fn scenario(args: &RunArgs) -> Result<Scenario, String> {
         federation_every,
         federation_graph,
         federation_clip,
-        region_latency_ms
+        region_latency_ms,
+        region_bandwidth_mbps
     );
     if !args.cuts.is_empty() {
         s.cuts = args.cuts.clone();

@@ -41,6 +41,10 @@ pub struct Net {
     /// Each node's region, and the latency between regions.
     region: Vec<usize>,
     region_latency_ms: u64,
+    /// The bandwidth of the link between two regions (bytes per µs), and
+    /// when each (from, to) link is next free.
+    region_bytes_per_us: Option<f64>,
+    region_link_free_us: std::collections::BTreeMap<(usize, usize), u64>,
     /// Bytes sent from one region to another.
     pub bytes_cross: u64,
     /// Messages lost at random.
@@ -75,6 +79,8 @@ impl Net {
             bytes_sent: vec![0; n],
             region: vec![0; n],
             region_latency_ms: latency_ms,
+            region_bytes_per_us: None,
+            region_link_free_us: std::collections::BTreeMap::new(),
             bytes_cross: 0,
             lost: 0,
             cut: 0,
@@ -83,10 +89,12 @@ impl Net {
     }
 
     /// Puts the nodes in regions: messages between regions take
-    /// `latency_ms` and count as crossing.
-    pub fn set_regions(&mut self, region: Vec<usize>, latency_ms: u64) {
+    /// `latency_ms`, count as crossing, and (with `bandwidth_mbps` > 0)
+    /// queue on the link between the two regions, one after another.
+    pub fn set_regions(&mut self, region: Vec<usize>, latency_ms: u64, bandwidth_mbps: f64) {
         self.region = region;
         self.region_latency_ms = latency_ms;
+        self.region_bytes_per_us = (bandwidth_mbps > 0.0).then_some(bandwidth_mbps / 8.0);
     }
 
     /// The base one-way latency.
@@ -169,10 +177,21 @@ impl Net {
         } else {
             0
         };
-        let latency = if crosses {
-            self.region_latency_ms
+        let (latency, departs_us) = if crosses {
+            // Then over the link between the two regions.
+            let leaves = match self.region_bytes_per_us {
+                Some(rate) => {
+                    let link = (self.region[from], self.region[to]);
+                    let free = self.region_link_free_us.entry(link).or_default();
+                    let end = (*free).max(departs_us) + (bytes as f64 / rate).ceil() as u64;
+                    *free = end;
+                    end
+                }
+                None => departs_us,
+            };
+            (self.region_latency_ms, leaves)
         } else {
-            self.latency_ms
+            (self.latency_ms, departs_us)
         };
         Ok(departs_us.div_ceil(1000) + latency + jitter)
     }
@@ -181,6 +200,19 @@ impl Net {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_between_regions_take_the_region_latency_and_queue_on_their_link() {
+        // Nodes 0, 1 in region 0, node 2 and 3 in region 1; 10 ms inside,
+        // 150 ms between, 8 Mbit/s (1 byte/µs) between, unlimited uplinks.
+        let mut net = Net::new(4, 10, 0, 0.0, 0.0, vec![], 1);
+        net.set_regions(vec![0, 0, 1, 1], 150, 8.0);
+        assert_eq!(net.send(0, 1, 0, 10_000), Ok(10), "inside: no link");
+        assert_eq!(net.send(0, 2, 0, 10_000), Ok(160), "10 ms on the link");
+        assert_eq!(net.send(1, 3, 0, 10_000), Ok(170), "waits for the link");
+        assert_eq!(net.send(2, 0, 0, 10_000), Ok(160), "the other way is free");
+        assert_eq!(net.bytes_cross, 30_000);
+    }
 
     #[test]
     fn bandwidth_queues_messages_and_cuts_and_offline_nodes_drop_them() {

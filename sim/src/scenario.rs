@@ -123,6 +123,9 @@ pub struct Scenario {
     /// One-way latency between nodes of different regions, milliseconds
     /// (`0`: the same as `latency_ms`).
     pub region_latency_ms: u64,
+    /// Bandwidth of the link between two regions in megabits per second
+    /// (`0`: unlimited); messages from one region to another queue on it.
+    pub region_bandwidth_mbps: f64,
 }
 
 impl Default for Scenario {
@@ -164,6 +167,7 @@ impl Default for Scenario {
             federation_graph: "complete".into(),
             federation_clip: 0.0,
             region_latency_ms: 0,
+            region_bandwidth_mbps: 0.0,
         }
     }
 }
@@ -502,8 +506,10 @@ impl Scenario {
             }
             None => (parse_byzantine(&self.byzantine, self.nodes)?, None),
         };
-        if !(self.bandwidth_mbps >= 0.0 && self.bandwidth_mbps.is_finite()) {
-            return Err(ScenarioError::Bandwidth(self.bandwidth_mbps));
+        for b in [self.bandwidth_mbps, self.region_bandwidth_mbps] {
+            if !(b >= 0.0 && b.is_finite()) {
+                return Err(ScenarioError::Bandwidth(b));
+            }
         }
         if self.consensus_rounds >= self.rounds {
             return Err(ScenarioError::ConsensusRounds {

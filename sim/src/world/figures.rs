@@ -108,6 +108,9 @@ pub struct RoundStats {
     pub nodes: usize,
     /// Virtual time (ms) the last of them reached it.
     pub virtual_ms: u64,
+    /// With several regions: the consensus distance inside each region
+    /// (`consensus_distance` in `figures` is over every region's nodes).
+    pub region_consensus: Vec<f64>,
 }
 
 /// Chunk-store figures at the end of a run (means over all nodes).
@@ -189,6 +192,22 @@ impl World<'_> {
         if scores.is_empty() {
             return Ok(());
         }
+        let regions = self.settings.scenario.regions;
+        let region_consensus: Vec<f64> = if regions > 1 {
+            (0..regions)
+                .map(|k| {
+                    let inside: Vec<Vec<f32>> = row
+                        .params
+                        .iter()
+                        .filter(|(v, _)| self.region[**v] == k)
+                        .map(|(_, p)| p.clone())
+                        .collect();
+                    consensus_distance(&inside)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let models: Vec<Vec<f32>> = row.params.into_values().collect();
         let n = self.keys.len() as u64;
         let bytes_sent_per_node = self.net.bytes_sent.iter().sum::<u64>() / n;
@@ -201,6 +220,7 @@ impl World<'_> {
             ),
             nodes: models.len(),
             virtual_ms: row.last_ms,
+            region_consensus,
         });
         progress(r);
         Ok(())
@@ -209,13 +229,22 @@ impl World<'_> {
 
 /// Writes `rounds.csv`.
 pub fn write_rounds_csv(path: &Path, rounds: &[RoundStats]) -> std::io::Result<()> {
+    let regions = rounds
+        .iter()
+        .map(|r| r.region_consensus.len())
+        .max()
+        .unwrap_or(0);
     let mut out = String::from(
-        "round,accuracy_mean,accuracy_min,accuracy_max,loss_mean,consensus_distance,bytes_sent_per_node,nodes,virtual_ms,bits_per_byte_mean\n",
+        "round,accuracy_mean,accuracy_min,accuracy_max,loss_mean,consensus_distance,bytes_sent_per_node,nodes,virtual_ms,bits_per_byte_mean",
     );
+    for k in 0..regions {
+        out.push_str(&format!(",consensus_r{k}"));
+    }
+    out.push('\n');
     for r in rounds {
         let f = &r.figures;
         out.push_str(&format!(
-            "{},{:.6},{:.6},{:.6},{:.6},{:.6e},{},{},{},{}\n",
+            "{},{:.6},{:.6},{:.6},{:.6},{:.6e},{},{},{},{}",
             r.round,
             f.accuracy_mean,
             f.accuracy_min,
@@ -228,6 +257,11 @@ pub fn write_rounds_csv(path: &Path, rounds: &[RoundStats]) -> std::io::Result<(
             f.bits_per_byte_mean
                 .map_or(String::new(), |b| format!("{b:.6}"))
         ));
+        for k in 0..regions {
+            let c = r.region_consensus.get(k);
+            out.push_str(&c.map_or(",".into(), |c| format!(",{c:.6e}")));
+        }
+        out.push('\n');
     }
     std::fs::write(path, out)
 }

@@ -345,7 +345,7 @@ pub fn run_swarm(
     } else {
         s.latency_ms
     };
-    net.set_regions(region.clone(), region_latency);
+    net.set_regions(region.clone(), region_latency, s.region_bandwidth_mbps);
     let mut world = World {
         settings,
         data,
