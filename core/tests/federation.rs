@@ -238,3 +238,54 @@ fn a_region_whose_neighbours_stay_silent_trains_on_after_the_wait() {
         assert!(a.engines[i].round() >= 4);
     }
 }
+
+#[test]
+fn a_mix_of_more_regions_heads_outranks_one_that_left_a_head_out() {
+    // Region a federates with b and c. One member of a mixes only b's head
+    // (it did not get c's, or left it out); another mixes both. The mix
+    // with more heads is preferred by both: a member cannot drop a region
+    // from its region's mix by mixing early.
+    let edges = vec![("a".into(), "b".into()), ("a".into(), "c".into())];
+    let mut cfg = config("a");
+    cfg.federation.as_mut().unwrap().edges = edges.clone();
+    let all = tapestry_testkit::digits();
+    let shards: Vec<Dataset> = (0..3)
+        .map(|k| {
+            let ix: Vec<usize> = (k..all.len()).step_by(3).collect();
+            all.subset(&ix)
+        })
+        .collect();
+    let mut a = Swarm::new(
+        cfg.clone(),
+        tapestry_testkit::sgd(5, 32, 0.05),
+        shards.clone(),
+    );
+    let fed = |region: &str| {
+        let mut c = config(region);
+        c.federation.as_mut().unwrap().edges = edges.clone();
+        Swarm::new(c, tapestry_testkit::sgd(5, 32, 0.05), shards.clone())
+    };
+    let (mut b, mut c) = (fed("b"), fed("c"));
+    for s in [&mut a, &mut b, &mut c] {
+        s.run(2);
+    }
+    let (hb, hc) = (head(&b, 0), head(&c, 0));
+    a.step(0, Input::ForeignHeads(vec![hb.clone()]));
+    a.step(1, Input::ForeignHeads(vec![hb.clone(), hc.clone()]));
+    let (partial, full) = (head(&a, 0), head(&a, 1));
+    assert_eq!(partial.0.message().parents.len(), 2);
+    assert_eq!(full.0.message().parents.len(), 3);
+    let offer = |(m, p): (Verified<ModelManifest>, Arc<Vec<f32>>)| Input::ModelOffered {
+        manifest: m,
+        params: p,
+        previous: None,
+        authors: 0,
+        used: Vec::new(),
+        fork: None,
+    };
+    a.step(1, offer(partial.clone()));
+    assert_eq!(head(&a, 1).0.id(), full.0.id(), "the fuller mix stays");
+    a.step(0, offer(full.clone()));
+    assert_eq!(head(&a, 0).0.id(), full.0.id(), "the fuller mix is taken");
+    assert_eq!(*head(&a, 0).1, *full.1);
+}
