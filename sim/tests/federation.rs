@@ -150,3 +150,49 @@ fn clipping_foreign_differences_bounds_what_a_bad_region_does_to_the_others() {
     }));
     assert!(calm.iter().all(|s| *s >= 0.95), "{calm:?}");
 }
+
+#[test]
+fn languages_as_regions_federated_beat_regions_apart_on_every_language_they_never_saw() {
+    // Seven regions of two nodes, each region one language of the
+    // fortunes; a tiny transformer for a few rounds.
+    let base = Scenario {
+        nodes: 14,
+        rounds: 16,
+        data: format!("text:{}", tapestry_testkit::fortunes_dir().display()),
+        partition: "by-file".into(),
+        model: "transformer:1,16,2,16".into(),
+        optimizer: "adamw".into(),
+        adam_eps: tapestry_core::model::TEXT_ADAM_EPS,
+        lr: 0.01,
+        local_steps: 4,
+        batch_size: 8,
+        regions: 7,
+        federation_graph: "complete".into(),
+        consensus_rounds: 2,
+        baselines: false,
+        ..Scenario::default()
+    };
+    let parts = |r: &serde_json::Value| -> Vec<serde_json::Map<String, serde_json::Value>> {
+        r["regions"]["each"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["bits_per_byte_parts"].as_object().unwrap().clone())
+            .collect()
+    };
+    let apart = parts(&run(base.clone()));
+    let together = parts(&run(Scenario {
+        federation_every: 2,
+        ..base
+    }));
+    let langs = ["cs", "de", "en", "es", "it", "pt", "ru"];
+    for (k, own) in langs.iter().enumerate() {
+        for l in langs.iter().filter(|l| *l != own) {
+            let (a, t) = (f(&apart[k][*l]), f(&together[k][*l]));
+            assert!(
+                t < a,
+                "region of {own} on {l}: federated {t:.3}, apart {a:.3}"
+            );
+        }
+    }
+}

@@ -207,11 +207,22 @@ impl World<'_> {
                 .into_iter()
                 .collect::<Result<Vec<_>, _>>()?;
             let acc: Vec<f32> = scores.iter().filter_map(|e| e.accuracy).collect();
+            let bits: Vec<f64> = scores.iter().filter_map(|e| e.bits_per_byte).collect();
+            let mut parts: BTreeMap<String, f64> = BTreeMap::new();
+            for e in &scores {
+                for (name, b) in &e.parts {
+                    *parts.entry(name.clone()).or_default() += b / scores.len() as f64;
+                }
+            }
             out.push(RegionFigures {
                 name: crate::scenario::region_name(r),
                 nodes: members.len(),
-                accuracy_mean: acc.iter().sum::<f32>() / acc.len().max(1) as f32,
-                accuracy_min: acc.iter().copied().fold(f32::INFINITY, f32::min).min(1.0),
+                accuracy_mean: (!acc.is_empty())
+                    .then(|| acc.iter().sum::<f32>() / acc.len() as f32),
+                accuracy_min: acc.iter().copied().reduce(f32::min),
+                bits_per_byte_mean: (!bits.is_empty())
+                    .then(|| bits.iter().sum::<f64>() / bits.len() as f64),
+                bits_per_byte_parts: parts,
                 consensus_distance: consensus_distance(&models),
             });
         }

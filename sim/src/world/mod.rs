@@ -113,9 +113,14 @@ pub struct RegionFigures {
     pub nodes: usize,
     /// Mean and lowest accuracy (classifiers) of its honest nodes' heads on
     /// the whole test set.
-    pub accuracy_mean: f32,
+    pub accuracy_mean: Option<f32>,
     /// See `accuracy_mean`.
-    pub accuracy_min: f32,
+    pub accuracy_min: Option<f32>,
+    /// Language models: the mean bits per byte of its honest nodes' heads
+    /// on all the held-out text, and on each part (language) of it.
+    pub bits_per_byte_mean: Option<f64>,
+    /// See `bits_per_byte_mean`.
+    pub bits_per_byte_parts: BTreeMap<String, f64>,
     /// Consensus distance among its honest nodes.
     pub consensus_distance: f64,
 }
