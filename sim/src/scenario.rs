@@ -530,7 +530,7 @@ impl Scenario {
             .iter()
             .map(|c| Cut::parse(c, self.nodes))
             .collect::<Result<Vec<_>, _>>()?;
-        let federation = self.federation(mode, churn.is_some())?;
+        let federation = self.federation(mode)?;
         Ok(Settings {
             scenario: self.clone(),
             topology: self.topology.parse()?,
@@ -551,7 +551,7 @@ impl Scenario {
     }
 
     /// Checks the regions and parses the federation settings.
-    fn federation(&self, mode: Mode, churn: bool) -> Result<Option<Federation>, ScenarioError> {
+    fn federation(&self, mode: Mode) -> Result<Option<Federation>, ScenarioError> {
         let bad = |why: String| Err(ScenarioError::Regions(why));
         let k = self.regions;
         if k == 0 || k > self.nodes {
@@ -562,9 +562,6 @@ impl Scenario {
         }
         if k > 1 && mode != Mode::Broadcast {
             return bad("several regions need mode broadcast".into());
-        }
-        if k > 1 && churn {
-            return bad("churn with several regions is not simulated".into());
         }
         if self.federation_every == 0 {
             return Ok(None);

@@ -82,12 +82,13 @@ pub(super) fn ancestry(
 ) -> BTreeMap<ContentId, Verified<ModelManifest>> {
     let mut out = BTreeMap::new();
     let mut queue = vec![v];
+    let region = region_of(l, &v);
     while let Some(id) = queue.pop() {
         if out.len() >= MAX_WALK || out.contains_key(&id) || !l.is_verified(&id) {
             continue;
         }
         let Some(m) = l.model(&id) else { continue };
-        if m.message().round < lo {
+        if m.message().round < lo || Some(&m.message().region) != region.as_ref() {
             continue;
         }
         queue.extend(m.message().parents.iter().copied());

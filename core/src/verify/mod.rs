@@ -817,19 +817,28 @@ pub fn recent_deltas(l: &impl Lineage, version: ContentId, min_round: u64) -> BT
     let mut out = BTreeSet::new();
     let mut seen = BTreeSet::new();
     let mut queue = vec![version];
+    let region = region_of(l, &version);
     while let Some(v) = queue.pop() {
         if seen.len() >= MAX_WALK || !seen.insert(v) {
             continue;
         }
         let Some(m) = l.model(&v) else { continue };
         let m = m.message();
-        if m.round < min_round {
+        if m.round < min_round || Some(&m.region) != region.as_ref() {
             continue;
         }
         out.extend(m.deltas.iter().copied());
         queue.extend(m.parents.iter().copied());
     }
     out
+}
+
+/// The region of a version the lineage holds. Walks of a lineage stay in
+/// the region they start in: a foreign head a mix of regions names (held
+/// by the members that took it, not by others) is where they stop, so
+/// every member walks the same versions.
+pub(crate) fn region_of(l: &impl Lineage, id: &ContentId) -> Option<String> {
+    l.model(id).map(|m| m.message().region.clone())
 }
 
 /// Whether `ancestor` is in `of`'s lineage within [`BRANCH_WINDOW`] rounds.
@@ -846,6 +855,7 @@ fn is_ancestor(l: &impl Lineage, ancestor: ContentId, of: &Verified<ModelManifes
         }
         if let Some(m) = l.model(&v)
             && m.message().round >= lo
+            && m.message().region == of.message().region
         {
             queue.extend(m.message().parents.iter().copied());
         }
@@ -865,13 +875,14 @@ fn window_deltas(
     let mut out = BTreeMap::new();
     let mut seen = BTreeSet::new();
     let mut queue = vec![version];
+    let region = region_of(l, &version);
     while let Some(v) = queue.pop() {
         if seen.len() >= MAX_WALK || !seen.insert(v) || !l.is_verified(&v) {
             continue;
         }
         let Some(m) = l.model(&v) else { continue };
         let m = m.message();
-        if m.round < lo {
+        if m.round < lo || Some(&m.region) != region.as_ref() {
             continue;
         }
         if m.round < hi {

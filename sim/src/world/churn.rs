@@ -203,7 +203,11 @@ impl World<'_> {
                 }
             }
         }
-        let members: BTreeSet<NodeId> = self.keys.iter().map(|k| k.node_id()).collect();
+        // The node's region's roster.
+        let members: BTreeSet<NodeId> = (0..self.keys.len())
+            .filter(|p| self.region[*p] == self.region[v])
+            .map(|p| self.keys[p].node_id())
+            .collect();
         let threshold = attest::threshold(members.len(), 0);
         let versions: Vec<Verified<ModelManifest>> =
             offers.iter().map(|(_, m, _)| m.clone()).collect();
