@@ -10,12 +10,12 @@ use std::sync::Arc;
 
 use tapestry_core::aggregate::AggregationRule;
 use tapestry_core::data::Dataset;
-use tapestry_core::door::{Door, DoorConfig};
+use tapestry_core::door::DoorConfig;
 use tapestry_core::engine::{EngineConfig, Input};
 use tapestry_core::federation::Federation;
-use tapestry_core::verify::{self, Lineage, Plan, VersionRejection};
+use tapestry_core::verify::{self, VersionRejection};
 use tapestry_protocol::*;
-use tapestry_testkit::swarm::{MemLineage, Swarm};
+use tapestry_testkit::swarm::Swarm;
 
 const WAIT_MS: u64 = 15_000;
 
@@ -54,30 +54,6 @@ fn region(region: &str, classes: std::ops::Range<u32>) -> Swarm {
 fn head(s: &Swarm, i: usize) -> (Verified<ModelManifest>, Arc<Vec<f32>>) {
     let m = s.adopted[i].last().unwrap().clone();
     (m, Arc::new(s.engines[i].params().to_vec()))
-}
-
-/// Verifies `v` and everything unverified behind it, as a node does.
-fn verify_all(
-    l: &mut MemLineage,
-    cfg: &EngineConfig,
-    door: &Door,
-    v: &Verified<ModelManifest>,
-) -> Result<verify::Checked, VersionRejection> {
-    let Plan::Ready(order) = verify::plan(l, cfg, v, 4096)? else {
-        panic!("everything is held");
-    };
-    let mut last = None;
-    for id in order {
-        let m = if id == v.id() {
-            v.clone()
-        } else {
-            l.model(&id).unwrap()
-        };
-        let c = verify::verify_version(l, cfg, door, &m)?;
-        l.verified.insert(id, c.params.clone());
-        last = Some(c);
-    }
-    Ok(last.unwrap())
 }
 
 /// A manifest like `m` with other contents, signed by `key`.
@@ -144,7 +120,7 @@ fn regions_wait_at_a_mix_round_mix_their_heads_and_every_member_verifies_the_mix
     let mut taken = a.verifier();
     taken.models.insert(b_head.id(), b_head.clone());
     taken.verified.insert(b_head.id(), b_params.to_vec());
-    let checked = verify_all(&mut taken.clone(), &cfg, &door, &mix).unwrap();
+    let checked = taken.clone().verify_all(&cfg, &door, &mix).unwrap();
     assert_eq!(checked.params, *params);
 
     // Without b's head taken, nothing is verified and nobody is blamed.
@@ -166,7 +142,7 @@ fn regions_wait_at_a_mix_round_mix_their_heads_and_every_member_verifies_the_mix
         m.chunk_ids = verify::params_chunk_ids(&leaning, m.chunk_size as usize);
     });
     assert_eq!(
-        verify_all(&mut taken.clone(), &cfg, &door, &forged).err(),
+        taken.clone().verify_all(&cfg, &door, &forged).err(),
         Some(VersionRejection::Mismatch)
     );
 
@@ -186,7 +162,7 @@ fn regions_wait_at_a_mix_round_mix_their_heads_and_every_member_verifies_the_mix
         m.parents = vec![own, stranger.id()];
         m.parents.sort();
     });
-    match verify_all(&mut with_c, &cfg, &door, &with_stranger) {
+    match with_c.verify_all(&cfg, &door, &with_stranger) {
         Err(VersionRejection::Malformed(why)) => assert!(why.contains("not a neighbour"), "{why}"),
         other => panic!("{other:?}"),
     }
@@ -194,7 +170,7 @@ fn regions_wait_at_a_mix_round_mix_their_heads_and_every_member_verifies_the_mix
     // A mix off the cadence is refused.
     let off = resign(mix.message(), &a.keys[2], |m| m.round = 3);
     assert!(matches!(
-        verify_all(&mut taken.clone(), &cfg, &door, &off),
+        taken.clone().verify_all(&cfg, &door, &off),
         Err(VersionRejection::Malformed(_) | VersionRejection::RoundJump { .. })
     ));
 

@@ -6,13 +6,13 @@
 
 use tapestry_core::aggregate::{AggregationRule, Values};
 use tapestry_core::data::{self, Dataset, Partition};
-use tapestry_core::door::{Door, DoorConfig, Rejection, Weighting};
+use tapestry_core::door::{DoorConfig, Rejection, Weighting};
 use tapestry_core::engine::{Action, Engine, EngineConfig, Input, genesis};
 use tapestry_core::model::*;
 use tapestry_core::verify::{self, DeltaInput, Lineage, Plan, VersionRejection, aggregate_onto};
 use tapestry_protocol::*;
 use tapestry_testkit::sign;
-use tapestry_testkit::swarm::{MemLineage, Swarm};
+use tapestry_testkit::swarm::Swarm;
 
 fn digits() -> Dataset {
     tapestry_testkit::digits()
@@ -38,33 +38,6 @@ fn swarm(n: usize, rule: AggregationRule) -> Swarm {
     Swarm::new(config(rule), tapestry_testkit::sgd(5, 32, 0.05), shards)
 }
 
-/// Verifies `v` and everything unverified behind it, the way a node does.
-fn verify_all(
-    l: &mut MemLineage,
-    cfg: &EngineConfig,
-    door: &Door,
-    v: &Verified<ModelManifest>,
-) -> Result<verify::Checked, VersionRejection> {
-    let Plan::Ready(order) = verify::plan(l, cfg, v, 4096)? else {
-        panic!("everything is held");
-    };
-    let mut last = None;
-    for id in order {
-        let m = if id == v.id() {
-            v.clone()
-        } else {
-            l.model(&id).unwrap()
-        };
-        let c = verify::verify_version(l, cfg, door, &m)?;
-        l.verified.insert(id, c.params.clone());
-        last = Some(c);
-    }
-    Ok(last.unwrap_or_else(|| verify::Checked {
-        params: l.params(&v.id()).unwrap(),
-        authors: 0,
-    }))
-}
-
 #[test]
 fn every_version_honest_engines_make_verifies_bit_for_bit() {
     for rule in [
@@ -84,7 +57,8 @@ fn every_version_honest_engines_make_verifies_bit_for_bit() {
         assert!(by_round.len() >= 4 * 6, "{}", by_round.len());
         by_round.sort_by_key(|m| m.message().round);
         for v in &by_round {
-            let c = verify_all(&mut l, &swarm.cfg, &door, v)
+            let c = l
+                .verify_all(&swarm.cfg, &door, v)
                 .unwrap_or_else(|e| panic!("{rule}: round {}: {e}", v.message().round));
             assert!(c.authors >= 1);
         }
@@ -172,7 +146,7 @@ fn forged_versions_fail_each_with_its_reason() {
     let mut made = swarm.adopted.concat();
     made.sort_by_key(|m| m.message().round);
     for v in &made {
-        verify_all(&mut l, &cfg, &door, v).unwrap();
+        l.verify_all(&cfg, &door, v).unwrap();
     }
     let head = made.last().unwrap().clone();
     let hm = head.message();
@@ -321,7 +295,7 @@ fn forged_versions_fail_each_with_its_reason() {
         l.add_delta(&d, &p);
         let (v, params) = sign::child(&cfg, &rogue, (&line.0, &line.1), &d, &small);
         l.models.insert(v.id(), v.clone());
-        let c = verify_all(&mut l, &cfg, &door, &v).unwrap();
+        let c = l.verify_all(&cfg, &door, &v).unwrap();
         assert_eq!(c.authors, 1);
         line = (v, params);
     }
@@ -457,7 +431,7 @@ fn versions_with_momentum_verify_and_the_momentum_term_is_checked() {
     by_round.sort_by_key(|m| m.message().round);
     assert!(by_round.len() >= 3 * 5, "{}", by_round.len());
     for v in &by_round {
-        verify_all(&mut l, &cfg, &door, v)
+        l.verify_all(&cfg, &door, v)
             .unwrap_or_else(|e| panic!("round {}: {e}", v.message().round));
     }
     // A verifier that takes the step without the momentum term refuses
@@ -553,7 +527,7 @@ fn an_engine_restarted_on_a_step_closes_rounds_with_momentum_only_once_given_the
     by_round.sort_by_key(|m| m.message().round);
     assert!(by_round.iter().any(|v| v.message().round == 5));
     for v in &by_round {
-        verify_all(&mut l, &cfg, &door, v)
+        l.verify_all(&cfg, &door, v)
             .unwrap_or_else(|e| panic!("round {}: {e}", v.message().round));
     }
 }

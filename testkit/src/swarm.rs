@@ -20,7 +20,7 @@ use tapestry_core::data::Dataset;
 use tapestry_core::door::{Door, Rejection};
 use tapestry_core::engine::{Action, Engine, EngineConfig, Input, genesis};
 use tapestry_core::model::{InnerState, TrainConfig, TrainReport, evaluate, train_local};
-use tapestry_core::verify::Lineage;
+use tapestry_core::verify::{self, Lineage, Plan, VersionRejection};
 use tapestry_protocol::{ContentId, DeltaManifest, Keypair, ModelManifest, Verified};
 
 /// A payload offered to an engine as stored ([`Swarm::stored`]): read from
@@ -67,6 +67,38 @@ pub struct MemLineage {
     pub payloads: HashMap<Vec<ContentId>, Vec<u8>>,
     /// Parameters of the versions counted as verified.
     pub verified: HashMap<ContentId, Vec<f32>>,
+}
+
+impl MemLineage {
+    /// Verifies `v` and everything unverified behind it, the way a node
+    /// does, keeping each verified version's parameters.
+    pub fn verify_all(
+        &mut self,
+        cfg: &EngineConfig,
+        door: &Door,
+        v: &Verified<ModelManifest>,
+    ) -> Result<verify::Checked, VersionRejection> {
+        let Plan::Ready(order) = verify::plan(self, cfg, v, 4096)? else {
+            panic!("everything is held");
+        };
+        let mut last = None;
+        for id in order {
+            let m = if id == v.id() {
+                v.clone()
+            } else {
+                self.model(&id).expect("a planned version is held")
+            };
+            let c = verify::verify_version(self, cfg, door, &m)?;
+            self.verified.insert(id, c.params.clone());
+            last = Some(c);
+        }
+        Ok(last.unwrap_or_else(|| verify::Checked {
+            params: self
+                .params(&v.id())
+                .expect("a verified version's parameters"),
+            authors: 0,
+        }))
+    }
 }
 
 impl Lineage for MemLineage {
