@@ -13,6 +13,7 @@ use tapestry_protocol::Codec;
 use tapestry_core::aggregate::AggregationRule;
 use tapestry_core::door::{DoorConfig, Weighting};
 use tapestry_core::engine::{EngineConfig, Mode};
+use tapestry_core::federation::Federation;
 use tapestry_core::model::{
     ADAM_EPS, Architecture, InnerOptimizer, ModelSpec, TEXT_ADAM_EPS, TrainConfig,
 };
@@ -52,6 +53,60 @@ pub struct Config {
     pub round: RoundSection,
     /// What the node keeps on disk.
     pub store: StoreSection,
+    /// Mixing this region's model with neighbouring regions'.
+    pub federation: FederationSection,
+}
+
+/// `[federation]`: every `every` rounds the region's agreed head is mixed
+/// with the agreed heads of its neighbours in a graph of regions (see
+/// `tapestry_core::federation`). Off while `every` is 0.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationSection {
+    /// Heads are mixed after every round that is a multiple of this (`0`:
+    /// the region does not federate).
+    pub every: u64,
+    /// The graph of regions, the same on every member of every region in
+    /// it: undirected edges between region names, `[["a", "b"], ...]`.
+    pub edges: Vec<(String, String)>,
+    /// Each foreign head's difference from the own head is clipped to this
+    /// L2 radius (`0`: not clipped).
+    pub clip: f32,
+    /// How long a node waits for foreign heads after its region's head of a
+    /// mix round before it trains on without the missing ones.
+    pub wait_ms: u64,
+    /// This region's neighbours in the graph, each with its roster: a
+    /// foreign head is taken on the attestations of its region's members.
+    #[serde(rename = "neighbour")]
+    pub neighbours: Vec<NeighbourSection>,
+}
+
+impl Default for FederationSection {
+    fn default() -> Self {
+        Self {
+            every: 0,
+            edges: Vec::new(),
+            clip: 0.0,
+            wait_ms: 5_000,
+            neighbours: Vec::new(),
+        }
+    }
+}
+
+/// `[[federation.neighbour]]`: a neighbouring region.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NeighbourSection {
+    /// Its name.
+    pub region: String,
+    /// Its roster file (signed by its region key).
+    pub roster: String,
+    /// Its region key (node id hex).
+    pub region_key: String,
+    /// Distinct members of its roster that must vouch for its head (0:
+    /// more than a third of its roster; never fewer than 2).
+    #[serde(default)]
+    pub attestations: usize,
 }
 
 /// `[store]`.
@@ -203,6 +258,7 @@ impl Default for Config {
             training: TrainingSection::default(),
             round: RoundSection::default(),
             store: StoreSection::default(),
+            federation: FederationSection::default(),
         }
     }
 }
@@ -413,7 +469,33 @@ keep_versions = {keep}
 # disk_full in /status and tapestry_disk_full in /metrics; it takes data
 # again once collection brings the store under 80 % (or the disk has room).
 quota_mb = {quota}
+
+[federation]
+# Mix this region's model with its neighbouring regions' every `every` rounds
+# (0 = do not federate): after the region's version of such a round, each
+# node asks the neighbours' members for their region's version of that round,
+# takes it only if enough of that region's roster vouch for it (attestations
+# below), and signs the mix (weights 1 / (1 + the larger degree) in the
+# graph); its region's members recompute it. Regions whose heads do not come
+# within wait_ms are left out of that mix. Only parameters cross regions:
+# never deltas, never data.
+every = {every}
+# The graph of regions, the same everywhere: [["eu", "us"], ["us", "asia"]].
+edges = []
+# Clip each foreign head's difference from this region's to this L2 radius
+# (0 = no clipping): bounds what one bad region can do to this one.
+clip = 0.0
+wait_ms = {wait}
+# One section per neighbour in the graph, with its roster (from its operator)
+# and region key; an open region cannot vouch for its head, so cannot be one.
+# [[federation.neighbour]]
+# region = "us-east"
+# roster = "us-east-roster.cbor"
+# region_key = "<node id hex>"
+# attestations = 0   # 0: more than a third of its roster, never fewer than 2
 "#,
+        every = d.federation.every,
+        wait = d.federation.wait_ms,
         codec = d.round.codec,
         agg = d.round.aggregator,
         weighting = d.round.weighting,
@@ -502,6 +584,7 @@ impl Config {
         check_name("model_id", &self.model_id)?;
         self.train().map_err(|e| e.to_string())?;
         check_name("region", &self.region)?;
+        self.federation().map_err(|e| e.to_string())?;
         let d = &self.data;
         if !(d.feature_min.is_finite()
             && d.feature_max.is_finite()
@@ -568,7 +651,7 @@ impl Config {
             chunk_size: tapestry_protocol::DEFAULT_CHUNK_SIZE,
             rule: r.aggregator,
             outer: r.outer,
-            federation: None,
+            federation: self.federation()?,
             quorum: r.quorum,
             round_timeout_ms: r.timeout_ms,
             door: DoorConfig {
@@ -622,6 +705,68 @@ impl Config {
             batch_size: t.batch_size,
             optimizer,
         })
+    }
+
+    /// The federation of regions this region takes part in (`None`: it
+    /// does not federate), checked: a graph with this region in it, a
+    /// neighbour section for each of its neighbours and for no other.
+    pub fn federation(&self) -> Result<Option<Federation>, ConfigError> {
+        let f = &self.federation;
+        if f.every == 0 {
+            if !f.edges.is_empty() || !f.neighbours.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "federation.edges and federation.neighbour need federation.every ≥ 1".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        let fed = Federation {
+            every: f.every,
+            edges: f.edges.clone(),
+            clip: (f.clip != 0.0).then_some(f.clip),
+            wait_ms: f.wait_ms,
+        };
+        let bad = |m: String| ConfigError::Invalid(format!("federation: {m}"));
+        fed.validate().map_err(bad)?;
+        for (a, b) in &f.edges {
+            check_name("federation.edges", a).map_err(bad)?;
+            check_name("federation.edges", b).map_err(bad)?;
+        }
+        if f.wait_ms == 0 {
+            return Err(bad("wait_ms must be positive".into()));
+        }
+        let neighbours = fed.neighbours(&self.region);
+        if neighbours.is_empty() {
+            return Err(bad(format!(
+                "region {:?} has no neighbour in the graph (edges)",
+                self.region
+            )));
+        }
+        for n in &neighbours {
+            if !f.neighbours.iter().any(|s| s.region == *n) {
+                return Err(bad(format!(
+                    "neighbour {n:?} needs a [[federation.neighbour]] section with its roster and region key"
+                )));
+            }
+        }
+        for s in &f.neighbours {
+            if !neighbours.contains(s.region.as_str()) {
+                return Err(bad(format!(
+                    "[[federation.neighbour]] {:?} is not a neighbour of {:?} in the graph (edges)",
+                    s.region, self.region
+                )));
+            }
+            if f.neighbours.iter().filter(|o| o.region == s.region).count() > 1 {
+                return Err(bad(format!("two sections for neighbour {:?}", s.region)));
+            }
+            if s.roster.is_empty() || s.region_key.is_empty() {
+                return Err(bad(format!(
+                    "neighbour {:?} needs its roster and region_key (an open region cannot vouch for its head)",
+                    s.region
+                )));
+            }
+        }
+        Ok(Some(fed))
     }
 
     /// The API address.
@@ -766,6 +911,60 @@ mod tests {
         std::fs::write(&path, bad).unwrap();
         let err = Config::load(&path).unwrap_err().to_string();
         assert!(err.contains("multiple of heads"), "{err}");
+    }
+
+    #[test]
+    fn federation_settings_are_checked_against_the_graph() {
+        let text = commented("digits", "east", &Architecture::Logistic);
+        let parsed: Config = toml::from_str(&text).unwrap();
+        assert_eq!(parsed.federation().unwrap(), None);
+        let key = "ab".repeat(32);
+        let neighbour = |region: &str| {
+            format!(
+                "\n[[federation.neighbour]]\nregion = \"{region}\"\nroster = \"r.cbor\"\nregion_key = \"{key}\"\n"
+            )
+        };
+        let on = text
+            .replace("every = 0", "every = 3")
+            .replace(
+                "edges = []",
+                "edges = [[\"east\", \"west\"], [\"west\", \"south\"]]",
+            )
+            .replace("clip = 0.0", "clip = 2.5");
+        let good: Config = toml::from_str(&format!("{on}{}", neighbour("west"))).unwrap();
+        good.check().unwrap();
+        let fed = good.engine(1).unwrap().federation.unwrap();
+        assert_eq!((fed.every, fed.clip, fed.wait_ms), (3, Some(2.5), 5_000));
+        assert_eq!(fed.weight("east", "west"), Some(1.0 / 3.0));
+        let refused = |text: String, says: &str| {
+            let c: Config = toml::from_str(&text).unwrap();
+            let err = c.check().unwrap_err();
+            assert!(err.contains(says), "{err}");
+        };
+        // A neighbour without its roster, one that is not a neighbour, a
+        // region outside the graph, a graph without a cadence.
+        refused(on.clone(), "\"west\" needs a [[federation.neighbour]]");
+        refused(
+            format!("{on}{}{}", neighbour("west"), neighbour("south")),
+            "\"south\" is not a neighbour",
+        );
+        refused(
+            format!("{on}{}", neighbour("west")).replace("[\"east\", \"west\"], ", ""),
+            "no neighbour in the graph",
+        );
+        refused(
+            format!("{text}{}", neighbour("west")),
+            "need federation.every",
+        );
+        refused(
+            format!("{on}{}", neighbour("west")).replace("clip = 2.5", "clip = -1.0"),
+            "clipping radius",
+        );
+        refused(
+            format!("{on}{}", neighbour("west"))
+                .replace(&format!("region_key = \"{key}\""), "region_key = \"\""),
+            "an open region cannot vouch",
+        );
     }
 
     #[test]

@@ -637,6 +637,47 @@ fn status(a: &StatusArgs) -> Result<ExitCode, String> {
     println!("peers     {}", get("peers"));
     println!("bytes     in {}  out {}", get("bytes_in"), get("bytes_out"));
     println!("rejected  {}", s["rejected"]);
+    let f = &s["federation"];
+    if f.is_object() {
+        println!(
+            "federated every {} rounds with {}; {} mixes signed, {} foreign heads taken",
+            f["every"],
+            f["neighbours"]
+                .as_array()
+                .map(|n| n
+                    .iter()
+                    .map(|r| r.as_str().unwrap_or("?").to_owned())
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default(),
+            f["mixes_signed"],
+            f["foreign_heads_taken"]
+        );
+        let last = &f["last_mix"];
+        if last.is_object() {
+            let short = |v: &serde_json::Value| {
+                v.as_str()
+                    .unwrap_or("")
+                    .chars()
+                    .take(12)
+                    .collect::<String>()
+            };
+            println!(
+                "last mix  round {} on own head {}",
+                last["round"],
+                short(&last["own_head"])
+            );
+            for h in last["foreign"].as_array().into_iter().flatten() {
+                println!(
+                    "  {} head {}  vouchers {}  distance {:.4}",
+                    h["region"].as_str().unwrap_or("?"),
+                    short(&h["head"]),
+                    h["vouchers"],
+                    h["distance"].as_f64().unwrap_or(f64::NAN)
+                );
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -837,6 +878,7 @@ async fn launch_demo(
             vote_file: None,
             sequences_file: None,
             attestations: 0,
+            neighbours: Vec::new(),
         };
         let net = NetConfig {
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().map_err(|e| format!("{e}"))?],

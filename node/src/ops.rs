@@ -344,6 +344,45 @@ pub fn node_settings(cfg: &Config, dir: &DataDir, key: &Keypair) -> Result<NodeS
         vote_file: Some(dir.last_vote()),
         sequences_file: Some(dir.sequences()),
         attestations: cfg.attestations,
+        neighbours: cfg
+            .federation
+            .neighbours
+            .iter()
+            .map(|n| neighbour(cfg, dir, n))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+/// A neighbouring region of the federation: its roster read, signed by
+/// its region key, and governing this model and that region.
+fn neighbour(
+    cfg: &Config,
+    dir: &DataDir,
+    n: &crate::config::NeighbourSection,
+) -> Result<crate::runtime::Neighbour, OpsError> {
+    let what = format!("federation neighbour {:?}", n.region);
+    let key = n
+        .region_key
+        .parse::<NodeId>()
+        .map_err(|e| OpsError::Invalid(format!("{what}: region_key {:?}: {e}", n.region_key)))?;
+    let roster = read_roster(&dir.root.join(&n.roster))?;
+    if roster.signer() != key {
+        return Err(OpsError::Invalid(format!(
+            "{what}: its roster is signed by {}, not by its region key {key}",
+            roster.signer()
+        )));
+    }
+    let r = roster.message();
+    if r.model_id != cfg.model_id || r.region != n.region {
+        return Err(OpsError::Invalid(format!(
+            "{what}: its roster governs {}/{}, not {}/{}",
+            r.model_id, r.region, cfg.model_id, n.region
+        )));
+    }
+    Ok(crate::runtime::Neighbour {
+        region: n.region.clone(),
+        roster,
+        attestations: n.attestations,
     })
 }
 

@@ -108,6 +108,48 @@ pub struct Status {
     /// Rounds behind the head the last collection kept: `keep_versions`,
     /// or fewer when that many would not fit the store's quota.
     pub keep_rounds: u64,
+    /// The federation of regions, if this region takes part in one.
+    pub federation: Option<FederationStatus>,
+}
+
+/// What `/status` shows of a federation of regions.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FederationStatus {
+    /// Heads are mixed after every round that is a multiple of this.
+    pub every: u64,
+    /// The neighbouring regions.
+    pub neighbours: Vec<String>,
+    /// Foreign heads taken (each on its region's attestations) since start.
+    pub foreign_heads_taken: u64,
+    /// Mixes this node signed since start.
+    pub mixes_signed: u64,
+    /// The last mix this node signed: its round, its own region's head
+    /// and the foreign heads mixed in.
+    pub last_mix: Option<LastMix>,
+}
+
+/// The last mix of regions a node signed.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LastMix {
+    /// The mix round.
+    pub round: u64,
+    /// The region's own head it mixed (manifest id).
+    pub own_head: String,
+    /// The foreign heads mixed in.
+    pub foreign: Vec<ForeignHeadStatus>,
+}
+
+/// A foreign head mixed in.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ForeignHeadStatus {
+    /// Its region.
+    pub region: String,
+    /// Its manifest id.
+    pub head: String,
+    /// How many of its region's roster members vouched for it.
+    pub vouchers: usize,
+    /// L2 distance between its parameters and the own head's.
+    pub distance: f64,
 }
 
 /// The node's loop must show it is alive at least this often (it ticks

@@ -29,6 +29,21 @@ pub enum FetchRequest {
     /// it; answered with [`FetchResponse::SignedManifest`] or
     /// [`FetchResponse::NotFound`].
     Attest(ContentId),
+    /// The version of a model in a region that the peer's region agreed on
+    /// for a round of a mix of regions: the plain version (one parent) of
+    /// that round the peer adopted, asked by members of neighbouring
+    /// regions. Answered with [`FetchResponse::Head`] (`None`: the peer
+    /// adopted none of that round, or no longer holds it) or
+    /// [`FetchResponse::NotFound`] (another model or region). A hint, like
+    /// a head: the asker checks the version on its region's attestations.
+    MixHead {
+        /// The model.
+        model_id: String,
+        /// The region.
+        region: String,
+        /// The mix round.
+        round: u64,
+    },
 }
 
 /// The answer to a [`FetchRequest`].

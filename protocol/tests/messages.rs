@@ -49,7 +49,7 @@ proptest! {
 
     #[test]
     fn fetch_messages_round_trip(id in content_id(), data in prop::collection::vec(any::<u8>(), 0..5000), region in name()) {
-        for req in [FetchRequest::Chunk(id), FetchRequest::SignedManifest(id), FetchRequest::Head { model_id: "m".into(), region: region.clone() }, FetchRequest::Attest(id)] {
+        for req in [FetchRequest::Chunk(id), FetchRequest::SignedManifest(id), FetchRequest::Head { model_id: "m".into(), region: region.clone() }, FetchRequest::Attest(id), FetchRequest::MixHead { model_id: "m".into(), region: region.clone(), round: id.as_bytes()[0].into() }] {
             prop_assert_eq!(FetchRequest::from_bytes(&req.to_bytes().unwrap()).unwrap(), req);
         }
         for resp in [FetchResponse::Chunk(data.clone()), FetchResponse::SignedManifest(data.clone()), FetchResponse::Head(Some(id)), FetchResponse::Head(None), FetchResponse::NotFound, FetchResponse::Busy] {

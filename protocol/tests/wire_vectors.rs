@@ -751,9 +751,10 @@ fn request_form(r: &FetchRequest) -> usize {
         FetchRequest::SignedManifest(_) => 1,
         FetchRequest::Head { .. } => 2,
         FetchRequest::Attest(_) => 3,
+        FetchRequest::MixHead { .. } => 4,
     }
 }
-const REQUEST_FORMS: usize = 4;
+const REQUEST_FORMS: usize = 5;
 
 /// Index of a response form (`head` with an id and with null are two forms).
 fn response_form(r: &FetchResponse) -> usize {
@@ -856,6 +857,25 @@ fn fetch_cases() -> Vec<FetchCase> {
             expected: map1("attest", bytes(&version)),
         },
         FetchCase {
+            name: "fetch-request-mix-head",
+            description: "asks for the version of model digits-logreg that the peer's \
+                region eu-west agreed on for round 12, a mix round (for a neighbouring \
+                region's mix); answered like head",
+            message: Message::Request(FetchRequest::MixHead {
+                model_id: "digits-logreg".into(),
+                region: "eu-west".into(),
+                round: 12,
+            }),
+            expected: map1(
+                "mix-head",
+                C::Map(vec![
+                    (text("model_id"), text("digits-logreg")),
+                    (text("region"), text("eu-west")),
+                    (text("round"), C::Integer(12u64.into())),
+                ]),
+            ),
+        },
+        FetchCase {
             name: "fetch-response-chunk",
             description: "a chunk's bytes (00 01 .. 2f), whose BLAKE3 is the id asked for",
             message: Message::Response(FetchResponse::Chunk(chunk.clone())),
@@ -921,6 +941,15 @@ fn check_shape(name: &str, v: &C) {
                     assert_eq!(keys, ["model_id", "region"]);
                     assert_eq!(fields[0].1.as_text(), Some("digits-logreg"));
                     assert_eq!(fields[1].1.as_text(), Some("eu-west"));
+                }
+                "fetch-request-mix-head" => {
+                    let fields = v.as_map().unwrap();
+                    let keys: Vec<&str> =
+                        fields.iter().map(|(k, _)| k.as_text().unwrap()).collect();
+                    assert_eq!(keys, ["model_id", "region", "round"]);
+                    assert_eq!(fields[0].1.as_text(), Some("digits-logreg"));
+                    assert_eq!(fields[1].1.as_text(), Some("eu-west"));
+                    assert_eq!(fields[2].1, C::Integer(12u64.into()));
                 }
                 "fetch-response-head-none" => assert!(v.is_null()),
                 "fetch-response-chunk" => assert_eq!(v.as_bytes().unwrap(), &chunk()),

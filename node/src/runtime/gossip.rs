@@ -22,7 +22,17 @@ impl Node {
     /// Connected non-members this node keeps (at most [`MAX_OUTSIDERS`];
     /// 0 in an open region).
     pub(super) fn outsiders(&self) -> usize {
-        self.peers.iter().filter(|p| !self.member(p)).count()
+        self.peers
+            .iter()
+            .filter(|p| !self.member(p) && !self.federated(p))
+            .count()
+    }
+
+    /// Whether `peer` is a member of a neighbouring region of the
+    /// federation (served the exported versions, not counted as an
+    /// outsider, kept out of the gossip mesh).
+    pub(super) fn federated(&self, peer: &PeerId) -> bool {
+        self.federation.as_ref().is_some_and(|f| f.federated(peer))
     }
 
     /// The region's roster, if it is permissioned.
@@ -41,10 +51,11 @@ impl Node {
                 if !self.member(&peer) {
                     // A permissioned region's gossip is its members' alone,
                     // and so are all but a few of its connections: past
-                    // [`MAX_OUTSIDERS`] connected non-members, more are
-                    // turned away (refused, counted), so a crowd of peer ids
-                    // cannot take the slots members connect on.
-                    if self.outsiders() >= MAX_OUTSIDERS {
+                    // [`MAX_OUTSIDERS`] connected non-members (neighbouring
+                    // regions' members aside), more are turned away
+                    // (refused, counted), so a crowd of peer ids cannot
+                    // take the slots members connect on.
+                    if !self.federated(&peer) && self.outsiders() >= MAX_OUTSIDERS {
                         self.refuse(&Rejection::Outsider(peer.to_string()), &peer);
                         let _ = self.net.disconnect(peer).await;
                         return;

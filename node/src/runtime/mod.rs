@@ -38,6 +38,7 @@ use tapestry_core::verify::{self, Lineage, Plan, VersionRejection, check_shape};
 use tapestry_core::{attest, heads};
 
 mod checking;
+mod federating;
 mod fetch;
 mod gossip;
 mod liveness;
@@ -62,8 +63,8 @@ pub use names::{
     HEAD_REF, attested_ref, deltas_topic, genesis_key, models_topic, node_id_of, verified_ref,
 };
 pub use serve::{
-    MAX_STREAMS, MAX_STREAMS_PER_PEER, MemberCheck, STREAM_READ_AHEAD, read as read_for_peer,
-    serve_chunk_streams,
+    Access, AccessCheck, ChunkFilter, MAX_STREAMS, MAX_STREAMS_PER_PEER, MemberCheck,
+    STREAM_READ_AHEAD, read as read_for_peer, serve_chunk_streams, serve_chunk_streams_to,
 };
 
 /// The store a node keeps everything in.
@@ -197,6 +198,21 @@ pub struct NodeSettings {
     /// In a permissioned region, how many distinct roster members must
     /// vouch for a version this node cannot recompute before it adopts it
     /// (0: more than a third of the roster; never fewer than two).
+    pub attestations: usize,
+    /// The neighbouring regions of a federation (`engine.federation`),
+    /// each with its roster: empty if the region does not federate.
+    pub neighbours: Vec<Neighbour>,
+}
+
+/// A neighbouring region of a federation, as this node checks its heads.
+#[derive(Debug, Clone)]
+pub struct Neighbour {
+    /// Its name.
+    pub region: String,
+    /// Its roster, signed by its region key (checked when loaded).
+    pub roster: Verified<Roster>,
+    /// Distinct members of its roster that must vouch for its head (0:
+    /// more than a third of the roster; never fewer than 2).
     pub attestations: usize,
 }
 
@@ -337,6 +353,13 @@ pub struct Node {
     /// them from there from now on.
     stored_tx: mpsc::Sender<Verified<DeltaManifest>>,
     stored_rx: mpsc::Receiver<Verified<DeltaManifest>>,
+    /// The federation of regions this region takes part in, if any.
+    federation: Option<federating::FedCtx>,
+    /// The mix round whose foreign heads are being gathered.
+    gathering: Option<u64>,
+    /// Foreign heads gathered, per mix round.
+    foreign_tx: mpsc::Sender<(u64, Vec<federating::Taken>)>,
+    foreign_rx: mpsc::Receiver<(u64, Vec<federating::Taken>)>,
 }
 
 impl Node {
@@ -367,6 +390,8 @@ impl Node {
         let (findings_tx, findings_rx) = mpsc::channel(64);
         let (fetched_tx, fetched_rx) = mpsc::channel(64);
         let (stored_tx, stored_rx) = mpsc::channel(64);
+        let (foreign_tx, foreign_rx) = mpsc::channel(4);
+        let federation = federating::FedCtx::new(&settings);
         shared
             .metrics
             .store_quota_bytes
@@ -378,6 +403,13 @@ impl Node {
             s.model_id = cfg.model_id.clone();
             s.region = cfg.region.clone();
             s.keep_rounds = settings.keep_versions;
+            s.federation = federation
+                .as_ref()
+                .map(|f| crate::status::FederationStatus {
+                    every: f.fed.every,
+                    neighbours: f.neighbour_names(),
+                    ..Default::default()
+                });
         });
         let mut engine = Engine::new(settings.engine.clone(), key.clone());
         let unix_ms = std::time::SystemTime::now()
@@ -439,6 +471,10 @@ impl Node {
             fetched_rx,
             stored_tx,
             stored_rx,
+            federation,
+            gathering: None,
+            foreign_tx,
+            foreign_rx,
         })
     }
 
@@ -635,6 +671,9 @@ impl Node {
                     self.on_fetched(manifest, fetched).await;
                 }
                 Some(manifest) = self.stored_rx.recv() => self.payload_stored(&manifest),
+                Some((round, heads)) = self.foreign_rx.recv() => {
+                    self.on_foreign_heads(round, heads).await;
+                }
                 _ = tokio::time::sleep_until(silence.unwrap_or_else(Instant::now)), if silence.is_some() => {
                     for peer in self.liveness.overdue(Instant::now()) {
                         tracing::info!(%peer, "no answer to pings; disconnecting");
@@ -721,6 +760,7 @@ impl Node {
         for action in actions {
             self.act(action).await;
         }
+        self.maybe_gather();
     }
 
     async fn act(&mut self, action: Action) {
@@ -1022,6 +1062,7 @@ impl Node {
             self.offer_if_preferred(best, source, None);
         }
         self.shared.metrics.rounds.inc();
+        self.export(&manifest, true);
         self.verify_early(true).await;
         self.show_head(&manifest, params);
         let data = manifest.envelope_bytes().to_vec();

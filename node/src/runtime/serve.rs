@@ -119,10 +119,16 @@ impl Node {
         tracing::trace!(%peer, ?request, "request");
         if !self.member(&peer) {
             // Chunks, manifests and heads of a permissioned region are its
-            // members' alone.
-            let _ = self.refuse(&Rejection::Outsider(peer.to_string()), &peer);
-            let _ = self.net.respond(channel, FetchResponse::NotFound).await;
-            return;
+            // members' alone; a neighbouring region's members get the
+            // versions exported to them and nothing else.
+            let federated = self.federation.as_ref().is_some_and(|f| f.federated(&peer));
+            if !federated {
+                let _ = self.refuse(&Rejection::Outsider(peer.to_string()), &peer);
+            }
+            if !federated || !self.exported(&request) {
+                let _ = self.net.respond(channel, FetchResponse::NotFound).await;
+                return;
+            }
         }
         let response = match &request {
             FetchRequest::Attest(id) => match self.attestation(id) {
@@ -135,6 +141,19 @@ impl Node {
                     FetchResponse::Head(self.engine.version())
                 } else {
                     FetchResponse::NotFound
+                }
+            }
+            FetchRequest::MixHead {
+                model_id,
+                region,
+                round,
+            } => {
+                let cfg = &self.settings.engine;
+                match &self.federation {
+                    Some(f) if *model_id == cfg.model_id && *region == cfg.region => {
+                        FetchResponse::Head(f.exports.adopted(*round))
+                    }
+                    _ => FetchResponse::NotFound,
                 }
             }
             FetchRequest::Chunk(_) | FetchRequest::SignedManifest(_) => {
@@ -188,27 +207,66 @@ pub fn read(store: &Store, request: &FetchRequest) -> FetchResponse {
 /// the roster in a permissioned one.
 pub type MemberCheck = Arc<dyn Fn(&PeerId) -> bool + Send + Sync>;
 
+/// Which chunks a peer may have on a stream.
+pub enum Access {
+    /// Any chunk this node holds (a member).
+    All,
+    /// Only those this test passes (a neighbouring region's member: the
+    /// chunks of exported versions); others are answered as not held.
+    Only(ChunkFilter),
+    /// None: the stream is dropped unanswered (an outsider).
+    Nothing,
+}
+
+/// Which chunks a peer of [`Access::Only`] may have.
+pub type ChunkFilter = Arc<dyn Fn(&ContentId) -> bool + Send + Sync>;
+
+/// What a peer may have on a stream.
+pub type AccessCheck = Arc<dyn Fn(&PeerId) -> Access + Send + Sync>;
+
 /// Serves the chunk streams peers open (see the module docs) until
-/// `incoming` ends. Public for the transfer bench.
+/// `incoming` ends, to members (`member`) only. Public for the transfer
+/// bench.
 pub async fn serve_chunk_streams(
-    mut incoming: libp2p_stream::IncomingStreams,
+    incoming: libp2p_stream::IncomingStreams,
     store: Store,
     shared: Shared,
     member: MemberCheck,
+) {
+    let access: AccessCheck = Arc::new(move |peer: &PeerId| {
+        if member(peer) {
+            Access::All
+        } else {
+            Access::Nothing
+        }
+    });
+    serve_chunk_streams_to(incoming, store, shared, access).await;
+}
+
+/// [`serve_chunk_streams`], each peer served what `access` allows.
+pub async fn serve_chunk_streams_to(
+    mut incoming: libp2p_stream::IncomingStreams,
+    store: Store,
+    shared: Shared,
+    access: AccessCheck,
 ) {
     use futures::StreamExt;
     let streams = Serving::new(MAX_STREAMS, MAX_STREAMS_PER_PEER);
     let turning_away = Serving::new(MAX_TURNING_AWAY, MAX_STREAMS_PER_PEER);
     while let Some((peer, stream)) = incoming.next().await {
-        if !member(&peer) {
-            // The chunks of a permissioned region are its members' alone:
-            // an outsider's stream is dropped unanswered, before it can
-            // take a member's place.
-            let r = Rejection::Outsider(peer.to_string());
-            tracing::info!(%peer, reason = r.label(), "refused a chunk stream");
-            shared.metrics.reject(r.label());
-            continue;
-        }
+        let only = match access(&peer) {
+            Access::All => None,
+            Access::Only(f) => Some(f),
+            Access::Nothing => {
+                // The chunks of a permissioned region are its members'
+                // alone: an outsider's stream is dropped unanswered,
+                // before it can take a member's place.
+                let r = Rejection::Outsider(peer.to_string());
+                tracing::info!(%peer, reason = r.label(), "refused a chunk stream");
+                shared.metrics.reject(r.label());
+                continue;
+            }
+        };
         let slot = streams.take(peer);
         // A stream without a place is told `Busy` once its request is in;
         // past [`MAX_TURNING_AWAY`] such streams it is dropped at once.
@@ -224,7 +282,7 @@ pub async fn serve_chunk_streams(
         };
         let (store, shared) = (store.clone(), shared.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(stream, slot, &store, &shared).await {
+            if let Err(e) = serve_stream(stream, slot, only, &store, &shared).await {
                 tracing::debug!(%peer, error = %e, "chunk stream ended");
             }
             drop(waiting);
@@ -254,6 +312,7 @@ impl AsRef<[u8]> for Held {
 async fn serve_stream(
     mut stream: libp2p::Stream,
     slot: Option<Slot>,
+    only: Option<ChunkFilter>,
     store: &Store,
     shared: &Shared,
 ) -> std::io::Result<()> {
@@ -279,7 +338,11 @@ async fn serve_stream(
         .map(|id| {
             let (store, inflight) = (store.clone(), shared.inflight.clone());
             let own = shared.own.contains(&id);
+            let allowed = only.as_ref().is_none_or(|f| f(&id));
             async move {
+                if !allowed {
+                    return (own, None);
+                }
                 // From the store, or else from a fetch of this node's that
                 // holds it (checked on arrival) and has not stored it yet.
                 let held = tokio::task::spawn_blocking(move || match store.get_verified(&id) {
@@ -328,11 +391,22 @@ impl Node {
             return;
         };
         let roster = self.settings.roster.clone();
-        let member: MemberCheck =
-            Arc::new(move |peer: &PeerId| is_member(roster.as_ref().map(|r| r.message()), peer));
+        let federation = self.federation.clone();
+        let access: AccessCheck = Arc::new(move |peer: &PeerId| {
+            if is_member(roster.as_ref().map(|r| r.message()), peer) {
+                return Access::All;
+            }
+            match &federation {
+                Some(f) if f.federated(peer) => {
+                    let exports = f.exports.clone();
+                    Access::Only(Arc::new(move |id: &ContentId| exports.has_chunk(id)))
+                }
+                _ => Access::Nothing,
+            }
+        });
         let (store, shared) = (self.store.clone(), self.shared.clone());
         self.tasks
-            .spawn(serve_chunk_streams(incoming, store, shared, member));
+            .spawn(serve_chunk_streams_to(incoming, store, shared, access));
     }
 }
 

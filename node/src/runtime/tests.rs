@@ -131,6 +131,7 @@ fn start_played(
         vote_file: None,
         sequences_file: None,
         attestations: 0,
+        neighbours: Vec::new(),
     };
     let (train, test) = synthetic(3, 300, 64, 10).split(0.2, 1).unwrap();
     let shared = Shared::new(Arc::new(Metrics::new(Registry::default())));

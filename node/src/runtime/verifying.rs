@@ -106,6 +106,7 @@ impl Node {
         if let Some(id) = v.gossip {
             self.report(id, v.source, Verdict::Accept).await;
         }
+        self.export(&v.manifest, false);
         let source = v.source;
         let (manifest, (params, assessment)) = (v.manifest, checked);
         let round = manifest.message().round;
@@ -248,6 +249,7 @@ impl Node {
             door: self.engine.door().clone(),
             furthest,
             attest,
+            federation: self.federation.clone(),
         };
         let mut providers = vec![source];
         if let Some(author) = net::peer_id_of(&manifest.message().author)
@@ -353,6 +355,9 @@ pub(super) struct VerifyCtx {
     /// A permissioned region's attestation settings (`None`: open region,
     /// recomputation only).
     attest: Option<AttestCtx>,
+    /// The federation of regions, if any: a mix names foreign heads,
+    /// taken on their regions' attestations before it is recomputed.
+    federation: Option<federating::FedCtx>,
 }
 
 /// Who may vouch for a version, whom to ask, and how many must.
@@ -543,7 +548,7 @@ pub(super) async fn verify_offered(
 ) -> Verification {
     let m = target.message();
     let far = m.round > ctx.furthest;
-    let recomputed = if far {
+    let mut recomputed = if far {
         Err(VersionRejection::RoundJump {
             round: m.round,
             expected: ctx.furthest,
@@ -551,6 +556,32 @@ pub(super) async fn verify_offered(
     } else {
         recompute_offered(ctx, target, providers).await
     };
+    // A mix of regions names foreign heads this node may not hold: each
+    // is taken on its own region's attestations, then the mix recomputed.
+    if let Some(fed) = &ctx.federation {
+        for _ in 1..m.parents.len() {
+            let Err(VersionRejection::UnknownParent(p)) = &recomputed else {
+                break;
+            };
+            if !m.parents.contains(p) {
+                break;
+            }
+            let env = federating::ForeignEnv {
+                net: &ctx.net,
+                store: &ctx.store,
+                shared: &ctx.shared,
+                cfg: &ctx.cfg,
+                fed,
+            };
+            match federating::take_foreign(&env, *p, None, providers).await {
+                Ok(_) => recomputed = recompute_offered(ctx, target, providers).await,
+                Err(why) => {
+                    tracing::debug!(version = %target.id().short(), parent = %p.short(), %why, "foreign parent not taken");
+                    break;
+                }
+            }
+        }
+    }
     let impossible = far
         || matches!(
             recomputed,
@@ -874,6 +905,11 @@ async fn gather_ancestors(
         };
         let m = v.message();
         verify::check_parent_round(child, m.round)?;
+        if m.region != ctx.cfg.region && child.1 >= 2 {
+            // A foreign head a mix names: not this region's to recompute;
+            // taken on its own region's attestations, or not at all.
+            return Err(VersionRejection::UnknownParent(id));
+        }
         check_shape(&ctx.cfg, m, u64::MAX - ctx.cfg.door.max_rounds_ahead)?;
         stack.extend(named(m));
     }
