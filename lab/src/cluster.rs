@@ -20,10 +20,12 @@ use serde_json::{Value, json};
 use tapestry_core::data::{self, CsvOptions, Dataset, Partition};
 use tapestry_core::mixing::consensus_distance;
 use tapestry_core::model::import_safetensors;
-use tapestry_node::config::{Config, DataSection, ModelSection, RoundSection};
+use tapestry_node::config::{
+    Config, DataSection, FederationSection, ModelSection, NeighbourSection, RoundSection,
+};
 
 use crate::error::{EventProblem, LabError};
-use crate::netns::{Lab, LinkFaults};
+use crate::netns::{Lab, LinkFaults, RegionLinks};
 use crate::process::NodeProcess;
 use tapestry_sim::plot::{self, Series};
 use tapestry_sim::report::Final;
@@ -184,30 +186,79 @@ pub struct ClusterOptions {
     pub faults: LinkFaults,
     /// Set from outside (Ctrl-C) to stop the run; everything is torn down.
     pub interrupted: Arc<AtomicBool>,
-    /// Regions the nodes are dealt to (node i joins region i mod K); all
-    /// share one network and bootstrap node, each trains its own model.
+    /// Regions the nodes are dealt to, in blocks of consecutive nodes
+    /// (node i joins region ⌊i·K/N⌋, as the `regions:K` partition deals
+    /// classes); all share one network and bootstrap node, each trains its
+    /// own model.
     pub regions: usize,
+    /// Latency and loss between nodes of different regions (namespaces
+    /// only; `faults` are then those within a region).
+    pub region_faults: LinkFaults,
+    /// Whether and how the regions federate (each region then has a
+    /// roster and a region key).
+    pub federation: Option<LabFederation>,
 }
 
-/// The region node `i` joins.
-fn region_of(i: usize, regions: usize) -> String {
+/// How the regions of a cluster run federate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabFederation {
+    /// Heads are mixed after every this many rounds.
+    pub every: u64,
+    /// `ring` or `complete`.
+    pub graph: String,
+    /// Clipping radius of a foreign head's difference (`None`: none).
+    pub clip: Option<f32>,
+    /// How long a node waits for foreign heads.
+    pub wait_ms: u64,
+}
+
+impl LabFederation {
+    /// The graph's edges between the regions' names.
+    pub fn edges(&self, regions: usize) -> Result<Vec<(String, String)>, String> {
+        let name = |r: usize| region_name(r, regions);
+        let k = regions;
+        match self.graph.as_str() {
+            "complete" => Ok((0..k)
+                .flat_map(|a| ((a + 1)..k).map(move |b| (a, b)))
+                .map(|(a, b)| (name(a), name(b)))
+                .collect()),
+            "ring" if k == 2 => Ok(vec![(name(0), name(1))]),
+            "ring" => Ok((0..k).map(|a| (name(a), name((a + 1) % k))).collect()),
+            g => Err(format!("federation graph {g:?}: ring or complete")),
+        }
+    }
+}
+
+/// The region (index) node `i` of `nodes` joins.
+pub fn region_index(i: usize, nodes: usize, regions: usize) -> usize {
+    i * regions.max(1) / nodes.max(1)
+}
+
+/// The name of region `r`.
+fn region_name(r: usize, regions: usize) -> String {
     if regions <= 1 {
         "cluster".into()
     } else {
-        format!("region{}", i % regions)
+        format!("region{r}")
     }
+}
+
+/// The region node `i` joins.
+fn region_of(i: usize, nodes: usize, regions: usize) -> String {
+    region_name(region_index(i, nodes, regions), regions)
 }
 
 /// Whether the nodes of every region hold one head (each region its own).
 fn heads_agree(views: &[NodeView], regions: usize) -> bool {
+    let n = views.len();
     (0..regions.max(1)).all(|r| {
         let heads: BTreeSet<&str> = views
             .iter()
             .enumerate()
-            .filter(|(i, _)| i % regions.max(1) == r)
+            .filter(|(i, _)| region_index(*i, n, regions) == r)
             .map(|(_, v)| v.head.as_str())
             .collect();
-        heads.len() == 1
+        heads.len() <= 1
     })
 }
 
@@ -285,7 +336,13 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
     }
     std::fs::create_dir_all(&nodes_dir).map_err(LabError::io(&nodes_dir))?;
     let lab = if o.netns {
-        Some(Lab::create(o.nodes, o.faults, o.seed)?)
+        let links = RegionLinks {
+            region: (0..o.nodes)
+                .map(|i| region_index(i, o.nodes, o.regions))
+                .collect(),
+            across: o.region_faults,
+        };
+        Some(Lab::create_regions(o.nodes, o.faults, links, o.seed)?)
     } else {
         None
     };
@@ -312,7 +369,7 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
         std::thread::sleep(Duration::from_millis(500));
     };
     let ended = run.stop_and_check(&all);
-    let mut report = run.report(&last, &ended);
+    let mut report = run.report(&last, &ended, &all);
     report["wall_seconds"] = json!(started.elapsed().as_secs_f64());
     std::fs::write(
         o.out.join("report.json"),
@@ -349,15 +406,109 @@ fn prepare_nodes(
         .map(|i| nodes_dir.join(format!("node{i}")))
         .collect();
     for (i, d) in dirs.iter().enumerate() {
-        let region = region_of(i, o.regions);
+        let region = region_of(i, o.nodes, o.regions);
         crate::process::init(&o.tapestry, d, &["--region", &region, "--model", "cluster"])?;
         let csv = d.join("data.csv");
         write_csv(&csv, &all.subset(&parts[i])).map_err(LabError::io(&csv))?;
-        let text = toml::to_string(&node_config(o, i, d, lab, &all))?;
+    }
+    let rosters = match &o.federation {
+        Some(_) => Some(make_rosters(o, &dirs, nodes_dir)?),
+        None => None,
+    };
+    for (i, d) in dirs.iter().enumerate() {
+        let mut cfg = node_config(o, i, d, lab, &all);
+        if let (Some(f), Some(rosters)) = (&o.federation, &rosters) {
+            federate(&mut cfg, o, f, i, rosters).map_err(|message| LabError::Roster {
+                region: cfg.region.clone(),
+                message,
+            })?;
+        }
+        let text = toml::to_string(&cfg)?;
         let config = d.join("config.toml");
         std::fs::write(&config, text).map_err(LabError::io(&config))?;
     }
     Ok((dirs, all))
+}
+
+/// Each region's key and roster (its nodes), in `nodes_dir/../regions/`:
+/// per region, the roster file and the region key.
+fn make_rosters(
+    o: &ClusterOptions,
+    dirs: &[PathBuf],
+    nodes_dir: &Path,
+) -> Result<Vec<(PathBuf, String)>, LabError> {
+    let root = nodes_dir.with_file_name("regions");
+    if root.exists() {
+        std::fs::remove_dir_all(&root).map_err(|source| LabError::Clear {
+            path: root.clone(),
+            source,
+        })?;
+    }
+    (0..o.regions)
+        .map(|r| {
+            let name = region_name(r, o.regions);
+            let fail = |e: tapestry_node::ops::OpsError| LabError::Roster {
+                region: name.clone(),
+                message: e.to_string(),
+            };
+            let dir = root.join(&name);
+            let key = tapestry_node::ops::region_new(&dir, "cluster", &name).map_err(fail)?;
+            let members = dirs
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| region_index(*i, o.nodes, o.regions) == r)
+                .map(|(_, d)| {
+                    tapestry_node::ops::read_key(&tapestry_node::config::DataDir {
+                        root: d.clone(),
+                    })
+                    .map(|k| k.node_id())
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(fail)?;
+            tapestry_node::ops::region_add(&dir, &members).map_err(fail)?;
+            Ok((dir.join("roster.cbor"), key.to_string()))
+        })
+        .collect()
+}
+
+/// Node `i`'s region made permissioned (its roster) and federating with
+/// its neighbours in the graph.
+fn federate(
+    cfg: &mut Config,
+    o: &ClusterOptions,
+    f: &LabFederation,
+    i: usize,
+    rosters: &[(PathBuf, String)],
+) -> Result<(), String> {
+    let own = region_index(i, o.nodes, o.regions);
+    let edges = f.edges(o.regions)?;
+    let (roster, key) = &rosters[own];
+    cfg.roster = roster.display().to_string();
+    cfg.region_key = key.clone();
+    let me = region_name(own, o.regions);
+    let neighbours = (0..o.regions)
+        .filter(|r| {
+            let n = region_name(*r, o.regions);
+            edges
+                .iter()
+                .any(|(a, b)| (*a == me && *b == n) || (*b == me && *a == n))
+        })
+        .map(|r| NeighbourSection {
+            region: region_name(r, o.regions),
+            roster: rosters[r].0.display().to_string(),
+            region_key: rosters[r].1.clone(),
+            attestations: 0,
+        })
+        .collect();
+    cfg.federation = FederationSection {
+        every: f.every,
+        edges,
+        clip: f.clip.unwrap_or(0.0),
+        wait_ms: f.wait_ms,
+        neighbours,
+    };
+    cfg.federation().map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 /// Node `i`'s configuration: its region, addresses (in its namespace, or
@@ -371,14 +522,12 @@ fn node_config(
     lab: Option<&Lab>,
     all: &Dataset,
 ) -> Config {
-    let (lo, hi) = all
-        .features
-        .iter()
-        .fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+    let (lo, hi) = feature_range(all);
     let k = o.regions.max(1);
+    let region = region_index(i, o.nodes, k);
     Config {
         model_id: "cluster".into(),
-        region: region_of(i, o.regions),
+        region: region_of(i, o.nodes, o.regions),
         listen: vec![match lab {
             Some(l) => format!("/ip4/{}/tcp/4001", l.address(i)),
             None => "/ip4/127.0.0.1/tcp/0".into(),
@@ -400,12 +549,24 @@ fn node_config(
         },
         round: RoundSection {
             rounds: o.rounds,
-            start_peers: ((0..o.nodes).filter(|j| j % k == i % k).count() - 1).min(2),
+            start_peers: ((0..o.nodes)
+                .filter(|j| region_index(*j, o.nodes, k) == region)
+                .count()
+                - 1)
+            .min(2),
             timeout_ms: 5_000,
             ..RoundSection::default()
         },
         ..Config::default()
     }
+}
+
+/// The smallest and largest feature value of the pooled data: the range
+/// every node scales its features from.
+fn feature_range(all: &Dataset) -> (f32, f32) {
+    all.features
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)))
 }
 
 /// A running cluster and what has been seen of it. (Processes are stopped
@@ -660,8 +821,9 @@ impl<'a> Run<'a> {
         ended
     }
 
-    /// `report.json` (all but `wall_seconds`).
-    fn report(&self, last: &[NodeView], ended: &Ended) -> Value {
+    /// `report.json` (all but `wall_seconds`); `all` is the pooled data
+    /// (each region's model is also judged on all of it).
+    fn report(&self, last: &[NodeView], ended: &Ended, all: &Dataset) -> Value {
         let o = self.o;
         let accs: Vec<f64> = last.iter().map(|v| v.accuracy).collect();
         let losses: Vec<f64> = last
@@ -673,23 +835,61 @@ impl<'a> Run<'a> {
             .map(|v| v.status["bytes_out"].as_u64().unwrap_or(0))
             .sum();
         let k = o.regions.max(1);
+        // The pooled data, scaled as the nodes scale theirs: what a
+        // region's model knows of every class, not only its own.
+        let mut pooled = all.clone();
+        let (lo, hi) = feature_range(all);
+        tapestry_core::data::Scaler::from_range(all.n_features, lo, hi).apply(&mut pooled);
+        let pooled = tapestry_core::model::Examples::Rows(pooled);
+        let spec = tapestry_core::model::ModelSpec::Logistic {
+            inputs: all.n_features,
+            classes: all.n_classes,
+        };
+        let mut first_models = Vec::new();
         let regions: Vec<Value> = (0..k)
             .map(|r| {
-                let members: Vec<usize> = (0..o.nodes).filter(|i| i % k == r).collect();
+                let members: Vec<usize> = (0..o.nodes)
+                    .filter(|i| region_index(*i, o.nodes, k) == r)
+                    .collect();
                 let views: Vec<NodeView> = members.iter().map(|i| last[*i].clone()).collect();
                 let region_models: Vec<Vec<f32>> = members
                     .iter()
                     .filter_map(|i| ended.models.get(*i).cloned().flatten())
                     .collect();
+                let global = region_models.first().and_then(|m| {
+                    tapestry_core::model::evaluate_on(&spec, m, &pooled)
+                        .ok()
+                        .and_then(|e| e.accuracy)
+                });
+                if let Some(m) = region_models.first() {
+                    first_models.push(m.clone());
+                }
+                let sum = |key: &str| -> u64 {
+                    views
+                        .iter()
+                        .map(|v| v.status["federation"][key].as_u64().unwrap_or(0))
+                        .sum()
+                };
                 json!({
-                    "region": region_of(r, o.regions),
+                    "region": region_name(r, o.regions),
                     "nodes": members,
                     "heads_agree": heads_agree(&views, 1),
                     "accuracy_mean": views.iter().map(|v| v.accuracy).sum::<f64>() / views.len() as f64,
+                    "accuracy_on_all_data": global,
                     "consensus_distance": consensus_distance(&region_models),
+                    "mixes_signed": sum("mixes_signed"),
+                    "foreign_heads_taken": sum("foreign_heads_taken"),
                 })
             })
             .collect();
+        let federation = o.federation.as_ref().map(|f| {
+            json!({
+                "every": f.every,
+                "graph": f.graph,
+                "clip": f.clip,
+                "wait_ms": f.wait_ms,
+            })
+        });
         let consensus = regions
             .iter()
             .filter_map(|r| r["consensus_distance"].as_f64())
@@ -708,19 +908,28 @@ impl<'a> Run<'a> {
                 )
             },
             "regions": regions,
+            "federation": federation,
+            // How far apart the regions' models ended (one model each).
+            "consensus_between_regions": (k > 1).then(|| consensus_distance(&first_models)),
             "per_node": last.iter().map(|v| v.status.clone()).collect::<Vec<_>>(),
             "clean_exit": ended.clean_exit,
             "scrub_clean": ended.scrub_clean,
             "network": match &self.lab {
                 Some(l) => {
                     let (forwarded, lost, cut) = l.stats();
+                    let (within, across) = l.bytes();
                     json!({
                         "netns": true,
                         "latency_ms": o.faults.latency_ms,
                         "loss": o.faults.loss,
+                        "region_latency_ms": o.region_faults.latency_ms,
+                        "region_loss": o.region_faults.loss,
                         "packets_forwarded": forwarded,
                         "packets_dropped_loss": lost,
                         "packets_dropped_cut": cut,
+                        "bytes_within_regions": within,
+                        "bytes_across_regions": across,
+                        "cross_region_share": across as f64 / (within + across).max(1) as f64,
                     })
                 }
                 None => json!({

@@ -68,6 +68,14 @@ pub enum LabError {
         /// What the system said.
         source: std::io::Error,
     },
+    /// A region's key and roster could not be made.
+    #[error("the roster of region {region}: {message}")]
+    Roster {
+        /// The region.
+        region: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The bootstrap node wrote no endpoints within a minute; its log says
     /// why.
     #[error("node 0 did not start; see {}", .0.display())]

@@ -40,7 +40,8 @@ struct ClusterArgs {
     /// column) [default: synthetic].
     #[arg(long)]
     data: Option<String>,
-    /// iid | dirichlet:ALPHA | classes:K [default: dirichlet:0.5]
+    /// iid | dirichlet:ALPHA | classes:K | regions:K (each region holds only
+    /// its own classes) [default: dirichlet:0.5]
     #[arg(long)]
     partition: Option<String>,
     /// Rounds each node trains [default: 20].
@@ -69,10 +70,33 @@ struct ClusterArgs {
     #[arg(long = "event", value_name = "EVENT")]
     #[serde(default)]
     events: Vec<String>,
-    /// Regions: node i joins region i mod K; they share the network and
-    /// the bootstrap node, and each trains its own model [default: 1].
+    /// Regions: consecutive blocks of nodes (node i joins region ⌊i·K/N⌋);
+    /// they share the network and the bootstrap node, and each trains its
+    /// own model [default: 1].
     #[arg(long)]
     regions: Option<usize>,
+    /// Federate the regions: each gets a roster and a region key, and
+    /// every N rounds mixes its head with its neighbours' (needs
+    /// --regions ≥ 2) [default: 0, no federation].
+    #[arg(long, value_name = "N")]
+    federate_every: Option<u64>,
+    /// The graph of regions: ring or complete [default: ring].
+    #[arg(long)]
+    federation_graph: Option<String>,
+    /// Clip each foreign head's difference to this L2 radius [default: none].
+    #[arg(long, value_name = "R")]
+    federation_clip: Option<f32>,
+    /// How long a node waits for foreign heads, e.g. 5s [default: 5s].
+    #[arg(long)]
+    federation_wait: Option<String>,
+    /// One-way latency between nodes of different regions, e.g. 150ms
+    /// (needs --netns) [default: as --latency].
+    #[arg(long)]
+    region_latency: Option<String>,
+    /// Packet loss between nodes of different regions, e.g. 1% (needs
+    /// --netns) [default: as --loss].
+    #[arg(long)]
+    region_loss: Option<String>,
     /// Put each node in its own network namespace, so that latency, loss
     /// and cuts between nodes are real (root on Linux; otherwise nodes run
     /// on 127.0.0.1 and only kills and restarts are possible).
@@ -100,6 +124,12 @@ struct Cluster {
     tapestry: Option<PathBuf>,
     events: Vec<String>,
     regions: usize,
+    federate_every: u64,
+    federation_graph: String,
+    federation_clip: Option<f32>,
+    federation_wait: Option<String>,
+    region_latency: Option<String>,
+    region_loss: Option<String>,
     netns: bool,
     latency: Option<String>,
     loss: Option<String>,
@@ -138,6 +168,15 @@ impl ClusterArgs {
             tapestry: self.tapestry,
             events: file.events.into_iter().chain(self.events).collect(),
             regions: self.regions.or(file.regions).unwrap_or(1),
+            federate_every: self.federate_every.or(file.federate_every).unwrap_or(0),
+            federation_graph: self
+                .federation_graph
+                .or(file.federation_graph)
+                .unwrap_or_else(|| "ring".into()),
+            federation_clip: self.federation_clip.or(file.federation_clip),
+            federation_wait: self.federation_wait.or(file.federation_wait),
+            region_latency: self.region_latency.or(file.region_latency),
+            region_loss: self.region_loss.or(file.region_loss),
             netns: self.netns || file.netns,
             latency: self.latency.or(file.latency),
             loss: self.loss.or(file.loss),
@@ -194,6 +233,20 @@ fn cluster(a: ClusterArgs) -> ExitCode {
                 f["heads_agree"],
                 f["consensus_distance"].as_f64().unwrap_or(0.0)
             );
+            if let Some(regions) = r["regions"].as_array().filter(|r| r.len() > 1) {
+                for g in regions {
+                    println!(
+                        "{}: accuracy mean {:.4}, on all the data {}; heads agree: {}; mixes signed {}",
+                        g["region"].as_str().unwrap_or("?"),
+                        g["accuracy_mean"].as_f64().unwrap_or(0.0),
+                        g["accuracy_on_all_data"]
+                            .as_f64()
+                            .map_or("-".into(), |a| format!("{a:.4}")),
+                        g["heads_agree"],
+                        g["mixes_signed"]
+                    );
+                }
+            }
             println!("report: {}", options.out.join("report.json").display());
             ExitCode::SUCCESS
         }
@@ -237,8 +290,51 @@ fn options(a: ClusterArgs) -> Result<tapestry_lab::cluster::ClusterOptions, Stri
         None => 0.0,
         Some(l) => parse_fraction(l).map_err(|e| format!("--loss: {e}"))?,
     };
+    let region_latency_ms = match a.region_latency.as_deref() {
+        None => latency_ms,
+        Some(l) => tapestry_sim::scenario::parse_duration_ms(l)
+            .map_err(|e| format!("--region-latency: {e}"))?,
+    };
+    let region_loss = match a.region_loss.as_deref() {
+        None => loss,
+        Some(l) => parse_fraction(l).map_err(|e| format!("--region-loss: {e}"))?,
+    };
+    if (a.region_latency.is_some() || a.region_loss.is_some()) && a.regions < 2 {
+        return Err("--region-latency and --region-loss need --regions ≥ 2".into());
+    }
+    let federation = if a.federate_every == 0 {
+        None
+    } else {
+        if a.regions < 2 {
+            return Err("--federate-every needs --regions ≥ 2".into());
+        }
+        let wait_ms = match a.federation_wait.as_deref() {
+            None => 5_000,
+            Some(w) => tapestry_sim::scenario::parse_duration_ms(w)
+                .map_err(|e| format!("--federation-wait: {e}"))?,
+        };
+        if wait_ms == 0 {
+            return Err("--federation-wait must be positive".into());
+        }
+        if a.federation_clip
+            .is_some_and(|c| !(c.is_finite() && c > 0.0))
+        {
+            return Err("--federation-clip must be a positive number".into());
+        }
+        let f = tapestry_lab::cluster::LabFederation {
+            every: a.federate_every,
+            graph: a.federation_graph.clone(),
+            clip: a.federation_clip,
+            wait_ms,
+        };
+        f.edges(a.regions)
+            .map_err(|e| format!("--federation-graph: {e}"))?;
+        Some(f)
+    };
     let wants_faults = latency_ms > 0
         || loss > 0.0
+        || region_latency_ms > 0
+        || region_loss > 0.0
         || events
             .iter()
             .any(|e| matches!(e, tapestry_lab::cluster::ClusterEvent::Cut { .. }));
@@ -262,6 +358,11 @@ fn options(a: ClusterArgs) -> Result<tapestry_lab::cluster::ClusterOptions, Stri
         faults: tapestry_lab::netns::LinkFaults { latency_ms, loss },
         interrupted: interrupted_on_signal(),
         regions: a.regions,
+        region_faults: tapestry_lab::netns::LinkFaults {
+            latency_ms: region_latency_ms,
+            loss: region_loss,
+        },
+        federation,
     })
 }
 

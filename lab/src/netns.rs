@@ -59,6 +59,20 @@ pub struct RouterStats {
     pub dropped_loss: AtomicU64,
     /// Packets dropped by a partition.
     pub dropped_cut: AtomicU64,
+    /// Bytes delivered between nodes of one region.
+    pub bytes_within: AtomicU64,
+    /// Bytes delivered between nodes of different regions.
+    pub bytes_across: AtomicU64,
+}
+
+/// The regions of a run's nodes and the faults between regions.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RegionLinks {
+    /// Each node's region (all 0: one region).
+    pub region: Vec<usize>,
+    /// Latency and loss between nodes of different regions (instead of
+    /// the within-region faults).
+    pub across: LinkFaults,
 }
 
 /// Whether namespaces can be made here: Linux, root, `ip` and `/dev/net/tun`.
@@ -218,6 +232,7 @@ impl Ord for Held {
 /// State shared by the router's threads.
 struct RouterState {
     faults: LinkFaults,
+    regions: RegionLinks,
     /// Side of each node while a partition is on (packets between
     /// different sides are dropped).
     sides: Mutex<Option<Vec<u8>>>,
@@ -269,6 +284,17 @@ impl Lab {
     /// Creates `nodes` namespaces linked by the router, with `faults` on
     /// every link between two nodes. Cleans up leftovers of dead runs first.
     pub fn create(nodes: usize, faults: LinkFaults, seed: u64) -> Result<Lab, LabError> {
+        Self::create_regions(nodes, faults, RegionLinks::default(), seed)
+    }
+
+    /// [`Lab::create`] with the nodes in regions: `faults` within a
+    /// region, `regions.across` between regions.
+    pub fn create_regions(
+        nodes: usize,
+        faults: LinkFaults,
+        regions: RegionLinks,
+        seed: u64,
+    ) -> Result<Lab, LabError> {
         available()?;
         if nodes > MAX_NODES {
             return Err(LabError::TooManyNodes(MAX_NODES));
@@ -284,6 +310,7 @@ impl Lab {
         let net = [64 + ((pid >> 8) % 64) as u8, (pid & 0xff) as u8];
         let state = Arc::new(RouterState {
             faults,
+            regions,
             sides: Mutex::new(None),
             queue: Mutex::new((BinaryHeap::new(), 0)),
             wake: Condvar::new(),
@@ -364,6 +391,16 @@ impl Lab {
         )
     }
 
+    /// IP bytes delivered between nodes so far: (within a region, across
+    /// regions).
+    pub fn bytes(&self) -> (u64, u64) {
+        let s = &self.state.stats;
+        (
+            s.bytes_within.load(Ordering::Relaxed),
+            s.bytes_across.load(Ordering::Relaxed),
+        )
+    }
+
     fn start_router(&self, devices: Vec<File>, seed: u64) -> Result<(), LabError> {
         let writers: Vec<File> = devices
             .iter()
@@ -403,12 +440,25 @@ impl Lab {
                                 state.stats.dropped_cut.fetch_add(1, Ordering::Relaxed);
                                 continue;
                             }
-                            if state.faults.loss > 0.0 && rng.gen_bool(state.faults.loss.min(1.0)) {
+                            let r = &state.regions.region;
+                            let across = r.get(from) != r.get(to);
+                            let faults = if across {
+                                state.regions.across
+                            } else {
+                                state.faults
+                            };
+                            if faults.loss > 0.0 && rng.gen_bool(faults.loss.min(1.0)) {
                                 state.stats.dropped_loss.fetch_add(1, Ordering::Relaxed);
                                 continue;
                             }
-                            at += Duration::from_millis(state.faults.latency_ms);
+                            at += Duration::from_millis(faults.latency_ms);
                             state.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                            let bytes = if across {
+                                &state.stats.bytes_across
+                            } else {
+                                &state.stats.bytes_within
+                            };
+                            bytes.fetch_add(n as u64, Ordering::Relaxed);
                         }
                         if let Ok(mut q) = state.queue.lock() {
                             q.1 += 1;

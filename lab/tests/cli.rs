@@ -44,6 +44,37 @@ fn bad_cluster_flags_are_one_line_errors_with_exit_code_2() {
         (vec!["--loss", "150%"], "--loss"),
         (vec!["--latency", "soon"], "--latency"),
         (vec!["--nodes", "5", "--regions", "3"], "--regions"),
+        (
+            vec!["--federate-every", "2"],
+            "--federate-every needs --regions",
+        ),
+        (
+            vec!["--regions", "2", "--region-loss", "50"],
+            "--region-loss",
+        ),
+        (vec!["--region-latency", "9ms"], "need --regions"),
+        (
+            vec![
+                "--regions",
+                "2",
+                "--federate-every",
+                "2",
+                "--federation-graph",
+                "star",
+            ],
+            "star",
+        ),
+        (
+            vec![
+                "--regions",
+                "2",
+                "--federate-every",
+                "2",
+                "--federation-clip",
+                "0",
+            ],
+            "--federation-clip",
+        ),
         (vec!["--scenario", "/nonexistent.toml"], "/nonexistent.toml"),
         (vec!["--scenario", bad_scenario.as_str()], "colour"),
     ] {
