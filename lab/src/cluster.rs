@@ -215,17 +215,9 @@ pub struct LabFederation {
 impl LabFederation {
     /// The graph's edges between the regions' names.
     pub fn edges(&self, regions: usize) -> Result<Vec<(String, String)>, String> {
-        let name = |r: usize| region_name(r, regions);
-        let k = regions;
-        match self.graph.as_str() {
-            "complete" => Ok((0..k)
-                .flat_map(|a| ((a + 1)..k).map(move |b| (a, b)))
-                .map(|(a, b)| (name(a), name(b)))
-                .collect()),
-            "ring" if k == 2 => Ok(vec![(name(0), name(1))]),
-            "ring" => Ok((0..k).map(|a| (name(a), name((a + 1) % k))).collect()),
-            g => Err(format!("federation graph {g:?}: ring or complete")),
-        }
+        let names: Vec<String> = (0..regions).map(|r| region_name(r, regions)).collect();
+        tapestry_node::config::graph_edges(&names, &self.graph)
+            .map_err(|e| format!("federation {e}"))
     }
 }
 

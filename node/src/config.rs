@@ -93,6 +93,24 @@ impl Default for FederationSection {
     }
 }
 
+/// The edges of a graph of regions: `ring` (each region with the next,
+/// the last with the first; one edge for two regions) or `complete`
+/// (every pair).
+pub fn graph_edges(names: &[String], graph: &str) -> Result<Vec<(String, String)>, String> {
+    let k = names.len();
+    match graph {
+        "complete" => Ok((0..k)
+            .flat_map(|a| ((a + 1)..k).map(move |b| (a, b)))
+            .map(|(a, b)| (names[a].clone(), names[b].clone()))
+            .collect()),
+        "ring" if k == 2 => Ok(vec![(names[0].clone(), names[1].clone())]),
+        "ring" => Ok((0..k)
+            .map(|a| (names[a].clone(), names[(a + 1) % k].clone()))
+            .collect()),
+        g => Err(format!("graph {g:?}: ring or complete")),
+    }
+}
+
 /// `[[federation.neighbour]]`: a neighbouring region.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

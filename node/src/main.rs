@@ -77,6 +77,35 @@ enum RegionCommand {
     New(RegionNewArgs),
     /// Sign a new roster version with these node ids added.
     Add(RegionAddArgs),
+    /// Create permissioned regions that federate, with their nodes, ready
+    /// to run: DIR/REGION/ holds each region's key and roster, and
+    /// DIR/REGION/nodeI/ each node's data directory (set its [data] path
+    /// or pass --data); every node's config names its roster and its
+    /// neighbours' by paths inside DIR.
+    Federation(FederationArgs),
+}
+
+#[derive(Args)]
+struct FederationArgs {
+    /// Where the regions go.
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// A region and its number of nodes, NAME:N; two or more.
+    #[arg(long = "region", value_name = "NAME:N", required = true)]
+    regions: Vec<String>,
+    /// The model.
+    #[arg(long, default_value = "digits")]
+    model: String,
+    /// Heads are mixed after every this many rounds.
+    #[arg(long, default_value_t = 2)]
+    every: u64,
+    /// The graph of regions: ring or complete.
+    #[arg(long, default_value = "ring")]
+    graph: String,
+    /// Do nothing (and succeed) if DIR already holds the first region: for
+    /// a setup step that runs at every start.
+    #[arg(long)]
+    if_missing: bool,
 }
 
 #[derive(Args)]
@@ -321,6 +350,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => tokio_main(demo(a)),
         Command::Region(RegionCommand::New(a)) => region_new(&a),
         Command::Region(RegionCommand::Add(a)) => region_add(&a),
+        Command::Region(RegionCommand::Federation(a)) => federation(&a),
     };
     match result {
         Ok(code) => code,
@@ -412,6 +442,44 @@ fn region_add(a: &RegionAddArgs) -> Result<ExitCode, String> {
         .collect::<Result<Vec<_>, _>>()?;
     let (version, count) = ops::region_add(&a.dir, &members).map_err(|e| e.to_string())?;
     println!("roster version {version}: {count} members");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn federation(a: &FederationArgs) -> Result<ExitCode, String> {
+    let regions = a
+        .regions
+        .iter()
+        .map(|r| {
+            let (name, n) = r
+                .split_once(':')
+                .ok_or_else(|| format!("--region {r:?}: NAME:N"))?;
+            let n: usize = n
+                .parse()
+                .map_err(|_| format!("--region {r:?}: N is not a number"))?;
+            Ok((name.to_owned(), n))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if a.if_missing
+        && let Some((first, _)) = regions.first()
+        && a.dir.join(first).join("roster.cbor").exists()
+    {
+        println!(
+            "{} already holds region {first}: nothing done",
+            a.dir.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let made = ops::federation_init(&a.dir, &a.model, &regions, a.every, &a.graph)
+        .map_err(|e| e.to_string())?;
+    for r in &made {
+        println!("region {}  key {}", r.name, r.key);
+        for (dir, id) in &r.nodes {
+            println!("  node {id}  {}", dir.display());
+        }
+    }
+    println!(
+        "next: tapestry run --data-dir DIR/REGION/nodeI --data FILE (the first node of each region, then the others with --bootstrap)"
+    );
     Ok(ExitCode::SUCCESS)
 }
 

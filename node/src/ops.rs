@@ -211,6 +211,102 @@ pub fn region_add(dir: &Path, members: &[NodeId]) -> Result<(u64, usize), OpsErr
     Ok((version, count))
 }
 
+/// A region [`federation_init`] made: its name, region key and nodes'
+/// data directories.
+#[derive(Debug, Clone)]
+pub struct FederatedRegion {
+    /// Its name.
+    pub name: String,
+    /// Its region key.
+    pub key: NodeId,
+    /// Its nodes' data directories and ids.
+    pub nodes: Vec<(PathBuf, NodeId)>,
+}
+
+/// Creates regions that federate, ready to run, under `dir`: for each
+/// `(name, n)` of `regions`, `dir/NAME/` with a region key and a roster
+/// holding `n` nodes created in `dir/NAME/nodeI/`, each configured with its
+/// roster and a `[federation]` mixing every `every` rounds with its
+/// neighbours in `graph` (`ring` or `complete`), whose rosters it names by
+/// paths relative to its own directory (so `dir` can be moved or mounted
+/// elsewhere whole).
+pub fn federation_init(
+    dir: &Path,
+    model: &str,
+    regions: &[(String, usize)],
+    every: u64,
+    graph: &str,
+) -> Result<Vec<FederatedRegion>, OpsError> {
+    if regions.len() < 2 {
+        return Err(OpsError::Invalid(
+            "a federation needs at least two regions".into(),
+        ));
+    }
+    if every == 0 {
+        return Err(OpsError::Invalid("--every must be at least 1".into()));
+    }
+    let names: Vec<String> = regions.iter().map(|(n, _)| n.clone()).collect();
+    if names.iter().collect::<BTreeSet<_>>().len() != names.len() {
+        return Err(OpsError::Invalid("two regions with one name".into()));
+    }
+    for (name, n) in regions {
+        config::check_name("region", name).map_err(OpsError::Invalid)?;
+        if *n == 0 {
+            return Err(OpsError::Invalid(format!("region {name} needs a node")));
+        }
+    }
+    let edges = config::graph_edges(&names, graph).map_err(OpsError::Invalid)?;
+    let mut made = Vec::new();
+    for (name, n) in regions {
+        let rdir = dir.join(name);
+        let key = region_new(&rdir, model, name)?;
+        let mut nodes = Vec::new();
+        for i in 0..*n {
+            let node = DataDir {
+                root: rdir.join(format!("node{i}")),
+            };
+            let id = init(&node, model, name, &Architecture::Logistic)?.node_id();
+            nodes.push((node.root, id));
+        }
+        let ids: Vec<NodeId> = nodes.iter().map(|(_, id)| *id).collect();
+        region_add(&rdir, &ids)?;
+        made.push(FederatedRegion {
+            name: name.clone(),
+            key,
+            nodes,
+        });
+    }
+    for r in &made {
+        for (root, _) in &r.nodes {
+            let node = DataDir { root: root.clone() };
+            let mut cfg = read_config(&node)?;
+            cfg.roster = "../roster.cbor".into();
+            cfg.region_key = r.key.to_string();
+            cfg.federation.every = every;
+            cfg.federation.edges = edges.clone();
+            cfg.federation.neighbours = made
+                .iter()
+                .filter(|o| {
+                    edges.iter().any(|(a, b)| {
+                        (*a == r.name && *b == o.name) || (*b == r.name && *a == o.name)
+                    })
+                })
+                .map(|o| config::NeighbourSection {
+                    region: o.name.clone(),
+                    roster: format!("../../{}/roster.cbor", o.name),
+                    region_key: o.key.to_string(),
+                    attestations: 0,
+                })
+                .collect();
+            cfg.federation()
+                .map_err(|e| OpsError::Invalid(e.to_string()))?;
+            let text = toml::to_string(&cfg).map_err(|e| OpsError::Invalid(e.to_string()))?;
+            std::fs::write(node.config(), text).map_err(file_error(&node.config()))?;
+        }
+    }
+    Ok(made)
+}
+
 /// The rows of `len` that shard `spec` (`I/N`: every N-th row from I;
 /// `auto/N`: the rows whose BLAKE3 with `node` falls in its 1/N) keeps.
 pub fn shard_rows(spec: &str, len: usize, node: &NodeId) -> Result<Vec<usize>, OpsError> {
