@@ -121,6 +121,10 @@ pub struct FederationStatus {
     pub neighbours: Vec<String>,
     /// Foreign heads taken (each on its region's attestations) since start.
     pub foreign_heads_taken: u64,
+    /// Versions a neighbour's members named for a mix round that were not
+    /// taken (too few of that region's members vouched for them, or they
+    /// failed a check), since start.
+    pub foreign_heads_refused: u64,
     /// Mixes this node signed since start.
     pub mixes_signed: u64,
     /// The last mix this node signed: its round, its own region's head

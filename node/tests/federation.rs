@@ -68,31 +68,40 @@ fn region(root: &Path, name: &str, n: usize) -> (Vec<PathBuf>, PathBuf, String) 
     (nodes, dir.join("roster.cbor"), key)
 }
 
+/// A region's name, roster and region key.
+type Region<'a> = (&'a str, &'a Path, &'a str);
+
 /// Writes the federation settings into a node's config: its own roster,
-/// a mix every `every` rounds with `other` (its roster and key).
-fn federate(node: &Path, own: (&Path, &str), other: (&str, &Path, &str), every: u64) {
+/// a mix every `every` rounds with every region of `all` (a complete
+/// graph; its own among them).
+fn federate(node: &Path, all: &[Region<'_>], every: u64) {
     let cfg = node.join("config.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
     let region = field(&text, "region = ").trim_matches('"').to_owned();
-    let replaced = text
+    let own = all.iter().find(|r| r.0 == region).unwrap();
+    let mut edges = Vec::new();
+    for (i, a) in all.iter().enumerate() {
+        for b in &all[i + 1..] {
+            edges.push(format!("[\"{}\", \"{}\"]", a.0, b.0));
+        }
+    }
+    let mut text = text
         .replace(
             "roster = \"\"",
-            &format!("roster = {:?}", own.0.display().to_string()),
+            &format!("roster = {:?}", own.1.display().to_string()),
         )
-        .replace("region_key = \"\"", &format!("region_key = \"{}\"", own.1))
+        .replace("region_key = \"\"", &format!("region_key = \"{}\"", own.2))
         .replace("every = 0", &format!("every = {every}"))
-        .replace(
-            "edges = []",
-            &format!("edges = [[\"{region}\", \"{}\"]]", other.0),
-        )
+        .replace("edges = []", &format!("edges = [{}]", edges.join(", ")))
         .replace("wait_ms = 5000", "wait_ms = 8000");
-    assert_ne!(replaced, text);
-    let text = format!(
-        "{replaced}\n[[federation.neighbour]]\nregion = \"{}\"\nroster = {:?}\nregion_key = \"{}\"\n",
-        other.0,
-        other.1.display().to_string(),
-        other.2
-    );
+    for other in all.iter().filter(|r| r.0 != region) {
+        text.push_str(&format!(
+            "\n[[federation.neighbour]]\nregion = \"{}\"\nroster = {:?}\nregion_key = \"{}\"\n",
+            other.0,
+            other.1.display().to_string(),
+            other.2
+        ));
+    }
     std::fs::write(&cfg, text).unwrap();
 }
 
@@ -119,12 +128,18 @@ struct Node {
 
 impl Node {
     fn start(dir: &Path, data: &Path, i: usize, boot: &[String]) -> Node {
+        Self::start_waiting(dir, data, i, boot, 2)
+    }
+
+    /// [`Node::start`], waiting for `peers` members before the first round.
+    fn start_waiting(dir: &Path, data: &Path, i: usize, boot: &[String], peers: usize) -> Node {
         let bin = Path::new(env!("CARGO_BIN_EXE_tapestry"));
+        let peers = peers.to_string();
         let mut args: Vec<String> = [
             "--rounds",
             "10",
             "--start-peers",
-            "2",
+            &peers,
             "--min-round-ms",
             "300",
             "--shard",
@@ -208,21 +223,17 @@ fn two_permissioned_regions_mix_their_heads_on_each_others_attestations() {
     let tmp = tempfile::tempdir().unwrap();
     let (east, east_roster, east_key) = region(tmp.path(), "east", 3);
     let (west, west_roster, west_key) = region(tmp.path(), "west", 3);
-    for d in &east {
-        federate(
-            d,
-            (&east_roster, &east_key),
-            ("west", &west_roster, &west_key),
-            2,
-        );
-    }
-    for d in &west {
-        federate(
-            d,
-            (&west_roster, &west_key),
-            ("east", &east_roster, &east_key),
-            2,
-        );
+    // A third region of three members of which only one runs: its heads
+    // have one voucher, their author, where two are needed. No one may
+    // take them, though that member takes the others' and mixes.
+    let (south, south_roster, south_key) = region(tmp.path(), "south", 3);
+    let all = [
+        ("east", east_roster.as_path(), east_key.as_str()),
+        ("west", west_roster.as_path(), west_key.as_str()),
+        ("south", south_roster.as_path(), south_key.as_str()),
+    ];
+    for d in east.iter().chain(&west).chain(&south) {
+        federate(d, &all, 2);
     }
     // Each region holds half of the classes.
     let (east_data, west_data) = (tmp.path().join("east.csv"), tmp.path().join("west.csv"));
@@ -237,10 +248,12 @@ fn two_permissioned_regions_mix_their_heads_on_each_others_attestations() {
     let e2 = Node::start(&east[2], &east_data, 2, &both);
     let w1 = Node::start(&west[1], &west_data, 1, &both);
     let w2 = Node::start(&west[2], &west_data, 2, &both);
+    let s0 = Node::start_waiting(&south[0], &tapestry_testkit::digits_path(), 0, &both, 0);
     let nodes = [&e0, &e1, &e2, &w0, &w1, &w2];
     wait_for(&nodes, 300, "all to finish", |s| {
         s["finished"].as_bool().unwrap()
     });
+    let lone = s0.status();
     // Within a region, one head.
     let settle = |region: &[&Node]| {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -274,8 +287,24 @@ fn two_permissioned_regions_mix_their_heads_on_each_others_attestations() {
             );
         }
     }
+    // The lone member's heads were named and refused, by every node.
+    for (i, s) in statuses.iter().enumerate() {
+        assert!(
+            s["federation"]["foreign_heads_refused"].as_u64().unwrap() >= 1,
+            "node {i} refused nothing: {s:#}"
+        );
+    }
+    // It took theirs (each vouched for by their regions) and mixed.
+    assert!(
+        lone["federation"]["foreign_heads_taken"].as_u64().unwrap() >= 2,
+        "{lone:#}"
+    );
+    assert!(
+        lone["federation"]["mixes_signed"].as_u64().unwrap() >= 1,
+        "{lone:#}"
+    );
     // Each region signed mixes that took the other's head on at least two
-    // of its members' word.
+    // of its members' word, never the lone member's.
     for (region, other, range) in [("east", "west", 0..3), ("west", "east", 3..6)] {
         let mixes: Vec<&Value> = statuses[range]
             .iter()
@@ -295,7 +324,7 @@ fn two_permissioned_regions_mix_their_heads_on_each_others_attestations() {
     }
     // Each region's model knows the other's classes: on all ten, far above
     // the half a region alone can reach.
-    let mut nodes = [e0, e1, e2, w0, w1, w2];
+    let mut nodes = [e0, e1, e2, w0, w1, w2, s0];
     for n in &mut nodes {
         n.process.terminate(Duration::from_secs(20)).unwrap();
     }

@@ -315,10 +315,16 @@ pub(super) async fn take_foreign(
 /// each neighbour's members which version their region adopted
 /// (`mix-head`), takes the one most of them name that passes
 /// [`take_foreign`], and looks again every [`LOOK_AGAIN`] for those not
-/// found yet, for at most `patience`.
-pub(super) async fn gather(env: &ForeignEnv<'_>, round: u64, patience: Duration) -> Vec<Taken> {
+/// found yet, for at most `patience`. Returns the heads taken and how
+/// many versions named by a neighbour's members were refused.
+pub(super) async fn gather(
+    env: &ForeignEnv<'_>,
+    round: u64,
+    patience: Duration,
+) -> (Vec<Taken>, u64) {
     let deadline = Instant::now() + patience;
     let mut taken: BTreeMap<String, Taken> = BTreeMap::new();
+    let mut refused: BTreeSet<ContentId> = BTreeSet::new();
     loop {
         for (region, n) in env.fed.neighbours.iter() {
             if taken.contains_key(region) {
@@ -355,7 +361,9 @@ pub(super) async fn gather(env: &ForeignEnv<'_>, round: u64, patience: Duration)
                     }
                     Ok(_) => {}
                     Err(why) => {
-                        tracing::debug!(%region, round, version = %id.short(), %why, "foreign head not taken");
+                        if refused.insert(id) {
+                            tracing::info!(%region, round, version = %id.short(), %why, "foreign head not taken");
+                        }
                     }
                 }
             }
@@ -366,7 +374,12 @@ pub(super) async fn gather(env: &ForeignEnv<'_>, round: u64, patience: Duration)
         }
         tokio::time::sleep(LOOK_AGAIN.min(deadline - now)).await;
     }
-    taken.into_values().collect()
+    // One refused at first (its vouchers not in yet) and taken later is
+    // not counted.
+    for (m, ..) in taken.values() {
+        refused.remove(&m.id());
+    }
+    (taken.into_values().collect(), refused.len() as u64)
 }
 
 impl Node {
@@ -402,14 +415,14 @@ impl Node {
                 cfg: &cfg,
                 fed: &fed,
             };
-            let heads = gather(&env, round, patience).await;
-            let _ = tx.send((round, heads)).await;
+            let (heads, refused) = gather(&env, round, patience).await;
+            let _ = tx.send((round, heads, refused)).await;
         });
     }
 
     /// Foreign heads of `round` found: to the engine if it still waits
     /// for them, and into the status.
-    pub(super) async fn on_foreign_heads(&mut self, round: u64, heads: Vec<Taken>) {
+    pub(super) async fn on_foreign_heads(&mut self, round: u64, heads: Vec<Taken>, refused: u64) {
         if self.gathering == Some(round) {
             self.gathering = None;
         }
@@ -417,6 +430,7 @@ impl Node {
         self.shared.update(|s| {
             if let Some(f) = s.federation.as_mut() {
                 f.foreign_heads_taken += taken;
+                f.foreign_heads_refused += refused;
             }
         });
         if heads.is_empty() || self.engine.awaits_foreign_heads() != Some(round) {

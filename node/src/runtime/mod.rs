@@ -358,8 +358,8 @@ pub struct Node {
     /// The mix round whose foreign heads are being gathered.
     gathering: Option<u64>,
     /// Foreign heads gathered, per mix round.
-    foreign_tx: mpsc::Sender<(u64, Vec<federating::Taken>)>,
-    foreign_rx: mpsc::Receiver<(u64, Vec<federating::Taken>)>,
+    foreign_tx: mpsc::Sender<(u64, Vec<federating::Taken>, u64)>,
+    foreign_rx: mpsc::Receiver<(u64, Vec<federating::Taken>, u64)>,
 }
 
 impl Node {
@@ -671,8 +671,8 @@ impl Node {
                     self.on_fetched(manifest, fetched).await;
                 }
                 Some(manifest) = self.stored_rx.recv() => self.payload_stored(&manifest),
-                Some((round, heads)) = self.foreign_rx.recv() => {
-                    self.on_foreign_heads(round, heads).await;
+                Some((round, heads, refused)) = self.foreign_rx.recv() => {
+                    self.on_foreign_heads(round, heads, refused).await;
                 }
                 _ = tokio::time::sleep_until(silence.unwrap_or_else(Instant::now)), if silence.is_some() => {
                     for peer in self.liveness.overdue(Instant::now()) {
