@@ -35,6 +35,15 @@ pub struct Config {
     pub api: String,
     /// Discover peers on the local network.
     pub mdns: bool,
+    /// Serve as a relay for peers behind NAT (within `[relay_limits]`):
+    /// for a region's public bootstrap nodes.
+    pub relay_server: bool,
+    /// Relays to listen through, as multiaddrs ending in `/p2p/<relay
+    /// peer id>`: for a node behind NAT, reachable through them (and then
+    /// directly, when hole punching works).
+    pub relays: Vec<String>,
+    /// What this node allows as a relay server.
+    pub relay_limits: RelayLimitsSection,
     /// A permissioned region's roster file (`tapestry region new/add`);
     /// empty for an open region.
     pub roster: String,
@@ -125,6 +134,34 @@ pub struct NeighbourSection {
     /// more than a third of its roster; never fewer than 2).
     #[serde(default)]
     pub attestations: usize,
+}
+
+/// `[relay_limits]`: what a relay server allows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayLimitsSection {
+    /// Peers listening through this relay at once.
+    pub max_reservations: usize,
+    /// Relayed connections at once.
+    pub max_circuits: usize,
+    /// Relayed connections at once per peer.
+    pub max_circuits_per_peer: usize,
+    /// A relayed connection is closed after this many seconds.
+    pub circuit_seconds: u64,
+    /// A relayed connection is closed after this many MiB.
+    pub circuit_mb: u64,
+}
+
+impl Default for RelayLimitsSection {
+    fn default() -> Self {
+        Self {
+            max_reservations: 128,
+            max_circuits: 64,
+            max_circuits_per_peer: 8,
+            circuit_seconds: 1800,
+            circuit_mb: 1024,
+        }
+    }
 }
 
 /// `[store]`.
@@ -268,6 +305,9 @@ impl Default for Config {
             bootstrap: Vec::new(),
             api: "127.0.0.1:7400".into(),
             mdns: false,
+            relay_server: false,
+            relays: Vec::new(),
+            relay_limits: RelayLimitsSection::default(),
             roster: String::new(),
             region_key: String::new(),
             attestations: 0,
@@ -364,6 +404,15 @@ api = "{api}"
 
 # Find peers on the local network with mDNS (for local and demo setups).
 mdns = false
+
+# Behind NAT: relays to listen through (multiaddrs ending in /p2p/<relay id>);
+# peers reach this node through them, and hole punching (DCUtR) then tries a
+# direct connection. /status says what AutoNAT concluded (reach.nat_status)
+# and which connections are relayed.
+relays = []
+# A public node can relay for the region's nodes behind NAT, within
+# [relay_limits] below (what it costs: the relayed traffic, both ways).
+relay_server = false
 
 # A permissioned region: the roster file its operator gave you (made with
 # tapestry region new / region add) and the region key that signs it.
@@ -488,6 +537,15 @@ keep_versions = {keep}
 # again once collection brings the store under 80 % (or the disk has room).
 quota_mb = {quota}
 
+[relay_limits]
+# Only with relay_server = true: peers listening through this node, relayed
+# connections in all and per peer, and each one's lifetime and MiB.
+max_reservations = {rres}
+max_circuits = {rcirc}
+max_circuits_per_peer = {rpeer}
+circuit_seconds = {rsecs}
+circuit_mb = {rmb}
+
 [federation]
 # Mix this region's model with its neighbouring regions' every `every` rounds
 # (0 = do not federate): after the region's version of such a round, each
@@ -512,6 +570,11 @@ wait_ms = {wait}
 # region_key = "<node id hex>"
 # attestations = 0   # 0: more than a third of its roster, never fewer than 2
 "#,
+        rres = d.relay_limits.max_reservations,
+        rcirc = d.relay_limits.max_circuits,
+        rpeer = d.relay_limits.max_circuits_per_peer,
+        rsecs = d.relay_limits.circuit_seconds,
+        rmb = d.relay_limits.circuit_mb,
         every = d.federation.every,
         wait = d.federation.wait_ms,
         codec = d.round.codec,
@@ -603,6 +666,15 @@ impl Config {
         self.train().map_err(|e| e.to_string())?;
         check_name("region", &self.region)?;
         self.federation().map_err(|e| e.to_string())?;
+        let r = &self.relay_limits;
+        if r.max_reservations == 0
+            || r.max_circuits == 0
+            || r.max_circuits_per_peer == 0
+            || r.circuit_seconds == 0
+            || r.circuit_mb == 0
+        {
+            return Err("every [relay_limits] setting must be at least 1".into());
+        }
         let d = &self.data;
         if !(d.feature_min.is_finite()
             && d.feature_max.is_finite()
@@ -785,6 +857,18 @@ impl Config {
             }
         }
         Ok(Some(fed))
+    }
+
+    /// The relay server's limits, if this node is one.
+    pub fn relay_limits(&self) -> Option<crate::net::RelayLimits> {
+        let r = &self.relay_limits;
+        self.relay_server.then_some(crate::net::RelayLimits {
+            max_reservations: r.max_reservations,
+            max_circuits: r.max_circuits,
+            max_circuits_per_peer: r.max_circuits_per_peer,
+            circuit_duration: Duration::from_secs(r.circuit_seconds),
+            circuit_bytes: r.circuit_mb.saturating_mul(1 << 20),
+        })
     }
 
     /// The API address.

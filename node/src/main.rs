@@ -167,6 +167,14 @@ struct RunArgs {
     /// A peer to join (repeat for several); added to the config's list.
     #[arg(long, value_name = "MULTIADDR")]
     bootstrap: Vec<String>,
+    /// A relay to listen through, ending in /p2p/<relay peer id> (repeat
+    /// for several); added to the config's `relays`. For a node behind NAT.
+    #[arg(long, value_name = "MULTIADDR")]
+    relay: Vec<String>,
+    /// Serve as a relay for peers behind NAT (within the config's
+    /// `[relay_limits]`).
+    #[arg(long)]
+    relay_server: bool,
     /// The HTTP API address.
     #[arg(long, value_name = "HOST:PORT", env = "TAPESTRY_API")]
     api: Option<String>,
@@ -519,6 +527,8 @@ async fn run(a: RunArgs) -> Result<ExitCode, String> {
         cfg.listen = a.listen.clone();
     }
     cfg.bootstrap.extend(a.bootstrap.iter().cloned());
+    cfg.relays.extend(a.relay.iter().cloned());
+    cfg.relay_server |= a.relay_server;
     if let Some(api) = &a.api {
         cfg.api = api.clone();
     }
@@ -565,6 +575,8 @@ async fn run(a: RunArgs) -> Result<ExitCode, String> {
                 .round_timeout_ms
                 .saturating_mul(model.door.staleness.saturating_add(1)),
         ),
+        relay_server: cfg.relay_limits(),
+        relays: parse_addrs(&cfg.relays)?,
         ..NetConfig::default()
     };
     let running = runtime::launch(Launch {
@@ -703,6 +715,28 @@ fn status(a: &StatusArgs) -> Result<ExitCode, String> {
         );
     }
     println!("peers     {}", get("peers"));
+    let r = &s["reach"];
+    if r.is_object() {
+        let conns = r["connections"].as_array().map_or(0, Vec::len);
+        let relayed = r["connections"]
+            .as_array()
+            .map_or(0, |c| c.iter().filter(|c| c["relayed"] == true).count());
+        println!(
+            "reach     NAT {}{}; {conns} connections ({relayed} relayed); hole punches {} ok, {} failed{}",
+            r["nat_status"].as_str().unwrap_or("?"),
+            r["public_address"]
+                .as_str()
+                .map(|a| format!(" at {a}"))
+                .unwrap_or_default(),
+            r["hole_punches_succeeded"],
+            r["hole_punches_failed"],
+            if r["relay_server"] == true {
+                format!("; relay server: {} circuits relayed", r["circuits_relayed"])
+            } else {
+                String::new()
+            }
+        );
+    }
     println!("bytes     in {}  out {}", get("bytes_in"), get("bytes_out"));
     println!("rejected  {}", s["rejected"]);
     let f = &s["federation"];

@@ -110,6 +110,9 @@ pub struct Status {
     pub keep_rounds: u64,
     /// The federation of regions, if this region takes part in one.
     pub federation: Option<FederationStatus>,
+    /// How this node is reached: AutoNAT's verdict, its connections
+    /// (direct or relayed), hole punches, relay reservations and circuits.
+    pub reach: crate::net::Reach,
 }
 
 /// What `/status` shows of a federation of regions.

@@ -1,7 +1,8 @@
 //! Building the swarm: the transports (TCP with noise and yamux, QUIC,
 //! DNS, the relay client) and the behaviours — identify, ping, Kademlia,
 //! mDNS, gossipsub with its message id and peer scoring, the fetch
-//! protocol, the stream behaviour of the chunk protocol, DCUtR, AutoNAT and connection limits.
+//! protocol, the stream behaviour of the chunk protocol, DCUtR, AutoNAT,
+//! a relay server (if configured) and connection limits.
 
 use super::*;
 
@@ -79,11 +80,31 @@ pub(super) fn swarm(
                 fetch,
                 streams: libp2p_stream::Behaviour::new(),
                 relay_client,
+                relay_server: Toggle::from(config.relay_server.map(|l| {
+                    libp2p::relay::Behaviour::new(
+                        peer_id,
+                        libp2p::relay::Config {
+                            max_reservations: l.max_reservations,
+                            max_circuits: l.max_circuits,
+                            max_circuits_per_peer: l.max_circuits_per_peer,
+                            max_circuit_duration: l.circuit_duration,
+                            max_circuit_bytes: l.circuit_bytes,
+                            ..libp2p::relay::Config::default()
+                        },
+                    )
+                })),
                 dcutr: dcutr::Behaviour::new(peer_id),
                 autonat: autonat::Behaviour::new(
                     peer_id,
                     autonat::Config {
                         only_global_ips: false,
+                        // Sooner and more often than libp2p's defaults
+                        // (15 s, 90 s, 90 s): a region has few peers to
+                        // ask, and a node should know early whether it
+                        // needs a relay.
+                        boot_delay: Duration::from_secs(5),
+                        retry_interval: Duration::from_secs(30),
+                        throttle_server_period: Duration::from_secs(15),
                         ..Default::default()
                     },
                 ),
@@ -123,6 +144,7 @@ mod behaviour {
         /// Raw streams: the chunk protocol (`chunks`).
         pub(in crate::net) streams: libp2p_stream::Behaviour,
         pub(in crate::net) relay_client: relay::client::Behaviour,
+        pub(in crate::net) relay_server: Toggle<relay::Behaviour>,
         pub(in crate::net) dcutr: dcutr::Behaviour,
         pub(in crate::net) autonat: autonat::Behaviour,
     }

@@ -39,6 +39,7 @@ mod chunks;
 mod codec;
 mod events;
 mod outbox;
+mod reach;
 mod scoring;
 
 pub use build::{Behaviour, BehaviourEvent, SILENCE_LIMIT, message_id};
@@ -51,6 +52,7 @@ use events::*;
 pub use outbox::Events;
 pub(crate) use outbox::QueuedBytes;
 use outbox::*;
+pub use reach::is_relayed;
 
 /// The identify protocol version of Tapestry nodes.
 pub const PROTOCOL_VERSION: &str = "/tapestry/1";
@@ -135,6 +137,40 @@ pub struct NetConfig {
     pub event_queue: usize,
     /// Gossip bytes that may wait for the node; gossip beyond it is shed.
     pub event_queue_bytes: usize,
+    /// Serve as a relay for peers that cannot be reached directly (behind
+    /// NAT), within these limits; `None`: not a relay.
+    pub relay_server: Option<RelayLimits>,
+    /// Relays to listen through (each `.../p2p/<relay id>`): peers reach
+    /// this node through them when they cannot directly, and DCUtR then
+    /// tries to connect directly (hole punching).
+    pub relays: Vec<Multiaddr>,
+}
+
+/// What a relay server allows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RelayLimits {
+    /// Reservations (peers listening through this relay) at once.
+    pub max_reservations: usize,
+    /// Relayed connections at once.
+    pub max_circuits: usize,
+    /// Relayed connections at once per peer.
+    pub max_circuits_per_peer: usize,
+    /// A relayed connection is closed after this long.
+    pub circuit_duration: Duration,
+    /// A relayed connection is closed after this many bytes.
+    pub circuit_bytes: u64,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        Self {
+            max_reservations: 128,
+            max_circuits: 64,
+            max_circuits_per_peer: 8,
+            circuit_duration: Duration::from_secs(30 * 60),
+            circuit_bytes: 1 << 30,
+        }
+    }
 }
 
 impl Default for NetConfig {
@@ -151,6 +187,8 @@ impl Default for NetConfig {
             request_timeout: Duration::from_secs(20),
             event_queue: EVENT_QUEUE,
             event_queue_bytes: EVENT_QUEUE_BYTES,
+            relay_server: None,
+            relays: Vec::new(),
         }
     }
 }
@@ -290,6 +328,45 @@ pub struct NetSnapshot {
     pub mesh: Vec<String>,
     /// When the network task last showed it (it does at least every 5 s).
     pub updated: Option<std::time::Instant>,
+    /// How this node is reached, as the network task saw it.
+    pub reach: Reach,
+}
+
+/// How a node is reached: what AutoNAT concluded, its connections (direct
+/// or through a relay), hole punches, relay reservations and circuits.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Reach {
+    /// `public` (peers could dial it back), `private` (they could not:
+    /// behind NAT or a firewall) or `unknown` (not probed yet).
+    pub nat_status: String,
+    /// The address peers dialled back, when public.
+    pub public_address: Option<String>,
+    /// Each open connection: the peer and its address (a relayed one goes
+    /// through `/p2p-circuit`).
+    pub connections: Vec<Connection>,
+    /// Relayed connections upgraded to direct ones (DCUtR).
+    pub hole_punches_succeeded: u64,
+    /// Hole punches that failed (the connection stays relayed).
+    pub hole_punches_failed: u64,
+    /// Reservations relays accepted for this node (it listens through them).
+    pub relay_reservations: u64,
+    /// Whether this node serves as a relay.
+    pub relay_server: bool,
+    /// Connections this node relayed for others (as a relay server).
+    pub circuits_relayed: u64,
+    /// Relay requests this node refused (past its limits).
+    pub circuits_refused: u64,
+}
+
+/// One open connection.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Connection {
+    /// The peer.
+    pub peer: String,
+    /// Its address (the remote one).
+    pub address: String,
+    /// Whether it goes through a relay.
+    pub relayed: bool,
 }
 
 /// A cloneable handle on the network task.
@@ -562,10 +639,31 @@ pub fn spawn(
             tracing::warn!(%addr, error = %e, "cannot dial bootstrap address");
         }
     }
+    for relay in &config.relays {
+        if peer_of_addr(relay).is_none() {
+            return Err(NetError::Listen {
+                addr: relay.clone(),
+                reason: "a relay's address must end in /p2p/<relay peer id>".into(),
+            });
+        }
+        let circuit = relay.clone().with(libp2p::multiaddr::Protocol::P2pCircuit);
+        swarm
+            .listen_on(circuit.clone())
+            .map_err(|e| NetError::Listen {
+                addr: circuit,
+                reason: e.to_string(),
+            })?;
+    }
+    let reach = Reach {
+        nat_status: "unknown".into(),
+        relay_server: config.relay_server.is_some(),
+        ..Reach::default()
+    };
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (ev_tx, ev_rx) = mpsc::channel(config.event_queue.max(1));
     let (view_tx, view) = watch::channel(NetSnapshot {
         peer_id: peer_id.to_string(),
+        reach,
         ..NetSnapshot::default()
     });
     let shed = Family::<ShedLabel, Counter>::default();
@@ -661,7 +759,9 @@ async fn run(
     bootstrap: Vec<Multiaddr>,
     faults: Counter,
 ) {
+    let mut reach = view.borrow().reach.clone();
     let mut pending = Pending::default();
+    let mut connections: HashMap<libp2p::swarm::ConnectionId, Connection> = HashMap::new();
     let mut penalties = scoring::AppPenalties::default();
     let mut listening: HashSet<Multiaddr> = HashSet::new();
     // A node that lost its bootstrap peers (a cut network, a restarted
@@ -671,7 +771,7 @@ async fn run(
     loop {
         tokio::select! {
             _ = redial.tick() => {
-                show(&swarm, &listening, &view);
+                show(&swarm, &listening, &view, &reach);
                 for (peer, score) in penalties.fade(std::time::Instant::now()) {
                     swarm.behaviour_mut().gossipsub.set_application_score(&peer, score);
                 }
@@ -713,15 +813,10 @@ async fn run(
             }
             event = swarm.select_next_some() => {
                 record(&metrics, &event);
-                let changed = matches!(
-                    event,
-                    SwarmEvent::ConnectionEstablished { .. }
-                        | SwarmEvent::ConnectionClosed { .. }
-                        | SwarmEvent::NewListenAddr { .. }
-                );
+                let changed = reach::note(&mut reach, &mut connections, &event);
                 let event = handle_event(&mut swarm, &mut pending, &mut listening, event);
                 if changed {
-                    show(&swarm, &listening, &view);
+                    show(&swarm, &listening, &view, &reach);
                 }
                 if let Some(event) = event
                     && !outbox.offer(&mut swarm, event)

@@ -164,8 +164,10 @@ pub(super) fn show(
     swarm: &Swarm<Behaviour>,
     listening: &HashSet<Multiaddr>,
     view: &watch::Sender<NetSnapshot>,
+    reach: &Reach,
 ) {
     view.send_replace(NetSnapshot {
+        reach: reach.clone(),
         peer_id: swarm.local_peer_id().to_string(),
         peers: swarm.connected_peers().map(|p| p.to_string()).collect(),
         listen: listening.iter().map(|a| a.to_string()).collect(),

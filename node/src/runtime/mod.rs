@@ -727,6 +727,7 @@ impl Node {
             s.outsiders = outsiders;
             s.mesh = snap.mesh.clone();
             s.listen = snap.listen.clone();
+            s.reach = snap.reach.clone();
         });
         self.shared.metrics.peers.set(snap.peers.len() as i64);
     }
