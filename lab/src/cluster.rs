@@ -25,7 +25,7 @@ use tapestry_node::config::{
 };
 
 use crate::error::{EventProblem, LabError};
-use crate::netns::{Lab, LinkFaults, RegionLinks};
+use crate::netns::{Lab, LinkFaults, NatKind, RegionLinks};
 use crate::process::NodeProcess;
 use tapestry_sim::plot::{self, Series};
 use tapestry_sim::report::Final;
@@ -197,6 +197,24 @@ pub struct ClusterOptions {
     /// Whether and how the regions federate (each region then has a
     /// roster and a region key).
     pub federation: Option<LabFederation>,
+    /// Nodes behind NAT (namespaces only), by index; node 0 is then a
+    /// relay server, and they listen through it.
+    pub nat: Vec<(usize, NatKind)>,
+}
+
+impl ClusterOptions {
+    /// Node `i`'s place on the network.
+    pub fn nat_of(&self, i: usize) -> NatKind {
+        self.nat
+            .iter()
+            .find(|(n, _)| *n == i)
+            .map_or(NatKind::Public, |(_, k)| *k)
+    }
+
+    /// Whether some node is behind NAT.
+    fn any_nat(&self) -> bool {
+        self.nat.iter().any(|(_, k)| *k != NatKind::Public)
+    }
 }
 
 /// How the regions of a cluster run federate.
@@ -286,11 +304,12 @@ fn write_csv(path: &Path, d: &Dataset) -> std::io::Result<()> {
 }
 
 /// Starts node `dir` (in network namespace `namespace`, if any), joining
-/// through `bootstrap` (if any).
+/// through `bootstrap` (if any), listening through `relay` (if any).
 fn start(
     tapestry: &Path,
     dir: &Path,
     bootstrap: Option<&str>,
+    relay: Option<&str>,
     namespace: Option<&str>,
 ) -> Result<NodeProcess, LabError> {
     let mut cmd = match namespace {
@@ -306,6 +325,9 @@ fn start(
         .arg(dir);
     if let Some(b) = bootstrap {
         cmd.args(["--bootstrap", b]);
+    }
+    if let Some(r) = relay {
+        cmd.args(["--relay", r]);
     }
     NodeProcess::spawn(cmd, dir)
 }
@@ -334,7 +356,8 @@ pub fn run(o: &ClusterOptions, view: &mut dyn FnMut(f64, &[NodeView])) -> Result
                 .collect(),
             across: o.region_faults,
         };
-        Some(Lab::create_regions(o.nodes, o.faults, links, o.seed)?)
+        let nat = (0..o.nodes).map(|i| o.nat_of(i)).collect();
+        Some(Lab::create_regions(o.nodes, o.faults, links, nat, o.seed)?)
     } else {
         None
     };
@@ -520,6 +543,8 @@ fn node_config(
     Config {
         model_id: "cluster".into(),
         region: region_of(i, o.nodes, o.regions),
+        // The bootstrap node relays for the nodes behind NAT.
+        relay_server: i == 0 && lab.is_some() && o.any_nat(),
         listen: vec![match lab {
             Some(l) => format!("/ip4/{}/tcp/4001", l.address(i)),
             None => "/ip4/127.0.0.1/tcp/0".into(),
@@ -641,10 +666,19 @@ impl<'a> Run<'a> {
         Ok(run)
     }
 
-    /// Starts node `i` (in its namespace, if any).
+    /// Starts node `i` (in its namespace, if any); behind NAT, it listens
+    /// through node 0, the relay.
     fn spawn(&self, i: usize, bootstrap: Option<&str>) -> Result<NodeProcess, LabError> {
         let ns = self.lab.as_ref().map(|l| l.namespace(i));
-        start(&self.o.tapestry, &self.dirs[i], bootstrap, ns.as_deref())
+        let relay = (self.lab.is_some() && self.o.nat_of(i) != NatKind::Public)
+            .then_some(self.boot.as_str());
+        start(
+            &self.o.tapestry,
+            &self.dirs[i],
+            bootstrap,
+            relay,
+            ns.as_deref(),
+        )
     }
 
     /// Kills, restarts, late joins, cuts and heals that fall due by `now_ms`.
@@ -919,6 +953,8 @@ impl<'a> Run<'a> {
                         "packets_forwarded": forwarded,
                         "packets_dropped_loss": lost,
                         "packets_dropped_cut": cut,
+                        "packets_dropped_nat": l.dropped_nat(),
+                        "nat": (0..o.nodes).map(|i| format!("{:?}", o.nat_of(i)).to_lowercase()).collect::<Vec<_>>(),
                         "bytes_within_regions": within,
                         "bytes_across_regions": across,
                         "cross_region_share": across as f64 / (within + across).max(1) as f64,

@@ -109,6 +109,12 @@ struct ClusterArgs {
     /// Packet loss between nodes, e.g. 5% or 0.05 (needs --netns).
     #[arg(long)]
     loss: Option<String>,
+    /// Put node N behind a NAT of KIND (cone: port-restricted cone;
+    /// symmetric), e.g. 3:cone; repeat for several (needs --netns). Node 0,
+    /// public, then relays for them, and they listen through it.
+    #[arg(long = "nat", value_name = "N:KIND")]
+    #[serde(default)]
+    nat: Vec<String>,
     /// Give up after this many seconds [default: 600].
     #[arg(long)]
     timeout_secs: Option<u64>,
@@ -130,6 +136,7 @@ struct Cluster {
     federation_wait: Option<String>,
     region_latency: Option<String>,
     region_loss: Option<String>,
+    nat: Vec<String>,
     netns: bool,
     latency: Option<String>,
     loss: Option<String>,
@@ -177,6 +184,7 @@ impl ClusterArgs {
             federation_wait: self.federation_wait.or(file.federation_wait),
             region_latency: self.region_latency.or(file.region_latency),
             region_loss: self.region_loss.or(file.region_loss),
+            nat: file.nat.into_iter().chain(self.nat).collect(),
             netns: self.netns || file.netns,
             latency: self.latency.or(file.latency),
             loss: self.loss.or(file.loss),
@@ -331,7 +339,26 @@ fn options(a: ClusterArgs) -> Result<tapestry_lab::cluster::ClusterOptions, Stri
             .map_err(|e| format!("--federation-graph: {e}"))?;
         Some(f)
     };
+    let mut nat = Vec::new();
+    for n in &a.nat {
+        let (node, kind) = n
+            .split_once(':')
+            .ok_or_else(|| format!("--nat {n:?}: N:KIND (e.g. 3:cone)"))?;
+        let node: usize = node
+            .parse()
+            .map_err(|_| format!("--nat {n:?}: N is not a number"))?;
+        if node == 0 || node >= a.nodes {
+            return Err(format!(
+                "--nat {n:?}: node 1 to {} (node 0 is the public bootstrap and relay)",
+                a.nodes - 1
+            ));
+        }
+        let kind: tapestry_lab::netns::NatKind =
+            kind.parse().map_err(|e| format!("--nat {n:?}: {e}"))?;
+        nat.push((node, kind));
+    }
     let wants_faults = latency_ms > 0
+        || !nat.is_empty()
         || loss > 0.0
         || region_latency_ms > 0
         || region_loss > 0.0
@@ -363,6 +390,7 @@ fn options(a: ClusterArgs) -> Result<tapestry_lab::cluster::ClusterOptions, Stri
             loss: region_loss,
         },
         federation,
+        nat,
     })
 }
 

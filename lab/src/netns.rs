@@ -12,6 +12,19 @@
 //! `netem` would do the same inside the kernel, but is not available on
 //! every kernel; this needs only TUN and namespaces.)
 //!
+//! A node can also sit behind a NAT of its own ([`NatKind`]): the router
+//! then rewrites its packets' source to the NAT's public address
+//! `10.A.B.(129+i)` and a port it maps, and lets in only what the NAT's
+//! kind lets in — a port-restricted cone NAT keeps one mapping per inside
+//! port (the same port outside when it is free) and admits packets from
+//! any address and port the inside port has sent to; a symmetric NAT maps
+//! every destination to a port of its own and admits only that
+//! destination. Packets to a NATed node's private
+//! address from other nodes are dropped (it is not routable). TCP gives up
+//! a connection attempt after 1 retry of its SYN in every namespace (3 s;
+//! Linux's default is 6, about two minutes), so dials into a NAT fail in
+//! seconds.
+//!
 //! This process reaches the nodes' HTTP APIs through one more TUN device in
 //! its own namespace, `10.A.B.254`; that traffic is not delayed, dropped
 //! or cut: it is the observer, not part of the experiment.
@@ -21,7 +34,7 @@
 //! [`Lab`] is dropped, and recognised as a leftover by a later run once
 //! that process is gone ([`clean_leftovers`]).
 
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
@@ -41,6 +54,153 @@ const NS_PREFIX: &str = "tapestry-";
 /// below the host's `.254`.
 const MAX_NODES: usize = 250;
 
+/// Nodes one run can have when some are behind NAT: the NATs' public
+/// addresses are `10.A.B.(129+i)`.
+const MAX_NAT_NODES: usize = 120;
+
+/// Where a node sits on the lab's network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NatKind {
+    /// On a public address.
+    #[default]
+    Public,
+    /// Behind a port-restricted cone NAT.
+    Cone,
+    /// Behind a symmetric NAT.
+    Symmetric,
+}
+
+impl std::str::FromStr for NatKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "public" => Ok(NatKind::Public),
+            "cone" => Ok(NatKind::Cone),
+            "symmetric" => Ok(NatKind::Symmetric),
+            _ => Err(format!("{s:?}: public, cone or symmetric")),
+        }
+    }
+}
+
+/// One NAT's mappings.
+#[derive(Debug, Default)]
+struct NatTable {
+    /// (protocol, inside port, the destination for a symmetric NAT) →
+    /// outside port.
+    out: HashMap<(u8, u16, Option<([u8; 4], u16)>), u16>,
+    /// (protocol, outside port) → (inside port, the addresses and ports
+    /// it has sent to).
+    back: HashMap<(u8, u16), (u16, HashSet<([u8; 4], u16)>)>,
+    next: u16,
+}
+
+impl NatTable {
+    /// The outside port of a packet from `port` to `to`, mapped now if
+    /// new, and `to` remembered as a peer it may hear from.
+    fn outbound(&mut self, kind: NatKind, proto: u8, port: u16, to: ([u8; 4], u16)) -> u16 {
+        let key = (proto, port, (kind == NatKind::Symmetric).then_some(to));
+        let ext = match self.out.get(&key) {
+            Some(e) => *e,
+            None => {
+                // A cone NAT keeps the inside port when it is free (as
+                // Linux's masquerading does, and as peers assume when they
+                // tell a node the address they see); a symmetric NAT
+                // gives each destination a port of its own, from 20001
+                // up, never twice.
+                let ext = if kind == NatKind::Cone && !self.back.contains_key(&(proto, port)) {
+                    port
+                } else {
+                    loop {
+                        self.next = self.next.max(20_000).wrapping_add(1).max(20_001);
+                        if !self.back.contains_key(&(proto, self.next)) {
+                            break self.next;
+                        }
+                    }
+                };
+                self.out.insert(key, ext);
+                ext
+            }
+        };
+        self.back
+            .entry((proto, ext))
+            .or_insert_with(|| (port, HashSet::new()))
+            .1
+            .insert(to);
+        ext
+    }
+
+    /// The inside port a packet from `from` to outside port `ext` goes to,
+    /// if the NAT lets it in.
+    fn inbound(&self, proto: u8, ext: u16, from: ([u8; 4], u16)) -> Option<u16> {
+        let (port, allowed) = self.back.get(&(proto, ext))?;
+        allowed.contains(&from).then_some(*port)
+    }
+}
+
+/// Where a packet's destination address leads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Dest {
+    /// Node i's own address.
+    Node(usize),
+    /// The public address of node i's NAT.
+    Nat(usize),
+    /// This process.
+    Host,
+}
+
+/// Sets the IPv4 header checksum and the TCP or UDP checksum of `p` again
+/// (after its addresses or ports were rewritten).
+fn fix_checksums(p: &mut [u8]) {
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    let sum = |data: &[u8], mut acc: u32| {
+        for c in data.chunks(2) {
+            acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+        acc
+    };
+    let fold = |mut acc: u32| {
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        !(acc as u16)
+    };
+    p[10] = 0;
+    p[11] = 0;
+    let ip = fold(sum(&p[..ihl], 0));
+    p[10..12].copy_from_slice(&ip.to_be_bytes());
+    let proto = p[9];
+    let at = match proto {
+        6 => 16,
+        17 => 6,
+        _ => return,
+    };
+    if p.len() < ihl + at + 2 {
+        return;
+    }
+    let len = (p.len() - ihl) as u32;
+    p[ihl + at] = 0;
+    p[ihl + at + 1] = 0;
+    let pseudo = sum(&p[12..20], u32::from(proto) + len);
+    let mut c = fold(sum(&p[ihl..], pseudo));
+    if proto == 17 && c == 0 {
+        c = 0xffff;
+    }
+    p[ihl + at..ihl + at + 2].copy_from_slice(&c.to_be_bytes());
+}
+
+/// The protocol and ports of a TCP or UDP packet (`None` for anything
+/// else, or a fragment).
+fn ports(p: &[u8]) -> Option<(u8, u16, u16)> {
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    let fragment = u16::from_be_bytes([p[6], p[7]]) & 0x1fff != 0;
+    if !matches!(p[9], 6 | 17) || fragment || p.len() < ihl + 4 {
+        return None;
+    }
+    let sport = u16::from_be_bytes([p[ihl], p[ihl + 1]]);
+    let dport = u16::from_be_bytes([p[ihl + 2], p[ihl + 3]]);
+    Some((p[9], sport, dport))
+}
+
 /// Faults on the links between nodes.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct LinkFaults {
@@ -59,6 +219,8 @@ pub struct RouterStats {
     pub dropped_loss: AtomicU64,
     /// Packets dropped by a partition.
     pub dropped_cut: AtomicU64,
+    /// Packets a NAT did not let in (or sent to a private address).
+    pub dropped_nat: AtomicU64,
     /// Bytes delivered between nodes of one region.
     pub bytes_within: AtomicU64,
     /// Bytes delivered between nodes of different regions.
@@ -233,6 +395,10 @@ impl Ord for Held {
 struct RouterState {
     faults: LinkFaults,
     regions: RegionLinks,
+    /// Each node's place: public or behind a NAT.
+    nat: Vec<NatKind>,
+    /// Each node's NAT's mappings.
+    tables: Mutex<Vec<NatTable>>,
     /// Side of each node while a partition is on (packets between
     /// different sides are dropped).
     sides: Mutex<Option<Vec<u8>>>,
@@ -259,15 +425,21 @@ impl Plan {
         Ipv4Addr::new(10, self.net[0], self.net[1], i as u8 + 1)
     }
 
-    /// Device index of a destination address (nodes 0..n, the host n), if
-    /// it is on this network.
-    fn index_of(&self, dst: [u8; 4]) -> Option<usize> {
+    /// The public address of node `i`'s NAT.
+    fn nat_address(&self, i: usize) -> [u8; 4] {
+        [10, self.net[0], self.net[1], 129 + i as u8]
+    }
+
+    /// Where a destination address leads, if it is on this network.
+    fn index_of(&self, dst: [u8; 4]) -> Option<Dest> {
         if dst[0] != 10 || dst[1..3] != self.net {
             return None;
         }
-        match dst[3] {
-            254 => Some(self.nodes),
-            k if (1..=self.nodes).contains(&(k as usize)) => Some(k as usize - 1),
+        let k = dst[3] as usize;
+        match k {
+            254 => Some(Dest::Host),
+            k if (1..=self.nodes).contains(&k) => Some(Dest::Node(k - 1)),
+            k if k >= 129 && k - 129 < self.nodes.min(MAX_NAT_NODES) => Some(Dest::Nat(k - 129)),
             _ => None,
         }
     }
@@ -284,7 +456,7 @@ impl Lab {
     /// Creates `nodes` namespaces linked by the router, with `faults` on
     /// every link between two nodes. Cleans up leftovers of dead runs first.
     pub fn create(nodes: usize, faults: LinkFaults, seed: u64) -> Result<Lab, LabError> {
-        Self::create_regions(nodes, faults, RegionLinks::default(), seed)
+        Self::create_regions(nodes, faults, RegionLinks::default(), Vec::new(), seed)
     }
 
     /// [`Lab::create`] with the nodes in regions: `faults` within a
@@ -293,11 +465,15 @@ impl Lab {
         nodes: usize,
         faults: LinkFaults,
         regions: RegionLinks,
+        nat: Vec<NatKind>,
         seed: u64,
     ) -> Result<Lab, LabError> {
         available()?;
         if nodes > MAX_NODES {
             return Err(LabError::TooManyNodes(MAX_NODES));
+        }
+        if nodes > MAX_NAT_NODES && nat.iter().any(|k| *k != NatKind::Public) {
+            return Err(LabError::TooManyNodes(MAX_NAT_NODES));
         }
         let removed = clean_leftovers();
         if !removed.is_empty() {
@@ -311,6 +487,8 @@ impl Lab {
         let state = Arc::new(RouterState {
             faults,
             regions,
+            tables: Mutex::new((0..nodes).map(|_| NatTable::default()).collect()),
+            nat,
             sides: Mutex::new(None),
             queue: Mutex::new((BinaryHeap::new(), 0)),
             wake: Condvar::new(),
@@ -334,6 +512,18 @@ impl Lab {
             ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            // A dial into a NAT that drops it fails in seconds, not minutes.
+            let _ = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &ns,
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    "net.ipv4.tcp_syn_retries=1",
+                ])
+                .status();
             devices.push(file);
         }
         let host = format!("tpb{pid}");
@@ -380,6 +570,16 @@ impl Lab {
         }
     }
 
+    /// Packets NATs did not let in so far.
+    pub fn dropped_nat(&self) -> u64 {
+        self.state.stats.dropped_nat.load(Ordering::Relaxed)
+    }
+
+    /// The public address of node `i`'s NAT (when it is behind one).
+    pub fn nat_address(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::from(self.plan.nat_address(i))
+    }
+
     /// What the router did so far: (forwarded, dropped by loss, dropped by
     /// a partition).
     pub fn stats(&self) -> (u64, u64, u64) {
@@ -418,11 +618,15 @@ impl Lab {
                     let mut buf = vec![0u8; 65536];
                     while !state.stop.load(Ordering::Relaxed) {
                         let Ok(n) = dev.read(&mut buf) else { break };
-                        let p = &buf[..n];
+                        let p = &mut buf[..n];
                         if n < 20 || p[0] >> 4 != 4 {
                             continue; // IPv4 only
                         }
-                        let Some(to) = lookup.index_of([p[16], p[17], p[18], p[19]]) else {
+                        let Some(dest) = lookup.index_of([p[16], p[17], p[18], p[19]]) else {
+                            continue;
+                        };
+                        let Some(to) = route(&state, &lookup, from, dest, p) else {
+                            state.stats.dropped_nat.fetch_add(1, Ordering::Relaxed);
                             continue;
                         };
                         if to == from {
@@ -511,6 +715,55 @@ impl Lab {
             .map_err(LabError::Router)?;
         Ok(())
     }
+}
+
+/// Carries a packet from node (or host) `from` to `dest` through the NATs
+/// on its way: rewrites it, and returns the device it goes to, or `None`
+/// if a NAT drops it.
+fn route(state: &RouterState, plan: &Plan, from: usize, dest: Dest, p: &mut [u8]) -> Option<usize> {
+    let host = plan.nodes;
+    let kind = |i: usize| state.nat.get(i).copied().unwrap_or_default();
+    // The observer talks to every node directly, as it is.
+    if from == host {
+        return match dest {
+            Dest::Node(i) => Some(i),
+            _ => None,
+        };
+    }
+    if dest == Dest::Host {
+        return Some(host);
+    }
+    let mut tables = state.tables.lock().ok()?;
+    // Out through the sender's NAT.
+    let sender = kind(from);
+    if sender != NatKind::Public {
+        let (proto, sport, dport) = ports(p)?;
+        let to = ([p[16], p[17], p[18], p[19]], dport);
+        let ext = tables.get_mut(from)?.outbound(sender, proto, sport, to);
+        p[12..16].copy_from_slice(&plan.nat_address(from));
+        let ihl = usize::from(p[0] & 0x0f) * 4;
+        p[ihl..ihl + 2].copy_from_slice(&ext.to_be_bytes());
+    }
+    let to = match dest {
+        Dest::Host => return Some(host),
+        // A node behind NAT has no address the others can reach.
+        Dest::Node(i) if kind(i) != NatKind::Public => return None,
+        Dest::Node(i) => i,
+        Dest::Nat(i) if kind(i) == NatKind::Public => return None,
+        Dest::Nat(i) => {
+            let (proto, sport, ext) = ports(p)?;
+            let src = ([p[12], p[13], p[14], p[15]], sport);
+            let port = tables.get(i)?.inbound(proto, ext, src)?;
+            p[16..20].copy_from_slice(&plan.address(i).octets());
+            let ihl = usize::from(p[0] & 0x0f) * 4;
+            p[ihl + 2..ihl + 4].copy_from_slice(&port.to_be_bytes());
+            i
+        }
+    };
+    if sender != NatKind::Public || matches!(dest, Dest::Nat(_)) {
+        fix_checksums(p);
+    }
+    Some(to)
 }
 
 impl Drop for Lab {

@@ -75,6 +75,9 @@ fn bad_cluster_flags_are_one_line_errors_with_exit_code_2() {
             ],
             "--federation-clip",
         ),
+        (vec!["--nat", "0:cone"], "node 0 is the public bootstrap"),
+        (vec!["--nat", "2:full"], "public, cone or symmetric"),
+        (vec!["--nat", "two"], "N:KIND"),
         (vec!["--scenario", "/nonexistent.toml"], "/nonexistent.toml"),
         (vec!["--scenario", bad_scenario.as_str()], "colour"),
     ] {

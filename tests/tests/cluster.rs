@@ -363,3 +363,99 @@ fn three_federated_regions_over_a_slow_lossy_link_heal_a_cut_into_one_model() {
     }
     nothing_left_behind();
 }
+
+#[test]
+fn behind_cone_nat_hole_punching_connects_directly_behind_symmetric_nat_the_relay_carries_it() {
+    if !namespaces_or_skip("NAT") {
+        return;
+    }
+    // Node 0 (public) is the bootstrap and the relay; node 1 is public;
+    // nodes 2 and 3 sit behind port-restricted cone NATs, node 4 behind a
+    // symmetric NAT. The NATed nodes listen through the relay.
+    let out = tempfile::tempdir().unwrap();
+    let report = cluster(
+        out.path(),
+        &[
+            "--netns",
+            "--nodes",
+            "5",
+            "--rounds",
+            "60",
+            "--partition",
+            "iid",
+            "--nat",
+            "2:cone",
+            "--nat",
+            "3:cone",
+            "--nat",
+            "4:symmetric",
+        ],
+    );
+    let (f, n) = (&report["final"], &report["network"]);
+    let reach = |i: usize| report["per_node"][i]["reach"].clone();
+    let peer = |i: usize| {
+        report["per_node"][i]["peer_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    for i in 0..5 {
+        eprintln!("node {i}: {}", reach(i));
+    }
+    eprintln!("{f}\n{n}");
+    // Everyone trains and agrees, NAT or not.
+    assert_eq!(f["heads_agree"], true);
+    assert!(f["accuracy_min"].as_f64().unwrap() >= 0.9, "{f}");
+    // The NATs dropped what they should (dials into them) ...
+    assert!(n["packets_dropped_nat"].as_u64().unwrap() > 0, "{n}");
+    // ... and AutoNAT tells which nodes are reachable.
+    for i in 0..2 {
+        assert_eq!(reach(i)["nat_status"], "public", "node {i}");
+    }
+    for i in 2..5 {
+        assert_eq!(reach(i)["nat_status"], "private", "node {i}");
+        assert!(
+            reach(i)["relay_reservations"].as_u64().unwrap() >= 1,
+            "node {i}"
+        );
+    }
+    assert_eq!(reach(0)["relay_server"], true);
+    assert!(reach(0)["circuits_relayed"].as_u64().unwrap() >= 2);
+    // Connections of `i` to `j`: (direct ones, relayed ones).
+    let links = |i: usize, j: usize| {
+        let conns = reach(i)["connections"].as_array().unwrap().clone();
+        let to_j: Vec<_> = conns.iter().filter(|c| c["peer"] == peer(j)).collect();
+        (
+            to_j.iter().filter(|c| c["relayed"] == false).count(),
+            to_j.iter().filter(|c| c["relayed"] == true).count(),
+        )
+    };
+    let punched = |i: usize, j: usize, key: &str| {
+        reach(i)[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str() == Some(peer(j).as_str()))
+    };
+    // Cone to cone: DCUtR turned the relayed connection into a direct one
+    // (the NATs allow no other way: neither can dial the other).
+    assert!(
+        punched(2, 3, "hole_punched_peers") || punched(3, 2, "hole_punched_peers"),
+        "{} {}",
+        reach(2),
+        reach(3)
+    );
+    assert!(links(2, 3).0 >= 1 || links(3, 2).0 >= 1, "no direct 2-3");
+    // Symmetric: a hole punch with it failed, it has no direct connection
+    // to a NATed node, and the relay carries those.
+    let failed_with_4 = [2, 3].iter().any(|i| {
+        punched(*i, 4, "hole_punch_failed_peers") || punched(4, *i, "hole_punch_failed_peers")
+    });
+    assert!(failed_with_4, "no hole punch with node 4 failed");
+    for j in [2, 3] {
+        assert_eq!(links(4, j).0, 0, "a direct connection 4-{j}");
+        assert_eq!(links(j, 4).0, 0, "a direct connection {j}-4");
+    }
+    assert!(links(4, 2).1 + links(4, 3).1 >= 1, "{}", reach(4));
+    nothing_left_behind();
+}

@@ -99,8 +99,26 @@ pub(super) fn handle_event(
 ) -> Option<NetEvent> {
     match event {
         SwarmEvent::NewListenAddr { address, .. } => {
+            // A relay server is public by its operator's word: its own
+            // addresses are what it offers the peers that reserve a
+            // place (a relay without one is refused by them).
+            let routable = !address.iter().any(|p| match p {
+                libp2p::multiaddr::Protocol::Ip4(ip) => ip.is_loopback() || ip.is_unspecified(),
+                libp2p::multiaddr::Protocol::Ip6(ip) => ip.is_loopback() || ip.is_unspecified(),
+                _ => false,
+            });
+            if swarm.behaviour().relay_server.is_enabled()
+                && routable
+                && !reach::is_relayed(&address)
+            {
+                swarm.add_external_address(address.clone());
+            }
             listening.insert(address.clone());
             Some(NetEvent::Listening(address))
+        }
+        SwarmEvent::ExpiredListenAddr { address, .. } => {
+            listening.remove(&address);
+            None
         }
         SwarmEvent::ConnectionEstablished {
             peer_id,

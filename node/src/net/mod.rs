@@ -348,6 +348,10 @@ pub struct Reach {
     pub hole_punches_succeeded: u64,
     /// Hole punches that failed (the connection stays relayed).
     pub hole_punches_failed: u64,
+    /// The peers a hole punch reached (at most 64, sorted).
+    pub hole_punched_peers: Vec<String>,
+    /// The peers a hole punch failed with (at most 64, sorted).
+    pub hole_punch_failed_peers: Vec<String>,
     /// Reservations relays accepted for this node (it listens through them).
     pub relay_reservations: u64,
     /// Whether this node serves as a relay.
@@ -646,13 +650,11 @@ pub fn spawn(
                 reason: "a relay's address must end in /p2p/<relay peer id>".into(),
             });
         }
-        let circuit = relay.clone().with(libp2p::multiaddr::Protocol::P2pCircuit);
-        swarm
-            .listen_on(circuit.clone())
-            .map_err(|e| NetError::Listen {
-                addr: circuit,
-                reason: e.to_string(),
-            })?;
+        // (Listening through it starts in the task, and starts again
+        // whenever it stops: the relay was not up yet, or went away.)
+        if let Some(peer) = peer_of_addr(relay) {
+            swarm.behaviour_mut().kad.add_address(&peer, relay.clone());
+        }
     }
     let reach = Reach {
         nat_status: "unknown".into(),
@@ -696,7 +698,7 @@ pub fn spawn(
         outbox,
         view_tx,
         metrics,
-        config.bootstrap.clone(),
+        (config.bootstrap.clone(), config.relays.clone()),
         faults,
     ));
     Ok((
@@ -756,10 +758,13 @@ async fn run(
     mut outbox: Outbox,
     view: watch::Sender<NetSnapshot>,
     metrics: libp2p::metrics::Metrics,
-    bootstrap: Vec<Multiaddr>,
+    (bootstrap, relays): (Vec<Multiaddr>, Vec<Multiaddr>),
     faults: Counter,
 ) {
     let mut reach = view.borrow().reach.clone();
+    // Listening through each relay: its listener, while it is open.
+    let mut through: HashMap<libp2p::core::transport::ListenerId, Multiaddr> = HashMap::new();
+    listen_through(&mut swarm, &relays, &mut through);
     let mut pending = Pending::default();
     let mut connections: HashMap<libp2p::swarm::ConnectionId, Connection> = HashMap::new();
     let mut penalties = scoring::AppPenalties::default();
@@ -772,6 +777,7 @@ async fn run(
         tokio::select! {
             _ = redial.tick() => {
                 show(&swarm, &listening, &view, &reach);
+                listen_through(&mut swarm, &relays, &mut through);
                 for (peer, score) in penalties.fade(std::time::Instant::now()) {
                     swarm.behaviour_mut().gossipsub.set_application_score(&peer, score);
                 }
@@ -813,6 +819,11 @@ async fn run(
             }
             event = swarm.select_next_some() => {
                 record(&metrics, &event);
+                if let SwarmEvent::ListenerClosed { listener_id, reason, .. } = &event
+                    && let Some(relay) = through.remove(listener_id)
+                {
+                    tracing::info!(%relay, ?reason, "no longer listening through the relay; trying again shortly");
+                }
                 let changed = reach::note(&mut reach, &mut connections, &event);
                 let event = handle_event(&mut swarm, &mut pending, &mut listening, event);
                 if changed {
@@ -827,6 +838,26 @@ async fn run(
         }
     }
     tracing::debug!("network task stopped");
+}
+
+/// Listens through each relay not listened through now.
+fn listen_through(
+    swarm: &mut Swarm<Behaviour>,
+    relays: &[Multiaddr],
+    through: &mut HashMap<libp2p::core::transport::ListenerId, Multiaddr>,
+) {
+    for relay in relays {
+        if through.values().any(|r| r == relay) {
+            continue;
+        }
+        let circuit = relay.clone().with(libp2p::multiaddr::Protocol::P2pCircuit);
+        match swarm.listen_on(circuit) {
+            Ok(id) => {
+                through.insert(id, relay.clone());
+            }
+            Err(e) => tracing::warn!(%relay, error = %e, "cannot listen through the relay"),
+        }
+    }
 }
 
 fn handle_command(swarm: &mut Swarm<Behaviour>, pending: &mut Pending, command: Command) {

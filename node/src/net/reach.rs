@@ -13,6 +13,16 @@ pub fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
 
+/// Adds `peer` to a sorted list of at most 64.
+fn remember(list: &mut Vec<String>, peer: &PeerId) {
+    let peer = peer.to_string();
+    if let Err(at) = list.binary_search(&peer)
+        && list.len() < 64
+    {
+        list.insert(at, peer);
+    }
+}
+
 /// Notes what `event` changes of `reach`; returns whether the snapshot
 /// should be shown again.
 pub(super) fn note(
@@ -27,13 +37,14 @@ pub(super) fn note(
             endpoint,
             ..
         } => {
-            let address = endpoint.get_remote_address();
+            // (An inbound relayed connection's remote address is only the
+            // peer id; its local one is the circuit.)
             connections.insert(
                 *connection_id,
                 Connection {
                     peer: peer_id.to_string(),
-                    address: address.to_string(),
-                    relayed: is_relayed(address),
+                    address: endpoint.get_remote_address().to_string(),
+                    relayed: endpoint.is_relayed(),
                 },
             );
         }
@@ -61,10 +72,12 @@ pub(super) fn note(
             Ok(_) => {
                 tracing::info!(peer = %remote_peer_id, "hole punched: a direct connection");
                 reach.hole_punches_succeeded += 1;
+                remember(&mut reach.hole_punched_peers, remote_peer_id);
             }
             Err(e) => {
                 tracing::info!(peer = %remote_peer_id, error = %e, "hole punch failed; the connection stays relayed");
                 reach.hole_punches_failed += 1;
+                remember(&mut reach.hole_punch_failed_peers, remote_peer_id);
             }
         },
         SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
