@@ -82,15 +82,22 @@ impl std::str::FromStr for NatKind {
     }
 }
 
+/// An address and port.
+type Endpoint = ([u8; 4], u16);
+
+/// A mapping's key: protocol, inside port, and for a symmetric NAT the
+/// destination.
+type MapKey = (u8, u16, Option<Endpoint>);
+
 /// One NAT's mappings.
 #[derive(Debug, Default)]
 struct NatTable {
     /// (protocol, inside port, the destination for a symmetric NAT) →
     /// outside port.
-    out: HashMap<(u8, u16, Option<([u8; 4], u16)>), u16>,
+    out: HashMap<MapKey, u16>,
     /// (protocol, outside port) → (inside port, the addresses and ports
     /// it has sent to).
-    back: HashMap<(u8, u16), (u16, HashSet<([u8; 4], u16)>)>,
+    back: HashMap<(u8, u16), (u16, HashSet<Endpoint>)>,
     next: u16,
 }
 
