@@ -421,6 +421,8 @@ fn behind_cone_nat_hole_punching_connects_directly_behind_symmetric_nat_the_rela
     }
     assert_eq!(reach(0)["relay_server"], true);
     assert!(reach(0)["circuits_relayed"].as_u64().unwrap() >= 2);
+    // Within the relay's limits: nothing refused.
+    assert_eq!(reach(0)["circuits_refused"], 0);
     // Connections of `i` to `j`: (direct ones, relayed ones).
     let links = |i: usize, j: usize| {
         let conns = reach(i)["connections"].as_array().unwrap().clone();
