@@ -567,6 +567,21 @@ pub(super) async fn verify_offered(
             let Err(VersionRejection::UnknownParent(p)) = &recomputed else {
                 break;
             };
+            // Only a foreign head (its manifest from the store or the
+            // peers that offered the version); another unknown parent is
+            // this region's, for attestations or for later.
+            let held = ctx.store.get_model_manifest(p).ok().flatten();
+            let region = match held {
+                Some(v) => Some(v.message().region.clone()),
+                None => fetch_manifest(&ctx.net, providers, *p)
+                    .await
+                    .and_then(|b| Signed::<ModelManifest>::open(&b).ok())
+                    .filter(|v| v.id() == *p)
+                    .map(|v| v.message().region.clone()),
+            };
+            if region.is_none_or(|r| r == ctx.cfg.region) {
+                break;
+            }
             let env = federating::ForeignEnv {
                 net: &ctx.net,
                 store: &ctx.store,
