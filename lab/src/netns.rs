@@ -520,7 +520,7 @@ impl Lab {
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             // A dial into a NAT that drops it fails in seconds, not minutes.
-            let _ = Command::new("ip")
+            let shortened = Command::new("ip")
                 .args([
                     "netns",
                     "exec",
@@ -530,7 +530,13 @@ impl Lab {
                     "-w",
                     "net.ipv4.tcp_syn_retries=1",
                 ])
-                .status();
+                .status()
+                .is_ok_and(|s| s.success());
+            if !shortened && i == 0 {
+                eprintln!(
+                    "tapestry-lab: cannot shorten TCP's SYN retries in the namespaces (sysctl, from procps): dials into a NAT take about two minutes to fail"
+                );
+            }
             devices.push(file);
         }
         let host = format!("tpb{pid}");
