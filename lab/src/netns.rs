@@ -588,11 +588,6 @@ impl Lab {
         self.state.stats.dropped_nat.load(Ordering::Relaxed)
     }
 
-    /// The public address of node `i`'s NAT (when it is behind one).
-    pub fn nat_address(&self, i: usize) -> Ipv4Addr {
-        Ipv4Addr::from(self.plan.nat_address(i))
-    }
-
     /// What the router did so far: (forwarded, dropped by loss, dropped by
     /// a partition).
     pub fn stats(&self) -> (u64, u64, u64) {

@@ -153,7 +153,8 @@ pub struct ForeignHeadStatus {
     pub region: String,
     /// Its manifest id.
     pub head: String,
-    /// How many of its region's roster members vouched for it.
+    /// How many of its region's roster members vouched for it (for a head
+    /// this node had taken before, the threshold it met then).
     pub vouchers: usize,
     /// L2 distance between its parameters and the own head's.
     pub distance: f64,

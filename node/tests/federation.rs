@@ -105,22 +105,6 @@ fn federate(node: &Path, all: &[Region<'_>], every: u64) {
     std::fs::write(&cfg, text).unwrap();
 }
 
-/// The digits with labels in `classes`, unscaled, as CSV at `path`.
-fn digits_of(classes: std::ops::Range<u32>, path: &Path) {
-    let all = data::load_csv(&tapestry_testkit::digits_path(), CsvOptions::default()).unwrap();
-    let mut out = String::new();
-    for (i, label) in all.labels.iter().enumerate() {
-        if classes.contains(label) {
-            let row = &all.features[i * all.n_features..(i + 1) * all.n_features];
-            for v in row {
-                out.push_str(&format!("{v},"));
-            }
-            out.push_str(&format!("{label}\n"));
-        }
-    }
-    std::fs::write(path, out).unwrap();
-}
-
 struct Node {
     dir: PathBuf,
     process: NodeProcess,
@@ -237,8 +221,8 @@ fn two_permissioned_regions_mix_their_heads_on_each_others_attestations() {
     }
     // Each region holds half of the classes.
     let (east_data, west_data) = (tmp.path().join("east.csv"), tmp.path().join("west.csv"));
-    digits_of(0..5, &east_data);
-    digits_of(5..10, &west_data);
+    tapestry_testkit::write_digits_of(0..5, &east_data);
+    tapestry_testkit::write_digits_of(5..10, &west_data);
 
     let e0 = Node::start(&east[0], &east_data, 0, &[]);
     let boot = e0.address();

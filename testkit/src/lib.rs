@@ -76,6 +76,23 @@ pub fn digits_split() -> (Dataset, Dataset) {
         .unwrap_or_else(|e| panic!("splitting the digits: {e}"))
 }
 
+/// Writes the digits whose labels are in `classes`, unscaled, as CSV
+/// (label last) at `path`: a region's or a node's own share of the classes.
+pub fn write_digits_of(classes: std::ops::Range<u32>, path: &std::path::Path) {
+    let all = data::load_csv(&digits_path(), CsvOptions::default())
+        .unwrap_or_else(|e| panic!("the digits data set does not load: {e}"));
+    let mut out = String::new();
+    for (i, label) in all.labels.iter().enumerate() {
+        if classes.contains(label) {
+            for v in &all.features[i * all.n_features..(i + 1) * all.n_features] {
+                out.push_str(&format!("{v},"));
+            }
+            out.push_str(&format!("{label}\n"));
+        }
+    }
+    std::fs::write(path, out).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
 /// Logistic regression on the digits: 64 inputs, ten classes.
 pub fn logistic() -> ModelSpec {
     ModelSpec::Logistic {

@@ -340,22 +340,6 @@ fn a_compose_swarm_trains_survives_a_stop_and_a_cut_and_is_torn_down() {
     assert!(volumes.trim().is_empty(), "volumes left: {volumes}");
 }
 
-/// The digits with labels in `classes`, unscaled, as CSV at `path`.
-fn digits_of(classes: std::ops::Range<u32>, path: &std::path::Path) {
-    use tapestry_core::data;
-    let all = data::load_csv(&digits(), data::CsvOptions::default()).unwrap();
-    let mut out = String::new();
-    for (i, label) in all.labels.iter().enumerate() {
-        if classes.contains(label) {
-            for v in &all.features[i * all.n_features..(i + 1) * all.n_features] {
-                out.push_str(&format!("{v},"));
-            }
-            out.push_str(&format!("{label}\n"));
-        }
-    }
-    std::fs::write(path, out).unwrap();
-}
-
 #[test]
 fn two_federated_regions_in_compose_end_on_one_model_that_knows_every_class() {
     if !docker_or_skip("federated regions") {
@@ -364,8 +348,8 @@ fn two_federated_regions_in_compose_end_on_one_model_that_knows_every_class() {
     let pid = std::process::id();
     let data = tempfile::tempdir().unwrap();
     let (east, west) = (data.path().join("east.csv"), data.path().join("west.csv"));
-    digits_of(0..5, &east);
-    digits_of(5..10, &west);
+    tapestry_testkit::write_digits_of(0..5, &east);
+    tapestry_testkit::write_digits_of(5..10, &west);
     let rounds = 12;
     let swarm = Swarm {
         file: "compose.federation.yaml",

@@ -52,7 +52,6 @@ use events::*;
 pub use outbox::Events;
 pub(crate) use outbox::QueuedBytes;
 use outbox::*;
-pub use reach::is_relayed;
 
 /// The identify protocol version of Tapestry nodes.
 pub const PROTOCOL_VERSION: &str = "/tapestry/1";

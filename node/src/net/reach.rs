@@ -9,7 +9,7 @@ use libp2p::{autonat, dcutr, relay};
 use super::*;
 
 /// Whether an address goes through a relay.
-pub fn is_relayed(addr: &Multiaddr) -> bool {
+pub(super) fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
 
