@@ -1,6 +1,7 @@
 //! Training throughput of the byte-level transformer: tokens per second of
 //! one training step (forward, backward, AdamW), the step a node takes in
-//! its local training, for a few shapes and batch sizes, on windows of
+//! its local training (hand-written passes), against the same step through
+//! candle's autograd, alternating in one run, for a few shapes and batch sizes, on windows of
 //! real text (the fortunes corpus). Also gives the step's rough FLOP
 //! count, so the figure can be set against what the CPU could do and
 //! against the same step in PyTorch (`tools/torch-throughput`).
@@ -50,8 +51,8 @@ fn main() {
         .train;
     println!("kernel threads: {threads}");
     println!(
-        "{:<18} {:>6} {:>10} {:>12} {:>12} {:>10}",
-        "shape", "batch", "params", "tokens/s", "ms/step", "GFLOP/s"
+        "{:<18} {:>6} {:>10} {:>16} {:>12} {:>12} {:>10}",
+        "shape", "batch", "params", "step", "tokens/s", "ms/step", "GFLOP/s"
     );
     for (layers, width, heads, context, batch) in CASES {
         let t = Transformer::new(layers, width, heads, context).unwrap();
@@ -64,43 +65,60 @@ fn main() {
                 eps: 1e-8,
             },
         };
-        let mut params = t.init(1);
-        let mut state = InnerState::default();
+        // The core's step (hand-written passes) and the step through
+        // candle's autograd, alternating, each from its own parameters.
+        let mut params = [t.init(1), t.init(1)];
+        let mut states = [InnerState::default(), InnerState::default()];
         let mut seed = 0u64;
-        let mut step = |params: &mut Vec<f32>| {
+        let mut step = |which: usize, params: &mut [Vec<f32>; 2], states: &mut [InnerState; 2]| {
             seed += 1;
-            *params = t
-                .train_local(params, &text, &cfg, &mut state, seed)
-                .unwrap()
-                .0;
+            let p = std::mem::take(&mut params[which]);
+            params[which] = if which == 0 {
+                t.train_local_owned(p, &text, &cfg, &mut states[which], seed)
+            } else {
+                t.train_local_autograd(p, &text, &cfg, &mut states[which], seed)
+            }
+            .unwrap()
+            .0;
         };
-        for _ in 0..2 {
-            step(&mut params);
+        for which in [0, 1, 0, 1] {
+            step(which, &mut params, &mut states);
         }
-        let mut rates: Vec<f64> = (0..REPEATS)
-            .map(|_| {
+        let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        for _ in 0..REPEATS {
+            for which in [0, 1] {
                 let started = Instant::now();
                 let mut steps = 0usize;
                 while started.elapsed() < MIN_TIME {
-                    step(&mut params);
+                    step(which, &mut params, &mut states);
                     steps += 1;
                 }
-                steps as f64 / started.elapsed().as_secs_f64()
-            })
-            .collect();
-        rates.sort_by(f64::total_cmp);
-        let steps_per_s = rates[REPEATS / 2];
-        let tokens = (batch * context) as f64 * steps_per_s;
-        let gflops =
-            flops_per_window(&t, layers, width, context) * batch as f64 * steps_per_s / 1e9;
-        println!(
-            "{:<18} {:>6} {:>10} {:>12.0} {:>12.1} {:>10.2}",
-            format!("{layers},{width},{heads},{context}"),
-            batch,
-            t.n_params(),
-            tokens,
-            1e3 / steps_per_s,
-            gflops
-        );
+                rates[which].push(steps as f64 / started.elapsed().as_secs_f64());
+            }
+        }
+        let mut medians = [0f64; 2];
+        for (m, r) in medians.iter_mut().zip(rates.iter_mut()) {
+            r.sort_by(f64::total_cmp);
+            *m = r[REPEATS / 2];
+        }
+        for (name, steps_per_s) in [
+            ("hand-written", medians[0]),
+            ("candle autograd", medians[1]),
+        ] {
+            let tokens = (batch * context) as f64 * steps_per_s;
+            let gflops =
+                flops_per_window(&t, layers, width, context) * batch as f64 * steps_per_s / 1e9;
+            println!(
+                "{:<18} {:>6} {:>10} {:>16} {:>12.0} {:>12.1} {:>10.2}",
+                format!("{layers},{width},{heads},{context}"),
+                batch,
+                t.n_params(),
+                name,
+                tokens,
+                1e3 / steps_per_s,
+                gflops
+            );
+        }
+        println!("  hand-written / autograd: {:.2}×", medians[0] / medians[1]);
     }
 }

@@ -20,6 +20,7 @@
 //! ReLU was open.
 
 use super::data::Dataset;
+use super::linalg::{View, matmul};
 use super::model::{InnerOptimizer, InnerState, step_slices};
 
 /// Most weight-gradient values held at once (a block of output rows).
@@ -27,110 +28,6 @@ pub const GRAD_BLOCK: usize = 1 << 16;
 
 /// Rows evaluated per forward pass (bounds evaluation's activations).
 const EVAL_ROWS: usize = 256;
-
-/// A read-only matrix view: `rows × cols` values of `data`, element
-/// `(r, c)` at `r · rs + c · cs`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> View<'a> {
-    /// A row-major matrix.
-    fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        View {
-            data,
-            rows,
-            cols,
-            rs: cols,
-            cs: 1,
-        }
-    }
-
-    /// The transpose of a row-major `cols × rows` matrix.
-    fn transposed(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        View {
-            data,
-            rows,
-            cols,
-            rs: 1,
-            cs: rows,
-        }
-    }
-
-    /// Whether every element lies inside `data`.
-    fn in_bounds(&self) -> bool {
-        if self.rows == 0 || self.cols == 0 {
-            return true;
-        }
-        let last = (self.rows - 1)
-            .checked_mul(self.rs)
-            .and_then(|a| (self.cols - 1).checked_mul(self.cs).map(|b| (a, b)))
-            .and_then(|(a, b)| a.checked_add(b));
-        last.is_some_and(|l| l < self.data.len())
-    }
-}
-
-/// `dst = lhs · rhs`, `dst` row-major `lhs.rows × rhs.cols`.
-///
-/// # Panics
-/// If the shapes do not agree or a view reaches outside its slice: the
-/// callers below build every view from the layer sizes, so this is a bug,
-/// never input, and it is checked before any pointer is used.
-fn matmul(dst: &mut [f32], lhs: View<'_>, rhs: View<'_>) {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    assert!(
-        rhs.rows == k && dst.len() >= m * n && lhs.in_bounds() && rhs.in_bounds(),
-        "matmul: {m}×{k} · {}×{n} into {} values",
-        rhs.rows,
-        dst.len()
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        dst[..m * n].fill(0.0);
-        return;
-    }
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    #[allow(unsafe_code)]
-    // SAFETY: the assertion above keeps every element `gemm` reads or
-    // writes inside its slice (`dst` row-major m × n, the views checked by
-    // `in_bounds`); `dst` is borrowed mutably, so it aliases neither input.
-    // With `read_dst = false`, `dst := 1 · lhs · rhs`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-}
 
 /// The (in, out) sizes of each layer and where its weight starts in the
 /// flat vector (its bias follows the weight).

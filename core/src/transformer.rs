@@ -26,6 +26,7 @@ use crate::model::{
     layout_vars,
 };
 use crate::text::{window_rng, windows};
+use crate::transformer_passes::Forward;
 
 /// The vocabulary: one symbol per byte value.
 pub const VOCAB: usize = 256;
@@ -34,10 +35,10 @@ pub const VOCAB: usize = 256;
 pub const MAX_CONTEXT: usize = 4096;
 
 /// LayerNorm's ε, as in GPT-2.
-const LN_EPS: f64 = 1e-5;
+pub(crate) const LN_EPS: f64 = 1e-5;
 
 /// Tensors per block, in layout order.
-const PER_BLOCK: usize = 12;
+pub(crate) const PER_BLOCK: usize = 12;
 
 /// The shape of a byte-level transformer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,12 +210,12 @@ impl Transformer {
                 self.context
             )));
         }
-        let device = Device::Cpu;
-        let vars = self.vars(params, &device)?;
-        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let x: Vec<u32> = bytes.iter().map(|b| u32::from(*b)).collect();
-        let x = Tensor::from_vec(x, (1, bytes.len()), &device)?;
-        Ok(self.logits(&tensors, &x)?.to_vec2::<f32>()?)
+        let fwd = Forward::run(self, params, bytes, 1, bytes.len());
+        Ok(fwd
+            .logits
+            .chunks_exact(VOCAB)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 
     /// A Hugging Face `config.json` for GPT-2 (`GPT2LMHeadModel`) with this
@@ -359,11 +360,40 @@ impl Transformer {
     /// on them in place, with no copy.
     pub fn train_local_owned(
         &self,
+        p: Vec<f32>,
+        text: &[u8],
+        config: &TrainConfig,
+        state: &mut InnerState,
+        seed: u64,
+    ) -> Result<(Vec<f32>, TrainReport), ModelError> {
+        self.train(p, text, config, state, seed, false)
+    }
+
+    /// [`Transformer::train_local_owned`] through candle's autograd (the
+    /// parameters made tensors, `backward`, each gradient read from
+    /// candle's storage): how the core trained before its hand-written
+    /// passes, kept as the reference they are checked and benchmarked
+    /// against. The same steps to within float rounding.
+    #[doc(hidden)]
+    pub fn train_local_autograd(
+        &self,
+        p: Vec<f32>,
+        text: &[u8],
+        config: &TrainConfig,
+        state: &mut InnerState,
+        seed: u64,
+    ) -> Result<(Vec<f32>, TrainReport), ModelError> {
+        self.train(p, text, config, state, seed, true)
+    }
+
+    fn train(
+        &self,
         mut p: Vec<f32>,
         text: &[u8],
         config: &TrainConfig,
         state: &mut InnerState,
         seed: u64,
+        autograd: bool,
     ) -> Result<(Vec<f32>, TrainReport), ModelError> {
         self.check(&p)?;
         if config.batch_size == 0 || config.local_steps == 0 {
@@ -376,6 +406,7 @@ impl Transformer {
         state.fit(p.len(), &config.optimizer);
         let mut loss_sum = 0f64;
         let mut samples = 0u64;
+        let mut grad = Vec::new();
         for _ in 0..config.local_steps {
             let windows =
                 windows(text, config.batch_size, self.context + 1, &mut rng).ok_or_else(|| {
@@ -385,14 +416,25 @@ impl Transformer {
                         self.context + 1
                     ))
                 })?;
-            let (x, y) = window_tensors(&windows, &device)?;
-            let vars = self.vars(&p, &device)?;
-            let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-            let loss = cross_entropy(&self.logits(&tensors, &x)?, &y)?;
-            loss_sum += f64::from(loss.to_scalar::<f32>()?);
+            if autograd {
+                let (x, y) = window_tensors(&windows, &device)?;
+                let vars = self.vars(&p, &device)?;
+                let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+                let loss = cross_entropy(&self.logits(&tensors, &x)?, &y)?;
+                loss_sum += f64::from(loss.to_scalar::<f32>()?);
+                let grads = loss.backward()?;
+                apply_grads(&config.optimizer, &mut p, &grads, &vars, state)?;
+            } else {
+                let (x, y) = window_bytes(&windows);
+                let mut fwd = Forward::run(self, &p, &x, windows.len(), self.context);
+                let nats = fwd.cross_entropy(&y, true);
+                loss_sum += nats / y.len().max(1) as f64;
+                grad.resize(p.len(), 0.0);
+                fwd.backward(self, &p, &x, &mut grad);
+                let t = state.next_step();
+                state.step(&config.optimizer, &mut p, &grad, 0, t);
+            }
             samples += (windows.len() * self.context) as u64;
-            let grads = loss.backward()?;
-            apply_grads(&config.optimizer, &mut p, &grads, &vars, state)?;
         }
         Ok((
             p,
@@ -440,16 +482,12 @@ impl Transformer {
             .take(max_windows.max(1))
             .map(|at| &text[at..at + len])
             .collect();
-        let device = Device::Cpu;
-        let vars = self.vars(params, &device)?;
-        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let (mut nats, mut count) = (0f64, 0usize);
         for batch in windows.chunks(16) {
-            let (x, y) = window_tensors(batch, &device)?;
-            let predicted = batch.len() * (len - 1);
-            let mean = cross_entropy(&self.logits(&tensors, &x)?, &y)?.to_scalar::<f32>()?;
-            nats += f64::from(mean) * predicted as f64;
-            count += predicted;
+            let (x, y) = window_bytes(batch);
+            let mut fwd = Forward::run(self, params, &x, batch.len(), len - 1);
+            nats += fwd.cross_entropy(&y, false);
+            count += y.len();
         }
         Ok((nats / count as f64 / std::f64::consts::LN_2, count))
     }
@@ -472,9 +510,6 @@ impl Transformer {
                 "temperature {temperature} must be finite and ≥ 0"
             )));
         }
-        let device = Device::Cpu;
-        let vars = self.vars(params, &device)?;
-        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut seq: Vec<u8> = if prompt.is_empty() {
             b"\n".to_vec()
@@ -484,14 +519,14 @@ impl Transformer {
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             let from = seq.len().saturating_sub(self.context);
-            let ctx: Vec<u32> = seq[from..].iter().map(|b| u32::from(*b)).collect();
+            let ctx = &seq[from..];
             let t = ctx.len();
-            let x = Tensor::from_vec(ctx, (1, t), &device)?;
-            let logits = self.logits(&tensors, &x)?.get(t - 1)?.to_vec1::<f32>()?;
+            let fwd = Forward::run(self, params, ctx, 1, t);
+            let logits = &fwd.logits[(t - 1) * VOCAB..];
             let next = if temperature == 0.0 {
-                argmax(&logits)
+                argmax(logits)
             } else {
-                draw(&logits, temperature, &mut rng)
+                draw(logits, temperature, &mut rng)
             };
             out.push(next);
             seq.push(next);
@@ -517,6 +552,20 @@ fn window_tensors(windows: &[&[u8]], device: &Device) -> Result<(Tensor, Tensor)
         Tensor::from_vec(x, (windows.len(), t), device)?,
         Tensor::from_vec(onehot, (windows.len() * t, VOCAB), device)?,
     ))
+}
+
+/// Inputs (`B × (len − 1)` bytes, row-major) and targets (the byte after
+/// each input) of equally long windows.
+fn window_bytes(windows: &[&[u8]]) -> (Vec<u8>, Vec<u8>) {
+    let mut x = Vec::new();
+    let mut y = Vec::new();
+    for w in windows {
+        if let Some((_, inputs)) = w.split_last() {
+            x.extend_from_slice(inputs);
+            y.extend_from_slice(&w[1..]);
+        }
+    }
+    (x, y)
 }
 
 /// A standard normal, approximately: the sum, in f32 and in order, of 12
@@ -630,21 +679,120 @@ mod tests {
         assert!((0.015..0.025).contains(&sd), "{sd}");
     }
 
+    /// The logits through candle's tensor operations (the autograd path).
+    fn candle_logits(m: &Transformer, p: &[f32], bytes: &[u8]) -> Vec<Vec<f32>> {
+        let vars = m.vars(p, &Device::Cpu).unwrap();
+        let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let x: Vec<u32> = bytes.iter().map(|b| u32::from(*b)).collect();
+        let x = Tensor::from_vec(x, (1, bytes.len()), &Device::Cpu).unwrap();
+        m.logits(&t, &x).unwrap().to_vec2::<f32>().unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
     #[test]
     fn a_byte_sees_only_the_bytes_before_it() {
         let m = tiny();
         let p = m.init(1);
-        let vars = m.vars(&p, &Device::Cpu).unwrap();
-        let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let run = |bytes: &[u8]| {
-            let x: Vec<u32> = bytes.iter().map(|b| u32::from(*b)).collect();
-            let x = Tensor::from_vec(x, (1, bytes.len()), &Device::Cpu).unwrap();
-            m.logits(&t, &x).unwrap().to_vec2::<f32>().unwrap()
-        };
-        let a = run(b"hello world");
-        let b = run(b"hello there");
-        assert_eq!(a[..6], b[..6], "the first six positions saw the same bytes");
-        assert_ne!(a[6], b[6]);
+        for run in [
+            |m: &Transformer, p: &[f32], b: &[u8]| m.logits_of(p, b).unwrap(),
+            candle_logits,
+        ] {
+            let a = run(&m, &p, b"hello world");
+            let b = run(&m, &p, b"hello there");
+            assert_eq!(a[..6], b[..6], "the first six positions saw the same bytes");
+            assert_ne!(a[6], b[6]);
+        }
+    }
+
+    #[test]
+    fn hand_written_passes_match_candle_autograd() {
+        let text: Vec<u8> =
+            "Der Zug fährt um acht. El tren sale a las ocho. Поезд уходит в восемь. "
+                .repeat(8)
+                .into_bytes();
+        for shape in ["1,16,2,16", "2,24,3,8", "3,32,4,12"] {
+            let m: Transformer = shape.parse().unwrap();
+            let p = m.init(5);
+            // A full context, and a shorter sequence.
+            for bytes in [&text[3..3 + m.context], &text[40..45]] {
+                let hand: Vec<f32> = m.logits_of(&p, bytes).unwrap().concat();
+                let reference: Vec<f32> = candle_logits(&m, &p, bytes).concat();
+                let d = max_diff(&hand, &reference);
+                assert!(d < 1e-5, "{shape}: logits differ by {d}");
+            }
+            for optimizer in [
+                InnerOptimizer::SgdMomentum {
+                    lr: 0.5,
+                    momentum: 0.9,
+                },
+                InnerOptimizer::AdamW {
+                    lr: 1e-2,
+                    weight_decay: 0.01,
+                    eps: crate::model::TEXT_ADAM_EPS,
+                },
+            ] {
+                let config = TrainConfig {
+                    local_steps: 4,
+                    batch_size: 3,
+                    optimizer,
+                };
+                let (mut sa, mut sb) = (InnerState::default(), InnerState::default());
+                let (a, ra) = m
+                    .train_local_owned(p.clone(), &text, &config, &mut sa, 11)
+                    .unwrap();
+                let (b, rb) = m
+                    .train_local_autograd(p.clone(), &text, &config, &mut sb, 11)
+                    .unwrap();
+                let moved = max_diff(&a, &p);
+                let d = max_diff(&a, &b);
+                assert!(
+                    moved > 1e-3,
+                    "{shape} {optimizer:?}: training moved {moved}"
+                );
+                assert!(
+                    d < 1e-4 * moved.max(1.0),
+                    "{shape} {optimizer:?}: {d} apart after 4 steps (moved {moved})"
+                );
+                assert!((ra.mean_loss - rb.mean_loss).abs() < 1e-4, "{ra:?} {rb:?}");
+                assert_eq!(ra.samples, rb.samples);
+                let dm = max_diff(&sa.m, &sb.m);
+                assert!(dm < 1e-4, "{shape} {optimizer:?}: moments {dm} apart");
+            }
+            // Bits per byte over several windows (batches of windows, the
+            // last one shorter) against candle's logits.
+            let held_out = &text[..200];
+            let hand = m.bits_per_byte(&p, held_out, 100).unwrap();
+            let len = m.context + 1;
+            let (mut nats, mut count) = (0f64, 0usize);
+            let mut at = 0;
+            while at + len <= held_out.len() {
+                let w = &held_out[at..at + len];
+                let logits = candle_logits(&m, &p, &w[..len - 1]);
+                for (row, y) in logits.iter().zip(&w[1..]) {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let lse = row
+                        .iter()
+                        .map(|v| f64::from(v - max).exp())
+                        .sum::<f64>()
+                        .ln();
+                    nats += lse - f64::from(row[usize::from(*y)] - max);
+                    count += 1;
+                }
+                at += len - 1;
+            }
+            let reference = nats / count as f64 / std::f64::consts::LN_2;
+            assert!(
+                (hand - reference).abs() < 1e-4,
+                "{shape}: {hand} against {reference}"
+            );
+        }
     }
 
     #[test]
