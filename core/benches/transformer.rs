@@ -6,7 +6,7 @@
 //! count, so the figure can be set against what the CPU could do and
 //! against the same step in PyTorch (`tools/torch-throughput`).
 //!
-//! `cargo bench -p tapestry-core --bench transformer` (one kernel thread:
+//! `cargo bench -p tapestry-core --bench transformer [-- SHAPE]` (one kernel thread:
 //! `.cargo/config.toml` sets `RAYON_NUM_THREADS=1`; set it to 2 for two)
 //! (needs the fortunes corpus at `../shared/data/fortunes/`).
 
@@ -54,7 +54,13 @@ fn main() {
         "{:<18} {:>6} {:>10} {:>16} {:>12} {:>12} {:>10}",
         "shape", "batch", "params", "step", "tokens/s", "ms/step", "GFLOP/s"
     );
+    // `-- SHAPE` runs only the cases of that shape (e.g. `4,144,4,64`).
+    let only: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     for (layers, width, heads, context, batch) in CASES {
+        let shape = format!("{layers},{width},{heads},{context}");
+        if only.as_ref().is_some_and(|o| *o != shape) {
+            continue;
+        }
         let t = Transformer::new(layers, width, heads, context).unwrap();
         let cfg = TrainConfig {
             local_steps: 1,

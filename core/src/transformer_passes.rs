@@ -107,9 +107,9 @@ fn layer_norm(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 /// The layer norm's backward pass: adds the input's gradient to `dx` and
 /// the gain's and bias's to `dgain`, `dbias`, from the output's `dy`.
+#[allow(clippy::too_many_arguments)]
 fn layer_norm_backward(
     dy: &[f32],
     xhat: &[f32],
@@ -208,14 +208,35 @@ fn linear_backward(
 /// √(2/π), GELU's tanh approximation's constant.
 const GELU_C: f32 = 0.797_884_6;
 
+/// tanh as a rational function (the approximation of Eigen's
+/// `generic_fast_tanh_float`, within 4·10⁻⁷ of the exact value over the
+/// reals): some seven times faster than the C library's `tanhf`, which took
+/// a quarter of a million-parameter model's step in GELU alone.
+fn tanh(x: f32) -> f32 {
+    let x = x.clamp(-7.905_311, 7.905_311);
+    let x2 = x * x;
+    let mut p = -2.760_768_5e-16f32;
+    p = p * x2 + 2.000_187_9e-13;
+    p = p * x2 - 8.604_672e-11;
+    p = p * x2 + 5.122_297e-8;
+    p = p * x2 + 1.485_722_4e-5;
+    p = p * x2 + 6.372_619_3e-4;
+    p = p * x2 + 4.893_524_6e-3;
+    let mut q = 1.198_258_4e-6f32;
+    q = q * x2 + 1.185_347_1e-4;
+    q = q * x2 + 2.268_434_6e-3;
+    q = q * x2 + 4.893_525e-3;
+    x * p / q
+}
+
 /// GELU, tanh approximation (GPT-2's and candle's `gelu`).
 fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + (GELU_C * (x + 0.044_715 * x * x * x)).tanh())
+    0.5 * x * (1.0 + tanh(GELU_C * (x + 0.044_715 * x * x * x)))
 }
 
 /// The derivative of [`gelu`].
 fn gelu_grad(x: f32) -> f32 {
-    let th = (GELU_C * (x + 0.044_715 * x * x * x)).tanh();
+    let th = tanh(GELU_C * (x + 0.044_715 * x * x * x));
     0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * GELU_C * (1.0 + 3.0 * 0.044_715 * x * x)
 }
 
@@ -565,4 +586,24 @@ fn split_block<'a>(grad: &'a mut [f32], offs: &[usize], k: usize) -> [&'a mut [f
         rest = tail;
         head
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rational_tanh_is_within_half_a_micro_of_the_exact_one() {
+        let mut worst = 0f32;
+        for i in -200_000..=200_000 {
+            let x = i as f32 * 1e-4;
+            worst = worst.max((tanh(x) - x.tanh()).abs());
+        }
+        for x in [-1e30f32, -50.0, 7.9, 8.0, 1e30] {
+            worst = worst.max((tanh(x) - x.tanh()).abs());
+        }
+        assert!(worst < 5e-7, "{worst}");
+        assert_eq!(tanh(0.0), 0.0);
+        assert!(tanh(1e-30) > 0.0 && tanh(-1e-30) < 0.0);
+    }
 }
