@@ -210,7 +210,8 @@ impl Transformer {
                 self.context
             )));
         }
-        let fwd = Forward::run(self, params, bytes, 1, bytes.len());
+        let mut fwd = Forward::default();
+        fwd.run(self, params, bytes, 1, bytes.len());
         Ok(fwd
             .logits
             .chunks_exact(VOCAB)
@@ -407,6 +408,7 @@ impl Transformer {
         let mut loss_sum = 0f64;
         let mut samples = 0u64;
         let mut grad = Vec::new();
+        let mut fwd = Forward::default();
         for _ in 0..config.local_steps {
             let windows =
                 windows(text, config.batch_size, self.context + 1, &mut rng).ok_or_else(|| {
@@ -426,7 +428,7 @@ impl Transformer {
                 apply_grads(&config.optimizer, &mut p, &grads, &vars, state)?;
             } else {
                 let (x, y) = window_bytes(&windows);
-                let mut fwd = Forward::run(self, &p, &x, windows.len(), self.context);
+                fwd.run(self, &p, &x, windows.len(), self.context);
                 let nats = fwd.cross_entropy(&y, true);
                 loss_sum += nats / y.len().max(1) as f64;
                 grad.resize(p.len(), 0.0);
@@ -483,9 +485,10 @@ impl Transformer {
             .map(|at| &text[at..at + len])
             .collect();
         let (mut nats, mut count) = (0f64, 0usize);
+        let mut fwd = Forward::default();
         for batch in windows.chunks(16) {
             let (x, y) = window_bytes(batch);
-            let mut fwd = Forward::run(self, params, &x, batch.len(), len - 1);
+            fwd.run(self, params, &x, batch.len(), len - 1);
             nats += fwd.cross_entropy(&y, false);
             count += y.len();
         }
@@ -511,6 +514,7 @@ impl Transformer {
             )));
         }
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut fwd = Forward::default();
         let mut seq: Vec<u8> = if prompt.is_empty() {
             b"\n".to_vec()
         } else {
@@ -521,7 +525,7 @@ impl Transformer {
             let from = seq.len().saturating_sub(self.context);
             let ctx = &seq[from..];
             let t = ctx.len();
-            let fwd = Forward::run(self, params, ctx, 1, t);
+            fwd.run(self, params, ctx, 1, t);
             let logits = &fwd.logits[(t - 1) * VOCAB..];
             let next = if temperature == 0.0 {
                 argmax(logits)

@@ -19,6 +19,7 @@ use crate::linalg::{View, product};
 use crate::transformer::{LN_EPS, PER_BLOCK, Transformer, VOCAB};
 
 /// What a block's backward pass needs from its forward pass.
+#[derive(Default)]
 struct BlockCache {
     /// First layer norm: normalised input (N×W) and 1/σ per row.
     xhat1: Vec<f32>,
@@ -41,7 +42,11 @@ struct BlockCache {
     g: Vec<f32>,
 }
 
-/// A forward pass: the logits and what the backward pass needs.
+/// A forward pass: the logits and what the backward pass needs. Its
+/// buffers are kept from one pass to the next (a training step allocates
+/// nothing once the first has run), and resized when the batch's shape
+/// changes.
+#[derive(Default)]
 pub(crate) struct Forward {
     /// Rows of the batch and positions per window.
     n: usize,
@@ -53,6 +58,26 @@ pub(crate) struct Forward {
     z: Vec<f32>,
     /// `N × 256`: row b·T + t predicts the byte after position t of window b.
     pub(crate) logits: Vec<f32>,
+    /// Working buffers: the residual stream, a layer's output, and the
+    /// backward pass's gradients of activations.
+    x: Vec<f32>,
+    out: Vec<f32>,
+    dz: Vec<f32>,
+    dx: Vec<f32>,
+    dm: Vec<f32>,
+    dg: Vec<f32>,
+    dy: Vec<f32>,
+    dqkv: Vec<f32>,
+    dp: Vec<f32>,
+}
+
+/// `v` with `n` values. Kept as it is when it has them already: every
+/// caller overwrites or clears what it reads.
+fn sized(v: &mut Vec<f32>, n: usize) {
+    if v.len() != n {
+        v.clear();
+        v.resize(n, 0.0);
+    }
 }
 
 /// Where each tensor of the layout starts in the flat vector.
@@ -245,7 +270,14 @@ impl Forward {
     /// (`tokens`, row-major `b × t`, `t` ≤ the context), keeping what the
     /// backward pass needs. `p` must have the model's length and `tokens`
     /// `b · t` bytes: the callers check both.
-    pub(crate) fn run(model: &Transformer, p: &[f32], tokens: &[u8], b: usize, t: usize) -> Self {
+    pub(crate) fn run(
+        &mut self,
+        model: &Transformer,
+        p: &[f32],
+        tokens: &[u8],
+        b: usize,
+        t: usize,
+    ) {
         let offs = offsets(model);
         let (w, h) = (model.width, model.heads);
         let d = w / h;
@@ -253,7 +285,10 @@ impl Forward {
         let n = b * t;
         let wte = tensor(p, &offs, 0);
         let wpe = tensor(p, &offs, 1);
-        let mut x = vec![0f32; n * w];
+        let mut x = std::mem::take(&mut self.x);
+        let mut attn = std::mem::take(&mut self.out);
+        sized(&mut x, n * w);
+        sized(&mut attn, n * w);
         for (r, (row, tok)) in x.chunks_exact_mut(w).zip(tokens).enumerate() {
             let pos = r % t;
             let te = &wte[usize::from(*tok) * w..][..w];
@@ -263,23 +298,25 @@ impl Forward {
             }
         }
         let scale = 1.0 / (d as f32).sqrt();
-        let mut blocks = Vec::with_capacity(model.layers);
-        for i in 0..model.layers {
+        self.blocks.resize_with(model.layers, BlockCache::default);
+        for (i, c) in self.blocks.iter_mut().enumerate() {
             let k = 2 + i * PER_BLOCK;
             let pt = |j: usize| tensor(p, &offs, k + j);
-            let mut c = BlockCache {
-                xhat1: vec![0.0; n * w],
-                rstd1: vec![0.0; n],
-                a: vec![0.0; n * w],
-                qkv: vec![0.0; n * 3 * w],
-                probs: vec![0.0; b * h * t * t],
-                y: vec![0.0; n * w],
-                xhat2: vec![0.0; n * w],
-                rstd2: vec![0.0; n],
-                m: vec![0.0; n * w],
-                u: vec![0.0; n * f],
-                g: vec![0.0; n * f],
-            };
+            for (v, len) in [
+                (&mut c.xhat1, n * w),
+                (&mut c.rstd1, n),
+                (&mut c.a, n * w),
+                (&mut c.qkv, n * 3 * w),
+                (&mut c.probs, b * h * t * t),
+                (&mut c.y, n * w),
+                (&mut c.xhat2, n * w),
+                (&mut c.rstd2, n),
+                (&mut c.m, n * w),
+                (&mut c.u, n * f),
+                (&mut c.g, n * f),
+            ] {
+                sized(v, len);
+            }
             layer_norm(&x, w, pt(0), pt(1), &mut c.xhat1, &mut c.rstd1, &mut c.a);
             linear(&c.a, n, w, pt(2), pt(3), &mut c.qkv);
             for bi in 0..b {
@@ -330,7 +367,6 @@ impl Forward {
                     );
                 }
             }
-            let mut attn = vec![0f32; n * w];
             linear(&c.y, n, w, pt(4), pt(5), &mut attn);
             for (o, a) in x.iter_mut().zip(&attn) {
                 *o += a;
@@ -344,36 +380,32 @@ impl Forward {
             for (o, a) in x.iter_mut().zip(&attn) {
                 *o += a;
             }
-            blocks.push(c);
         }
         let last = offs.len() - 1;
-        let (mut xhat_f, mut rstd_f, mut z) = (vec![0.0; n * w], vec![0.0; n], vec![0.0; n * w]);
+        sized(&mut self.xhat_f, n * w);
+        sized(&mut self.rstd_f, n);
+        sized(&mut self.z, n * w);
         layer_norm(
             &x,
             w,
             tensor(p, &offs, last - 2),
             tensor(p, &offs, last - 1),
-            &mut xhat_f,
-            &mut rstd_f,
-            &mut z,
+            &mut self.xhat_f,
+            &mut self.rstd_f,
+            &mut self.z,
         );
-        let mut logits = vec![0f32; n * VOCAB];
+        sized(&mut self.logits, n * VOCAB);
         product(
-            &mut logits,
+            &mut self.logits,
             VOCAB,
-            View::rows(&z, n, w),
+            View::rows(&self.z, n, w),
             View::transposed(wte, w, VOCAB),
             false,
         );
-        Forward {
-            n,
-            t,
-            blocks,
-            xhat_f,
-            rstd_f,
-            z,
-            logits,
-        }
+        self.n = n;
+        self.t = t;
+        self.x = x;
+        self.out = attn;
     }
 
     /// The summed cross-entropy (nats) of the logits against `targets`
@@ -400,7 +432,13 @@ impl Forward {
     /// The gradient of the loss with respect to every parameter, written
     /// into `grad` (the model's length), from logits that
     /// [`Forward::cross_entropy`] turned into their gradient.
-    pub(crate) fn backward(self, model: &Transformer, p: &[f32], tokens: &[u8], grad: &mut [f32]) {
+    pub(crate) fn backward(
+        &mut self,
+        model: &Transformer,
+        p: &[f32],
+        tokens: &[u8],
+        grad: &mut [f32],
+    ) {
         let offs = offsets(model);
         let (w, h) = (model.width, model.heads);
         let d = w / h;
@@ -412,46 +450,66 @@ impl Forward {
         let last = offs.len() - 1;
         let wte = tensor(p, &offs, 0);
         // The tied head: logits = z · wteᵀ.
-        let mut dz = vec![0f32; n * w];
+        let Forward {
+            blocks,
+            xhat_f,
+            rstd_f,
+            z,
+            logits,
+            dz,
+            dx,
+            dm,
+            dg,
+            dy,
+            dqkv,
+            dp,
+            ..
+        } = self;
+        for (v, len) in [
+            (&mut *dz, n * w),
+            (&mut *dx, n * w),
+            (&mut *dm, n * w),
+            (&mut *dg, n * f),
+            (&mut *dy, n * w),
+            (&mut *dqkv, n * 3 * w),
+            (&mut *dp, t * t),
+        ] {
+            sized(v, len);
+        }
         product(
-            &mut dz,
+            dz,
             w,
-            View::rows(&self.logits, n, VOCAB),
+            View::rows(logits, n, VOCAB),
             View::rows(wte, VOCAB, w),
             false,
         );
         {
             let dlt = View {
-                data: &self.logits,
+                data: logits,
                 rows: VOCAB,
                 cols: n,
                 rs: 1,
                 cs: VOCAB,
             };
             let dwte = &mut grad[offs[0]..offs[1]];
-            product(dwte, w, dlt, View::rows(&self.z, n, w), false);
+            product(dwte, w, dlt, View::rows(z, n, w), false);
         }
         // The residual stream's gradient, from the top down.
-        let mut dx = vec![0f32; n * w];
+        dx.fill(0.0);
         {
             let (g_lo, g_hi) = grad.split_at_mut(offs[last - 1]);
             layer_norm_backward(
-                &dz,
-                &self.xhat_f,
-                &self.rstd_f,
+                dz,
+                xhat_f,
+                rstd_f,
                 tensor(p, &offs, last - 2),
                 w,
-                &mut dx,
+                dx,
                 &mut g_lo[offs[last - 2]..],
                 &mut g_hi[..w],
             );
         }
-        let mut dm = vec![0f32; n * w];
-        let mut dg = vec![0f32; n * f];
-        let mut dy = vec![0f32; n * w];
-        let mut dqkv = vec![0f32; n * 3 * w];
-        let mut dp = vec![0f32; t * t];
-        for (i, c) in self.blocks.iter().enumerate().rev() {
+        for (i, c) in blocks.iter().enumerate().rev() {
             let k = 2 + i * PER_BLOCK;
             let pt = |j: usize| tensor(p, &offs, k + j);
             let [
@@ -470,16 +528,35 @@ impl Forward {
             ] = split_block(grad, &offs, k);
             // The MLP's projection, GELU, and first layer.
             dg.fill(0.0);
-            linear_backward(&c.g, &dx, n, f, w, pt(10), g_out, g_outb, Some(&mut dg));
+            linear_backward(&c.g, dx, n, f, w, pt(10), g_out, g_outb, Some(&mut dg[..]));
             for (dg, u) in dg.iter_mut().zip(&c.u) {
                 *dg *= gelu_grad(*u);
             }
             dm.fill(0.0);
-            linear_backward(&c.m, &dg, n, w, f, pt(8), g_fc, g_fcb, Some(&mut dm));
-            layer_norm_backward(&dm, &c.xhat2, &c.rstd2, pt(6), w, &mut dx, g_ln2, g_ln2b);
+            linear_backward(&c.m, dg, n, w, f, pt(8), g_fc, g_fcb, Some(&mut dm[..]));
+            layer_norm_backward(
+                dm,
+                &c.xhat2,
+                &c.rstd2,
+                pt(6),
+                w,
+                &mut dx[..],
+                g_ln2,
+                g_ln2b,
+            );
             // The attention's projection.
             dy.fill(0.0);
-            linear_backward(&c.y, &dx, n, w, w, pt(4), g_proj, g_projb, Some(&mut dy));
+            linear_backward(
+                &c.y,
+                dx,
+                n,
+                w,
+                w,
+                pt(4),
+                g_proj,
+                g_projb,
+                Some(&mut dy[..]),
+            );
             // Attention, window by window and head by head.
             for bi in 0..b {
                 for hi in 0..h {
@@ -500,7 +577,7 @@ impl Forward {
                         rs: 1,
                         cs: 3 * w,
                     };
-                    product(&mut dp, t, dyv, vt, false);
+                    product(&mut dp[..], t, dyv, vt, false);
                     // ∂v = Pᵀ · ∂y
                     product(
                         &mut dqkv[base + 2 * w..],
@@ -529,7 +606,7 @@ impl Forward {
                         rs: 3 * w,
                         cs: 1,
                     };
-                    product(&mut dqkv[base..], 3 * w, View::rows(&dp, t, t), kv, false);
+                    product(&mut dqkv[base..], 3 * w, View::rows(dp, t, t), kv, false);
                     let qv = View {
                         data: &c.qkv[base..],
                         rows: t,
@@ -540,7 +617,7 @@ impl Forward {
                     product(
                         &mut dqkv[base + w..],
                         3 * w,
-                        View::transposed(&dp, t, t),
+                        View::transposed(dp, t, t),
                         qv,
                         false,
                     );
@@ -549,16 +626,25 @@ impl Forward {
             dm.fill(0.0);
             linear_backward(
                 &c.a,
-                &dqkv,
+                dqkv,
                 n,
                 w,
                 3 * w,
                 pt(2),
                 g_attn,
                 g_attnb,
-                Some(&mut dm),
+                Some(&mut dm[..]),
             );
-            layer_norm_backward(&dm, &c.xhat1, &c.rstd1, pt(0), w, &mut dx, g_ln1, g_ln1b);
+            layer_norm_backward(
+                dm,
+                &c.xhat1,
+                &c.rstd1,
+                pt(0),
+                w,
+                &mut dx[..],
+                g_ln1,
+                g_ln1b,
+            );
         }
         // The embeddings: each row's gradient to its byte's and its
         // position's vector.
