@@ -534,29 +534,10 @@ impl Forward {
             }
             dm.fill(0.0);
             linear_backward(&c.m, dg, n, w, f, pt(8), g_fc, g_fcb, Some(&mut dm[..]));
-            layer_norm_backward(
-                dm,
-                &c.xhat2,
-                &c.rstd2,
-                pt(6),
-                w,
-                &mut dx[..],
-                g_ln2,
-                g_ln2b,
-            );
+            layer_norm_backward(dm, &c.xhat2, &c.rstd2, pt(6), w, &mut dx[..], g_ln2, g_ln2b);
             // The attention's projection.
             dy.fill(0.0);
-            linear_backward(
-                &c.y,
-                dx,
-                n,
-                w,
-                w,
-                pt(4),
-                g_proj,
-                g_projb,
-                Some(&mut dy[..]),
-            );
+            linear_backward(&c.y, dx, n, w, w, pt(4), g_proj, g_projb, Some(&mut dy[..]));
             // Attention, window by window and head by head.
             for bi in 0..b {
                 for hi in 0..h {
@@ -635,16 +616,7 @@ impl Forward {
                 g_attnb,
                 Some(&mut dm[..]),
             );
-            layer_norm_backward(
-                dm,
-                &c.xhat1,
-                &c.rstd1,
-                pt(0),
-                w,
-                &mut dx[..],
-                g_ln1,
-                g_ln1b,
-            );
+            layer_norm_backward(dm, &c.xhat1, &c.rstd1, pt(0), w, &mut dx[..], g_ln1, g_ln1b);
         }
         // The embeddings: each row's gradient to its byte's and its
         // position's vector.
