@@ -232,6 +232,7 @@ mod tests {
 
     use super::*;
     use crate::data::synthetic;
+    use crate::linalg::max_diff;
     use crate::model::{ModelSpec, apply_grads, batch_tensors, cross_entropy};
 
     /// `steps` steps of candle's autograd on the same batches: the
@@ -272,14 +273,6 @@ mod tests {
             .map(|rows| step(&spec.layers(), &mut p, data, rows, opt, &mut state))
             .collect();
         (p, losses)
-    }
-
-    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
     }
 
     #[test]

@@ -128,3 +128,13 @@ pub(crate) fn product(
         );
     }
 }
+
+/// The largest absolute difference between two equally long vectors.
+#[cfg(test)]
+pub(crate) fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}

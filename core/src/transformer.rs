@@ -639,6 +639,7 @@ fn draw(logits: &[f32], temperature: f32, rng: &mut ChaCha8Rng) -> u8 {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::linalg::max_diff;
     use crate::model::InnerOptimizer;
     use crate::text::TextCorpus;
 
@@ -690,14 +691,6 @@ mod tests {
         let x: Vec<u32> = bytes.iter().map(|b| u32::from(*b)).collect();
         let x = Tensor::from_vec(x, (1, bytes.len()), &Device::Cpu).unwrap();
         m.logits(&t, &x).unwrap().to_vec2::<f32>().unwrap()
-    }
-
-    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
     }
 
     #[test]
