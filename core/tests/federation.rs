@@ -265,3 +265,54 @@ fn a_mix_of_more_regions_heads_outranks_one_that_left_a_head_out() {
     assert_eq!(head(&a, 0).0.id(), full.0.id(), "the fuller mix is taken");
     assert_eq!(*head(&a, 0).1, *full.1);
 }
+
+#[test]
+fn a_waiting_member_that_takes_the_same_head_under_another_signer_still_trains_after_the_wait() {
+    // Two members close a mix round's plain version on the same deltas:
+    // the same parameters, two signers. A member that settles on the
+    // other's id (the tie-break: the smaller signer) waits for foreign heads under that id and
+    // trains when the wait is up; it once stayed put, and in a run's last
+    // round for good.
+    let mut a = region("a", 0..10);
+    a.run(2);
+    let heads: Vec<_> = (0..3).map(|i| head(&a, i)).collect();
+    let (i, j) = (0..3)
+        .flat_map(|i| (0..3).map(move |j| (i, j)))
+        .find(|&(i, j)| {
+            heads[i].1 == heads[j].1 && heads[j].0.message().author < heads[i].0.message().author
+        })
+        .expect("two members closed round 1 on the same deltas");
+    let (m, p) = heads[j].clone();
+    let authors = m.message().deltas.len();
+
+    a.step(
+        i,
+        Input::ModelOffered {
+            manifest: m.clone(),
+            params: p,
+            previous: None,
+            authors,
+            used: Vec::new(),
+            fork: None,
+        },
+    );
+    assert_eq!(
+        a.engines[i].version(),
+        Some(m.id()),
+        "the preferred id is taken"
+    );
+    assert_eq!(
+        a.engines[i].awaits_foreign_heads(),
+        Some(2),
+        "still waiting"
+    );
+    a.queue.clear();
+    a.now += WAIT_MS + 1;
+    a.step(i, Input::Tick);
+    assert!(
+        a.queue
+            .iter()
+            .any(|(k, input)| *k == i && matches!(input, Input::TrainingDone { round: 2, .. })),
+        "trains round 2 once the wait is up"
+    );
+}

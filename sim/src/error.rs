@@ -130,8 +130,8 @@ pub enum ScenarioError {
         /// The data.
         data: String,
     },
-    /// Text data with a partition other than `by-file`.
-    #[error("partition {0:?}: text is dealt to nodes by-file")]
+    /// Text data with a partition other than `by-file` or `iid`.
+    #[error("partition {0:?}: text is dealt to nodes by-file or iid")]
     TextPartition(String),
     /// `data` names a file that is not there.
     #[error("data file {} does not exist", .0.display())]

@@ -120,7 +120,7 @@ struct RunArgs {
     /// language; for a transformer model).
     #[arg(long)]
     data: Option<String>,
-    /// iid | dirichlet:ALPHA | classes:K | regions:K (rows); by-file (text)
+    /// iid | dirichlet:ALPHA | classes:K | regions:K (rows); by-file | iid (text)
     #[arg(long)]
     partition: Option<String>,
     /// logistic | mlp:W1,W2,... | transformer:LAYERS,WIDTH,HEADS,CONTEXT

@@ -40,7 +40,8 @@ pub struct Scenario {
     /// k of consecutive nodes holds only its classes). Text: `by-file`
     /// (node i holds the files of its group: with more nodes than files,
     /// each file's training text is split among consecutive nodes; with
-    /// fewer, each node holds consecutive files).
+    /// fewer, each node holds consecutive files) or `iid` (every node an
+    /// equal share of every file: the control for `by-file`).
     pub partition: String,
     /// Fraction of the data held out for evaluation.
     pub test_fraction: f64,
@@ -296,7 +297,8 @@ pub struct Settings {
     pub mode: Mode,
     /// Data.
     pub data: DataSource,
-    /// How rows are dealt to the nodes (`None` for text: by file).
+    /// How rows are dealt to the nodes; for text `None` is by file and
+    /// `Some(Iid)` an equal share of every file to every node.
     pub partition: Option<Partition>,
     /// Model architecture, given the data's shape (filled in by the world).
     pub model: Architecture,
@@ -480,10 +482,11 @@ impl Scenario {
             });
         }
         let partition = if text {
-            if self.partition != "by-file" {
-                return Err(ScenarioError::TextPartition(self.partition.clone()));
+            match self.partition.as_str() {
+                "by-file" => None,
+                "iid" => Some(Partition::Iid),
+                other => return Err(ScenarioError::TextPartition(other.to_owned())),
             }
-            None
         } else {
             Some(self.partition.parse()?)
         };

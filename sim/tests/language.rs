@@ -8,7 +8,7 @@
 use tapestry_core::text::Text;
 use tapestry_sim::report;
 use tapestry_sim::scenario::Scenario;
-use tapestry_sim::world::by_file;
+use tapestry_sim::world::{by_file, iid_text};
 
 fn fortunes() -> String {
     format!("text:{}", tapestry_testkit::fortunes_dir().display())
@@ -149,10 +149,10 @@ fn text_is_dealt_by_file_and_a_wrong_pairing_is_refused() {
     );
     bad(
         Scenario {
-            partition: "iid".into(),
+            partition: "dirichlet:0.5".into(),
             ..seven_languages()
         },
-        "by-file",
+        "by-file or iid",
     );
     bad(
         Scenario {
@@ -192,4 +192,38 @@ fn the_languages_scenario_files_are_two_nodes_per_language() {
         assert_eq!(langs[0], ["cs"], "{file}");
         assert_eq!(langs[13], ["ru"], "{file}");
     }
+}
+
+#[test]
+fn text_dealt_iid_gives_every_node_a_share_of_every_file() {
+    let mut t = Text::default();
+    for (name, n) in [("a", 100), ("b", 60), ("c", 30)] {
+        t.push(name, "line of text\n".repeat(n).as_bytes());
+    }
+    let shards = iid_text(&t, 7);
+    for s in &shards {
+        let names: Vec<&str> = s.parts.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert!(s.bytes.ends_with(b"\n"));
+    }
+    // Each file's text, nothing lost or repeated, in order.
+    for (f, (name, bytes)) in t.iter_parts().enumerate() {
+        let joined: Vec<u8> = shards
+            .iter()
+            .flat_map(|s| s.iter_parts().nth(f).unwrap().1.to_vec())
+            .collect();
+        assert_eq!(joined, bytes, "{name}");
+    }
+    // Shares within a line of equal.
+    let a: Vec<usize> = shards.iter().map(|s| s.parts[0].1.len()).collect();
+    assert!(
+        a.iter().max().unwrap() - a.iter().min().unwrap() <= 13,
+        "{a:?}"
+    );
+    // The scenario takes it for text (a row partition is refused above).
+    let s = Scenario {
+        partition: "iid".into(),
+        ..seven_languages()
+    };
+    assert!(s.settings().is_ok(), "{:?}", s.settings().err());
 }

@@ -145,18 +145,60 @@ fn wait_all(
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    let logs = ids
+    // First a line per node (what a truncated CI log still shows), then
+    // the statuses and each lagging node's last log lines.
+    let summary = ids
         .iter()
-        .map(|id| {
-            let out = Command::new("docker")
-                .args(["logs", "--tail", "15", id])
-                .output();
-            out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
-                .unwrap_or_default()
+        .zip(&last)
+        .map(|(id, s)| {
+            let name = container_name(id);
+            if s.is_null() {
+                return format!("{name}: no status");
+            }
+            let head = s["head"].as_str().unwrap_or("-");
+            format!(
+                "{name}: {} round {} finished {} peers {} head {}",
+                if ok(s) { "ok" } else { "NOT" },
+                round(s),
+                s["finished"],
+                s["peers"],
+                &head[..head.len().min(8)]
+            )
         })
         .collect::<Vec<_>>()
-        .join("\n---\n");
-    panic!("timed out waiting for {what}: {last:?}\n{logs}");
+        .join("; ");
+    let logs = ids
+        .iter()
+        .zip(&last)
+        .filter(|(_, s)| s.is_null() || !ok(s))
+        .map(|(id, _)| {
+            let out = Command::new("docker")
+                .args(["logs", "--tail", "40", id])
+                .output();
+            let log = out
+                .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                .unwrap_or_default();
+            format!("--- {}\n{log}", container_name(id))
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    panic!("timed out waiting for {what}: {summary}\n{last:?}\n{logs}");
+}
+
+/// A container's name (its id if docker cannot tell).
+fn container_name(id: &str) -> String {
+    Command::new("docker")
+        .args(["inspect", "-f", "{{.Name}}", id])
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .trim_start_matches('/')
+                .to_owned()
+        })
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| id.chars().take(12).collect())
 }
 
 fn round(s: &serde_json::Value) -> u64 {

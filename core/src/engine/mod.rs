@@ -638,8 +638,24 @@ impl Engine {
             let round = manifest.message().round;
             self.used.extend(used.into_iter().map(|d| (d, round)));
             self.rank = version_rank(manifest.message(), authors);
-            self.version = Some(manifest.id());
+            let old = self.version.replace(manifest.id());
             self.parents = manifest.message().parents.clone();
+            // A wait for foreign heads on the old id goes on under the new
+            // one: the same plain version of a mix round. Left on the old
+            // id it would neither end (the wait is checked against the
+            // head) nor let the node train (it waits instead), and in a
+            // run's last round, where no peer's delta comes to close the
+            // round, the node would stay there for good.
+            if let Some((v, until)) = self.wait
+                && old == Some(v)
+            {
+                if self.parents.len() == 1 {
+                    self.wait = Some((manifest.id(), until));
+                } else {
+                    self.wait = None;
+                    self.start_round(now_ms, out);
+                }
+            }
         } else if self.prefers(manifest.message(), authors, fork) && self.fits(&params) {
             // The shell stores it and makes it the head like any version
             // this node made.

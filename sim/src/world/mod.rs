@@ -50,7 +50,7 @@ use setup::*;
 
 pub use baselines::{AllBaselines, TextBaselines, all_baselines, centralized, local_only};
 pub use figures::{RoundStats, StoreFigures, SwarmFigures, write_rounds_csv};
-pub use setup::{Data, by_file, model_spec};
+pub use setup::{Data, by_file, iid_text, model_spec};
 
 /// Held-out rows used for evaluation at most.
 const MAX_TEST_ROWS: usize = 2000;

@@ -27,7 +27,10 @@ impl Data {
             DataSource::Csv(path) => data::load_csv(path, CsvOptions::default())?,
             DataSource::Text(path) => {
                 let (train, test) = tapestry_core::text::load_texts(path)?;
-                let shards = by_file(&train, s.nodes);
+                let shards = match settings.partition {
+                    Some(data::Partition::Iid) => iid_text(&train, s.nodes),
+                    _ => by_file(&train, s.nodes),
+                };
                 if let Some(i) = shards.iter().position(|t| t.len() < 2) {
                     return Err(SimError::Data(data::DataError::Invalid(format!(
                         "node {i} gets no text: {} nodes share {} bytes of training text",
@@ -99,23 +102,41 @@ pub fn by_file(train: &Text, nodes: usize) -> Vec<Text> {
     }
     for (f, (name, bytes)) in train.iter_parts().enumerate() {
         let group: Vec<usize> = (0..nodes).filter(|i| i * files / nodes == f).collect();
-        let k = group.len();
-        // Cut points at the first line end after each equal share.
-        let mut cuts = vec![0];
-        for j in 1..k {
-            let at = bytes.len() * j / k;
-            let end = bytes[at..]
-                .iter()
-                .position(|b| *b == b'\n')
-                .map_or(bytes.len(), |p| at + p + 1);
-            cuts.push(end.max(*cuts.last().unwrap_or(&0)));
-        }
-        cuts.push(bytes.len());
-        for (j, node) in group.iter().enumerate() {
-            out[*node].push(name, &bytes[cuts[j]..cuts[j + 1]]);
+        for (node, span) in group.iter().zip(cut_at_lines(bytes, group.len())) {
+            out[*node].push(name, &bytes[span]);
         }
     }
     out
+}
+
+/// Text dealt evenly (the control for [`by_file`]): every node holds an
+/// equal share of every file's training text, cut at line ends.
+pub fn iid_text(train: &Text, nodes: usize) -> Vec<Text> {
+    let mut out = vec![Text::default(); nodes];
+    for (name, bytes) in train.iter_parts() {
+        for (node, span) in out.iter_mut().zip(cut_at_lines(bytes, nodes)) {
+            if !span.is_empty() {
+                node.push(name, &bytes[span]);
+            }
+        }
+    }
+    out
+}
+
+/// `k` consecutive spans of `bytes` of about equal length, each ending at
+/// a line end (the last at the end).
+fn cut_at_lines(bytes: &[u8], k: usize) -> Vec<std::ops::Range<usize>> {
+    let mut cuts = vec![0];
+    for j in 1..k {
+        let at = bytes.len() * j / k;
+        let end = bytes[at..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(bytes.len(), |p| at + p + 1);
+        cuts.push(end.max(*cuts.last().unwrap_or(&0)));
+    }
+    cuts.push(bytes.len());
+    cuts.windows(2).map(|w| w[0]..w[1]).collect()
 }
 
 pub(super) fn train_config(settings: &Settings) -> TrainConfig {
