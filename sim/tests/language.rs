@@ -103,12 +103,18 @@ fn a_swarm_of_one_language_each_beats_every_node_alone_on_the_languages_it_never
     );
 }
 
-#[test]
-fn text_is_dealt_by_file_and_a_wrong_pairing_is_refused() {
+/// Three files of 100, 60 and 30 lines.
+fn three_files() -> Text {
     let mut t = Text::default();
     for (name, n) in [("a", 100), ("b", 60), ("c", 30)] {
         t.push(name, "line of text\n".repeat(n).as_bytes());
     }
+    t
+}
+
+#[test]
+fn text_is_dealt_by_file_and_a_wrong_pairing_is_refused() {
+    let t = three_files();
     // More nodes than files: each file's text split among its group, at
     // line ends, nothing lost or repeated.
     let shards = by_file(&t, 7);
@@ -196,10 +202,7 @@ fn the_languages_scenario_files_are_two_nodes_per_language() {
 
 #[test]
 fn text_dealt_iid_gives_every_node_a_share_of_every_file() {
-    let mut t = Text::default();
-    for (name, n) in [("a", 100), ("b", 60), ("c", 30)] {
-        t.push(name, "line of text\n".repeat(n).as_bytes());
-    }
+    let t = three_files();
     let shards = iid_text(&t, 7);
     for s in &shards {
         let names: Vec<&str> = s.parts.iter().map(|(n, _)| n.as_str()).collect();
