@@ -270,9 +270,9 @@ fn a_mix_of_more_regions_heads_outranks_one_that_left_a_head_out() {
 fn a_waiting_member_that_takes_the_same_head_under_another_signer_still_trains_after_the_wait() {
     // Two members close a mix round's plain version on the same deltas:
     // the same parameters, two signers. A member that settles on the
-    // other's id (the tie-break: the smaller signer) waits for foreign heads under that id and
-    // trains when the wait is up; it once stayed put, and in a run's last
-    // round for good.
+    // other's id (the tie-break: the smaller signer) waits for foreign
+    // heads under that id and trains when the wait is up; it once stayed
+    // put, and in a run's last round for good.
     let mut a = region("a", 0..10);
     a.run(2);
     let heads: Vec<_> = (0..3).map(|i| head(&a, i)).collect();
@@ -284,7 +284,6 @@ fn a_waiting_member_that_takes_the_same_head_under_another_signer_still_trains_a
         .expect("two members closed round 1 on the same deltas");
     let (m, p) = heads[j].clone();
     let authors = m.message().deltas.len();
-
     a.step(
         i,
         Input::ModelOffered {
